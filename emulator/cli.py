@@ -1,0 +1,117 @@
+"""The ``wafer`` command line.
+
+    wafer train [--config FILE] [--model NAME] [--nodes N] [--steps K] ...
+
+Bad input (an unknown key, an impossible value) prints one paragraph naming
+the field and exits with status 2; it never shows a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from emulator.atomic import write_json_atomic
+from emulator.config import CLI_FIELDS, load_config
+from emulator.table import format_table, human_bytes
+
+
+def _add_train_parser(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train a model on an emulated weight-streaming cluster")
+    p.add_argument("--config", metavar="FILE", help="YAML cluster config; flags override it")
+    p.add_argument(
+        "--model",
+        help="zoo model (mlp-digits, cnn-digits, gpt-tiny, gpt-text, gpt-10m) or module:factory",
+    )
+    p.add_argument("--nodes", type=int, metavar="N", help="compute nodes")
+    p.add_argument("--steps", type=int, metavar="K", help="training steps")
+    p.add_argument("--batch-size", type=int, metavar="B", help="global batch, samples per step")
+    p.add_argument("--optimizer", help="sgd | adam | adamw")
+    p.add_argument("--lr", type=float, metavar="X", help="learning rate")
+    p.add_argument("--precision", help="fp32 | bf16 | fp16 (cs2 backend)")
+    p.add_argument("--backend", help="compute-node backend (cs2)")
+    p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--address", metavar="ADDR", help="existing Ray cluster; default: start a local one"
+    )
+    p.add_argument(
+        "--save-checkpoint", metavar="PATH", help="write a MemoryX checkpoint at the end"
+    )
+    p.add_argument("--resume", metavar="PATH", help="start from a MemoryX checkpoint")
+    p.add_argument("--json", metavar="PATH", help="write the full report as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    return {
+        dotted: getattr(args, flag)
+        for flag, dotted in CLI_FIELDS.items()
+        if getattr(args, flag, None) is not None
+    }
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from emulator.train import train
+
+    config = load_config(args.config, _overrides(args))
+    report = train(config, progress=not args.quiet)
+    result = report.to_json()
+    print(summary(result))
+    if args.json:
+        write_json_atomic(args.json, result)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def summary(result: dict) -> str:
+    cfg = result["config"]
+    traffic = result["traffic"]
+    ev = result["eval"] or {}
+    rows = [
+        (
+            "model",
+            f"{result['model']['name']} ({result['model']['num_params']:,} params, {result['model']['num_layers']} layers)",
+        ),
+        (
+            "cluster",
+            f"{cfg['num_nodes']} x {cfg['backend']['kind']} nodes, SwarmX fan-out {cfg['swarmx']['fanout']}",
+        ),
+        ("steps", f"{len(result['steps'])} x global batch {cfg['batch_size']}"),
+        ("final train loss", f"{result['final_loss']:.4f}"),
+        ("eval loss", f"{ev['loss']:.4f}" if ev else "-"),
+        (
+            "eval accuracy",
+            f"{100 * ev['accuracy']:.2f}%" if ev.get("accuracy") is not None else "-",
+        ),
+        ("MemoryX egress / step", human_bytes(traffic["memoryx_egress_bytes"])),
+        ("MemoryX ingress / step", human_bytes(traffic["memoryx_ingress_bytes"])),
+        ("delivered to nodes / step", human_bytes(traffic["bytes_delivered_to_nodes"])),
+        (
+            "wall time",
+            f"{result['wall_time_s']:.1f} s ({1000 * result['step_wall_time_s']:.1f} ms/step)",
+        ),
+    ]
+    return format_table(["", "value"], rows, title="wafer train: summary")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wafer", description="Emulator of a wafer-scale weight-streaming training cluster."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_train_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as exc:
+        print(f"wafer {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""The cluster/job config of ``wafer train``: a YAML file plus CLI flags.
+
+``load_config`` is the only place raw dictionaries exist; it returns a
+validated ``ClusterConfig`` or raises ``ValueError`` naming the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from emulator.configbase import doc, from_dict
+from emulator.data import DataConfig
+from emulator.zoo import ModelConfig, default_data_config
+from memoryx.optim import Optimizer
+from nodes.backend import Backend
+from nodes.cs2 import Cs2Backend
+from swarmx.tree import SwarmXTree
+
+
+@dataclass(kw_only=True)
+class RuntimeConfig:
+    address: str | None = doc(
+        "Ray cluster to join (e.g. 'ray://head:10001' or 'auto'); None starts a local Ray instance",
+        default=None,
+    )
+    bind_host: str | None = doc(
+        "address gRPC services bind; None: 127.0.0.1 locally, each Ray node's IP on a cluster",
+        default=None,
+    )
+    max_step_retries: int = doc(
+        "times a failed step is run again before giving up, count", default=2
+    )
+    num_threads_per_node: int = doc("torch threads per compute-node process, threads", default=1)
+
+    def __post_init__(self) -> None:
+        if self.max_step_retries < 0:
+            raise ValueError(f"max_step_retries = {self.max_step_retries} must be 0 or more.")
+        if self.num_threads_per_node < 1:
+            raise ValueError(
+                f"num_threads_per_node = {self.num_threads_per_node} must be at least 1."
+            )
+
+    @property
+    def host(self) -> str:
+        if self.bind_host is not None:
+            return self.bind_host
+        return "127.0.0.1" if self.address is None else "node-ip"
+
+
+@dataclass(kw_only=True)
+class ClusterConfig:
+    model: ModelConfig = doc(
+        "model to train: a zoo name or 'module:factory'", default_factory=ModelConfig
+    )
+    data: DataConfig | None = doc("data set; None: the model's default", default=None)
+    num_nodes: int = doc("compute nodes (data parallel), nodes", default=4)
+    batch_size: int = doc("global batch, samples per step across all nodes", default=128)
+    num_steps: int = doc("training steps, steps", default=400)
+    seed: int = doc("seed of model init and batch order", default=0)
+    optimizer: Optimizer.Config = doc(
+        "optimizer MemoryX applies", default_factory=lambda: Optimizer.Config(name="adamw", lr=2e-3)
+    )
+    backend: Backend.Config = doc("compute-node backend", default_factory=Cs2Backend.Config)
+    swarmx: SwarmXTree.Config = doc("broadcast/reduce tree", default_factory=SwarmXTree.Config)
+    runtime: RuntimeConfig = doc("where and how the actors run", default_factory=RuntimeConfig)
+    eval_every: int = doc("evaluate every this many steps (0: only at the end), steps", default=0)
+    max_eval_samples: int | None = doc(
+        "cap on evaluation samples (None: whole test set), samples", default=None
+    )
+    save_checkpoint: str | None = doc(
+        "write a MemoryX checkpoint here at the end, path", default=None
+    )
+    resume: str | None = doc("start from this MemoryX checkpoint, path", default=None)
+
+    def __post_init__(self) -> None:
+        if self.num_nodes < 1:
+            raise ValueError(
+                f"num_nodes = {self.num_nodes} is not valid; a cluster needs at least 1 compute node."
+            )
+        if self.batch_size < 1:
+            raise ValueError(
+                f"batch_size = {self.batch_size} is not valid; use a positive number of samples."
+            )
+        if self.batch_size % self.num_nodes:
+            lower = self.batch_size - self.batch_size % self.num_nodes
+            upper = lower + self.num_nodes
+            raise ValueError(
+                f"batch_size = {self.batch_size} does not divide across num_nodes = {self.num_nodes}; "
+                f"every node takes an equal shard, so use a multiple of {self.num_nodes} "
+                f"(e.g. {lower or upper} or {upper})."
+            )
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps = {self.num_steps} is not valid; train at least 1 step.")
+        if self.eval_every < 0:
+            raise ValueError(
+                f"eval_every = {self.eval_every} must be 0 (only at the end) or positive."
+            )
+        if self.max_eval_samples is not None and self.max_eval_samples < self.num_nodes:
+            raise ValueError(
+                f"max_eval_samples = {self.max_eval_samples} must be at least num_nodes = {self.num_nodes}."
+            )
+
+    @property
+    def data_config(self) -> DataConfig:
+        return self.data if self.data is not None else default_data_config(self.model)
+
+
+# CLI flag -> dotted config field.
+CLI_FIELDS = {
+    "model": "model.name",
+    "nodes": "num_nodes",
+    "steps": "num_steps",
+    "batch_size": "batch_size",
+    "optimizer": "optimizer.name",
+    "lr": "optimizer.lr",
+    "precision": "backend.precision",
+    "backend": "backend.kind",
+    "address": "runtime.address",
+    "seed": "seed",
+    "save_checkpoint": "save_checkpoint",
+    "resume": "resume",
+}
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = tree.get(key)
+        if node is None:
+            node = tree[key] = {}
+        elif not isinstance(node, dict):
+            raise ValueError(f"config key {key!r} must be a mapping to set {dotted!r}.")
+        tree = node
+    if leaf == "kind" and tree.get("kind") not in (None, value):
+        # Switching backend kind drops the other backend's settings.
+        tree.clear()
+    tree[leaf] = value
+
+
+def load_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> ClusterConfig:
+    """Read YAML at ``path`` (if any), apply ``overrides`` (dotted keys), validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {str(path)!r} does not exist.")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ValueError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ValueError(
+                f"config file {str(path)!r} must hold a mapping of config keys at the top level."
+            )
+        raw = loaded or {}
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    return from_dict(ClusterConfig, raw)
+
+
+__all__ = ["CLI_FIELDS", "ClusterConfig", "RuntimeConfig", "field", "load_config"]

@@ -1,0 +1,157 @@
+"""``train``: build the model, launch the cluster, run the steps, report.
+
+This is the Python API behind ``wafer train``:
+
+    from emulator.config import load_config
+    from emulator.train import train
+    report = train(load_config(overrides={"num_nodes": 4}))
+
+A user's own ``nn.Module`` can be passed as ``model=`` (see the README for
+what the emulator accepts).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from emulator.config import ClusterConfig
+from emulator.configbase import to_dict
+from emulator.coordinator import Coordinator, EvalRecord, StepRecord, group_layers
+from emulator.launch import launch
+from emulator.zoo import check_blocks, model_blocks
+
+
+@dataclass
+class TrainReport:
+    config: ClusterConfig
+    num_layers: int
+    num_params: int
+    model_bytes: int
+    steps: list[StepRecord]
+    evals: list[EvalRecord]
+    wall_time_s: float
+    traffic: dict
+    final_weights: list[dict[str, torch.Tensor]] = field(repr=False)
+
+    @property
+    def final_loss(self) -> float:
+        return self.steps[-1].loss
+
+    def to_json(self) -> dict:
+        last = self.steps[-1]
+        wire_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}
+        final_eval = self.evals[-1] if self.evals else None
+        return {
+            "config": to_dict(self.config),
+            "model": {
+                "name": self.config.model.name,
+                "num_layers": self.num_layers,
+                "num_params": self.num_params,
+                "bytes_per_pass_fp32": self.model_bytes,
+            },
+            "final_loss": self.final_loss,
+            "eval": asdict(final_eval) if final_eval else None,
+            "wall_time_s": self.wall_time_s,
+            "step_wall_time_s": sum(s.wall_time_s for s in self.steps) / len(self.steps),
+            "traffic": {
+                # Per training step (every step moves the same bytes; the last is reported).
+                "memoryx_egress_bytes": last.memoryx_egress_bytes,
+                "memoryx_ingress_bytes": last.memoryx_ingress_bytes,
+                "weight_bytes_per_pass": self.num_params * wire_bytes[self._wire_dtype],
+                "gradient_bytes_per_pass": self.num_params * 4,
+                "num_passes_streamed": 2,
+                "bytes_delivered_to_nodes": last.bytes_to_nodes,
+                "bytes_delivered_per_node": last.bytes_to_nodes // self.config.num_nodes,
+                "gradient_bytes_from_nodes": last.gradient_bytes_from_nodes,
+                "totals": self.traffic,
+            },
+            "steps": [asdict(s) for s in self.steps],
+            "evals": [asdict(e) for e in self.evals],
+        }
+
+    @property
+    def _wire_dtype(self) -> str:
+        return self.config.backend.build().wire_dtype
+
+
+def prepare_layers(
+    config: ClusterConfig, model: nn.Module | None = None
+) -> tuple[list[nn.Module], object]:
+    """The model as streamed layers, checked to chain on the data set's inputs."""
+    dataset = config.data_config.build(seed=config.seed)
+    module = model if model is not None else config.model.build(seed=config.seed)
+    blocks = model_blocks(module)
+    check_blocks(blocks, dataset.input_example())
+    return group_layers(blocks), dataset
+
+
+def train(
+    config: ClusterConfig,
+    *,
+    model: nn.Module | None = None,
+    progress: bool = True,
+    fault: Callable[[int, int, str], None] | None = None,
+) -> TrainReport:
+    started = time.perf_counter()
+    layers, dataset = prepare_layers(config, model)
+    num_params = sum(p.numel() for layer in layers for p in layer.parameters())
+    tokens_per_sample = (
+        1 if dataset.task == "classification" else int(dataset.train_targets.shape[1])
+    )
+    cluster = launch(config, layers)
+    try:
+        coordinator = Coordinator(
+            config=config,
+            cluster=cluster,
+            num_layers=len(layers),
+            wire_dtype=config.backend.build().wire_dtype,
+            task=dataset.task,
+            tokens_per_sample=tokens_per_sample,
+            fault=fault,
+        )
+        if config.resume is None:
+            coordinator.load_weights(layers)
+        first = coordinator.start_step
+        evals: list[EvalRecord] = []
+        bar = tqdm(
+            range(first, first + config.num_steps),
+            desc="train",
+            unit="step",
+            disable=not progress,
+            leave=False,
+        )
+        for step in bar:
+            record = coordinator.train_step(step)
+            bar.set_postfix(loss=f"{record.loss:.4f}")
+            if (
+                config.eval_every
+                and (step + 1 - first) % config.eval_every == 0
+                and step + 1 < first + config.num_steps
+            ):
+                evals.append(coordinator.evaluate(step + 1))
+        final_step = first + config.num_steps
+        evals.append(coordinator.evaluate(final_step))
+        weights = coordinator.fetch_weights(final_step)
+        if config.save_checkpoint:
+            coordinator.save_checkpoint(os.path.abspath(config.save_checkpoint))
+        traffic = coordinator.traffic()
+    finally:
+        cluster.stop()
+    return TrainReport(
+        config=config,
+        num_layers=len(layers),
+        num_params=num_params,
+        model_bytes=num_params * 4,
+        steps=coordinator.steps,
+        evals=evals,
+        wall_time_s=time.perf_counter() - started,
+        traffic=traffic,
+        final_weights=weights,
+    )

@@ -1,0 +1,110 @@
+"""Atomic checkpoints of a committed ParameterStore.
+
+A checkpoint is one ``torch.save`` file of plain containers (loadable with
+``weights_only=True``): the store's committed weights, optimizer state and
+per-layer versions, the optimizer config, and a caller-supplied ``extra`` dict
+(model and run description). It is written to a temporary file in the target
+directory and renamed over the target, so a crash mid-save leaves the previous
+checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from emulator.configbase import to_dict
+from memoryx.optim import Optimizer
+from memoryx.store import ParameterStore
+
+CHECKPOINT_KIND = "memoryx-checkpoint"
+# Bumped when the checkpoint layout changes.
+CHECKPOINT_FORMAT_VERSION = 1
+
+_PLAIN_SCALARS = (str, int, float, bool, type(None), torch.Tensor)
+
+
+def save_checkpoint(store: ParameterStore, path: str | Path, *, extra: dict | None = None) -> None:
+    """Atomically write ``store`` (committed state only) and ``extra`` to ``path``."""
+    path = Path(path)
+    extra = {} if extra is None else extra
+    _check_plain(extra, "extra")
+    payload = {
+        "kind": CHECKPOINT_KIND,
+        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "optimizer": to_dict(store.optimizer.config),
+        "store": store.state_dict(),
+        "extra": extra,
+    }
+    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            torch.save(payload, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    # The rename itself is only durable once the directory entry is on disk.
+    directory_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory_fd)
+    finally:
+        os.close(directory_fd)
+
+
+def load_checkpoint(path: str | Path, optimizer: Optimizer) -> tuple[ParameterStore, dict]:
+    """Rebuild the store saved at ``path`` with ``optimizer``; returns it and ``extra``.
+
+    ``optimizer`` may change hyperparameters such as ``lr`` but must be the same
+    update rule as the saved one, whose state it takes over.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint {path} does not exist or is not a file.")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"checkpoint {path} is corrupt or not a torch file: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("kind") != CHECKPOINT_KIND:
+        raise ValueError(f"checkpoint {path} is not a MemoryX checkpoint (kind is missing).")
+    if payload.get("format_version") != CHECKPOINT_FORMAT_VERSION:
+        raise ValueError(
+            f"checkpoint {path} has format_version {payload.get('format_version')!r}; "
+            f"this code reads {CHECKPOINT_FORMAT_VERSION}."
+        )
+    try:
+        saved_name = payload["optimizer"]["name"]
+        if saved_name != optimizer.config.name:
+            raise ValueError(
+                f"checkpoint {path} holds state of optimizer {saved_name!r}, "
+                f"but the optimizer given is {optimizer.config.name!r}."
+            )
+        return ParameterStore.from_state_dict(payload["store"], optimizer), payload["extra"]
+    except KeyError as exc:
+        raise ValueError(f"checkpoint {path} is corrupt: entry {exc} is missing.") from exc
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """Reject what ``torch.load(weights_only=True)`` could not read back."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str | int):
+                raise ValueError(f"{where} keys must be str or int, got {key!r}.")
+            _check_plain(item, f"{where}[{key!r}]")
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            _check_plain(item, f"{where}[{index}]")
+    elif not isinstance(value, _PLAIN_SCALARS):
+        raise ValueError(
+            f"{where} must hold only dicts, lists, tuples, str, int, float, bool, None or "
+            f"tensors, got {type(value).__name__}."
+        )
+
+
+__all__ = ["CHECKPOINT_FORMAT_VERSION", "load_checkpoint", "save_checkpoint"]

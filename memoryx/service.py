@@ -1,0 +1,211 @@
+"""MemoryX gRPC service: a thin shell over ParameterStore.
+
+Every incoming gradient stream is validated in full before the store sees
+it, so a bad message (wrong layer, step, shape, dtype or size) is rejected
+with INVALID_ARGUMENT and changes no state.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from memoryx.checkpoint import load_checkpoint, save_checkpoint
+from memoryx.optim import Optimizer
+from memoryx.store import ParameterStore, StepError
+from proto import memoryx_pb2 as mpb
+from proto import memoryx_pb2_grpc as mgrpc
+from proto import tensor_pb2 as pb
+from proto.rpc import StepConflict, rpc_errors, rpc_stream_errors
+from proto.serde import (
+    DEFAULT_CHUNK_BYTES,
+    WIRE_DTYPES,
+    Expected,
+    LayerAssembler,
+    WireError,
+    decode_layers,
+    encode_layer,
+)
+
+
+@dataclass
+class _Traffic:
+    egress_bytes: int = 0
+    ingress_bytes: int = 0
+    num_weight_streams: int = 0
+    num_gradient_streams: int = 0
+    num_updates: int = 0
+    num_duplicate_gradients: int = 0
+    update_seconds: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class MemoryXServicer(mgrpc.MemoryXServicer):
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        checkpoint: str | None = None,
+    ):
+        self.optimizer = optimizer
+        self.chunk_bytes = chunk_bytes
+        self.store: ParameterStore | None = None
+        self.checkpoint_extra: dict = {}
+        if checkpoint is not None:
+            self.store, self.checkpoint_extra = load_checkpoint(checkpoint, optimizer)
+        self.traffic = _Traffic()
+
+    def _require_store(self) -> ParameterStore:
+        if self.store is None:
+            raise StepConflict("MemoryX holds no weights yet: call LoadWeights first")
+        return self.store
+
+    def _check_layer(self, layer: int) -> None:
+        store = self._require_store()
+        if not 0 <= layer < store.num_layers:
+            raise WireError(
+                f"layer {layer} does not exist; MemoryX holds layers 0..{store.num_layers - 1}"
+            )
+
+    @rpc_errors
+    def LoadWeights(self, request_iterator, context):
+        if self.store is not None:
+            raise StepConflict("MemoryX already holds weights; start a new MemoryX to load others")
+        layers = decode_layers(request_iterator)
+        for index, (header, _) in enumerate(layers):
+            if header.layer != index:
+                raise WireError(
+                    f"layer streams must arrive in order: got layer {header.layer} at position {index}"
+                )
+        self.store = ParameterStore(
+            [{name: t.float() for name, t in tensors.items()} for _, tensors in layers],
+            self.optimizer,
+            step=layers[0][0].step if layers else 0,
+        )
+        return pb.Empty()
+
+    @rpc_stream_errors
+    def StreamWeights(self, request, context):
+        self._check_layer(request.layer)
+        if request.dtype not in WIRE_DTYPES:
+            raise WireError(f"dtype {request.dtype!r} is not one of {', '.join(WIRE_DTYPES)}")
+        try:
+            weights = self.store.weights(request.layer, request.step)
+        except StepError as exc:
+            raise StepConflict(str(exc)) from None
+        sent = 0
+        for message in encode_layer(
+            request.layer,
+            request.step,
+            request.phase,
+            weights,
+            dtype=request.dtype,
+            chunk_bytes=self.chunk_bytes,
+            sender="memoryx",
+        ):
+            if message.WhichOneof("kind") == "chunk":
+                sent += len(message.chunk.data)
+            yield message
+        with self.traffic.lock:
+            self.traffic.egress_bytes += sent
+            self.traffic.num_weight_streams += 1
+
+    @rpc_errors
+    def PushGradients(self, request_iterator, context):
+        store = self._require_store()
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("kind") != "header":
+            raise WireError("a gradient stream must start with a header")
+        header = first.header
+        self._check_layer(header.layer)
+        version = store.version(header.layer)
+        if header.step not in (version, version - 1):
+            raise WireError(
+                f"gradient for layer {header.layer} is for step {header.step}, but that layer "
+                f"expects the gradient of step {version}"
+            )
+        assembler = LayerAssembler(
+            Expected(header.layer, header.step, pb.BACKWARD, store.layout(header.layer), "float32")
+        )
+        assembler.add(first)
+        for message in request_iterator:
+            assembler.add(message)
+        grads = assembler.finish()
+        started = time.perf_counter()
+        try:
+            applied = store.apply_gradients(header.layer, header.step, grads)
+        except StepError as exc:
+            raise WireError(str(exc)) from None
+        elapsed = time.perf_counter() - started
+        with self.traffic.lock:
+            self.traffic.ingress_bytes += assembler.payload_bytes
+            self.traffic.num_gradient_streams += 1
+            self.traffic.num_updates += int(applied)
+            self.traffic.num_duplicate_gradients += int(not applied)
+            self.traffic.update_seconds += elapsed
+        return pb.LayerAck(
+            layer=header.layer,
+            step=header.step,
+            phase=pb.BACKWARD,
+            update_applied=applied,
+        )
+
+    @rpc_errors
+    def CommitStep(self, request, context):
+        try:
+            self._require_store().commit(request.step)
+        except StepError as exc:
+            raise StepConflict(str(exc)) from None
+        return pb.Empty()
+
+    @rpc_errors
+    def SaveCheckpoint(self, request, context):
+        store = self._require_store()
+        try:
+            save_checkpoint(store, request.path, extra=self.checkpoint_extra)
+        except ValueError as exc:
+            raise StepConflict(str(exc)) from None
+        return mpb.CheckpointReply(
+            path=request.path,
+            step=store.version(0),
+            num_bytes=Path(request.path).stat().st_size,
+        )
+
+    @rpc_errors
+    def Layout(self, request, context):
+        store = self._require_store()
+        return mpb.LayoutReply(
+            layers=[
+                mpb.LayerLayout(
+                    tensors=[mpb.TensorSpec(name=n, shape=list(s)) for n, s in store.layout(i)]
+                )
+                for i in range(store.num_layers)
+            ],
+            step=store.version(0),
+        )
+
+    def Stats(self, request, context):
+        t = self.traffic
+        with t.lock:
+            return mpb.TrafficStats(
+                egress_bytes=t.egress_bytes,
+                ingress_bytes=t.ingress_bytes,
+                num_weight_streams=t.num_weight_streams,
+                num_gradient_streams=t.num_gradient_streams,
+                num_updates=t.num_updates,
+                num_duplicate_gradients=t.num_duplicate_gradients,
+                update_seconds=t.update_seconds,
+            )
+
+    def ResetStats(self, request, context):
+        self.traffic = _Traffic()
+        return pb.Empty()
+
+
+def register(server: grpc.Server, servicer: MemoryXServicer) -> None:
+    mgrpc.add_MemoryXServicer_to_server(servicer, server)

@@ -1,0 +1,288 @@
+"""Versioned per-layer parameter store: fp32 master weights plus optimizer state.
+
+Version ``k`` of a layer is its weights after ``k`` updates, i.e. the input of
+step ``k``. Updates are copy-on-write: applying step ``k`` publishes new tensors
+for version ``k + 1`` and keeps the old ones, untouched, as the snapshot of
+version ``k`` until ``commit(k)``. That gives three properties at once:
+
+- a step that failed half-way can be re-run from its start: layers already
+  updated serve their version-``k`` snapshot and ignore the repeated gradient;
+- tensors handed out by ``weights`` are never written again, so a reader that
+  is still serialising them cannot see a half-applied update;
+- ``rollback`` can restore weights and optimizer state of an uncommitted step.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from memoryx.optim import Optimizer
+
+# Bumped when the layout of ``state_dict`` changes.
+STATE_FORMAT_VERSION = 1
+
+
+class StepError(Exception):
+    """A request for a step version that is not available (FAILED_PRECONDITION over gRPC)."""
+
+
+@dataclass
+class _Version:
+    """One immutable version of a layer: its weights and the optimizer state that goes with them."""
+
+    params: dict[str, Tensor]
+    optimizer_state: dict[str, dict[str, Tensor]]
+    num_updates: int  # updates applied to reach this version; drives Adam bias correction
+
+
+@dataclass
+class _Layer:
+    version: int
+    current: _Version
+    snapshots: dict[int, _Version] = field(default_factory=dict)  # uncommitted, by version
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def available_versions(self) -> list[int]:
+        return sorted(self.snapshots) + [self.version]
+
+
+class ParameterStore:
+    """Master weights and optimizer state of every layer, with per-layer versions.
+
+    Calls for different layers run concurrently; calls for the same layer are
+    serialised by that layer's lock. ``commit``, ``rollback`` and ``state_dict``
+    take every layer's lock, always in layer order.
+    """
+
+    def __init__(
+        self, layers: Sequence[Mapping[str, Tensor]], optimizer: Optimizer, *, step: int = 0
+    ) -> None:
+        """Copy ``layers`` to contiguous fp32; ``step`` is the first step to run."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}.")
+        if not layers:
+            raise ValueError("layers must hold at least one layer, got none.")
+        for index, layer in enumerate(layers):
+            if not layer:
+                raise ValueError(f"layer {index} must hold at least one parameter, got none.")
+        self.optimizer = optimizer
+        self._layers: list[_Layer] = []
+        for layer in layers:
+            params = {name: _to_master(t) for name, t in layer.items()}
+            state = {name: optimizer.init_state(p) for name, p in params.items()}
+            self._layers.append(_Layer(version=step, current=_Version(params, state, 0)))
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._layers)
+
+    def layout(self, layer: int) -> list[tuple[str, tuple[int, ...]]]:
+        """Ordered (param name, shape) of ``layer``."""
+        params = self._layer(layer).current.params
+        return [(name, tuple(p.shape)) for name, p in params.items()]
+
+    def num_params(self, layer: int | None = None) -> int:
+        """Scalar parameter count of ``layer``, or of every layer when None."""
+        layers = range(self.num_layers) if layer is None else [layer]
+        return sum(sum(p.numel() for p in self._layer(i).current.params.values()) for i in layers)
+
+    def version(self, layer: int) -> int:
+        """Updates applied to ``layer`` so far (counting from the store's first step)."""
+        return self._layer(layer).version
+
+    def weights(self, layer: int, step: int) -> dict[str, Tensor]:
+        """Weights valid as input of step ``step``: the caller must not mutate them."""
+        slot = self._layer(layer)
+        with slot.lock:
+            if slot.version == step:
+                chosen = slot.current
+            elif step in slot.snapshots:
+                chosen = slot.snapshots[step]
+            else:
+                raise StepError(
+                    f"layer {layer} has no weights for step {step}; "
+                    f"available versions: {slot.available_versions()}."
+                )
+            return dict(chosen.params)
+
+    def apply_gradients(self, layer: int, step: int, grads: Mapping[str, Tensor]) -> bool:
+        """Apply step ``step``'s reduced gradient to ``layer``.
+
+        Returns True when applied, False when the layer was already updated by
+        this step (a re-run): an update is never applied twice.
+        """
+        slot = self._layer(layer)
+        self._check_grads(layer, slot.current.params, grads)
+        with slot.lock:
+            if slot.version == step + 1:
+                return False
+            if slot.version != step:
+                raise StepError(
+                    f"layer {layer} cannot take gradients of step {step}: it is at version "
+                    f"{slot.version}, so it expects step {slot.version}."
+                )
+            old = slot.current
+            new = _Version(
+                params={name: p.clone() for name, p in old.params.items()},
+                optimizer_state={
+                    name: {key: t.clone() for key, t in state.items()}
+                    for name, state in old.optimizer_state.items()
+                },
+                num_updates=old.num_updates + 1,
+            )
+            for name, param in new.params.items():
+                self.optimizer.update(
+                    param, grads[name], new.optimizer_state[name], new.num_updates
+                )
+            slot.snapshots[step] = old
+            slot.current = new
+            slot.version = step + 1
+            return True
+
+    def commit(self, step: int) -> None:
+        """Finish step ``step``: every layer must be at version ``step + 1`` (or later).
+
+        Drops the snapshots of versions up to ``step``, so the step can no longer
+        be re-run or rolled back. Committing the same step again is a no-op.
+        """
+        with self._all_locks():
+            lagging = [i for i, slot in enumerate(self._layers) if slot.version < step + 1]
+            if lagging:
+                raise StepError(
+                    f"cannot commit step {step}: layers {lagging} are not updated yet "
+                    f"(versions {[self._layers[i].version for i in lagging]}, "
+                    f"need {step + 1})."
+                )
+            for slot in self._layers:
+                for version in [v for v in slot.snapshots if v <= step]:
+                    del slot.snapshots[version]
+
+    def rollback(self, step: int) -> list[int]:
+        """Undo uncommitted step ``step`` in every layer it reached; returns those layers.
+
+        Every layer must be at version ``step`` or ``step + 1`` with the snapshot
+        of ``step`` still held, so that all layers end at version ``step``.
+        """
+        with self._all_locks():
+            stuck = [
+                i
+                for i, slot in enumerate(self._layers)
+                if not (
+                    slot.version == step or (slot.version == step + 1 and step in slot.snapshots)
+                )
+            ]
+            if stuck:
+                raise StepError(
+                    f"cannot roll back step {step}: layers {stuck} are at versions "
+                    f"{[self._layers[i].available_versions() for i in stuck]} "
+                    f"instead of an uncommitted {step + 1} or {step}."
+                )
+            rolled_back = []
+            for index, slot in enumerate(self._layers):
+                if slot.version == step + 1:
+                    slot.current = slot.snapshots.pop(step)
+                    slot.version = step
+                    rolled_back.append(index)
+            return rolled_back
+
+    def state_dict(self) -> dict:
+        """Committed weights, optimizer state and versions, as plain containers of tensors."""
+        with self._all_locks():
+            pending = {i: sorted(s.snapshots) for i, s in enumerate(self._layers) if s.snapshots}
+            if pending:
+                raise ValueError(
+                    f"cannot save uncommitted state: layers {sorted(pending)} still hold snapshots "
+                    f"of steps {sorted({v for vs in pending.values() for v in vs})}; "
+                    "commit the step first."
+                )
+            # Published versions are never written again, so references are a consistent copy.
+            return {
+                "format_version": STATE_FORMAT_VERSION,
+                "layers": [
+                    {
+                        "version": slot.version,
+                        "num_updates": slot.current.num_updates,
+                        "params": dict(slot.current.params),
+                        "optimizer_state": {
+                            name: dict(state)
+                            for name, state in slot.current.optimizer_state.items()
+                        },
+                    }
+                    for slot in self._layers
+                ],
+            }
+
+    @classmethod
+    def from_state_dict(cls, state: dict, optimizer: Optimizer) -> ParameterStore:
+        """Rebuild a store from ``state_dict()``; ``optimizer`` must keep the same state tensors."""
+        if state.get("format_version") != STATE_FORMAT_VERSION:
+            raise ValueError(
+                f"state format_version must be {STATE_FORMAT_VERSION}, "
+                f"got {state.get('format_version')!r}."
+            )
+        layers = state["layers"]
+        store = cls([entry["params"] for entry in layers], optimizer)
+        for index, (slot, entry) in enumerate(zip(store._layers, layers, strict=True)):
+            for name, param in slot.current.params.items():
+                expected = optimizer.init_state(param)
+                saved = entry["optimizer_state"][name]
+                if set(saved) != set(expected):
+                    raise ValueError(
+                        f"optimizer state of layer {index} param {name!r} holds {sorted(saved)}, "
+                        f"but {type(optimizer).__name__} with this config needs {sorted(expected)}."
+                    )
+                for key, tensor in expected.items():
+                    if saved[key].shape != tensor.shape:
+                        raise ValueError(
+                            f"optimizer state {key!r} of layer {index} param {name!r} has shape "
+                            f"{tuple(saved[key].shape)}, expected {tuple(tensor.shape)}."
+                        )
+                    tensor.copy_(saved[key])
+                slot.current.optimizer_state[name] = expected
+            slot.current.num_updates = entry["num_updates"]
+            slot.version = entry["version"]
+        return store
+
+    def _layer(self, layer: int) -> _Layer:
+        if not 0 <= layer < len(self._layers):
+            raise ValueError(f"layer must be in [0, {len(self._layers)}), got {layer}.")
+        return self._layers[layer]
+
+    @contextmanager
+    def _all_locks(self) -> Iterator[None]:
+        # Always in layer order, so that two holders of several locks cannot deadlock.
+        with ExitStack() as stack:
+            for slot in self._layers:
+                stack.enter_context(slot.lock)
+            yield
+
+    @staticmethod
+    def _check_grads(layer: int, params: Mapping[str, Tensor], grads: Mapping[str, Tensor]) -> None:
+        missing = [name for name in params if name not in grads]
+        unknown = [name for name in grads if name not in params]
+        if missing or unknown:
+            raise ValueError(
+                f"gradients of layer {layer} must cover exactly {list(params)}; "
+                f"missing {missing}, unknown {unknown}."
+            )
+        for name, param in params.items():
+            grad = grads[name]
+            if grad.shape != param.shape or grad.dtype != torch.float32:
+                raise ValueError(
+                    f"gradient of layer {layer} param {name!r} must be float32 of shape "
+                    f"{tuple(param.shape)}, got {grad.dtype} of shape {tuple(grad.shape)}."
+                )
+
+
+def _to_master(tensor: Tensor) -> Tensor:
+    """A private contiguous fp32 copy, detached from any autograd graph."""
+    return tensor.detach().to(dtype=torch.float32, copy=True).contiguous()
+
+
+__all__ = ["STATE_FORMAT_VERSION", "ParameterStore", "StepError"]

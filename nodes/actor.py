@@ -1,0 +1,55 @@
+"""A compute node as a Ray actor serving gRPC on its host's address."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from emulator.data import DataConfig
+from nodes.backend import Backend
+from nodes.service import ComputeNodeServicer, register
+from nodes.worker import NodeWorker
+from proto.rpc import resolve_host, start_server
+
+
+class NodeActor:
+    def __init__(
+        self,
+        *,
+        rank: int,
+        num_nodes: int,
+        layers: list[nn.Module],
+        data: DataConfig,
+        batch_size: int,
+        seed: int,
+        backend: Backend.Config,
+        max_eval_samples: int | None,
+        chunk_bytes: int,
+        host: str,
+        num_threads: int,
+    ):
+        # Several nodes share a host's cores; one thread each keeps them from thrashing.
+        torch.set_num_threads(num_threads)
+        worker = NodeWorker(
+            rank=rank,
+            num_nodes=num_nodes,
+            layers=layers,
+            dataset=data.build(seed=seed),
+            batch_size=batch_size,
+            seed=seed,
+            backend=backend.build(),
+            max_eval_samples=max_eval_samples,
+        )
+        self.servicer = ComputeNodeServicer(worker, name=f"node-{rank}", chunk_bytes=chunk_bytes)
+        self.server, self.address = start_server(
+            lambda server: register(server, self.servicer), resolve_host(host)
+        )
+
+    def get_address(self) -> str:
+        return self.address
+
+    def connect(self, parent: str) -> None:
+        self.servicer.connect(parent)
+
+    def stop(self) -> None:
+        self.server.stop(grace=None)

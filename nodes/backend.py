@@ -1,0 +1,85 @@
+"""The compute-node backend interface.
+
+A backend decides how a node computes one streamed layer: the digital wafer
+(``cs2``), PCM analog crossbars, or photonic engines. The node itself (what
+it keeps, what it streams, when) is the same for every backend; only the
+numerics of a layer's forward and backward differ, plus what the backend
+needs on the wire.
+
+Each backend is a subclass with a nested ``Config`` whose ``kind`` names it;
+``Backend.Config.variants()`` maps kinds to config classes, so nothing ever
+branches on the backend's name.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+
+class Backend(ABC):
+    @dataclass(kw_only=True)
+    class Config:
+        kind: str
+        default_kind: ClassVar[str] = "cs2"
+
+        @classmethod
+        def variants(cls) -> dict[str, type[Backend.Config]]:
+            from nodes.registry import BACKEND_CONFIGS
+
+            return BACKEND_CONFIGS
+
+        def build(self) -> Backend:
+            raise NotImplementedError(f"{type(self).__name__} must build its backend")
+
+    #: dtype the layer's weights travel in from MemoryX to this node.
+    wire_dtype: str = "float32"
+    #: False for training methods (such as DFA) whose backward needs no weights.
+    needs_weights_in_backward: bool = True
+
+    @abstractmethod
+    def forward(self, layer: int, block: nn.Module, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        """Layer output for input ``x`` (training or evaluation numerics), without autograd."""
+
+    @abstractmethod
+    def backward(
+        self,
+        layer: int,
+        block: nn.Module,
+        params: dict[str, Tensor],
+        x: Tensor,
+        grad_y: Tensor,
+    ) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """Gradient w.r.t. the layer input (None for integer inputs) and w.r.t. each parameter."""
+
+
+def call_block(block: nn.Module, params: dict[str, Tensor], x: Tensor) -> Tensor:
+    """Run ``block`` with streamed ``params`` in place of its own (dropped) parameters."""
+    return functional_call(block, params, (x,), strict=True)
+
+
+def autograd_backward(
+    run: callable, block: nn.Module, params: dict[str, Tensor], x: Tensor, grad_y: Tensor
+) -> tuple[Tensor | None, dict[str, Tensor]]:
+    """Recompute the layer from its kept input with autograd and pull ``grad_y`` through it.
+
+    The node dropped the layer's weights after the forward pass, so the
+    autograd graph cannot be kept across passes; recomputing from the saved
+    input reproduces it exactly (the caller restores the forward's RNG state).
+    """
+    x_in = x.detach().requires_grad_(x.is_floating_point())
+    leaves = {name: p.detach().float().requires_grad_() for name, p in params.items()}
+    with torch.enable_grad():
+        y = run(block, leaves, x_in)
+        inputs = ([x_in] if x_in.requires_grad else []) + list(leaves.values())
+        # .backward rather than autograd.grad: FLOP counting hooks support only the former.
+        torch.autograd.backward(y, grad_y, inputs=inputs)
+    grad_x = x_in.grad if x_in.requires_grad else None
+    return grad_x, {
+        name: (p.grad if p.grad is not None else torch.zeros_like(p)) for name, p in leaves.items()
+    }

@@ -1,0 +1,9 @@
+"""Every backend's config class by its ``kind``: the one place that lists them."""
+
+from __future__ import annotations
+
+from nodes.cs2 import Cs2Backend
+
+BACKEND_CONFIGS = {
+    "cs2": Cs2Backend.Config,
+}

@@ -1,0 +1,133 @@
+"""Compute-node gRPC service: LayerSink.Deliver plus stats, over a NodeWorker.
+
+A layer stream is validated against the layer's layout before the node
+computes anything. In the backward pass the node sends its gradients to its
+SwarmX parent and answers only when the reduced gradient has reached
+MemoryX, so the root's answer means "this layer's update is applied".
+"""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+
+from nodes.worker import NodeStateError, NodeWorker
+from proto import node_pb2 as npb
+from proto import node_pb2_grpc as ngrpc
+from proto import swarmx_pb2_grpc as sgrpc
+from proto import tensor_pb2 as pb
+from proto.rpc import StepConflict, channel, rpc_errors
+from proto.serde import DEFAULT_CHUNK_BYTES, Expected, LayerAssembler, WireError, encode_layer
+
+
+class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
+    def __init__(self, worker: NodeWorker, *, name: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+        self.worker = worker
+        self.name = name
+        self.chunk_bytes = chunk_bytes
+        self._parent: sgrpc.SwarmXStub | None = None
+        # One layer at a time, as on the wafer.
+        self._lock = threading.Lock()
+        self._reset_counters()
+
+    def _reset_counters(self) -> None:
+        self.weight_bytes_received = 0
+        self.gradient_bytes_sent = 0
+        self.flops = 0.0
+        self.compute_seconds = 0.0
+
+    def connect(self, parent: str) -> None:
+        self._parent = sgrpc.SwarmXStub(channel(parent))
+
+    @rpc_errors
+    def Deliver(self, request_iterator, context):
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("kind") != "header":
+            raise WireError("a layer stream must start with a header")
+        header = first.header
+        if not 0 <= header.layer < self.worker.num_layers:
+            raise WireError(
+                f"layer {header.layer} does not exist; this model has layers 0..{self.worker.num_layers - 1}"
+            )
+        if header.phase not in (pb.FORWARD, pb.BACKWARD, pb.EVAL):
+            raise WireError(f"unknown phase {header.phase}")
+        with self._lock:
+            assembler = LayerAssembler(
+                Expected(
+                    header.layer,
+                    header.step,
+                    header.phase,
+                    self.worker.layouts[header.layer],
+                    self.worker.backend.wire_dtype,
+                )
+            )
+            assembler.add(first)
+            for message in request_iterator:
+                assembler.add(message)
+            params = assembler.finish()
+            self.weight_bytes_received += assembler.payload_bytes
+            ack = pb.LayerAck(
+                layer=header.layer,
+                step=header.step,
+                phase=header.phase,
+                num_nodes=1,
+                bytes_to_nodes=assembler.payload_bytes,
+                update_applied=True,
+            )
+            try:
+                if header.phase == pb.BACKWARD:
+                    grads, result = self.worker.backward(header.layer, header.step, params)
+                elif header.phase == pb.FORWARD:
+                    result = self.worker.forward(header.layer, header.step, params)
+                else:
+                    result = self.worker.evaluate(header.layer, header.step, params)
+            except NodeStateError as exc:
+                raise StepConflict(str(exc)) from None
+            del params  # the wafer drops a layer's weights as soon as it has used them
+            self.flops += result.flops
+            self.compute_seconds += result.compute_seconds
+            ack.loss_sum = result.loss_sum
+            ack.num_targets = result.num_targets
+            ack.num_correct = result.num_correct
+            ack.flops = result.flops
+            ack.compute_seconds = result.compute_seconds
+            if header.phase == pb.BACKWARD:
+                messages = list(
+                    encode_layer(
+                        header.layer,
+                        header.step,
+                        pb.BACKWARD,
+                        grads,
+                        dtype="float32",
+                        chunk_bytes=self.chunk_bytes,
+                        sender=self.name,
+                    )
+                )
+                sent = sum(len(m.chunk.data) for m in messages if m.WhichOneof("kind") == "chunk")
+                upstream = self._parent.Reduce(iter(messages))
+                self.gradient_bytes_sent += sent
+                ack.gradient_bytes = sent
+                ack.update_applied = upstream.update_applied
+            return ack
+
+    def Stats(self, request, context):
+        return npb.NodeStats(
+            rank=self.worker.rank,
+            weight_bytes_received=self.weight_bytes_received,
+            gradient_bytes_sent=self.gradient_bytes_sent,
+            activation_bytes_held=self.worker.activation_bytes,
+            peak_activation_bytes=self.worker.peak_activation_bytes,
+            weight_bytes_held=self.worker.weight_bytes_held,
+            flops=self.flops,
+            compute_seconds=self.compute_seconds,
+        )
+
+    def ResetStats(self, request, context):
+        self._reset_counters()
+        return pb.Empty()
+
+
+def register(server: grpc.Server, servicer: ComputeNodeServicer) -> None:
+    ngrpc.add_ComputeNodeServicer_to_server(servicer, server)
+    sgrpc.add_LayerSinkServicer_to_server(servicer, server)

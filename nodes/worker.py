@@ -1,0 +1,229 @@
+"""What one compute node does with a layer, in plain torch.
+
+A node holds the model's structure but none of its weights: each layer's
+weights arrive in a stream, are used once and are dropped. Between the
+forward and backward passes the node keeps each layer's input activation;
+the backward pass recomputes the layer from it. Training data never crosses
+the fabric: the node builds the data set itself and reads its own shard of
+every global batch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from emulator.data import BatchSampler, Dataset, loss_sum, num_correct, num_targets
+from nodes.backend import Backend
+
+
+class NodeStateError(Exception):
+    """The node was asked for a pass out of order (e.g. backward before forward)."""
+
+
+@dataclass
+class LayerResult:
+    loss_sum: float = 0.0
+    num_targets: int = 0
+    num_correct: int = 0
+    flops: float = 0.0
+    compute_seconds: float = 0.0
+
+
+def strip_parameters(layer: nn.Module) -> nn.Module:
+    """Replace a layer's parameters by shape-only meta tensors: the node keeps no weights."""
+    for module in layer.modules():
+        for name, param in module._parameters.items():
+            if param is not None:
+                module._parameters[name] = nn.Parameter(
+                    torch.empty_like(param, device="meta"), requires_grad=param.requires_grad
+                )
+    return layer
+
+
+def layer_layout(layer: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    return [(name, tuple(p.shape)) for name, p in layer.named_parameters()]
+
+
+class NodeWorker:
+    def __init__(
+        self,
+        *,
+        rank: int,
+        num_nodes: int,
+        layers: list[nn.Module],
+        dataset: Dataset,
+        batch_size: int,
+        seed: int,
+        backend: Backend,
+        max_eval_samples: int | None = None,
+    ):
+        assert 0 <= rank < num_nodes
+        self.rank = rank
+        self.num_nodes = num_nodes
+        self.layers = [strip_parameters(layer) for layer in layers]
+        self.layouts = [layer_layout(layer) for layer in self.layers]
+        self.dataset = dataset
+        self.seed = seed
+        self.backend = backend
+        self.sampler = BatchSampler(dataset.num_train, batch_size, seed=seed)
+        num_eval = (
+            len(dataset.test_inputs)
+            if max_eval_samples is None
+            else min(max_eval_samples, len(dataset.test_inputs))
+        )
+        self._eval_index = torch.tensor_split(torch.arange(num_eval), num_nodes)[rank]
+        self._flops: dict[tuple, float] = {}
+        self._reset(step=-1)
+        self.peak_activation_bytes = 0
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def _reset(self, step: int) -> None:
+        self._step = step
+        self._inputs: dict[int, Tensor] = {}
+        self._next_input: Tensor | None = None
+        self._targets: Tensor | None = None
+        self._logits: Tensor | None = None
+        self._grad: Tensor | None = None
+
+    @property
+    def weight_bytes_held(self) -> int:
+        return sum(
+            p.numel() * p.element_size()
+            for layer in self.layers
+            for p in layer.parameters()
+            if p.device.type != "meta"
+        )
+
+    @property
+    def activation_bytes(self) -> int:
+        kept = list(self._inputs.values()) + [
+            t for t in (self._next_input, self._logits, self._grad) if t is not None
+        ]
+        return sum(t.numel() * t.element_size() for t in kept)
+
+    def _rng_seed(self, step: int, layer: int) -> int:
+        # Dropout masks must be the same in the forward pass and in the backward recompute.
+        return hash((self.seed, self.rank, step, layer)) & 0x7FFF_FFFF_FFFF
+
+    def _count(self, key: tuple, fn) -> tuple[object, float]:
+        """Run ``fn``; count its FLOPs the first time this (layer, pass, shape) is seen."""
+        if key in self._flops:
+            return fn(), self._flops[key]
+        counter = FlopCounterMode(display=False)
+        with counter:
+            out = fn()
+        self._flops[key] = float(counter.get_total_flops())
+        return out, self._flops[key]
+
+    def _timed_forward(
+        self, layer: int, step: int, params: dict[str, Tensor], x: Tensor, tag: str
+    ) -> tuple[Tensor, LayerResult]:
+        block = self.layers[layer]
+        started = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self._rng_seed(step, layer))
+            y, flops = self._count(
+                (tag, layer, tuple(x.shape)), lambda: self.backend.forward(layer, block, params, x)
+            )
+        return y, LayerResult(flops=flops, compute_seconds=time.perf_counter() - started)
+
+    def forward(self, layer: int, step: int, params: dict[str, Tensor]) -> LayerResult:
+        if layer == 0:
+            self._reset(step)
+            index = self.sampler.shard(step, self.rank, self.num_nodes)
+            x = self.dataset.train_inputs[index]
+            self._targets = self.dataset.train_targets[index]
+        else:
+            if self._step != step or self._next_input is None or layer - 1 not in self._inputs:
+                raise NodeStateError(
+                    f"node {self.rank} has no output of layer {layer - 1} for step {step}; "
+                    "run the forward pass from layer 0"
+                )
+            x = self._next_input
+        self.layers[layer].train()
+        y, result = self._timed_forward(layer, step, params, x, "fwd")
+        self._inputs[layer] = x
+        if layer == self.num_layers - 1:
+            self._next_input = None
+            self._logits = y
+            task = self.dataset.task
+            result.loss_sum = float(loss_sum(task, y, self._targets))
+            result.num_targets = num_targets(task, self._targets)
+            result.num_correct = (
+                num_correct(task, y, self._targets) if task == "classification" else 0
+            )
+        else:
+            self._next_input = y
+        self.peak_activation_bytes = max(self.peak_activation_bytes, self.activation_bytes)
+        return result
+
+    def backward(
+        self, layer: int, step: int, params: dict[str, Tensor]
+    ) -> tuple[dict[str, Tensor], LayerResult]:
+        if self._step != step or layer not in self._inputs:
+            raise NodeStateError(
+                f"node {self.rank} holds no activation of layer {layer} for step {step}; "
+                "the forward pass must run first"
+            )
+        started = time.perf_counter()
+        if layer == self.num_layers - 1:
+            self._grad = self._loss_gradient()
+        elif self._grad is None:
+            raise NodeStateError(
+                f"node {self.rank}: backward of layer {layer} before layer {layer + 1}"
+            )
+        x = self._inputs.pop(layer)
+        block = self.layers[layer]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self._rng_seed(step, layer))
+            (grad_x, grads), flops = self._count(
+                ("bwd", layer, tuple(x.shape)),
+                lambda: self.backend.backward(layer, block, params, x, self._grad),
+            )
+        # The count above includes the recomputed forward; the wafer keeps that graph, so drop it.
+        flops -= self._flops.get(("fwd", layer, tuple(x.shape)), 0.0)
+        self._grad = grad_x
+        if layer == 0:
+            self._reset(step)
+        return grads, LayerResult(flops=flops, compute_seconds=time.perf_counter() - started)
+
+    def _loss_gradient(self) -> Tensor:
+        assert self._logits is not None and self._targets is not None
+        task = self.dataset.task
+        # Every node divides by the *global* number of targets, so the sum over
+        # nodes that SwarmX forms is the gradient of the global mean loss.
+        global_targets = num_targets(task, self._targets) * self.num_nodes
+        logits = self._logits.detach().requires_grad_()
+        with torch.enable_grad():
+            loss = loss_sum(task, logits, self._targets) / global_targets
+            (grad,) = torch.autograd.grad(loss, logits)
+        self._logits = None
+        return grad
+
+    def evaluate(self, layer: int, step: int, params: dict[str, Tensor]) -> LayerResult:
+        if layer == 0:
+            self._eval_x = self.dataset.test_inputs[self._eval_index]
+        block = self.layers[layer]
+        block.eval()
+        try:
+            y, result = self._timed_forward(layer, step, params, self._eval_x, "eval")
+        finally:
+            block.train()
+        if layer == self.num_layers - 1:
+            targets = self.dataset.test_targets[self._eval_index]
+            task = self.dataset.task
+            result.loss_sum = float(loss_sum(task, y, targets))
+            result.num_targets = num_targets(task, targets)
+            result.num_correct = num_correct(task, y, targets) if task == "classification" else 0
+            self._eval_x = None
+        else:
+            self._eval_x = y
+        return result

@@ -1,0 +1,42 @@
+from proto import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class LayerRequest(_message.Message):
+    __slots__ = ("layer", "step", "phase", "dtype")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    step: int
+    phase: _tensor_pb2.Phase
+    dtype: str
+    def __init__(self, layer: _Optional[int] = ..., step: _Optional[int] = ..., phase: _Optional[_Union[_tensor_pb2.Phase, str]] = ..., dtype: _Optional[str] = ...) -> None: ...
+
+class LinkStats(_message.Message):
+    __slots__ = ("link", "payload_bytes", "num_chunks")
+    LINK_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    link: str
+    payload_bytes: int
+    num_chunks: int
+    def __init__(self, link: _Optional[str] = ..., payload_bytes: _Optional[int] = ..., num_chunks: _Optional[int] = ...) -> None: ...
+
+class SwarmXStats(_message.Message):
+    __slots__ = ("name", "down", "up", "reduced_in_bytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DOWN_FIELD_NUMBER: _ClassVar[int]
+    UP_FIELD_NUMBER: _ClassVar[int]
+    REDUCED_IN_BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    down: _containers.RepeatedCompositeFieldContainer[LinkStats]
+    up: LinkStats
+    reduced_in_bytes: int
+    def __init__(self, name: _Optional[str] = ..., down: _Optional[_Iterable[_Union[LinkStats, _Mapping]]] = ..., up: _Optional[_Union[LinkStats, _Mapping]] = ..., reduced_in_bytes: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,23 @@
+"""A SwarmX tree node as a Ray actor serving gRPC on its host's address."""
+
+from __future__ import annotations
+
+from proto.rpc import resolve_host, start_server
+from swarmx.service import SwarmXServicer, register
+
+
+class SwarmXActor:
+    def __init__(self, name: str, *, host: str):
+        self.servicer = SwarmXServicer(name)
+        self.server, self.address = start_server(
+            lambda server: register(server, self.servicer), resolve_host(host)
+        )
+
+    def get_address(self) -> str:
+        return self.address
+
+    def connect(self, *, children: dict[str, str], parent: str | None, memoryx: str | None) -> None:
+        self.servicer.connect(children=children, parent=parent, memoryx=memoryx)
+
+    def stop(self) -> None:
+        self.server.stop(grace=None)

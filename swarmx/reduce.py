@@ -1,0 +1,93 @@
+"""Chunk-wise, cut-through gradient summation inside one SwarmX node.
+
+Every child sends the same layer in the same chunking. Chunk j is summed as
+soon as every child has sent its chunk j, and the sum goes up at once. The
+sum runs in fp32 and always in child order, so a run is bitwise repeatable
+however the children's streams interleave.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import numpy as np
+
+from proto import tensor_pb2 as pb
+from proto.serde import WireError, chunk_values
+
+
+class ChunkReduction:
+    """Sums one layer's gradient streams from ``children`` for one step."""
+
+    def __init__(self, children: tuple[str, ...], emit: Callable[[pb.LayerMessage], None]):
+        self.children = children
+        self._emit = emit
+        self._lock = threading.Lock()
+        self._header: pb.LayerHeader | None = None
+        self._pending: dict[int, dict[str, pb.TensorChunk]] = {}
+        self._num_emitted = 0
+        self.received_bytes = 0
+        self.emitted_bytes = 0
+
+    def add_header(self, child: str, header: pb.LayerHeader, sender: str) -> None:
+        if child not in self.children:
+            raise WireError(f"gradient stream from {child!r}, which is not a child of this node")
+        with self._lock:
+            if self._header is None:
+                self._header = header
+                up = pb.LayerHeader()
+                up.CopyFrom(header)
+                up.sender = sender
+                self._emit(pb.LayerMessage(header=up))
+            elif (header.layer, header.step, header.num_tensors, header.total_bytes) != (
+                self._header.layer,
+                self._header.step,
+                self._header.num_tensors,
+                self._header.total_bytes,
+            ):
+                raise WireError(
+                    f"child {child!r} announces layer {header.layer} step {header.step} with "
+                    f"{header.num_tensors} tensors / {header.total_bytes} bytes, but its siblings "
+                    f"announced layer {self._header.layer} step {self._header.step} with "
+                    f"{self._header.num_tensors} tensors / {self._header.total_bytes} bytes"
+                )
+
+    def add_chunk(self, child: str, index: int, chunk: pb.TensorChunk) -> None:
+        values = chunk_values(chunk)  # validates dtype before anything is kept
+        with self._lock:
+            assert self._header is not None
+            slot = self._pending.setdefault(index, {})
+            if child in slot:
+                raise WireError(f"child {child!r} sent chunk {index} twice")
+            if slot:
+                first = next(iter(slot.values()))
+                if (first.name, first.offset, len(first.data), tuple(first.shape)) != (
+                    chunk.name,
+                    chunk.offset,
+                    len(chunk.data),
+                    tuple(chunk.shape),
+                ):
+                    raise WireError(
+                        f"child {child!r} chunk {index} is {chunk.name!r}@{chunk.offset} "
+                        f"({len(chunk.data)} bytes), siblings sent {first.name!r}@{first.offset} "
+                        f"({len(first.data)} bytes)"
+                    )
+            slot[child] = chunk
+            self.received_bytes += len(values) * 4
+            if len(slot) < len(self.children):
+                return
+            del self._pending[index]
+            total = np.array(chunk_values(slot[self.children[0]]), dtype=np.float32)
+            for name in self.children[1:]:
+                total += chunk_values(slot[name])
+            up = pb.TensorChunk()
+            up.CopyFrom(chunk)
+            up.data = total.tobytes()
+            self.emitted_bytes += len(up.data)
+            self._num_emitted += 1
+            self._emit(pb.LayerMessage(chunk=up))
+
+    @property
+    def complete(self) -> bool:
+        return not self._pending

@@ -1,0 +1,231 @@
+"""SwarmX gRPC service: one broadcast/reduce node of the tree.
+
+Down: each weight chunk is put on every child's outgoing stream as soon as
+it arrives (cut-through); the node never holds a whole layer. Up: gradient
+chunks from the children are summed chunk by chunk (see ``ChunkReduction``)
+and each sum goes to the parent, or to MemoryX at the root, at once.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from proto import memoryx_pb2 as mpb
+from proto import memoryx_pb2_grpc as mgrpc
+from proto import swarmx_pb2 as spb
+from proto import swarmx_pb2_grpc as sgrpc
+from proto import tensor_pb2 as pb
+from proto.rpc import channel, rpc_errors
+from proto.serde import WireError
+from swarmx.reduce import ChunkReduction
+
+_END = object()
+# Chunks buffered per child before the sender waits: bounds memory, keeps cut-through.
+_QUEUE_DEPTH = 16
+
+
+def _drain(q: queue.Queue) -> Iterator[pb.LayerMessage]:
+    while (item := q.get()) is not _END:
+        yield item
+
+
+def sum_acks(acks: Iterable[pb.LayerAck], layer: int, step: int, phase: int) -> pb.LayerAck:
+    total = pb.LayerAck(layer=layer, step=step, phase=phase, update_applied=True)
+    for ack in acks:
+        total.num_nodes += ack.num_nodes
+        total.loss_sum += ack.loss_sum
+        total.num_targets += ack.num_targets
+        total.num_correct += ack.num_correct
+        total.bytes_to_nodes += ack.bytes_to_nodes
+        total.gradient_bytes += ack.gradient_bytes
+        total.flops += ack.flops
+        total.compute_seconds += ack.compute_seconds
+        total.update_applied = total.update_applied and ack.update_applied
+    return total
+
+
+@dataclass
+class _LinkCounter:
+    payload_bytes: int = 0
+    num_chunks: int = 0
+
+
+@dataclass
+class _Reducing:
+    reduction: ChunkReduction
+    upstream: grpc.Future
+    outbox: queue.Queue
+    num_open: int
+    failed: list[str] = field(default_factory=list)
+
+
+class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
+    def __init__(self, name: str):
+        self.name = name
+        self.children: tuple[str, ...] = ()
+        self._child_stubs: list[sgrpc.LayerSinkStub] = []
+        self._parent: sgrpc.SwarmXStub | None = None
+        self._memoryx: mgrpc.MemoryXStub | None = None
+        self._reducing: dict[tuple[int, int], _Reducing] = {}
+        self._lock = threading.Lock()
+        self._down: dict[str, _LinkCounter] = {}
+        self._up = _LinkCounter()
+        self._reduced_in = 0
+
+    def connect(
+        self,
+        *,
+        children: dict[str, str],
+        parent: str | None,
+        memoryx: str | None,
+    ) -> None:
+        """Wire this node into the tree: children by name -> address, and one upstream."""
+        assert (parent is None) != (memoryx is None), "exactly one upstream: a parent or MemoryX"
+        self.children = tuple(children)
+        self._child_stubs = [sgrpc.LayerSinkStub(channel(a)) for a in children.values()]
+        self._parent = sgrpc.SwarmXStub(channel(parent)) if parent else None
+        self._memoryx = mgrpc.MemoryXStub(channel(memoryx)) if memoryx else None
+        self._down = {c: _LinkCounter() for c in self.children}
+
+    # -- broadcast ---------------------------------------------------------
+    def _broadcast(self, messages: Iterable[pb.LayerMessage]) -> pb.LayerAck:
+        queues = [queue.Queue(maxsize=_QUEUE_DEPTH) for _ in self._child_stubs]
+        calls = [
+            stub.Deliver.future(_drain(q))
+            for stub, q in zip(self._child_stubs, queues, strict=True)
+        ]
+        header: pb.LayerHeader | None = None
+        try:
+            for message in messages:
+                if header is None:
+                    if message.WhichOneof("kind") != "header":
+                        raise WireError("a layer stream must start with a header")
+                    header = message.header
+                elif message.WhichOneof("kind") == "chunk":
+                    size = len(message.chunk.data)
+                    for counter in self._down.values():
+                        counter.payload_bytes += size
+                        counter.num_chunks += 1
+                for q in queues:
+                    q.put(message)
+        except BaseException:
+            for call in calls:
+                call.cancel()
+            raise
+        finally:
+            for q in queues:
+                q.put(_END)
+        acks = [call.result() for call in calls]
+        if header is None:
+            raise WireError("empty layer stream")
+        return sum_acks(acks, header.layer, header.step, header.phase)
+
+    @rpc_errors
+    def RunLayer(self, request, context):
+        if self._memoryx is None:
+            raise WireError(f"{self.name} is not the root of the tree; send RunLayer to the root")
+        source = self._memoryx.StreamWeights(
+            mpb.WeightsRequest(
+                layer=request.layer, step=request.step, phase=request.phase, dtype=request.dtype
+            )
+        )
+        return self._broadcast(source)
+
+    @rpc_errors
+    def Deliver(self, request_iterator, context):
+        return self._broadcast(request_iterator)
+
+    # -- reduce ------------------------------------------------------------
+    def _open_reduction(self, header: pb.LayerHeader) -> _Reducing:
+        key = (header.layer, header.step)
+        with self._lock:
+            entry = self._reducing.get(key)
+            # A failed attempt of this layer and step may linger; a re-run starts afresh.
+            if entry is None or entry.failed:
+                outbox: queue.Queue = queue.Queue()
+
+                def emit(message: pb.LayerMessage) -> None:
+                    if message.WhichOneof("kind") == "chunk":
+                        self._up.payload_bytes += len(message.chunk.data)
+                        self._up.num_chunks += 1
+                    outbox.put(message)
+
+                reduction = ChunkReduction(self.children, emit)
+                upstream = (
+                    self._parent.Reduce.future(_drain(outbox))
+                    if self._parent is not None
+                    else self._memoryx.PushGradients.future(_drain(outbox))
+                )
+                entry = _Reducing(reduction, upstream, outbox, num_open=len(self.children))
+                self._reducing[key] = entry
+            return entry
+
+    @rpc_errors
+    def Reduce(self, request_iterator, context):
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("kind") != "header":
+            raise WireError("a gradient stream must start with a header")
+        header = first.header
+        child = header.sender
+        entry = self._open_reduction(header)
+        try:
+            entry.reduction.add_header(child, header, self.name)
+            for index, message in enumerate(request_iterator):
+                if message.WhichOneof("kind") != "chunk":
+                    raise WireError(f"child {child!r} sent a second header")
+                entry.reduction.add_chunk(child, index, message.chunk)
+        except BaseException as exc:
+            entry.failed.append(str(exc))
+            entry.upstream.cancel()
+            self._close(header, entry)
+            raise
+        self._reduced_in += entry.reduction.received_bytes
+        self._close(header, entry)
+        return entry.upstream.result()
+
+    def _close(self, header: pb.LayerHeader, entry: _Reducing) -> None:
+        with self._lock:
+            entry.num_open -= 1
+            if entry.num_open == 0:
+                entry.outbox.put(_END)
+                if self._reducing.get((header.layer, header.step)) is entry:
+                    del self._reducing[(header.layer, header.step)]
+            elif entry.failed:
+                # A sibling failed: end the upstream stream now so it is not left waiting.
+                entry.outbox.put(_END)
+
+    # -- stats -------------------------------------------------------------
+    def Stats(self, request, context):
+        return spb.SwarmXStats(
+            name=self.name,
+            down=[
+                spb.LinkStats(
+                    link=f"{self.name} -> {c}",
+                    payload_bytes=v.payload_bytes,
+                    num_chunks=v.num_chunks,
+                )
+                for c, v in self._down.items()
+            ],
+            up=spb.LinkStats(
+                link=f"{self.name} -> up",
+                payload_bytes=self._up.payload_bytes,
+                num_chunks=self._up.num_chunks,
+            ),
+            reduced_in_bytes=self._reduced_in,
+        )
+
+    def ResetStats(self, request, context):
+        self._down = {c: _LinkCounter() for c in self.children}
+        self._up = _LinkCounter()
+        self._reduced_in = 0
+        return pb.Empty()
+
+
+def register(server: grpc.Server, servicer: SwarmXServicer) -> None:
+    sgrpc.add_SwarmXServicer_to_server(servicer, server)
+    sgrpc.add_LayerSinkServicer_to_server(servicer, server)
