@@ -1,0 +1,20 @@
+"""Data sets shipped with the emulator, the deterministic batch sampler, and the loss.
+
+Entry point: ``DataConfig(...).build(seed=...)`` (also reachable as
+``Dataset.Config``). See README.md in this folder for the sources and licenses
+of the shipped files.
+"""
+
+from emulator.data.dataset import DataConfig, Dataset, Task
+from emulator.data.objectives import loss_sum, num_correct, num_targets
+from emulator.data.sampler import BatchSampler
+
+__all__ = [
+    "BatchSampler",
+    "DataConfig",
+    "Dataset",
+    "Task",
+    "loss_sum",
+    "num_correct",
+    "num_targets",
+]

@@ -1,0 +1,21 @@
+"""Model zoo: every model is an ordered chain of blocks whose weights stream one block at a time.
+
+Entry point: ``ModelConfig(name=...).build(seed=...)``, an ``nn.Sequential`` of
+blocks. ``model_blocks`` and ``check_blocks`` turn a user's model into blocks
+and check that they chain.
+"""
+
+from emulator.zoo.blocks import check_blocks, model_blocks
+from emulator.zoo.config import ModelConfig, default_data_config
+from emulator.zoo.gpt import GPTShape
+from emulator.zoo.registry import ZOO, ZooEntry
+
+__all__ = [
+    "ZOO",
+    "GPTShape",
+    "ModelConfig",
+    "ZooEntry",
+    "check_blocks",
+    "default_data_config",
+    "model_blocks",
+]
