@@ -9,9 +9,14 @@ the field and exits with status 2; it never shows a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+# gRPC logs every peer's shutdown at INFO; the user wants the run, not the wire.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 from emulator.atomic import write_json_atomic
+from emulator.cli_cost import add_simulate_parser, add_validate_parser
 from emulator.config import CLI_FIELDS, load_config
 from emulator.table import format_table, human_bytes
 
@@ -92,7 +97,7 @@ def summary(result: dict) -> str:
             f"{result['wall_time_s']:.1f} s ({1000 * result['step_wall_time_s']:.1f} ms/step)",
         ),
     ]
-    return format_table(["", "value"], rows, title="wafer train: summary")
+    return format_table(["", ""], rows, title="wafer train: summary", align="ll")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_train_parser(subparsers)
+    add_simulate_parser(subparsers)
+    add_validate_parser(subparsers)
     return parser
 
 

@@ -59,7 +59,7 @@ class ClusterConfig:
     data: DataConfig | None = doc("data set; None: the model's default", default=None)
     num_nodes: int = doc("compute nodes (data parallel), nodes", default=4)
     batch_size: int = doc("global batch, samples per step across all nodes", default=128)
-    num_steps: int = doc("training steps, steps", default=400)
+    num_steps: int = doc("training steps, steps", default=300)
     seed: int = doc("seed of model init and batch order", default=0)
     optimizer: Optimizer.Config = doc(
         "optimizer MemoryX applies", default_factory=lambda: Optimizer.Config(name="adamw", lr=2e-3)

@@ -6,16 +6,20 @@ from collections.abc import Sequence
 
 
 def format_table(
-    headers: Sequence[str], rows: Sequence[Sequence[object]], title: str | None = None
+    headers: Sequence[str],
+    rows: Sequence[Sequence[object]],
+    title: str | None = None,
+    align: str | None = None,
 ) -> str:
+    """``align`` has one letter per column, ``l`` or ``r``; default: first left, rest right."""
     cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    align = align or "l" + "r" * (len(headers) - 1)
 
     def line(row: list[str]) -> str:
         return "  ".join(
-            c.rjust(w) if i else c.ljust(w)
-            for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        )
+            c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(row, widths, align, strict=True)
+        ).rstrip()
 
     rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
     out = ([title] if title else []) + [line(cells[0]), rule] + [line(r) for r in cells[1:]]

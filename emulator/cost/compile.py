@@ -1,0 +1,193 @@
+"""Compile: a workload on a cluster becomes a list of per-layer operations.
+
+This is the first of the three stages (compile, run, stats), after Calculon.
+Compiling checks that everything fits (model state in MemoryX, activations
+in wafer SRAM) and splits each system's share of the batch into as many
+micro-batches as SRAM needs. Each micro-batch streams every layer's weights
+in again, in the forward and the backward pass, and streams its gradients
+out (MemoryX accumulates them); that is the price of a batch that does not
+fit on the wafer. Micro-batches are identical, so the compiled step holds
+one micro-batch's operations and their count.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from emulator.configbase import doc
+from emulator.cost.hardware import Hardware
+from emulator.cost.units import format_bytes, format_count
+from emulator.cost.workload import Workload
+
+Phase = Literal["forward", "backward"]
+
+
+class Cluster:
+    """A preset, a number of systems and the MemoryX size chosen for them."""
+
+    @dataclass(kw_only=True)
+    class Config:
+        hardware: Hardware.Config = doc("the hardware preset (see emulator.presets)")
+        num_nodes: int = doc("compute systems, count", default=1)
+        memoryx_capacity_bytes: float | None = doc(
+            "MemoryX size, bytes; None picks the smallest preset option that holds the model",
+            default=None,
+        )
+
+        def __post_init__(self) -> None:
+            max_systems = self.hardware.swarmx.max_systems
+            if not 1 <= self.num_nodes <= max_systems:
+                raise ValueError(
+                    f"num_nodes = {self.num_nodes} is not valid for the {self.hardware.name} "
+                    f"preset; it supports 1 to {max_systems} systems "
+                    f"(swarmx.max_systems = {max_systems})."
+                )
+            if self.memoryx_capacity_bytes is not None and self.memoryx_capacity_bytes <= 0:
+                raise ValueError(
+                    f"memoryx_capacity_bytes = {self.memoryx_capacity_bytes!r} is not valid; "
+                    "it must be greater than 0 bytes (or None to pick a preset option)."
+                )
+
+        def build(self) -> Cluster:
+            return Cluster(self)
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.hardware = config.hardware.build()
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One layer in one pass of one micro-batch, as every system runs it."""
+
+    layer: str = doc("layer name")
+    layer_index: int = doc("position of the layer in forward order")
+    phase: Phase = doc("forward or backward")
+    stream_in_bytes: float = doc("weights broadcast to every system, bytes")
+    flops_per_node: float = doc("FLOPs each system computes, FLOP")
+    grad_out_bytes: float = doc("gradients each system sends (reduced on the way), bytes")
+
+
+@dataclass(frozen=True)
+class CompiledStep:
+    """Everything the timeline needs, plus the capacity figures the stats report."""
+
+    workload: Workload
+    cluster: Cluster
+    operations: tuple[Operation, ...] = doc("one micro-batch: forward then backward; repeated")
+    samples_per_node: int = doc("largest share of the batch on one system, samples")
+    num_micro_batches: int = doc("micro-batches per system per step, count")
+    samples_per_micro_batch: int = doc("largest micro-batch, samples")
+    activation_bytes_per_sample: float = doc("activations kept per sample, bytes")
+    activation_budget_bytes: float = doc("SRAM available to activations, bytes")
+    model_state_bytes: float = doc("state MemoryX keeps for the model, bytes")
+    memoryx_capacity_bytes: float = doc("MemoryX size used, bytes")
+    update_params: tuple[int, ...] = doc("parameters MemoryX updates per layer, forward order")
+
+    @property
+    def activation_bytes_per_micro_batch(self) -> float:
+        return self.activation_bytes_per_sample * self.samples_per_micro_batch
+
+
+def _memoryx_capacity(workload: Workload, cluster: Cluster) -> tuple[float, float]:
+    memoryx = cluster.hardware.memoryx
+    state = memoryx.state_bytes(workload.num_params)
+    preset = cluster.config.hardware.name
+    per_param = memoryx.config.state_bytes_per_param
+    chosen = cluster.config.memoryx_capacity_bytes
+    if chosen is not None:
+        if state > chosen:
+            raise ValueError(
+                f"{workload.name} ({format_count(workload.num_params)} parameters) needs "
+                f"{format_bytes(state)} of MemoryX state at {per_param:g} B/parameter, "
+                f"more than the chosen MemoryX of {format_bytes(chosen)}; pick a larger "
+                f"memoryx_capacity_bytes (the {preset} preset offers up to "
+                f"{format_bytes(memoryx.largest_capacity_bytes)})."
+            )
+        return state, chosen
+    fitting = [c for c in memoryx.config.capacity_options_bytes if c >= state]
+    if not fitting:
+        largest = memoryx.largest_capacity_bytes
+        raise ValueError(
+            f"{workload.name} ({format_count(workload.num_params)} parameters) needs "
+            f"{format_bytes(state)} of MemoryX state at {per_param:g} B/parameter; the "
+            f"{preset} preset's largest MemoryX holds {format_bytes(largest)}, i.e. at most "
+            f"{format_count(largest / per_param)} parameters. Use a smaller model or a preset "
+            "with a larger memoryx.capacity_options_bytes."
+        )
+    return state, fitting[0]
+
+
+def compile_step(workload: Workload, cluster: Cluster) -> CompiledStep:
+    """Per-layer operations of one training step of ``workload`` on ``cluster``."""
+    num_nodes = cluster.config.num_nodes
+    if workload.samples_per_step < num_nodes:
+        raise ValueError(
+            f"A batch of {workload.samples_per_step} samples cannot be shared by {num_nodes} "
+            f"systems (data parallel needs at least one sample each); use --batch >= "
+            f"{num_nodes} or fewer nodes."
+        )
+    state_bytes, capacity = _memoryx_capacity(workload, cluster)
+    wafer = cluster.hardware.wafer
+    budget = wafer.activation_budget_bytes
+    per_sample = sum(layer.activation_bytes for layer in workload.layers)
+    if per_sample > budget:
+        raise ValueError(
+            f"{workload.name} keeps {format_bytes(per_sample)} of activations per sample, "
+            f"more than the {format_bytes(budget)} of SRAM a {wafer.config.name} gives them "
+            f"({format_bytes(wafer.config.sram_bytes)} x activation_sram_fraction "
+            f"{wafer.config.activation_sram_fraction:g}); shorten the sequence (--seq): at most about "
+            f"{math.floor(workload.tokens_per_sample * budget / per_sample)} tokens per sample "
+            "fit."
+        )
+    samples_per_node = math.ceil(workload.samples_per_step / num_nodes)
+    samples_fitting = math.floor(budget / per_sample) if per_sample > 0 else samples_per_node
+    num_micro_batches = math.ceil(samples_per_node / samples_fitting)
+    samples_per_micro_batch = math.ceil(samples_per_node / num_micro_batches)
+
+    forward, backward = [], []
+    for index, layer in enumerate(workload.layers):
+        forward.append(
+            (layer.name, index, layer.weight_bytes, layer.effective_flops(layer.forward_flops), 0.0)
+        )
+        backward.append(
+            (
+                layer.name,
+                index,
+                layer.weight_bytes,
+                layer.effective_flops(layer.backward_flops),
+                layer.grad_bytes,
+            )
+        )
+    backward.reverse()
+    # Micro-batches differ by at most one sample; the average keeps the total compute exact.
+    operations = tuple(
+        Operation(
+            layer=name,
+            layer_index=index,
+            phase=phase,
+            stream_in_bytes=weight_bytes,
+            flops_per_node=flops_per_sample * samples_per_node / num_micro_batches,
+            grad_out_bytes=grad_bytes,
+        )
+        for phase, specs in (("forward", forward), ("backward", backward))
+        for name, index, weight_bytes, flops_per_sample, grad_bytes in specs
+    )
+    return CompiledStep(
+        workload=workload,
+        cluster=cluster,
+        operations=operations,
+        samples_per_node=samples_per_node,
+        num_micro_batches=num_micro_batches,
+        samples_per_micro_batch=samples_per_micro_batch,
+        activation_bytes_per_sample=per_sample,
+        activation_budget_bytes=budget,
+        model_state_bytes=state_bytes,
+        memoryx_capacity_bytes=capacity,
+        update_params=tuple(layer.num_params for layer in workload.layers),
+    )
+
+
+__all__ = ["Cluster", "CompiledStep", "Operation", "compile_step"]

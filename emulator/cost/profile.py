@@ -1,0 +1,85 @@
+"""Layer profiles of torch blocks: FLOPs counted by torch, nothing computed.
+
+This is how the zoo's small models and a functional run's model get a
+``Workload``: each block of the chain is one streamed layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from emulator.cost.hardware import BYTES_PER_ELEMENT, Precision
+from emulator.cost.workload import LayerProfile, Workload
+
+
+def _meta_state(block: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Meta copies of a block's parameters and buffers, so the caller's block is untouched."""
+    state = {
+        name: torch.empty_like(p, device="meta").requires_grad_(p.requires_grad)
+        for name, p in block.named_parameters()
+    }
+    state.update({name: torch.empty_like(b, device="meta") for name, b in block.named_buffers()})
+    return state
+
+
+def profile_modules(
+    name: str,
+    blocks: Sequence[tuple[str, torch.nn.Module]],
+    example_input: torch.Tensor,
+    *,
+    samples_per_step: int,
+    precision: Precision = "fp16",
+    tokens_per_sample: int = 1,
+) -> Workload:
+    """Profile a chain of blocks (each block is one streamed layer) on an example batch.
+
+    FLOPs are counted by ``FlopCounterMode`` on meta tensors, so nothing is
+    computed and any size works. Forward and backward are counted separately
+    (backward includes the input gradient except for the first block, which
+    has no trainable input). The activations kept for backward are taken as
+    each block's input, as the wafer keeps the layer inputs in SRAM; FLOPs and
+    bytes are divided by the example batch to give per-sample figures.
+    """
+    element_bytes = BYTES_PER_ELEMENT[precision]
+    num_examples = example_input.shape[0]
+    x = example_input.to("meta").requires_grad_(False)
+    layers = []
+    for index, (block_name, block) in enumerate(blocks):
+        state = _meta_state(block)
+        params = [t for t in state.values() if t.requires_grad]
+        x_in = x.detach().requires_grad_(index > 0 and x.is_floating_point())
+        with FlopCounterMode(display=False) as counter:
+            y = torch.func.functional_call(block, state, (x_in,))
+        forward_flops = float(counter.get_total_flops())
+        backward_flops = 0.0
+        if y.requires_grad:
+            inputs = [t for t in (x_in, *params) if t.requires_grad]
+            with FlopCounterMode(display=False) as counter:
+                torch.autograd.grad(y, inputs, torch.ones_like(y))
+            backward_flops = float(counter.get_total_flops())
+        num_params = sum(p.numel() for p in params)
+        layers.append(
+            LayerProfile(
+                name=block_name,
+                num_params=num_params,
+                weight_bytes=num_params * element_bytes,
+                grad_bytes=num_params * element_bytes,
+                forward_flops=forward_flops / num_examples,
+                backward_flops=backward_flops / num_examples,
+                activation_bytes=x_in.numel() * element_bytes / num_examples,
+            )
+        )
+        x = y.detach()
+    return Workload(
+        name=name,
+        layers=tuple(layers),
+        samples_per_step=samples_per_step,
+        tokens_per_sample=tokens_per_sample,
+        precision=precision,
+    )
+
+
+__all__ = ["profile_modules"]

@@ -1,0 +1,119 @@
+"""What one training step asks of the hardware, layer by layer.
+
+A ``Workload`` is the single typed input of the cost model. Three producers
+build it: the analytic GPT builder (``emulator.cost.gpt``), ``profile_modules``
+(``emulator.cost.profile``: FLOPs counted by torch on a chain of blocks), and a functional run
+that records the bytes it actually streamed and the FLOPs it computed per
+layer. The cost model never needs to know which one it got.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from emulator.configbase import doc
+from emulator.cost.hardware import BYTES_PER_ELEMENT, Precision
+
+
+@dataclass(kw_only=True, frozen=True)
+class LayerProfile:
+    """One layer as the weight-streaming hardware sees it (all per-sample figures)."""
+
+    name: str = doc("layer name, unique within a workload")
+    num_params: int = doc("trainable parameters owned by this layer, count")
+    weight_bytes: float = doc("bytes streamed in per pass (less than dense when sparse), bytes")
+    grad_bytes: float = doc("weight-gradient bytes streamed out per backward pass, bytes")
+    forward_flops: float = doc("forward FLOPs per sample, FLOP")
+    backward_flops: float | None = doc(
+        "backward FLOPs per sample; None means 2x forward, FLOP", default=None
+    )
+    activation_bytes: float = doc("activations per sample kept on the wafer for backward, bytes")
+    weight_flops_fraction: float = doc(
+        "share of FLOPs that multiply weights (skipped for zero weights), fraction", default=1.0
+    )
+    weight_density: float = doc("non-zero share of weights (1.0 = dense), fraction", default=1.0)
+
+    def __post_init__(self) -> None:
+        for name in (
+            "num_params",
+            "weight_bytes",
+            "grad_bytes",
+            "forward_flops",
+            "activation_bytes",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(
+                    f"{name} = {getattr(self, name)!r} of layer {self.name!r} is not valid; "
+                    "it must be >= 0."
+                )
+        if self.backward_flops is None:
+            object.__setattr__(self, "backward_flops", 2.0 * self.forward_flops)
+        elif self.backward_flops < 0:
+            raise ValueError(
+                f"backward_flops = {self.backward_flops!r} of layer {self.name!r} is not valid; "
+                "it must be >= 0 (or None for 2x forward)."
+            )
+        for name in ("weight_flops_fraction", "weight_density"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(
+                    f"{name} = {getattr(self, name)!r} of layer {self.name!r} is not valid; "
+                    "it must be in [0, 1]."
+                )
+
+    def effective_flops(self, flops: float) -> float:
+        """FLOPs left after the wafer skips zero weights (unstructured sparsity)."""
+        weight_part = flops * self.weight_flops_fraction
+        return flops - weight_part + weight_part * self.weight_density
+
+
+@dataclass(kw_only=True, frozen=True)
+class Workload:
+    """One training step: the layers in forward order and the global batch."""
+
+    name: str = doc("model name shown in tables")
+    layers: tuple[LayerProfile, ...] = doc("layers in forward order")
+    samples_per_step: int = doc("global batch, samples (sequences for language models)")
+    tokens_per_sample: int = doc("tokens per sample; 1 for non-sequence models", default=1)
+    precision: Precision = doc("operand precision on the wafer", default="fp16")
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise ValueError(f"layers of workload {self.name!r} is empty; give at least one layer.")
+        if self.samples_per_step < 1:
+            raise ValueError(
+                f"samples_per_step = {self.samples_per_step!r} is not valid; it must be >= 1."
+            )
+        if self.tokens_per_sample < 1:
+            raise ValueError(
+                f"tokens_per_sample = {self.tokens_per_sample!r} is not valid; it must be >= 1."
+            )
+        if self.precision not in BYTES_PER_ELEMENT:
+            raise ValueError(
+                f"precision = {self.precision!r} is not valid; choose one of "
+                f"{', '.join(BYTES_PER_ELEMENT)}."
+            )
+        names = [layer.name for layer in self.layers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"layers of workload {self.name!r} must have unique names: {names}.")
+
+    @property
+    def num_params(self) -> int:
+        return sum(layer.num_params for layer in self.layers)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.samples_per_step * self.tokens_per_sample
+
+    def flops_per_sample(self) -> float:
+        """Dense training FLOPs (forward + backward) per sample."""
+        return sum(layer.forward_flops + layer.backward_flops for layer in self.layers)
+
+    def effective_flops_per_sample(self) -> float:
+        """Training FLOPs per sample after skipping zero weights."""
+        return sum(
+            layer.effective_flops(layer.forward_flops + layer.backward_flops)
+            for layer in self.layers
+        )
+
+
+__all__ = ["LayerProfile", "Workload"]

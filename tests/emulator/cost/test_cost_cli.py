@@ -1,0 +1,146 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from emulator.cli_cost import main, parse_node_counts, parse_overrides
+from emulator.cost.validate import load_references, run_checks
+
+
+def test_node_count_syntax():
+    assert parse_node_counts("1,2,4") == [1, 2, 4]
+    assert parse_node_counts("8-64:8") == [8, 16, 24, 32, 40, 48, 56, 64]
+    assert parse_node_counts("1-16") == [1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16]
+    assert parse_node_counts("1-192")[-3:] == [128, 160, 192]
+    with pytest.raises(ValueError, match=r"--nodes '4-2' is not valid"):
+        parse_node_counts("4-2")
+    with pytest.raises(ValueError, match=r"--nodes 'many' is not valid"):
+        parse_node_counts("many")
+
+
+def test_simulate_prints_the_table_and_writes_json_plot_and_trace(tmp_path: Path, capsys):
+    paths = {name: tmp_path / name for name in ("out.json", "scaling.png", "trace.json")}
+    argv = ["simulate", "--model", "gpt3-1.3b", "--nodes", "1,16,192"]
+    argv += ["--json", str(paths["out.json"]), "--plot", str(paths["scaling.png"])]
+    argv += ["--trace", str(paths["trace.json"]), "--trace-nodes", "2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "tokens/s" in out and "efficiency" in out and "energy/step" in out
+    assert "Scaling efficiency drops below 90% at N=192" in out
+    result = json.loads(paths["out.json"].read_text())
+    assert [r["num_nodes"] for r in result["results"]] == [1, 16, 192]
+    assert result["nonlinear_from_nodes"] == 192
+    assert result["results"][0]["speedup"] == 1.0
+    assert result["hardware"]["swarmx"]["max_systems"] == 192
+    assert paths["scaling.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    names = {
+        e["args"]["name"]
+        for e in json.loads(paths["trace.json"].read_text())["traceEvents"]
+        if e["name"] == "process_name"
+    }
+    assert names == {"MemoryX", "SwarmX L1.0", "node 0", "node 1"}
+
+
+def test_simulate_profiles_a_zoo_model(capsys):
+    assert main(["simulate", "--model", "mlp-digits", "--nodes", "1,2"]) == 0
+    assert "mlp-digits (85k parameters)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "gpt9"], "Unknown model 'gpt9'; choose a GPT size"),
+        (["--hardware", "cs9"], "Unknown hardware preset 'cs9'"),
+        (["--nodes", "1-193"], "num_nodes = 193 is not valid for the cs2 preset"),
+        (["--model", "gpt-120t", "--hardware", "cs3"], "5.94 PB of MemoryX state"),
+    ],
+)
+def test_simulate_bad_input_is_one_paragraph_and_exit_2(argv, message, capsys):
+    assert (
+        main(["simulate", "--nodes", "1", *argv] if "--nodes" not in argv else ["simulate", *argv])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert err.startswith("wafer simulate: error: ") and err.count("\n") == 1
+
+
+def test_negative_bandwidth_in_a_copied_preset_exits_2(tmp_path: Path, capsys):
+    text = Path("emulator/presets/cs2.yaml").read_text()
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        text.replace("io_bandwidth_bytes_per_s: 150.0e+9", "io_bandwidth_bytes_per_s: -1.0")
+    )
+    assert main(["simulate", "--hardware", str(path), "--nodes", "1"]) == 2
+    assert "wafer.io_bandwidth_bytes_per_s = -1.0 is not valid" in capsys.readouterr().err
+
+
+def test_validation_figures_pass_and_calibration_is_separate():
+    checks = run_checks()
+    validation = [c for c in checks if c.reference.role == "validation"]
+    assert len(validation) >= 5
+    assert all(c.passed for c in validation), [(c.reference.id, c.error) for c in validation]
+    assert all(c.reference.source for c in checks)
+    assert {c.reference.id for c in checks if c.reference.role == "calibration"} >= {
+        "andromeda-peak",
+        "memoryx-120t",
+        "largest-cs2-cluster",
+    }
+
+
+def test_validate_command_passes(capsys):
+    assert main(["validate"]) == 0
+    out = capsys.readouterr().out
+    assert "mean error" in out and "max error" in out and "all within tolerance" in out
+    assert out.index("Calibration figures") > out.index("max error")
+
+
+def test_validate_exits_nonzero_when_a_figure_is_out_of_tolerance(tmp_path: Path, capsys):
+    path = tmp_path / "refs.yaml"
+    path.write_text(
+        """
+references:
+  - id: impossible
+    role: validation
+    claim: "GPT-3 XL scales 20x on 16 systems"
+    source: "made up for this test"
+    quantity: speedup
+    model: gpt3-1.3b
+    hardware: cs2
+    nodes: 16
+    value: 20.0
+    tolerance: 0.05
+"""
+    )
+    assert len(load_references(path)) == 1
+    assert main(["validate", "--references", str(path)]) == 1
+    assert "outside tolerance: impossible" in capsys.readouterr().out
+
+
+def test_bad_reference_entry_names_the_field(tmp_path: Path):
+    path = tmp_path / "refs.yaml"
+    path.write_text(
+        "references:\n  - {id: x, role: validation, claim: c, source: s, quantity: speedup,"
+        " value: 1.0, tolerance: 0.1}\n"
+    )
+    with pytest.raises(ValueError, match=r"needs model, hardware, nodes"):
+        load_references(path)
+
+
+def test_set_overrides_a_preset_field(tmp_path: Path):
+    assert parse_overrides(["wafer.compute_efficiency=0.25", "swarmx.hop_latency_s=1e-5"]) == {
+        "wafer.compute_efficiency": 0.25,
+        "swarmx.hop_latency_s": 1e-5,
+    }
+    base, slow = tmp_path / "base.json", tmp_path / "slow.json"
+    argv = ["simulate", "--model", "gpt3-1.3b", "--nodes", "1"]
+    assert main([*argv, "--json", str(base)]) == 0
+    assert main([*argv, "--json", str(slow), "--set", "wafer.compute_efficiency=0.25"]) == 0
+    base_step = json.loads(base.read_text())["results"][0]["step_time_s"]
+    slow_step = json.loads(slow.read_text())["results"][0]["step_time_s"]
+    # Compute-bound at one system: half the efficiency, nearly twice the time.
+    assert 1.9 < slow_step / base_step <= 2.0
+    emulated = json.loads(base.read_text())["results"][0]
+    assert emulated["energy_by_component_j"].keys() == {"wafer", "memoryx", "swarmx"}
