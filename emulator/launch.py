@@ -34,8 +34,15 @@ def ensure_ray(address: str | None) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if address is None:
         ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-    else:
+        return
+    try:
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+    except (ConnectionError, ray.exceptions.AuthenticationError) as exc:
+        raise ValueError(
+            f"runtime.address = {address!r}: could not join a Ray cluster there ({exc}). "
+            "Start one with `ray start --head` and pass its address (e.g. 'auto' or 'HOST:6379'), "
+            "or leave the address unset to start a local Ray instance."
+        ) from None
 
 
 @dataclass
