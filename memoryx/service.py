@@ -55,6 +55,8 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
         self.optimizer = optimizer
         self.chunk_bytes = chunk_bytes
         self.store: ParameterStore | None = None
+        # Gradients of steps before this one were never applied here, so they are not re-runs.
+        self.first_step = 0
         self.checkpoint_extra: dict = {}
         if checkpoint is not None:
             self.store, self.checkpoint_extra = load_checkpoint(checkpoint, optimizer)
@@ -82,11 +84,17 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
                 raise WireError(
                     f"layer streams must arrive in order: got layer {header.layer} at position {index}"
                 )
-        self.store = ParameterStore(
-            [{name: t.float() for name, t in tensors.items()} for _, tensors in layers],
-            self.optimizer,
-            step=layers[0][0].step if layers else 0,
-        )
+        step = layers[0][0].step if layers else 0
+        try:
+            store = ParameterStore(
+                [{name: t.float() for name, t in tensors.items()} for _, tensors in layers],
+                self.optimizer,
+                step=step,
+            )
+        except ValueError as exc:  # no layers, an empty layer, a negative step
+            raise WireError(f"cannot load these weights: {exc}") from None
+        self.first_step = step
+        self.store = store
         return pb.Empty()
 
     @rpc_stream_errors
@@ -124,7 +132,7 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
         header = first.header
         self._check_layer(header.layer)
         version = store.version(header.layer)
-        if header.step not in (version, version - 1):
+        if header.step not in (version, version - 1) or header.step < self.first_step:
             raise WireError(
                 f"gradient for layer {header.layer} is for step {header.step}, but that layer "
                 f"expects the gradient of step {version}"

@@ -105,7 +105,18 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
                     )
                 )
                 sent = sum(len(m.chunk.data) for m in messages if m.WhichOneof("kind") == "chunk")
-                upstream = self._parent.Reduce(iter(messages))
+                call = self._parent.Reduce.future(iter(messages))
+                # If the layer is abandoned (a sibling failed, so SwarmX cancels this Deliver),
+                # stop waiting for a sum that will never complete.
+                if not context.add_callback(call.cancel):
+                    call.cancel()  # this Deliver was cancelled already
+                try:
+                    upstream = call.result()
+                except grpc.FutureCancelledError:
+                    raise StepConflict(
+                        f"{self.name}: gradient of layer {header.layer} step {header.step} "
+                        "was abandoned"
+                    ) from None
                 self.gradient_bytes_sent += sent
                 ack.gradient_bytes = sent
                 ack.update_applied = upstream.update_applied

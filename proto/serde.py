@@ -91,6 +91,9 @@ def encode_layer(
     wire_dtype = WIRE_DTYPES[dtype]
     cast = {name: t.detach().to(wire_dtype) for name, t in tensors.items()}
     total = sum(t.numel() * t.element_size() for t in cast.values())
+    # Chunks hold whole values, so that a receiver (SwarmX) can read each one as values.
+    itemsize = torch.empty((), dtype=wire_dtype).element_size()
+    chunk_bytes = max(itemsize, chunk_bytes - chunk_bytes % itemsize)
     yield layer_header(layer, step, phase, num_tensors=len(cast), total_bytes=total, sender=sender)
     for name, tensor in cast.items():
         raw = _raw_bytes(tensor)
@@ -243,6 +246,11 @@ def chunk_values(chunk: pb.TensorChunk) -> np.ndarray:
         raise WireError(
             f"gradient chunk for {chunk.name!r} is {chunk.dtype}; gradients travel as float32"
         )
+    if len(chunk.data) % 4:
+        raise WireError(
+            f"gradient chunk for {chunk.name!r} holds {len(chunk.data)} bytes, "
+            "not a whole number of float32 values"
+        )
     return np.frombuffer(chunk.data, dtype=np.float32)
 
 
@@ -271,6 +279,8 @@ def decode_layers(
             chunk = message.chunk
             dtypes.add(chunk.dtype)
             if not layout or layout[-1][0] != chunk.name:
+                if any(name == chunk.name for name, _ in layout):
+                    raise WireError(f"layer {header.layer} sends tensor {chunk.name!r} twice")
                 layout.append((chunk.name, tuple(chunk.shape)))
         if len(dtypes) > 1 or (dtypes and next(iter(dtypes)) not in WIRE_DTYPES):
             raise WireError(f"layer {header.layer} mixes or uses unknown dtypes {sorted(dtypes)}")

@@ -25,6 +25,7 @@ class ChunkReduction:
         self._emit = emit
         self._lock = threading.Lock()
         self._header: pb.LayerHeader | None = None
+        self._opened: set[str] = set()  # children whose header has arrived
         self._pending: dict[int, dict[str, pb.TensorChunk]] = {}
         self._num_emitted = 0
         self.received_bytes = 0
@@ -34,6 +35,8 @@ class ChunkReduction:
         if child not in self.children:
             raise WireError(f"gradient stream from {child!r}, which is not a child of this node")
         with self._lock:
+            if child in self._opened:
+                raise WireError(f"child {child!r} sent a second header for this layer and step")
             if self._header is None:
                 self._header = header
                 up = pb.LayerHeader()
@@ -52,27 +55,47 @@ class ChunkReduction:
                     f"announced layer {self._header.layer} step {self._header.step} with "
                     f"{self._header.num_tensors} tensors / {self._header.total_bytes} bytes"
                 )
+            self._opened.add(child)
 
     def add_chunk(self, child: str, index: int, chunk: pb.TensorChunk) -> None:
+        if child not in self.children:
+            raise WireError(f"gradient chunk from {child!r}, which is not a child of this node")
         values = chunk_values(chunk)  # validates dtype before anything is kept
         with self._lock:
+            if child not in self._opened:
+                raise WireError(f"child {child!r} sent chunk {index} before its header")
             assert self._header is not None
-            slot = self._pending.setdefault(index, {})
+            if (chunk.layer, chunk.step) != (self._header.layer, self._header.step):
+                raise WireError(
+                    f"child {child!r} chunk {index} is of layer {chunk.layer} step {chunk.step}, "
+                    f"but the stream is for layer {self._header.layer} step {self._header.step}"
+                )
+            slot = self._pending.get(index, {})
             if child in slot:
                 raise WireError(f"child {child!r} sent chunk {index} twice")
             if slot:
                 first = next(iter(slot.values()))
-                if (first.name, first.offset, len(first.data), tuple(first.shape)) != (
+                if (
+                    first.name,
+                    first.offset,
+                    len(first.data),
+                    tuple(first.shape),
+                    first.tensor_bytes,
+                ) != (
                     chunk.name,
                     chunk.offset,
                     len(chunk.data),
                     tuple(chunk.shape),
+                    chunk.tensor_bytes,
                 ):
                     raise WireError(
                         f"child {child!r} chunk {index} is {chunk.name!r}@{chunk.offset} "
-                        f"({len(chunk.data)} bytes), siblings sent {first.name!r}@{first.offset} "
-                        f"({len(first.data)} bytes)"
+                        f"({len(chunk.data)} of {chunk.tensor_bytes} bytes, shape "
+                        f"{list(chunk.shape)}), siblings sent {first.name!r}@{first.offset} "
+                        f"({len(first.data)} of {first.tensor_bytes} bytes, shape "
+                        f"{list(first.shape)})"
                     )
+            self._pending[index] = slot
             slot[child] = chunk
             self.received_bytes += len(values) * 4
             if len(slot) < len(self.children):

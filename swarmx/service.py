@@ -20,18 +20,50 @@ from proto import memoryx_pb2_grpc as mgrpc
 from proto import swarmx_pb2 as spb
 from proto import swarmx_pb2_grpc as sgrpc
 from proto import tensor_pb2 as pb
-from proto.rpc import channel, rpc_errors
+from proto.rpc import StepConflict, channel, rpc_errors
 from proto.serde import WireError
 from swarmx.reduce import ChunkReduction
 
 _END = object()
 # Chunks buffered per child before the sender waits: bounds memory, keeps cut-through.
 _QUEUE_DEPTH = 16
+# How often a sender blocked on a full child queue checks whether that child is gone.
+_POLL_S = 0.05
 
 
 def _drain(q: queue.Queue) -> Iterator[pb.LayerMessage]:
     while (item := q.get()) is not _END:
         yield item
+
+
+def _put(q: queue.Queue, call: grpc.Future, item: object) -> bool:
+    """Queue ``item`` for a child; False if the child's call ended and will never take it."""
+    while True:
+        try:
+            q.put(item, timeout=_POLL_S)
+            return True
+        except queue.Full:
+            if call.done():
+                return False
+
+
+def _results(calls: list[grpc.Future]) -> list[pb.LayerAck]:
+    """Every child's answer; as soon as one child fails, cancel the others and raise its error."""
+    changed = threading.Event()
+    for call in calls:
+        call.add_done_callback(lambda _: changed.set())
+    while True:
+        changed.clear()
+        failed = [c for c in calls if c.done() and c.code() != grpc.StatusCode.OK]
+        if failed:
+            # A child that failed on its own explains more than one that was cancelled.
+            failed.sort(key=lambda c: c.cancelled())
+            for call in calls:
+                call.cancel()
+            failed[0].result()  # raises
+        if all(c.done() for c in calls):
+            return [c.result() for c in calls]
+        changed.wait()
 
 
 def sum_acks(acks: Iterable[pb.LayerAck], layer: int, step: int, phase: int) -> pb.LayerAck:
@@ -93,13 +125,24 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
         self._down = {c: _LinkCounter() for c in self.children}
 
     # -- broadcast ---------------------------------------------------------
-    def _broadcast(self, messages: Iterable[pb.LayerMessage]) -> pb.LayerAck:
+    def _broadcast(
+        self, messages: Iterable[pb.LayerMessage], context: grpc.ServicerContext
+    ) -> pb.LayerAck:
         queues = [queue.Queue(maxsize=_QUEUE_DEPTH) for _ in self._child_stubs]
         calls = [
             stub.Deliver.future(_drain(q))
             for stub, q in zip(self._child_stubs, queues, strict=True)
         ]
+
+        def cancel_all() -> None:
+            for call in calls:
+                call.cancel()
+
+        # If our own caller goes away (a sibling of ours failed), the subtree stops too.
+        if not context.add_callback(cancel_all):
+            cancel_all()  # our caller is gone already
         header: pb.LayerHeader | None = None
+        culprit: grpc.Future | None = None  # a child whose call ended mid-stream
         try:
             for message in messages:
                 if header is None:
@@ -111,16 +154,28 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
                     for counter in self._down.values():
                         counter.payload_bytes += size
                         counter.num_chunks += 1
-                for q in queues:
-                    q.put(message)
+                culprit = next(
+                    (
+                        call
+                        for q, call in zip(queues, calls, strict=True)
+                        if not _put(q, call, message)
+                    ),
+                    None,
+                )
+                if culprit is not None:
+                    break
         except BaseException:
-            for call in calls:
-                call.cancel()
+            cancel_all()
             raise
         finally:
-            for q in queues:
-                q.put(_END)
-        acks = [call.result() for call in calls]
+            if culprit is not None:
+                cancel_all()
+            for q, call in zip(queues, calls, strict=True):
+                _put(q, call, _END)
+        if culprit is not None:
+            culprit.result()  # raises the child's error
+            raise WireError("a child answered before it had received the whole layer stream")
+        acks = _results(calls)
         if header is None:
             raise WireError("empty layer stream")
         return sum_acks(acks, header.layer, header.step, header.phase)
@@ -134,11 +189,14 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
                 layer=request.layer, step=request.step, phase=request.phase, dtype=request.dtype
             )
         )
-        return self._broadcast(source)
+        try:
+            return self._broadcast(source, context)
+        finally:
+            source.cancel()  # a no-op unless the broadcast stopped early
 
     @rpc_errors
     def Deliver(self, request_iterator, context):
-        return self._broadcast(request_iterator)
+        return self._broadcast(request_iterator, context)
 
     # -- reduce ------------------------------------------------------------
     def _open_reduction(self, header: pb.LayerHeader) -> _Reducing:
@@ -173,20 +231,47 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
         header = first.header
         child = header.sender
         entry = self._open_reduction(header)
+        received = 0
         try:
             entry.reduction.add_header(child, header, self.name)
             for index, message in enumerate(request_iterator):
                 if message.WhichOneof("kind") != "chunk":
                     raise WireError(f"child {child!r} sent a second header")
                 entry.reduction.add_chunk(child, index, message.chunk)
+                received += len(message.chunk.data)
         except BaseException as exc:
-            entry.failed.append(str(exc))
-            entry.upstream.cancel()
+            self._fail(entry, f"{child}: {exc}")
             self._close(header, entry)
             raise
-        self._reduced_in += entry.reduction.received_bytes
+        with self._lock:
+            self._reduced_in += received
+        done = threading.Event()
+
+        def abandoned() -> None:
+            # This child went away (cancelled) while its siblings still wait for the sum:
+            # the sum can never be complete, so end it for everyone instead of hanging.
+            if not done.is_set():
+                self._fail(entry, f"{child} cancelled its gradient stream")
+
+        if not context.add_callback(abandoned):
+            abandoned()  # this child is gone already
         self._close(header, entry)
-        return entry.upstream.result()
+        try:
+            return entry.upstream.result()
+        except grpc.FutureCancelledError:
+            raise StepConflict(
+                f"{self.name} abandoned the gradient of layer {header.layer} step {header.step}: "
+                + "; ".join(entry.failed)
+            ) from None
+        finally:
+            done.set()
+
+    def _fail(self, entry: _Reducing, reason: str) -> None:
+        with self._lock:
+            entry.failed.append(reason)
+            # End the upstream stream now so that it is not left waiting.
+            entry.outbox.put(_END)
+        entry.upstream.cancel()
 
     def _close(self, header: pb.LayerHeader, entry: _Reducing) -> None:
         with self._lock:
@@ -195,9 +280,6 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
                 entry.outbox.put(_END)
                 if self._reducing.get((header.layer, header.step)) is entry:
                     del self._reducing[(header.layer, header.step)]
-            elif entry.failed:
-                # A sibling failed: end the upstream stream now so it is not left waiting.
-                entry.outbox.put(_END)
 
     # -- stats -------------------------------------------------------------
     def Stats(self, request, context):

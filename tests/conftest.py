@@ -17,6 +17,7 @@ def ray_session():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # a fresh instance, never someone else's cluster
             num_cpus=2,
             include_dashboard=False,
             log_to_driver=False,

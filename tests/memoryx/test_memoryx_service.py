@@ -1,0 +1,409 @@
+"""MemoryX gRPC service over real gRPC on loopback: load, stream, update, reject, commit, save."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+import pytest
+import torch
+
+from memoryx.optim import Optimizer
+from memoryx.service import MemoryXServicer, register
+from proto import memoryx_pb2 as mpb
+from proto import memoryx_pb2_grpc as mgrpc
+from proto import tensor_pb2 as pb
+from proto.rpc import channel, start_server
+from proto.serde import Expected, decode_layer, encode_layer, layout_of
+
+LR = 0.1
+CHUNK_BYTES = 1024  # layer 0's weight is several chunks
+TIMEOUT_S = 20
+
+
+def _model(seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        {"0.weight": torch.randn(20, 30, generator=gen), "0.bias": torch.randn(20, generator=gen)},
+        {"weight": torch.randn(5, 20, generator=gen), "bias": torch.randn(5, generator=gen)},
+    ]
+
+
+MODEL_BYTES = sum(t.numel() * 4 for layer in _model() for t in layer.values())
+
+
+def _grads(layer: int, seed: int = 1) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(100 + 10 * seed + layer)
+    return {name: torch.randn(t.shape, generator=gen) for name, t in _model()[layer].items()}
+
+
+def _sgd(weights: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]):
+    return {name: w.clone().add_(grads[name], alpha=-LR) for name, w in weights.items()}
+
+
+class MemoryX:
+    """A MemoryX servicer on its own loopback server, with a stub and small helpers."""
+
+    def __init__(self, checkpoint: str | None = None):
+        optimizer = Optimizer.Config(name="sgd", lr=LR, momentum=0.0).build()
+        self.servicer = MemoryXServicer(optimizer, chunk_bytes=CHUNK_BYTES, checkpoint=checkpoint)
+        self.server, self.address = start_server(
+            lambda server: register(server, self.servicer), "127.0.0.1"
+        )
+        self.stub = mgrpc.MemoryXStub(channel(self.address))
+
+    def load(self, layers=None, step: int = 0) -> None:
+        layers = _model() if layers is None else layers
+
+        def messages() -> Iterator[pb.LayerMessage]:
+            for index, tensors in enumerate(layers):
+                yield from encode_layer(
+                    index, step, pb.FORWARD, tensors, chunk_bytes=CHUNK_BYTES, sender="driver"
+                )
+
+        self.stub.LoadWeights(messages(), timeout=TIMEOUT_S)
+
+    def weights(self, layer: int, step: int, dtype: str = "float32") -> dict[str, torch.Tensor]:
+        stream = self.stub.StreamWeights(
+            mpb.WeightsRequest(layer=layer, step=step, phase=pb.FORWARD, dtype=dtype),
+            timeout=TIMEOUT_S,
+        )
+        layout = layout_of(_model()[layer])
+        return decode_layer(stream, Expected(layer, step, pb.FORWARD, layout, dtype))
+
+    def push(self, messages) -> pb.LayerAck:
+        return self.stub.PushGradients(iter(messages), timeout=TIMEOUT_S)
+
+    def stats(self) -> mpb.TrafficStats:
+        stats = self.stub.Stats(pb.Empty(), timeout=TIMEOUT_S)
+        stats.update_seconds = 0.0  # wall time; compared separately
+        return stats
+
+    def stop(self) -> None:
+        self.server.stop(grace=None)
+
+
+@pytest.fixture
+def memoryx() -> Iterator[MemoryX]:
+    service = MemoryX()
+    yield service
+    service.stop()
+
+
+@pytest.fixture
+def loaded(memoryx) -> MemoryX:
+    memoryx.load()
+    return memoryx
+
+
+def _gradient_stream(layer: int, step: int, grads=None, **kw) -> list[pb.LayerMessage]:
+    grads = _grads(layer) if grads is None else grads
+    return list(
+        encode_layer(
+            kw.get("header_layer", layer),
+            step,
+            kw.get("phase", pb.BACKWARD),
+            grads,
+            dtype=kw.get("dtype", "float32"),
+            chunk_bytes=kw.get("chunk_bytes", CHUNK_BYTES),
+            sender="swarmx-0-0",
+        )
+    )
+
+
+def _assert_weights_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert list(a) == list(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype
+        assert torch.equal(a[name], b[name]), name
+
+
+def _code(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code()
+
+
+# -- loading and streaming ----------------------------------------------------
+
+
+def test_stream_weights_returns_loaded_weights_fp32(loaded):
+    for layer, tensors in enumerate(_model()):
+        _assert_weights_equal(loaded.weights(layer, 0), tensors)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_stream_weights_in_half_precision(loaded, dtype):
+    wire = getattr(torch, dtype)
+    for layer, tensors in enumerate(_model()):
+        _assert_weights_equal(
+            loaded.weights(layer, 0, dtype), {n: t.to(wire) for n, t in tensors.items()}
+        )
+
+
+def test_stream_weights_chunks_and_egress(loaded):
+    stream = list(
+        loaded.stub.StreamWeights(
+            mpb.WeightsRequest(layer=0, step=0, phase=pb.FORWARD, dtype="float32"),
+            timeout=TIMEOUT_S,
+        )
+    )
+    header = stream[0].header
+    assert (header.layer, header.step, header.sender) == (0, 0, "memoryx")
+    chunks = [m.chunk for m in stream[1:]]
+    assert len(chunks) > 2 and all(len(c.data) <= CHUNK_BYTES for c in chunks)
+    stats = loaded.stats()
+    layer0 = sum(t.numel() * 4 for t in _model()[0].values())
+    assert stats.egress_bytes == layer0 and stats.num_weight_streams == 1
+    loaded.weights(1, 0, "bfloat16")
+    layer1_bf16 = sum(t.numel() * 2 for t in _model()[1].values())
+    assert loaded.stats().egress_bytes == layer0 + layer1_bf16
+
+
+def test_layout_reports_names_shapes_and_step(memoryx):
+    memoryx.load(step=3)
+    reply = memoryx.stub.Layout(pb.Empty(), timeout=TIMEOUT_S)
+    assert reply.step == 3
+    assert [[(t.name, tuple(t.shape)) for t in layer.tensors] for layer in reply.layers] == [
+        layout_of(layer) for layer in _model()
+    ]
+
+
+def test_nothing_loaded_is_failed_precondition(memoryx):
+    assert _code(lambda: memoryx.weights(0, 0)) == grpc.StatusCode.FAILED_PRECONDITION
+    assert (
+        _code(lambda: memoryx.push(_gradient_stream(0, 0))) == grpc.StatusCode.FAILED_PRECONDITION
+    )
+    assert (
+        _code(lambda: memoryx.stub.CommitStep(mpb.StepRequest(step=0), timeout=TIMEOUT_S))
+        == grpc.StatusCode.FAILED_PRECONDITION
+    )
+
+
+def test_second_load_is_refused(loaded):
+    assert _code(lambda: loaded.load(_model(seed=5))) == grpc.StatusCode.FAILED_PRECONDITION
+    _assert_weights_equal(loaded.weights(0, 0), _model()[0])
+
+
+def test_load_rejects_layers_out_of_order(memoryx):
+    layers = _model()
+    messages = list(encode_layer(1, 0, pb.FORWARD, layers[1])) + list(
+        encode_layer(0, 0, pb.FORWARD, layers[0])
+    )
+    code = _code(lambda: memoryx.stub.LoadWeights(iter(messages), timeout=TIMEOUT_S))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    memoryx.load()  # nothing was kept
+    _assert_weights_equal(memoryx.weights(1, 0), layers[1])
+
+
+def test_load_rejects_empty_stream(memoryx):
+    code = _code(lambda: memoryx.stub.LoadWeights(iter([]), timeout=TIMEOUT_S))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    memoryx.load()
+    _assert_weights_equal(memoryx.weights(0, 0), _model()[0])
+
+
+def test_load_rejects_corrupt_stream(memoryx):
+    messages = list(encode_layer(0, 0, pb.FORWARD, _model()[0], chunk_bytes=CHUNK_BYTES))
+    del messages[2]  # a chunk in the middle of the weight
+    code = _code(lambda: memoryx.stub.LoadWeights(iter(messages), timeout=TIMEOUT_S))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert memoryx.servicer.store is None
+
+
+def test_stream_weights_rejects_bad_requests(loaded):
+    def stream(**kw):
+        request = dict(layer=0, step=0, phase=pb.FORWARD, dtype="float32") | kw
+        return list(loaded.stub.StreamWeights(mpb.WeightsRequest(**request), timeout=TIMEOUT_S))
+
+    assert _code(lambda: stream(layer=2)) == grpc.StatusCode.INVALID_ARGUMENT
+    assert _code(lambda: stream(layer=-1)) == grpc.StatusCode.INVALID_ARGUMENT
+    assert _code(lambda: stream(dtype="float64")) == grpc.StatusCode.INVALID_ARGUMENT
+    assert _code(lambda: stream(step=1)) == grpc.StatusCode.FAILED_PRECONDITION
+    assert _code(lambda: stream(step=-1)) == grpc.StatusCode.FAILED_PRECONDITION
+    stats = loaded.stats()
+    assert stats.egress_bytes == 0 and stats.num_weight_streams == 0
+
+
+# -- gradients ----------------------------------------------------------------
+
+
+def test_push_gradients_applies_sgd_exactly(loaded):
+    before = [loaded.weights(layer, 0) for layer in range(2)]
+    for layer in (1, 0):
+        ack = loaded.push(_gradient_stream(layer, 0))
+        assert ack.update_applied
+        assert (ack.layer, ack.step, ack.phase) == (layer, 0, pb.BACKWARD)
+    for layer in range(2):
+        _assert_weights_equal(loaded.weights(layer, 1), _sgd(before[layer], _grads(layer)))
+        # Version 0 stays available (unchanged) until the step is committed.
+        _assert_weights_equal(loaded.weights(layer, 0), before[layer])
+    stats = loaded.stats()
+    assert stats.ingress_bytes == MODEL_BYTES
+    assert stats.num_gradient_streams == 2 and stats.num_updates == 2
+    assert stats.num_duplicate_gradients == 0
+
+
+def test_two_steps_in_a_row(loaded):
+    weights = [loaded.weights(layer, 0) for layer in range(2)]
+    for step in range(2):
+        for layer in (1, 0):
+            grads = _grads(layer, seed=step)
+            assert loaded.push(_gradient_stream(layer, step, grads)).update_applied
+            weights[layer] = _sgd(weights[layer], grads)
+        loaded.stub.CommitStep(mpb.StepRequest(step=step), timeout=TIMEOUT_S)
+    for layer in range(2):
+        _assert_weights_equal(loaded.weights(layer, 2), weights[layer])
+
+
+def _bad_streams() -> dict[str, list[pb.LayerMessage]]:
+    """Gradient streams for layer 0 at step 0 that MemoryX must refuse."""
+    good = _gradient_stream(0, 0)
+
+    def edit(index, **changes):
+        out = []
+        for message in good:
+            copy = pb.LayerMessage()
+            copy.CopyFrom(message)
+            out.append(copy)
+        target = out[index].header if index == 0 else out[index].chunk
+        for key, value in changes.items():
+            if key == "shape":
+                del target.shape[:]
+                target.shape.extend(value)
+            else:
+                setattr(target, key, value)
+        return out
+
+    transposed = {"0.weight": _grads(0)["0.weight"].t().contiguous(), "0.bias": _grads(0)["0.bias"]}
+    return {
+        "layer out of range": _gradient_stream(0, 0, header_layer=2),
+        "other layer's header": edit(0, layer=1),
+        "chunk of another layer": edit(2, layer=1),
+        "step ahead": _gradient_stream(0, 1),
+        "step far ahead": _gradient_stream(0, 7),
+        "step before the first": _gradient_stream(0, -1),
+        "chunk of another step": edit(3, step=1),
+        "wrong shape": _gradient_stream(0, 0, transposed),
+        "wrong shape in one chunk": edit(2, shape=[30, 20]),
+        "bfloat16": _gradient_stream(0, 0, dtype="bfloat16"),
+        "float16 chunk": edit(1, dtype="float16"),
+        "header total_bytes": edit(0, total_bytes=MODEL_BYTES),
+        "header num_tensors": edit(0, num_tensors=3),
+        "chunk tensor_bytes": edit(1, tensor_bytes=20 * 30 * 4 + 4),
+        "forward phase": _gradient_stream(0, 0, phase=pb.FORWARD),
+        "missing header": good[1:],
+        "two headers": [good[0], *good],
+        "ends early": good[:-1],
+        "chunk missing": good[:2] + good[3:],
+        "chunk repeated": good[:3] + good[2:],
+        "extra chunk": [*good, good[-1]],
+        "wrong tensor name": edit(1, name="0.bias"),
+        "empty": [],
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_streams()))
+def test_bad_gradient_stream_is_rejected_and_changes_nothing(loaded, case):
+    weights_before = [loaded.weights(layer, 0) for layer in range(2)]
+    stats_before = loaded.stats()
+    code = _code(lambda: loaded.push(_bad_streams()[case]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, case
+    assert loaded.stats() == stats_before
+    for layer in range(2):
+        _assert_weights_equal(loaded.weights(layer, 0), weights_before[layer])
+        assert _code(lambda layer=layer: loaded.weights(layer, 1)) == (
+            grpc.StatusCode.FAILED_PRECONDITION
+        )
+    # A correct stream still applies, exactly once.
+    assert loaded.push(_gradient_stream(0, 0)).update_applied
+    _assert_weights_equal(loaded.weights(0, 1), _sgd(weights_before[0], _grads(0)))
+    stats = loaded.stats()
+    assert stats.num_updates == 1 and stats.num_gradient_streams == 1
+    assert stats.ingress_bytes == sum(t.numel() * 4 for t in _model()[0].values())
+
+
+def test_bad_stream_after_an_update_changes_nothing(loaded):
+    assert loaded.push(_gradient_stream(1, 0)).update_applied
+    updated = loaded.weights(1, 1)
+    stats = loaded.stats()
+    bad = _gradient_stream(1, 0, {"weight": torch.zeros(5, 20), "bias": torch.zeros(6)})
+    assert _code(lambda: loaded.push(bad)) == grpc.StatusCode.INVALID_ARGUMENT
+    assert loaded.stats() == stats
+    _assert_weights_equal(loaded.weights(1, 1), updated)
+
+
+def test_gradient_of_a_step_before_the_loaded_one_is_rejected(memoryx):
+    memoryx.load(step=3)
+    code = _code(lambda: memoryx.push(_gradient_stream(0, 2)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert memoryx.stats().num_gradient_streams == 0
+    assert memoryx.push(_gradient_stream(0, 3)).update_applied
+
+
+def test_duplicate_push_is_acknowledged_but_not_applied(loaded):
+    assert loaded.push(_gradient_stream(1, 0)).update_applied
+    updated = loaded.weights(1, 1)
+    stats = loaded.stats()
+    ack = loaded.push(_gradient_stream(1, 0, _grads(1, seed=7)))
+    assert not ack.update_applied
+    assert (ack.layer, ack.step) == (1, 0)
+    _assert_weights_equal(loaded.weights(1, 1), updated)
+    after = loaded.stats()
+    assert after.num_updates == stats.num_updates
+    assert after.num_duplicate_gradients == stats.num_duplicate_gradients + 1
+    # Still a duplicate after the step is committed.
+    assert loaded.push(_gradient_stream(0, 0)).update_applied
+    loaded.stub.CommitStep(mpb.StepRequest(step=0), timeout=TIMEOUT_S)
+    assert not loaded.push(_gradient_stream(1, 0)).update_applied
+    _assert_weights_equal(loaded.weights(1, 1), updated)
+
+
+# -- commit and checkpoints ---------------------------------------------------
+
+
+def test_commit_requires_every_layer_and_drops_old_version(loaded):
+    assert loaded.push(_gradient_stream(1, 0)).update_applied
+    commit = lambda step: loaded.stub.CommitStep(mpb.StepRequest(step=step), timeout=TIMEOUT_S)  # noqa: E731
+    assert _code(lambda: commit(0)) == grpc.StatusCode.FAILED_PRECONDITION
+    _assert_weights_equal(loaded.weights(1, 0), _model()[1])  # commit failed: nothing dropped
+    assert loaded.push(_gradient_stream(0, 0)).update_applied
+    commit(0)
+    commit(0)  # again: a no-op
+    for layer in range(2):
+        assert _code(lambda layer=layer: loaded.weights(layer, 0)) == (
+            grpc.StatusCode.FAILED_PRECONDITION
+        )
+        _assert_weights_equal(loaded.weights(layer, 1), _sgd(_model()[layer], _grads(layer)))
+    assert _code(lambda: commit(1)) == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_save_checkpoint_writes_a_file_that_restores(loaded, tmp_path):
+    for layer in (1, 0):
+        loaded.push(_gradient_stream(layer, 0))
+    path = tmp_path / "memoryx.pt"
+    save = lambda: loaded.stub.SaveCheckpoint(  # noqa: E731
+        mpb.CheckpointRequest(path=str(path)), timeout=TIMEOUT_S
+    )
+    assert _code(save) == grpc.StatusCode.FAILED_PRECONDITION  # step 0 not committed
+    assert not path.exists()
+    loaded.stub.CommitStep(mpb.StepRequest(step=0), timeout=TIMEOUT_S)
+    reply = save()
+    assert path.is_file()
+    assert reply.path == str(path) and reply.step == 1
+    assert reply.num_bytes == path.stat().st_size > MODEL_BYTES
+    restored = MemoryX(checkpoint=str(path))
+    try:
+        assert restored.stub.Layout(pb.Empty(), timeout=TIMEOUT_S).step == 1
+        for layer in range(2):
+            _assert_weights_equal(restored.weights(layer, 1), loaded.weights(layer, 1))
+    finally:
+        restored.stop()
+
+
+def test_reset_stats(loaded):
+    loaded.weights(0, 0)
+    loaded.push(_gradient_stream(0, 0))
+    assert loaded.stats().egress_bytes > 0
+    loaded.stub.ResetStats(pb.Empty(), timeout=TIMEOUT_S)
+    assert loaded.stats() == mpb.TrafficStats()

@@ -1,0 +1,453 @@
+"""Compute-node gRPC service, alone and in an in-process cluster over real gRPC on loopback.
+
+The cluster is MemoryX <- SwarmX tree <- compute nodes, each component a
+servicer on its own loopback server, wired with ``.connect`` as
+``emulator/launch.py`` wires the Ray actors. No Ray.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import grpc
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from emulator.data import BatchSampler, DataConfig, Dataset
+from memoryx.optim import Optimizer
+from memoryx.service import MemoryXServicer
+from memoryx.service import register as register_memoryx
+from nodes.cs2 import Cs2Backend
+from nodes.service import ComputeNodeServicer
+from nodes.service import register as register_node
+from nodes.worker import NodeWorker
+from proto import memoryx_pb2 as mpb
+from proto import memoryx_pb2_grpc as mgrpc
+from proto import node_pb2 as npb
+from proto import node_pb2_grpc as ngrpc
+from proto import swarmx_pb2 as spb
+from proto import swarmx_pb2_grpc as sgrpc
+from proto import tensor_pb2 as pb
+from proto.rpc import channel, start_server
+from proto.serde import encode_layer
+from swarmx.service import SwarmXServicer
+from swarmx.service import register as register_swarmx
+from swarmx.tree import build_tree, node_name
+
+LR = 0.1
+SEED = 3
+CHUNK_BYTES = 1024  # the first layer's weight is several chunks
+TIMEOUT_S = 30
+
+
+def _model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+
+
+def _layers(model: nn.Sequential) -> list[nn.Module]:
+    """The streamed layers: [Sequential(Linear, ReLU), Linear]."""
+    return [nn.Sequential(model[0], model[1]), model[2]]
+
+
+def _weights(layer: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in layer.named_parameters()}
+
+
+def _nbytes(tensors, itemsize: int = 4) -> int:
+    return sum(t.numel() * itemsize for t in tensors.values())
+
+
+MODEL_BYTES = sum(_nbytes(_weights(layer)) for layer in _layers(_model()))
+
+
+@pytest.fixture(scope="module")
+def dataset() -> Dataset:
+    return DataConfig(name="digits").build(seed=SEED)
+
+
+# -- the in-process cluster ---------------------------------------------------
+
+
+@dataclass
+class InProcessCluster:
+    memoryx: MemoryXServicer
+    memoryx_stub: mgrpc.MemoryXStub
+    swarmx: dict[str, SwarmXServicer]
+    root: sgrpc.SwarmXStub
+    nodes: list[ComputeNodeServicer]
+    node_stubs: list[ngrpc.ComputeNodeStub]
+    node_addresses: list[str]
+    servers: list[grpc.Server] = field(default_factory=list)
+
+    def run_layer(self, layer: int, step: int, phase: int, dtype: str = "float32") -> pb.LayerAck:
+        return self.root.RunLayer(
+            spb.LayerRequest(layer=layer, step=step, phase=phase, dtype=dtype), timeout=TIMEOUT_S
+        )
+
+    def train_step(self, step: int, num_layers: int = 2) -> tuple[pb.LayerAck, list[pb.LayerAck]]:
+        forward = [self.run_layer(layer, step, pb.FORWARD) for layer in range(num_layers)]
+        backward = [
+            self.run_layer(layer, step, pb.BACKWARD) for layer in reversed(range(num_layers))
+        ]
+        self.memoryx_stub.CommitStep(mpb.StepRequest(step=step), timeout=TIMEOUT_S)
+        return forward[-1], forward + backward
+
+    def stats(self) -> mpb.TrafficStats:
+        return self.memoryx_stub.Stats(pb.Empty(), timeout=TIMEOUT_S)
+
+    def node_stats(self) -> list[npb.NodeStats]:
+        return [stub.Stats(pb.Empty(), timeout=TIMEOUT_S) for stub in self.node_stubs]
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop(grace=None)
+
+
+def build_cluster(
+    layers: list[nn.Module],
+    dataset: Dataset,
+    *,
+    num_nodes: int,
+    batch_size: int,
+    fanout: int = 4,
+    precision: str = "fp32",
+) -> InProcessCluster:
+    """MemoryX, the SwarmX tree and ``num_nodes`` compute nodes, loaded with ``layers``."""
+    servers: list[grpc.Server] = []
+
+    def serve(register) -> str:
+        server, address = start_server(register, "127.0.0.1")
+        servers.append(server)
+        return address
+
+    memoryx = MemoryXServicer(
+        Optimizer.Config(name="sgd", lr=LR, momentum=0.0).build(), chunk_bytes=CHUNK_BYTES
+    )
+    memoryx_address = serve(lambda s: register_memoryx(s, memoryx))
+    tree = build_tree(num_nodes, fanout)
+    swarmx = {t.name: SwarmXServicer(t.name) for t in tree}
+    swarmx_addresses = {
+        name: serve(lambda s, servicer=servicer: register_swarmx(s, servicer))
+        for name, servicer in swarmx.items()
+    }
+    nodes = []
+    for rank in range(num_nodes):
+        worker = NodeWorker(
+            rank=rank,
+            num_nodes=num_nodes,
+            layers=copy.deepcopy(layers),  # the worker strips its copy of the weights
+            dataset=dataset,
+            batch_size=batch_size,
+            seed=SEED,
+            backend=Cs2Backend.Config(precision=precision).build(),
+        )
+        nodes.append(ComputeNodeServicer(worker, name=node_name(rank), chunk_bytes=CHUNK_BYTES))
+    node_addresses = [serve(lambda s, n=n: register_node(s, n)) for n in nodes]
+    # Wiring, as emulator/launch.py does it.
+    by_name = {**swarmx_addresses, **{node_name(r): a for r, a in enumerate(node_addresses)}}
+    for t in tree:
+        swarmx[t.name].connect(
+            children={c: by_name[c] for c in t.children},
+            parent=swarmx_addresses[t.parent] if t.parent else None,
+            memoryx=None if t.parent else memoryx_address,
+        )
+    parent_of = {c: t.name for t in tree for c in t.children}
+    for rank, node in enumerate(nodes):
+        node.connect(swarmx_addresses[parent_of[node_name(rank)]])
+    cluster = InProcessCluster(
+        memoryx=memoryx,
+        memoryx_stub=mgrpc.MemoryXStub(channel(memoryx_address)),
+        swarmx=swarmx,
+        root=sgrpc.SwarmXStub(channel(swarmx_addresses[tree[-1].name])),
+        nodes=nodes,
+        node_stubs=[ngrpc.ComputeNodeStub(channel(a)) for a in node_addresses],
+        node_addresses=node_addresses,
+        servers=servers,
+    )
+
+    def messages() -> Iterator[pb.LayerMessage]:
+        for index, layer in enumerate(layers):
+            yield from encode_layer(
+                index, 0, pb.FORWARD, _weights(layer), chunk_bytes=CHUNK_BYTES, sender="driver"
+            )
+
+    try:
+        cluster.memoryx_stub.LoadWeights(messages(), timeout=TIMEOUT_S)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def _reference_steps(dataset: Dataset, batch_size: int, num_steps: int):
+    """Plain torch: the same model, the same global batches, torch.optim.SGD."""
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    sampler = BatchSampler(dataset.num_train, batch_size, seed=SEED)
+    losses = []
+    for step in range(num_steps):
+        index = sampler.global_batch(step)
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(dataset.train_inputs[index]), dataset.train_targets[index])
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return [_weights(layer) for layer in _layers(model)], losses
+
+
+def _memoryx_weights(cluster: InProcessCluster, step: int) -> list[dict[str, torch.Tensor]]:
+    return [cluster.memoryx.store.weights(layer, step) for layer in range(2)]
+
+
+def _assert_close(got: list[dict], want: list[dict], atol: float = 1e-6) -> None:
+    for g, w in zip(got, want, strict=True):
+        assert list(g) == list(w)
+        for name in w:
+            torch.testing.assert_close(g[name], w[name], rtol=0, atol=atol)
+
+
+# -- the full chain -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("num_nodes", "fanout"), [(2, 4), (3, 2)])
+def test_training_steps_match_plain_torch_sgd(dataset, num_nodes, fanout):
+    batch_size = 12 * num_nodes
+    cluster = build_cluster(
+        _layers(_model()), dataset, num_nodes=num_nodes, batch_size=batch_size, fanout=fanout
+    )
+    try:
+        reference, losses = _reference_steps(dataset, batch_size, num_steps=2)
+        for step in range(2):
+            before = cluster.stats()
+            last, acks = cluster.train_step(step)
+            after = cluster.stats()
+            # Weight streaming: each layer leaves MemoryX twice per step, gradients come once.
+            assert after.egress_bytes - before.egress_bytes == 2 * MODEL_BYTES
+            assert after.ingress_bytes - before.ingress_bytes == MODEL_BYTES
+            assert after.num_updates - before.num_updates == 2
+            assert last.loss_sum / last.num_targets == pytest.approx(losses[step], abs=1e-5)
+            assert last.num_targets == batch_size
+            assert all(a.num_nodes == num_nodes for a in acks)
+            assert all(a.update_applied for a in acks)
+            assert sum(a.bytes_to_nodes for a in acks) == 2 * num_nodes * MODEL_BYTES
+            assert sum(a.gradient_bytes for a in acks) == num_nodes * MODEL_BYTES
+        _assert_close(_memoryx_weights(cluster, 2), reference)
+        assert cluster.memoryx.store.version(0) == 2
+        for stats in cluster.node_stats():
+            assert stats.weight_bytes_received == 2 * 2 * MODEL_BYTES
+            assert stats.gradient_bytes_sent == 2 * MODEL_BYTES
+            assert stats.weight_bytes_held == 0 and stats.activation_bytes_held == 0
+            assert stats.peak_activation_bytes > 0
+    finally:
+        cluster.stop()
+
+
+def test_one_step_weights_and_link_traffic(dataset):
+    cluster = build_cluster(_layers(_model()), dataset, num_nodes=2, batch_size=24)
+    try:
+        cluster.train_step(0)
+        reference, _ = _reference_steps(dataset, 24, num_steps=1)
+        _assert_close(_memoryx_weights(cluster, 1), reference)
+        root = next(iter(cluster.swarmx.values()))
+        stats = root.Stats(pb.Empty(), None)
+        assert [d.payload_bytes for d in stats.down] == [2 * MODEL_BYTES] * 2
+        assert stats.up.payload_bytes == MODEL_BYTES
+        assert stats.reduced_in_bytes == 2 * MODEL_BYTES
+    finally:
+        cluster.stop()
+
+
+def test_bf16_streams_half_the_weight_bytes(dataset):
+    cluster = build_cluster(
+        _layers(_model()), dataset, num_nodes=2, batch_size=24, precision="bf16"
+    )
+    try:
+        forward = [cluster.run_layer(layer, 0, pb.FORWARD, "bfloat16") for layer in range(2)]
+        backward = [cluster.run_layer(layer, 0, pb.BACKWARD, "bfloat16") for layer in (1, 0)]
+        assert all(a.update_applied for a in backward)
+        stats = cluster.stats()
+        assert stats.egress_bytes == MODEL_BYTES  # 2 passes x half the bytes
+        assert stats.ingress_bytes == MODEL_BYTES  # gradients travel as fp32
+        assert forward[-1].num_targets == 24
+    finally:
+        cluster.stop()
+
+
+def test_failed_backward_is_rerun_from_the_forward_pass(dataset):
+    """A node that cannot do its backward fails the layer; its sibling is not left hanging,
+    and the step, run again, gives the same weights as plain torch."""
+    cluster = build_cluster(_layers(_model()), dataset, num_nodes=2, batch_size=24)
+    try:
+        for layer in range(2):
+            cluster.run_layer(layer, 0, pb.FORWARD)
+        # node-1 loses its activations: it runs layer 0's forward again, on its own.
+        stream = encode_layer(0, 0, pb.FORWARD, _weights(_layers(_model())[0]))
+        node1 = sgrpc.LayerSinkStub(channel(cluster.node_addresses[1]))
+        node1.Deliver(stream, timeout=TIMEOUT_S)
+        with pytest.raises(grpc.RpcError) as info:
+            cluster.run_layer(1, 0, pb.BACKWARD)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "node 1" in info.value.details()
+        assert cluster.memoryx.store.version(1) == 0  # no partial sum was applied
+        # The step runs again, from its forward pass.
+        cluster.train_step(0)
+        reference, _ = _reference_steps(dataset, 24, num_steps=1)
+        _assert_close(_memoryx_weights(cluster, 1), reference)
+        assert cluster.stats().num_updates == 2
+    finally:
+        cluster.stop()
+
+
+# -- one node, driven directly ------------------------------------------------
+
+
+@dataclass
+class SingleNode:
+    servicer: ComputeNodeServicer
+    sink: sgrpc.LayerSinkStub
+    stub: ngrpc.ComputeNodeStub
+    server: grpc.Server
+
+
+@pytest.fixture
+def node(dataset) -> Iterator[SingleNode]:
+    worker = NodeWorker(
+        rank=0,
+        num_nodes=1,
+        layers=_layers(_model()),
+        dataset=dataset,
+        batch_size=16,
+        seed=SEED,
+        backend=Cs2Backend.Config().build(),
+    )
+    servicer = ComputeNodeServicer(worker, name="node-0", chunk_bytes=CHUNK_BYTES)
+    server, address = start_server(lambda s: register_node(s, servicer), "127.0.0.1")
+    yield SingleNode(
+        servicer,
+        sgrpc.LayerSinkStub(channel(address)),
+        ngrpc.ComputeNodeStub(channel(address)),
+        server,
+    )
+    server.stop(grace=None)
+
+
+def _stream(layer: int, step: int = 0, phase: int = pb.FORWARD, **kw) -> list[pb.LayerMessage]:
+    tensors = kw.get("tensors", _weights(_layers(_model())[layer]))
+    return list(
+        encode_layer(
+            kw.get("header_layer", layer),
+            step,
+            phase,
+            tensors,
+            dtype=kw.get("dtype", "float32"),
+            chunk_bytes=CHUNK_BYTES,
+            sender="swarmx-0-0",
+        )
+    )
+
+
+def _edited(messages, index, **changes) -> list[pb.LayerMessage]:
+    out = []
+    for message in messages:
+        copy_ = pb.LayerMessage()
+        copy_.CopyFrom(message)
+        out.append(copy_)
+    target = out[index].header if index == 0 else out[index].chunk
+    for key, value in changes.items():
+        if key == "shape":
+            del target.shape[:]
+            target.shape.extend(value)
+        else:
+            setattr(target, key, value)
+    return out
+
+
+def _reference_loss_sum(dataset: Dataset) -> float:
+    index = BatchSampler(dataset.num_train, 16, seed=SEED).global_batch(0)
+    logits = _model()(dataset.train_inputs[index])
+    return F.cross_entropy(logits, dataset.train_targets[index], reduction="sum").item()
+
+
+def _bad_layer1_streams() -> dict[str, list[pb.LayerMessage]]:
+    good = _stream(1)
+    w = _weights(_layers(_model())[1])
+    return {
+        "layer out of range": _stream(1, header_layer=2),
+        "negative layer": _stream(1, header_layer=-1),
+        "layer 0's header": _edited(good, 0, layer=0),
+        "chunk of layer 0": _edited(good, 1, layer=0),
+        "chunk of another step": _edited(good, 1, step=1),
+        "transposed weight": _stream(1, tensors={"weight": w["weight"].t(), "bias": w["bias"]}),
+        "wrong shape in chunk": _edited(good, 1, shape=[16, 10]),
+        "bfloat16": _stream(1, dtype="bfloat16"),
+        "float16 chunk": _edited(good, 1, dtype="float16"),
+        "header total_bytes": _edited(good, 0, total_bytes=_nbytes(w) + 4),
+        "chunk tensor_bytes": _edited(good, 1, tensor_bytes=_nbytes({"w": w["weight"]}) - 4),
+        "unknown phase": _stream(1, phase=pb.PHASE_UNSPECIFIED),
+        "missing header": good[1:],
+        "ends early": good[:-1],
+        "extra chunk": [*good, good[-1]],
+        "empty": [],
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_layer1_streams()))
+def test_bad_delivery_is_rejected_and_changes_nothing(node, dataset, case):
+    first = node.sink.Deliver(iter(_stream(0)), timeout=TIMEOUT_S)
+    assert first.num_nodes == 1 and first.bytes_to_nodes == _nbytes(_weights(_layers(_model())[0]))
+    before = node.stub.Stats(pb.Empty(), timeout=TIMEOUT_S)
+    with pytest.raises(grpc.RpcError) as info:
+        node.sink.Deliver(iter(_bad_layer1_streams()[case]), timeout=TIMEOUT_S)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, case
+    after = node.stub.Stats(pb.Empty(), timeout=TIMEOUT_S)
+    assert after == before
+    # The node still holds layer 0's output: the correct layer 1 completes the forward pass.
+    ack = node.sink.Deliver(iter(_stream(1)), timeout=TIMEOUT_S)
+    assert ack.num_targets == 16
+    assert ack.loss_sum == pytest.approx(_reference_loss_sum(dataset), rel=1e-6)
+    stats = node.stub.Stats(pb.Empty(), timeout=TIMEOUT_S)
+    assert stats.weight_bytes_received == before.weight_bytes_received + MODEL_BYTES - _nbytes(
+        _weights(_layers(_model())[0])
+    )
+
+
+def test_forward_acks_and_stats(node, dataset):
+    acks = [node.sink.Deliver(iter(_stream(layer)), timeout=TIMEOUT_S) for layer in range(2)]
+    assert [(a.layer, a.step, a.phase) for a in acks] == [(0, 0, pb.FORWARD), (1, 0, pb.FORWARD)]
+    assert acks[0].num_targets == 0 and acks[1].num_targets == 16
+    assert all(a.flops > 0 for a in acks)
+    stats = node.stub.Stats(pb.Empty(), timeout=TIMEOUT_S)
+    assert stats.rank == 0 and stats.weight_bytes_received == MODEL_BYTES
+    assert stats.weight_bytes_held == 0 and stats.activation_bytes_held > 0
+    assert stats.gradient_bytes_sent == 0
+    node.stub.ResetStats(pb.Empty(), timeout=TIMEOUT_S)
+    assert node.stub.Stats(pb.Empty(), timeout=TIMEOUT_S).weight_bytes_received == 0
+
+
+def test_backward_before_forward_is_failed_precondition(node):
+    for layer in (1, 0):
+        with pytest.raises(grpc.RpcError) as info:
+            node.sink.Deliver(iter(_stream(layer, phase=pb.BACKWARD)), timeout=TIMEOUT_S)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert node.stub.Stats(pb.Empty(), timeout=TIMEOUT_S).gradient_bytes_sent == 0
+
+
+def test_out_of_order_passes_are_failed_precondition(node):
+    # Layer 1's forward needs layer 0's output of the same step.
+    with pytest.raises(grpc.RpcError) as info:
+        node.sink.Deliver(iter(_stream(1)), timeout=TIMEOUT_S)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    node.sink.Deliver(iter(_stream(0)), timeout=TIMEOUT_S)
+    with pytest.raises(grpc.RpcError) as info:
+        node.sink.Deliver(iter(_stream(1, step=1)), timeout=TIMEOUT_S)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    node.sink.Deliver(iter(_stream(1)), timeout=TIMEOUT_S)
+    # Backward of layer 0 before layer 1's.
+    with pytest.raises(grpc.RpcError) as info:
+        node.sink.Deliver(iter(_stream(0, phase=pb.BACKWARD)), timeout=TIMEOUT_S)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
