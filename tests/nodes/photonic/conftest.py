@@ -13,11 +13,3 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
-
-
-def random_unitary(n: int, generator: torch.Generator) -> torch.Tensor:
-    """Haar-random unitary: QR of a complex Gaussian with the phases of R's diagonal removed."""
-    a = torch.randn(n, n, dtype=torch.complex128, generator=generator)
-    q, r = torch.linalg.qr(a)
-    d = torch.diagonal(r)
-    return q * (d / d.abs())

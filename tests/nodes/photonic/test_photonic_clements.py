@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_unitary
 
 from nodes.photonic.clements import (
     clements_decompose,
@@ -114,3 +113,11 @@ def test_mesh_phases_train_by_autograd():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.2 * losses[0]
+
+
+def random_unitary(n: int, generator: torch.Generator) -> torch.Tensor:
+    """Haar-random unitary: QR of a complex Gaussian with the phases of R's diagonal removed."""
+    a = torch.randn(n, n, dtype=torch.complex128, generator=generator)
+    q, r = torch.linalg.qr(a)
+    d = torch.diagonal(r)
+    return q * (d / d.abs())
