@@ -1,0 +1,411 @@
+"""SwarmX broadcast throughput relative to a point-to-point gRPC stream, measured side by side.
+
+Servers on 127.0.0.1, no Ray: a MemoryX servicer holding one big layer, a
+SwarmX root whose children are counting sinks (a minimal ``LayerSink`` that
+consumes each stream and acknowledges the bytes it got), and a raw-bytes
+stream server. They run as threads of this process, or with ``--processes``
+one process each (as the Ray actors do). The client is this process. These
+transfers are timed, interleaved, in every round:
+
+  p2p-memoryx  MemoryX ``StreamWeights`` read straight by one client: the
+               same server-side encoding SwarmX pulls through, one hop, one
+               receiver. This is the baseline of the headline ratio.
+  p2p-raw      a minimal generic gRPC server-streaming call that sends the
+               same number of bytes as pre-built ~1 MB ``bytes`` messages (no
+               protobuf, no tensor copy): the ceiling of one gRPC stream here.
+  swarmx-N     ``SwarmX.RunLayer(FORWARD)`` on a root with N sink children:
+               MemoryX -> root -> N sinks, cut-through.
+
+delivered bytes/s of swarmx-N = N x layer bytes / time of RunLayer.
+Headline: aggregate delivered / p2p-memoryx, and per link (= aggregate / N) / p2p-memoryx,
+from the median round of each transfer (and, printed too, from the fastest).
+
+    python benchmarks/bench_swarmx.py            # 64 MiB layer, 4 sinks, ~35 s
+    python benchmarks/bench_swarmx.py --quick    # 16 MiB layer, ~10 s
+    python benchmarks/bench_swarmx.py --processes --json out.json   # ~1.5 min
+
+This is a measurement script, not a test: it asserts nothing about time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import multiprocessing
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import torch
+
+from memoryx.optim import Optimizer
+from memoryx.service import MemoryXServicer
+from memoryx.service import register as register_memoryx
+from proto import memoryx_pb2 as mpb
+from proto import memoryx_pb2_grpc as mgrpc
+from proto import swarmx_pb2 as spb
+from proto import swarmx_pb2_grpc as sgrpc
+from proto import tensor_pb2 as pb
+from proto.rpc import channel, start_server
+from proto.serde import DEFAULT_CHUNK_BYTES, encode_layer
+from swarmx.service import SwarmXServicer
+from swarmx.service import register as register_swarmx
+
+HOST = "127.0.0.1"
+MB = 1_000_000  # rates are reported in MB/s (10^6 bytes)
+_RAW_METHOD = "/bench.RawStream/Pull"
+
+
+class CountingSink(sgrpc.LayerSinkServicer):
+    """A compute node stand-in: consumes a layer stream and acknowledges its payload bytes."""
+
+    def __init__(self) -> None:
+        self.payload_bytes = 0
+        self._lock = threading.Lock()
+
+    def Deliver(self, request_iterator, context):
+        header = None
+        received = 0
+        for message in request_iterator:
+            if message.WhichOneof("kind") == "header":
+                header = message.header
+            else:
+                received += len(message.chunk.data)
+        with self._lock:
+            self.payload_bytes += received
+        return pb.LayerAck(
+            layer=header.layer if header else 0,
+            step=header.step if header else 0,
+            phase=header.phase if header else pb.PHASE_UNSPECIFIED,
+            num_nodes=1,
+            bytes_to_nodes=received,
+            update_applied=True,
+        )
+
+
+def _layer_weight(num_params: int, seed: int) -> torch.Tensor:
+    return torch.randn(num_params, generator=torch.Generator().manual_seed(seed))
+
+
+def _raw_stream_handler(chunks: list[bytes]) -> grpc.GenericRpcHandler:
+    """A server-streaming method that sends ``chunks`` as raw bytes (identity serializers)."""
+
+    def pull(request: bytes, context) -> Iterator[bytes]:
+        yield from chunks
+
+    return grpc.method_handlers_generic_handler(
+        "bench.RawStream",
+        {"Pull": grpc.unary_stream_rpc_method_handler(pull)},
+    )
+
+
+def _build_server(kind: str, options: dict) -> tuple[grpc.Server, str]:
+    """Start one component's gRPC server on HOST; returns it and its address."""
+    if kind == "memoryx":
+        # One layer, loaded by the driver; SGD without momentum keeps no optimizer state.
+        servicer = MemoryXServicer(
+            Optimizer.Config(name="sgd", lr=1e-3, momentum=0.0).build(),
+            chunk_bytes=options["chunk_bytes"],
+        )
+        return start_server(lambda s: register_memoryx(s, servicer), HOST)
+    if kind == "raw":
+        # The same bytes as the layer, pre-cut into chunk_bytes messages.
+        raw = memoryview(_layer_weight(options["num_params"], options["seed"]).numpy()).cast("B")
+        size = options["chunk_bytes"]
+        chunks = [bytes(raw[o : o + size]) for o in range(0, len(raw), size)]
+        return start_server(
+            lambda s: s.add_generic_rpc_handlers((_raw_stream_handler(chunks),)), HOST
+        )
+    if kind == "sink":
+        sink = CountingSink()
+        return start_server(lambda s: sgrpc.add_LayerSinkServicer_to_server(sink, s), HOST)
+    if kind == "swarmx":
+        root = SwarmXServicer(options["name"])
+        server, address = start_server(lambda s: register_swarmx(s, root), HOST)
+        root.connect(children=options["children"], parent=None, memoryx=options["memoryx"])
+        return server, address
+    raise ValueError(f"unknown component {kind!r}")
+
+
+def _component_process(kind: str, options: dict, conn) -> None:
+    """Body of a spawned component: serve until the driver says stop (or goes away)."""
+    server, address = _build_server(kind, options)
+    conn.send(address)
+    with contextlib.suppress(EOFError):
+        conn.recv()
+    server.stop(grace=None)
+
+
+class Setup:
+    """The servers of one benchmark run: threads of this process, or one process each."""
+
+    def __init__(
+        self,
+        *,
+        num_params: int,
+        children: list[int],
+        chunk_bytes: int,
+        seed: int,
+        processes: bool = False,
+    ):
+        self.layer_bytes = num_params * 4
+        self.processes = processes
+        self._servers: list[grpc.Server] = []
+        self._children: list[tuple[multiprocessing.Process, object]] = []
+        base = {"chunk_bytes": chunk_bytes, "num_params": num_params, "seed": seed}
+        try:
+            # Components that need no address of another start together, then the roots.
+            first = [("memoryx", base), ("raw", base)]
+            first += [("sink", base) for n in children for _ in range(n)]
+            self.memoryx_address, raw_address, *sinks = self._start_all(first)
+            roots = []
+            for n in children:
+                mine, sinks = sinks[:n], sinks[n:]
+                options = {
+                    "name": f"swarmx-root-fanout{n}",
+                    "children": {f"node-{i}": a for i, a in enumerate(mine)},
+                    "memoryx": self.memoryx_address,
+                }
+                roots.append(("swarmx", options))
+            root_addresses = dict(zip(children, self._start_all(roots), strict=True))
+            self.memoryx_stub = mgrpc.MemoryXStub(channel(self.memoryx_address))
+            self.memoryx_stub.LoadWeights(
+                encode_layer(
+                    0,
+                    0,
+                    pb.FORWARD,
+                    {"weight": _layer_weight(num_params, seed)},
+                    chunk_bytes=chunk_bytes,
+                    sender="bench",
+                )
+            )
+            self.raw_pull = channel(raw_address).unary_stream(_RAW_METHOD)
+            self.roots = {n: sgrpc.SwarmXStub(channel(a)) for n, a in root_addresses.items()}
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_all(self, components: list[tuple[str, dict]]) -> list[str]:
+        """Start ``(kind, options)`` components; their addresses, in order."""
+        if not self.processes:
+            addresses = []
+            for kind, options in components:
+                server, address = _build_server(kind, options)
+                self._servers.append(server)
+                addresses.append(address)
+            return addresses
+        ctx = multiprocessing.get_context("spawn")
+        started = []
+        for kind, options in components:
+            parent_end, child_end = ctx.Pipe()
+            process = ctx.Process(
+                target=_component_process, args=(kind, options, child_end), daemon=True
+            )
+            process.start()
+            self._children.append((process, parent_end))
+            started.append((kind, parent_end))
+        addresses = []
+        for kind, conn in started:
+            if not conn.poll(180):
+                raise RuntimeError(f"the {kind} process did not start within 180 s")
+            addresses.append(conn.recv())
+        return addresses
+
+    def stop(self) -> None:
+        for server in self._servers:
+            server.stop(grace=None)
+        for _, conn in self._children:
+            with contextlib.suppress(OSError):
+                conn.send("stop")
+        for process, _ in self._children:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.terminate()
+
+    # -- the three transfers; each returns payload bytes received -------------
+    def p2p_memoryx(self) -> int:
+        stream = self.memoryx_stub.StreamWeights(
+            mpb.WeightsRequest(layer=0, step=0, phase=pb.FORWARD, dtype="float32")
+        )
+        return sum(len(m.chunk.data) for m in stream if m.WhichOneof("kind") == "chunk")
+
+    def p2p_raw(self) -> int:
+        return sum(len(chunk) for chunk in self.raw_pull(b""))
+
+    def swarmx(self, n: int) -> int:
+        ack = self.roots[n].RunLayer(
+            spb.LayerRequest(layer=0, step=0, phase=pb.FORWARD, dtype="float32")
+        )
+        if ack.num_nodes != n:
+            raise RuntimeError(f"RunLayer reached {ack.num_nodes} sinks, expected {n}")
+        return ack.bytes_to_nodes
+
+
+def _timed(run: Callable[[], int], expected_bytes: int) -> float:
+    started = time.perf_counter()
+    got = run()
+    elapsed = time.perf_counter() - started
+    if got != expected_bytes:
+        raise RuntimeError(f"transfer delivered {got} bytes, expected {expected_bytes}")
+    return elapsed
+
+
+def measure(args: argparse.Namespace) -> dict:
+    num_params = args.layer_mb * (1 << 20) // 4
+    children = sorted({args.nodes, *args.extra_fanouts})
+    setup = Setup(
+        num_params=num_params,
+        children=children,
+        chunk_bytes=args.chunk_bytes,
+        seed=args.seed,
+        processes=args.processes,
+    )
+    layer_bytes = setup.layer_bytes
+    kinds: dict[str, tuple[Callable[[], int], int]] = {
+        "p2p-memoryx": (setup.p2p_memoryx, layer_bytes),
+        "p2p-raw": (setup.p2p_raw, layer_bytes),
+        **{f"swarmx-{n}": (lambda n=n: setup.swarmx(n), n * layer_bytes) for n in children},
+    }
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    try:
+        for run, expected in kinds.values():  # warm-up: connections, allocator
+            _timed(run, expected)
+        for _ in range(args.repeats):
+            for kind, (run, expected) in kinds.items():
+                times[kind].append(_timed(run, expected))
+    finally:
+        setup.stop()
+
+    rows = {}
+    for kind, (_, delivered) in kinds.items():
+        median_s = statistics.median(times[kind])
+        links = int(kind.split("-")[1]) if kind.startswith("swarmx") else 1
+        rows[kind] = {
+            "links": links,
+            "delivered_bytes": delivered,
+            "median_s": median_s,
+            "min_s": min(times[kind]),
+            "times_s": times[kind],
+            "delivered_MBps": delivered / median_s / MB,
+            "per_link_MBps": delivered / links / median_s / MB,
+        }
+    base = rows["p2p-memoryx"]
+    for row in rows.values():
+        # Ratio of medians, plus the median of the round-by-round ratios (each
+        # round runs every transfer back to back, so they saw similar load).
+        paired = [
+            (row["delivered_bytes"] / t) / (layer_bytes / b)
+            for t, b in zip(row["times_s"], base["times_s"], strict=True)
+        ]
+        row["aggregate_vs_p2p"] = row["delivered_MBps"] / base["delivered_MBps"]
+        row["aggregate_vs_p2p_paired_median"] = statistics.median(paired)
+        row["per_link_vs_p2p"] = row["per_link_MBps"] / base["per_link_MBps"]
+        row["aggregate_vs_raw"] = row["delivered_MBps"] / rows["p2p-raw"]["delivered_MBps"]
+        # Best round over best round: other jobs only ever add time.
+        row["aggregate_vs_p2p_best"] = (row["delivered_bytes"] / row["min_s"]) / (
+            layer_bytes / base["min_s"]
+        )
+    return {
+        "benchmark": "swarmx",
+        "machine": _machine(),
+        "layer_bytes": layer_bytes,
+        "layer_params": num_params,
+        "chunk_bytes": args.chunk_bytes,
+        "nodes": args.nodes,
+        "repeats": args.repeats,
+        "mode": "processes" if args.processes else "threads",
+        "baseline": "p2p-memoryx",
+        "rows": rows,
+        "headline": {
+            "aggregate_delivered_vs_p2p": rows[f"swarmx-{args.nodes}"]["aggregate_vs_p2p"],
+            "per_link_vs_p2p": rows[f"swarmx-{args.nodes}"]["per_link_vs_p2p"],
+            "aggregate_delivered_vs_p2p_best": rows[f"swarmx-{args.nodes}"][
+                "aggregate_vs_p2p_best"
+            ],
+        },
+    }
+
+
+def _machine() -> dict:
+    return {
+        "cpus": os.cpu_count(),
+        "load_avg_1m": os.getloadavg()[0],
+        "python": platform.python_version(),
+        "grpc": grpc.__version__,
+        "torch": torch.__version__,
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def print_table(result: dict) -> None:
+    print(
+        f"\nlayer {result['layer_bytes'] / (1 << 20):g} MiB ({result['layer_params']:,} fp32 params), "
+        f"{result['chunk_bytes'] / (1 << 20):g} MiB chunks, median of {result['repeats']} rounds, "
+        f"servers as {result['mode']}, {result['machine']['cpus']} CPUs, "
+        f"load {result['machine']['load_avg_1m']:.2f}"
+    )
+    header = (
+        f"{'transfer':<12} {'links':>5} {'median s':>9} {'delivered MB/s':>15} "
+        f"{'per-link MB/s':>14} {'aggr/p2p':>9} {'link/p2p':>9} {'best aggr/p2p':>14}"
+    )
+    print(header)
+    print("-" * len(header))
+    for kind, row in result["rows"].items():
+        print(
+            f"{kind:<12} {row['links']:>5} {row['median_s']:>9.3f} {row['delivered_MBps']:>15.1f} "
+            f"{row['per_link_MBps']:>14.1f} {row['aggregate_vs_p2p']:>9.2f} "
+            f"{row['per_link_vs_p2p']:>9.2f} {row['aggregate_vs_p2p_best']:>14.2f}"
+        )
+    h = result["headline"]
+    print(
+        f"\nSwarmX to {result['nodes']} nodes: aggregate delivered / p2p = "
+        f"{h['aggregate_delivered_vs_p2p']:.2f} (medians; best rounds: "
+        f"{h['aggregate_delivered_vs_p2p_best']:.2f}), per link / p2p = "
+        f"{h['per_link_vs_p2p']:.2f}; p2p = MemoryX StreamWeights read by one client"
+    )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="16 MiB layer, 5 rounds (~10 s)")
+    parser.add_argument("--layer-mb", type=int, default=None, help="layer size, MiB (default 64)")
+    parser.add_argument("--nodes", type=int, default=4, help="sink children of the root")
+    parser.add_argument(
+        "--extra-fanouts",
+        type=int,
+        nargs="*",
+        default=[1],
+        help="other fan-outs to time as well (default: 1, the cost of the extra hop alone)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed rounds (default 20; --quick 5)"
+    )
+    parser.add_argument(
+        "--processes",
+        action="store_true",
+        help="run every server in its own process (as the Ray actors do) instead of threads",
+    )
+    parser.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = parser.parse_args(argv)
+    if args.layer_mb is None:
+        args.layer_mb = 16 if args.quick else 64
+    if args.repeats is None:
+        args.repeats = 5 if args.quick else 20
+    result = measure(args)
+    print_table(result)
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

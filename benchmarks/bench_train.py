@@ -1,0 +1,308 @@
+"""Emulator step time over plain PyTorch step time, same model and global batch, side by side.
+
+For each model and node count the emulator trains through
+``emulator.train.train`` (Ray actors, gRPC weight streaming) and the plain
+single-process loop ``emulator.reference.reference_train`` trains the same
+layers on the same global batches. Per-step wall times come from
+``report.steps[i].wall_time_s`` and ``ReferenceResult.step_times_s``; each
+side's step time is the median over its steps, leaving out the first
+(warm-up) step of every run.
+
+To keep the ratio honest on a shared, noisy machine the runs of one model
+are interleaved: torch, emulator(n1), torch, emulator(n2), torch, ... and
+each emulator run is compared with the torch runs just before and after it.
+
+The emulator's launch overhead (``report.wall_time_s`` minus the sum of its
+step times: model and data build, actor start-up, weight load, the final
+evaluation, weight fetch and shutdown) is reported on its own, as is the
+one-off Ray start-up.
+
+    python benchmarks/bench_train.py            # mlp-digits at 1 and 4 nodes, gpt-10m at 4
+    python benchmarks/bench_train.py --quick    # mlp-digits at 4 nodes only, ~30-50 s
+    python benchmarks/bench_train.py --gpt-nodes 1 4 --json out.json
+
+This is a measurement script, not a test: it asserts nothing about time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import torch
+
+from emulator.config import ClusterConfig, load_config
+from emulator.reference import reference_train
+from emulator.train import prepare_layers, train
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    name: str
+    nodes: tuple[int, ...]
+    num_steps: int
+    batch_size: int
+
+
+def _median_after_warmup(runs: list[list[float]]) -> float:
+    """Median over all runs' step times, each run's first (warm-up) step left out."""
+    samples = [t for run in runs for t in run[1:]]
+    if not samples:
+        raise ValueError("need at least 2 steps per run to leave out the warm-up step")
+    return statistics.median(samples)
+
+
+def _min_after_warmup(runs: list[list[float]]) -> float:
+    return min(t for run in runs for t in run[1:])
+
+
+def _config(plan: ModelPlan, nodes: int, seed: int) -> ClusterConfig:
+    return load_config(
+        overrides={
+            "model.name": plan.name,
+            "num_nodes": nodes,
+            "batch_size": plan.batch_size,
+            "num_steps": plan.num_steps,
+            "seed": seed,
+            # The final evaluation is part of the launch overhead; keep it small.
+            "max_eval_samples": nodes,
+        }
+    )
+
+
+def run_reference(config: ClusterConfig, threads: int) -> dict:
+    layers, dataset = prepare_layers(config)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        result = reference_train(
+            layers,
+            dataset,
+            optimizer_config=config.optimizer,
+            batch_size=config.batch_size,
+            num_steps=config.num_steps,
+            seed=config.seed,
+        )
+    finally:
+        torch.set_num_threads(previous)
+    return {"step_times_s": result.step_times_s, "losses": result.losses}
+
+
+def run_emulator(config: ClusterConfig) -> dict:
+    report = train(config, progress=False)
+    step_times = [s.wall_time_s for s in report.steps]
+    return {
+        "num_params": report.num_params,
+        "num_layers": report.num_layers,
+        "wall_time_s": report.wall_time_s,
+        "step_times_s": step_times,
+        "launch_overhead_s": report.wall_time_s - sum(step_times),
+        "node_compute_s": [s.node_compute_seconds for s in report.steps],
+        "bytes_to_nodes_per_step": report.steps[-1].bytes_to_nodes,
+        "losses": [s.loss for s in report.steps],
+        "num_attempts": [s.num_attempts for s in report.steps],
+    }
+
+
+def measure_model(plan: ModelPlan, *, seed: int, threads: int) -> list[dict]:
+    print(f"[{plan.name}] torch reference ...", flush=True)
+    first = _config(plan, plan.nodes[0], seed)
+    references = [run_reference(first, threads)]
+    emulators = []
+    for nodes in plan.nodes:
+        print(f"[{plan.name}] emulator, {nodes} node(s) ...", flush=True)
+        emulators.append(run_emulator(_config(plan, nodes, seed)))
+        print(f"[{plan.name}] torch reference ...", flush=True)
+        references.append(run_reference(first, threads))
+
+    rows = []
+    for index, (nodes, emu) in enumerate(zip(plan.nodes, emulators, strict=True)):
+        neighbours = references[index : index + 2]  # the torch runs just before and after
+        torch_s = _median_after_warmup([r["step_times_s"] for r in neighbours])
+        emu_s = _median_after_warmup([emu["step_times_s"]])
+        torch_min_s = _min_after_warmup([r["step_times_s"] for r in neighbours])
+        emu_min_s = _min_after_warmup([emu["step_times_s"]])
+        loss_gap = max(
+            abs(a - b) for a, b in zip(emu["losses"], references[0]["losses"], strict=True)
+        )
+        rows.append(
+            {
+                "model": plan.name,
+                "params": emu["num_params"],
+                "layers": emu["num_layers"],
+                "nodes": nodes,
+                "global_batch": plan.batch_size,
+                "steps": plan.num_steps,
+                "emulator_ms": emu_s * 1e3,
+                "torch_ms": torch_s * 1e3,
+                "ratio": emu_s / torch_s,
+                # Minimums are less sensitive to other jobs on a shared machine.
+                "emulator_min_ms": emu_min_s * 1e3,
+                "torch_min_ms": torch_min_s * 1e3,
+                "ratio_of_min": emu_min_s / torch_min_s,
+                "emulator_warmup_step_ms": emu["step_times_s"][0] * 1e3,
+                "launch_overhead_s": emu["launch_overhead_s"],
+                "emulator_wall_time_s": emu["wall_time_s"],
+                "node_compute_ms_per_step": statistics.median(emu["node_compute_s"][1:]) * 1e3,
+                "bytes_to_nodes_per_step": emu["bytes_to_nodes_per_step"],
+                "max_abs_loss_diff": loss_gap,
+                "emulator_step_times_s": emu["step_times_s"],
+                "torch_step_times_s": [r["step_times_s"] for r in neighbours],
+                "num_attempts": emu["num_attempts"],
+            }
+        )
+    return rows
+
+
+def start_private_ray() -> float:
+    """Start a Ray instance of our own; ``train`` reuses it. Returns the seconds it took.
+
+    ``address="local"``: a bare ``ray.init()`` would join whatever cluster
+    ``RAY_ADDRESS`` or /tmp/ray/ray_current_cluster names (another user's
+    ``ray start``, possibly dead), and its load would pollute the timings.
+    """
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    started = time.perf_counter()
+    ray.init(
+        address="local",
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+    )
+    return time.perf_counter() - started
+
+
+def measure_with_retry(plan: ModelPlan, *, seed: int, threads: int, retries: int) -> list[dict]:
+    """``measure_model``; if the cluster fails under it, restart Ray and run the model again."""
+    for attempt in range(retries + 1):
+        try:
+            return measure_model(plan, seed=seed, threads=threads)
+        except (RuntimeError, ray.exceptions.RayError) as exc:
+            if attempt == retries:
+                raise
+            print(f"[{plan.name}] failed ({str(exc).splitlines()[0]}); restarting Ray", flush=True)
+            ray.shutdown()
+            start_private_ray()
+    raise AssertionError("unreachable")
+
+
+def _machine() -> dict:
+    return {
+        "cpus": os.cpu_count(),
+        "load_avg_1m": os.getloadavg()[0],
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def print_table(result: dict) -> None:
+    print(
+        f"\n{result['machine']['cpus']} CPUs, load {result['machine']['load_avg_1m']:.2f} at the end, "
+        f"torch reference on {result['torch_threads']} thread(s), emulator nodes on 1 thread each; "
+        f"Ray start-up {result['ray_init_s']:.1f} s (once)"
+    )
+    header = (
+        f"{'model':<11} {'params':>11} {'nodes':>5} {'batch':>5} {'emu ms/step':>12} "
+        f"{'torch ms/step':>14} {'ratio':>7} {'min ratio':>9} {'launch s':>9} {'node compute ms':>16} {'|dloss|':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    for row in result["rows"]:
+        print(
+            f"{row['model']:<11} {row['params']:>11,} {row['nodes']:>5} {row['global_batch']:>5} "
+            f"{row['emulator_ms']:>12.1f} {row['torch_ms']:>14.1f} {row['ratio']:>7.1f} "
+            f"{row['ratio_of_min']:>9.1f} "
+            f"{row['launch_overhead_s']:>9.1f} {row['node_compute_ms_per_step']:>16.1f} "
+            f"{row['max_abs_loss_diff']:>8.1e}"
+        )
+    print(
+        "\nratio = emulator ms/step / torch ms/step (medians, warm-up step left out); "
+        "launch s = emulator wall time minus its step times;\nnode compute ms = compute time "
+        "summed over nodes per step; |dloss| = max loss gap to the torch run (a sanity check)."
+    )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="mlp-digits at 4 nodes only")
+    parser.add_argument(
+        "--models", nargs="+", default=None, help="models to run (default: mlp-digits gpt-10m)"
+    )
+    parser.add_argument(
+        "--nodes", type=int, nargs="+", default=None, help="node counts for mlp-digits (1 4)"
+    )
+    parser.add_argument(
+        "--gpt-nodes", type=int, nargs="+", default=[4], help="node counts for gpt-10m (4)"
+    )
+    parser.add_argument("--mlp-steps", type=int, default=None, help="steps of mlp-digits (30)")
+    parser.add_argument("--mlp-batch", type=int, default=128, help="global batch of mlp-digits")
+    parser.add_argument("--gpt-steps", type=int, default=4, help="steps of gpt-10m (4)")
+    parser.add_argument(
+        "--gpt-batch", type=int, default=8, help="global batch of gpt-10m, sequences"
+    )
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="torch threads of the reference loop (default 1, as one emulator node)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=1,
+        help="times a model is run again if its cluster dies (e.g. someone's `ray stop`)",
+    )
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = parser.parse_args(argv)
+    if args.models is None:
+        args.models = ["mlp-digits"] if args.quick else ["mlp-digits", "gpt-10m"]
+    if args.nodes is None:
+        args.nodes = [4] if args.quick else [1, 4]
+    if args.mlp_steps is None:
+        args.mlp_steps = 10 if args.quick else 30
+
+    plans = {
+        "mlp-digits": ModelPlan("mlp-digits", tuple(args.nodes), args.mlp_steps, args.mlp_batch),
+        "gpt-10m": ModelPlan("gpt-10m", tuple(args.gpt_nodes), args.gpt_steps, args.gpt_batch),
+    }
+    unknown = [m for m in args.models if m not in plans]
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; choose from {sorted(plans)}")
+
+    started = time.perf_counter()
+    ray_init_s = start_private_ray()
+    rows = []
+    try:
+        for name in args.models:
+            rows += measure_with_retry(
+                plans[name], seed=args.seed, threads=args.torch_threads, retries=args.retries
+            )
+    finally:
+        ray.shutdown()
+    result = {
+        "benchmark": "train",
+        "machine": _machine(),
+        "torch_threads": args.torch_threads,
+        "ray_init_s": ray_init_s,
+        "total_s": time.perf_counter() - started,
+        "rows": rows,
+    }
+    print_table(result)
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
