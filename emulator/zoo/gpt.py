@@ -43,13 +43,13 @@ class Embedding(nn.Module):
 
     def __init__(self, shape: GPTShape):
         super().__init__()
-        self.token = nn.Embedding(shape.vocab_size, shape.d_model)
-        self.position = nn.Embedding(shape.seq_len, shape.d_model)
+        self.token_embedding = nn.Embedding(shape.vocab_size, shape.d_model)
+        self.position_embedding = nn.Embedding(shape.seq_len, shape.d_model)
         self.dropout = nn.Dropout(shape.dropout)
 
     def forward(self, tokens_BT: Tensor) -> Tensor:
         positions_T = torch.arange(tokens_BT.shape[1], device=tokens_BT.device)
-        return self.dropout(self.token(tokens_BT) + self.position(positions_T))
+        return self.dropout(self.token_embedding(tokens_BT) + self.position_embedding(positions_T))
 
 
 class CausalSelfAttention(nn.Module):
@@ -96,10 +96,10 @@ class LMHead(nn.Module):
     def __init__(self, shape: GPTShape):
         super().__init__()
         self.ln = nn.LayerNorm(shape.d_model)
-        self.proj = nn.Linear(shape.d_model, shape.vocab_size, bias=False)
+        self.lm_head = nn.Linear(shape.d_model, shape.vocab_size, bias=False)
 
     def forward(self, x_BTD: Tensor) -> Tensor:
-        return self.proj(self.ln(x_BTD))
+        return self.lm_head(self.ln(x_BTD))
 
 
 def _init_gpt(model: nn.Sequential, shape: GPTShape) -> None:

@@ -62,7 +62,7 @@ def test_gpt_block_layout_and_untied_head():
     model = ModelConfig(name="gpt-tiny").build(seed=0)
     assert isinstance(model[0], Embedding) and isinstance(model[-1], LMHead)
     assert all(isinstance(block, TransformerBlock) for block in model[1:-1])
-    assert model[-1].proj.weight.data_ptr() != model[0].token.weight.data_ptr()
+    assert model[-1].lm_head.weight.data_ptr() != model[0].token_embedding.weight.data_ptr()
 
 
 def test_gpt_is_causal():
@@ -91,7 +91,7 @@ def test_gpt_overrides_change_the_shape_and_the_default_data():
         name="gpt-tiny", num_layers=1, d_model=32, num_heads=2, seq_len=16, vocab_size=20
     )
     model = config.build(seed=0)
-    assert len(model) == 3 and model[0].token.weight.shape == (20, 32)
+    assert len(model) == 3 and model[0].token_embedding.weight.shape == (20, 32)
     data_config = default_data_config(config)
     assert (data_config.name, data_config.seq_len, data_config.vocab_size) == (
         "synthetic-tokens",
