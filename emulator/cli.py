@@ -18,6 +18,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 from emulator.atomic import write_json_atomic
 from emulator.cli_cost import add_simulate_parser, add_validate_parser
 from emulator.config import CLI_FIELDS, load_config
+from emulator.cost.units import format_energy, format_seconds
 from emulator.table import format_table, human_bytes
 
 
@@ -43,7 +44,17 @@ def _add_train_parser(subparsers) -> None:
         "--save-checkpoint", metavar="PATH", help="write a MemoryX checkpoint at the end"
     )
     p.add_argument("--resume", metavar="PATH", help="start from a MemoryX checkpoint")
+    p.add_argument(
+        "--hardware",
+        metavar="PRESET",
+        help="emulated hardware the run reports on: cs2 | cs3 | path of a preset YAML file",
+    )
     p.add_argument("--json", metavar="PATH", help="write the full report as JSON")
+    p.add_argument(
+        "--trace",
+        metavar="PATH",
+        help="write a Chrome-trace JSON of one emulated step (open in https://ui.perfetto.dev)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 
@@ -66,7 +77,37 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.json:
         write_json_atomic(args.json, result)
         print(f"wrote {args.json}")
+    if args.trace:
+        report.write_trace(args.trace)
+        print(
+            f"wrote {args.trace} (one emulated step); open it in https://ui.perfetto.dev "
+            "or chrome://tracing"
+        )
     return 0
+
+
+def _emulated_rows(emulated: dict) -> list[tuple[str, str]]:
+    memory = emulated["memory"]
+    rate = f"{emulated['samples_per_s']:.4g} samples/s"
+    if emulated["tokens_per_s"] != emulated["samples_per_s"]:
+        rate += f" ({emulated['tokens_per_s']:.4g} tokens/s)"
+    fit = "fits" if memory["activations_fit"] and memory["model_state_fits"] else "DOES NOT FIT"
+    return [
+        (
+            f"emulated step ({emulated['hardware']})",
+            f"{format_seconds(emulated['step_time_s'])}, {emulated['bound']}-bound, "
+            f"{100 * emulated['compute_utilization']:.2g}% of peak",
+        ),
+        ("emulated throughput", rate),
+        ("emulated energy / step", format_energy(emulated["energy_j"])),
+        (
+            "emulated memory fit",
+            f"{fit}: activations {human_bytes(memory['activation_bytes_per_node'])} / "
+            f"{human_bytes(memory['activation_budget_bytes'])} SRAM, state "
+            f"{human_bytes(memory['model_state_bytes'])} / "
+            f"{human_bytes(memory['memoryx_capacity_bytes'])} MemoryX",
+        ),
+    ]
 
 
 def summary(result: dict) -> str:
@@ -96,6 +137,7 @@ def summary(result: dict) -> str:
             "wall time",
             f"{result['wall_time_s']:.1f} s ({1000 * result['step_wall_time_s']:.1f} ms/step)",
         ),
+        *_emulated_rows(result["emulated"]),
     ]
     return format_table(["", ""], rows, title="wafer train: summary", align="ll")
 

@@ -13,7 +13,9 @@ from typing import Any
 import yaml
 
 from emulator.configbase import doc, from_dict
+from emulator.cost.hardware import Hardware
 from emulator.data import DataConfig
+from emulator.presets import load_hardware
 from emulator.zoo import ModelConfig, default_data_config
 from memoryx.optim import Optimizer
 from nodes.backend import Backend
@@ -51,6 +53,46 @@ class RuntimeConfig:
         return "127.0.0.1" if self.address is None else "node-ip"
 
 
+#: Preset field that the functional SwarmX tree sets (``swarmx.fanout``), so it is not overridden.
+_TREE_FAN_OUT = "swarmx.fan_out"
+
+
+@dataclass(kw_only=True)
+class HardwareConfig:
+    """The emulated hardware a functional run reports on (``wafer simulate``'s presets)."""
+
+    preset: str = doc(
+        "hardware preset: a bundled name (cs2, cs3) or the path of a preset YAML file",
+        default="cs2",
+    )
+    overrides: dict[str, int | float | str | list[float]] = doc(
+        "preset fields to change, by dotted name, e.g. {wafer.compute_efficiency: 0.4}",
+        default_factory=dict,
+    )
+
+    def __post_init__(self) -> None:
+        try:
+            load_hardware(self.preset)
+        except ValueError as exc:
+            raise ValueError(f"preset = {self.preset!r} is not valid: {exc}") from None
+        if _TREE_FAN_OUT in self.overrides:
+            raise ValueError(
+                f"overrides sets {_TREE_FAN_OUT!r}, but the emulated SwarmX tree is the one "
+                "that ran; set swarmx.fanout instead."
+            )
+        try:
+            self.build()
+        except ValueError as exc:
+            raise ValueError(f"overrides of preset {self.preset!r} are not valid: {exc}") from None
+
+    def build(self, fan_out: int | None = None) -> Hardware.Config:
+        """The preset with the overrides applied (and the tree's fan-out, if given)."""
+        overrides = dict(self.overrides)
+        if fan_out is not None:
+            overrides[_TREE_FAN_OUT] = fan_out
+        return load_hardware(self.preset, overrides)
+
+
 @dataclass(kw_only=True)
 class ClusterConfig:
     model: ModelConfig = doc(
@@ -67,6 +109,10 @@ class ClusterConfig:
     backend: Backend.Config = doc("compute-node backend", default_factory=Cs2Backend.Config)
     swarmx: SwarmXTree.Config = doc("broadcast/reduce tree", default_factory=SwarmXTree.Config)
     runtime: RuntimeConfig = doc("where and how the actors run", default_factory=RuntimeConfig)
+    hardware: HardwareConfig = doc(
+        "emulated hardware whose step time, energy and memory fit the run reports",
+        default_factory=HardwareConfig,
+    )
     eval_every: int = doc("evaluate every this many steps (0: only at the end), steps", default=0)
     max_eval_samples: int | None = doc(
         "cap on evaluation samples (None: whole test set), samples", default=None
@@ -108,6 +154,11 @@ class ClusterConfig:
     def data_config(self) -> DataConfig:
         return self.data if self.data is not None else default_data_config(self.model)
 
+    @property
+    def emulated_hardware(self) -> Hardware.Config:
+        """The hardware preset, its SwarmX fan-out set to the tree the run uses."""
+        return self.hardware.build(fan_out=self.swarmx.fanout)
+
 
 # CLI flag -> dotted config field.
 CLI_FIELDS = {
@@ -120,6 +171,7 @@ CLI_FIELDS = {
     "precision": "backend.precision",
     "backend": "backend.kind",
     "address": "runtime.address",
+    "hardware": "hardware.preset",
     "seed": "seed",
     "save_checkpoint": "save_checkpoint",
     "resume": "resume",
@@ -164,4 +216,4 @@ def load_config(
     return from_dict(ClusterConfig, raw)
 
 
-__all__ = ["CLI_FIELDS", "ClusterConfig", "RuntimeConfig", "field", "load_config"]
+__all__ = ["CLI_FIELDS", "ClusterConfig", "HardwareConfig", "RuntimeConfig", "field", "load_config"]

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from emulator.config import ClusterConfig
+from emulator.emulated import PassMeasurement
 from emulator.launch import Cluster
 from proto import memoryx_pb2 as mpb
 from proto import memoryx_pb2_grpc as mgrpc
@@ -90,6 +91,8 @@ class Coordinator:
     #: Test seam: called before each layer phase; raising simulates a failure there.
     fault: Callable[[int, int, str], None] | None = None
     steps: list[StepRecord] = field(default_factory=list)
+    #: Per layer and pass, what the last training step moved and computed (see emulator.emulated).
+    measured: list[PassMeasurement] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.memoryx = mgrpc.MemoryXStub(channel(self.cluster.memoryx_address))
@@ -157,6 +160,7 @@ class Coordinator:
             num_attempts=attempt,
         )
         self.steps.append(record)
+        self.measured = [_measurement(a) for a in acks]
         return record
 
     @property
@@ -217,6 +221,20 @@ class Coordinator:
                 for n in nodes
             ],
         }
+
+
+_PASS_NAMES = {pb.FORWARD: "forward", pb.BACKWARD: "backward"}
+
+
+def _measurement(ack: pb.LayerAck) -> PassMeasurement:
+    return PassMeasurement(
+        layer=ack.layer,
+        phase=_PASS_NAMES[ack.phase],
+        num_nodes=ack.num_nodes,
+        bytes_to_nodes=ack.bytes_to_nodes,
+        gradient_bytes=ack.gradient_bytes,
+        flops=ack.flops,
+    )
 
 
 class StepFault(Exception):

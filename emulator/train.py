@@ -19,11 +19,21 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
+from torch.func import functional_call
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from emulator.config import ClusterConfig
 from emulator.configbase import to_dict
 from emulator.coordinator import Coordinator, EvalRecord, StepRecord, group_layers
+from emulator.emulated import (
+    WIRE_PRECISION,
+    EmulatedStep,
+    LayerShape,
+    check_fits,
+    emulate,
+    measured_workload,
+)
 from emulator.launch import launch
 from emulator.zoo import check_blocks, model_blocks
 
@@ -39,6 +49,8 @@ class TrainReport:
     wall_time_s: float
     traffic: dict
     final_weights: list[dict[str, torch.Tensor]] = field(repr=False)
+    #: The measured step on the emulated hardware (config.hardware).
+    emulated: EmulatedStep = field(repr=False)
 
     @property
     def final_loss(self) -> float:
@@ -72,9 +84,14 @@ class TrainReport:
                 "gradient_bytes_from_nodes": last.gradient_bytes_from_nodes,
                 "totals": self.traffic,
             },
+            "emulated": self.emulated.to_json(),
             "steps": [asdict(s) for s in self.steps],
             "evals": [asdict(e) for e in self.evals],
         }
+
+    def write_trace(self, path: str) -> None:
+        """Chrome-trace JSON of one emulated step: MemoryX, each SwarmX node, each node."""
+        self.emulated.write_trace(path)
 
     @property
     def _wire_dtype(self) -> str:
@@ -92,6 +109,49 @@ def prepare_layers(
     return group_layers(blocks), dataset
 
 
+def _input_gradient_flops(layer: nn.Module, x: torch.Tensor) -> float:
+    """FLOPs that differentiating ``layer``'s input adds to its backward (0 for integer inputs)."""
+    if not x.is_floating_point():
+        return 0.0
+
+    def backward_flops(with_input: bool) -> float:
+        # Copies of the weights, so the caller's layer gets no .grad.
+        params = {n: p.detach().clone().requires_grad_() for n, p in layer.named_parameters()}
+        x_in = x.detach().requires_grad_(with_input)
+        with torch.random.fork_rng(devices=[]):
+            y = functional_call(layer, params, (x_in,))
+        with FlopCounterMode(display=False) as counter:
+            inputs = [x_in, *params.values()] if with_input else list(params.values())
+            torch.autograd.backward(y, torch.ones_like(y), inputs=inputs)
+        return float(counter.get_total_flops())
+
+    return backward_flops(True) - backward_flops(False)
+
+
+def layer_shapes(layers: list[nn.Module], example: torch.Tensor) -> list[LayerShape]:
+    """Parameters and kept input size of each layer, from a forward pass on ``example``.
+
+    A compute node differentiates every floating-point layer input, the data
+    too (nothing uses that gradient); the wafer, and ``wafer simulate``,
+    skip it. Its FLOPs are counted here so the emulated step can drop them.
+    """
+    num_examples = example.shape[0]
+    shapes = []
+    x = example
+    for index, layer in enumerate(layers):
+        skipped = _input_gradient_flops(layer, x) / num_examples if index == 0 else 0.0
+        shapes.append(
+            LayerShape(
+                num_params=sum(p.numel() for p in layer.parameters() if p.requires_grad),
+                input_elements_per_sample=x.numel() / num_examples,
+                skipped_backward_flops_per_sample=skipped,
+            )
+        )
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            x = layer(x)
+    return shapes
+
+
 def train(
     config: ClusterConfig,
     *,
@@ -105,13 +165,23 @@ def train(
     tokens_per_sample = (
         1 if dataset.task == "classification" else int(dataset.train_targets.shape[1])
     )
+    wire_dtype = config.backend.build().wire_dtype
+    hardware = config.emulated_hardware
+    shapes = layer_shapes(layers, dataset.input_example())
+    workload_args = {
+        "samples_per_step": config.batch_size,
+        "tokens_per_sample": tokens_per_sample,
+        "precision": WIRE_PRECISION[wire_dtype],
+    }
+    # Fail before the cluster starts if the emulated hardware cannot run this at all.
+    check_fits(config.model.name, shapes, hardware, config.num_nodes, **workload_args)
     cluster = launch(config, layers)
     try:
         coordinator = Coordinator(
             config=config,
             cluster=cluster,
             num_layers=len(layers),
-            wire_dtype=config.backend.build().wire_dtype,
+            wire_dtype=wire_dtype,
             task=dataset.task,
             tokens_per_sample=tokens_per_sample,
             fault=fault,
@@ -144,6 +214,14 @@ def train(
         traffic = coordinator.traffic()
     finally:
         cluster.stop()
+    # Every step moves the same bytes and computes the same FLOPs: one cost-model run suffices.
+    workload = measured_workload(config.model.name, shapes, coordinator.measured, **workload_args)
+    emulated = emulate(
+        workload,
+        hardware,
+        config.num_nodes,
+        peak_activation_bytes_per_node=max(n["peak_activation_bytes"] for n in traffic["nodes"]),
+    )
     return TrainReport(
         config=config,
         num_layers=len(layers),
@@ -154,4 +232,5 @@ def train(
         wall_time_s=time.perf_counter() - started,
         traffic=traffic,
         final_weights=weights,
+        emulated=emulated,
     )
