@@ -16,6 +16,7 @@ import sys
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from emulator.atomic import write_json_atomic
+from emulator.cli_compare import add_compare_parser, add_eval_parser
 from emulator.cli_cost import add_simulate_parser, add_validate_parser
 from emulator.config import CLI_FIELDS, load_config
 from emulator.cost.units import format_energy, format_seconds
@@ -35,7 +36,7 @@ def _add_train_parser(subparsers) -> None:
     p.add_argument("--optimizer", help="sgd | adam | adamw")
     p.add_argument("--lr", type=float, metavar="X", help="learning rate")
     p.add_argument("--precision", help="fp32 | bf16 | fp16 (cs2 backend)")
-    p.add_argument("--backend", help="compute-node backend (cs2)")
+    p.add_argument("--backend", help="compute-node backend: cs2 | pcm")
     p.add_argument("--seed", type=int)
     p.add_argument(
         "--address", metavar="ADDR", help="existing Ray cluster; default: start a local one"
@@ -150,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(subparsers)
     add_simulate_parser(subparsers)
     add_validate_parser(subparsers)
+    add_eval_parser(subparsers)
+    add_compare_parser(subparsers)
     return parser
 
 

@@ -217,6 +217,7 @@ class Coordinator:
                     "gradient_bytes_sent": n.gradient_bytes_sent,
                     "peak_activation_bytes": n.peak_activation_bytes,
                     "weight_bytes_held": n.weight_bytes_held,
+                    "backend": dict(n.backend_stats),
                 }
                 for n in nodes
             ],

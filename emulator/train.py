@@ -175,6 +175,7 @@ def train(
     }
     # Fail before the cluster starts if the emulated hardware cannot run this at all.
     check_fits(config.model.name, shapes, hardware, config.num_nodes, **workload_args)
+    config.backend.build().check_layers(layers)
     cluster = launch(config, layers)
     try:
         coordinator = Coordinator(

@@ -57,6 +57,18 @@ class Backend(ABC):
     ) -> tuple[Tensor | None, dict[str, Tensor]]:
         """Gradient w.r.t. the layer input (None for integer inputs) and w.r.t. each parameter."""
 
+    def stats(self) -> dict[str, float]:
+        """Named backend counters since the node started (e.g. programming energy), for reports.
+
+        Names are dotted and carry their unit as a suffix (``_s``, ``_j``); a backend with
+        nothing to report returns {}.
+        """
+        return {}
+
+    def check_layers(self, layers: list[nn.Module]) -> None:
+        """ValueError (naming the numbers) if this backend cannot hold the model at all."""
+        return None  # a digital node holds one streamed layer at a time: any model fits
+
 
 def call_block(block: nn.Module, params: dict[str, Tensor], x: Tensor) -> Tensor:
     """Run ``block`` with streamed ``params`` in place of its own (dropped) parameters."""

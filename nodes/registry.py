@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from nodes.cs2 import Cs2Backend
+from nodes.pcm.backend import PcmBackend
 
 BACKEND_CONFIGS = {
     "cs2": Cs2Backend.Config,
+    "pcm": PcmBackend.Config,
 }

@@ -132,6 +132,7 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
             weight_bytes_held=self.worker.weight_bytes_held,
             flops=self.flops,
             compute_seconds=self.compute_seconds,
+            backend_stats=self.worker.backend.stats(),
         )
 
     def ResetStats(self, request, context):

@@ -1,12 +1,21 @@
 from proto import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class NodeStats(_message.Message):
-    __slots__ = ("rank", "weight_bytes_received", "gradient_bytes_sent", "activation_bytes_held", "peak_activation_bytes", "weight_bytes_held", "flops", "compute_seconds")
+    __slots__ = ("rank", "weight_bytes_received", "gradient_bytes_sent", "activation_bytes_held", "peak_activation_bytes", "weight_bytes_held", "flops", "compute_seconds", "backend_stats")
+    class BackendStatsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     RANK_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
@@ -15,6 +24,7 @@ class NodeStats(_message.Message):
     WEIGHT_BYTES_HELD_FIELD_NUMBER: _ClassVar[int]
     FLOPS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_STATS_FIELD_NUMBER: _ClassVar[int]
     rank: int
     weight_bytes_received: int
     gradient_bytes_sent: int
@@ -23,4 +33,5 @@ class NodeStats(_message.Message):
     weight_bytes_held: int
     flops: float
     compute_seconds: float
-    def __init__(self, rank: _Optional[int] = ..., weight_bytes_received: _Optional[int] = ..., gradient_bytes_sent: _Optional[int] = ..., activation_bytes_held: _Optional[int] = ..., peak_activation_bytes: _Optional[int] = ..., weight_bytes_held: _Optional[int] = ..., flops: _Optional[float] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
+    backend_stats: _containers.ScalarMap[str, float]
+    def __init__(self, rank: _Optional[int] = ..., weight_bytes_received: _Optional[int] = ..., gradient_bytes_sent: _Optional[int] = ..., activation_bytes_held: _Optional[int] = ..., peak_activation_bytes: _Optional[int] = ..., weight_bytes_held: _Optional[int] = ..., flops: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., backend_stats: _Optional[_Mapping[str, float]] = ...) -> None: ...

@@ -1,0 +1,149 @@
+"""``wafer eval`` and ``wafer compare``: PCM accuracy over drift time, and backends side by side.
+
+The ``wafer`` CLI registers these with ``add_eval_parser`` / ``add_compare_parser``; for
+testing, ``python -m emulator.cli_compare eval|compare ...`` runs them alone. The logic and
+its Python API live in ``emulator.compare``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+from emulator.compare import (  # noqa: E402 (gRPC reads its verbosity at import)
+    check_drift_backend,
+    compare_backends,
+    drift_eval,
+    trained_weights,
+    write_outputs,
+)
+from emulator.config import load_config  # noqa: E402
+
+DEFAULT_DRIFT_TIMES = "1,3600,86400,31536000"
+
+
+def _number_list(text: str, name: str, convert=float) -> list:
+    try:
+        values = [convert(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"{name} = {text!r} is not a comma-separated list of numbers.") from None
+    if not values:
+        raise ValueError(f"{name} = {text!r} names nothing; give at least one value.")
+    return values
+
+
+def add_eval_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="accuracy of a model programmed onto PCM, over time after programming",
+        description=(
+            "Trains the model hardware-aware on the PCM backend over the real cluster (or "
+            "loads a MemoryX checkpoint), programs the trained weights once onto PCM arrays "
+            "(weight-stationary) and evaluates the test set at each time after programming, "
+            "with and without global drift compensation. The inference runs in this process "
+            "with the plain-torch physics, through the same PcmBackend and NodeWorker code "
+            "as a cluster node; no cluster is needed for it."
+        ),
+    )
+    p.add_argument("--config", metavar="FILE", help="YAML cluster config; flags override it")
+    p.add_argument("--backend", default="pcm", help="backend to evaluate on (pcm)")
+    p.add_argument("--model", default="mlp-digits", help="zoo model or module:factory")
+    p.add_argument(
+        "--drift-times",
+        default=DEFAULT_DRIFT_TIMES,
+        metavar="T1,T2,...",
+        help=f"seconds after programming to evaluate at (default {DEFAULT_DRIFT_TIMES})",
+    )
+    p.add_argument("--steps", type=int, default=200, metavar="K", help="training steps")
+    p.add_argument("--nodes", type=int, default=2, metavar="N", help="compute nodes for training")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--checkpoint", metavar="PATH", help="MemoryX checkpoint to load instead of training"
+    )
+    p.add_argument("--json", metavar="PATH", help="write the result as JSON (atomically)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    times = _number_list(args.drift_times, "--drift-times")
+    config = load_config(
+        args.config,
+        {
+            "backend.kind": args.backend,
+            "model.name": args.model,
+            "num_steps": args.steps,
+            "num_nodes": args.nodes,
+            "seed": args.seed,
+        },
+    )
+    check_drift_backend(config)
+    weights = trained_weights(config, args.checkpoint, progress=not args.quiet)
+    result = drift_eval(config, times, weights)
+    print(result.table())
+    for path in write_outputs(result, args.json):
+        print(f"wrote {path}")
+    return 0
+
+
+def add_compare_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "compare",
+        help="train one model on several backends and compare accuracy, time and energy",
+        description=(
+            "Runs the same model, seed and data on each backend over the real cluster and "
+            "prints accuracy, emulated time, energy, energy per sample and achieved TOPS/W. "
+            "cs2 rows take time and energy from the run's emulated clock; pcm rows from the "
+            "PCM cost model applied to the backend's counters of one replayed step, with the "
+            "digital backward pass costed on an H100 at FP16."
+        ),
+    )
+    p.add_argument("--config", metavar="FILE", help="YAML cluster config; flags override it")
+    p.add_argument("--backends", default="cs2,pcm", help="comma-separated backends (cs2,pcm)")
+    p.add_argument("--model", default="mlp-digits", help="zoo model or module:factory")
+    p.add_argument("--steps", type=int, default=100, metavar="K", help="training steps each")
+    p.add_argument("--nodes", type=int, default=2, metavar="N", help="compute nodes")
+    p.add_argument("--batch-size", type=int, default=128, metavar="B", help="global batch")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="PATH", help="write the rows as JSON (atomically)")
+    p.add_argument("--plot", metavar="PNG", help="write a bar chart (atomically)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_compare)
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    backends = _number_list(args.backends, "--backends", convert=str.strip)
+    result = compare_backends(
+        backends,
+        model=args.model,
+        num_steps=args.steps,
+        num_nodes=args.nodes,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        config_path=args.config,
+        progress=not args.quiet,
+    )
+    print(result.table())
+    for path in write_outputs(result, args.json, args.plot):
+        print(f"wrote {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="wafer", description="PCM evaluation and comparison.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_eval_parser(subparsers)
+    add_compare_parser(subparsers)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as exc:
+        print(f"wafer {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,428 @@
+"""The PCM compute-node backend: streamed layers computed on emulated analog crossbars.
+
+When a layer's weights arrive, every ``F.linear`` / ``F.conv2d`` weight of the layer is
+programmed onto PCM tiles (``program_layer``), and the layer's matrix products are read
+from those tiles (``analog_matmul``: DAC, drifted noisy conductances, output noise, ADC,
+drift compensation). Biases, activations, normalisations, embeddings and products between
+activations (attention scores) stay digital. A Conv2d is a matmul over unfolded patches
+(``F.unfold``: rows = ``C_in * kh * kw``, one input vector per output pixel), so it is
+programmed as an ``C_out x (C_in kh kw)`` matrix, as the IBM chip maps convolutions.
+
+Backward is hardware-aware training (Rasch et al. 2023): by default exactly the autograd of
+the digital layer; ``training.backward = "analog"`` instead reads the input gradient through
+the transposed tiles of a re-run analog forward.
+
+Interception works inside any block run by ``call_block`` (``functional_call``): a
+``TorchFunctionMode`` swaps the calls whose weight *is* one of the streamed tensors, so the
+node and the model stay unaware of the backend.
+
+The backend keeps an emulated clock (its own busy time: programming plus MVMs) for drift,
+and counters of programming time and energy, MVMs, write cycles and projected endurance,
+returned by ``stats()``. Counters are cumulative over the node's life (wear is).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import _disable_current_modes
+
+from emulator.configbase import doc
+from nodes.backend import Backend, autograd_backward, call_block
+from nodes.pcm.analog import (
+    HardwareAware,
+    WeightStationary,
+    analog_matmul,
+    drift_compensation_scale,
+    program_layer,
+)
+from nodes.pcm.cost import PcmCost, WriteCycleCounter
+from nodes.pcm.device import PcmDevice, check_drift_time
+from nodes.pcm.periphery import Periphery
+from nodes.pcm.tile import ProgrammedMatrix, Tile
+
+#: Drift compensation is re-read when the drift clock (t + t0) has grown by this factor since
+#: the last reference read: drift is a power law in (t + t0), and a 10% step moves conductances
+#: by ~nu ln(1.1) ~ 0.5%, below the read noise.
+_RECOMPENSATE_CLOCK_RATIO = 1.1
+
+
+class PcmBackend(Backend):
+    @dataclass(kw_only=True)
+    class Config(Backend.Config):
+        kind: Literal["pcm"] = doc("backend: PCM analog in-memory compute nodes", default="pcm")
+        mode: Literal["streaming", "weight-stationary"] = doc(
+            "'streaming': each layer is programmed when its weights arrive, onto arrays the "
+            "layers share; 'weight-stationary': every layer keeps its own arrays (must fit "
+            "weight_stationary.num_chips) and only changed devices are rewritten",
+            default="streaming",
+        )
+        device: PcmDevice.Config = doc(
+            "device physics (noise, drift, compensation)", default_factory=PcmDevice.Config
+        )
+        tile: Tile.Config = doc("crossbar geometry and weight mapping", default_factory=Tile.Config)
+        periphery: Periphery.Config = doc(
+            "DACs, ADCs, noise and bound management", default_factory=Periphery.Config
+        )
+        cost: PcmCost.Config = doc(
+            "time, energy and endurance model", default_factory=PcmCost.Config
+        )
+        weight_stationary: WeightStationary.Config = doc(
+            "chips per node: the arrays available to the layers",
+            default_factory=WeightStationary.Config,
+        )
+        training: HardwareAware.Config = doc(
+            "hardware-aware training: analog or ideal forward and backward",
+            default_factory=HardwareAware.Config,
+        )
+        drift_time_s: float = doc(
+            "extra time between programming a layer and reading it, s (0: read at once)",
+            default=0.0,
+        )
+        seed: int = doc(
+            "seed of the physical randomness (mixed with the node's per-step random state)",
+            default=0,
+        )
+
+        def __post_init__(self) -> None:
+            if not self.drift_time_s >= 0:
+                raise ValueError(
+                    f"drift_time_s = {self.drift_time_s} is not valid for PcmBackend; "
+                    "use a time >= 0 s after programming."
+                )
+
+        @classmethod
+        def ideal(cls, **overrides) -> PcmBackend.Config:
+            """Exact devices and converters: the forward equals the digital layer (to rounding)."""
+            return cls(
+                device=PcmDevice.Config.ideal(), periphery=Periphery.Config.ideal(), **overrides
+            )
+
+        def build(self) -> PcmBackend:
+            return PcmBackend(self)
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.device = config.device.build()
+        self.tile = config.tile.build()
+        self.periphery = config.periphery.build()
+        self.cost = config.cost.build()
+        self.hardware_aware = config.training.build()
+        self.placement = config.weight_stationary.build(self.tile)
+        self.mvm_mode = self.cost.operating_mode(config.tile, config.periphery)
+        #: Emulated seconds this node's arrays have been busy (programming and reading).
+        self.clock_s = 0.0
+        self._programmed: dict[tuple[int, str], ProgrammedMatrix] = {}
+        self._wear: dict[tuple[int, str], WriteCycleCounter] = {}
+        #: Per matrix: (t_inference of the last reference read, its compensation factor).
+        self._compensation: dict[tuple[int, str], tuple[float, Tensor]] = {}
+        self._counters: dict[str, float] = {}
+
+    # ---- Backend interface -------------------------------------------------------------
+
+    def forward(self, layer: int, block: nn.Module, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        params = {name: p.float() for name, p in params.items()}
+        with torch.no_grad(), _AnalogLayer(self, layer, params, self._generator(), autograd=False):
+            return call_block(block, params, x)
+
+    def backward(self, layer, block, params, x, grad_y):
+        if self.config.training.backward == "ideal":
+            return autograd_backward(call_block, block, params, x, grad_y)
+        generator = self._generator()
+
+        def analog_run(block: nn.Module, leaves: dict[str, Tensor], x_in: Tensor) -> Tensor:
+            with _AnalogLayer(self, layer, leaves, generator, autograd=True):
+                return call_block(block, leaves, x_in)
+
+        return autograd_backward(analog_run, block, params, x, grad_y)
+
+    def stats(self) -> dict[str, float]:
+        stats = dict(self._counters)
+        stats["pcm.clock_s"] = self.clock_s
+        stats["pcm.arrays_in_use"] = float(self._arrays_in_use())
+        if self._wear:
+            reports = {
+                key: counter.endurance(
+                    self.clock_s / counter.num_programmings, self.config.cost.endurance_cycles
+                )
+                for key, counter in self._wear.items()
+            }
+            stats["pcm.max_write_cycles"] = float(max(r.max_cycles for r in reports.values()))
+            stats["pcm.endurance_programmings"] = min(
+                r.projected_programmings for r in reports.values()
+            )
+            stats["pcm.endurance_lifetime_s"] = min(
+                r.projected_lifetime_s for r in reports.values()
+            )
+            for (layer, name), report in reports.items():
+                stats[f"pcm.layer.{layer}.{name}.max_write_cycles"] = float(report.max_cycles)
+        return stats
+
+    def check_layers(self, layers: list[nn.Module]) -> None:
+        """In weight-stationary mode, ValueError (with the numbers) if the model cannot fit."""
+        if self.config.mode == "weight-stationary":
+            self.placement.place(matrix_shapes(layers))
+
+    # ---- Emulated clock ----------------------------------------------------------------
+
+    def advance_clock(self, seconds: float) -> None:
+        """Let ``seconds`` of emulated time pass (programmed arrays drift meanwhile)."""
+        check_drift_time(seconds)
+        self.clock_s += seconds
+
+    # ---- Internals ---------------------------------------------------------------------
+
+    def _count(self, name: str, value: float) -> None:
+        self._counters[name] = self._counters.get(name, 0.0) + value
+
+    def _generator(self) -> torch.Generator:
+        # The node seeds torch's random state per (seed, rank, step, layer) and restores it for
+        # the backward recompute, as for dropout; drawing from it gives every node, step and
+        # layer its own reproducible noise, and mixing in config.seed picks another chip.
+        draw = int(torch.randint(0, 2**62, ()))
+        return torch.Generator().manual_seed(
+            (draw ^ (self.config.seed * 0x9E3779B97F4A7C15)) % 2**63
+        )
+
+    def _arrays_in_use(self) -> int:
+        return sum(p.num_tiles for p in self._programmed.values())
+
+    def _program(
+        self, layer: int, name: str, w_OI: Tensor, gen: torch.Generator
+    ) -> ProgrammedMatrix:
+        """The arrays holding ``w_OI``, programmed now unless they already hold exactly it."""
+        key = (layer, name)
+        stationary = self.config.mode == "weight-stationary"
+        previous = self._programmed.get(key)
+        if stationary and previous is not None and _holds(previous, w_OI, self.tile, self.device):
+            return previous
+        if stationary and previous is None:
+            self.placement.place(
+                [_matrix_shape(p) for p in self._programmed.values()] + [tuple(w_OI.shape)]
+            )
+        programmed = program_layer(
+            w_OI, None, self.tile, self.device, self.periphery, gen, programmed_at_s=self.clock_s
+        )
+        counter = self._wear.get(key)
+        if counter is None:
+            counter = self._wear[key] = WriteCycleCounter(
+                programmed.g_target_SRCIO.shape, self.config.cost.program_verify_iterations
+            )
+        # Streaming: the arrays held another layer's weights, so every device is rewritten.
+        previous_target = previous.g_target_SRCIO if stationary and previous is not None else None
+        written_SRCIO = counter.record(previous_target, programmed.g_target_SRCIO)
+        cost = self.cost.program(written_SRCIO.sum(dim=(0, 3, 4)), self.mvm_mode)
+        self._count("pcm.programmings", 1)
+        self._count("pcm.devices_written", cost.num_devices)
+        self._count("pcm.program_time_s", cost.time_s)
+        self._count("pcm.program_energy_j", cost.energy_j)
+        self._count(f"pcm.layer.{layer}.program_time_s", cost.time_s)
+        self._count(f"pcm.layer.{layer}.program_energy_j", cost.energy_j)
+        self.clock_s += cost.time_s
+        if self.config.device.drift_compensation.kind != "none":
+            # program_layer read the compensation baseline with one-hot inputs.
+            self._count_reads(programmed, programmed.num_inputs, "pcm.calibration")
+        programmed = replace(programmed, programmed_at_s=self.clock_s)
+        self._programmed[key] = programmed
+        # The baseline was read right now, so the factor is 1 until the arrays drift.
+        self._compensation[key] = (0.0, torch.ones(()))
+        return programmed
+
+    def _count_reads(self, programmed: ProgrammedMatrix, num_vectors: int, prefix: str) -> None:
+        cost = self.cost.matmul(
+            self.mvm_mode,
+            programmed.num_outputs,
+            programmed.num_inputs,
+            num_vectors,
+            self.placement.num_arrays,
+        )
+        self._count(f"{prefix}_mvms", cost.num_mvms)
+        self._count(f"{prefix}_macs", cost.num_macs)
+        self._count(f"{prefix}_time_s", cost.time_s)
+        self._count(f"{prefix}_energy_j", cost.energy_j)
+        self.clock_s += cost.time_s
+
+    def _drift_scale(
+        self, key: tuple[int, str], t_inference: float, gen: torch.Generator
+    ) -> Tensor:
+        t_ref, scale = self._compensation[key]
+        t0 = self.config.device.t0
+        if self.config.device.drift_compensation.kind == "none" or (t_inference + t0) <= (
+            _RECOMPENSATE_CLOCK_RATIO * (t_ref + t0)
+        ):
+            return scale
+        programmed = self._programmed[key]
+        scale = drift_compensation_scale(programmed, t_inference, self.periphery, gen)
+        self._count_reads(programmed, programmed.num_inputs, "pcm.calibration")
+        self._compensation[key] = (t_inference, scale)
+        return scale
+
+    def matmul(
+        self,
+        layer: int,
+        name: str,
+        x_BI: Tensor,
+        w_OI: Tensor,
+        gen: torch.Generator,
+        autograd: bool,
+    ) -> Tensor:
+        """x_BI @ w_OI^T read from the arrays holding ``w_OI`` (no bias: it is added digitally)."""
+        with _uncounted():
+            programmed = self._program(layer, name, w_OI.detach(), gen)
+            t_inference = self.config.drift_time_s + (self.clock_s - programmed.programmed_at_s)
+            self._count_reads(programmed, x_BI.shape[0], "pcm.mvm")
+            if autograd:
+                # Value from the arrays, gradients per training.backward (HardwareAware).
+                return self.hardware_aware.linear(
+                    x_BI, w_OI, None, programmed, t_inference, self.periphery, gen
+                )
+            if self.config.training.forward == "ideal":
+                return x_BI @ w_OI.T
+            scale = self._drift_scale((layer, name), t_inference, gen)
+            return analog_matmul(x_BI, programmed, t_inference, self.periphery, gen, scale)
+
+
+def _holds(programmed: ProgrammedMatrix, w_OI: Tensor, tile: Tile, device: PcmDevice) -> bool:
+    g_target_SRCIO, scale_RC = tile.map_weights(w_OI, device.g_max)
+    return (
+        g_target_SRCIO.shape == programmed.g_target_SRCIO.shape
+        and torch.equal(g_target_SRCIO, programmed.g_target_SRCIO)
+        and torch.equal(scale_RC, programmed.weight_scale_RC)
+    )
+
+
+def _matrix_shape(programmed: ProgrammedMatrix) -> tuple[int, int]:
+    return (programmed.num_outputs, programmed.num_inputs)
+
+
+def matrix_shapes(layers: list[nn.Module]) -> list[tuple[int, int]]:
+    """(outputs, inputs) of every crossbar matrix the layers' Linear and Conv2d modules need."""
+    shapes = []
+    for layer in layers:
+        for module in layer.modules():
+            if isinstance(module, nn.Linear):
+                shapes.append(tuple(module.weight.shape))
+            elif isinstance(module, nn.Conv2d):
+                out_channels = module.weight.shape[0]
+                shapes.append((out_channels, math.prod(module.weight.shape[1:])))
+    return shapes
+
+
+class _uncounted:
+    """Keep the physics emulation out of the node's FLOP count (a dispatch mode).
+
+    The node counts the layer's arithmetic; the emulation of noise, tiling and converters is
+    not work the chip does in FLOPs. ``_count_logical_op`` records the layer's own op instead.
+    """
+
+    def __enter__(self):
+        self._context = _disable_current_modes()
+        self._context.__enter__()
+
+    def __exit__(self, *exc):
+        return self._context.__exit__(*exc)
+
+
+def _count_logical_op(func, *args, **kwargs) -> None:
+    """Run ``func`` on meta copies: shape-only, free, but seen by an active FLOP counter."""
+    meta = [a.to("meta") if isinstance(a, Tensor) else a for a in args]
+    func(*meta, **{k: v.to("meta") if isinstance(v, Tensor) else v for k, v in kwargs.items()})
+
+
+_LINEAR_ARGS = ("input", "weight", "bias")
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+
+
+def _bind(names: tuple[str, ...], args: tuple, kwargs: dict) -> dict:
+    bound = dict(zip(names, args, strict=False))
+    bound.update(kwargs)
+    return bound
+
+
+class _AnalogLayer(TorchFunctionMode):
+    """Routes ``F.linear`` / ``F.conv2d`` on the streamed weights to the PCM arrays."""
+
+    def __init__(
+        self,
+        backend: PcmBackend,
+        layer: int,
+        params: dict[str, Tensor],
+        gen: torch.Generator,
+        autograd: bool,
+    ):
+        super().__init__()
+        self.backend = backend
+        self.layer = layer
+        self.names = {id(tensor): name for name, tensor in params.items()}
+        self.gen = gen
+        self.autograd = autograd
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            bound = _bind(_LINEAR_ARGS, args, kwargs)
+            if id(bound["weight"]) in self.names:
+                return self._linear(func, args, kwargs, bound)
+        elif func is F.conv2d:
+            bound = _bind(_CONV_ARGS, args, kwargs)
+            if id(bound["weight"]) in self.names:
+                return self._conv2d(func, args, kwargs, bound)
+        # Calls nested inside another intercepted function (e.g. the projections inside
+        # F.multi_head_attention_forward) run with this mode off, so they stay digital;
+        # nn.Linear and nn.Conv2d call F.linear / F.conv2d directly and are caught.
+        return func(*args, **kwargs)
+
+    def _matmul(self, weight: Tensor, x_BI: Tensor, w_OI: Tensor) -> Tensor:
+        name = self.names[id(weight)]
+        return self.backend.matmul(self.layer, name, x_BI, w_OI, self.gen, self.autograd)
+
+    def _linear(self, func, args, kwargs, bound) -> Tensor:
+        x, weight, bias = bound["input"], bound["weight"], bound.get("bias")
+        _count_logical_op(func, *args, **kwargs)
+        y_BO = self._matmul(weight, x.reshape(-1, x.shape[-1]), weight)
+        y = y_BO.reshape(*x.shape[:-1], weight.shape[0])
+        return y if bias is None else y + bias
+
+    def _conv2d(self, func, args, kwargs, bound) -> Tensor:
+        x, weight, bias = bound["input"], bound["weight"], bound.get("bias")
+        stride, padding = bound.get("stride", 1), bound.get("padding", 0)
+        dilation, groups = bound.get("dilation", 1), bound.get("groups", 1)
+        if groups != 1 or isinstance(padding, str):
+            raise ValueError(
+                f"layer {self.layer}: PCM maps Conv2d with groups = 1 and numeric padding; got "
+                f"groups = {groups}, padding = {padding!r}."
+            )
+        _count_logical_op(func, *args, **kwargs)
+        unbatched = x.ndim == 3
+        x_NCHW = x[None] if unbatched else x
+        out_channels, _, kh, kw = weight.shape
+        cols_NKL = F.unfold(x_NCHW, (kh, kw), dilation=dilation, padding=padding, stride=stride)
+        num, patch, num_pixels = cols_NKL.shape
+        x_BK = cols_NKL.transpose(1, 2).reshape(num * num_pixels, patch)
+        y_BO = self._matmul(weight, x_BK, weight.reshape(out_channels, patch))
+        h_out, w_out = _conv_output_size(x_NCHW.shape[-2:], (kh, kw), stride, padding, dilation)
+        y = y_BO.reshape(num, h_out, w_out, out_channels).permute(0, 3, 1, 2)
+        if bias is not None:
+            y = y + bias[:, None, None]
+        return y[0] if unbatched else y
+
+
+def _pair(value) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def _conv_output_size(size, kernel, stride, padding, dilation) -> tuple[int, int]:
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    return tuple(
+        (size[i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1
+        for i in range(2)
+    )
+
+
+__all__ = ["PcmBackend", "matrix_shapes"]
