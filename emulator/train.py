@@ -12,7 +12,9 @@ what the emulator accepts).
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -34,6 +36,8 @@ from emulator.emulated import (
     emulate,
     measured_workload,
 )
+from emulator.cost.stats import predict
+from emulator.cost.workload import Workload
 from emulator.launch import launch
 from emulator.zoo import check_blocks, model_blocks
 
@@ -51,6 +55,10 @@ class TrainReport:
     final_weights: list[dict[str, torch.Tensor]] = field(repr=False)
     #: The measured step on the emulated hardware (config.hardware).
     emulated: EmulatedStep = field(repr=False)
+    #: Sparse runs: weight densities and the emulated step against the same model dense.
+    sparsity: dict | None = None
+    #: Sparse runs: per layer, the masks (True = pruned) MemoryX held at the end.
+    final_masks: list[dict[str, torch.Tensor]] | None = field(default=None, repr=False)
 
     @property
     def final_loss(self) -> float:
@@ -71,20 +79,25 @@ class TrainReport:
             "final_loss": self.final_loss,
             "eval": asdict(final_eval) if final_eval else None,
             "wall_time_s": self.wall_time_s,
-            "step_wall_time_s": sum(s.wall_time_s for s in self.steps) / len(self.steps),
+            # Median after the first step: step 0 pays for connections and FLOP counting.
+            "step_wall_time_s": statistics.median(
+                s.wall_time_s for s in self.steps[1:] or self.steps
+            ),
             "traffic": {
                 # Per training step (every step moves the same bytes; the last is reported).
                 "memoryx_egress_bytes": last.memoryx_egress_bytes,
                 "memoryx_ingress_bytes": last.memoryx_ingress_bytes,
                 "weight_bytes_per_pass": self.num_params * wire_bytes[self._wire_dtype],
                 "gradient_bytes_per_pass": self.num_params * 4,
-                "num_passes_streamed": 2,
+                # DFA's backward pass streams no weights.
+                "num_passes_streamed": 2 if self._backward_weights else 1,
                 "bytes_delivered_to_nodes": last.bytes_to_nodes,
                 "bytes_delivered_per_node": last.bytes_to_nodes // self.config.num_nodes,
                 "gradient_bytes_from_nodes": last.gradient_bytes_from_nodes,
                 "totals": self.traffic,
             },
             "emulated": self.emulated.to_json(),
+            "sparsity": self.sparsity,
             "steps": [asdict(s) for s in self.steps],
             "evals": [asdict(e) for e in self.evals],
         }
@@ -92,6 +105,10 @@ class TrainReport:
     def write_trace(self, path: str) -> None:
         """Chrome-trace JSON of one emulated step: MemoryX, each SwarmX node, each node."""
         self.emulated.write_trace(path)
+
+    @property
+    def _backward_weights(self) -> bool:
+        return self.config.backend.build().needs_weights_in_backward
 
     @property
     def _wire_dtype(self) -> str:
@@ -106,7 +123,71 @@ def prepare_layers(
     module = model if model is not None else config.model.build(seed=config.seed)
     blocks = model_blocks(module)
     check_blocks(blocks, dataset.input_example())
-    return group_layers(blocks), dataset
+    # A backend may re-parameterize the layers (photonic: Linear weights -> mesh phases).
+    return config.backend.build().prepare_layers(group_layers(blocks)), dataset
+
+
+def sparsity_named_shapes(layers: list[nn.Module]) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes under the names a sparsity config sees: ``"{layer}.{name}"``."""
+    return {
+        f"{index}.{name}": tuple(p.shape)
+        for index, layer in enumerate(layers)
+        for name, p in layer.named_parameters()
+    }
+
+
+def check_sparsity(config: ClusterConfig, layers: list[nn.Module]) -> None:
+    """ValueError before the cluster starts if the sparsity config does not fit the model."""
+    if config.sparsity is None:
+        return
+    try:
+        config.sparsity.build(sparsity_named_shapes(layers))
+    except ValueError as exc:  # e.g. a param_filter that matches nothing (it lists the names)
+        raise ValueError(f"sparsity: {exc}") from None
+
+
+def sparsity_report(
+    workload: Workload,
+    densities: list[float],
+    emulated: EmulatedStep,
+    hardware,
+    num_nodes: int,
+    *,
+    wire_dtype: str,
+) -> dict:
+    """The JSON ``sparsity`` block: densities, bytes and emulated step time vs dense.
+
+    The dense step is the measured workload with every layer's bytes at full
+    size (weights in the wire dtype, gradients fp32) and density 1.
+    """
+    itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[wire_dtype]
+    dense = dataclasses.replace(
+        workload,
+        layers=tuple(
+            dataclasses.replace(
+                layer,
+                weight_bytes=layer.num_params * itemsize,
+                grad_bytes=layer.num_params * 4,
+                weight_density=1.0,
+            )
+            for layer in workload.layers
+        ),
+    )
+    dense_time = predict(dense, hardware, num_nodes).step_time_s
+    sparse_time = emulated.stats.step_time_s
+    num_params = [layer.num_params for layer in workload.layers]
+    kept = sum(d * n for d, n in zip(densities, num_params, strict=True))
+    return {
+        "density": kept / sum(num_params),
+        "layer_densities": densities,
+        "weight_bytes_per_pass": sum(x.weight_bytes for x in workload.layers),
+        "dense_weight_bytes_per_pass": sum(x.weight_bytes for x in dense.layers),
+        "gradient_bytes_per_pass": sum(x.grad_bytes for x in workload.layers),
+        "dense_gradient_bytes_per_pass": sum(x.grad_bytes for x in dense.layers),
+        "emulated_step_time_s": sparse_time,
+        "dense_emulated_step_time_s": dense_time,
+        "emulated_speedup": dense_time / sparse_time,
+    }
 
 
 def _input_gradient_flops(layer: nn.Module, x: torch.Tensor) -> float:
@@ -161,6 +242,7 @@ def train(
 ) -> TrainReport:
     started = time.perf_counter()
     layers, dataset = prepare_layers(config, model)
+    check_sparsity(config, layers)
     num_params = sum(p.numel() for layer in layers for p in layer.parameters())
     tokens_per_sample = (
         1 if dataset.task == "classification" else int(dataset.train_targets.shape[1])
@@ -213,17 +295,26 @@ def train(
         if config.save_checkpoint:
             coordinator.save_checkpoint(os.path.abspath(config.save_checkpoint))
         traffic = coordinator.traffic()
+        densities = coordinator.weight_densities() if config.sparsity is not None else None
     finally:
         cluster.stop()
     # Every step moves the same bytes and computes the same FLOPs: one cost-model run suffices.
-    workload = measured_workload(config.model.name, shapes, coordinator.measured, **workload_args)
+    workload = measured_workload(
+        config.model.name, shapes, coordinator.measured, densities=densities, **workload_args
+    )
     emulated = emulate(
         workload,
         hardware,
         config.num_nodes,
         peak_activation_bytes_per_node=max(n["peak_activation_bytes"] for n in traffic["nodes"]),
     )
+    sparsity = None
+    if densities is not None:
+        sparsity = sparsity_report(
+            workload, densities, emulated, hardware, config.num_nodes, wire_dtype=wire_dtype
+        )
     return TrainReport(
+        sparsity=sparsity,
         config=config,
         num_layers=len(layers),
         num_params=num_params,
@@ -233,5 +324,6 @@ def train(
         wall_time_s=time.perf_counter() - started,
         traffic=traffic,
         final_weights=weights,
+        final_masks=coordinator.fetched_masks if config.sparsity is not None else None,
         emulated=emulated,
     )
