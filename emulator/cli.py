@@ -36,7 +36,11 @@ def _add_train_parser(subparsers) -> None:
     p.add_argument("--optimizer", help="sgd | adam | adamw")
     p.add_argument("--lr", type=float, metavar="X", help="learning rate")
     p.add_argument("--precision", help="fp32 | bf16 | fp16 (cs2 backend)")
-    p.add_argument("--backend", help="compute-node backend: cs2 | pcm")
+    p.add_argument("--backend", help="compute-node backend: cs2 | pcm | photonic")
+    p.add_argument(
+        "--training",
+        help="photonic training method: backprop (twin, deployed) | dfa | ffm (in situ)",
+    )
     p.add_argument("--seed", type=int)
     p.add_argument(
         "--address", metavar="ADDR", help="existing Ray cluster; default: start a local one"
@@ -49,6 +53,17 @@ def _add_train_parser(subparsers) -> None:
         "--hardware",
         metavar="PRESET",
         help="emulated hardware the run reports on: cs2 | cs3 | path of a preset YAML file",
+    )
+    p.add_argument(
+        "--sparsity",
+        type=float,
+        metavar="S",
+        help="fraction of each weight matrix pruned, in [0, 1) (per-pattern lists: YAML groups)",
+    )
+    p.add_argument(
+        "--sparsity-algorithm",
+        metavar="ALG",
+        help="static | gmp | set | rigl (dynamic ones need update: {freq, start, stop} in YAML)",
     )
     p.add_argument("--json", metavar="PATH", help="write the full report as JSON")
     p.add_argument(
@@ -111,6 +126,25 @@ def _emulated_rows(emulated: dict) -> list[tuple[str, str]]:
     ]
 
 
+def _sparsity_rows(sparsity: dict | None) -> list[tuple[str, str]]:
+    if sparsity is None:
+        return []
+    return [
+        ("weight density", f"{100 * sparsity['density']:.1f}% of weights kept"),
+        (
+            "weights / pass, sparse vs dense",
+            f"{human_bytes(sparsity['weight_bytes_per_pass'])} vs "
+            f"{human_bytes(sparsity['dense_weight_bytes_per_pass'])}",
+        ),
+        (
+            "emulated step, sparse vs dense",
+            f"{format_seconds(sparsity['emulated_step_time_s'])} vs "
+            f"{format_seconds(sparsity['dense_emulated_step_time_s'])} "
+            f"({sparsity['emulated_speedup']:.2f}x)",
+        ),
+    ]
+
+
 def summary(result: dict) -> str:
     cfg = result["config"]
     traffic = result["traffic"]
@@ -139,6 +173,7 @@ def summary(result: dict) -> str:
             f"{result['wall_time_s']:.1f} s ({1000 * result['step_wall_time_s']:.1f} ms/step)",
         ),
         *_emulated_rows(result["emulated"]),
+        *_sparsity_rows(result.get("sparsity")),
     ]
     return format_table(["", ""], rows, title="wafer train: summary", align="ll")
 

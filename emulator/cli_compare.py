@@ -98,11 +98,15 @@ def add_compare_parser(subparsers) -> None:
             "prints accuracy, emulated time, energy, energy per sample and achieved TOPS/W. "
             "cs2 rows take time and energy from the run's emulated clock; pcm rows from the "
             "PCM cost model applied to the backend's counters of one replayed step, with the "
-            "digital backward pass costed on an H100 at FP16."
+            "digital backward pass costed on an H100 at FP16; photonic rows from PhotonicCost "
+            "(calibrated to Taichi's 160.82 TOPS/W) applied to the photonic backend's counters of "
+            "one replayed step, with its digital part on the same H100."
         ),
     )
     p.add_argument("--config", metavar="FILE", help="YAML cluster config; flags override it")
-    p.add_argument("--backends", default="cs2,pcm", help="comma-separated backends (cs2,pcm)")
+    p.add_argument(
+        "--backends", default="cs2,pcm", help="comma-separated backends (cs2,pcm,photonic)"
+    )
     p.add_argument("--model", default="mlp-digits", help="zoo model or module:factory")
     p.add_argument("--steps", type=int, default=100, metavar="K", help="training steps each")
     p.add_argument("--nodes", type=int, default=2, metavar="N", help="compute nodes")

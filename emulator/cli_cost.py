@@ -216,10 +216,45 @@ def parse_overrides(pairs: list[str]) -> dict[str, object]:
     return overrides
 
 
+def sparsity_table(workload: Workload, hardware, node_counts: list[int], text: str) -> str:
+    """The emulated speedup curve: one row per sparsity and node count."""
+    from emulator.cost.sparsity import parse_sparsities, sparsity_curve
+
+    sparsities = parse_sparsities(text)
+    rows = [
+        [
+            f"{point.sparsity:g}",
+            n,
+            format_seconds(point.stats.step_time_s),
+            f"{point.speedup:.2f}x",
+            human_bytes(point.bytes_per_step),
+            f"{point.stats.compute_utilization:.1%}",
+            point.stats.bound,
+        ]
+        for n in node_counts
+        for point in sparsity_curve(workload, hardware, n, sparsities)
+    ]
+    wafer = hardware.wafer
+    title = (
+        f"wafer simulate: {workload.name} with unstructured weight sparsity, batch "
+        f"{workload.samples_per_step} x {workload.tokens_per_sample} tokens, {workload.precision}, "
+        f"on {hardware.name}; sparse speedup capped at {wafer.max_sparse_speedup:g}x "
+        f"(efficiency {wafer.sparse_speedup_efficiency:g})"
+    )
+    headers = ["sparsity", "nodes", "step time", "speedup vs dense", "bytes/step", "util", "bound"]
+    return format_table(headers, rows, title=title)
+
+
 def run_simulate(args: argparse.Namespace) -> int:
     hardware = load_hardware(args.hardware, parse_overrides(args.set))
     workload = resolve_workload(args.model, args.batch, args.seq, args.precision)
-    node_counts = parse_node_counts(args.nodes)
+    if args.sparsity is not None:
+        # A speedup curve per cluster size: one system unless --nodes says otherwise.
+        print(
+            sparsity_table(workload, hardware, parse_node_counts(args.nodes or "1"), args.sparsity)
+        )
+        return 0
+    node_counts = parse_node_counts(args.nodes or "1-192")
     results = sweep(workload, hardware, node_counts)
     print(simulate_table(results, workload, args.threshold))
     print(scaling_verdict(results, args.threshold))
@@ -276,7 +311,7 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--nodes",
-        default="1-192",
+        default=None,
         help="node counts: '1,2,4,8', '1-192' (1,2,3,...,8,10,12,14,16,20,...) or '8-64:8' (default 1-192)",
     )
     p.add_argument(
@@ -301,6 +336,12 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
         type=float,
         default=LINEAR_SCALING_THRESHOLD,
         help="scaling efficiency below which scaling counts as non-linear (default 0.9)",
+    )
+    p.add_argument(
+        "--sparsity",
+        metavar="S[,S...]",
+        help="weight sparsities to compare, e.g. 0,0.5,0.75,0.9: prints the emulated speedup "
+        "curve (step time, speedup vs dense, bytes per step; default --nodes 1)",
     )
     p.add_argument("--json", metavar="PATH", help="write all results as JSON")
     p.add_argument("--plot", metavar="PNG", help="write speedup and efficiency vs nodes")

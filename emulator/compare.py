@@ -228,6 +228,59 @@ def _pcm_row(config: ClusterConfig, report, accuracy: float | None) -> CompareRo
     )
 
 
+def _dense_macs_per_sample(config: ClusterConfig) -> float:
+    """Multiply-accumulates per sample of the model's Linear layers (before any re-parameterizing)."""
+    module = config.model.build(seed=config.seed)
+    return float(
+        sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+    )
+
+
+#: Optical counters of the photonic backend, summed into the row's time and energy.
+_PHOTONIC_OPTICAL = ("program", "mvm", "ffm_error", "dfa_projection")
+
+
+def _photonic_row(config: ClusterConfig, report, accuracy: float | None) -> CompareRow:
+    """PhotonicCost of one replayed step (programming, MVMs) + the digital part on an H100.
+
+    Digital part per training method: backprop trains on the twin, a computer, so its whole
+    step (forward and backward, 3 x 2 x MACs) is digital; ffm is all optical; dfa computes its
+    weight updates delta h^T (2 x MACs) digitally.
+    """
+    counters, _forward, _backward = replay_step(config, report.final_weights)
+    optical_time_s = sum(counters.get(f"photonic.{k}_time_s", 0.0) for k in _PHOTONIC_OPTICAL)
+    optical_energy_j = sum(counters.get(f"photonic.{k}_energy_j", 0.0) for k in _PHOTONIC_OPTICAL)
+    optical_ops = sum(counters.get(f"photonic.{k}_ops", 0.0) for k in _PHOTONIC_OPTICAL)
+    samples_per_node = config.batch_size // config.num_nodes
+    dense_flops = 2.0 * _dense_macs_per_sample(config) * samples_per_node
+    training = config.backend.training
+    digital_flops = {"backprop": 3.0 * dense_flops, "ffm": 0.0, "dfa": dense_flops}[training]
+    digital_time_s = digital_flops / DIGITAL_BASELINE_FLOPS_PER_S
+    digital_energy_j = digital_time_s * DIGITAL_BASELINE_WATTS
+    nodes = config.num_nodes
+    return CompareRow(
+        backend="photonic",
+        accuracy=accuracy,
+        num_steps=config.num_steps,
+        samples_per_step=config.batch_size,
+        step_time_s=optical_time_s + digital_time_s,
+        step_energy_j=nodes * (optical_energy_j + digital_energy_j),
+        flops_per_step=nodes * (optical_ops + digital_flops),
+        source=(
+            f"functional run, photonic {training}, accuracy "
+            f"{'with an ideal-mesh forward' if training == 'dfa' else 'on the physical node'}; "
+            "PhotonicCost of one replayed step (Taichi-calibrated) + digital part (H100 FP16)"
+        ),
+        details={
+            "program_time_s_per_step": counters.get("photonic.program_time_s", 0.0),
+            "program_energy_j_per_step": nodes * counters.get("photonic.program_energy_j", 0.0),
+            "optical_energy_j_per_step": nodes * optical_energy_j,
+            "digital_energy_j_per_step": nodes * digital_energy_j,
+            "optical_ops_per_step": nodes * optical_ops,
+        },
+    )
+
+
 def _cs2_row(config: ClusterConfig, report, accuracy: float | None) -> CompareRow:
     emulated = report.to_json()["emulated"]
     return CompareRow(
@@ -244,7 +297,7 @@ def _cs2_row(config: ClusterConfig, report, accuracy: float | None) -> CompareRo
 
 #: How each backend's time and energy are obtained; a backend without an entry uses the
 #: run's emulated clock (the digital wafer's cost model).
-_ROW_BUILDERS = {"pcm": _pcm_row}
+_ROW_BUILDERS = {"pcm": _pcm_row, "photonic": _photonic_row}
 
 
 def compare_backends(

@@ -18,6 +18,7 @@ from emulator.data import DataConfig
 from emulator.presets import load_hardware
 from emulator.zoo import ModelConfig, default_data_config
 from memoryx.optim import Optimizer
+from memoryx.sparsity import Sparsity
 from nodes.backend import Backend
 from nodes.cs2 import Cs2Backend
 from swarmx.tree import SwarmXTree
@@ -109,6 +110,11 @@ class ClusterConfig:
     backend: Backend.Config = doc("compute-node backend", default_factory=Cs2Backend.Config)
     swarmx: SwarmXTree.Config = doc("broadcast/reduce tree", default_factory=SwarmXTree.Config)
     runtime: RuntimeConfig = doc("where and how the actors run", default_factory=RuntimeConfig)
+    sparsity: Sparsity.Config | None = doc(
+        "weight sparsity MemoryX keeps and streams, e.g. {algorithm: set, sparsity: 0.9, "
+        "update: {freq: 10, start: 0, stop: 200}}; None: dense",
+        default=None,
+    )
     hardware: HardwareConfig = doc(
         "emulated hardware whose step time, energy and memory fit the run reports",
         default_factory=HardwareConfig,
@@ -170,8 +176,11 @@ CLI_FIELDS = {
     "lr": "optimizer.lr",
     "precision": "backend.precision",
     "backend": "backend.kind",
+    "training": "backend.training",
     "address": "runtime.address",
     "hardware": "hardware.preset",
+    "sparsity": "sparsity.sparsity",
+    "sparsity_algorithm": "sparsity.algorithm",
     "seed": "seed",
     "save_checkpoint": "save_checkpoint",
     "resume": "resume",

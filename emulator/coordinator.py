@@ -31,7 +31,7 @@ from proto import swarmx_pb2 as spb
 from proto import swarmx_pb2_grpc as sgrpc
 from proto import tensor_pb2 as pb
 from proto.rpc import channel
-from proto.serde import Expected, decode_layer, encode_layer
+from proto.serde import Expected, LayerAssembler, encode_layer
 
 
 def group_layers(blocks: list[nn.Module]) -> list[nn.Module]:
@@ -97,6 +97,8 @@ class Coordinator:
     def __post_init__(self) -> None:
         self.memoryx = mgrpc.MemoryXStub(channel(self.cluster.memoryx_address))
         self.root = sgrpc.SwarmXStub(channel(self.cluster.root_address))
+        # A backend whose backward needs no weights (DFA) gets a header-only backward stream.
+        self.backward_weights = self.config.backend.build().needs_weights_in_backward
 
     def load_weights(self, layers: list[nn.Module], step: int = 0) -> None:
         def messages():
@@ -120,8 +122,15 @@ class Coordinator:
     def _run_layer(self, layer: int, step: int, phase: int, name: str) -> pb.LayerAck:
         if self.fault is not None:
             self.fault(step, layer, name)
+        without_weights = phase == pb.BACKWARD and not self.backward_weights
         return self.root.RunLayer(
-            spb.LayerRequest(layer=layer, step=step, phase=phase, dtype=self.wire_dtype)
+            spb.LayerRequest(
+                layer=layer,
+                step=step,
+                phase=phase,
+                dtype=self.wire_dtype,
+                without_weights=without_weights,
+            )
         )
 
     def _attempt(self, step: int) -> tuple[pb.LayerAck, list[pb.LayerAck]]:
@@ -183,13 +192,28 @@ class Coordinator:
         """fp32 master weights of every layer at version ``step``, read back over gRPC."""
         layout = self.memoryx.Layout(pb.Empty())
         weights = []
+        self.fetched_masks: list[dict[str, torch.Tensor]] = []
         for index, layer in enumerate(layout.layers):
             stream = self.memoryx.StreamWeights(
                 mpb.WeightsRequest(layer=index, step=step, phase=pb.EVAL, dtype="float32")
             )
             spec = [(t.name, tuple(t.shape)) for t in layer.tensors]
-            weights.append(decode_layer(stream, Expected(index, step, pb.EVAL, spec, "float32")))
+            assembler = LayerAssembler(Expected(index, step, pb.EVAL, spec, "float32", sparse=True))
+            for message in stream:
+                assembler.add(message)
+            weights.append(assembler.finish())
+            # Masks of the tensors that came sparse (values + index): what MemoryX prunes.
+            self.fetched_masks.append(assembler.masks)
         return weights
+
+    def weight_densities(self) -> list[float]:
+        """Per layer, the share of its weights that no sparsity mask prunes (1.0: dense)."""
+        layout = self.memoryx.Layout(pb.Empty())
+        densities = []
+        for layer in layout.layers:
+            numel = sum(int(torch.Size(t.shape).numel()) for t in layer.tensors)
+            densities.append(layer.num_kept / numel if numel else 1.0)
+        return densities
 
     def save_checkpoint(self, path: str) -> mpb.CheckpointReply:
         return self.memoryx.SaveCheckpoint(mpb.CheckpointRequest(path=path))

@@ -59,8 +59,14 @@ def measured_workload(
     samples_per_step: int,
     tokens_per_sample: int,
     precision: Precision,
+    densities: Sequence[float] | None = None,
 ) -> Workload:
     """The ``Workload`` of one measured training step, in ``profile_modules``' conventions.
+
+    ``densities`` (per layer, 1.0 = dense) are the weight densities of a
+    sparse run: the nodes count dense FLOPs, and the wafer skips the FLOPs of
+    pruned weights (``LayerProfile.weight_density``, through the preset's
+    sparse efficiency curve). Bytes are measured, so they already shrink.
 
     Bytes are what one node received (weights) and sent (gradients) per pass;
     FLOPs are summed over the nodes and divided by the global batch, so they
@@ -77,12 +83,14 @@ def measured_workload(
         forward = by_key.get((index, "forward"))
         backward = by_key.get((index, "backward"))
         assert forward is not None and backward is not None, f"layer {index} was not measured"
-        # The cost model streams one weight_bytes per pass; the forward pass always streams them.
+        # Each pass streams what it measured: a backend that needs no weights in the backward
+        # pass (DFA) streams none there, and the emulated clock shows it.
         layers.append(
             LayerProfile(
                 name=f"layer{index}",
                 num_params=shape.num_params,
                 weight_bytes=forward.bytes_to_nodes / forward.num_nodes,
+                backward_weight_bytes=backward.bytes_to_nodes / backward.num_nodes,
                 grad_bytes=backward.gradient_bytes / backward.num_nodes,
                 forward_flops=forward.flops / samples_per_step,
                 backward_flops=max(
@@ -90,6 +98,7 @@ def measured_workload(
                     backward.flops / samples_per_step - shape.skipped_backward_flops_per_sample,
                 ),
                 activation_bytes=shape.input_elements_per_sample * element_bytes,
+                weight_density=1.0 if densities is None else densities[index],
             )
         )
     return Workload(

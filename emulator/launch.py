@@ -91,7 +91,11 @@ def launch(config: ClusterConfig, layers: list[nn.Module]) -> Cluster:
     skeleton_ref = ray.put(skeleton)
 
     memoryx = remote[MemoryXActor].remote(
-        config.optimizer, host=host, chunk_bytes=chunk_bytes, checkpoint=config.resume
+        config.optimizer,
+        host=host,
+        chunk_bytes=chunk_bytes,
+        checkpoint=config.resume,
+        sparsity=config.sparsity,
     )
     tree = config.swarmx.build(config.num_nodes)
     swarmx = {t.name: remote[SwarmXActor].remote(t.name, host=host) for t in tree}

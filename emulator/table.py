@@ -18,7 +18,8 @@ def format_table(
 
     def line(row: list[str]) -> str:
         return "  ".join(
-            c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(row, widths, align, strict=True)
+            c.ljust(w) if a == "l" else c.rjust(w)
+            for c, w, a in zip(row, widths, align, strict=True)
         ).rstrip()
 
     rule = "-" * (sum(widths) + 2 * (len(widths) - 1))

@@ -28,6 +28,8 @@ from tqdm import tqdm
 from emulator.config import ClusterConfig
 from emulator.configbase import to_dict
 from emulator.coordinator import Coordinator, EvalRecord, StepRecord, group_layers
+from emulator.cost.stats import predict
+from emulator.cost.workload import Workload
 from emulator.emulated import (
     WIRE_PRECISION,
     EmulatedStep,
@@ -36,8 +38,6 @@ from emulator.emulated import (
     emulate,
     measured_workload,
 )
-from emulator.cost.stats import predict
-from emulator.cost.workload import Workload
 from emulator.launch import launch
 from emulator.zoo import check_blocks, model_blocks
 

@@ -19,6 +19,7 @@ import torch
 
 from emulator.configbase import to_dict
 from memoryx.optim import Optimizer
+from memoryx.sparsity import Sparsity
 from memoryx.store import ParameterStore
 
 CHECKPOINT_KIND = "memoryx-checkpoint"
@@ -58,11 +59,15 @@ def save_checkpoint(store: ParameterStore, path: str | Path, *, extra: dict | No
         os.close(directory_fd)
 
 
-def load_checkpoint(path: str | Path, optimizer: Optimizer) -> tuple[ParameterStore, dict]:
+def load_checkpoint(
+    path: str | Path, optimizer: Optimizer, sparsity: Sparsity.Config | None = None
+) -> tuple[ParameterStore, dict]:
     """Rebuild the store saved at ``path`` with ``optimizer``; returns it and ``extra``.
 
     ``optimizer`` may change hyperparameters such as ``lr`` but must be the same
-    update rule as the saved one, whose state it takes over.
+    update rule as the saved one, whose state it takes over. ``sparsity`` must
+    select the parameters the checkpoint holds masks for; the masks themselves
+    come from the checkpoint.
     """
     path = Path(path)
     if not path.is_file():
@@ -85,7 +90,18 @@ def load_checkpoint(path: str | Path, optimizer: Optimizer) -> tuple[ParameterSt
                 f"checkpoint {path} holds state of optimizer {saved_name!r}, "
                 f"but the optimizer given is {optimizer.config.name!r}."
             )
-        return ParameterStore.from_state_dict(payload["store"], optimizer), payload["extra"]
+        store_state = payload["store"]
+        built = None
+        if sparsity is not None:
+            built = sparsity.build(
+                {
+                    f"{index}.{name}": tuple(tensor.shape)
+                    for index, entry in enumerate(store_state["layers"])
+                    for name, tensor in entry["params"].items()
+                }
+            )
+        store = ParameterStore.from_state_dict(store_state, optimizer, sparsity=built)
+        return store, payload["extra"]
     except KeyError as exc:
         raise ValueError(f"checkpoint {path} is corrupt: entry {exc} is missing.") from exc
 

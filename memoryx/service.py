@@ -16,6 +16,7 @@ import grpc
 
 from memoryx.checkpoint import load_checkpoint, save_checkpoint
 from memoryx.optim import Optimizer
+from memoryx.sparsity import Sparsity
 from memoryx.store import ParameterStore, StepError
 from proto import memoryx_pb2 as mpb
 from proto import memoryx_pb2_grpc as mgrpc
@@ -29,6 +30,7 @@ from proto.serde import (
     WireError,
     decode_layers,
     encode_layer,
+    sends_sparse,
 )
 
 
@@ -51,15 +53,21 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
         *,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         checkpoint: str | None = None,
+        sparsity: Sparsity.Config | None = None,
     ):
         self.optimizer = optimizer
         self.chunk_bytes = chunk_bytes
+        self.sparsity = sparsity
+        # Masks of the tensors whose gradient of (layer, step) comes as masked values:
+        # those the backward weight stream sent sparse, unless it asked for dense gradients.
+        self._gradient_masks: dict[tuple[int, int], dict] = {}
+        self._masks_lock = threading.Lock()
         self.store: ParameterStore | None = None
         # Gradients of steps before this one were never applied here, so they are not re-runs.
         self.first_step = 0
         self.checkpoint_extra: dict = {}
         if checkpoint is not None:
-            self.store, self.checkpoint_extra = load_checkpoint(checkpoint, optimizer)
+            self.store, self.checkpoint_extra = load_checkpoint(checkpoint, optimizer, sparsity)
         self.traffic = _Traffic()
 
     def _require_store(self) -> ParameterStore:
@@ -86,12 +94,22 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
                 )
         step = layers[0][0].step if layers else 0
         try:
+            sparsity = None
+            if self.sparsity is not None:
+                sparsity = self.sparsity.build(
+                    {
+                        f"{index}.{name}": tuple(t.shape)
+                        for index, (_, tensors) in enumerate(layers)
+                        for name, t in tensors.items()
+                    }
+                )
             store = ParameterStore(
                 [{name: t.float() for name, t in tensors.items()} for _, tensors in layers],
                 self.optimizer,
                 step=step,
+                sparsity=sparsity,
             )
-        except ValueError as exc:  # no layers, an empty layer, a negative step
+        except ValueError as exc:  # no layers, an empty layer, a negative step, a bad filter
             raise WireError(f"cannot load these weights: {exc}") from None
         self.first_step = step
         self.store = store
@@ -104,8 +122,19 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
             raise WireError(f"dtype {request.dtype!r} is not one of {', '.join(WIRE_DTYPES)}")
         try:
             weights = self.store.weights(request.layer, request.step)
+            masks = self.store.masks(request.layer, request.step)
         except StepError as exc:
             raise StepConflict(str(exc)) from None
+        store_sparsity = self.store.sparsity
+        dense_gradients = bool(
+            masks and store_sparsity and store_sparsity.needs_dense_gradients(request.step)
+        )
+        if request.phase == pb.BACKWARD:
+            sparse = {n: m for n, m in masks.items() if sends_sparse(m, request.dtype)}
+            with self._masks_lock:
+                self._gradient_masks[(request.layer, request.step)] = (
+                    {} if dense_gradients else sparse
+                )
         sent = 0
         for message in encode_layer(
             request.layer,
@@ -115,6 +144,8 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
             dtype=request.dtype,
             chunk_bytes=self.chunk_bytes,
             sender="memoryx",
+            masks=masks,
+            dense_gradients=dense_gradients and request.phase == pb.BACKWARD,
         ):
             if message.WhichOneof("kind") == "chunk":
                 sent += len(message.chunk.data)
@@ -137,8 +168,17 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
                 f"gradient for layer {header.layer} is for step {header.step}, but that layer "
                 f"expects the gradient of step {version}"
             )
+        with self._masks_lock:
+            masks = self._gradient_masks.get((header.layer, header.step))
         assembler = LayerAssembler(
-            Expected(header.layer, header.step, pb.BACKWARD, store.layout(header.layer), "float32")
+            Expected(
+                header.layer,
+                header.step,
+                pb.BACKWARD,
+                store.layout(header.layer),
+                "float32",
+                masks=masks or None,
+            )
         )
         assembler.add(first)
         for message in request_iterator:
@@ -150,6 +190,8 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
         except StepError as exc:
             raise WireError(str(exc)) from None
         elapsed = time.perf_counter() - started
+        with self._masks_lock:
+            self._gradient_masks.pop((header.layer, header.step), None)
         with self.traffic.lock:
             self.traffic.ingress_bytes += assembler.payload_bytes
             self.traffic.num_gradient_streams += 1
@@ -190,7 +232,8 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
         return mpb.LayoutReply(
             layers=[
                 mpb.LayerLayout(
-                    tensors=[mpb.TensorSpec(name=n, shape=list(s)) for n, s in store.layout(i)]
+                    tensors=[mpb.TensorSpec(name=n, shape=list(s)) for n, s in store.layout(i)],
+                    num_kept=store.num_kept(i),
                 )
                 for i in range(store.num_layers)
             ],

@@ -23,9 +23,10 @@ import torch
 from torch import Tensor
 
 from memoryx.optim import Optimizer
+from memoryx.sparsity import Sparsity, apply_masks
 
-# Bumped when the layout of ``state_dict`` changes.
-STATE_FORMAT_VERSION = 1
+# Bumped when the layout of ``state_dict`` changes (2: per-layer sparsity masks).
+STATE_FORMAT_VERSION = 2
 
 
 class StepError(Exception):
@@ -39,6 +40,8 @@ class _Version:
     params: dict[str, Tensor]
     optimizer_state: dict[str, dict[str, Tensor]]
     num_updates: int  # updates applied to reach this version; drives Adam bias correction
+    # Pruning masks (True = pruned) of the masked params, valid for this version's weights.
+    masks: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -61,9 +64,18 @@ class ParameterStore:
     """
 
     def __init__(
-        self, layers: Sequence[Mapping[str, Tensor]], optimizer: Optimizer, *, step: int = 0
+        self,
+        layers: Sequence[Mapping[str, Tensor]],
+        optimizer: Optimizer,
+        *,
+        step: int = 0,
+        sparsity: Sparsity | None = None,
     ) -> None:
-        """Copy ``layers`` to contiguous fp32; ``step`` is the first step to run."""
+        """Copy ``layers`` to contiguous fp32; ``step`` is the first step to run.
+
+        With ``sparsity``, parameters are named ``"{layer}.{name}"`` for it, and
+        the selected ones start masked (pruned entries zeroed) as of ``step``.
+        """
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}.")
         if not layers:
@@ -72,11 +84,20 @@ class ParameterStore:
             if not layer:
                 raise ValueError(f"layer {index} must hold at least one parameter, got none.")
         self.optimizer = optimizer
+        self.sparsity = sparsity
         self._layers: list[_Layer] = []
-        for layer in layers:
+        for index, layer in enumerate(layers):
             params = {name: _to_master(t) for name, t in layer.items()}
             state = {name: optimizer.init_state(p) for name, p in params.items()}
-            self._layers.append(_Layer(version=step, current=_Version(params, state, 0)))
+            masks = self._init_masks(index, params, step)
+            apply_masks(params, state, masks)
+            self._layers.append(_Layer(version=step, current=_Version(params, state, 0, masks)))
+
+    def _init_masks(self, layer: int, params: Mapping[str, Tensor], step: int) -> dict:
+        if self.sparsity is None:
+            return {}
+        full = self.sparsity.init_masks({f"{layer}.{n}": p for n, p in params.items()}, step)
+        return {name: full[f"{layer}.{name}"] for name in params if f"{layer}.{name}" in full}
 
     @property
     def num_layers(self) -> int:
@@ -111,6 +132,25 @@ class ParameterStore:
                 )
             return dict(chosen.params)
 
+    def masks(self, layer: int, step: int) -> dict[str, Tensor]:
+        """Pruning masks (True = pruned) of ``layer``'s masked params at version ``step``."""
+        slot = self._layer(layer)
+        with slot.lock:
+            if slot.version == step:
+                return dict(slot.current.masks)
+            if step in slot.snapshots:
+                return dict(slot.snapshots[step].masks)
+            raise StepError(
+                f"layer {layer} has no masks for step {step}; "
+                f"available versions: {slot.available_versions()}."
+            )
+
+    def num_kept(self, layer: int) -> int:
+        """Entries of ``layer``'s current weights that no mask prunes."""
+        current = self._layer(layer).current
+        pruned = sum(int(m.sum()) for m in current.masks.values())
+        return sum(p.numel() for p in current.params.values()) - pruned
+
     def apply_gradients(self, layer: int, step: int, grads: Mapping[str, Tensor]) -> bool:
         """Apply step ``step``'s reduced gradient to ``layer``.
 
@@ -135,15 +175,41 @@ class ParameterStore:
                     for name, state in old.optimizer_state.items()
                 },
                 num_updates=old.num_updates + 1,
+                masks=dict(old.masks),
             )
             for name, param in new.params.items():
                 self.optimizer.update(
-                    param, grads[name], new.optimizer_state[name], new.num_updates
+                    param,
+                    grads[name],
+                    new.optimizer_state[name],
+                    new.num_updates,
+                    mask=old.masks.get(name),
                 )
+            if self.sparsity is not None and old.masks and self.sparsity.is_update_step(step):
+                new.masks = self._update_masks(layer, step, new, grads)
             slot.snapshots[step] = old
             slot.current = new
             slot.version = step + 1
             return True
+
+    def _update_masks(
+        self, layer: int, step: int, new: _Version, grads: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """The masks after update step ``step``, applied to ``new``'s weights and state."""
+        assert self.sparsity is not None
+        # One overflowed gradient anywhere in the layer skips the mask update (mixed precision).
+        finite = all(bool(torch.isfinite(g).all()) for g in grads.values())
+        full = {f"{layer}.{name}": name for name in new.masks}
+        updated = self.sparsity.update_masks(
+            step,
+            {key: new.params[name] for key, name in full.items()},
+            {key: grads[name] for key, name in full.items()},
+            {key: new.masks[name] for key, name in full.items()},
+            grads_finite=finite,
+        )
+        masks = {name: updated[key] for key, name in full.items()}
+        apply_masks(new.params, new.optimizer_state, masks, previous=new.masks)
+        return masks
 
     def commit(self, step: int) -> None:
         """Finish step ``step``: every layer must be at version ``step + 1`` (or later).
@@ -209,6 +275,7 @@ class ParameterStore:
                         "version": slot.version,
                         "num_updates": slot.current.num_updates,
                         "params": dict(slot.current.params),
+                        "masks": dict(slot.current.masks),
                         "optimizer_state": {
                             name: dict(state)
                             for name, state in slot.current.optimizer_state.items()
@@ -219,8 +286,14 @@ class ParameterStore:
             }
 
     @classmethod
-    def from_state_dict(cls, state: dict, optimizer: Optimizer) -> ParameterStore:
-        """Rebuild a store from ``state_dict()``; ``optimizer`` must keep the same state tensors."""
+    def from_state_dict(
+        cls, state: dict, optimizer: Optimizer, *, sparsity: Sparsity | None = None
+    ) -> ParameterStore:
+        """Rebuild a store from ``state_dict()``; ``optimizer`` must keep the same state tensors.
+
+        Saved masks are restored as they were (a dynamic mask is not re-initialised);
+        ``sparsity`` (None: no masks) must select exactly the saved masked parameters.
+        """
         if state.get("format_version") != STATE_FORMAT_VERSION:
             raise ValueError(
                 f"state format_version must be {STATE_FORMAT_VERSION}, "
@@ -228,7 +301,23 @@ class ParameterStore:
             )
         layers = state["layers"]
         store = cls([entry["params"] for entry in layers], optimizer)
+        store.sparsity = sparsity
         for index, (slot, entry) in enumerate(zip(store._layers, layers, strict=True)):
+            saved_masks = entry["masks"]
+            selected = store._selected(index, slot.current.params)
+            if set(saved_masks) != selected:
+                raise ValueError(
+                    f"layer {index} was saved with masks of {sorted(saved_masks)}, but the "
+                    f"sparsity config selects {sorted(selected)}; resume with the same sparsity."
+                )
+            for name, mask in saved_masks.items():
+                if mask.dtype != torch.bool or mask.shape != slot.current.params[name].shape:
+                    raise ValueError(
+                        f"mask of layer {index} param {name!r} must be bool of shape "
+                        f"{tuple(slot.current.params[name].shape)}, got {mask.dtype} of shape "
+                        f"{tuple(mask.shape)}."
+                    )
+            slot.current.masks = dict(saved_masks)
             for name, param in slot.current.params.items():
                 expected = optimizer.init_state(param)
                 saved = entry["optimizer_state"][name]
@@ -248,6 +337,11 @@ class ParameterStore:
             slot.current.num_updates = entry["num_updates"]
             slot.version = entry["version"]
         return store
+
+    def _selected(self, layer: int, params: Mapping[str, Tensor]) -> set[str]:
+        if self.sparsity is None:
+            return set()
+        return {name for name in params if f"{layer}.{name}" in self.sparsity.params}
 
     def _layer(self, layer: int) -> _Layer:
         if not 0 <= layer < len(self._layers):

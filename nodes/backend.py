@@ -65,6 +65,14 @@ class Backend(ABC):
         """
         return {}
 
+    def prepare_layers(self, layers: list[nn.Module]) -> list[nn.Module]:
+        """The streamed layers as this backend trains them, before their weights reach MemoryX.
+
+        Called once by the driver. A backend may re-parameterize layers (the photonic one
+        turns Linear weights into mesh phases); the default keeps them as they are.
+        """
+        return layers
+
     def check_layers(self, layers: list[nn.Module]) -> None:
         """ValueError (naming the numbers) if this backend cannot hold the model at all."""
         return None  # a digital node holds one streamed layer at a time: any model fits

@@ -58,8 +58,9 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
                     header.layer,
                     header.step,
                     header.phase,
-                    self.worker.layouts[header.layer],
+                    self._layout(header),
                     self.worker.backend.wire_dtype,
+                    sparse=True,  # masked weights may come as values + index
                 )
             )
             assembler.add(first)
@@ -102,6 +103,9 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
                         dtype="float32",
                         chunk_bytes=self.chunk_bytes,
                         sender=self.name,
+                        # Gradients of pruned weights are not sent, except when MemoryX
+                        # asks for them (RigL regrows where the dense gradient is large).
+                        masked_values=None if header.dense_gradients else assembler.masks,
                     )
                 )
                 sent = sum(len(m.chunk.data) for m in messages if m.WhichOneof("kind") == "chunk")
@@ -121,6 +125,12 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
                 ack.gradient_bytes = sent
                 ack.update_applied = upstream.update_applied
             return ack
+
+    def _layout(self, header: pb.LayerHeader) -> list:
+        """Tensors the stream must carry: none for a backward pass that needs no weights (DFA)."""
+        if header.phase == pb.BACKWARD and not self.worker.backend.needs_weights_in_backward:
+            return []
+        return self.worker.layouts[header.layer]
 
     def Stats(self, request, context):
         return npb.NodeStats(

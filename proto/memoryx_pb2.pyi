@@ -68,10 +68,12 @@ class LayoutReply(_message.Message):
     def __init__(self, layers: _Optional[_Iterable[_Union[LayerLayout, _Mapping]]] = ..., step: _Optional[int] = ...) -> None: ...
 
 class LayerLayout(_message.Message):
-    __slots__ = ("tensors",)
+    __slots__ = ("tensors", "num_kept")
     TENSORS_FIELD_NUMBER: _ClassVar[int]
+    NUM_KEPT_FIELD_NUMBER: _ClassVar[int]
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
-    def __init__(self, tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
+    num_kept: int
+    def __init__(self, tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., num_kept: _Optional[int] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "shape")

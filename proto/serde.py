@@ -9,6 +9,11 @@ bytes of at most ``chunk_bytes``.
 expects (layer, step, phase, names, shapes, dtype, offsets, sizes) and raises
 ``WireError`` on the first mismatch, before any state changes; services map
 that to gRPC ``INVALID_ARGUMENT``.
+
+Masked tensors (weight sparsity) travel in the encodings of ``proto.sparse``:
+weights as surviving values plus an index (``bitmap`` / ``indices``) when
+that is smaller than the dense tensor, gradients as ``masked_values`` (the
+receiver holds the mask). ``tensor_bytes`` is then the payload size.
 """
 
 from __future__ import annotations
@@ -31,6 +36,10 @@ WIRE_DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
+
+DENSE = ("", "dense")  # encodings of a plain tensor (proto3 default "")
+SPARSE_WEIGHTS = ("bitmap", "indices")
+MASKED_VALUES = "masked_values"
 
 PHASES = {"forward": pb.FORWARD, "backward": pb.BACKWARD, "eval": pb.EVAL}
 PHASE_NAMES = {v: k for k, v in PHASES.items()}
@@ -63,7 +72,14 @@ def _raw_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 def layer_header(
-    layer: int, step: int, phase: int, *, num_tensors: int, total_bytes: int, sender: str
+    layer: int,
+    step: int,
+    phase: int,
+    *,
+    num_tensors: int,
+    total_bytes: int,
+    sender: str,
+    dense_gradients: bool = False,
 ) -> pb.LayerMessage:
     return pb.LayerMessage(
         header=pb.LayerHeader(
@@ -73,8 +89,33 @@ def layer_header(
             num_tensors=num_tensors,
             total_bytes=total_bytes,
             sender=sender,
+            dense_gradients=dense_gradients,
         )
     )
+
+
+def sends_sparse(mask: torch.Tensor, dtype: str) -> bool:
+    """True when ``encode_layer`` sends a weight with ``mask`` as values + index."""
+    from proto.sparse import beats_dense  # proto.sparse imports this module
+
+    return beats_dense(mask.numel(), mask.numel() - int(mask.sum()), dtype)
+
+
+def _payload(
+    tensor: torch.Tensor,
+    dtype: str,
+    sparse_mask: torch.Tensor | None,
+    values_mask: torch.Tensor | None,
+) -> tuple[memoryview | bytes, str, int]:
+    """Raw bytes, encoding and index size of one tensor on the wire."""
+    from proto.sparse import encode_masked_values, encode_sparse
+
+    if values_mask is not None:
+        return encode_masked_values(tensor, values_mask, dtype=dtype), MASKED_VALUES, 0
+    if sparse_mask is not None and sends_sparse(sparse_mask, dtype):
+        payload = encode_sparse(tensor, sparse_mask, dtype=dtype)
+        return payload.to_bytes(), payload.encoding, payload.index_bytes
+    return _raw_bytes(tensor.detach().to(WIRE_DTYPES[dtype])), "", 0
 
 
 def encode_layer(
@@ -86,18 +127,42 @@ def encode_layer(
     dtype: str = "float32",
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     sender: str = "",
+    masks: Mapping[str, torch.Tensor] | None = None,
+    masked_values: Mapping[str, torch.Tensor] | None = None,
+    dense_gradients: bool = False,
 ) -> Iterator[pb.LayerMessage]:
-    """Yield the header, then every tensor (cast to ``dtype``) as raw-byte chunks."""
+    """Yield the header, then every tensor (cast to ``dtype``) as raw-byte chunks.
+
+    Tensors with a mask in ``masks`` (True = pruned) travel as values + index
+    where that is smaller (``sends_sparse``); those in ``masked_values`` as
+    their surviving values only. Without either, the stream is the dense one.
+    """
     wire_dtype = WIRE_DTYPES[dtype]
-    cast = {name: t.detach().to(wire_dtype) for name, t in tensors.items()}
-    total = sum(t.numel() * t.element_size() for t in cast.values())
+    masks = masks or {}
+    masked_values = masked_values or {}
+    if not masks and not masked_values:
+        cast = {name: t.detach().to(wire_dtype) for name, t in tensors.items()}
+        payloads = {name: (_raw_bytes(t), "", 0) for name, t in cast.items()}
+    else:
+        payloads = {
+            name: _payload(t, dtype, masks.get(name), masked_values.get(name))
+            for name, t in tensors.items()
+        }
+    total = sum(len(raw) for raw, _, _ in payloads.values())
     # Chunks hold whole values, so that a receiver (SwarmX) can read each one as values.
     itemsize = torch.empty((), dtype=wire_dtype).element_size()
     chunk_bytes = max(itemsize, chunk_bytes - chunk_bytes % itemsize)
-    yield layer_header(layer, step, phase, num_tensors=len(cast), total_bytes=total, sender=sender)
-    for name, tensor in cast.items():
-        raw = _raw_bytes(tensor)
-        shape = list(tensor.shape)
+    yield layer_header(
+        layer,
+        step,
+        phase,
+        num_tensors=len(payloads),
+        total_bytes=total,
+        sender=sender,
+        dense_gradients=dense_gradients,
+    )
+    for name, (raw, encoding, index_bytes) in payloads.items():
+        shape = list(tensors[name].shape)
         size = len(raw)
         # A zero-size tensor still sends one empty chunk so the receiver sees it.
         for offset in range(0, max(size, 1), chunk_bytes):
@@ -111,19 +176,32 @@ def encode_layer(
                     offset=offset,
                     tensor_bytes=size,
                     data=bytes(raw[offset : offset + chunk_bytes]),
+                    encoding=encoding,
+                    index_bytes=index_bytes,
                 )
             )
 
 
+def _normal(encoding: str) -> str:
+    return "" if encoding == "dense" else encoding
+
+
 @dataclass(frozen=True)
 class Expected:
-    """What a receiver accepts for one layer stream."""
+    """What a receiver accepts for one layer stream.
+
+    ``sparse``: any tensor may come as values + index (weights of a sparse
+    model); ``masks``: these tensors must come as ``masked_values`` under
+    their mask (True = pruned), the others dense.
+    """
 
     layer: int
     step: int
     phase: int
     layout: Layout
     dtype: str
+    sparse: bool = False
+    masks: Mapping[str, torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         assert self.dtype in WIRE_DTYPES
@@ -139,10 +217,21 @@ class LayerAssembler:
         self._index = 0  # position in the layout of the tensor being received
         self._received = 0  # bytes of the current tensor received so far
         self.payload_bytes = 0
-        itemsize = torch.empty((), dtype=WIRE_DTYPES[expected.dtype]).element_size()
+        #: Masks (True = pruned) of the tensors that arrived as values + index.
+        self.masks: dict[str, torch.Tensor] = {}
+        self._itemsize = torch.empty((), dtype=WIRE_DTYPES[expected.dtype]).element_size()
+        masks = expected.masks or {}
         self._sizes = [
-            int(np.prod(shape, dtype=np.int64)) * itemsize for _, shape in expected.layout
+            (
+                (masks[name].numel() - int(masks[name].sum())) * self._itemsize
+                if name in masks
+                else int(np.prod(shape, dtype=np.int64)) * self._itemsize
+            )
+            for name, shape in expected.layout
         ]
+        self._encoding = ""  # encoding of the tensor being received
+        self._index_bytes = 0
+        self._buffer: bytearray | None = None  # payload of a non-dense tensor
 
     def _fail(self, what: str) -> None:
         e = self.expected
@@ -175,7 +264,8 @@ class LayerAssembler:
             )
         if header.num_tensors != len(e.layout):
             self._fail(f"header announces {header.num_tensors} tensors, expected {len(e.layout)}")
-        if header.total_bytes != sum(self._sizes):
+        # A sparse stream's size depends on masks the receiver does not know yet: see finish.
+        if not e.sparse and header.total_bytes != sum(self._sizes):
             self._fail(f"header announces {header.total_bytes} bytes, expected {sum(self._sizes)}")
         self.header = header
 
@@ -195,6 +285,10 @@ class LayerAssembler:
             self._fail(f"tensor {name!r} has dtype {chunk.dtype!r}, expected {e.dtype!r}")
         if tuple(chunk.shape) != tuple(shape):
             self._fail(f"tensor {name!r} has shape {list(chunk.shape)}, expected {list(shape)}")
+        if self._received == 0:
+            size = self._start_tensor(name, shape, chunk)
+        elif (_normal(chunk.encoding), chunk.index_bytes) != (self._encoding, self._index_bytes):
+            self._fail(f"tensor {name!r} changes its encoding mid-tensor")
         if chunk.tensor_bytes != size:
             self._fail(f"tensor {name!r} announces {chunk.tensor_bytes} bytes, expected {size}")
         if chunk.offset != self._received:
@@ -203,6 +297,13 @@ class LayerAssembler:
             self._fail(
                 f"tensor {name!r} overflows: {self._received + len(chunk.data)} bytes of {size}"
             )
+        if self._buffer is not None:
+            self._buffer += chunk.data
+            self._received += len(chunk.data)
+            self.payload_bytes += len(chunk.data)
+            if self._received == size:
+                self._decode(name, shape)
+            return
         if name not in self._tensors:
             self._tensors[name] = torch.empty(shape, dtype=WIRE_DTYPES[e.dtype])
         target = self._tensors[name].view(-1)
@@ -218,6 +319,68 @@ class LayerAssembler:
             self._index += 1
             self._received = 0
 
+    def _start_tensor(self, name: str, shape: tuple[int, ...], chunk: pb.TensorChunk) -> int:
+        """Check the first chunk's encoding; returns the tensor's payload size."""
+        from proto.sparse import index_nbytes
+
+        e = self.expected
+        masked = e.masks is not None and name in e.masks
+        encoding = _normal(chunk.encoding)
+        allowed = [MASKED_VALUES] if masked else ["", *(SPARSE_WEIGHTS if e.sparse else ())]
+        if encoding not in allowed:
+            self._fail(
+                f"tensor {name!r} has encoding {chunk.encoding!r}, expected one of "
+                f"{[a or 'dense' for a in allowed]}"
+            )
+        self._encoding, self._index_bytes = encoding, chunk.index_bytes
+        size = self._sizes[self._index]
+        if encoding in SPARSE_WEIGHTS:
+            numel = int(np.prod(shape, dtype=np.int64))
+            value_bytes = chunk.tensor_bytes - chunk.index_bytes
+            num_kept, rest = divmod(value_bytes, self._itemsize)
+            if chunk.index_bytes < 0 or rest or not 0 <= num_kept <= numel:
+                self._fail(
+                    f"tensor {name!r} announces {chunk.tensor_bytes} bytes with a "
+                    f"{chunk.index_bytes}-byte index: not whole values of at most {numel} entries"
+                )
+            if chunk.index_bytes != index_nbytes(numel, num_kept, encoding):
+                self._fail(
+                    f"tensor {name!r} has a {chunk.index_bytes}-byte {encoding} index for "
+                    f"{num_kept} of {numel} entries, expected "
+                    f"{index_nbytes(numel, num_kept, encoding)}"
+                )
+            size = chunk.tensor_bytes
+        elif chunk.index_bytes:
+            self._fail(f"tensor {name!r} is {encoding or 'dense'} but has an index")
+        self._sizes[self._index] = size
+        self._buffer = bytearray() if encoding else None
+        return size
+
+    def _decode(self, name: str, shape: tuple[int, ...]) -> None:
+        from proto.sparse import decode_masked_values, decode_sparse
+
+        e = self.expected
+        try:
+            if self._encoding == MASKED_VALUES:
+                assert e.masks is not None
+                self._tensors[name] = decode_masked_values(
+                    bytes(self._buffer), e.masks[name], dtype=e.dtype
+                )
+            else:
+                tensor, mask = decode_sparse(
+                    bytes(self._buffer),
+                    encoding=self._encoding,
+                    index_bytes=self._index_bytes,
+                    shape=tuple(shape),
+                    dtype=e.dtype,
+                )
+                self._tensors[name], self.masks[name] = tensor, mask
+        except WireError as exc:
+            self._fail(f"tensor {name!r} does not decode: {exc}")
+        self._buffer = None
+        self._index += 1
+        self._received = 0
+
     def finish(self) -> dict[str, torch.Tensor]:
         """The complete tensors; raises WireError if the stream ended early."""
         if self.header is None:
@@ -227,6 +390,11 @@ class LayerAssembler:
             self._fail(
                 f"the stream ended early, in tensor {name!r} "
                 f"({self._index} of {len(self.expected.layout)} tensors complete)"
+            )
+        if self.header.total_bytes != self.payload_bytes:
+            self._fail(
+                f"header announced {self.header.total_bytes} bytes, "
+                f"the tensors held {self.payload_bytes}"
             )
         return self._tensors
 

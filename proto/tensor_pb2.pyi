@@ -19,23 +19,25 @@ BACKWARD: Phase
 EVAL: Phase
 
 class LayerHeader(_message.Message):
-    __slots__ = ("layer", "step", "phase", "num_tensors", "total_bytes", "sender")
+    __slots__ = ("layer", "step", "phase", "num_tensors", "total_bytes", "sender", "dense_gradients")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     NUM_TENSORS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     SENDER_FIELD_NUMBER: _ClassVar[int]
+    DENSE_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     layer: int
     step: int
     phase: Phase
     num_tensors: int
     total_bytes: int
     sender: str
-    def __init__(self, layer: _Optional[int] = ..., step: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., num_tensors: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sender: _Optional[str] = ...) -> None: ...
+    dense_gradients: bool
+    def __init__(self, layer: _Optional[int] = ..., step: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., num_tensors: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sender: _Optional[str] = ..., dense_gradients: _Optional[bool] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
-    __slots__ = ("layer", "step", "name", "dtype", "shape", "offset", "tensor_bytes", "data")
+    __slots__ = ("layer", "step", "name", "dtype", "shape", "offset", "tensor_bytes", "data", "encoding", "index_bytes")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +46,8 @@ class TensorChunk(_message.Message):
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     TENSOR_BYTES_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    INDEX_BYTES_FIELD_NUMBER: _ClassVar[int]
     layer: int
     step: int
     name: str
@@ -52,7 +56,9 @@ class TensorChunk(_message.Message):
     offset: int
     tensor_bytes: int
     data: bytes
-    def __init__(self, layer: _Optional[int] = ..., step: _Optional[int] = ..., name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., tensor_bytes: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    encoding: str
+    index_bytes: int
+    def __init__(self, layer: _Optional[int] = ..., step: _Optional[int] = ..., name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., tensor_bytes: _Optional[int] = ..., data: _Optional[bytes] = ..., encoding: _Optional[str] = ..., index_bytes: _Optional[int] = ...) -> None: ...
 
 class LayerMessage(_message.Message):
     __slots__ = ("header", "chunk")

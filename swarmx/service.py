@@ -184,6 +184,12 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
     def RunLayer(self, request, context):
         if self._memoryx is None:
             raise WireError(f"{self.name} is not the root of the tree; send RunLayer to the root")
+        if request.without_weights:
+            # The pass needs no weights (DFA backward): a header-only stream, nothing from MemoryX.
+            header = pb.LayerHeader(
+                layer=request.layer, step=request.step, phase=request.phase, sender=self.name
+            )
+            return self._broadcast([pb.LayerMessage(header=header)], context)
         source = self._memoryx.StreamWeights(
             mpb.WeightsRequest(
                 layer=request.layer, step=request.step, phase=request.phase, dtype=request.dtype

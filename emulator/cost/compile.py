@@ -149,15 +149,18 @@ def compile_step(workload: Workload, cluster: Cluster) -> CompiledStep:
 
     forward, backward = [], []
     for index, layer in enumerate(workload.layers):
-        forward.append(
-            (layer.name, index, layer.weight_bytes, layer.effective_flops(layer.forward_flops), 0.0)
-        )
+
+        def sparse(flops: float, layer=layer) -> float:
+            # Time-equivalent FLOPs: the preset's sparse speedup curve, not the ideal 1/density.
+            return wafer.sparse_flops(flops, layer.weight_flops_fraction, layer.weight_density)
+
+        forward.append((layer.name, index, layer.weight_bytes, sparse(layer.forward_flops), 0.0))
         backward.append(
             (
                 layer.name,
                 index,
-                layer.weight_bytes,
-                layer.effective_flops(layer.backward_flops),
+                layer.backward_weight_bytes,
+                sparse(layer.backward_flops),
                 layer.grad_bytes,
             )
         )

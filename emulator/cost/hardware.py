@@ -51,6 +51,17 @@ class WaferCost:
         io_bandwidth_bytes_per_s: float = doc("system I/O to SwarmX/MemoryX, bytes/s")
         power_w: float = doc("system power while computing, W")
         idle_power_fraction: float = doc("power while waiting on streams / power_w, fraction")
+        # Unstructured sparsity: the wafer's dataflow cores skip multiplications by zero
+        # weights, so weight FLOPs run speedup(d) = min(max_sparse_speedup,
+        # 1 + sparse_speedup_efficiency * (1/d - 1)) times faster at weight density d.
+        max_sparse_speedup: float = doc(
+            "cap of the weight-FLOP speedup from unstructured sparsity (vendor: up to ~8-10x), x",
+            default=8.0,
+        )
+        sparse_speedup_efficiency: float = doc(
+            "share of the ideal 1/density speedup achieved below the cap (1.0: linear), fraction",
+            default=1.0,
+        )
 
         def __post_init__(self) -> None:
             _require_positive(
@@ -63,6 +74,16 @@ class WaferCost:
                 "power_w",
             )
             _require_fraction(self, "activation_sram_fraction", "compute_efficiency")
+            if self.max_sparse_speedup < 1:
+                raise ValueError(
+                    f"max_sparse_speedup = {self.max_sparse_speedup!r} is not valid; "
+                    "it must be >= 1 (1: sparsity gives no compute speedup)."
+                )
+            if not 0 <= self.sparse_speedup_efficiency <= 1:
+                raise ValueError(
+                    f"sparse_speedup_efficiency = {self.sparse_speedup_efficiency!r} is not "
+                    "valid; it must be in [0, 1]."
+                )
             if not 0 <= self.idle_power_fraction <= 1:
                 raise ValueError(
                     f"idle_power_fraction = {self.idle_power_fraction!r} is not valid; "
@@ -77,6 +98,19 @@ class WaferCost:
 
     def peak_flops(self, precision: Precision) -> float:
         return self.config.peak_flops_fp32 if precision == "fp32" else self.config.peak_flops_16bit
+
+    def sparse_speedup(self, density: float) -> float:
+        """How much faster weight FLOPs run at weight ``density`` (1.0 when dense)."""
+        assert 0 <= density <= 1, density
+        c = self.config
+        if density == 0:
+            return c.max_sparse_speedup
+        return min(c.max_sparse_speedup, 1 + c.sparse_speedup_efficiency * (1 / density - 1))
+
+    def sparse_flops(self, flops: float, weight_flops_fraction: float, density: float) -> float:
+        """Dense-equivalent FLOPs the wafer spends on ``flops`` of a layer at ``density``."""
+        weight_part = flops * weight_flops_fraction
+        return flops - weight_part + weight_part / self.sparse_speedup(density)
 
     def compute_time_s(self, flops: float, precision: Precision) -> float:
         return flops / (self.config.compute_efficiency * self.peak_flops(precision))

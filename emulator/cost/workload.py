@@ -23,6 +23,11 @@ class LayerProfile:
     num_params: int = doc("trainable parameters owned by this layer, count")
     weight_bytes: float = doc("bytes streamed in per pass (less than dense when sparse), bytes")
     grad_bytes: float = doc("weight-gradient bytes streamed out per backward pass, bytes")
+    backward_weight_bytes: float | None = doc(
+        "bytes streamed in for the backward pass; None means weight_bytes (0: a training "
+        "method such as DFA needs no weights there), bytes",
+        default=None,
+    )
     forward_flops: float = doc("forward FLOPs per sample, FLOP")
     backward_flops: float | None = doc(
         "backward FLOPs per sample; None means 2x forward, FLOP", default=None
@@ -46,6 +51,13 @@ class LayerProfile:
                     f"{name} = {getattr(self, name)!r} of layer {self.name!r} is not valid; "
                     "it must be >= 0."
                 )
+        if self.backward_weight_bytes is None:
+            object.__setattr__(self, "backward_weight_bytes", self.weight_bytes)
+        elif self.backward_weight_bytes < 0:
+            raise ValueError(
+                f"backward_weight_bytes = {self.backward_weight_bytes!r} of layer {self.name!r} "
+                "is not valid; it must be >= 0 (or None for weight_bytes)."
+            )
         if self.backward_flops is None:
             object.__setattr__(self, "backward_flops", 2.0 * self.forward_flops)
         elif self.backward_flops < 0:

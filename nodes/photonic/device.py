@@ -180,12 +180,24 @@ class PhotonicCore:
         Detector noise acts on the physical (lossy) field; the receiver gain then
         maps the nominal output level onto the ADC range before quantization.
         """
+        return self.detect(field_BN)[..., : self.num_outputs] * (scale_B1 * self.gain)
+
+    def detect(self, field_BN: Tensor) -> Tensor:
+        """The detected fields in units of a full-scale input: noise, nominal-loss calibration, ADC."""
         if self._noise is not None:
             field_BN = self._noise.apply(field_BN)
         field_BN = field_BN / self.nominal_transmission
         if self._readout is not None:
             field_BN = self._readout.apply(field_BN)
-        return field_BN[..., : self.num_outputs] * (scale_B1 * self.gain)
+        return field_BN
+
+    def loss_amplitudes(self) -> list[Tensor] | None:
+        """Per-MZI amplitude transmissions (mesh V [C, P], attenuators [N], mesh U [C, P]); None if lossless.
+
+        Emulator-side access, like ``circuit``: a node's optics model needs them to run many
+        tiles through this core at once.
+        """
+        return None if self._loss is None else [loss.amplitude for loss in self._loss]
 
     def output_scale(self, scale_B1: Tensor) -> Tensor:
         """Digital factor from detected field to y (d y / d field)."""

@@ -67,6 +67,10 @@ def _one_paragraph_error(result: subprocess.CompletedProcess, *needles: str) -> 
         (["--optimizer", "rmsprop"], ["optimizer.name", "'adamw'"]),
         (["--precision", "fp8"], ["backend.precision", "'bf16'"]),
         (["--model", "tests.emulator.user_models:broken_chain"], ["block", "chain"]),
+        (["--sparsity", "1.0"], ["sparsity = 1.0", "[0, 1)"]),
+        (["--sparsity", "-0.1"], ["sparsity = -0.1", "[0, 1)"]),
+        (["--sparsity", "0.9", "--sparsity-algorithm", "prune"], ["algorithm", "'rigl'"]),
+        (["--sparsity", "0.9", "--sparsity-algorithm", "set"], ["update", "freq"]),
     ],
 )
 def test_bad_input_is_one_paragraph_naming_the_field(args, needles):
@@ -77,6 +81,22 @@ def test_unknown_config_key_in_yaml(tmp_path):
     path = tmp_path / "cluster.yaml"
     path.write_text("num_nodes: 2\noptimizer:\n  name: adamw\n  learning_rate: 0.1\n")
     _one_paragraph_error(wafer("train", "--config", str(path)), "optimizer.learning_rate", "lr")
+
+
+def test_sparsity_filter_matching_nothing_is_an_error(tmp_path):
+    path = tmp_path / "cluster.yaml"
+    path.write_text("sparsity:\n  sparsity: 0.9\n  param_filter: ['*.conv*']\n")
+    _one_paragraph_error(wafer("train", "--config", str(path)), "conv", "0.0.weight")
+
+
+def test_simulate_prints_the_sparsity_speedup_curve():
+    result = wafer("simulate", "--model", "gpt3-1.3b", "--sparsity", "0,0.5,0.75,0.9")
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines() if line[:1].isdigit()]
+    assert [row[0] for row in rows] == ["0", "0.5", "0.75", "0.9"]
+    speedups = [float(row[4].rstrip("x")) for row in rows]  # step time is "3.3 s"
+    assert speedups[0] == 1.0 and speedups == sorted(speedups) and speedups[-1] > 2
+    assert "speedup vs dense" in result.stdout and "bytes/step" in result.stdout
 
 
 def test_example_config_is_valid():

@@ -1,0 +1,72 @@
+"""The emulator's own wall time at weight sparsity 0 and 0.9, side by side, on a GPT model.
+
+Both runs train the same GPT-style zoo model (same seed, batch and node
+count) through ``emulator.train.train``; the sparse one keeps 10% of every
+weight matrix (static random masks; embeddings, norms and the LM head stay
+dense, the default ``param_filter``). It prints each run's median step wall
+time (first step left out), the bytes MemoryX streamed per step, the
+emulated step times, and the ratio sparse / dense of the wall time.
+
+    python benchmarks/bench_sparsity.py [--model gpt-tiny] [--steps 10] [--nodes 2]
+
+A measurement script, not a test: it asserts nothing about time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+
+import ray
+
+from emulator.config import load_config
+from emulator.train import train
+
+
+def _run(model: str, steps: int, nodes: int, sparsity: float | None) -> dict:
+    overrides = {"model.name": model, "num_steps": steps, "num_nodes": nodes, "batch_size": 32}
+    if sparsity is not None:
+        overrides["sparsity.sparsity"] = sparsity
+    report = train(load_config(overrides=overrides), progress=False)
+    result = report.to_json()
+    return {
+        "step_s": statistics.median(s.wall_time_s for s in report.steps[1:]),
+        "egress": result["traffic"]["memoryx_egress_bytes"],
+        "ingress": result["traffic"]["memoryx_ingress_bytes"],
+        "emulated_s": result["emulated"]["step_time_s"],
+        "loss": report.final_loss,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="gpt-tiny", help="gpt-tiny | gpt-text | gpt-10m")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--nodes", type=int, default=2)
+    args = parser.parse_args()
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    ray.init(
+        address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING
+    )
+    runs = {
+        "dense": _run(args.model, args.steps, args.nodes, None),
+        "sparsity 0.9": _run(args.model, args.steps, args.nodes, 0.9),
+    }
+    print(f"{args.model}, {args.nodes} nodes, batch 32, {args.steps} steps")
+    print(
+        f"{'run':<14} {'wall/step':>10} {'egress/step':>12} {'ingress/step':>13} {'emulated':>10}"
+    )
+    for name, r in runs.items():
+        print(
+            f"{name:<14} {r['step_s'] * 1e3:>8.1f}ms {r['egress'] / 1e3:>10.1f}KB "
+            f"{r['ingress'] / 1e3:>11.1f}KB {r['emulated_s'] * 1e6:>8.2f}us"
+        )
+    ratio = runs["sparsity 0.9"]["step_s"] / runs["dense"]["step_s"]
+    print(f"wall time per step, sparse / dense: {ratio:.2f}")
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

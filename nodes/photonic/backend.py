@@ -1,0 +1,385 @@
+"""The photonic compute-node backend: streamed layers on MZI meshes, trained three ways.
+
+``training`` picks how a layer learns (REFERENCE.md section 4):
+
+- ``backprop``: the "computer-designed" baseline. ``prepare_layers`` turns every
+  ``nn.Linear`` into a ``MeshLinear`` whose parameters are phases (initialized from the
+  Clements/SVD decomposition of the original weights); training runs forward and backward on
+  the ideal digital twin (autograd through the mesh model); evaluation runs on the physical
+  node: that is deployment, hidden fabrication errors included.
+- ``ffm``: fully forward mode. Same phase parameters, but forward runs on the physical node
+  and the phase gradients are measured on it by launching the conjugated error through the
+  same hardware; no twin is used. Only layers made of Linear and parameter-free modules have
+  such a gradient; anything else is refused.
+- ``dfa``: direct feedback alignment. Weights stay digital (W streams as usual for the
+  forward pass); the backward pass needs no weights (``needs_weights_in_backward = False``,
+  so no weights stream back in). The last layer receives e = dL/dlogits as ``grad_y`` and
+  hands e down unchanged as its "input gradient", so every lower layer receives e directly and
+  computes delta_l = (B_l e) * f'(a_l) with its own fixed random B_l, from the pre-activation
+  a_l it kept in the forward pass. Limitation: the DFA forward computes W x exactly (an ideal
+  mesh programmed from W), because decomposing W onto the physical mesh at every step costs a
+  Clements decomposition per tile (0.5 s for 64 modes here); the photonic noise of DFA is on
+  the feedback projection (``dfa.noise``).
+
+Blocks that were not prepared (a plain ``nn.Linear`` arriving with a ``weight``) still work:
+their ``F.linear`` calls are programmed onto the mesh on the fly (cached per weight value).
+
+Programming a streamed layer sets phases: thermal tuning time and heater energy
+(``PhotonicCost.reconfiguration``) per tile, on ``num_cores`` cores tuning in parallel. MVM
+time and energy come from ``PhotonicCost.matmul``. ``stats()`` reports both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from emulator.configbase import doc
+from nodes.backend import Backend, autograd_backward, call_block
+from nodes.photonic.clements import UnitPhases
+from nodes.photonic.cost import num_unit_shifters
+from nodes.photonic.device import PhotonicCore
+from nodes.photonic.dfa import DirectFeedbackAlignment
+from nodes.photonic.layer import (
+    MeshLinear,
+    Tiles,
+    convert_linears,
+    ffm_apply,
+    ideal_apply,
+    run_tiles,
+    stack_program,
+    use_engine,
+)
+from nodes.photonic.mesh import require_mesh_size
+from nodes.photonic.preset import load_preset
+
+#: Elementwise activations DFA can differentiate locally (f'(a) from a alone).
+_ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.Identity)
+#: Weights of plain ``nn.Linear`` blocks programmed on the fly, by value (eval re-uses them).
+_PROGRAM_CACHE_SIZE = 64
+
+
+class PhotonicBackend(Backend):
+    @dataclass(kw_only=True)
+    class Config(Backend.Config):
+        kind: Literal["photonic"] = doc(
+            "backend: photonic MZI-mesh compute nodes", default="photonic"
+        )
+        training: Literal["backprop", "dfa", "ffm"] = doc(
+            "'backprop': gradients from the digital twin, deployed (evaluated) on the physical "
+            "node, the computer-designed baseline; 'dfa': direct feedback alignment, no weights "
+            "in the backward pass; 'ffm': fully forward mode, phase gradients measured on the "
+            "physical node, no twin",
+            default="backprop",
+        )
+        mesh_size: int = doc(
+            "modes per mesh = tile size, count (sets device.mesh_size); 64 as PACE (REFERENCE s4)",
+            default=64,
+        )
+        num_cores: int = doc(
+            "MZI units per node; tile t runs on core t % num_cores, count", default=1
+        )
+        device: PhotonicCore.Config = doc(
+            "the physical device (default: the realistic photonic_taichi preset)",
+            default_factory=load_preset,
+        )
+        seed: int = doc(
+            "seed of the hidden fabrication errors of the node's cores (core k: seed + k)",
+            default=0,
+        )
+        dfa: DirectFeedbackAlignment.Config = doc(
+            "DFA feedback projection (training = 'dfa'): photonic noise on B_l e",
+            default_factory=DirectFeedbackAlignment.Config,
+        )
+
+        def __post_init__(self) -> None:
+            require_mesh_size(self.mesh_size)
+            if self.num_cores < 1:
+                raise ValueError(
+                    f"num_cores = {self.num_cores} is not valid; a node needs at least 1 core."
+                )
+            if self.device.mesh_size != self.mesh_size:
+                self.device = dataclasses.replace(self.device, mesh_size=self.mesh_size)
+
+        @classmethod
+        def ideal(cls, **overrides) -> PhotonicBackend.Config:
+            """The ideal twin as the physical device: forward equals the digital layer."""
+            mesh_size = overrides.pop("mesh_size", 64)
+            return cls(
+                mesh_size=mesh_size, device=PhotonicCore.Config(mesh_size=mesh_size), **overrides
+            )
+
+        def twin(self) -> PhotonicBackend.Config:
+            """This config with the device replaced by its ideal twin (what a computer designs with)."""
+            return dataclasses.replace(self, device=self.device.twin())
+
+        def build(self) -> PhotonicBackend:
+            return PhotonicBackend(self)
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.needs_weights_in_backward = config.training != "dfa"
+        self.cost = config.device.cost.build()
+        self._tiles: Tiles | None = None  # built on first use: the driver never needs them
+        self._held: list[UnitPhases | None] = [None] * config.num_cores
+        self._counters: dict[str, float] = {}
+        self._programs: dict[tuple, dict[str, Tensor]] = {}
+        # DFA: pre-activations kept from the forward pass, feedback matrices, the last layer.
+        self._pre_activations: dict[int, Tensor] = {}
+        self._feedback: dict[int, DirectFeedbackAlignment] = {}
+        self._last_layer = -1
+
+    # ---- Backend interface -------------------------------------------------------------
+
+    def prepare_layers(self, layers: list[nn.Module]) -> list[nn.Module]:
+        if self.config.training != "dfa":
+            layers = [convert_linears(layer, self.config.mesh_size) for layer in layers]
+        self.check_layers(layers)
+        return layers
+
+    def check_layers(self, layers: list[nn.Module]) -> None:
+        for index, layer in enumerate(layers):
+            if self.config.training == "dfa":
+                _dfa_parts(index, layer)
+            elif self.config.training == "ffm":
+                for module in layer.modules():
+                    own = list(module.parameters(recurse=False))
+                    if own and not isinstance(module, MeshLinear):
+                        raise ValueError(
+                            f"training = 'ffm' has no forward-only gradient for layer {index}'s "
+                            f"{type(module).__name__}: only Linear layers (as MZI meshes) and "
+                            "parameter-free modules can be trained in situ; use 'backprop' or "
+                            "'dfa', or a model of Linear layers and activations."
+                        )
+
+    def forward(self, layer: int, block: nn.Module, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        with torch.no_grad():
+            if self.config.training == "dfa":
+                return self._dfa_forward(layer, block, params, x)
+            return self._run(layer, block, params, x, physical=self._physical(block))
+
+    def backward(self, layer, block, params, x, grad_y):
+        if self.config.training == "dfa":
+            return self._dfa_backward(layer, block, x, grad_y)
+        if self.config.training == "backprop":
+            return autograd_backward(
+                lambda b, p, xi: self._run(layer, b, p, xi, physical=False),
+                block,
+                params,
+                x,
+                grad_y,
+            )
+        result = autograd_backward(
+            lambda b, p, xi: self._run(layer, b, p, xi, physical=True, ffm=True),
+            block,
+            params,
+            x,
+            grad_y,
+        )
+        # The conjugated error is one more optical pass through every mesh of the layer.
+        num_vectors = x.reshape(-1, x.shape[-1]).shape[0]
+        for module in block.modules():
+            if isinstance(module, MeshLinear):
+                self._count_mvms(
+                    module.out_features, module.in_features, num_vectors, prefix="ffm_error"
+                )
+        return result
+
+    def stats(self) -> dict[str, float]:
+        return dict(self._counters)
+
+    # ---- Mesh layers -------------------------------------------------------------------
+
+    def _physical(self, block: nn.Module) -> bool:
+        # backprop trains on the twin and deploys (evaluates) on the hardware.
+        return self.config.training == "ffm" or not block.training
+
+    @property
+    def tiles(self) -> Tiles:
+        if self._tiles is None:
+            c = self.config
+            self._tiles = Tiles([c.device.build(c.seed + k) for k in range(c.num_cores)])
+        return self._tiles
+
+    def _run(self, layer: int, block, params, x, *, physical: bool, ffm: bool = False) -> Tensor:
+        def engine(module: MeshLinear, x_BI: Tensor) -> Tensor:
+            if not physical:
+                return ideal_apply(module, x_BI)
+            self._account(layer, module, x_BI.shape[0])
+            if ffm:
+                return ffm_apply(module, self.tiles, x_BI)
+            return run_tiles(module, self.tiles, x_BI, module.phases(), module.gain.double())
+
+        mode = _OnTheFly(self, layer, params, physical, ffm)
+        with use_engine(engine), mode:
+            return call_block(block, {n: p.float() for n, p in params.items()}, x)
+
+    def program_weight(self, w_OI: Tensor) -> MeshLinear:
+        """A plain Linear weight as a ``MeshLinear`` (no bias), its decomposition cached by value."""
+        key = (tuple(w_OI.shape), hash(w_OI.detach().double().numpy().tobytes()))
+        if key not in self._programs:
+            if len(self._programs) >= _PROGRAM_CACHE_SIZE:
+                self._programs.pop(next(iter(self._programs)))
+            self._programs[key] = stack_program(w_OI.detach().double(), self.config.mesh_size)
+        module = MeshLinear(w_OI.shape[1], w_OI.shape[0], self.config.mesh_size)
+        with torch.no_grad():
+            for name, value in self._programs[key].items():
+                getattr(module, name).copy_(value)
+        return module
+
+    # ---- Counters ----------------------------------------------------------------------
+
+    def _count(self, name: str, value: float) -> None:
+        self._counters[name] = self._counters.get(name, 0.0) + value
+
+    def _account(self, layer: int, module: MeshLinear, num_vectors: int) -> None:
+        """Programming (phases set per tile, cores tuning in parallel) and the MVMs of one pass."""
+        phases = [p.detach() for p in module.phases()]
+        tuning_s = [0.0] * self.config.num_cores
+        energy_j, changed = 0.0, 0
+        for t in range(module.num_tiles):
+            core = t % self.config.num_cores
+            tile = UnitPhases.from_tensors([p[t] for p in phases])
+            held = self._held[core] or UnitPhases.from_tensors(
+                [torch.zeros_like(p) for p in tile.tensors()]
+            )
+            step = self.cost.reconfiguration(held, tile)
+            tuning_s[core] += step.time_s
+            energy_j += step.energy_j
+            changed += step.num_shifters_changed
+            self._held[core] = tile
+        self._count_program(layer, max(tuning_s), energy_j, changed)
+        self._count_mvms(module.out_features, module.in_features, num_vectors)
+
+    def _count_program(self, layer: int, time_s: float, energy_j: float, changed: float) -> None:
+        self._count("photonic.programmings", 1.0)
+        self._count("photonic.shifters_changed", float(changed))
+        self._count("photonic.program_time_s", time_s)
+        self._count("photonic.program_energy_j", energy_j)
+        self._count(f"photonic.layer.{layer}.program_time_s", time_s)
+        self._count(f"photonic.layer.{layer}.program_energy_j", energy_j)
+
+    def _count_mvms(
+        self, num_outputs: int, num_inputs: int, num_vectors: int, prefix: str = "mvm"
+    ) -> None:
+        n = self.config.mesh_size
+        num_tiles = math.ceil(num_outputs / n) * math.ceil(num_inputs / n)
+        # Reprogramming is counted above, so cost the tiles as if all were resident ...
+        cost = self.cost.matmul(num_outputs, num_inputs, num_vectors, n, num_cores=num_tiles)
+        # ... and the time as rounds of num_cores tiles, each streaming every vector.
+        rounds = math.ceil(num_tiles / self.config.num_cores)
+        time_s = rounds * num_vectors / self.cost.config.clock_hz + self.cost.latency_s(n)
+        self._count(f"photonic.{prefix}_vectors", float(num_tiles * num_vectors))
+        self._count(f"photonic.{prefix}_ops", cost.ops)
+        self._count(f"photonic.{prefix}_time_s", time_s)
+        self._count(f"photonic.{prefix}_energy_j", cost.energy_j)
+
+    # ---- DFA ---------------------------------------------------------------------------
+
+    def _dfa_forward(
+        self, layer: int, block: nn.Module, params: dict[str, Tensor], x: Tensor
+    ) -> Tensor:
+        linear, activations = _dfa_parts(layer, block)
+        prefix = "" if block is linear else "0."
+        weight = params[f"{prefix}weight"].float()
+        bias = params.get(f"{prefix}bias")
+        a = F.linear(x, weight, None if bias is None else bias.float())
+        n = self.config.mesh_size
+        num_tiles = math.ceil(weight.shape[0] / n) * math.ceil(weight.shape[1] / n)
+        # Each forward programs W: every shifter of every tile is set (mean phase pi).
+        shifters = num_tiles * num_unit_shifters(n)
+        heater_w = shifters * self.cost.config.heater_power_per_pi_w
+        tuning_s = (
+            math.ceil(num_tiles / self.config.num_cores) * self.cost.config.thermal_tuning_time_s
+        )
+        self._count_program(
+            layer, tuning_s, heater_w * self.cost.config.thermal_tuning_time_s, shifters
+        )
+        self._count_mvms(weight.shape[0], weight.shape[1], x.shape[0])
+        if block.training:
+            self._pre_activations[layer] = a
+            self._last_layer = max(self._last_layer, layer)
+        for module in activations:
+            a = module(a)
+        return a
+
+    def _dfa_backward(self, layer: int, block: nn.Module, x: Tensor, e: Tensor):
+        linear, activations = _dfa_parts(layer, block)
+        a = self._pre_activations.pop(layer, None)
+        if a is None:
+            raise ValueError(f"DFA backward of layer {layer} without its forward pass.")
+        if layer == self._last_layer:
+            delta = e
+        else:
+            if layer not in self._feedback:
+                self._feedback[layer] = self.config.dfa.build(
+                    [a.shape[-1]], e.shape[-1], self.config.seed + 7919 * (layer + 1)
+                )
+            (projection,) = self._feedback[layer].project(e)
+            a_in = a.detach().requires_grad_()
+            with torch.enable_grad():
+                y = a_in
+                for module in activations:
+                    y = module(y)
+                # Elementwise f: the vector-Jacobian product with B e is (B e) * f'(a).
+                torch.autograd.backward(y, projection, inputs=[a_in])
+            delta = a_in.grad
+            self._count_mvms(a.shape[-1], e.shape[-1], e.shape[0], prefix="dfa_projection")
+        prefix = "" if block is linear else "0."
+        grads = {f"{prefix}weight": delta.T @ x.float()}
+        if linear.bias is not None:
+            grads[f"{prefix}bias"] = delta.sum(dim=0)
+        # Every lower layer receives the output error itself, not a propagated gradient.
+        return e, grads
+
+
+def _dfa_parts(index: int, layer: nn.Module) -> tuple[nn.Linear, list[nn.Module]]:
+    """The Linear of a DFA layer and its elementwise activations; ValueError for anything else."""
+    if isinstance(layer, nn.Linear):
+        return layer, []
+    children = list(layer.children()) if isinstance(layer, nn.Sequential) else []
+    if (
+        children
+        and isinstance(children[0], nn.Linear)
+        and all(isinstance(m, _ELEMENTWISE) for m in children[1:])
+    ):
+        return children[0], children[1:]
+    raise ValueError(
+        f"training = 'dfa' needs every layer to be a Linear followed by elementwise activations; "
+        f"layer {index} is {type(layer).__name__}({', '.join(type(m).__name__ for m in layer.children())}). "
+        "Use 'backprop' for other models."
+    )
+
+
+class _OnTheFly(TorchFunctionMode):
+    """Programs ``F.linear`` on streamed plain Linear weights onto the mesh (unprepared blocks)."""
+
+    def __init__(self, backend: PhotonicBackend, layer: int, params, physical: bool, ffm: bool):
+        super().__init__()
+        self.backend, self.layer, self.physical, self.ffm = backend, layer, physical, ffm
+        self.weights = {id(p) for p in params.values()}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear and self.physical:
+            x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if id(weight) in self.weights or weight.dtype == torch.float32:
+                if self.ffm and torch.is_grad_enabled():
+                    raise ValueError(
+                        f"training = 'ffm' on layer {self.layer}: its Linear was not prepared as "
+                        "phases (Backend.prepare_layers); ffm has no forward-only gradient for "
+                        "digital weights."
+                    )
+                with torch.no_grad():
+                    module = self.backend.program_weight(weight)
+                    y = module(x)  # runs the engine set by the backend: the physical cores
+                return y if bias is None else y + bias
+        return func(*args, **kwargs)
