@@ -46,9 +46,6 @@ class LayerShape:
 
     num_params: int = doc("trainable parameters, count")
     input_elements_per_sample: float = doc("elements of the layer input kept for backward, count")
-    skipped_backward_flops_per_sample: float = doc(
-        "backward FLOPs per sample a node computes but the wafer would not, FLOP", default=0.0
-    )
 
 
 def measured_workload(
@@ -70,9 +67,9 @@ def measured_workload(
 
     Bytes are what one node received (weights) and sent (gradients) per pass;
     FLOPs are summed over the nodes and divided by the global batch, so they
-    are per sample. Backward FLOPs are what the node counted for recompute
-    plus backward, less the forward it recomputed (``nodes.worker``), less
-    what the wafer would not compute (``LayerShape.skipped_backward_flops_per_sample``).
+    are per sample. Backward FLOPs are what the nodes counted with the shared
+    convention of ``emulator.cost.profile.block_flops`` (no recomputed
+    forward, no gradient of the data input).
     Activations are each layer's input at the operand precision, as the wafer
     keeps them in SRAM.
     """
@@ -93,10 +90,7 @@ def measured_workload(
                 backward_weight_bytes=backward.bytes_to_nodes / backward.num_nodes,
                 grad_bytes=backward.gradient_bytes / backward.num_nodes,
                 forward_flops=forward.flops / samples_per_step,
-                backward_flops=max(
-                    0.0,
-                    backward.flops / samples_per_step - shape.skipped_backward_flops_per_sample,
-                ),
+                backward_flops=backward.flops / samples_per_step,
                 activation_bytes=shape.input_elements_per_sample * element_bytes,
                 weight_density=1.0 if densities is None else densities[index],
             )

@@ -21,8 +21,6 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
-from torch.func import functional_call
-from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from emulator.config import ClusterConfig
@@ -190,42 +188,16 @@ def sparsity_report(
     }
 
 
-def _input_gradient_flops(layer: nn.Module, x: torch.Tensor) -> float:
-    """FLOPs that differentiating ``layer``'s input adds to its backward (0 for integer inputs)."""
-    if not x.is_floating_point():
-        return 0.0
-
-    def backward_flops(with_input: bool) -> float:
-        # Copies of the weights, so the caller's layer gets no .grad.
-        params = {n: p.detach().clone().requires_grad_() for n, p in layer.named_parameters()}
-        x_in = x.detach().requires_grad_(with_input)
-        with torch.random.fork_rng(devices=[]):
-            y = functional_call(layer, params, (x_in,))
-        with FlopCounterMode(display=False) as counter:
-            inputs = [x_in, *params.values()] if with_input else list(params.values())
-            torch.autograd.backward(y, torch.ones_like(y), inputs=inputs)
-        return float(counter.get_total_flops())
-
-    return backward_flops(True) - backward_flops(False)
-
-
 def layer_shapes(layers: list[nn.Module], example: torch.Tensor) -> list[LayerShape]:
-    """Parameters and kept input size of each layer, from a forward pass on ``example``.
-
-    A compute node differentiates every floating-point layer input, the data
-    too (nothing uses that gradient); the wafer, and ``wafer simulate``,
-    skip it. Its FLOPs are counted here so the emulated step can drop them.
-    """
+    """Parameters and kept input size of each layer, from a forward pass on ``example``."""
     num_examples = example.shape[0]
     shapes = []
     x = example
-    for index, layer in enumerate(layers):
-        skipped = _input_gradient_flops(layer, x) / num_examples if index == 0 else 0.0
+    for layer in layers:
         shapes.append(
             LayerShape(
                 num_params=sum(p.numel() for p in layer.parameters() if p.requires_grad),
                 input_elements_per_sample=x.numel() / num_examples,
-                skipped_backward_flops_per_sample=skipped,
             )
         )
         with torch.no_grad(), torch.random.fork_rng(devices=[]):

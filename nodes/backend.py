@@ -97,7 +97,6 @@ def autograd_backward(
     with torch.enable_grad():
         y = run(block, leaves, x_in)
         inputs = ([x_in] if x_in.requires_grad else []) + list(leaves.values())
-        # .backward rather than autograd.grad: FLOP counting hooks support only the former.
         torch.autograd.backward(y, grad_y, inputs=inputs)
     grad_x = x_in.grad if x_in.requires_grad else None
     return grad_x, {

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
 
+from emulator.cost.profile import block_flops
 from emulator.data import BatchSampler, Dataset, loss_sum, num_correct, num_targets
 from nodes.backend import Backend
 
@@ -113,26 +113,28 @@ class NodeWorker:
         # Dropout masks must be the same in the forward pass and in the backward recompute.
         return hash((self.seed, self.rank, step, layer)) & 0x7FFF_FFFF_FFFF
 
-    def _count(self, key: tuple, fn) -> tuple[object, float]:
-        """Run ``fn``; count its FLOPs the first time this (layer, pass, shape) is seen."""
-        if key in self._flops:
-            return fn(), self._flops[key]
-        counter = FlopCounterMode(display=False)
-        with counter:
-            out = fn()
-        self._flops[key] = float(counter.get_total_flops())
-        return out, self._flops[key]
+    def _layer_flops(self, layer: int, x: Tensor) -> tuple[float, float]:
+        """Forward and backward FLOPs of ``layer`` on inputs shaped like ``x``.
+
+        Counted once per shape, on meta tensors, with the same convention as
+        ``wafer simulate``: the backward pass counts the parameter gradients and
+        the input gradient (none for the data input), not the recomputed forward.
+        """
+        key = (layer, tuple(x.shape), x.dtype)
+        if key not in self._flops:
+            forward, backward, _ = block_flops(self.layers[layer], x, differentiate_input=layer > 0)
+            self._flops[key] = (forward, backward)
+        return self._flops[key]
 
     def _timed_forward(
-        self, layer: int, step: int, params: dict[str, Tensor], x: Tensor, tag: str
+        self, layer: int, step: int, params: dict[str, Tensor], x: Tensor
     ) -> tuple[Tensor, LayerResult]:
         block = self.layers[layer]
         started = time.perf_counter()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self._rng_seed(step, layer))
-            y, flops = self._count(
-                (tag, layer, tuple(x.shape)), lambda: self.backend.forward(layer, block, params, x)
-            )
+            y = self.backend.forward(layer, block, params, x)
+        flops, _ = self._layer_flops(layer, x)
         return y, LayerResult(flops=flops, compute_seconds=time.perf_counter() - started)
 
     def forward(self, layer: int, step: int, params: dict[str, Tensor]) -> LayerResult:
@@ -149,7 +151,7 @@ class NodeWorker:
                 )
             x = self._next_input
         self.layers[layer].train()
-        y, result = self._timed_forward(layer, step, params, x, "fwd")
+        y, result = self._timed_forward(layer, step, params, x)
         self._inputs[layer] = x
         if layer == self.num_layers - 1:
             self._next_input = None
@@ -184,12 +186,8 @@ class NodeWorker:
         block = self.layers[layer]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self._rng_seed(step, layer))
-            (grad_x, grads), flops = self._count(
-                ("bwd", layer, tuple(x.shape)),
-                lambda: self.backend.backward(layer, block, params, x, self._grad),
-            )
-        # The count above includes the recomputed forward; the wafer keeps that graph, so drop it.
-        flops -= self._flops.get(("fwd", layer, tuple(x.shape)), 0.0)
+            grad_x, grads = self.backend.backward(layer, block, params, x, self._grad)
+        _, flops = self._layer_flops(layer, x)
         self._grad = grad_x
         if layer == 0:
             self._reset(step)
@@ -214,7 +212,7 @@ class NodeWorker:
         block = self.layers[layer]
         block.eval()
         try:
-            y, result = self._timed_forward(layer, step, params, self._eval_x, "eval")
+            y, result = self._timed_forward(layer, step, params, self._eval_x)
         finally:
             block.train()
         if layer == self.num_layers - 1:

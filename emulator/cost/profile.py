@@ -25,6 +25,33 @@ def _meta_state(block: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def block_flops(
+    block: torch.nn.Module, x: torch.Tensor, *, differentiate_input: bool
+) -> tuple[float, float, torch.Tensor]:
+    """Forward FLOPs, backward FLOPs and a meta output of ``block`` on an input like ``x``.
+
+    Counted on meta tensors, so nothing is computed. The backward counts the
+    parameter gradients and, if ``differentiate_input``, the input gradient;
+    not a recomputed forward. This is the one FLOP convention of the project:
+    compute nodes count their layers with it too, so a functional run and
+    ``wafer simulate`` see the same workload by construction.
+    """
+    state = _meta_state(block)
+    params = [t for t in state.values() if t.requires_grad]
+    x_in = x.detach().to("meta").requires_grad_(differentiate_input and x.is_floating_point())
+    with FlopCounterMode(display=False) as counter:
+        y = torch.func.functional_call(block, state, (x_in,))
+    forward_flops = float(counter.get_total_flops())
+    backward_flops = 0.0
+    if y.requires_grad:
+        inputs = [t for t in (x_in, *params) if t.requires_grad]
+        with FlopCounterMode(display=False) as counter:
+            # .backward, not autograd.grad: the counter's module hooks support only the former.
+            torch.autograd.backward(y, torch.ones_like(y), inputs=inputs)
+        backward_flops = float(counter.get_total_flops())
+    return forward_flops, backward_flops, y.detach()
+
+
 def profile_modules(
     name: str,
     blocks: Sequence[tuple[str, torch.nn.Module]],
@@ -48,18 +75,8 @@ def profile_modules(
     x = example_input.to("meta").requires_grad_(False)
     layers = []
     for index, (block_name, block) in enumerate(blocks):
-        state = _meta_state(block)
-        params = [t for t in state.values() if t.requires_grad]
-        x_in = x.detach().requires_grad_(index > 0 and x.is_floating_point())
-        with FlopCounterMode(display=False) as counter:
-            y = torch.func.functional_call(block, state, (x_in,))
-        forward_flops = float(counter.get_total_flops())
-        backward_flops = 0.0
-        if y.requires_grad:
-            inputs = [t for t in (x_in, *params) if t.requires_grad]
-            with FlopCounterMode(display=False) as counter:
-                torch.autograd.grad(y, inputs, torch.ones_like(y))
-            backward_flops = float(counter.get_total_flops())
+        forward_flops, backward_flops, y = block_flops(block, x, differentiate_input=index > 0)
+        params = [p for p in block.parameters() if p.requires_grad]
         num_params = sum(p.numel() for p in params)
         layers.append(
             LayerProfile(
@@ -69,7 +86,7 @@ def profile_modules(
                 grad_bytes=num_params * element_bytes,
                 forward_flops=forward_flops / num_examples,
                 backward_flops=backward_flops / num_examples,
-                activation_bytes=x_in.numel() * element_bytes / num_examples,
+                activation_bytes=x.numel() * element_bytes / num_examples,
             )
         )
         x = y.detach()
