@@ -1,15 +1,13 @@
 """``wafer eval`` and ``wafer compare``: PCM accuracy over drift time, and backends side by side.
 
-The ``wafer`` CLI registers these with ``add_eval_parser`` / ``add_compare_parser``; for
-testing, ``python -m emulator.cli_compare eval|compare ...`` runs them alone. The logic and
-its Python API live in ``emulator.compare``.
+The ``wafer`` CLI registers these with ``add_eval_parser`` / ``add_compare_parser``. The
+logic and its Python API live in ``emulator.compare``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
@@ -134,20 +132,3 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     for path in write_outputs(result, args.json, args.plot):
         print(f"wrote {path}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="wafer", description="PCM evaluation and comparison.")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    add_eval_parser(subparsers)
-    add_compare_parser(subparsers)
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except ValueError as exc:
-        print(f"wafer {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,7 +4,7 @@
     wafer validate
 
 ``emulator.cli`` registers both with ``add_simulate_parser`` and
-``add_validate_parser``; ``python -m emulator.cli_cost`` runs them alone.
+``add_validate_parser``.
 Handlers raise ``ValueError`` for bad input, which the caller prints as one
 paragraph and turns into exit status 2.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
 
 import yaml
 
@@ -415,28 +414,9 @@ def add_validate_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="wafer", description="Analytic cost model of the cluster."
-    )
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    add_simulate_parser(subparsers)
-    add_validate_parser(subparsers)
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except ValueError as exc:
-        print(f"wafer {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
 __all__ = [
     "add_simulate_parser",
     "add_validate_parser",
-    "main",
     "parse_node_counts",
     "parse_overrides",
     "resolve_workload",

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from emulator.cli_compare import main
+from emulator.cli import main
 from emulator.compare import drift_eval
 from emulator.config import load_config
 from emulator.reference import reference_train

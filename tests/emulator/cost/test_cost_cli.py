@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from emulator.cli_cost import main, parse_node_counts, parse_overrides
+from emulator.cli import main
+from emulator.cli_cost import parse_node_counts, parse_overrides
 from emulator.cost.validate import load_references, run_checks
 
 
