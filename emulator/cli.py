@@ -21,6 +21,7 @@ from emulator.cli_cost import add_simulate_parser, add_validate_parser
 from emulator.config import CLI_FIELDS, load_config
 from emulator.cost.units import format_energy, format_seconds
 from emulator.table import format_table, human_bytes
+from emulator.zoo import ZOO
 
 
 def _add_train_parser(subparsers) -> None:
@@ -28,7 +29,7 @@ def _add_train_parser(subparsers) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML cluster config; flags override it")
     p.add_argument(
         "--model",
-        help="zoo model (mlp-digits, cnn-digits, gpt-tiny, gpt-text, gpt-10m) or module:factory",
+        help=f"zoo model ({', '.join(ZOO)}) or module:factory",
     )
     p.add_argument("--nodes", type=int, metavar="N", help="compute nodes")
     p.add_argument("--steps", type=int, metavar="K", help="training steps")
@@ -108,18 +109,31 @@ def _emulated_rows(emulated: dict) -> list[tuple[str, str]]:
     if emulated["tokens_per_s"] != emulated["samples_per_s"]:
         rate += f" ({emulated['tokens_per_s']:.4g} tokens/s)"
     fit = "fits" if memory["activations_fit"] and memory["model_state_fits"] else "DOES NOT FIT"
-    return [
+    node = emulated["node"]
+    where = memory["activation_memory"]
+    rows = [
         (
             f"emulated step ({emulated['hardware']})",
             f"{format_seconds(emulated['step_time_s'])}, {emulated['bound']}-bound, "
             f"{100 * emulated['compute_utilization']:.2g}% of peak",
         ),
+        ("emulated node", node),
+    ]
+    parts = emulated["node_time_by_part_s"]
+    if parts.keys() - {"compute"}:
+        rows.append(
+            (
+                "node busy time / step",
+                ", ".join(f"{part} {format_seconds(t)}" for part, t in parts.items()),
+            )
+        )
+    return rows + [
         ("emulated throughput", rate),
         ("emulated energy / step", format_energy(emulated["energy_j"])),
         (
             "emulated memory fit",
             f"{fit}: activations {human_bytes(memory['activation_bytes_per_node'])} / "
-            f"{human_bytes(memory['activation_budget_bytes'])} SRAM, state "
+            f"{human_bytes(memory['activation_budget_bytes'])} {where}, state "
             f"{human_bytes(memory['model_state_bytes'])} / "
             f"{human_bytes(memory['memoryx_capacity_bytes'])} MemoryX",
         ),

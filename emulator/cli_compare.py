@@ -94,11 +94,11 @@ def add_compare_parser(subparsers) -> None:
         description=(
             "Runs the same model, seed and data on each backend over the real cluster and "
             "prints accuracy, emulated time, energy, energy per sample and achieved TOPS/W. "
-            "cs2 rows take time and energy from the run's emulated clock; pcm rows from the "
-            "PCM cost model applied to the backend's counters of one replayed step, with the "
-            "digital backward pass costed on an H100 at FP16; photonic rows from PhotonicCost "
-            "(calibrated to Taichi's 160.82 TOPS/W) applied to the photonic backend's counters of "
-            "one replayed step, with its digital part on the same H100."
+            "Every row's time and energy is the run's emulated clock: the measured step on the "
+            "preset's MemoryX and SwarmX, with the nodes costed by their backend's engine (the "
+            "wafer; PCM programming, analog MVMs and a digital unit; photonic reconfiguration, "
+            "optical MVMs and a digital unit). TOPS/W counts the model's training FLOPs per joule "
+            "of the whole cluster, node TOPS/W per joule of the compute nodes alone."
         ),
     )
     p.add_argument("--config", metavar="FILE", help="YAML cluster config; flags override it")

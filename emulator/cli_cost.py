@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 
 import yaml
 
@@ -30,6 +31,7 @@ from emulator.cost.units import format_count, format_energy, format_seconds
 from emulator.cost.workload import Workload
 from emulator.presets import list_presets, load_hardware
 from emulator.table import format_table, human_bytes
+from nodes.backend import Backend
 
 #: Batch of zoo models when --batch is not given: ``wafer train``'s default batch_size.
 ZOO_DEFAULT_BATCH = 128
@@ -136,7 +138,7 @@ def simulate_table(results: list[StepStats], workload: Workload, threshold: floa
     title = (
         f"wafer simulate: {workload.name} ({format_count(workload.num_params)} parameters), "
         f"batch {workload.samples_per_step} x {workload.tokens_per_sample} tokens, "
-        f"{workload.precision}, on {first.hardware}; MemoryX state "
+        f"{workload.precision}, on {first.hardware} with {first.node} nodes; MemoryX state "
         f"{human_bytes(first.model_state_bytes)} in a {human_bytes(first.memoryx_capacity_bytes)} "
         "MemoryX"
     )
@@ -215,47 +217,102 @@ def parse_overrides(pairs: list[str]) -> dict[str, object]:
     return overrides
 
 
-def sparsity_table(workload: Workload, hardware, node_counts: list[int], text: str) -> str:
+def sparsity_table(points: list, workload: Workload, hardware) -> str:
     """The emulated speedup curve: one row per sparsity and node count."""
-    from emulator.cost.sparsity import parse_sparsities, sparsity_curve
-
-    sparsities = parse_sparsities(text)
     rows = [
         [
             f"{point.sparsity:g}",
-            n,
+            point.stats.num_nodes,
             format_seconds(point.stats.step_time_s),
             f"{point.speedup:.2f}x",
             human_bytes(point.bytes_per_step),
             f"{point.stats.compute_utilization:.1%}",
             point.stats.bound,
         ]
-        for n in node_counts
-        for point in sparsity_curve(workload, hardware, n, sparsities)
+        for point in points
     ]
     wafer = hardware.wafer
     title = (
         f"wafer simulate: {workload.name} with unstructured weight sparsity, batch "
         f"{workload.samples_per_step} x {workload.tokens_per_sample} tokens, {workload.precision}, "
-        f"on {hardware.name}; sparse speedup capped at {wafer.max_sparse_speedup:g}x "
+        f"on {hardware.name}; wafer sparse speedup capped at {wafer.max_sparse_speedup:g}x "
         f"(efficiency {wafer.sparse_speedup_efficiency:g})"
     )
     headers = ["sparsity", "nodes", "step time", "speedup vs dense", "bytes/step", "util", "bound"]
     return format_table(headers, rows, title=title)
 
 
+def node_backend(args: argparse.Namespace):
+    """The nodes' backend config: ``--config``'s ``backend:`` section, then ``--backend``/``--training``."""
+    from emulator.config import load_config
+
+    overrides = {}
+    if args.backend is not None:
+        overrides["backend.kind"] = args.backend
+    if args.training is not None:
+        overrides["backend.training"] = args.training
+    return load_config(args.config, overrides).backend
+
+
+def node_parts_line(stats: StepStats) -> str:
+    """Where one node's time goes, for engines with parts (programming, MVMs, digital)."""
+    parts = ", ".join(
+        f"{part} {format_seconds(seconds)}" for part, seconds in stats.node_time_by_part_s.items()
+    )
+    return f"one node's busy time per step on {stats.num_nodes} nodes: {parts}"
+
+
+def _simulate_sparsity(args, workload: Workload, hardware, engine) -> int:
+    from emulator.cost.sparsity import parse_sparsities, sparsity_curve
+
+    sparsities = parse_sparsities(args.sparsity)
+    # A speedup curve per cluster size: one system unless --nodes says otherwise.
+    points = [
+        point
+        for n in parse_node_counts(args.nodes or "1")
+        for point in sparsity_curve(workload, hardware, n, sparsities, engine=engine)
+    ]
+    print(sparsity_table(points, workload, hardware))
+    if args.json:
+        write_json_atomic(
+            args.json,
+            {
+                "model": workload.name,
+                "node": engine.name,
+                "hardware": to_dict(hardware),
+                "points": [
+                    {
+                        **p.stats.to_json(),
+                        "sparsity": p.sparsity,
+                        # Against the dense model on the same nodes, not against one node.
+                        "speedup": p.speedup,
+                        "bytes_per_step": p.bytes_per_step,
+                    }
+                    for p in points
+                ],
+            },
+        )
+        print(f"wrote {args.json}")
+    if args.plot:
+        from emulator.cost.plot import plot_sparsity
+
+        plot_sparsity(points, args.plot, title=f"{workload.name} on {engine.name}")
+        print(f"wrote {args.plot}")
+    return 0
+
+
 def run_simulate(args: argparse.Namespace) -> int:
     hardware = load_hardware(args.hardware, parse_overrides(args.set))
+    backend = node_backend(args)
+    engine = backend.engine(hardware)
     workload = resolve_workload(args.model, args.batch, args.seq, args.precision)
     if args.sparsity is not None:
-        # A speedup curve per cluster size: one system unless --nodes says otherwise.
-        print(
-            sparsity_table(workload, hardware, parse_node_counts(args.nodes or "1"), args.sparsity)
-        )
-        return 0
+        return _simulate_sparsity(args, workload, hardware, engine)
     node_counts = parse_node_counts(args.nodes or "1-192")
-    results = sweep(workload, hardware, node_counts)
+    results = sweep(workload, hardware, node_counts, engine=engine)
     print(simulate_table(results, workload, args.threshold))
+    if results[0].node_time_by_part_s.keys() - {"compute"}:
+        print(node_parts_line(results[0]))
     print(scaling_verdict(results, args.threshold))
     if args.json:
         write_json_atomic(
@@ -266,6 +323,9 @@ def run_simulate(args: argparse.Namespace) -> int:
                 "samples_per_step": workload.samples_per_step,
                 "tokens_per_sample": workload.tokens_per_sample,
                 "precision": workload.precision,
+                "node": engine.name,
+                "backend": to_dict(backend),
+                "deployment": dataclasses.asdict(engine.deployment(workload)),
                 "hardware": to_dict(hardware),
                 "linear_threshold": args.threshold,
                 "nonlinear_from_nodes": getattr(
@@ -279,8 +339,8 @@ def run_simulate(args: argparse.Namespace) -> int:
         from emulator.cost.plot import plot_scaling
 
         title = (
-            f"{workload.name} on {args.hardware}: batch {workload.samples_per_step} x "
-            f"{workload.tokens_per_sample} tokens"
+            f"{workload.name} on {args.hardware} ({engine.name}): batch "
+            f"{workload.samples_per_step} x {workload.tokens_per_sample} tokens"
         )
         plot_scaling(results, args.plot, threshold=args.threshold, title=title)
         print(f"wrote {args.plot}")
@@ -288,7 +348,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         from emulator.cost.trace import write_trace
 
         trace_nodes = args.trace_nodes or node_counts[-1]
-        _, timeline = simulate(workload, hardware, trace_nodes, record_events=True)
+        _, timeline = simulate(workload, hardware, trace_nodes, engine=engine, record_events=True)
         write_trace(timeline.events, args.trace)
         print(
             f"wrote {args.trace} ({trace_nodes} systems, {len(timeline.events)} events); open it "
@@ -330,6 +390,22 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
         "--seq", type=int, help="sequence length, tokens (GPT models; default: the model's)"
     )
     p.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "cbfloat16", "fp32"])
+    p.add_argument(
+        "--backend",
+        choices=sorted(Backend.Config.variants()),
+        help="what computes on each node: the preset's wafer (cs2, default), PCM crossbars or "
+        "photonic meshes; MemoryX and SwarmX stay the preset's",
+    )
+    p.add_argument(
+        "--training",
+        choices=["backprop", "dfa", "ffm"],
+        help="photonic training method (what runs optically; default backprop)",
+    )
+    p.add_argument(
+        "--config",
+        metavar="YAML",
+        help="cluster YAML whose backend section configures the nodes (tile size, phases, ...)",
+    )
     p.add_argument(
         "--threshold",
         type=float,

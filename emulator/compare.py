@@ -7,15 +7,14 @@ Python API:
     print(result.table())
 
 ``compare_backends`` trains the same model, seed and data on each backend over the real
-cluster (``emulator.train.train``). Each row's time and energy per step come from:
+cluster (``emulator.train.train``). Every row's time and energy per step is the run's
+emulated clock (``report.emulated``): the measured workload on the preset's MemoryX and
+SwarmX, with each node costed by its backend's engine (``Backend.Config.engine``: the wafer,
+PCM programming + analog MVMs + digital unit, photonic reconfiguration + optical MVMs +
+digital unit). Streams, the SwarmX tree and the MemoryX update are in every row.
 
-- ``cs2``: the emulated clock of the run (``report.to_json()["emulated"]``: ``step_time_s``,
-  ``energy_j``);
-- ``pcm``: the PCM cost model (``PcmCost``) applied to the counters the PCM backend reports
-  (``Backend.stats()``: programming time and energy, MVM time and energy) for one training
-  step replayed in-process on node 0's shard with the run's final weights (every step
-  programs and reads the same arrays), plus the backward pass, which hardware-aware training
-  runs digitally: its FLOPs are costed on the digital baseline below.
+TOPS/W counts the same operations for every backend: the model's training FLOPs in the
+digital convention (``training_flops_per_sample``), whatever hardware ran them.
 
 ``drift_eval`` programs trained weights once (weight-stationary) and reads them at later
 times, with and without global drift compensation, in-process through the same
@@ -36,16 +35,12 @@ from torch import Tensor, nn
 from emulator.atomic import write_bytes_atomic, write_json_atomic
 from emulator.config import ClusterConfig, load_config
 from emulator.cost.units import format_energy, format_seconds
+from emulator.cost.workload import Workload
 from emulator.table import format_table
 from nodes.backend import Backend
 from nodes.cs2 import Cs2Backend
 from nodes.pcm.backend import PcmBackend
 from nodes.worker import NodeWorker
-
-#: The digital part of hardware-aware training (backward pass), costed on an H100 at FP16
-#: (REFERENCE.md s5: 989 TFLOP/s dense at 700 W).
-DIGITAL_BASELINE_FLOPS_PER_S = 989e12
-DIGITAL_BASELINE_WATTS = 700.0
 
 _TERA = 1e12
 
@@ -58,6 +53,8 @@ class CompareRow:
     samples_per_step: int
     step_time_s: float
     step_energy_j: float
+    #: The compute nodes' share of step_energy_j (the rest is MemoryX and SwarmX).
+    node_energy_j: float
     flops_per_step: float
     source: str
     #: Named extras (e.g. PCM programming energy per step, projected endurance).
@@ -77,7 +74,13 @@ class CompareRow:
 
     @property
     def tops_per_watt(self) -> float:
+        """Whole cluster: MemoryX and SwarmX included."""
         return self.flops_per_step / self.step_energy_j / _TERA
+
+    @property
+    def node_tops_per_watt(self) -> float:
+        """The compute nodes alone: what the device technology achieves."""
+        return self.flops_per_step / self.node_energy_j / _TERA
 
     def to_json(self) -> dict:
         return {
@@ -86,6 +89,7 @@ class CompareRow:
             "run_energy_j": self.run_energy_j,
             "energy_per_sample_j": self.energy_per_sample_j,
             "tops_per_watt": self.tops_per_watt,
+            "node_tops_per_watt": self.node_tops_per_watt,
         }
 
 
@@ -103,16 +107,18 @@ class CompareResult:
                 format_energy(row.run_energy_j),
                 format_energy(row.energy_per_sample_j),
                 f"{row.tops_per_watt:.3g}",
+                f"{row.node_tops_per_watt:.3g}",
                 row.source,
             )
             for row in self.rows
         ]
         headers = ["backend", "accuracy", "emulated time", "energy", "energy/sample", "TOPS/W"]
+        headers.append("node TOPS/W")
         return format_table(
             [*headers, "what produced it"],
             rows,
             title=f"wafer compare: {self.model}, {self.rows[0].num_steps} steps",
-            align="lrrrrrl",
+            align="lrrrrrrl",
         )
 
     def to_json(self) -> dict:
@@ -129,9 +135,10 @@ class CompareResult:
         panels = [
             ("eval accuracy (%)", [100 * (row.accuracy or 0.0) for row in self.rows], False),
             ("energy per sample (J)", [row.energy_per_sample_j for row in self.rows], True),
-            ("achieved TOPS/W", [row.tops_per_watt for row in self.rows], True),
+            ("achieved TOPS/W (cluster)", [row.tops_per_watt for row in self.rows], True),
+            ("achieved TOPS/W (nodes)", [row.node_tops_per_watt for row in self.rows], True),
         ]
-        figure, axes = plt.subplots(1, len(panels), figsize=(11, 3.4))
+        figure, axes = plt.subplots(1, len(panels), figsize=(14, 3.4))
         for axis, (title, values, log) in zip(axes, panels, strict=True):
             axis.bar(
                 names, values, color=["#4C72B0", "#DD8452", "#55A868", "#C44E52"][: len(names)]
@@ -165,139 +172,55 @@ def _worker(config: ClusterConfig, layers, dataset, backend: Backend, **kwargs) 
     )
 
 
-def replay_step(
-    config: ClusterConfig, weights: list[dict[str, Tensor]], step: int = 0
-) -> tuple[dict[str, float], float, float]:
-    """One training step of node 0 in-process: (backend counter deltas, forward and backward FLOPs).
+def training_flops_per_sample(workload: Workload) -> float:
+    """Training FLOPs per sample as a digital node counts them, for any backend's workload.
 
-    Uses the node's own code path (``NodeWorker`` with ``config.backend``), so the counters are
-    those a cluster node reports for a step.
+    Nodes count mesh layers (photonic) as no FLOPs, so each layer's weight
+    products are counted from their shapes where the measurement is smaller:
+    forward 2 MACs, backward 4 (2 for the first layer, whose input needs no
+    gradient).
     """
-    layers, dataset = _layers_and_data(config)
-    backend = config.backend.build()
-    worker = _worker(config, layers, dataset, backend, rank=0, num_nodes=config.num_nodes)
-    before = backend.stats()
-    forward_flops = backward_flops = 0.0
-    for index, params in enumerate(weights):
-        forward_flops += worker.forward(index, step, params).flops
-    for index in reversed(range(len(weights))):
-        backward_flops += worker.backward(index, step, weights[index])[1].flops
-    after = backend.stats()
-    delta = {name: value - before.get(name, 0.0) for name, value in after.items()}
-    return delta, forward_flops, backward_flops
+    total = 0.0
+    for index, layer in enumerate(workload.layers):
+        products = sum(m.flops_per_sample for m in layer.matmuls)
+        total += max(layer.forward_flops, products)
+        total += max(layer.backward_flops, products * (2 if index > 0 else 1))
+    return total
 
 
-def _pcm_row(config: ClusterConfig, report, accuracy: float | None) -> CompareRow:
-    counters, forward_flops, backward_flops = replay_step(config, report.final_weights)
-    analog_time_s = sum(
-        counters.get(f"pcm.{k}_time_s", 0.0) for k in ("program", "mvm", "calibration")
-    )
-    analog_energy_j = sum(
-        counters.get(f"pcm.{k}_energy_j", 0.0) for k in ("program", "mvm", "calibration")
-    )
-    digital_time_s = backward_flops / DIGITAL_BASELINE_FLOPS_PER_S
-    digital_energy_j = digital_time_s * DIGITAL_BASELINE_WATTS
-    nodes = config.num_nodes
-    # A fresh backend replayed one step, so its worst device's cycles are that step's wear.
-    cycles_per_step = counters.get("pcm.max_write_cycles", 0.0)
-    lifetime_steps = (
-        config.backend.cost.endurance_cycles / cycles_per_step if cycles_per_step else float("inf")
-    )
-    return CompareRow(
-        backend="pcm",
-        accuracy=accuracy,
-        num_steps=config.num_steps,
-        samples_per_step=config.batch_size,
-        # Nodes run in parallel; each one programs, reads, then runs its digital backward.
-        step_time_s=analog_time_s + digital_time_s,
-        step_energy_j=nodes * (analog_energy_j + digital_energy_j),
-        flops_per_step=nodes * (forward_flops + backward_flops),
-        source=(
-            f"functional run, PCM {config.backend.mode}, hardware-aware training; "
-            "PcmCost of one replayed step + digital backward (H100 FP16)"
-        ),
-        details={
-            "program_time_s_per_step": counters.get("pcm.program_time_s", 0.0),
-            "program_energy_j_per_step": nodes * counters.get("pcm.program_energy_j", 0.0),
-            "mvm_energy_j_per_step": nodes * counters.get("pcm.mvm_energy_j", 0.0),
-            "digital_backward_energy_j_per_step": nodes * digital_energy_j,
-            "write_cycles_per_device_per_step": counters.get("pcm.max_write_cycles", 0.0),
-            "endurance_steps": lifetime_steps,
-            "endurance_lifetime_s": lifetime_steps * (analog_time_s + digital_time_s),
-        },
-    )
-
-
-def _dense_macs_per_sample(config: ClusterConfig) -> float:
-    """Multiply-accumulates per sample of the model's Linear layers (before any re-parameterizing)."""
-    module = config.model.build(seed=config.seed)
-    return float(
-        sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
-    )
-
-
-#: Optical counters of the photonic backend, summed into the row's time and energy.
-_PHOTONIC_OPTICAL = ("program", "mvm", "ffm_error", "dfa_projection")
-
-
-def _photonic_row(config: ClusterConfig, report, accuracy: float | None) -> CompareRow:
-    """PhotonicCost of one replayed step (programming, MVMs) + the digital part on an H100.
-
-    Digital part per training method: backprop trains on the twin, a computer, so its whole
-    step (forward and backward, 3 x 2 x MACs) is digital; ffm is all optical; dfa computes its
-    weight updates delta h^T (2 x MACs) digitally.
-    """
-    counters, _forward, _backward = replay_step(config, report.final_weights)
-    optical_time_s = sum(counters.get(f"photonic.{k}_time_s", 0.0) for k in _PHOTONIC_OPTICAL)
-    optical_energy_j = sum(counters.get(f"photonic.{k}_energy_j", 0.0) for k in _PHOTONIC_OPTICAL)
-    optical_ops = sum(counters.get(f"photonic.{k}_ops", 0.0) for k in _PHOTONIC_OPTICAL)
-    samples_per_node = config.batch_size // config.num_nodes
-    dense_flops = 2.0 * _dense_macs_per_sample(config) * samples_per_node
-    training = config.backend.training
-    digital_flops = {"backprop": 3.0 * dense_flops, "ffm": 0.0, "dfa": dense_flops}[training]
-    digital_time_s = digital_flops / DIGITAL_BASELINE_FLOPS_PER_S
-    digital_energy_j = digital_time_s * DIGITAL_BASELINE_WATTS
-    nodes = config.num_nodes
-    return CompareRow(
-        backend="photonic",
-        accuracy=accuracy,
-        num_steps=config.num_steps,
-        samples_per_step=config.batch_size,
-        step_time_s=optical_time_s + digital_time_s,
-        step_energy_j=nodes * (optical_energy_j + digital_energy_j),
-        flops_per_step=nodes * (optical_ops + digital_flops),
-        source=(
-            f"functional run, photonic {training}, accuracy "
-            f"{'with an ideal-mesh forward' if training == 'dfa' else 'on the physical node'}; "
-            "PhotonicCost of one replayed step (Taichi-calibrated) + digital part (H100 FP16)"
-        ),
-        details={
-            "program_time_s_per_step": counters.get("photonic.program_time_s", 0.0),
-            "program_energy_j_per_step": nodes * counters.get("photonic.program_energy_j", 0.0),
-            "optical_energy_j_per_step": nodes * optical_energy_j,
-            "digital_energy_j_per_step": nodes * digital_energy_j,
-            "optical_ops_per_step": nodes * optical_ops,
-        },
-    )
-
-
-def _cs2_row(config: ClusterConfig, report, accuracy: float | None) -> CompareRow:
-    emulated = report.to_json()["emulated"]
+def _row(config: ClusterConfig, report, accuracy: float | None) -> CompareRow:
+    emulated = report.emulated
+    stats, engine, workload = emulated.stats, emulated.engine, emulated.workload
+    deployment = engine.deployment(workload)
+    details = {
+        f"{part}_energy_j_per_step": energy
+        for part, energy in stats.node_energy_by_part_j.items()
+    }
+    details |= {f"{part}_time_s_per_step": t for part, t in stats.node_time_by_part_s.items()}
+    details |= {
+        f"{component}_energy_j_per_step": energy
+        for component, energy in stats.energy_by_component_j.items()
+    }
+    details |= engine.details(stats.step_time_s)
+    details |= {
+        "deployment_time_s": deployment.time_s,
+        "deployment_energy_j": deployment.energy_j,
+    }
     return CompareRow(
         backend=config.backend.kind,
         accuracy=accuracy,
         num_steps=config.num_steps,
         samples_per_step=config.batch_size,
-        step_time_s=emulated["step_time_s"],
-        step_energy_j=emulated["energy_j"],
-        flops_per_step=report.steps[-1].flops,
-        source=f"functional run, {emulated.get('hardware', 'cs2')} preset (emulated clock)",
+        step_time_s=stats.step_time_s,
+        step_energy_j=stats.energy_j,
+        node_energy_j=stats.energy_by_component_j[engine.component],
+        flops_per_step=training_flops_per_sample(workload) * workload.samples_per_step,
+        source=(
+            f"functional run; emulated clock: {engine.name} nodes, {stats.hardware} MemoryX "
+            "and SwarmX"
+        ),
+        details=details,
     )
-
-
-#: How each backend's time and energy are obtained; a backend without an entry uses the
-#: run's emulated clock (the digital wafer's cost model).
-_ROW_BUILDERS = {"pcm": _pcm_row, "photonic": _photonic_row}
 
 
 def compare_backends(
@@ -320,7 +243,7 @@ def compare_backends(
         config = load_config(config_path, {**base, "backend.kind": kind})
         report = train(config, progress=progress)
         accuracy = report.evals[-1].accuracy if report.evals else None
-        rows.append(_ROW_BUILDERS.get(kind, _cs2_row)(config, report, accuracy))
+        rows.append(_row(config, report, accuracy))
     return CompareResult(model=model, rows=rows)
 
 
@@ -458,6 +381,6 @@ __all__ = [
     "compare_backends",
     "check_drift_backend",
     "drift_eval",
-    "replay_step",
+    "training_flops_per_sample",
     "trained_weights",
 ]

@@ -155,6 +155,7 @@ class ClusterConfig:
             raise ValueError(
                 f"max_eval_samples = {self.max_eval_samples} must be at least num_nodes = {self.num_nodes}."
             )
+        self.backend.check_sparsity(self.sparsity)
 
     @property
     def data_config(self) -> DataConfig:

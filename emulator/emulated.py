@@ -18,11 +18,12 @@ from typing import Literal
 
 from emulator.configbase import doc
 from emulator.cost.compile import Cluster, compile_step
+from emulator.cost.engine import NodeEngine, WaferEngine
 from emulator.cost.hardware import BYTES_PER_ELEMENT, Hardware, Precision
 from emulator.cost.stats import StepStats, simulate
 from emulator.cost.timeline import Event
 from emulator.cost.trace import write_trace
-from emulator.cost.workload import LayerProfile, Workload
+from emulator.cost.workload import LayerProfile, Matmul, Workload
 
 #: Operand precision of the wafer for each dtype a backend streams weights in.
 WIRE_PRECISION: dict[str, Precision] = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -46,6 +47,7 @@ class LayerShape:
 
     num_params: int = doc("trainable parameters, count")
     input_elements_per_sample: float = doc("elements of the layer input kept for backward, count")
+    matmuls: tuple[Matmul, ...] = doc("the layer's weight products, per sample", default=())
 
 
 def measured_workload(
@@ -93,6 +95,7 @@ def measured_workload(
                 backward_flops=backward.flops / samples_per_step,
                 activation_bytes=shape.input_elements_per_sample * element_bytes,
                 weight_density=1.0 if densities is None else densities[index],
+                matmuls=shape.matmuls,
             )
         )
     return Workload(
@@ -113,6 +116,7 @@ def check_fits(
     samples_per_step: int,
     tokens_per_sample: int,
     precision: Precision,
+    engine: NodeEngine | None = None,
 ) -> None:
     """Raise ``ValueError`` before a run if the emulated cluster cannot run it at all.
 
@@ -138,7 +142,9 @@ def check_fits(
         tokens_per_sample=tokens_per_sample,
         precision=precision,
     )
-    compile_step(workload, Cluster.Config(hardware=hardware, num_nodes=num_nodes).build())
+    compile_step(
+        workload, Cluster.Config(hardware=hardware, num_nodes=num_nodes, engine=engine).build()
+    )
 
 
 def _with_functional_swarmx(events: tuple[Event, ...]) -> tuple[Event, ...]:
@@ -170,6 +176,7 @@ class EmulatedStep:
     peak_activation_bytes_per_node: float = doc(
         "largest activation footprint a node measured (NodeStats), bytes"
     )
+    engine: NodeEngine = doc("what costed the nodes' compute (the backend's engine)")
 
     @property
     def activations_fit(self) -> bool:
@@ -184,6 +191,8 @@ class EmulatedStep:
         return {
             "hardware": s.hardware,
             "num_nodes": s.num_nodes,
+            # One-off: putting trained weights on hardware that trained elsewhere (a twin).
+            "deployment": asdict(self.engine.deployment(self.workload)),
             "precision": self.workload.precision,
             **s.emulated(),
             "compute_busy_fraction": s.compute_busy_fraction,
@@ -194,6 +203,7 @@ class EmulatedStep:
             "memory": {
                 "activation_bytes_per_node": self.peak_activation_bytes_per_node,
                 "activation_budget_bytes": s.activation_budget_bytes,
+                "activation_memory": self.engine.activation_memory,
                 "activations_fit": self.activations_fit,
                 "num_micro_batches": s.num_micro_batches,
                 "model_state_bytes": s.model_state_bytes,
@@ -219,14 +229,19 @@ def emulate(
     num_nodes: int,
     *,
     peak_activation_bytes_per_node: float,
+    engine: NodeEngine | None = None,
 ) -> EmulatedStep:
-    """Run the cost model on a measured step (raises ``ValueError`` if the model cannot fit)."""
-    stats, timeline = simulate(workload, hardware, num_nodes, record_events=True)
+    """Run the cost model on a measured step (raises ``ValueError`` if the model cannot fit).
+
+    ``engine`` costs the nodes' compute (``Backend.Config.engine``); None is the preset's wafer.
+    """
+    stats, timeline = simulate(workload, hardware, num_nodes, engine=engine, record_events=True)
     return EmulatedStep(
         workload=workload,
         stats=stats,
         events=_with_functional_swarmx(timeline.events),
         peak_activation_bytes_per_node=float(peak_activation_bytes_per_node),
+        engine=engine or WaferEngine(hardware.wafer.build()),
     )
 
 

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from emulator.config import ClusterConfig
 from emulator.configbase import to_dict
 from emulator.coordinator import Coordinator, EvalRecord, StepRecord, group_layers
+from emulator.cost.profile import block_matmuls
 from emulator.cost.stats import predict
 from emulator.cost.workload import Workload
 from emulator.emulated import (
@@ -171,7 +172,7 @@ def sparsity_report(
             for layer in workload.layers
         ),
     )
-    dense_time = predict(dense, hardware, num_nodes).step_time_s
+    dense_time = predict(dense, hardware, num_nodes, engine=emulated.engine).step_time_s
     sparse_time = emulated.stats.step_time_s
     num_params = [layer.num_params for layer in workload.layers]
     kept = sum(d * n for d, n in zip(densities, num_params, strict=True))
@@ -198,6 +199,7 @@ def layer_shapes(layers: list[nn.Module], example: torch.Tensor) -> list[LayerSh
             LayerShape(
                 num_params=sum(p.numel() for p in layer.parameters() if p.requires_grad),
                 input_elements_per_sample=x.numel() / num_examples,
+                matmuls=block_matmuls(layer, x),
             )
         )
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
@@ -221,6 +223,7 @@ def train(
     )
     wire_dtype = config.backend.build().wire_dtype
     hardware = config.emulated_hardware
+    engine = config.backend.engine(hardware)
     shapes = layer_shapes(layers, dataset.input_example())
     workload_args = {
         "samples_per_step": config.batch_size,
@@ -228,7 +231,9 @@ def train(
         "precision": WIRE_PRECISION[wire_dtype],
     }
     # Fail before the cluster starts if the emulated hardware cannot run this at all.
-    check_fits(config.model.name, shapes, hardware, config.num_nodes, **workload_args)
+    check_fits(
+        config.model.name, shapes, hardware, config.num_nodes, engine=engine, **workload_args
+    )
     config.backend.build().check_layers(layers)
     cluster = launch(config, layers)
     try:
@@ -279,6 +284,7 @@ def train(
         hardware,
         config.num_nodes,
         peak_activation_bytes_per_node=max(n["peak_activation_bytes"] for n in traffic["nodes"]),
+        engine=engine,
     )
     sparsity = None
     if densities is not None:

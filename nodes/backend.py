@@ -15,11 +15,17 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+
+if TYPE_CHECKING:
+    from memoryx.sparsity import Sparsity
+
+from emulator.cost.engine import NodeEngine, WaferEngine
+from emulator.cost.hardware import Hardware
 
 
 class Backend(ABC):
@@ -36,6 +42,22 @@ class Backend(ABC):
 
         def build(self) -> Backend:
             raise NotImplementedError(f"{type(self).__name__} must build its backend")
+
+        def check_sparsity(self, sparsity: Sparsity.Config | None) -> None:
+            """ValueError (naming the fields) if MemoryX's weight masks make no sense here.
+
+            MemoryX prunes the parameters the layers train by magnitude; that means something
+            only where those parameters are weights. None is a dense run. Digital and analog
+            weights (cs2, pcm) take any sparsity.
+            """
+            return None
+
+        def engine(self, hardware: Hardware.Config) -> NodeEngine:
+            """The cost model of one node's compute, for the emulated clock and ``simulate``.
+
+            A digital node is the preset's wafer; analog and photonic backends override it.
+            """
+            return WaferEngine(hardware.wafer.build())
 
     #: dtype the layer's weights travel in from MemoryX to this node.
     wire_dtype: str = "float32"

@@ -17,15 +17,16 @@ from dataclasses import dataclass
 from typing import Literal
 
 from emulator.configbase import doc
+from emulator.cost.engine import NodeEngine, WaferEngine
 from emulator.cost.hardware import Hardware
 from emulator.cost.units import format_bytes, format_count
-from emulator.cost.workload import Workload
+from emulator.cost.workload import Matmul, Workload
 
 Phase = Literal["forward", "backward"]
 
 
 class Cluster:
-    """A preset, a number of systems and the MemoryX size chosen for them."""
+    """A preset, a number of systems, the MemoryX size chosen for them and the nodes' engine."""
 
     @dataclass(kw_only=True)
     class Config:
@@ -33,6 +34,10 @@ class Cluster:
         num_nodes: int = doc("compute systems, count", default=1)
         memoryx_capacity_bytes: float | None = doc(
             "MemoryX size, bytes; None picks the smallest preset option that holds the model",
+            default=None,
+        )
+        engine: NodeEngine | None = doc(
+            "cost of a node's compute (Backend.Config.engine); None: the preset's wafer",
             default=None,
         )
 
@@ -56,6 +61,7 @@ class Cluster:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.hardware = config.hardware.build()
+        self.engine = config.engine or WaferEngine(self.hardware.wafer)
 
 
 @dataclass(frozen=True)
@@ -66,8 +72,15 @@ class Operation:
     layer_index: int = doc("position of the layer in forward order")
     phase: Phase = doc("forward or backward")
     stream_in_bytes: float = doc("weights broadcast to every system, bytes")
-    flops_per_node: float = doc("FLOPs each system computes, FLOP")
+    flops_per_node: float = doc("dense FLOPs each system computes, FLOP")
     grad_out_bytes: float = doc("gradients each system sends (reduced on the way), bytes")
+    samples: float = doc("samples of this micro-batch on each system, count")
+    weight_flops_fraction: float = doc("share of FLOPs that multiply weights, fraction")
+    weight_density: float = doc("non-zero share of the layer's weights, fraction")
+    matmuls: tuple[Matmul, ...] = doc("the layer's weight products, per sample")
+    has_input_gradient: bool = doc("backward also computes the gradient of the layer input")
+    is_last_layer: bool = doc("the model's output layer (its output error starts backward)")
+    output_width: int = doc("outputs per vector of the model's last weight product, count")
 
 
 @dataclass(frozen=True)
@@ -130,53 +143,57 @@ def compile_step(workload: Workload, cluster: Cluster) -> CompiledStep:
             f"{num_nodes} or fewer nodes."
         )
     state_bytes, capacity = _memoryx_capacity(workload, cluster)
-    wafer = cluster.hardware.wafer
-    budget = wafer.activation_budget_bytes
+    engine = cluster.engine
+    budget = engine.activation_budget_bytes
     per_sample = sum(layer.activation_bytes for layer in workload.layers)
     if per_sample > budget:
+        if isinstance(engine, WaferEngine):
+            wafer = engine.wafer.config
+            where = (
+                f"SRAM a {wafer.name} gives them ({format_bytes(wafer.sram_bytes)} x "
+                f"activation_sram_fraction {wafer.activation_sram_fraction:g})"
+            )
+        else:
+            where = f"memory a {engine.name} node gives them"
         raise ValueError(
             f"{workload.name} keeps {format_bytes(per_sample)} of activations per sample, "
-            f"more than the {format_bytes(budget)} of SRAM a {wafer.config.name} gives them "
-            f"({format_bytes(wafer.config.sram_bytes)} x activation_sram_fraction "
-            f"{wafer.config.activation_sram_fraction:g}); shorten the sequence (--seq): at most about "
-            f"{math.floor(workload.tokens_per_sample * budget / per_sample)} tokens per sample "
-            "fit."
+            f"more than the {format_bytes(budget)} of {where}; shorten the sequence (--seq): "
+            f"at most about {math.floor(workload.tokens_per_sample * budget / per_sample)} "
+            "tokens per sample fit."
         )
     samples_per_node = math.ceil(workload.samples_per_step / num_nodes)
     samples_fitting = math.floor(budget / per_sample) if per_sample > 0 else samples_per_node
     num_micro_batches = math.ceil(samples_per_node / samples_fitting)
     samples_per_micro_batch = math.ceil(samples_per_node / num_micro_batches)
 
-    forward, backward = [], []
-    for index, layer in enumerate(workload.layers):
-
-        def sparse(flops: float, layer=layer) -> float:
-            # Time-equivalent FLOPs: the preset's sparse speedup curve, not the ideal 1/density.
-            return wafer.sparse_flops(flops, layer.weight_flops_fraction, layer.weight_density)
-
-        forward.append((layer.name, index, layer.weight_bytes, sparse(layer.forward_flops), 0.0))
-        backward.append(
-            (
-                layer.name,
-                index,
-                layer.backward_weight_bytes,
-                sparse(layer.backward_flops),
-                layer.grad_bytes,
-            )
-        )
-    backward.reverse()
     # Micro-batches differ by at most one sample; the average keeps the total compute exact.
-    operations = tuple(
-        Operation(
-            layer=name,
+    samples = samples_per_node / num_micro_batches
+
+    def operation(index: int, phase: Phase) -> Operation:
+        layer = workload.layers[index]
+        forward = phase == "forward"
+        return Operation(
+            layer=layer.name,
             layer_index=index,
             phase=phase,
-            stream_in_bytes=weight_bytes,
-            flops_per_node=flops_per_sample * samples_per_node / num_micro_batches,
-            grad_out_bytes=grad_bytes,
+            stream_in_bytes=layer.weight_bytes if forward else layer.backward_weight_bytes,
+            flops_per_node=(layer.forward_flops if forward else layer.backward_flops) * samples,
+            grad_out_bytes=0.0 if forward else layer.grad_bytes,
+            samples=samples,
+            weight_flops_fraction=layer.weight_flops_fraction,
+            weight_density=layer.weight_density,
+            matmuls=layer.matmuls,
+            # The first layer's input is data: nothing upstream needs its gradient.
+            has_input_gradient=index > 0,
+            is_last_layer=index == num_layers - 1,
+            output_width=output_width,
         )
-        for phase, specs in (("forward", forward), ("backward", backward))
-        for name, index, weight_bytes, flops_per_sample, grad_bytes in specs
+
+    num_layers = len(workload.layers)
+    last_matmuls = workload.layers[-1].matmuls
+    output_width = last_matmuls[-1].num_outputs if last_matmuls else 0
+    operations = tuple(operation(i, "forward") for i in range(num_layers)) + tuple(
+        operation(i, "backward") for i in reversed(range(num_layers))
     )
     return CompiledStep(
         workload=workload,

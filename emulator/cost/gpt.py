@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from emulator.configbase import doc
 from emulator.cost.hardware import BYTES_PER_ELEMENT, Precision
-from emulator.cost.workload import LayerProfile, Workload
+from emulator.cost.workload import LayerProfile, Matmul, Workload
 
 #: GPT-2/GPT-3 BPE vocabulary (Brown et al. 2020, section 2.1 follows GPT-2).
 GPT_VOCAB_SIZE = 50257
@@ -136,6 +136,13 @@ def gpt_layers(
             activation_bytes=block_activations,
             weight_flops_fraction=weight_matmul_flops / block_forward,
             weight_density=weight_density,
+            # QKV, output projection and the two MLP matrices, one vector per token.
+            matmuls=(
+                Matmul(3 * d, d, s),
+                Matmul(d, d, s),
+                Matmul(4 * d, d, s),
+                Matmul(d, 4 * d, s),
+            ),
         )
         for i in range(spec.num_layers)
     ]
@@ -151,6 +158,7 @@ def gpt_layers(
             forward_flops=head_flops,
             backward_flops=2 * head_flops,
             activation_bytes=s * d * b,
+            matmuls=(Matmul(v, d, s),),
         )
     )
     return tuple(layers)

@@ -76,6 +76,11 @@ def plot_scaling(
         ax.legend(loc="lower left" if ax is ax_eff else "upper left", fontsize=8)
     fig.suptitle(title or f"{stats[0].model} on {stats[0].hardware}")
     fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def _save(fig, plt, path: str | Path) -> Path:
+    """Write ``fig`` as PNG atomically (no half-written file) and close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
@@ -91,4 +96,30 @@ def plot_scaling(
     return path
 
 
-__all__ = ["plot_scaling"]
+def plot_sparsity(points: Sequence, path: str | Path, *, title: str = "") -> Path:
+    """Emulated speedup and bytes per step against sparsity, one line per cluster size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_speed, ax_bytes) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for num_nodes in sorted({p.stats.num_nodes for p in points}):
+        curve = [p for p in points if p.stats.num_nodes == num_nodes]
+        sparsity = [p.sparsity for p in curve]
+        ax_speed.plot(sparsity, [p.speedup for p in curve], "o-", label=f"{num_nodes} nodes")
+        ax_bytes.plot(sparsity, [p.bytes_per_step for p in curve], "o-", label=f"{num_nodes} nodes")
+    ax_speed.set_xlabel("weight sparsity")
+    ax_speed.set_ylabel("emulated speedup vs dense")
+    ax_bytes.set_xlabel("weight sparsity")
+    ax_bytes.set_ylabel("bytes streamed per step")
+    ax_bytes.set_yscale("log")
+    for ax in (ax_speed, ax_bytes):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+__all__ = ["plot_scaling", "plot_sparsity"]

@@ -12,7 +12,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from emulator.cost.hardware import BYTES_PER_ELEMENT, Precision
-from emulator.cost.workload import LayerProfile, Workload
+from emulator.cost.workload import LayerProfile, Matmul, Workload
 
 
 def _meta_state(block: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -52,6 +52,51 @@ def block_flops(
     return forward_flops, backward_flops, y.detach()
 
 
+def _matrix_of(module: torch.nn.Module) -> tuple[int, int] | None:
+    """(outputs, inputs) of a module that multiplies its input by a weight matrix, else None.
+
+    Linear-like modules (``nn.Linear``, the photonic ``MeshLinear``) expose
+    ``in_features``/``out_features``; a convolution is a matmul over unfolded
+    patches, ``C_out x (C_in / groups * kh * kw)``, as analog chips map it.
+    """
+    if isinstance(module, torch.nn.Conv1d | torch.nn.Conv2d | torch.nn.Conv3d):
+        patch = module.in_channels // module.groups
+        for size in module.kernel_size:
+            patch *= size
+        return module.out_channels, patch
+    features = (getattr(module, "out_features", None), getattr(module, "in_features", None))
+    if all(isinstance(f, int) for f in features):
+        return features
+    return None
+
+
+def block_matmuls(block: torch.nn.Module, x: torch.Tensor) -> tuple[Matmul, ...]:
+    """The weight products of ``block`` on an input like ``x``, per sample (meta tensors).
+
+    The vectors through a matrix are its input's elements over the matrix
+    width (tokens for a Linear on a sequence, output pixels for a conv).
+    """
+    found: list[Matmul] = []
+    num_samples = x.shape[0]
+
+    def hook(module, args, output) -> None:
+        num_outputs, num_inputs = _matrix_of(module)
+        if isinstance(module, torch.nn.Conv1d | torch.nn.Conv2d | torch.nn.Conv3d):
+            vectors = output[0, 0].numel() * output.shape[0]
+        else:
+            vectors = args[0].numel() // num_inputs
+        found.append(Matmul(num_outputs, num_inputs, vectors / num_samples))
+
+    handles = [m.register_forward_hook(hook) for m in block.modules() if _matrix_of(m) is not None]
+    try:
+        with torch.no_grad():
+            torch.func.functional_call(block, _meta_state(block), (x.detach().to("meta"),))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return tuple(found)
+
+
 def profile_modules(
     name: str,
     blocks: Sequence[tuple[str, torch.nn.Module]],
@@ -76,6 +121,7 @@ def profile_modules(
     layers = []
     for index, (block_name, block) in enumerate(blocks):
         forward_flops, backward_flops, y = block_flops(block, x, differentiate_input=index > 0)
+        matmuls = block_matmuls(block, x)
         params = [p for p in block.parameters() if p.requires_grad]
         num_params = sum(p.numel() for p in params)
         layers.append(
@@ -87,6 +133,7 @@ def profile_modules(
                 forward_flops=forward_flops / num_examples,
                 backward_flops=backward_flops / num_examples,
                 activation_bytes=x.numel() * element_bytes / num_examples,
+                matmuls=matmuls,
             )
         )
         x = y.detach()
@@ -99,4 +146,4 @@ def profile_modules(
     )
 
 
-__all__ = ["profile_modules"]
+__all__ = ["block_flops", "block_matmuls", "profile_modules"]

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from emulator.configbase import doc
+from emulator.cost.engine import NodeEngine
 from emulator.cost.hardware import BYTES_PER_ELEMENT, Hardware
 from emulator.cost.stats import StepStats, predict
 from emulator.cost.workload import LayerProfile, Workload
@@ -98,14 +99,18 @@ def bytes_per_step(workload: Workload) -> float:
 
 
 def sparsity_curve(
-    workload: Workload, hardware: Hardware.Config, num_nodes: int, sparsities: Sequence[float]
+    workload: Workload,
+    hardware: Hardware.Config,
+    num_nodes: int,
+    sparsities: Sequence[float],
+    engine: NodeEngine | None = None,
 ) -> list[SparsityPoint]:
     """Step time and bytes of ``workload`` at each sparsity, with speedup against dense."""
-    dense = predict(workload, hardware, num_nodes)
+    dense = predict(workload, hardware, num_nodes, engine=engine)
     points = []
     for sparsity in sparsities:
         sparse = with_sparsity(workload, sparsity)
-        stats = predict(sparse, hardware, num_nodes)
+        stats = predict(sparse, hardware, num_nodes, engine=engine)
         points.append(
             SparsityPoint(
                 sparsity=sparsity,

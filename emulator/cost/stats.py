@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 
 from emulator.configbase import doc
 from emulator.cost.compile import Cluster, CompiledStep, compile_step
+from emulator.cost.engine import NodeEngine
 from emulator.cost.hardware import Hardware
 from emulator.cost.timeline import Timeline, run
 from emulator.cost.workload import Workload
@@ -27,7 +28,8 @@ class StepStats:
     """One training step of one workload on one cluster size."""
 
     model: str = doc("workload name")
-    hardware: str = doc("preset name")
+    hardware: str = doc("preset name (MemoryX, SwarmX and, for the digital backend, the wafer)")
+    node: str = doc("what computes on each node: the wafer, or an analog or photonic engine")
     num_nodes: int = doc("compute systems, count")
     step_time_s: float = doc("one training step, s")
     samples_per_s: float = doc("training throughput, samples/s")
@@ -50,6 +52,13 @@ class StepStats:
     activation_budget_bytes: float = doc("SRAM available to activations, bytes")
     model_state_bytes: float = doc("model state in MemoryX, bytes")
     memoryx_capacity_bytes: float = doc("MemoryX size used, bytes")
+    node_time_by_part_s: dict[str, float] = doc(
+        "one node's busy time per step by engine part (program, mvm, digital, ...), s",
+        default_factory=dict,
+    )
+    node_energy_by_part_j: dict[str, float] = doc(
+        "all nodes' energy above idle per step by engine part, J", default_factory=dict
+    )
 
     @property
     def memory_fit(self) -> str:
@@ -74,6 +83,9 @@ class StepStats:
             "bound": self.bound,
             "energy_by_component_j": dict(self.energy_by_component_j),
             "time_by_component_s": dict(self.time_by_component_s),
+            "node": self.node,
+            "node_time_by_part_s": dict(self.node_time_by_part_s),
+            "node_energy_by_part_j": dict(self.node_energy_by_part_j),
         }
 
 
@@ -82,20 +94,12 @@ def step_stats(compiled: CompiledStep, timeline: Timeline) -> StepStats:
     workload, cluster = compiled.workload, compiled.cluster
     hardware, num_nodes = cluster.hardware, cluster.config.num_nodes
     step = timeline.step_time_s
-    wafer = hardware.wafer.config
+    engine = cluster.engine
     samples_per_s = workload.samples_per_step / step
     flops_per_node = workload.effective_flops_per_sample() * workload.samples_per_step / num_nodes
     num_swarmx_nodes = sum(hardware.swarmx.nodes_per_level(num_nodes))
-    wafer_energy = (
-        num_nodes
-        * wafer.power_w
-        * (
-            wafer.idle_power_fraction * step
-            + (1 - wafer.idle_power_fraction) * timeline.compute_busy_s
-        )
-    )
     energy = {
-        "wafer": wafer_energy,
+        engine.component: num_nodes * (engine.idle_power_w * step + timeline.node_energy_j),
         "memoryx": hardware.memoryx.config.power_w * step,
         "swarmx": num_swarmx_nodes * hardware.swarmx.config.power_w_per_node * step,
     }
@@ -104,20 +108,21 @@ def step_stats(compiled: CompiledStep, timeline: Timeline) -> StepStats:
     return StepStats(
         model=workload.name,
         hardware=cluster.config.hardware.name,
+        node=engine.name,
         num_nodes=num_nodes,
         step_time_s=step,
         samples_per_s=samples_per_s,
         tokens_per_s=samples_per_s * workload.tokens_per_sample,
         speedup=None,
         scaling_efficiency=None,
-        compute_utilization=flops_per_node / step / hardware.wafer.peak_flops(workload.precision),
+        compute_utilization=flops_per_node / step / engine.peak_flops(workload.precision),
         compute_busy_fraction=timeline.compute_busy_s / step,
         stream_bound_fraction=stream_fraction,
         bound="stream" if stream_fraction > 0.5 else "compute",
         energy_j=sum(energy.values()),
         energy_by_component_j=energy,
         time_by_component_s={
-            "wafer_compute": timeline.compute_busy_s,
+            f"{engine.component}_compute": timeline.compute_busy_s,
             "stream_in": timeline.stream_in_busy_s,
             "stream_out": timeline.stream_out_busy_s,
             "memoryx_update": timeline.update_busy_s,
@@ -131,6 +136,10 @@ def step_stats(compiled: CompiledStep, timeline: Timeline) -> StepStats:
         activation_budget_bytes=compiled.activation_budget_bytes,
         model_state_bytes=compiled.model_state_bytes,
         memoryx_capacity_bytes=compiled.memoryx_capacity_bytes,
+        node_time_by_part_s=dict(timeline.node_time_by_part_s),
+        node_energy_by_part_j={
+            part: num_nodes * value for part, value in timeline.node_energy_by_part_j.items()
+        },
     )
 
 
@@ -140,11 +149,18 @@ def simulate(
     num_nodes: int,
     *,
     memoryx_capacity_bytes: float | None = None,
+    engine: NodeEngine | None = None,
     record_events: bool = False,
 ) -> tuple[StepStats, Timeline]:
-    """Compile, run and summarise one step; the timeline carries events if asked."""
+    """Compile, run and summarise one step; the timeline carries events if asked.
+
+    ``engine`` costs each node's compute (``Backend.Config.engine``); None is the preset's wafer.
+    """
     cluster = Cluster.Config(
-        hardware=hardware, num_nodes=num_nodes, memoryx_capacity_bytes=memoryx_capacity_bytes
+        hardware=hardware,
+        num_nodes=num_nodes,
+        memoryx_capacity_bytes=memoryx_capacity_bytes,
+        engine=engine,
     ).build()
     compiled = compile_step(workload, cluster)
     timeline = run(compiled, record_events=record_events)
@@ -157,10 +173,15 @@ def predict(
     num_nodes: int,
     *,
     memoryx_capacity_bytes: float | None = None,
+    engine: NodeEngine | None = None,
 ) -> StepStats:
     """Stats of one step on ``num_nodes`` systems (no speedup: see ``sweep``)."""
     stats, _ = simulate(
-        workload, hardware, num_nodes, memoryx_capacity_bytes=memoryx_capacity_bytes
+        workload,
+        hardware,
+        num_nodes,
+        memoryx_capacity_bytes=memoryx_capacity_bytes,
+        engine=engine,
     )
     return stats
 
@@ -171,11 +192,14 @@ def sweep(
     node_counts: Sequence[int],
     *,
     memoryx_capacity_bytes: float | None = None,
+    engine: NodeEngine | None = None,
 ) -> list[StepStats]:
     """Stats for each node count, with speedup and efficiency against one system."""
     counts = sorted(set(node_counts))
     by_count = {
-        n: predict(workload, hardware, n, memoryx_capacity_bytes=memoryx_capacity_bytes)
+        n: predict(
+            workload, hardware, n, memoryx_capacity_bytes=memoryx_capacity_bytes, engine=engine
+        )
         for n in sorted({1, *counts})
     }
     baseline = by_count[1].samples_per_s

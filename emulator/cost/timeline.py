@@ -68,6 +68,14 @@ class Timeline:
     exposed_update_s: float = doc("time from the wafer's last operation to the step's end, s")
     stream_bound_s: float = doc("wafer time set by streams rather than compute, s")
     compute_bound_s: float = doc("wafer time set by compute, s")
+    node_energy_j: float = doc("energy of one node above idle power, J", default=0.0)
+    node_time_by_part_s: dict[str, float] = doc(
+        "one node's busy time by engine part (program, mvm, digital, ...), s",
+        default_factory=dict,
+    )
+    node_energy_by_part_j: dict[str, float] = doc(
+        "one node's energy above idle by engine part, J", default_factory=dict
+    )
     events: tuple[Event, ...] = doc("busy intervals (empty unless record_events)", default=())
 
 
@@ -79,13 +87,11 @@ class _Pipeline:
         bandwidth = hardware.stream_bandwidth_bytes_per_s
         precision = compiled.workload.precision
         self.tree_latency_s = hardware.swarmx.latency_s(compiled.cluster.config.num_nodes)
+        engine = compiled.cluster.engine
+        self.costs = [engine.op_cost(op, precision) for op in compiled.operations]
         self.durations = [
-            (
-                op.stream_in_bytes / bandwidth,
-                hardware.wafer.compute_time_s(op.flops_per_node, precision),
-                op.grad_out_bytes / bandwidth,
-            )
-            for op in compiled.operations
+            (op.stream_in_bytes / bandwidth, cost.time_s, op.grad_out_bytes / bandwidth)
+            for op, cost in zip(compiled.operations, self.costs, strict=True)
         ]
         self.in_end = 0.0
         self.compute_start = 0.0
@@ -169,7 +175,17 @@ def run(compiled: CompiledStep, *, record_events: bool = False) -> Timeline:
     events = ()
     if records is not None:
         events = _events(compiled, records, updates, pipeline.tree_latency_s)
+    time_by_part: dict[str, float] = {}
+    energy_by_part: dict[str, float] = {}
+    for cost in pipeline.costs:
+        for part, value in cost.time_by_part_s.items():
+            time_by_part[part] = time_by_part.get(part, 0.0) + num_micro_batches * value
+        for part, value in cost.energy_by_part_j.items():
+            energy_by_part[part] = energy_by_part.get(part, 0.0) + num_micro_batches * value
     return Timeline(
+        node_energy_j=num_micro_batches * sum(cost.energy_j for cost in pipeline.costs),
+        node_time_by_part_s=time_by_part,
+        node_energy_by_part_j=energy_by_part,
         step_time_s=step_time,
         compute_busy_s=num_micro_batches * sum(d[1] for d in pipeline.durations),
         stream_in_busy_s=num_micro_batches * sum(op.stream_in_bytes for op in ops) / bandwidth,

@@ -15,6 +15,30 @@ from emulator.configbase import doc
 from emulator.cost.hardware import BYTES_PER_ELEMENT, Precision
 
 
+@dataclass(frozen=True)
+class Matmul:
+    """One weight matrix of a layer and how many vectors pass through it per sample.
+
+    Analog and photonic engines compute these products in their arrays or
+    meshes (tiled by their size); everything else in a layer is digital.
+    """
+
+    num_outputs: int = doc("rows of the weight matrix (Linear out_features), count")
+    num_inputs: int = doc("columns (Linear in_features, conv C_in*kh*kw), count")
+    vectors_per_sample: float = doc("input vectors per sample (tokens, output pixels), count")
+
+    def __post_init__(self) -> None:
+        if self.num_outputs < 1 or self.num_inputs < 1 or self.vectors_per_sample < 0:
+            raise ValueError(
+                f"Matmul({self.num_outputs} x {self.num_inputs}, {self.vectors_per_sample} vectors) "
+                "is not valid; sizes must be >= 1 and vectors >= 0."
+            )
+
+    @property
+    def flops_per_sample(self) -> float:
+        return 2.0 * self.num_outputs * self.num_inputs * self.vectors_per_sample
+
+
 @dataclass(kw_only=True, frozen=True)
 class LayerProfile:
     """One layer as the weight-streaming hardware sees it (all per-sample figures)."""
@@ -37,6 +61,9 @@ class LayerProfile:
         "share of FLOPs that multiply weights (skipped for zero weights), fraction", default=1.0
     )
     weight_density: float = doc("non-zero share of weights (1.0 = dense), fraction", default=1.0)
+    matmuls: tuple[Matmul, ...] = doc(
+        "the weight products (for analog and photonic engines); () if unknown", default=()
+    )
 
     def __post_init__(self) -> None:
         for name in (
@@ -128,4 +155,4 @@ class Workload:
         )
 
 
-__all__ = ["LayerProfile", "Workload"]
+__all__ = ["LayerProfile", "Matmul", "Workload"]

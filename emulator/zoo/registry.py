@@ -10,6 +10,7 @@ from torch import nn
 from emulator.data import DataConfig
 from emulator.data.sources import TEXT_VOCAB_SIZE
 from emulator.zoo.gpt import GPTShape, build_gpt
+from emulator.zoo.taichi import taichi_digits, taichi_digits_fixed
 from emulator.zoo.vision import cnn_digits, mlp_digits
 
 
@@ -33,6 +34,18 @@ ZOO: dict[str, ZooEntry] = {
         factory=cnn_digits,
         data=DataConfig(name="digits"),
         description="three 3x3 conv blocks and a linear head on the 8x8 digits (~15k parameters)",
+    ),
+    "taichi-digits": ZooEntry(
+        factory=taichi_digits,
+        data=DataConfig(name="digits"),
+        description="Taichi multi-path diffractive classifier on the 8x8 digits: 20 paths of "
+        "diffractive encoder, 8-mode MZI embedding and diffractive decoder (~16k phases, 3 blocks)",
+    ),
+    "taichi-digits-fixed": ZooEntry(
+        factory=taichi_digits_fixed,
+        data=DataConfig(name="digits"),
+        description="taichi-digits behind fixed random encoder masks (~4.5k trainable phases, "
+        "2 blocks)",
     ),
     "gpt-tiny": ZooEntry(
         factory=build_gpt,

@@ -92,11 +92,16 @@ def analog_matmul_transposed(
     t_inference: float,
     periphery: Periphery,
     generator: torch.Generator,
+    drift_scale: float | Tensor = 1.0,
 ) -> Tensor:
-    """grad_BI ~= grad_BO @ W read through the same tiles driven from the column side."""
+    """grad_BI ~= grad_BO @ W read through the same tiles driven from the column side.
+
+    ``drift_scale`` is the forward's compensation factor: a global factor undoes the mean
+    conductance decay, which the transposed read sees just as the forward does.
+    """
     check_drift_time(t_inference)
     w_CROI = programmed.normalized_weights(t_inference, generator).permute(1, 0, 3, 2)
-    return _tiled_read(
+    grad_BI = _tiled_read(
         grad_BO.to(w_CROI.dtype),
         w_CROI,
         programmed.weight_scale_RC.T,
@@ -104,6 +109,7 @@ def analog_matmul_transposed(
         periphery,
         generator,
     )
+    return grad_BI * drift_scale
 
 
 def drift_readout(
@@ -191,27 +197,45 @@ class HardwareAware:
         t_inference: float,
         periphery: Periphery,
         generator: torch.Generator,
+        drift_scale: float | Tensor = 1.0,
     ) -> Tensor:
         """y = x W^T + b whose value comes from ``programmed`` (the chip's copy of ``w_OI``)
-        and whose gradients with respect to x, W and b are those of the exact product."""
+        and whose gradients with respect to x, W and b are those of the exact product
+        (``backward = "analog"``: the input gradient is read through the transposed tiles).
+        ``drift_scale`` is the drift-compensation factor of both reads (1: uncompensated)."""
         return _HardwareAwareLinear.apply(
-            x_BI, w_OI, bias_O, programmed, t_inference, periphery, generator, self.config
+            x_BI,
+            w_OI,
+            bias_O,
+            programmed,
+            t_inference,
+            periphery,
+            generator,
+            drift_scale,
+            self.config,
         )
 
 
 class _HardwareAwareLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_BI, w_OI, bias_O, programmed, t_inference, periphery, generator, config):
+    def forward(
+        ctx, x_BI, w_OI, bias_O, programmed, t_inference, periphery, generator, drift_scale, config
+    ):
         ctx.save_for_backward(x_BI, w_OI)
         ctx.has_bias = bias_O is not None
         ctx.backward_mode = config.backward
-        ctx.read_args = (programmed, t_inference, periphery, generator)
+        ctx.read_args = (programmed, t_inference, periphery, generator, drift_scale)
         if config.forward == "ideal":
             y_BO = x_BI @ w_OI.T
             return y_BO if bias_O is None else y_BO + bias_O
         # The chip adds its own copy of the bias; the argument is the digital master.
         y_BO = analog_matmul(
-            x_BI, dataclasses.replace(programmed, bias_O=None), t_inference, periphery, generator
+            x_BI,
+            dataclasses.replace(programmed, bias_O=None),
+            t_inference,
+            periphery,
+            generator,
+            drift_scale,
         )
         return y_BO if bias_O is None else y_BO + bias_O
 
@@ -228,7 +252,7 @@ class _HardwareAwareLinear(torch.autograd.Function):
             grad_w = grad_BO.T @ x_BI
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_BO.sum(dim=0)
-        return grad_x, grad_w, grad_b, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
 class WeightStationary:

@@ -9,8 +9,32 @@ activations (attention scores) stay digital. A Conv2d is a matmul over unfolded 
 programmed as an ``C_out x (C_in kh kw)`` matrix, as the IBM chip maps convolutions.
 
 Backward is hardware-aware training (Rasch et al. 2023): by default exactly the autograd of
-the digital layer; ``training.backward = "analog"`` instead reads the input gradient through
-the transposed tiles of a re-run analog forward.
+the digital layer, run digitally (no array is touched); ``training.backward = "analog"``
+instead reads the input gradient through the transposed tiles of a re-run analog forward.
+What the chip does in that mode, and how it is counted:
+
+- Re-run forward (``pcm.mvm_recompute_*``): the node keeps only each layer's input (see
+  ``nodes.worker``), yet the backward of whatever follows a matmul inside the block (ReLU
+  masks, norms, a second matmul's input) needs the values the analog forward produced, so the
+  layer is read again from its arrays, one MVM per tile per input vector. These are reads the
+  backward costs, kept apart from the forward's ``pcm.mvm_*``. A matmul whose output is the
+  block's own output (a logits layer) needs no recomputed value, but the node as modelled
+  recomputes the whole block, and so is it counted.
+- Transposed reads (``pcm.mvm_transposed_*``): grad_x = grad_y W, one MVM per tile per
+  grad_y vector, counted when autograd actually asks for that input gradient. In layer 0 a
+  matmul fed by the data alone is not counted: the node drops the data's gradient, so the
+  chip need not read it (the backend still returns it, as ``Backend.backward`` promises, but
+  it is emulation, not work; the FLOP count leaves it out the same way). Assumption:
+  the tiles can be driven from the column side and converted on the row side (an RPU-style
+  bidirectional periphery; the IBM 64-core chip only reads forward), with the same DAC and
+  ADC resolutions as the forward. Time and energy are ``PcmCost.matmul`` of the transposed
+  matrix on transposed tiles: ``cols`` drivers, ``rows`` ADCs.
+- Re-programming: in streaming mode the arrays are shared, so by the layer's backward later
+  layers have overwritten it and it is programmed again (``pcm.programmings``, wear). In
+  weight-stationary mode its arrays still hold it and nothing is written.
+
+All of it advances the emulated clock. With the same torch random state as the forward (the
+node restores it, as for dropout) a streaming re-run reproduces the forward's values exactly.
 
 Interception works inside any block run by ``call_block`` (``functional_call``): a
 ``TorchFunctionMode`` swaps the calls whose weight *is* one of the streamed tensors, so the
@@ -34,6 +58,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import _disable_current_modes
 
 from emulator.configbase import doc
+from emulator.cost.engine import DigitalUnit
+from emulator.cost.hardware import Hardware
 from nodes.backend import Backend, autograd_backward, call_block
 from nodes.pcm.analog import (
     HardwareAware,
@@ -44,6 +70,7 @@ from nodes.pcm.analog import (
 )
 from nodes.pcm.cost import PcmCost, WriteCycleCounter
 from nodes.pcm.device import PcmDevice, check_drift_time
+from nodes.pcm.engine import PcmEngine
 from nodes.pcm.periphery import Periphery
 from nodes.pcm.tile import ProgrammedMatrix, Tile
 
@@ -89,6 +116,10 @@ class PcmBackend(Backend):
             "seed of the physical randomness (mixed with the node's per-step random state)",
             default=0,
         )
+        digital: DigitalUnit.Config = doc(
+            "the node's digital unit (biases, activations, ideal backward) in the emulated clock",
+            default_factory=DigitalUnit.Config,
+        )
 
         def __post_init__(self) -> None:
             if not self.drift_time_s >= 0:
@@ -107,6 +138,9 @@ class PcmBackend(Backend):
         def build(self) -> PcmBackend:
             return PcmBackend(self)
 
+        def engine(self, hardware: Hardware.Config) -> PcmEngine:
+            return PcmEngine(self)
+
     def __init__(self, config: Config):
         self.config = config
         self.device = config.device.build()
@@ -116,6 +150,10 @@ class PcmBackend(Backend):
         self.hardware_aware = config.training.build()
         self.placement = config.weight_stationary.build(self.tile)
         self.mvm_mode = self.cost.operating_mode(config.tile, config.periphery)
+        # A read driven from the column side: cols drivers (DACs), rows converted (ADCs).
+        self.transposed_mvm_mode = replace(
+            self.mvm_mode, rows=self.mvm_mode.cols, cols=self.mvm_mode.rows
+        )
         #: Emulated seconds this node's arrays have been busy (programming and reading).
         self.clock_s = 0.0
         self._programmed: dict[tuple[int, str], ProgrammedMatrix] = {}
@@ -132,12 +170,20 @@ class PcmBackend(Backend):
             return call_block(block, params, x)
 
     def backward(self, layer, block, params, x, grad_y):
+        """Digital autograd (``backward = "ideal"``) or the chip's analog backward.
+
+        Analog: the block is re-run on the arrays (re-programmed in streaming mode) and the
+        input gradient of every matmul is read through its transposed tiles; the module
+        docstring says what is counted and why.
+        """
         if self.config.training.backward == "ideal":
             return autograd_backward(call_block, block, params, x, grad_y)
         generator = self._generator()
 
         def analog_run(block: nn.Module, leaves: dict[str, Tensor], x_in: Tensor) -> Tensor:
-            with _AnalogLayer(self, layer, leaves, generator, autograd=True):
+            # Layer 0's input is the data set's: the node drops its gradient (nodes.worker).
+            data = x_in if layer == 0 else None
+            with _AnalogLayer(self, layer, leaves, generator, autograd=True, data=data):
                 return call_block(block, leaves, x_in)
 
         return autograd_backward(analog_run, block, params, x, grad_y)
@@ -217,7 +263,9 @@ class PcmBackend(Backend):
         # Streaming: the arrays held another layer's weights, so every device is rewritten.
         previous_target = previous.g_target_SRCIO if stationary and previous is not None else None
         written_SRCIO = counter.record(previous_target, programmed.g_target_SRCIO)
-        cost = self.cost.program(written_SRCIO.sum(dim=(0, 3, 4)), self.mvm_mode)
+        cost = self.cost.program(
+            written_SRCIO.sum(dim=(0, 3, 4)), self.mvm_mode, self.placement.num_arrays
+        )
         self._count("pcm.programmings", 1)
         self._count("pcm.devices_written", cost.num_devices)
         self._count("pcm.program_time_s", cost.time_s)
@@ -234,14 +282,25 @@ class PcmBackend(Backend):
         self._compensation[key] = (0.0, torch.ones(()))
         return programmed
 
-    def _count_reads(self, programmed: ProgrammedMatrix, num_vectors: int, prefix: str) -> None:
-        cost = self.cost.matmul(
-            self.mvm_mode,
-            programmed.num_outputs,
-            programmed.num_inputs,
-            num_vectors,
-            self.placement.num_arrays,
-        )
+    def _count_reads(
+        self,
+        programmed: ProgrammedMatrix,
+        num_vectors: int,
+        prefix: str,
+        transposed: bool = False,
+    ) -> None:
+        """``num_vectors`` reads of every tile of ``programmed``, forward or transposed."""
+        if transposed:
+            # Same physical tiles, driven from the columns: the matrix read is W^T (inputs =
+            # the layer's outputs) on tiles of cols x rows, so the tile count is unchanged.
+            mode, outputs, inputs = (
+                self.transposed_mvm_mode,
+                programmed.num_inputs,
+                programmed.num_outputs,
+            )
+        else:
+            mode, outputs, inputs = self.mvm_mode, programmed.num_outputs, programmed.num_inputs
+        cost = self.cost.matmul(mode, outputs, inputs, num_vectors, self.placement.num_arrays)
         self._count(f"{prefix}_mvms", cost.num_mvms)
         self._count(f"{prefix}_macs", cost.num_macs)
         self._count(f"{prefix}_time_s", cost.time_s)
@@ -271,21 +330,59 @@ class PcmBackend(Backend):
         w_OI: Tensor,
         gen: torch.Generator,
         autograd: bool,
+        data: Tensor | None = None,
     ) -> Tensor:
-        """x_BI @ w_OI^T read from the arrays holding ``w_OI`` (no bias: it is added digitally)."""
+        """x_BI @ w_OI^T read from the arrays holding ``w_OI`` (no bias: it is added digitally).
+
+        ``autograd``: the analog backward's re-run of the forward, whose input gradient is read
+        through the transposed tiles when autograd reaches it. ``data``: the block's input when
+        it is the data set's, whose gradient nobody uses.
+        """
         with _uncounted():
             programmed = self._program(layer, name, w_OI.detach(), gen)
             t_inference = self.config.drift_time_s + (self.clock_s - programmed.programmed_at_s)
-            self._count_reads(programmed, x_BI.shape[0], "pcm.mvm")
+            self._count_reads(
+                programmed, x_BI.shape[0], "pcm.mvm_recompute" if autograd else "pcm.mvm"
+            )
             if autograd:
-                # Value from the arrays, gradients per training.backward (HardwareAware).
-                return self.hardware_aware.linear(
-                    x_BI, w_OI, None, programmed, t_inference, self.periphery, gen
+                # Same order of random draws as the forward below, so a streaming re-run
+                # (programmed again from the same state) reproduces the forward's values.
+                scale = self._drift_scale((layer, name), t_inference, gen)
+                y_BO = self.hardware_aware.linear(
+                    x_BI, w_OI, None, programmed, t_inference, self.periphery, gen, scale
                 )
+                if x_BI.requires_grad and (data is None or _shaped_by_parameters(x_BI, data)):
+                    # The hook fires as grad_y reaches this product, just before its backward
+                    # reads grad_x through the transposed tiles: one MVM per tile per vector.
+                    y_BO.register_hook(
+                        lambda grad_BO: self._count_reads(
+                            programmed, grad_BO.shape[0], "pcm.mvm_transposed", transposed=True
+                        )
+                    )
+                return y_BO
             if self.config.training.forward == "ideal":
                 return x_BI @ w_OI.T
             scale = self._drift_scale((layer, name), t_inference, gen)
             return analog_matmul(x_BI, programmed, t_inference, self.periphery, gen, scale)
+
+
+def _shaped_by_parameters(x: Tensor, data: Tensor) -> bool:
+    """Whether ``x``'s autograd history reaches a leaf other than ``data`` (a parameter).
+
+    Only then does a matmul on ``x`` need its input gradient in the first layer: the data's
+    own gradient is dropped, a parameter's (a norm before the matmul, an earlier matmul) is not.
+    """
+    pending, seen = [x.grad_fn], set()
+    while pending:
+        node = pending.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)  # AccumulateGrad nodes hold their leaf
+        if leaf is not None and leaf is not data:
+            return True
+        pending.extend(child for child, _ in node.next_functions)
+    return False
 
 
 def _holds(programmed: ProgrammedMatrix, w_OI: Tensor, tile: Tile, device: PcmDevice) -> bool:
@@ -355,6 +452,7 @@ class _AnalogLayer(TorchFunctionMode):
         params: dict[str, Tensor],
         gen: torch.Generator,
         autograd: bool,
+        data: Tensor | None = None,
     ):
         super().__init__()
         self.backend = backend
@@ -362,6 +460,7 @@ class _AnalogLayer(TorchFunctionMode):
         self.names = {id(tensor): name for name, tensor in params.items()}
         self.gen = gen
         self.autograd = autograd
+        self.data = data
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -380,7 +479,7 @@ class _AnalogLayer(TorchFunctionMode):
 
     def _matmul(self, weight: Tensor, x_BI: Tensor, w_OI: Tensor) -> Tensor:
         name = self.names[id(weight)]
-        return self.backend.matmul(self.layer, name, x_BI, w_OI, self.gen, self.autograd)
+        return self.backend.matmul(self.layer, name, x_BI, w_OI, self.gen, self.autograd, self.data)
 
     def _linear(self, func, args, kwargs, bound) -> Tensor:
         x, weight, bias = bound["input"], bound["weight"], bound.get("bias")

@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from emulator.configbase import doc, from_dict
+from emulator.cost.engine import DigitalUnit
 from nodes.pcm.analog import HardwareAware, WeightStationary
 from nodes.pcm.cost import PcmCost
 from nodes.pcm.device import PcmDevice
@@ -34,6 +35,9 @@ class PcmConfig:
     )
     training: HardwareAware.Config = doc(
         "hardware-aware training mode", default_factory=HardwareAware.Config
+    )
+    digital: DigitalUnit.Config = doc(
+        "the node's digital unit in the emulated clock", default_factory=DigitalUnit.Config
     )
 
 

@@ -298,11 +298,15 @@ class PcmCost:
         )
         return self.mvm(single_row)
 
-    def program(self, num_written_per_array: Tensor | list[int], mode: MvmMode) -> ProgramCost:
-        """Program-and-verify ``num_written_per_array[k]`` devices in array k, arrays in parallel.
+    def program(
+        self, num_written_per_array: Tensor | list[int], mode: MvmMode, num_cores: int
+    ) -> ProgramCost:
+        """Program-and-verify ``num_written_per_array[k]`` devices in tile k on ``num_cores`` cores.
 
         Each device write is ``program_verify_iterations`` rounds of one pulse and one verify
-        read; an array programs ``devices_programmed_in_parallel`` devices at a time. From a
+        read; an array programs ``devices_programmed_in_parallel`` devices at a time, and the
+        cores program their tiles in parallel, ``ceil(tiles / num_cores)`` rounds (each as long
+        as the fullest tile: a bound, exact when tiles are alike). From a
         ``WriteCycleCounter.record`` mask: ``written_SRCIO.sum(dim=(0, 3, 4))``.
         """
         config = self.config
@@ -312,6 +316,7 @@ class PcmCost:
         round_s = config.program_pulse_s + verify.time_s
         batches = (
             math.ceil(int(counts.max()) / config.devices_programmed_in_parallel)
+            * math.ceil(int((counts > 0).sum()) / num_cores)
             if counts.numel()
             else 0
         )

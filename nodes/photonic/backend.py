@@ -21,6 +21,13 @@
   Clements decomposition per tile (0.5 s for 64 modes here); the photonic noise of DFA is on
   the feedback projection (``dfa.noise``).
 
+Multi-path diffractive stages (``multipath.py``, the zoo's ``taichi-digits``) run the same
+way: on the ideal twin for ``backprop`` training, on the node's ``PhysicalOptics`` (the
+device's phase errors on every mask pixel and MZI, its insertion loss, detection noise and
+ADC) for evaluation and for ``ffm``, whose mask and MZI phase gradients are measured on them.
+``dfa`` refuses them (they are not Linear layers). They are not costed: the ``photonic.*``
+counters cover ``MeshLinear`` layers only.
+
 Blocks that were not prepared (a plain ``nn.Linear`` arriving with a ``weight``) still work:
 their ``F.linear`` calls are programmed onto the mesh on the fly (cached per weight value).
 
@@ -42,11 +49,14 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from emulator.configbase import doc
+from emulator.cost.engine import DigitalUnit
+from emulator.cost.hardware import Hardware
 from nodes.backend import Backend, autograd_backward, call_block
 from nodes.photonic.clements import UnitPhases
 from nodes.photonic.cost import num_unit_shifters
 from nodes.photonic.device import PhotonicCore
 from nodes.photonic.dfa import DirectFeedbackAlignment
+from nodes.photonic.engine import PhotonicEngine
 from nodes.photonic.layer import (
     MeshLinear,
     Tiles,
@@ -58,7 +68,9 @@ from nodes.photonic.layer import (
     use_engine,
 )
 from nodes.photonic.mesh import require_mesh_size
-from nodes.photonic.preset import load_preset
+from nodes.photonic.multipath import OpticalStage
+from nodes.photonic.multipath_optics import PhysicalOptics, use_optics
+from nodes.photonic.preset import PresetDevice, load_preset
 
 #: Elementwise activations DFA can differentiate locally (f'(a) from a alone).
 _ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.Identity)
@@ -86,8 +98,11 @@ class PhotonicBackend(Backend):
         num_cores: int = doc(
             "MZI units per node; tile t runs on core t % num_cores, count", default=1
         )
-        device: PhotonicCore.Config = doc(
-            "the physical device (default: the realistic photonic_taichi preset)",
+        # Typed PresetDevice so that a partial YAML `device:` overlays the realistic preset
+        # (PhotonicCore.Config's own defaults are ideal); __post_init__ makes it plain again.
+        device: PresetDevice = doc(
+            "the physical device: the realistic photonic_taichi preset, overlaid by the sections "
+            "given (a section given as null is ideal)",
             default_factory=load_preset,
         )
         seed: int = doc(
@@ -98,6 +113,11 @@ class PhotonicBackend(Backend):
             "DFA feedback projection (training = 'dfa'): photonic noise on B_l e",
             default_factory=DirectFeedbackAlignment.Config,
         )
+        digital: DigitalUnit.Config = doc(
+            "the node's digital unit (the twin's training, biases, DFA updates) in the emulated "
+            "clock",
+            default_factory=DigitalUnit.Config,
+        )
 
         def __post_init__(self) -> None:
             require_mesh_size(self.mesh_size)
@@ -105,6 +125,8 @@ class PhotonicBackend(Backend):
                 raise ValueError(
                     f"num_cores = {self.num_cores} is not valid; a node needs at least 1 core."
                 )
+            if isinstance(self.device, PresetDevice):
+                self.device = self.device.plain()
             if self.device.mesh_size != self.mesh_size:
                 self.device = dataclasses.replace(self.device, mesh_size=self.mesh_size)
 
@@ -120,14 +142,30 @@ class PhotonicBackend(Backend):
             """This config with the device replaced by its ideal twin (what a computer designs with)."""
             return dataclasses.replace(self, device=self.device.twin())
 
+        def check_sparsity(self, sparsity) -> None:
+            # backprop and ffm train MeshLinear phases, not weights: a phase pruned to 0 is a
+            # set rotation, not a missing connection, and magnitude says nothing about it. DFA
+            # keeps W digital, so MemoryX's masks prune real weights there.
+            if sparsity is not None and self.training != "dfa":
+                raise ValueError(
+                    f"sparsity with backend.training = {self.training!r} is not valid: its "
+                    "Linear layers train as MZI phases, and pruning phases does not remove "
+                    "weights; use backend.training = 'dfa' (digital weights, which sparsity "
+                    "prunes), or drop sparsity."
+                )
+
         def build(self) -> PhotonicBackend:
             return PhotonicBackend(self)
+
+        def engine(self, hardware: Hardware.Config) -> PhotonicEngine:
+            return PhotonicEngine(self)
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self.needs_weights_in_backward = config.training != "dfa"
         self.cost = config.device.cost.build()
         self._tiles: Tiles | None = None  # built on first use: the driver never needs them
+        self._optics: PhysicalOptics | None = None  # likewise, for multi-path (Taichi) stages
         self._held: list[UnitPhases | None] = [None] * config.num_cores
         self._counters: dict[str, float] = {}
         self._programs: dict[tuple, dict[str, Tensor]] = {}
@@ -146,17 +184,25 @@ class PhotonicBackend(Backend):
 
     def check_layers(self, layers: list[nn.Module]) -> None:
         for index, layer in enumerate(layers):
+            optical = [type(m).__name__ for m in layer.modules() if isinstance(m, OpticalStage)]
+            if self.config.training == "dfa" and optical:
+                raise ValueError(
+                    f"training = 'dfa' cannot train layer {index}'s {optical[0]}: DFA updates "
+                    "Linear weights from a feedback projection, and diffractive masks and MZI "
+                    "phases have no such update; use 'backprop' or 'ffm'."
+                )
             if self.config.training == "dfa":
                 _dfa_parts(index, layer)
             elif self.config.training == "ffm":
                 for module in layer.modules():
                     own = list(module.parameters(recurse=False))
-                    if own and not isinstance(module, MeshLinear):
+                    if own and not isinstance(module, MeshLinear | OpticalStage):
                         raise ValueError(
                             f"training = 'ffm' has no forward-only gradient for layer {index}'s "
-                            f"{type(module).__name__}: only Linear layers (as MZI meshes) and "
-                            "parameter-free modules can be trained in situ; use 'backprop' or "
-                            "'dfa', or a model of Linear layers and activations."
+                            f"{type(module).__name__}: only Linear layers (as MZI meshes), "
+                            "multi-path optical stages and parameter-free modules can be trained "
+                            "in situ; use 'backprop' or 'dfa', or a model of Linear layers and "
+                            "activations."
                         )
 
     def forward(self, layer: int, block: nn.Module, params: dict[str, Tensor], x: Tensor) -> Tensor:
@@ -202,6 +248,14 @@ class PhotonicBackend(Backend):
         return self.config.training == "ffm" or not block.training
 
     @property
+    def optics(self) -> PhysicalOptics:
+        """The node's physical diffractive and MZI hardware for multi-path (Taichi) stages."""
+        if self._optics is None:
+            c = self.config
+            self._optics = PhysicalOptics(c.device, c.seed, c.num_cores)
+        return self._optics
+
+    @property
     def tiles(self) -> Tiles:
         if self._tiles is None:
             c = self.config
@@ -218,7 +272,8 @@ class PhotonicBackend(Backend):
             return run_tiles(module, self.tiles, x_BI, module.phases(), module.gain.double())
 
         mode = _OnTheFly(self, layer, params, physical, ffm)
-        with use_engine(engine), mode:
+        optics = self.optics.at(layer, ffm=ffm) if physical else None  # None: the ideal twin
+        with use_engine(engine), use_optics(optics), mode:
             return call_block(block, {n: p.float() for n, p in params.items()}, x)
 
     def program_weight(self, w_OI: Tensor) -> MeshLinear:

@@ -1,18 +1,34 @@
-"""Loader of photonic presets (``emulator/presets/photonic_*.yaml``)."""
+"""Loader of photonic presets (``emulator/presets/photonic_*.yaml``), and the YAML form of a device."""
 
 from __future__ import annotations
 
+import copy
+import functools
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from emulator.configbase import from_dict
+from emulator.configbase import doc, field_docs, from_dict
+from nodes.photonic.cost import PhotonicCost
 from nodes.photonic.device import PhotonicCore
+from nodes.photonic.nonideal import (
+    DetectionNoise,
+    InsertionLoss,
+    PhaseError,
+    PhaseQuantization,
+    Readout,
+    ShifterGainError,
+    ThermalCrosstalk,
+)
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "emulator" / "presets"
+#: The realistic device a backend config starts from.
+DEFAULT_PRESET = "photonic_taichi"
 
 
-def load_preset(name_or_path: str | Path = "photonic_taichi") -> PhotonicCore.Config:
+def load_preset(name_or_path: str | Path = DEFAULT_PRESET) -> PhotonicCore.Config:
     """The physical device of a bundled preset (by name) or of a YAML file (by path)."""
     bundled = PRESET_DIR / f"{name_or_path}.yaml"
     path = bundled if bundled.is_file() else Path(name_or_path)
@@ -27,3 +43,46 @@ def load_preset(name_or_path: str | Path = "photonic_taichi") -> PhotonicCore.Co
             f"Photonic preset {str(path)!r} must be a mapping with one section, 'device'."
         )
     return from_dict(PhotonicCore.Config, data["device"], "device")
+
+
+@functools.cache
+def _default_preset() -> PhotonicCore.Config:
+    return load_preset(DEFAULT_PRESET)
+
+
+def _from_preset(name: str) -> Any:
+    """A field of ``PhotonicCore.Config`` whose default is the default preset's value."""
+    return doc(
+        f"{field_docs(PhotonicCore.Config)[name]} (default: the {DEFAULT_PRESET} preset's)",
+        # A copy: the cached preset is shared, a config's sections are its own.
+        default_factory=lambda: copy.deepcopy(getattr(_default_preset(), name)),
+    )
+
+
+@dataclass(kw_only=True)
+class PresetDevice(PhotonicCore.Config):
+    """How a backend config reads its ``device:`` mapping: an overlay on the realistic preset.
+
+    ``PhotonicCore.Config`` leaves every error section at None (ideal), so reading a partial
+    mapping into it would silently switch off every section not written out. Here a section
+    not given keeps the preset's value and a section given as null is ideal. Fields inside a
+    given section default to their dataclass defaults, which are the preset's numbers
+    (``tests/nodes/photonic/test_photonic_preset.py``). ``PhotonicBackend.Config`` turns it back
+    into a plain ``PhotonicCore.Config``.
+    """
+
+    mesh_size: int = _from_preset("mesh_size")
+    phase_quantization: PhaseQuantization.Config | None = _from_preset("phase_quantization")
+    phase_error: PhaseError.Config | None = _from_preset("phase_error")
+    gain_error: ShifterGainError.Config | None = _from_preset("gain_error")
+    crosstalk: ThermalCrosstalk.Config | None = _from_preset("crosstalk")
+    insertion_loss: InsertionLoss.Config | None = _from_preset("insertion_loss")
+    detection_noise: DetectionNoise.Config | None = _from_preset("detection_noise")
+    readout: Readout.Config | None = _from_preset("readout")
+    cost: PhotonicCost.Config = _from_preset("cost")
+
+    def plain(self) -> PhotonicCore.Config:
+        """The same device as a ``PhotonicCore.Config``."""
+        return PhotonicCore.Config(
+            **{name: getattr(self, name) for name in field_docs(PhotonicCore.Config)}
+        )

@@ -22,15 +22,24 @@ def test_compare_cs2_and_pcm_writes_table_json_and_png(ray_session, tmp_path, ca
     out = capsys.readouterr().out
     for heading in ("accuracy", "emulated time", "energy/sample", "TOPS/W", "what produced it"):
         assert heading in out
-    assert "cs2 preset (emulated clock)" in out and "hardware-aware training" in out
+    assert "emulated clock: CS-2 nodes" in out and "emulated clock: PCM 64 cores" in out
     rows = json.loads(json_path.read_text())["rows"]
     assert [row["backend"] for row in rows] == ["cs2", "pcm"]
     for row in rows:
         assert row["num_steps"] == 8 and row["samples_per_step"] == 64
         assert row["step_time_s"] > 0 and row["step_energy_j"] > 0 and row["tops_per_watt"] > 0
+        assert row["node_tops_per_watt"] > row["tops_per_watt"]
         assert row["run_energy_j"] == pytest.approx(8 * row["step_energy_j"])
-    pcm = rows[1]["details"]
-    assert pcm["program_energy_j_per_step"] > 0 and pcm["endurance_steps"] > 0
+    cs2, pcm = rows[0]["details"], rows[1]["details"]
+    # Every row pays for the streams: MemoryX and SwarmX energy come from the same cluster.
+    for details in (cs2, pcm):
+        assert details["memoryx_energy_j_per_step"] > 0 and details["swarmx_energy_j_per_step"] > 0
+    assert pcm["program_energy_j_per_step"] > 0 and pcm["mvm_energy_j_per_step"] > 0
+    assert pcm["digital_energy_j_per_step"] > 0
+    assert pcm["endurance_steps"] == pytest.approx(1e8 / 10)
+    assert pcm["deployment_energy_j"] > 0 and cs2["deployment_energy_j"] == 0
+    # Same model, same operations counted: only the energy differs.
+    assert rows[0]["flops_per_step"] == pytest.approx(rows[1]["flops_per_step"])
     assert png_path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 

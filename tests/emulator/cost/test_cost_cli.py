@@ -145,3 +145,45 @@ def test_set_overrides_a_preset_field(tmp_path: Path):
     assert 1.9 < slow_step / base_step <= 2.0
     emulated = json.loads(base.read_text())["results"][0]
     assert emulated["energy_by_component_j"].keys() == {"wafer", "memoryx", "swarmx"}
+
+
+@pytest.mark.parametrize(
+    ("backend", "parts"),
+    [("pcm", ("program", "mvm", "digital")), ("photonic", ("program", "mvm", "ffm_error"))],
+)
+def test_simulate_on_analog_and_photonic_nodes(backend, parts, tmp_path: Path, capsys):
+    json_path = tmp_path / "out.json"
+    argv = ["simulate", "--model", "gpt3-125m", "--nodes", "1,4", "--backend", backend]
+    argv += ["--json", str(json_path)]
+    if backend == "photonic":
+        argv += ["--training", "ffm"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "one node's busy time per step" in out
+    result = json.loads(json_path.read_text())
+    assert result["backend"]["kind"] == backend
+    first = result["results"][0]
+    assert set(parts) <= set(first["node_time_by_part_s"])
+    assert first["energy_by_component_j"][backend] > 0
+    assert result["deployment"]["energy_j"] > 0
+    # Same MemoryX and SwarmX as the digital run: only the nodes differ.
+    assert (
+        main(["simulate", "--model", "gpt3-125m", "--nodes", "1,4", "--json", str(json_path)]) == 0
+    )
+    wafer = json.loads(json_path.read_text())["results"][0]
+    assert wafer["memoryx_capacity_bytes"] == first["memoryx_capacity_bytes"]
+    assert wafer["step_time_s"] != first["step_time_s"]
+
+
+def test_simulate_sparsity_writes_json_and_plot(tmp_path: Path, capsys):
+    json_path, png_path = tmp_path / "sparsity.json", tmp_path / "sparsity.png"
+    argv = ["simulate", "--model", "gpt3-125m", "--sparsity", "0,0.5,0.9", "--nodes", "1,4"]
+    argv += ["--json", str(json_path), "--plot", str(png_path)]
+    assert main(argv) == 0
+    points = json.loads(json_path.read_text())["points"]
+    assert [(p["sparsity"], p["num_nodes"]) for p in points] == [
+        (s, n) for n in (1, 4) for s in (0.0, 0.5, 0.9)
+    ]
+    assert points[0]["speedup"] == 1.0 and points[2]["speedup"] > points[1]["speedup"] > 1.0
+    assert points[2]["bytes_per_step"] < points[0]["bytes_per_step"]
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

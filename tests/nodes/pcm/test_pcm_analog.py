@@ -134,6 +134,43 @@ def test_drift_compensation_restores_mean_output_magnitude():
     assert (compensated / fresh).item() == pytest.approx(1.0, abs=0.05)
 
 
+def test_drift_compensation_restores_the_transposed_read_too():
+    """The forward's one global factor undoes the drift seen from the column side as well."""
+    tile = Tile.Config(rows=64, cols=64).build()
+    periphery = Periphery.Config().build()
+    w_OI, _ = layer(64, 64, seed=3)
+    programmed = program_layer(w_OI, None, tile, PcmDevice.Config().build(), periphery, generator())
+    grad_BO = torch.randn(512, 64, generator=generator(4))
+    one_year = 365 * 86400.0
+
+    def magnitude(t_inference: float, **scale) -> float:
+        grad_BI = analog_matmul_transposed(
+            grad_BO, programmed, t_inference, periphery, generator(6), **scale
+        )
+        return grad_BI.abs().mean().item()
+
+    fresh = magnitude(0.0)
+    scale = drift_compensation_scale(programmed, one_year, periphery, generator(7))
+    assert magnitude(one_year) / fresh < 0.6
+    assert magnitude(one_year, drift_scale=scale) / fresh == pytest.approx(1.0, abs=0.05)
+
+
+def test_hardware_aware_reads_apply_the_drift_scale():
+    mode, periphery, programmed, w_OI, bias_O, x_BI, grad_BO = _hardware_aware_setup(
+        HardwareAware.Config(backward="analog")
+    )
+    x = x_BI.clone().requires_grad_()
+    y = mode.linear(x, w_OI, bias_O, programmed, 1.0, periphery, generator(3), drift_scale=0.5)
+    want = analog_matmul(x_BI, programmed, 1.0, periphery, generator(3), drift_scale=0.5)
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+    (grad_x,) = _gradients(y, grad_BO, x)
+    # The generator continued after the forward's draws, as in the autograd backward.
+    gen = generator(3)
+    analog_matmul(x_BI, programmed, 1.0, periphery, gen)
+    unscaled = analog_matmul_transposed(grad_BO, programmed, 1.0, periphery, gen)
+    torch.testing.assert_close(grad_x, 0.5 * unscaled, rtol=1e-12, atol=1e-12)
+
+
 def test_without_compensation_the_scale_is_one():
     periphery = Periphery.Config().build()
     device = PcmDevice.Config(drift_compensation=DriftCompensation.Config(kind="none")).build()

@@ -92,14 +92,18 @@ def test_program_and_verify_cost():
     cost = config.build()
     mode = MvmMode()
     # Two arrays written in parallel; the fuller one (600 devices -> 3 batches of 256) sets the time.
-    program = cost.program([600, 10], mode)
+    program = cost.program([600, 10], mode, num_cores=2)
     verify = cost.verify_read(mode)
     round_s = config.program_pulse_s + verify.time_s
     assert program.num_devices == 610
     assert program.time_s == pytest.approx(3 * config.program_verify_iterations * round_s)
     per_round_j = config.program_pulse_energy_j + verify.energy_j / mode.cols
     assert program.energy_j == pytest.approx(610 * config.program_verify_iterations * per_round_j)
-    assert cost.program([0], mode).time_s == 0.0
+    assert cost.program([0], mode, num_cores=1).time_s == 0.0
+    # One core programs the two tiles one after the other: twice the rounds.
+    serial = cost.program([600, 10], mode, num_cores=1)
+    assert serial.time_s == pytest.approx(2 * program.time_s)
+    assert serial.energy_j == pytest.approx(program.energy_j)
 
 
 def test_write_cycles_count_only_changed_devices():

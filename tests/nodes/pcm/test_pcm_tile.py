@@ -70,6 +70,27 @@ def test_all_zero_weights_map_to_zero_conductance():
     assert torch.equal(scale_RC, torch.ones(1, 1))
 
 
+def test_pruned_weights_are_zero_conductance_pairs():
+    """A weight MemoryX pruned is 0 (or -0): both devices of its pair target 0 uS."""
+    tile = Tile.Config(rows=16, cols=8).build()
+    w_OI = torch.randn(20, 40, generator=generator(), dtype=torch.float64)
+    pruned_OI = torch.rand(20, 40, generator=generator(1)) < 0.9
+    w_OI[pruned_OI] = 0.0
+    w_OI[pruned_OI & (torch.arange(40) % 2 == 0)] = -0.0
+    g_SRCIO, _ = tile.map_weights(w_OI, G_MAX)
+    pruned_RCIO = tile.split(pruned_OI.double()).bool()
+    assert torch.equal(g_SRCIO[:, pruned_RCIO], torch.zeros(2, int(pruned_OI.sum())).double())
+    assert (g_SRCIO.sum(dim=0)[~pruned_RCIO & (tile.split(w_OI) != 0)] > 0).all()
+    ideal = tile.program(w_OI, None, PcmDevice.Config.ideal().build(), generator())
+    assert torch.equal(ideal.effective_weights(0.0, generator())[pruned_OI], w_OI[pruned_OI])
+    # On real devices a RESET pair still reads programming noise on both sides: zero on
+    # average, not exactly (rectified normals of equal spread cancel in the difference).
+    noisy = tile.program(w_OI, None, PcmDevice.Config().build(), generator(2))
+    read_OI = noisy.effective_weights(0.0, generator(3))[pruned_OI]
+    assert read_OI.std() > 0
+    assert read_OI.mean().abs() < 4 * read_OI.std() / read_OI.numel() ** 0.5
+
+
 def test_programmed_state_keeps_drift_exponents_fixed():
     tile = Tile.Config(rows=8, cols=8).build()
     programmed = tile.program(

@@ -1,0 +1,141 @@
+"""The photonic node as the cluster cost model sees it: reconfiguration, optical MVMs, digital rest.
+
+Per operation (one layer, one pass, one micro-batch on one node), counted as
+the photonic backend's counters count it (``nodes.photonic.backend``), so a
+functional run's emulated clock and ``wafer simulate --backend photonic``
+agree on time:
+
+- **program**: a streamed layer sets the phases of each of its tiles; cores
+  tune in parallel, so ``ceil(tiles / num_cores)`` thermal tuning times, with
+  every heater burning at its mean setting (pi) while it settles;
+- **mvm**: rounds of ``num_cores`` tiles, each streaming every vector at the
+  clock rate, plus the light's latency through a unit (``PhotonicCost``);
+- **digital**: what the meshes do not compute, on the node's digital unit.
+
+What runs where depends on the training method (REFERENCE.md s4):
+
+- ``backprop`` trains on the digital twin, i.e. a computer: forward and
+  backward are digital. Putting the result on the photonic node is the
+  one-off ``deployment`` (programming every layer).
+- ``ffm`` runs forward on the mesh; its backward re-programs the layer (the
+  arrays held later layers), re-runs the forward to restore the stored field
+  and sends the conjugated error through the same mesh (``ffm_error``).
+- ``dfa`` runs forward on the mesh; its backward streams no weights, projects
+  the output error through a fixed random matrix per hidden layer
+  (``dfa_projection``, optical) and forms the weight gradient digitally.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from emulator.cost.engine import MatmulWork, NodeEngine, OpCost, Tally, matmul_work
+from emulator.cost.hardware import Precision
+from nodes.photonic.cost import num_unit_shifters
+
+if TYPE_CHECKING:
+    from emulator.cost.compile import Operation
+    from emulator.cost.workload import Workload
+    from nodes.photonic.backend import PhotonicBackend
+
+
+class PhotonicEngine(NodeEngine):
+    component = "photonic"
+
+    def __init__(self, backend: PhotonicBackend.Config) -> None:
+        self.backend = backend
+        self.cost = backend.device.cost.build()
+        self.mesh_size = backend.mesh_size
+        self.num_cores = backend.num_cores
+        self.digital = backend.digital.build()
+
+    @property
+    def name(self) -> str:
+        n = self.mesh_size
+        return (
+            f"photonic {self.num_cores} x {n}x{n} MZI ({self.backend.training}) + "
+            f"{self.digital.config.name}"
+        )
+
+    @property
+    def activation_budget_bytes(self) -> float:
+        return self.digital.config.memory_bytes
+
+    @property
+    def idle_power_w(self) -> float:
+        # Heaters and laser are charged per MVM and per reconfiguration (PhotonicCost); a
+        # node waiting on streams is modelled as dark.
+        return 0.0
+
+    def peak_flops(self, precision: Precision) -> float:
+        digital = self.digital.config.flops_per_s
+        if self.backend.training == "backprop":
+            return digital  # training runs on the twin, a computer
+        return self.num_cores * 2.0 * self.mesh_size**2 * self.cost.config.clock_hz + digital
+
+    def _num_tiles(self, work: MatmulWork) -> int:
+        n = self.mesh_size
+        return math.ceil(work.num_outputs / n) * math.ceil(work.num_inputs / n)
+
+    def _program(self, work: MatmulWork, tally: Tally) -> None:
+        c = self.cost.config
+        num_tiles = self._num_tiles(work)
+        heater_w = num_tiles * num_unit_shifters(self.mesh_size) * c.heater_power_per_pi_w
+        tally.add(
+            "program",
+            math.ceil(num_tiles / self.num_cores) * c.thermal_tuning_time_s,
+            heater_w * c.thermal_tuning_time_s,
+        )
+
+    def _mvms(self, num_outputs: int, num_inputs: int, num_vectors: int, part: str, tally: Tally):
+        n = self.mesh_size
+        num_tiles = math.ceil(num_outputs / n) * math.ceil(num_inputs / n)
+        # Tiles as if resident (reconfiguration is the program part) for the energy ...
+        cost = self.cost.matmul(num_outputs, num_inputs, num_vectors, n, num_cores=num_tiles)
+        # ... and time as rounds of num_cores tiles, each streaming every vector.
+        rounds = math.ceil(num_tiles / self.num_cores)
+        time_s = rounds * num_vectors / self.cost.config.clock_hz + self.cost.latency_s(n)
+        tally.add(part, time_s, cost.energy_j)
+
+    def _digital(self, flops: float, tally: Tally) -> None:
+        tally.add("digital", self.digital.time_s(flops), self.digital.energy_j(flops))
+
+    def op_cost(self, op: Operation, precision: Precision) -> OpCost:
+        tally = Tally()
+        works = matmul_work(op)
+        optical_flops = sum(w.flops for w in works)
+        training = self.backend.training
+        forward = op.phase == "forward"
+        if training == "backprop":
+            # The twin is a computer; nodes count mesh layers as no FLOPs, so the weight
+            # products are added from their shapes.
+            products = optical_flops * (1 if forward else 2 if op.has_input_gradient else 1)
+            self._digital(max(op.flops_per_node, products), tally)
+        elif forward or training == "ffm":
+            for w in works:
+                self._program(w, tally)
+                self._mvms(w.num_outputs, w.num_inputs, w.num_vectors, "mvm", tally)
+                if not forward:
+                    self._mvms(w.num_outputs, w.num_inputs, w.num_vectors, "ffm_error", tally)
+            # Mesh layers count no FLOPs at the node; what is left is digital (biases, ...).
+            self._digital(max(0.0, op.flops_per_node - optical_flops), tally)
+        else:  # dfa backward
+            for w in works:
+                if not op.is_last_layer:
+                    self._mvms(
+                        w.num_outputs, op.output_width, w.num_vectors, "dfa_projection", tally
+                    )
+                self._digital(w.flops, tally)  # delta^T x: the weight gradient
+        return tally.cost()
+
+    def deployment(self, workload: Workload) -> OpCost:
+        """Programming every layer's phases once: the trained model on the node."""
+        tally = Tally()
+        for layer in workload.layers:
+            for m in layer.matmuls:
+                self._program(MatmulWork(m.num_outputs, m.num_inputs, 1), tally)
+        return tally.cost()
+
+
+__all__ = ["PhotonicEngine"]
