@@ -193,8 +193,7 @@ def _row(config: ClusterConfig, report, accuracy: float | None) -> CompareRow:
     stats, engine, workload = emulated.stats, emulated.engine, emulated.workload
     deployment = engine.deployment(workload)
     details = {
-        f"{part}_energy_j_per_step": energy
-        for part, energy in stats.node_energy_by_part_j.items()
+        f"{part}_energy_j_per_step": energy for part, energy in stats.node_energy_by_part_j.items()
     }
     details |= {f"{part}_time_s_per_step": t for part, t in stats.node_time_by_part_s.items()}
     details |= {
