@@ -178,13 +178,15 @@ def training_flops_per_sample(workload: Workload) -> float:
     Nodes count mesh layers (photonic) as no FLOPs, so each layer's weight
     products are counted from their shapes where the measurement is smaller:
     forward 2 MACs, backward 4 (2 for the first layer, whose input needs no
-    gradient).
+    gradient); fixed optical stages add their dense-equivalent operations, 3x.
     """
     total = 0.0
     for index, layer in enumerate(workload.layers):
         products = sum(m.flops_per_sample for m in layer.matmuls)
         total += max(layer.forward_flops, products)
         total += max(layer.backward_flops, products * (2 if index > 0 else 1))
+        # Optical stages (diffraction) count no FLOPs on a computer: dense-equivalent ops.
+        total += 3 * sum(stage.ops_per_sample for stage in layer.optical_passes)
     return total
 
 

@@ -23,7 +23,7 @@ from emulator.cost.hardware import BYTES_PER_ELEMENT, Hardware, Precision
 from emulator.cost.stats import StepStats, simulate
 from emulator.cost.timeline import Event
 from emulator.cost.trace import write_trace
-from emulator.cost.workload import LayerProfile, Matmul, Workload
+from emulator.cost.workload import LayerProfile, Matmul, OpticalPass, Workload
 
 #: Operand precision of the wafer for each dtype a backend streams weights in.
 WIRE_PRECISION: dict[str, Precision] = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -48,6 +48,7 @@ class LayerShape:
     num_params: int = doc("trainable parameters, count")
     input_elements_per_sample: float = doc("elements of the layer input kept for backward, count")
     matmuls: tuple[Matmul, ...] = doc("the layer's weight products, per sample", default=())
+    optical_passes: tuple[OpticalPass, ...] = doc("the layer's fixed optical stages", default=())
 
 
 def measured_workload(
@@ -96,6 +97,7 @@ def measured_workload(
                 activation_bytes=shape.input_elements_per_sample * element_bytes,
                 weight_density=1.0 if densities is None else densities[index],
                 matmuls=shape.matmuls,
+                optical_passes=shape.optical_passes,
             )
         )
     return Workload(

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from emulator.config import ClusterConfig
 from emulator.configbase import to_dict
 from emulator.coordinator import Coordinator, EvalRecord, StepRecord, group_layers
-from emulator.cost.profile import block_matmuls
+from emulator.cost.profile import block_matmuls, block_optical_passes
 from emulator.cost.stats import predict
 from emulator.cost.workload import Workload
 from emulator.emulated import (
@@ -200,6 +200,7 @@ def layer_shapes(layers: list[nn.Module], example: torch.Tensor) -> list[LayerSh
                 num_params=sum(p.numel() for p in layer.parameters() if p.requires_grad),
                 input_elements_per_sample=x.numel() / num_examples,
                 matmuls=block_matmuls(layer, x),
+                optical_passes=block_optical_passes(layer),
             )
         )
         with torch.no_grad(), torch.random.fork_rng(devices=[]):

@@ -20,7 +20,7 @@ from emulator.configbase import doc
 from emulator.cost.engine import NodeEngine, WaferEngine
 from emulator.cost.hardware import Hardware
 from emulator.cost.units import format_bytes, format_count
-from emulator.cost.workload import Matmul, Workload
+from emulator.cost.workload import Matmul, OpticalPass, Workload
 
 Phase = Literal["forward", "backward"]
 
@@ -78,6 +78,7 @@ class Operation:
     weight_flops_fraction: float = doc("share of FLOPs that multiply weights, fraction")
     weight_density: float = doc("non-zero share of the layer's weights, fraction")
     matmuls: tuple[Matmul, ...] = doc("the layer's weight products, per sample")
+    optical_passes: tuple[OpticalPass, ...] = doc("the layer's fixed optical stages")
     has_input_gradient: bool = doc("backward also computes the gradient of the layer input")
     is_last_layer: bool = doc("the model's output layer (its output error starts backward)")
     output_width: int = doc("outputs per vector of the model's last weight product, count")
@@ -183,6 +184,7 @@ def compile_step(workload: Workload, cluster: Cluster) -> CompiledStep:
             weight_flops_fraction=layer.weight_flops_fraction,
             weight_density=layer.weight_density,
             matmuls=layer.matmuls,
+            optical_passes=layer.optical_passes,
             # The first layer's input is data: nothing upstream needs its gradient.
             has_input_gradient=index > 0,
             is_last_layer=index == num_layers - 1,

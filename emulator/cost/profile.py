@@ -12,7 +12,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from emulator.cost.hardware import BYTES_PER_ELEMENT, Precision
-from emulator.cost.workload import LayerProfile, Matmul, Workload
+from emulator.cost.workload import LayerProfile, Matmul, OpticalPass, Workload
 
 
 def _meta_state(block: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -97,6 +97,17 @@ def block_matmuls(block: torch.nn.Module, x: torch.Tensor) -> tuple[Matmul, ...]
     return tuple(found)
 
 
+def block_optical_passes(block: torch.nn.Module) -> tuple[OpticalPass, ...]:
+    """The fixed optical stages of ``block``: modules that describe themselves by ``optical_pass()``.
+
+    Diffraction is FFTs and complex products on a computer, which count no
+    FLOPs, so such modules say what they are instead (nodes.photonic.multipath).
+    """
+    return tuple(
+        m.optical_pass() for m in block.modules() if callable(getattr(m, "optical_pass", None))
+    )
+
+
 def profile_modules(
     name: str,
     blocks: Sequence[tuple[str, torch.nn.Module]],
@@ -134,6 +145,7 @@ def profile_modules(
                 backward_flops=backward_flops / num_examples,
                 activation_bytes=x.numel() * element_bytes / num_examples,
                 matmuls=matmuls,
+                optical_passes=block_optical_passes(block),
             )
         )
         x = y.detach()
@@ -146,4 +158,4 @@ def profile_modules(
     )
 
 
-__all__ = ["block_flops", "block_matmuls", "profile_modules"]
+__all__ = ["block_flops", "block_matmuls", "block_optical_passes", "profile_modules"]

@@ -39,6 +39,28 @@ class Matmul:
         return 2.0 * self.num_outputs * self.num_inputs * self.vectors_per_sample
 
 
+@dataclass(frozen=True)
+class OpticalPass:
+    """A fixed optical stage of a layer (e.g. Taichi's paths): light through it, per sample.
+
+    Unlike a ``Matmul`` it is not tiled onto an engine's meshes: its paths are
+    units of their own, side by side; what it costs is its conversions, the
+    heaters it holds while light passes, and the phases set when it streams in.
+    """
+
+    num_paths: int = doc("units side by side, count")
+    num_inputs: int = doc("electro-optic conversions into each path per vector, count")
+    num_outputs: int = doc("detections out of each path per vector, count")
+    num_held_shifters: int = doc("heaters each path keeps powered while computing, count")
+    num_programmed: int = doc("phase elements of each path set when its layer streams in, count")
+    dense_ops: float = doc("dense-equivalent operations per path and vector (2 per MAC), op")
+    vectors_per_sample: float = doc("vectors through the stage per sample, count", default=1.0)
+
+    @property
+    def ops_per_sample(self) -> float:
+        return self.dense_ops * self.num_paths * self.vectors_per_sample
+
+
 @dataclass(kw_only=True, frozen=True)
 class LayerProfile:
     """One layer as the weight-streaming hardware sees it (all per-sample figures)."""
@@ -63,6 +85,9 @@ class LayerProfile:
     weight_density: float = doc("non-zero share of weights (1.0 = dense), fraction", default=1.0)
     matmuls: tuple[Matmul, ...] = doc(
         "the weight products (for analog and photonic engines); () if unknown", default=()
+    )
+    optical_passes: tuple[OpticalPass, ...] = doc(
+        "fixed optical stages (photonic engines; digital nodes see their FLOPs only)", default=()
     )
 
     def __post_init__(self) -> None:
@@ -155,4 +180,4 @@ class Workload:
         )
 
 
-__all__ = ["LayerProfile", "Matmul", "Workload"]
+__all__ = ["LayerProfile", "Matmul", "OpticalPass", "Workload"]

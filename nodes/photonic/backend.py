@@ -25,8 +25,9 @@ Multi-path diffractive stages (``multipath.py``, the zoo's ``taichi-digits``) ru
 way: on the ideal twin for ``backprop`` training, on the node's ``PhysicalOptics`` (the
 device's phase errors on every mask pixel and MZI, its insertion loss, detection noise and
 ADC) for evaluation and for ``ffm``, whose mask and MZI phase gradients are measured on them.
-``dfa`` refuses them (they are not Linear layers). They are not costed: the ``photonic.*``
-counters cover ``MeshLinear`` layers only.
+``dfa`` refuses them (they are not Linear layers). The ``photonic.*`` counters cover
+``MeshLinear`` layers only; the emulated clock costs the stages from their ``optical_pass()``
+(``nodes.photonic.engine``).
 
 Blocks that were not prepared (a plain ``nn.Linear`` arriving with a ``weight``) still work:
 their ``F.linear`` calls are programmed onto the mesh on the fly (cached per weight value).

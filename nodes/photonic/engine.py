@@ -10,6 +10,9 @@ agree on time:
   every heater burning at its mean setting (pi) while it settles;
 - **mvm**: rounds of ``num_cores`` tiles, each streaming every vector at the
   clock rate, plus the light's latency through a unit (``PhotonicCost``);
+- **optics**: fixed optical stages (Taichi's multi-path units, ``OpticalPass``):
+  paths side by side at the clock rate, each charged its conversions, held
+  heaters and laser, the split of ``PhotonicCost``'s calibrated unit pass;
 - **digital**: what the meshes do not compute, on the node's digital unit.
 
 What runs where depends on the training method (REFERENCE.md s4):
@@ -36,7 +39,7 @@ from nodes.photonic.cost import num_unit_shifters
 
 if TYPE_CHECKING:
     from emulator.cost.compile import Operation
-    from emulator.cost.workload import Workload
+    from emulator.cost.workload import OpticalPass, Workload
     from nodes.photonic.backend import PhotonicBackend
 
 
@@ -101,8 +104,48 @@ class PhotonicEngine(NodeEngine):
     def _digital(self, flops: float, tally: Tally) -> None:
         tally.add("digital", self.digital.time_s(flops), self.digital.energy_j(flops))
 
+    def _program_stage(self, stage: OpticalPass, tally: Tally) -> None:
+        """Set a stage's phases: its paths tune on the cores, ``ceil(paths / cores)`` rounds."""
+        if stage.num_programmed == 0:
+            return
+        c = self.cost.config
+        rounds = math.ceil(stage.num_paths / self.num_cores)
+        heater_w = stage.num_paths * stage.num_programmed * c.heater_power_per_pi_w
+        tally.add("program", rounds * c.thermal_tuning_time_s, heater_w * c.thermal_tuning_time_s)
+
+    def _light_stage(self, stage: OpticalPass, num_vectors: int, part: str, tally: Tally) -> None:
+        """Vectors through every path: one clock each, paths ``num_cores`` at a time.
+
+        Per path and vector, the calibrated conversion energy of its inputs and outputs
+        plus its held heaters and (where light enters) the laser over one clock: over the
+        three stages of a Taichi unit this is exactly ``PhotonicCost``'s calibrated pass.
+        """
+        rounds = math.ceil(stage.num_paths / self.num_cores)
+        energy = self.cost.mvm_energy_j(
+            stage.num_inputs, stage.num_outputs, stage.num_held_shifters
+        )
+        tally.add(
+            part,
+            rounds * num_vectors / self.cost.config.clock_hz,
+            stage.num_paths * num_vectors * energy,
+        )
+
+    def _stages(self, op: Operation, tally: Tally) -> None:
+        training, forward = self.backend.training, op.phase == "forward"
+        for stage in op.optical_passes:
+            num_vectors = max(1, round(stage.vectors_per_sample * op.samples))
+            ops = stage.dense_ops * stage.num_paths * num_vectors
+            if training == "backprop":
+                self._digital(ops * (1 if forward else 2), tally)  # the twin, on a computer
+                continue
+            self._program_stage(stage, tally)
+            self._light_stage(stage, num_vectors, "optics", tally)
+            if not forward:  # ffm: the recomputed pass above, then the conjugated error
+                self._light_stage(stage, num_vectors, "ffm_error", tally)
+
     def op_cost(self, op: Operation, precision: Precision) -> OpCost:
         tally = Tally()
+        self._stages(op, tally)
         works = matmul_work(op)
         optical_flops = sum(w.flops for w in works)
         training = self.backend.training
@@ -135,6 +178,8 @@ class PhotonicEngine(NodeEngine):
         for layer in workload.layers:
             for m in layer.matmuls:
                 self._program(MatmulWork(m.num_outputs, m.num_inputs, 1), tally)
+            for stage in layer.optical_passes:
+                self._program_stage(stage, tally)
         return tally.cost()
 
 

@@ -62,6 +62,8 @@ import torch
 from torch import Tensor, nn
 
 from emulator.configbase import doc
+from emulator.cost.workload import OpticalPass
+from nodes.photonic.cost import num_unit_shifters
 from nodes.photonic.diffraction import TaichiUnit
 from nodes.photonic.elements import OpticalElement, PhaseScreen, propagate
 from nodes.photonic.ffm import ffm_backward, ffm_forward
@@ -183,6 +185,28 @@ class EncoderStage(OpticalStage):
         b, _, c = field.shape
         return super().finish(field.expand(b, self.num_paths, c), optics)
 
+    def optical_pass(self) -> OpticalPass:
+        """Couplers in, free space through the masks, into the channels (for the cost model).
+
+        Dense-equivalent operations count every pixel of a plane as summing every pixel of
+        the plane before (as ``TaichiReference``). A fabricated encoder is set by no one;
+        a trainable one is set when its layer streams in. Masks hold their phases unpowered.
+        """
+        u = self.unit
+        num_inputs = u.input_side**2
+        pixels = (u.input_side * u.pixels_per_input) ** 2
+        dense = (
+            num_inputs * pixels + (u.num_encoder_masks - 1) * pixels**2 + pixels * u.num_channels
+        )
+        return OpticalPass(
+            num_paths=self.num_paths,
+            num_inputs=num_inputs,
+            num_outputs=0,
+            num_held_shifters=0,
+            num_programmed=pixels * u.num_encoder_masks if u.trainable_encoder else 0,
+            dense_ops=2.0 * dense,
+        )
+
     def extra_repr(self) -> str:
         trained = "trainable" if self.unit.trainable_encoder else "fixed"
         return f"paths={self.num_paths}, masks={self.unit.num_encoder_masks} ({trained})"
@@ -196,6 +220,7 @@ class EmbeddingStage(OpticalStage):
     def __init__(self, unit: TaichiUnit.Config, num_paths: int, generator) -> None:
         super().__init__()
         n = unit.num_channels
+        self.num_channels, self.num_paths = n, num_paths
         layout = MeshLayout(n)
         mesh = (num_paths, layout.num_columns, layout.num_slots)
         modes = (num_paths, n)
@@ -214,6 +239,19 @@ class EmbeddingStage(OpticalStage):
 
     def assemble(self, grads: list[tuple[Tensor, ...]]) -> list[Tensor]:
         return assemble_gradients([getattr(self, n).shape for n in PHASE_NAMES], grads)
+
+    def optical_pass(self) -> OpticalPass:
+        """Each path's MZI unit: its heaters burn while light passes (for the cost model)."""
+        n = self.num_channels
+        shifters = num_unit_shifters(n)
+        return OpticalPass(
+            num_paths=self.num_paths,
+            num_inputs=0,
+            num_outputs=0,
+            num_held_shifters=shifters,
+            num_programmed=shifters,
+            dense_ops=2.0 * n * n,
+        )
 
 
 class DecoderStage(OpticalStage):
@@ -252,6 +290,20 @@ class DecoderStage(OpticalStage):
 
     def assemble(self, grads: list[tuple[Tensor, ...]]) -> list[Tensor]:
         return [torch.stack([g for (g,) in grads[2:-1:2]], dim=1)]
+
+    def optical_pass(self) -> OpticalPass:
+        """Channels into the slab, through its masks, onto two detectors (for the cost model)."""
+        u = self.unit
+        pixels = u.decoder_pixels
+        dense = u.num_channels * pixels + (u.num_decoder_masks - 1) * pixels**2 + pixels * 2
+        return OpticalPass(
+            num_paths=self.masks.shape[0],
+            num_inputs=0,
+            num_outputs=2,
+            num_held_shifters=0,
+            num_programmed=pixels * u.num_decoder_masks,
+            dense_ops=2.0 * dense,
+        )
 
     def finish(self, field: Tensor, optics) -> Tensor:
         power = optics.detect(field.real.square() + field.imag.square())

@@ -61,3 +61,51 @@ def test_dfa_backward_streams_no_weights_and_uses_no_mesh_weights():
     assert "dfa_projection" not in backward[0].time_by_part_s
     assert all("dfa_projection" in c.time_by_part_s for c in backward[1:])
     assert all("program" not in c.time_by_part_s for c in backward)
+
+
+def _taichi_costs(training: str, batch: int = 1):
+    from emulator.cost.compile import Cluster, compile_step
+    from emulator.cost.profile import profile_modules
+    from emulator.zoo import ModelConfig
+
+    config = _config(training)
+    model = ModelConfig(name="taichi-digits").build(seed=0)
+    workload = profile_modules(
+        "taichi-digits",
+        [(f"layer{i}", block) for i, block in enumerate(model)],
+        torch.zeros(2, 64),
+        samples_per_step=batch,
+    )
+    engine = config.backend.engine(config.emulated_hardware)
+    cluster = Cluster.Config(hardware=config.emulated_hardware, engine=engine).build()
+    compiled = compile_step(workload, cluster)
+    return engine, workload, [engine.op_cost(op, "fp16") for op in compiled.operations]
+
+
+def test_taichi_stages_reproduce_the_calibrated_unit_pass():
+    from nodes.photonic.cost import TaichiReference
+
+    engine, workload, costs = _taichi_costs("ffm")
+    num_paths = workload.layers[0].optical_passes[0].num_paths
+    forward = costs[: len(costs) // 2]
+    energy_per_path = sum(c.energy_by_part_j["optics"] for c in forward) / num_paths
+    reference = TaichiReference(engine.cost.config.calibration)
+    calibrated = reference.ops_per_pass / (reference.config.tops_per_w * 1e12)
+    # The zoo's unit has the reference's couplers, channels and detectors: one sample through
+    # the three stages of a path costs exactly what Taichi's efficiency allows.
+    assert energy_per_path == pytest.approx(calibrated, rel=1e-12)
+    # ffm's backward re-sets the phases, recomputes and sends the error through each stage.
+    backward = costs[len(costs) // 2 :]
+    assert all({"program", "optics", "ffm_error"} <= set(c.time_by_part_s) for c in backward)
+    deployment = engine.deployment(workload)
+    c = engine.cost.config
+    assert deployment.energy_j == pytest.approx(
+        num_paths * (576 + 144 + 64) * c.heater_power_per_pi_w * c.thermal_tuning_time_s
+    )
+
+
+def test_taichi_on_the_twin_is_digital_and_scales_with_the_batch():
+    _, _, small = _taichi_costs("backprop", batch=1)
+    _, _, large = _taichi_costs("backprop", batch=8)
+    assert all(set(c.time_by_part_s) == {"digital"} for c in small)
+    assert sum(c.time_s for c in large) == pytest.approx(8 * sum(c.time_s for c in small))
