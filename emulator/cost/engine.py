@@ -181,6 +181,29 @@ class Tally:
         return OpCost.of_parts(self.time_by_part_s, self.energy_by_part_j)
 
 
+class AcceleratorEngine(NodeEngine):
+    """A node whose arrays or meshes do the weight products and a ``DigitalUnit`` the rest.
+
+    Activations are kept in the digital unit's memory. The arrays' running power is in
+    their calibrated per-operation energy and the digital unit is charged per FLOP, so a
+    node waiting on streams costs nothing extra in this model.
+    """
+
+    def __init__(self, digital: DigitalUnit) -> None:
+        self.digital = digital
+
+    @property
+    def activation_budget_bytes(self) -> float:
+        return self.digital.config.memory_bytes
+
+    @property
+    def idle_power_w(self) -> float:
+        return 0.0
+
+    def _digital(self, flops: float, tally: Tally) -> None:
+        tally.add("digital", self.digital.time_s(flops), self.digital.energy_j(flops))
+
+
 @dataclass(frozen=True)
 class MatmulWork:
     """One weight product of an operation on one node: the matrix and the vectors through it."""
@@ -203,6 +226,7 @@ def matmul_work(op: Operation) -> list[MatmulWork]:
 
 
 __all__ = [
+    "AcceleratorEngine",
     "DigitalUnit",
     "MatmulWork",
     "NodeEngine",

@@ -28,7 +28,7 @@ import math
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from emulator.cost.engine import MatmulWork, NodeEngine, OpCost, Tally, matmul_work
+from emulator.cost.engine import AcceleratorEngine, MatmulWork, OpCost, Tally, matmul_work
 from emulator.cost.hardware import Precision
 
 if TYPE_CHECKING:
@@ -37,10 +37,11 @@ if TYPE_CHECKING:
     from nodes.pcm.backend import PcmBackend
 
 
-class PcmEngine(NodeEngine):
+class PcmEngine(AcceleratorEngine):
     component = "pcm"
 
     def __init__(self, backend: PcmBackend.Config) -> None:
+        super().__init__(backend.digital.build())
         self.backend = backend
         self.cost = backend.cost.build()
         self.mode = self.cost.operating_mode(backend.tile, backend.periphery)
@@ -48,7 +49,6 @@ class PcmEngine(NodeEngine):
         self.num_cores = (
             backend.weight_stationary.num_chips * backend.weight_stationary.cores_per_chip
         )
-        self.digital = backend.digital.build()
         self.compensates = backend.device.drift_compensation.kind != "none"
 
     @property
@@ -58,16 +58,6 @@ class PcmEngine(NodeEngine):
             f"PCM {self.num_cores} cores {mode.rows}x{mode.cols} ({mode.num_phases}-phase, "
             f"{self.backend.mode}) + {self.digital.config.name}"
         )
-
-    @property
-    def activation_budget_bytes(self) -> float:
-        return self.digital.config.memory_bytes
-
-    @property
-    def idle_power_w(self) -> float:
-        # The calibrated per-MVM energy holds the chip's running power; the digital unit is
-        # charged per FLOP. Waiting on streams costs nothing extra in this model.
-        return 0.0
 
     def peak_flops(self, precision: Precision) -> float:
         analog = self.num_cores * 2 * self.mode.num_macs / self.cost.mvm(self.mode).time_s
@@ -107,9 +97,6 @@ class PcmEngine(NodeEngine):
     ) -> None:
         cost = self.cost.matmul(self.mode, num_outputs, num_inputs, num_vectors, self.num_cores)
         tally.add(part, cost.time_s, cost.energy_j)
-
-    def _digital(self, flops: float, tally: Tally) -> None:
-        tally.add("digital", self.digital.time_s(flops), self.digital.energy_j(flops))
 
     def op_cost(self, op: Operation, precision: Precision) -> OpCost:
         tally = Tally()

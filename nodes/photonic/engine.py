@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from emulator.cost.engine import MatmulWork, NodeEngine, OpCost, Tally, matmul_work
+from emulator.cost.engine import AcceleratorEngine, MatmulWork, OpCost, Tally, matmul_work
 from emulator.cost.hardware import Precision
 from nodes.photonic.cost import num_unit_shifters
 
@@ -43,15 +43,15 @@ if TYPE_CHECKING:
     from nodes.photonic.backend import PhotonicBackend
 
 
-class PhotonicEngine(NodeEngine):
+class PhotonicEngine(AcceleratorEngine):
     component = "photonic"
 
     def __init__(self, backend: PhotonicBackend.Config) -> None:
+        super().__init__(backend.digital.build())
         self.backend = backend
         self.cost = backend.device.cost.build()
         self.mesh_size = backend.mesh_size
         self.num_cores = backend.num_cores
-        self.digital = backend.digital.build()
 
     @property
     def name(self) -> str:
@@ -60,16 +60,6 @@ class PhotonicEngine(NodeEngine):
             f"photonic {self.num_cores} x {n}x{n} MZI ({self.backend.training}) + "
             f"{self.digital.config.name}"
         )
-
-    @property
-    def activation_budget_bytes(self) -> float:
-        return self.digital.config.memory_bytes
-
-    @property
-    def idle_power_w(self) -> float:
-        # Heaters and laser are charged per MVM and per reconfiguration (PhotonicCost); a
-        # node waiting on streams is modelled as dark.
-        return 0.0
 
     def peak_flops(self, precision: Precision) -> float:
         digital = self.digital.config.flops_per_s
@@ -100,9 +90,6 @@ class PhotonicEngine(NodeEngine):
         rounds = math.ceil(num_tiles / self.num_cores)
         time_s = rounds * num_vectors / self.cost.config.clock_hz + self.cost.latency_s(n)
         tally.add(part, time_s, cost.energy_j)
-
-    def _digital(self, flops: float, tally: Tally) -> None:
-        tally.add("digital", self.digital.time_s(flops), self.digital.energy_j(flops))
 
     def _program_stage(self, stage: OpticalPass, tally: Tally) -> None:
         """Set a stage's phases: its paths tune on the cores, ``ceil(paths / cores)`` rounds."""
