@@ -145,6 +145,7 @@ def compile_step(workload: Workload, cluster: Cluster) -> CompiledStep:
         )
     state_bytes, capacity = _memoryx_capacity(workload, cluster)
     engine = cluster.engine
+    engine.check(workload)
     budget = engine.activation_budget_bytes
     per_sample = sum(layer.activation_bytes for layer in workload.layers)
     if per_sample > budget:

@@ -83,6 +83,10 @@ class NodeEngine(ABC):
     def op_cost(self, op: Operation, precision: Precision) -> OpCost:
         """Time and energy of ``op`` on one node."""
 
+    def check(self, workload: Workload) -> None:
+        """ValueError (with the numbers) if a node cannot hold ``workload`` at all."""
+        return None  # a streaming node holds one layer at a time
+
     def details(self, step_time_s: float) -> dict[str, float]:
         """Named backend figures for reports (e.g. projected endurance); none by default."""
         return {}

@@ -63,6 +63,14 @@ class PcmEngine(AcceleratorEngine):
         analog = self.num_cores * 2 * self.mode.num_macs / self.cost.mvm(self.mode).time_s
         return analog + self.digital.config.flops_per_s
 
+    def check(self, workload: Workload) -> None:
+        """In weight-stationary mode, every matrix needs arrays of its own on the node's chips."""
+        if self.backend.mode == "weight-stationary":
+            placement = self.backend.weight_stationary.build(self.backend.tile.build())
+            placement.place(
+                [(m.num_outputs, m.num_inputs) for layer in workload.layers for m in layer.matmuls]
+            )
+
     @property
     def write_cycles_per_step(self) -> int:
         """Pulses each device takes per training step: a programming per pass that programs."""

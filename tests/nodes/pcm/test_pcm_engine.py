@@ -72,3 +72,18 @@ def test_streaming_a_large_model_is_programming_bound_and_reports_endurance():
     details = engine.details(stats.step_time_s)
     assert details["endurance_steps"] == pytest.approx(1e8 / 10)
     assert details["endurance_lifetime_s"] == pytest.approx(1e7 * stats.step_time_s)
+
+
+def test_weight_stationary_refuses_a_model_beyond_its_chips():
+    from emulator.cost.gpt import gpt_workload
+    from emulator.cost.stats import predict
+
+    config = _config(mode="weight-stationary")
+    hardware = config.emulated_hardware
+    engine = config.backend.engine(hardware)
+    with pytest.raises(ValueError, match=r"needs 1887 arrays .* raise num_chips to at least 30"):
+        predict(gpt_workload("gpt3-125m"), hardware, 1, engine=engine)
+    # mlp-digits (3 matrices, 3 arrays) fits one chip.
+    config = _config(mode="weight-stationary")
+    counters, _costs = replay(config)
+    assert counters["pcm.arrays_in_use"] == 3
