@@ -14,9 +14,9 @@ from emulator.train import prepare_layers
 
 
 @pytest.mark.integration
-def test_compare_cs2_and_pcm_writes_table_json_and_png(ray_session, tmp_path, capsys):
+def test_compare_cs2_pcm_and_photonic_writes_table_json_and_png(ray_session, tmp_path, capsys):
     json_path, png_path = tmp_path / "compare.json", tmp_path / "compare.png"
-    argv = ["compare", "--backends", "cs2,pcm", "--model", "mlp-digits", "--steps", "8"]
+    argv = ["compare", "--backends", "cs2,pcm,photonic", "--model", "mlp-digits", "--steps", "8"]
     argv += ["--batch-size", "64", "--quiet", "--json", str(json_path), "--plot", str(png_path)]
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -24,13 +24,13 @@ def test_compare_cs2_and_pcm_writes_table_json_and_png(ray_session, tmp_path, ca
         assert heading in out
     assert "emulated clock: CS-2 nodes" in out and "emulated clock: PCM 64 cores" in out
     rows = json.loads(json_path.read_text())["rows"]
-    assert [row["backend"] for row in rows] == ["cs2", "pcm"]
+    assert [row["backend"] for row in rows] == ["cs2", "pcm", "photonic"]
     for row in rows:
         assert row["num_steps"] == 8 and row["samples_per_step"] == 64
         assert row["step_time_s"] > 0 and row["step_energy_j"] > 0 and row["tops_per_watt"] > 0
         assert row["node_tops_per_watt"] > row["tops_per_watt"]
         assert row["run_energy_j"] == pytest.approx(8 * row["step_energy_j"])
-    cs2, pcm = rows[0]["details"], rows[1]["details"]
+    cs2, pcm, photonic = (row["details"] for row in rows)
     # Every row pays for the streams: MemoryX and SwarmX energy come from the same cluster.
     for details in (cs2, pcm):
         assert details["memoryx_energy_j_per_step"] > 0 and details["swarmx_energy_j_per_step"] > 0
@@ -40,6 +40,10 @@ def test_compare_cs2_and_pcm_writes_table_json_and_png(ray_session, tmp_path, ca
     assert pcm["deployment_energy_j"] > 0 and cs2["deployment_energy_j"] == 0
     # Same model, same operations counted: only the energy differs.
     assert rows[0]["flops_per_step"] == pytest.approx(rows[1]["flops_per_step"])
+    assert rows[2]["flops_per_step"] == pytest.approx(rows[0]["flops_per_step"])
+    # backprop trains on the twin (a computer); the chip pays only to receive the result.
+    assert photonic["digital_energy_j_per_step"] > 0 and "program_energy_j_per_step" not in photonic
+    assert photonic["deployment_time_s"] > 0
     assert png_path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
