@@ -103,7 +103,10 @@ def add_compare_parser(subparsers) -> None:
     )
     p.add_argument("--config", metavar="FILE", help="YAML cluster config; flags override it")
     p.add_argument(
-        "--backends", default="cs2,pcm", help="comma-separated backends (cs2,pcm,photonic)"
+        "--backends",
+        default="cs2,pcm",
+        help="comma-separated backends, each KIND or KIND:TRAINING "
+        "(e.g. cs2,pcm,photonic,photonic:ffm,photonic:dfa)",
     )
     p.add_argument("--model", default="mlp-digits", help="zoo model or module:factory")
     p.add_argument("--steps", type=int, default=100, metavar="K", help="training steps each")

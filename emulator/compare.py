@@ -239,13 +239,22 @@ def compare_backends(
 
     base = {"model.name": model, "num_steps": num_steps, "num_nodes": num_nodes}
     base |= {"batch_size": batch_size, "seed": seed}
+    # Every config is checked before the first run, so a typo fails at once.
+    configs = [
+        (spec, load_config(config_path, {**base, **backend_overrides(spec)})) for spec in backends
+    ]
     rows = []
-    for kind in backends:
-        config = load_config(config_path, {**base, "backend.kind": kind})
+    for spec, config in configs:
         report = train(config, progress=progress)
         accuracy = report.evals[-1].accuracy if report.evals else None
-        rows.append(_row(config, report, accuracy))
+        rows.append(dataclasses.replace(_row(config, report, accuracy), backend=spec))
     return CompareResult(model=model, rows=rows)
+
+
+def backend_overrides(spec: str) -> dict[str, str]:
+    """``KIND`` or ``KIND:TRAINING`` (e.g. ``photonic:ffm``) as config overrides."""
+    kind, colon, training = spec.partition(":")
+    return {"backend.kind": kind} | ({"backend.training": training} if colon else {})
 
 
 # ---- wafer eval: accuracy over time after programming -----------------------------------
@@ -381,6 +390,7 @@ __all__ = [
     "DriftEvalResult",
     "compare_backends",
     "check_drift_backend",
+    "backend_overrides",
     "drift_eval",
     "training_flops_per_sample",
     "trained_weights",

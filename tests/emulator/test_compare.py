@@ -7,7 +7,7 @@ import json
 import pytest
 
 from emulator.cli import main
-from emulator.compare import drift_eval
+from emulator.compare import backend_overrides, drift_eval
 from emulator.config import load_config
 from emulator.reference import reference_train
 from emulator.train import prepare_layers
@@ -45,6 +45,18 @@ def test_compare_cs2_pcm_and_photonic_writes_table_json_and_png(ray_session, tmp
     assert photonic["digital_energy_j_per_step"] > 0 and "program_energy_j_per_step" not in photonic
     assert photonic["deployment_time_s"] > 0
     assert png_path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_backend_specs_name_a_training_method(capsys):
+    assert backend_overrides("photonic:ffm") == {
+        "backend.kind": "photonic",
+        "backend.training": "ffm",
+    }
+    assert backend_overrides("pcm") == {"backend.kind": "pcm"}
+    # A bad method fails before any run starts, naming the field.
+    argv = ["compare", "--backends", "cs2,photonic:sgd", "--steps", "1", "--quiet"]
+    assert main(argv) == 2
+    assert "backend.training" in capsys.readouterr().err
 
 
 def test_eval_rejects_a_digital_backend(capsys):
