@@ -130,6 +130,7 @@ def test_measured_workload_equals_the_simulated_one(model, num_nodes, precision)
         got.pop("name"), want.pop("name")
         # Matmul shapes are exact: the same hooks see the same modules.
         assert got.pop("matmuls") == want.pop("matmuls")
+        assert got.pop("optical_passes") == want.pop("optical_passes")
         assert got == pytest.approx(want, rel=1e-9)
     assert (measured.samples_per_step, measured.tokens_per_sample) == (8, tokens)
 
