@@ -149,17 +149,10 @@ def compile_step(workload: Workload, cluster: Cluster) -> CompiledStep:
     budget = engine.activation_budget_bytes
     per_sample = sum(layer.activation_bytes for layer in workload.layers)
     if per_sample > budget:
-        if isinstance(engine, WaferEngine):
-            wafer = engine.wafer.config
-            where = (
-                f"SRAM a {wafer.name} gives them ({format_bytes(wafer.sram_bytes)} x "
-                f"activation_sram_fraction {wafer.activation_sram_fraction:g})"
-            )
-        else:
-            where = f"memory a {engine.name} node gives them"
         raise ValueError(
             f"{workload.name} keeps {format_bytes(per_sample)} of activations per sample, "
-            f"more than the {format_bytes(budget)} of {where}; shorten the sequence (--seq): "
+            f"more than the {format_bytes(budget)} of {engine.activation_budget_source}; "
+            "shorten the sequence (--seq): "
             f"at most about {math.floor(workload.tokens_per_sample * budget / per_sample)} "
             "tokens per sample fit."
         )

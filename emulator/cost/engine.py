@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from emulator.configbase import doc
 from emulator.cost.hardware import Precision, WaferCost
+from emulator.cost.units import format_bytes
 
 if TYPE_CHECKING:
     from emulator.cost.compile import Operation
@@ -69,6 +70,11 @@ class NodeEngine(ABC):
     @abstractmethod
     def activation_budget_bytes(self) -> float:
         """Memory a node gives the activations it keeps for backward, bytes."""
+
+    @property
+    def activation_budget_source(self) -> str:
+        """Where ``activation_budget_bytes`` comes from, for error messages."""
+        return f"{self.activation_memory} a {self.name} node gives them"
 
     @property
     @abstractmethod
@@ -117,6 +123,14 @@ class WaferEngine(NodeEngine):
     def idle_power_w(self) -> float:
         c = self.wafer.config
         return c.idle_power_fraction * c.power_w
+
+    @property
+    def activation_budget_source(self) -> str:
+        c = self.wafer.config
+        return (
+            f"SRAM a {c.name} gives them ({format_bytes(c.sram_bytes)} x "
+            f"activation_sram_fraction {c.activation_sram_fraction:g})"
+        )
 
     def peak_flops(self, precision: Precision) -> float:
         return self.wafer.peak_flops(precision)

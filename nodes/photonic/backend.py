@@ -327,14 +327,13 @@ class PhotonicBackend(Backend):
     ) -> None:
         n = self.config.mesh_size
         num_tiles = math.ceil(num_outputs / n) * math.ceil(num_inputs / n)
-        # Reprogramming is counted above, so cost the tiles as if all were resident ...
-        cost = self.cost.matmul(num_outputs, num_inputs, num_vectors, n, num_cores=num_tiles)
-        # ... and the time as rounds of num_cores tiles, each streaming every vector.
-        rounds = math.ceil(num_tiles / self.config.num_cores)
-        time_s = rounds * num_vectors / self.cost.config.clock_hz + self.cost.latency_s(n)
+        # Reprogramming is counted by _count_program.
+        cost = self.cost.streamed_matmul(
+            num_outputs, num_inputs, num_vectors, n, self.config.num_cores
+        )
         self._count(f"photonic.{prefix}_vectors", float(num_tiles * num_vectors))
         self._count(f"photonic.{prefix}_ops", cost.ops)
-        self._count(f"photonic.{prefix}_time_s", time_s)
+        self._count(f"photonic.{prefix}_time_s", cost.time_s)
         self._count(f"photonic.{prefix}_energy_j", cost.energy_j)
 
     # ---- DFA ---------------------------------------------------------------------------

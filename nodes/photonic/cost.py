@@ -253,6 +253,20 @@ class PhotonicCost:
             energy += num_tiles * self._heater_power_w(shifters) * c.thermal_tuning_time_s
         return Cost(time, energy, 2.0 * num_outputs * num_inputs * num_vectors)
 
+    def streamed_matmul(
+        self, num_outputs: int, num_inputs: int, num_vectors: int, mesh_size: int, num_cores: int
+    ) -> Cost:
+        """MVMs of a layer whose tiles were just programmed (reconfiguration costed apart).
+
+        Energy as if every tile were resident; time as rounds of ``num_cores`` tiles, each
+        streaming every vector at the clock rate, plus the light's latency through a unit.
+        """
+        num_tiles = math.ceil(num_outputs / mesh_size) * math.ceil(num_inputs / mesh_size)
+        resident = self.matmul(num_outputs, num_inputs, num_vectors, mesh_size, num_tiles)
+        rounds = math.ceil(num_tiles / num_cores)
+        time_s = rounds * num_vectors / self.config.clock_hz + self.latency_s(mesh_size)
+        return Cost(time_s, resident.energy_j, resident.ops)
+
     def _heater_power_w(self, num_shifters: int) -> float:
         return num_shifters * self.config.heater_power_per_pi_w
 

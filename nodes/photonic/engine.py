@@ -82,14 +82,10 @@ class PhotonicEngine(AcceleratorEngine):
         )
 
     def _mvms(self, num_outputs: int, num_inputs: int, num_vectors: int, part: str, tally: Tally):
-        n = self.mesh_size
-        num_tiles = math.ceil(num_outputs / n) * math.ceil(num_inputs / n)
-        # Tiles as if resident (reconfiguration is the program part) for the energy ...
-        cost = self.cost.matmul(num_outputs, num_inputs, num_vectors, n, num_cores=num_tiles)
-        # ... and time as rounds of num_cores tiles, each streaming every vector.
-        rounds = math.ceil(num_tiles / self.num_cores)
-        time_s = rounds * num_vectors / self.cost.config.clock_hz + self.cost.latency_s(n)
-        tally.add(part, time_s, cost.energy_j)
+        cost = self.cost.streamed_matmul(
+            num_outputs, num_inputs, num_vectors, self.mesh_size, self.num_cores
+        )
+        tally.add(part, cost.time_s, cost.energy_j)
 
     def _program_stage(self, stage: OpticalPass, tally: Tally) -> None:
         """Set a stage's phases: its paths tune on the cores, ``ceil(paths / cores)`` rounds."""

@@ -15,6 +15,7 @@ from proto import memoryx_pb2_grpc as mgrpc
 from proto import tensor_pb2 as pb
 from proto.rpc import channel, start_server
 from proto.serde import Expected, decode_layer, encode_layer, layout_of
+from tests.proto.edits import edited
 
 LR = 0.1
 CHUNK_BYTES = 1024  # layer 0's weight is several chunks
@@ -260,37 +261,22 @@ def _bad_streams() -> dict[str, list[pb.LayerMessage]]:
     """Gradient streams for layer 0 at step 0 that MemoryX must refuse."""
     good = _gradient_stream(0, 0)
 
-    def edit(index, **changes):
-        out = []
-        for message in good:
-            copy = pb.LayerMessage()
-            copy.CopyFrom(message)
-            out.append(copy)
-        target = out[index].header if index == 0 else out[index].chunk
-        for key, value in changes.items():
-            if key == "shape":
-                del target.shape[:]
-                target.shape.extend(value)
-            else:
-                setattr(target, key, value)
-        return out
-
     transposed = {"0.weight": _grads(0)["0.weight"].t().contiguous(), "0.bias": _grads(0)["0.bias"]}
     return {
         "layer out of range": _gradient_stream(0, 0, header_layer=2),
-        "other layer's header": edit(0, layer=1),
-        "chunk of another layer": edit(2, layer=1),
+        "other layer's header": edited(good, 0, layer=1),
+        "chunk of another layer": edited(good, 2, layer=1),
         "step ahead": _gradient_stream(0, 1),
         "step far ahead": _gradient_stream(0, 7),
         "step before the first": _gradient_stream(0, -1),
-        "chunk of another step": edit(3, step=1),
+        "chunk of another step": edited(good, 3, step=1),
         "wrong shape": _gradient_stream(0, 0, transposed),
-        "wrong shape in one chunk": edit(2, shape=[30, 20]),
+        "wrong shape in one chunk": edited(good, 2, shape=[30, 20]),
         "bfloat16": _gradient_stream(0, 0, dtype="bfloat16"),
-        "float16 chunk": edit(1, dtype="float16"),
-        "header total_bytes": edit(0, total_bytes=MODEL_BYTES),
-        "header num_tensors": edit(0, num_tensors=3),
-        "chunk tensor_bytes": edit(1, tensor_bytes=20 * 30 * 4 + 4),
+        "float16 chunk": edited(good, 1, dtype="float16"),
+        "header total_bytes": edited(good, 0, total_bytes=MODEL_BYTES),
+        "header num_tensors": edited(good, 0, num_tensors=3),
+        "chunk tensor_bytes": edited(good, 1, tensor_bytes=20 * 30 * 4 + 4),
         "forward phase": _gradient_stream(0, 0, phase=pb.FORWARD),
         "missing header": good[1:],
         "two headers": [good[0], *good],
@@ -298,7 +284,7 @@ def _bad_streams() -> dict[str, list[pb.LayerMessage]]:
         "chunk missing": good[:2] + good[3:],
         "chunk repeated": good[:3] + good[2:],
         "extra chunk": [*good, good[-1]],
-        "wrong tensor name": edit(1, name="0.bias"),
+        "wrong tensor name": edited(good, 1, name="0.bias"),
         "empty": [],
     }
 

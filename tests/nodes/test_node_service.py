@@ -37,6 +37,7 @@ from proto.serde import encode_layer
 from swarmx.service import SwarmXServicer
 from swarmx.service import register as register_swarmx
 from swarmx.tree import build_tree, node_name
+from tests.proto.edits import edited
 
 LR = 0.1
 SEED = 3
@@ -351,22 +352,6 @@ def _stream(layer: int, step: int = 0, phase: int = pb.FORWARD, **kw) -> list[pb
     )
 
 
-def _edited(messages, index, **changes) -> list[pb.LayerMessage]:
-    out = []
-    for message in messages:
-        copy_ = pb.LayerMessage()
-        copy_.CopyFrom(message)
-        out.append(copy_)
-    target = out[index].header if index == 0 else out[index].chunk
-    for key, value in changes.items():
-        if key == "shape":
-            del target.shape[:]
-            target.shape.extend(value)
-        else:
-            setattr(target, key, value)
-    return out
-
-
 def _reference_loss_sum(dataset: Dataset) -> float:
     index = BatchSampler(dataset.num_train, 16, seed=SEED).global_batch(0)
     logits = _model()(dataset.train_inputs[index])
@@ -379,15 +364,15 @@ def _bad_layer1_streams() -> dict[str, list[pb.LayerMessage]]:
     return {
         "layer out of range": _stream(1, header_layer=2),
         "negative layer": _stream(1, header_layer=-1),
-        "layer 0's header": _edited(good, 0, layer=0),
-        "chunk of layer 0": _edited(good, 1, layer=0),
-        "chunk of another step": _edited(good, 1, step=1),
+        "layer 0's header": edited(good, 0, layer=0),
+        "chunk of layer 0": edited(good, 1, layer=0),
+        "chunk of another step": edited(good, 1, step=1),
         "transposed weight": _stream(1, tensors={"weight": w["weight"].t(), "bias": w["bias"]}),
-        "wrong shape in chunk": _edited(good, 1, shape=[16, 10]),
+        "wrong shape in chunk": edited(good, 1, shape=[16, 10]),
         "bfloat16": _stream(1, dtype="bfloat16"),
-        "float16 chunk": _edited(good, 1, dtype="float16"),
-        "header total_bytes": _edited(good, 0, total_bytes=_nbytes(w) + 4),
-        "chunk tensor_bytes": _edited(good, 1, tensor_bytes=_nbytes({"w": w["weight"]}) - 4),
+        "float16 chunk": edited(good, 1, dtype="float16"),
+        "header total_bytes": edited(good, 0, total_bytes=_nbytes(w) + 4),
+        "chunk tensor_bytes": edited(good, 1, tensor_bytes=_nbytes({"w": w["weight"]}) - 4),
         "unknown phase": _stream(1, phase=pb.PHASE_UNSPECIFIED),
         "missing header": good[1:],
         "ends early": good[:-1],
