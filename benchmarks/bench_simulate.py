@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import time
 
+from core.presets import load_hardware
 from emulator.cost.gpt import gpt_workload
 from emulator.cost.stats import predict, sweep
-from emulator.presets import load_hardware
 
 PREDICTION_TARGET_S = 0.1
 SWEEP_TARGET_S = 1.0

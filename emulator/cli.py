@@ -15,11 +15,11 @@ import sys
 # gRPC logs every peer's shutdown at INFO; the user wants the run, not the wire.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-from emulator.atomic import write_json_atomic
+from core.atomic import write_json_atomic
+from core.units import format_energy, format_seconds
 from emulator.cli_compare import add_compare_parser, add_eval_parser
 from emulator.cli_cost import add_simulate_parser, add_validate_parser
 from emulator.config import CLI_FIELDS, load_config
-from emulator.cost.units import format_energy, format_seconds
 from emulator.table import format_table, human_bytes
 from emulator.zoo import ZOO
 

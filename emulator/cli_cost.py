@@ -17,8 +17,11 @@ import dataclasses
 
 import yaml
 
-from emulator.atomic import write_json_atomic
-from emulator.configbase import to_dict
+from core.atomic import write_json_atomic
+from core.config import to_dict
+from core.cost.workload import Workload
+from core.presets import list_presets, load_hardware
+from core.units import format_count, format_energy, format_seconds
 from emulator.cost.gpt import GPT_SPECS, gpt_workload
 from emulator.cost.stats import (
     LINEAR_SCALING_THRESHOLD,
@@ -27,9 +30,6 @@ from emulator.cost.stats import (
     simulate,
     sweep,
 )
-from emulator.cost.units import format_count, format_energy, format_seconds
-from emulator.cost.workload import Workload
-from emulator.presets import list_presets, load_hardware
 from emulator.table import format_table, human_bytes
 from nodes.backend import Backend
 
@@ -74,7 +74,7 @@ def parse_node_counts(text: str) -> list[int]:
 def _zoo_workload(name: str, batch: int | None, seq: int | None, precision: str) -> Workload | None:
     import torch
 
-    from emulator.cost.profile import profile_modules
+    from core.cost.profile import profile_modules
     from emulator.zoo import ZOO, ModelConfig, default_data_config
 
     if name not in ZOO:

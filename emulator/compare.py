@@ -32,10 +32,10 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from emulator.atomic import write_bytes_atomic, write_json_atomic
+from core.atomic import write_bytes_atomic, write_json_atomic
+from core.cost.workload import Workload
+from core.units import format_energy, format_seconds
 from emulator.config import ClusterConfig, load_config
-from emulator.cost.units import format_energy, format_seconds
-from emulator.cost.workload import Workload
 from emulator.table import format_table
 from nodes.backend import Backend
 from nodes.cs2 import Cs2Backend

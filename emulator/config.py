@@ -12,10 +12,10 @@ from typing import Any
 
 import yaml
 
-from emulator.configbase import doc, from_dict
-from emulator.cost.hardware import Hardware
-from emulator.data import DataConfig
-from emulator.presets import load_hardware
+from core.config import doc, from_dict
+from core.cost.hardware import Hardware
+from core.data import DataConfig
+from core.presets import load_hardware
 from emulator.zoo import ModelConfig, default_data_config
 from memoryx.optim import Optimizer
 from memoryx.sparsity import Sparsity

@@ -16,14 +16,15 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from emulator.configbase import doc
+from core.config import doc
+from core.cost.engine import NodeEngine
+from core.cost.hardware import BYTES_PER_ELEMENT, Hardware, Precision
+from core.cost.workload import LayerProfile, Matmul, OpticalPass, Workload
 from emulator.cost.compile import Cluster, compile_step
-from emulator.cost.engine import NodeEngine, WaferEngine
-from emulator.cost.hardware import BYTES_PER_ELEMENT, Hardware, Precision
 from emulator.cost.stats import StepStats, simulate
 from emulator.cost.timeline import Event
 from emulator.cost.trace import write_trace
-from emulator.cost.workload import LayerProfile, Matmul, OpticalPass, Workload
+from nodes.cs2 import WaferEngine
 
 #: Operand precision of the wafer for each dtype a backend streams weights in.
 WIRE_PRECISION: dict[str, Precision] = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -71,7 +72,7 @@ def measured_workload(
     Bytes are what one node received (weights) and sent (gradients) per pass;
     FLOPs are summed over the nodes and divided by the global batch, so they
     are per sample. Backward FLOPs are what the nodes counted with the shared
-    convention of ``emulator.cost.profile.block_flops`` (no recomputed
+    convention of ``core.cost.profile.block_flops`` (no recomputed
     forward, no gradient of the data input).
     Activations are each layer's input at the operand precision, as the wafer
     keeps them in SRAM.

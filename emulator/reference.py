@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from emulator.data import BatchSampler, Dataset, loss_sum, num_correct, num_targets
+from core.data import BatchSampler, Dataset, loss_sum, num_correct, num_targets
 from emulator.zoo import model_blocks
 
 

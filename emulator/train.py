@@ -23,12 +23,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from core.config import to_dict
+from core.cost.profile import block_matmuls, block_optical_passes
+from core.cost.workload import Workload
 from emulator.config import ClusterConfig
-from emulator.configbase import to_dict
 from emulator.coordinator import Coordinator, EvalRecord, StepRecord, group_layers
-from emulator.cost.profile import block_matmuls, block_optical_passes
 from emulator.cost.stats import predict
-from emulator.cost.workload import Workload
 from emulator.emulated import (
     WIRE_PRECISION,
     EmulatedStep,

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from emulator.configbase import to_dict
+from core.config import to_dict
 from memoryx.optim import Optimizer
 from memoryx.sparsity import Sparsity
 from memoryx.store import ParameterStore

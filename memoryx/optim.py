@@ -16,7 +16,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
-from emulator.configbase import doc
+from core.config import doc
 
 
 class Optimizer(ABC):

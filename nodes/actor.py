@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from emulator.data import DataConfig
+from core.data import DataConfig
 from nodes.backend import Backend
 from nodes.service import ComputeNodeServicer, register
 from nodes.worker import NodeWorker

@@ -24,8 +24,8 @@ from torch.func import functional_call
 if TYPE_CHECKING:
     from memoryx.sparsity import Sparsity
 
-from emulator.cost.engine import NodeEngine, WaferEngine
-from emulator.cost.hardware import Hardware
+from core.cost.engine import NodeEngine
+from core.cost.hardware import Hardware
 
 
 class Backend(ABC):
@@ -55,9 +55,9 @@ class Backend(ABC):
         def engine(self, hardware: Hardware.Config) -> NodeEngine:
             """The cost model of one node's compute, for the emulated clock and ``simulate``.
 
-            A digital node is the preset's wafer; analog and photonic backends override it.
+            Each backend's engine lives beside it (``nodes/<kind>/engine.py``).
             """
-            return WaferEngine(hardware.wafer.build())
+            raise NotImplementedError(f"{type(self).__name__} must name its cost engine")
 
     #: dtype the layer's weights travel in from MemoryX to this node.
     wire_dtype: str = "float32"

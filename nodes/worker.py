@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from emulator.cost.profile import block_flops
-from emulator.data import BatchSampler, Dataset, loss_sum, num_correct, num_targets
+from core.cost.profile import block_flops
+from core.data import BatchSampler, Dataset, loss_sum, num_correct, num_targets
 from nodes.backend import Backend
 
 

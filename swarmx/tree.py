@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from emulator.configbase import doc
+from core.config import doc
 from proto.serde import DEFAULT_CHUNK_BYTES
 
 

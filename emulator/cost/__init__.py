@@ -3,7 +3,7 @@
 - ``workload``: ``LayerProfile`` / ``Workload``, the typed input; ``gpt``:
   analytic GPT sizes; ``profile``: ``profile_modules`` counts the FLOPs of
   torch blocks (imported on its own, so the analytic path needs no torch).
-- ``hardware``: the typed presets (``emulator.presets`` loads the YAML files).
+- ``hardware``: the typed presets (``core.presets`` loads the YAML files).
 - ``compile``: workload + cluster -> per-layer operations, capacity checks.
 - ``timeline``: the event-driven step (prefetch overlap, tree, update).
 - ``stats``: step time, throughput, scaling, utilization, energy, memory fit.
@@ -12,13 +12,14 @@
 No numerics run here and nothing imports ray or grpc.
 """
 
-from emulator.cost.compile import Cluster, CompiledStep, Operation, compile_step
+from core.cost.hardware import BYTES_PER_ELEMENT, Hardware, MemoryXCost, SwarmXCost, WaferCost
+from core.cost.operation import Operation
+from core.cost.workload import LayerProfile, Workload
+from emulator.cost.compile import Cluster, CompiledStep, compile_step
 from emulator.cost.gpt import GPT_SPECS, GptSpec, gpt_workload
-from emulator.cost.hardware import BYTES_PER_ELEMENT, Hardware, MemoryXCost, SwarmXCost, WaferCost
 from emulator.cost.stats import StepStats, first_nonlinear, predict, simulate, step_stats, sweep
 from emulator.cost.timeline import Event, Timeline, run
 from emulator.cost.trace import trace_json, write_trace
-from emulator.cost.workload import LayerProfile, Workload
 
 __all__ = [
     "BYTES_PER_ELEMENT",

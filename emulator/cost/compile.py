@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
-from emulator.configbase import doc
-from emulator.cost.engine import NodeEngine, WaferEngine
-from emulator.cost.hardware import Hardware
-from emulator.cost.units import format_bytes, format_count
-from emulator.cost.workload import Matmul, OpticalPass, Workload
-
-Phase = Literal["forward", "backward"]
+from core.config import doc
+from core.cost.engine import NodeEngine
+from core.cost.hardware import Hardware
+from core.cost.operation import Operation, Phase
+from core.cost.workload import Workload
+from core.units import format_bytes, format_count
+from nodes.cs2 import WaferEngine
 
 
 class Cluster:
@@ -30,7 +29,7 @@ class Cluster:
 
     @dataclass(kw_only=True)
     class Config:
-        hardware: Hardware.Config = doc("the hardware preset (see emulator.presets)")
+        hardware: Hardware.Config = doc("the hardware preset (see core.presets)")
         num_nodes: int = doc("compute systems, count", default=1)
         memoryx_capacity_bytes: float | None = doc(
             "MemoryX size, bytes; None picks the smallest preset option that holds the model",
@@ -62,26 +61,6 @@ class Cluster:
         self.config = config
         self.hardware = config.hardware.build()
         self.engine = config.engine or WaferEngine(self.hardware.wafer)
-
-
-@dataclass(frozen=True)
-class Operation:
-    """One layer in one pass of one micro-batch, as every system runs it."""
-
-    layer: str = doc("layer name")
-    layer_index: int = doc("position of the layer in forward order")
-    phase: Phase = doc("forward or backward")
-    stream_in_bytes: float = doc("weights broadcast to every system, bytes")
-    flops_per_node: float = doc("dense FLOPs each system computes, FLOP")
-    grad_out_bytes: float = doc("gradients each system sends (reduced on the way), bytes")
-    samples: float = doc("samples of this micro-batch on each system, count")
-    weight_flops_fraction: float = doc("share of FLOPs that multiply weights, fraction")
-    weight_density: float = doc("non-zero share of the layer's weights, fraction")
-    matmuls: tuple[Matmul, ...] = doc("the layer's weight products, per sample")
-    optical_passes: tuple[OpticalPass, ...] = doc("the layer's fixed optical stages")
-    has_input_gradient: bool = doc("backward also computes the gradient of the layer input")
-    is_last_layer: bool = doc("the model's output layer (its output error starts backward)")
-    output_width: int = doc("outputs per vector of the model's last weight product, count")
 
 
 @dataclass(frozen=True)

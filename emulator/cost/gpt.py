@@ -11,9 +11,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from emulator.configbase import doc
-from emulator.cost.hardware import BYTES_PER_ELEMENT, Precision
-from emulator.cost.workload import LayerProfile, Matmul, Workload
+from core.config import doc
+from core.cost.hardware import BYTES_PER_ELEMENT, Precision
+from core.cost.workload import LayerProfile, Matmul, Workload
 
 #: GPT-2/GPT-3 BPE vocabulary (Brown et al. 2020, section 2.1 follows GPT-2).
 GPT_VOCAB_SIZE = 50257

@@ -20,11 +20,11 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from emulator.configbase import doc
-from emulator.cost.engine import NodeEngine
-from emulator.cost.hardware import BYTES_PER_ELEMENT, Hardware
+from core.config import doc
+from core.cost.engine import NodeEngine
+from core.cost.hardware import BYTES_PER_ELEMENT, Hardware
+from core.cost.workload import LayerProfile, Workload
 from emulator.cost.stats import StepStats, predict
-from emulator.cost.workload import LayerProfile, Workload
 
 #: Layer names the default sparsity filter leaves dense (see memoryx.sparsity.filters).
 DENSE_LAYER_WORDS = ("embedding", "norm", "lm_head")

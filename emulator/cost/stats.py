@@ -12,12 +12,12 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from emulator.configbase import doc
+from core.config import doc
+from core.cost.engine import NodeEngine
+from core.cost.hardware import Hardware
+from core.cost.workload import Workload
 from emulator.cost.compile import Cluster, CompiledStep, compile_step
-from emulator.cost.engine import NodeEngine
-from emulator.cost.hardware import Hardware
 from emulator.cost.timeline import Timeline, run
-from emulator.cost.workload import Workload
 
 #: Default scaling efficiency below which a sweep calls scaling non-linear.
 LINEAR_SCALING_THRESHOLD = 0.9

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from emulator.configbase import doc
+from core.config import doc
 from emulator.cost.compile import CompiledStep
 
 #: Relative tolerance for "the pipeline state repeats" between micro-batches.

@@ -13,10 +13,10 @@ from typing import Literal
 
 import yaml
 
-from emulator.configbase import doc, from_dict
+from core.config import doc, from_dict
+from core.presets import load_hardware
 from emulator.cost.gpt import gpt_workload
 from emulator.cost.stats import sweep
-from emulator.presets import load_hardware
 
 REFERENCES_PATH = Path(__file__).resolve().parent / "references.yaml"
 

@@ -5,10 +5,10 @@ blocks. ``model_blocks`` and ``check_blocks`` turn a user's model into blocks
 and check that they chain.
 """
 
+from core.zoo import GPTShape, ZooEntry
 from emulator.zoo.blocks import check_blocks, model_blocks
 from emulator.zoo.config import ModelConfig, default_data_config
-from emulator.zoo.gpt import GPTShape
-from emulator.zoo.registry import ZOO, ZooEntry
+from emulator.zoo.registry import ZOO
 
 __all__ = [
     "ZOO",

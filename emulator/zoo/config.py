@@ -9,11 +9,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from emulator.configbase import doc
-from emulator.data import DataConfig
-from emulator.data.sources import TEXT_VOCAB_SIZE
+from core.config import doc
+from core.data import DataConfig
+from core.data.sources import TEXT_VOCAB_SIZE
+from core.zoo import GPTShape
 from emulator.zoo.blocks import model_blocks
-from emulator.zoo.gpt import GPTShape
 from emulator.zoo.registry import ZOO
 
 GPT_OVERRIDES = ("num_layers", "d_model", "num_heads", "d_ff", "seq_len", "vocab_size", "dropout")

@@ -9,33 +9,12 @@ the parameter server on their own, so no parameter may live in two blocks.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from emulator.configbase import doc
-
-
-@dataclass(frozen=True, kw_only=True)
-class GPTShape:
-    """Sizes of a GPT-style model: a zoo entry's defaults, after ModelConfig's overrides."""
-
-    num_layers: int = doc("transformer blocks, blocks")
-    d_model: int = doc("residual stream width, features; a multiple of num_heads")
-    num_heads: int = doc("attention heads, heads")
-    d_ff: int = doc("hidden width of each MLP, features")
-    seq_len: int = doc("longest sequence (size of the position table), tokens")
-    vocab_size: int = doc("vocabulary size, tokens")
-    dropout: float = doc(
-        "dropout probability; 0 keeps training deterministic, which the equivalence "
-        "checks against the reference trainer rely on",
-        default=0.0,
-    )
-    # GPT-2's normal init std (Radford et al. 2019, "Language Models are
-    # Unsupervised Multitask Learners", and its released model code).
-    init_std: float = doc("std of the normal weight init, dimensionless", default=0.02)
+from core.zoo import GPTShape
 
 
 class Embedding(nn.Module):

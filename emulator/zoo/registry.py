@@ -2,27 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
-from torch import nn
-
-from emulator.data import DataConfig
-from emulator.data.sources import TEXT_VOCAB_SIZE
-from emulator.zoo.gpt import GPTShape, build_gpt
-from emulator.zoo.taichi import taichi_digits, taichi_digits_fixed
+from core.data import DataConfig
+from core.data.sources import TEXT_VOCAB_SIZE
+from core.zoo import GPTShape, ZooEntry
+from emulator.zoo.gpt import build_gpt
 from emulator.zoo.vision import cnn_digits, mlp_digits
-
-
-@dataclass(frozen=True, kw_only=True)
-class ZooEntry:
-    """A zoo model: how to build it, what it trains on, and (GPT-style) its default sizes."""
-
-    factory: Callable[..., nn.Sequential]  # called with the GPTShape for GPT-style entries
-    data: DataConfig  # default data set; GPT entries take seq_len/vocab_size from their shape
-    description: str
-    gpt_shape: GPTShape | None = None  # None: not GPT-style, size overrides are rejected
-
+from nodes.registry import BACKEND_ZOO_MODELS
 
 ZOO: dict[str, ZooEntry] = {
     "mlp-digits": ZooEntry(
@@ -34,18 +19,6 @@ ZOO: dict[str, ZooEntry] = {
         factory=cnn_digits,
         data=DataConfig(name="digits"),
         description="three 3x3 conv blocks and a linear head on the 8x8 digits (~15k parameters)",
-    ),
-    "taichi-digits": ZooEntry(
-        factory=taichi_digits,
-        data=DataConfig(name="digits"),
-        description="Taichi multi-path diffractive classifier on the 8x8 digits: 20 paths of "
-        "diffractive encoder, 8-mode MZI embedding and diffractive decoder (~16k phases, 3 blocks)",
-    ),
-    "taichi-digits-fixed": ZooEntry(
-        factory=taichi_digits_fixed,
-        data=DataConfig(name="digits"),
-        description="taichi-digits behind fixed random encoder masks (~4.5k trainable phases, "
-        "2 blocks)",
     ),
     "gpt-tiny": ZooEntry(
         factory=build_gpt,
@@ -82,3 +55,5 @@ ZOO: dict[str, ZooEntry] = {
         ),
     ),
 }
+# Models built from a backend's own elements (e.g. photonic Taichi), declared beside it.
+ZOO.update(BACKEND_ZOO_MODELS)

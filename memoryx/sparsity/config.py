@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from emulator.configbase import doc
+from core.config import doc
 from memoryx.sparsity.algorithms import ALGORITHMS, AlgorithmName
 from memoryx.sparsity.filters import ParamSparsity, select_parameters
 from memoryx.sparsity.masks import InitMethod, generator_for, init_mask

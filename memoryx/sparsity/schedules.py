@@ -23,7 +23,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from emulator.configbase import doc
+from core.config import doc
 
 
 class UpdateSchedule:

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from emulator.configbase import doc
+from core.config import doc
 from nodes.pcm.device import DriftCompensation, PcmDevice, check_drift_time
 from nodes.pcm.periphery import Periphery
 from nodes.pcm.tile import ProgrammedMatrix, Tile

@@ -57,9 +57,9 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import _disable_current_modes
 
-from emulator.configbase import doc
-from emulator.cost.engine import DigitalUnit
-from emulator.cost.hardware import Hardware
+from core.config import doc
+from core.cost.engine import DigitalUnit
+from core.cost.hardware import Hardware
 from nodes.backend import Backend, autograd_backward, call_block
 from nodes.pcm.analog import (
     HardwareAware,

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import yaml
 
-from emulator.configbase import doc, from_dict
-from emulator.cost.engine import DigitalUnit
+from core.config import doc, from_dict
+from core.cost.engine import DigitalUnit
+from core.presets import PRESET_DIR  # noqa: E402 (bundled presets live in one folder)
 from nodes.pcm.analog import HardwareAware, WeightStationary
 from nodes.pcm.cost import PcmCost
 from nodes.pcm.device import PcmDevice
 from nodes.pcm.periphery import Periphery
 from nodes.pcm.tile import Tile
-
-PRESET_DIR = Path(__file__).resolve().parents[2] / "emulator" / "presets"
 
 
 @dataclass(kw_only=True)
@@ -42,7 +40,7 @@ class PcmConfig:
 
 
 def load_preset(name: str = "pcm_ibm64") -> PcmConfig:
-    """Read ``emulator/presets/<name>.yaml`` into a validated ``PcmConfig``."""
+    """Read ``core/presets/<name>.yaml`` into a validated ``PcmConfig``."""
     path = PRESET_DIR / f"{name}.yaml"
     if not path.is_file():
         available = sorted(p.stem for p in PRESET_DIR.glob("pcm_*.yaml"))

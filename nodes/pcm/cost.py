@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from emulator.configbase import doc
+from core.config import doc
 from nodes.pcm.periphery import Periphery
 from nodes.pcm.tile import Tile
 

@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from emulator.configbase import doc
+from core.config import doc
 
 
 def _check_interval(owner: str, name: str, interval: tuple[float, float]) -> None:

@@ -28,12 +28,12 @@ import math
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from emulator.cost.engine import AcceleratorEngine, MatmulWork, OpCost, Tally, matmul_work
-from emulator.cost.hardware import Precision
+from core.cost.engine import AcceleratorEngine, MatmulWork, OpCost, Tally, matmul_work
+from core.cost.hardware import Precision
 
 if TYPE_CHECKING:
-    from emulator.cost.compile import Operation
-    from emulator.cost.workload import Workload
+    from core.cost.operation import Operation
+    from core.cost.workload import Workload
     from nodes.pcm.backend import PcmBackend
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from emulator.configbase import doc
+from core.config import doc
 
 _MAX_CONVERTER_BITS = 16
 

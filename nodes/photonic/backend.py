@@ -49,9 +49,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from emulator.configbase import doc
-from emulator.cost.engine import DigitalUnit
-from emulator.cost.hardware import Hardware
+from core.config import doc
+from core.cost.engine import DigitalUnit
+from core.cost.hardware import Hardware
 from nodes.backend import Backend, autograd_backward, call_block
 from nodes.photonic.clements import UnitPhases
 from nodes.photonic.cost import num_unit_shifters

@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from emulator.configbase import doc
+from core.config import doc
 
 if TYPE_CHECKING:
     from nodes.photonic.clements import UnitPhases

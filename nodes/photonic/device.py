@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from emulator.configbase import doc
+from core.config import doc
 from nodes.photonic.clements import MatrixProgram, TiledProgram, UnitPhases, unit_elements
 from nodes.photonic.cost import PhotonicCost, Reconfiguration
 from nodes.photonic.elements import OpticalElement, propagate

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from emulator.configbase import doc
+from core.config import doc
 
 
 class DirectFeedbackAlignment:

@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from emulator.configbase import doc
+from core.config import doc
 from nodes.photonic.clements import UnitPhases, unit_elements
 from nodes.photonic.elements import OpticalElement, PhaseScreen, propagate
 from nodes.photonic.mesh import MeshLayout

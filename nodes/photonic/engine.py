@@ -33,13 +33,13 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from emulator.cost.engine import AcceleratorEngine, MatmulWork, OpCost, Tally, matmul_work
-from emulator.cost.hardware import Precision
+from core.cost.engine import AcceleratorEngine, MatmulWork, OpCost, Tally, matmul_work
+from core.cost.hardware import Precision
 from nodes.photonic.cost import num_unit_shifters
 
 if TYPE_CHECKING:
-    from emulator.cost.compile import Operation
-    from emulator.cost.workload import OpticalPass, Workload
+    from core.cost.operation import Operation
+    from core.cost.workload import OpticalPass, Workload
     from nodes.photonic.backend import PhotonicBackend
 
 

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from emulator.configbase import doc
+from core.config import doc
 from nodes.photonic.clements import UnitPhases, svd_decompose, unit_gradients
 from nodes.photonic.device import PhotonicCore
 from nodes.photonic.elements import OpticalElement

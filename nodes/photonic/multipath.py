@@ -61,8 +61,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from emulator.configbase import doc
-from emulator.cost.workload import OpticalPass
+from core.config import doc
+from core.cost.workload import OpticalPass
 from nodes.photonic.cost import num_unit_shifters
 from nodes.photonic.diffraction import TaichiUnit
 from nodes.photonic.elements import OpticalElement, PhaseScreen, propagate

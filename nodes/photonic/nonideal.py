@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from emulator.configbase import doc
+from core.config import doc
 
 TWO_PI = 2.0 * math.pi
 #: Boltzmann constant, J/K (SI exact, CODATA 2018).

@@ -1,4 +1,4 @@
-"""Loader of photonic presets (``emulator/presets/photonic_*.yaml``), and the YAML form of a device."""
+"""Loader of photonic presets (``core/presets/photonic_*.yaml``), and the YAML form of a device."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from typing import Any
 
 import yaml
 
-from emulator.configbase import doc, field_docs, from_dict
+from core.config import doc, field_docs, from_dict
+from core.presets import PRESET_DIR  # noqa: E402 (bundled presets live in one folder)
 from nodes.photonic.cost import PhotonicCost
 from nodes.photonic.device import PhotonicCore
 from nodes.photonic.nonideal import (
@@ -23,7 +24,6 @@ from nodes.photonic.nonideal import (
     ThermalCrosstalk,
 )
 
-PRESET_DIR = Path(__file__).resolve().parents[2] / "emulator" / "presets"
 #: The realistic device a backend config starts from.
 DEFAULT_PRESET = "photonic_taichi"
 

@@ -16,6 +16,7 @@ import json
 import pytest
 import torch
 
+from core.presets import load_hardware
 from emulator.cli import main
 from emulator.cli_cost import resolve_workload
 from emulator.config import load_config
@@ -28,7 +29,6 @@ from emulator.emulated import (
     emulate,
     measured_workload,
 )
-from emulator.presets import load_hardware
 from emulator.train import layer_shapes, prepare_layers
 from nodes.worker import NodeWorker
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from emulator.data import BatchSampler, DataConfig
+from core.data import BatchSampler, DataConfig
 from emulator.reference import evaluate, reference_train, torch_optimizer
 from emulator.zoo import ModelConfig, default_data_config
 

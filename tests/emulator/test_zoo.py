@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from emulator.data import DataConfig
+from core.data import DataConfig
 from emulator.zoo import ZOO, ModelConfig, check_blocks, default_data_config, model_blocks
 from emulator.zoo.gpt import Embedding, LMHead, TransformerBlock
 

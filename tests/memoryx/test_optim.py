@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from emulator.configbase import field_docs, from_dict
+from core.config import field_docs, from_dict
 from memoryx.optim import OPTIMIZERS, SGD, Adam, AdamW, Optimizer
 
 NUM_STEPS = 50

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from torch import nn
 
+from core.cost.engine import OpCost
+from core.cost.profile import profile_modules
 from emulator.config import ClusterConfig
 from emulator.cost.compile import Cluster, compile_step
-from emulator.cost.engine import OpCost
-from emulator.cost.profile import profile_modules
 from emulator.train import prepare_layers
 from nodes.worker import NodeWorker
 

@@ -293,7 +293,7 @@ def test_cli_backend_flag_selects_pcm():
 
 
 def test_node_stats_carry_the_backend_counters():
-    from emulator.data import DataConfig
+    from core.data import DataConfig
     from emulator.zoo import ModelConfig
     from nodes.service import ComputeNodeServicer
     from nodes.worker import NodeWorker

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from emulator.data import BatchSampler, DataConfig, Dataset
+from core.data import BatchSampler, DataConfig, Dataset
 from memoryx.optim import Optimizer
 from memoryx.service import MemoryXServicer
 from memoryx.service import register as register_memoryx

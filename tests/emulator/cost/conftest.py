@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from emulator.cost.hardware import Hardware, MemoryXCost, SwarmXCost, WaferCost
+from core.cost.hardware import Hardware, MemoryXCost, SwarmXCost, WaferCost
 
 
 def round_hardware(

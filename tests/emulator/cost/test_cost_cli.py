@@ -69,7 +69,7 @@ def test_simulate_bad_input_is_one_paragraph_and_exit_2(argv, message, capsys):
 
 
 def test_negative_bandwidth_in_a_copied_preset_exits_2(tmp_path: Path, capsys):
-    text = Path("emulator/presets/cs2.yaml").read_text()
+    text = Path("core/presets/cs2.yaml").read_text()
     path = tmp_path / "bad.yaml"
     path.write_text(
         text.replace("io_bandwidth_bytes_per_s: 150.0e+9", "io_bandwidth_bytes_per_s: -1.0")

@@ -11,11 +11,11 @@ import dataclasses
 
 import pytest
 
+from core.cost.workload import LayerProfile, Workload
+from core.presets import load_hardware
 from emulator.cost.compile import Cluster, compile_step
 from emulator.cost.gpt import gpt_workload
 from emulator.cost.stats import first_nonlinear, predict, simulate, sweep
-from emulator.cost.workload import LayerProfile, Workload
-from emulator.presets import load_hardware
 
 
 def _layer(name: str = "a", **overrides) -> LayerProfile:

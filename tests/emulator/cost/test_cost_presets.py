@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from emulator.presets import PRESET_DIR, list_presets, load_hardware
+from core.presets import PRESET_DIR, list_presets, load_hardware
 
 
 def test_bundled_presets_carry_reference_figures():

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from core.cost.workload import LayerProfile, Workload
 from emulator.cost.stats import simulate
 from emulator.cost.trace import write_trace
-from emulator.cost.workload import LayerProfile, Workload
 
 
 def _workload() -> Workload:

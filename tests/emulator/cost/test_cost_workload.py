@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
+from core.cost.profile import profile_modules
+from core.cost.workload import LayerProfile, Workload
 from emulator.cost.gpt import GPT_SPECS, gpt_workload
-from emulator.cost.profile import profile_modules
-from emulator.cost.workload import LayerProfile, Workload
 
 
 def _layer(**overrides) -> LayerProfile:

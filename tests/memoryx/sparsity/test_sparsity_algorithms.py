@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from emulator.configbase import from_dict
+from core.config import from_dict
 from memoryx.sparsity import ALGORITHMS, Sparsity, apply_masks
 
 # Sizes where round(sparsity * numel) rounds both ways.

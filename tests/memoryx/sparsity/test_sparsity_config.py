@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from emulator.configbase import field_docs, from_dict
+from core.config import field_docs, from_dict
 from memoryx.sparsity import ParamGroupConfig, Sparsity, UpdateSchedule, select_parameters
 from memoryx.sparsity.schedules import (
     ConstantSchedule,

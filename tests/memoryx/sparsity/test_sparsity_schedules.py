@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from emulator.configbase import field_docs, from_dict
+from core.config import field_docs, from_dict
 from memoryx.sparsity.schedules import (
     SCHEDULES,
     ConstantSchedule,

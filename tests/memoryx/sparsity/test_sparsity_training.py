@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from emulator.configbase import from_dict
+from core.config import from_dict
 from memoryx.optim import Optimizer
 from memoryx.sparsity import Sparsity, apply_masks
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from emulator.configbase import from_dict
+from core.config import from_dict
 from nodes.pcm.config import PRESET_DIR, PcmConfig, load_preset
 
 

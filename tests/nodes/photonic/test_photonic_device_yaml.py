@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from core.config import to_dict
 from emulator.config import load_config
-from emulator.configbase import to_dict
 from nodes.photonic.backend import PhotonicBackend
 from nodes.photonic.device import PhotonicCore
 from nodes.photonic.nonideal import PhaseError

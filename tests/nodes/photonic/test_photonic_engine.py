@@ -64,8 +64,8 @@ def test_dfa_backward_streams_no_weights_and_uses_no_mesh_weights():
 
 
 def _taichi_costs(training: str, batch: int = 1):
+    from core.cost.profile import profile_modules
     from emulator.cost.compile import Cluster, compile_step
-    from emulator.cost.profile import profile_modules
     from emulator.zoo import ModelConfig
 
     config = _config(training)

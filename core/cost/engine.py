@@ -4,7 +4,7 @@ The timeline (``emulator.cost.timeline``) moves weights, gradients and updates
 between MemoryX, SwarmX and the nodes; how long a node computes one layer, and
 what energy that takes, is the node engine's answer. Each backend has one:
 
-- ``WaferEngine``: the digital wafer of the preset (CS-2, CS-3): FLOPs at the
+- ``WaferEngine`` (``nodes.cs2``): the digital wafer of the preset (CS-2, CS-3): FLOPs at the
   achieved share of peak, unstructured sparsity skipped;
 - the PCM engine (``nodes.pcm.engine``): crossbar programming, analog MVMs
   and a digital unit for the rest;
@@ -22,13 +22,12 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from emulator.configbase import doc
-from emulator.cost.hardware import Precision, WaferCost
-from emulator.cost.units import format_bytes
+from core.config import doc
+from core.cost.hardware import Precision
 
 if TYPE_CHECKING:
-    from emulator.cost.compile import Operation
-    from emulator.cost.workload import Workload
+    from core.cost.operation import Operation
+    from core.cost.workload import Workload
 
 
 @dataclass(frozen=True)
@@ -100,50 +99,6 @@ class NodeEngine(ABC):
     def deployment(self, workload: Workload) -> OpCost:
         """One-off cost of putting weights trained elsewhere on one node (none if digital)."""
         return OpCost(0.0, 0.0)
-
-
-class WaferEngine(NodeEngine):
-    """The preset's wafer: FLOPs at ``compute_efficiency`` of peak, zero weights skipped."""
-
-    component = "wafer"
-    activation_memory = "SRAM"
-
-    def __init__(self, wafer: WaferCost) -> None:
-        self.wafer = wafer
-
-    @property
-    def name(self) -> str:
-        return self.wafer.config.name
-
-    @property
-    def activation_budget_bytes(self) -> float:
-        return self.wafer.activation_budget_bytes
-
-    @property
-    def idle_power_w(self) -> float:
-        c = self.wafer.config
-        return c.idle_power_fraction * c.power_w
-
-    @property
-    def activation_budget_source(self) -> str:
-        c = self.wafer.config
-        return (
-            f"SRAM a {c.name} gives them ({format_bytes(c.sram_bytes)} x "
-            f"activation_sram_fraction {c.activation_sram_fraction:g})"
-        )
-
-    def peak_flops(self, precision: Precision) -> float:
-        return self.wafer.peak_flops(precision)
-
-    def op_cost(self, op: Operation, precision: Precision) -> OpCost:
-        # Time-equivalent FLOPs: the preset's sparse speedup curve, not the ideal 1/density.
-        flops = self.wafer.sparse_flops(
-            op.flops_per_node, op.weight_flops_fraction, op.weight_density
-        )
-        time_s = self.wafer.compute_time_s(flops, precision)
-        c = self.wafer.config
-        energy_j = (1 - c.idle_power_fraction) * c.power_w * time_s
-        return OpCost.of_parts({"compute": time_s}, {"compute": energy_j})
 
 
 class DigitalUnit:
@@ -250,6 +205,5 @@ __all__ = [
     "NodeEngine",
     "OpCost",
     "Tally",
-    "WaferEngine",
     "matmul_work",
 ]

@@ -2,7 +2,7 @@
 
 A ``Workload`` is the single typed input of the cost model. Three producers
 build it: the analytic GPT builder (``emulator.cost.gpt``), ``profile_modules``
-(``emulator.cost.profile``: FLOPs counted by torch on a chain of blocks), and a functional run
+(``core.cost.profile``: FLOPs counted by torch on a chain of blocks), and a functional run
 that records the bytes it actually streamed and the FLOPs it computed per
 layer. The cost model never needs to know which one it got.
 """
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from emulator.configbase import doc
-from emulator.cost.hardware import BYTES_PER_ELEMENT, Precision
+from core.config import doc
+from core.cost.hardware import BYTES_PER_ELEMENT, Precision
 
 
 @dataclass(frozen=True)

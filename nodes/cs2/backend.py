@@ -15,8 +15,10 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from emulator.configbase import doc
+from core.config import doc
+from core.cost.hardware import Hardware
 from nodes.backend import Backend, autograd_backward, call_block
+from nodes.cs2.engine import WaferEngine
 
 _OPERAND_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _WIRE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -29,6 +31,10 @@ class Cs2Backend(Backend):
         precision: Literal["fp32", "bf16", "fp16"] = doc(
             "operand precision of weights and activations (arithmetic is fp32)", default="fp32"
         )
+
+        def engine(self, hardware: Hardware.Config) -> WaferEngine:
+            """The preset's digital wafer."""
+            return WaferEngine(hardware.wafer.build())
 
         def build(self) -> Cs2Backend:
             return Cs2Backend(self)

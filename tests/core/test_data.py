@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from emulator.configbase import from_dict
-from emulator.data import BatchSampler, DataConfig, Dataset, loss_sum, num_correct, num_targets
-from emulator.data.sources import TEXT_VOCAB_SIZE, MarkovChain, decode_text
+from core.config import from_dict
+from core.data import BatchSampler, DataConfig, Dataset, loss_sum, num_correct, num_targets
+from core.data.sources import TEXT_VOCAB_SIZE, MarkovChain, decode_text
 
 # ---------------------------------------------------------------- sampler
 

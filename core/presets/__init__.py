@@ -13,8 +13,8 @@ from typing import Any
 
 import yaml
 
-from emulator.configbase import from_dict
-from emulator.cost.hardware import Hardware
+from core.config import from_dict
+from core.cost.hardware import Hardware
 
 PRESET_DIR = Path(__file__).resolve().parent
 

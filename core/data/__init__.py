@@ -5,9 +5,9 @@ Entry point: ``DataConfig(...).build(seed=...)`` (also reachable as
 of the shipped files.
 """
 
-from emulator.data.dataset import DataConfig, Dataset, Task
-from emulator.data.objectives import loss_sum, num_correct, num_targets
-from emulator.data.sampler import BatchSampler
+from core.data.dataset import DataConfig, Dataset, Task
+from core.data.objectives import loss_sum, num_correct, num_targets
+from core.data.sampler import BatchSampler
 
 __all__ = [
     "BatchSampler",

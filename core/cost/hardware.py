@@ -1,6 +1,6 @@
 """Typed hardware configs of the analytic cost model: wafer, MemoryX, SwarmX.
 
-The numbers live in the preset files (``emulator/presets/*.yaml``) with their
+The numbers live in the preset files (``core/presets/*.yaml``) with their
 sources; these dataclasses only give them names, units and validation. Each
 ``Config.build()`` returns a small cost object whose methods turn bytes and
 FLOPs into seconds.
@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from emulator.configbase import doc
+from core.config import doc
 
 Precision = Literal["fp16", "bf16", "cbfloat16", "fp32"]
 

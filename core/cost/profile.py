@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from emulator.cost.hardware import BYTES_PER_ELEMENT, Precision
-from emulator.cost.workload import LayerProfile, Matmul, OpticalPass, Workload
+from core.cost.hardware import BYTES_PER_ELEMENT, Precision
+from core.cost.workload import LayerProfile, Matmul, OpticalPass, Workload
 
 
 def _meta_state(block: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -13,8 +13,8 @@ from typing import Literal
 
 from torch import Tensor
 
-from emulator.configbase import doc
-from emulator.data import sources
+from core.config import doc
+from core.data import sources
 
 Task = Literal["classification", "language-model"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from emulator.data.dataset import Task
+from core.data.dataset import Task
 
 _TASKS = ("classification", "language-model")
 

@@ -1,0 +1,1 @@
+"""The vocabulary node engines implement: hardware, workload, operation, engine base types."""
