@@ -17,21 +17,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import grpc
 import torch
 from torch import nn
 
 from emulator.config import ClusterConfig
 from emulator.emulated import PassMeasurement
 from emulator.launch import Cluster
-from proto import memoryx_pb2 as mpb
-from proto import memoryx_pb2_grpc as mgrpc
-from proto import node_pb2_grpc as ngrpc
-from proto import swarmx_pb2 as spb
-from proto import swarmx_pb2_grpc as sgrpc
-from proto import tensor_pb2 as pb
-from proto.rpc import channel
-from proto.serde import Expected, LayerAssembler, encode_layer
+from proto.clients import (
+    LAYER_TIMEOUT_S,
+    MemoryXClient,
+    NodeClient,
+    RpcError,
+    SwarmXClient,
+    timeout_for,
+    wire_bytes,
+)
+from proto.domain import CheckpointInfo, LayerAck, LayerRequest, Phase
 
 
 def group_layers(blocks: list[nn.Module]) -> list[nn.Module]:
@@ -95,66 +96,72 @@ class Coordinator:
     measured: list[PassMeasurement] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.memoryx = mgrpc.MemoryXStub(channel(self.cluster.memoryx_address))
-        self.root = sgrpc.SwarmXStub(channel(self.cluster.root_address))
+        self.memoryx = MemoryXClient(self.cluster.memoryx_address)
+        self.root = SwarmXClient(self.cluster.root_address)
         # A backend whose backward needs no weights (DFA) gets a header-only backward stream.
         self.backward_weights = self.config.backend.build().needs_weights_in_backward
+        self._layer_timeouts_s: list[float] | None = None
 
     def load_weights(self, layers: list[nn.Module], step: int = 0) -> None:
-        def messages():
-            for index, layer in enumerate(layers):
-                tensors = {n: p.detach().float() for n, p in layer.named_parameters()}
-                yield from encode_layer(
-                    index,
-                    step,
-                    pb.FORWARD,
-                    tensors,
-                    chunk_bytes=self.config.swarmx.chunk_bytes,
-                    sender="driver",
-                )
-
-        self.memoryx.LoadWeights(messages())
+        self.memoryx.load_weights(
+            [{n: p.detach().float() for n, p in layer.named_parameters()} for layer in layers],
+            step=step,
+            chunk_bytes=self.config.swarmx.chunk_bytes,
+            sender="driver",
+        )
 
     @property
     def start_step(self) -> int:
-        return self.memoryx.Layout(pb.Empty()).step
+        return self.memoryx.layout().step
 
-    def _run_layer(self, layer: int, step: int, phase: int, name: str) -> pb.LayerAck:
+    def _layer_timeout_s(self, layer: int) -> float:
+        """Deadline of a pass of ``layer``: its fixed part plus the bytes broadcast to every node."""
+        if self._layer_timeouts_s is None:
+            num_nodes = len(self.cluster.node_addresses)
+            self._layer_timeouts_s = [
+                timeout_for(num_nodes * wire_bytes(spec.spec, self.wire_dtype), LAYER_TIMEOUT_S)
+                for spec in self.memoryx.layout().layers
+            ]
+        return self._layer_timeouts_s[layer]
+
+    def _run_layer(self, layer: int, step: int, phase: Phase, name: str) -> LayerAck:
         if self.fault is not None:
             self.fault(step, layer, name)
-        without_weights = phase == pb.BACKWARD and not self.backward_weights
-        return self.root.RunLayer(
-            spb.LayerRequest(
+        without_weights = phase == Phase.BACKWARD and not self.backward_weights
+        return self.root.run_layer(
+            LayerRequest(
                 layer=layer,
                 step=step,
                 phase=phase,
                 dtype=self.wire_dtype,
                 without_weights=without_weights,
-            )
+            ),
+            timeout_s=self._layer_timeout_s(layer),
         )
 
-    def _attempt(self, step: int) -> tuple[pb.LayerAck, list[pb.LayerAck]]:
+    def _attempt(self, step: int) -> tuple[LayerAck, list[LayerAck]]:
         acks = [
-            self._run_layer(layer, step, pb.FORWARD, "forward") for layer in range(self.num_layers)
+            self._run_layer(layer, step, Phase.FORWARD, "forward")
+            for layer in range(self.num_layers)
         ]
         last = acks[-1]
         for layer in reversed(range(self.num_layers)):
-            acks.append(self._run_layer(layer, step, pb.BACKWARD, "backward"))
-        self.memoryx.CommitStep(mpb.StepRequest(step=step))
+            acks.append(self._run_layer(layer, step, Phase.BACKWARD, "backward"))
+        self.memoryx.commit_step(step)
         return last, acks
 
     def train_step(self, step: int) -> StepRecord:
         started = time.perf_counter()
-        before = self.memoryx.Stats(pb.Empty())
+        before = self.memoryx.stats()
         for attempt in range(1, self.config.runtime.max_step_retries + 2):
             try:
                 last, acks = self._attempt(step)
                 break
-            except (grpc.RpcError, StepFault) as exc:
+            except (RpcError, StepFault) as exc:
                 if attempt > self.config.runtime.max_step_retries:
                     raise
                 self.last_error = exc
-        after = self.memoryx.Stats(pb.Empty())
+        after = self.memoryx.stats()
         record = StepRecord(
             step=step,
             loss=last.loss_sum / last.num_targets,
@@ -178,8 +185,9 @@ class Coordinator:
 
     def evaluate(self, step: int) -> EvalRecord:
         for layer in range(self.num_layers):
-            ack = self.root.RunLayer(
-                spb.LayerRequest(layer=layer, step=step, phase=pb.EVAL, dtype=self.wire_dtype)
+            ack = self.root.run_layer(
+                LayerRequest(layer=layer, step=step, phase=Phase.EVAL, dtype=self.wire_dtype),
+                timeout_s=self._layer_timeout_s(layer),
             )
         return EvalRecord(
             step=step,
@@ -190,44 +198,35 @@ class Coordinator:
 
     def fetch_weights(self, step: int) -> list[dict[str, torch.Tensor]]:
         """fp32 master weights of every layer at version ``step``, read back over gRPC."""
-        layout = self.memoryx.Layout(pb.Empty())
+        layout = self.memoryx.layout()
         weights = []
         self.fetched_masks: list[dict[str, torch.Tensor]] = []
         for index, layer in enumerate(layout.layers):
-            stream = self.memoryx.StreamWeights(
-                mpb.WeightsRequest(layer=index, step=step, phase=pb.EVAL, dtype="float32")
-            )
-            spec = [(t.name, tuple(t.shape)) for t in layer.tensors]
-            assembler = LayerAssembler(Expected(index, step, pb.EVAL, spec, "float32", sparse=True))
-            for message in stream:
-                assembler.add(message)
-            weights.append(assembler.finish())
+            tensors, masks = self.memoryx.fetch_layer(index, step, layer.spec, dtype="float32")
+            weights.append(tensors)
             # Masks of the tensors that came sparse (values + index): what MemoryX prunes.
-            self.fetched_masks.append(assembler.masks)
+            self.fetched_masks.append(masks)
         return weights
 
     def weight_densities(self) -> list[float]:
         """Per layer, the share of its weights that no sparsity mask prunes (1.0: dense)."""
-        layout = self.memoryx.Layout(pb.Empty())
         densities = []
-        for layer in layout.layers:
+        for layer in self.memoryx.layout().layers:
             numel = sum(int(torch.Size(t.shape).numel()) for t in layer.tensors)
             densities.append(layer.num_kept / numel if numel else 1.0)
         return densities
 
-    def save_checkpoint(self, path: str) -> mpb.CheckpointReply:
-        return self.memoryx.SaveCheckpoint(mpb.CheckpointRequest(path=path))
+    def save_checkpoint(self, path: str) -> CheckpointInfo:
+        return self.memoryx.save_checkpoint(path)
 
     def traffic(self) -> dict:
-        stats = self.memoryx.Stats(pb.Empty())
+        stats = self.memoryx.stats()
         links = []
         for address in self.cluster.swarmx_addresses.values():
-            s = sgrpc.SwarmXStub(channel(address)).Stats(pb.Empty())
+            s = SwarmXClient(address).stats()
             links += [{"link": d.link, "payload_bytes": d.payload_bytes} for d in s.down]
             links.append({"link": s.up.link, "payload_bytes": s.up.payload_bytes})
-        nodes = [
-            ngrpc.ComputeNodeStub(channel(a)).Stats(pb.Empty()) for a in self.cluster.node_addresses
-        ]
+        nodes = [NodeClient(a).stats() for a in self.cluster.node_addresses]
         return {
             "memoryx_total_egress_bytes": stats.egress_bytes,
             "memoryx_total_ingress_bytes": stats.ingress_bytes,
@@ -248,10 +247,10 @@ class Coordinator:
         }
 
 
-_PASS_NAMES = {pb.FORWARD: "forward", pb.BACKWARD: "backward"}
+_PASS_NAMES = {Phase.FORWARD: "forward", Phase.BACKWARD: "backward"}
 
 
-def _measurement(ack: pb.LayerAck) -> PassMeasurement:
+def _measurement(ack: LayerAck) -> PassMeasurement:
     return PassMeasurement(
         layer=ack.layer,
         phase=_PASS_NAMES[ack.phase],

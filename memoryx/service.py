@@ -18,9 +18,26 @@ from memoryx.checkpoint import load_checkpoint, save_checkpoint
 from memoryx.optim import Optimizer
 from memoryx.sparsity import Sparsity
 from memoryx.store import ParameterStore, StepError
-from proto import memoryx_pb2 as mpb
 from proto import memoryx_pb2_grpc as mgrpc
-from proto import tensor_pb2 as pb
+from proto.domain import (
+    CheckpointInfo,
+    Chunk,
+    Header,
+    LayerAck,
+    LayerLayout,
+    ModelLayout,
+    Phase,
+    TensorSpec,
+    TrafficStats,
+)
+from proto.messages import (
+    EMPTY,
+    ack_to_wire,
+    checkpoint_to_wire,
+    layout_to_wire,
+    traffic_to_wire,
+    weights_request_from_wire,
+)
 from proto.rpc import StepConflict, rpc_errors, rpc_stream_errors
 from proto.serde import (
     DEFAULT_CHUNK_BYTES,
@@ -29,8 +46,10 @@ from proto.serde import (
     LayerAssembler,
     WireError,
     decode_layers,
-    encode_layer,
+    from_wire_stream,
+    layer_items,
     sends_sparse,
+    to_wire,
 )
 
 
@@ -113,10 +132,11 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
             raise WireError(f"cannot load these weights: {exc}") from None
         self.first_step = step
         self.store = store
-        return pb.Empty()
+        return EMPTY
 
     @rpc_stream_errors
     def StreamWeights(self, request, context):
+        request = weights_request_from_wire(request)
         self._check_layer(request.layer)
         if request.dtype not in WIRE_DTYPES:
             raise WireError(f"dtype {request.dtype!r} is not one of {', '.join(WIRE_DTYPES)}")
@@ -129,14 +149,14 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
         dense_gradients = bool(
             masks and store_sparsity and store_sparsity.needs_dense_gradients(request.step)
         )
-        if request.phase == pb.BACKWARD:
+        if request.phase == Phase.BACKWARD:
             sparse = {n: m for n, m in masks.items() if sends_sparse(m, request.dtype)}
             with self._masks_lock:
                 self._gradient_masks[(request.layer, request.step)] = (
                     {} if dense_gradients else sparse
                 )
         sent = 0
-        for message in encode_layer(
+        for item in layer_items(
             request.layer,
             request.step,
             request.phase,
@@ -145,11 +165,11 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
             chunk_bytes=self.chunk_bytes,
             sender="memoryx",
             masks=masks,
-            dense_gradients=dense_gradients and request.phase == pb.BACKWARD,
+            dense_gradients=dense_gradients and request.phase == Phase.BACKWARD,
         ):
-            if message.WhichOneof("kind") == "chunk":
-                sent += len(message.chunk.data)
-            yield message
+            if isinstance(item, Chunk):
+                sent += len(item.data)
+            yield to_wire(item)
         with self.traffic.lock:
             self.traffic.egress_bytes += sent
             self.traffic.num_weight_streams += 1
@@ -157,10 +177,10 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
     @rpc_errors
     def PushGradients(self, request_iterator, context):
         store = self._require_store()
-        first = next(request_iterator, None)
-        if first is None or first.WhichOneof("kind") != "header":
+        items = from_wire_stream(request_iterator)
+        header = next(items, None)
+        if not isinstance(header, Header):
             raise WireError("a gradient stream must start with a header")
-        header = first.header
         self._check_layer(header.layer)
         version = store.version(header.layer)
         if header.step not in (version, version - 1) or header.step < self.first_step:
@@ -174,15 +194,15 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
             Expected(
                 header.layer,
                 header.step,
-                pb.BACKWARD,
+                Phase.BACKWARD,
                 store.layout(header.layer),
                 "float32",
                 masks=masks or None,
             )
         )
-        assembler.add(first)
-        for message in request_iterator:
-            assembler.add(message)
+        assembler.add(header)
+        for item in items:
+            assembler.add(item)
         grads = assembler.finish()
         started = time.perf_counter()
         try:
@@ -198,11 +218,13 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
             self.traffic.num_updates += int(applied)
             self.traffic.num_duplicate_gradients += int(not applied)
             self.traffic.update_seconds += elapsed
-        return pb.LayerAck(
-            layer=header.layer,
-            step=header.step,
-            phase=pb.BACKWARD,
-            update_applied=applied,
+        return ack_to_wire(
+            LayerAck(
+                layer=header.layer,
+                step=header.step,
+                phase=Phase.BACKWARD,
+                update_applied=applied,
+            )
         )
 
     @rpc_errors
@@ -211,7 +233,7 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
             self._require_store().commit(request.step)
         except StepError as exc:
             raise StepConflict(str(exc)) from None
-        return pb.Empty()
+        return EMPTY
 
     @rpc_errors
     def SaveCheckpoint(self, request, context):
@@ -220,30 +242,34 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
             save_checkpoint(store, request.path, extra=self.checkpoint_extra)
         except ValueError as exc:
             raise StepConflict(str(exc)) from None
-        return mpb.CheckpointReply(
-            path=request.path,
-            step=store.version(0),
-            num_bytes=Path(request.path).stat().st_size,
+        return checkpoint_to_wire(
+            CheckpointInfo(
+                path=request.path,
+                step=store.version(0),
+                num_bytes=Path(request.path).stat().st_size,
+            )
         )
 
     @rpc_errors
     def Layout(self, request, context):
         store = self._require_store()
-        return mpb.LayoutReply(
-            layers=[
-                mpb.LayerLayout(
-                    tensors=[mpb.TensorSpec(name=n, shape=list(s)) for n, s in store.layout(i)],
-                    num_kept=store.num_kept(i),
-                )
-                for i in range(store.num_layers)
-            ],
-            step=store.version(0),
+        return layout_to_wire(
+            ModelLayout(
+                layers=tuple(
+                    LayerLayout(
+                        tensors=tuple(TensorSpec(n, tuple(s)) for n, s in store.layout(i)),
+                        num_kept=store.num_kept(i),
+                    )
+                    for i in range(store.num_layers)
+                ),
+                step=store.version(0),
+            )
         )
 
     def Stats(self, request, context):
         t = self.traffic
         with t.lock:
-            return mpb.TrafficStats(
+            stats = TrafficStats(
                 egress_bytes=t.egress_bytes,
                 ingress_bytes=t.ingress_bytes,
                 num_weight_streams=t.num_weight_streams,
@@ -252,10 +278,11 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
                 num_duplicate_gradients=t.num_duplicate_gradients,
                 update_seconds=t.update_seconds,
             )
+        return traffic_to_wire(stats)
 
     def ResetStats(self, request, context):
         self.traffic = _Traffic()
-        return pb.Empty()
+        return EMPTY
 
 
 def register(server: grpc.Server, servicer: MemoryXServicer) -> None:

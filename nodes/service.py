@@ -13,12 +13,22 @@ import threading
 import grpc
 
 from nodes.worker import NodeStateError, NodeWorker
-from proto import node_pb2 as npb
 from proto import node_pb2_grpc as ngrpc
 from proto import swarmx_pb2_grpc as sgrpc
-from proto import tensor_pb2 as pb
+from proto.clients import time_left_s
+from proto.domain import Header, LayerAck, NodeStats, Phase
+from proto.messages import EMPTY, ack_from_wire, ack_to_wire, node_stats_to_wire
 from proto.rpc import StepConflict, channel, rpc_errors
-from proto.serde import DEFAULT_CHUNK_BYTES, Expected, LayerAssembler, WireError, encode_layer
+from proto.serde import (
+    DEFAULT_CHUNK_BYTES,
+    Expected,
+    LayerAssembler,
+    WireError,
+    from_wire_stream,
+    layer_items,
+    payload_bytes,
+    to_wire,
+)
 
 
 class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
@@ -42,15 +52,15 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
 
     @rpc_errors
     def Deliver(self, request_iterator, context):
-        first = next(request_iterator, None)
-        if first is None or first.WhichOneof("kind") != "header":
+        items = from_wire_stream(request_iterator)
+        header = next(items, None)
+        if not isinstance(header, Header):
             raise WireError("a layer stream must start with a header")
-        header = first.header
         if not 0 <= header.layer < self.worker.num_layers:
             raise WireError(
                 f"layer {header.layer} does not exist; this model has layers 0..{self.worker.num_layers - 1}"
             )
-        if header.phase not in (pb.FORWARD, pb.BACKWARD, pb.EVAL):
+        if header.phase not in (Phase.FORWARD, Phase.BACKWARD, Phase.EVAL):
             raise WireError(f"unknown phase {header.phase}")
         with self._lock:
             assembler = LayerAssembler(
@@ -63,12 +73,12 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
                     sparse=True,  # masked weights may come as values + index
                 )
             )
-            assembler.add(first)
-            for message in request_iterator:
-                assembler.add(message)
+            assembler.add(header)
+            for item in items:
+                assembler.add(item)
             params = assembler.finish()
             self.weight_bytes_received += assembler.payload_bytes
-            ack = pb.LayerAck(
+            ack = LayerAck(
                 layer=header.layer,
                 step=header.step,
                 phase=header.phase,
@@ -77,9 +87,9 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
                 update_applied=True,
             )
             try:
-                if header.phase == pb.BACKWARD:
+                if header.phase == Phase.BACKWARD:
                     grads, result = self.worker.backward(header.layer, header.step, params)
-                elif header.phase == pb.FORWARD:
+                elif header.phase == Phase.FORWARD:
                     result = self.worker.forward(header.layer, header.step, params)
                 else:
                     result = self.worker.evaluate(header.layer, header.step, params)
@@ -93,12 +103,12 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
             ack.num_correct = result.num_correct
             ack.flops = result.flops
             ack.compute_seconds = result.compute_seconds
-            if header.phase == pb.BACKWARD:
-                messages = list(
-                    encode_layer(
+            if header.phase == Phase.BACKWARD:
+                gradient = list(
+                    layer_items(
                         header.layer,
                         header.step,
-                        pb.BACKWARD,
+                        Phase.BACKWARD,
                         grads,
                         dtype="float32",
                         chunk_bytes=self.chunk_bytes,
@@ -108,14 +118,16 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
                         masked_values=None if header.dense_gradients else assembler.masks,
                     )
                 )
-                sent = sum(len(m.chunk.data) for m in messages if m.WhichOneof("kind") == "chunk")
-                call = self._parent.Reduce.future(iter(messages))
+                sent = payload_bytes(gradient)
+                # Encoded (copied) now: the chunks are views of the worker's gradient tensors.
+                messages = [to_wire(item) for item in gradient]
+                call = self._parent.Reduce.future(iter(messages), timeout=time_left_s(context))
                 # If the layer is abandoned (a sibling failed, so SwarmX cancels this Deliver),
                 # stop waiting for a sum that will never complete.
                 if not context.add_callback(call.cancel):
                     call.cancel()  # this Deliver was cancelled already
                 try:
-                    upstream = call.result()
+                    upstream = ack_from_wire(call.result())
                 except grpc.FutureCancelledError:
                     raise StepConflict(
                         f"{self.name}: gradient of layer {header.layer} step {header.step} "
@@ -124,16 +136,16 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
                 self.gradient_bytes_sent += sent
                 ack.gradient_bytes = sent
                 ack.update_applied = upstream.update_applied
-            return ack
+            return ack_to_wire(ack)
 
-    def _layout(self, header: pb.LayerHeader) -> list:
+    def _layout(self, header: Header) -> list:
         """Tensors the stream must carry: none for a backward pass that needs no weights (DFA)."""
-        if header.phase == pb.BACKWARD and not self.worker.backend.needs_weights_in_backward:
+        if header.phase == Phase.BACKWARD and not self.worker.backend.needs_weights_in_backward:
             return []
         return self.worker.layouts[header.layer]
 
-    def Stats(self, request, context):
-        return npb.NodeStats(
+    def stats(self) -> NodeStats:
+        return NodeStats(
             rank=self.worker.rank,
             weight_bytes_received=self.weight_bytes_received,
             gradient_bytes_sent=self.gradient_bytes_sent,
@@ -145,9 +157,12 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
             backend_stats=self.worker.backend.stats(),
         )
 
+    def Stats(self, request, context):
+        return node_stats_to_wire(self.stats())
+
     def ResetStats(self, request, context):
         self._reset_counters()
-        return pb.Empty()
+        return EMPTY
 
 
 def register(server: grpc.Server, servicer: ComputeNodeServicer) -> None:

@@ -1,9 +1,11 @@
-"""The serde boundary: torch tensors <-> chunked LayerMessage streams.
+"""The serde boundary: torch tensors <-> chunked layer streams <-> LayerMessage.
 
-Protobuf types stop here. Everything else in the project sees tensors,
-layouts and plain Python values. A layer stream is one ``LayerHeader``
-followed by each tensor of the layer, in layout order, as chunks of raw
-bytes of at most ``chunk_bytes``.
+Protobuf types stop here (and in ``proto.messages``, ``proto.clients`` and
+the thin servicers). Everything else in the project sees tensors, layouts and
+the plain dataclasses of ``proto.domain``. A layer stream is one ``Header``
+followed by each tensor of the layer, in layout order, as ``Chunk`` s of raw
+bytes of at most ``chunk_bytes``; ``to_wire`` / ``from_wire`` turn each of
+them into a ``LayerMessage`` and back.
 
 ``LayerAssembler`` checks an incoming stream against what the receiver
 expects (layer, step, phase, names, shapes, dtype, offsets, sizes) and raises
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 
 from proto import tensor_pb2 as pb
+from proto.domain import Chunk, Header, Phase, StreamItem
 
 assert sys.byteorder == "little", "raw tensor bytes on the wire are little-endian"
 
@@ -41,7 +44,8 @@ DENSE = ("", "dense")  # encodings of a plain tensor (proto3 default "")
 SPARSE_WEIGHTS = ("bitmap", "indices")
 MASKED_VALUES = "masked_values"
 
-PHASES = {"forward": pb.FORWARD, "backward": pb.BACKWARD, "eval": pb.EVAL}
+assert all(pb.Phase.Value(p.name) == p for p in Phase), "proto.domain.Phase matches tensor.proto"
+PHASES = {"forward": Phase.FORWARD, "backward": Phase.BACKWARD, "eval": Phase.EVAL}
 PHASE_NAMES = {v: k for k, v in PHASES.items()}
 
 
@@ -80,18 +84,95 @@ def layer_header(
     total_bytes: int,
     sender: str,
     dense_gradients: bool = False,
-) -> pb.LayerMessage:
+) -> Header:
+    return Header(
+        layer=layer,
+        step=step,
+        phase=phase,
+        num_tensors=num_tensors,
+        total_bytes=total_bytes,
+        sender=sender,
+        dense_gradients=dense_gradients,
+    )
+
+
+def to_wire(item: StreamItem) -> pb.LayerMessage:
+    """One element of a layer stream as the protobuf message that carries it."""
+    if isinstance(item, Chunk):
+        return pb.LayerMessage(
+            chunk=pb.TensorChunk(
+                layer=item.layer,
+                step=item.step,
+                name=item.name,
+                dtype=item.dtype,
+                shape=item.shape,
+                offset=item.offset,
+                tensor_bytes=item.tensor_bytes,
+                # protobuf takes bytes, not a memoryview; bytes(bytes) is no copy.
+                data=bytes(item.data),
+                encoding=item.encoding,
+                index_bytes=item.index_bytes,
+            )
+        )
     return pb.LayerMessage(
         header=pb.LayerHeader(
-            layer=layer,
-            step=step,
-            phase=phase,
-            num_tensors=num_tensors,
-            total_bytes=total_bytes,
-            sender=sender,
-            dense_gradients=dense_gradients,
+            layer=item.layer,
+            step=item.step,
+            phase=item.phase,
+            num_tensors=item.num_tensors,
+            total_bytes=item.total_bytes,
+            sender=item.sender,
+            dense_gradients=item.dense_gradients,
         )
     )
+
+
+def from_wire(message: pb.LayerMessage) -> StreamItem:
+    """The ``Header`` or ``Chunk`` a ``LayerMessage`` carries; WireError if it carries neither."""
+    kind = message.WhichOneof("kind")
+    if kind == "chunk":
+        c = message.chunk
+        return Chunk(
+            layer=c.layer,
+            step=c.step,
+            name=c.name,
+            dtype=c.dtype,
+            shape=tuple(c.shape),
+            offset=c.offset,
+            tensor_bytes=c.tensor_bytes,
+            data=c.data,
+            encoding=c.encoding,
+            index_bytes=c.index_bytes,
+        )
+    if kind == "header":
+        h = message.header
+        return Header(
+            layer=h.layer,
+            step=h.step,
+            phase=h.phase,
+            num_tensors=h.num_tensors,
+            total_bytes=h.total_bytes,
+            sender=h.sender,
+            dense_gradients=h.dense_gradients,
+        )
+    raise WireError("empty layer message (neither header nor chunk)")
+
+
+def from_wire_stream(messages: Iterable[pb.LayerMessage]) -> Iterator[StreamItem]:
+    """``from_wire`` over a stream, lazily (the stream may still be arriving)."""
+    for message in messages:
+        yield from_wire(message)
+
+
+def to_wire_stream(items: Iterable[StreamItem]) -> Iterator[pb.LayerMessage]:
+    """``to_wire`` over a stream, lazily: chunks are built as the transport asks for them."""
+    for item in items:
+        yield to_wire(item)
+
+
+def payload_bytes(items: Iterable[StreamItem]) -> int:
+    """Payload bytes of the chunks among ``items``."""
+    return sum(len(item.data) for item in items if isinstance(item, Chunk))
 
 
 def sends_sparse(mask: torch.Tensor, dtype: str) -> bool:
@@ -118,7 +199,7 @@ def _payload(
     return _raw_bytes(tensor.detach().to(WIRE_DTYPES[dtype])), "", 0
 
 
-def encode_layer(
+def layer_items(
     layer: int,
     step: int,
     phase: int,
@@ -130,8 +211,8 @@ def encode_layer(
     masks: Mapping[str, torch.Tensor] | None = None,
     masked_values: Mapping[str, torch.Tensor] | None = None,
     dense_gradients: bool = False,
-) -> Iterator[pb.LayerMessage]:
-    """Yield the header, then every tensor (cast to ``dtype``) as raw-byte chunks.
+) -> Iterator[StreamItem]:
+    """Yield the ``Header``, then every tensor (cast to ``dtype``) as raw-byte ``Chunk`` s.
 
     Tensors with a mask in ``masks`` (True = pruned) travel as values + index
     where that is smaller (``sends_sparse``); those in ``masked_values`` as
@@ -162,24 +243,33 @@ def encode_layer(
         dense_gradients=dense_gradients,
     )
     for name, (raw, encoding, index_bytes) in payloads.items():
-        shape = list(tensors[name].shape)
+        shape = tuple(tensors[name].shape)
         size = len(raw)
         # A zero-size tensor still sends one empty chunk so the receiver sees it.
         for offset in range(0, max(size, 1), chunk_bytes):
-            yield pb.LayerMessage(
-                chunk=pb.TensorChunk(
-                    layer=layer,
-                    step=step,
-                    name=name,
-                    dtype=dtype,
-                    shape=shape,
-                    offset=offset,
-                    tensor_bytes=size,
-                    data=bytes(raw[offset : offset + chunk_bytes]),
-                    encoding=encoding,
-                    index_bytes=index_bytes,
-                )
+            yield Chunk(
+                layer=layer,
+                step=step,
+                name=name,
+                dtype=dtype,
+                shape=shape,
+                offset=offset,
+                tensor_bytes=size,
+                data=raw[offset : offset + chunk_bytes],
+                encoding=encoding,
+                index_bytes=index_bytes,
             )
+
+
+def encode_layer(
+    layer: int,
+    step: int,
+    phase: int,
+    tensors: Mapping[str, torch.Tensor],
+    **options,
+) -> Iterator[pb.LayerMessage]:
+    """``layer_items`` as the ``LayerMessage`` s that carry them (same keyword options)."""
+    return to_wire_stream(layer_items(layer, step, phase, tensors, **options))
 
 
 def _normal(encoding: str) -> str:
@@ -212,7 +302,7 @@ class LayerAssembler:
 
     def __init__(self, expected: Expected):
         self.expected = expected
-        self.header: pb.LayerHeader | None = None
+        self.header: Header | None = None
         self._tensors: dict[str, torch.Tensor] = {}
         self._index = 0  # position in the layout of the tensor being received
         self._received = 0  # bytes of the current tensor received so far
@@ -240,16 +330,18 @@ class LayerAssembler:
             f"phase {PHASE_NAMES.get(e.phase, e.phase)}: {what}"
         )
 
-    def add(self, message: pb.LayerMessage) -> None:
-        kind = message.WhichOneof("kind")
-        if kind == "header":
-            self._add_header(message.header)
-        elif kind == "chunk":
-            self._add_chunk(message.chunk)
+    def add(self, item: StreamItem | pb.LayerMessage) -> None:
+        """Take the next element of the stream, as a domain item or as the message carrying it."""
+        if isinstance(item, pb.LayerMessage):
+            if item.WhichOneof("kind") is None:
+                self._fail("empty message (neither header nor chunk)")
+            item = from_wire(item)
+        if isinstance(item, Header):
+            self._add_header(item)
         else:
-            self._fail("empty message (neither header nor chunk)")
+            self._add_chunk(item)
 
-    def _add_header(self, header: pb.LayerHeader) -> None:
+    def _add_header(self, header: Header) -> None:
         e = self.expected
         if self.header is not None:
             self._fail("a second header in the same stream")
@@ -269,7 +361,7 @@ class LayerAssembler:
             self._fail(f"header announces {header.total_bytes} bytes, expected {sum(self._sizes)}")
         self.header = header
 
-    def _add_chunk(self, chunk: pb.TensorChunk) -> None:
+    def _add_chunk(self, chunk: Chunk) -> None:
         e = self.expected
         if self.header is None:
             self._fail("a chunk arrived before the header")
@@ -319,7 +411,7 @@ class LayerAssembler:
             self._index += 1
             self._received = 0
 
-    def _start_tensor(self, name: str, shape: tuple[int, ...], chunk: pb.TensorChunk) -> int:
+    def _start_tensor(self, name: str, shape: tuple[int, ...], chunk: Chunk) -> int:
         """Check the first chunk's encoding; returns the tensor's payload size."""
         from proto.sparse import index_nbytes
 
@@ -400,7 +492,7 @@ class LayerAssembler:
 
 
 def decode_layer(
-    messages: Iterable[pb.LayerMessage], expected: Expected
+    messages: Iterable[StreamItem | pb.LayerMessage], expected: Expected
 ) -> dict[str, torch.Tensor]:
     assembler = LayerAssembler(expected)
     for message in messages:
@@ -408,7 +500,7 @@ def decode_layer(
     return assembler.finish()
 
 
-def chunk_values(chunk: pb.TensorChunk) -> np.ndarray:
+def chunk_values(chunk: Chunk) -> np.ndarray:
     """A float32 view of a float32 chunk's data (for summing in SwarmX)."""
     if chunk.dtype != "float32":
         raise WireError(
@@ -423,28 +515,28 @@ def chunk_values(chunk: pb.TensorChunk) -> np.ndarray:
 
 
 def decode_layers(
-    messages: Iterable[pb.LayerMessage],
-) -> list[tuple[pb.LayerHeader, dict[str, torch.Tensor]]]:
+    messages: Iterable[StreamItem | pb.LayerMessage],
+) -> list[tuple[Header, dict[str, torch.Tensor]]]:
     """Decode consecutive layer streams whose layout the receiver does not know yet.
 
     Used only to load a model's initial weights: shapes and dtypes are taken
     from the chunks themselves, and offsets and sizes are still checked.
     """
-    groups: list[list[pb.LayerMessage]] = []
+    groups: list[list[StreamItem]] = []
     for message in messages:
-        if message.WhichOneof("kind") == "header":
-            groups.append([message])
+        item = from_wire(message) if isinstance(message, pb.LayerMessage) else message
+        if isinstance(item, Header):
+            groups.append([item])
         elif not groups:
             raise WireError("a chunk arrived before any header")
         else:
-            groups[-1].append(message)
+            groups[-1].append(item)
     layers = []
     for group in groups:
-        header = group[0].header
+        header = group[0]
         layout: list[tuple[str, tuple[int, ...]]] = []
         dtypes = set()
-        for message in group[1:]:
-            chunk = message.chunk
+        for chunk in group[1:]:
             dtypes.add(chunk.dtype)
             if not layout or layout[-1][0] != chunk.name:
                 if any(name == chunk.name for name, _ in layout):

@@ -8,30 +8,31 @@ however the children's streams interleave.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable
 
 import numpy as np
 
-from proto import tensor_pb2 as pb
+from proto.domain import Chunk, Header, StreamItem
 from proto.serde import WireError, chunk_values
 
 
 class ChunkReduction:
     """Sums one layer's gradient streams from ``children`` for one step."""
 
-    def __init__(self, children: tuple[str, ...], emit: Callable[[pb.LayerMessage], None]):
+    def __init__(self, children: tuple[str, ...], emit: Callable[[StreamItem], None]):
         self.children = children
         self._emit = emit
         self._lock = threading.Lock()
-        self._header: pb.LayerHeader | None = None
+        self._header: Header | None = None
         self._opened: set[str] = set()  # children whose header has arrived
-        self._pending: dict[int, dict[str, pb.TensorChunk]] = {}
+        self._pending: dict[int, dict[str, Chunk]] = {}
         self._num_emitted = 0
         self.received_bytes = 0
         self.emitted_bytes = 0
 
-    def add_header(self, child: str, header: pb.LayerHeader, sender: str) -> None:
+    def add_header(self, child: str, header: Header, sender: str) -> None:
         if child not in self.children:
             raise WireError(f"gradient stream from {child!r}, which is not a child of this node")
         with self._lock:
@@ -39,10 +40,7 @@ class ChunkReduction:
                 raise WireError(f"child {child!r} sent a second header for this layer and step")
             if self._header is None:
                 self._header = header
-                up = pb.LayerHeader()
-                up.CopyFrom(header)
-                up.sender = sender
-                self._emit(pb.LayerMessage(header=up))
+                self._emit(dataclasses.replace(header, sender=sender))
             elif (header.layer, header.step, header.num_tensors, header.total_bytes) != (
                 self._header.layer,
                 self._header.step,
@@ -57,7 +55,7 @@ class ChunkReduction:
                 )
             self._opened.add(child)
 
-    def add_chunk(self, child: str, index: int, chunk: pb.TensorChunk) -> None:
+    def add_chunk(self, child: str, index: int, chunk: Chunk) -> None:
         if child not in self.children:
             raise WireError(f"gradient chunk from {child!r}, which is not a child of this node")
         values = chunk_values(chunk)  # validates dtype before anything is kept
@@ -104,12 +102,10 @@ class ChunkReduction:
             total = np.array(chunk_values(slot[self.children[0]]), dtype=np.float32)
             for name in self.children[1:]:
                 total += chunk_values(slot[name])
-            up = pb.TensorChunk()
-            up.CopyFrom(chunk)
-            up.data = total.tobytes()
+            up = dataclasses.replace(chunk, data=total.tobytes())
             self.emitted_bytes += len(up.data)
             self._num_emitted += 1
-            self._emit(pb.LayerMessage(chunk=up))
+            self._emit(up)
 
     @property
     def complete(self) -> bool:

@@ -15,13 +15,21 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from proto import memoryx_pb2 as mpb
 from proto import memoryx_pb2_grpc as mgrpc
-from proto import swarmx_pb2 as spb
 from proto import swarmx_pb2_grpc as sgrpc
 from proto import tensor_pb2 as pb
+from proto.clients import time_left_s
+from proto.domain import Chunk, Header, LayerAck, LinkStats, StreamItem, SwarmXStats
+from proto.messages import (
+    EMPTY,
+    ack_from_wire,
+    ack_to_wire,
+    layer_request_from_wire,
+    swarmx_stats_to_wire,
+    weights_request_to_wire,
+)
 from proto.rpc import StepConflict, channel, rpc_errors
-from proto.serde import WireError
+from proto.serde import WireError, from_wire, from_wire_stream, to_wire
 from swarmx.reduce import ChunkReduction
 
 _END = object()
@@ -47,7 +55,7 @@ def _put(q: queue.Queue, call: grpc.Future, item: object) -> bool:
                 return False
 
 
-def _results(calls: list[grpc.Future]) -> list[pb.LayerAck]:
+def _results(calls: list[grpc.Future]) -> list[LayerAck]:
     """Every child's answer; as soon as one child fails, cancel the others and raise its error."""
     changed = threading.Event()
     for call in calls:
@@ -62,23 +70,8 @@ def _results(calls: list[grpc.Future]) -> list[pb.LayerAck]:
                 call.cancel()
             failed[0].result()  # raises
         if all(c.done() for c in calls):
-            return [c.result() for c in calls]
+            return [ack_from_wire(c.result()) for c in calls]
         changed.wait()
-
-
-def sum_acks(acks: Iterable[pb.LayerAck], layer: int, step: int, phase: int) -> pb.LayerAck:
-    total = pb.LayerAck(layer=layer, step=step, phase=phase, update_applied=True)
-    for ack in acks:
-        total.num_nodes += ack.num_nodes
-        total.loss_sum += ack.loss_sum
-        total.num_targets += ack.num_targets
-        total.num_correct += ack.num_correct
-        total.bytes_to_nodes += ack.bytes_to_nodes
-        total.gradient_bytes += ack.gradient_bytes
-        total.flops += ack.flops
-        total.compute_seconds += ack.compute_seconds
-        total.update_applied = total.update_applied and ack.update_applied
-    return total
 
 
 @dataclass
@@ -127,10 +120,12 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
     # -- broadcast ---------------------------------------------------------
     def _broadcast(
         self, messages: Iterable[pb.LayerMessage], context: grpc.ServicerContext
-    ) -> pb.LayerAck:
+    ) -> LayerAck:
+        """Forward every message to every child as it comes; the sum of the children's answers."""
         queues = [queue.Queue(maxsize=_QUEUE_DEPTH) for _ in self._child_stubs]
+        timeout_s = time_left_s(context)
         calls = [
-            stub.Deliver.future(_drain(q))
+            stub.Deliver.future(_drain(q), timeout=timeout_s)
             for stub, q in zip(self._child_stubs, queues, strict=True)
         ]
 
@@ -141,16 +136,18 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
         # If our own caller goes away (a sibling of ours failed), the subtree stops too.
         if not context.add_callback(cancel_all):
             cancel_all()  # our caller is gone already
-        header: pb.LayerHeader | None = None
+        header: Header | None = None
         culprit: grpc.Future | None = None  # a child whose call ended mid-stream
         try:
             for message in messages:
+                # Children get the message as it came; it is decoded only to be counted.
+                item = from_wire(message)
                 if header is None:
-                    if message.WhichOneof("kind") != "header":
+                    if not isinstance(item, Header):
                         raise WireError("a layer stream must start with a header")
-                    header = message.header
-                elif message.WhichOneof("kind") == "chunk":
-                    size = len(message.chunk.data)
+                    header = item
+                elif isinstance(item, Chunk):
+                    size = len(item.data)
                     for counter in self._down.values():
                         counter.payload_bytes += size
                         counter.num_chunks += 1
@@ -178,34 +175,33 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
         acks = _results(calls)
         if header is None:
             raise WireError("empty layer stream")
-        return sum_acks(acks, header.layer, header.step, header.phase)
+        return LayerAck.total(acks, layer=header.layer, step=header.step, phase=header.phase)
 
     @rpc_errors
     def RunLayer(self, request, context):
         if self._memoryx is None:
             raise WireError(f"{self.name} is not the root of the tree; send RunLayer to the root")
+        request = layer_request_from_wire(request)
         if request.without_weights:
             # The pass needs no weights (DFA backward): a header-only stream, nothing from MemoryX.
-            header = pb.LayerHeader(
+            header = Header(
                 layer=request.layer, step=request.step, phase=request.phase, sender=self.name
             )
-            return self._broadcast([pb.LayerMessage(header=header)], context)
+            return ack_to_wire(self._broadcast([to_wire(header)], context))
         source = self._memoryx.StreamWeights(
-            mpb.WeightsRequest(
-                layer=request.layer, step=request.step, phase=request.phase, dtype=request.dtype
-            )
+            weights_request_to_wire(request), timeout=time_left_s(context)
         )
         try:
-            return self._broadcast(source, context)
+            return ack_to_wire(self._broadcast(source, context))
         finally:
             source.cancel()  # a no-op unless the broadcast stopped early
 
     @rpc_errors
     def Deliver(self, request_iterator, context):
-        return self._broadcast(request_iterator, context)
+        return ack_to_wire(self._broadcast(request_iterator, context))
 
     # -- reduce ------------------------------------------------------------
-    def _open_reduction(self, header: pb.LayerHeader) -> _Reducing:
+    def _open_reduction(self, header: Header, context: grpc.ServicerContext) -> _Reducing:
         key = (header.layer, header.step)
         with self._lock:
             entry = self._reducing.get(key)
@@ -213,17 +209,19 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
             if entry is None or entry.failed:
                 outbox: queue.Queue = queue.Queue()
 
-                def emit(message: pb.LayerMessage) -> None:
-                    if message.WhichOneof("kind") == "chunk":
-                        self._up.payload_bytes += len(message.chunk.data)
+                def emit(item: StreamItem) -> None:
+                    if isinstance(item, Chunk):
+                        self._up.payload_bytes += len(item.data)
                         self._up.num_chunks += 1
-                    outbox.put(message)
+                    outbox.put(to_wire(item))
 
                 reduction = ChunkReduction(self.children, emit)
+                # The sum goes up under the deadline of the child stream that opened it.
+                timeout_s = time_left_s(context)
                 upstream = (
-                    self._parent.Reduce.future(_drain(outbox))
+                    self._parent.Reduce.future(_drain(outbox), timeout=timeout_s)
                     if self._parent is not None
-                    else self._memoryx.PushGradients.future(_drain(outbox))
+                    else self._memoryx.PushGradients.future(_drain(outbox), timeout=timeout_s)
                 )
                 entry = _Reducing(reduction, upstream, outbox, num_open=len(self.children))
                 self._reducing[key] = entry
@@ -231,20 +229,20 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
 
     @rpc_errors
     def Reduce(self, request_iterator, context):
-        first = next(request_iterator, None)
-        if first is None or first.WhichOneof("kind") != "header":
+        items = from_wire_stream(request_iterator)
+        header = next(items, None)
+        if not isinstance(header, Header):
             raise WireError("a gradient stream must start with a header")
-        header = first.header
         child = header.sender
-        entry = self._open_reduction(header)
+        entry = self._open_reduction(header, context)
         received = 0
         try:
             entry.reduction.add_header(child, header, self.name)
-            for index, message in enumerate(request_iterator):
-                if message.WhichOneof("kind") != "chunk":
+            for index, chunk in enumerate(items):
+                if not isinstance(chunk, Chunk):
                     raise WireError(f"child {child!r} sent a second header")
-                entry.reduction.add_chunk(child, index, message.chunk)
-                received += len(message.chunk.data)
+                entry.reduction.add_chunk(child, index, chunk)
+                received += len(chunk.data)
         except BaseException as exc:
             self._fail(entry, f"{child}: {exc}")
             self._close(header, entry)
@@ -279,7 +277,7 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
             entry.outbox.put(_END)
         entry.upstream.cancel()
 
-    def _close(self, header: pb.LayerHeader, entry: _Reducing) -> None:
+    def _close(self, header: Header, entry: _Reducing) -> None:
         with self._lock:
             entry.num_open -= 1
             if entry.num_open == 0:
@@ -288,18 +286,18 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
                     del self._reducing[(header.layer, header.step)]
 
     # -- stats -------------------------------------------------------------
-    def Stats(self, request, context):
-        return spb.SwarmXStats(
+    def stats(self) -> SwarmXStats:
+        return SwarmXStats(
             name=self.name,
-            down=[
-                spb.LinkStats(
+            down=tuple(
+                LinkStats(
                     link=f"{self.name} -> {c}",
                     payload_bytes=v.payload_bytes,
                     num_chunks=v.num_chunks,
                 )
                 for c, v in self._down.items()
-            ],
-            up=spb.LinkStats(
+            ),
+            up=LinkStats(
                 link=f"{self.name} -> up",
                 payload_bytes=self._up.payload_bytes,
                 num_chunks=self._up.num_chunks,
@@ -307,11 +305,14 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
             reduced_in_bytes=self._reduced_in,
         )
 
+    def Stats(self, request, context):
+        return swarmx_stats_to_wire(self.stats())
+
     def ResetStats(self, request, context):
         self._down = {c: _LinkCounter() for c in self.children}
         self._up = _LinkCounter()
         self._reduced_in = 0
-        return pb.Empty()
+        return EMPTY
 
 
 def register(server: grpc.Server, servicer: SwarmXServicer) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 import threading
@@ -10,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from proto import tensor_pb2 as pb
-from proto.serde import Expected, WireError, decode_layer, encode_layer
+from proto.domain import Chunk, Header, Phase, StreamItem
+from proto.serde import Expected, WireError, decode_layer, layer_items
 from swarmx.reduce import ChunkReduction
 
 CHILDREN = ("node-0", "node-1", "node-2")
@@ -29,38 +30,38 @@ def _grads(seed: int) -> dict[str, torch.Tensor]:
     }
 
 
-def _stream(child: str, seed: int, **kw) -> tuple[pb.LayerHeader, list[pb.TensorChunk]]:
-    messages = list(
-        encode_layer(
+def _stream(child: str, seed: int, **kw) -> tuple[Header, list[Chunk]]:
+    items = list(
+        layer_items(
             kw.get("layer", LAYER),
             kw.get("step", STEP),
-            pb.BACKWARD,
+            Phase.BACKWARD,
             _grads(seed),
             dtype=kw.get("dtype", "float32"),
             chunk_bytes=kw.get("chunk_bytes", CHUNK_BYTES),
             sender=child,
         )
     )
-    return messages[0].header, [m.chunk for m in messages[1:]]
+    return items[0], items[1:]
 
 
 class Recorder:
     """The ``emit`` callback: records what goes up, and when."""
 
     def __init__(self):
-        self.messages: list[pb.LayerMessage] = []
+        self.messages: list[StreamItem] = []
         self.lock = threading.Lock()
 
-    def __call__(self, message: pb.LayerMessage) -> None:
+    def __call__(self, message: StreamItem) -> None:
         with self.lock:
             self.messages.append(message)
 
     @property
-    def chunks(self) -> list[pb.TensorChunk]:
-        return [m.chunk for m in self.messages if m.WhichOneof("kind") == "chunk"]
+    def chunks(self) -> list[Chunk]:
+        return [m for m in self.messages if isinstance(m, Chunk)]
 
     def decoded(self) -> dict[str, torch.Tensor]:
-        return decode_layer(self.messages, Expected(LAYER, STEP, pb.BACKWARD, LAYOUT, "float32"))
+        return decode_layer(self.messages, Expected(LAYER, STEP, Phase.BACKWARD, LAYOUT, "float32"))
 
 
 def _streams(children=CHILDREN):
@@ -112,11 +113,11 @@ def test_sum_equals_numpy_fp32_sum_in_child_order():
 def test_header_goes_up_once_with_this_node_as_sender():
     streams = _streams()
     recorder = _run(_in_order(streams), streams)
-    headers = [m.header for m in recorder.messages if m.WhichOneof("kind") == "header"]
-    assert len(headers) == 1 and recorder.messages[0].WhichOneof("kind") == "header"
+    headers = [m for m in recorder.messages if isinstance(m, Header)]
+    assert len(headers) == 1 and isinstance(recorder.messages[0], Header)
     child_header = streams["node-0"][0]
     assert headers[0].sender == "swarmx-0-0"
-    assert (headers[0].layer, headers[0].step, headers[0].phase) == (LAYER, STEP, pb.BACKWARD)
+    assert (headers[0].layer, headers[0].step, headers[0].phase) == (LAYER, STEP, Phase.BACKWARD)
     assert headers[0].num_tensors == child_header.num_tensors
     assert headers[0].total_bytes == child_header.total_bytes
 
@@ -181,7 +182,7 @@ def test_cut_through_with_concurrent_children():
 
     def emit(message):
         recorder(message)
-        if message.WhichOneof("kind") == "chunk":
+        if isinstance(message, Chunk):
             first_up.set()
 
     reduction = ChunkReduction(CHILDREN, emit)
@@ -301,23 +302,15 @@ def test_rejects_second_header_from_same_child():
 )
 def test_rejects_header_that_differs_from_siblings(field, value):
     streams, recorder, reduction = _opened()
-    header = pb.LayerHeader()
-    header.CopyFrom(streams["node-1"][0])
-    setattr(header, field, value)
+    header = dataclasses.replace(streams["node-1"][0], **{field: value})
     with pytest.raises(WireError, match="siblings"):
         reduction.add_header("node-1", header, "x")
 
 
-def _chunk(streams, child, index, **changes) -> pb.TensorChunk:
-    chunk = pb.TensorChunk()
-    chunk.CopyFrom(streams[child][1][index])
-    for key, value in changes.items():
-        if key == "shape":
-            del chunk.shape[:]
-            chunk.shape.extend(value)
-        else:
-            setattr(chunk, key, value)
-    return chunk
+def _chunk(streams, child, index, **changes) -> Chunk:
+    if "shape" in changes:
+        changes["shape"] = tuple(changes["shape"])
+    return dataclasses.replace(streams[child][1][index], **changes)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,173 @@
+"""Domain types of the wire: what the rest of the project sees instead of protobuf.
+
+``proto.serde`` turns these into protobuf messages and back; the typed
+clients (``proto.clients``) take and return them. Nothing here imports
+protobuf, so a module that works on layer streams (the SwarmX reduction, the
+coordinator) depends on plain dataclasses only. Field names match the
+``.proto`` fields they stand for.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+
+class Phase(enum.IntEnum):
+    """Which pass a layer stream is for; the values are those of ``tensor.proto``'s ``Phase``."""
+
+    FORWARD = 1  # weights in, activations kept on the nodes
+    BACKWARD = 2  # weights in again, gradients out
+    EVAL = 3  # forward on the evaluation shard, nothing kept
+
+
+@dataclass(frozen=True)
+class Header:
+    """Opens a layer stream: what follows and how big it is in all."""
+
+    layer: int
+    step: int
+    phase: int
+    num_tensors: int = 0
+    total_bytes: int = 0  # payload bytes that follow, all tensors together
+    sender: str = ""  # who sent it (node rank, SwarmX id), for errors
+    dense_gradients: bool = False  # BACKWARD weight streams: send dense gradients this step
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One slice of one tensor of a layer: raw little-endian bytes at ``offset``."""
+
+    layer: int
+    step: int
+    name: str  # parameter name inside the layer, e.g. "0.weight"
+    dtype: str  # "float32" | "bfloat16" | "float16"
+    shape: tuple[int, ...]  # full tensor shape
+    offset: int  # byte offset of ``data`` inside the tensor's payload
+    tensor_bytes: int  # payload bytes of the whole tensor (values + index if sparse)
+    data: bytes | memoryview
+    encoding: str = ""  # "" dense; "bitmap" / "indices" / "masked_values" (proto.sparse)
+    index_bytes: int = 0  # bytes of the index at the end of the payload
+
+
+#: One element of a layer stream: a ``Header``, then the ``Chunk`` s of every tensor.
+StreamItem = Header | Chunk
+
+
+@dataclass
+class LayerAck:
+    """What a subtree did with one layer phase; SwarmX sums these on the way up."""
+
+    layer: int
+    step: int
+    phase: int
+    num_nodes: int = 0  # compute nodes that completed it
+    loss_sum: float = 0.0  # sum of per-target losses (last layer only)
+    num_targets: int = 0  # targets the loss covers
+    num_correct: int = 0  # correct predictions (classifiers, last layer)
+    bytes_to_nodes: int = 0  # weight payload bytes delivered to compute nodes
+    gradient_bytes: int = 0  # gradient payload bytes sent up by compute nodes
+    flops: float = 0.0  # floating-point operations computed by the nodes
+    compute_seconds: float = 0.0  # sum over nodes of wall time spent computing, s
+    update_applied: bool = False  # BACKWARD: MemoryX applied this layer's update
+
+    @classmethod
+    def total(cls, acks: Iterable[LayerAck], *, layer: int, step: int, phase: int) -> LayerAck:
+        """The sum of the children's answers, in their order (fp sums stay repeatable)."""
+        out = cls(layer=layer, step=step, phase=phase, update_applied=True)
+        for ack in acks:
+            out.num_nodes += ack.num_nodes
+            out.loss_sum += ack.loss_sum
+            out.num_targets += ack.num_targets
+            out.num_correct += ack.num_correct
+            out.bytes_to_nodes += ack.bytes_to_nodes
+            out.gradient_bytes += ack.gradient_bytes
+            out.flops += ack.flops
+            out.compute_seconds += ack.compute_seconds
+            out.update_applied = out.update_applied and ack.update_applied
+        return out
+
+
+@dataclass(frozen=True)
+class LayerRequest:
+    """Run one layer phase through the tree (SwarmX root) or stream one layer (MemoryX)."""
+
+    layer: int
+    step: int
+    phase: int
+    dtype: str  # weight dtype on the wire
+    #: A pass whose backend needs no weights (DFA backward): header-only stream.
+    without_weights: bool = False
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    tensors: tuple[TensorSpec, ...]
+    num_kept: int  # weights no sparsity mask prunes (all of them without sparsity)
+
+    @property
+    def spec(self) -> list[tuple[str, tuple[int, ...]]]:
+        """``(name, shape)`` pairs in stream order, as ``serde.Expected`` takes them."""
+        return [(t.name, t.shape) for t in self.tensors]
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    layers: tuple[LayerLayout, ...]
+    step: int  # the next step MemoryX expects to run
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: str
+    step: int  # next step to run
+    num_bytes: int
+
+
+@dataclass(frozen=True)
+class TrafficStats:
+    """MemoryX counters since it started (or since ``ResetStats``)."""
+
+    egress_bytes: int = 0  # weight payload bytes sent
+    ingress_bytes: int = 0  # gradient payload bytes received
+    num_weight_streams: int = 0
+    num_gradient_streams: int = 0
+    num_updates: int = 0  # layer updates applied
+    num_duplicate_gradients: int = 0  # gradient streams for updates already applied (re-runs)
+    update_seconds: float = 0.0  # wall time spent in optimizer updates, s
+
+
+@dataclass(frozen=True)
+class LinkStats:
+    link: str  # "<from> -> <to>"
+    payload_bytes: int = 0
+    num_chunks: int = 0
+
+
+@dataclass(frozen=True)
+class SwarmXStats:
+    name: str
+    down: tuple[LinkStats, ...]  # weight bytes sent to each child
+    up: LinkStats  # reduced gradient bytes sent to the parent
+    reduced_in_bytes: int = 0  # gradient bytes received from children
+
+
+@dataclass(frozen=True)
+class NodeStats:
+    rank: int
+    weight_bytes_received: int = 0
+    gradient_bytes_sent: int = 0
+    activation_bytes_held: int = 0  # activations kept right now
+    peak_activation_bytes: int = 0
+    weight_bytes_held: int = 0  # weights kept between layers (0: dropped)
+    flops: float = 0.0
+    compute_seconds: float = 0.0
+    #: The backend's own counters (``Backend.stats()``); dotted names ending in their unit.
+    backend_stats: dict[str, float] = field(default_factory=dict)

@@ -1,0 +1,162 @@
+"""The serde boundary for everything that is not a layer stream.
+
+Requests, answers and counters: each ``proto.domain`` dataclass to the
+protobuf message that carries it (``*_to_wire``) and back (``*_from_wire``).
+Layer streams themselves are in ``proto.serde``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, fields
+
+from proto import memoryx_pb2 as mpb
+from proto import node_pb2 as npb
+from proto import swarmx_pb2 as spb
+from proto import tensor_pb2 as pb
+from proto.domain import (
+    CheckpointInfo,
+    LayerAck,
+    LayerLayout,
+    LayerRequest,
+    LinkStats,
+    ModelLayout,
+    NodeStats,
+    SwarmXStats,
+    TensorSpec,
+    TrafficStats,
+)
+
+EMPTY = pb.Empty()
+
+
+def _fields(message, cls) -> dict:
+    return {f.name: getattr(message, f.name) for f in fields(cls)}
+
+
+# -- acks ---------------------------------------------------------------------
+
+
+def ack_to_wire(ack: LayerAck) -> pb.LayerAck:
+    return pb.LayerAck(**asdict(ack))
+
+
+def ack_from_wire(message: pb.LayerAck) -> LayerAck:
+    return LayerAck(**_fields(message, LayerAck))
+
+
+# -- requests -----------------------------------------------------------------
+
+
+def layer_request_to_wire(request: LayerRequest) -> spb.LayerRequest:
+    return spb.LayerRequest(**asdict(request))
+
+
+def layer_request_from_wire(message: spb.LayerRequest) -> LayerRequest:
+    return LayerRequest(**_fields(message, LayerRequest))
+
+
+def weights_request_to_wire(request: LayerRequest) -> mpb.WeightsRequest:
+    """MemoryX's StreamWeights takes a ``LayerRequest`` without ``without_weights``."""
+    if request.without_weights:
+        raise ValueError("a weights request cannot be without weights; do not ask MemoryX")
+    return mpb.WeightsRequest(
+        layer=request.layer, step=request.step, phase=request.phase, dtype=request.dtype
+    )
+
+
+def weights_request_from_wire(message: mpb.WeightsRequest) -> LayerRequest:
+    return LayerRequest(
+        layer=message.layer, step=message.step, phase=message.phase, dtype=message.dtype
+    )
+
+
+def step_request_to_wire(step: int) -> mpb.StepRequest:
+    return mpb.StepRequest(step=step)
+
+
+def checkpoint_request_to_wire(path: str) -> mpb.CheckpointRequest:
+    return mpb.CheckpointRequest(path=path)
+
+
+# -- MemoryX answers ----------------------------------------------------------
+
+
+def checkpoint_to_wire(info: CheckpointInfo) -> mpb.CheckpointReply:
+    return mpb.CheckpointReply(**asdict(info))
+
+
+def checkpoint_from_wire(message: mpb.CheckpointReply) -> CheckpointInfo:
+    return CheckpointInfo(**_fields(message, CheckpointInfo))
+
+
+def layout_to_wire(layout: ModelLayout) -> mpb.LayoutReply:
+    return mpb.LayoutReply(
+        layers=[
+            mpb.LayerLayout(
+                tensors=[mpb.TensorSpec(name=t.name, shape=list(t.shape)) for t in layer.tensors],
+                num_kept=layer.num_kept,
+            )
+            for layer in layout.layers
+        ],
+        step=layout.step,
+    )
+
+
+def layout_from_wire(message: mpb.LayoutReply) -> ModelLayout:
+    return ModelLayout(
+        layers=tuple(
+            LayerLayout(
+                tensors=tuple(TensorSpec(t.name, tuple(t.shape)) for t in layer.tensors),
+                num_kept=layer.num_kept,
+            )
+            for layer in message.layers
+        ),
+        step=message.step,
+    )
+
+
+def traffic_to_wire(stats: TrafficStats) -> mpb.TrafficStats:
+    return mpb.TrafficStats(**asdict(stats))
+
+
+def traffic_from_wire(message: mpb.TrafficStats) -> TrafficStats:
+    return TrafficStats(**_fields(message, TrafficStats))
+
+
+# -- SwarmX and node counters ---------------------------------------------------
+
+
+def _link_to_wire(link: LinkStats) -> spb.LinkStats:
+    return spb.LinkStats(**asdict(link))
+
+
+def _link_from_wire(message: spb.LinkStats) -> LinkStats:
+    return LinkStats(**_fields(message, LinkStats))
+
+
+def swarmx_stats_to_wire(stats: SwarmXStats) -> spb.SwarmXStats:
+    return spb.SwarmXStats(
+        name=stats.name,
+        down=[_link_to_wire(d) for d in stats.down],
+        up=_link_to_wire(stats.up),
+        reduced_in_bytes=stats.reduced_in_bytes,
+    )
+
+
+def swarmx_stats_from_wire(message: spb.SwarmXStats) -> SwarmXStats:
+    return SwarmXStats(
+        name=message.name,
+        down=tuple(_link_from_wire(d) for d in message.down),
+        up=_link_from_wire(message.up),
+        reduced_in_bytes=message.reduced_in_bytes,
+    )
+
+
+def node_stats_to_wire(stats: NodeStats) -> npb.NodeStats:
+    return npb.NodeStats(**asdict(stats))
+
+
+def node_stats_from_wire(message: npb.NodeStats) -> NodeStats:
+    values = _fields(message, NodeStats)
+    values["backend_stats"] = dict(message.backend_stats)
+    return NodeStats(**values)
