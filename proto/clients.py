@@ -59,6 +59,8 @@ MIN_RATE_BYTES_PER_S = 1 << 20
 LAYER_TIMEOUT_S = 600.0
 #: A checkpoint holds the weights and up to this many fp32 copies more (optimizer state, masks).
 CHECKPOINT_COPIES = 4
+#: A caller's time left beyond this means it set no deadline, s.
+_NO_DEADLINE_S = 1e9
 
 
 def timeout_for(num_bytes: int, base_s: float = CALL_TIMEOUT_S) -> float:
@@ -78,7 +80,8 @@ def time_left_s(context: grpc.ServicerContext) -> float:
     A caller that set no deadline gets ``LAYER_TIMEOUT_S``: every call still has one.
     """
     left = context.time_remaining()
-    return LAYER_TIMEOUT_S if left is None else left
+    # Without a deadline gRPC reports None or the distance to the end of time (~292 years).
+    return LAYER_TIMEOUT_S if left is None or left > _NO_DEADLINE_S else left
 
 
 class MemoryXClient:

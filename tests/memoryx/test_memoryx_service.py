@@ -13,6 +13,8 @@ from memoryx.service import MemoryXServicer, register
 from proto import memoryx_pb2 as mpb
 from proto import memoryx_pb2_grpc as mgrpc
 from proto import tensor_pb2 as pb
+from proto.clients import MemoryXClient
+from proto.domain import Phase, TrafficStats
 from proto.rpc import channel, start_server
 from proto.serde import Expected, decode_layer, encode_layer, layout_of
 from tests.proto.edits import edited
@@ -393,3 +395,37 @@ def test_reset_stats(loaded):
     assert loaded.stats().egress_bytes > 0
     loaded.stub.ResetStats(pb.Empty(), timeout=TIMEOUT_S)
     assert loaded.stats() == mpb.TrafficStats()
+
+
+# -- the typed client ---------------------------------------------------------
+
+
+def test_client_drives_memoryx_with_domain_types(memoryx, tmp_path):
+    """What the coordinator does, through ``MemoryXClient``: same answers as the raw stubs."""
+    client = MemoryXClient(memoryx.address)
+    client.load_weights(_model(), step=0, chunk_bytes=CHUNK_BYTES)
+    layout = client.layout()
+    assert layout.step == 0
+    assert [layer.spec for layer in layout.layers] == [layout_of(layer) for layer in _model()]
+    assert [layer.num_kept for layer in layout.layers] == [
+        sum(t.numel() for t in layer.values()) for layer in _model()
+    ]
+    for index, layer in enumerate(layout.layers):
+        tensors, masks = client.fetch_layer(index, 0, layer.spec, phase=Phase.FORWARD)
+        _assert_weights_equal(tensors, _model()[index])
+        assert masks == {}  # a dense model
+    for layer in (1, 0):
+        assert memoryx.push(_gradient_stream(layer, 0)).update_applied
+    client.commit_step(0)
+    info = client.save_checkpoint(str(tmp_path / "c.pt"))
+    assert (info.path, info.step) == (str(tmp_path / "c.pt"), 1)
+    assert info.num_bytes == (tmp_path / "c.pt").stat().st_size
+    stats = client.stats()
+    assert isinstance(stats, TrafficStats)
+    assert (stats.egress_bytes, stats.ingress_bytes, stats.num_updates) == (
+        MODEL_BYTES,
+        MODEL_BYTES,
+        2,
+    )
+    client.reset_stats()
+    assert client.stats() == TrafficStats()

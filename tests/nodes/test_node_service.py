@@ -32,6 +32,8 @@ from proto import node_pb2_grpc as ngrpc
 from proto import swarmx_pb2 as spb
 from proto import swarmx_pb2_grpc as sgrpc
 from proto import tensor_pb2 as pb
+from proto.clients import MemoryXClient, NodeClient, SwarmXClient
+from proto.domain import LayerAck, LayerRequest, NodeStats, Phase
 from proto.rpc import channel, start_server
 from proto.serde import encode_layer
 from swarmx.service import SwarmXServicer
@@ -84,6 +86,8 @@ class InProcessCluster:
     node_stubs: list[ngrpc.ComputeNodeStub]
     node_addresses: list[str]
     servers: list[grpc.Server] = field(default_factory=list)
+    memoryx_address: str = ""
+    root_address: str = ""
 
     def run_layer(self, layer: int, step: int, phase: int, dtype: str = "float32") -> pb.LayerAck:
         return self.root.RunLayer(
@@ -169,6 +173,8 @@ def build_cluster(
         node_stubs=[ngrpc.ComputeNodeStub(channel(a)) for a in node_addresses],
         node_addresses=node_addresses,
         servers=servers,
+        memoryx_address=memoryx_address,
+        root_address=swarmx_addresses[tree[-1].name],
     )
 
     def messages() -> Iterator[pb.LayerMessage]:
@@ -246,6 +252,35 @@ def test_training_steps_match_plain_torch_sgd(dataset, num_nodes, fanout):
             assert stats.peak_activation_bytes > 0
     finally:
         cluster.stop()
+
+
+def test_typed_clients_drive_a_step_bitwise_like_the_stubs(dataset):
+    """The coordinator's path (domain types through proto.clients) trains the same bits."""
+    weights = []
+    for use_clients in (False, True):
+        cluster = build_cluster(_layers(_model()), dataset, num_nodes=2, batch_size=24)
+        try:
+            if not use_clients:
+                cluster.train_step(0)
+            else:
+                root = SwarmXClient(cluster.root_address)
+                acks = [
+                    root.run_layer(LayerRequest(layer, 0, phase, "float32"), timeout_s=TIMEOUT_S)
+                    for layer, phase in [(0, Phase.FORWARD), (1, Phase.FORWARD)]
+                    + [(1, Phase.BACKWARD), (0, Phase.BACKWARD)]
+                ]
+                assert all(isinstance(a, LayerAck) and a.num_nodes == 2 for a in acks)
+                assert all(a.update_applied for a in acks[2:])
+                MemoryXClient(cluster.memoryx_address).commit_step(0)
+                nodes = [NodeClient(a).stats() for a in cluster.node_addresses]
+                assert all(isinstance(n, NodeStats) for n in nodes)
+                assert [n.gradient_bytes_sent for n in nodes] == [MODEL_BYTES] * 2
+                assert root.stats().up.payload_bytes == MODEL_BYTES
+            weights.append(_memoryx_weights(cluster, 1))
+        finally:
+            cluster.stop()
+    for raw, typed in zip(*weights, strict=True):
+        assert all(torch.equal(raw[name], typed[name]) for name in raw)
 
 
 def test_one_step_weights_and_link_traffic(dataset):

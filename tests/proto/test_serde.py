@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from proto import tensor_pb2 as pb
+from proto.domain import Chunk, Header, Phase
 from proto.serde import (
     WIRE_DTYPES,
     Expected,
@@ -16,7 +17,11 @@ from proto.serde import (
     decode_layers,
     dtype_name,
     encode_layer,
+    from_wire,
+    layer_items,
     layout_of,
+    payload_bytes,
+    to_wire,
 )
 
 LAYER, STEP = 3, 7
@@ -413,3 +418,65 @@ def test_decode_layers_rejects_a_tensor_name_twice():
     # Header and sizes stay consistent; only the third tensor reuses the first one's name.
     with pytest.raises(WireError, match="'a'"):
         decode_layers(_with_chunk(messages, 3, name="a"))
+
+
+# -- domain items <-> LayerMessage ---------------------------------------------
+
+
+def test_domain_phase_matches_the_wire_enum():
+    assert [(p.name, int(p)) for p in Phase] == [
+        (name, pb.Phase.Value(name)) for name in ("FORWARD", "BACKWARD", "EVAL")
+    ]
+
+
+@pytest.mark.parametrize("dtype", sorted(WIRE_DTYPES))
+def test_encode_layer_is_layer_items_on_the_wire(dtype):
+    """The wire bytes are those of the domain items, and they come back unchanged."""
+    tensors = _tensors()
+    items = list(
+        layer_items(
+            LAYER, STEP, Phase.BACKWARD, tensors, dtype=dtype, chunk_bytes=64, sender="test"
+        )
+    )
+    messages = _encode(tensors, dtype, phase=pb.BACKWARD)
+    assert [to_wire(i).SerializeToString() for i in items] == [
+        m.SerializeToString() for m in messages
+    ]
+    assert isinstance(items[0], Header) and all(isinstance(i, Chunk) for i in items[1:])
+    back = [from_wire(m) for m in messages]
+    assert back[0] == items[0]
+    for got, sent in zip(back[1:], items[1:], strict=True):
+        assert isinstance(got.data, bytes) and got.data == bytes(sent.data)
+        assert got == Chunk(**{**sent.__dict__, "data": got.data})
+    assert payload_bytes(items) == items[0].total_bytes == payload_bytes(back)
+
+
+def test_header_fields_survive_the_wire():
+    header = Header(
+        layer=2,
+        step=9,
+        phase=Phase.EVAL,
+        num_tensors=3,
+        total_bytes=100,
+        sender="swarmx-0-1",
+        dense_gradients=True,
+    )
+    assert from_wire(pb.LayerMessage.FromString(to_wire(header).SerializeToString())) == header
+
+
+def test_from_wire_rejects_an_empty_message():
+    with pytest.raises(WireError, match="neither header nor chunk"):
+        from_wire(pb.LayerMessage())
+
+
+def test_assembler_takes_domain_items_like_messages():
+    tensors = _tensors()
+    items = list(layer_items(LAYER, STEP, Phase.FORWARD, tensors, chunk_bytes=64))
+    from_items = decode_layer(items, _expected(tensors))
+    from_messages = decode_layer(_encode(tensors), _expected(tensors))
+    for name in tensors:
+        _assert_bitwise_equal(from_items[name], from_messages[name])
+        _assert_bitwise_equal(from_items[name], tensors[name])
+    [(header, decoded)] = decode_layers(items)
+    assert header == items[0]
+    assert decoded.keys() == tensors.keys()

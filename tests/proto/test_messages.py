@@ -1,0 +1,234 @@
+"""Serde of the small messages (acks, requests, stats, layouts) and the typed clients' deadlines."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from proto import memoryx_pb2 as mpb
+from proto import memoryx_pb2_grpc as mgrpc
+from proto import node_pb2 as npb
+from proto import swarmx_pb2 as spb
+from proto import tensor_pb2 as pb
+from proto.clients import (
+    CALL_TIMEOUT_S,
+    LAYER_TIMEOUT_S,
+    MIN_RATE_BYTES_PER_S,
+    MemoryXClient,
+    RpcError,
+    time_left_s,
+    timeout_for,
+    wire_bytes,
+)
+from proto.domain import (
+    CheckpointInfo,
+    LayerAck,
+    LayerLayout,
+    LayerRequest,
+    LinkStats,
+    ModelLayout,
+    NodeStats,
+    Phase,
+    SwarmXStats,
+    TensorSpec,
+    TrafficStats,
+)
+from proto.messages import (
+    ack_from_wire,
+    ack_to_wire,
+    checkpoint_from_wire,
+    checkpoint_to_wire,
+    layer_request_from_wire,
+    layer_request_to_wire,
+    layout_from_wire,
+    layout_to_wire,
+    node_stats_from_wire,
+    node_stats_to_wire,
+    swarmx_stats_from_wire,
+    swarmx_stats_to_wire,
+    traffic_from_wire,
+    traffic_to_wire,
+    weights_request_from_wire,
+    weights_request_to_wire,
+)
+from proto.rpc import start_server
+
+ACK = LayerAck(
+    layer=3,
+    step=8,
+    phase=Phase.BACKWARD,
+    num_nodes=4,
+    loss_sum=1.25,
+    num_targets=64,
+    num_correct=17,
+    bytes_to_nodes=4096,
+    gradient_bytes=1024,
+    flops=3.5e9,
+    compute_seconds=0.125,
+    update_applied=True,
+)
+
+
+def _through_the_wire(message):
+    """``message`` serialized and parsed again, as a peer receives it."""
+    return type(message).FromString(message.SerializeToString())
+
+
+@pytest.mark.parametrize(
+    ("value", "to_wire", "from_wire"),
+    [
+        (ACK, ack_to_wire, ack_from_wire),
+        (
+            LayerRequest(layer=1, step=2, phase=Phase.EVAL, dtype="bfloat16", without_weights=True),
+            layer_request_to_wire,
+            layer_request_from_wire,
+        ),
+        (
+            LayerRequest(layer=1, step=2, phase=Phase.FORWARD, dtype="float16"),
+            weights_request_to_wire,
+            weights_request_from_wire,
+        ),
+        (
+            CheckpointInfo(path="/x/ckpt.pt", step=5, num_bytes=123),
+            checkpoint_to_wire,
+            checkpoint_from_wire,
+        ),
+        (
+            ModelLayout(
+                layers=(
+                    LayerLayout(
+                        tensors=(TensorSpec("0.weight", (16, 9)), TensorSpec("scale", ())),
+                        num_kept=150,
+                    ),
+                    LayerLayout(tensors=(), num_kept=0),
+                ),
+                step=4,
+            ),
+            layout_to_wire,
+            layout_from_wire,
+        ),
+        (
+            TrafficStats(
+                egress_bytes=10,
+                ingress_bytes=5,
+                num_weight_streams=2,
+                num_gradient_streams=1,
+                num_updates=1,
+                num_duplicate_gradients=3,
+                update_seconds=0.5,
+            ),
+            traffic_to_wire,
+            traffic_from_wire,
+        ),
+        (
+            SwarmXStats(
+                name="swarmx-0-0",
+                down=(
+                    LinkStats("swarmx-0-0 -> node-0", 7, 1),
+                    LinkStats("swarmx-0-0 -> node-1", 7, 1),
+                ),
+                up=LinkStats("swarmx-0-0 -> up", 3, 1),
+                reduced_in_bytes=14,
+            ),
+            swarmx_stats_to_wire,
+            swarmx_stats_from_wire,
+        ),
+        (
+            NodeStats(
+                rank=2,
+                weight_bytes_received=100,
+                gradient_bytes_sent=50,
+                activation_bytes_held=8,
+                peak_activation_bytes=16,
+                weight_bytes_held=0,
+                flops=2.0e6,
+                compute_seconds=0.25,
+                backend_stats={"pcm.program_s": 0.5, "pcm.energy_j": 1e-3},
+            ),
+            node_stats_to_wire,
+            node_stats_from_wire,
+        ),
+    ],
+    ids=lambda v: type(v).__name__ if not callable(v) else "",
+)
+def test_round_trip(value, to_wire, from_wire):
+    assert from_wire(_through_the_wire(to_wire(value))) == value
+
+
+def test_ack_fields_are_the_wire_fields():
+    """A field added to LayerAck in tensor.proto but not in the domain type fails here."""
+    assert set(ack_to_wire(ACK).DESCRIPTOR.fields_by_name) == set(ACK.__dict__)
+    assert set(npb.NodeStats.DESCRIPTOR.fields_by_name) == set(NodeStats(rank=0).__dict__)
+    assert set(mpb.TrafficStats.DESCRIPTOR.fields_by_name) == set(TrafficStats().__dict__)
+    assert set(spb.LayerRequest.DESCRIPTOR.fields_by_name) == set(
+        LayerRequest(0, 0, Phase.FORWARD, "float32").__dict__
+    )
+
+
+def test_a_weights_request_cannot_be_without_weights():
+    with pytest.raises(ValueError, match="without weights"):
+        weights_request_to_wire(LayerRequest(0, 0, Phase.BACKWARD, "float32", without_weights=True))
+
+
+def test_ack_total_sums_in_child_order():
+    other = LayerAck(layer=3, step=8, phase=Phase.BACKWARD, num_nodes=1, loss_sum=0.5, flops=1.0)
+    total = LayerAck.total([ACK, other], layer=3, step=8, phase=Phase.BACKWARD)
+    assert (total.num_nodes, total.loss_sum, total.flops) == (5, 1.75, 3.5e9 + 1.0)
+    assert total.update_applied is False  # one child did not apply its update
+    assert LayerAck.total([], layer=0, step=0, phase=Phase.FORWARD).update_applied is True
+
+
+def test_timeouts_grow_with_the_bytes_moved():
+    assert timeout_for(0) == CALL_TIMEOUT_S
+    assert timeout_for(10 * MIN_RATE_BYTES_PER_S) == CALL_TIMEOUT_S + 10
+    assert timeout_for(0, LAYER_TIMEOUT_S) == LAYER_TIMEOUT_S
+    spec = [("w", (16, 9)), ("s", ())]
+    assert wire_bytes(spec) == 145 * 4
+    assert wire_bytes(spec, "bfloat16") == 145 * 2
+
+
+class _SlowMemoryX(mgrpc.MemoryXServicer):
+    """Answers Stats only when released; records the time its calls had left."""
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.time_left: list[float] = []
+
+    def Stats(self, request, context):
+        self.release.wait(10)
+        return mpb.TrafficStats()
+
+    def Layout(self, request, context):
+        self.time_left.append(time_left_s(context))
+        return mpb.LayoutReply(step=3)
+
+
+@pytest.fixture
+def slow() -> Iterator[tuple[_SlowMemoryX, str]]:
+    servicer = _SlowMemoryX()
+    server, address = start_server(
+        lambda s: mgrpc.add_MemoryXServicer_to_server(servicer, s), "127.0.0.1"
+    )
+    yield servicer, address
+    servicer.release.set()
+    server.stop(grace=None)
+
+
+def test_client_calls_have_deadlines(slow):
+    servicer, address = slow
+    client = MemoryXClient(address)
+    with pytest.raises(RpcError) as info:
+        client.stats(timeout_s=0.2)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert client.layout(timeout_s=7.0).step == 3
+    assert 5.0 < servicer.time_left[-1] < 8.0  # 7 s less the trip, give or take rounding
+
+
+def test_servicers_pass_on_the_time_left_or_a_default(slow):
+    servicer, address = slow
+    stub = mgrpc.MemoryXStub(grpc.insecure_channel(address))
+    stub.Layout(pb.Empty())  # a caller without a deadline
+    assert servicer.time_left[-1] == LAYER_TIMEOUT_S
