@@ -54,7 +54,7 @@ from proto.messages import (
     weights_request_from_wire,
     weights_request_to_wire,
 )
-from proto.rpc import start_server
+from proto.rpc import channel, start_server
 
 ACK = LayerAck(
     layer=3,
@@ -229,6 +229,6 @@ def test_client_calls_have_deadlines(slow):
 
 def test_servicers_pass_on_the_time_left_or_a_default(slow):
     servicer, address = slow
-    stub = mgrpc.MemoryXStub(grpc.insecure_channel(address))
+    stub = mgrpc.MemoryXStub(channel(address))
     stub.Layout(pb.Empty())  # a caller without a deadline
     assert servicer.time_left[-1] == LAYER_TIMEOUT_S
