@@ -242,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # As under `python -m`, a user's module:factory (model or data) may sit in the working
+    # directory; the console script alone would not look there.
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         return args.func(args)
     except ValueError as exc:

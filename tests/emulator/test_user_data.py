@@ -27,10 +27,33 @@ def _env(**extra: str) -> dict:
     return {**env, "PYTHONPATH": str(REPO), **extra}
 
 
+# The console script, as a user runs it (it does not put the working directory on sys.path
+# by itself, unlike `python -m`).
+WAFER = Path(sys.executable).with_name("wafer")
+USER_MODULE = """
+import torch
+from torch import nn
+
+
+class Block(nn.Module):  # a class of the user's own, which the nodes must unpickle
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.linear = nn.Linear(n_in, n_out)
+
+    def forward(self, x):
+        return torch.tanh(self.linear(x))
+
+
+def factory():
+    return nn.Sequential(Block(64, 32), nn.Linear(32, 10))
+"""
+
+
 def wafer(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     """``wafer`` with stdout and stderr piped, as in CI or ``| tee``."""
+    command = [str(WAFER)] if WAFER.exists() else [sys.executable, "-m", "emulator.cli"]
     return subprocess.run(
-        [sys.executable, "-m", "emulator.cli", *args],
+        [*command, *args],
         cwd=cwd,
         env=_env(),
         capture_output=True,
@@ -55,10 +78,11 @@ def _blob_npz(path: Path, *, num_train: int, num_test: int, num_classes: int = 1
 def test_wafer_train_on_a_users_npz_with_a_users_model_piped(tmp_path):
     """The issue's command; the nodes train on the file, and a piped log stays quiet."""
     _blob_npz(tmp_path / "my.npz", num_train=120, num_test=30)
+    (tmp_path / "my_mod.py").write_text(USER_MODULE)  # in the working directory
     result = wafer(
         "train",
         "--model",
-        TINY_NET,
+        "my_mod:factory",
         "--data",
         "my.npz",  # relative to the working directory, read by the driver only
         "--nodes",
