@@ -12,10 +12,14 @@ import argparse
 import os
 import sys
 
-# gRPC logs every peer's shutdown at INFO; the user wants the run, not the wire.
-os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+# gRPC's C-core reads its log level once, when grpc is first imported (below, through
+# the config imports), so it is decided here. Its chatter (peer shutdowns, GOAWAY
+# frames as a cluster stops) is about the wire, not the run: shown only with
+# --verbose, unless the user's environment sets GRPC_VERBOSITY itself.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR" if "--verbose" in sys.argv[1:] else "NONE")
 
 from core.atomic import write_json_atomic
+from core.data import SHIPPED_DATA
 from core.units import format_energy, format_seconds
 from emulator.cli_compare import add_compare_parser, add_eval_parser
 from emulator.cli_cost import add_simulate_parser, add_validate_parser
@@ -30,6 +34,16 @@ def _add_train_parser(subparsers) -> None:
     p.add_argument(
         "--model",
         help=f"zoo model ({', '.join(ZOO)}) or module:factory",
+    )
+    p.add_argument(
+        "--data",
+        metavar="PATH",
+        help="data: digits | synthetic-tokens | text, a .npz file (arrays x, y; optional "
+        "x_test, y_test), a .bin file of uint16 token ids, or module:factory returning "
+        "(train, test) torch Datasets; default: the model's own",
+    )
+    p.add_argument(
+        "--seq-len", type=int, metavar="T", help="tokens per sequence of --data's token windows"
     )
     p.add_argument("--nodes", type=int, metavar="N", help="compute nodes")
     p.add_argument("--steps", type=int, metavar="K", help="training steps")
@@ -73,21 +87,42 @@ def _add_train_parser(subparsers) -> None:
         help="write a Chrome-trace JSON of one emulated step (open in https://ui.perfetto.dev)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        default=None,
+        help="show Ray's warnings and gRPC's C-core logs (hidden by default)",
+    )
     p.set_defaults(func=_cmd_train)
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    return {
+    overrides = {
         dotted: getattr(args, flag)
         for flag, dotted in CLI_FIELDS.items()
         if getattr(args, flag, None) is not None
     }
+    data = getattr(args, "data", None)
+    if data is not None:
+        # A shipped data set by name; anything else is the user's file or factory.
+        overrides["data.name" if data in SHIPPED_DATA else "data.path"] = data
+    return overrides
+
+
+def _check_seq_len_flag(args: argparse.Namespace, config) -> None:
+    data = config.data
+    if args.seq_len is not None and (data is None or (data.path is None and data.name == "digits")):
+        raise ValueError(
+            f"--seq-len {args.seq_len} sets the length of token windows, but the run's data "
+            "(digits) has none; give sequence data too, e.g. --data tokens.bin or --data text."
+        )
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from emulator.train import train
 
     config = load_config(args.config, _overrides(args))
+    _check_seq_len_flag(args, config)
     report = train(config, progress=not args.quiet)
     result = report.to_json()
     print(summary(result))
@@ -207,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # As under `python -m`, a user's module:factory (model or data) may sit in the working
+    # directory; the console script alone would not look there.
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         return args.func(args)
     except ValueError as exc:

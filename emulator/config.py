@@ -38,6 +38,11 @@ class RuntimeConfig:
         "times a failed step is run again before giving up, count", default=2
     )
     num_threads_per_node: int = doc("torch threads per compute-node process, threads", default=1)
+    verbose: bool = doc(
+        "show Ray's warnings in the driver's output (the CLI's --verbose also shows gRPC's "
+        "C-core logs); off, only errors",
+        default=False,
+    )
 
     def __post_init__(self) -> None:
         if self.max_step_retries < 0:
@@ -99,7 +104,10 @@ class ClusterConfig:
     model: ModelConfig = doc(
         "model to train: a zoo name or 'module:factory'", default_factory=ModelConfig
     )
-    data: DataConfig | None = doc("data set; None: the model's default", default=None)
+    data: DataConfig | None = doc(
+        "data set: a shipped name or the user's own (data.path); None: the model's default",
+        default=None,
+    )
     num_nodes: int = doc("compute nodes (data parallel), nodes", default=4)
     batch_size: int = doc("global batch, samples per step across all nodes", default=128)
     num_steps: int = doc("training steps, steps", default=300)
@@ -171,6 +179,7 @@ class ClusterConfig:
 CLI_FIELDS = {
     "model": "model.name",
     "nodes": "num_nodes",
+    "seq_len": "data.seq_len",
     "steps": "num_steps",
     "batch_size": "batch_size",
     "optimizer": "optimizer.name",
@@ -179,6 +188,7 @@ CLI_FIELDS = {
     "backend": "backend.kind",
     "training": "backend.training",
     "address": "runtime.address",
+    "verbose": "runtime.verbose",
     "hardware": "hardware.preset",
     "sparsity": "sparsity.sparsity",
     "sparsity_algorithm": "sparsity.algorithm",

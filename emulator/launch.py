@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import ray
 from torch import nn
 
+from core.data import DataConfig, Dataset
 from emulator.config import ClusterConfig
 from memoryx.actor import MemoryXActor
 from nodes.actor import NodeActor
@@ -28,20 +29,24 @@ from swarmx.tree import TreeNode, node_name
 _ACTOR_OPTIONS = {"num_cpus": 0, "max_concurrency": 4}
 
 
-def ensure_ray(address: str | None) -> None:
+def ensure_ray(address: str | None, *, verbose: bool = False) -> None:
+    """Start (or join) Ray; its warnings reach the user's output only when ``verbose``."""
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Ray's start-up warnings (token authentication, /dev/shm size, ...) are about the
+    # machine, not the run; the actors' own output goes to Ray's log files.
+    level = logging.WARNING if verbose else logging.ERROR
     if address is None:
         ray.init(
             address="local",
             include_dashboard=False,
             log_to_driver=False,
-            logging_level=logging.WARNING,
+            logging_level=level,
         )
         return
     try:
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        ray.init(address=address, log_to_driver=False, logging_level=level)
     except (ConnectionError, ray.exceptions.AuthenticationError) as exc:
         raise ValueError(
             f"runtime.address = {address!r}: could not join a Ray cluster there ({exc}). "
@@ -79,9 +84,17 @@ class Cluster:
                 ray.kill(handle)
 
 
-def launch(config: ClusterConfig, layers: list[nn.Module]) -> Cluster:
-    """Start MemoryX, the SwarmX tree and the compute nodes for ``config``."""
-    ensure_ray(config.runtime.address)
+def launch(
+    config: ClusterConfig, layers: list[nn.Module], dataset: Dataset | None = None
+) -> Cluster:
+    """Start MemoryX, the SwarmX tree and the compute nodes for ``config``.
+
+    Nodes build a shipped data set themselves. A user's data (``data.path``)
+    is read here, in the driver (``dataset``, if already loaded), and reaches
+    the nodes as tensors in the object store, so the file need exist only on
+    the driver's host and no path travels to a node.
+    """
+    ensure_ray(config.runtime.address, verbose=config.runtime.verbose)
     host = config.runtime.host
     chunk_bytes = config.swarmx.chunk_bytes
     remote = {
@@ -89,6 +102,10 @@ def launch(config: ClusterConfig, layers: list[nn.Module]) -> Cluster:
     }
     skeleton = [strip_parameters(copy.deepcopy(layer)) for layer in layers]
     skeleton_ref = ray.put(skeleton)
+    data_config = config.data_config
+    data: DataConfig | ray.ObjectRef = data_config
+    if data_config.from_user:
+        data = ray.put(dataset if dataset is not None else data_config.build(seed=config.seed))
 
     memoryx = remote[MemoryXActor].remote(
         config.optimizer,
@@ -104,7 +121,7 @@ def launch(config: ClusterConfig, layers: list[nn.Module]) -> Cluster:
             rank=rank,
             num_nodes=config.num_nodes,
             layers=skeleton_ref,
-            data=config.data_config,
+            data=data,
             batch_size=config.batch_size,
             seed=config.seed,
             backend=config.backend,

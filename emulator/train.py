@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from core.config import to_dict
 from core.cost.profile import block_matmuls, block_optical_passes
@@ -38,7 +37,8 @@ from emulator.emulated import (
     measured_workload,
 )
 from emulator.launch import launch
-from emulator.zoo import check_blocks, model_blocks
+from emulator.progress import StepProgress
+from emulator.zoo import check_blocks, model_blocks, model_positions
 
 
 @dataclass
@@ -121,7 +121,10 @@ def prepare_layers(
     dataset = config.data_config.build(seed=config.seed)
     module = model if model is not None else config.model.build(seed=config.seed)
     blocks = model_blocks(module)
-    check_blocks(blocks, dataset.input_example())
+    # Data that the model cannot score fails here, not inside a node's loss.
+    dataset.check_positions(model_positions(module))
+    output = check_blocks(blocks, dataset.input_example())
+    dataset.check_outputs(tuple(output.shape))
     # A backend may re-parameterize the layers (photonic: Linear weights -> mesh phases).
     return config.backend.build().prepare_layers(group_layers(blocks)), dataset
 
@@ -236,7 +239,7 @@ def train(
         config.model.name, shapes, hardware, config.num_nodes, engine=engine, **workload_args
     )
     config.backend.build().check_layers(layers)
-    cluster = launch(config, layers)
+    cluster = launch(config, layers, dataset)
     try:
         coordinator = Coordinator(
             config=config,
@@ -251,16 +254,10 @@ def train(
             coordinator.load_weights(layers)
         first = coordinator.start_step
         evals: list[EvalRecord] = []
-        bar = tqdm(
-            range(first, first + config.num_steps),
-            desc="train",
-            unit="step",
-            disable=not progress,
-            leave=False,
-        )
+        bar = StepProgress(range(first, first + config.num_steps), enabled=progress)
         for step in bar:
             record = coordinator.train_step(step)
-            bar.set_postfix(loss=f"{record.loss:.4f}")
+            bar.set_loss(record.loss)
             if (
                 config.eval_every
                 and (step + 1 - first) % config.eval_every == 0

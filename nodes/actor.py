@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from core.data import DataConfig
+from core.data import DataConfig, Dataset
 from nodes.backend import Backend
 from nodes.service import ComputeNodeServicer, register
 from nodes.worker import NodeWorker
@@ -19,7 +19,7 @@ class NodeActor:
         rank: int,
         num_nodes: int,
         layers: list[nn.Module],
-        data: DataConfig,
+        data: DataConfig | Dataset,
         batch_size: int,
         seed: int,
         backend: Backend.Config,
@@ -28,13 +28,15 @@ class NodeActor:
         host: str,
         num_threads: int,
     ):
+        # A shipped data set is rebuilt here; a user's data arrives loaded (never as a path).
+        dataset = data if isinstance(data, Dataset) else data.build(seed=seed)
         # Several nodes share a host's cores; one thread each keeps them from thrashing.
         torch.set_num_threads(num_threads)
         worker = NodeWorker(
             rank=rank,
             num_nodes=num_nodes,
             layers=layers,
-            dataset=data.build(seed=seed),
+            dataset=dataset,
             batch_size=batch_size,
             seed=seed,
             backend=backend.build(),

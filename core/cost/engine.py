@@ -106,13 +106,13 @@ class DigitalUnit:
 
     Analog nodes compute their weight products in the arrays; biases,
     activations, attention and (in hardware-aware training) the backward pass
-    run on a digital unit. Its defaults are an H100 SXM at FP16 (REFERENCE.md
-    s5), the digital baseline the analog papers compare against.
+    run on a digital unit. Its defaults are an H100 SXM at FP16 (docs/hardware.md
+    §5), the digital baseline the analog papers compare against.
     """
 
     @dataclass(kw_only=True)
     class Config:
-        # REFERENCE.md s5: H100 SXM dense FP16 989 TFLOP/s at 700 W.
+        # docs/hardware.md §5: H100 SXM dense FP16 989 TFLOP/s at 700 W.
         flops_per_s: float = doc("dense throughput, FLOP/s", default=989e12)
         power_w: float = doc("power while computing, W", default=700.0)
         # Vendor datasheet: H100 SXM has 80 GB of HBM3.

@@ -5,11 +5,12 @@ Entry point: ``DataConfig(...).build(seed=...)`` (also reachable as
 of the shipped files.
 """
 
-from core.data.dataset import DataConfig, Dataset, Task
+from core.data.dataset import SHIPPED_DATA, DataConfig, Dataset, Task
 from core.data.objectives import loss_sum, num_correct, num_targets
 from core.data.sampler import BatchSampler
 
 __all__ = [
+    "SHIPPED_DATA",
     "BatchSampler",
     "DataConfig",
     "Dataset",

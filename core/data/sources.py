@@ -139,7 +139,7 @@ def synthetic_token_split(
     return train_t[:, :-1], train_t[:, 1:], test_t[:, :-1], test_t[:, 1:]
 
 
-def _windows(tokens: np.ndarray, seq_len: int) -> tuple[Tensor, Tensor]:
+def windows(tokens: np.ndarray, seq_len: int) -> tuple[Tensor, Tensor]:
     # Non-overlapping windows; the target of a window's last position is the
     # first token of the next window, hence the one-token overhang.
     num_windows = (len(tokens) - 1) // seq_len
@@ -161,7 +161,7 @@ def text_split(*, seq_len: int, test_fraction: float) -> Split:
             f"seq_len = {seq_len} is too long for the text corpus: its test part has "
             f"{len(test)} characters; use seq_len < {len(test)} or a larger test_fraction."
         )
-    return (*_windows(train, seq_len), *_windows(test, seq_len))
+    return (*windows(train, seq_len), *windows(test, seq_len))
 
 
 def decode_text(tokens: Tensor) -> str:

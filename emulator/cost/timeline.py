@@ -29,7 +29,7 @@ layers in reverse, once per micro-batch):
 
 Each operation so costs ``max(compute, stream in, stream out)`` plus the fill
 of the first one, the tree latency and the exposed update, which is the
-per-layer model of REFERENCE.md section 1, made exact about what overlaps.
+per-layer model of docs/hardware.md §1.5, made exact about what overlaps.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ and check that they chain.
 """
 
 from core.zoo import GPTShape, ZooEntry
-from emulator.zoo.blocks import check_blocks, model_blocks
+from emulator.zoo.blocks import check_blocks, model_blocks, model_positions
 from emulator.zoo.config import ModelConfig, default_data_config
 from emulator.zoo.registry import ZOO
 
@@ -18,4 +18,5 @@ __all__ = [
     "check_blocks",
     "default_data_config",
     "model_blocks",
+    "model_positions",
 ]

@@ -76,11 +76,12 @@ def _check_no_shared_parameters(blocks: list[nn.Module]) -> None:
                 )
 
 
-def check_blocks(blocks: list[nn.Module], example_input: Tensor) -> None:
+def check_blocks(blocks: list[nn.Module], example_input: Tensor) -> Tensor:
     """Reject BatchNorm, tied weights, and blocks that cannot take the previous block's output.
 
-    Runs ``example_input`` through the blocks on CPU without gradients. The
-    global random state is left untouched (dropout draws from a forked one).
+    Runs ``example_input`` through the blocks on CPU without gradients and
+    returns the last block's output. The global random state is left untouched
+    (dropout draws from a forked one).
     """
     if not blocks:
         raise ValueError(f"The model has no blocks. {ACCEPTED_MODELS}")
@@ -103,3 +104,35 @@ def check_blocks(blocks: list[nn.Module], example_input: Tensor) -> None:
                     f"{type(y).__name__}, but every block must return one tensor."
                 )
             x = y
+    return x
+
+
+# Attributes by which models commonly state their context length (nanoGPT, Hugging Face, ...).
+_POSITION_ATTRIBUTES = (
+    "num_positions",
+    "max_seq_len",
+    "seq_len",
+    "block_size",
+    "n_positions",
+    "max_position_embeddings",
+    "context_length",
+)
+
+
+def model_positions(model: nn.Module) -> int | None:
+    """The longest sequence ``model`` takes, if it says: None when it cannot be told.
+
+    Looks for a context-length attribute on the model (or its ``config``), then
+    for a learned position table: an ``nn.Embedding`` whose name has "pos" in
+    it or is nanoGPT's ``wpe``.
+    """
+    for holder in (model, getattr(model, "config", None)):
+        for attribute in _POSITION_ATTRIBUTES:
+            value = getattr(holder, attribute, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1].lower()
+        if isinstance(module, nn.Embedding) and ("pos" in leaf or leaf == "wpe"):
+            return module.num_embeddings
+    return None

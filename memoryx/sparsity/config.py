@@ -1,6 +1,6 @@
 """A run's weight sparsity: its config, and the object MemoryX drives masks with.
 
-Names follow REFERENCE.md section 2 (the vendor's model zoo). In YAML::
+Names follow docs/hardware.md §2.1 (the vendor's model zoo). In YAML::
 
     sparsity:
       algorithm: rigl
@@ -36,7 +36,7 @@ from memoryx.sparsity.schedules import (
 
 # SET's drop fraction (Mocanu et al. 2018 call it zeta) and RigL's initial
 # drop fraction (Evci et al. 2020, alpha): 0.3 in both papers and in the
-# vendor's default (REFERENCE.md section 2).
+# vendor's default (docs/hardware.md §2.1).
 DEFAULT_DROP_FRACTION = 0.3
 # GMP ramps from a dense model (Zhu & Gupta 2017 use s_i = 0).
 GMP_INITIAL_SPARSITY = 0.0

@@ -20,7 +20,7 @@ from memoryx.sparsity.schedules import Schedule
 if TYPE_CHECKING:
     from memoryx.sparsity.config import Sparsity
 
-# REFERENCE.md section 2 (the vendor's model-zoo default): every parameter with
+# docs/hardware.md §2.1 (the vendor's model-zoo default): every parameter with
 # more than one dimension, except names containing these words.
 DEFAULT_EXCLUDED_NAME_PARTS: tuple[str, ...] = ("embedding", "norm", "lm_head")
 

@@ -173,7 +173,7 @@ class HardwareAware:
 
     @dataclass(kw_only=True)
     class Config:
-        # Rasch et al., Nat. Commun. 2023 / REFERENCE.md s3: noisy forward, ideal backward.
+        # Rasch et al., Nat. Commun. 2023 / docs/hardware.md §3.4: noisy forward, ideal backward.
         forward: Literal["analog", "ideal"] = doc(
             "forward pass on the emulated chip or exact", default="analog"
         )
@@ -261,7 +261,7 @@ class WeightStationary:
     @dataclass(kw_only=True)
     class Config:
         num_chips: int = doc("PCM chips available to the node, count", default=1)
-        # Le Gallo et al. 2023 (REFERENCE.md s3): 64 cores, one crossbar each.
+        # Le Gallo et al. 2023 (docs/hardware.md §3.1): 64 cores, one crossbar each.
         cores_per_chip: int = doc("crossbar arrays (cores) per chip, count", default=64)
 
         def __post_init__(self) -> None:

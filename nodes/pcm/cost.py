@@ -12,7 +12,7 @@ Component model of one MVM on one core (one crossbar), for a mode with ``num_pha
   once per MVM the digital affine correction of every column.
 
 Two parameters are unknown and are fitted to the chip's 1-phase calibration point only (Le
-Gallo et al., Nat. Electron. 2023; REFERENCE.md s3): the clock, from the MVM time, and the
+Gallo et al., Nat. Electron. 2023; docs/hardware.md §3.1): the clock, from the MVM time, and the
 array's energy per device and PWM step, from the energy per MAC left after the priors (ADC,
 digital, row drive) are paid. Every other mode follows from the model.
 """
@@ -167,7 +167,7 @@ class PcmCost:
 
     @dataclass(kw_only=True)
     class Config:
-        # Le Gallo et al., Nat. Electron. 2023 (REFERENCE.md s3): 1-phase mode.
+        # Le Gallo et al., Nat. Electron. 2023 (docs/hardware.md §3.1): 1-phase mode.
         calibration_tops: float = doc(
             "published throughput of the calibration mode, TOPS", default=63.1
         )
@@ -182,12 +182,12 @@ class PcmCost:
         )
         # Le Gallo et al. 2023: the chip's fastest, calibrated mode; more phases trade speed for precision.
         num_phases: int = doc("phases of the mode the node runs in, count", default=1)
-        # REFERENCE.md s3 (MNSIM preset): 8-bit 1 GS/s ADC at ~2 mW -> 2 mW / 1 GS/s = 2 pJ.
+        # docs/hardware.md §3.5 (MNSIM preset): 8-bit 1 GS/s ADC at ~2 mW -> 2 mW / 1 GS/s = 2 pJ.
         adc_energy_j: float = doc(
             "energy of one conversion at adc_reference_bits, J", default=2e-12
         )
         adc_reference_bits: int = doc("resolution adc_energy_j was quoted at, bits", default=8)
-        # REFERENCE.md s5: H100 INT8, 1979 TOPS at 700 W -> 0.35 pJ per 8-bit op (assumed alike on chip).
+        # docs/hardware.md §5: H100 INT8, 1979 TOPS at 700 W -> 0.35 pJ per 8-bit op (assumed alike on chip).
         digital_energy_per_op_j: float = doc(
             "energy of one 8-bit digital op, J", default=700 / 1979e12
         )

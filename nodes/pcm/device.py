@@ -2,7 +2,7 @@
 
 Every model follows the statistical fit of ~1M IBM PCM devices (Joshi et al., Nat. Commun.
 11, 2473, 2020; the same fit drives aihwkit's ``PCMLikeNoiseModel``), as written out in
-``shared/design/REFERENCE.md`` section 3. Conductances are in uS; ``gh = g_target / g_max`` is
+docs/hardware.md §3.2. Conductances are in uS; ``gh = g_target / g_max`` is
 the normalised target. Time ``t_inference`` counts seconds after programming; the fit itself
 measures time from the programming pulse, ``t = t_inference + t0``, so ``t_inference = 0``
 means no drift yet.
@@ -50,7 +50,7 @@ class ProgrammingNoise(ABC):
             "'pcm' = published fit, 'none' = ideal programming", default="pcm"
         )
         scale: float = doc("multiplier on the fitted std, dimensionless", default=1.0)
-        # REFERENCE.md s3 / Joshi et al. 2020: s_prog = c0 + c1 gh + c2 gh^2 (uS at g_max = 25 uS).
+        # docs/hardware.md §3.2 / Joshi et al. 2020: s_prog = c0 + c1 gh + c2 gh^2 (uS at g_max = 25 uS).
         coefficients: tuple[float, float, float] = doc(
             "s_prog polynomial c0, c1, c2 in gh, uS at g_max = fit_g_max",
             default=(0.26348, 1.9650, -1.1731),
@@ -107,12 +107,12 @@ class Drift(ABC):
             "'pcm' = published fit, 'none' = no drift", default="pcm"
         )
         scale: float = doc("multiplier on every drift exponent, dimensionless", default=1.0)
-        # REFERENCE.md s3 / Joshi et al. 2020: mu = clip(-0.0155 ln gh + 0.0244, 0.049, 0.1).
+        # docs/hardware.md §3.2 / Joshi et al. 2020: mu = clip(-0.0155 ln gh + 0.0244, 0.049, 0.1).
         mean_coefficients: tuple[float, float] = doc(
             "mu(gh) = a ln(gh) + b: (a, b), dimensionless", default=(-0.0155, 0.0244)
         )
         mean_clip: tuple[float, float] = doc("clip of mu, dimensionless", default=(0.049, 0.1))
-        # REFERENCE.md s3 / Joshi et al. 2020: s = clip(-0.0125 ln gh - 0.0059, 0.008, 0.045).
+        # docs/hardware.md §3.2 / Joshi et al. 2020: s = clip(-0.0125 ln gh - 0.0059, 0.008, 0.045).
         std_coefficients: tuple[float, float] = doc(
             "s(gh) = a ln(gh) + b: (a, b), dimensionless", default=(-0.0125, -0.0059)
         )
@@ -182,11 +182,11 @@ class ReadNoise(ABC):
             "'pcm' = published fit, 'none' = noiseless reads", default="pcm"
         )
         scale: float = doc("multiplier on the fitted std, dimensionless", default=1.0)
-        # REFERENCE.md s3 / Joshi et al. 2020: Qs = min(0.0088 / gh^0.65, 0.2).
+        # docs/hardware.md §3.2 / Joshi et al. 2020: Qs = min(0.0088 / gh^0.65, 0.2).
         q_coefficient: float = doc("Qs numerator, dimensionless", default=0.0088)
         q_exponent: float = doc("Qs power of gh, dimensionless", default=0.65)
         q_max: float = doc("upper clip of Qs, dimensionless", default=0.2)
-        t_read: float = doc("duration of one read, s (REFERENCE.md s3)", default=250e-9)
+        t_read: float = doc("duration of one read, s (docs/hardware.md §3.2)", default=250e-9)
 
         def __post_init__(self) -> None:
             _check_scale("ReadNoise", self.scale)
@@ -247,7 +247,7 @@ class DriftCompensation(ABC):
     @dataclass(kw_only=True)
     class Config:
         kind: Literal["global", "none"] = doc(
-            "'global' = one factor per layer from a reference read (REFERENCE.md s3), 'none' = off",
+            "'global' = one factor per layer from a reference read (docs/hardware.md §3.2), 'none' = off",
             default="global",
         )
 
@@ -288,9 +288,12 @@ class PcmDevice:
 
     @dataclass(kw_only=True)
     class Config:
-        g_max: float = doc("conductance that max|W| maps to, uS (REFERENCE.md s3)", default=25.0)
+        g_max: float = doc(
+            "conductance that max|W| maps to, uS (docs/hardware.md §3.2)", default=25.0
+        )
         t0: float = doc(
-            "time after programming at which drift is referenced, s (REFERENCE.md s3)", default=20.0
+            "time after programming at which drift is referenced, s (docs/hardware.md §3.2)",
+            default=20.0,
         )
         programming_noise: ProgrammingNoise.Config = doc(
             "programming-noise model", default_factory=ProgrammingNoise.Config

@@ -48,7 +48,7 @@ class Periphery:
 
     @dataclass(kw_only=True)
     class Config:
-        # Le Gallo et al. 2023 (REFERENCE.md s3): 8-bit inputs and outputs.
+        # Le Gallo et al. 2023 (docs/hardware.md §3.3): 8-bit inputs and outputs.
         dac_bits: int | None = doc(
             "input DAC resolution incl. sign, bits (null = ideal)", default=8
         )
@@ -57,7 +57,7 @@ class Periphery:
         )
         # Rasch et al. 2023 standard HWA setting (aihwkit out_bound = 10).
         adc_bound: float = doc("ADC full scale, normalised output units (+-)", default=10.0)
-        # REFERENCE.md s3 "~0.04 to 0.06"; aihwkit out_noise = 0.04 (Rasch et al. 2023) is
+        # docs/hardware.md §3.3 "~0.04 to 0.06"; aihwkit out_noise = 0.04 (Rasch et al. 2023) is
         # in normalised output units, not a fraction of the +-adc_bound span.
         output_noise: float = doc(
             "std of additive Gaussian noise before the ADC, normalised output units", default=0.04

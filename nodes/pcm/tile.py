@@ -75,7 +75,7 @@ class Tile:
 
     @dataclass(kw_only=True)
     class Config:
-        # Le Gallo et al., Nat. Electron. 2023 (REFERENCE.md s3): 256 x 256 PCM crossbar per core.
+        # Le Gallo et al., Nat. Electron. 2023 (docs/hardware.md §3.1): 256 x 256 PCM crossbar per core.
         rows: int = doc("crossbar rows (inputs) per tile, count", default=256)
         cols: int = doc("crossbar columns (outputs) per tile, count", default=256)
         # Per tile: each tile's partial sums are rescaled digitally anyway, so giving every tile

@@ -1,6 +1,6 @@
 """The photonic compute-node backend: streamed layers on MZI meshes, trained three ways.
 
-``training`` picks how a layer learns (REFERENCE.md section 4):
+``training`` picks how a layer learns (docs/hardware.md §4.2, §4.3):
 
 - ``backprop``: the "computer-designed" baseline. ``prepare_layers`` turns every
   ``nn.Linear`` into a ``MeshLinear`` whose parameters are phases (initialized from the
@@ -93,7 +93,7 @@ class PhotonicBackend(Backend):
             default="backprop",
         )
         mesh_size: int = doc(
-            "modes per mesh = tile size, count (sets device.mesh_size); 64 as PACE (REFERENCE s4)",
+            "modes per mesh = tile size, count (sets device.mesh_size); 64 as PACE (docs/hardware.md §4.5)",
             default=64,
         )
         num_cores: int = doc(

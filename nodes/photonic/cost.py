@@ -10,7 +10,7 @@ holds the thermo-optic phases (P_pi per pi of phase), and P_laser the wall-plug
 power of the input light.
 
 **Calibrated:** E_conv is the one free parameter. It is solved so that a model
-of Taichi's execution unit (REFERENCE.md section 4) gives Taichi's
+of Taichi's execution unit (docs/hardware.md §4.1) gives Taichi's
 160.82 TOPS/W. **Predicted:** everything else, in particular the power of an
 engine built from 64 x 64 meshes at 1 GHz (PACE's size and clock) scaled to
 Lightmatter's 65.5 TOPS, compared with their ~80 W (``prediction``).
@@ -85,7 +85,7 @@ class TaichiReference:
     @dataclass(kw_only=True)
     class Config:
         tops_per_w: float = doc(
-            "published efficiency, TOPS/W (Taichi, REFERENCE.md s.4)", default=160.82
+            "published efficiency, TOPS/W (Taichi, docs/hardware.md §4.1)", default=160.82
         )
         num_inputs: int = doc("input channels: 8 x 8 grating couplers, count", default=64)
         num_channels: int = doc(
@@ -126,14 +126,14 @@ class PhotonicCost:
     @dataclass(kw_only=True)
     class Config:
         clock_hz: float = doc(
-            "modulation / detection rate, Hz (PACE: 1 GHz, REFERENCE.md s.4)", default=1e9
+            "modulation / detection rate, Hz (PACE: 1 GHz, docs/hardware.md §4.5)", default=1e9
         )
         heater_power_per_pi_w: float = doc(
-            "thermo-optic heater power for a pi shift, W (assumed typical; not in REFERENCE.md)",
+            "thermo-optic heater power for a pi shift, W (assumed typical; not in docs/hardware.md)",
             default=0.02,
         )
         thermal_tuning_time_s: float = doc(
-            "time for heaters to settle after a change, s (REFERENCE.md: microseconds)",
+            "time for heaters to settle after a change, s (docs/hardware.md §4.4: microseconds)",
             default=10e-6,
         )
         channel_power_w: float = doc(
@@ -155,10 +155,14 @@ class PhotonicCost:
         gpu_precision: GpuPrecision = doc(
             "GPU precision for 'x times a GPU' claims", default="int8"
         )
-        gpu_power_w: float = doc("H100 SXM board power, W (REFERENCE.md s.5)", default=700.0)
-        gpu_int8_tops: float = doc("H100 SXM dense INT8, TOPS (REFERENCE.md s.5)", default=1979.0)
-        gpu_fp16_tops: float = doc("H100 SXM dense FP16, TFLOP/s (REFERENCE.md s.5)", default=989.0)
-        gpu_fp32_tops: float = doc("H100 SXM FP32, TFLOP/s (REFERENCE.md s.5)", default=67.0)
+        gpu_power_w: float = doc("H100 SXM board power, W (docs/hardware.md §5)", default=700.0)
+        gpu_int8_tops: float = doc(
+            "H100 SXM dense INT8, TOPS (docs/hardware.md §5)", default=1979.0
+        )
+        gpu_fp16_tops: float = doc(
+            "H100 SXM dense FP16, TFLOP/s (docs/hardware.md §5)", default=989.0
+        )
+        gpu_fp32_tops: float = doc("H100 SXM FP32, TFLOP/s (docs/hardware.md §5)", default=67.0)
 
         def __post_init__(self) -> None:
             _require_positive(
@@ -319,7 +323,7 @@ def predictions(
     lightmatter_power_w: float = 80.0,
     mesh_size: int = 64,
 ) -> list[Prediction]:
-    """What the calibrated model predicts for a figure it was not fitted to (REFERENCE.md s.4).
+    """What the calibrated model predicts for a figure it was not fitted to (docs/hardware.md §4.1).
 
     Lightmatter (Nature 2025) reports 65.5 TOPS at ~80 W; the model builds that
     throughput from PACE-sized 64 x 64 units at ``clock_hz``.

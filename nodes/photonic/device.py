@@ -43,7 +43,7 @@ class PhotonicCore:
     @dataclass(kw_only=True)
     class Config:
         mesh_size: int = doc(
-            "modes per mesh (tile size), count; 64 as PACE's 64 x 64 core (REFERENCE.md section 4)",
+            "modes per mesh (tile size), count; 64 as PACE's 64 x 64 core (docs/hardware.md §4.5)",
             default=64,
         )
         phase_quantization: PhaseQuantization.Config | None = doc(

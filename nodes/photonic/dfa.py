@@ -1,4 +1,4 @@
-"""Direct feedback alignment (Nokland 2016; photonic: Filipovich et al., Optica 2022; REFERENCE.md s.4).
+"""Direct feedback alignment (Nokland 2016; photonic: Filipovich et al., Optica 2022; docs/hardware.md §4.3).
 
 The output error e = y_hat - y reaches every hidden layer through its own
 fixed random matrix B_l, uniform in [-1, 1) scaled by 1/sqrt(width_l):
@@ -29,11 +29,11 @@ class DirectFeedbackAlignment:
     class Config:
         noise: bool = doc("add photonic noise to each projection B_l e", default=False)
         noise_mean: float = doc(
-            "mean of the projection noise, in units of max|e| (Filipovich et al.; REFERENCE.md s.4)",
+            "mean of the projection noise, in units of max|e| (Filipovich et al.; docs/hardware.md §4.3)",
             default=0.03,
         )
         noise_std: float = doc(
-            "std of the projection noise, in units of max|e| (Filipovich et al.; REFERENCE.md s.4)",
+            "std of the projection noise, in units of max|e| (Filipovich et al.; docs/hardware.md §4.3)",
             default=0.618,
         )
 

@@ -7,7 +7,7 @@ grid (no padding). H depends on |k_perp| only, so H(k) = H(-k) and the
 propagator is symmetric (A^T = A): its reverse pass is itself, which is
 what fully forward mode needs.
 
-Taichi's execution unit (Xu et al., Science 2024; REFERENCE.md s.4) is
+Taichi's execution unit (Xu et al., Science 2024; docs/hardware.md §4.1) is
 diffractive encoder -> interference (MZI) embedding -> diffractive decoder.
 Here the encoder is free space (2-D, an 8 x 8 input array) read out into
 ``num_channels`` waveguides, the embedding is a trainable U S V^H MZI unit,

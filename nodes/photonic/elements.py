@@ -9,8 +9,8 @@ fully-forward-mode training measure gradients on the hardware itself.
 
 Elements that carry phase shifters also keep the field that reached their
 shifters in the forward pass and, in the reverse pass, interfere it with the
-reverse field to give the gradient of each shifter's phase (REFERENCE.md
-section 4): dL/dphi = -2 Im[x_k * (A_k^T conj(e))].
+reverse field to give the gradient of each shifter's phase (docs/hardware.md
+§4.2): dL/dphi = -2 Im[x_k * (A_k^T conj(e))].
 """
 
 from __future__ import annotations

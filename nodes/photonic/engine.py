@@ -15,7 +15,7 @@ agree on time:
   heaters and laser, the split of ``PhotonicCost``'s calibrated unit pass;
 - **digital**: what the meshes do not compute, on the node's digital unit.
 
-What runs where depends on the training method (REFERENCE.md s4):
+What runs where depends on the training method (docs/hardware.md §4.2, §4.3):
 
 - ``backprop`` trains on the digital twin, i.e. a computer: forward and
   backward are digital. Putting the result on the photonic node is the

@@ -1,4 +1,4 @@
-"""Fully forward mode (FFM) gradients of phase parameters (Xue et al., Nature 2024; REFERENCE.md s.4).
+"""Fully forward mode (FFM) gradients of phase parameters (Xue et al., Nature 2024; docs/hardware.md §4.2).
 
 For a phase layer x_k = exp(i phi_k) a_k followed by reciprocal propagation
 E_out = A_k x_k and an output error e = dL/dE_out*, the gradient is

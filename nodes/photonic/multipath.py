@@ -1,6 +1,6 @@
 """Taichi's multi-path diffractive model as streamed stages (the zoo's ``taichi-digits``).
 
-Many shallow paths, each a Taichi execution unit (REFERENCE.md s.4; ``diffraction.TaichiUnit``)
+Many shallow paths, each a Taichi execution unit (docs/hardware.md §4.1; ``diffraction.TaichiUnit``)
 answering one binary sub-task: path p asks "is it class p % K?" with the contrast of its two
 detectors, and a class's logit is the mean contrast of its paths times a learnable digital scale
 (as ``MultiPathClassifier``). All paths run side by side on a path axis P, and the model splits

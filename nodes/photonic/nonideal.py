@@ -1,4 +1,4 @@
-"""Non-idealities of a photonic MZI engine, each a strategy object (REFERENCE.md section 4).
+"""Non-idealities of a photonic MZI engine, each a strategy object (docs/hardware.md §4.4).
 
 Two places in the signal chain take them:
 
@@ -104,7 +104,8 @@ class PhaseError(PhaseEffect):
             default=0.2,
         )
         truncate_at_sigmas: float = doc(
-            "offsets beyond this many sigma are redrawn, sigmas (REFERENCE.md: 2)", default=2.0
+            "offsets beyond this many sigma are redrawn, sigmas (docs/hardware.md §4.4: 2)",
+            default=2.0,
         )
 
         def __post_init__(self) -> None:
@@ -171,7 +172,9 @@ class InsertionLoss:
 
     @dataclass(kw_only=True)
     class Config:
-        loss_db: float = doc("mean insertion loss per MZI, dB (REFERENCE.md: 0.1-0.5)", default=0.2)
+        loss_db: float = doc(
+            "mean insertion loss per MZI, dB (docs/hardware.md §4.4: 0.1-0.5)", default=0.2
+        )
         sigma_db: float = doc("per-MZI fabrication spread of the loss, dB", default=0.02)
 
         def __post_init__(self) -> None:

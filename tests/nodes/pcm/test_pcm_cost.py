@@ -9,7 +9,7 @@ from nodes.pcm.cost import MvmMode, PcmCost, WriteCycleCounter, main
 from nodes.pcm.periphery import Periphery
 from nodes.pcm.tile import Tile
 
-# Le Gallo et al. 2023 via REFERENCE.md s3, restated here so the test checks the fit
+# Le Gallo et al. 2023 via docs/hardware.md §3.1, restated here so the test checks the fit
 # against the published figures, not against the config's own defaults.
 PUBLISHED_TOPS = 63.1
 PUBLISHED_TOPS_PER_WATT = 9.76
@@ -25,7 +25,7 @@ def test_calibration_point_reproduced():
     one_phase = cost.mvm(MvmMode())
     assert one_phase.tops(NUM_CORES) == pytest.approx(PUBLISHED_TOPS, rel=0.01)
     assert one_phase.tops_per_watt == pytest.approx(PUBLISHED_TOPS_PER_WATT, rel=0.01)
-    # REFERENCE.md s3 derived figures: ~205 fJ per MAC, ~133 ns per 256 x 256 MVM.
+    # docs/hardware.md §3.1 derived figures: ~205 fJ per MAC, ~133 ns per 256 x 256 MVM.
     assert one_phase.energy_per_mac_j * 1e15 == pytest.approx(205, rel=0.01)
     assert one_phase.time_s * 1e9 == pytest.approx(133, rel=0.01)
 

@@ -1,4 +1,4 @@
-"""Statistical tests of the PCM device model against the published fit (REFERENCE.md s3).
+"""Statistical tests of the PCM device model against the published fit (docs/hardware.md §3.2).
 
 Sample sizes: 100k devices per target. The standard error of a sample std is about
 std / sqrt(2 n) = 0.22% of it, of a sample mean std / sqrt(n); the 2% tolerances below are
@@ -30,7 +30,7 @@ T_READ = 250e-9
 
 
 def fit_s_prog(gh: float) -> float:
-    """REFERENCE.md s3, written out independently of the code under test."""
+    """docs/hardware.md §3.2, written out independently of the code under test."""
     return (0.26348 + 1.9650 * gh - 1.1731 * gh**2) * G_MAX / 25.0
 
 
