@@ -65,7 +65,7 @@ TIMEOUT_S = 30
 FUZZ_TIMEOUT_S = 2  # per fuzzed call: a stalled one ends here
 # After a refused call, how long the services may take to drop what it opened (a SwarmX
 # reduction waiting for siblings ends when gRPC tells the server the caller is gone).
-SETTLE_S = 2.0
+SETTLE_S = 5.0
 SEED = 3
 
 
