@@ -136,8 +136,8 @@ class Services:
         """Per service, a digest or summary of the training state it holds.
 
         MemoryX: weights, optimizer state, versions and updates applied. SwarmX:
-        the reductions open and not failed (a failed one is started afresh by
-        the next attempt). Nodes: the step and the activations they keep.
+        the reductions that can still finish (a failed one, or one whose upstream
+        call ended, is started afresh by the next attempt). Nodes: the step and the activations they keep.
         """
         buffer = io.BytesIO()
         torch.save(self.memoryx.store.state_dict(), buffer)
@@ -147,7 +147,7 @@ class Services:
         }
         for name, servicer in sorted(self.swarmx.items()):
             with servicer._lock:
-                open_keys = sorted(k for k, e in servicer._reducing.items() if not e.failed)
+                open_keys = sorted(k for k, e in servicer._reducing.items() if e.live)
             parts[name] = f"open reductions {open_keys}"
         for servicer in self.nodes:
             worker = servicer.worker
@@ -480,7 +480,10 @@ def fuzz(services: Services, *, num_calls: int, seed: int) -> FuzzReport:
         code = _send(services, target, payload)
         after = services.fingerprint()
         if code != grpc.StatusCode.OK:
-            settle_until = time.monotonic() + SETTLE_S
+            # A call the client gave up on is cleaned up once the server sees the cancel,
+            # which a loaded machine may take a while to deliver.
+            timed_out = code == grpc.StatusCode.DEADLINE_EXCEEDED
+            settle_until = time.monotonic() + SETTLE_S * (6 if timed_out else 1)
             while after != before and time.monotonic() < settle_until:
                 time.sleep(0.02)
                 after = services.fingerprint()

@@ -89,6 +89,11 @@ class _Reducing:
     num_open: int
     failed: list[str] = field(default_factory=list)
 
+    @property
+    def live(self) -> bool:
+        """Still able to finish: not failed, and its upstream call not ended (e.g. by deadline)."""
+        return not self.failed and not self.upstream.done()
+
 
 class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
     def __init__(self, name: str, *, security: Security):
@@ -213,8 +218,9 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
         key = (header.layer, header.step)
         with self._lock:
             entry = self._reducing.get(key)
-            # A failed attempt of this layer and step may linger; a re-run starts afresh.
-            if entry is None or entry.failed:
+            # A failed attempt of this layer and step may linger, or one whose upstream call
+            # ended (its deadline passed); a re-run starts afresh.
+            if entry is None or not entry.live:
                 outbox: queue.Queue = queue.Queue()
 
                 def emit(item: StreamItem) -> None:

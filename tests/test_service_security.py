@@ -271,7 +271,7 @@ def test_fuzzed_messages_change_no_state_and_kill_no_service():
         cluster.stop()
     summary = report.to_json()
     assert report.num_calls == 600
-    assert report.refused_state_changes == 0, summary
+    assert report.refused_state_changes == 0, report.violations
     assert report.unknown_errors == [], summary  # every refusal is a mapped status
     assert report.services_alive and report.step_after_fuzz_ok, summary
     # The fuzz reached the services' validation, not only the parser.
