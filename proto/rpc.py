@@ -184,13 +184,23 @@ class _Guard(grpc.ServerInterceptor):
                 "missing or wrong run token: send this run's token as call metadata "
                 f"'{TOKEN_METADATA_KEY}: Bearer <token>' (the token file is in the run directory)",
             )
-        if not (handler.request_streaming or handler.response_streaming):
-            return handler
-        return self._bounded(handler)
+        return self._guarded(handler)
 
-    def _bounded(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def _guarded(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """``handler`` that parses its own requests, and for a stream takes a slot and a watch.
+
+        Parsing here, not in gRPC, lets a message that is not valid protobuf get
+        INVALID_ARGUMENT (gRPC's own deserializer answers INTERNAL).
+        """
         behavior = _behavior(handler)
+        parse = handler.request_deserializer or (lambda raw: raw)
         guard = self
+
+        def parsed(raw: bytes, context: grpc.ServicerContext) -> Any:
+            try:
+                return parse(raw)
+            except Exception:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the request is not valid protobuf")
 
         def admit(context: grpc.ServicerContext) -> tuple[_Watch, Callable[[], None]]:
             if not guard._slots.acquire(blocking=False):
@@ -213,18 +223,30 @@ class _Guard(grpc.ServerInterceptor):
 
             return watch, release
 
-        def requests(watch: _Watch, iterator: Iterator[Any]) -> Iterator[Any]:
+        def requests(watch: _Watch, iterator: Iterator[bytes]) -> Iterator[Any]:
             while True:
                 watch.waiting_since = time.monotonic()
                 try:
-                    item = next(iterator)
+                    raw = next(iterator)
                 except StopIteration:
                     return
                 finally:
                     watch.waiting_since = None
+                try:
+                    item = parse(raw)
+                except Exception:
+                    # The servicer's rpc_errors answers INVALID_ARGUMENT.
+                    raise WireError(
+                        "a message of the request stream is not valid protobuf"
+                    ) from None
                 yield item
 
-        if handler.response_streaming:
+        if not (handler.request_streaming or handler.response_streaming):
+
+            def run(request: Any, context: grpc.ServicerContext) -> Any:
+                return behavior(parsed(request, context), context)
+
+        elif handler.response_streaming:
 
             def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 watch, release = admit(context)
@@ -232,6 +254,8 @@ class _Guard(grpc.ServerInterceptor):
                 try:
                     if handler.request_streaming:
                         request = requests(watch, request)
+                    else:
+                        request = parsed(request, context)
                     for item in behavior(request, context):
                         # Until gRPC asks for the next item it is sending this one, which
                         # waits on the client's flow control.
@@ -252,7 +276,7 @@ class _Guard(grpc.ServerInterceptor):
 
         return _handler_kind(handler)(
             run,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=None,  # raw bytes in: parsed above
             response_serializer=handler.response_serializer,
         )
 

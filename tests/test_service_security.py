@@ -147,6 +147,22 @@ def test_hostile_values_with_the_token_are_invalid_arguments(services):
     assert services.fingerprint() == before
 
 
+def test_bytes_that_are_not_protobuf_are_invalid_arguments(services):
+    before = services.fingerprint()
+    ch = channel(services.addresses["memoryx"], services.security)
+    garbage = b"\xff\xff\xff\x0f"
+    commit = ch.unary_unary("/wafer.v1.MemoryX/CommitStep")
+    push = ch.stream_unary("/wafer.v1.MemoryX/PushGradients")
+    stream = ch.unary_stream("/wafer.v1.MemoryX/StreamWeights")
+    for call in (
+        lambda: commit(garbage, timeout=TIMEOUT_S),
+        lambda: push(iter([garbage]), timeout=TIMEOUT_S),
+        lambda: stream(garbage, timeout=TIMEOUT_S),
+    ):
+        assert _code(call) == grpc.StatusCode.INVALID_ARGUMENT
+    assert services.fingerprint() == before
+
+
 def test_a_message_over_the_size_cap_is_refused(services):
     huge = mpb.WeightsRequest(layer=0, step=0, phase=pb.EVAL, dtype="x" * (MAX_MESSAGE_BYTES + 1))
     code = _code(lambda: services.memoryx_stub.StreamWeights(huge, timeout=TIMEOUT_S))
@@ -274,6 +290,8 @@ def test_fuzzed_messages_change_no_state_and_kill_no_service():
     assert report.refused_state_changes == 0, report.violations
     assert report.unknown_errors == [], summary  # every refusal is a mapped status
     assert report.services_alive and report.step_after_fuzz_ok, summary
-    # The fuzz reached the services' validation, not only the parser.
+    # The fuzz reached the services' validation, not only the parser; a message that is not
+    # protobuf is an INVALID_ARGUMENT too, never gRPC's INTERNAL.
     assert report.codes[grpc.StatusCode.INVALID_ARGUMENT] > 50, summary
+    assert grpc.StatusCode.INTERNAL not in report.codes, summary
     assert report.accepted < report.num_calls
