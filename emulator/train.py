@@ -241,8 +241,9 @@ def train(
     )
     config.backend.build().check_layers(layers)
     cluster = launch(config, layers, dataset)
-    if progress:
-        # Where an outside client finds the token (0600), the CA and the addresses.
+    if progress and sys.stderr.isatty():
+        # Where an outside client finds the token (0600), the CA and the addresses. Off a
+        # terminal stderr holds only progress lines: set runtime.run_dir to know the place.
         print(f"wafer: run directory {cluster.run_dir}", file=sys.stderr)
     try:
         coordinator = Coordinator(
