@@ -52,10 +52,13 @@ from proto import memoryx_pb2_grpc as mgrpc
 from proto import swarmx_pb2 as spb
 from proto import swarmx_pb2_grpc as sgrpc
 from proto import tensor_pb2 as pb
-from proto.rpc import channel, start_server
+from proto.rpc import Security, channel, start_server
 from proto.serde import DEFAULT_CHUNK_BYTES, encode_layer
 from swarmx.service import SwarmXServicer
 from swarmx.service import register as register_swarmx
+
+# This module's run credentials (token only: loopback).
+SECURITY = Security.generate()
 
 HOST = "127.0.0.1"
 MB = 1_000_000  # rates are reported in MB/s (10^6 bytes)
@@ -113,21 +116,25 @@ def _build_server(kind: str, options: dict) -> tuple[grpc.Server, str]:
             Optimizer.Config(name="sgd", lr=1e-3, momentum=0.0).build(),
             chunk_bytes=options["chunk_bytes"],
         )
-        return start_server(lambda s: register_memoryx(s, servicer), HOST)
+        return start_server(lambda s: register_memoryx(s, servicer), HOST, security=SECURITY)
     if kind == "raw":
         # The same bytes as the layer, pre-cut into chunk_bytes messages.
         raw = memoryview(_layer_weight(options["num_params"], options["seed"]).numpy()).cast("B")
         size = options["chunk_bytes"]
         chunks = [bytes(raw[o : o + size]) for o in range(0, len(raw), size)]
         return start_server(
-            lambda s: s.add_generic_rpc_handlers((_raw_stream_handler(chunks),)), HOST
+            lambda s: s.add_generic_rpc_handlers((_raw_stream_handler(chunks),)),
+            HOST,
+            security=SECURITY,
         )
     if kind == "sink":
         sink = CountingSink()
-        return start_server(lambda s: sgrpc.add_LayerSinkServicer_to_server(sink, s), HOST)
+        return start_server(
+            lambda s: sgrpc.add_LayerSinkServicer_to_server(sink, s), HOST, security=SECURITY
+        )
     if kind == "swarmx":
-        root = SwarmXServicer(options["name"])
-        server, address = start_server(lambda s: register_swarmx(s, root), HOST)
+        root = SwarmXServicer(options["name"], security=SECURITY)
+        server, address = start_server(lambda s: register_swarmx(s, root), HOST, security=SECURITY)
         root.connect(children=options["children"], parent=None, memoryx=options["memoryx"])
         return server, address
     raise ValueError(f"unknown component {kind!r}")
@@ -174,7 +181,7 @@ class Setup:
                 }
                 roots.append(("swarmx", options))
             root_addresses = dict(zip(children, self._start_all(roots), strict=True))
-            self.memoryx_stub = mgrpc.MemoryXStub(channel(self.memoryx_address))
+            self.memoryx_stub = mgrpc.MemoryXStub(channel(self.memoryx_address, SECURITY))
             self.memoryx_stub.LoadWeights(
                 encode_layer(
                     0,
@@ -185,8 +192,10 @@ class Setup:
                     sender="bench",
                 )
             )
-            self.raw_pull = channel(raw_address).unary_stream(_RAW_METHOD)
-            self.roots = {n: sgrpc.SwarmXStub(channel(a)) for n, a in root_addresses.items()}
+            self.raw_pull = channel(raw_address, SECURITY).unary_stream(_RAW_METHOD)
+            self.roots = {
+                n: sgrpc.SwarmXStub(channel(a, SECURITY)) for n, a in root_addresses.items()
+            }
         except BaseException:
             self.stop()
             raise

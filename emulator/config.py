@@ -25,6 +25,37 @@ from swarmx.tree import SwarmXTree
 
 
 @dataclass(kw_only=True)
+class TlsConfig:
+    """TLS of the gRPC services: on whenever a service binds an address other machines reach."""
+
+    force: bool = doc(
+        "use TLS even when every service binds loopback (tests, benchmarks)", default=False
+    )
+    ca: str | None = doc("PEM file of the CA that signed cert; None: a per-run CA", default=None)
+    cert: str | None = doc("PEM certificate every service presents, path", default=None)
+    key: str | None = doc("PEM private key of cert, path", default=None)
+    server_name: str | None = doc(
+        "name clients check in cert instead of each service's host; None: the host",
+        default=None,
+    )
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("ca", "cert", "key") if getattr(self, name) is not None]
+        if given and len(given) != 3:
+            raise ValueError(
+                f"runtime.tls sets {', '.join(given)} but not all of ca, cert and key; "
+                "give all three PEM files, or none for a per-run CA."
+            )
+        for name in given:
+            if not Path(getattr(self, name)).is_file():
+                raise ValueError(f"runtime.tls.{name} = {getattr(self, name)!r} is not a file.")
+
+    @property
+    def user_provided(self) -> bool:
+        return self.ca is not None
+
+
+@dataclass(kw_only=True)
 class RuntimeConfig:
     address: str | None = doc(
         "Ray cluster to join (e.g. 'ray://head:10001' or 'auto'); None starts a local Ray instance",
@@ -43,8 +74,34 @@ class RuntimeConfig:
         "C-core logs); off, only errors",
         default=False,
     )
+    run_dir: str | None = doc(
+        "directory of the run: token file (0600), CA, addresses, checkpoints; "
+        "None: a fresh private temporary directory",
+        default=None,
+    )
+    tls: TlsConfig = doc("TLS of the services", default_factory=TlsConfig)
+    insecure: bool = doc(
+        "allow services on a non-loopback address without TLS (prints a warning)", default=False
+    )
+    stream_idle_s: float = doc(
+        "a stream waiting this long on its peer is cancelled, seconds", default=60.0
+    )
+    max_streams_per_service: int = doc(
+        "concurrent streams one service serves; more get RESOURCE_EXHAUSTED, count", default=64
+    )
 
     def __post_init__(self) -> None:
+        if self.insecure and (self.tls.force or self.tls.user_provided):
+            raise ValueError(
+                "runtime.insecure = true turns TLS off, but runtime.tls asks for it; set one."
+            )
+        if self.stream_idle_s <= 0:
+            raise ValueError(f"runtime.stream_idle_s = {self.stream_idle_s} must be positive.")
+        if self.max_streams_per_service < 8:
+            raise ValueError(
+                f"runtime.max_streams_per_service = {self.max_streams_per_service} must be at "
+                "least 8 (a SwarmX node takes a stream per child at once)."
+            )
         if self.max_step_retries < 0:
             raise ValueError(f"max_step_retries = {self.max_step_retries} must be 0 or more.")
         if self.num_threads_per_node < 1:

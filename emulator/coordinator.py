@@ -96,8 +96,9 @@ class Coordinator:
     measured: list[PassMeasurement] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.memoryx = MemoryXClient(self.cluster.memoryx_address)
-        self.root = SwarmXClient(self.cluster.root_address)
+        security = self.cluster.security
+        self.memoryx = MemoryXClient(self.cluster.memoryx_address, security)
+        self.root = SwarmXClient(self.cluster.root_address, security)
         # A backend whose backward needs no weights (DFA) gets a header-only backward stream.
         self.backward_weights = self.config.backend.build().needs_weights_in_backward
         self._layer_timeouts_s: list[float] | None = None
@@ -217,16 +218,19 @@ class Coordinator:
         return densities
 
     def save_checkpoint(self, path: str) -> CheckpointInfo:
-        return self.memoryx.save_checkpoint(path)
+        """MemoryX saves into the run's checkpoint directory; the driver copies it to ``path``."""
+        info = self.memoryx.save_checkpoint()
+        self.cluster.export_checkpoint(info.name, path)
+        return info
 
     def traffic(self) -> dict:
         stats = self.memoryx.stats()
         links = []
         for address in self.cluster.swarmx_addresses.values():
-            s = SwarmXClient(address).stats()
+            s = SwarmXClient(address, self.cluster.security).stats()
             links += [{"link": d.link, "payload_bytes": d.payload_bytes} for d in s.down]
             links.append({"link": s.up.link, "payload_bytes": s.up.payload_bytes})
-        nodes = [NodeClient(a).stats() for a in self.cluster.node_addresses]
+        nodes = [NodeClient(a, self.cluster.security).stats() for a in self.cluster.node_addresses]
         return {
             "memoryx_total_egress_bytes": stats.egress_bytes,
             "memoryx_total_ingress_bytes": stats.ingress_bytes,

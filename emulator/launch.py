@@ -4,23 +4,38 @@ Every component is a Ray actor that serves gRPC on its host's address;
 after launch the driver talks to them only over gRPC. A local Ray instance
 is started unless ``runtime.address`` names an existing cluster. If Ray is
 already initialised in this process (tests, notebooks), it is reused.
+
+Each launch is one run with its own credentials: a random token (and, when
+a service binds an address other machines reach, TLS material) handed to the
+actors as a constructor argument through Ray, never on a command line or in
+a log. The run directory (0700) holds the token file (0600), the CA
+certificate, the services' addresses and the checkpoints.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
+import shutil
+import sys
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import ray
 from torch import nn
 
+from core.atomic import write_bytes_atomic, write_json_atomic
 from core.data import DataConfig, Dataset
-from emulator.config import ClusterConfig
+from emulator.config import ClusterConfig, RuntimeConfig
 from memoryx.actor import MemoryXActor
+from memoryx.checkpoint import confined_path
 from nodes.actor import NodeActor
 from nodes.worker import strip_parameters
+from proto.rpc import TOKEN_METADATA_KEY, Security, TlsMaterial, is_loopback
+from proto.tls import generate_run_tls, read_tls
 from swarmx.actor import SwarmXActor
 from swarmx.tree import TreeNode, node_name
 
@@ -40,6 +55,9 @@ def ensure_ray(address: str | None, *, verbose: bool = False) -> None:
     if address is None:
         ray.init(
             address="local",
+            # Ray advertises loopback; its processes still listen on every interface
+            # (Ray has no switch for that), guarded by Ray's token auth (on by default).
+            _node_ip_address="127.0.0.1",
             include_dashboard=False,
             log_to_driver=False,
             logging_level=level,
@@ -55,9 +73,83 @@ def ensure_ray(address: str | None, *, verbose: bool = False) -> None:
         ) from None
 
 
+#: Files of the run directory an outside client reads.
+TOKEN_FILE = "token"
+CA_FILE = "ca.pem"
+ADDRESSES_FILE = "cluster.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+def client_security(run_dir: str | Path) -> Security:
+    """The credentials an outside client of a running cluster reads from its run directory."""
+    run_dir = Path(run_dir)
+    described = json.loads((run_dir / ADDRESSES_FILE).read_text())
+    tls = None
+    if described["tls"]:
+        tls = TlsMaterial(
+            ca_pem=(run_dir / CA_FILE).read_bytes(),
+            cert_pem=b"",  # a client presents no certificate: the token says who it is
+            key_pem=b"",
+            server_name=described["tls_server_name"],
+        )
+    return Security(token=(run_dir / TOKEN_FILE).read_text().strip(), tls=tls)
+
+
+def run_security(runtime: RuntimeConfig) -> Security:
+    """A fresh token, and TLS wherever a service binds an address other machines reach."""
+    off_host = not is_loopback(runtime.host)
+    if runtime.tls.user_provided:
+        tls = read_tls(runtime.tls.ca, runtime.tls.cert, runtime.tls.key, runtime.tls.server_name)
+    elif runtime.tls.force or (off_host and not runtime.insecure):
+        tls = generate_run_tls()
+    else:
+        tls = None
+    if off_host and tls is None:
+        print(
+            f"wafer: WARNING: runtime.insecure = true: the services bind {runtime.host!r} "
+            "without TLS; anyone on that network can read the run token and the tensors.",
+            file=sys.stderr,
+        )
+    return Security.generate(
+        tls=tls,
+        stream_idle_s=runtime.stream_idle_s,
+        max_streams=runtime.max_streams_per_service,
+    )
+
+
+def _make_run_dir(runtime: RuntimeConfig) -> tuple[Path, bool]:
+    """The run directory (private to the user) and whether launch made it up."""
+    if runtime.run_dir is None:
+        return Path(tempfile.mkdtemp(prefix="wafer-run-")), True
+    path = Path(runtime.run_dir)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path, False
+
+
+def _stage_resume(resume: str, checkpoint_dir: Path) -> str:
+    """The name, inside the run's checkpoint directory, of the checkpoint to resume from.
+
+    MemoryX reads checkpoints only from there: the driver (the user's own
+    process) links or copies the file the user named into it.
+    """
+    source = Path(resume).resolve()
+    if not source.is_file():
+        raise ValueError(f"resume = {resume!r} is not a checkpoint file.")
+    if source.parent == checkpoint_dir.resolve():
+        return source.name
+    name = "resume.pt"
+    target = checkpoint_dir / name
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:  # another file system
+        shutil.copyfile(source, target)
+    return name
+
+
 @dataclass
 class Cluster:
-    """Handles and gRPC addresses of a launched cluster's actors."""
+    """Handles and gRPC addresses of a launched cluster's actors, and the run's credentials."""
 
     memoryx: ray.actor.ActorHandle
     memoryx_address: str
@@ -66,7 +158,32 @@ class Cluster:
     tree: list[TreeNode]
     nodes: list[ray.actor.ActorHandle]
     node_addresses: list[str]
+    security: Security = field(repr=False)
+    run_dir: Path
+    _temporary_run_dir: bool = field(default=False)
     _stopped: bool = field(default=False)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / CHECKPOINT_DIR
+
+    def export_checkpoint(self, name: str, destination: str | Path) -> None:
+        """Copy checkpoint ``name`` that MemoryX wrote in the run directory to ``destination``."""
+        source = confined_path(self.checkpoint_dir, name)
+        destination = Path(destination)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(
+            dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp"
+        )
+        try:
+            with open(source, "rb") as src, os.fdopen(fd, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.replace(temp, destination)
+        except BaseException:
+            Path(temp).unlink(missing_ok=True)
+            raise
 
     @property
     def root_address(self) -> str:
@@ -82,6 +199,10 @@ class Cluster:
         finally:
             for handle in handles:
                 ray.kill(handle)
+            # The token is worthless now; a temporary run directory goes with it.
+            (self.run_dir / TOKEN_FILE).unlink(missing_ok=True)
+            if self._temporary_run_dir:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
 def launch(
@@ -96,6 +217,16 @@ def launch(
     """
     ensure_ray(config.runtime.address, verbose=config.runtime.verbose)
     host = config.runtime.host
+    security = run_security(config.runtime)
+    run_dir, temporary = _make_run_dir(config.runtime)
+    checkpoint_dir = run_dir / CHECKPOINT_DIR
+    try:
+        checkpoint_dir.mkdir(mode=0o700, exist_ok=True)
+        resume = None if config.resume is None else _stage_resume(config.resume, checkpoint_dir)
+    except BaseException:
+        if temporary:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     chunk_bytes = config.swarmx.chunk_bytes
     remote = {
         cls: ray.remote(**_ACTOR_OPTIONS)(cls) for cls in (MemoryXActor, SwarmXActor, NodeActor)
@@ -111,11 +242,15 @@ def launch(
         config.optimizer,
         host=host,
         chunk_bytes=chunk_bytes,
-        checkpoint=config.resume,
+        security=security,
+        checkpoint_dir=str(checkpoint_dir.resolve()),
+        resume=resume,
         sparsity=config.sparsity,
     )
     tree = config.swarmx.build(config.num_nodes)
-    swarmx = {t.name: remote[SwarmXActor].remote(t.name, host=host) for t in tree}
+    swarmx = {
+        t.name: remote[SwarmXActor].remote(t.name, host=host, security=security) for t in tree
+    }
     nodes = [
         remote[NodeActor].remote(
             rank=rank,
@@ -129,6 +264,7 @@ def launch(
             chunk_bytes=chunk_bytes,
             host=host,
             num_threads=config.runtime.num_threads_per_node,
+            security=security,
         )
         for rank in range(config.num_nodes)
     ]
@@ -138,6 +274,8 @@ def launch(
     except ray.exceptions.RayActorError as exc:
         for handle in handles:
             ray.kill(handle)
+        if temporary:
+            shutil.rmtree(run_dir, ignore_errors=True)
         raise RuntimeError(f"a cluster component failed to start: {exc}") from exc
     memoryx_address = addresses[0]
     swarmx_addresses = dict(zip(swarmx, addresses[1 : 1 + len(swarmx)], strict=True))
@@ -157,6 +295,7 @@ def launch(
         for rank, node in enumerate(nodes)
     ]
     ray.get(wiring)
+    _write_client_files(run_dir, security, memoryx_address, swarmx_addresses, node_addresses)
     return Cluster(
         memoryx=memoryx,
         memoryx_address=memoryx_address,
@@ -165,4 +304,32 @@ def launch(
         tree=tree,
         nodes=nodes,
         node_addresses=node_addresses,
+        security=security,
+        run_dir=run_dir,
+        _temporary_run_dir=temporary,
+    )
+
+
+def _write_client_files(
+    run_dir: Path,
+    security: Security,
+    memoryx_address: str,
+    swarmx_addresses: dict[str, str],
+    node_addresses: list[str],
+) -> None:
+    """What an outside client of this run needs: the token (0600), the CA and the addresses."""
+    # write_bytes_atomic creates through mkstemp, so the token file is 0600 from the start.
+    write_bytes_atomic(run_dir / TOKEN_FILE, security.token.encode())
+    if security.tls is not None:
+        write_bytes_atomic(run_dir / CA_FILE, security.tls.ca_pem)
+    write_json_atomic(
+        run_dir / ADDRESSES_FILE,
+        {
+            "memoryx": memoryx_address,
+            "swarmx": swarmx_addresses,
+            "nodes": node_addresses,
+            "tls": security.tls is not None,
+            "tls_server_name": security.tls.server_name if security.tls else None,
+            "token_metadata_key": TOKEN_METADATA_KEY,
+        },
     )

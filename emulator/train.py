@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -240,6 +241,10 @@ def train(
     )
     config.backend.build().check_layers(layers)
     cluster = launch(config, layers, dataset)
+    if progress and sys.stderr.isatty():
+        # Where an outside client finds the token (0600), the CA and the addresses. Off a
+        # terminal stderr holds only progress lines: set runtime.run_dir to know the place.
+        print(f"wafer: run directory {cluster.run_dir}", file=sys.stderr)
     try:
         coordinator = Coordinator(
             config=config,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from memoryx.optim import Optimizer
 from memoryx.service import MemoryXServicer, register
 from memoryx.sparsity import Sparsity
-from proto.rpc import resolve_host, start_server
+from proto.rpc import Security, resolve_host, start_server
 
 
 class MemoryXActor:
@@ -15,14 +15,20 @@ class MemoryXActor:
         *,
         host: str,
         chunk_bytes: int,
-        checkpoint: str | None,
+        security: Security,
+        checkpoint_dir: str | None,
+        resume: str | None = None,
         sparsity: Sparsity.Config | None = None,
     ):
         self.servicer = MemoryXServicer(
-            optimizer.build(), chunk_bytes=chunk_bytes, checkpoint=checkpoint, sparsity=sparsity
+            optimizer.build(),
+            chunk_bytes=chunk_bytes,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+            sparsity=sparsity,
         )
         self.server, self.address = start_server(
-            lambda server: register(server, self.servicer), resolve_host(host)
+            lambda server: register(server, self.servicer), resolve_host(host), security=security
         )
 
     def get_address(self) -> str:

@@ -6,11 +6,16 @@ per-layer versions, the optimizer config, and a caller-supplied ``extra`` dict
 (model and run description). It is written to a temporary file in the target
 directory and renamed over the target, so a crash mid-save leaves the previous
 checkpoint intact.
+
+Over gRPC no path travels: MemoryX saves into the run's checkpoint directory
+under a name it chooses (``checkpoint_name``) and restores only a plain file
+name inside that directory (``confined_path``), never through a symlink.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -27,6 +32,33 @@ CHECKPOINT_KIND = "memoryx-checkpoint"
 CHECKPOINT_FORMAT_VERSION = 1
 
 _PLAIN_SCALARS = (str, int, float, bool, type(None), torch.Tensor)
+# A plain file name: no separator, no "..", no leading dot or dash.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def checkpoint_name(step: int) -> str:
+    """The file name MemoryX gives the checkpoint whose next step to run is ``step``."""
+    return f"step-{step:08d}.pt"
+
+
+def confined_path(directory: str | Path, name: str) -> Path:
+    """``directory/name`` if ``name`` is a plain file name that stays inside ``directory``.
+
+    Raises ValueError for a separator, ``..``, a hidden name, or a symlink at
+    that place (which could lead out of the directory).
+    """
+    if not _NAME.fullmatch(name) or ".." in name:
+        raise ValueError(
+            f"checkpoint name {name!r} is not a plain file name "
+            "(letters, digits, '.', '_', '-'; no '/' or '..')."
+        )
+    root = Path(directory).resolve()
+    path = root / name
+    if path.is_symlink():
+        raise ValueError(f"checkpoint {name!r} in {root} is a symlink; it is not followed.")
+    if path.resolve().parent != root:
+        raise ValueError(f"checkpoint {name!r} leads out of {root}.")
+    return path
 
 
 def save_checkpoint(store: ParameterStore, path: str | Path, *, extra: dict | None = None) -> None:
@@ -59,8 +91,29 @@ def save_checkpoint(store: ParameterStore, path: str | Path, *, extra: dict | No
         os.close(directory_fd)
 
 
+def load_confined_checkpoint(
+    directory: str | Path,
+    name: str,
+    optimizer: Optimizer,
+    sparsity: Sparsity.Config | None = None,
+) -> tuple[ParameterStore, dict]:
+    """``load_checkpoint`` of ``name`` inside ``directory`` only (see ``confined_path``)."""
+    path = confined_path(directory, name)
+    try:
+        # O_NOFOLLOW: a symlink swapped in after the check is refused, not followed.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise ValueError(f"checkpoint {name!r} cannot be opened in {directory}: {exc}") from None
+    with os.fdopen(fd, "rb") as file:
+        return load_checkpoint(path, optimizer, sparsity, file=file)
+
+
 def load_checkpoint(
-    path: str | Path, optimizer: Optimizer, sparsity: Sparsity.Config | None = None
+    path: str | Path,
+    optimizer: Optimizer,
+    sparsity: Sparsity.Config | None = None,
+    *,
+    file: Any = None,
 ) -> tuple[ParameterStore, dict]:
     """Rebuild the store saved at ``path`` with ``optimizer``; returns it and ``extra``.
 
@@ -70,10 +123,10 @@ def load_checkpoint(
     come from the checkpoint.
     """
     path = Path(path)
-    if not path.is_file():
+    if file is None and not path.is_file():
         raise ValueError(f"checkpoint {path} does not exist or is not a file.")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path if file is None else file, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ValueError(f"checkpoint {path} is corrupt or not a torch file: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("kind") != CHECKPOINT_KIND:
@@ -123,4 +176,11 @@ def _check_plain(value: Any, where: str) -> None:
         )
 
 
-__all__ = ["CHECKPOINT_FORMAT_VERSION", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "CHECKPOINT_FORMAT_VERSION",
+    "checkpoint_name",
+    "confined_path",
+    "load_checkpoint",
+    "load_confined_checkpoint",
+    "save_checkpoint",
+]

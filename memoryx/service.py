@@ -1,8 +1,9 @@
 """MemoryX gRPC service: a thin shell over ParameterStore.
 
 Every incoming gradient stream is validated in full before the store sees
-it, so a bad message (wrong layer, step, shape, dtype or size) is rejected
-with INVALID_ARGUMENT and changes no state.
+it, so a bad message (wrong layer, step, phase, shape, dtype or size) is
+rejected with INVALID_ARGUMENT and changes no state. Checkpoints are written
+only into the run's checkpoint directory, under names MemoryX chooses.
 """
 
 from __future__ import annotations
@@ -10,11 +11,15 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 
-from memoryx.checkpoint import load_checkpoint, save_checkpoint
+from memoryx.checkpoint import (
+    checkpoint_name,
+    confined_path,
+    load_confined_checkpoint,
+    save_checkpoint,
+)
 from memoryx.optim import Optimizer
 from memoryx.sparsity import Sparsity
 from memoryx.store import ParameterStore, StepError
@@ -52,6 +57,8 @@ from proto.serde import (
     to_wire,
 )
 
+_PHASES = tuple(Phase)
+
 
 @dataclass
 class _Traffic:
@@ -71,9 +78,11 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
         optimizer: Optimizer,
         *,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-        checkpoint: str | None = None,
+        checkpoint_dir: str | None = None,
+        resume: str | None = None,
         sparsity: Sparsity.Config | None = None,
     ):
+        """``checkpoint_dir``: where SaveCheckpoint writes and ``resume`` (a file name in it) is read."""
         self.optimizer = optimizer
         self.chunk_bytes = chunk_bytes
         self.sparsity = sparsity
@@ -85,8 +94,13 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
         # Gradients of steps before this one were never applied here, so they are not re-runs.
         self.first_step = 0
         self.checkpoint_extra: dict = {}
-        if checkpoint is not None:
-            self.store, self.checkpoint_extra = load_checkpoint(checkpoint, optimizer, sparsity)
+        self.checkpoint_dir = checkpoint_dir
+        if resume is not None:
+            if checkpoint_dir is None:
+                raise ValueError("resume names a checkpoint, but MemoryX has no checkpoint_dir.")
+            self.store, self.checkpoint_extra = load_confined_checkpoint(
+                checkpoint_dir, resume, optimizer, sparsity
+            )
         self.traffic = _Traffic()
 
     def _require_store(self) -> ParameterStore:
@@ -99,6 +113,15 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
         if not 0 <= layer < store.num_layers:
             raise WireError(
                 f"layer {layer} does not exist; MemoryX holds layers 0..{store.num_layers - 1}"
+            )
+
+    def _check_step(self, layer: int, step: int) -> None:
+        """A step is never negative and never beyond the version ``layer`` is at."""
+        version = self._require_store().version(layer)
+        if not 0 <= step <= version:
+            raise WireError(
+                f"step {step} is out of range for layer {layer}: it is at version {version}, "
+                f"so steps 0..{version} can be asked for"
             )
 
     @rpc_errors
@@ -138,6 +161,9 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
     def StreamWeights(self, request, context):
         request = weights_request_from_wire(request)
         self._check_layer(request.layer)
+        if request.phase not in _PHASES:
+            raise WireError(f"phase {request.phase} is not FORWARD, BACKWARD or EVAL")
+        self._check_step(request.layer, request.step)
         if request.dtype not in WIRE_DTYPES:
             raise WireError(f"dtype {request.dtype!r} is not one of {', '.join(WIRE_DTYPES)}")
         try:
@@ -229,8 +255,15 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
 
     @rpc_errors
     def CommitStep(self, request, context):
+        store = self._require_store()
+        latest = max(store.version(layer) for layer in range(store.num_layers))
+        if not 0 <= request.step < latest:
+            raise WireError(
+                f"cannot commit step {request.step}: the layers are at versions up to {latest}, "
+                f"so only steps 0..{latest - 1} have run"
+            )
         try:
-            self._require_store().commit(request.step)
+            store.commit(request.step)
         except StepError as exc:
             raise StepConflict(str(exc)) from None
         return EMPTY
@@ -238,16 +271,17 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
     @rpc_errors
     def SaveCheckpoint(self, request, context):
         store = self._require_store()
+        if self.checkpoint_dir is None:
+            raise StepConflict("this MemoryX was started without a checkpoint directory")
+        step = store.version(0)
+        name = checkpoint_name(step)
         try:
-            save_checkpoint(store, request.path, extra=self.checkpoint_extra)
+            path = confined_path(self.checkpoint_dir, name)
+            save_checkpoint(store, path, extra=self.checkpoint_extra)
         except ValueError as exc:
             raise StepConflict(str(exc)) from None
         return checkpoint_to_wire(
-            CheckpointInfo(
-                path=request.path,
-                step=store.version(0),
-                num_bytes=Path(request.path).stat().st_size,
-            )
+            CheckpointInfo(name=name, step=step, num_bytes=path.stat().st_size)
         )
 
     @rpc_errors

@@ -9,7 +9,7 @@ from core.data import DataConfig, Dataset
 from nodes.backend import Backend
 from nodes.service import ComputeNodeServicer, register
 from nodes.worker import NodeWorker
-from proto.rpc import resolve_host, start_server
+from proto.rpc import Security, resolve_host, start_server
 
 
 class NodeActor:
@@ -27,6 +27,7 @@ class NodeActor:
         chunk_bytes: int,
         host: str,
         num_threads: int,
+        security: Security,
     ):
         # A shipped data set is rebuilt here; a user's data arrives loaded (never as a path).
         dataset = data if isinstance(data, Dataset) else data.build(seed=seed)
@@ -42,9 +43,11 @@ class NodeActor:
             backend=backend.build(),
             max_eval_samples=max_eval_samples,
         )
-        self.servicer = ComputeNodeServicer(worker, name=f"node-{rank}", chunk_bytes=chunk_bytes)
+        self.servicer = ComputeNodeServicer(
+            worker, name=f"node-{rank}", security=security, chunk_bytes=chunk_bytes
+        )
         self.server, self.address = start_server(
-            lambda server: register(server, self.servicer), resolve_host(host)
+            lambda server: register(server, self.servicer), resolve_host(host), security=security
         )
 
     def get_address(self) -> str:

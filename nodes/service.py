@@ -18,7 +18,7 @@ from proto import swarmx_pb2_grpc as sgrpc
 from proto.clients import time_left_s
 from proto.domain import Header, LayerAck, NodeStats, Phase
 from proto.messages import EMPTY, ack_from_wire, ack_to_wire, node_stats_to_wire
-from proto.rpc import StepConflict, channel, rpc_errors
+from proto.rpc import Security, StepConflict, channel, rpc_errors
 from proto.serde import (
     DEFAULT_CHUNK_BYTES,
     Expected,
@@ -32,8 +32,16 @@ from proto.serde import (
 
 
 class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
-    def __init__(self, worker: NodeWorker, *, name: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+    def __init__(
+        self,
+        worker: NodeWorker,
+        *,
+        name: str,
+        security: Security,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ):
         self.worker = worker
+        self.security = security  # of the channel to the SwarmX parent
         self.name = name
         self.chunk_bytes = chunk_bytes
         self._parent: sgrpc.SwarmXStub | None = None
@@ -48,7 +56,7 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
         self.compute_seconds = 0.0
 
     def connect(self, parent: str) -> None:
-        self._parent = sgrpc.SwarmXStub(channel(parent))
+        self._parent = sgrpc.SwarmXStub(channel(parent, self.security))
 
     @rpc_errors
     def Deliver(self, request_iterator, context):
@@ -62,6 +70,8 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
             )
         if header.phase not in (Phase.FORWARD, Phase.BACKWARD, Phase.EVAL):
             raise WireError(f"unknown phase {header.phase}")
+        if header.step < 0:
+            raise WireError(f"step {header.step} must not be negative")
         with self._lock:
             assembler = LayerAssembler(
                 Expected(

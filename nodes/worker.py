@@ -209,6 +209,11 @@ class NodeWorker:
     def evaluate(self, layer: int, step: int, params: dict[str, Tensor]) -> LayerResult:
         if layer == 0:
             self._eval_x = self.dataset.test_inputs[self._eval_index]
+        elif getattr(self, "_eval_x", None) is None:
+            raise NodeStateError(
+                f"evaluation of layer {layer} needs layer {layer - 1}'s output; "
+                "an evaluation pass starts at layer 0"
+            )
         block = self.layers[layer]
         block.eval()
         try:

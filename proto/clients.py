@@ -7,7 +7,8 @@ deadline: ``CALL_TIMEOUT_S`` for a call that moves no bulk data, plus
 through the tree gets ``LAYER_TIMEOUT_S`` on top, as the nodes compute too.
 A call past its deadline raises ``RpcError`` (DEADLINE_EXCEEDED).
 
-Channels come from ``proto.rpc.channel``, the one place a channel is made.
+Channels come from ``proto.rpc.channel``, the one place a channel is made;
+each client takes the run's ``Security`` (token, TLS) for it.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from proto.messages import (
     traffic_from_wire,
     weights_request_to_wire,
 )
-from proto.rpc import channel
+from proto.rpc import Security, channel
 from proto.serde import DEFAULT_CHUNK_BYTES, WIRE_DTYPES, Expected, LayerAssembler, encode_layer
 
 #: What a failed call raises (a gRPC status: code() and details()).
@@ -87,9 +88,9 @@ def time_left_s(context: grpc.ServicerContext) -> float:
 class MemoryXClient:
     """The parameter server, as the driver sees it."""
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, security: Security):
         self.address = address
-        self._stub = mgrpc.MemoryXStub(channel(address))
+        self._stub = mgrpc.MemoryXStub(channel(address, security))
 
     def load_weights(
         self,
@@ -148,12 +149,12 @@ class MemoryXClient:
     def commit_step(self, step: int, *, timeout_s: float = CALL_TIMEOUT_S) -> None:
         self._stub.CommitStep(step_request_to_wire(step), timeout=timeout_s)
 
-    def save_checkpoint(self, path: str, *, timeout_s: float | None = None) -> CheckpointInfo:
-        """Write a checkpoint at ``path`` on MemoryX's machine."""
+    def save_checkpoint(self, *, timeout_s: float | None = None) -> CheckpointInfo:
+        """Write a checkpoint into the run's checkpoint directory, under a name MemoryX chooses."""
         if timeout_s is None:
             model_bytes = sum(wire_bytes(layer.spec) for layer in self.layout().layers)
             timeout_s = timeout_for(CHECKPOINT_COPIES * model_bytes)
-        reply = self._stub.SaveCheckpoint(checkpoint_request_to_wire(path), timeout=timeout_s)
+        reply = self._stub.SaveCheckpoint(checkpoint_request_to_wire(), timeout=timeout_s)
         return checkpoint_from_wire(reply)
 
     def stats(self, *, timeout_s: float = CALL_TIMEOUT_S) -> TrafficStats:
@@ -166,9 +167,9 @@ class MemoryXClient:
 class SwarmXClient:
     """A SwarmX node of the tree; ``run_layer`` only at the root."""
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, security: Security):
         self.address = address
-        self._stub = sgrpc.SwarmXStub(channel(address))
+        self._stub = sgrpc.SwarmXStub(channel(address, security))
 
     def run_layer(self, request: LayerRequest, *, timeout_s: float = LAYER_TIMEOUT_S) -> LayerAck:
         """Stream one layer from MemoryX through the tree; the sum of the nodes' answers."""
@@ -184,9 +185,9 @@ class SwarmXClient:
 class NodeClient:
     """A compute node's counters."""
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, security: Security):
         self.address = address
-        self._stub = ngrpc.ComputeNodeStub(channel(address))
+        self._stub = ngrpc.ComputeNodeStub(channel(address, security))
 
     def stats(self, *, timeout_s: float = CALL_TIMEOUT_S) -> NodeStats:
         return node_stats_from_wire(self._stub.Stats(EMPTY, timeout=timeout_s))

@@ -126,7 +126,7 @@ class ModelLayout:
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    path: str
+    name: str  # file name inside the run's checkpoint directory, chosen by MemoryX
     step: int  # next step to run
     num_bytes: int
 

@@ -26,20 +26,18 @@ class StepRequest(_message.Message):
     def __init__(self, step: _Optional[int] = ...) -> None: ...
 
 class CheckpointRequest(_message.Message):
-    __slots__ = ("path",)
-    PATH_FIELD_NUMBER: _ClassVar[int]
-    path: str
-    def __init__(self, path: _Optional[str] = ...) -> None: ...
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class CheckpointReply(_message.Message):
-    __slots__ = ("path", "step", "num_bytes")
-    PATH_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("step", "num_bytes", "name")
     STEP_FIELD_NUMBER: _ClassVar[int]
     NUM_BYTES_FIELD_NUMBER: _ClassVar[int]
-    path: str
+    NAME_FIELD_NUMBER: _ClassVar[int]
     step: int
     num_bytes: int
-    def __init__(self, path: _Optional[str] = ..., step: _Optional[int] = ..., num_bytes: _Optional[int] = ...) -> None: ...
+    name: str
+    def __init__(self, step: _Optional[int] = ..., num_bytes: _Optional[int] = ..., name: _Optional[str] = ...) -> None: ...
 
 class TrafficStats(_message.Message):
     __slots__ = ("egress_bytes", "ingress_bytes", "num_weight_streams", "num_gradient_streams", "num_updates", "num_duplicate_gradients", "update_seconds")

@@ -74,8 +74,9 @@ def step_request_to_wire(step: int) -> mpb.StepRequest:
     return mpb.StepRequest(step=step)
 
 
-def checkpoint_request_to_wire(path: str) -> mpb.CheckpointRequest:
-    return mpb.CheckpointRequest(path=path)
+def checkpoint_request_to_wire() -> mpb.CheckpointRequest:
+    """No path travels: MemoryX chooses the name inside its run's checkpoint directory."""
+    return mpb.CheckpointRequest()
 
 
 # -- MemoryX answers ----------------------------------------------------------

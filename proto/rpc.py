@@ -1,43 +1,398 @@
-"""Small shared gRPC plumbing: servers, channels and error mapping."""
+"""Small shared gRPC plumbing: servers, channels, the run's credentials and error mapping.
+
+Every server starts through ``start_server`` and every client channel comes
+from ``channel``; both take the run's ``Security``. On the server a guard
+interceptor checks the run token of every call (constant-time compare),
+caps the concurrent streams and cancels a stream whose client goes idle; on
+the client the same token travels as call metadata. With ``Security.tls``
+set, both ends speak TLS.
+"""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import hmac
+import ipaddress
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
 from concurrent import futures
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
 from proto.serde import WireError
 
-# Chunks are ~1 MB; leave room for the message envelope.
+# Chunks are ~1 MB; leave room for the message envelope. A larger message is
+# refused with RESOURCE_EXHAUSTED before any servicer sees it.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 _OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
+# Threads kept free for unary calls (Stats, CommitStep, ...) however many streams are open.
+_UNARY_WORKERS = 8
+#: Call-metadata key of the run token (lower case, as gRPC requires).
+TOKEN_METADATA_KEY = "authorization"
+_BEARER = "Bearer "
+
+
+@dataclass(frozen=True)
+class TlsMaterial:
+    """PEM bytes of a CA, and the certificate and key every service of the run presents."""
+
+    ca_pem: bytes = field(repr=False)
+    cert_pem: bytes = field(repr=False)
+    key_pem: bytes = field(repr=False)
+    # Name the certificate is issued to, checked instead of the address's host (a per-run
+    # certificate names the run, not the hosts, which are unknown at launch); None: the host.
+    server_name: str | None = None
+
+
+@dataclass(frozen=True)
+class Security:
+    """What the services and clients of one run share: its token, TLS and stream bounds.
+
+    Handed to actors through Ray (a constructor argument), never on a command
+    line; ``repr`` never shows the token or the key.
+    """
+
+    token: str = field(repr=False)
+    tls: TlsMaterial | None = None
+    stream_idle_s: float = 60.0  # a stream waiting this long on its client is cancelled, s
+    max_streams: int = 64  # concurrent streaming calls per service, count
+
+    def __post_init__(self) -> None:
+        if len(self.token) < 16:
+            raise ValueError("Security.token must be at least 16 characters (use generate()).")
+        if self.stream_idle_s <= 0:
+            raise ValueError(f"Security.stream_idle_s = {self.stream_idle_s} must be positive.")
+        if self.max_streams < 1:
+            raise ValueError(f"Security.max_streams = {self.max_streams} must be at least 1.")
+
+    @classmethod
+    def generate(cls, **kwargs: Any) -> Security:
+        """A fresh random run token (256 bits) with the given TLS material and bounds."""
+        return cls(token=secrets.token_urlsafe(32), **kwargs)
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+# -- server ------------------------------------------------------------------
 
 
 def start_server(
-    register: Callable[[grpc.Server], None], host: str, *, max_workers: int = 32
+    register: Callable[[grpc.Server], None], host: str, *, security: Security
 ) -> tuple[grpc.Server, str]:
-    """Start a server on an OS-chosen port of ``host``; returns it and its ``host:port``."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=_OPTIONS)
+    """Start a guarded server on an OS-chosen port of ``host``; returns it and its ``host:port``."""
+    guard = _Guard(security)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=security.max_streams + _UNARY_WORKERS),
+        interceptors=[guard],
+        options=_OPTIONS,
+    )
     register(server)
-    port = server.add_insecure_port(f"{host}:0")
+    if security.tls is not None:
+        credentials = grpc.ssl_server_credentials(
+            [(security.tls.key_pem, security.tls.cert_pem)], root_certificates=None
+        )
+        port = server.add_secure_port(f"{host}:0", credentials)
+    else:
+        port = server.add_insecure_port(f"{host}:0")
     if port == 0:
         raise ValueError(
             f"could not bind a gRPC port on host {host!r}; set bind_host to an address of this machine"
         )
     server.start()
+    guard.start_watchdog()
     return server, f"{host}:{port}"
 
 
+def _handler_kind(handler: grpc.RpcMethodHandler) -> Callable[..., grpc.RpcMethodHandler]:
+    return {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[(handler.request_streaming, handler.response_streaming)]
+
+
+def _behavior(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
+    return {
+        (False, False): handler.unary_unary,
+        (False, True): handler.unary_stream,
+        (True, False): handler.stream_unary,
+        (True, True): handler.stream_stream,
+    }[(handler.request_streaming, handler.response_streaming)]
+
+
+def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, details: str):
+    """A handler of ``handler``'s kind that ends the call with ``code`` and reads nothing."""
+
+    def refuse(request: Any, context: grpc.ServicerContext) -> Any:
+        context.abort(code, details)
+
+    # No deserializer: a refused request is never parsed.
+    return _handler_kind(handler)(refuse)
+
+
+class _Watch:
+    """One open stream: since when (monotonic) it has been waiting on its client, if it is."""
+
+    __slots__ = ("context", "waiting_since")
+
+    def __init__(self, context: grpc.ServicerContext):
+        self.context = context
+        self.waiting_since: float | None = None
+
+
+class _Guard(grpc.ServerInterceptor):
+    """Token check for every call; a cap and an idle deadline for every stream."""
+
+    def __init__(self, security: Security):
+        self._expected = (_BEARER + security.token).encode()
+        self._idle_s = security.stream_idle_s
+        self._slots = threading.BoundedSemaphore(security.max_streams)
+        self._max_streams = security.max_streams
+        self._watches: set[_Watch] = set()
+        self._lock = threading.Lock()
+        self._watchdog: threading.Thread | None = None
+        # Per method: (the servicer's handler, its guarded and its refusing wrapper). A
+        # service's handlers never change, so each wrapper is built once, not per call.
+        self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None  # unknown method: gRPC answers UNIMPLEMENTED
+        wrapped = self._wrapped.get(handler_call_details.method)
+        if wrapped is None or wrapped[0] is not handler:
+            refusal = _refusal(
+                handler,
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing or wrong run token: send this run's token as call metadata "
+                f"'{TOKEN_METADATA_KEY}: Bearer <token>' (the token file is in the run directory)",
+            )
+            wrapped = (handler, self._guarded(handler), refusal)
+            self._wrapped[handler_call_details.method] = wrapped
+        presented = b""
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == TOKEN_METADATA_KEY:
+                presented = value.encode() if isinstance(value, str) else value
+        if not hmac.compare_digest(presented, self._expected):
+            return wrapped[2]
+        return wrapped[1]
+
+    def _guarded(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """``handler`` that parses its own requests, and for a stream takes a slot and a watch.
+
+        Parsing here, not in gRPC, lets a message that is not valid protobuf get
+        INVALID_ARGUMENT (gRPC's own deserializer answers INTERNAL).
+        """
+        behavior = _behavior(handler)
+        parse = handler.request_deserializer or (lambda raw: raw)
+        guard = self
+
+        def parsed(raw: bytes, context: grpc.ServicerContext) -> Any:
+            try:
+                return parse(raw)
+            except Exception:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the request is not valid protobuf")
+
+        def admit(context: grpc.ServicerContext) -> tuple[_Watch, Callable[[], None]]:
+            if not guard._slots.acquire(blocking=False):
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"this service already serves {guard._max_streams} streams; try again later",
+                )
+            watch = _Watch(context)
+            with guard._lock:
+                guard._watches.add(watch)
+            released = threading.Event()
+
+            def release() -> None:
+                with guard._lock:
+                    if released.is_set():
+                        return
+                    released.set()
+                    guard._watches.discard(watch)
+                guard._slots.release()
+
+            return watch, release
+
+        def requests(watch: _Watch, iterator: Iterator[bytes]) -> Iterator[Any]:
+            while True:
+                watch.waiting_since = time.monotonic()
+                try:
+                    raw = next(iterator)
+                except StopIteration:
+                    return
+                finally:
+                    watch.waiting_since = None
+                try:
+                    item = parse(raw)
+                except Exception:
+                    # The servicer's rpc_errors answers INVALID_ARGUMENT.
+                    raise WireError(
+                        "a message of the request stream is not valid protobuf"
+                    ) from None
+                yield item
+
+        if not (handler.request_streaming or handler.response_streaming):
+
+            def run(request: Any, context: grpc.ServicerContext) -> Any:
+                return behavior(parsed(request, context), context)
+
+        elif handler.response_streaming:
+
+            def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                watch, release = admit(context)
+                context.add_callback(release)
+                try:
+                    if handler.request_streaming:
+                        request = requests(watch, request)
+                    else:
+                        request = parsed(request, context)
+                    for item in behavior(request, context):
+                        # Until gRPC asks for the next item it is sending this one, which
+                        # waits on the client's flow control.
+                        watch.waiting_since = time.monotonic()
+                        yield item
+                        watch.waiting_since = None
+                finally:
+                    release()
+
+        else:
+
+            def run(request: Any, context: grpc.ServicerContext) -> Any:
+                watch, release = admit(context)
+                try:
+                    return behavior(requests(watch, request), context)
+                finally:
+                    release()
+
+        return _handler_kind(handler)(
+            run,
+            request_deserializer=None,  # raw bytes in: parsed above
+            response_serializer=handler.response_serializer,
+        )
+
+    def start_watchdog(self) -> None:
+        self._watchdog = threading.Thread(target=self._watch_idle, name="grpc-idle", daemon=True)
+        self._watchdog.start()
+
+    def _watch_idle(self) -> None:
+        period_s = min(1.0, self._idle_s / 4)
+        while True:
+            time.sleep(period_s)
+            now = time.monotonic()
+            with self._lock:
+                idle = [
+                    w
+                    for w in self._watches
+                    if w.waiting_since is not None and now - w.waiting_since > self._idle_s
+                ]
+            for watch in idle:
+                # The handler's blocked read or write fails and its thread and slot come back.
+                watch.context.cancel()
+
+
+# -- client ------------------------------------------------------------------
+
+
+class _WithToken:
+    """A multicallable of any kind that adds the run token to the call's metadata.
+
+    Per-call credentials without gRPC's client-interceptor machinery, which
+    costs more per call than the call itself on loopback.
+    """
+
+    __slots__ = ("_call", "_metadatum")
+
+    def __init__(self, call: Any, metadatum: tuple[str, str]):
+        self._call = call
+        self._metadatum = metadatum
+
+    def _metadata(self, metadata: Any) -> tuple:
+        return (self._metadatum,) if not metadata else (*metadata, self._metadatum)
+
+    def __call__(self, request: Any, timeout: float | None = None, metadata: Any = None, **kw):
+        return self._call(request, timeout=timeout, metadata=self._metadata(metadata), **kw)
+
+    def with_call(self, request: Any, timeout: float | None = None, metadata: Any = None, **kw):
+        return self._call.with_call(
+            request, timeout=timeout, metadata=self._metadata(metadata), **kw
+        )
+
+    def future(self, request: Any, timeout: float | None = None, metadata: Any = None, **kw):
+        return self._call.future(request, timeout=timeout, metadata=self._metadata(metadata), **kw)
+
+
+class _TokenChannel(grpc.Channel):
+    """``channel`` with the run token on every call made through it."""
+
+    def __init__(self, inner: grpc.Channel, token: str):
+        self._inner = inner
+        self._metadatum = (TOKEN_METADATA_KEY, _BEARER + token)
+
+    def unary_unary(self, method, *args, **kwargs):
+        return _WithToken(self._inner.unary_unary(method, *args, **kwargs), self._metadatum)
+
+    def unary_stream(self, method, *args, **kwargs):
+        return _WithToken(self._inner.unary_stream(method, *args, **kwargs), self._metadatum)
+
+    def stream_unary(self, method, *args, **kwargs):
+        return _WithToken(self._inner.stream_unary(method, *args, **kwargs), self._metadatum)
+
+    def stream_stream(self, method, *args, **kwargs):
+        return _WithToken(self._inner.stream_stream(method, *args, **kwargs), self._metadatum)
+
+    def subscribe(self, callback, try_to_connect=False):
+        self._inner.subscribe(callback, try_to_connect=try_to_connect)
+
+    def unsubscribe(self, callback):
+        self._inner.unsubscribe(callback)
+
+    def close(self):
+        self._inner.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc_val, exc_tb):
+        self._inner.close()
+        return False
+
+
 @functools.cache
-def channel(address: str) -> grpc.Channel:
-    """One shared channel per peer address for the life of the process."""
-    return grpc.insecure_channel(address, options=_OPTIONS)
+def channel(address: str, security: Security) -> grpc.Channel:
+    """One shared channel per peer and run for the life of the process.
+
+    The only place channel credentials are chosen: TLS when the run has TLS
+    material, plaintext otherwise; the run token rides on every call.
+    """
+    if security.tls is not None:
+        options = list(_OPTIONS)
+        if security.tls.server_name:
+            options.append(("grpc.ssl_target_name_override", security.tls.server_name))
+        raw = grpc.secure_channel(
+            address,
+            grpc.ssl_channel_credentials(root_certificates=security.tls.ca_pem),
+            options=options,
+        )
+    else:
+        raw = grpc.insecure_channel(address, options=_OPTIONS)
+    return _TokenChannel(raw, security.token)
 
 
 class StepConflict(Exception):

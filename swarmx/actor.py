@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from proto.rpc import resolve_host, start_server
+from proto.rpc import Security, resolve_host, start_server
 from swarmx.service import SwarmXServicer, register
 
 
 class SwarmXActor:
-    def __init__(self, name: str, *, host: str):
-        self.servicer = SwarmXServicer(name)
+    def __init__(self, name: str, *, host: str, security: Security):
+        self.servicer = SwarmXServicer(name, security=security)
         self.server, self.address = start_server(
-            lambda server: register(server, self.servicer), resolve_host(host)
+            lambda server: register(server, self.servicer), resolve_host(host), security=security
         )
 
     def get_address(self) -> str:

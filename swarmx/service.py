@@ -19,7 +19,7 @@ from proto import memoryx_pb2_grpc as mgrpc
 from proto import swarmx_pb2_grpc as sgrpc
 from proto import tensor_pb2 as pb
 from proto.clients import time_left_s
-from proto.domain import Chunk, Header, LayerAck, LinkStats, StreamItem, SwarmXStats
+from proto.domain import Chunk, Header, LayerAck, LinkStats, Phase, StreamItem, SwarmXStats
 from proto.messages import (
     EMPTY,
     ack_from_wire,
@@ -28,11 +28,12 @@ from proto.messages import (
     swarmx_stats_to_wire,
     weights_request_to_wire,
 )
-from proto.rpc import StepConflict, channel, rpc_errors
+from proto.rpc import Security, StepConflict, channel, rpc_errors
 from proto.serde import WireError, from_wire, from_wire_stream, to_wire
 from swarmx.reduce import ChunkReduction
 
 _END = object()
+_PHASES = tuple(Phase)
 # Chunks buffered per child before the sender waits: bounds memory, keeps cut-through.
 _QUEUE_DEPTH = 16
 # How often a sender blocked on a full child queue checks whether that child is gone.
@@ -88,10 +89,16 @@ class _Reducing:
     num_open: int
     failed: list[str] = field(default_factory=list)
 
+    @property
+    def live(self) -> bool:
+        """Still able to finish: not failed, and its upstream call not ended (e.g. by deadline)."""
+        return not self.failed and not self.upstream.done()
+
 
 class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
-    def __init__(self, name: str):
+    def __init__(self, name: str, *, security: Security):
         self.name = name
+        self.security = security  # of the channels to children, parent and MemoryX
         self.children: tuple[str, ...] = ()
         self._child_stubs: list[sgrpc.LayerSinkStub] = []
         self._parent: sgrpc.SwarmXStub | None = None
@@ -112,9 +119,11 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
         """Wire this node into the tree: children by name -> address, and one upstream."""
         assert (parent is None) != (memoryx is None), "exactly one upstream: a parent or MemoryX"
         self.children = tuple(children)
-        self._child_stubs = [sgrpc.LayerSinkStub(channel(a)) for a in children.values()]
-        self._parent = sgrpc.SwarmXStub(channel(parent)) if parent else None
-        self._memoryx = mgrpc.MemoryXStub(channel(memoryx)) if memoryx else None
+        self._child_stubs = [
+            sgrpc.LayerSinkStub(channel(a, self.security)) for a in children.values()
+        ]
+        self._parent = sgrpc.SwarmXStub(channel(parent, self.security)) if parent else None
+        self._memoryx = mgrpc.MemoryXStub(channel(memoryx, self.security)) if memoryx else None
         self._down = {c: _LinkCounter() for c in self.children}
 
     # -- broadcast ---------------------------------------------------------
@@ -182,6 +191,10 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
         if self._memoryx is None:
             raise WireError(f"{self.name} is not the root of the tree; send RunLayer to the root")
         request = layer_request_from_wire(request)
+        if request.phase not in _PHASES:
+            raise WireError(f"phase {request.phase} is not FORWARD, BACKWARD or EVAL")
+        if request.layer < 0 or request.step < 0:
+            raise WireError(f"layer {request.layer} and step {request.step} must not be negative")
         if request.without_weights:
             # The pass needs no weights (DFA backward): a header-only stream, nothing from MemoryX.
             header = Header(
@@ -205,8 +218,9 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
         key = (header.layer, header.step)
         with self._lock:
             entry = self._reducing.get(key)
-            # A failed attempt of this layer and step may linger; a re-run starts afresh.
-            if entry is None or entry.failed:
+            # A failed attempt of this layer and step may linger, or one whose upstream call
+            # ended (its deadline passed); a re-run starts afresh.
+            if entry is None or not entry.live:
                 outbox: queue.Queue = queue.Queue()
 
                 def emit(item: StreamItem) -> None:
@@ -234,6 +248,13 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
         if not isinstance(header, Header):
             raise WireError("a gradient stream must start with a header")
         child = header.sender
+        # Checked before a reduction (and its upstream stream) is opened for this header.
+        if child not in self.children:
+            raise WireError(f"gradient stream from {child!r}, which is not a child of {self.name}")
+        if header.phase != Phase.BACKWARD:
+            raise WireError(f"a gradient stream has phase BACKWARD, not {header.phase}")
+        if min(header.layer, header.step, header.num_tensors, header.total_bytes) < 0:
+            raise WireError("a gradient header's layer, step, num_tensors and total_bytes are >= 0")
         entry = self._open_reduction(header, context)
         received = 0
         try:

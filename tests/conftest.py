@@ -18,6 +18,7 @@ def ray_session():
     if not ray.is_initialized():
         ray.init(
             address="local",  # a fresh instance, never someone else's cluster
+            _node_ip_address="127.0.0.1",  # Ray advertises loopback, as emulator.launch does
             num_cpus=2,
             include_dashboard=False,
             log_to_driver=False,

@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from memoryx.checkpoint import load_checkpoint, save_checkpoint
+from memoryx.checkpoint import (
+    checkpoint_name,
+    confined_path,
+    load_checkpoint,
+    load_confined_checkpoint,
+    save_checkpoint,
+)
 from memoryx.optim import Optimizer
 from memoryx.store import ParameterStore
 
@@ -194,3 +200,56 @@ def test_load_with_other_optimizer_raises(tmp_path: Path) -> None:
         ValueError, match="holds state of optimizer 'adamw', but the optimizer given is 'adam'"
     ):
         load_checkpoint(path, Optimizer.Config(name="adam").build())
+
+
+# -- confinement: no path from the wire leads out of the run's checkpoint directory --
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["../outside.pt", "a/b.pt", "/etc/passwd", ".hidden", "..", ".", "", "x" * 200, "-rf"],
+)
+def test_confined_path_refuses_names_that_are_not_plain(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ValueError, match="not a plain file name"):
+        confined_path(tmp_path, name)
+
+
+def test_confined_path_refuses_a_symlink_even_to_a_checkpoint(tmp_path: Path) -> None:
+    directory = tmp_path / "checkpoints"
+    directory.mkdir()
+    outside = tmp_path / "outside.pt"
+    save_checkpoint(_store(), outside)
+    (directory / "step-00000000.pt").symlink_to(outside)
+    with pytest.raises(ValueError, match="symlink"):
+        confined_path(directory, "step-00000000.pt")
+    with pytest.raises(ValueError, match="symlink"):
+        load_confined_checkpoint(directory, "step-00000000.pt", CONFIG.build())
+    # A plain file in the directory loads.
+    (directory / "step-00000000.pt").unlink()
+    save_checkpoint(_store(), directory / checkpoint_name(0))
+    store, _ = load_confined_checkpoint(directory, checkpoint_name(0), CONFIG.build())
+    _assert_stores_equal(store, _store())
+
+
+def test_confined_path_refuses_a_directory_symlinked_out(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    save_checkpoint(_store(), outside / "real.pt")
+    directory = tmp_path / "checkpoints"
+    directory.mkdir()
+    (directory / "sub").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(ValueError):
+        confined_path(directory, "sub/real.pt")
+
+
+def test_memoryx_resume_reads_only_inside_its_checkpoint_directory(tmp_path: Path) -> None:
+    from memoryx.service import MemoryXServicer
+
+    save_checkpoint(_store(), tmp_path / "outside.pt")
+    directory = tmp_path / "checkpoints"
+    directory.mkdir()
+    for name in ("../outside.pt", str(tmp_path / "outside.pt")):
+        with pytest.raises(ValueError, match="plain file name"):
+            MemoryXServicer(CONFIG.build(), checkpoint_dir=str(directory), resume=name)
+    with pytest.raises(ValueError, match="no checkpoint_dir"):
+        MemoryXServicer(CONFIG.build(), resume="outside.pt")

@@ -15,9 +15,12 @@ from proto import memoryx_pb2_grpc as mgrpc
 from proto import tensor_pb2 as pb
 from proto.clients import MemoryXClient
 from proto.domain import Phase, TrafficStats
-from proto.rpc import channel, start_server
+from proto.rpc import Security, channel, start_server
 from proto.serde import Expected, decode_layer, encode_layer, layout_of
 from tests.proto.edits import edited
+
+# This module's run credentials (token only: loopback).
+SECURITY = Security.generate()
 
 LR = 0.1
 CHUNK_BYTES = 1024  # layer 0's weight is several chunks
@@ -47,13 +50,15 @@ def _sgd(weights: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]):
 class MemoryX:
     """A MemoryX servicer on its own loopback server, with a stub and small helpers."""
 
-    def __init__(self, checkpoint: str | None = None):
+    def __init__(self, checkpoint_dir: str | None = None, resume: str | None = None):
         optimizer = Optimizer.Config(name="sgd", lr=LR, momentum=0.0).build()
-        self.servicer = MemoryXServicer(optimizer, chunk_bytes=CHUNK_BYTES, checkpoint=checkpoint)
-        self.server, self.address = start_server(
-            lambda server: register(server, self.servicer), "127.0.0.1"
+        self.servicer = MemoryXServicer(
+            optimizer, chunk_bytes=CHUNK_BYTES, checkpoint_dir=checkpoint_dir, resume=resume
         )
-        self.stub = mgrpc.MemoryXStub(channel(self.address))
+        self.server, self.address = start_server(
+            lambda server: register(server, self.servicer), "127.0.0.1", security=SECURITY
+        )
+        self.stub = mgrpc.MemoryXStub(channel(self.address, SECURITY))
 
     def load(self, layers=None, step: int = 0) -> None:
         layers = _model() if layers is None else layers
@@ -87,8 +92,9 @@ class MemoryX:
 
 
 @pytest.fixture
-def memoryx() -> Iterator[MemoryX]:
-    service = MemoryX()
+def memoryx(tmp_path) -> Iterator[MemoryX]:
+    (tmp_path / "checkpoints").mkdir()
+    service = MemoryX(checkpoint_dir=str(tmp_path / "checkpoints"))
     yield service
     service.stop()
 
@@ -222,8 +228,11 @@ def test_stream_weights_rejects_bad_requests(loaded):
     assert _code(lambda: stream(layer=2)) == grpc.StatusCode.INVALID_ARGUMENT
     assert _code(lambda: stream(layer=-1)) == grpc.StatusCode.INVALID_ARGUMENT
     assert _code(lambda: stream(dtype="float64")) == grpc.StatusCode.INVALID_ARGUMENT
-    assert _code(lambda: stream(step=1)) == grpc.StatusCode.FAILED_PRECONDITION
-    assert _code(lambda: stream(step=-1)) == grpc.StatusCode.FAILED_PRECONDITION
+    # Negative or beyond the layer's version: a bad argument, not a version to wait for.
+    assert _code(lambda: stream(step=1)) == grpc.StatusCode.INVALID_ARGUMENT
+    assert _code(lambda: stream(step=-1)) == grpc.StatusCode.INVALID_ARGUMENT
+    assert _code(lambda: stream(phase=77)) == grpc.StatusCode.INVALID_ARGUMENT
+    assert _code(lambda: stream(phase=pb.PHASE_UNSPECIFIED)) == grpc.StatusCode.INVALID_ARGUMENT
     stats = loaded.stats()
     assert stats.egress_bytes == 0 and stats.num_weight_streams == 0
 
@@ -300,8 +309,9 @@ def test_bad_gradient_stream_is_rejected_and_changes_nothing(loaded, case):
     assert loaded.stats() == stats_before
     for layer in range(2):
         _assert_weights_equal(loaded.weights(layer, 0), weights_before[layer])
+        # No update happened, so step 1 is beyond the layer's version.
         assert _code(lambda layer=layer: loaded.weights(layer, 1)) == (
-            grpc.StatusCode.FAILED_PRECONDITION
+            grpc.StatusCode.INVALID_ARGUMENT
         )
     # A correct stream still applies, exactly once.
     assert loaded.push(_gradient_stream(0, 0)).update_applied
@@ -363,24 +373,25 @@ def test_commit_requires_every_layer_and_drops_old_version(loaded):
             grpc.StatusCode.FAILED_PRECONDITION
         )
         _assert_weights_equal(loaded.weights(layer, 1), _sgd(_model()[layer], _grads(layer)))
-    assert _code(lambda: commit(1)) == grpc.StatusCode.FAILED_PRECONDITION
+    # Step 1 has not run: beyond the current version.
+    assert _code(lambda: commit(1)) == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_save_checkpoint_writes_a_file_that_restores(loaded, tmp_path):
     for layer in (1, 0):
         loaded.push(_gradient_stream(layer, 0))
-    path = tmp_path / "memoryx.pt"
-    save = lambda: loaded.stub.SaveCheckpoint(  # noqa: E731
-        mpb.CheckpointRequest(path=str(path)), timeout=TIMEOUT_S
-    )
+    directory = tmp_path / "checkpoints"
+    save = lambda: loaded.stub.SaveCheckpoint(mpb.CheckpointRequest(), timeout=TIMEOUT_S)  # noqa: E731
     assert _code(save) == grpc.StatusCode.FAILED_PRECONDITION  # step 0 not committed
-    assert not path.exists()
+    assert list(directory.iterdir()) == []
     loaded.stub.CommitStep(mpb.StepRequest(step=0), timeout=TIMEOUT_S)
     reply = save()
-    assert path.is_file()
-    assert reply.path == str(path) and reply.step == 1
+    # The server chose the name, inside its checkpoint directory.
+    assert [p.name for p in directory.iterdir()] == [reply.name] == ["step-00000001.pt"]
+    path = directory / reply.name
+    assert reply.step == 1
     assert reply.num_bytes == path.stat().st_size > MODEL_BYTES
-    restored = MemoryX(checkpoint=str(path))
+    restored = MemoryX(checkpoint_dir=str(directory), resume=reply.name)
     try:
         assert restored.stub.Layout(pb.Empty(), timeout=TIMEOUT_S).step == 1
         for layer in range(2):
@@ -402,7 +413,7 @@ def test_reset_stats(loaded):
 
 def test_client_drives_memoryx_with_domain_types(memoryx, tmp_path):
     """What the coordinator does, through ``MemoryXClient``: same answers as the raw stubs."""
-    client = MemoryXClient(memoryx.address)
+    client = MemoryXClient(memoryx.address, SECURITY)
     client.load_weights(_model(), step=0, chunk_bytes=CHUNK_BYTES)
     layout = client.layout()
     assert layout.step == 0
@@ -417,9 +428,9 @@ def test_client_drives_memoryx_with_domain_types(memoryx, tmp_path):
     for layer in (1, 0):
         assert memoryx.push(_gradient_stream(layer, 0)).update_applied
     client.commit_step(0)
-    info = client.save_checkpoint(str(tmp_path / "c.pt"))
-    assert (info.path, info.step) == (str(tmp_path / "c.pt"), 1)
-    assert info.num_bytes == (tmp_path / "c.pt").stat().st_size
+    info = client.save_checkpoint()
+    assert (info.name, info.step) == ("step-00000001.pt", 1)
+    assert info.num_bytes == (tmp_path / "checkpoints" / info.name).stat().st_size
     stats = client.stats()
     assert isinstance(stats, TrafficStats)
     assert (stats.egress_bytes, stats.ingress_bytes, stats.num_updates) == (

@@ -12,8 +12,11 @@ from memoryx.sparsity import Sparsity, UpdateSchedule
 from proto import memoryx_pb2 as mpb
 from proto import memoryx_pb2_grpc as mgrpc
 from proto import tensor_pb2 as pb
-from proto.rpc import channel, start_server
+from proto.rpc import Security, channel, start_server
 from proto.serde import Expected, LayerAssembler, encode_layer, layout_of
+
+# This module's run credentials (token only: loopback).
+SECURITY = Security.generate()
 
 TIMEOUT_S = 20
 
@@ -27,8 +30,8 @@ def _model() -> list[dict[str, torch.Tensor]]:
 def service(request):
     sparsity = request.param
     servicer = MemoryXServicer(Optimizer.Config(name="sgd", lr=0.1).build(), sparsity=sparsity)
-    server, address = start_server(lambda s: register(s, servicer), "127.0.0.1")
-    stub = mgrpc.MemoryXStub(channel(address))
+    server, address = start_server(lambda s: register(s, servicer), "127.0.0.1", security=SECURITY)
+    stub = mgrpc.MemoryXStub(channel(address, SECURITY))
     stub.LoadWeights(encode_layer(0, 0, pb.FORWARD, _model()[0], sender="driver"))
     yield stub
     server.stop(grace=None)

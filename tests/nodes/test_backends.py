@@ -22,6 +22,7 @@ from nodes.pcm.device import PcmDevice
 from nodes.pcm.periphery import Periphery
 from nodes.pcm.tile import Tile
 from nodes.registry import BACKEND_CONFIGS
+from proto.rpc import Security
 
 KINDS = sorted(BACKEND_CONFIGS)
 
@@ -310,6 +311,8 @@ def test_node_stats_carry_the_backend_counters():
         backend=PcmBackend.Config().build(),
     )
     worker.forward(0, 0, weights[0])
-    stats = ComputeNodeServicer(worker, name="node-0").Stats(None, None)
+    stats = ComputeNodeServicer(worker, name="node-0", security=Security.generate()).Stats(
+        None, None
+    )
     assert stats.backend_stats["pcm.programmings"] == 1
     assert stats.backend_stats["pcm.program_energy_j"] > 0

@@ -34,12 +34,15 @@ from proto import swarmx_pb2_grpc as sgrpc
 from proto import tensor_pb2 as pb
 from proto.clients import MemoryXClient, NodeClient, SwarmXClient
 from proto.domain import LayerAck, LayerRequest, NodeStats, Phase
-from proto.rpc import channel, start_server
+from proto.rpc import Security, channel, start_server
 from proto.serde import encode_layer
 from swarmx.service import SwarmXServicer
 from swarmx.service import register as register_swarmx
 from swarmx.tree import build_tree, node_name
 from tests.proto.edits import edited
+
+# This module's run credentials (token only: loopback).
+SECURITY = Security.generate()
 
 LR = 0.1
 SEED = 3
@@ -126,7 +129,7 @@ def build_cluster(
     servers: list[grpc.Server] = []
 
     def serve(register) -> str:
-        server, address = start_server(register, "127.0.0.1")
+        server, address = start_server(register, "127.0.0.1", security=SECURITY)
         servers.append(server)
         return address
 
@@ -135,7 +138,7 @@ def build_cluster(
     )
     memoryx_address = serve(lambda s: register_memoryx(s, memoryx))
     tree = build_tree(num_nodes, fanout)
-    swarmx = {t.name: SwarmXServicer(t.name) for t in tree}
+    swarmx = {t.name: SwarmXServicer(t.name, security=SECURITY) for t in tree}
     swarmx_addresses = {
         name: serve(lambda s, servicer=servicer: register_swarmx(s, servicer))
         for name, servicer in swarmx.items()
@@ -151,7 +154,11 @@ def build_cluster(
             seed=SEED,
             backend=Cs2Backend.Config(precision=precision).build(),
         )
-        nodes.append(ComputeNodeServicer(worker, name=node_name(rank), chunk_bytes=CHUNK_BYTES))
+        nodes.append(
+            ComputeNodeServicer(
+                worker, name=node_name(rank), security=SECURITY, chunk_bytes=CHUNK_BYTES
+            )
+        )
     node_addresses = [serve(lambda s, n=n: register_node(s, n)) for n in nodes]
     # Wiring, as emulator/launch.py does it.
     by_name = {**swarmx_addresses, **{node_name(r): a for r, a in enumerate(node_addresses)}}
@@ -166,11 +173,11 @@ def build_cluster(
         node.connect(swarmx_addresses[parent_of[node_name(rank)]])
     cluster = InProcessCluster(
         memoryx=memoryx,
-        memoryx_stub=mgrpc.MemoryXStub(channel(memoryx_address)),
+        memoryx_stub=mgrpc.MemoryXStub(channel(memoryx_address, SECURITY)),
         swarmx=swarmx,
-        root=sgrpc.SwarmXStub(channel(swarmx_addresses[tree[-1].name])),
+        root=sgrpc.SwarmXStub(channel(swarmx_addresses[tree[-1].name], SECURITY)),
         nodes=nodes,
-        node_stubs=[ngrpc.ComputeNodeStub(channel(a)) for a in node_addresses],
+        node_stubs=[ngrpc.ComputeNodeStub(channel(a, SECURITY)) for a in node_addresses],
         node_addresses=node_addresses,
         servers=servers,
         memoryx_address=memoryx_address,
@@ -263,7 +270,7 @@ def test_typed_clients_drive_a_step_bitwise_like_the_stubs(dataset):
             if not use_clients:
                 cluster.train_step(0)
             else:
-                root = SwarmXClient(cluster.root_address)
+                root = SwarmXClient(cluster.root_address, SECURITY)
                 acks = [
                     root.run_layer(LayerRequest(layer, 0, phase, "float32"), timeout_s=TIMEOUT_S)
                     for layer, phase in [(0, Phase.FORWARD), (1, Phase.FORWARD)]
@@ -271,8 +278,8 @@ def test_typed_clients_drive_a_step_bitwise_like_the_stubs(dataset):
                 ]
                 assert all(isinstance(a, LayerAck) and a.num_nodes == 2 for a in acks)
                 assert all(a.update_applied for a in acks[2:])
-                MemoryXClient(cluster.memoryx_address).commit_step(0)
-                nodes = [NodeClient(a).stats() for a in cluster.node_addresses]
+                MemoryXClient(cluster.memoryx_address, SECURITY).commit_step(0)
+                nodes = [NodeClient(a, SECURITY).stats() for a in cluster.node_addresses]
                 assert all(isinstance(n, NodeStats) for n in nodes)
                 assert [n.gradient_bytes_sent for n in nodes] == [MODEL_BYTES] * 2
                 assert root.stats().up.payload_bytes == MODEL_BYTES
@@ -323,7 +330,7 @@ def test_failed_backward_is_rerun_from_the_forward_pass(dataset):
             cluster.run_layer(layer, 0, pb.FORWARD)
         # node-1 loses its activations: it runs layer 0's forward again, on its own.
         stream = encode_layer(0, 0, pb.FORWARD, _weights(_layers(_model())[0]))
-        node1 = sgrpc.LayerSinkStub(channel(cluster.node_addresses[1]))
+        node1 = sgrpc.LayerSinkStub(channel(cluster.node_addresses[1], SECURITY))
         node1.Deliver(stream, timeout=TIMEOUT_S)
         with pytest.raises(grpc.RpcError) as info:
             cluster.run_layer(1, 0, pb.BACKWARD)
@@ -361,12 +368,16 @@ def node(dataset) -> Iterator[SingleNode]:
         seed=SEED,
         backend=Cs2Backend.Config().build(),
     )
-    servicer = ComputeNodeServicer(worker, name="node-0", chunk_bytes=CHUNK_BYTES)
-    server, address = start_server(lambda s: register_node(s, servicer), "127.0.0.1")
+    servicer = ComputeNodeServicer(
+        worker, name="node-0", security=SECURITY, chunk_bytes=CHUNK_BYTES
+    )
+    server, address = start_server(
+        lambda s: register_node(s, servicer), "127.0.0.1", security=SECURITY
+    )
     yield SingleNode(
         servicer,
-        sgrpc.LayerSinkStub(channel(address)),
-        ngrpc.ComputeNodeStub(channel(address)),
+        sgrpc.LayerSinkStub(channel(address, SECURITY)),
+        ngrpc.ComputeNodeStub(channel(address, SECURITY)),
         server,
     )
     server.stop(grace=None)

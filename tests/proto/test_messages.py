@@ -54,7 +54,10 @@ from proto.messages import (
     weights_request_from_wire,
     weights_request_to_wire,
 )
-from proto.rpc import channel, start_server
+from proto.rpc import Security, channel, start_server
+
+# This module's run credentials (token only: loopback).
+SECURITY = Security.generate()
 
 ACK = LayerAck(
     layer=3,
@@ -92,7 +95,7 @@ def _through_the_wire(message):
             weights_request_from_wire,
         ),
         (
-            CheckpointInfo(path="/x/ckpt.pt", step=5, num_bytes=123),
+            CheckpointInfo(name="step-00000005.pt", step=5, num_bytes=123),
             checkpoint_to_wire,
             checkpoint_from_wire,
         ),
@@ -210,7 +213,7 @@ class _SlowMemoryX(mgrpc.MemoryXServicer):
 def slow() -> Iterator[tuple[_SlowMemoryX, str]]:
     servicer = _SlowMemoryX()
     server, address = start_server(
-        lambda s: mgrpc.add_MemoryXServicer_to_server(servicer, s), "127.0.0.1"
+        lambda s: mgrpc.add_MemoryXServicer_to_server(servicer, s), "127.0.0.1", security=SECURITY
     )
     yield servicer, address
     servicer.release.set()
@@ -219,7 +222,7 @@ def slow() -> Iterator[tuple[_SlowMemoryX, str]]:
 
 def test_client_calls_have_deadlines(slow):
     servicer, address = slow
-    client = MemoryXClient(address)
+    client = MemoryXClient(address, SECURITY)
     with pytest.raises(RpcError) as info:
         client.stats(timeout_s=0.2)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -229,6 +232,6 @@ def test_client_calls_have_deadlines(slow):
 
 def test_servicers_pass_on_the_time_left_or_a_default(slow):
     servicer, address = slow
-    stub = mgrpc.MemoryXStub(channel(address))
+    stub = mgrpc.MemoryXStub(channel(address, SECURITY))
     stub.Layout(pb.Empty())  # a caller without a deadline
     assert servicer.time_left[-1] == LAYER_TIMEOUT_S
