@@ -15,10 +15,11 @@ from torch import nn
 
 from emulator.config import load_config
 from nodes.backend import Backend, autograd_backward, call_block
-from nodes.pcm.analog import HardwareAware, WeightStationary
+from nodes.pcm.analog import WeightStationary
 from nodes.pcm.backend import PcmBackend, matrix_shapes
 from nodes.pcm.config import load_preset
 from nodes.pcm.device import PcmDevice
+from nodes.pcm.modes import HardwareAware
 from nodes.pcm.periphery import Periphery
 from nodes.pcm.tile import Tile
 from nodes.registry import BACKEND_CONFIGS
