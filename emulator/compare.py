@@ -153,10 +153,10 @@ class CompareResult:
         return buffer.getvalue()
 
 
-def _layers_and_data(config: ClusterConfig) -> tuple[list[nn.Module], object]:
+def _layers_and_data(config: ClusterConfig, backend: Backend) -> tuple[list[nn.Module], object]:
     from emulator.train import prepare_layers
 
-    return prepare_layers(config)
+    return prepare_layers(config, backend=backend)
 
 
 def _worker(config: ClusterConfig, layers, dataset, backend: Backend, **kwargs) -> NodeWorker:
@@ -322,12 +322,14 @@ def drift_eval(
     check_drift_backend(config)
     if any(t < 0 for t in drift_times_s):
         raise ValueError(f"drift_times = {list(drift_times_s)} must all be >= 0 s.")
-    layers, dataset = _layers_and_data(config)
+    # Built once each: the compensated backend also prepares the layers.
+    backends = {True: config.backend.drift_eval_config(compensated=True).build()}
+    layers, dataset = _layers_and_data(config, backends[True])
+    backends[False] = config.backend.drift_eval_config(compensated=False).build()
     digital = _worker(config, layers, dataset, Cs2Backend.Config().build(), rank=0, num_nodes=1)
     results: dict[bool, list[float]] = {}
     arrays_used = 0
-    for compensated in (True, False):
-        backend = config.backend.drift_eval_config(compensated).build()
+    for compensated, backend in backends.items():
         backend.check_layers(layers)
         worker = _worker(config, layers, dataset, backend, rank=0, num_nodes=1)
         _accuracy(worker, weights, step=0)  # programs every layer (reads at once)
