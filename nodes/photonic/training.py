@@ -1,4 +1,4 @@
-"""Photonic training methods as strategy objects: ``backprop``, ``ffm``, ``dfa`` (docs/hardware.md §4.2, §4.3).
+"""Photonic training methods as strategy objects (docs/hardware.md §4.2, §4.3).
 
 ``PhotonicBackend.Config.training`` names a method; the config resolves it once to one of the
 classes below (``TRAINING_METHODS``), and each class holds everything that depends on it:
