@@ -20,6 +20,7 @@ import yaml
 from core.atomic import write_json_atomic
 from core.config import to_dict
 from core.cost.workload import Workload
+from core.precision import PRECISIONS
 from core.presets import list_presets, load_hardware
 from core.units import format_count, format_energy, format_seconds
 from emulator.cost.gpt import GPT_SPECS, gpt_workload
@@ -32,6 +33,7 @@ from emulator.cost.stats import (
 )
 from emulator.table import format_table, human_bytes
 from nodes.backend import Backend
+from nodes.photonic.training import TRAINING_METHODS
 
 #: Batch of zoo models when --batch is not given: ``wafer train``'s default batch_size.
 ZOO_DEFAULT_BATCH = 128
@@ -389,7 +391,7 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--seq", type=int, help="sequence length, tokens (GPT models; default: the model's)"
     )
-    p.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "cbfloat16", "fp32"])
+    p.add_argument("--precision", default="fp16", choices=list(PRECISIONS))
     p.add_argument(
         "--backend",
         choices=sorted(Backend.Config.variants()),
@@ -398,7 +400,7 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--training",
-        choices=["backprop", "dfa", "ffm"],
+        choices=sorted(TRAINING_METHODS),
         help="photonic training method (what runs optically; default backprop)",
     )
     p.add_argument(

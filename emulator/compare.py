@@ -39,7 +39,6 @@ from emulator.config import ClusterConfig, load_config
 from emulator.table import format_table
 from nodes.backend import Backend
 from nodes.cs2 import Cs2Backend
-from nodes.pcm.backend import PcmBackend
 from nodes.worker import NodeWorker
 
 _TERA = 1e12
@@ -154,10 +153,10 @@ class CompareResult:
         return buffer.getvalue()
 
 
-def _layers_and_data(config: ClusterConfig) -> tuple[list[nn.Module], object]:
+def _layers_and_data(config: ClusterConfig, backend: Backend) -> tuple[list[nn.Module], object]:
     from emulator.train import prepare_layers
 
-    return prepare_layers(config)
+    return prepare_layers(config, backend=backend)
 
 
 def _worker(config: ClusterConfig, layers, dataset, backend: Backend, **kwargs) -> NodeWorker:
@@ -304,11 +303,7 @@ def _duration(seconds: float) -> str:
 
 def check_drift_backend(config: ClusterConfig) -> None:
     """ValueError unless ``config.backend`` has analog arrays whose conductances drift."""
-    if not isinstance(config.backend, PcmBackend.Config):
-        raise ValueError(
-            f"backend.kind = {config.backend.kind!r} has no analog arrays that drift; "
-            "wafer eval needs --backend pcm."
-        )
+    config.backend.check_drift_eval()
 
 
 def _accuracy(worker: NodeWorker, weights: list[dict[str, Tensor]], step: int) -> float:
@@ -327,36 +322,30 @@ def drift_eval(
     check_drift_backend(config)
     if any(t < 0 for t in drift_times_s):
         raise ValueError(f"drift_times = {list(drift_times_s)} must all be >= 0 s.")
-    layers, dataset = _layers_and_data(config)
+    # Built once each: the compensated backend also prepares the layers.
+    backends = {True: config.backend.drift_eval_config(compensated=True).build()}
+    layers, dataset = _layers_and_data(config, backends[True])
+    backends[False] = config.backend.drift_eval_config(compensated=False).build()
     digital = _worker(config, layers, dataset, Cs2Backend.Config().build(), rank=0, num_nodes=1)
-    results: dict[str, list[float]] = {}
+    results: dict[bool, list[float]] = {}
     arrays_used = 0
-    for kind in ("global", "none"):
-        device = dataclasses.replace(
-            config.backend.device,
-            drift_compensation=dataclasses.replace(
-                config.backend.device.drift_compensation, kind=kind
-            ),
-        )
-        backend = dataclasses.replace(
-            config.backend, mode="weight-stationary", device=device
-        ).build()
+    for compensated, backend in backends.items():
         backend.check_layers(layers)
         worker = _worker(config, layers, dataset, backend, rank=0, num_nodes=1)
         _accuracy(worker, weights, step=0)  # programs every layer (reads at once)
         programmed_at = backend.clock_s
-        results[kind] = []
+        results[compensated] = []
         for index, t in enumerate(sorted(drift_times_s)):
             backend.advance_clock(max(0.0, programmed_at + t - backend.clock_s))
-            results[kind].append(_accuracy(worker, weights, step=index + 1))
+            results[compensated].append(_accuracy(worker, weights, step=index + 1))
         arrays_used = int(backend.stats()["pcm.arrays_in_use"])
     return DriftEvalResult(
         model=config.model.name,
         num_steps=config.num_steps,
         digital_accuracy=_accuracy(digital, weights, step=0),
         drift_times_s=sorted(float(t) for t in drift_times_s),
-        accuracy_compensated=results["global"],
-        accuracy_uncompensated=results["none"],
+        accuracy_compensated=results[True],
+        accuracy_uncompensated=results[False],
         arrays_used=arrays_used,
     )
 

@@ -100,7 +100,7 @@ class Coordinator:
         self.memoryx = MemoryXClient(self.cluster.memoryx_address, security)
         self.root = SwarmXClient(self.cluster.root_address, security)
         # A backend whose backward needs no weights (DFA) gets a header-only backward stream.
-        self.backward_weights = self.config.backend.build().needs_weights_in_backward
+        self.backward_weights = self.config.backend.needs_weights_in_backward
         self._layer_timeouts_s: list[float] | None = None
 
     def load_weights(self, layers: list[nn.Module], step: int = 0) -> None:

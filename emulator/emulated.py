@@ -18,16 +18,14 @@ from typing import Literal
 
 from core.config import doc
 from core.cost.engine import NodeEngine
-from core.cost.hardware import BYTES_PER_ELEMENT, Hardware, Precision
+from core.cost.hardware import Hardware
 from core.cost.workload import LayerProfile, Matmul, OpticalPass, Workload
+from core.precision import Precision, precision_format
 from emulator.cost.compile import Cluster, compile_step
 from emulator.cost.stats import StepStats, simulate
 from emulator.cost.timeline import Event
 from emulator.cost.trace import write_trace
 from nodes.cs2 import WaferEngine
-
-#: Operand precision of the wafer for each dtype a backend streams weights in.
-WIRE_PRECISION: dict[str, Precision] = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 @dataclass(frozen=True)
@@ -78,7 +76,7 @@ def measured_workload(
     keeps them in SRAM.
     """
     by_key = {(p.layer, p.phase): p for p in passes}
-    element_bytes = BYTES_PER_ELEMENT[precision]
+    element_bytes = precision_format(precision).bytes_per_element
     layers = []
     for index, shape in enumerate(shapes):
         forward = by_key.get((index, "forward"))
@@ -127,7 +125,7 @@ def check_fits(
     than its largest MemoryX, or one sample's activations larger than the
     wafer's SRAM. FLOPs do not matter for that, so none are counted.
     """
-    element_bytes = BYTES_PER_ELEMENT[precision]
+    element_bytes = precision_format(precision).bytes_per_element
     workload = Workload(
         name=name,
         layers=tuple(
@@ -249,7 +247,6 @@ def emulate(
 
 
 __all__ = [
-    "WIRE_PRECISION",
     "EmulatedStep",
     "LayerShape",
     "PassMeasurement",

@@ -26,11 +26,11 @@ from torch import nn
 from core.config import to_dict
 from core.cost.profile import block_matmuls, block_optical_passes
 from core.cost.workload import Workload
+from core.precision import precision_format
 from emulator.config import ClusterConfig
 from emulator.coordinator import Coordinator, EvalRecord, StepRecord, group_layers
 from emulator.cost.stats import predict
 from emulator.emulated import (
-    WIRE_PRECISION,
     EmulatedStep,
     LayerShape,
     check_fits,
@@ -40,6 +40,7 @@ from emulator.emulated import (
 from emulator.launch import launch
 from emulator.progress import StepProgress
 from emulator.zoo import check_blocks, model_blocks, model_positions
+from nodes.backend import Backend
 
 
 @dataclass
@@ -66,7 +67,6 @@ class TrainReport:
 
     def to_json(self) -> dict:
         last = self.steps[-1]
-        wire_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}
         final_eval = self.evals[-1] if self.evals else None
         return {
             "config": to_dict(self.config),
@@ -87,10 +87,10 @@ class TrainReport:
                 # Per training step (every step moves the same bytes; the last is reported).
                 "memoryx_egress_bytes": last.memoryx_egress_bytes,
                 "memoryx_ingress_bytes": last.memoryx_ingress_bytes,
-                "weight_bytes_per_pass": self.num_params * wire_bytes[self._wire_dtype],
+                "weight_bytes_per_pass": self.num_params * self._wire_bytes_per_element,
                 "gradient_bytes_per_pass": self.num_params * 4,
                 # DFA's backward pass streams no weights.
-                "num_passes_streamed": 2 if self._backward_weights else 1,
+                "num_passes_streamed": 2 if self.config.backend.needs_weights_in_backward else 1,
                 "bytes_delivered_to_nodes": last.bytes_to_nodes,
                 "bytes_delivered_per_node": last.bytes_to_nodes // self.config.num_nodes,
                 "gradient_bytes_from_nodes": last.gradient_bytes_from_nodes,
@@ -107,18 +107,17 @@ class TrainReport:
         self.emulated.write_trace(path)
 
     @property
-    def _backward_weights(self) -> bool:
-        return self.config.backend.build().needs_weights_in_backward
-
-    @property
-    def _wire_dtype(self) -> str:
-        return self.config.backend.build().wire_dtype
+    def _wire_bytes_per_element(self) -> int:
+        return precision_format(self.config.backend.wire_precision).bytes_per_element
 
 
 def prepare_layers(
-    config: ClusterConfig, model: nn.Module | None = None
+    config: ClusterConfig, model: nn.Module | None = None, backend: Backend | None = None
 ) -> tuple[list[nn.Module], object]:
-    """The model as streamed layers, checked to chain on the data set's inputs."""
+    """The model as streamed layers, checked to chain on the data set's inputs.
+
+    ``backend``: the run's backend, if the caller built it already (else one is built).
+    """
     dataset = config.data_config.build(seed=config.seed)
     module = model if model is not None else config.model.build(seed=config.seed)
     blocks = model_blocks(module)
@@ -126,8 +125,9 @@ def prepare_layers(
     dataset.check_positions(model_positions(module))
     output = check_blocks(blocks, dataset.input_example())
     dataset.check_outputs(tuple(output.shape))
+    backend = backend if backend is not None else config.backend.build()
     # A backend may re-parameterize the layers (photonic: Linear weights -> mesh phases).
-    return config.backend.build().prepare_layers(group_layers(blocks)), dataset
+    return backend.prepare_layers(group_layers(blocks)), dataset
 
 
 def sparsity_named_shapes(layers: list[nn.Module]) -> dict[str, tuple[int, ...]]:
@@ -156,14 +156,14 @@ def sparsity_report(
     hardware,
     num_nodes: int,
     *,
-    wire_dtype: str,
+    wire_precision: str,
 ) -> dict:
     """The JSON ``sparsity`` block: densities, bytes and emulated step time vs dense.
 
     The dense step is the measured workload with every layer's bytes at full
     size (weights in the wire dtype, gradients fp32) and density 1.
     """
-    itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[wire_dtype]
+    itemsize = precision_format(wire_precision).bytes_per_element
     dense = dataclasses.replace(
         workload,
         layers=tuple(
@@ -220,26 +220,27 @@ def train(
     fault: Callable[[int, int, str], None] | None = None,
 ) -> TrainReport:
     started = time.perf_counter()
-    layers, dataset = prepare_layers(config, model)
+    # Built once: the driver's copy prepares and checks the layers; facts come from its config.
+    backend = config.backend.build()
+    layers, dataset = prepare_layers(config, model, backend)
     check_sparsity(config, layers)
     num_params = sum(p.numel() for layer in layers for p in layer.parameters())
     tokens_per_sample = (
         1 if dataset.task == "classification" else int(dataset.train_targets.shape[1])
     )
-    wire_dtype = config.backend.build().wire_dtype
     hardware = config.emulated_hardware
     engine = config.backend.engine(hardware)
     shapes = layer_shapes(layers, dataset.input_example())
     workload_args = {
         "samples_per_step": config.batch_size,
         "tokens_per_sample": tokens_per_sample,
-        "precision": WIRE_PRECISION[wire_dtype],
+        "precision": config.backend.wire_precision,
     }
     # Fail before the cluster starts if the emulated hardware cannot run this at all.
     check_fits(
         config.model.name, shapes, hardware, config.num_nodes, engine=engine, **workload_args
     )
-    config.backend.build().check_layers(layers)
+    backend.check_layers(layers)
     cluster = launch(config, layers, dataset)
     if progress and sys.stderr.isatty():
         # Where an outside client finds the token (0600), the CA and the addresses. Off a
@@ -250,7 +251,7 @@ def train(
             config=config,
             cluster=cluster,
             num_layers=len(layers),
-            wire_dtype=wire_dtype,
+            wire_dtype=config.backend.wire_dtype,
             task=dataset.task,
             tokens_per_sample=tokens_per_sample,
             fault=fault,
@@ -292,7 +293,12 @@ def train(
     sparsity = None
     if densities is not None:
         sparsity = sparsity_report(
-            workload, densities, emulated, hardware, config.num_nodes, wire_dtype=wire_dtype
+            workload,
+            densities,
+            emulated,
+            hardware,
+            config.num_nodes,
+            wire_precision=config.backend.wire_precision,
         )
     return TrainReport(
         sparsity=sparsity,

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 from core.cost.engine import NodeEngine
 from core.cost.hardware import Hardware
+from core.precision import Precision, precision_format
 
 
 class Backend(ABC):
@@ -52,6 +53,35 @@ class Backend(ABC):
             """
             return None
 
+        # ---- Static facts: read from the config, so the driver never builds a backend for them.
+
+        @property
+        def wire_precision(self) -> Precision:
+            """Precision the layer's weights travel in from MemoryX to the node."""
+            return "fp32"
+
+        @property
+        def wire_dtype(self) -> str:
+            """``wire_precision`` as the dtype name of the wire's tensor messages."""
+            return precision_format(self.wire_precision).wire_name
+
+        @property
+        def needs_weights_in_backward(self) -> bool:
+            """False for training methods (such as DFA) whose backward needs no weights."""
+            return True
+
+        def drift_eval_config(self, compensated: bool) -> Backend.Config:
+            """This backend as ``wafer eval`` runs it: programmed once, read later, with or
+            without drift compensation. ValueError for a backend whose arrays do not drift."""
+            raise ValueError(
+                f"backend.kind = {self.kind!r} has no analog arrays that drift; "
+                "wafer eval needs --backend pcm."
+            )
+
+        def check_drift_eval(self) -> None:
+            """ValueError unless this backend has analog arrays whose conductances drift."""
+            self.drift_eval_config(compensated=True)
+
         def engine(self, hardware: Hardware.Config) -> NodeEngine:
             """The cost model of one node's compute, for the emulated clock and ``simulate``.
 
@@ -59,10 +89,17 @@ class Backend(ABC):
             """
             raise NotImplementedError(f"{type(self).__name__} must name its cost engine")
 
-    #: dtype the layer's weights travel in from MemoryX to this node.
-    wire_dtype: str = "float32"
-    #: False for training methods (such as DFA) whose backward needs no weights.
-    needs_weights_in_backward: bool = True
+    config: Config
+
+    @property
+    def wire_dtype(self) -> str:
+        """dtype the layer's weights travel in from MemoryX to this node (its config's)."""
+        return self.config.wire_dtype
+
+    @property
+    def needs_weights_in_backward(self) -> bool:
+        """False for training methods (such as DFA) whose backward needs no weights."""
+        return self.config.needs_weights_in_backward
 
     @abstractmethod
     def forward(self, layer: int, block: nn.Module, params: dict[str, Tensor], x: Tensor) -> Tensor:

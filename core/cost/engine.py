@@ -173,7 +173,8 @@ class AcceleratorEngine(NodeEngine):
     def idle_power_w(self) -> float:
         return 0.0
 
-    def _digital(self, flops: float, tally: Tally) -> None:
+    def charge_digital(self, flops: float, tally: Tally) -> None:
+        """``flops`` on the node's digital unit, charged to the ``digital`` part."""
         tally.add("digital", self.digital.time_s(flops), self.digital.energy_j(flops))
 
 

@@ -10,14 +10,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 from core.config import doc
-
-Precision = Literal["fp16", "bf16", "cbfloat16", "fp32"]
-
-#: Bytes per element of each operand precision (cbfloat16 is a 16-bit format).
-BYTES_PER_ELEMENT: dict[str, int] = {"fp16": 2, "bf16": 2, "cbfloat16": 2, "fp32": 4}
+from core.precision import Precision
 
 
 def _require_positive(config: object, *names: str) -> None:
@@ -251,7 +246,6 @@ class Hardware:
 
 
 __all__ = [
-    "BYTES_PER_ELEMENT",
     "Hardware",
     "MemoryXCost",
     "Precision",

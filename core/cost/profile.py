@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from core.cost.hardware import BYTES_PER_ELEMENT, Precision
 from core.cost.workload import LayerProfile, Matmul, OpticalPass, Workload
+from core.precision import Precision, precision_format
 
 
 def _meta_state(block: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -126,7 +126,7 @@ def profile_modules(
     each block's input, as the wafer keeps the layer inputs in SRAM; FLOPs and
     bytes are divided by the example batch to give per-sample figures.
     """
-    element_bytes = BYTES_PER_ELEMENT[precision]
+    element_bytes = precision_format(precision).bytes_per_element
     num_examples = example_input.shape[0]
     x = example_input.to("meta").requires_grad_(False)
     layers = []

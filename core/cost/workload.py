@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from core.config import doc
-from core.cost.hardware import BYTES_PER_ELEMENT, Precision
+from core.precision import Precision, precision_format
 
 
 @dataclass(frozen=True)
@@ -151,11 +151,7 @@ class Workload:
             raise ValueError(
                 f"tokens_per_sample = {self.tokens_per_sample!r} is not valid; it must be >= 1."
             )
-        if self.precision not in BYTES_PER_ELEMENT:
-            raise ValueError(
-                f"precision = {self.precision!r} is not valid; choose one of "
-                f"{', '.join(BYTES_PER_ELEMENT)}."
-            )
+        precision_format(self.precision)  # ValueError naming the valid precisions
         names = [layer.name for layer in self.layers]
         if len(set(names)) != len(names):
             raise ValueError(f"layers of workload {self.name!r} must have unique names: {names}.")

@@ -12,7 +12,7 @@
 No numerics run here and nothing imports ray or grpc.
 """
 
-from core.cost.hardware import BYTES_PER_ELEMENT, Hardware, MemoryXCost, SwarmXCost, WaferCost
+from core.cost.hardware import Hardware, MemoryXCost, SwarmXCost, WaferCost
 from core.cost.operation import Operation
 from core.cost.workload import LayerProfile, Workload
 from emulator.cost.compile import Cluster, CompiledStep, compile_step
@@ -22,7 +22,6 @@ from emulator.cost.timeline import Event, Timeline, run
 from emulator.cost.trace import trace_json, write_trace
 
 __all__ = [
-    "BYTES_PER_ELEMENT",
     "GPT_SPECS",
     "Cluster",
     "CompiledStep",

@@ -12,8 +12,8 @@ import dataclasses
 from dataclasses import dataclass
 
 from core.config import doc
-from core.cost.hardware import BYTES_PER_ELEMENT, Precision
 from core.cost.workload import LayerProfile, Matmul, Workload
+from core.precision import Precision, precision_format
 
 #: GPT-2/GPT-3 BPE vocabulary (Brown et al. 2020, section 2.1 follows GPT-2).
 GPT_VOCAB_SIZE = 50257
@@ -87,7 +87,7 @@ def gpt_layers(
 ) -> tuple[LayerProfile, ...]:
     """Embedding, the blocks and the (tied) output head, with per-sequence figures."""
     d, s, v = spec.d_model, seq_len, spec.vocab_size
-    b = BYTES_PER_ELEMENT[precision]
+    b = precision_format(precision).bytes_per_element
     # Block parameters: QKV 3d^2+3d, projection d^2+d, MLP 8d^2+5d, two layer norms 4d.
     block_params = 12 * d * d + 13 * d
     weight_matmul_flops = 2 * 12 * d * d * s

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 
 from core.config import doc
 from core.cost.engine import NodeEngine
-from core.cost.hardware import BYTES_PER_ELEMENT, Hardware
+from core.cost.hardware import Hardware
 from core.cost.workload import LayerProfile, Workload
+from core.precision import precision_format
 from emulator.cost.stats import StepStats, predict
 
 #: Layer names the default sparsity filter leaves dense (see memoryx.sparsity.filters).
@@ -58,7 +59,7 @@ def with_sparsity(workload: Workload, sparsity: float) -> Workload:
     if sparsity == 0:
         return workload
     density = 1.0 - sparsity
-    element_bytes = BYTES_PER_ELEMENT[workload.precision]
+    element_bytes = precision_format(workload.precision).bytes_per_element
 
     def sparse(layer: LayerProfile) -> LayerProfile:
         if any(word in layer.name for word in DENSE_LAYER_WORDS) or layer.num_params == 0:

@@ -17,11 +17,9 @@ from torch import Tensor, nn
 
 from core.config import doc
 from core.cost.hardware import Hardware
+from core.precision import precision_format
 from nodes.backend import Backend, autograd_backward, call_block
 from nodes.cs2.engine import WaferEngine
-
-_OPERAND_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_WIRE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 class Cs2Backend(Backend):
@@ -32,6 +30,11 @@ class Cs2Backend(Backend):
             "operand precision of weights and activations (arithmetic is fp32)", default="fp32"
         )
 
+        @property
+        def wire_precision(self) -> str:
+            """Weights travel already rounded to the operand precision."""
+            return self.precision
+
         def engine(self, hardware: Hardware.Config) -> WaferEngine:
             """The preset's digital wafer."""
             return WaferEngine(hardware.wafer.build())
@@ -41,8 +44,7 @@ class Cs2Backend(Backend):
 
     def __init__(self, config: Config):
         self.config = config
-        self.operand_dtype = _OPERAND_DTYPES[config.precision]
-        self.wire_dtype = _WIRE_NAMES[config.precision]
+        self.operand_dtype = precision_format(config.precision).torch_dtype
 
     def _round(self, x: Tensor) -> Tensor:
         if self.operand_dtype is torch.float32 or not x.is_floating_point():

@@ -4,7 +4,6 @@ Plain torch physics and cost model; the compute-node backend wraps these functio
 """
 
 from nodes.pcm.analog import (
-    HardwareAware,
     WeightStationary,
     analog_matmul,
     analog_matmul_transposed,
@@ -16,6 +15,7 @@ from nodes.pcm.analog import (
 from nodes.pcm.config import PcmConfig, load_preset
 from nodes.pcm.cost import MvmMode, PcmCost, WriteCycleCounter
 from nodes.pcm.device import PcmDevice
+from nodes.pcm.modes import HardwareAware
 from nodes.pcm.periphery import Periphery
 from nodes.pcm.tile import ProgrammedMatrix, Tile
 

@@ -1,4 +1,6 @@
-"""Analog matrix-vector products on programmed PCM tiles, hardware-aware training, placement.
+"""Analog matrix-vector products on programmed PCM tiles, drift compensation, placement.
+
+Hardware-aware training (which of these reads a training pass makes) is in ``nodes.pcm.modes``.
 
 ``analog_matmul`` is what one layer costs on the chip: inputs go through noise management and
 the DACs, every tile multiplies by its drifted, noisy conductances, outputs get noise and pass
@@ -11,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor
@@ -168,93 +169,6 @@ def program_layer(
     return calibrate_drift(programmed, periphery, generator)
 
 
-class HardwareAware:
-    """Hardware-aware training: analog (noisy) forward, ideal backward, digital update."""
-
-    @dataclass(kw_only=True)
-    class Config:
-        # Rasch et al., Nat. Commun. 2023 / docs/hardware.md §3.4: noisy forward, ideal backward.
-        forward: Literal["analog", "ideal"] = doc(
-            "forward pass on the emulated chip or exact", default="analog"
-        )
-        backward: Literal["ideal", "analog"] = doc(
-            "input gradient exact (x W^T's true gradient) or read through the transposed tiles",
-            default="ideal",
-        )
-
-        def build(self) -> HardwareAware:
-            return HardwareAware(self)
-
-    def __init__(self, config: HardwareAware.Config) -> None:
-        self.config = config
-
-    def linear(
-        self,
-        x_BI: Tensor,
-        w_OI: Tensor,
-        bias_O: Tensor | None,
-        programmed: ProgrammedMatrix,
-        t_inference: float,
-        periphery: Periphery,
-        generator: torch.Generator,
-        drift_scale: float | Tensor = 1.0,
-    ) -> Tensor:
-        """y = x W^T + b whose value comes from ``programmed`` (the chip's copy of ``w_OI``)
-        and whose gradients with respect to x, W and b are those of the exact product
-        (``backward = "analog"``: the input gradient is read through the transposed tiles).
-        ``drift_scale`` is the drift-compensation factor of both reads (1: uncompensated)."""
-        return _HardwareAwareLinear.apply(
-            x_BI,
-            w_OI,
-            bias_O,
-            programmed,
-            t_inference,
-            periphery,
-            generator,
-            drift_scale,
-            self.config,
-        )
-
-
-class _HardwareAwareLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx, x_BI, w_OI, bias_O, programmed, t_inference, periphery, generator, drift_scale, config
-    ):
-        ctx.save_for_backward(x_BI, w_OI)
-        ctx.has_bias = bias_O is not None
-        ctx.backward_mode = config.backward
-        ctx.read_args = (programmed, t_inference, periphery, generator, drift_scale)
-        if config.forward == "ideal":
-            y_BO = x_BI @ w_OI.T
-            return y_BO if bias_O is None else y_BO + bias_O
-        # The chip adds its own copy of the bias; the argument is the digital master.
-        y_BO = analog_matmul(
-            x_BI,
-            dataclasses.replace(programmed, bias_O=None),
-            t_inference,
-            periphery,
-            generator,
-            drift_scale,
-        )
-        return y_BO if bias_O is None else y_BO + bias_O
-
-    @staticmethod
-    def backward(ctx, grad_BO):
-        x_BI, w_OI = ctx.saved_tensors
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            if ctx.backward_mode == "ideal":
-                grad_x = grad_BO @ w_OI
-            else:
-                grad_x = analog_matmul_transposed(grad_BO, *ctx.read_args)
-        if ctx.needs_input_grad[1]:
-            grad_w = grad_BO.T @ x_BI
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad_BO.sum(dim=0)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None
-
-
 class WeightStationary:
     """Inference with every layer resident in its own arrays: does the model fit the chips?"""
 
@@ -302,7 +216,6 @@ class WeightStationary:
 
 
 __all__ = [
-    "HardwareAware",
     "WeightStationary",
     "analog_matmul",
     "analog_matmul_transposed",

@@ -52,25 +52,23 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import _disable_current_modes
 
 from core.config import doc
 from core.cost.engine import DigitalUnit
 from core.cost.hardware import Hardware
-from nodes.backend import Backend, autograd_backward, call_block
-from nodes.pcm.analog import (
-    HardwareAware,
-    WeightStationary,
-    analog_matmul,
-    drift_compensation_scale,
-    program_layer,
-)
+from nodes.backend import Backend, call_block
+from nodes.pcm.analog import WeightStationary, drift_compensation_scale, program_layer
 from nodes.pcm.cost import PcmCost, WriteCycleCounter
 from nodes.pcm.device import PcmDevice, check_drift_time
 from nodes.pcm.engine import PcmEngine
+from nodes.pcm.interception import AnalogLayer, shaped_by_parameters, uncounted
+from nodes.pcm.modes import (
+    OPERATING_MODES,
+    HardwareAware,
+    OperatingMode,
+    WeightStationaryMode,
+)
 from nodes.pcm.periphery import Periphery
 from nodes.pcm.tile import ProgrammedMatrix, Tile
 
@@ -121,6 +119,11 @@ class PcmBackend(Backend):
             default_factory=DigitalUnit.Config,
         )
 
+        @property
+        def operating_mode(self) -> OperatingMode:
+            """``mode`` as its strategy object (``nodes.pcm.modes``)."""
+            return OPERATING_MODES[self.mode]
+
         def __post_init__(self) -> None:
             if not self.drift_time_s >= 0:
                 raise ValueError(
@@ -135,6 +138,14 @@ class PcmBackend(Backend):
                 device=PcmDevice.Config.ideal(), periphery=Periphery.Config.ideal(), **overrides
             )
 
+        def drift_eval_config(self, compensated: bool) -> PcmBackend.Config:
+            """Weight-stationary (programmed once), with global drift compensation or none."""
+            compensation = replace(
+                self.device.drift_compensation, kind="global" if compensated else "none"
+            )
+            device = replace(self.device, drift_compensation=compensation)
+            return replace(self, mode=WeightStationaryMode.name, device=device)
+
         def build(self) -> PcmBackend:
             return PcmBackend(self)
 
@@ -148,6 +159,9 @@ class PcmBackend(Backend):
         self.periphery = config.periphery.build()
         self.cost = config.cost.build()
         self.hardware_aware = config.training.build()
+        self.operating_mode = config.operating_mode
+        self.forward_pass = config.training.forward_pass
+        self.backward_pass = config.training.backward_pass
         self.placement = config.weight_stationary.build(self.tile)
         self.mvm_mode = self.cost.operating_mode(config.tile, config.periphery)
         # A read driven from the column side: cols drivers (DACs), rows converted (ADCs).
@@ -166,7 +180,10 @@ class PcmBackend(Backend):
 
     def forward(self, layer: int, block: nn.Module, params: dict[str, Tensor], x: Tensor) -> Tensor:
         params = {name: p.float() for name, p in params.items()}
-        with torch.no_grad(), _AnalogLayer(self, layer, params, self._generator(), autograd=False):
+        with (
+            torch.no_grad(),
+            AnalogLayer(self, layer, params, self.layer_generator(), autograd=False),
+        ):
             return call_block(block, params, x)
 
     def backward(self, layer, block, params, x, grad_y):
@@ -174,24 +191,14 @@ class PcmBackend(Backend):
 
         Analog: the block is re-run on the arrays (re-programmed in streaming mode) and the
         input gradient of every matmul is read through its transposed tiles; the module
-        docstring says what is counted and why.
+        docstring says what is counted and why. ``nodes.pcm.modes.BackwardPass`` runs it.
         """
-        if self.config.training.backward == "ideal":
-            return autograd_backward(call_block, block, params, x, grad_y)
-        generator = self._generator()
-
-        def analog_run(block: nn.Module, leaves: dict[str, Tensor], x_in: Tensor) -> Tensor:
-            # Layer 0's input is the data set's: the node drops its gradient (nodes.worker).
-            data = x_in if layer == 0 else None
-            with _AnalogLayer(self, layer, leaves, generator, autograd=True, data=data):
-                return call_block(block, leaves, x_in)
-
-        return autograd_backward(analog_run, block, params, x, grad_y)
+        return self.backward_pass.backward(self, layer, block, params, x, grad_y)
 
     def stats(self) -> dict[str, float]:
         stats = dict(self._counters)
         stats["pcm.clock_s"] = self.clock_s
-        stats["pcm.arrays_in_use"] = float(self._arrays_in_use())
+        stats["pcm.arrays_in_use"] = float(self.arrays_in_use)
         if self._wear:
             reports = {
                 key: counter.endurance(
@@ -212,8 +219,7 @@ class PcmBackend(Backend):
 
     def check_layers(self, layers: list[nn.Module]) -> None:
         """In weight-stationary mode, ValueError (with the numbers) if the model cannot fit."""
-        if self.config.mode == "weight-stationary":
-            self.placement.place(matrix_shapes(layers))
+        self.operating_mode.check_fit(self.placement, matrix_shapes(layers))
 
     # ---- Emulated clock ----------------------------------------------------------------
 
@@ -227,7 +233,7 @@ class PcmBackend(Backend):
     def _count(self, name: str, value: float) -> None:
         self._counters[name] = self._counters.get(name, 0.0) + value
 
-    def _generator(self) -> torch.Generator:
+    def layer_generator(self) -> torch.Generator:
         # The node seeds torch's random state per (seed, rank, step, layer) and restores it for
         # the backward recompute, as for dropout; drawing from it gives every node, step and
         # layer its own reproducible noise, and mixing in config.seed picks another chip.
@@ -236,7 +242,9 @@ class PcmBackend(Backend):
             (draw ^ (self.config.seed * 0x9E3779B97F4A7C15)) % 2**63
         )
 
-    def _arrays_in_use(self) -> int:
+    @property
+    def arrays_in_use(self) -> int:
+        """Arrays holding a programmed matrix now."""
         return sum(p.num_tiles for p in self._programmed.values())
 
     def _program(
@@ -244,14 +252,17 @@ class PcmBackend(Backend):
     ) -> ProgrammedMatrix:
         """The arrays holding ``w_OI``, programmed now unless they already hold exactly it."""
         key = (layer, name)
-        stationary = self.config.mode == "weight-stationary"
+        mode = self.operating_mode
         previous = self._programmed.get(key)
-        if stationary and previous is not None and _holds(previous, w_OI, self.tile, self.device):
-            return previous
-        if stationary and previous is None:
-            self.placement.place(
-                [_matrix_shape(p) for p in self._programmed.values()] + [tuple(w_OI.shape)]
-            )
+        resident = mode.resident(previous, w_OI, self.tile, self.device)
+        if resident is not None:
+            return resident
+        mode.admit(
+            self.placement,
+            [_matrix_shape(p) for p in self._programmed.values()],
+            tuple(w_OI.shape),
+            first_time=previous is None,
+        )
         programmed = program_layer(
             w_OI, None, self.tile, self.device, self.periphery, gen, programmed_at_s=self.clock_s
         )
@@ -260,9 +271,7 @@ class PcmBackend(Backend):
             counter = self._wear[key] = WriteCycleCounter(
                 programmed.g_target_SRCIO.shape, self.config.cost.program_verify_iterations
             )
-        # Streaming: the arrays held another layer's weights, so every device is rewritten.
-        previous_target = previous.g_target_SRCIO if stationary and previous is not None else None
-        written_SRCIO = counter.record(previous_target, programmed.g_target_SRCIO)
+        written_SRCIO = counter.record(mode.overwritten(previous), programmed.g_target_SRCIO)
         cost = self.cost.program(
             written_SRCIO.sum(dim=(0, 3, 4)), self.mvm_mode, self.placement.num_arrays
         )
@@ -338,7 +347,7 @@ class PcmBackend(Backend):
         through the transposed tiles when autograd reaches it. ``data``: the block's input when
         it is the data set's, whose gradient nobody uses.
         """
-        with _uncounted():
+        with uncounted():
             programmed = self._program(layer, name, w_OI.detach(), gen)
             t_inference = self.config.drift_time_s + (self.clock_s - programmed.programmed_at_s)
             self._count_reads(
@@ -351,7 +360,7 @@ class PcmBackend(Backend):
                 y_BO = self.hardware_aware.linear(
                     x_BI, w_OI, None, programmed, t_inference, self.periphery, gen, scale
                 )
-                if x_BI.requires_grad and (data is None or _shaped_by_parameters(x_BI, data)):
+                if x_BI.requires_grad and (data is None or shaped_by_parameters(x_BI, data)):
                     # The hook fires as grad_y reaches this product, just before its backward
                     # reads grad_x through the transposed tiles: one MVM per tile per vector.
                     y_BO.register_hook(
@@ -360,38 +369,15 @@ class PcmBackend(Backend):
                         )
                     )
                 return y_BO
-            if self.config.training.forward == "ideal":
-                return x_BI @ w_OI.T
-            scale = self._drift_scale((layer, name), t_inference, gen)
-            return analog_matmul(x_BI, programmed, t_inference, self.periphery, gen, scale)
-
-
-def _shaped_by_parameters(x: Tensor, data: Tensor) -> bool:
-    """Whether ``x``'s autograd history reaches a leaf other than ``data`` (a parameter).
-
-    Only then does a matmul on ``x`` need its input gradient in the first layer: the data's
-    own gradient is dropped, a parameter's (a norm before the matmul, an earlier matmul) is not.
-    """
-    pending, seen = [x.grad_fn], set()
-    while pending:
-        node = pending.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        leaf = getattr(node, "variable", None)  # AccumulateGrad nodes hold their leaf
-        if leaf is not None and leaf is not data:
-            return True
-        pending.extend(child for child, _ in node.next_functions)
-    return False
-
-
-def _holds(programmed: ProgrammedMatrix, w_OI: Tensor, tile: Tile, device: PcmDevice) -> bool:
-    g_target_SRCIO, scale_RC = tile.map_weights(w_OI, device.g_max)
-    return (
-        g_target_SRCIO.shape == programmed.g_target_SRCIO.shape
-        and torch.equal(g_target_SRCIO, programmed.g_target_SRCIO)
-        and torch.equal(scale_RC, programmed.weight_scale_RC)
-    )
+            return self.forward_pass.read(
+                x_BI,
+                w_OI,
+                programmed,
+                t_inference,
+                self.periphery,
+                gen,
+                lambda: self._drift_scale((layer, name), t_inference, gen),
+            )
 
 
 def _matrix_shape(programmed: ProgrammedMatrix) -> tuple[int, int]:
@@ -409,119 +395,6 @@ def matrix_shapes(layers: list[nn.Module]) -> list[tuple[int, int]]:
                 out_channels = module.weight.shape[0]
                 shapes.append((out_channels, math.prod(module.weight.shape[1:])))
     return shapes
-
-
-class _uncounted:
-    """Keep the physics emulation out of the node's FLOP count (a dispatch mode).
-
-    The node counts the layer's arithmetic; the emulation of noise, tiling and converters is
-    not work the chip does in FLOPs. ``_count_logical_op`` records the layer's own op instead.
-    """
-
-    def __enter__(self):
-        self._context = _disable_current_modes()
-        self._context.__enter__()
-
-    def __exit__(self, *exc):
-        return self._context.__exit__(*exc)
-
-
-def _count_logical_op(func, *args, **kwargs) -> None:
-    """Run ``func`` on meta copies: shape-only, free, but seen by an active FLOP counter."""
-    meta = [a.to("meta") if isinstance(a, Tensor) else a for a in args]
-    func(*meta, **{k: v.to("meta") if isinstance(v, Tensor) else v for k, v in kwargs.items()})
-
-
-_LINEAR_ARGS = ("input", "weight", "bias")
-_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-
-
-def _bind(names: tuple[str, ...], args: tuple, kwargs: dict) -> dict:
-    bound = dict(zip(names, args, strict=False))
-    bound.update(kwargs)
-    return bound
-
-
-class _AnalogLayer(TorchFunctionMode):
-    """Routes ``F.linear`` / ``F.conv2d`` on the streamed weights to the PCM arrays."""
-
-    def __init__(
-        self,
-        backend: PcmBackend,
-        layer: int,
-        params: dict[str, Tensor],
-        gen: torch.Generator,
-        autograd: bool,
-        data: Tensor | None = None,
-    ):
-        super().__init__()
-        self.backend = backend
-        self.layer = layer
-        self.names = {id(tensor): name for name, tensor in params.items()}
-        self.gen = gen
-        self.autograd = autograd
-        self.data = data
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.linear:
-            bound = _bind(_LINEAR_ARGS, args, kwargs)
-            if id(bound["weight"]) in self.names:
-                return self._linear(func, args, kwargs, bound)
-        elif func is F.conv2d:
-            bound = _bind(_CONV_ARGS, args, kwargs)
-            if id(bound["weight"]) in self.names:
-                return self._conv2d(func, args, kwargs, bound)
-        # Calls nested inside another intercepted function (e.g. the projections inside
-        # F.multi_head_attention_forward) run with this mode off, so they stay digital;
-        # nn.Linear and nn.Conv2d call F.linear / F.conv2d directly and are caught.
-        return func(*args, **kwargs)
-
-    def _matmul(self, weight: Tensor, x_BI: Tensor, w_OI: Tensor) -> Tensor:
-        name = self.names[id(weight)]
-        return self.backend.matmul(self.layer, name, x_BI, w_OI, self.gen, self.autograd, self.data)
-
-    def _linear(self, func, args, kwargs, bound) -> Tensor:
-        x, weight, bias = bound["input"], bound["weight"], bound.get("bias")
-        _count_logical_op(func, *args, **kwargs)
-        y_BO = self._matmul(weight, x.reshape(-1, x.shape[-1]), weight)
-        y = y_BO.reshape(*x.shape[:-1], weight.shape[0])
-        return y if bias is None else y + bias
-
-    def _conv2d(self, func, args, kwargs, bound) -> Tensor:
-        x, weight, bias = bound["input"], bound["weight"], bound.get("bias")
-        stride, padding = bound.get("stride", 1), bound.get("padding", 0)
-        dilation, groups = bound.get("dilation", 1), bound.get("groups", 1)
-        if groups != 1 or isinstance(padding, str):
-            raise ValueError(
-                f"layer {self.layer}: PCM maps Conv2d with groups = 1 and numeric padding; got "
-                f"groups = {groups}, padding = {padding!r}."
-            )
-        _count_logical_op(func, *args, **kwargs)
-        unbatched = x.ndim == 3
-        x_NCHW = x[None] if unbatched else x
-        out_channels, _, kh, kw = weight.shape
-        cols_NKL = F.unfold(x_NCHW, (kh, kw), dilation=dilation, padding=padding, stride=stride)
-        num, patch, num_pixels = cols_NKL.shape
-        x_BK = cols_NKL.transpose(1, 2).reshape(num * num_pixels, patch)
-        y_BO = self._matmul(weight, x_BK, weight.reshape(out_channels, patch))
-        h_out, w_out = _conv_output_size(x_NCHW.shape[-2:], (kh, kw), stride, padding, dilation)
-        y = y_BO.reshape(num, h_out, w_out, out_channels).permute(0, 3, 1, 2)
-        if bias is not None:
-            y = y + bias[:, None, None]
-        return y[0] if unbatched else y
-
-
-def _pair(value) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else tuple(value)
-
-
-def _conv_output_size(size, kernel, stride, padding, dilation) -> tuple[int, int]:
-    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
-    return tuple(
-        (size[i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1
-        for i in range(2)
-    )
 
 
 __all__ = ["PcmBackend", "matrix_shapes"]

@@ -9,9 +9,10 @@ import yaml
 from core.config import doc, from_dict
 from core.cost.engine import DigitalUnit
 from core.presets import PRESET_DIR  # noqa: E402 (bundled presets live in one folder)
-from nodes.pcm.analog import HardwareAware, WeightStationary
+from nodes.pcm.analog import WeightStationary
 from nodes.pcm.cost import PcmCost
 from nodes.pcm.device import PcmDevice
+from nodes.pcm.modes import HardwareAware
 from nodes.pcm.periphery import Periphery
 from nodes.pcm.tile import Tile
 

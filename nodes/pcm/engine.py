@@ -18,6 +18,9 @@ functional run's emulated clock and ``wafer simulate --backend pcm`` agree:
   attention, and in hardware-aware training the whole backward pass (ideal
   backward) or everything but the transposed reads (analog backward).
 
+What depends on the operating mode and the backward pass is counted by their strategy
+objects (``nodes.pcm.modes``), which the functional backend runs too.
+
 Sparsity does not speed the arrays up (a pruned weight is a zero-conductance
 pair that is still read); it only shrinks the bytes streamed.
 """
@@ -50,13 +53,16 @@ class PcmEngine(AcceleratorEngine):
             backend.weight_stationary.num_chips * backend.weight_stationary.cores_per_chip
         )
         self.compensates = backend.device.drift_compensation.kind != "none"
+        self.operating_mode = backend.operating_mode
+        self.backward_pass = backend.training.backward_pass
+        self.placement = backend.weight_stationary.build(backend.tile.build())
 
     @property
     def name(self) -> str:
         mode = self.mode
         return (
             f"PCM {self.num_cores} cores {mode.rows}x{mode.cols} ({mode.num_phases}-phase, "
-            f"{self.backend.mode}) + {self.digital.config.name}"
+            f"{self.operating_mode.name}) + {self.digital.config.name}"
         )
 
     def peak_flops(self, precision: Precision) -> float:
@@ -65,18 +71,15 @@ class PcmEngine(AcceleratorEngine):
 
     def check(self, workload: Workload) -> None:
         """In weight-stationary mode, every matrix needs arrays of its own on the node's chips."""
-        if self.backend.mode == "weight-stationary":
-            placement = self.backend.weight_stationary.build(self.backend.tile.build())
-            placement.place(
-                [(m.num_outputs, m.num_inputs) for layer in workload.layers for m in layer.matmuls]
-            )
+        self.operating_mode.check_fit(
+            self.placement,
+            [(m.num_outputs, m.num_inputs) for layer in workload.layers for m in layer.matmuls],
+        )
 
     @property
     def write_cycles_per_step(self) -> int:
         """Pulses each device takes per training step: a programming per pass that programs."""
-        programmings = 1
-        if self.backend.training.backward == "analog" and self.backend.mode == "streaming":
-            programmings = 2
+        programmings = 1 + self.backward_pass.programmings(self.operating_mode)
         return programmings * self.backend.cost.program_verify_iterations
 
     def details(self, step_time_s: float) -> dict[str, float]:
@@ -93,52 +96,45 @@ class PcmEngine(AcceleratorEngine):
         num_tiles = math.ceil(num_inputs / mode.rows) * math.ceil(num_outputs / mode.cols)
         return num_tiles, 2 * min(mode.rows, num_inputs) * min(mode.cols, num_outputs)
 
-    def _program(self, work: MatmulWork, tally: Tally) -> None:
+    def program(self, work: MatmulWork, tally: Tally) -> None:
+        """Programming ``work``'s matrix (and its drift-compensation baseline read)."""
         num_tiles, devices = self._tiles(work.num_outputs, work.num_inputs)
         program = self.cost.program([devices] * num_tiles, self.mode, self.num_cores)
         tally.add("program", program.time_s, program.energy_j)
         if self.compensates:
-            self._read(work.num_outputs, work.num_inputs, work.num_inputs, "calibration", tally)
+            self.read(work.num_outputs, work.num_inputs, work.num_inputs, "calibration", tally)
 
-    def _read(
+    def read(
         self, num_outputs: int, num_inputs: int, num_vectors: int, part: str, tally: Tally
     ) -> None:
+        """``num_vectors`` forward reads of every tile of a matrix, charged to ``part``."""
         cost = self.cost.matmul(self.mode, num_outputs, num_inputs, num_vectors, self.num_cores)
         tally.add(part, cost.time_s, cost.energy_j)
+
+    def read_transposed(self, work: MatmulWork, tally: Tally) -> None:
+        """grad_x = grad_y W through the transposed tiles: columns driven, rows converted."""
+        cost = self.cost.matmul(
+            self.transposed_mode,
+            work.num_inputs,
+            work.num_outputs,
+            work.num_vectors,
+            self.num_cores,
+        )
+        tally.add("mvm_transposed", cost.time_s, cost.energy_j)
 
     def op_cost(self, op: Operation, precision: Precision) -> OpCost:
         tally = Tally()
         works = matmul_work(op)
-        analog_flops = sum(w.flops for w in works)
         if op.phase == "forward":
+            # Either forward pass programs and reads the arrays (an ideal one only discards
+            # what it read), so the forward's cost does not depend on it.
+            analog_flops = sum(w.flops for w in works)
             for w in works:
-                self._program(w, tally)
-                self._read(w.num_outputs, w.num_inputs, w.num_vectors, "mvm", tally)
-            self._digital(max(0.0, op.flops_per_node - analog_flops), tally)
-        elif self.backend.training.backward == "ideal":
-            # Hardware-aware training: the backward pass is exact, i.e. digital.
-            weight_products = analog_flops * (2 if op.has_input_gradient else 1)
-            self._digital(max(op.flops_per_node, weight_products), tally)
+                self.program(w, tally)
+                self.read(w.num_outputs, w.num_inputs, w.num_vectors, "mvm", tally)
+            self.charge_digital(max(0.0, op.flops_per_node - analog_flops), tally)
         else:
-            transposed = 0.0
-            for w in works:
-                if self.backend.mode == "streaming":
-                    self._program(w, tally)
-                # Re-read forward: the node kept only the layer input, not the analog outputs.
-                self._read(w.num_outputs, w.num_inputs, w.num_vectors, "mvm_recompute", tally)
-                if op.has_input_gradient:
-                    # grad_x = grad_y W through the transposed tiles: the columns are driven
-                    # and the rows converted, as the backend counts it.
-                    cost = self.cost.matmul(
-                        self.transposed_mode,
-                        w.num_inputs,
-                        w.num_outputs,
-                        w.num_vectors,
-                        self.num_cores,
-                    )
-                    tally.add("mvm_transposed", cost.time_s, cost.energy_j)
-                    transposed += w.flops
-            self._digital(max(0.0, op.flops_per_node - transposed), tally)
+            self.backward_pass.op_cost(self, op, works, self.operating_mode, tally)
         return tally.cost()
 
     def deployment(self, workload: Workload) -> OpCost:
@@ -146,7 +142,7 @@ class PcmEngine(AcceleratorEngine):
         tally = Tally()
         for layer in workload.layers:
             for m in layer.matmuls:
-                self._program(MatmulWork(m.num_outputs, m.num_inputs, 1), tally)
+                self.program(MatmulWork(m.num_outputs, m.num_inputs, 1), tally)
         return tally.cost()
 
 

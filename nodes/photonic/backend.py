@@ -1,6 +1,7 @@
 """The photonic compute-node backend: streamed layers on MZI meshes, trained three ways.
 
-``training`` picks how a layer learns (docs/hardware.md §4.2, §4.3):
+``training`` picks how a layer learns (docs/hardware.md §4.2, §4.3); each method is a
+strategy object in ``nodes.photonic.training`` that runs on this backend's meshes and counters:
 
 - ``backprop``: the "computer-designed" baseline. ``prepare_layers`` turns every
   ``nn.Linear`` into a ``MeshLinear`` whose parameters are phases (initialized from the
@@ -52,16 +53,14 @@ from torch.overrides import TorchFunctionMode
 from core.config import doc
 from core.cost.engine import DigitalUnit
 from core.cost.hardware import Hardware
-from nodes.backend import Backend, autograd_backward, call_block
+from nodes.backend import Backend, call_block
 from nodes.photonic.clements import UnitPhases
-from nodes.photonic.cost import num_unit_shifters
 from nodes.photonic.device import PhotonicCore
 from nodes.photonic.dfa import DirectFeedbackAlignment
 from nodes.photonic.engine import PhotonicEngine
 from nodes.photonic.layer import (
     MeshLinear,
     Tiles,
-    convert_linears,
     ffm_apply,
     ideal_apply,
     run_tiles,
@@ -69,12 +68,10 @@ from nodes.photonic.layer import (
     use_engine,
 )
 from nodes.photonic.mesh import require_mesh_size
-from nodes.photonic.multipath import OpticalStage
 from nodes.photonic.multipath_optics import PhysicalOptics, use_optics
 from nodes.photonic.preset import PresetDevice, load_preset
+from nodes.photonic.training import TRAINING_METHODS, TrainingMethod
 
-#: Elementwise activations DFA can differentiate locally (f'(a) from a alone).
-_ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.Identity)
 #: Weights of plain ``nn.Linear`` blocks programmed on the fly, by value (eval re-uses them).
 _PROGRAM_CACHE_SIZE = 64
 
@@ -139,21 +136,21 @@ class PhotonicBackend(Backend):
                 mesh_size=mesh_size, device=PhotonicCore.Config(mesh_size=mesh_size), **overrides
             )
 
+        @property
+        def method(self) -> TrainingMethod:
+            """``training`` as its strategy object (``nodes.photonic.training``)."""
+            return TRAINING_METHODS[self.training]
+
+        @property
+        def needs_weights_in_backward(self) -> bool:
+            return self.method.needs_weights_in_backward
+
         def twin(self) -> PhotonicBackend.Config:
             """This config with the device replaced by its ideal twin (what a computer designs with)."""
             return dataclasses.replace(self, device=self.device.twin())
 
         def check_sparsity(self, sparsity) -> None:
-            # backprop and ffm train MeshLinear phases, not weights: a phase pruned to 0 is a
-            # set rotation, not a missing connection, and magnitude says nothing about it. DFA
-            # keeps W digital, so MemoryX's masks prune real weights there.
-            if sparsity is not None and self.training != "dfa":
-                raise ValueError(
-                    f"sparsity with backend.training = {self.training!r} is not valid: its "
-                    "Linear layers train as MZI phases, and pruning phases does not remove "
-                    "weights; use backend.training = 'dfa' (digital weights, which sparsity "
-                    "prunes), or drop sparsity."
-                )
+            self.method.check_sparsity(sparsity)
 
         def build(self) -> PhotonicBackend:
             return PhotonicBackend(self)
@@ -163,90 +160,38 @@ class PhotonicBackend(Backend):
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.needs_weights_in_backward = config.training != "dfa"
+        self.method = config.method
+        #: What the training method keeps between a layer's forward and backward (DFA).
+        self.method_state = self.method.new_state()
         self.cost = config.device.cost.build()
         self._tiles: Tiles | None = None  # built on first use: the driver never needs them
         self._optics: PhysicalOptics | None = None  # likewise, for multi-path (Taichi) stages
         self._held: list[UnitPhases | None] = [None] * config.num_cores
         self._counters: dict[str, float] = {}
         self._programs: dict[tuple, dict[str, Tensor]] = {}
-        # DFA: pre-activations kept from the forward pass, feedback matrices, the last layer.
-        self._pre_activations: dict[int, Tensor] = {}
-        self._feedback: dict[int, DirectFeedbackAlignment] = {}
-        self._last_layer = -1
 
     # ---- Backend interface -------------------------------------------------------------
 
     def prepare_layers(self, layers: list[nn.Module]) -> list[nn.Module]:
-        if self.config.training != "dfa":
-            layers = [convert_linears(layer, self.config.mesh_size) for layer in layers]
+        layers = [self.method.prepare_layer(layer, self.config.mesh_size) for layer in layers]
         self.check_layers(layers)
         return layers
 
     def check_layers(self, layers: list[nn.Module]) -> None:
         for index, layer in enumerate(layers):
-            optical = [type(m).__name__ for m in layer.modules() if isinstance(m, OpticalStage)]
-            if self.config.training == "dfa" and optical:
-                raise ValueError(
-                    f"training = 'dfa' cannot train layer {index}'s {optical[0]}: DFA updates "
-                    "Linear weights from a feedback projection, and diffractive masks and MZI "
-                    "phases have no such update; use 'backprop' or 'ffm'."
-                )
-            if self.config.training == "dfa":
-                _dfa_parts(index, layer)
-            elif self.config.training == "ffm":
-                for module in layer.modules():
-                    own = list(module.parameters(recurse=False))
-                    if own and not isinstance(module, MeshLinear | OpticalStage):
-                        raise ValueError(
-                            f"training = 'ffm' has no forward-only gradient for layer {index}'s "
-                            f"{type(module).__name__}: only Linear layers (as MZI meshes), "
-                            "multi-path optical stages and parameter-free modules can be trained "
-                            "in situ; use 'backprop' or 'dfa', or a model of Linear layers and "
-                            "activations."
-                        )
+            self.method.check_layer(index, layer)
 
     def forward(self, layer: int, block: nn.Module, params: dict[str, Tensor], x: Tensor) -> Tensor:
         with torch.no_grad():
-            if self.config.training == "dfa":
-                return self._dfa_forward(layer, block, params, x)
-            return self._run(layer, block, params, x, physical=self._physical(block))
+            return self.method.forward(self, layer, block, params, x)
 
     def backward(self, layer, block, params, x, grad_y):
-        if self.config.training == "dfa":
-            return self._dfa_backward(layer, block, x, grad_y)
-        if self.config.training == "backprop":
-            return autograd_backward(
-                lambda b, p, xi: self._run(layer, b, p, xi, physical=False),
-                block,
-                params,
-                x,
-                grad_y,
-            )
-        result = autograd_backward(
-            lambda b, p, xi: self._run(layer, b, p, xi, physical=True, ffm=True),
-            block,
-            params,
-            x,
-            grad_y,
-        )
-        # The conjugated error is one more optical pass through every mesh of the layer.
-        num_vectors = x.reshape(-1, x.shape[-1]).shape[0]
-        for module in block.modules():
-            if isinstance(module, MeshLinear):
-                self._count_mvms(
-                    module.out_features, module.in_features, num_vectors, prefix="ffm_error"
-                )
-        return result
+        return self.method.backward(self, layer, block, params, x, grad_y)
 
     def stats(self) -> dict[str, float]:
         return dict(self._counters)
 
     # ---- Mesh layers -------------------------------------------------------------------
-
-    def _physical(self, block: nn.Module) -> bool:
-        # backprop trains on the twin and deploys (evaluates) on the hardware.
-        return self.config.training == "ffm" or not block.training
 
     @property
     def optics(self) -> PhysicalOptics:
@@ -263,7 +208,10 @@ class PhotonicBackend(Backend):
             self._tiles = Tiles([c.device.build(c.seed + k) for k in range(c.num_cores)])
         return self._tiles
 
-    def _run(self, layer: int, block, params, x, *, physical: bool, ffm: bool = False) -> Tensor:
+    def run(self, layer: int, block, params, x, *, physical: bool, ffm: bool = False) -> Tensor:
+        """The block on the physical node (``ffm``: keeping what FFM's gradient needs) or on
+        the ideal twin (``physical=False``)."""
+
         def engine(module: MeshLinear, x_BI: Tensor) -> Tensor:
             if not physical:
                 return ideal_apply(module, x_BI)
@@ -311,10 +259,10 @@ class PhotonicBackend(Backend):
             energy_j += step.energy_j
             changed += step.num_shifters_changed
             self._held[core] = tile
-        self._count_program(layer, max(tuning_s), energy_j, changed)
-        self._count_mvms(module.out_features, module.in_features, num_vectors)
+        self.count_program(layer, max(tuning_s), energy_j, changed)
+        self.count_mvms(module.out_features, module.in_features, num_vectors)
 
-    def _count_program(self, layer: int, time_s: float, energy_j: float, changed: float) -> None:
+    def count_program(self, layer: int, time_s: float, energy_j: float, changed: float) -> None:
         self._count("photonic.programmings", 1.0)
         self._count("photonic.shifters_changed", float(changed))
         self._count("photonic.program_time_s", time_s)
@@ -322,7 +270,7 @@ class PhotonicBackend(Backend):
         self._count(f"photonic.layer.{layer}.program_time_s", time_s)
         self._count(f"photonic.layer.{layer}.program_energy_j", energy_j)
 
-    def _count_mvms(
+    def count_mvms(
         self, num_outputs: int, num_inputs: int, num_vectors: int, prefix: str = "mvm"
     ) -> None:
         n = self.config.mesh_size
@@ -335,82 +283,6 @@ class PhotonicBackend(Backend):
         self._count(f"photonic.{prefix}_ops", cost.ops)
         self._count(f"photonic.{prefix}_time_s", cost.time_s)
         self._count(f"photonic.{prefix}_energy_j", cost.energy_j)
-
-    # ---- DFA ---------------------------------------------------------------------------
-
-    def _dfa_forward(
-        self, layer: int, block: nn.Module, params: dict[str, Tensor], x: Tensor
-    ) -> Tensor:
-        linear, activations = _dfa_parts(layer, block)
-        prefix = "" if block is linear else "0."
-        weight = params[f"{prefix}weight"].float()
-        bias = params.get(f"{prefix}bias")
-        a = F.linear(x, weight, None if bias is None else bias.float())
-        n = self.config.mesh_size
-        num_tiles = math.ceil(weight.shape[0] / n) * math.ceil(weight.shape[1] / n)
-        # Each forward programs W: every shifter of every tile is set (mean phase pi).
-        shifters = num_tiles * num_unit_shifters(n)
-        heater_w = shifters * self.cost.config.heater_power_per_pi_w
-        tuning_s = (
-            math.ceil(num_tiles / self.config.num_cores) * self.cost.config.thermal_tuning_time_s
-        )
-        self._count_program(
-            layer, tuning_s, heater_w * self.cost.config.thermal_tuning_time_s, shifters
-        )
-        self._count_mvms(weight.shape[0], weight.shape[1], x.shape[0])
-        if block.training:
-            self._pre_activations[layer] = a
-            self._last_layer = max(self._last_layer, layer)
-        for module in activations:
-            a = module(a)
-        return a
-
-    def _dfa_backward(self, layer: int, block: nn.Module, x: Tensor, e: Tensor):
-        linear, activations = _dfa_parts(layer, block)
-        a = self._pre_activations.pop(layer, None)
-        if a is None:
-            raise ValueError(f"DFA backward of layer {layer} without its forward pass.")
-        if layer == self._last_layer:
-            delta = e
-        else:
-            if layer not in self._feedback:
-                self._feedback[layer] = self.config.dfa.build(
-                    [a.shape[-1]], e.shape[-1], self.config.seed + 7919 * (layer + 1)
-                )
-            (projection,) = self._feedback[layer].project(e)
-            a_in = a.detach().requires_grad_()
-            with torch.enable_grad():
-                y = a_in
-                for module in activations:
-                    y = module(y)
-                # Elementwise f: the vector-Jacobian product with B e is (B e) * f'(a).
-                torch.autograd.backward(y, projection, inputs=[a_in])
-            delta = a_in.grad
-            self._count_mvms(a.shape[-1], e.shape[-1], e.shape[0], prefix="dfa_projection")
-        prefix = "" if block is linear else "0."
-        grads = {f"{prefix}weight": delta.T @ x.float()}
-        if linear.bias is not None:
-            grads[f"{prefix}bias"] = delta.sum(dim=0)
-        # Every lower layer receives the output error itself, not a propagated gradient.
-        return e, grads
-
-
-def _dfa_parts(index: int, layer: nn.Module) -> tuple[nn.Linear, list[nn.Module]]:
-    """The Linear of a DFA layer and its elementwise activations; ValueError for anything else."""
-    if isinstance(layer, nn.Linear):
-        return layer, []
-    children = list(layer.children()) if isinstance(layer, nn.Sequential) else []
-    if (
-        children
-        and isinstance(children[0], nn.Linear)
-        and all(isinstance(m, _ELEMENTWISE) for m in children[1:])
-    ):
-        return children[0], children[1:]
-    raise ValueError(
-        f"training = 'dfa' needs every layer to be a Linear followed by elementwise activations; "
-        f"layer {index} is {type(layer).__name__}({', '.join(type(m).__name__ for m in layer.children())}). "
-        "Use 'backprop' for other models."
-    )
 
 
 class _OnTheFly(TorchFunctionMode):

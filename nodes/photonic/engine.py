@@ -15,7 +15,9 @@ agree on time:
   heaters and laser, the split of ``PhotonicCost``'s calibrated unit pass;
 - **digital**: what the meshes do not compute, on the node's digital unit.
 
-What runs where depends on the training method (docs/hardware.md §4.2, §4.3):
+What runs where depends on the training method (docs/hardware.md §4.2, §4.3); each
+method's count is in its strategy object (``nodes.photonic.training``), beside what its
+backend runs:
 
 - ``backprop`` trains on the digital twin, i.e. a computer: forward and
   backward are digital. Putting the result on the photonic node is the
@@ -35,7 +37,7 @@ from typing import TYPE_CHECKING
 
 from core.cost.engine import AcceleratorEngine, MatmulWork, OpCost, Tally, matmul_work
 from core.cost.hardware import Precision
-from nodes.photonic.cost import num_unit_shifters
+from nodes.photonic.training import program_tiles
 
 if TYPE_CHECKING:
     from core.cost.operation import Operation
@@ -52,42 +54,37 @@ class PhotonicEngine(AcceleratorEngine):
         self.cost = backend.device.cost.build()
         self.mesh_size = backend.mesh_size
         self.num_cores = backend.num_cores
+        self.method = backend.method
 
     @property
     def name(self) -> str:
         n = self.mesh_size
         return (
-            f"photonic {self.num_cores} x {n}x{n} MZI ({self.backend.training}) + "
+            f"photonic {self.num_cores} x {n}x{n} MZI ({self.method.name}) + "
             f"{self.digital.config.name}"
         )
 
     def peak_flops(self, precision: Precision) -> float:
-        digital = self.digital.config.flops_per_s
-        if self.backend.training == "backprop":
-            return digital  # training runs on the twin, a computer
-        return self.num_cores * 2.0 * self.mesh_size**2 * self.cost.config.clock_hz + digital
+        return self.method.peak_flops(self)
 
     def _num_tiles(self, work: MatmulWork) -> int:
         n = self.mesh_size
         return math.ceil(work.num_outputs / n) * math.ceil(work.num_inputs / n)
 
-    def _program(self, work: MatmulWork, tally: Tally) -> None:
-        c = self.cost.config
-        num_tiles = self._num_tiles(work)
-        heater_w = num_tiles * num_unit_shifters(self.mesh_size) * c.heater_power_per_pi_w
-        tally.add(
-            "program",
-            math.ceil(num_tiles / self.num_cores) * c.thermal_tuning_time_s,
-            heater_w * c.thermal_tuning_time_s,
+    def program(self, work: MatmulWork, tally: Tally) -> None:
+        """Setting every phase of ``work``'s tiles (``program_tiles``)."""
+        programming = program_tiles(
+            self.cost, self.mesh_size, self.num_cores, self._num_tiles(work)
         )
+        tally.add("program", programming.time_s, programming.energy_j)
 
-    def _mvms(self, num_outputs: int, num_inputs: int, num_vectors: int, part: str, tally: Tally):
+    def mvms(self, num_outputs: int, num_inputs: int, num_vectors: int, part: str, tally: Tally):
         cost = self.cost.streamed_matmul(
             num_outputs, num_inputs, num_vectors, self.mesh_size, self.num_cores
         )
         tally.add(part, cost.time_s, cost.energy_j)
 
-    def _program_stage(self, stage: OpticalPass, tally: Tally) -> None:
+    def program_stage(self, stage: OpticalPass, tally: Tally) -> None:
         """Set a stage's phases: its paths tune on the cores, ``ceil(paths / cores)`` rounds."""
         if stage.num_programmed == 0:
             return
@@ -96,7 +93,7 @@ class PhotonicEngine(AcceleratorEngine):
         heater_w = stage.num_paths * stage.num_programmed * c.heater_power_per_pi_w
         tally.add("program", rounds * c.thermal_tuning_time_s, heater_w * c.thermal_tuning_time_s)
 
-    def _light_stage(self, stage: OpticalPass, num_vectors: int, part: str, tally: Tally) -> None:
+    def light_stage(self, stage: OpticalPass, num_vectors: int, part: str, tally: Tally) -> None:
         """Vectors through every path: one clock each, paths ``num_cores`` at a time.
 
         Per path and vector, the calibrated conversion energy of its inputs and outputs
@@ -113,46 +110,12 @@ class PhotonicEngine(AcceleratorEngine):
             stage.num_paths * num_vectors * energy,
         )
 
-    def _stages(self, op: Operation, tally: Tally) -> None:
-        training, forward = self.backend.training, op.phase == "forward"
-        for stage in op.optical_passes:
-            num_vectors = max(1, round(stage.vectors_per_sample * op.samples))
-            ops = stage.dense_ops * stage.num_paths * num_vectors
-            if training == "backprop":
-                self._digital(ops * (1 if forward else 2), tally)  # the twin, on a computer
-                continue
-            self._program_stage(stage, tally)
-            self._light_stage(stage, num_vectors, "optics", tally)
-            if not forward:  # ffm: the recomputed pass above, then the conjugated error
-                self._light_stage(stage, num_vectors, "ffm_error", tally)
-
     def op_cost(self, op: Operation, precision: Precision) -> OpCost:
         tally = Tally()
-        self._stages(op, tally)
-        works = matmul_work(op)
-        optical_flops = sum(w.flops for w in works)
-        training = self.backend.training
-        forward = op.phase == "forward"
-        if training == "backprop":
-            # The twin is a computer; nodes count mesh layers as no FLOPs, so the weight
-            # products are added from their shapes.
-            products = optical_flops * (1 if forward else 2 if op.has_input_gradient else 1)
-            self._digital(max(op.flops_per_node, products), tally)
-        elif forward or training == "ffm":
-            for w in works:
-                self._program(w, tally)
-                self._mvms(w.num_outputs, w.num_inputs, w.num_vectors, "mvm", tally)
-                if not forward:
-                    self._mvms(w.num_outputs, w.num_inputs, w.num_vectors, "ffm_error", tally)
-            # Mesh layers count no FLOPs at the node; what is left is digital (biases, ...).
-            self._digital(max(0.0, op.flops_per_node - optical_flops), tally)
-        else:  # dfa backward
-            for w in works:
-                if not op.is_last_layer:
-                    self._mvms(
-                        w.num_outputs, op.output_width, w.num_vectors, "dfa_projection", tally
-                    )
-                self._digital(w.flops, tally)  # delta^T x: the weight gradient
+        for stage in op.optical_passes:
+            num_vectors = max(1, round(stage.vectors_per_sample * op.samples))
+            self.method.stage_cost(self, op, stage, num_vectors, tally)
+        self.method.matmul_cost(self, op, matmul_work(op), tally)
         return tally.cost()
 
     def deployment(self, workload: Workload) -> OpCost:
@@ -160,9 +123,9 @@ class PhotonicEngine(AcceleratorEngine):
         tally = Tally()
         for layer in workload.layers:
             for m in layer.matmuls:
-                self._program(MatmulWork(m.num_outputs, m.num_inputs, 1), tally)
+                self.program(MatmulWork(m.num_outputs, m.num_inputs, 1), tally)
             for stage in layer.optical_passes:
-                self._program_stage(stage, tally)
+                self.program_stage(stage, tally)
         return tally.cost()
 
 

@@ -22,7 +22,6 @@ from emulator.cli_cost import resolve_workload
 from emulator.config import load_config
 from emulator.cost.stats import predict
 from emulator.emulated import (
-    WIRE_PRECISION,
     LayerShape,
     PassMeasurement,
     check_fits,
@@ -121,7 +120,7 @@ def test_measured_workload_equals_the_simulated_one(model, num_nodes, precision)
         _node_measurements(config, layers, dataset),
         samples_per_step=8,
         tokens_per_sample=tokens,
-        precision=WIRE_PRECISION[config.backend.build().wire_dtype],
+        precision=config.backend.wire_precision,
     )
     simulated = resolve_workload(model, 8, None, precision)
     assert len(measured.layers) == len(simulated.layers)

@@ -15,10 +15,11 @@ from torch import nn
 
 from emulator.config import load_config
 from nodes.backend import Backend, autograd_backward, call_block
-from nodes.pcm.analog import HardwareAware, WeightStationary
+from nodes.pcm.analog import WeightStationary
 from nodes.pcm.backend import PcmBackend, matrix_shapes
 from nodes.pcm.config import load_preset
 from nodes.pcm.device import PcmDevice
+from nodes.pcm.modes import HardwareAware
 from nodes.pcm.periphery import Periphery
 from nodes.pcm.tile import Tile
 from nodes.registry import BACKEND_CONFIGS
@@ -316,3 +317,21 @@ def test_node_stats_carry_the_backend_counters():
     )
     assert stats.backend_stats["pcm.programmings"] == 1
     assert stats.backend_stats["pcm.program_energy_j"] > 0
+
+
+def test_only_backends_whose_arrays_drift_have_a_drift_eval():
+    from nodes.cs2 import Cs2Backend
+    from nodes.photonic.backend import PhotonicBackend
+
+    for config in (Cs2Backend.Config(), PhotonicBackend.Config.ideal(mesh_size=8)):
+        with pytest.raises(
+            ValueError, match=rf"backend.kind = '{config.kind}' has no analog arrays"
+        ):
+            config.check_drift_eval()
+    pcm = PcmBackend.Config()
+    pcm.check_drift_eval()
+    for compensated, kind in ((True, "global"), (False, "none")):
+        evaluated = pcm.drift_eval_config(compensated)
+        assert evaluated.operating_mode.name == "weight-stationary"
+        assert evaluated.device.drift_compensation.kind == kind
+        assert evaluated.tile == pcm.tile and evaluated.training == pcm.training

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from nodes.pcm.analog import (
-    HardwareAware,
     WeightStationary,
     analog_matmul,
     analog_matmul_transposed,
@@ -14,6 +13,7 @@ from nodes.pcm.analog import (
     program_layer,
 )
 from nodes.pcm.device import DriftCompensation, PcmDevice
+from nodes.pcm.modes import HardwareAware
 from nodes.pcm.periphery import Periphery
 from nodes.pcm.tile import Tile
 

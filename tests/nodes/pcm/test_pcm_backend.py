@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from nodes.pcm.analog import HardwareAware
 from nodes.pcm.backend import PcmBackend
 from nodes.pcm.cost import MvmMode
+from nodes.pcm.modes import HardwareAware
 from nodes.pcm.tile import Tile
 
 IN, OUT, BATCH = 300, 70, 5

@@ -157,7 +157,7 @@ def test_dfa_needs_no_weights_and_follows_the_feedback_rule():
     torch.testing.assert_close(head_grads["weight"], e.T @ h)
     e_down, grads = backend.backward(0, hidden, {}, x, e_out)
     assert torch.equal(e_down, e)
-    b = backend._feedback[0].feedback[0]
+    b = backend.method_state.feedback[0].feedback[0]
     a = x @ params[0]["0.weight"].T + params[0]["0.bias"]
     delta = (e @ b.T) * (1 - torch.tanh(a) ** 2)
     torch.testing.assert_close(grads["0.weight"], delta.T @ x, atol=1e-5, rtol=1e-5)
