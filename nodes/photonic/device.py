@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from core.config import doc
+from nodes.photonic.calibration import PhaseCalibration, PhaseController, build_controllers
 from nodes.photonic.clements import MatrixProgram, TiledProgram, UnitPhases, unit_elements
 from nodes.photonic.cost import PhotonicCost, Reconfiguration
 from nodes.photonic.elements import OpticalElement, propagate
@@ -67,6 +68,11 @@ class PhotonicCore:
         readout: Readout.Config | None = doc(
             "ADC quantization; null for exact readout", default=None
         )
+        calibration: PhaseCalibration.Config | None = doc(
+            "the phase calibration done before use (measured offsets, gains, crosstalk "
+            "corrected); null for an uncalibrated device",
+            default=None,
+        )
         cost: PhotonicCost.Config = doc(
             "time and energy figures of the engine", default_factory=PhotonicCost.Config
         )
@@ -97,6 +103,10 @@ class PhotonicCore:
             [c.build(shape, fabrication) for c in phase_configs if c is not None]
             for shape in shapes
         ]
+        # What the deployment's calibration measured, and the controller built from it.
+        self._controllers: list[PhaseController] = build_controllers(
+            config.calibration, self._phase_effects, seed
+        )
         layout = MeshLayout(self.num_modes)
         mesh_shape = (layout.num_columns, layout.num_slots)
         self._loss = (
@@ -141,10 +151,17 @@ class PhotonicCore:
         return reconfiguration
 
     def actual_phases(self, commanded: UnitPhases | None = None) -> UnitPhases:
-        """The phases the light sees for ``commanded`` (default: what is programmed)."""
+        """The phases the light sees for ``commanded`` (default: what is programmed).
+
+        ``commanded`` are the phases the user asks for; the controller (calibration) turns
+        them into heater drives, and the hidden errors act on those.
+        """
         commanded = self.commanded if commanded is None else commanded
         applied = []
-        for phase, effects in zip(commanded.tensors(), self._phase_effects, strict=True):
+        for phase, effects, controller in zip(
+            commanded.tensors(), self._phase_effects, self._controllers, strict=True
+        ):
+            phase = controller.command(phase)
             for effect in effects:
                 phase = effect.apply(phase)
             applied.append(phase)

@@ -19,6 +19,7 @@ SECTIONS = (
     "insertion_loss",
     "detection_noise",
     "readout",
+    "calibration",
     "cost",
 )
 
