@@ -34,6 +34,7 @@ from nodes.photonic.nonideal import (
     PhaseQuantization,
     Readout,
     ShifterGainError,
+    SplitterImbalance,
     ThermalCrosstalk,
 )
 
@@ -61,6 +62,9 @@ class PhotonicCore:
         )
         insertion_loss: InsertionLoss.Config | None = doc(
             "per-MZI loss; null for lossless", default=None
+        )
+        splitter_imbalance: SplitterImbalance.Config | None = doc(
+            "coupler splitting errors; null for ideal 50:50 couplers", default=None
         )
         detection_noise: DetectionNoise.Config | None = doc(
             "detector noise; null for none", default=None
@@ -114,6 +118,16 @@ class PhotonicCore:
             if config.insertion_loss is None
             else [
                 config.insertion_loss.build(shape, fabrication)
+                for shape in (mesh_shape, (self.num_modes,), mesh_shape)
+            ]
+        )
+        # Couplers draw from a stream of their own, so adding them keeps every other error.
+        coupler_generator = torch.Generator().manual_seed(seed + 5_000_011)
+        self._couplers = (
+            None
+            if config.splitter_imbalance is None
+            else [
+                config.splitter_imbalance.build(shape, coupler_generator).error_rad
                 for shape in (mesh_shape, (self.num_modes,), mesh_shape)
             ]
         )
@@ -178,7 +192,7 @@ class PhotonicCore:
         of a physical device only ever commands phases.
         """
         amplitudes = None if self._loss is None else [loss.amplitude for loss in self._loss]
-        return unit_elements(actual, amplitudes)
+        return unit_elements(actual, amplitudes, self._couplers)
 
     def encode(self, x_BI: Tensor) -> tuple[Tensor, Tensor]:
         """Input fields at modulator full scale (max |x| = 1 per row) and the scale to undo."""
@@ -215,6 +229,13 @@ class PhotonicCore:
         tiles through this core at once.
         """
         return None if self._loss is None else [loss.amplitude for loss in self._loss]
+
+    def coupler_errors(self) -> list[Tensor] | None:
+        """Per-MZI coupler splitting errors (mesh V [C, P, 2], attenuators [N, 2], mesh U [C, P, 2]).
+
+        Emulator-side access, like ``loss_amplitudes``; None for ideal couplers.
+        """
+        return self._couplers
 
     def output_scale(self, scale_B1: Tensor) -> Tensor:
         """Digital factor from detected field to y (d y / d field)."""

@@ -199,8 +199,7 @@ class PhysicalOptics:
         return self._tiles[num_modes]
 
     def embedding_elements(self, phases: list[Tensor]) -> list[OpticalElement]:
-        tiles = self.tiles(phases[2].shape[-1])
-        return tile_elements(tiles.actual(phases), tiles.amplitudes(phases[0].shape[0]))
+        return self.tiles(phases[2].shape[-1]).elements(phases)
 
     def detect(self, power: Tensor) -> Tensor:
         """Photocurrent noise at the detected power, then each path's receiver and ADC.

@@ -22,6 +22,7 @@ from nodes.photonic.nonideal import (
     PhaseQuantization,
     Readout,
     ShifterGainError,
+    SplitterImbalance,
     ThermalCrosstalk,
 )
 
@@ -78,6 +79,7 @@ class PresetDevice(PhotonicCore.Config):
     gain_error: ShifterGainError.Config | None = _from_preset("gain_error")
     crosstalk: ThermalCrosstalk.Config | None = _from_preset("crosstalk")
     insertion_loss: InsertionLoss.Config | None = _from_preset("insertion_loss")
+    splitter_imbalance: SplitterImbalance.Config | None = _from_preset("splitter_imbalance")
     detection_noise: DetectionNoise.Config | None = _from_preset("detection_noise")
     readout: Readout.Config | None = _from_preset("readout")
     calibration: PhaseCalibration.Config | None = _from_preset("calibration")

@@ -17,6 +17,7 @@ SECTIONS = (
     "gain_error",
     "crosstalk",
     "insertion_loss",
+    "splitter_imbalance",
     "detection_noise",
     "readout",
     "calibration",

@@ -15,6 +15,7 @@ from nodes.photonic.nonideal import (
     PhaseQuantization,
     Readout,
     ShifterGainError,
+    SplitterImbalance,
     ThermalCrosstalk,
 )
 from nodes.photonic.preset import PRESET_DIR, load_preset
@@ -30,6 +31,7 @@ def test_preset_sections_equal_the_documented_defaults():
     assert device.insertion_loss == InsertionLoss.Config()
     assert device.detection_noise == DetectionNoise.Config()
     assert device.readout == Readout.Config()
+    assert device.splitter_imbalance == SplitterImbalance.Config()
     assert device.calibration == PhaseCalibration.Config()
     assert device.cost == PhotonicCost.Config()
 
