@@ -2,7 +2,9 @@
 
 The figures, their sources and tolerances live in ``references.yaml``. Only
 entries with ``role: validation`` count; ``calibration`` entries are the
-figures the presets were derived from and agree by construction.
+figures the presets were derived from and agree by construction. Device-level
+entries (photonic power, in-situ training, PCM drift) run small seeded
+experiments (``device_validate.py``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ Quantity = Literal[
     "max_params",
     "max_nodes",
     "peak_ratio",
+    "photonic_power_w",
+    "photonic_tops_per_w",
+    "ffm_over_twin_accuracy",
+    "pcm_drift_retention",
 ]
 
 
@@ -47,6 +53,19 @@ class Reference:
     baseline_hardware: str | None = doc("preset to compare against (peak_ratio)", default=None)
     nodes: int | None = doc("cluster size, systems", default=None)
     sparsity: float | None = doc("share of zero weights (training_flops_ratio)", default=None)
+    tops: float | None = doc(
+        "throughput the engine delivers, TOPS (photonic_power_w)", default=None
+    )
+    mesh_size: int | None = doc("modes per photonic mesh, count", default=None)
+    technology: str | None = doc(
+        "phase-shifter technology: thermal | mems | electro_optic | phase_change", default=None
+    )
+    device: str | None = doc("photonic device preset (ffm_over_twin_accuracy)", default=None)
+    steps: int | None = doc("training steps of the experiment, count", default=None)
+    drift_time_s: float | None = doc(
+        "time after programming, s (pcm_drift_retention)", default=None
+    )
+    seed: int = doc("seed of the experiment", default=0)
 
     def __post_init__(self) -> None:
         if self.tolerance < 0:
@@ -62,6 +81,10 @@ class Reference:
             "max_params": ("hardware",),
             "max_nodes": ("hardware",),
             "peak_ratio": ("hardware", "baseline_hardware"),
+            "photonic_power_w": ("tops", "mesh_size", "technology"),
+            "photonic_tops_per_w": (),
+            "ffm_over_twin_accuracy": ("device", "mesh_size", "steps"),
+            "pcm_drift_retention": ("model", "drift_time_s", "steps"),
         }[self.quantity]
         missing = [name for name in needs if getattr(self, name) is None]
         if missing:
@@ -97,8 +120,34 @@ def load_references(path: str | Path = REFERENCES_PATH) -> list[Reference]:
     ]
 
 
+def _predict_device(ref: Reference) -> float:
+    """Device-level quantities: one small seeded experiment each (``device_validate``)."""
+    from emulator.cost import device_validate
+
+    if ref.quantity == "photonic_power_w":
+        return device_validate.lightmatter_power_w(ref.tops, ref.mesh_size, ref.technology)
+    if ref.quantity == "photonic_tops_per_w":
+        return device_validate.taichi_tops_per_w()
+    if ref.quantity == "ffm_over_twin_accuracy":
+        return device_validate.ffm_over_twin_accuracy(
+            ref.device, ref.mesh_size, ref.steps, ref.seed
+        )
+    assert ref.quantity == "pcm_drift_retention"
+    return device_validate.pcm_drift_retention(ref.model, ref.drift_time_s, ref.steps, ref.seed)
+
+
+_DEVICE_QUANTITIES = (
+    "photonic_power_w",
+    "photonic_tops_per_w",
+    "ffm_over_twin_accuracy",
+    "pcm_drift_retention",
+)
+
+
 def predict_reference(ref: Reference) -> float:
     """The model's value for ``ref.quantity``."""
+    if ref.quantity in _DEVICE_QUANTITIES:
+        return _predict_device(ref)
     if ref.quantity in ("scaling_efficiency", "speedup"):
         (stats,) = sweep(gpt_workload(ref.model), load_hardware(ref.hardware), [ref.nodes])
         return stats.scaling_efficiency if ref.quantity == "scaling_efficiency" else stats.speedup

@@ -182,10 +182,16 @@ class ReadNoise(ABC):
             "'pcm' = published fit, 'none' = noiseless reads", default="pcm"
         )
         scale: float = doc("multiplier on the fitted std, dimensionless", default=1.0)
-        # docs/hardware.md §3.2 / Joshi et al. 2020: Qs = min(0.0088 / gh^0.65, 0.2).
+        # docs/hardware.md §3.2; Nandakumar et al. ICECS 2019 as aihwkit's PCMLikeNoiseModel
+        # implements it (docs/device_fidelity.md):
+        # Qs = min(0.0088 / max(gh_prog^0.65, 1e-3), 0.2), gh_prog = |g_prog| / g_max.
         q_coefficient: float = doc("Qs numerator, dimensionless", default=0.0088)
         q_exponent: float = doc("Qs power of gh, dimensionless", default=0.65)
         q_max: float = doc("upper clip of Qs, dimensionless", default=0.2)
+        q_power_floor: float = doc(
+            "lower clip of gh^q_exponent before dividing, dimensionless (the fit's 1e-3)",
+            default=1e-3,
+        )
         t_read: float = doc("duration of one read, s (docs/hardware.md §3.2)", default=250e-9)
 
         def __post_init__(self) -> None:
@@ -193,6 +199,10 @@ class ReadNoise(ABC):
             if self.t_read <= 0:
                 raise ValueError(
                     f"t_read = {self.t_read} is not valid for ReadNoise; use a duration > 0 s."
+                )
+            if not self.q_power_floor > 0:
+                raise ValueError(
+                    f"q_power_floor = {self.q_power_floor} is not valid for ReadNoise; use a value > 0."
                 )
 
         def build(self, g_max: float, t0: float) -> ReadNoise:
@@ -202,43 +212,67 @@ class ReadNoise(ABC):
 
     @abstractmethod
     def read(
-        self, g_drifted: Tensor, g_target: Tensor, t_inference: float, generator: torch.Generator
+        self,
+        g_drifted: Tensor,
+        g_programmed: Tensor,
+        t_inference: float,
+        generator: torch.Generator,
     ) -> Tensor:
         """Conductance (uS, >= 0) that one read of the array sees."""
 
 
 class NoReadNoise(ReadNoise):
     def read(
-        self, g_drifted: Tensor, g_target: Tensor, t_inference: float, generator: torch.Generator
+        self,
+        g_drifted: Tensor,
+        g_programmed: Tensor,
+        t_inference: float,
+        generator: torch.Generator,
     ) -> Tensor:
         return g_drifted
 
 
 class PcmReadNoise(ReadNoise):
-    """sigma = g(t) Qs(gh) sqrt(ln((t + t_read) / (2 t_read))), t = t_inference + t0."""
+    """sigma = |g(t)| Qs(gh_prog) sqrt(ln((t + t_read) / (2 t_read))), t = t_inference + t0.
+
+    The 1/f magnitude Qs depends on the *programmed* conductance g_prog (after programming
+    noise, before drift), not on the target: Nandakumar et al. 2019 as aihwkit's
+    ``PCMLikeNoiseModel.apply_drift_noise_to_conductance`` implements it. At low targets the
+    programming noise is large against g_target, so the two differ most there.
+    """
 
     def __init__(self, config: ReadNoise.Config, g_max: float, t0: float) -> None:
         self.config = config
         self.g_max = g_max
         self.t0 = t0
 
-    def q_s(self, g_target: Tensor) -> Tensor:
-        gh = g_target / self.g_max
-        return (self.config.q_coefficient / gh**self.config.q_exponent).clamp(max=self.config.q_max)
+    def q_s(self, g_programmed: Tensor) -> Tensor:
+        c = self.config
+        gh_power = ((g_programmed.abs() / self.g_max) ** c.q_exponent).clamp(min=c.q_power_floor)
+        return (c.q_coefficient / gh_power).clamp(max=c.q_max)
 
     def time_factor(self, t_inference: float) -> float:
         t = t_inference + self.t0
         t_read = self.config.t_read
         return math.sqrt(math.log((t + t_read) / (2 * t_read)))
 
-    def std(self, g_drifted: Tensor, g_target: Tensor, t_inference: float) -> Tensor:
-        return self.config.scale * g_drifted * self.q_s(g_target) * self.time_factor(t_inference)
+    def std(self, g_drifted: Tensor, g_programmed: Tensor, t_inference: float) -> Tensor:
+        return (
+            self.config.scale
+            * g_drifted.abs()
+            * self.q_s(g_programmed)
+            * self.time_factor(t_inference)
+        )
 
     def read(
-        self, g_drifted: Tensor, g_target: Tensor, t_inference: float, generator: torch.Generator
+        self,
+        g_drifted: Tensor,
+        g_programmed: Tensor,
+        t_inference: float,
+        generator: torch.Generator,
     ) -> Tensor:
         noise = torch.randn(g_drifted.shape, generator=generator, dtype=g_drifted.dtype)
-        return (g_drifted + self.std(g_drifted, g_target, t_inference) * noise).clamp(min=0.0)
+        return (g_drifted + self.std(g_drifted, g_programmed, t_inference) * noise).clamp(min=0.0)
 
 
 class DriftCompensation(ABC):
@@ -352,7 +386,7 @@ class PcmDevice:
         """Conductances one read sees ``t_inference`` seconds after programming."""
         check_drift_time(t_inference)
         g_drifted = self.drift.apply(g_programmed, exponents, t_inference)
-        return self.read_noise.read(g_drifted, g_target, t_inference, generator)
+        return self.read_noise.read(g_drifted, g_programmed, t_inference, generator)
 
 
 def check_drift_time(t_inference: float) -> None:

@@ -5,13 +5,16 @@ Modules, by concept:
 - ``elements``: reciprocal optical elements (forward, reverse = transpose, phase gradients).
 - ``mesh``: Clements mesh layout and its differentiable column-by-column forward model.
 - ``clements``: decomposition of unitaries, SVD programs of any matrix, tiling.
-- ``nonideal``: non-idealities as strategy objects.
+- ``nonideal``: non-idealities as strategy objects; ``calibration``: the measured-and-corrected
+  phase calibration a real deployment performs.
 - ``device``: a physical MZI unit with hidden fabrication errors, and its ideal twin.
 - ``diffraction``: angular-spectrum propagation, diffractive stacks, Taichi units, multi-path.
 - ``ffm``: fully forward mode gradients; ``dfa``: direct feedback alignment.
-- ``cost``: time and energy, calibrated to Taichi; ``insitu``: twin vs in-situ training.
+- ``cost``: time and energy, calibrated to Taichi, with phase-shifter technologies as
+  strategies; ``insitu``: twin vs in-situ training.
 """
 
+from nodes.photonic.calibration import PhaseCalibration, PhaseController
 from nodes.photonic.clements import (
     MatrixProgram,
     TiledProgram,
@@ -26,7 +29,14 @@ from nodes.photonic.clements import (
     unit_elements,
     unit_gradients,
 )
-from nodes.photonic.cost import Cost, PhotonicCost, Prediction, Reconfiguration, predictions
+from nodes.photonic.cost import (
+    Cost,
+    PhaseShifter,
+    PhotonicCost,
+    Prediction,
+    Reconfiguration,
+    predictions,
+)
 from nodes.photonic.device import PhotonicCore, TiledEngine
 from nodes.photonic.dfa import DirectFeedbackAlignment
 from nodes.photonic.diffraction import (
@@ -49,6 +59,7 @@ from nodes.photonic.nonideal import (
     PhaseQuantization,
     Readout,
     ShifterGainError,
+    SplitterImbalance,
     ThermalCrosstalk,
 )
 from nodes.photonic.preset import load_preset
@@ -70,10 +81,13 @@ __all__ = [
     "MultiPathClassifier",
     "OpticalElement",
     "OutputEffect",
+    "PhaseCalibration",
+    "PhaseController",
     "PhaseEffect",
     "PhaseError",
     "PhaseQuantization",
     "PhaseScreen",
+    "PhaseShifter",
     "PhotonicClassifier",
     "PhotonicCore",
     "PhotonicCost",
@@ -81,6 +95,7 @@ __all__ = [
     "Readout",
     "Reconfiguration",
     "ShifterGainError",
+    "SplitterImbalance",
     "TaichiUnit",
     "ThermalCrosstalk",
     "TiledEngine",

@@ -150,14 +150,21 @@ class UnitPhases:
 
 
 def unit_elements(
-    phases: UnitPhases, amplitudes: list[Tensor | None] | None = None
+    phases: UnitPhases,
+    amplitudes: list[Tensor | None] | None = None,
+    couplers: list[Tensor] | None = None,
 ) -> list[OpticalElement]:
-    """The unit as optical elements; ``amplitudes`` = per-MZI transmission (v [C,P], atten [N], u [C,P])."""
+    """The unit as optical elements; ``amplitudes`` = per-MZI transmission (v [C,P], atten [N], u [C,P]).
+
+    ``couplers``: per-MZI splitting-angle errors of its two couplers (v [C,P,2], atten [N,2],
+    u [C,P,2]); None for ideal 50:50 couplers.
+    """
     v_amp, atten_amp, u_amp = amplitudes if amplitudes is not None else (None, None, None)
+    v_cpl, atten_cpl, u_cpl = couplers if couplers is not None else (None, None, None)
     return [
-        *mesh_elements(phases.v, v_amp),
-        Attenuators(phases.atten_theta_N, phases.atten_phi_N, atten_amp),
-        *mesh_elements(phases.u, u_amp),
+        *mesh_elements(phases.v, v_amp, v_cpl),
+        Attenuators(phases.atten_theta_N, phases.atten_phi_N, atten_amp, atten_cpl),
+        *mesh_elements(phases.u, u_amp, u_cpl),
     ]
 
 

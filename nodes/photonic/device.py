@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from core.config import doc
+from nodes.photonic.calibration import PhaseCalibration, PhaseController, build_controllers
 from nodes.photonic.clements import MatrixProgram, TiledProgram, UnitPhases, unit_elements
 from nodes.photonic.cost import PhotonicCost, Reconfiguration
 from nodes.photonic.elements import OpticalElement, propagate
@@ -33,6 +34,7 @@ from nodes.photonic.nonideal import (
     PhaseQuantization,
     Readout,
     ShifterGainError,
+    SplitterImbalance,
     ThermalCrosstalk,
 )
 
@@ -61,11 +63,19 @@ class PhotonicCore:
         insertion_loss: InsertionLoss.Config | None = doc(
             "per-MZI loss; null for lossless", default=None
         )
+        splitter_imbalance: SplitterImbalance.Config | None = doc(
+            "coupler splitting errors; null for ideal 50:50 couplers", default=None
+        )
         detection_noise: DetectionNoise.Config | None = doc(
             "detector noise; null for none", default=None
         )
         readout: Readout.Config | None = doc(
             "ADC quantization; null for exact readout", default=None
+        )
+        calibration: PhaseCalibration.Config | None = doc(
+            "the phase calibration done before use (measured offsets, gains, crosstalk "
+            "corrected); null for an uncalibrated device",
+            default=None,
         )
         cost: PhotonicCost.Config = doc(
             "time and energy figures of the engine", default_factory=PhotonicCost.Config
@@ -97,6 +107,10 @@ class PhotonicCore:
             [c.build(shape, fabrication) for c in phase_configs if c is not None]
             for shape in shapes
         ]
+        # What the deployment's calibration measured, and the controller built from it.
+        self._controllers: list[PhaseController] = build_controllers(
+            config.calibration, self._phase_effects, seed
+        )
         layout = MeshLayout(self.num_modes)
         mesh_shape = (layout.num_columns, layout.num_slots)
         self._loss = (
@@ -104,6 +118,16 @@ class PhotonicCore:
             if config.insertion_loss is None
             else [
                 config.insertion_loss.build(shape, fabrication)
+                for shape in (mesh_shape, (self.num_modes,), mesh_shape)
+            ]
+        )
+        # Couplers draw from a stream of their own, so adding them keeps every other error.
+        coupler_generator = torch.Generator().manual_seed(seed + 5_000_011)
+        self._couplers = (
+            None
+            if config.splitter_imbalance is None
+            else [
+                config.splitter_imbalance.build(shape, coupler_generator).error_rad
                 for shape in (mesh_shape, (self.num_modes,), mesh_shape)
             ]
         )
@@ -141,10 +165,17 @@ class PhotonicCore:
         return reconfiguration
 
     def actual_phases(self, commanded: UnitPhases | None = None) -> UnitPhases:
-        """The phases the light sees for ``commanded`` (default: what is programmed)."""
+        """The phases the light sees for ``commanded`` (default: what is programmed).
+
+        ``commanded`` are the phases the user asks for; the controller (calibration) turns
+        them into heater drives, and the hidden errors act on those.
+        """
         commanded = self.commanded if commanded is None else commanded
         applied = []
-        for phase, effects in zip(commanded.tensors(), self._phase_effects, strict=True):
+        for phase, effects, controller in zip(
+            commanded.tensors(), self._phase_effects, self._controllers, strict=True
+        ):
+            phase = controller.command(phase)
             for effect in effects:
                 phase = effect.apply(phase)
             applied.append(phase)
@@ -161,7 +192,7 @@ class PhotonicCore:
         of a physical device only ever commands phases.
         """
         amplitudes = None if self._loss is None else [loss.amplitude for loss in self._loss]
-        return unit_elements(actual, amplitudes)
+        return unit_elements(actual, amplitudes, self._couplers)
 
     def encode(self, x_BI: Tensor) -> tuple[Tensor, Tensor]:
         """Input fields at modulator full scale (max |x| = 1 per row) and the scale to undo."""
@@ -198,6 +229,13 @@ class PhotonicCore:
         tiles through this core at once.
         """
         return None if self._loss is None else [loss.amplitude for loss in self._loss]
+
+    def coupler_errors(self) -> list[Tensor] | None:
+        """Per-MZI coupler splitting errors (mesh V [C, P, 2], attenuators [N, 2], mesh U [C, P, 2]).
+
+        Emulator-side access, like ``loss_amplitudes``; None for ideal couplers.
+        """
+        return self._couplers
 
     def output_scale(self, scale_B1: Tensor) -> Tensor:
         """Digital factor from detected field to y (d y / d field)."""

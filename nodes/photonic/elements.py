@@ -53,9 +53,18 @@ class OpticalElement(ABC):
         return values.sum(dim=tuple(range(num_batch_dims))) if num_batch_dims else values
 
 
-def beam_split(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """Ideal symmetric 50:50 coupler [[1, i], [i, 1]] / sqrt(2); symmetric, so its own transpose."""
-    return (a + 1j * b) * INV_SQRT2, (1j * a + b) * INV_SQRT2
+def beam_split(a: Tensor, b: Tensor, error_rad: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Symmetric coupler [[t, i r], [i r, t]]: its own transpose, so reverse = forward.
+
+    Ideal: t = r = 1/sqrt(2) (50:50). ``error_rad`` is a fabricated coupler's deviation of
+    the splitting angle from pi/4: t = cos(pi/4 + error), r = sin(pi/4 + error), a power
+    split of (1 - sin(2 error)) / 2 : (1 + sin(2 error)) / 2.
+    """
+    if error_rad is None:
+        return (a + 1j * b) * INV_SQRT2, (1j * a + b) * INV_SQRT2
+    t = torch.cos(math.pi / 4 + error_rad)
+    r = torch.sin(math.pi / 4 + error_rad)
+    return t * a + 1j * r * b, 1j * r * a + t * b
 
 
 def phase_gradient(stored_after_phase: Tensor, reverse_at_phase: Tensor) -> Tensor:

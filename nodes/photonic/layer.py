@@ -170,35 +170,60 @@ class Tiles:
             for i in range(3)
         ]
 
+    def couplers(self, num_tiles: int) -> list[Tensor] | None:
+        """Per-MZI coupler splitting errors of each tile's core ([T, C, P, 2], [T, N, 2], ...)."""
+        per_core = [core.coupler_errors() for core in self.cores]
+        if per_core[0] is None:
+            return None
+        return [
+            torch.stack([per_core[t % len(self.cores)][i] for t in range(num_tiles)])
+            for i in range(3)
+        ]
+
+    def elements(self, phases: list[Tensor]) -> list[OpticalElement]:
+        """The circuit the light sees for commanded ``[T, ...]`` phases on these cores."""
+        num_tiles = phases[0].shape[0]
+        return tile_elements(
+            self.actual(phases), self.amplitudes(num_tiles), self.couplers(num_tiles)
+        )
+
     def detect(self, field_BTN: Tensor) -> Tensor:
         # Every core's detectors are the same model; core 0's noise generator serves them all.
         return self.cores[0].detect(field_BTN)
 
 
-def tile_elements(phases: list[Tensor], amplitudes: list[Tensor] | None) -> list[OpticalElement]:
+def tile_elements(
+    phases: list[Tensor],
+    amplitudes: list[Tensor] | None,
+    couplers: list[Tensor] | None = None,
+) -> list[OpticalElement]:
     """The unit of every tile as one circuit acting on ``[B, T, N]`` fields."""
     num_modes = phases[2].shape[-1]
     layout = MeshLayout(num_modes)
     v_amp, atten_amp, u_amp = amplitudes if amplitudes is not None else (None, None, None)
+    v_cpl, atten_cpl, u_cpl = couplers if couplers is not None else (None, None, None)
     elements: list[OpticalElement] = []
 
-    def mesh(theta: Tensor, phi: Tensor, screen: Tensor, amp: Tensor | None) -> None:
+    def mesh(
+        theta: Tensor, phi: Tensor, screen: Tensor, amp: Tensor | None, cpl: Tensor | None
+    ) -> None:
         for c, num_pairs in enumerate(layout.pairs_per_column):
             column = MZIColumn(
                 c % 2,
                 theta[:, c, :num_pairs],
                 phi[:, c, :num_pairs],
                 None if amp is None else amp[:, c, :num_pairs],
+                None if cpl is None else cpl[:, c, :num_pairs],
             )
             column.num_mode_dims = 2  # (tile, mode): gradients sum over the batch only
             elements.append(column)
         elements.append(PhaseScreen(screen))
 
-    mesh(phases[0], phases[1], phases[2], v_amp)
-    attenuators = Attenuators(phases[3], phases[4], atten_amp)
+    mesh(phases[0], phases[1], phases[2], v_amp, v_cpl)
+    attenuators = Attenuators(phases[3], phases[4], atten_amp, atten_cpl)
     attenuators.num_mode_dims = 2
     elements.append(attenuators)
-    mesh(phases[5], phases[6], phases[7], u_amp)
+    mesh(phases[5], phases[6], phases[7], u_amp, u_cpl)
     return elements
 
 
@@ -224,7 +249,7 @@ def run_tiles(
     module: MeshLinear, tiles: Tiles, x_BI: Tensor, phases: list[Tensor], gain_T: Tensor
 ) -> Tensor:
     """W x through ``tiles`` (in-phase quadrature, coherent detection); differentiable on a twin."""
-    elements = tile_elements(tiles.actual(phases), tiles.amplitudes(module.num_tiles))
+    elements = tiles.elements(phases)
     field, scale = _encode(module, x_BI)
     detected = tiles.detect(propagate(elements, field)).real
     return _decode(module, detected, gain_T, scale)
@@ -247,7 +272,7 @@ class _FfmMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, module, tiles, x_BI, gain_T, *phases):
-        elements = tile_elements(tiles.actual(list(phases)), tiles.amplitudes(module.num_tiles))
+        elements = tiles.elements(list(phases))
         field, scale = _encode(module, x_BI)
         out, stored = ffm_forward(elements, field)
         detected = tiles.detect(out).real

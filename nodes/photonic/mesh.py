@@ -62,21 +62,33 @@ class MeshLayout:
         return sum(self.pairs_per_column)
 
 
-def mzi_forward(a: Tensor, b: Tensor, theta: Tensor, phi: Tensor) -> tuple[Tensor, ...]:
-    """Outputs of MZIs with inputs (a, b), plus the fields just after the phi and theta shifters."""
+def _coupler(couplers: Tensor | None, index: int) -> Tensor | None:
+    """Splitting-angle errors of the first (0) or second (1) coupler of each MZI, or None."""
+    return None if couplers is None else couplers[..., index]
+
+
+def mzi_forward(
+    a: Tensor, b: Tensor, theta: Tensor, phi: Tensor, couplers: Tensor | None = None
+) -> tuple[Tensor, ...]:
+    """Outputs of MZIs with inputs (a, b), plus the fields just after the phi and theta shifters.
+
+    ``couplers``: ``[..., 2]`` splitting-angle errors of each MZI's two couplers (None: 50:50).
+    """
     a1 = a * torch.polar(torch.ones_like(phi), phi)
-    a2, b2 = beam_split(a1, b)
+    a2, b2 = beam_split(a1, b, _coupler(couplers, 0))
     a3 = a2 * torch.polar(torch.ones_like(theta), theta)
-    out_a, out_b = beam_split(a3, b2)
+    out_a, out_b = beam_split(a3, b2, _coupler(couplers, 1))
     return out_a, out_b, a1, a3
 
 
 def mzi_reverse(
-    ra: Tensor, rb: Tensor, theta: Tensor, phi: Tensor
+    ra: Tensor, rb: Tensor, theta: Tensor, phi: Tensor, couplers: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Reverse fields at the MZI inputs, plus those reaching the phi and theta shifters."""
-    r3a, r3b = beam_split(ra, rb)
-    r1a, r1b = beam_split(r3a * torch.polar(torch.ones_like(theta), theta), r3b)
+    r3a, r3b = beam_split(ra, rb, _coupler(couplers, 1))
+    r1a, r1b = beam_split(
+        r3a * torch.polar(torch.ones_like(theta), theta), r3b, _coupler(couplers, 0)
+    )
     return r1a * torch.polar(torch.ones_like(phi), phi), r1b, r1a, r3a
 
 
@@ -84,13 +96,19 @@ class MZIColumn(OpticalElement):
     """One column of MZIs on disjoint neighbouring pairs, starting at ``first_mode``."""
 
     def __init__(
-        self, first_mode: int, theta_P: Tensor, phi_P: Tensor, amplitude_P: Tensor | None = None
+        self,
+        first_mode: int,
+        theta_P: Tensor,
+        phi_P: Tensor,
+        amplitude_P: Tensor | None = None,
+        couplers_P2: Tensor | None = None,
     ) -> None:
         self.first_mode = first_mode
         self.end_mode = first_mode + 2 * theta_P.shape[-1]
         self.theta_P = theta_P
         self.phi_P = phi_P
         self.amplitude_P = amplitude_P
+        self.couplers_P2 = couplers_P2
 
     def _split(self, field: Tensor) -> tuple[Tensor, Tensor]:
         return (
@@ -110,7 +128,9 @@ class MZIColumn(OpticalElement):
         return a * self.amplitude_P, b * self.amplitude_P
 
     def forward_stored(self, field: Tensor) -> tuple[Tensor, Any]:
-        out_a, out_b, a1, a3 = mzi_forward(*self._split(field), self.theta_P, self.phi_P)
+        out_a, out_b, a1, a3 = mzi_forward(
+            *self._split(field), self.theta_P, self.phi_P, self.couplers_P2
+        )
         return self._join(field, *self._lossy(out_a, out_b)), (a1, a3)
 
     def forward(self, field: Tensor) -> Tensor:
@@ -119,13 +139,15 @@ class MZIColumn(OpticalElement):
     def reverse_gradient(self, field: Tensor, stored: Any) -> tuple[Tensor, tuple[Tensor, ...]]:
         a1, a3 = stored
         r0a, r0b, r1a, r3a = mzi_reverse(
-            *self._lossy(*self._split(field)), self.theta_P, self.phi_P
+            *self._lossy(*self._split(field)), self.theta_P, self.phi_P, self.couplers_P2
         )
         grads = (self._sum_batch(phase_gradient(a3, r3a)), self._sum_batch(phase_gradient(a1, r1a)))
         return self._join(field, r0a, r0b), grads
 
     def reverse(self, field: Tensor) -> Tensor:
-        r0a, r0b, _, _ = mzi_reverse(*self._lossy(*self._split(field)), self.theta_P, self.phi_P)
+        r0a, r0b, _, _ = mzi_reverse(
+            *self._lossy(*self._split(field)), self.theta_P, self.phi_P, self.couplers_P2
+        )
         return self._join(field, r0a, r0b)
 
 
@@ -136,17 +158,24 @@ class Attenuators(OpticalElement):
     i e^{i theta/2} e^{i phi} sin(theta/2): |s| <= 1 set by theta, its phase by phi.
     """
 
-    def __init__(self, theta_N: Tensor, phi_N: Tensor, amplitude_N: Tensor | None = None) -> None:
+    def __init__(
+        self,
+        theta_N: Tensor,
+        phi_N: Tensor,
+        amplitude_N: Tensor | None = None,
+        couplers_N2: Tensor | None = None,
+    ) -> None:
         self.theta_N = theta_N
         self.phi_N = phi_N
         self.amplitude_N = amplitude_N
+        self.couplers_N2 = couplers_N2
 
     def _lossy(self, field: Tensor) -> Tensor:
         return field if self.amplitude_N is None else field * self.amplitude_N
 
     def forward_stored(self, field: Tensor) -> tuple[Tensor, Any]:
         out_a, _dumped, a1, a3 = mzi_forward(
-            field, torch.zeros_like(field), self.theta_N, self.phi_N
+            field, torch.zeros_like(field), self.theta_N, self.phi_N, self.couplers_N2
         )
         return self._lossy(out_a), (a1, a3)
 
@@ -156,13 +185,15 @@ class Attenuators(OpticalElement):
     def reverse_gradient(self, field: Tensor, stored: Any) -> tuple[Tensor, tuple[Tensor, ...]]:
         a1, a3 = stored
         ra = self._lossy(field)
-        r0a, _dark, r1a, r3a = mzi_reverse(ra, torch.zeros_like(ra), self.theta_N, self.phi_N)
+        r0a, _dark, r1a, r3a = mzi_reverse(
+            ra, torch.zeros_like(ra), self.theta_N, self.phi_N, self.couplers_N2
+        )
         grads = (self._sum_batch(phase_gradient(a3, r3a)), self._sum_batch(phase_gradient(a1, r1a)))
         return r0a, grads
 
     def reverse(self, field: Tensor) -> Tensor:
         ra = self._lossy(field)
-        return mzi_reverse(ra, torch.zeros_like(ra), self.theta_N, self.phi_N)[0]
+        return mzi_reverse(ra, torch.zeros_like(ra), self.theta_N, self.phi_N, self.couplers_N2)[0]
 
 
 def attenuator_phases(s_N: Tensor) -> tuple[Tensor, Tensor]:
@@ -192,7 +223,9 @@ class MeshPhases:
         return MeshPhases(*tensors)
 
 
-def mesh_elements(phases: MeshPhases, amplitude_CP: Tensor | None = None) -> list[OpticalElement]:
+def mesh_elements(
+    phases: MeshPhases, amplitude_CP: Tensor | None = None, couplers_CP2: Tensor | None = None
+) -> list[OpticalElement]:
     """The mesh as a list of optical elements: its MZI columns, then the output phase screen."""
     layout = MeshLayout(phases.num_modes)
     elements: list[OpticalElement] = []
@@ -203,6 +236,7 @@ def mesh_elements(phases: MeshPhases, amplitude_CP: Tensor | None = None) -> lis
                 phases.theta_CP[c, :num_pairs],
                 phases.phi_CP[c, :num_pairs],
                 None if amplitude_CP is None else amplitude_CP[c, :num_pairs],
+                None if couplers_CP2 is None else couplers_CP2[c, :num_pairs],
             )
         )
     elements.append(PhaseScreen(phases.screen_N))

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from nodes.photonic.calibration import PhaseController, build_controllers
 from nodes.photonic.device import PhotonicCore
 from nodes.photonic.elements import OpticalElement
 from nodes.photonic.layer import Tiles, tile_elements
@@ -157,6 +158,7 @@ class PhysicalOptics:
         self.layer = 0
         self.ffm = False
         self._mask_effects: dict[tuple, list[PhaseEffect]] = {}
+        self._mask_controllers: dict[tuple, PhaseController] = {}
         self._tiles: dict[int, Tiles] = {}
         generator = torch.Generator().manual_seed(seed + 1)  # fresh noise on every read
         self._noise = (
@@ -173,15 +175,16 @@ class PhysicalOptics:
         key = (self.layer, role, tuple(phases.shape))
         if key not in self._mask_effects:
             # A stable seed per mask: str hashes change between processes, crc32 does not.
-            generator = torch.Generator().manual_seed(
-                self.seed + 1_000_003 * (self.layer + 1) + zlib.crc32(role.encode())
-            )
+            mask_seed = self.seed + 1_000_003 * (self.layer + 1) + zlib.crc32(role.encode())
+            generator = torch.Generator().manual_seed(mask_seed)
             d = self.device
             # The physical order of PhotonicCore: DAC, heater gain, crosstalk, fabrication offset.
             configs = (d.phase_quantization, d.gain_error, d.crosstalk, d.phase_error)
-            self._mask_effects[key] = [
-                c.build(tuple(phases.shape), generator) for c in configs if c is not None
-            ]
+            effects = [c.build(tuple(phases.shape), generator) for c in configs if c is not None]
+            (controller,) = build_controllers(d.calibration, [effects], mask_seed)
+            self._mask_effects[key] = effects
+            self._mask_controllers[key] = controller
+        phases = self._mask_controllers[key].command(phases)
         for effect in self._mask_effects[key]:
             phases = effect.apply(phases)
         return phases
@@ -196,8 +199,7 @@ class PhysicalOptics:
         return self._tiles[num_modes]
 
     def embedding_elements(self, phases: list[Tensor]) -> list[OpticalElement]:
-        tiles = self.tiles(phases[2].shape[-1])
-        return tile_elements(tiles.actual(phases), tiles.amplitudes(phases[0].shape[0]))
+        return self.tiles(phases[2].shape[-1]).elements(phases)
 
     def detect(self, power: Tensor) -> Tensor:
         """Photocurrent noise at the detected power, then each path's receiver and ADC.

@@ -198,6 +198,35 @@ class InsertionLoss:
         return 10.0 ** (-self.nominal_loss_db * num_mzis / 20.0)
 
 
+class SplitterImbalance:
+    """Fixed per-coupler splitting errors: each nominally 50:50 coupler splits at pi/4 + error.
+
+    Two couplers per MZI, drawn once per device. A phase cannot undo them (the MZI's
+    extinction is limited), so calibration leaves them in place.
+    """
+
+    @dataclass(kw_only=True)
+    class Config:
+        sigma_rad: float = doc(
+            "std of each coupler's splitting-angle error about pi/4, rad; the power split is "
+            "(1 -+ sin(2 error)) / 2, so 0.02 rad is 48:52 (docs/device_fidelity.md)",
+            default=0.02,
+        )
+
+        def __post_init__(self) -> None:
+            _require_non_negative("splitter_imbalance.sigma_rad", self.sigma_rad)
+
+        def build(self, shape: tuple[int, ...], generator: torch.Generator) -> SplitterImbalance:
+            """Errors of the two couplers of each of ``shape`` MZIs: ``[*shape, 2]``."""
+            error = self.sigma_rad * torch.randn(
+                (*shape, 2), generator=generator, dtype=torch.float64
+            )
+            return SplitterImbalance(error)
+
+    def __init__(self, error_rad: Tensor) -> None:
+        self.error_rad = error_rad
+
+
 class OutputEffect(ABC):
     """Maps the complex field at the detectors (unit = one full-power input) to what is read."""
 

@@ -12,6 +12,7 @@ import yaml
 
 from core.config import doc, field_docs, from_dict
 from core.presets import PRESET_DIR  # noqa: E402 (bundled presets live in one folder)
+from nodes.photonic.calibration import PhaseCalibration
 from nodes.photonic.cost import PhotonicCost
 from nodes.photonic.device import PhotonicCore
 from nodes.photonic.nonideal import (
@@ -21,6 +22,7 @@ from nodes.photonic.nonideal import (
     PhaseQuantization,
     Readout,
     ShifterGainError,
+    SplitterImbalance,
     ThermalCrosstalk,
 )
 
@@ -77,8 +79,10 @@ class PresetDevice(PhotonicCore.Config):
     gain_error: ShifterGainError.Config | None = _from_preset("gain_error")
     crosstalk: ThermalCrosstalk.Config | None = _from_preset("crosstalk")
     insertion_loss: InsertionLoss.Config | None = _from_preset("insertion_loss")
+    splitter_imbalance: SplitterImbalance.Config | None = _from_preset("splitter_imbalance")
     detection_noise: DetectionNoise.Config | None = _from_preset("detection_noise")
     readout: Readout.Config | None = _from_preset("readout")
+    calibration: PhaseCalibration.Config | None = _from_preset("calibration")
     cost: PhotonicCost.Config = _from_preset("cost")
 
     def plain(self) -> PhotonicCore.Config:

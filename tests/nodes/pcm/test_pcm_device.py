@@ -162,6 +162,95 @@ def test_read_noise_scales_with_drifted_conductance():
     assert expected == pytest.approx(0.5 * read_noise.std(g_target[:1], g_target[:1], 100.0).item())
 
 
+def fit_q_s_programmed(g_programmed: torch.Tensor) -> torch.Tensor:
+    """Nandakumar et al. 2019 as aihwkit writes it: Qs of |g_prog| / g_max, gh^0.65 floored at 1e-3."""
+    gh_power = torch.clamp((g_programmed.abs() / G_MAX) ** 0.65, min=1e-3)
+    return torch.clamp(0.0088 / gh_power, max=0.2)
+
+
+def rectified_residual_moments(g_drifted, sigma) -> tuple[float, float]:
+    """Mean and std over devices of max(g + sigma n, 0) - g, n ~ N(0, 1), in closed form."""
+    # A device clamped to 0 when programmed has sigma = 0 and reads 0: residual 0 either way.
+    a = g_drifted / sigma.clamp(min=torch.finfo(sigma.dtype).tiny)
+    cdf, pdf = torch.special.ndtr(a), torch.exp(-0.5 * a**2) / math.sqrt(2 * math.pi)
+    first = g_drifted * cdf + sigma * pdf  # E[max(X, 0)] per device
+    second = (g_drifted**2 + sigma**2) * cdf + g_drifted * sigma * pdf
+    mean = (first - g_drifted).mean()
+    square = (second - 2 * g_drifted * first + g_drifted**2).mean()
+    return mean.item(), (square - mean**2).sqrt().item()
+
+
+def read_noise_sigma(g_drifted, g_for_q_s, t_inference):
+    t = t_inference + T0
+    return (
+        g_drifted.abs()
+        * fit_q_s_programmed(g_for_q_s)
+        * math.sqrt(math.log((t + T_READ) / (2 * T_READ)))
+    )
+
+
+def programmed_and_drifted(gh: float, t_inference: float):
+    device = PcmDevice.Config().build()
+    g_target = full(gh)
+    g_programmed, nu = device.program(g_target, generator(3))
+    g_drifted = device.drift.apply(g_programmed, nu, t_inference)
+    return device, g_target, g_programmed, nu, g_drifted
+
+
+@pytest.mark.parametrize("gh", [0.05, 0.5, 1.0])
+def test_read_noise_moments_follow_programmed_conductance(gh):
+    """Spread of one read around the drifted conductance, one day after programming.
+
+    sigma = |g(t)| Qs(g_prog) sqrt(ln((t + t_read) / (2 t_read))), written out here apart from
+    the code, with the clamp at 0 taken exactly (rectified normal). Low (gh = 0.05: 1.25 uS),
+    middle and high conductance over 100k programmed devices: the residual's mean and std
+    must match within 1.5% of the std (7 standard errors of a 100k-sample std).
+    """
+    t_inference = 86400.0
+    device, g_target, g_programmed, nu, g_drifted = programmed_and_drifted(gh, t_inference)
+    read = device.read(g_target, g_programmed, nu, t_inference, generator(4))
+    sigma = read_noise_sigma(g_drifted, g_programmed, t_inference)
+    mean, std = rectified_residual_moments(g_drifted, sigma)
+    residual = read - g_drifted
+    assert residual.mean().item() == pytest.approx(mean, abs=0.015 * std)
+    assert residual.std().item() == pytest.approx(std, rel=0.015)
+
+
+def test_read_noise_magnitude_is_not_that_of_the_target():
+    """At low conductance Qs(g_target) gives a spread 4.5% higher than Qs(g_prog).
+
+    Guards the moment test above: were the code to use the target again (the issue's "about
+    2% high" at 2.5 uS), its low-conductance case would fail by 3 times its tolerance.
+    """
+    t_inference = 86400.0
+    _, g_target, g_programmed, _, g_drifted = programmed_and_drifted(0.05, t_inference)
+    _, published = rectified_residual_moments(
+        g_drifted, read_noise_sigma(g_drifted, g_programmed, t_inference)
+    )
+    _, of_target = rectified_residual_moments(
+        g_drifted, read_noise_sigma(g_drifted, g_target, t_inference)
+    )
+    assert of_target / published - 1 > 3 * 0.015
+
+
+def test_read_noise_floors_tiny_conductance_and_clips_q_s():
+    read_noise = ReadNoise.Config().build(G_MAX, T0)
+    assert isinstance(read_noise, PcmReadNoise)
+    g = torch.tensor([0.0, 1e-9, -2.5, 2.5], dtype=torch.float64)
+    q_s = read_noise.q_s(g)
+    assert q_s[:2].tolist() == [0.2, 0.2]  # 0.0088 / 1e-3 = 8.8, clipped at 0.2
+    assert q_s[2].item() == pytest.approx(q_s[3].item(), rel=1e-12)  # |g_prog|
+    assert q_s[3].item() == pytest.approx(fit_q_s(0.1), rel=1e-9)
+
+
+def test_read_noise_is_seeded():
+    read_noise = ReadNoise.Config().build(G_MAX, T0)
+    g = full(0.5)[:1000]
+    first = read_noise.read(g, g, 10.0, generator(7))
+    assert torch.equal(first, read_noise.read(g, g, 10.0, generator(7)))
+    assert not torch.equal(first, read_noise.read(g, g, 10.0, generator(8)))
+
+
 def test_ideal_device_reads_targets_exactly():
     device = PcmDevice.Config.ideal().build()
     g_target = torch.linspace(0.0, G_MAX, 50)
@@ -230,6 +319,7 @@ def test_no_drift_compensation_never_reads():
         (lambda: ProgrammingNoise.Config(scale=-0.5), r"scale = -0\.5"),
         (lambda: Drift.Config(mean_clip=(0.2, 0.1)), r"mean_clip"),
         (lambda: ReadNoise.Config(t_read=0.0), r"t_read = 0\.0"),
+        (lambda: ReadNoise.Config(q_power_floor=0.0), r"q_power_floor = 0\.0"),
     ],
 )
 def test_invalid_device_config_is_rejected(build, match):

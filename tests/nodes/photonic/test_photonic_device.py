@@ -23,7 +23,8 @@ EXACT = 1e-9
 
 
 def physical(mesh_size: int = 8) -> PhotonicCore.Config:
-    return dataclasses.replace(load_preset(), mesh_size=mesh_size)
+    """The raw device, its fabrication errors uncorrected (test_photonic_calibration.py: corrected)."""
+    return dataclasses.replace(load_preset("photonic_uncalibrated"), mesh_size=mesh_size)
 
 
 def weights(seed: int = 0, shape=(6, 5)) -> torch.Tensor:

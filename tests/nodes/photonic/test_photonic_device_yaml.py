@@ -17,8 +17,10 @@ SECTIONS = (
     "gain_error",
     "crosstalk",
     "insertion_loss",
+    "splitter_imbalance",
     "detection_noise",
     "readout",
+    "calibration",
     "cost",
 )
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
+from nodes.photonic.calibration import PhaseCalibration
 from nodes.photonic.cost import PhotonicCost
 from nodes.photonic.nonideal import (
     DetectionNoise,
@@ -12,6 +15,7 @@ from nodes.photonic.nonideal import (
     PhaseQuantization,
     Readout,
     ShifterGainError,
+    SplitterImbalance,
     ThermalCrosstalk,
 )
 from nodes.photonic.preset import PRESET_DIR, load_preset
@@ -27,13 +31,23 @@ def test_preset_sections_equal_the_documented_defaults():
     assert device.insertion_loss == InsertionLoss.Config()
     assert device.detection_noise == DetectionNoise.Config()
     assert device.readout == Readout.Config()
+    assert device.splitter_imbalance == SplitterImbalance.Config()
+    assert device.calibration == PhaseCalibration.Config()
     assert device.cost == PhotonicCost.Config()
+
+
+def test_uncalibrated_preset_is_the_default_device_without_calibration():
+    calibrated = load_preset("photonic_taichi")
+    uncalibrated = load_preset("photonic_uncalibrated")
+    assert uncalibrated.calibration is None
+    assert dataclasses.replace(calibrated, calibration=None) == uncalibrated
 
 
 def test_twin_keeps_size_and_cost_but_no_errors():
     twin = load_preset().twin()
     assert twin.mesh_size == 64 and twin.cost == PhotonicCost.Config()
     assert twin.phase_error is None and twin.insertion_loss is None and twin.readout is None
+    assert twin.calibration is None
 
 
 def test_bad_presets_are_rejected(tmp_path):
