@@ -16,7 +16,7 @@ import re
 import sys
 import textwrap
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from core.units import format_seconds
@@ -65,7 +65,6 @@ class Figure:
     commands: tuple[Command, ...]
     render: Callable[[list[Output]], str]
     fast: bool = False
-    note: str = field(default="", compare=False)
 
 
 def wafer(*args: str, json: bool = True) -> Command:
