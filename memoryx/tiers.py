@@ -41,7 +41,7 @@ from memoryx.layer_files import (
 )
 from memoryx.optim import Optimizer
 from memoryx.sparsity import Sparsity, apply_masks
-from memoryx.store import STATE_FORMAT_VERSION, ParameterStore, StepError, _to_master, _Version
+from memoryx.store import STATE_FORMAT_VERSION, ParameterStore, StepError, _Version
 from memoryx.tier_cache import Cache, Ledger
 
 WEIGHTS = "weights"  # cache part: params and masks, what a stream needs
@@ -85,6 +85,7 @@ class TieredStore(ParameterStore):
         ram_budget_bytes: int,
         step: int = 0,
         layer_offset: int = 0,
+        prefetch: bool = True,
     ) -> None:
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}.")
@@ -107,8 +108,10 @@ class TieredStore(ParameterStore):
         self._cursor = (0, 1)  # (layer last streamed, direction +1 forward / -1 backward)
         self._prefetch_wanted = threading.Event()
         self._closed = False
+        # Without prefetch (tests that count bytes) every load happens on the caller's thread.
         self._prefetcher = threading.Thread(target=self._prefetch_loop, daemon=True)
-        self._prefetcher.start()
+        if prefetch:
+            self._prefetcher.start()
 
     # -- building ------------------------------------------------------------
     def add_layer(self, tensors: Mapping[str, Tensor], *, num_updates: int = 0) -> None:
@@ -117,7 +120,8 @@ class TieredStore(ParameterStore):
             raise ValueError(
                 f"layer {len(self._layers)} must hold at least one parameter, got none."
             )
-        params = {name: _to_master(t) for name, t in tensors.items()}
+        # Written to disk and dropped: fp32 and contiguous suffices, no private copy needed.
+        params = {name: t.detach().to(torch.float32).contiguous() for name, t in tensors.items()}
         state = {name: self.optimizer.init_state(p) for name, p in params.items()}
         self.add_version(_Version(params, state, num_updates), self._first_step)
 
@@ -438,7 +442,8 @@ class TieredStore(ParameterStore):
         """Stop prefetching and drop the cache (the files stay)."""
         self._closed = True
         self._prefetch_wanted.set()
-        self._prefetcher.join(timeout=10)
+        if self._prefetcher.is_alive():
+            self._prefetcher.join(timeout=10)
         self._syncer.close()
         self._cache.drop(lambda key: False)
 

@@ -45,10 +45,19 @@ def _layer_bytes() -> tuple[int, int]:
 
 
 def _tiered(
-    tmp_path: Path, budget: int, layers=None, sparsity: Sparsity | None = None, offset: int = 0
+    tmp_path: Path,
+    budget: int,
+    layers=None,
+    sparsity: Sparsity | None = None,
+    offset: int = 0,
+    prefetch: bool = True,
 ) -> TieredStore:
     store = TieredStore(
-        CONFIG.build(), spill_dir=tmp_path / "spill", ram_budget_bytes=budget, layer_offset=offset
+        CONFIG.build(),
+        spill_dir=tmp_path / "spill",
+        ram_budget_bytes=budget,
+        layer_offset=offset,
+        prefetch=prefetch,
     )
     for layer in layers if layers is not None else _layers():
         store.add_layer(layer)
@@ -192,13 +201,14 @@ def test_sparse_tiered_store_equals_sparse_ram_store(tmp_path: Path) -> None:
 
 def test_checkpoint_links_files_and_restores_bitwise(tmp_path: Path) -> None:
     weights, state = _layer_bytes()
-    tiered = _tiered(tmp_path, min_budget_bytes(weights, state))
+    # No prefetch thread: nothing but the save itself can read while it runs.
+    tiered = _tiered(tmp_path, min_budget_bytes(weights, state), prefetch=False)
     for step in range(2):
         _stream_step(tiered, step)
-    peak = tiered.peak_resident_bytes
-    resident = tiered.resident_bytes
+    peak, resident, read = tiered.peak_resident_bytes, tiered.resident_bytes, tiered.io_bytes()[0]
     part, num_bytes = save_checkpoint_part(tiered, tmp_path / "ckpt")
-    # Hard links: the checkpoint pulled no tensor through RAM.
+    # Hard links: the checkpoint read nothing and pulled no tensor through RAM.
+    assert tiered.io_bytes()[0] == read
     assert tiered.resident_bytes == resident and tiered.peak_resident_bytes == peak
     write_manifest(tmp_path / "ckpt", [part], optimizer=CONFIG)
     assert not part.exists() and (tmp_path / "ckpt" / MANIFEST_NAME).is_file()
