@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -267,6 +268,8 @@ def main(argv: list[str] | None = None) -> dict:
         body = measure_big(args) if args.big else measure_ratio(args)
     finally:
         ray.shutdown()
+        for path in Path(args.spill_dir or tempfile.gettempdir()).glob("bench-tiers-*"):
+            shutil.rmtree(path, ignore_errors=True)  # this script's spill roots
     result = {
         "benchmark": "memoryx_tiers_big" if args.big else "memoryx_tiers_ratio",
         "machine": {
