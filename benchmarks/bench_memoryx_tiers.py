@@ -48,6 +48,13 @@ from emulator.config import ClusterConfig, load_config
 from emulator.train import train
 
 STATE_BYTES_PER_PARAM = 12  # fp32 weight + AdamW's two fp32 moments
+SPILL_ROOTS: list[str] = []  # the spill roots this run made, removed at the end
+
+
+def _spill_root(parent: str | None, prefix: str) -> str:
+    path = tempfile.mkdtemp(dir=parent, prefix=prefix)
+    SPILL_ROOTS.append(path)
+    return path
 
 
 def _median_after_warmup(runs: list[list[float]]) -> float:
@@ -81,7 +88,7 @@ def measure_ratio(args) -> dict:
     probe = run(load_config(overrides={**base, "num_steps": 1}))
     state_bytes = probe["memoryx"]["state_bytes"]
     budget = int(state_bytes * args.budget_fraction)
-    spill = tempfile.mkdtemp(dir=args.spill_dir, prefix="bench-tiers-")
+    spill = _spill_root(args.spill_dir, "bench-tiers-")
     tiered_config = {**base, "memoryx.ram_budget_bytes": budget, "memoryx.spill_dir": spill}
     in_ram, tiered = [], []
     for round_index in range(args.rounds):
@@ -201,7 +208,7 @@ def measure_big(args) -> dict:
     )
     target_params = args.state_over_ram * ram / STATE_BYTES_PER_PARAM
     budget = int(args.budget_fraction * ram)
-    spill = tempfile.mkdtemp(dir=args.spill_dir, prefix="bench-tiers-big-")
+    spill = _spill_root(args.spill_dir, "bench-tiers-big-")
     overrides = {
         **big_gpt_shape(target_params, seq_len=args.seq_len, vocab_size=128),
         "num_nodes": 1,
@@ -268,8 +275,8 @@ def main(argv: list[str] | None = None) -> dict:
         body = measure_big(args) if args.big else measure_ratio(args)
     finally:
         ray.shutdown()
-        for path in Path(args.spill_dir or tempfile.gettempdir()).glob("bench-tiers-*"):
-            shutil.rmtree(path, ignore_errors=True)  # this script's spill roots
+        for path in SPILL_ROOTS:
+            shutil.rmtree(path, ignore_errors=True)
     result = {
         "benchmark": "memoryx_tiers_big" if args.big else "memoryx_tiers_ratio",
         "machine": {
