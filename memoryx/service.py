@@ -125,6 +125,9 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
                     checkpoint_dir, resume, optimizer, sparsity
                 )
         self.traffic = _Traffic()
+        self._peak_rss_bytes = 0
+        if self.store is not None:
+            self._sample_rss()
 
     def _require_store(self) -> ParameterStore:
         if self.store is None:
@@ -179,7 +182,13 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
             raise WireError(f"cannot load these weights: {exc}") from None
         self.first_step = builder.step or 0
         self.store = store
+        self._sample_rss()
         return EMPTY
+
+    def _sample_rss(self) -> None:
+        """The process's peak RSS so far, sampled when a load or a step ends, so that
+        Stats stays the same between steps (a refused call must change nothing)."""
+        self._peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     def _new_spill_dir(self) -> Path | None:
         if self.memoryx.spill_dir is None:
@@ -293,6 +302,7 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
             )
         try:
             store.commit(request.step)
+            self._sample_rss()
         except StepError as exc:
             raise StepConflict(str(exc)) from None
         return EMPTY
@@ -346,7 +356,7 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
                 peak_resident_bytes=store.peak_resident_bytes if store is not None else 0,
                 disk_read_bytes=disk_read,
                 disk_written_bytes=disk_written,
-                process_peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                process_peak_rss_bytes=self._peak_rss_bytes,
                 egress_bytes=t.egress_bytes,
                 ingress_bytes=t.ingress_bytes,
                 num_weight_streams=t.num_weight_streams,

@@ -149,7 +149,7 @@ class TrafficStats:
     peak_resident_bytes: int = 0
     disk_read_bytes: int = 0
     disk_written_bytes: int = 0
-    process_peak_rss_bytes: int = 0  # the MemoryX server process's peak resident set
+    process_peak_rss_bytes: int = 0  # the server process's peak RSS at the last load or commit
 
 
 @dataclass(frozen=True)
