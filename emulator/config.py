@@ -17,6 +17,7 @@ from core.cost.hardware import Hardware
 from core.data import DataConfig
 from core.presets import load_hardware
 from emulator.zoo import ModelConfig, default_data_config
+from memoryx.config import MemoryXConfig
 from memoryx.optim import Optimizer
 from memoryx.sparsity import Sparsity
 from nodes.backend import Backend
@@ -174,6 +175,11 @@ class ClusterConfig:
     )
     backend: Backend.Config = doc("compute-node backend", default_factory=Cs2Backend.Config)
     swarmx: SwarmXTree.Config = doc("broadcast/reduce tree", default_factory=SwarmXTree.Config)
+    memoryx: MemoryXConfig = doc(
+        "MemoryX servers and where they keep the state, e.g. {num_servers: 2} or "
+        "{ram_budget_bytes: 4000000000, spill_dir: /scratch/memoryx}",
+        default_factory=MemoryXConfig,
+    )
     runtime: RuntimeConfig = doc("where and how the actors run", default_factory=RuntimeConfig)
     sparsity: Sparsity.Config | None = doc(
         "weight sparsity MemoryX keeps and streams, e.g. {algorithm: set, sparsity: 0.9, "

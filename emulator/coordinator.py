@@ -23,9 +23,10 @@ from torch import nn
 from emulator.config import ClusterConfig
 from emulator.emulated import PassMeasurement
 from emulator.launch import Cluster
+from emulator.shards import MemoryXServers
+from memoryx.checkpoint import confined_path, write_manifest
 from proto.clients import (
     LAYER_TIMEOUT_S,
-    MemoryXClient,
     NodeClient,
     RpcError,
     SwarmXClient,
@@ -71,6 +72,9 @@ class StepRecord:
     node_compute_seconds: float
     wall_time_s: float
     num_attempts: int
+    #: Disk tier traffic of all MemoryX servers in this step (0 when the state is in RAM).
+    memoryx_disk_read_bytes: int = 0
+    memoryx_disk_written_bytes: int = 0
 
 
 @dataclass
@@ -97,7 +101,9 @@ class Coordinator:
 
     def __post_init__(self) -> None:
         security = self.cluster.security
-        self.memoryx = MemoryXClient(self.cluster.memoryx_address, security)
+        self.memoryx = MemoryXServers(
+            self.cluster.memoryx_addresses, self.cluster.memoryx_layers, security
+        )
         self.root = SwarmXClient(self.cluster.root_address, security)
         # A backend whose backward needs no weights (DFA) gets a header-only backward stream.
         self.backward_weights = self.config.backend.needs_weights_in_backward
@@ -175,6 +181,8 @@ class Coordinator:
             node_compute_seconds=sum(a.compute_seconds for a in acks),
             wall_time_s=time.perf_counter() - started,
             num_attempts=attempt,
+            memoryx_disk_read_bytes=after.disk_read_bytes - before.disk_read_bytes,
+            memoryx_disk_written_bytes=after.disk_written_bytes - before.disk_written_bytes,
         )
         self.steps.append(record)
         self.measured = [_measurement(a) for a in acks]
@@ -217,11 +225,21 @@ class Coordinator:
             densities.append(layer.num_kept / numel if numel else 1.0)
         return densities
 
-    def save_checkpoint(self, path: str) -> CheckpointInfo:
+    def save_checkpoint(self, path: str) -> list[CheckpointInfo]:
         """MemoryX saves into the run's checkpoint directory; the driver copies it to ``path``."""
-        info = self.memoryx.save_checkpoint()
-        self.cluster.export_checkpoint(info.name, path)
-        return info
+        saved = self.memoryx.save_checkpoint()
+        names = {info.name for info in saved}
+        if len(names) != 1:
+            raise RuntimeError(f"the MemoryX servers saved different checkpoints {sorted(names)}.")
+        name = saved[0].name
+        if self.config.memoryx.directory_checkpoints:
+            # Every server wrote its layers and part there; the manifest, last, makes it whole.
+            directory = confined_path(self.cluster.checkpoint_dir, name)
+            write_manifest(
+                directory, sorted(directory.glob("part-*.json")), optimizer=self.config.optimizer
+            )
+        self.cluster.export_checkpoint(name, path)
+        return saved
 
     def traffic(self) -> dict:
         stats = self.memoryx.stats()
@@ -236,6 +254,12 @@ class Coordinator:
             "memoryx_total_ingress_bytes": stats.ingress_bytes,
             "num_updates": stats.num_updates,
             "num_duplicate_gradients": stats.num_duplicate_gradients,
+            # Summed over the MemoryX servers (each server's own peak).
+            "memoryx_state_bytes": stats.state_bytes,
+            "memoryx_peak_resident_bytes": stats.peak_resident_bytes,
+            "memoryx_disk_read_bytes": stats.disk_read_bytes,
+            "memoryx_disk_written_bytes": stats.disk_written_bytes,
+            "memoryx_process_peak_rss_bytes": stats.process_peak_rss_bytes,
             "links": links,
             "nodes": [
                 {

@@ -31,7 +31,8 @@ from core.atomic import write_bytes_atomic, write_json_atomic
 from core.data import DataConfig, Dataset
 from emulator.config import ClusterConfig, RuntimeConfig
 from memoryx.actor import MemoryXActor
-from memoryx.checkpoint import confined_path
+from memoryx.checkpoint import confined_path, copy_checkpoint_dir
+from memoryx.config import partition
 from nodes.actor import NodeActor
 from nodes.worker import strip_parameters
 from proto.rpc import TOKEN_METADATA_KEY, Security, TlsMaterial, is_loopback
@@ -133,6 +134,11 @@ def _stage_resume(resume: str, checkpoint_dir: Path) -> str:
     process) links or copies the file the user named into it.
     """
     source = Path(resume).resolve()
+    if source.is_dir():  # a directory checkpoint (tiered or sharded MemoryX)
+        if source.parent == checkpoint_dir.resolve():
+            return source.name
+        copy_checkpoint_dir(source, checkpoint_dir / "resume")
+        return "resume"
     if not source.is_file():
         raise ValueError(f"resume = {resume!r} is not a checkpoint file.")
     if source.parent == checkpoint_dir.resolve():
@@ -151,7 +157,7 @@ def _stage_resume(resume: str, checkpoint_dir: Path) -> str:
 class Cluster:
     """Handles and gRPC addresses of a launched cluster's actors, and the run's credentials."""
 
-    memoryx: ray.actor.ActorHandle
+    memoryx: ray.actor.ActorHandle  # the first MemoryX server
     memoryx_address: str
     swarmx: dict[str, ray.actor.ActorHandle]
     swarmx_addresses: dict[str, str]
@@ -161,6 +167,10 @@ class Cluster:
     security: Security = field(repr=False)
     run_dir: Path
     _temporary_run_dir: bool = field(default=False)
+    #: Every MemoryX server, its gRPC address and the layers it holds (one server: all).
+    memoryx_servers: list[ray.actor.ActorHandle] = field(default_factory=list)
+    memoryx_addresses: list[str] = field(default_factory=list)
+    memoryx_layers: list[range] = field(default_factory=list)
     _stopped: bool = field(default=False)
 
     @property
@@ -171,6 +181,9 @@ class Cluster:
         """Copy checkpoint ``name`` that MemoryX wrote in the run directory to ``destination``."""
         source = confined_path(self.checkpoint_dir, name)
         destination = Path(destination)
+        if source.is_dir():
+            copy_checkpoint_dir(source, destination)
+            return
         destination.parent.mkdir(parents=True, exist_ok=True)
         fd, temp = tempfile.mkstemp(
             dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp"
@@ -193,7 +206,7 @@ class Cluster:
         if self._stopped:
             return
         self._stopped = True
-        handles = [self.memoryx, *self.swarmx.values(), *self.nodes]
+        handles = [*(self.memoryx_servers or [self.memoryx]), *self.swarmx.values(), *self.nodes]
         try:
             ray.get([h.stop.remote() for h in handles], timeout=30)
         finally:
@@ -238,15 +251,29 @@ def launch(
     if data_config.from_user:
         data = ray.put(dataset if dataset is not None else data_config.build(seed=config.seed))
 
-    memoryx = remote[MemoryXActor].remote(
-        config.optimizer,
-        host=host,
-        chunk_bytes=chunk_bytes,
-        security=security,
-        checkpoint_dir=str(checkpoint_dir.resolve()),
-        resume=resume,
-        sparsity=config.sparsity,
+    # Layers partitioned over the MemoryX servers: contiguous, balanced by parameter bytes.
+    ranges = partition(
+        [sum(p.numel() for p in layer.parameters()) for layer in layers],
+        config.memoryx.num_servers,
     )
+    # SPREAD: on a cluster of several hosts the servers go to different ones where possible.
+    servers = [
+        remote[MemoryXActor]
+        .options(scheduling_strategy="SPREAD")
+        .remote(
+            config.optimizer,
+            host=host,
+            chunk_bytes=chunk_bytes,
+            security=security,
+            checkpoint_dir=str(checkpoint_dir.resolve()),
+            resume=resume,
+            sparsity=config.sparsity,
+            memoryx=config.memoryx,
+            server=index,
+            layers=held,
+        )
+        for index, held in enumerate(ranges)
+    ]
     tree = config.swarmx.build(config.num_nodes)
     swarmx = {
         t.name: remote[SwarmXActor].remote(t.name, host=host, security=security) for t in tree
@@ -268,7 +295,7 @@ def launch(
         )
         for rank in range(config.num_nodes)
     ]
-    handles = [memoryx, *swarmx.values(), *nodes]
+    handles = [*servers, *swarmx.values(), *nodes]
     try:
         addresses = ray.get([h.get_address.remote() for h in handles])
     except ray.exceptions.RayActorError as exc:
@@ -277,15 +304,17 @@ def launch(
         if temporary:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise RuntimeError(f"a cluster component failed to start: {exc}") from exc
-    memoryx_address = addresses[0]
-    swarmx_addresses = dict(zip(swarmx, addresses[1 : 1 + len(swarmx)], strict=True))
-    node_addresses = addresses[1 + len(swarmx) :]
+    k = len(servers)
+    memoryx_addresses = addresses[:k]
+    memoryx_by_layer = {held.start: a for held, a in zip(ranges, memoryx_addresses, strict=True)}
+    swarmx_addresses = dict(zip(swarmx, addresses[k : k + len(swarmx)], strict=True))
+    node_addresses = addresses[k + len(swarmx) :]
     by_name = {**swarmx_addresses, **{node_name(r): a for r, a in enumerate(node_addresses)}}
     wiring = [
         swarmx[t.name].connect.remote(
             children={c: by_name[c] for c in t.children},
             parent=swarmx_addresses[t.parent] if t.parent else None,
-            memoryx=None if t.parent else memoryx_address,
+            memoryx=None if t.parent else memoryx_by_layer,
         )
         for t in tree
     ]
@@ -295,10 +324,13 @@ def launch(
         for rank, node in enumerate(nodes)
     ]
     ray.get(wiring)
-    _write_client_files(run_dir, security, memoryx_address, swarmx_addresses, node_addresses)
+    _write_client_files(run_dir, security, memoryx_addresses[0], swarmx_addresses, node_addresses)
     return Cluster(
-        memoryx=memoryx,
-        memoryx_address=memoryx_address,
+        memoryx=servers[0],
+        memoryx_address=memoryx_addresses[0],
+        memoryx_servers=servers,
+        memoryx_addresses=memoryx_addresses,
+        memoryx_layers=ranges,
         swarmx=swarmx,
         swarmx_addresses=swarmx_addresses,
         tree=tree,

@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -40,6 +41,7 @@ from emulator.emulated import (
 from emulator.launch import launch
 from emulator.progress import StepProgress
 from emulator.zoo import check_blocks, model_blocks, model_positions
+from memoryx.config import partition
 from nodes.backend import Backend
 
 
@@ -97,9 +99,26 @@ class TrainReport:
                 "totals": self.traffic,
             },
             "emulated": self.emulated.to_json(),
+            "memoryx": self.memoryx_json(),
             "sparsity": self.sparsity,
             "steps": [asdict(s) for s in self.steps],
             "evals": [asdict(e) for e in self.evals],
+        }
+
+    def memoryx_json(self) -> dict:
+        """Where MemoryX kept the state: servers, RAM at the peak, disk traffic per step."""
+        memoryx = self.config.memoryx
+        last = self.steps[-1]
+        return {
+            "num_servers": memoryx.num_servers,
+            "ram_budget_bytes": memoryx.ram_budget_bytes,
+            "state_bytes": self.traffic["memoryx_state_bytes"],
+            # Tensor bytes held in RAM at each server's peak, summed over the servers.
+            "peak_resident_bytes": self.traffic["memoryx_peak_resident_bytes"],
+            "disk_read_bytes_per_step": last.memoryx_disk_read_bytes,
+            "disk_written_bytes_per_step": last.memoryx_disk_written_bytes,
+            # The servers' processes (Python, torch, gRPC included), summed: what the OS sees.
+            "process_peak_rss_bytes": self.traffic["memoryx_process_peak_rss_bytes"],
         }
 
     def write_trace(self, path: str) -> None:
@@ -193,6 +212,32 @@ def sparsity_report(
     }
 
 
+def check_memoryx(config: ClusterConfig, layers: list[nn.Module]) -> None:
+    """ValueError before the cluster starts if MemoryX cannot hold this model as configured."""
+    resume_file = config.resume is not None and Path(config.resume).is_file()
+    if resume_file and config.memoryx.directory_checkpoints:
+        raise ValueError(
+            f"resume = {config.resume!r} is a single-file checkpoint of one MemoryX server "
+            f"with the state in RAM, but memoryx sets num_servers = "
+            f"{config.memoryx.num_servers} and ram_budget_bytes = "
+            f"{config.memoryx.ram_budget_bytes}; resume it without the memoryx settings, "
+            "and save a directory checkpoint from that run to resume with them."
+        )
+    partition(
+        [sum(p.numel() for p in layer.parameters()) for layer in layers], config.memoryx.num_servers
+    )
+    masked = (
+        ()
+        if config.sparsity is None
+        else config.sparsity.build(sparsity_named_shapes(layers)).params
+    )
+    config.memoryx.check(
+        [{n: tuple(p.shape) for n, p in layer.named_parameters()} for layer in layers],
+        config.optimizer,
+        masked,
+    )
+
+
 def layer_shapes(layers: list[nn.Module], example: torch.Tensor) -> list[LayerShape]:
     """Parameters and kept input size of each layer, from a forward pass on ``example``."""
     num_examples = example.shape[0]
@@ -241,6 +286,8 @@ def train(
         config.model.name, shapes, hardware, config.num_nodes, engine=engine, **workload_args
     )
     backend.check_layers(layers)
+    check_memoryx(config, layers)
+    num_layers = len(layers)
     cluster = launch(config, layers, dataset)
     if progress and sys.stderr.isatty():
         # Where an outside client finds the token (0600), the CA and the addresses. Off a
@@ -250,7 +297,7 @@ def train(
         coordinator = Coordinator(
             config=config,
             cluster=cluster,
-            num_layers=len(layers),
+            num_layers=num_layers,
             wire_dtype=config.backend.wire_dtype,
             task=dataset.task,
             tokens_per_sample=tokens_per_sample,
@@ -258,6 +305,8 @@ def train(
         )
         if config.resume is None:
             coordinator.load_weights(layers)
+        # MemoryX holds the weights now; a model beyond RAM must not stay here as well.
+        del layers
         first = coordinator.start_step
         evals: list[EvalRecord] = []
         bar = StepProgress(range(first, first + config.num_steps), enabled=progress)
@@ -303,7 +352,7 @@ def train(
     return TrainReport(
         sparsity=sparsity,
         config=config,
-        num_layers=len(layers),
+        num_layers=num_layers,
         num_params=num_params,
         model_bytes=num_params * 4,
         steps=coordinator.steps,

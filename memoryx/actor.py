@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
+
+from memoryx.config import MemoryXConfig
 from memoryx.optim import Optimizer
 from memoryx.service import MemoryXServicer, register
 from memoryx.sparsity import Sparsity
+from memoryx.tiers import TieredStore
 from proto.rpc import Security, resolve_host, start_server
 
 
@@ -19,6 +23,9 @@ class MemoryXActor:
         checkpoint_dir: str | None,
         resume: str | None = None,
         sparsity: Sparsity.Config | None = None,
+        memoryx: MemoryXConfig | None = None,
+        server: int = 0,
+        layers: range | None = None,
     ):
         self.servicer = MemoryXServicer(
             optimizer.build(),
@@ -26,6 +33,9 @@ class MemoryXActor:
             checkpoint_dir=checkpoint_dir,
             resume=resume,
             sparsity=sparsity,
+            memoryx=memoryx,
+            server=server,
+            layers=layers,
         )
         self.server, self.address = start_server(
             lambda server: register(server, self.servicer), resolve_host(host), security=security
@@ -36,3 +46,8 @@ class MemoryXActor:
 
     def stop(self) -> None:
         self.server.stop(grace=None)
+        store = self.servicer.store
+        if isinstance(store, TieredStore):
+            # The spill files are this run's working state; a checkpoint holds links of its own.
+            store.close()
+            shutil.rmtree(store.spill_dir, ignore_errors=True)

@@ -14,6 +14,7 @@ name inside that directory (``confined_path``), never through a symlink.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -21,11 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from core.atomic import write_json_atomic
 from core.config import to_dict
+from memoryx.layer_files import file_metadata, link_or_copy, param_names, version_file_name
 from memoryx.optim import Optimizer
 from memoryx.sparsity import Sparsity
-from memoryx.store import ParameterStore
+from memoryx.store import STATE_FORMAT_VERSION, ParameterStore
+from memoryx.tiers import TieredStore
 
 CHECKPOINT_KIND = "memoryx-checkpoint"
 # Bumped when the checkpoint layout changes.
@@ -39,6 +45,11 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 def checkpoint_name(step: int) -> str:
     """The file name MemoryX gives the checkpoint whose next step to run is ``step``."""
     return f"step-{step:08d}.pt"
+
+
+def checkpoint_dir_name(step: int) -> str:
+    """The directory name MemoryX servers give a directory checkpoint (tiered or sharded)."""
+    return f"step-{step:08d}"
 
 
 def confined_path(directory: str | Path, name: str) -> Path:
@@ -123,6 +134,8 @@ def load_checkpoint(
     come from the checkpoint.
     """
     path = Path(path)
+    if file is None and path.is_dir():
+        return load_checkpoint_dir(path, optimizer, sparsity), {}
     if file is None and not path.is_file():
         raise ValueError(f"checkpoint {path} does not exist or is not a file.")
     try:
@@ -159,6 +172,214 @@ def load_checkpoint(
         raise ValueError(f"checkpoint {path} is corrupt: entry {exc} is missing.") from exc
 
 
+# -- directory checkpoints: a tiered store or several servers --------------------------------
+#
+# One safetensors file per layer (weights, masks, optimizer state, as the disk tier keeps
+# them), a part file per server naming its layers, and ``manifest.json``, written last and
+# atomically by whoever collects the parts: a reader trusts the manifest only, so the files
+# of an earlier save stay valid until the new manifest replaces the old one.
+
+CHECKPOINT_DIR_KIND = "memoryx-checkpoint-dir"
+MANIFEST_NAME = "manifest.json"
+
+
+def save_checkpoint_part(store: ParameterStore, directory: str | Path) -> tuple[Path, int]:
+    """Write ``store``'s committed layers into ``directory``; returns its part file and bytes.
+
+    A tiered store hard-links its committed files (no tensor passes through RAM);
+    a store in RAM writes them.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if isinstance(store, TieredStore):
+        entries = store.export_committed(directory)
+    else:
+        entries = []
+        state = store.state_dict()
+        for layer, entry in zip(store.layer_ids, state["layers"], strict=True):
+            name = version_file_name(layer, entry["version"])
+            flat = {f"p/{n}": t for n, t in entry["params"].items()}
+            flat.update({f"m/{n}": t for n, t in entry["masks"].items()})
+            for n, tensors in entry["optimizer_state"].items():
+                flat.update({f"s/{n}/{k}": t for k, t in tensors.items()})
+            temp = directory / f".{name}.tmp"
+            metadata = file_metadata(entry["num_updates"], list(entry["params"]))
+            save_file(flat, str(temp), metadata=metadata)
+            _fsync(temp)
+            os.replace(temp, directory / name)
+            entries.append(
+                {
+                    "layer": layer,
+                    "file": name,
+                    "version": entry["version"],
+                    "num_updates": entry["num_updates"],
+                }
+            )
+    _fsync(directory)
+    first, stop = store.layer_ids.start, store.layer_ids.stop
+    part = directory / f"part-{first:05d}-{stop:05d}.json"
+    write_json_atomic(part, {"layers": entries})
+    num_bytes = sum((directory / e["file"]).stat().st_size for e in entries)
+    return part, num_bytes
+
+
+def write_manifest(
+    directory: str | Path, parts: list[str | Path], *, optimizer: Optimizer.Config
+) -> Path:
+    """Join the servers' parts into ``manifest.json`` (last, atomically); drop stale files."""
+    directory = Path(directory)
+    entries = []
+    for part in parts:
+        entries += json.loads(Path(part).read_text())["layers"]
+    entries.sort(key=lambda e: e["layer"])
+    layers = [e["layer"] for e in entries]
+    if layers != list(range(len(entries))):
+        raise ValueError(
+            f"checkpoint parts in {directory} cover layers {layers}; they must cover "
+            f"0..{len(entries) - 1} once each."
+        )
+    manifest = directory / MANIFEST_NAME
+    write_json_atomic(
+        manifest,
+        {
+            "kind": CHECKPOINT_DIR_KIND,
+            "format_version": CHECKPOINT_FORMAT_VERSION,
+            "optimizer": to_dict(optimizer),
+            "layers": entries,
+        },
+    )
+    _fsync(directory)
+    keep = {e["file"] for e in entries}
+    for path in directory.glob("layer-*.safetensors"):
+        if path.name not in keep:
+            path.unlink(missing_ok=True)
+    for part in parts:
+        Path(part).unlink(missing_ok=True)
+    return manifest
+
+
+def copy_checkpoint_dir(source: str | Path, destination: str | Path) -> None:
+    """Put the checkpoint directory ``source`` at ``destination``: hard links (else copies)
+    of the files its manifest lists, then the manifest, last and atomically."""
+    source, destination = Path(source), Path(destination)
+    payload = read_manifest(source)
+    destination.mkdir(parents=True, exist_ok=True)
+    for entry in payload["layers"]:
+        link_or_copy(
+            confined_path(source, entry["file"]), confined_path(destination, entry["file"])
+        )
+    _fsync(destination)
+    write_json_atomic(destination / MANIFEST_NAME, payload)
+    _fsync(destination)
+
+
+def read_manifest(directory: str | Path) -> dict:
+    directory = Path(directory)
+    manifest = directory / MANIFEST_NAME
+    if not manifest.is_file():
+        raise ValueError(
+            f"checkpoint {directory} has no {MANIFEST_NAME}: it is not a MemoryX checkpoint "
+            "directory, or its save did not finish."
+        )
+    try:
+        payload = json.loads(manifest.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"checkpoint {manifest} is corrupt: {exc}") from None
+    if payload.get("kind") != CHECKPOINT_DIR_KIND:
+        raise ValueError(f"checkpoint {manifest} is not a MemoryX checkpoint (kind is missing).")
+    if payload.get("format_version") != CHECKPOINT_FORMAT_VERSION:
+        raise ValueError(
+            f"checkpoint {manifest} has format_version {payload.get('format_version')!r}; "
+            f"this code reads {CHECKPOINT_FORMAT_VERSION}."
+        )
+    return payload
+
+
+def load_checkpoint_dir(
+    directory: str | Path,
+    optimizer: Optimizer,
+    sparsity: Sparsity.Config | None = None,
+    *,
+    layers: range | None = None,
+    spill_dir: Path | None = None,
+    ram_budget_bytes: int | None = None,
+) -> ParameterStore:
+    """The store of ``layers`` (default: all) of a checkpoint directory.
+
+    With ``spill_dir`` and ``ram_budget_bytes`` it is a tiered store that links
+    the files (nothing is read whole); otherwise the layers are read into RAM.
+    """
+    directory = Path(directory)
+    payload = read_manifest(directory)
+    saved_name = payload["optimizer"]["name"]
+    if saved_name != optimizer.config.name:
+        raise ValueError(
+            f"checkpoint {directory} holds state of optimizer {saved_name!r}, "
+            f"but the optimizer given is {optimizer.config.name!r}."
+        )
+    entries = payload["layers"]
+    layers = range(len(entries)) if layers is None else layers
+    if layers.stop > len(entries) or not layers:
+        raise ValueError(
+            f"checkpoint {directory} holds layers 0..{len(entries) - 1}, "
+            f"not the layers {layers.start}..{layers.stop - 1} asked for."
+        )
+    chosen = [entries[i] for i in layers]
+    named_shapes = {}
+    for entry in chosen:
+        with safe_open(str(directory / entry["file"]), framework="pt") as file:
+            for name in param_names(file.metadata()):
+                shape = tuple(file.get_slice(f"p/{name}").get_shape())
+                named_shapes[f"{entry['layer']}.{name}"] = shape
+    built = None if sparsity is None else sparsity.build(named_shapes)
+    if spill_dir is not None and ram_budget_bytes is not None:
+        store = TieredStore(
+            optimizer,
+            spill_dir=spill_dir,
+            ram_budget_bytes=ram_budget_bytes,
+            step=chosen[0]["version"],
+            layer_offset=layers.start,
+        )
+        for entry in chosen:
+            store.adopt_file(directory / entry["file"], entry["version"], entry["num_updates"])
+        return store.finish(built, init_masks=False)
+    state_layers = []
+    for entry in chosen:
+        with safe_open(str(directory / entry["file"]), framework="pt") as file:
+            flat = {key: file.get_tensor(key).clone() for key in file.keys()}  # noqa: SIM118
+            names = param_names(file.metadata())
+        params = {name: flat[f"p/{name}"] for name in names}
+        state: dict[str, dict] = {name: {} for name in params}
+        for key, tensor in flat.items():
+            if key.startswith("s/"):
+                name, _, part = key[2:].rpartition("/")
+                state[name][part] = tensor
+        state_layers.append(
+            {
+                "version": entry["version"],
+                "num_updates": entry["num_updates"],
+                "params": params,
+                "masks": {n: flat[f"m/{n}"] for n in names if f"m/{n}" in flat},
+                "optimizer_state": state,
+            }
+        )
+    return ParameterStore.from_state_dict(
+        {"format_version": STATE_FORMAT_VERSION, "layers": state_layers},
+        optimizer,
+        sparsity=built,
+        layer_offset=layers.start,
+    )
+
+
+def _fsync(path: Path) -> None:
+    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _check_plain(value: Any, where: str) -> None:
     """Reject what ``torch.load(weights_only=True)`` could not read back."""
     if isinstance(value, dict):
@@ -177,10 +398,18 @@ def _check_plain(value: Any, where: str) -> None:
 
 
 __all__ = [
+    "CHECKPOINT_DIR_KIND",
     "CHECKPOINT_FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "checkpoint_dir_name",
     "checkpoint_name",
     "confined_path",
+    "copy_checkpoint_dir",
     "load_checkpoint",
+    "load_checkpoint_dir",
     "load_confined_checkpoint",
+    "read_manifest",
     "save_checkpoint",
+    "save_checkpoint_part",
+    "write_manifest",
 ]

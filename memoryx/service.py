@@ -8,18 +8,24 @@ only into the run's checkpoint directory, under names MemoryX chooses.
 
 from __future__ import annotations
 
+import resource
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 
 from memoryx.checkpoint import (
+    checkpoint_dir_name,
     checkpoint_name,
     confined_path,
+    load_checkpoint_dir,
     load_confined_checkpoint,
     save_checkpoint,
+    save_checkpoint_part,
 )
+from memoryx.config import MemoryXConfig, StoreBuilder, new_spill_dir
 from memoryx.optim import Optimizer
 from memoryx.sparsity import Sparsity
 from memoryx.store import ParameterStore, StepError
@@ -50,8 +56,8 @@ from proto.serde import (
     Expected,
     LayerAssembler,
     WireError,
-    decode_layers,
     from_wire_stream,
+    iter_decode_layers,
     layer_items,
     sends_sparse,
     to_wire,
@@ -81,9 +87,14 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
         checkpoint_dir: str | None = None,
         resume: str | None = None,
         sparsity: Sparsity.Config | None = None,
+        memoryx: MemoryXConfig | None = None,
+        server: int = 0,
+        layers: range | None = None,
     ):
         """``checkpoint_dir``: where SaveCheckpoint writes and ``resume`` (a file name in it) is read."""
         self.optimizer = optimizer
+        self.memoryx = memoryx if memoryx is not None else MemoryXConfig()
+        self.server = server  # this server's index among memoryx.num_servers
         self.chunk_bytes = chunk_bytes
         self.sparsity = sparsity
         # Masks of the tensors whose gradient of (layer, step) comes as masked values:
@@ -98,10 +109,25 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
         if resume is not None:
             if checkpoint_dir is None:
                 raise ValueError("resume names a checkpoint, but MemoryX has no checkpoint_dir.")
-            self.store, self.checkpoint_extra = load_confined_checkpoint(
-                checkpoint_dir, resume, optimizer, sparsity
-            )
+            staged = confined_path(checkpoint_dir, resume)
+            if staged.is_dir():
+                # A directory checkpoint: this server takes its ``layers``, on disk if tiered.
+                self.store = load_checkpoint_dir(
+                    staged,
+                    optimizer,
+                    sparsity,
+                    layers=layers,
+                    spill_dir=self._new_spill_dir(),
+                    ram_budget_bytes=self.memoryx.ram_budget_bytes,
+                )
+            else:
+                self.store, self.checkpoint_extra = load_confined_checkpoint(
+                    checkpoint_dir, resume, optimizer, sparsity
+                )
         self.traffic = _Traffic()
+        self._peak_rss_bytes = 0
+        if self.store is not None:
+            self._sample_rss()
 
     def _require_store(self) -> ParameterStore:
         if self.store is None:
@@ -110,9 +136,10 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
 
     def _check_layer(self, layer: int) -> None:
         store = self._require_store()
-        if not 0 <= layer < store.num_layers:
+        if layer not in store.layer_ids:
             raise WireError(
-                f"layer {layer} does not exist; MemoryX holds layers 0..{store.num_layers - 1}"
+                f"layer {layer} does not exist; MemoryX holds layers "
+                f"{store.layer_ids.start}..{store.layer_ids.stop - 1}"
             )
 
     def _check_step(self, layer: int, step: int) -> None:
@@ -128,34 +155,45 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
     def LoadWeights(self, request_iterator, context):
         if self.store is not None:
             raise StepConflict("MemoryX already holds weights; start a new MemoryX to load others")
-        layers = decode_layers(request_iterator)
-        for index, (header, _) in enumerate(layers):
-            if header.layer != index:
-                raise WireError(
-                    f"layer streams must arrive in order: got layer {header.layer} at position {index}"
-                )
-        step = layers[0][0].step if layers else 0
+        builder = None
         try:
-            sparsity = None
-            if self.sparsity is not None:
-                sparsity = self.sparsity.build(
-                    {
-                        f"{index}.{name}": tuple(t.shape)
-                        for index, (_, tensors) in enumerate(layers)
-                        for name, t in tensors.items()
-                    }
-                )
-            store = ParameterStore(
-                [{name: t.float() for name, t in tensors.items()} for _, tensors in layers],
-                self.optimizer,
-                step=step,
-                sparsity=sparsity,
-            )
+            # One layer at a time: a tiered store writes each to disk before the next arrives.
+            for index, (header, tensors) in enumerate(iter_decode_layers(request_iterator)):
+                if builder is None:  # a server's layers start anywhere, then run on in order
+                    builder = StoreBuilder(
+                        self.optimizer,
+                        sparsity=self.sparsity,
+                        memoryx=self.memoryx,
+                        layer_offset=header.layer,
+                        spill_dir=self._new_spill_dir(),
+                    )
+                if header.layer != builder.layer_offset + index:
+                    raise WireError(
+                        f"layer streams must arrive in order: got layer {header.layer} at "
+                        f"position {index}"
+                    )
+                builder.add(header.step, {name: t.float() for name, t in tensors.items()})
+            if builder is None:
+                raise ValueError("layers must hold at least one layer, got none.")
+            store = builder.finish()
         except ValueError as exc:  # no layers, an empty layer, a negative step, a bad filter
+            if isinstance(exc, WireError):
+                raise
             raise WireError(f"cannot load these weights: {exc}") from None
-        self.first_step = step
+        self.first_step = builder.step or 0
         self.store = store
+        self._sample_rss()
         return EMPTY
+
+    def _sample_rss(self) -> None:
+        """The process's peak RSS so far, sampled when a load or a step ends, so that
+        Stats stays the same between steps (a refused call must change nothing)."""
+        self._peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _new_spill_dir(self) -> Path | None:
+        if self.memoryx.spill_dir is None:
+            return None
+        return new_spill_dir(self.memoryx.spill_dir, self.server)
 
     @rpc_stream_errors
     def StreamWeights(self, request, context):
@@ -256,7 +294,7 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
     @rpc_errors
     def CommitStep(self, request, context):
         store = self._require_store()
-        latest = max(store.version(layer) for layer in range(store.num_layers))
+        latest = max(store.version(layer) for layer in store.layer_ids)
         if not 0 <= request.step < latest:
             raise WireError(
                 f"cannot commit step {request.step}: the layers are at versions up to {latest}, "
@@ -264,6 +302,7 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
             )
         try:
             store.commit(request.step)
+            self._sample_rss()
         except StepError as exc:
             raise StepConflict(str(exc)) from None
         return EMPTY
@@ -273,16 +312,22 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
         store = self._require_store()
         if self.checkpoint_dir is None:
             raise StepConflict("this MemoryX was started without a checkpoint directory")
-        step = store.version(0)
-        name = checkpoint_name(step)
+        step = store.version(store.layer_ids.start)
         try:
-            path = confined_path(self.checkpoint_dir, name)
-            save_checkpoint(store, path, extra=self.checkpoint_extra)
+            if self.memoryx.directory_checkpoints:
+                # This server's layers and part file, in a directory MemoryX names; the
+                # driver writes the manifest last, once every server has written its part.
+                name = checkpoint_dir_name(step)
+                directory = confined_path(self.checkpoint_dir, name)
+                _, num_bytes = save_checkpoint_part(store, directory)
+            else:
+                name = checkpoint_name(step)
+                path = confined_path(self.checkpoint_dir, name)
+                save_checkpoint(store, path, extra=self.checkpoint_extra)
+                num_bytes = path.stat().st_size
         except ValueError as exc:
             raise StepConflict(str(exc)) from None
-        return checkpoint_to_wire(
-            CheckpointInfo(name=name, step=step, num_bytes=path.stat().st_size)
-        )
+        return checkpoint_to_wire(CheckpointInfo(name=name, step=step, num_bytes=num_bytes))
 
     @rpc_errors
     def Layout(self, request, context):
@@ -294,16 +339,24 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
                         tensors=tuple(TensorSpec(n, tuple(s)) for n, s in store.layout(i)),
                         num_kept=store.num_kept(i),
                     )
-                    for i in range(store.num_layers)
+                    for i in store.layer_ids
                 ),
-                step=store.version(0),
+                step=store.version(store.layer_ids.start),
             )
         )
 
     def Stats(self, request, context):
         t = self.traffic
+        store = self.store
+        disk_read, disk_written = store.io_bytes() if store is not None else (0, 0)
         with t.lock:
             stats = TrafficStats(
+                state_bytes=store.state_bytes if store is not None else 0,
+                resident_bytes=store.resident_bytes if store is not None else 0,
+                peak_resident_bytes=store.peak_resident_bytes if store is not None else 0,
+                disk_read_bytes=disk_read,
+                disk_written_bytes=disk_written,
+                process_peak_rss_bytes=self._peak_rss_bytes,
                 egress_bytes=t.egress_bytes,
                 ingress_bytes=t.ingress_bytes,
                 num_weight_streams=t.num_weight_streams,

@@ -70,11 +70,14 @@ class ParameterStore:
         *,
         step: int = 0,
         sparsity: Sparsity | None = None,
+        layer_offset: int = 0,
     ) -> None:
         """Copy ``layers`` to contiguous fp32; ``step`` is the first step to run.
 
         With ``sparsity``, parameters are named ``"{layer}.{name}"`` for it, and
         the selected ones start masked (pruned entries zeroed) as of ``step``.
+        ``layer_offset`` is the model's index of ``layers[0]`` (a MemoryX shard
+        holds a slice of the model): every method takes and names model indices.
         """
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}.")
@@ -85,13 +88,17 @@ class ParameterStore:
                 raise ValueError(f"layer {index} must hold at least one parameter, got none.")
         self.optimizer = optimizer
         self.sparsity = sparsity
+        self.layer_offset = layer_offset
         self._layers: list[_Layer] = []
         for index, layer in enumerate(layers):
             params = {name: _to_master(t) for name, t in layer.items()}
             state = {name: optimizer.init_state(p) for name, p in params.items()}
-            masks = self._init_masks(index, params, step)
+            masks = self._init_masks(layer_offset + index, params, step)
             apply_masks(params, state, masks)
             self._layers.append(_Layer(version=step, current=_Version(params, state, 0, masks)))
+        self._resident_lock = threading.Lock()
+        self._resident_bytes = sum(_version_bytes(slot.current) for slot in self._layers)
+        self.peak_resident_bytes = self._resident_bytes
 
     def _init_masks(self, layer: int, params: Mapping[str, Tensor], step: int) -> dict:
         if self.sparsity is None:
@@ -103,6 +110,11 @@ class ParameterStore:
     def num_layers(self) -> int:
         return len(self._layers)
 
+    @property
+    def layer_ids(self) -> range:
+        """Model indices of the layers this store holds."""
+        return range(self.layer_offset, self.layer_offset + len(self._layers))
+
     def layout(self, layer: int) -> list[tuple[str, tuple[int, ...]]]:
         """Ordered (param name, shape) of ``layer``."""
         params = self._layer(layer).current.params
@@ -110,8 +122,27 @@ class ParameterStore:
 
     def num_params(self, layer: int | None = None) -> int:
         """Scalar parameter count of ``layer``, or of every layer when None."""
-        layers = range(self.num_layers) if layer is None else [layer]
+        layers = self.layer_ids if layer is None else [layer]
         return sum(sum(p.numel() for p in self._layer(i).current.params.values()) for i in layers)
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of the current version of every layer: weights, optimizer state, masks."""
+        return sum(_version_bytes(slot.current) for slot in self._layers)
+
+    @property
+    def resident_bytes(self) -> int:
+        """Tensor bytes this store holds in RAM now (current versions and snapshots)."""
+        return self._resident_bytes
+
+    def io_bytes(self) -> tuple[int, int]:
+        """Disk bytes (read, written) since the store started: none for a store in RAM."""
+        return 0, 0
+
+    def _add_resident(self, num_bytes: int) -> None:
+        with self._resident_lock:
+            self._resident_bytes += num_bytes
+            self.peak_resident_bytes = max(self.peak_resident_bytes, self._resident_bytes)
 
     def version(self, layer: int) -> int:
         """Updates applied to ``layer`` so far (counting from the store's first step)."""
@@ -177,20 +208,31 @@ class ParameterStore:
                 num_updates=old.num_updates + 1,
                 masks=dict(old.masks),
             )
-            for name, param in new.params.items():
-                self.optimizer.update(
-                    param,
-                    grads[name],
-                    new.optimizer_state[name],
-                    new.num_updates,
-                    mask=old.masks.get(name),
-                )
-            if self.sparsity is not None and old.masks and self.sparsity.is_update_step(step):
-                new.masks = self._update_masks(layer, step, new, grads)
+            self._step_version(layer, step, new, grads)
             slot.snapshots[step] = old
             slot.current = new
             slot.version = step + 1
+            self._add_resident(_version_bytes(new))
             return True
+
+    def _step_version(
+        self, layer: int, step: int, new: _Version, grads: Mapping[str, Tensor]
+    ) -> None:
+        """Apply step ``step`` in place to ``new``, a private copy of the layer's version ``step``.
+
+        The one update rule of every store (in RAM or tiered), so that they agree bitwise.
+        """
+        old_masks = dict(new.masks)
+        for name, param in new.params.items():
+            self.optimizer.update(
+                param,
+                grads[name],
+                new.optimizer_state[name],
+                new.num_updates,
+                mask=old_masks.get(name),
+            )
+        if self.sparsity is not None and old_masks and self.sparsity.is_update_step(step):
+            new.masks = self._update_masks(layer, step, new, grads)
 
     def _update_masks(
         self, layer: int, step: int, new: _Version, grads: Mapping[str, Tensor]
@@ -227,7 +269,7 @@ class ParameterStore:
                 )
             for slot in self._layers:
                 for version in [v for v in slot.snapshots if v <= step]:
-                    del slot.snapshots[version]
+                    self._add_resident(-_version_bytes(slot.snapshots.pop(version)))
 
     def rollback(self, step: int) -> list[int]:
         """Undo uncommitted step ``step`` in every layer it reached; returns those layers.
@@ -252,9 +294,10 @@ class ParameterStore:
             rolled_back = []
             for index, slot in enumerate(self._layers):
                 if slot.version == step + 1:
+                    self._add_resident(-_version_bytes(slot.current))
                     slot.current = slot.snapshots.pop(step)
                     slot.version = step
-                    rolled_back.append(index)
+                    rolled_back.append(self.layer_offset + index)
             return rolled_back
 
     def state_dict(self) -> dict:
@@ -287,7 +330,12 @@ class ParameterStore:
 
     @classmethod
     def from_state_dict(
-        cls, state: dict, optimizer: Optimizer, *, sparsity: Sparsity | None = None
+        cls,
+        state: dict,
+        optimizer: Optimizer,
+        *,
+        sparsity: Sparsity | None = None,
+        layer_offset: int = 0,
     ) -> ParameterStore:
         """Rebuild a store from ``state_dict()``; ``optimizer`` must keep the same state tensors.
 
@@ -300,11 +348,11 @@ class ParameterStore:
                 f"got {state.get('format_version')!r}."
             )
         layers = state["layers"]
-        store = cls([entry["params"] for entry in layers], optimizer)
+        store = cls([entry["params"] for entry in layers], optimizer, layer_offset=layer_offset)
         store.sparsity = sparsity
         for index, (slot, entry) in enumerate(zip(store._layers, layers, strict=True)):
             saved_masks = entry["masks"]
-            selected = store._selected(index, slot.current.params)
+            selected = store._selected(store.layer_offset + index, slot.current.params)
             if set(saved_masks) != selected:
                 raise ValueError(
                     f"layer {index} was saved with masks of {sorted(saved_masks)}, but the "
@@ -336,6 +384,7 @@ class ParameterStore:
                 slot.current.optimizer_state[name] = expected
             slot.current.num_updates = entry["num_updates"]
             slot.version = entry["version"]
+        store._resident_bytes = store.peak_resident_bytes = store.state_bytes
         return store
 
     def _selected(self, layer: int, params: Mapping[str, Tensor]) -> set[str]:
@@ -344,9 +393,15 @@ class ParameterStore:
         return {name for name in params if f"{layer}.{name}" in self.sparsity.params}
 
     def _layer(self, layer: int) -> _Layer:
-        if not 0 <= layer < len(self._layers):
-            raise ValueError(f"layer must be in [0, {len(self._layers)}), got {layer}.")
-        return self._layers[layer]
+        return self._layers[self._index(layer)]
+
+    def _index(self, layer: int) -> int:
+        """Position in this store of model layer ``layer``."""
+        if layer not in self.layer_ids:
+            raise ValueError(
+                f"layer must be in [{self.layer_ids.start}, {self.layer_ids.stop}), got {layer}."
+            )
+        return layer - self.layer_offset
 
     @contextmanager
     def _all_locks(self) -> Iterator[None]:
@@ -372,6 +427,15 @@ class ParameterStore:
                     f"gradient of layer {layer} param {name!r} must be float32 of shape "
                     f"{tuple(param.shape)}, got {grad.dtype} of shape {tuple(grad.shape)}."
                 )
+
+
+def _version_bytes(version: _Version) -> int:
+    """Tensor bytes of one version: weights, optimizer state and masks."""
+    return (
+        sum(t.nbytes for t in version.params.values())
+        + sum(t.nbytes for state in version.optimizer_state.values() for t in state.values())
+        + sum(t.nbytes for t in version.masks.values())
+    )
 
 
 def _to_master(tensor: Tensor) -> Tensor:

@@ -100,13 +100,15 @@ class MemoryXClient:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         sender: str = "driver",
         timeout_s: float | None = None,
+        first_layer: int = 0,
     ) -> None:
-        """Load the initial weights, layer ``i`` = ``layers[i]`` (sent as fp32), valid at ``step``."""
+        """Load the initial weights, layer ``first_layer + i`` = ``layers[i]`` (sent as fp32),
+        valid at ``step``; ``first_layer`` > 0 for a server that holds a later slice."""
         if timeout_s is None:
             timeout_s = timeout_for(sum(t.numel() * 4 for layer in layers for t in layer.values()))
 
         def messages():
-            for index, tensors in enumerate(layers):
+            for index, tensors in enumerate(layers, start=first_layer):
                 yield from encode_layer(
                     index,
                     step,

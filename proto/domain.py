@@ -142,6 +142,14 @@ class TrafficStats:
     num_updates: int = 0  # layer updates applied
     num_duplicate_gradients: int = 0  # gradient streams for updates already applied (re-runs)
     update_seconds: float = 0.0  # wall time spent in optimizer updates, s
+    # The store (not reset by ResetStats): weights, optimizer state and masks of every layer,
+    # tensor bytes held in RAM now and at the peak, and disk tier bytes since the start.
+    state_bytes: int = 0
+    resident_bytes: int = 0
+    peak_resident_bytes: int = 0
+    disk_read_bytes: int = 0
+    disk_written_bytes: int = 0
+    process_peak_rss_bytes: int = 0  # the server process's peak RSS at the last load or commit
 
 
 @dataclass(frozen=True)

@@ -522,17 +522,30 @@ def decode_layers(
     Used only to load a model's initial weights: shapes and dtypes are taken
     from the chunks themselves, and offsets and sizes are still checked.
     """
-    groups: list[list[StreamItem]] = []
-    for message in messages:
-        item = from_wire(message) if isinstance(message, pb.LayerMessage) else message
-        if isinstance(item, Header):
-            groups.append([item])
-        elif not groups:
-            raise WireError("a chunk arrived before any header")
-        else:
-            groups[-1].append(item)
-    layers = []
-    for group in groups:
+    return list(iter_decode_layers(messages))
+
+
+def iter_decode_layers(
+    messages: Iterable[StreamItem | pb.LayerMessage],
+) -> Iterator[tuple[Header, dict[str, torch.Tensor]]]:
+    """``decode_layers`` one layer at a time: only one layer's messages are held at once."""
+
+    def groups() -> Iterator[list[StreamItem]]:
+        group: list[StreamItem] = []
+        for message in messages:
+            item = from_wire(message) if isinstance(message, pb.LayerMessage) else message
+            if isinstance(item, Header):
+                if group:
+                    yield group
+                group = [item]
+            elif not group:
+                raise WireError("a chunk arrived before any header")
+            else:
+                group.append(item)
+        if group:
+            yield group
+
+    for group in groups():
         header = group[0]
         layout: list[tuple[str, tuple[int, ...]]] = []
         dtypes = set()
@@ -546,5 +559,4 @@ def decode_layers(
             raise WireError(f"layer {header.layer} mixes or uses unknown dtypes {sorted(dtypes)}")
         dtype = next(iter(dtypes), "float32")
         expected = Expected(header.layer, header.step, header.phase, layout, dtype)
-        layers.append((header, decode_layer(group, expected)))
-    return layers
+        yield header, decode_layer(group, expected)

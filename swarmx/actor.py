@@ -16,7 +16,9 @@ class SwarmXActor:
     def get_address(self) -> str:
         return self.address
 
-    def connect(self, *, children: dict[str, str], parent: str | None, memoryx: str | None) -> None:
+    def connect(
+        self, *, children: dict[str, str], parent: str | None, memoryx: str | dict[int, str] | None
+    ) -> None:
         self.servicer.connect(children=children, parent=parent, memoryx=memoryx)
 
     def stop(self) -> None:

@@ -8,6 +8,7 @@ and each sum goes to the parent, or to MemoryX at the root, at once.
 
 from __future__ import annotations
 
+import bisect
 import queue
 import threading
 from collections.abc import Iterable, Iterator
@@ -102,7 +103,8 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
         self.children: tuple[str, ...] = ()
         self._child_stubs: list[sgrpc.LayerSinkStub] = []
         self._parent: sgrpc.SwarmXStub | None = None
-        self._memoryx: mgrpc.MemoryXStub | None = None
+        # At the root: the MemoryX servers by the first layer each holds (sorted).
+        self._memoryx: list[tuple[int, mgrpc.MemoryXStub]] = []
         self._reducing: dict[tuple[int, int], _Reducing] = {}
         self._lock = threading.Lock()
         self._down: dict[str, _LinkCounter] = {}
@@ -114,16 +116,24 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
         *,
         children: dict[str, str],
         parent: str | None,
-        memoryx: str | None,
+        memoryx: str | dict[int, str] | None,
     ) -> None:
-        """Wire this node into the tree: children by name -> address, and one upstream."""
+        """Wire this node into the tree: children by name -> address, and one upstream.
+
+        ``memoryx`` (root only) is one server's address, or the servers of a sharded
+        MemoryX by the first layer each holds: each layer goes to the server that owns it.
+        """
         assert (parent is None) != (memoryx is None), "exactly one upstream: a parent or MemoryX"
         self.children = tuple(children)
         self._child_stubs = [
             sgrpc.LayerSinkStub(channel(a, self.security)) for a in children.values()
         ]
         self._parent = sgrpc.SwarmXStub(channel(parent, self.security)) if parent else None
-        self._memoryx = mgrpc.MemoryXStub(channel(memoryx, self.security)) if memoryx else None
+        servers = {0: memoryx} if isinstance(memoryx, str) else dict(memoryx or {})
+        self._memoryx = [
+            (first, mgrpc.MemoryXStub(channel(a, self.security)))
+            for first, a in sorted(servers.items())
+        ]
         self._down = {c: _LinkCounter() for c in self.children}
 
     # -- broadcast ---------------------------------------------------------
@@ -186,9 +196,14 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
             raise WireError("empty layer stream")
         return LayerAck.total(acks, layer=header.layer, step=header.step, phase=header.phase)
 
+    def _memoryx_of(self, layer: int) -> mgrpc.MemoryXStub:
+        """The MemoryX server that holds ``layer``."""
+        index = bisect.bisect_right([first for first, _ in self._memoryx], layer) - 1
+        return self._memoryx[max(index, 0)][1]
+
     @rpc_errors
     def RunLayer(self, request, context):
-        if self._memoryx is None:
+        if not self._memoryx:
             raise WireError(f"{self.name} is not the root of the tree; send RunLayer to the root")
         request = layer_request_from_wire(request)
         if request.phase not in _PHASES:
@@ -201,7 +216,7 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
                 layer=request.layer, step=request.step, phase=request.phase, sender=self.name
             )
             return ack_to_wire(self._broadcast([to_wire(header)], context))
-        source = self._memoryx.StreamWeights(
+        source = self._memoryx_of(request.layer).StreamWeights(
             weights_request_to_wire(request), timeout=time_left_s(context)
         )
         try:
@@ -235,7 +250,9 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
                 upstream = (
                     self._parent.Reduce.future(_drain(outbox), timeout=timeout_s)
                     if self._parent is not None
-                    else self._memoryx.PushGradients.future(_drain(outbox), timeout=timeout_s)
+                    else self._memoryx_of(header.layer).PushGradients.future(
+                        _drain(outbox), timeout=timeout_s
+                    )
                 )
                 entry = _Reducing(reduction, upstream, outbox, num_open=len(self.children))
                 self._reducing[key] = entry

@@ -89,6 +89,29 @@ def test_sparsity_filter_matching_nothing_is_an_error(tmp_path):
     _one_paragraph_error(wafer("train", "--config", str(path)), "conv", "0.0.weight")
 
 
+@pytest.mark.parametrize(
+    ("memoryx", "needles"),
+    [
+        (
+            "{ram_budget_bytes: 1000, spill_dir: SPILL}",
+            ["memoryx.ram_budget_bytes = 1000", "updating layer 1", "1052672 bytes in all"],
+        ),
+        (
+            "{ram_budget_bytes: 100000000, spill_dir: A_FILE/spill}",
+            ["memoryx.spill_dir", "is not a writable directory"],
+        ),
+        ("{num_servers: 4}", ["memoryx.num_servers = 4", "3 streamed layers"]),
+    ],
+)
+def test_memoryx_that_cannot_hold_the_model_is_refused_before_training(tmp_path, memoryx, needles):
+    (tmp_path / "a-file").write_text("")
+    memoryx = memoryx.replace("SPILL", str(tmp_path / "spill"))
+    memoryx = memoryx.replace("A_FILE", str(tmp_path / "a-file"))
+    path = tmp_path / "cluster.yaml"
+    path.write_text(f"memoryx: {memoryx}\n")
+    _one_paragraph_error(wafer("train", "--config", str(path)), *needles)
+
+
 def test_simulate_prints_the_sparsity_speedup_curve():
     result = wafer("simulate", "--model", "gpt3-1.3b", "--sparsity", "0,0.5,0.75,0.9")
     assert result.returncode == 0, result.stderr

@@ -1,0 +1,201 @@
+"""The disk tier's files: one safetensors file per layer version, and their sizes.
+
+A file holds weights ``p/NAME``, masks ``m/NAME`` and optimizer state
+``s/NAME/KEY``; its metadata holds the update count and the params in layer
+order (safetensors stores tensors sorted by name).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+from collections import deque
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from memoryx.optim import Optimizer
+from memoryx.store import _Version
+
+
+def version_file_name(layer: int, version: int) -> str:
+    return f"layer-{layer:05d}-v{version:08d}.safetensors"
+
+
+def layer_state_bytes(
+    shapes: Mapping[str, tuple[int, ...]], optimizer: Optimizer, masked: Iterable[str] = ()
+) -> tuple[int, int]:
+    """(weights + masks bytes, optimizer state bytes) of one layer with these param shapes."""
+    masked = set(masked)
+    weights = state = 0
+    for name, shape in shapes.items():
+        numel = int(torch.Size(shape).numel())
+        weights += numel * 4 + (numel if name in masked else 0)
+        state += numel * 4 * len(optimizer.init_state(torch.empty(0)))
+    return weights, state
+
+
+def min_budget_bytes(weights_bytes: int, state_bytes: int) -> int:
+    """RAM an update of one layer needs: the streamed weights, their updated copy, the state."""
+    return 2 * weights_bytes + state_bytes
+
+
+def file_metadata(num_updates: int, names: list[str]) -> dict[str, str]:
+    """A layer file's text metadata: its update count and its params in layer order."""
+    return {"num_updates": str(num_updates), "params": json.dumps(names)}
+
+
+def param_names(metadata: Mapping[str, str] | None) -> list[str]:
+    """The params of a layer file in layer order (its tensors are stored sorted by name)."""
+    if not metadata or "params" not in metadata:
+        raise ValueError("layer file has no 'params' metadata: it was not written by MemoryX.")
+    return json.loads(metadata["params"])
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Put ``source``'s content at ``target`` atomically: a hard link, else a copy (no RAM)."""
+    temp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    temp.unlink(missing_ok=True)
+    try:
+        os.link(source, temp)
+    except OSError:  # another file system, or links not supported
+        shutil.copyfile(source, temp)
+        fd = os.open(temp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    os.replace(temp, target)
+
+
+def flatten(version: _Version) -> dict[str, Tensor]:
+    flat = {f"p/{n}": t for n, t in version.params.items()}
+    flat.update({f"m/{n}": t for n, t in version.masks.items()})
+    for name, state in version.optimizer_state.items():
+        flat.update({f"s/{name}/{key}": t for key, t in state.items()})
+    return flat
+
+
+def unflatten(
+    layout: list[tuple[str, tuple[int, ...]]] | None,
+    weights: Mapping[str, Tensor],
+    state: Mapping[str, Tensor],
+    num_updates: int,
+) -> _Version:
+    """A version from flat file tensors, params and masks in ``layout`` order."""
+    names = (
+        [n for n, _ in layout] if layout is not None else [k[2:] for k in weights if k[:2] == "p/"]
+    )
+    params = {name: weights[f"p/{name}"] for name in names}
+    masks = {name: weights[f"m/{name}"] for name in names if f"m/{name}" in weights}
+    optimizer_state: dict[str, dict[str, Tensor]] = {name: {} for name in params}
+    for key, tensor in state.items():
+        name, _, part = key[2:].rpartition("/")
+        optimizer_state[name][part] = tensor
+    return _Version(params, optimizer_state, num_updates, masks)
+
+
+def check_grads(
+    layer: int, layout: list[tuple[str, tuple[int, ...]]], grads: Mapping[str, Tensor]
+) -> None:
+    """ValueError unless ``grads`` are float32 tensors of exactly ``layout``."""
+    names = [name for name, _ in layout]
+    missing = [name for name in names if name not in grads]
+    unknown = [name for name in grads if name not in names]
+    if missing or unknown:
+        raise ValueError(
+            f"gradients of layer {layer} must cover exactly {names}; "
+            f"missing {missing}, unknown {unknown}."
+        )
+    for name, shape in layout:
+        grad = grads[name]
+        if tuple(grad.shape) != shape or grad.dtype != torch.float32:
+            raise ValueError(
+                f"gradient of layer {layer} param {name!r} must be float32 of shape "
+                f"{shape}, got {grad.dtype} of shape {tuple(grad.shape)}."
+            )
+
+
+class BackgroundSync:
+    """fsyncs new files and deletes old ones on a thread: a step's I/O overlaps its compute."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._queue: deque[tuple[str, Path]] = deque()
+        self._busy = False
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def fsync(self, path: Path) -> None:
+        self._put("fsync", path)
+
+    def unlink(self, path: Path) -> None:
+        self._put("unlink", path)
+
+    def wait(self) -> None:
+        """Return once everything queued so far is done."""
+        with self._cond:
+            while self._queue or self._busy:
+                self._cond.wait()
+
+    def close(self) -> None:
+        self.wait()
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=10)
+
+    def _put(self, what: str, path: Path) -> None:
+        with self._cond:
+            self._queue.append((what, path))
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                what, path = self._queue.popleft()
+                self._busy = True
+            try:
+                if what == "fsync":
+                    fsync_path(path)
+                else:
+                    path.unlink(missing_ok=True)
+            except FileNotFoundError:  # rolled back meanwhile: nothing left to make durable
+                pass
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file, or a directory (so that its new entries are durable)."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+__all__ = [
+    "BackgroundSync",
+    "fsync_path",
+    "check_grads",
+    "file_metadata",
+    "flatten",
+    "layer_state_bytes",
+    "link_or_copy",
+    "min_budget_bytes",
+    "param_names",
+    "unflatten",
+    "version_file_name",
+]

@@ -1,0 +1,594 @@
+"""A parameter store beyond RAM: layers on disk, a RAM cache of bounded size.
+
+Every version of every layer is one immutable safetensors file in the spill
+directory (weights ``p/NAME``, masks ``m/NAME``, optimizer state
+``s/NAME/KEY``). Applying step ``k`` to a layer writes the file of version
+``k + 1`` and keeps the file of version ``k`` as the snapshot that makes a
+re-run or a rollback of step ``k`` safe; ``commit(k)`` makes the new files
+durable (fsync) and deletes the snapshots. A checkpoint hard-links the files,
+so it never pulls the state through RAM.
+
+The RAM cache holds at most ``ram_budget_bytes`` of tensors: the weights (and
+masks) streamed to the nodes and the optimizer state an update needs. It
+prefetches in streaming order (forward 0..L-1, then backward L-1..0) and
+evicts what streaming needs last. Resident bytes are counted per tensor until
+the tensor is freed, so a stream that still holds an evicted layer counts.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from core.atomic import write_json_atomic
+from memoryx.layer_files import (
+    BackgroundSync,
+    check_grads,
+    file_metadata,
+    flatten,
+    fsync_path,
+    link_or_copy,
+    param_names,
+    unflatten,
+    version_file_name,
+)
+from memoryx.optim import Optimizer
+from memoryx.sparsity import Sparsity, apply_masks
+from memoryx.store import STATE_FORMAT_VERSION, ParameterStore, StepError, _Version
+from memoryx.tier_cache import Cache, Ledger
+
+WEIGHTS = "weights"  # cache part: params and masks, what a stream needs
+STATE = "state"  # cache part: optimizer state, what an update needs
+
+
+@dataclass
+class _DiskVersion:
+    path: Path
+    num_updates: int
+    num_kept: int
+
+
+@dataclass
+class _DiskLayer:
+    version: int
+    current: _DiskVersion
+    layout: list[tuple[str, tuple[int, ...]]]
+    weights_bytes: int  # params + masks
+    state_bytes: int  # optimizer state
+    snapshots: dict[int, _DiskVersion] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def available_versions(self) -> list[int]:
+        return sorted(self.snapshots) + [self.version]
+
+
+class TieredStore(ParameterStore):
+    """``ParameterStore`` whose layers live on disk, with a RAM cache of ``ram_budget_bytes``.
+
+    Same interface and the same update rule as the in-RAM store, so a run
+    gives bitwise the same weights. Build it empty and ``add_layer`` one at a
+    time (the whole model never has to be in RAM), then ``finish``.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        spill_dir: str | Path,
+        ram_budget_bytes: int,
+        step: int = 0,
+        layer_offset: int = 0,
+        prefetch: bool = True,
+    ) -> None:
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}.")
+        self.optimizer = optimizer
+        self.sparsity: Sparsity | None = None
+        self.spill_dir = Path(spill_dir)
+        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        self.ram_budget_bytes = ram_budget_bytes
+        self.layer_offset = layer_offset  # global index of local layer 0 (sparsity names)
+        self._first_step = step
+        self._layers: list[_DiskLayer] = []  # type: ignore[assignment]
+        self._ledger = Ledger()
+        self._cache = Cache(ram_budget_bytes, self._ledger, self._eviction_rank)
+        self._io_lock = threading.Lock()
+        # Held while bringing tensors from disk into RAM (after slot locks, never before).
+        self._load_lock = threading.Lock()
+        self._read_bytes = 0
+        self._written_bytes = 0
+        self._syncer = BackgroundSync()
+        self._cursor = (0, 1)  # (layer last streamed, direction +1 forward / -1 backward)
+        self._prefetch_wanted = threading.Event()
+        self._closed = False
+        # Without prefetch (tests that count bytes) every load happens on the caller's thread.
+        self._prefetcher = threading.Thread(target=self._prefetch_loop, daemon=True)
+        if prefetch:
+            self._prefetcher.start()
+
+    # -- building ------------------------------------------------------------
+    def add_layer(self, tensors: Mapping[str, Tensor], *, num_updates: int = 0) -> None:
+        """Append the next layer at the store's first step with fresh optimizer state."""
+        if not tensors:
+            raise ValueError(
+                f"layer {len(self._layers)} must hold at least one parameter, got none."
+            )
+        # Written to disk and dropped: fp32 and contiguous suffices, no private copy needed.
+        params = {name: t.detach().to(torch.float32).contiguous() for name, t in tensors.items()}
+        state = {name: self.optimizer.init_state(p) for name, p in params.items()}
+        self.add_version(_Version(params, state, num_updates), self._first_step)
+
+    def add_version(self, version: _Version, version_number: int) -> None:
+        """Append the next layer as ``version`` (weights, state, masks) at ``version_number``."""
+        index = len(self._layers)
+        path = self._write(index, version_number, version)
+        layout = [(name, tuple(p.shape)) for name, p in version.params.items()]
+        weights_bytes = sum(p.nbytes for p in version.params.values()) + sum(
+            m.nbytes for m in version.masks.values()
+        )
+        state_bytes = sum(t.nbytes for s in version.optimizer_state.values() for t in s.values())
+        self._layers.append(
+            _DiskLayer(
+                version=version_number,
+                current=_DiskVersion(path, version.num_updates, _num_kept(version)),
+                layout=layout,
+                weights_bytes=weights_bytes,
+                state_bytes=state_bytes,
+            )
+        )
+
+    def finish(self, sparsity: Sparsity | None = None, *, init_masks: bool = True) -> TieredStore:
+        """Make the layers durable; with ``sparsity``, mask them as of the first step.
+
+        ``init_masks=False`` keeps the masks the layers came with (a resumed checkpoint).
+        """
+        if not self._layers:
+            raise ValueError("layers must hold at least one layer, got none.")
+        self.sparsity = sparsity
+        if sparsity is not None and init_masks:
+            for index, slot in enumerate(self._layers):
+                version = self._load_version(index, slot.current)
+                names = {f"{self.layer_offset + index}.{n}": n for n in version.params}
+                full = sparsity.init_masks(
+                    {key: version.params[n] for key, n in names.items()}, self._first_step
+                )
+                masks = {n: full[key] for key, n in names.items() if key in full}
+                if not masks:
+                    continue
+                apply_masks(version.params, version.optimizer_state, masks)
+                version.masks = masks
+                # Rewritten in place: the first version has no snapshot to keep.
+                slot.current = _DiskVersion(
+                    self._write(index, slot.version, version),
+                    version.num_updates,
+                    _num_kept(version),
+                )
+                slot.weights_bytes += sum(m.nbytes for m in masks.values())
+        self._sync()
+        return self
+
+    # -- reading -------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self._layers)
+
+    def layout(self, layer: int) -> list[tuple[str, tuple[int, ...]]]:
+        return list(self._layer(layer).layout)
+
+    def num_params(self, layer: int | None = None) -> int:
+        layers = self.layer_ids if layer is None else [layer]
+        return sum(
+            int(torch.Size(shape).numel()) for i in layers for _, shape in self._layer(i).layout
+        )
+
+    def num_kept(self, layer: int) -> int:
+        return self._layer(layer).current.num_kept
+
+    @property
+    def state_bytes(self) -> int:
+        return sum(slot.weights_bytes + slot.state_bytes for slot in self._layers)
+
+    @property
+    def resident_bytes(self) -> int:
+        return self._ledger.live_bytes
+
+    @property
+    def peak_resident_bytes(self) -> int:  # type: ignore[override]
+        return self._ledger.peak_bytes
+
+    def io_bytes(self) -> tuple[int, int]:
+        with self._io_lock:
+            return self._read_bytes, self._written_bytes
+
+    def weights(self, layer: int, step: int) -> dict[str, Tensor]:
+        params, _ = self._weights_and_masks(layer, step, "weights")
+        self._advance_cursor(layer - self.layer_offset)
+        return params
+
+    def masks(self, layer: int, step: int) -> dict[str, Tensor]:
+        return self._weights_and_masks(layer, step, "masks")[1]
+
+    def _weights_and_masks(self, layer: int, step: int, what: str):
+        index = self._index(layer)
+        slot = self._layers[index]
+        with slot.lock:
+            disk = self._disk_version(slot, layer, step, what)
+            entry = self._cached_part(index, step, WEIGHTS, disk, slot.weights_bytes)
+        params = {name: entry[f"p/{name}"] for name, _ in slot.layout}
+        masks = {name: entry[f"m/{name}"] for name, _ in slot.layout if f"m/{name}" in entry}
+        return params, masks
+
+    def _disk_version(self, slot: _DiskLayer, layer: int, step: int, what: str) -> _DiskVersion:
+        if slot.version == step:
+            return slot.current
+        if step in slot.snapshots:
+            return slot.snapshots[step]
+        raise StepError(
+            f"layer {layer} has no {what} for step {step}; "
+            f"available versions: {slot.available_versions()}."
+        )
+
+    def _cached_part(
+        self, index: int, version: int, part: str, disk: _DiskVersion, num_bytes: int
+    ) -> dict[str, Tensor]:
+        key = (index, version, part)
+        entry = self._cache.get(key)
+        if entry is None:
+            with self._load_lock:
+                entry = self._cache.get(key)  # the prefetcher may have just brought it
+                if entry is None:
+                    self._cache.reserve(num_bytes, evict=True)
+                    try:
+                        entry = self._read(disk.path, ("p/", "m/") if part == WEIGHTS else ("s/",))
+                        self._cache.put(key, entry)
+                    finally:
+                        self._cache.release(num_bytes)
+        return entry
+
+    # -- updating ------------------------------------------------------------
+    def apply_gradients(self, layer: int, step: int, grads: Mapping[str, Tensor]) -> bool:
+        index = self._index(layer)
+        slot = self._layers[index]
+        check_grads(layer, slot.layout, grads)
+        with slot.lock:
+            if slot.version == step + 1:
+                return False
+            if slot.version != step:
+                raise StepError(
+                    f"layer {layer} cannot take gradients of step {step}: it is at version "
+                    f"{slot.version}, so it expects step {slot.version}."
+                )
+            old = slot.current
+            with self._load_lock:
+                streamed = self._cache.get((index, step, WEIGHTS))
+                state = self._cache.take((index, step, STATE))
+                need = slot.weights_bytes + (0 if state is not None else slot.state_bytes)
+                self._cache.reserve(need, evict=True)
+                try:
+                    if streamed is not None:  # a stream may still read these: update a copy
+                        fresh = {k: t.clone() for k, t in streamed.items()}
+                        self._ledger.track(fresh)
+                    else:
+                        fresh = self._read(old.path, ("p/", "m/"))
+                    if state is None:
+                        state = self._read(old.path, ("s/",))
+                finally:
+                    self._cache.release(need)
+            new = unflatten(slot.layout, fresh, state, old.num_updates + 1)
+            del streamed, fresh, state
+            self._step_version(layer, step, new, grads)
+            path = self._write(index, step + 1, new)
+            # Cached as they are: eviction drops them when room is needed (the next
+            # forward pass wants these weights soon, the state only in the next backward).
+            flat = flatten(new)
+            self._cache.put(
+                (index, step + 1, WEIGHTS),
+                {k: t for k, t in flat.items() if not k.startswith("s/")},
+            )
+            self._cache.put(
+                (index, step + 1, STATE), {k: t for k, t in flat.items() if k.startswith("s/")}
+            )
+            # Published last: a prefetcher that sees the new version finds it cached.
+            slot.snapshots[step] = old
+            slot.current = _DiskVersion(path, new.num_updates, _num_kept(new))
+            slot.version = step + 1
+            return True
+
+    def commit(self, step: int) -> None:
+        with self._all_locks():
+            lagging = [i for i, slot in enumerate(self._layers) if slot.version < step + 1]
+            if lagging:
+                raise StepError(
+                    f"cannot commit step {step}: layers {lagging} are not updated yet "
+                    f"(versions {[self._layers[i].version for i in lagging]}, "
+                    f"need {step + 1})."
+                )
+            self._sync()
+            write_json_atomic(self.spill_dir / "manifest.json", self._manifest())
+            for slot in self._layers:
+                for version in [v for v in slot.snapshots if v <= step]:
+                    # Never written again under this name: deleting it can wait.
+                    self._syncer.unlink(slot.snapshots.pop(version).path)
+            self._cache.drop(self._is_live_key)
+
+    def rollback(self, step: int) -> list[int]:
+        with self._all_locks():
+            stuck = [
+                i
+                for i, slot in enumerate(self._layers)
+                if not (
+                    slot.version == step or (slot.version == step + 1 and step in slot.snapshots)
+                )
+            ]
+            if stuck:
+                raise StepError(
+                    f"cannot roll back step {step}: layers {stuck} are at versions "
+                    f"{[self._layers[i].available_versions() for i in stuck]} "
+                    f"instead of an uncommitted {step + 1} or {step}."
+                )
+            rolled_back = []
+            for index, slot in enumerate(self._layers):
+                if slot.version == step + 1:
+                    undone = slot.current
+                    slot.current = slot.snapshots.pop(step)
+                    slot.version = step
+                    # Now, not later: the re-run writes a file of the same name.
+                    undone.path.unlink(missing_ok=True)
+                    rolled_back.append(index)
+            self._cache.drop(self._is_live_key)
+            return rolled_back
+
+    def state_dict(self) -> dict:
+        """Committed state as tensors, read layer by layer from disk (all of it in RAM).
+
+        For checkpoints use ``committed_files``: it needs no RAM at all.
+        """
+        with self._all_locks():
+            self._check_committed()
+            layers = []
+            for index, slot in enumerate(self._layers):
+                version = self._load_version(index, slot.current)
+                layers.append(
+                    {
+                        "version": slot.version,
+                        "num_updates": version.num_updates,
+                        "params": version.params,
+                        "masks": version.masks,
+                        "optimizer_state": version.optimizer_state,
+                    }
+                )
+            return {"format_version": STATE_FORMAT_VERSION, "layers": layers}
+
+    def committed_files(self) -> list[tuple[Path, int, int]]:
+        """(file, version, num_updates) of every layer's committed version, in layer order.
+
+        The files are immutable until a later commit deletes them; hard-link
+        or copy them while holding no expectation beyond the next ``commit``.
+        """
+        with self._all_locks():
+            self._check_committed()
+            return [(s.current.path, s.version, s.current.num_updates) for s in self._layers]
+
+    def export_committed(self, directory: Path) -> list[dict]:
+        """Hard-link (or copy) every layer's committed file into ``directory``, without RAM.
+
+        Returns one manifest entry per layer: model index, file name, version, updates.
+        """
+        with self._all_locks():
+            self._check_committed()
+            entries = []
+            for layer, slot in zip(self.layer_ids, self._layers, strict=True):
+                name = version_file_name(layer, slot.version)
+                link_or_copy(slot.current.path, directory / name)
+                entries.append(
+                    {
+                        "layer": layer,
+                        "file": name,
+                        "version": slot.version,
+                        "num_updates": slot.current.num_updates,
+                    }
+                )
+            return entries
+
+    def adopt_file(self, source: Path, version: int, num_updates: int) -> None:
+        """Append the next layer from a checkpoint's layer file (linked, never read whole)."""
+        index = len(self._layers)
+        path = self.spill_dir / version_file_name(index, version)
+        link_or_copy(source, path)
+        layout, weights_bytes, state_bytes = [], 0, 0
+        with safe_open(str(path), framework="pt") as file:
+            keys = list(file.keys())  # noqa: SIM118 (safe_open is not a mapping)
+            shapes = {k: tuple(file.get_slice(k).get_shape()) for k in keys}
+            names = param_names(file.metadata())
+        masks = self._read(path, ("m/",))
+        pruned = sum(int(m.sum()) for m in masks.values())
+        for key, shape in shapes.items():
+            numel = int(torch.Size(shape).numel())
+            if key.startswith("p/"):
+                weights_bytes += 4 * numel
+            elif key.startswith("m/"):
+                weights_bytes += numel
+            else:
+                state_bytes += 4 * numel
+        layout = [(name, shapes[f"p/{name}"]) for name in names]
+        num_params = sum(int(torch.Size(s).numel()) for _, s in layout)
+        self._layers.append(
+            _DiskLayer(
+                version=version,
+                current=_DiskVersion(path, num_updates, num_params - pruned),
+                layout=layout,
+                weights_bytes=weights_bytes,
+                state_bytes=state_bytes,
+            )
+        )
+
+    def _check_committed(self) -> None:
+        pending = {i: sorted(s.snapshots) for i, s in enumerate(self._layers) if s.snapshots}
+        if pending:
+            raise ValueError(
+                f"cannot save uncommitted state: layers {sorted(pending)} still hold snapshots "
+                f"of steps {sorted({v for vs in pending.values() for v in vs})}; "
+                "commit the step first."
+            )
+
+    def close(self) -> None:
+        """Stop prefetching and drop the cache (the files stay)."""
+        self._closed = True
+        self._prefetch_wanted.set()
+        if self._prefetcher.is_alive():
+            self._prefetcher.join(timeout=10)
+        self._syncer.close()
+        self._cache.drop(lambda key: False)
+
+    # -- disk ----------------------------------------------------------------
+    def _write(self, layer: int, version: int, data: _Version) -> Path:
+        path = self.spill_dir / version_file_name(layer, version)
+        flat = flatten(data)
+        save_file(flat, str(path), metadata=file_metadata(data.num_updates, list(data.params)))
+        with self._io_lock:
+            self._written_bytes += sum(t.nbytes for t in flat.values())
+        self._syncer.fsync(path)  # durable by the time the step commits
+        return path
+
+    def _read(self, path: Path, prefixes: tuple[str, ...]) -> dict[str, Tensor]:
+        """Private RAM copies of the tensors of ``path`` whose names start with ``prefixes``."""
+        out = {}
+        with safe_open(str(path), framework="pt") as file:
+            for key in file.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                if key.startswith(prefixes):
+                    # get_tensor maps the file copy-on-write; clone makes the RAM copy explicit.
+                    out[key] = file.get_tensor(key).clone()
+        self._ledger.track(out)
+        with self._io_lock:
+            self._read_bytes += sum(t.nbytes for t in out.values())
+        return out
+
+    def _load_version(self, layer: int, disk: _DiskVersion) -> _Version:
+        flat = self._read(disk.path, ("p/", "m/", "s/"))
+        return unflatten(
+            self._layers[layer].layout,
+            {k: t for k, t in flat.items() if not k.startswith("s/")},
+            {k: t for k, t in flat.items() if k.startswith("s/")},
+            disk.num_updates,
+        )
+
+    def _sync(self) -> None:
+        """Every file written so far, and the directory entries, durable."""
+        self._syncer.wait()
+        fsync_path(self.spill_dir)
+
+    def _manifest(self) -> dict:
+        return {
+            "layers": [
+                {
+                    "file": s.current.path.name,
+                    "version": s.version,
+                    "num_updates": s.current.num_updates,
+                }
+                for s in self._layers
+            ]
+        }
+
+    # -- cache policy ----------------------------------------------------------
+    def _is_live_key(self, key: tuple[int, int, str]) -> bool:
+        layer, version, _ = key
+        slot = self._layers[layer]
+        return version == slot.version or version in slot.snapshots
+
+    def _stream_distance(self, layer: int, part: str) -> int:
+        """Passes until the stream next needs ``part`` of ``layer`` (0: now)."""
+        num = 2 * len(self._layers)
+        current, direction = self._cursor
+        here = current if direction > 0 else num - 1 - current
+        uses = [num - 1 - layer] if part == STATE else [layer, num - 1 - layer]
+        return min((use - here) % num for use in uses)
+
+    def _eviction_rank(self, key: tuple[int, int, str]) -> tuple[int, int]:
+        layer, version, part = key
+        # Old versions only serve re-runs: evict them first; then what streaming needs last.
+        stale = int(version != self._layers[layer].version)
+        return stale, self._stream_distance(layer, part)
+
+    def _advance_cursor(self, layer: int) -> None:
+        last, direction = self._cursor
+        if layer > last:
+            direction = 1
+        elif layer < last:
+            direction = -1
+        elif layer == len(self._layers) - 1:
+            direction = -1  # the forward pass ended: the backward pass starts here
+        elif layer == 0:
+            direction = 1
+        self._cursor = (layer, direction)
+        self._prefetch_wanted.set()
+
+    def _upcoming(self) -> list[tuple[int, str]]:
+        """(layer, part) in the order streaming will need them, after the cursor."""
+        num_layers = len(self._layers)
+        layer, direction = self._cursor
+        order = []
+        for _ in range(2 * num_layers):
+            if direction > 0:
+                if layer == num_layers - 1:
+                    direction = -1
+                else:
+                    layer += 1
+            elif layer == 0:
+                direction = 1
+            else:
+                layer -= 1
+            if direction < 0:
+                order.append((layer, STATE))
+            order.append((layer, WEIGHTS))
+        return order
+
+    def _prefetch_loop(self) -> None:
+        while True:
+            self._prefetch_wanted.wait()
+            self._prefetch_wanted.clear()
+            if self._closed:
+                return
+            for layer, part in self._upcoming():
+                if self._prefetch_wanted.is_set() or self._closed:
+                    break  # the stream moved on: plan again from the new cursor
+                if not self._prefetch_one(layer, part):
+                    break  # no room: keep streaming order, do not skip ahead
+
+    def _prefetch_one(self, layer: int, part: str) -> bool:
+        slot = self._layers[layer]
+        version, disk = slot.version, slot.current
+        key = (layer, version, part)
+        if self._cache.get(key) is not None:
+            return True
+        num_bytes = slot.weights_bytes if part == WEIGHTS else slot.state_bytes
+        # Loads are serialised, and a loaded entry is in the cache before the lock is
+        # released: the foreground can always evict what the prefetcher brought.
+        with self._load_lock:
+            if self._cache.get(key) is not None:
+                return True
+            if not self._cache.reserve(num_bytes, evict=False):
+                return False
+            try:
+                entry = self._read(disk.path, ("p/", "m/") if part == WEIGHTS else ("s/",))
+            except Exception:  # noqa: BLE001 (rolled back or committed away meanwhile)
+                return True
+            finally:
+                self._cache.release(num_bytes)
+            # A version that moved on meanwhile ranks stale: it is evicted first.
+            self._cache.put(key, entry)
+        return True
+
+
+def _num_kept(version: _Version) -> int:
+    pruned = sum(int(m.sum()) for m in version.masks.values())
+    return sum(p.numel() for p in version.params.values()) - pruned
+
+
+__all__ = ["STATE", "WEIGHTS", "TieredStore"]
