@@ -420,8 +420,14 @@ FIGURES: dict[str, Figure] = _figures(
     Figure(
         "photonic-in-situ",
         (
-            python("examples/photonic_in_situ.py", "--steps", "80", "--lr", "0.02", "--seed", "0"),
-            python("examples/photonic_in_situ.py", "--steps", "150", "--lr", "0.01", "--seed", "0"),
+            python(
+                "examples/photonic_in_situ.py",
+                *("--steps", "80", "--lr", "0.02", "--device", "uncalibrated", "--seed", "0"),
+            ),
+            python(
+                "examples/photonic_in_situ.py",
+                *("--steps", "150", "--lr", "0.01", "--device", "uncalibrated", "--seed", "0"),
+            ),
         ),
         render_in_situ,
     ),
