@@ -343,6 +343,12 @@ def render_photonic_step(outputs: list[Output]) -> str:
     )
 
 
+def render_groups_simulate(outputs: list[Output]) -> str:
+    """Both balances of one mixed cluster: each table as printed, without its title."""
+    tables = ["\n".join(without_wrote(o.stdout).split("\n")[1:]) for o in outputs]
+    return fenced("\n\n".join(tables))
+
+
 # ---- the registry --------------------------------------------------------------------------
 
 QUICKSTART = wafer("train", "--model", "mlp-digits", "--nodes", "4", "--seed", "0")
@@ -411,6 +417,23 @@ FIGURES: dict[str, Figure] = _figures(
         render_pcm_simulate,
         fast=True,
     ),
+    Figure(
+        "groups-simulate",
+        (
+            wafer("simulate", "--model", "gpt3-1.3b", "--node-groups", "cs2:2,cs2@cs3:2"),
+            wafer(
+                "simulate",
+                "--model",
+                "gpt3-1.3b",
+                "--node-groups",
+                "cs2:2,cs2@cs3:2",
+                "--balance",
+                "throughput",
+            ),
+        ),
+        render_groups_simulate,
+        fast=True,
+    ),  # fmt: skip
     Figure(
         "pcm-calibration",
         (python("-m", "nodes.pcm", json=False),),

@@ -46,6 +46,15 @@ def _add_train_parser(subparsers) -> None:
         "--seq-len", type=int, metavar="T", help="tokens per sequence of --data's token windows"
     )
     p.add_argument("--nodes", type=int, metavar="N", help="compute nodes")
+    p.add_argument(
+        "--node-groups",
+        metavar="GROUPS",
+        help="heterogeneous cluster: KIND[@PRESET]:N,... e.g. cs2:2,pcm:2 or cs2:2,cs2@cs3:2",
+    )
+    p.add_argument(
+        "--balance",
+        help="batch shares of node groups: equal | throughput (by each group's emulated speed)",
+    )
     p.add_argument("--steps", type=int, metavar="K", help="training steps")
     p.add_argument("--batch-size", type=int, metavar="B", help="global batch, samples per step")
     p.add_argument("--optimizer", help="sgd | adam | adamw")
@@ -163,6 +172,7 @@ def _emulated_rows(emulated: dict) -> list[tuple[str, str]]:
             )
         )
     return rows + [
+        *_group_rows(emulated.get("groups")),
         ("emulated throughput", rate),
         ("emulated energy / step", format_energy(emulated["energy_j"])),
         (
@@ -173,6 +183,26 @@ def _emulated_rows(emulated: dict) -> list[tuple[str, str]]:
             f"{human_bytes(memory['memoryx_capacity_bytes'])} MemoryX",
         ),
     ]
+
+
+def _group_rows(groups: list[dict] | None) -> list[tuple[str, str]]:
+    """One row per node group: its share, its own time and what it waits for the slowest."""
+    return [
+        (
+            f"group {i}: {g['num_nodes']} x {g['kind']} ({g['hardware']})",
+            f"{g['batch_share']} samples, {format_seconds(g['node_time_s'])}, idle "
+            f"{format_seconds(g['idle_s'])}, {format_energy(g['energy_j'])}",
+        )
+        for i, g in enumerate(groups or [])
+    ]
+
+
+def _cluster_text(cfg: dict) -> str:
+    groups = cfg.get("node_groups")
+    if groups:
+        kinds = " + ".join(f"{g['num_nodes']} x {g['backend']['kind']}" for g in groups)
+        return f"{kinds} nodes ({cfg['balance']} shares), SwarmX fan-out {cfg['swarmx']['fanout']}"
+    return f"{cfg['num_nodes']} x {cfg['backend']['kind']} nodes, SwarmX fan-out {cfg['swarmx']['fanout']}"
 
 
 def _sparsity_rows(sparsity: dict | None) -> list[tuple[str, str]]:
@@ -203,10 +233,7 @@ def summary(result: dict) -> str:
             "model",
             f"{result['model']['name']} ({result['model']['num_params']:,} params, {result['model']['num_layers']} layers)",
         ),
-        (
-            "cluster",
-            f"{cfg['num_nodes']} x {cfg['backend']['kind']} nodes, SwarmX fan-out {cfg['swarmx']['fanout']}",
-        ),
+        ("cluster", _cluster_text(cfg)),
         ("steps", f"{len(result['steps'])} x global batch {cfg['batch_size']}"),
         ("final train loss", f"{result['final_loss']:.4f}"),
         ("eval loss", f"{ev['loss']:.4f}" if ev else "-"),

@@ -111,6 +111,13 @@ def add_compare_parser(subparsers) -> None:
     p.add_argument("--model", default="mlp-digits", help="zoo model or module:factory")
     p.add_argument("--steps", type=int, default=100, metavar="K", help="training steps each")
     p.add_argument("--nodes", type=int, default=2, metavar="N", help="compute nodes")
+    p.add_argument(
+        "--node-groups",
+        metavar="GROUPS",
+        help="also train a mixed cluster, KIND[@PRESET]:N,... (e.g. cs2:1,pcm:1), and show "
+        "its row beside the pure ones",
+    )
+    p.add_argument("--balance", choices=["equal", "throughput"], help="the mixed row's shares")
     p.add_argument("--batch-size", type=int, default=128, metavar="B", help="global batch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="write the rows as JSON (atomically)")
@@ -130,6 +137,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         seed=args.seed,
         config_path=args.config,
         progress=not args.quiet,
+        node_groups=args.node_groups,
+        balance=args.balance,
     )
     print(result.table())
     for path in write_outputs(result, args.json, args.plot):

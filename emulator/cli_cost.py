@@ -308,6 +308,11 @@ def run_simulate(args: argparse.Namespace) -> int:
     backend = node_backend(args)
     engine = backend.engine(hardware)
     workload = resolve_workload(args.model, args.batch, args.seq, args.precision)
+    if args.node_groups is not None:
+        from emulator.cli_groups import run_simulate_groups
+
+        preset = {"preset": args.hardware, "overrides": parse_overrides(args.set)}
+        return run_simulate_groups(args, workload, preset)
     if args.sparsity is not None:
         return _simulate_sparsity(args, workload, hardware, engine)
     node_counts = parse_node_counts(args.nodes or "1-192")
@@ -407,6 +412,17 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
         "--config",
         metavar="YAML",
         help="cluster YAML whose backend section configures the nodes (tile size, phases, ...)",
+    )
+    p.add_argument(
+        "--node-groups",
+        metavar="GROUPS",
+        help="a heterogeneous cluster instead of --nodes: KIND[@PRESET]:N,... e.g. cs2:2,pcm:2; "
+        "prints each group's share, time, idle time and energy",
+    )
+    p.add_argument(
+        "--balance",
+        choices=["equal", "throughput"],
+        help="batch shares of --node-groups (default equal)",
     )
     p.add_argument(
         "--threshold",

@@ -233,21 +233,59 @@ def compare_backends(
     seed: int = 0,
     config_path: str | None = None,
     progress: bool = False,
+    node_groups: str | None = None,
+    balance: str | None = None,
 ) -> CompareResult:
+    """One row per backend; with ``node_groups`` (e.g. ``cs2:1,pcm:1``) a mixed row after them."""
     from emulator.train import train
 
-    base = {"model.name": model, "num_steps": num_steps, "num_nodes": num_nodes}
-    base |= {"batch_size": batch_size, "seed": seed}
+    common = {"model.name": model, "num_steps": num_steps, "batch_size": batch_size, "seed": seed}
+    base = {**common, "num_nodes": num_nodes}
     # Every config is checked before the first run, so a typo fails at once.
     configs = [
         (spec, load_config(config_path, {**base, **backend_overrides(spec)})) for spec in backends
     ]
+    if node_groups is not None:
+        mixed = {**common, "node_groups": node_groups}
+        if balance is not None:
+            mixed["balance"] = balance
+        configs.append((f"mixed {node_groups}", load_config(config_path, mixed)))
     rows = []
     for spec, config in configs:
         report = train(config, progress=progress)
         accuracy = report.evals[-1].accuracy if report.evals else None
-        rows.append(dataclasses.replace(_row(config, report, accuracy), backend=spec))
+        row = (
+            _row(config, report, accuracy)
+            if report.grouped is None
+            else _mixed_row(config, report, accuracy)
+        )
+        rows.append(dataclasses.replace(row, backend=spec))
     return CompareResult(model=model, rows=rows)
+
+
+def _mixed_row(config: ClusterConfig, report, accuracy: float | None) -> CompareRow:
+    """A node-groups run: the cluster's step (the slowest group) and all groups' energy."""
+    emulated = report.to_json()["emulated"]
+    groups = emulated["groups"]
+    details = {}
+    for index, group in enumerate(groups):
+        for key in ("batch_share", "node_time_s", "idle_s", "energy_j"):
+            details[f"group{index}_{key}"] = group[key]
+    return CompareRow(
+        backend=config.node_groups[0].backend.kind,
+        accuracy=accuracy,
+        num_steps=config.num_steps,
+        samples_per_step=config.batch_size,
+        step_time_s=emulated["step_time_s"],
+        step_energy_j=emulated["energy_j"],
+        node_energy_j=sum(group["energy_j"] for group in groups),
+        flops_per_step=training_flops_per_sample(report.emulated.workload) * config.batch_size,
+        source=(
+            f"functional run; emulated clock: each group on its own engine ({config.balance} "
+            f"shares), the step waits for group {emulated['slowest_group']}"
+        ),
+        details=details,
+    )
 
 
 def backend_overrides(spec: str) -> dict[str, str]:

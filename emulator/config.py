@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -157,6 +157,51 @@ class HardwareConfig:
         return load_hardware(self.preset, overrides)
 
 
+class NodeGroup:
+    """A set of identical compute nodes inside a (possibly heterogeneous) cluster."""
+
+    @dataclass(kw_only=True)
+    class Config:
+        num_nodes: int = doc("compute nodes of this group, nodes")
+        backend: Backend.Config = doc(
+            "backend of this group's nodes", default_factory=Cs2Backend.Config
+        )
+        hardware: HardwareConfig | None = doc(
+            "hardware preset of this group's nodes; None: the cluster's hardware", default=None
+        )
+
+        def __post_init__(self) -> None:
+            if self.num_nodes < 1:
+                raise ValueError(
+                    f"num_nodes = {self.num_nodes} is not valid; a group needs at least 1 node."
+                )
+
+        @property
+        def label(self) -> str:
+            """``kind`` or ``kind@preset`` (the CLI shorthand's spelling of this group)."""
+            if self.hardware is None:
+                return self.backend.kind
+            return f"{self.backend.kind}@{self.hardware.preset}"
+
+
+def parse_node_groups(text: str) -> list[dict[str, Any]]:
+    """``--node-groups cs2:2,pcm:2`` (or ``cs2@cs3:2``: kind, hardware preset) as raw groups."""
+    groups = []
+    for part in text.split(","):
+        kind_preset, _, count = part.strip().rpartition(":")
+        kind, _, preset = kind_preset.partition("@")
+        if not kind or not count.isdigit():
+            raise ValueError(
+                f"--node-groups {text!r}: {part.strip()!r} is not KIND[@PRESET]:N; "
+                "write e.g. cs2:2,pcm:2 or cs2:2,cs2@cs3:2."
+            )
+        group: dict[str, Any] = {"num_nodes": int(count), "backend": {"kind": kind}}
+        if preset:
+            group["hardware"] = {"preset": preset}
+        groups.append(group)
+    return groups
+
+
 @dataclass(kw_only=True)
 class ClusterConfig:
     model: ModelConfig = doc(
@@ -166,14 +211,30 @@ class ClusterConfig:
         "data set: a shipped name or the user's own (data.path); None: the model's default",
         default=None,
     )
-    num_nodes: int = doc("compute nodes (data parallel), nodes", default=4)
+    num_nodes: int | None = doc(
+        "compute nodes (data parallel), nodes; None: 4, or the sum over node_groups",
+        default=None,
+    )
+    node_groups: list[NodeGroup.Config] | None = doc(
+        "heterogeneous cluster: groups of nodes, each with its own backend and hardware, "
+        "e.g. [{num_nodes: 2, backend: {kind: cs2}}, {num_nodes: 2, backend: {kind: pcm}}]; "
+        "None: num_nodes nodes of backend",
+        default=None,
+    )
+    balance: Literal["equal", "throughput"] = doc(
+        "batch shares of the nodes: equal, or in proportion to each group's emulated speed",
+        default="equal",
+    )
     batch_size: int = doc("global batch, samples per step across all nodes", default=128)
     num_steps: int = doc("training steps, steps", default=300)
     seed: int = doc("seed of model init and batch order", default=0)
     optimizer: Optimizer.Config = doc(
         "optimizer MemoryX applies", default_factory=lambda: Optimizer.Config(name="adamw", lr=2e-3)
     )
-    backend: Backend.Config = doc("compute-node backend", default_factory=Cs2Backend.Config)
+    backend: Backend.Config | None = doc(
+        "compute-node backend; None: cs2, or with node_groups the first group's backend",
+        default=None,
+    )
     swarmx: SwarmXTree.Config = doc("broadcast/reduce tree", default_factory=SwarmXTree.Config)
     memoryx: MemoryXConfig = doc(
         "MemoryX servers and where they keep the state, e.g. {num_servers: 2} or "
@@ -200,6 +261,7 @@ class ClusterConfig:
     resume: str | None = doc("start from this MemoryX checkpoint, path", default=None)
 
     def __post_init__(self) -> None:
+        self._resolve_groups()
         if self.num_nodes < 1:
             raise ValueError(
                 f"num_nodes = {self.num_nodes} is not valid; a cluster needs at least 1 compute node."
@@ -208,7 +270,12 @@ class ClusterConfig:
             raise ValueError(
                 f"batch_size = {self.batch_size} is not valid; use a positive number of samples."
             )
-        if self.batch_size % self.num_nodes:
+        if self.batch_size < self.num_nodes:
+            raise ValueError(
+                f"batch_size = {self.batch_size} is smaller than num_nodes = {self.num_nodes}; "
+                "every node needs at least one sample."
+            )
+        if self.balance == "equal" and self.batch_size % self.num_nodes:
             lower = self.batch_size - self.batch_size % self.num_nodes
             upper = lower + self.num_nodes
             raise ValueError(
@@ -226,7 +293,49 @@ class ClusterConfig:
             raise ValueError(
                 f"max_eval_samples = {self.max_eval_samples} must be at least num_nodes = {self.num_nodes}."
             )
-        self.backend.check_sparsity(self.sparsity)
+        for group in self.groups:
+            group.backend.check_sparsity(self.sparsity)
+
+    def _resolve_groups(self) -> None:
+        """Fill num_nodes and backend from node_groups (or their defaults), checking both agree."""
+        if not self.node_groups:
+            if self.node_groups is not None:
+                raise ValueError("node_groups = [] is not valid; list at least one group.")
+            if self.num_nodes is None:
+                self.num_nodes = 4
+            if self.backend is None:
+                self.backend = Cs2Backend.Config()
+            return
+        total = sum(group.num_nodes for group in self.node_groups)
+        if self.num_nodes is not None and self.num_nodes != total:
+            raise ValueError(
+                f"num_nodes = {self.num_nodes} but node_groups add up to {total} nodes; "
+                "leave num_nodes unset (or --nodes off) when the cluster declares node_groups."
+            )
+        lead = self.node_groups[0].backend
+        if self.backend is not None and self.backend != lead:
+            raise ValueError(
+                f"backend (kind {self.backend.kind!r}) is set beside node_groups; set each "
+                "group's own backend instead (node_groups[0].backend, node_groups[1].backend, ...)."
+            )
+        self.num_nodes = total
+        self.backend = lead
+
+    @property
+    def groups(self) -> list[NodeGroup.Config]:
+        """The node groups in rank order; a homogeneous cluster is one group."""
+        if self.node_groups:
+            return list(self.node_groups)
+        return [NodeGroup.Config(num_nodes=self.num_nodes, backend=self.backend)]
+
+    @property
+    def heterogeneous(self) -> bool:
+        return bool(self.node_groups) and len(self.node_groups) > 1
+
+    def group_hardware(self, group: NodeGroup.Config) -> Hardware.Config:
+        """A group's preset (the cluster's if it sets none), with the run's SwarmX fan-out."""
+        hardware = group.hardware if group.hardware is not None else self.hardware
+        return hardware.build(fan_out=self.swarmx.fanout)
 
     @property
     def data_config(self) -> DataConfig:
@@ -242,6 +351,7 @@ class ClusterConfig:
 CLI_FIELDS = {
     "model": "model.name",
     "nodes": "num_nodes",
+    "node_groups": "node_groups",
     "seq_len": "data.seq_len",
     "steps": "num_steps",
     "batch_size": "batch_size",
@@ -256,6 +366,7 @@ CLI_FIELDS = {
     "sparsity": "sparsity.sparsity",
     "sparsity_algorithm": "sparsity.algorithm",
     "seed": "seed",
+    "balance": "balance",
     "save_checkpoint": "save_checkpoint",
     "resume": "resume",
 }
@@ -295,8 +406,19 @@ def load_config(
             )
         raw = loaded or {}
     for dotted, value in (overrides or {}).items():
+        if dotted == "node_groups" and isinstance(value, str):
+            value = parse_node_groups(value)
         _set_dotted(raw, dotted, value)
     return from_dict(ClusterConfig, raw)
 
 
-__all__ = ["CLI_FIELDS", "ClusterConfig", "HardwareConfig", "RuntimeConfig", "field", "load_config"]
+__all__ = [
+    "CLI_FIELDS",
+    "ClusterConfig",
+    "NodeGroup",
+    "parse_node_groups",
+    "HardwareConfig",
+    "RuntimeConfig",
+    "field",
+    "load_config",
+]

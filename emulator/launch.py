@@ -36,6 +36,7 @@ from memoryx.config import partition
 from nodes.actor import NodeActor
 from nodes.worker import strip_parameters
 from proto.rpc import TOKEN_METADATA_KEY, Security, TlsMaterial, is_loopback
+from proto.serde import wider_dtype
 from proto.tls import generate_run_tls, read_tls
 from swarmx.actor import SwarmXActor
 from swarmx.tree import TreeNode, node_name
@@ -218,8 +219,33 @@ class Cluster:
                 shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
+def subtree_dtypes(tree: list[TreeNode], node_dtypes: list[str]) -> dict[str, str]:
+    """Weights' dtype into every SwarmX node and compute node, when the nodes differ; else {}.
+
+    A SwarmX node takes the wider dtype of its subtree (fp32 where it mixes) and rounds it
+    per child on the way down, so each node gets what MemoryX would have sent it alone.
+    """
+    if len(set(node_dtypes)) <= 1:
+        return {}
+    dtypes = {node_name(rank): dtype for rank, dtype in enumerate(node_dtypes)}
+    children = {t.name: t.children for t in tree}
+
+    def of(name: str) -> str:
+        if name not in dtypes:
+            dtypes[name] = wider_dtype([of(c) for c in children[name]])
+        return dtypes[name]
+
+    for t in tree:
+        of(t.name)
+    return dtypes
+
+
 def launch(
-    config: ClusterConfig, layers: list[nn.Module], dataset: Dataset | None = None
+    config: ClusterConfig,
+    layers: list[nn.Module],
+    dataset: Dataset | None = None,
+    *,
+    spans: list[tuple[int, int]] | None = None,
 ) -> Cluster:
     """Start MemoryX, the SwarmX tree and the compute nodes for ``config``.
 
@@ -227,6 +253,9 @@ def launch(
     is read here, in the driver (``dataset``, if already loaded), and reaches
     the nodes as tensors in the object store, so the file need exist only on
     the driver's host and no path travels to a node.
+
+    Each node runs its group's backend (``config.groups``, in rank order). ``spans``
+    are the nodes' shares of the global batch (start, stop); None: equal shards.
     """
     ensure_ray(config.runtime.address, verbose=config.runtime.verbose)
     host = config.runtime.host
@@ -278,6 +307,7 @@ def launch(
     swarmx = {
         t.name: remote[SwarmXActor].remote(t.name, host=host, security=security) for t in tree
     }
+    backends = [group.backend for group in config.groups for _ in range(group.num_nodes)]
     nodes = [
         remote[NodeActor].remote(
             rank=rank,
@@ -286,7 +316,8 @@ def launch(
             data=data,
             batch_size=config.batch_size,
             seed=config.seed,
-            backend=config.backend,
+            backend=backends[rank],
+            share=None if spans is None else spans[rank],
             max_eval_samples=config.max_eval_samples,
             chunk_bytes=chunk_bytes,
             host=host,
@@ -310,11 +341,17 @@ def launch(
     swarmx_addresses = dict(zip(swarmx, addresses[k : k + len(swarmx)], strict=True))
     node_addresses = addresses[k + len(swarmx) :]
     by_name = {**swarmx_addresses, **{node_name(r): a for r, a in enumerate(node_addresses)}}
+    dtypes = subtree_dtypes(tree, [b.wire_dtype for b in backends])
     wiring = [
         swarmx[t.name].connect.remote(
             children={c: by_name[c] for c in t.children},
             parent=swarmx_addresses[t.parent] if t.parent else None,
             memoryx=None if t.parent else memoryx_by_layer,
+            **(
+                {"child_dtypes": {c: dtypes[c] for c in t.children}, "dtype": dtypes[t.name]}
+                if dtypes
+                else {}
+            ),
         )
         for t in tree
     ]

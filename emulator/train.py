@@ -25,18 +25,27 @@ import torch
 from torch import nn
 
 from core.config import to_dict
-from core.cost.profile import block_matmuls, block_optical_passes
+from core.cost.profile import block_matmuls, block_optical_passes, profile_modules
 from core.cost.workload import Workload
-from core.precision import precision_format
+from core.precision import precision_format, wire_precision
 from emulator.config import ClusterConfig
 from emulator.coordinator import Coordinator, EvalRecord, StepRecord, group_layers
 from emulator.cost.stats import predict
+from emulator.cost.trace import write_trace
 from emulator.emulated import (
     EmulatedStep,
     LayerShape,
     check_fits,
     emulate,
     measured_workload,
+)
+from emulator.groups import (
+    GroupedStep,
+    check_mixable,
+    emulate_groups,
+    group_shares,
+    node_spans,
+    stream_dtype,
 )
 from emulator.launch import launch
 from emulator.progress import StepProgress
@@ -62,6 +71,8 @@ class TrainReport:
     sparsity: dict | None = None
     #: Sparse runs: per layer, the masks (True = pruned) MemoryX held at the end.
     final_masks: list[dict[str, torch.Tensor]] | None = field(default=None, repr=False)
+    #: node_groups runs: each group's emulated step (the slowest sets the step time).
+    grouped: GroupedStep | None = field(default=None, repr=False)
 
     @property
     def final_loss(self) -> float:
@@ -98,7 +109,7 @@ class TrainReport:
                 "gradient_bytes_from_nodes": last.gradient_bytes_from_nodes,
                 "totals": self.traffic,
             },
-            "emulated": self.emulated.to_json(),
+            "emulated": self._emulated_json(),
             "memoryx": self.memoryx_json(),
             "sparsity": self.sparsity,
             "steps": [asdict(s) for s in self.steps],
@@ -121,13 +132,26 @@ class TrainReport:
             "process_peak_rss_bytes": self.traffic["memoryx_process_peak_rss_bytes"],
         }
 
+    def _emulated_json(self) -> dict:
+        if self.grouped is None:
+            return self.emulated.to_json()
+        swarmx = self.config.emulated_hardware.build().swarmx
+        power_w = (
+            sum(swarmx.nodes_per_level(self.config.num_nodes)) * swarmx.config.power_w_per_node
+        )
+        return self.grouped.to_json(swarmx_power_w=power_w)
+
     def write_trace(self, path: str) -> None:
-        """Chrome-trace JSON of one emulated step: MemoryX, each SwarmX node, each node."""
-        self.emulated.write_trace(path)
+        """Chrome-trace JSON of one emulated step: MemoryX, each SwarmX node, each node
+        (in a node_groups run, each group's nodes under the group's name)."""
+        if self.grouped is None:
+            self.emulated.write_trace(path)
+        else:
+            write_trace(self.grouped.events(), path)
 
     @property
     def _wire_bytes_per_element(self) -> int:
-        return precision_format(self.config.backend.wire_precision).bytes_per_element
+        return precision_format(wire_precision(stream_dtype(self.config))).bytes_per_element
 
 
 def prepare_layers(
@@ -145,6 +169,9 @@ def prepare_layers(
     output = check_blocks(blocks, dataset.input_example())
     dataset.check_outputs(tuple(output.shape))
     backend = backend if backend is not None else config.backend.build()
+    if len(config.groups) > 1:
+        # Node groups must agree on the layers their backends train, or the run stops here.
+        return check_mixable(config, group_layers(blocks))[0], dataset
     # A backend may re-parameterize the layers (photonic: Linear weights -> mesh phases).
     return backend.prepare_layers(group_layers(blocks)), dataset
 
@@ -257,6 +284,40 @@ def layer_shapes(layers: list[nn.Module], example: torch.Tensor) -> list[LayerSh
     return shapes
 
 
+def batch_shares(
+    config: ClusterConfig,
+    layers: list[nn.Module],
+    dataset,
+    *,
+    samples_per_step: int,
+    tokens_per_sample: int,
+    precision,
+) -> tuple[list[int], list[tuple[int, int]] | None]:
+    """Each group's samples per step, and each node's span of the batch (None: equal shards).
+
+    ``balance: throughput`` weighs the groups by their emulated speed on the model's
+    analytic workload (``wafer simulate``'s profile), before anything runs.
+    """
+    workload = None
+    if config.balance == "throughput" and len(config.groups) > 1:
+        workload = profile_modules(
+            config.model.name,
+            [(f"layer{i}", layer) for i, layer in enumerate(layers)],
+            dataset.input_example(),
+            samples_per_step=samples_per_step,
+            precision=precision,
+            tokens_per_sample=tokens_per_sample,
+        )
+    shares = group_shares(config, workload)
+    per_node = config.batch_size // config.num_nodes
+    if all(
+        share == group.num_nodes * per_node
+        for group, share in zip(config.groups, shares, strict=True)
+    ):
+        return shares, None  # equal shards, exactly as a homogeneous cluster takes them
+    return shares, node_spans(config.groups, shares)
+
+
 def train(
     config: ClusterConfig,
     *,
@@ -273,22 +334,35 @@ def train(
     tokens_per_sample = (
         1 if dataset.task == "classification" else int(dataset.train_targets.shape[1])
     )
+    # Mixed groups: MemoryX streams fp32 and SwarmX rounds it per node.
+    wire_dtype = stream_dtype(config)
     hardware = config.emulated_hardware
     engine = config.backend.engine(hardware)
     shapes = layer_shapes(layers, dataset.input_example())
     workload_args = {
         "samples_per_step": config.batch_size,
         "tokens_per_sample": tokens_per_sample,
-        "precision": config.backend.wire_precision,
+        "precision": wire_precision(wire_dtype),
     }
     # Fail before the cluster starts if the emulated hardware cannot run this at all.
     check_fits(
         config.model.name, shapes, hardware, config.num_nodes, engine=engine, **workload_args
     )
-    backend.check_layers(layers)
+    for index, group in enumerate(config.groups):
+        group_hw = config.group_hardware(group)
+        check_fits(
+            config.model.name,
+            shapes,
+            group_hw,
+            group.num_nodes,
+            engine=group.backend.engine(group_hw),
+            **workload_args,
+        )
+        (backend if index == 0 else group.backend.build()).check_layers(layers)
     check_memoryx(config, layers)
     num_layers = len(layers)
-    cluster = launch(config, layers, dataset)
+    shares, spans = batch_shares(config, layers, dataset, **workload_args)
+    cluster = launch(config, layers, dataset, spans=spans)
     if progress and sys.stderr.isatty():
         # Where an outside client finds the token (0600), the CA and the addresses. Off a
         # terminal stderr holds only progress lines: set runtime.run_dir to know the place.
@@ -298,7 +372,7 @@ def train(
             config=config,
             cluster=cluster,
             num_layers=num_layers,
-            wire_dtype=config.backend.wire_dtype,
+            wire_dtype=wire_dtype,
             task=dataset.task,
             tokens_per_sample=tokens_per_sample,
             fault=fault,
@@ -339,6 +413,17 @@ def train(
         peak_activation_bytes_per_node=max(n["peak_activation_bytes"] for n in traffic["nodes"]),
         engine=engine,
     )
+    grouped = None
+    if config.node_groups:
+        peaks = [n["peak_activation_bytes"] for n in traffic["nodes"]]
+        group_peaks, start = [], 0
+        for group in config.groups:
+            group_peaks.append(max(peaks[start : start + group.num_nodes]))
+            start += group.num_nodes
+        grouped = emulate_groups(
+            workload, config, shares, peak_activation_bytes_per_node=group_peaks
+        )
+        emulated = grouped.slowest.step
     sparsity = None
     if densities is not None:
         sparsity = sparsity_report(
@@ -347,7 +432,7 @@ def train(
             emulated,
             hardware,
             config.num_nodes,
-            wire_precision=config.backend.wire_precision,
+            wire_precision=wire_precision(wire_dtype),
         )
     return TrainReport(
         sparsity=sparsity,
@@ -362,4 +447,5 @@ def train(
         final_weights=weights,
         final_masks=coordinator.fetched_masks if config.sparsity is not None else None,
         emulated=emulated,
+        grouped=grouped,
     )

@@ -28,6 +28,7 @@ class NodeActor:
         host: str,
         num_threads: int,
         security: Security,
+        share: tuple[int, int] | None = None,
     ):
         # A shipped data set is rebuilt here; a user's data arrives loaded (never as a path).
         dataset = data if isinstance(data, Dataset) else data.build(seed=seed)
@@ -42,6 +43,7 @@ class NodeActor:
             seed=seed,
             backend=backend.build(),
             max_eval_samples=max_eval_samples,
+            share=share,
         )
         self.servicer = ComputeNodeServicer(
             worker, name=f"node-{rank}", security=security, chunk_bytes=chunk_bytes

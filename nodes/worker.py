@@ -61,7 +61,10 @@ class NodeWorker:
         seed: int,
         backend: Backend,
         max_eval_samples: int | None = None,
+        share: tuple[int, int] | None = None,
     ):
+        """``share`` is the span (start, stop) of the global batch this node trains on;
+        None: the equal shard ``rank`` of ``num_nodes``."""
         assert 0 <= rank < num_nodes
         self.rank = rank
         self.num_nodes = num_nodes
@@ -71,6 +74,8 @@ class NodeWorker:
         self.seed = seed
         self.backend = backend
         self.sampler = BatchSampler(dataset.num_train, batch_size, seed=seed)
+        self.batch_size = batch_size
+        self.share = share
         num_eval = (
             len(dataset.test_inputs)
             if max_eval_samples is None
@@ -140,7 +145,10 @@ class NodeWorker:
     def forward(self, layer: int, step: int, params: dict[str, Tensor]) -> LayerResult:
         if layer == 0:
             self._reset(step)
-            index = self.sampler.shard(step, self.rank, self.num_nodes)
+            if self.share is None:
+                index = self.sampler.shard(step, self.rank, self.num_nodes)
+            else:
+                index = self.sampler.span(step, *self.share)
             x = self.dataset.train_inputs[index]
             self._targets = self.dataset.train_targets[index]
         else:
@@ -197,8 +205,11 @@ class NodeWorker:
         assert self._logits is not None and self._targets is not None
         task = self.dataset.task
         # Every node divides by the *global* number of targets, so the sum over
-        # nodes that SwarmX forms is the gradient of the global mean loss.
-        global_targets = num_targets(task, self._targets) * self.num_nodes
+        # nodes that SwarmX forms is the gradient of the global mean loss. Every sample
+        # has the same number of targets, so that count is exact for unequal shares too
+        # (and the same integer as with equal shards: results stay bitwise equal).
+        targets_per_sample = num_targets(task, self._targets) // len(self._targets)
+        global_targets = targets_per_sample * self.batch_size
         logits = self._logits.detach().requires_grad_()
         with torch.enable_grad():
             loss = loss_sum(task, logits, self._targets) / global_targets

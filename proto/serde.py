@@ -20,6 +20,7 @@ receiver holds the mask). ``tensor_bytes`` is then the payload size.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -73,6 +74,49 @@ def _raw_bytes(tensor: torch.Tensor) -> memoryview:
         # numpy has no bfloat16; the bytes are the same through an int16 view.
         flat = flat.view(torch.int16)
     return memoryview(flat.numpy()).cast("B")
+
+
+def _from_raw(data: bytes | memoryview, dtype: str) -> torch.Tensor:
+    wire = WIRE_DTYPES[dtype]
+    if wire == torch.bfloat16:
+        return torch.frombuffer(bytearray(data), dtype=torch.int16).view(torch.bfloat16)
+    return torch.frombuffer(bytearray(data), dtype=wire)
+
+
+def wider_dtype(dtypes: Sequence[str]) -> str:
+    """The one wire dtype from which every dtype in ``dtypes`` is one rounding away."""
+    unique = set(dtypes)
+    return unique.pop() if len(unique) == 1 else "float32"
+
+
+def recast_header(header: Header, source: str, target: str) -> Header:
+    """``header`` of a dense stream in ``source`` dtype, for the same stream in ``target``."""
+    ratio_num, ratio_den = WIRE_DTYPES[target].itemsize, WIRE_DTYPES[source].itemsize
+    return dataclasses.replace(header, total_bytes=header.total_bytes * ratio_num // ratio_den)
+
+
+def recast_chunk(chunk: Chunk, target: str) -> Chunk:
+    """A dense chunk's values rounded to ``target`` (a heterogeneous cluster's narrower node).
+
+    Rounding fp32 once to ``target`` is what MemoryX would have sent that node itself, so
+    the node sees the same bytes as in a cluster of its own kind.
+    """
+    if chunk.dtype == target:
+        return chunk
+    if chunk.encoding not in DENSE:
+        raise WireError(
+            f"a {chunk.encoding} chunk of {chunk.name!r} cannot be recast to {target}; "
+            "sparse streams travel in one dtype"
+        )
+    source_size, target_size = WIRE_DTYPES[chunk.dtype].itemsize, WIRE_DTYPES[target].itemsize
+    values = _from_raw(chunk.data, chunk.dtype).to(WIRE_DTYPES[target])
+    return dataclasses.replace(
+        chunk,
+        dtype=target,
+        offset=chunk.offset * target_size // source_size,
+        tensor_bytes=chunk.tensor_bytes * target_size // source_size,
+        data=bytes(_raw_bytes(values)),
+    )
 
 
 def layer_header(

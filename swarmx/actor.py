@@ -17,9 +17,21 @@ class SwarmXActor:
         return self.address
 
     def connect(
-        self, *, children: dict[str, str], parent: str | None, memoryx: str | dict[int, str] | None
+        self,
+        *,
+        children: dict[str, str],
+        parent: str | None,
+        memoryx: str | dict[int, str] | None,
+        child_dtypes: dict[str, str] | None = None,
+        dtype: str | None = None,
     ) -> None:
-        self.servicer.connect(children=children, parent=parent, memoryx=memoryx)
+        self.servicer.connect(
+            children=children,
+            parent=parent,
+            memoryx=memoryx,
+            child_dtypes=child_dtypes,
+            dtype=dtype,
+        )
 
     def stop(self) -> None:
         self.server.stop(grace=None)

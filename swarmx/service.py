@@ -30,7 +30,14 @@ from proto.messages import (
     weights_request_to_wire,
 )
 from proto.rpc import Security, StepConflict, channel, rpc_errors
-from proto.serde import WireError, from_wire, from_wire_stream, to_wire
+from proto.serde import (
+    WireError,
+    from_wire,
+    from_wire_stream,
+    recast_chunk,
+    recast_header,
+    to_wire,
+)
 from swarmx.reduce import ChunkReduction
 
 _END = object()
@@ -110,6 +117,9 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
         self._down: dict[str, _LinkCounter] = {}
         self._up = _LinkCounter()
         self._reduced_in = 0
+        #: Wire dtype of each child's subtree where it differs from what arrives (mixed groups).
+        self._recast: list[str | None] = []
+        self._dtype: str | None = None
 
     def connect(
         self,
@@ -117,11 +127,15 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
         children: dict[str, str],
         parent: str | None,
         memoryx: str | dict[int, str] | None,
+        child_dtypes: dict[str, str] | None = None,
+        dtype: str | None = None,
     ) -> None:
         """Wire this node into the tree: children by name -> address, and one upstream.
 
         ``memoryx`` (root only) is one server's address, or the servers of a sharded
         MemoryX by the first layer each holds: each layer goes to the server that owns it.
+        A heterogeneous cluster gives ``dtype``, the weights' dtype arriving here, and
+        ``child_dtypes``, what each child takes: weights are rounded per child on the way.
         """
         assert (parent is None) != (memoryx is None), "exactly one upstream: a parent or MemoryX"
         self.children = tuple(children)
@@ -135,6 +149,38 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
             for first, a in sorted(servers.items())
         ]
         self._down = {c: _LinkCounter() for c in self.children}
+        self._dtype = dtype
+        self._recast = [
+            None
+            if dtype is None or (child_dtypes or {}).get(c, dtype) == dtype
+            else child_dtypes[c]
+            for c in self.children
+        ]
+
+    def _per_child(self, message: pb.LayerMessage, item: StreamItem) -> list[pb.LayerMessage]:
+        """``message`` as each child takes it: as it came, or its weights rounded."""
+        if not any(self._recast):
+            return [message] * len(self._recast)
+        converted: dict[str, pb.LayerMessage] = {}
+        out = []
+        for target in self._recast:
+            if target is None:
+                out.append(message)
+                continue
+            if target not in converted:
+                if isinstance(item, Header):
+                    recast = recast_header(item, self._dtype, target)
+                elif isinstance(item, Chunk):
+                    if item.dtype != self._dtype:
+                        raise WireError(
+                            f"{self.name} expects weights in {self._dtype}, got {item.dtype}"
+                        )
+                    recast = recast_chunk(item, target)
+                else:
+                    recast = item
+                converted[target] = to_wire(recast)
+            out.append(converted[target])
+        return out
 
     # -- broadcast ---------------------------------------------------------
     def _broadcast(
@@ -165,16 +211,18 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
                     if not isinstance(item, Header):
                         raise WireError("a layer stream must start with a header")
                     header = item
-                elif isinstance(item, Chunk):
-                    size = len(item.data)
-                    for counter in self._down.values():
-                        counter.payload_bytes += size
+                outgoing = self._per_child(message, item)
+                if isinstance(item, Chunk):
+                    for counter, out in zip(self._down.values(), outgoing, strict=True):
+                        counter.payload_bytes += (
+                            len(item.data) if out is message else len(out.chunk.data)
+                        )
                         counter.num_chunks += 1
                 culprit = next(
                     (
                         call
-                        for q, call in zip(queues, calls, strict=True)
-                        if not _put(q, call, message)
+                        for q, call, out in zip(queues, calls, outgoing, strict=True)
+                        if not _put(q, call, out)
                     ),
                     None,
                 )

@@ -61,3 +61,16 @@ class BatchSampler:
             )
         shard_size = self.batch_size // num_nodes
         return self.global_batch(step)[rank * shard_size : (rank + 1) * shard_size]
+
+    def span(self, step: int, start: int, stop: int) -> Tensor:
+        """Samples ``start:stop`` of ``global_batch(step)``: a node's share when shares differ.
+
+        A heterogeneous cluster gives its nodes unequal shares (``balance: throughput``);
+        the shares tile the global batch, so every sample is still trained once per step.
+        """
+        if not 0 <= start < stop <= self.batch_size:
+            raise ValueError(
+                f"share {start}:{stop} must be a non-empty span of the {self.batch_size} samples "
+                "of the global batch."
+            )
+        return self.global_batch(step)[start:stop]

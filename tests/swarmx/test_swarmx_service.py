@@ -207,6 +207,40 @@ def test_run_layer_broadcasts_identical_bytes_to_every_child(tree, dtype):
     assert tree.memoryx.traffic.egress_bytes == 2 * layer_bytes  # RunLayer + the direct read
 
 
+def test_mixed_children_each_get_their_own_dtype(servers):
+    """A heterogeneous cluster: fp32 from MemoryX, rounded per child on the way down."""
+    _, memoryx_address = servers.memoryx()
+    wanted = {"node-0": "float16", "node-1": "float32", "node-2": "bfloat16"}
+    sinks, addresses = {}, {}
+    for name in wanted:
+        sinks[name], addresses[name] = servers.sink(name)
+    root, root_address = servers.swarmx("swarmx-0-0")
+    root.connect(
+        children=addresses,
+        parent=None,
+        memoryx=memoryx_address,
+        child_dtypes=wanted,
+        dtype="float32",
+    )
+    stub = sgrpc.SwarmXStub(channel(root_address, SECURITY))
+    ack = _run_layer(stub, layer=1, dtype="float32")
+    layer = _model()[1]
+    assert ack.bytes_to_nodes == _nbytes(layer, 2) + _nbytes(layer, 4) + _nbytes(layer, 2)
+    for name, dtype in wanted.items():
+        stream = sinks[name].streams[0]
+        assert stream[0].header.total_bytes == _nbytes(layer, 2 if dtype != "float32" else 4)
+        decoded = decode_layer(stream, Expected(1, 0, pb.FORWARD, layout_of(layer), dtype))
+        for tensor_name, tensor in layer.items():
+            # Bitwise what MemoryX sends a node of that dtype on its own.
+            assert torch.equal(decoded[tensor_name], tensor.to(getattr(torch, dtype)))
+    stats = stub.Stats(pb.Empty(), timeout=TIMEOUT_S)
+    assert [d.payload_bytes for d in stats.down] == [
+        _nbytes(layer, 2),
+        _nbytes(layer, 4),
+        _nbytes(layer, 2),
+    ]
+
+
 def test_two_level_tree_reaches_every_leaf(servers):
     _, memoryx_address = servers.memoryx()
     root, root_address = servers.swarmx("swarmx-1-0")

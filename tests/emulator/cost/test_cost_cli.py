@@ -187,3 +187,28 @@ def test_simulate_sparsity_writes_json_and_plot(tmp_path: Path, capsys):
     assert points[0]["speedup"] == 1.0 and points[2]["speedup"] > points[1]["speedup"] > 1.0
     assert points[2]["bytes_per_step"] < points[0]["bytes_per_step"]
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_simulate_node_groups_shows_each_group_and_the_slowest_sets_the_step(
+    tmp_path: Path, capsys
+):
+    out_json = tmp_path / "groups.json"
+    argv = ["simulate", "--model", "gpt3-1.3b", "--node-groups", "cs2:2,cs2@cs3:2"]
+    assert main([*argv, "--json", str(out_json)]) == 0
+    assert "2 x cs2" in capsys.readouterr().out
+    equal = json.loads(out_json.read_text())
+    assert [g["hardware"] for g in equal["groups"]] == ["cs2", "cs3"]
+    assert [g["batch_share"] for g in equal["groups"]] == [256, 256]
+    assert equal["step_time_s"] == max(g["node_time_s"] for g in equal["groups"])
+    assert main([*argv, "--balance", "throughput", "--json", str(out_json)]) == 0
+    weighed = json.loads(out_json.read_text())
+    shares = [g["batch_share"] for g in weighed["groups"]]
+    # The CS-3 group is faster, so it takes more of the batch and the step gets shorter.
+    assert sum(shares) == 512 and shares[1] > shares[0]
+    assert weighed["step_time_s"] < equal["step_time_s"]
+    assert max(g["idle_s"] for g in weighed["groups"]) < max(g["idle_s"] for g in equal["groups"])
+
+
+def test_simulate_refuses_a_bad_group_with_the_field(capsys):
+    assert main(["simulate", "--model", "mlp-digits", "--node-groups", "cs2:2,pcm:0"]) == 2
+    assert "node_groups[1].num_nodes" in capsys.readouterr().err
