@@ -71,9 +71,11 @@ def check_batch(config: ClusterConfig, num_train: int) -> None:
         if largest
         else f"use fewer nodes than the {num_train} samples"
     )
+    data = config.data_config
+    source = f"data.path {data.path!r}" if data.path is not None else f"data set {data.name!r}"
     raise ValueError(
-        f"batch_size = {config.batch_size} is larger than the training set: data set "
-        f"{config.data_config.name!r} has {num_train} training samples; {advice}."
+        f"batch_size = {config.batch_size} is larger than the training set: {source} has "
+        f"{num_train} training samples; {advice}."
     )
 
 
