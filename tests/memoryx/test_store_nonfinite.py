@@ -13,7 +13,7 @@ from memoryx.service import MemoryXServicer, register
 from memoryx.store import NonFiniteUpdate, ParameterStore
 from proto import memoryx_pb2_grpc as mgrpc
 from proto import tensor_pb2 as pb
-from proto.rpc import NONFINITE_STATUS, channel, start_server
+from proto.rpc import NONFINITE_STATUS, Security, channel, start_server
 from proto.serde import encode_layer
 
 NUM_LAYERS = 3
@@ -127,9 +127,10 @@ def test_skip_policy_when_the_first_layer_of_the_backward_pass_is_bad():
 def test_service_maps_the_policy_to_status_and_stats(nonfinite):
     optimizer = Optimizer.Config(name="sgd", lr=0.1, momentum=0.0, nonfinite=nonfinite).build()
     servicer = MemoryXServicer(optimizer)
-    server, address = start_server(lambda s: register(s, servicer), "127.0.0.1")
+    security = Security.generate()
+    server, address = start_server(lambda s: register(s, servicer), "127.0.0.1", security=security)
     try:
-        stub = mgrpc.MemoryXStub(channel(address))
+        stub = mgrpc.MemoryXStub(channel(address, security))
         layers = _layers()
 
         def load():
