@@ -10,7 +10,10 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
 
 T = TypeVar("T")
 
@@ -86,6 +89,8 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ValueError(f"{path} must be a number, got {value!r}.")
+        if value != value:  # NaN: no setting means "not a number"
+            raise ValueError(f"{path} = nan is not valid; give a number.")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -100,6 +105,73 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             raise ValueError(f"{path} must be a string, got {value!r}.")
         return value
     return value
+
+
+def load_yaml(path: str | Path, what: str = "config file") -> Any:
+    """The YAML document at ``path``, or a one-paragraph ``ValueError`` naming the file.
+
+    Refuses a directory, a missing or unreadable file, text that is not UTF-8,
+    malformed YAML (with its line and column) and a key given twice in one
+    mapping (YAML keeps the last silently; here it names the dotted key).
+    """
+    name = repr(str(path))
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {name} is a directory; give the path of a YAML file.")
+    if not path.exists():
+        raise ValueError(f"{what} {name} does not exist.")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{what} {name} cannot be read: {exc.strerror}.") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        before = data[: exc.start]
+        line, column = before.count(b"\n") + 1, exc.start - before.rfind(b"\n")
+        raise ValueError(
+            f"{what} {name} is not UTF-8 text (byte {data[exc.start]:#04x} at line {line}, "
+            f"column {column}); save it as UTF-8."
+        ) from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_unique_keys(node, "", what, name)
+        return loader.construct_document(node)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        reason = " ".join(p for p in (exc.context, exc.problem) if p)
+        raise ValueError(f"{what} {name} is not valid YAML{where}: {reason}.") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(
+            f"{what} {name} is not valid YAML: {' '.join(str(exc).split())}."
+        ) from None
+    finally:
+        loader.dispose()
+
+
+def _check_unique_keys(node: yaml.Node, path: str, what: str, name: str) -> None:
+    if isinstance(node, yaml.MappingNode):
+        first_line: dict[tuple[str, str], int] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            dotted = f"{path}.{key}" if path else str(key)
+            if key is not None and key != "<<":
+                line = key_node.start_mark.line + 1
+                seen = first_line.get((key_node.tag, key))
+                if seen is not None:
+                    raise ValueError(
+                        f"{what} {name} sets {dotted} twice (lines {seen} and {line}); "
+                        "YAML would keep only the last one, so remove one of them."
+                    )
+                first_line[(key_node.tag, key)] = line
+            _check_unique_keys(value_node, dotted, what, name)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _check_unique_keys(item, f"{path}[{index}]", what, name)
 
 
 def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
@@ -157,4 +229,4 @@ def to_dict(config: Any) -> Any:
     return config
 
 
-__all__ = ["doc", "field_docs", "from_dict", "replace_path", "to_dict", "_type_name"]
+__all__ = ["doc", "field_docs", "from_dict", "load_yaml", "replace_path", "to_dict", "_type_name"]

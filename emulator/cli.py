@@ -128,23 +128,38 @@ def _check_seq_len_flag(args: argparse.Namespace, config) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from emulator.stopping import RunStopped, StopSignals, resume_command
     from emulator.train import train
 
     config = load_config(args.config, _overrides(args))
     _check_seq_len_flag(args, config)
-    report = train(config, progress=not args.quiet)
+    with StopSignals() as stop:
+        try:
+            report = train(config, progress=not args.quiet, stop=stop)
+        except RunStopped as stopped:
+            # The steps done are reported as a finished run's would be.
+            _write_report(args, stopped.report)
+            print(f"wafer train: stopped: {stopped}", file=sys.stderr)
+            if stopped.checkpoint is not None:
+                command = resume_command(args.argv, stopped.checkpoint, stopped.steps_left)
+                print(f"wafer train: wrote {stopped.checkpoint}; resume with:\n  {command}")
+            return stopped.exit_status
+    _write_report(args, report)
+    return 0
+
+
+def _write_report(args: argparse.Namespace, report) -> None:
     result = report.to_json()
     print(summary(result))
     if args.json:
         write_json_atomic(args.json, result)
         print(f"wrote {args.json}")
-    if args.trace:
+    if args.trace and report.emulated is not None:
         report.write_trace(args.trace)
         print(
             f"wrote {args.trace} (one emulated step); open it in https://ui.perfetto.dev "
             "or chrome://tracing"
         )
-    return 0
 
 
 def _emulated_rows(emulated: dict) -> list[tuple[str, str]]:
@@ -224,6 +239,20 @@ def _sparsity_rows(sparsity: dict | None) -> list[tuple[str, str]]:
     ]
 
 
+def _bytes(value: int | None) -> str:
+    return human_bytes(value) if value is not None else "-"
+
+
+def _stop_rows(result: dict) -> list[tuple[str, str]]:
+    rows = []
+    if result["num_skipped_steps"]:
+        rows.append(("skipped steps (NaN/Inf)", str(result["num_skipped_steps"])))
+    stopped = result["stopped"]
+    if stopped is not None:
+        rows.append(("STOPPED", f"{stopped['reason']} after {stopped['num_steps_done']} steps"))
+    return rows
+
+
 def summary(result: dict) -> str:
     cfg = result["config"]
     traffic = result["traffic"]
@@ -235,20 +264,29 @@ def summary(result: dict) -> str:
         ),
         ("cluster", _cluster_text(cfg)),
         ("steps", f"{len(result['steps'])} x global batch {cfg['batch_size']}"),
-        ("final train loss", f"{result['final_loss']:.4f}"),
+        *_stop_rows(result),
+        (
+            "final train loss",
+            f"{result['final_loss']:.4f}" if result["final_loss"] is not None else "-",
+        ),
         ("eval loss", f"{ev['loss']:.4f}" if ev else "-"),
         (
             "eval accuracy",
             f"{100 * ev['accuracy']:.2f}%" if ev.get("accuracy") is not None else "-",
         ),
-        ("MemoryX egress / step", human_bytes(traffic["memoryx_egress_bytes"])),
-        ("MemoryX ingress / step", human_bytes(traffic["memoryx_ingress_bytes"])),
-        ("delivered to nodes / step", human_bytes(traffic["bytes_delivered_to_nodes"])),
+        ("MemoryX egress / step", _bytes(traffic["memoryx_egress_bytes"])),
+        ("MemoryX ingress / step", _bytes(traffic["memoryx_ingress_bytes"])),
+        ("delivered to nodes / step", _bytes(traffic["bytes_delivered_to_nodes"])),
         (
             "wall time",
-            f"{result['wall_time_s']:.1f} s ({1000 * result['step_wall_time_s']:.1f} ms/step)",
+            f"{result['wall_time_s']:.1f} s"
+            + (
+                f" ({1000 * result['step_wall_time_s']:.1f} ms/step)"
+                if result["step_wall_time_s"] is not None
+                else ""
+            ),
         ),
-        *_emulated_rows(result["emulated"]),
+        *(_emulated_rows(result["emulated"]) if result["emulated"] is not None else []),
         *_sparsity_rows(result.get("sparsity")),
     ]
     return format_table(["", ""], rows, title="wafer train: summary", align="ll")
@@ -268,16 +306,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     # As under `python -m`, a user's module:factory (model or data) may sit in the working
     # directory; the console script alone would not look there.
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+    args.argv = argv  # to print the command that resumes a stopped run
     try:
         return args.func(args)
     except ValueError as exc:
         print(f"wafer {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before a run started (or another command): nothing to save
+        print(f"wafer {args.command}: interrupted.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

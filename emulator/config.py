@@ -10,9 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from core.config import doc, from_dict
+from core.config import doc, from_dict, load_yaml
 from core.cost.hardware import Hardware
 from core.data import DataConfig
 from core.presets import load_hardware
@@ -393,13 +391,7 @@ def load_config(
     """Read YAML at ``path`` (if any), apply ``overrides`` (dotted keys), validate."""
     raw: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config file {str(path)!r} does not exist.")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ValueError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+        loaded = load_yaml(path)
         if loaded is not None and not isinstance(loaded, dict):
             raise ValueError(
                 f"config file {str(path)!r} must hold a mapping of config keys at the top level."

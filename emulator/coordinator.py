@@ -34,6 +34,7 @@ from proto.clients import (
     wire_bytes,
 )
 from proto.domain import CheckpointInfo, LayerAck, LayerRequest, Phase
+from proto.rpc import NONFINITE_STATUS
 
 
 def group_layers(blocks: list[nn.Module]) -> list[nn.Module]:
@@ -75,6 +76,8 @@ class StepRecord:
     #: Disk tier traffic of all MemoryX servers in this step (0 when the state is in RAM).
     memoryx_disk_read_bytes: int = 0
     memoryx_disk_written_bytes: int = 0
+    #: MemoryX refused a NaN/Inf update and skipped the step (optimizer.nonfinite = skip).
+    skipped: bool = False
 
 
 @dataclass
@@ -165,6 +168,8 @@ class Coordinator:
                 last, acks = self._attempt(step)
                 break
             except (RpcError, StepFault) as exc:
+                if isinstance(exc, RpcError) and exc.code() == NONFINITE_STATUS:
+                    raise NonFiniteError(exc.details()) from None  # a re-run computes the same
                 if attempt > self.config.runtime.max_step_retries:
                     raise
                 self.last_error = exc
@@ -183,6 +188,7 @@ class Coordinator:
             num_attempts=attempt,
             memoryx_disk_read_bytes=after.disk_read_bytes - before.disk_read_bytes,
             memoryx_disk_written_bytes=after.disk_written_bytes - before.disk_written_bytes,
+            skipped=after.num_skipped_steps > before.num_skipped_steps,
         )
         self.steps.append(record)
         self.measured = [_measurement(a) for a in acks]
@@ -291,3 +297,7 @@ def _measurement(ack: LayerAck) -> PassMeasurement:
 
 class StepFault(Exception):
     """Raised by a ``Coordinator.fault`` hook to simulate a failure mid-step."""
+
+
+class NonFiniteError(Exception):
+    """MemoryX refused a NaN/Inf update (optimizer.nonfinite = error); the message names layer and step."""

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -46,6 +47,77 @@ from swarmx.tree import TreeNode, node_name
 _ACTOR_OPTIONS = {"num_cpus": 0, "max_concurrency": 4}
 
 
+# A GCS (or Ray client server) on a reachable host answers a TCP connect in milliseconds.
+_CONNECT_TIMEOUT_S = 2.0
+_DEFAULT_PORTS = {"ray://": 10001, "": 6379}  # Ray client server, GCS
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` that ``ray.init(address)`` will connect to; None when Ray finds it itself."""
+    if address in ("auto", "local"):
+        address = os.environ.get("RAY_ADDRESS", "") if address == "auto" else ""
+        if not address or address in ("auto", "local"):
+            return None
+    scheme = "ray://" if address.startswith("ray://") else ""
+    rest = address[len(scheme) :].split("/", 1)[0]
+    host, sep, port = rest.rpartition(":")
+    if not sep or "]" in port:  # no port (an IPv6 literal's colons end in "]")
+        host, port = rest, str(_DEFAULT_PORTS[scheme])
+    if not port.isdigit():
+        raise ValueError(
+            f"runtime.address = {address!r} is not a Ray address; use HOST:PORT, "
+            "ray://HOST:PORT or 'auto'."
+        )
+    return host.strip("[]"), int(port)
+
+
+def check_address(address: str | None) -> None:
+    """ValueError in at most a few seconds if nothing listens at the Ray address.
+
+    ``ray.init`` retries an unreachable address for tens of seconds and logs a
+    warning on each try; a plain TCP connect to the same port answers at once.
+    """
+    target = None if address is None else _host_port(address)
+    if target is None:
+        return
+    host, port = target
+    try:
+        with socket.create_connection((host, port), timeout=_CONNECT_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        reason = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
+        raise ValueError(
+            f"runtime.address = {address!r}: nothing answers at {host}:{port} ({reason}). "
+            f"Start a Ray cluster there (`ray start --head --port={port}`) and pass the address "
+            "it prints (e.g. 'auto' or 'HOST:6379'), or leave the address unset to start a "
+            "local Ray instance."
+        ) from None
+
+
+def check_bind_host(runtime: RuntimeConfig) -> None:
+    """ValueError unless this machine can bind ``runtime.bind_host`` (local runs only).
+
+    On a Ray cluster (``runtime.address`` set) the services bind on other
+    machines, so only those machines could tell.
+    """
+    host = runtime.bind_host
+    if host is None or runtime.address not in (None, "local"):
+        return
+    try:
+        for family, kind, proto, _, sockaddr in socket.getaddrinfo(
+            host, 0, type=socket.SOCK_STREAM
+        ):
+            with socket.socket(family, kind, proto) as probe:
+                probe.bind(sockaddr[:2] if family == socket.AF_INET else sockaddr)
+            return
+    except OSError as exc:
+        raise ValueError(
+            f"runtime.bind_host = {host!r} is not an address of this machine "
+            f"({exc.strerror or exc}); leave it unset (127.0.0.1), or use 0.0.0.0 or one of "
+            "this machine's own addresses."
+        ) from None
+
+
 def ensure_ray(address: str | None, *, verbose: bool = False) -> None:
     """Start (or join) Ray; its warnings reach the user's output only when ``verbose``."""
     if ray.is_initialized():
@@ -55,6 +127,8 @@ def ensure_ray(address: str | None, *, verbose: bool = False) -> None:
     # machine, not the run; the actors' own output goes to Ray's log files.
     level = logging.WARNING if verbose else logging.ERROR
     if address is None:
+        # Ray starts its processes with SIGINT blocked: a terminal's Ctrl-C (sent to the whole
+        # process group) reaches only this driver, which stops the run and then the actors.
         ray.init(
             address="local",
             # Ray advertises loopback; its processes still listen on every interface

@@ -12,6 +12,7 @@ what the emulator accepts).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import statistics
@@ -29,7 +30,13 @@ from core.cost.profile import block_matmuls, block_optical_passes, profile_modul
 from core.cost.workload import Workload
 from core.precision import precision_format, wire_precision
 from emulator.config import ClusterConfig
-from emulator.coordinator import Coordinator, EvalRecord, StepRecord, group_layers
+from emulator.coordinator import (
+    Coordinator,
+    EvalRecord,
+    NonFiniteError,
+    StepRecord,
+    group_layers,
+)
 from emulator.cost.stats import predict
 from emulator.cost.trace import write_trace
 from emulator.emulated import (
@@ -48,10 +55,13 @@ from emulator.groups import (
     stream_dtype,
 )
 from emulator.launch import launch
+from emulator.preflight import check_batch, check_before_launch
 from emulator.progress import StepProgress
+from emulator.stopping import ERROR_EXIT_STATUS, RunStopped, StopSignals
 from emulator.zoo import check_blocks, model_blocks, model_positions
 from memoryx.config import partition
 from nodes.backend import Backend
+from proto.clients import RpcError
 
 
 @dataclass
@@ -63,24 +73,32 @@ class TrainReport:
     steps: list[StepRecord]
     evals: list[EvalRecord]
     wall_time_s: float
-    traffic: dict
-    final_weights: list[dict[str, torch.Tensor]] = field(repr=False)
-    #: The measured step on the emulated hardware (config.hardware).
-    emulated: EmulatedStep = field(repr=False)
+    #: None when a run stopped at once (mid-step) and could not ask its actors.
+    traffic: dict | None
+    #: None when the run stopped early (see ``stopped``).
+    final_weights: list[dict[str, torch.Tensor]] | None = field(repr=False)
+    #: The measured step on the emulated hardware (config.hardware); None before any step.
+    emulated: EmulatedStep | None = field(repr=False)
     #: Sparse runs: weight densities and the emulated step against the same model dense.
     sparsity: dict | None = None
     #: Sparse runs: per layer, the masks (True = pruned) MemoryX held at the end.
     final_masks: list[dict[str, torch.Tensor]] | None = field(default=None, repr=False)
     #: node_groups runs: each group's emulated step (the slowest sets the step time).
     grouped: GroupedStep | None = field(default=None, repr=False)
+    #: A run that ended early: why, after how many steps, and its checkpoint (None: it finished).
+    stopped: dict | None = None
 
     @property
-    def final_loss(self) -> float:
-        return self.steps[-1].loss
+    def final_loss(self) -> float | None:
+        return self.steps[-1].loss if self.steps else None
 
     def to_json(self) -> dict:
-        last = self.steps[-1]
+        last = self.steps[-1] if self.steps else None
         final_eval = self.evals[-1] if self.evals else None
+
+        def per_step(name: str) -> int | None:
+            return getattr(last, name) if last is not None else None
+
         return {
             "config": to_dict(self.config),
             "model": {
@@ -95,22 +113,29 @@ class TrainReport:
             # Median after the first step: step 0 pays for connections and FLOP counting.
             "step_wall_time_s": statistics.median(
                 s.wall_time_s for s in self.steps[1:] or self.steps
-            ),
+            )
+            if self.steps
+            else None,
+            # Steps MemoryX skipped for NaN/Inf values (optimizer.nonfinite = skip).
+            "num_skipped_steps": sum(s.skipped for s in self.steps),
+            "stopped": self.stopped,
             "traffic": {
                 # Per training step (every step moves the same bytes; the last is reported).
-                "memoryx_egress_bytes": last.memoryx_egress_bytes,
-                "memoryx_ingress_bytes": last.memoryx_ingress_bytes,
+                "memoryx_egress_bytes": per_step("memoryx_egress_bytes"),
+                "memoryx_ingress_bytes": per_step("memoryx_ingress_bytes"),
                 "weight_bytes_per_pass": self.num_params * self._wire_bytes_per_element,
                 "gradient_bytes_per_pass": self.num_params * 4,
                 # DFA's backward pass streams no weights.
                 "num_passes_streamed": 2 if self.config.backend.needs_weights_in_backward else 1,
-                "bytes_delivered_to_nodes": last.bytes_to_nodes,
-                "bytes_delivered_per_node": last.bytes_to_nodes // self.config.num_nodes,
-                "gradient_bytes_from_nodes": last.gradient_bytes_from_nodes,
+                "bytes_delivered_to_nodes": per_step("bytes_to_nodes"),
+                "bytes_delivered_per_node": last.bytes_to_nodes // self.config.num_nodes
+                if last is not None
+                else None,
+                "gradient_bytes_from_nodes": per_step("gradient_bytes_from_nodes"),
                 "totals": self.traffic,
             },
-            "emulated": self._emulated_json(),
-            "memoryx": self.memoryx_json(),
+            "emulated": self._emulated_json() if self.emulated is not None else None,
+            "memoryx": self.memoryx_json() if self.traffic is not None and self.steps else None,
             "sparsity": self.sparsity,
             "steps": [asdict(s) for s in self.steps],
             "evals": [asdict(e) for e in self.evals],
@@ -144,6 +169,8 @@ class TrainReport:
     def write_trace(self, path: str) -> None:
         """Chrome-trace JSON of one emulated step: MemoryX, each SwarmX node, each node
         (in a node_groups run, each group's nodes under the group's name)."""
+        if self.emulated is None:
+            raise ValueError("the run stopped before its first step: there is no step to trace.")
         if self.grouped is None:
             self.emulated.write_trace(path)
         else:
@@ -168,6 +195,7 @@ def prepare_layers(
     dataset.check_positions(model_positions(module))
     output = check_blocks(blocks, dataset.input_example())
     dataset.check_outputs(tuple(output.shape))
+    check_batch(config, dataset.num_train)
     backend = backend if backend is not None else config.backend.build()
     if len(config.groups) > 1:
         # Node groups must agree on the layers their backends train, or the run stops here.
@@ -324,8 +352,17 @@ def train(
     model: nn.Module | None = None,
     progress: bool = True,
     fault: Callable[[int, int, str], None] | None = None,
+    stop: StopSignals | None = None,
 ) -> TrainReport:
+    """Run ``config``; raises ``RunStopped`` with the partial report if the run ends early.
+
+    It ends early on a NaN/Inf update with ``optimizer.nonfinite = error``, on
+    KeyboardInterrupt, and when ``stop`` (the CLI's signal handlers) asks: at
+    the next step boundary, after which MemoryX's state is saved as a
+    checkpoint (``save_checkpoint``, else ``wafer-step<N>.ckpt`` here).
+    """
     started = time.perf_counter()
+    check_before_launch(config)
     # Built once: the driver's copy prepares and checks the layers; facts come from its config.
     backend = config.backend.build()
     layers, dataset = prepare_layers(config, model, backend)
@@ -367,6 +404,12 @@ def train(
         # Where an outside client finds the token (0600), the CA and the addresses. Off a
         # terminal stderr holds only progress lines: set runtime.run_dir to know the place.
         print(f"wafer: run directory {cluster.run_dir}", file=sys.stderr)
+    if stop is not None:
+        stop.install()  # ray.init replaced the SIGTERM handler with its own
+    evals: list[EvalRecord] = []
+    weights = traffic = densities = None
+    coordinator: Coordinator | None = None
+    halt: _Halt | None = None
     try:
         coordinator = Coordinator(
             config=config,
@@ -377,75 +420,155 @@ def train(
             tokens_per_sample=tokens_per_sample,
             fault=fault,
         )
-        if config.resume is None:
-            coordinator.load_weights(layers)
-        # MemoryX holds the weights now; a model beyond RAM must not stay here as well.
-        del layers
-        first = coordinator.start_step
-        evals: list[EvalRecord] = []
-        bar = StepProgress(range(first, first + config.num_steps), enabled=progress)
-        for step in bar:
-            record = coordinator.train_step(step)
-            bar.set_loss(record.loss)
-            if (
-                config.eval_every
-                and (step + 1 - first) % config.eval_every == 0
-                and step + 1 < first + config.num_steps
-            ):
-                evals.append(coordinator.evaluate(step + 1))
-        final_step = first + config.num_steps
-        evals.append(coordinator.evaluate(final_step))
-        weights = coordinator.fetch_weights(final_step)
-        if config.save_checkpoint:
-            coordinator.save_checkpoint(os.path.abspath(config.save_checkpoint))
-        traffic = coordinator.traffic()
-        densities = coordinator.weight_densities() if config.sparsity is not None else None
+        try:
+            if config.resume is None:
+                coordinator.load_weights(layers)
+            # MemoryX holds the weights now; a model beyond RAM must not stay here as well.
+            del layers
+            first = coordinator.start_step
+            halt = _run_steps(config, coordinator, first, evals, progress, stop)
+            if halt is None:
+                final_step = first + config.num_steps
+                evals.append(coordinator.evaluate(final_step))
+                weights = coordinator.fetch_weights(final_step)
+                if config.save_checkpoint:
+                    coordinator.save_checkpoint(os.path.abspath(config.save_checkpoint))
+            elif halt.checkpoint_wanted and coordinator.steps:
+                halt.checkpoint = _save_on_stop(config, coordinator, first)
+            traffic = coordinator.traffic()
+            densities = coordinator.weight_densities() if config.sparsity is not None else None
+        except KeyboardInterrupt:
+            # A second signal (or a Ctrl-C with no handler installed): stop now, report what is done.
+            halt = _Halt(
+                reason=stop.name if stop is not None and stop.requested else "SIGINT",
+                message="stopped at once; a step in flight is not in the report",
+                exit_status=stop.exit_status if stop is not None else 130,
+                at_once=True,
+                checkpoint=halt.checkpoint if halt is not None else None,
+            )
     finally:
-        cluster.stop()
-    # Every step moves the same bytes and computes the same FLOPs: one cost-model run suffices.
-    workload = measured_workload(
-        config.model.name, shapes, coordinator.measured, densities=densities, **workload_args
-    )
-    emulated = emulate(
-        workload,
-        hardware,
-        config.num_nodes,
-        peak_activation_bytes_per_node=max(n["peak_activation_bytes"] for n in traffic["nodes"]),
-        engine=engine,
-    )
-    grouped = None
-    if config.node_groups:
-        peaks = [n["peak_activation_bytes"] for n in traffic["nodes"]]
-        group_peaks, start = [], 0
-        for group in config.groups:
-            group_peaks.append(max(peaks[start : start + group.num_nodes]))
-            start += group.num_nodes
-        grouped = emulate_groups(
-            workload, config, shares, peak_activation_bytes_per_node=group_peaks
+        # A Ctrl-C here: Cluster.stop kills every actor on its way out; the report still follows.
+        with contextlib.suppress(KeyboardInterrupt):
+            cluster.stop()
+    steps = coordinator.steps if coordinator is not None else []
+    emulated = sparsity = grouped = None
+    if traffic is not None and coordinator is not None and coordinator.measured:
+        # Every step moves the same bytes and computes the same FLOPs: one cost-model run suffices.
+        workload = measured_workload(
+            config.model.name, shapes, coordinator.measured, densities=densities, **workload_args
         )
-        emulated = grouped.slowest.step
-    sparsity = None
-    if densities is not None:
-        sparsity = sparsity_report(
+        emulated = emulate(
             workload,
-            densities,
-            emulated,
             hardware,
             config.num_nodes,
-            wire_precision=wire_precision(wire_dtype),
+            peak_activation_bytes_per_node=max(
+                n["peak_activation_bytes"] for n in traffic["nodes"]
+            ),
+            engine=engine,
         )
-    return TrainReport(
+        if config.node_groups:
+            peaks = [n["peak_activation_bytes"] for n in traffic["nodes"]]
+            group_peaks, start = [], 0
+            for group in config.groups:
+                group_peaks.append(max(peaks[start : start + group.num_nodes]))
+                start += group.num_nodes
+            grouped = emulate_groups(
+                workload, config, shares, peak_activation_bytes_per_node=group_peaks
+            )
+            emulated = grouped.slowest.step
+        if densities is not None:
+            sparsity = sparsity_report(
+                workload,
+                densities,
+                emulated,
+                hardware,
+                config.num_nodes,
+                wire_precision=wire_precision(wire_dtype),
+            )
+    report = TrainReport(
         sparsity=sparsity,
         config=config,
         num_layers=num_layers,
         num_params=num_params,
         model_bytes=num_params * 4,
-        steps=coordinator.steps,
+        steps=steps,
         evals=evals,
         wall_time_s=time.perf_counter() - started,
         traffic=traffic,
         final_weights=weights,
-        final_masks=coordinator.fetched_masks if config.sparsity is not None else None,
+        final_masks=coordinator.fetched_masks
+        if config.sparsity is not None and weights is not None
+        else None,
         emulated=emulated,
         grouped=grouped,
     )
+    if halt is None:
+        return report
+    report.stopped = {
+        "reason": halt.reason,
+        "message": halt.message,
+        "num_steps_done": len(steps),
+        "checkpoint": halt.checkpoint,
+    }
+    raise RunStopped(
+        f"{halt.reason}: {halt.message}; {len(steps)} of {config.num_steps} steps done.",
+        report=report,
+        exit_status=halt.exit_status,
+        checkpoint=halt.checkpoint,
+        steps_left=config.num_steps - len(steps),
+    )
+
+
+@dataclass
+class _Halt:
+    """Why and how a run ended before its last step."""
+
+    reason: str  # SIGINT, SIGTERM or nonfinite
+    message: str
+    exit_status: int
+    at_once: bool = False
+    checkpoint_wanted: bool = False
+    checkpoint: str | None = None
+
+
+def _run_steps(
+    config: ClusterConfig,
+    coordinator: Coordinator,
+    first: int,
+    evals: list[EvalRecord],
+    progress: bool,
+    stop: StopSignals | None,
+) -> _Halt | None:
+    """The training steps; a ``_Halt`` if they end early at a step boundary."""
+    bar = StepProgress(range(first, first + config.num_steps), enabled=progress)
+    for step in bar:
+        if stop is not None and stop.requested:
+            return _Halt(
+                reason=stop.name,
+                message=f"stopped at the boundary of step {step}",
+                exit_status=stop.exit_status,
+                checkpoint_wanted=True,
+            )
+        try:
+            record = coordinator.train_step(step)
+        except NonFiniteError as exc:
+            return _Halt(reason="nonfinite", message=str(exc), exit_status=ERROR_EXIT_STATUS)
+        bar.set_loss(record.loss)
+        if (
+            config.eval_every
+            and (step + 1 - first) % config.eval_every == 0
+            and step + 1 < first + config.num_steps
+        ):
+            evals.append(coordinator.evaluate(step + 1))
+    return None
+
+
+def _save_on_stop(config: ClusterConfig, coordinator: Coordinator, first: int) -> str | None:
+    """MemoryX's committed state after the last step done, or None if it cannot be written."""
+    step = first + len(coordinator.steps)
+    path = os.path.abspath(config.save_checkpoint or f"wafer-step{step}.ckpt")
+    try:
+        coordinator.save_checkpoint(path)
+    except (RpcError, OSError):  # MemoryX could not save, or the copy out of the run failed
+        return None
+    return path

@@ -141,7 +141,11 @@ def load_checkpoint(
     try:
         payload = torch.load(path if file is None else file, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"checkpoint {path} is corrupt or not a torch file: {exc}") from exc
+        # torch's own message runs to several paragraphs about pickling; the type says enough.
+        raise ValueError(
+            f"checkpoint {path} is not a MemoryX checkpoint: torch cannot read it "
+            f"({type(exc).__name__})."
+        ) from exc
     if not isinstance(payload, dict) or payload.get("kind") != CHECKPOINT_KIND:
         raise ValueError(f"checkpoint {path} is not a MemoryX checkpoint (kind is missing).")
     if payload.get("format_version") != CHECKPOINT_FORMAT_VERSION:

@@ -9,6 +9,7 @@ momentum) is owned by the parameter store and passed in as ``step``.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -43,8 +44,30 @@ class Optimizer(ABC):
         beta1: float = doc("first-moment decay, dimensionless (adam/adamw)", default=0.9)
         beta2: float = doc("second-moment decay, dimensionless (adam/adamw)", default=0.999)
         eps: float = doc("denominator term, gradient units (adam/adamw)", default=1e-8)
+        nonfinite: Literal["error", "skip"] = doc(
+            "what MemoryX does with a NaN/Inf gradient or update, which it never applies: "
+            "error stops the run naming the layer and step; skip rolls the whole step back in "
+            "every layer and counts it in num_skipped_steps (as torch.amp's GradScaler does)",
+            default="error",
+        )
 
         def __post_init__(self) -> None:
+            # Every setting below that is out of range can only produce NaN/Inf weights.
+            for field_name in (
+                "lr",
+                "momentum",
+                "dampening",
+                "weight_decay",
+                "beta1",
+                "beta2",
+                "eps",
+            ):
+                value = getattr(self, field_name)
+                if not math.isfinite(value):
+                    raise ValueError(
+                        f"{field_name} = {value} is not valid; it must be a finite number "
+                        "(a NaN or infinite setting makes every weight NaN)."
+                    )
             if not self.lr > 0:
                 raise ValueError(f"lr must be > 0, got {self.lr}.")
             if not 0 <= self.momentum < 1:

@@ -28,7 +28,7 @@ from memoryx.checkpoint import (
 from memoryx.config import MemoryXConfig, StoreBuilder, new_spill_dir
 from memoryx.optim import Optimizer
 from memoryx.sparsity import Sparsity
-from memoryx.store import ParameterStore, StepError
+from memoryx.store import NonFiniteUpdate, ParameterStore, StepError
 from proto import memoryx_pb2_grpc as mgrpc
 from proto.domain import (
     CheckpointInfo,
@@ -49,7 +49,7 @@ from proto.messages import (
     traffic_to_wire,
     weights_request_from_wire,
 )
-from proto.rpc import StepConflict, rpc_errors, rpc_stream_errors
+from proto.rpc import NonFiniteValues, StepConflict, rpc_errors, rpc_stream_errors
 from proto.serde import (
     DEFAULT_CHUNK_BYTES,
     WIRE_DTYPES,
@@ -273,6 +273,8 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
             applied = store.apply_gradients(header.layer, header.step, grads)
         except StepError as exc:
             raise WireError(str(exc)) from None
+        except NonFiniteUpdate as exc:
+            raise NonFiniteValues(str(exc)) from None
         elapsed = time.perf_counter() - started
         with self._masks_lock:
             self._gradient_masks.pop((header.layer, header.step), None)
@@ -364,6 +366,7 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
                 num_updates=t.num_updates,
                 num_duplicate_gradients=t.num_duplicate_gradients,
                 update_seconds=t.update_seconds,
+                num_skipped_steps=self.store.num_skipped_steps if self.store is not None else 0,
             )
         return traffic_to_wire(stats)
 

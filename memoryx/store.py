@@ -14,6 +14,7 @@ version ``k`` until ``commit(k)``. That gives three properties at once:
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -31,6 +32,18 @@ STATE_FORMAT_VERSION = 2
 
 class StepError(Exception):
     """A request for a step version that is not available (FAILED_PRECONDITION over gRPC)."""
+
+
+class NonFiniteUpdate(Exception):
+    """A gradient or update holding NaN/Inf reached a layer; the store applied none of the step."""
+
+    def __init__(self, layer: int, step: int, problem: str) -> None:
+        self.layer, self.step = layer, step
+        super().__init__(
+            f"step {step}, layer {layer}: {problem}. MemoryX applied none of it and rolled the "
+            "step back in every layer. Lower optimizer.lr (or check the model and data), or set "
+            "optimizer.nonfinite: skip to skip such steps as torch.amp's GradScaler does."
+        )
 
 
 @dataclass
@@ -62,6 +75,9 @@ class ParameterStore:
     serialised by that layer's lock. ``commit``, ``rollback`` and ``state_dict``
     take every layer's lock, always in layer order.
     """
+
+    #: Steps whose update was skipped for non-finite values (optimizer.nonfinite = skip).
+    num_skipped_steps: int = 0
 
     def __init__(
         self,
@@ -187,6 +203,12 @@ class ParameterStore:
 
         Returns True when applied, False when the layer was already updated by
         this step (a re-run): an update is never applied twice.
+
+        A NaN/Inf gradient, or an update that would make a weight NaN/Inf, is
+        never applied. The optimizer's ``nonfinite`` policy says what happens:
+        ``skip`` ends the step in every layer with its weights unchanged
+        (``skip_step``) and returns False; ``error`` rolls the step back in
+        every layer and raises ``NonFiniteUpdate``.
         """
         slot = self._layer(layer)
         self._check_grads(layer, slot.current.params, grads)
@@ -198,22 +220,72 @@ class ParameterStore:
                     f"layer {layer} cannot take gradients of step {step}: it is at version "
                     f"{slot.version}, so it expects step {slot.version}."
                 )
-            old = slot.current
-            new = _Version(
-                params={name: p.clone() for name, p in old.params.items()},
-                optimizer_state={
-                    name: {key: t.clone() for key, t in state.items()}
-                    for name, state in old.optimizer_state.items()
-                },
-                num_updates=old.num_updates + 1,
-                masks=dict(old.masks),
-            )
-            self._step_version(layer, step, new, grads)
-            slot.snapshots[step] = old
-            slot.current = new
-            slot.version = step + 1
-            self._add_resident(_version_bytes(new))
+            problem = self._update(layer, step, slot, grads)
+        if problem is None:
             return True
+        # Outside the layer's lock: both take every layer's lock, in layer order.
+        if self.optimizer.config.nonfinite == "skip":
+            self.skip_step(step)
+            return False
+        # StepError: the other layers are not mid-step, so there is nothing of the step to undo.
+        with contextlib.suppress(StepError):
+            self.rollback(step)
+        raise NonFiniteUpdate(layer, step, problem)
+
+    def _update(
+        self, layer: int, step: int, slot: _Layer, grads: Mapping[str, Tensor]
+    ) -> str | None:
+        """Publish version ``step + 1`` of ``slot``; or, if it is not finite, say why and keep it unpublished."""
+        bad = _nonfinite(grads)
+        if bad:
+            return f"the gradient of {', '.join(map(repr, bad))} holds NaN or Inf values"
+        old = slot.current
+        new = _Version(
+            params={name: p.clone() for name, p in old.params.items()},
+            optimizer_state={
+                name: {key: t.clone() for key, t in state.items()}
+                for name, state in old.optimizer_state.items()
+            },
+            num_updates=old.num_updates + 1,
+            masks=dict(old.masks),
+        )
+        self._step_version(layer, step, new, grads)
+        bad = _nonfinite(new.params)
+        if bad:
+            return (
+                f"the update of {', '.join(map(repr, bad))} gives NaN or Inf weights "
+                "from a finite gradient"
+            )
+        slot.snapshots[step] = old
+        slot.current = new
+        slot.version = step + 1
+        self._add_resident(_version_bytes(new))
+        return None
+
+    def skip_step(self, step: int) -> None:
+        """End uncommitted step ``step`` in every layer with the weights it started from.
+
+        Layers the step already updated go back to their version-``step``
+        snapshot; then every layer publishes that same version as ``step + 1``
+        (weights, optimizer state and update count unchanged, as when
+        GradScaler skips ``optimizer.step()``). The snapshot stays until
+        ``commit(step)``, so a re-run streams the same weights and its
+        gradients count as already applied.
+        """
+        with self._all_locks():
+            self._check_mid_step(step, "skip")
+            for slot in self._layers:
+                if slot.version == step + 1:
+                    self._add_resident(-_version_bytes(slot.current))
+                    start = slot.snapshots[step]
+                else:
+                    start = slot.current
+                # Snapshot and version step + 1 are one object; commit(step) uncounts the snapshot.
+                self._add_resident(_version_bytes(start))
+                slot.snapshots[step] = start
+                slot.current = start
+                slot.version = step + 1
+            self.num_skipped_steps += 1
 
     def _step_version(
         self, layer: int, step: int, new: _Version, grads: Mapping[str, Tensor]
@@ -278,19 +350,7 @@ class ParameterStore:
         of ``step`` still held, so that all layers end at version ``step``.
         """
         with self._all_locks():
-            stuck = [
-                i
-                for i, slot in enumerate(self._layers)
-                if not (
-                    slot.version == step or (slot.version == step + 1 and step in slot.snapshots)
-                )
-            ]
-            if stuck:
-                raise StepError(
-                    f"cannot roll back step {step}: layers {stuck} are at versions "
-                    f"{[self._layers[i].available_versions() for i in stuck]} "
-                    f"instead of an uncommitted {step + 1} or {step}."
-                )
+            self._check_mid_step(step, "roll back")
             rolled_back = []
             for index, slot in enumerate(self._layers):
                 if slot.version == step + 1:
@@ -299,6 +359,20 @@ class ParameterStore:
                     slot.version = step
                     rolled_back.append(self.layer_offset + index)
             return rolled_back
+
+    def _check_mid_step(self, step: int, action: str) -> None:
+        """Every layer is at version ``step``, or at an uncommitted ``step + 1``; hold the locks."""
+        stuck = [
+            i
+            for i, slot in enumerate(self._layers)
+            if not (slot.version == step or (slot.version == step + 1 and step in slot.snapshots))
+        ]
+        if stuck:
+            raise StepError(
+                f"cannot {action} step {step}: layers {stuck} are at versions "
+                f"{[self._layers[i].available_versions() for i in stuck]} "
+                f"instead of an uncommitted {step + 1} or {step}."
+            )
 
     def state_dict(self) -> dict:
         """Committed weights, optimizer state and versions, as plain containers of tensors."""
@@ -438,9 +512,14 @@ def _version_bytes(version: _Version) -> int:
     )
 
 
+def _nonfinite(tensors: Mapping[str, Tensor]) -> list[str]:
+    """Names of the tensors holding a NaN or Inf."""
+    return [name for name, t in tensors.items() if not bool(torch.isfinite(t).all())]
+
+
 def _to_master(tensor: Tensor) -> Tensor:
     """A private contiguous fp32 copy, detached from any autograd graph."""
     return tensor.detach().to(dtype=torch.float32, copy=True).contiguous()
 
 
-__all__ = ["STATE_FORMAT_VERSION", "ParameterStore", "StepError"]
+__all__ = ["STATE_FORMAT_VERSION", "NonFiniteUpdate", "ParameterStore", "StepError"]

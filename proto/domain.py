@@ -150,6 +150,7 @@ class TrafficStats:
     disk_read_bytes: int = 0
     disk_written_bytes: int = 0
     process_peak_rss_bytes: int = 0  # the server process's peak RSS at the last load or commit
+    num_skipped_steps: int = 0  # steps skipped for NaN/Inf values (optimizer.nonfinite = skip)
 
 
 @dataclass(frozen=True)

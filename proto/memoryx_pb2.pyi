@@ -40,7 +40,7 @@ class CheckpointReply(_message.Message):
     def __init__(self, step: _Optional[int] = ..., num_bytes: _Optional[int] = ..., name: _Optional[str] = ...) -> None: ...
 
 class TrafficStats(_message.Message):
-    __slots__ = ("egress_bytes", "ingress_bytes", "num_weight_streams", "num_gradient_streams", "num_updates", "num_duplicate_gradients", "update_seconds", "state_bytes", "resident_bytes", "peak_resident_bytes", "disk_read_bytes", "disk_written_bytes", "process_peak_rss_bytes")
+    __slots__ = ("egress_bytes", "ingress_bytes", "num_weight_streams", "num_gradient_streams", "num_updates", "num_duplicate_gradients", "update_seconds", "state_bytes", "resident_bytes", "peak_resident_bytes", "disk_read_bytes", "disk_written_bytes", "process_peak_rss_bytes", "num_skipped_steps")
     EGRESS_BYTES_FIELD_NUMBER: _ClassVar[int]
     INGRESS_BYTES_FIELD_NUMBER: _ClassVar[int]
     NUM_WEIGHT_STREAMS_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,7 @@ class TrafficStats(_message.Message):
     DISK_READ_BYTES_FIELD_NUMBER: _ClassVar[int]
     DISK_WRITTEN_BYTES_FIELD_NUMBER: _ClassVar[int]
     PROCESS_PEAK_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NUM_SKIPPED_STEPS_FIELD_NUMBER: _ClassVar[int]
     egress_bytes: int
     ingress_bytes: int
     num_weight_streams: int
@@ -67,7 +68,8 @@ class TrafficStats(_message.Message):
     disk_read_bytes: int
     disk_written_bytes: int
     process_peak_rss_bytes: int
-    def __init__(self, egress_bytes: _Optional[int] = ..., ingress_bytes: _Optional[int] = ..., num_weight_streams: _Optional[int] = ..., num_gradient_streams: _Optional[int] = ..., num_updates: _Optional[int] = ..., num_duplicate_gradients: _Optional[int] = ..., update_seconds: _Optional[float] = ..., state_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., peak_resident_bytes: _Optional[int] = ..., disk_read_bytes: _Optional[int] = ..., disk_written_bytes: _Optional[int] = ..., process_peak_rss_bytes: _Optional[int] = ...) -> None: ...
+    num_skipped_steps: int
+    def __init__(self, egress_bytes: _Optional[int] = ..., ingress_bytes: _Optional[int] = ..., num_weight_streams: _Optional[int] = ..., num_gradient_streams: _Optional[int] = ..., num_updates: _Optional[int] = ..., num_duplicate_gradients: _Optional[int] = ..., update_seconds: _Optional[float] = ..., state_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., peak_resident_bytes: _Optional[int] = ..., disk_read_bytes: _Optional[int] = ..., disk_written_bytes: _Optional[int] = ..., process_peak_rss_bytes: _Optional[int] = ..., num_skipped_steps: _Optional[int] = ...) -> None: ...
 
 class LayoutReply(_message.Message):
     __slots__ = ("layers", "step")

@@ -399,11 +399,20 @@ class StepConflict(Exception):
     """A request for a step version this component cannot serve (FAILED_PRECONDITION)."""
 
 
+#: The status of a NaN/Inf update MemoryX refused: a re-run would compute the same values.
+NONFINITE_STATUS = grpc.StatusCode.DATA_LOSS
+
+
+class NonFiniteValues(Exception):
+    """NaN/Inf values that must not be applied (NONFINITE_STATUS); retrying cannot help."""
+
+
 def rpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
     """Map our exceptions to gRPC status codes so servicers stay thin.
 
-    WireError -> INVALID_ARGUMENT, StepConflict -> FAILED_PRECONDITION, and an
-    error from a downstream call keeps its code and message.
+    WireError -> INVALID_ARGUMENT, StepConflict -> FAILED_PRECONDITION,
+    NonFiniteValues -> NONFINITE_STATUS, and an error from a downstream call
+    keeps its code and message.
     """
 
     @functools.wraps(method)
@@ -414,6 +423,8 @@ def rpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except StepConflict as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except NonFiniteValues as exc:
+            context.abort(NONFINITE_STATUS, str(exc))
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
             details = exc.details() if hasattr(exc, "details") else str(exc)

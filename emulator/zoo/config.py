@@ -84,7 +84,7 @@ class ModelConfig:
             module = _import_factory(self.name)()
         if not isinstance(module, nn.Module):
             raise ValueError(
-                f"name = {self.name!r}: the factory returned a {type(module).__name__}, not an nn.Module."
+                f"model.name = {self.name!r}: the factory returned a {type(module).__name__}, not an nn.Module."
             )
         return module if isinstance(module, nn.Sequential) else nn.Sequential(*model_blocks(module))
 
@@ -99,11 +99,13 @@ def _import_factory(name: str):
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ValueError(f"name = {name!r}: cannot import module {module_name!r} ({exc}).") from exc
+        raise ValueError(
+            f"model.name = {name!r}: cannot import module {module_name!r} ({exc})."
+        ) from exc
     factory = getattr(module, factory_name, None)
     if not callable(factory):
         raise ValueError(
-            f"name = {name!r}: module {module_name!r} has no callable {factory_name!r}."
+            f"model.name = {name!r}: module {module_name!r} has no callable {factory_name!r}."
         )
     return factory
 

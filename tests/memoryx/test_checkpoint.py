@@ -168,9 +168,9 @@ def test_load_missing_file_raises(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        (b"", "is corrupt or not a torch file"),
-        (b"not a checkpoint at all", "is corrupt or not a torch file"),
-        ("truncated", "is corrupt or not a torch file"),
+        (b"", "is not a MemoryX checkpoint: torch cannot read it"),
+        (b"not a checkpoint at all", "is not a MemoryX checkpoint: torch cannot read it"),
+        ("truncated", "is not a MemoryX checkpoint: torch cannot read it"),
         ("foreign", "is not a MemoryX checkpoint"),
         ("no_store", "is corrupt: entry 'store' is missing"),
     ],

@@ -257,9 +257,21 @@ def test_config_loads_from_dict() -> None:
         (dict(beta1=1.0), r"beta1 must be in \[0, 1\), got 1.0"),
         (dict(beta2=-0.5), r"beta2 must be in \[0, 1\), got -0.5"),
         (dict(eps=0.0), "eps must be > 0, got 0.0"),
+        # Settings that can only give NaN/Inf weights.
+        (dict(lr=float("inf")), "lr = inf is not valid; it must be a finite number"),
+        (dict(lr=float("nan")), "lr = nan is not valid"),
+        (dict(momentum=float("nan")), "momentum = nan is not valid"),
+        (dict(weight_decay=float("inf")), "weight_decay = inf is not valid"),
+        (dict(beta2=float("nan")), "beta2 = nan is not valid"),
+        (dict(eps=float("inf")), "eps = inf is not valid"),
+        (dict(nonfinite="ignore"), None),
     ],
 )
-def test_config_validation(kwargs: dict, message: str) -> None:
+def test_config_validation(kwargs: dict, message: str | None) -> None:
+    if message is None:  # a Literal field: checked by from_dict, with the dotted name
+        with pytest.raises(ValueError, match=r"optimizer.nonfinite = 'ignore' is not valid"):
+            from_dict(Optimizer.Config, kwargs, "optimizer")
+        return
     with pytest.raises(ValueError, match=message):
         Optimizer.Config(**kwargs)
 
