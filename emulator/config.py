@@ -293,6 +293,12 @@ class ClusterConfig:
             )
         for group in self.groups:
             group.backend.check_sparsity(self.sparsity)
+        if self.memoryx.spill_dir is not None and self.optimizer.nonfinite == "skip":
+            raise ValueError(
+                "optimizer.nonfinite = 'skip' is not supported with a MemoryX disk tier "
+                "(memoryx.spill_dir is set): its versions are files that a skipped step would "
+                "have to duplicate. Use optimizer.nonfinite: error, or drop memoryx.spill_dir."
+            )
 
     def _resolve_groups(self) -> None:
         """Fill num_nodes and backend from node_groups (or their defaults), checking both agree."""

@@ -17,6 +17,7 @@ the tensor is freed, so a stream that still holds an evicted layer counts.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -41,11 +42,22 @@ from memoryx.layer_files import (
 )
 from memoryx.optim import Optimizer
 from memoryx.sparsity import Sparsity, apply_masks
-from memoryx.store import STATE_FORMAT_VERSION, ParameterStore, StepError, _Version
+from memoryx.store import (
+    STATE_FORMAT_VERSION,
+    NonFiniteUpdate,
+    ParameterStore,
+    StepError,
+    _nonfinite,
+    _Version,
+)
 from memoryx.tier_cache import Cache, Ledger
 
 WEIGHTS = "weights"  # cache part: params and masks, what a stream needs
 STATE = "state"  # cache part: optimizer state, what an update needs
+
+
+#: ``_apply``'s answer for a re-run whose gradients this layer already took.
+_ALREADY_APPLIED = "already applied"
 
 
 @dataclass
@@ -254,12 +266,32 @@ class TieredStore(ParameterStore):
 
     # -- updating ------------------------------------------------------------
     def apply_gradients(self, layer: int, step: int, grads: Mapping[str, Tensor]) -> bool:
+        """As ``ParameterStore.apply_gradients``; a non-finite update rolls the step back.
+
+        The disk tier knows the ``error`` policy only (``skip`` is refused with a
+        spill directory before training): nothing non-finite is ever written.
+        """
         index = self._index(layer)
         slot = self._layers[index]
         check_grads(layer, slot.layout, grads)
+        problem = self._apply(index, layer, step, slot, grads)
+        if problem is None:
+            return True
+        if problem == _ALREADY_APPLIED:
+            return False
+        # Outside the layer's lock: rollback takes every layer's lock, in layer order.
+        with contextlib.suppress(StepError):
+            self.rollback(step)
+        raise NonFiniteUpdate(layer, step, problem)
+
+    def _apply(self, index: int, layer: int, step: int, slot, grads) -> str | None:
+        """Write version ``step + 1`` of the layer; None, or why it was not written."""
+        bad = _nonfinite(grads)
+        if bad:
+            return f"the gradient of {', '.join(map(repr, bad))} holds NaN or Inf values"
         with slot.lock:
             if slot.version == step + 1:
-                return False
+                return _ALREADY_APPLIED
             if slot.version != step:
                 raise StepError(
                     f"layer {layer} cannot take gradients of step {step}: it is at version "
@@ -284,6 +316,12 @@ class TieredStore(ParameterStore):
             new = unflatten(slot.layout, fresh, state, old.num_updates + 1)
             del streamed, fresh, state
             self._step_version(layer, step, new, grads)
+            bad = _nonfinite(new.params)
+            if bad:
+                return (
+                    f"the update of {', '.join(map(repr, bad))} gives NaN or Inf weights "
+                    "from a finite gradient"
+                )
             path = self._write(index, step + 1, new)
             # Cached as they are: eviction drops them when room is needed (the next
             # forward pass wants these weights soon, the state only in the next backward).
@@ -299,7 +337,7 @@ class TieredStore(ParameterStore):
             slot.snapshots[step] = old
             slot.current = _DiskVersion(path, new.num_updates, _num_kept(new))
             slot.version = step + 1
-            return True
+            return None
 
     def commit(self, step: int) -> None:
         with self._all_locks():

@@ -20,7 +20,7 @@ from memoryx.config import MemoryXConfig, partition
 from memoryx.layer_files import layer_state_bytes, min_budget_bytes
 from memoryx.optim import Optimizer
 from memoryx.sparsity import Sparsity, UpdateSchedule
-from memoryx.store import ParameterStore, StepError
+from memoryx.store import NonFiniteUpdate, ParameterStore, StepError
 from memoryx.tiers import TieredStore
 
 NUM_LAYERS = 8
@@ -349,3 +349,29 @@ def test_partition_is_contiguous_and_balanced(sizes, servers, expected) -> None:
 def test_partition_refuses_more_servers_than_layers() -> None:
     with pytest.raises(ValueError, match="num_servers = 3 must be between 1 and the model's 2"):
         partition([1, 1], 3)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_nonfinite_gradient_is_never_written_and_rolls_the_step_back(tmp_path, bad):
+    store = _tiered(tmp_path, budget=10**9)
+    ids = list(store.layer_ids)
+    for layer in reversed(ids):
+        store.apply_gradients(layer, 0, _grads(store, layer, 0))
+    store.commit(0)
+    before = store.state_dict()
+    last = ids[-1]
+    store.apply_gradients(last, 1, _grads(store, last, 1))  # the last layer takes step 1 first
+    grads = _grads(store, ids[0], 1)
+    grads["weight"][0, 0] = bad
+    with pytest.raises(NonFiniteUpdate, match=rf"step 1, layer {ids[0]}: the gradient of 'weight'"):
+        store.apply_gradients(ids[0], 1, grads)
+    after = store.state_dict()
+    for old, new in zip(before["layers"], after["layers"], strict=True):
+        assert new["version"] == 1
+        for name, tensor in old["params"].items():
+            assert torch.equal(tensor, new["params"][name])
+    # The re-run of step 1 now applies cleanly.
+    for layer in reversed(ids):
+        assert store.apply_gradients(layer, 1, _grads(store, layer, 1))
+    store.commit(1)
+    assert all(torch.isfinite(t).all() for t in store.state_dict()["layers"][0]["params"].values())

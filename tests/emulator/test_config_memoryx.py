@@ -1,0 +1,17 @@
+"""Cluster-level checks that span the optimizer and MemoryX sections."""
+
+from __future__ import annotations
+
+import pytest
+
+from emulator.config import load_config
+
+
+def test_skip_policy_is_refused_beside_a_disk_tier():
+    with pytest.raises(ValueError, match=r"optimizer.nonfinite = 'skip' is not supported"):
+        load_config(
+            overrides={
+                "optimizer": {"name": "adam", "lr": 1e-3, "nonfinite": "skip"},
+                "memoryx": {"ram_budget_bytes": 10**8, "spill_dir": "/tmp"},
+            }
+        )
