@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from memoryx.optim import Optimizer
 from memoryx.service import MemoryXServicer, register
 from memoryx.sparsity import Sparsity
@@ -33,6 +35,10 @@ class MemoryXActor:
 
     def get_address(self) -> str:
         return self.address
+
+    def pid(self) -> int:
+        """This actor's process id (fault-injection tests signal it)."""
+        return os.getpid()
 
     def stop(self) -> None:
         self.server.stop(grace=None)

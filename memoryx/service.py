@@ -273,11 +273,12 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
         store = self._require_store()
         if self.checkpoint_dir is None:
             raise StepConflict("this MemoryX was started without a checkpoint directory")
-        step = store.version(0)
+        step = store.committed_step()
         name = checkpoint_name(step)
         try:
             path = confined_path(self.checkpoint_dir, name)
-            save_checkpoint(store, path, extra=self.checkpoint_extra)
+            # A run that failed mid-step still keeps its last committed state.
+            save_checkpoint(store, path, extra=self.checkpoint_extra, committed_only=True)
         except ValueError as exc:
             raise StepConflict(str(exc)) from None
         return checkpoint_to_wire(

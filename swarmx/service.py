@@ -116,8 +116,17 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
         parent: str | None,
         memoryx: str | None,
     ) -> None:
-        """Wire this node into the tree: children by name -> address, and one upstream."""
+        """Wire this node into the tree: children by name -> address, and one upstream.
+
+        Called again when a neighbour was replaced: sums still open from the
+        interrupted pass can never complete, so they are ended first.
+        """
         assert (parent is None) != (memoryx is None), "exactly one upstream: a parent or MemoryX"
+        with self._lock:
+            lingering = list(self._reducing.values())
+            self._reducing.clear()
+        for entry in lingering:
+            self._fail(entry, "the tree was rewired")
         self.children = tuple(children)
         self._child_stubs = [
             sgrpc.LayerSinkStub(channel(a, self.security)) for a in children.values()
