@@ -182,6 +182,11 @@ def main() -> None:
             c: sum(1 for f in injector.injected if f["component"].startswith(c))
             for c in ("node", "swarmx", "memoryx")
         },
+        # Per loss handled: which component, how long the replacement took to start and
+        # rewire (the rest of a recovery is detection and the re-run step).
+        "restarts": [
+            {k: r[k] for k in ("component", "step", "restart_s", "action")} for r in faulted.faults
+        ],
         "steps": args.steps,
         "nodes": args.nodes,
         "faulted_run_wall_s": faulted_wall_s,
