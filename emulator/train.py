@@ -38,9 +38,11 @@ from emulator.emulated import (
     emulate,
     measured_workload,
 )
-from emulator.launch import launch
+from emulator.faults import CheckpointDir, Rewind, RunFailed, checkpoint_step, newest_checkpoint
+from emulator.launch import Cluster, launch
 from emulator.progress import StepProgress
 from emulator.zoo import check_blocks, model_blocks, model_positions
+from memoryx.checkpoint import MANIFEST_NAME, checkpoint_dir_name, checkpoint_name
 from memoryx.config import partition
 from nodes.backend import Backend
 
@@ -62,6 +64,10 @@ class TrainReport:
     sparsity: dict | None = None
     #: Sparse runs: per layer, the masks (True = pruned) MemoryX held at the end.
     final_masks: list[dict[str, torch.Tensor]] | None = field(default=None, repr=False)
+    #: Components replaced during the run (emulator.faults.Restart as dicts).
+    faults: list[dict] = field(default_factory=list)
+    #: Failures that needed no replacement (the step or pass was run again): step, error.
+    retries: list[dict] = field(default_factory=list)
 
     @property
     def final_loss(self) -> float:
@@ -103,6 +109,8 @@ class TrainReport:
             "sparsity": self.sparsity,
             "steps": [asdict(s) for s in self.steps],
             "evals": [asdict(e) for e in self.evals],
+            "faults": self.faults,
+            "retries": self.retries,
         }
 
     def memoryx_json(self) -> dict:
@@ -257,14 +265,50 @@ def layer_shapes(layers: list[nn.Module], example: torch.Tensor) -> list[LayerSh
     return shapes
 
 
+def resolve_resume(config: ClusterConfig) -> ClusterConfig:
+    """``resume: DIR | auto``: the newest checkpoint there, and the steps left to the run's end.
+
+    A checkpoint file stays as it is (``num_steps`` more steps are run from it).
+    """
+    if config.resume is None:
+        return config
+    directory = config.checkpoint.dir if config.resume == "auto" else config.resume
+    if directory is None:
+        raise ValueError(
+            "resume = 'auto' needs checkpoint.dir, the directory of the run's periodic checkpoints."
+        )
+    if not os.path.isdir(directory) or os.path.isfile(os.path.join(directory, MANIFEST_NAME)):
+        return config  # a checkpoint file, or one directory checkpoint (tiered or sharded)
+    path, final_step = newest_checkpoint(directory)
+    num_steps = config.num_steps
+    if final_step is not None:
+        step = checkpoint_step(path)
+        if step is not None and step >= final_step:
+            raise ValueError(
+                f"resume = {config.resume!r}: the run in {directory} already finished "
+                f"(its newest checkpoint {path} is at its final step {final_step})."
+            )
+        num_steps = final_step - step
+    return dataclasses.replace(config, resume=path, num_steps=num_steps)
+
+
 def train(
     config: ClusterConfig,
     *,
     model: nn.Module | None = None,
     progress: bool = True,
     fault: Callable[[int, int, str], None] | None = None,
+    on_launch: Callable[[Cluster], None] | None = None,
 ) -> TrainReport:
+    """Train ``config`` (or ``model``) on a launched cluster.
+
+    ``fault`` and ``on_launch`` are test seams: ``fault(step, layer, phase)`` runs
+    before each layer pass, ``on_launch(cluster)`` once the actors are up (chaos
+    tests take the actors' handles from it).
+    """
     started = time.perf_counter()
+    config = resolve_resume(config)
+    CheckpointDir(config.checkpoint).check_writable()
     # Built once: the driver's copy prepares and checks the layers; facts come from its config.
     backend = config.backend.build()
     layers, dataset = prepare_layers(config, model, backend)
@@ -294,6 +338,8 @@ def train(
         # terminal stderr holds only progress lines: set runtime.run_dir to know the place.
         print(f"wafer: run directory {cluster.run_dir}", file=sys.stderr)
     try:
+        if on_launch is not None:
+            on_launch(cluster)
         coordinator = Coordinator(
             config=config,
             cluster=cluster,
@@ -308,20 +354,41 @@ def train(
         # MemoryX holds the weights now; a model beyond RAM must not stay here as well.
         del layers
         first = coordinator.start_step
-        evals: list[EvalRecord] = []
-        bar = StepProgress(range(first, first + config.num_steps), enabled=progress)
-        for step in bar:
-            record = coordinator.train_step(step)
-            bar.set_loss(record.loss)
-            if (
-                config.eval_every
-                and (step + 1 - first) % config.eval_every == 0
-                and step + 1 < first + config.num_steps
-            ):
-                evals.append(coordinator.evaluate(step + 1))
         final_step = first + config.num_steps
-        evals.append(coordinator.evaluate(final_step))
-        weights = coordinator.fetch_weights(final_step)
+        coordinator.checkpoints.write_run_info(final_step, config.seed)
+        evals: list[EvalRecord] = []
+        bar = StepProgress(range(first, final_step), enabled=progress)
+        step = first
+        try:
+            while True:
+                try:
+                    while step < final_step:
+                        record = coordinator.train_step(step)
+                        coordinator.periodic_checkpoint(step, first)
+                        if (
+                            config.eval_every
+                            and (step + 1 - first) % config.eval_every == 0
+                            and step + 1 < final_step
+                        ):
+                            evals.append(coordinator.evaluate(step + 1))
+                        bar.advance(1)
+                        bar.set_loss(record.loss)
+                        step += 1
+                    evals.append(coordinator.evaluate(final_step))
+                    weights = coordinator.fetch_weights(final_step)
+                    break
+                except Rewind as rewind:
+                    # MemoryX came back from a checkpoint: the steps since are run again.
+                    coordinator.rewind(rewind.step)
+                    evals = [e for e in evals if e.step <= rewind.step]
+                    bar.advance(rewind.step - step)
+                    step = rewind.step
+        except RunFailed as failed:
+            bar.close()
+            failed.partial = _partial_report(config, coordinator, evals, failed)
+            failed.checkpoint = _last_checkpoint(config, coordinator)
+            raise
+        bar.close()
         if config.save_checkpoint:
             coordinator.save_checkpoint(os.path.abspath(config.save_checkpoint))
         traffic = coordinator.traffic()
@@ -362,4 +429,55 @@ def train(
         final_weights=weights,
         final_masks=coordinator.fetched_masks if config.sparsity is not None else None,
         emulated=emulated,
+        faults=coordinator.supervisor.report(),
+        retries=coordinator.supervisor.retried,
     )
+
+
+def _partial_report(
+    config: ClusterConfig, coordinator: Coordinator, evals: list[EvalRecord], failed: RunFailed
+) -> dict:
+    """The JSON report of a run that could not finish: the steps done so far and why it stopped."""
+    return {
+        "config": to_dict(config),
+        "completed": False,
+        "error": {
+            "message": str(failed),
+            "component": failed.component,
+            "step": failed.step,
+            "cause": failed.cause,
+        },
+        "final_loss": coordinator.steps[-1].loss if coordinator.steps else None,
+        "steps": [asdict(s) for s in coordinator.steps],
+        "evals": [asdict(e) for e in evals],
+        "faults": coordinator.supervisor.report(),
+        "retries": coordinator.supervisor.retried,
+    }
+
+
+def _last_checkpoint(config: ClusterConfig, coordinator: Coordinator) -> str | None:
+    """A checkpoint of the committed state, where the run keeps them; else the newest one.
+
+    MemoryX may be the component that failed, so this tries once and falls back to
+    the newest periodic checkpoint.
+    """
+    target = None
+    if config.checkpoint.dir is not None:
+        version = coordinator.steps[-1].step + 1 if coordinator.steps else None
+        if version is not None:
+            # Named as MemoryX names it: a directory for tiered or sharded MemoryX.
+            name = (
+                checkpoint_dir_name(version)
+                if config.memoryx.directory_checkpoints
+                else checkpoint_name(version)
+            )
+            target = os.path.join(os.path.abspath(config.checkpoint.dir), name)
+    elif config.save_checkpoint:
+        target = os.path.abspath(config.save_checkpoint)
+    if target is not None:
+        try:
+            coordinator.save_checkpoint(target)
+            return target
+        except Exception:  # noqa: BLE001 - MemoryX may be the component that is gone
+            pass
+    return coordinator.supervisor.latest_export

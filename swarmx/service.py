@@ -122,8 +122,15 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
 
         ``memoryx`` (root only) is one server's address, or the servers of a sharded
         MemoryX by the first layer each holds: each layer goes to the server that owns it.
+        Called again when a neighbour was replaced: sums still open from the
+        interrupted pass can never complete, so they are ended first.
         """
         assert (parent is None) != (memoryx is None), "exactly one upstream: a parent or MemoryX"
+        with self._lock:
+            lingering = list(self._reducing.values())
+            self._reducing.clear()
+        for entry in lingering:
+            self._fail(entry, "the tree was rewired")
         self.children = tuple(children)
         self._child_stubs = [
             sgrpc.LayerSinkStub(channel(a, self.security)) for a in children.values()
