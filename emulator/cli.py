@@ -72,7 +72,12 @@ def _add_train_parser(subparsers) -> None:
     p.add_argument(
         "--save-checkpoint", metavar="PATH", help="write a MemoryX checkpoint at the end"
     )
-    p.add_argument("--resume", metavar="PATH", help="start from a MemoryX checkpoint")
+    p.add_argument(
+        "--resume",
+        metavar="PATH|DIR|auto",
+        help="start from a MemoryX checkpoint file, or continue the run whose periodic "
+        "checkpoints are in DIR (auto: checkpoint.dir) to its end",
+    )
     p.add_argument(
         "--hardware",
         metavar="PRESET",
@@ -128,6 +133,7 @@ def _check_seq_len_flag(args: argparse.Namespace, config) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from emulator.faults import RunFailed
     from emulator.stopping import RunStopped, StopSignals, resume_command
     from emulator.train import train
 
@@ -144,6 +150,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 command = resume_command(args.argv, stopped.checkpoint, stopped.steps_left)
                 print(f"wafer train: wrote {stopped.checkpoint}; resume with:\n  {command}")
             return stopped.exit_status
+        except RunFailed as failed:
+            # One paragraph, no traceback; the finished steps and a checkpoint are kept.
+            kept = []
+            if args.json and failed.partial is not None:
+                write_json_atomic(args.json, failed.partial)
+                kept.append(
+                    f"the report of the {len(failed.partial['steps'])} steps done is in {args.json}"
+                )
+            if failed.checkpoint:
+                kept.append(f"a checkpoint is in {failed.checkpoint} (continue with --resume)")
+            else:
+                kept.append("no checkpoint was kept (set checkpoint.dir to keep one)")
+            print(f"wafer train: error: {failed} Kept: {'; '.join(kept)}.", file=sys.stderr)
+            return 1
     _write_report(args, report)
     return 0
 

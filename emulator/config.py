@@ -88,6 +88,42 @@ class RuntimeConfig:
     max_streams_per_service: int = doc(
         "concurrent streams one service serves; more get RESOURCE_EXHAUSTED, count", default=64
     )
+    rpc_timeout_s: float = doc(
+        "deadline of an RPC that moves no bulk data, and the fixed part of one that does, s",
+        default=60.0,
+    )
+    layer_timeout_s: float = doc(
+        "fixed part of the deadline of one layer pass through the tree (the nodes compute), s",
+        default=600.0,
+    )
+    min_bandwidth_bytes_per_s: float = doc(
+        "slowest transfer a healthy RPC still makes: a call gets 1/this seconds per byte it "
+        "moves on top of its fixed part, bytes/s",
+        default=float(1 << 20),
+    )
+    health_timeout_s: float = doc(
+        "a component that does not answer its gRPC health check within this is dead or hung, s",
+        default=3.0,
+    )
+    health_interval_s: float = doc(
+        "while a layer pass is under way, check every component's health this often, s",
+        default=1.0,
+    )
+    max_restarts: int = doc(
+        "components (compute node, SwarmX node, MemoryX) replaced before the run gives up, count",
+        default=10,
+    )
+    spare_actor: bool = doc(
+        "keep one warm spare process that a replacement starts in (seconds faster than a "
+        "new process; costs one idle process)",
+        default=True,
+    )
+    on_node_loss: Literal["replace", "shrink"] = doc(
+        "a lost compute node is 'replace'd (same rank, shard and state: bit-identical), or the "
+        "survivors 'shrink' the cluster and split the same global batch among them (changes the "
+        "numerics; a batch that does not divide across the survivors falls back to replace)",
+        default="replace",
+    )
 
     def __post_init__(self) -> None:
         if self.insecure and (self.tls.force or self.tls.user_provided):
@@ -107,12 +143,48 @@ class RuntimeConfig:
             raise ValueError(
                 f"num_threads_per_node = {self.num_threads_per_node} must be at least 1."
             )
+        for name in (
+            "rpc_timeout_s",
+            "layer_timeout_s",
+            "min_bandwidth_bytes_per_s",
+            "health_timeout_s",
+            "health_interval_s",
+        ):
+            value = getattr(self, name)
+            if not value > 0 or value == float("inf"):
+                raise ValueError(f"runtime.{name} = {value} must be a positive finite number.")
+        if self.max_restarts < 0:
+            raise ValueError(f"runtime.max_restarts = {self.max_restarts} must be 0 or more.")
 
     @property
     def host(self) -> str:
         if self.bind_host is not None:
             return self.bind_host
         return "127.0.0.1" if self.address is None else "node-ip"
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """Periodic MemoryX checkpoints: what a dead MemoryX or driver restarts from."""
+
+    every_steps: int = doc(
+        "write a checkpoint after every this many steps (0: never), steps", default=0
+    )
+    dir: str | None = doc(
+        "directory of the run's periodic checkpoints (created if missing), path", default=None
+    )
+    keep: int = doc("newest checkpoints kept in dir; older ones are deleted, count", default=2)
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 0:
+            raise ValueError(f"checkpoint.every_steps = {self.every_steps} must be 0 or more.")
+        if self.keep < 1:
+            raise ValueError(f"checkpoint.keep = {self.keep} must be at least 1.")
+        if self.every_steps and self.dir is None:
+            raise ValueError(
+                f"checkpoint.every_steps = {self.every_steps} needs checkpoint.dir, the directory "
+                "to write the checkpoints to."
+            )
 
 
 #: Preset field that the functional SwarmX tree sets (``swarmx.fanout``), so it is not overridden.
@@ -240,6 +312,10 @@ class ClusterConfig:
         default_factory=MemoryXConfig,
     )
     runtime: RuntimeConfig = doc("where and how the actors run", default_factory=RuntimeConfig)
+    checkpoint: CheckpointConfig = doc(
+        "periodic MemoryX checkpoints, e.g. {every_steps: 50, dir: ckpt, keep: 2}",
+        default_factory=CheckpointConfig,
+    )
     sparsity: Sparsity.Config | None = doc(
         "weight sparsity MemoryX keeps and streams, e.g. {algorithm: set, sparsity: 0.9, "
         "update: {freq: 10, start: 0, stop: 200}}; None: dense",
@@ -256,7 +332,11 @@ class ClusterConfig:
     save_checkpoint: str | None = doc(
         "write a MemoryX checkpoint here at the end, path", default=None
     )
-    resume: str | None = doc("start from this MemoryX checkpoint, path", default=None)
+    resume: str | None = doc(
+        "start from this MemoryX checkpoint file, or continue the run whose periodic checkpoints "
+        "are in this directory ('auto': checkpoint.dir), path",
+        default=None,
+    )
 
     def __post_init__(self) -> None:
         self._resolve_groups()
@@ -412,6 +492,7 @@ def load_config(
 
 __all__ = [
     "CLI_FIELDS",
+    "CheckpointConfig",
     "ClusterConfig",
     "NodeGroup",
     "parse_node_groups",

@@ -9,6 +9,7 @@ One step k:
   commit    MemoryX drops its snapshots of version k.
 A step that fails part-way is run again from its forward pass: MemoryX
 serves version-k weights and ignores gradients it has already applied.
+Before the re-run, lost components are replaced (emulator.faults).
 """
 
 from __future__ import annotations
@@ -22,15 +23,14 @@ from torch import nn
 
 from emulator.config import ClusterConfig
 from emulator.emulated import PassMeasurement
+from emulator.faults import CheckpointDir, ComponentLost, RunFailed, Supervisor, deadlines
 from emulator.launch import Cluster
 from emulator.shards import MemoryXServers
 from memoryx.checkpoint import confined_path, write_manifest
 from proto.clients import (
-    LAYER_TIMEOUT_S,
     NodeClient,
     RpcError,
     SwarmXClient,
-    timeout_for,
     wire_bytes,
 )
 from proto.domain import CheckpointInfo, LayerAck, LayerRequest, Phase
@@ -103,22 +103,51 @@ class Coordinator:
     measured: list[PassMeasurement] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        security = self.cluster.security
-        self.memoryx = MemoryXServers(
-            self.cluster.memoryx_addresses, self.cluster.memoryx_layers, security
-        )
-        self.root = SwarmXClient(self.cluster.root_address, security)
+        self.deadlines = deadlines(self.config.runtime)
+        self._connect_clients()
         # A backend whose backward needs no weights (DFA) gets a header-only backward stream.
         self.backward_weights = self.config.backend.needs_weights_in_backward
         self._layer_timeouts_s: list[float] | None = None
+        self._initial: tuple[list[dict[str, torch.Tensor]], int] | None = None
+        self.checkpoints = CheckpointDir(self.config.checkpoint)
+        self.supervisor = Supervisor(
+            cluster=self.cluster,
+            runtime=self.config.runtime,
+            checkpoints=self.checkpoints,
+            reload_weights=self._reload_weights,
+            batch_size=self.config.batch_size,
+        )
+
+    def _connect_clients(self) -> None:
+        """Clients of MemoryX and the root at their current addresses (they change on restart)."""
+        security = self.cluster.security
+        self.memoryx = MemoryXServers(
+            self.cluster.memoryx_addresses, self.cluster.memoryx_layers, security, self.deadlines
+        )
+        self.root = SwarmXClient(self.cluster.root_address, security, self.deadlines)
+        # Layer deadlines scale with the node count, which shrinks with on_node_loss: shrink.
+        self._layer_timeouts_s = None
 
     def load_weights(self, layers: list[nn.Module], step: int = 0) -> None:
+        tensors = [
+            {n: p.detach().float().clone() for n, p in layer.named_parameters()} for layer in layers
+        ]
+        # Kept: a MemoryX lost before the first checkpoint restarts from these.
+        self._initial = (tensors, step)
+        self._send_weights()
+
+    def _send_weights(self) -> None:
+        assert self._initial is not None
+        tensors, step = self._initial
         self.memoryx.load_weights(
-            [{n: p.detach().float() for n, p in layer.named_parameters()} for layer in layers],
-            step=step,
-            chunk_bytes=self.config.swarmx.chunk_bytes,
-            sender="driver",
+            tensors, step=step, chunk_bytes=self.config.swarmx.chunk_bytes, sender="driver"
         )
+
+    def _reload_weights(self) -> None:
+        self._connect_clients()
+        if self._initial is None:
+            raise RuntimeError("the new MemoryX has no weights and the run has none to give it")
+        self._send_weights()
 
     @property
     def start_step(self) -> int:
@@ -129,7 +158,7 @@ class Coordinator:
         if self._layer_timeouts_s is None:
             num_nodes = len(self.cluster.node_addresses)
             self._layer_timeouts_s = [
-                timeout_for(num_nodes * wire_bytes(spec.spec, self.wire_dtype), LAYER_TIMEOUT_S)
+                self.deadlines.for_layer(num_nodes * wire_bytes(spec.spec, self.wire_dtype))
                 for spec in self.memoryx.layout().layers
             ]
         return self._layer_timeouts_s[layer]
@@ -138,16 +167,32 @@ class Coordinator:
         if self.fault is not None:
             self.fault(step, layer, name)
         without_weights = phase == Phase.BACKWARD and not self.backward_weights
-        return self.root.run_layer(
+        return self._watched(
             LayerRequest(
                 layer=layer,
                 step=step,
                 phase=phase,
                 dtype=self.wire_dtype,
                 without_weights=without_weights,
-            ),
-            timeout_s=self._layer_timeout_s(layer),
+            )
         )
+
+    def _watched(self, request: LayerRequest) -> LayerAck:
+        """Run a layer pass; while it is under way, probe every component's health.
+
+        A pass that takes longer than ``runtime.health_interval_s`` triggers a probe;
+        a component that does not answer within ``runtime.health_timeout_s`` ends the
+        pass (``ComponentLost``), so a hung node costs seconds, not the layer deadline.
+        """
+        pending = self.root.start_layer(request, timeout_s=self._layer_timeout_s(request.layer))
+        while True:
+            try:
+                return pending.result(timeout_s=self.config.runtime.health_interval_s)
+            except TimeoutError:
+                problems = self.supervisor.probe()
+                if problems:
+                    pending.cancel()
+                    raise ComponentLost(problems) from None
 
     def _attempt(self, step: int) -> tuple[LayerAck, list[LayerAck]]:
         acks = [
@@ -160,20 +205,54 @@ class Coordinator:
         self.memoryx.commit_step(step)
         return last, acks
 
-    def train_step(self, step: int) -> StepRecord:
-        started = time.perf_counter()
-        before = self.memoryx.stats()
-        for attempt in range(1, self.config.runtime.max_step_retries + 2):
+    def _recovering(self, step: int, run: Callable[[], object]) -> tuple[object, int]:
+        """``run()`` until it succeeds, replacing lost components in between.
+
+        A failure after which every component answers is transient and counts
+        against ``runtime.max_step_retries``; replacements count against
+        ``runtime.max_restarts`` (``Supervisor.recover``). Returns the result and
+        the number of attempts.
+        """
+        retries = 0
+        attempt = 0
+        while True:
+            attempt += 1
             try:
-                last, acks = self._attempt(step)
-                break
-            except (RpcError, StepFault) as exc:
+                return run(), attempt
+            except (RpcError, StepFault, ComponentLost) as exc:
                 if isinstance(exc, RpcError) and exc.code() == NONFINITE_STATUS:
                     raise NonFiniteError(exc.details()) from None  # a re-run computes the same
-                if attempt > self.config.runtime.max_step_retries:
-                    raise
                 self.last_error = exc
+                try:
+                    replaced = self.supervisor.recover(step, exc)
+                finally:
+                    # Replacements have new addresses (also when MemoryX rewinds the run).
+                    self._connect_clients()
+                if replaced:
+                    continue
+                self.supervisor.retried.append({"step": step, "error": _describe(exc)})
+                retries += 1
+                if retries > self.config.runtime.max_step_retries:
+                    raise RunFailed(
+                        f"step {step} failed {retries} times although every component answers "
+                        f"its health check; the last error: {_describe(exc)}. Raise "
+                        "runtime.max_step_retries if the failures are transient.",
+                        component="cluster",
+                        step=step,
+                        cause=_describe(exc),
+                    ) from exc
+
+    def train_step(self, step: int) -> StepRecord:
+        started = time.perf_counter()
+
+        def one_attempt() -> tuple[object, LayerAck, list[LayerAck]]:
+            # MemoryX traffic of the attempt that succeeded (a new MemoryX counts from 0).
+            before = self.memoryx.stats()
+            return (before, *self._attempt(step))
+
+        (before, last, acks), attempt = self._recovering(step, one_attempt)
         after = self.memoryx.stats()
+        self.supervisor.step_done(step)
         record = StepRecord(
             step=step,
             loss=last.loss_sum / last.num_targets,
@@ -199,11 +278,14 @@ class Coordinator:
         return self.task == "classification"
 
     def evaluate(self, step: int) -> EvalRecord:
-        for layer in range(self.num_layers):
-            ack = self.root.run_layer(
-                LayerRequest(layer=layer, step=step, phase=Phase.EVAL, dtype=self.wire_dtype),
-                timeout_s=self._layer_timeout_s(layer),
-            )
+        def passes() -> LayerAck:
+            for layer in range(self.num_layers):
+                ack = self._watched(
+                    LayerRequest(layer=layer, step=step, phase=Phase.EVAL, dtype=self.wire_dtype)
+                )
+            return ack
+
+        ack, _ = self._recovering(step, passes)
         return EvalRecord(
             step=step,
             loss=ack.loss_sum / ack.num_targets,
@@ -213,6 +295,10 @@ class Coordinator:
 
     def fetch_weights(self, step: int) -> list[dict[str, torch.Tensor]]:
         """fp32 master weights of every layer at version ``step``, read back over gRPC."""
+        weights, _ = self._recovering(step, lambda: self._fetch_weights(step))
+        return weights
+
+    def _fetch_weights(self, step: int) -> list[dict[str, torch.Tensor]]:
         layout = self.memoryx.layout()
         weights = []
         self.fetched_masks: list[dict[str, torch.Tensor]] = []
@@ -233,19 +319,42 @@ class Coordinator:
 
     def save_checkpoint(self, path: str) -> list[CheckpointInfo]:
         """MemoryX saves into the run's checkpoint directory; the driver copies it to ``path``."""
+        saved = self._save_in_run_dir()
+        self.cluster.export_checkpoint(saved[0].name, path)
+        return saved
+
+    def _save_in_run_dir(self) -> list[CheckpointInfo]:
+        """Every MemoryX server saves its committed state in the run's checkpoint directory."""
         saved = self.memoryx.save_checkpoint()
         names = {info.name for info in saved}
         if len(names) != 1:
             raise RuntimeError(f"the MemoryX servers saved different checkpoints {sorted(names)}.")
-        name = saved[0].name
         if self.config.memoryx.directory_checkpoints:
             # Every server wrote its layers and part there; the manifest, last, makes it whole.
-            directory = confined_path(self.cluster.checkpoint_dir, name)
+            directory = confined_path(self.cluster.checkpoint_dir, saved[0].name)
             write_manifest(
                 directory, sorted(directory.glob("part-*.json")), optimizer=self.config.optimizer
             )
-        self.cluster.export_checkpoint(name, path)
         return saved
+
+    def periodic_checkpoint(self, step_done: int, first_step: int) -> str | None:
+        """After step ``step_done``: a checkpoint in ``checkpoint.dir`` if one is due."""
+        if not self.checkpoints.due(step_done, first_step):
+            return None
+        (path, name), _ = self._recovering(
+            step_done + 1,
+            lambda: self.checkpoints.save(
+                lambda: self._save_in_run_dir()[0].name, self.cluster.export_checkpoint
+            ),
+        )
+        # What a new MemoryX loads: its own file, in the run directory.
+        self.supervisor.latest_checkpoint = name
+        self.supervisor.latest_export = path
+        return path
+
+    def rewind(self, step: int) -> None:
+        """MemoryX came back at ``step``: forget the records of the steps it lost."""
+        self.steps = [s for s in self.steps if s.step < step]
 
     def traffic(self) -> dict:
         stats = self.memoryx.stats()
@@ -293,6 +402,13 @@ def _measurement(ack: LayerAck) -> PassMeasurement:
         gradient_bytes=ack.gradient_bytes,
         flops=ack.flops,
     )
+
+
+def _describe(exc: BaseException) -> str:
+    """One line: a gRPC status code and its details, or the exception's message."""
+    if isinstance(exc, RpcError) and hasattr(exc, "code"):
+        return f"{exc.code().name}: {exc.details()}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 class StepFault(Exception):

@@ -59,6 +59,20 @@ class StepProgress:
             self._done += 1
             self._maybe_print()
 
+    def advance(self, num_steps: int = 1) -> None:
+        """For a caller that does not iterate: ``num_steps`` more steps done (negative: steps
+        that will run again, after MemoryX came back from an earlier checkpoint)."""
+        if self._bar is not None:
+            self._bar.update(num_steps)
+            return
+        self._done += num_steps
+        if num_steps > 0:
+            self._maybe_print()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
     def set_loss(self, loss: float) -> None:
         self._loss = loss
         if self._bar is not None:

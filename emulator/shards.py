@@ -13,19 +13,23 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from proto.clients import CALL_TIMEOUT_S, MemoryXClient
+from proto.clients import DEFAULT_DEADLINES, Deadlines, MemoryXClient
 from proto.domain import CheckpointInfo, ModelLayout, TrafficStats
 from proto.rpc import Security
 
 
 class MemoryXServers:
     def __init__(
-        self, addresses: Sequence[str], layers: Sequence[range], security: Security
+        self,
+        addresses: Sequence[str],
+        layers: Sequence[range],
+        security: Security,
+        deadlines: Deadlines = DEFAULT_DEADLINES,
     ) -> None:
         if len(addresses) != len(layers):
             raise ValueError(f"{len(addresses)} MemoryX addresses for {len(layers)} layer ranges.")
         self.layers = list(layers)
-        self.clients = [MemoryXClient(a, security) for a in addresses]
+        self.clients = [MemoryXClient(a, security, deadlines) for a in addresses]
 
     def owner(self, layer: int) -> MemoryXClient:
         for client, held in zip(self.clients, self.layers, strict=True):
@@ -38,7 +42,7 @@ class MemoryXServers:
         for client, held in zip(self.clients, self.layers, strict=True):
             client.load_weights(layers[held.start : held.stop], first_layer=held.start, **kwargs)
 
-    def layout(self, *, timeout_s: float = CALL_TIMEOUT_S) -> ModelLayout:
+    def layout(self, *, timeout_s: float | None = None) -> ModelLayout:
         parts = [client.layout(timeout_s=timeout_s) for client in self.clients]
         return ModelLayout(
             layers=tuple(layer for part in parts for layer in part.layers), step=parts[0].step
@@ -47,7 +51,7 @@ class MemoryXServers:
     def fetch_layer(self, layer: int, step: int, spec, **kwargs):
         return self.owner(layer).fetch_layer(layer, step, spec, **kwargs)
 
-    def commit_step(self, step: int, *, timeout_s: float = CALL_TIMEOUT_S) -> None:
+    def commit_step(self, step: int, *, timeout_s: float | None = None) -> None:
         for client in self.clients:
             client.commit_step(step, timeout_s=timeout_s)
 
@@ -55,7 +59,7 @@ class MemoryXServers:
         """Every server saves its layers into the run's checkpoint directory."""
         return [client.save_checkpoint(**kwargs) for client in self.clients]
 
-    def stats(self, *, timeout_s: float = CALL_TIMEOUT_S) -> TrafficStats:
+    def stats(self, *, timeout_s: float | None = None) -> TrafficStats:
         parts = [client.stats(timeout_s=timeout_s) for client in self.clients]
         return TrafficStats(
             **{
@@ -64,7 +68,7 @@ class MemoryXServers:
             }
         )
 
-    def reset_stats(self, *, timeout_s: float = CALL_TIMEOUT_S) -> None:
+    def reset_stats(self, *, timeout_s: float | None = None) -> None:
         for client in self.clients:
             client.reset_stats(timeout_s=timeout_s)
 

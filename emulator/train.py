@@ -46,6 +46,7 @@ from emulator.emulated import (
     emulate,
     measured_workload,
 )
+from emulator.faults import CheckpointDir, Rewind, RunFailed, checkpoint_step, newest_checkpoint
 from emulator.groups import (
     GroupedStep,
     check_mixable,
@@ -54,11 +55,12 @@ from emulator.groups import (
     node_spans,
     stream_dtype,
 )
-from emulator.launch import launch
+from emulator.launch import Cluster, launch
 from emulator.preflight import check_batch, check_before_launch
 from emulator.progress import StepProgress
 from emulator.stopping import ERROR_EXIT_STATUS, RunStopped, StopSignals
 from emulator.zoo import check_blocks, model_blocks, model_positions
+from memoryx.checkpoint import MANIFEST_NAME, checkpoint_dir_name, checkpoint_name
 from memoryx.config import partition
 from nodes.backend import Backend
 from proto.clients import RpcError
@@ -87,6 +89,10 @@ class TrainReport:
     grouped: GroupedStep | None = field(default=None, repr=False)
     #: A run that ended early: why, after how many steps, and its checkpoint (None: it finished).
     stopped: dict | None = None
+    #: Components replaced during the run (emulator.faults.Restart as dicts).
+    faults: list[dict] = field(default_factory=list)
+    #: Failures that needed no replacement (the step or pass was run again): step, error.
+    retries: list[dict] = field(default_factory=list)
 
     @property
     def final_loss(self) -> float | None:
@@ -139,6 +145,8 @@ class TrainReport:
             "sparsity": self.sparsity,
             "steps": [asdict(s) for s in self.steps],
             "evals": [asdict(e) for e in self.evals],
+            "faults": self.faults,
+            "retries": self.retries,
         }
 
     def memoryx_json(self) -> dict:
@@ -346,6 +354,33 @@ def batch_shares(
     return shares, node_spans(config.groups, shares)
 
 
+def resolve_resume(config: ClusterConfig) -> ClusterConfig:
+    """``resume: DIR | auto``: the newest checkpoint there, and the steps left to the run's end.
+
+    A checkpoint file stays as it is (``num_steps`` more steps are run from it).
+    """
+    if config.resume is None:
+        return config
+    directory = config.checkpoint.dir if config.resume == "auto" else config.resume
+    if directory is None:
+        raise ValueError(
+            "resume = 'auto' needs checkpoint.dir, the directory of the run's periodic checkpoints."
+        )
+    if not os.path.isdir(directory) or os.path.isfile(os.path.join(directory, MANIFEST_NAME)):
+        return config  # a checkpoint file, or one directory checkpoint (tiered or sharded)
+    path, final_step = newest_checkpoint(directory)
+    num_steps = config.num_steps
+    if final_step is not None:
+        step = checkpoint_step(path)
+        if step is not None and step >= final_step:
+            raise ValueError(
+                f"resume = {config.resume!r}: the run in {directory} already finished "
+                f"(its newest checkpoint {path} is at its final step {final_step})."
+            )
+        num_steps = final_step - step
+    return dataclasses.replace(config, resume=path, num_steps=num_steps)
+
+
 def train(
     config: ClusterConfig,
     *,
@@ -353,16 +388,25 @@ def train(
     progress: bool = True,
     fault: Callable[[int, int, str], None] | None = None,
     stop: StopSignals | None = None,
+    on_launch: Callable[[Cluster], None] | None = None,
 ) -> TrainReport:
     """Run ``config``; raises ``RunStopped`` with the partial report if the run ends early.
 
     It ends early on a NaN/Inf update with ``optimizer.nonfinite = error``, on
     KeyboardInterrupt, and when ``stop`` (the CLI's signal handlers) asks: at
     the next step boundary, after which MemoryX's state is saved as a
-    checkpoint (``save_checkpoint``, else ``wafer-step<N>.ckpt`` here).
+    checkpoint (``save_checkpoint``, else ``wafer-step<N>.ckpt`` here). A run
+    that loses components past ``runtime.max_restarts`` raises ``RunFailed``
+    with the partial report and a checkpoint.
+
+    ``fault`` and ``on_launch`` are test seams: ``fault(step, layer, phase)`` runs
+    before each layer pass, ``on_launch(cluster)`` once the actors are up (chaos
+    tests take the actors' handles from it).
     """
     started = time.perf_counter()
+    config = resolve_resume(config)
     check_before_launch(config)
+    CheckpointDir(config.checkpoint).check_writable()
     # Built once: the driver's copy prepares and checks the layers; facts come from its config.
     backend = config.backend.build()
     layers, dataset = prepare_layers(config, model, backend)
@@ -411,6 +455,8 @@ def train(
     coordinator: Coordinator | None = None
     halt: _Halt | None = None
     try:
+        if on_launch is not None:
+            on_launch(cluster)
         coordinator = Coordinator(
             config=config,
             cluster=cluster,
@@ -426,11 +472,9 @@ def train(
             # MemoryX holds the weights now; a model beyond RAM must not stay here as well.
             del layers
             first = coordinator.start_step
-            halt = _run_steps(config, coordinator, first, evals, progress, stop)
+            coordinator.checkpoints.write_run_info(first + config.num_steps, config.seed)
+            halt, weights = _run_steps(config, coordinator, first, evals, progress, stop)
             if halt is None:
-                final_step = first + config.num_steps
-                evals.append(coordinator.evaluate(final_step))
-                weights = coordinator.fetch_weights(final_step)
                 if config.save_checkpoint:
                     coordinator.save_checkpoint(os.path.abspath(config.save_checkpoint))
             elif halt.checkpoint_wanted and coordinator.steps:
@@ -446,6 +490,10 @@ def train(
                 at_once=True,
                 checkpoint=halt.checkpoint if halt is not None else None,
             )
+        except RunFailed as failed:
+            failed.partial = _partial_report(config, coordinator, evals, failed)
+            failed.checkpoint = _last_checkpoint(config, coordinator)
+            raise
     finally:
         # A Ctrl-C here: Cluster.stop kills every actor on its way out; the report still follows.
         with contextlib.suppress(KeyboardInterrupt):
@@ -501,6 +549,8 @@ def train(
         else None,
         emulated=emulated,
         grouped=grouped,
+        faults=coordinator.supervisor.report() if coordinator is not None else [],
+        retries=coordinator.supervisor.retried if coordinator is not None else [],
     )
     if halt is None:
         return report
@@ -538,29 +588,52 @@ def _run_steps(
     evals: list[EvalRecord],
     progress: bool,
     stop: StopSignals | None,
-) -> _Halt | None:
-    """The training steps; a ``_Halt`` if they end early at a step boundary."""
-    bar = StepProgress(range(first, first + config.num_steps), enabled=progress)
-    for step in bar:
-        if stop is not None and stop.requested:
-            return _Halt(
-                reason=stop.name,
-                message=f"stopped at the boundary of step {step}",
-                exit_status=stop.exit_status,
-                checkpoint_wanted=True,
-            )
-        try:
-            record = coordinator.train_step(step)
-        except NonFiniteError as exc:
-            return _Halt(reason="nonfinite", message=str(exc), exit_status=ERROR_EXIT_STATUS)
-        bar.set_loss(record.loss)
-        if (
-            config.eval_every
-            and (step + 1 - first) % config.eval_every == 0
-            and step + 1 < first + config.num_steps
-        ):
-            evals.append(coordinator.evaluate(step + 1))
-    return None
+) -> tuple[_Halt | None, list | None]:
+    """The training steps, the final eval and weights; or a ``_Halt`` at a step boundary.
+
+    A MemoryX that came back from a checkpoint (``Rewind``) runs the steps since again.
+    """
+    final_step = first + config.num_steps
+    bar = StepProgress(range(first, final_step), enabled=progress)
+    step = first
+    try:
+        while True:
+            try:
+                while step < final_step:
+                    if stop is not None and stop.requested:
+                        return _Halt(
+                            reason=stop.name,
+                            message=f"stopped at the boundary of step {step}",
+                            exit_status=stop.exit_status,
+                            checkpoint_wanted=True,
+                        ), None
+                    try:
+                        record = coordinator.train_step(step)
+                    except NonFiniteError as exc:
+                        halt = _Halt(
+                            reason="nonfinite", message=str(exc), exit_status=ERROR_EXIT_STATUS
+                        )
+                        return halt, None
+                    coordinator.periodic_checkpoint(step, first)
+                    if (
+                        config.eval_every
+                        and (step + 1 - first) % config.eval_every == 0
+                        and step + 1 < final_step
+                    ):
+                        evals.append(coordinator.evaluate(step + 1))
+                    bar.advance(1)
+                    bar.set_loss(record.loss)
+                    step += 1
+                evals.append(coordinator.evaluate(final_step))
+                return None, coordinator.fetch_weights(final_step)
+            except Rewind as rewind:
+                # MemoryX came back from a checkpoint: the steps since are run again.
+                coordinator.rewind(rewind.step)
+                evals[:] = [e for e in evals if e.step <= rewind.step]
+                bar.advance(rewind.step - step)
+                step = rewind.step
+    finally:
+        bar.close()
 
 
 def _save_on_stop(config: ClusterConfig, coordinator: Coordinator, first: int) -> str | None:
@@ -572,3 +645,52 @@ def _save_on_stop(config: ClusterConfig, coordinator: Coordinator, first: int) -
     except (RpcError, OSError):  # MemoryX could not save, or the copy out of the run failed
         return None
     return path
+
+
+def _partial_report(
+    config: ClusterConfig, coordinator: Coordinator, evals: list[EvalRecord], failed: RunFailed
+) -> dict:
+    """The JSON report of a run that could not finish: the steps done so far and why it stopped."""
+    return {
+        "config": to_dict(config),
+        "completed": False,
+        "error": {
+            "message": str(failed),
+            "component": failed.component,
+            "step": failed.step,
+            "cause": failed.cause,
+        },
+        "final_loss": coordinator.steps[-1].loss if coordinator.steps else None,
+        "steps": [asdict(s) for s in coordinator.steps],
+        "evals": [asdict(e) for e in evals],
+        "faults": coordinator.supervisor.report(),
+        "retries": coordinator.supervisor.retried,
+    }
+
+
+def _last_checkpoint(config: ClusterConfig, coordinator: Coordinator) -> str | None:
+    """A checkpoint of the committed state, where the run keeps them; else the newest one.
+
+    MemoryX may be the component that failed, so this tries once and falls back to
+    the newest periodic checkpoint.
+    """
+    target = None
+    if config.checkpoint.dir is not None:
+        version = coordinator.steps[-1].step + 1 if coordinator.steps else None
+        if version is not None:
+            # Named as MemoryX names it: a directory for tiered or sharded MemoryX.
+            name = (
+                checkpoint_dir_name(version)
+                if config.memoryx.directory_checkpoints
+                else checkpoint_name(version)
+            )
+            target = os.path.join(os.path.abspath(config.checkpoint.dir), name)
+    elif config.save_checkpoint:
+        target = os.path.abspath(config.save_checkpoint)
+    if target is not None:
+        try:
+            coordinator.save_checkpoint(target)
+            return target
+        except Exception:  # noqa: BLE001 - MemoryX may be the component that is gone
+            pass
+    return coordinator.supervisor.latest_export

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 from memoryx.config import MemoryXConfig
@@ -43,6 +44,10 @@ class MemoryXActor:
 
     def get_address(self) -> str:
         return self.address
+
+    def pid(self) -> int:
+        """This actor's process id (fault-injection tests signal it)."""
+        return os.getpid()
 
     def stop(self) -> None:
         self.server.stop(grace=None)

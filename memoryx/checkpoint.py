@@ -72,8 +72,18 @@ def confined_path(directory: str | Path, name: str) -> Path:
     return path
 
 
-def save_checkpoint(store: ParameterStore, path: str | Path, *, extra: dict | None = None) -> None:
-    """Atomically write ``store`` (committed state only) and ``extra`` to ``path``."""
+def save_checkpoint(
+    store: ParameterStore,
+    path: str | Path,
+    *,
+    extra: dict | None = None,
+    committed_only: bool = False,
+) -> None:
+    """Atomically write ``store`` (committed state only) and ``extra`` to ``path``.
+
+    A step in flight is refused, or with ``committed_only`` left out (see
+    ``ParameterStore.state_dict``).
+    """
     path = Path(path)
     extra = {} if extra is None else extra
     _check_plain(extra, "extra")
@@ -81,7 +91,7 @@ def save_checkpoint(store: ParameterStore, path: str | Path, *, extra: dict | No
         "kind": CHECKPOINT_KIND,
         "format_version": CHECKPOINT_FORMAT_VERSION,
         "optimizer": to_dict(store.optimizer.config),
-        "store": store.state_dict(),
+        "store": store.state_dict(committed_only=committed_only),
         "extra": extra,
     }
     fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

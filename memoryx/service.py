@@ -314,18 +314,20 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
         store = self._require_store()
         if self.checkpoint_dir is None:
             raise StepConflict("this MemoryX was started without a checkpoint directory")
-        step = store.version(store.layer_ids.start)
         try:
             if self.memoryx.directory_checkpoints:
                 # This server's layers and part file, in a directory MemoryX names; the
                 # driver writes the manifest last, once every server has written its part.
+                step = store.version(store.layer_ids.start)
                 name = checkpoint_dir_name(step)
                 directory = confined_path(self.checkpoint_dir, name)
                 _, num_bytes = save_checkpoint_part(store, directory)
             else:
+                step = store.committed_step()
                 name = checkpoint_name(step)
                 path = confined_path(self.checkpoint_dir, name)
-                save_checkpoint(store, path, extra=self.checkpoint_extra)
+                # A run that failed mid-step still keeps its last committed state.
+                save_checkpoint(store, path, extra=self.checkpoint_extra, committed_only=True)
                 num_bytes = path.stat().st_size
         except ValueError as exc:
             raise StepConflict(str(exc)) from None

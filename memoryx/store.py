@@ -164,6 +164,11 @@ class ParameterStore:
         """Updates applied to ``layer`` so far (counting from the store's first step)."""
         return self._layer(layer).version
 
+    def committed_step(self) -> int:
+        """The step the committed state starts (every layer's version before a step in flight)."""
+        with self._all_locks():
+            return min(min(slot.snapshots, default=slot.version) for slot in self._layers)
+
     def weights(self, layer: int, step: int) -> dict[str, Tensor]:
         """Weights valid as input of step ``step``: the caller must not mutate them."""
         slot = self._layer(layer)
@@ -374,31 +379,40 @@ class ParameterStore:
                 f"instead of an uncommitted {step + 1} or {step}."
             )
 
-    def state_dict(self) -> dict:
-        """Committed weights, optimizer state and versions, as plain containers of tensors."""
+    def state_dict(self, *, committed_only: bool = False) -> dict:
+        """Committed weights, optimizer state and versions, as plain containers of tensors.
+
+        A step in flight (uncommitted snapshots) is refused, unless ``committed_only``:
+        then each layer it reached is saved as its snapshot from before the step.
+        """
         with self._all_locks():
             pending = {i: sorted(s.snapshots) for i, s in enumerate(self._layers) if s.snapshots}
-            if pending:
+            if pending and not committed_only:
                 raise ValueError(
                     f"cannot save uncommitted state: layers {sorted(pending)} still hold snapshots "
                     f"of steps {sorted({v for vs in pending.values() for v in vs})}; "
                     "commit the step first."
                 )
+            chosen = [
+                (min(slot.snapshots), slot.snapshots[min(slot.snapshots)])
+                if slot.snapshots
+                else (slot.version, slot.current)
+                for slot in self._layers
+            ]
             # Published versions are never written again, so references are a consistent copy.
             return {
                 "format_version": STATE_FORMAT_VERSION,
                 "layers": [
                     {
-                        "version": slot.version,
-                        "num_updates": slot.current.num_updates,
-                        "params": dict(slot.current.params),
-                        "masks": dict(slot.current.masks),
+                        "version": version,
+                        "num_updates": entry.num_updates,
+                        "params": dict(entry.params),
+                        "masks": dict(entry.masks),
                         "optimizer_state": {
-                            name: dict(state)
-                            for name, state in slot.current.optimizer_state.items()
+                            name: dict(state) for name, state in entry.optimizer_state.items()
                         },
                     }
-                    for slot in self._layers
+                    for version, entry in chosen
                 ],
             }
 

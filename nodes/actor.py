@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -54,6 +56,14 @@ class NodeActor:
 
     def get_address(self) -> str:
         return self.address
+
+    def pid(self) -> int:
+        """This actor's process id (fault-injection tests signal it)."""
+        return os.getpid()
+
+    def reshard(self, rank: int, num_nodes: int) -> None:
+        """Take shard ``rank`` of ``num_nodes`` (the cluster shrank after losing a node)."""
+        self.servicer.worker.reshard(rank, num_nodes)
 
     def connect(self, parent: str) -> None:
         self.servicer.connect(parent)

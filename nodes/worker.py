@@ -65,9 +65,6 @@ class NodeWorker:
     ):
         """``share`` is the span (start, stop) of the global batch this node trains on;
         None: the equal shard ``rank`` of ``num_nodes``."""
-        assert 0 <= rank < num_nodes
-        self.rank = rank
-        self.num_nodes = num_nodes
         self.layers = [strip_parameters(layer) for layer in layers]
         self.layouts = [layer_layout(layer) for layer in self.layers]
         self.dataset = dataset
@@ -75,16 +72,26 @@ class NodeWorker:
         self.backend = backend
         self.sampler = BatchSampler(dataset.num_train, batch_size, seed=seed)
         self.batch_size = batch_size
+        self.max_eval_samples = max_eval_samples
+        self.reshard(rank, num_nodes)
         self.share = share
-        num_eval = (
-            len(dataset.test_inputs)
-            if max_eval_samples is None
-            else min(max_eval_samples, len(dataset.test_inputs))
-        )
-        self._eval_index = torch.tensor_split(torch.arange(num_eval), num_nodes)[rank]
         self._flops: dict[tuple, float] = {}
         self._reset(step=-1)
         self.peak_activation_bytes = 0
+
+    def reshard(self, rank: int, num_nodes: int) -> None:
+        """Train and evaluate shard ``rank`` of ``num_nodes`` from now on (a cluster that shrank).
+
+        A shrunk cluster splits the batch equally, so a node-group span no longer applies.
+        """
+        assert 0 <= rank < num_nodes
+        self.rank = rank
+        self.num_nodes = num_nodes
+        self.share = None
+        num_eval = len(self.dataset.test_inputs)
+        if self.max_eval_samples is not None:
+            num_eval = min(self.max_eval_samples, num_eval)
+        self._eval_index = torch.tensor_split(torch.arange(num_eval), num_nodes)[rank]
 
     @property
     def num_layers(self) -> int:

@@ -14,9 +14,11 @@ each client takes the run's ``Security`` (token, TLS) for it.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import grpc
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from proto import memoryx_pb2_grpc as mgrpc
 from proto import node_pb2_grpc as ngrpc
@@ -64,9 +66,36 @@ CHECKPOINT_COPIES = 4
 _NO_DEADLINE_S = 1e9
 
 
-def timeout_for(num_bytes: int, base_s: float = CALL_TIMEOUT_S) -> float:
+def timeout_for(
+    num_bytes: int,
+    base_s: float = CALL_TIMEOUT_S,
+    min_rate_bytes_per_s: float = MIN_RATE_BYTES_PER_S,
+) -> float:
     """Deadline, in seconds, of a call that moves ``num_bytes`` of payload."""
-    return base_s + num_bytes / MIN_RATE_BYTES_PER_S
+    return base_s + num_bytes / min_rate_bytes_per_s
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """The constants deadlines are derived from (``runtime.rpc_timeout_s`` and friends)."""
+
+    #: Deadline of a call that moves no bulk data, and the fixed part of one that does, s.
+    call_timeout_s: float = CALL_TIMEOUT_S
+    #: The slowest transfer a healthy call still makes, bytes/s.
+    min_rate_bytes_per_s: float = MIN_RATE_BYTES_PER_S
+    #: The fixed part of a layer pass through the tree, s.
+    layer_timeout_s: float = LAYER_TIMEOUT_S
+
+    def for_bytes(self, num_bytes: int) -> float:
+        """Deadline of a call that moves ``num_bytes``, s."""
+        return timeout_for(num_bytes, self.call_timeout_s, self.min_rate_bytes_per_s)
+
+    def for_layer(self, num_bytes: int) -> float:
+        """Deadline of a layer pass through the tree that delivers ``num_bytes`` in all, s."""
+        return timeout_for(num_bytes, self.layer_timeout_s, self.min_rate_bytes_per_s)
+
+
+DEFAULT_DEADLINES = Deadlines()
 
 
 def wire_bytes(spec: Sequence[tuple[str, Sequence[int]]], dtype: str = "float32") -> int:
@@ -88,8 +117,9 @@ def time_left_s(context: grpc.ServicerContext) -> float:
 class MemoryXClient:
     """The parameter server, as the driver sees it."""
 
-    def __init__(self, address: str, security: Security):
+    def __init__(self, address: str, security: Security, deadlines: Deadlines = DEFAULT_DEADLINES):
         self.address = address
+        self.deadlines = deadlines
         self._stub = mgrpc.MemoryXStub(channel(address, security))
 
     def load_weights(
@@ -105,7 +135,9 @@ class MemoryXClient:
         """Load the initial weights, layer ``first_layer + i`` = ``layers[i]`` (sent as fp32),
         valid at ``step``; ``first_layer`` > 0 for a server that holds a later slice."""
         if timeout_s is None:
-            timeout_s = timeout_for(sum(t.numel() * 4 for layer in layers for t in layer.values()))
+            timeout_s = self.deadlines.for_bytes(
+                sum(t.numel() * 4 for layer in layers for t in layer.values())
+            )
 
         def messages():
             for index, tensors in enumerate(layers, start=first_layer):
@@ -120,8 +152,11 @@ class MemoryXClient:
 
         self._stub.LoadWeights(messages(), timeout=timeout_s)
 
-    def layout(self, *, timeout_s: float = CALL_TIMEOUT_S) -> ModelLayout:
-        return layout_from_wire(self._stub.Layout(EMPTY, timeout=timeout_s))
+    def layout(self, *, timeout_s: float | None = None) -> ModelLayout:
+        return layout_from_wire(self._stub.Layout(EMPTY, timeout=self._call(timeout_s)))
+
+    def _call(self, timeout_s: float | None) -> float:
+        return self.deadlines.call_timeout_s if timeout_s is None else timeout_s
 
     def fetch_layer(
         self,
@@ -136,7 +171,7 @@ class MemoryXClient:
         """The weights of ``layer`` at version ``step`` (tensors ``spec``), and the masks
         (True = pruned) of those that came as values + index."""
         if timeout_s is None:
-            timeout_s = timeout_for(wire_bytes(spec, dtype))
+            timeout_s = self.deadlines.for_bytes(wire_bytes(spec, dtype))
         stream = self._stub.StreamWeights(
             weights_request_to_wire(LayerRequest(layer, step, phase, dtype)), timeout=timeout_s
         )
@@ -148,61 +183,138 @@ class MemoryXClient:
             stream.cancel()  # a no-op once the stream is complete
         return assembler.finish(), assembler.masks
 
-    def commit_step(self, step: int, *, timeout_s: float = CALL_TIMEOUT_S) -> None:
-        self._stub.CommitStep(step_request_to_wire(step), timeout=timeout_s)
+    def commit_step(self, step: int, *, timeout_s: float | None = None) -> None:
+        self._stub.CommitStep(step_request_to_wire(step), timeout=self._call(timeout_s))
 
     def save_checkpoint(self, *, timeout_s: float | None = None) -> CheckpointInfo:
         """Write a checkpoint into the run's checkpoint directory, under a name MemoryX chooses."""
         if timeout_s is None:
             model_bytes = sum(wire_bytes(layer.spec) for layer in self.layout().layers)
-            timeout_s = timeout_for(CHECKPOINT_COPIES * model_bytes)
+            timeout_s = self.deadlines.for_bytes(CHECKPOINT_COPIES * model_bytes)
         reply = self._stub.SaveCheckpoint(checkpoint_request_to_wire(), timeout=timeout_s)
         return checkpoint_from_wire(reply)
 
-    def stats(self, *, timeout_s: float = CALL_TIMEOUT_S) -> TrafficStats:
-        return traffic_from_wire(self._stub.Stats(EMPTY, timeout=timeout_s))
+    def stats(self, *, timeout_s: float | None = None) -> TrafficStats:
+        return traffic_from_wire(self._stub.Stats(EMPTY, timeout=self._call(timeout_s)))
 
-    def reset_stats(self, *, timeout_s: float = CALL_TIMEOUT_S) -> None:
-        self._stub.ResetStats(EMPTY, timeout=timeout_s)
+    def reset_stats(self, *, timeout_s: float | None = None) -> None:
+        self._stub.ResetStats(EMPTY, timeout=self._call(timeout_s))
 
 
 class SwarmXClient:
     """A SwarmX node of the tree; ``run_layer`` only at the root."""
 
-    def __init__(self, address: str, security: Security):
+    def __init__(self, address: str, security: Security, deadlines: Deadlines = DEFAULT_DEADLINES):
         self.address = address
+        self.deadlines = deadlines
         self._stub = sgrpc.SwarmXStub(channel(address, security))
 
-    def run_layer(self, request: LayerRequest, *, timeout_s: float = LAYER_TIMEOUT_S) -> LayerAck:
+    def run_layer(self, request: LayerRequest, *, timeout_s: float | None = None) -> LayerAck:
         """Stream one layer from MemoryX through the tree; the sum of the nodes' answers."""
-        return ack_from_wire(self._stub.RunLayer(layer_request_to_wire(request), timeout=timeout_s))
+        return self.start_layer(request, timeout_s=timeout_s).result()
 
-    def stats(self, *, timeout_s: float = CALL_TIMEOUT_S) -> SwarmXStats:
-        return swarmx_stats_from_wire(self._stub.Stats(EMPTY, timeout=timeout_s))
+    def start_layer(self, request: LayerRequest, *, timeout_s: float | None = None) -> PendingLayer:
+        """``run_layer`` without waiting: the caller can watch the cluster's health meanwhile."""
+        if timeout_s is None:
+            timeout_s = self.deadlines.layer_timeout_s
+        return PendingLayer(
+            self._stub.RunLayer.future(layer_request_to_wire(request), timeout=timeout_s)
+        )
 
-    def reset_stats(self, *, timeout_s: float = CALL_TIMEOUT_S) -> None:
-        self._stub.ResetStats(EMPTY, timeout=timeout_s)
+    def stats(self, *, timeout_s: float | None = None) -> SwarmXStats:
+        return swarmx_stats_from_wire(
+            self._stub.Stats(EMPTY, timeout=_or(timeout_s, self.deadlines))
+        )
+
+    def reset_stats(self, *, timeout_s: float | None = None) -> None:
+        self._stub.ResetStats(EMPTY, timeout=_or(timeout_s, self.deadlines))
+
+
+class PendingLayer:
+    """A layer pass under way; ``result`` waits for its answer."""
+
+    def __init__(self, future: grpc.Future):
+        self._future = future
+
+    def result(self, timeout_s: float | None = None) -> LayerAck:
+        """The answer; ``TimeoutError`` if it has not come within ``timeout_s`` (the call goes on),
+        ``RpcError`` if the call failed."""
+        try:
+            return ack_from_wire(self._future.result(timeout=timeout_s))
+        except grpc.FutureTimeoutError:
+            raise TimeoutError from None
+
+    def cancel(self) -> None:
+        self._future.cancel()
+
+
+def _or(timeout_s: float | None, deadlines: Deadlines) -> float:
+    return deadlines.call_timeout_s if timeout_s is None else timeout_s
 
 
 class NodeClient:
     """A compute node's counters."""
 
-    def __init__(self, address: str, security: Security):
+    def __init__(self, address: str, security: Security, deadlines: Deadlines = DEFAULT_DEADLINES):
         self.address = address
+        self.deadlines = deadlines
         self._stub = ngrpc.ComputeNodeStub(channel(address, security))
 
-    def stats(self, *, timeout_s: float = CALL_TIMEOUT_S) -> NodeStats:
-        return node_stats_from_wire(self._stub.Stats(EMPTY, timeout=timeout_s))
+    def stats(self, *, timeout_s: float | None = None) -> NodeStats:
+        return node_stats_from_wire(self._stub.Stats(EMPTY, timeout=_or(timeout_s, self.deadlines)))
 
-    def reset_stats(self, *, timeout_s: float = CALL_TIMEOUT_S) -> None:
-        self._stub.ResetStats(EMPTY, timeout=timeout_s)
+    def reset_stats(self, *, timeout_s: float | None = None) -> None:
+        self._stub.ResetStats(EMPTY, timeout=_or(timeout_s, self.deadlines))
+
+
+#: How ``PendingHealth.problem`` starts when the answer did not come in time.
+HEALTH_TIMED_OUT = "no answer to its health check within the deadline"
+
+
+class HealthClient:
+    """The standard gRPC health check (``grpc.health.v1``) of any of the services."""
+
+    def __init__(self, address: str, security: Security):
+        self.address = address
+        self._stub = health_pb2_grpc.HealthStub(channel(address, security))
+
+    def start_check(self, timeout_s: float) -> PendingHealth:
+        """Ask without waiting, so that many components are probed at once."""
+        request = health_pb2.HealthCheckRequest(service="")
+        return PendingHealth(self._stub.Check.future(request, timeout=timeout_s))
+
+    def check(self, timeout_s: float) -> str | None:
+        """None if the service answers SERVING within ``timeout_s``; else why not."""
+        return self.start_check(timeout_s).problem()
+
+
+class PendingHealth:
+    def __init__(self, future: grpc.Future):
+        self._future = future
+
+    def problem(self) -> str | None:
+        """None if the answer is SERVING, else the reason (no answer in time, refused, ...)."""
+        try:
+            reply = self._future.result()
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                return f"{HEALTH_TIMED_OUT} (hung or overloaded)"
+            return f"health check failed: {exc.code().name}: {exc.details()}"
+        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+            return f"health check answered {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
+        return None
 
 
 __all__ = [
     "CALL_TIMEOUT_S",
+    "DEFAULT_DEADLINES",
+    "HEALTH_TIMED_OUT",
     "LAYER_TIMEOUT_S",
+    "Deadlines",
+    "HealthClient",
     "MemoryXClient",
     "NodeClient",
+    "PendingLayer",
     "RpcError",
     "SwarmXClient",
     "time_left_s",

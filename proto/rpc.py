@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health, health_pb2_grpc
 
 from proto.serde import WireError
 
@@ -94,7 +95,12 @@ def is_loopback(host: str) -> bool:
 def start_server(
     register: Callable[[grpc.Server], None], host: str, *, security: Security
 ) -> tuple[grpc.Server, str]:
-    """Start a guarded server on an OS-chosen port of ``host``; returns it and its ``host:port``."""
+    """Start a guarded server on an OS-chosen port of ``host``; returns it and its ``host:port``.
+
+    Every server also serves the standard gRPC health-checking service
+    (``grpc.health.v1.Health``, overall status SERVING, behind the same token
+    guard), which the driver polls to tell a dead or hung component from a slow one.
+    """
     guard = _Guard(security)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=security.max_streams + _UNARY_WORKERS),
@@ -102,6 +108,9 @@ def start_server(
         options=_OPTIONS,
     )
     register(server)
+    # Check is a tiny unary call on the server's pool: a live process answers it even
+    # while it streams layers; a stopped or dead one does not.
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
     if security.tls is not None:
         credentials = grpc.ssl_server_credentials(
             [(security.tls.key_pem, security.tls.cert_pem)], root_certificates=None

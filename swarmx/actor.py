@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from proto.rpc import Security, resolve_host, start_server
 from swarmx.service import SwarmXServicer, register
 
@@ -15,6 +17,10 @@ class SwarmXActor:
 
     def get_address(self) -> str:
         return self.address
+
+    def pid(self) -> int:
+        """This actor's process id (fault-injection tests signal it)."""
+        return os.getpid()
 
     def connect(
         self,

@@ -136,8 +136,15 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
         MemoryX by the first layer each holds: each layer goes to the server that owns it.
         A heterogeneous cluster gives ``dtype``, the weights' dtype arriving here, and
         ``child_dtypes``, what each child takes: weights are rounded per child on the way.
+        Called again when a neighbour was replaced: sums still open from the
+        interrupted pass can never complete, so they are ended first.
         """
         assert (parent is None) != (memoryx is None), "exactly one upstream: a parent or MemoryX"
+        with self._lock:
+            lingering = list(self._reducing.values())
+            self._reducing.clear()
+        for entry in lingering:
+            self._fail(entry, "the tree was rewired")
         self.children = tuple(children)
         self._child_stubs = [
             sgrpc.LayerSinkStub(channel(a, self.security)) for a in children.values()

@@ -384,8 +384,18 @@ def test_save_checkpoint_writes_a_file_that_restores(loaded, tmp_path):
         loaded.push(_gradient_stream(layer, 0))
     directory = tmp_path / "checkpoints"
     save = lambda: loaded.stub.SaveCheckpoint(mpb.CheckpointRequest(), timeout=TIMEOUT_S)  # noqa: E731
-    assert _code(save) == grpc.StatusCode.FAILED_PRECONDITION  # step 0 not committed
-    assert list(directory.iterdir()) == []
+    # Step 0 is in flight (not committed): the checkpoint holds the state before it,
+    # so that a run that fails mid-step still keeps its committed work.
+    first = save()
+    assert first.step == 0 and first.name == "step-00000000.pt"
+    before = MemoryX(checkpoint_dir=str(directory), resume=first.name)
+    try:
+        assert before.stub.Layout(pb.Empty(), timeout=TIMEOUT_S).step == 0
+        for layer in range(2):
+            _assert_weights_equal(before.weights(layer, 0), loaded.weights(layer, 0))
+    finally:
+        before.stop()
+    (directory / first.name).unlink()
     loaded.stub.CommitStep(mpb.StepRequest(step=0), timeout=TIMEOUT_S)
     reply = save()
     # The server chose the name, inside its checkpoint directory.

@@ -503,6 +503,20 @@ def test_state_dict_refuses_uncommitted_step() -> None:
         store.state_dict()
 
 
+def test_committed_state_dict_of_a_step_in_flight_is_the_state_before_it() -> None:
+    store = ParameterStore(_layers(), _adam())
+    before = store.state_dict()
+    last = store.num_layers - 1
+    store.apply_gradients(last, 0, _grads(store, last, seed=1))
+    assert store.committed_step() == 0
+    _assert_states_equal(store.state_dict(committed_only=True), before)
+    for layer in reversed(range(store.num_layers - 1)):
+        store.apply_gradients(layer, 0, _grads(store, layer, seed=layer))
+    store.commit(0)
+    assert store.committed_step() == 1
+    _assert_states_equal(store.state_dict(committed_only=True), store.state_dict())
+
+
 def test_from_state_dict_rejects_state_of_other_rule() -> None:
     store = ParameterStore(_layers(), Optimizer.Config(name="sgd", momentum=0.0).build())
     with pytest.raises(

@@ -1,0 +1,349 @@
+"""Fault handling: find a dead or hung component, replace it, and re-run the step.
+
+The driver watches the cluster in two ways:
+  - every RPC has a deadline derived from the bytes it moves (``proto.clients.Deadlines``);
+  - while a layer pass is under way, and whenever a step fails, every component's
+    standard gRPC health check (``grpc.health.v1``) is probed with a short deadline
+    (``runtime.health_timeout_s``); Ray's view of the actor (dead, or not answering)
+    is added to the cause.
+
+A compute node or SwarmX node that is lost is replaced by a new actor started
+with the original constructor arguments (same rank, data shard, seed and backend
+config), and the tree is rewired around it. A node's state is a function of the
+config, the seed, its rank and the weights MemoryX streams it, so the re-run of
+the interrupted step is bit-identical. A lost MemoryX is restarted from the
+newest periodic checkpoint (``checkpoint: {every_steps, dir, keep}``), or from
+the run's start, and the steps since are run again (``Rewind``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import ray
+
+from core.atomic import write_json_atomic
+from emulator.config import CheckpointConfig, RuntimeConfig
+from emulator.launch import MEMORYX, Cluster
+from memoryx.checkpoint import MANIFEST_NAME
+from proto.clients import HEALTH_TIMED_OUT as SLOW
+from proto.clients import Deadlines, HealthClient, MemoryXClient, RpcError
+
+
+def deadlines(runtime: RuntimeConfig) -> Deadlines:
+    """The RPC deadline constants of ``runtime``."""
+    return Deadlines(
+        call_timeout_s=runtime.rpc_timeout_s,
+        min_rate_bytes_per_s=runtime.min_bandwidth_bytes_per_s,
+        layer_timeout_s=runtime.layer_timeout_s,
+    )
+
+
+class ComponentLost(Exception):
+    """Health probes found components dead or hung: name -> cause."""
+
+    def __init__(self, problems: dict[str, str]):
+        self.problems = problems
+        super().__init__("; ".join(f"{n}: {why}" for n, why in problems.items()))
+
+
+class Rewind(Exception):
+    """MemoryX was restarted from an earlier state: the run continues from ``step``."""
+
+    def __init__(self, step: int):
+        self.step = step
+        super().__init__(f"MemoryX restarted at step {step}")
+
+
+class RunFailed(Exception):
+    """The run cannot go on; the message is one paragraph naming component, step and cause.
+
+    ``partial`` is set by ``train``: the report of the steps done so far.
+    """
+
+    def __init__(self, message: str, *, component: str, step: int, cause: str):
+        super().__init__(message)
+        self.component = component
+        self.step = step
+        self.cause = cause
+        self.partial: dict | None = None
+        self.checkpoint: str | None = None
+
+
+@dataclass
+class Restart:
+    """One replaced component: what was lost, when, why and how long recovery took."""
+
+    component: str
+    step: int
+    cause: str
+    #: Wall-clock time (time.time()) the loss was detected, s.
+    detected_at_s: float
+    #: Seconds to start the replacement and rewire the tree, s.
+    restart_s: float
+    #: Wall-clock time the step it interrupted finished on the repaired cluster, s.
+    step_done_at_s: float | None = None
+    #: "replaced", or "shrunk" (runtime.on_node_loss: shrink; the survivors took its shard).
+    action: str = "replaced"
+
+
+def _checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}.pt"
+
+
+#: A periodic checkpoint: a file, or a directory of a tiered or sharded MemoryX.
+_CHECKPOINT_RE = re.compile(r"^step-(\d{8})(\.pt)?$")
+RUN_INFO = "run.json"
+
+
+class CheckpointDir:
+    """The run's periodic checkpoints: ``DIR/step-<k>.pt`` (MemoryX at version k), newest ``keep``.
+
+    A checkpoint holds the weights, optimizer state, masks and per-layer versions
+    (``memoryx.checkpoint``). The step is the whole data position and RNG state:
+    batches are ``BatchSampler(seed).shard(step, rank)`` and every random draw
+    (dropout, device noise, mask regrowth) is seeded by (seed, rank, step, layer).
+    ``run.json`` beside them records the step the run ends at, for ``--resume DIR``.
+    """
+
+    def __init__(self, config: CheckpointConfig):
+        self.config = config
+        self.dir = Path(config.dir) if config.dir is not None else None
+
+    def check_writable(self) -> None:
+        """ValueError, before any actor starts, if checkpoints could not be written."""
+        if self.dir is None:
+            return
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            probe = self.dir / ".write-test"
+            probe.write_bytes(b"x")
+            probe.unlink()
+        except OSError as exc:
+            raise ValueError(
+                f"checkpoint.dir = {str(self.dir)!r} is not a writable directory ({exc.strerror}); "
+                "choose a directory this user can write, or leave checkpoint.dir unset."
+            ) from None
+
+    def write_run_info(self, final_step: int, seed: int) -> None:
+        if self.dir is not None:
+            write_json_atomic(self.dir / RUN_INFO, {"final_step": final_step, "seed": seed})
+
+    def due(self, step_done: int, first_step: int) -> bool:
+        """True if a checkpoint is due after step ``step_done`` finished."""
+        every = self.config.every_steps
+        return bool(self.dir is not None and every and (step_done + 1 - first_step) % every == 0)
+
+    def save(
+        self, save_in_run_dir: Callable[[], str], export: Callable[[str, Path], None]
+    ) -> tuple[str, str]:
+        """``save_in_run_dir`` has MemoryX save its committed state in the run directory
+        and returns its name; ``export`` copies it (atomically) here. Returns the copy's
+        path and MemoryX's name for it (a file, or a directory for tiered or sharded MemoryX)."""
+        assert self.dir is not None
+        name = save_in_run_dir()
+        path = (self.dir / name).resolve()
+        export(name, path)
+        for old in self.list()[: -self.config.keep]:
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
+        return str(path), name
+
+    def list(self) -> list[Path]:
+        """Checkpoints in the directory, oldest first."""
+        if self.dir is None or not self.dir.is_dir():
+            return []
+        return sorted(p for p in self.dir.iterdir() if _CHECKPOINT_RE.match(p.name))
+
+
+def newest_checkpoint(directory: str | Path) -> tuple[str, int | None]:
+    """The newest ``step-<k>.pt`` (or directory ``step-<k>``) in ``directory`` and the run's final step (``run.json``)."""
+    directory = Path(directory)
+    # A directory checkpoint is whole once its manifest is there (written last).
+    found = sorted(
+        p
+        for p in directory.iterdir()
+        if _CHECKPOINT_RE.match(p.name) and (p.is_file() or (p / MANIFEST_NAME).is_file())
+    )
+    if not found:
+        raise ValueError(
+            f"resume = {str(directory)!r} is a directory without checkpoints (step-<k>.pt); "
+            "point it at a checkpoint file or at a run's checkpoint.dir."
+        )
+    final_step = None
+    info = directory / RUN_INFO
+    if info.is_file():
+        final_step = int(json.loads(info.read_text())["final_step"])
+    return str(found[-1].resolve()), final_step
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    match = _CHECKPOINT_RE.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+@dataclass
+class Supervisor:
+    """Finds lost components and replaces them, within ``runtime.max_restarts``."""
+
+    cluster: Cluster
+    runtime: RuntimeConfig
+    checkpoints: CheckpointDir
+    #: Called after MemoryX restarted empty (no checkpoint to load): reload the initial weights.
+    reload_weights: Callable[[], None] | None = None
+    #: The global batch (shrinking needs it to divide across the surviving nodes), samples.
+    batch_size: int = 0
+    restarts: list[Restart] = field(default_factory=list)
+    #: Failures after which every component answered: the step was simply run again.
+    retried: list[dict] = field(default_factory=list)
+    #: The newest periodic checkpoint, by MemoryX's name for it in the run directory (what a
+    #: new MemoryX resumes from); None: the original arguments (the run's start or --resume).
+    latest_checkpoint: str | None = None
+    #: Path of the newest periodic checkpoint's copy in ``checkpoint.dir``.
+    latest_export: str | None = None
+
+    def probe(self) -> dict[str, str]:
+        """Components that are dead or hung: name -> cause.
+
+        A component is lost if its health check fails at once (refused: the process is
+        gone), or if it times out and the actor does not answer Ray within the same
+        timeout either (stopped or hung). A health check that is merely slow while Ray
+        still reaches the process means an overloaded machine, not a lost component.
+        """
+        timeout_s = self.runtime.health_timeout_s
+        pending = {
+            name: HealthClient(address, self.cluster.security).start_check(timeout_s)
+            for name, address in self.cluster.addresses.items()
+        }
+        problems = {name: p.problem() for name, p in pending.items()}
+        lost = {}
+        for name, why in problems.items():
+            if why is None:
+                continue
+            verdict = self._ray_verdict(name)
+            if verdict is None and why.startswith(SLOW):
+                continue
+            lost[name] = why if verdict is None else f"{why}; {verdict}"
+        return lost
+
+    def _ray_verdict(self, name: str) -> str | None:
+        """What Ray knows of the actor (dead, or not answering); None if it answers."""
+        try:
+            ray.get(self.cluster.handle(name).pid.remote(), timeout=self.runtime.health_timeout_s)
+        except ray.exceptions.RayActorError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return f"Ray reports the actor dead ({first})"
+        except ray.exceptions.GetTimeoutError:
+            return "its process does not answer Ray either (stopped or hung)"
+        return None
+
+    def recover(self, step: int, error: BaseException) -> list[str]:
+        """Replace every lost component after ``error`` ended a pass of ``step``.
+
+        Returns the names replaced (empty: everything answers, so the failure was
+        transient and the step is simply run again). Raises ``RunFailed`` when the
+        restart budget is spent, ``Rewind`` when MemoryX came back at an earlier step.
+        """
+        problems = error.problems if isinstance(error, ComponentLost) else self.probe()
+        rewind_to: int | None = None
+        for name, cause in problems.items():
+            if len(self.restarts) >= self.runtime.max_restarts:
+                raise RunFailed(
+                    f"{name} was lost during step {step} ({cause}), and the run has already "
+                    f"replaced {len(self.restarts)} components, runtime.max_restarts = "
+                    f"{self.runtime.max_restarts}; raise runtime.max_restarts or find why "
+                    "components fail (see the Ray logs of the session).",
+                    component=name,
+                    step=step,
+                    cause=cause,
+                )
+            detected = time.time()
+            started = time.perf_counter()
+            action = "replaced"
+            try:
+                if self.cluster.is_memoryx(name):
+                    if not self.cluster.memoryx_recoverable:
+                        raise RunFailed(
+                            f"{name} was lost during step {step} ({cause}). MemoryX recovery "
+                            "needs memoryx.num_servers = 1 and no memoryx.spill_dir (this run "
+                            f"has {len(self.cluster.memoryx_servers)} servers or a disk tier), "
+                            "so the run ends here; rerun from the newest checkpoint with "
+                            "--resume.",
+                            component=name,
+                            step=step,
+                            cause=cause,
+                        )
+                    rewind_to = self._restart_memoryx()
+                elif self._can_shrink(name):
+                    self.cluster.drop_node(name)
+                    action = "shrunk"
+                else:
+                    self.cluster.restart(name)
+            except (RuntimeError, ValueError, ray.exceptions.RayError) as exc:
+                raise RunFailed(
+                    f"{name} was lost during step {step} ({cause}), and its replacement failed: "
+                    f"{exc}",
+                    component=name,
+                    step=step,
+                    cause=cause,
+                ) from None
+            self.restarts.append(
+                Restart(name, step, cause, detected, time.perf_counter() - started, action=action)
+            )
+        if rewind_to is not None and rewind_to != step:
+            raise Rewind(rewind_to)
+        return list(problems)
+
+    def _can_shrink(self, name: str) -> bool:
+        """``on_node_loss: shrink``, a compute node, and the global batch divides across the rest."""
+        survivors = len(self.cluster.nodes) - 1
+        return (
+            self.runtime.on_node_loss == "shrink"
+            and name in self.cluster.node_names
+            and survivors >= 1
+            and self.batch_size % survivors == 0
+        )
+
+    def _restart_memoryx(self) -> int:
+        """A new MemoryX from the newest checkpoint (or the run's start); its step."""
+        changes = {"resume": self.latest_checkpoint} if self.latest_checkpoint else {}
+        address = self.cluster.restart(MEMORYX, **changes)
+        client = MemoryXClient(address, self.cluster.security, deadlines(self.runtime))
+        try:
+            return client.layout().step
+        except RpcError:  # an empty MemoryX answers FAILED_PRECONDITION
+            if self.reload_weights is None:
+                raise
+        self.reload_weights()
+        return client.layout().step
+
+    def step_done(self, step: int) -> None:
+        """Stamp the restarts that interrupted ``step`` with the time the step finished."""
+        now = time.time()
+        for restart in self.restarts:
+            if restart.step_done_at_s is None:
+                restart.step_done_at_s = now
+
+    def report(self) -> list[dict]:
+        return [asdict(r) for r in self.restarts]
+
+
+__all__ = [
+    "CheckpointDir",
+    "ComponentLost",
+    "Restart",
+    "Rewind",
+    "RunFailed",
+    "Supervisor",
+    "checkpoint_step",
+    "deadlines",
+    "newest_checkpoint",
+]

@@ -1,0 +1,119 @@
+"""Fault-handling pieces without Ray: configs, the checkpoint directory, resume of a directory."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from emulator.config import load_config
+from emulator.faults import CheckpointDir, checkpoint_step, deadlines, newest_checkpoint
+from emulator.train import resolve_resume
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("runtime.health_timeout_s", 0),
+        ("runtime.rpc_timeout_s", -1.0),
+        ("runtime.min_bandwidth_bytes_per_s", float("inf")),
+        ("runtime.max_restarts", -1),
+    ],
+)
+def test_bad_runtime_liveness_settings_name_the_field(key, value):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        load_config(overrides={key: value})
+
+
+def test_deadlines_come_from_runtime():
+    config = load_config(
+        overrides={"runtime.rpc_timeout_s": 5.0, "runtime.min_bandwidth_bytes_per_s": 1000.0}
+    )
+    assert deadlines(config.runtime).for_bytes(0) == 5.0
+    assert deadlines(config.runtime).for_bytes(2000) == 7.0
+    assert deadlines(config.runtime).for_layer(1000) == config.runtime.layer_timeout_s + 1.0
+
+
+def test_periodic_checkpoints_need_a_directory():
+    with pytest.raises(ValueError, match=r"checkpoint\.every_steps = 5 needs checkpoint\.dir"):
+        load_config(overrides={"checkpoint.every_steps": 5})
+    with pytest.raises(ValueError, match=r"checkpoint\.keep = 0"):
+        load_config(overrides={"checkpoint.keep": 0})
+
+
+def test_unwritable_checkpoint_dir_is_caught_up_front(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    config = load_config(overrides={"checkpoint.dir": str(blocker / "sub")})
+    with pytest.raises(ValueError, match=r"checkpoint\.dir = .* is not a writable directory"):
+        CheckpointDir(config.checkpoint).check_writable()
+    ok = load_config(overrides={"checkpoint.dir": str(tmp_path / "new" / "dir")})
+    CheckpointDir(ok.checkpoint).check_writable()
+    assert (tmp_path / "new" / "dir").is_dir()
+
+
+def test_checkpoints_are_due_every_n_steps_from_the_first():
+    config = load_config(overrides={"checkpoint.every_steps": 3, "checkpoint.dir": "unused"})
+    due = [s for s in range(10, 20) if CheckpointDir(config.checkpoint).due(s, first_step=10)]
+    assert due == [12, 15, 18]
+
+
+def _run_dir(tmp_path, steps, final_step):
+    directory = tmp_path / "ckpt"
+    directory.mkdir()
+    for step in steps:
+        (directory / f"step-{step:08d}.pt").write_bytes(b"")
+    (directory / ".step-00000099.pt.tmp").write_bytes(b"")  # a save that never finished
+    (directory / "run.json").write_text(json.dumps({"final_step": final_step, "seed": 0}))
+    return directory
+
+
+def test_newest_checkpoint_and_the_steps_left(tmp_path):
+    directory = _run_dir(tmp_path, [4, 8], final_step=20)
+    path, final_step = newest_checkpoint(directory)
+    assert checkpoint_step(path) == 8 and final_step == 20
+    config = resolve_resume(load_config(overrides={"resume": str(directory), "num_steps": 20}))
+    assert config.resume == path and config.num_steps == 12
+    auto = resolve_resume(
+        load_config(overrides={"resume": "auto", "checkpoint.dir": str(directory)})
+    )
+    assert auto.resume == path and auto.num_steps == 12
+
+
+def test_resume_of_a_finished_or_empty_run_dir_says_so(tmp_path):
+    directory = _run_dir(tmp_path, [20], final_step=20)
+    with pytest.raises(ValueError, match="already finished"):
+        resolve_resume(load_config(overrides={"resume": str(directory)}))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="without checkpoints"):
+        resolve_resume(load_config(overrides={"resume": str(empty)}))
+    with pytest.raises(ValueError, match=r"resume = 'auto' needs checkpoint\.dir"):
+        resolve_resume(load_config(overrides={"resume": "auto"}))
+
+
+def test_cli_prints_one_paragraph_keeps_the_report_and_exits_1(tmp_path, monkeypatch, capsys):
+    import emulator.train
+    from emulator.cli import main
+    from emulator.faults import RunFailed
+
+    def fails(config, progress):
+        failed = RunFailed(
+            "node-1 was lost during step 2 (refused), and the run has already replaced 0 "
+            "components, runtime.max_restarts = 0; raise runtime.max_restarts.",
+            component="node-1",
+            step=2,
+            cause="refused",
+        )
+        failed.partial = {"completed": False, "steps": [{"step": 0}, {"step": 1}]}
+        failed.checkpoint = str(tmp_path / "step-00000002.pt")
+        raise failed
+
+    monkeypatch.setattr(emulator.train, "train", fails)
+    report = tmp_path / "report.json"
+    status = main(["train", "--quiet", "--json", str(report)])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "node-1" in err and "step 2" in err and "step-00000002.pt" in err
+    assert json.loads(report.read_text())["steps"] == [{"step": 0}, {"step": 1}]
