@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from core.precision import PRECISIONS
 from proto import tensor_pb2 as pb
 from proto.domain import Chunk, Header, Phase, StreamItem
 
@@ -35,10 +36,10 @@ assert sys.byteorder == "little", "raw tensor bytes on the wire are little-endia
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 
+#: The dtypes tensors travel in, by wire name: the precisions of ``core.precision`` that
+#: torch has (one vocabulary; cbfloat16 exists only in the cost model).
 WIRE_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
+    fmt.wire_name: fmt.torch_dtype for fmt in PRECISIONS.values() if fmt.wire_name is not None
 }
 
 DENSE = ("", "dense")  # encodings of a plain tensor (proto3 default "")
