@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from emulator.config import ClusterConfig
-from emulator.launch import check_address, check_bind_host
+from emulator.runtime import check_address, check_bind_host
 from memoryx.checkpoint import load_checkpoint
 
 

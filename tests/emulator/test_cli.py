@@ -34,7 +34,7 @@ def wafer(*args: str, timeout: float = 300, env: dict | None = None) -> subproce
 def test_unreachable_ray_address_is_a_clear_error(monkeypatch):
     import ray
 
-    from emulator import launch
+    from emulator import runtime
 
     def refuse(**kwargs):
         raise ConnectionError(f"Failed to connect to Ray cluster at {kwargs['address']}")
@@ -42,7 +42,7 @@ def test_unreachable_ray_address_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", refuse)
     with pytest.raises(ValueError, match=r"runtime.address = '10.0.0.9:6379'.*ray start --head"):
-        launch.ensure_ray("10.0.0.9:6379")
+        runtime.ensure_ray("10.0.0.9:6379")
 
 
 def _one_paragraph_error(result: subprocess.CompletedProcess, *needles: str) -> str:

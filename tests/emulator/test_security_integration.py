@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from emulator.config import RuntimeConfig, TlsConfig, load_config
-from emulator.launch import client_security, run_security
+from emulator.runtime import client_security, run_security
 from emulator.train import train
 from memoryx.checkpoint import load_checkpoint
 from proto import memoryx_pb2_grpc as mgrpc
