@@ -26,6 +26,8 @@ class StopSignals:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        #: False once the steps are over: a second signal then no longer cuts the report short.
+        self.armed = True
         self._previous: dict[int, Any] = {}
 
     @property
@@ -48,6 +50,15 @@ class StopSignals:
             previous = signal.signal(signum, self._handle)
             self._previous.setdefault(signum, previous)
 
+    def finishing(self) -> None:
+        """The steps are over; what is left (stopping the actors, the report) runs to the end.
+
+        A signal's handler runs when the main thread is back in Python, which can be
+        after a blocking call it arrived during: a KeyboardInterrupt raised then would
+        lose the report of the steps done.
+        """
+        self.armed = False
+
     def restore(self) -> None:
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
@@ -63,6 +74,9 @@ class StopSignals:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         # os.write, not print: the interrupted code may be inside a print to stderr itself.
         if self.signum is not None:
+            if not self.armed:
+                os.write(2, b"\nwafer: second signal: stopping now, writing the report\n")
+                return
             os.write(2, b"\nwafer: second signal: stopping now, mid-step (no checkpoint)\n")
             raise KeyboardInterrupt
         self.signum = signum

@@ -495,6 +495,8 @@ def train(
             failed.checkpoint = _last_checkpoint(config, coordinator)
             raise
     finally:
+        if stop is not None:
+            stop.finishing()  # from here a signal must not cut the report short
         # A Ctrl-C here: Cluster.stop kills every actor on its way out; the report still follows.
         with contextlib.suppress(KeyboardInterrupt):
             cluster.stop()
