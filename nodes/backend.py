@@ -116,6 +116,17 @@ class Backend(ABC):
     ) -> tuple[Tensor | None, dict[str, Tensor]]:
         """Gradient w.r.t. the layer input (None for integer inputs) and w.r.t. each parameter."""
 
+    def begin_pass(self, step: int, kind: int) -> None:
+        """A pass over the layers starts: ``kind`` 0 is an evaluation at version ``step``, 1 the
+        forward of training step ``step`` (an evaluation at version k runs before step k).
+
+        A pass that does not come after the last one begun is a re-run (a step retried after a
+        failure, or a run rewound to a checkpoint): a backend with state between passes (PCM
+        weight-stationary arrays) goes back to what it held when that pass first began, so the
+        re-run is bit-identical. Stateless backends ignore it.
+        """
+        return None
+
     def stats(self) -> dict[str, float]:
         """Named backend counters since the node started (e.g. programming energy), for reports.
 

@@ -20,6 +20,9 @@ from core.cost.profile import block_flops
 from core.data import BatchSampler, Dataset, loss_sum, num_correct, num_targets
 from nodes.backend import Backend
 
+#: ``Backend.begin_pass`` kinds, in the order they run at one version: evaluation, then training.
+EVAL_PASS, TRAIN_PASS = 0, 1
+
 
 class NodeStateError(Exception):
     """The node was asked for a pass out of order (e.g. backward before forward)."""
@@ -152,6 +155,7 @@ class NodeWorker:
     def forward(self, layer: int, step: int, params: dict[str, Tensor]) -> LayerResult:
         if layer == 0:
             self._reset(step)
+            self.backend.begin_pass(step, TRAIN_PASS)
             if self.share is None:
                 index = self.sampler.shard(step, self.rank, self.num_nodes)
             else:
@@ -226,6 +230,7 @@ class NodeWorker:
 
     def evaluate(self, layer: int, step: int, params: dict[str, Tensor]) -> LayerResult:
         if layer == 0:
+            self.backend.begin_pass(step, EVAL_PASS)
             self._eval_x = self.dataset.test_inputs[self._eval_index]
         elif getattr(self, "_eval_x", None) is None:
             raise NodeStateError(

@@ -48,7 +48,7 @@ returned by ``stats()``. Counters are cumulative over the node's life (wear is).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -170,11 +170,18 @@ class PcmBackend(Backend):
         )
         #: Emulated seconds this node's arrays have been busy (programming and reading).
         self.clock_s = 0.0
+        #: The same clock in whole femtoseconds: the age of a programmed matrix is a difference
+        #: of these, exact whatever the clock's magnitude, so a replacement node whose clock
+        #: started later reads arrays of the same age bit-identically.
+        self._clock_fs = 0
         self._programmed: dict[tuple[int, str], ProgrammedMatrix] = {}
+        self._programmed_at_fs: dict[tuple[int, str], int] = {}
         self._wear: dict[tuple[int, str], WriteCycleCounter] = {}
         #: Per matrix: (t_inference of the last reference read, its compensation factor).
         self._compensation: dict[tuple[int, str], tuple[float, Tensor]] = {}
         self._counters: dict[str, float] = {}
+        #: The last pass begun (step, kind) and what the arrays held then (``begin_pass``).
+        self._pass_start: tuple[tuple[int, int], _ArrayState] | None = None
 
     # ---- Backend interface -------------------------------------------------------------
 
@@ -194,6 +201,43 @@ class PcmBackend(Backend):
         docstring says what is counted and why. ``nodes.pcm.modes.BackwardPass`` runs it.
         """
         return self.backward_pass.backward(self, layer, block, params, x, grad_y)
+
+    def begin_pass(self, step: int, kind: int) -> None:
+        """Remember what the arrays hold as pass (step, kind) begins; on a re-run, go back to it.
+
+        Only weight-stationary arrays outlive a pass; streaming mode programs every matrix
+        when it is used. The arrays, their programming times and drift compensation and the
+        clock go back (a re-run reads exactly what the first attempt read); wear and the
+        counters keep the aborted attempt's writes and reads, which the devices did take. An
+        older pass (a rewind to a checkpoint) starts from empty arrays: every matrix is
+        programmed afresh, as it was then unless an earlier pass had left it resident.
+        """
+        if not self.operating_mode.arrays_outlive_a_pass:
+            return
+        key = (step, kind)
+        if self._pass_start is not None and key <= self._pass_start[0]:
+            began, state = self._pass_start
+            self._restore(
+                state
+                if began == key
+                else _ArrayState(clock_s=self.clock_s, clock_fs=self._clock_fs)
+            )
+        self._pass_start = (key, self._array_state())
+
+    def _array_state(self) -> _ArrayState:
+        return _ArrayState(
+            programmed=dict(self._programmed),
+            programmed_at_fs=dict(self._programmed_at_fs),
+            compensation=dict(self._compensation),
+            clock_s=self.clock_s,
+            clock_fs=self._clock_fs,
+        )
+
+    def _restore(self, state: _ArrayState) -> None:
+        self._programmed = dict(state.programmed)
+        self._programmed_at_fs = dict(state.programmed_at_fs)
+        self._compensation = dict(state.compensation)
+        self.clock_s, self._clock_fs = state.clock_s, state.clock_fs
 
     def stats(self) -> dict[str, float]:
         stats = dict(self._counters)
@@ -226,7 +270,15 @@ class PcmBackend(Backend):
     def advance_clock(self, seconds: float) -> None:
         """Let ``seconds`` of emulated time pass (programmed arrays drift meanwhile)."""
         check_drift_time(seconds)
+        self._tick(seconds)
+
+    def _tick(self, seconds: float) -> None:
         self.clock_s += seconds
+        self._clock_fs += round(seconds * _FS_PER_S)
+
+    def _age_s(self, key: tuple[int, str]) -> float:
+        """Emulated seconds since matrix ``key`` was programmed (exact: a difference of ints)."""
+        return (self._clock_fs - self._programmed_at_fs[key]) / _FS_PER_S
 
     # ---- Internals ---------------------------------------------------------------------
 
@@ -281,12 +333,13 @@ class PcmBackend(Backend):
         self._count("pcm.program_energy_j", cost.energy_j)
         self._count(f"pcm.layer.{layer}.program_time_s", cost.time_s)
         self._count(f"pcm.layer.{layer}.program_energy_j", cost.energy_j)
-        self.clock_s += cost.time_s
+        self._tick(cost.time_s)
         if self.config.device.drift_compensation.kind != "none":
             # program_layer read the compensation baseline with one-hot inputs.
             self._count_reads(programmed, programmed.num_inputs, "pcm.calibration")
         programmed = replace(programmed, programmed_at_s=self.clock_s)
         self._programmed[key] = programmed
+        self._programmed_at_fs[key] = self._clock_fs
         # The baseline was read right now, so the factor is 1 until the arrays drift.
         self._compensation[key] = (0.0, torch.ones(()))
         return programmed
@@ -314,7 +367,7 @@ class PcmBackend(Backend):
         self._count(f"{prefix}_macs", cost.num_macs)
         self._count(f"{prefix}_time_s", cost.time_s)
         self._count(f"{prefix}_energy_j", cost.energy_j)
-        self.clock_s += cost.time_s
+        self._tick(cost.time_s)
 
     def _drift_scale(
         self, key: tuple[int, str], t_inference: float, gen: torch.Generator
@@ -349,7 +402,7 @@ class PcmBackend(Backend):
         """
         with uncounted():
             programmed = self._program(layer, name, w_OI.detach(), gen)
-            t_inference = self.config.drift_time_s + (self.clock_s - programmed.programmed_at_s)
+            t_inference = self.config.drift_time_s + self._age_s((layer, name))
             self._count_reads(
                 programmed, x_BI.shape[0], "pcm.mvm_recompute" if autograd else "pcm.mvm"
             )
@@ -378,6 +431,21 @@ class PcmBackend(Backend):
                 gen,
                 lambda: self._drift_scale((layer, name), t_inference, gen),
             )
+
+
+#: Femtoseconds per second: the exact clock's unit (a Python int never overflows).
+_FS_PER_S = 10**15
+
+
+@dataclass
+class _ArrayState:
+    """What weight-stationary arrays hold between passes (shared, never mutated, tensors)."""
+
+    programmed: dict = field(default_factory=dict)
+    programmed_at_fs: dict = field(default_factory=dict)
+    compensation: dict = field(default_factory=dict)
+    clock_s: float = 0.0
+    clock_fs: int = 0
 
 
 def _matrix_shape(programmed: ProgrammedMatrix) -> tuple[int, int]:

@@ -54,6 +54,8 @@ class OperatingMode(ABC):
     #: Whether a layer's analog backward finds its arrays overwritten by the later layers
     #: (and programs them again).
     reprograms_for_backward: ClassVar[bool]
+    #: Whether a matrix programmed in one pass can still be read in a later one.
+    arrays_outlive_a_pass: ClassVar[bool]
 
     @abstractmethod
     def check_fit(
@@ -87,6 +89,7 @@ class Streaming(OperatingMode):
 
     name = "streaming"
     reprograms_for_backward = True
+    arrays_outlive_a_pass = False
 
     def check_fit(self, placement, weight_shapes_OI) -> None:
         return None  # one layer at a time: any model fits
@@ -107,6 +110,7 @@ class WeightStationaryMode(OperatingMode):
 
     name = "weight-stationary"
     reprograms_for_backward = False
+    arrays_outlive_a_pass = True
 
     def check_fit(self, placement, weight_shapes_OI) -> None:
         placement.place(weight_shapes_OI)

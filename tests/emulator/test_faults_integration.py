@@ -104,6 +104,34 @@ def test_lost_node_or_swarmx_is_replaced_bit_identically(clean_run, target, when
     assert report.steps[when[0]].num_attempts == 2
 
 
+# Backends whose nodes hold more than the weights MemoryX streams them: PCM weight-stationary
+# arrays keep each matrix, its programming noise and its drift between passes (the lost node's
+# neighbours go back to what they held when the step began, the replacement programs the same
+# noise from the same seeds, and an evaluation's arrays are read at the same exact age); a
+# photonic node's fabrication errors come from backend.seed, whichever process builds it.
+STATEFUL_BACKENDS = {
+    "pcm-weight-stationary": {
+        "backend.kind": "pcm",
+        "backend.mode": "weight-stationary",
+        "backend.weight_stationary.num_chips": 4,
+        # Step 2 reads the arrays the evaluation at version 2 programmed after the loss.
+        "eval_every": 2,
+    },
+    "photonic": {"backend.kind": "photonic"},
+}
+
+
+@pytest.mark.parametrize("backend", list(STATEFUL_BACKENDS))
+def test_node_with_device_state_is_replaced_bit_identically(ray_session, backend):
+    extra = STATEFUL_BACKENDS[backend]
+    clean = train(_config(**extra), progress=False)
+    report = _run(Chaos("node-1", (1, 1, "forward"), "SIGKILL"), **extra)
+    _assert_identical(report, clean)
+    assert [e.step for e in report.evals] == [e.step for e in clean.evals]
+    assert [e.loss for e in report.evals] == [e.loss for e in clean.evals]
+    assert [f["component"] for f in report.faults] == ["node-1"]
+
+
 def test_memoryx_restarts_from_the_newest_checkpoint(clean_run, tmp_path):
     # Killed in step 3's update, after the checkpoint at step 2: steps 2 and 3 run again.
     chaos = Chaos("memoryx", (3, 1, "backward"), "SIGKILL")

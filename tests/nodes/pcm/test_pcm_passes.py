@@ -1,0 +1,103 @@
+"""Weight-stationary arrays across passes: a re-run reads what the first attempt read, and a
+replacement node reads what the lost node would have (nodes/pcm/backend.py ``begin_pass``).
+
+A node seeds torch per (seed, rank, step, layer) before each layer pass (nodes.worker); these
+tests do the same, so each pass draws the same noise wherever it runs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from nodes.pcm.backend import PcmBackend
+from nodes.worker import EVAL_PASS, TRAIN_PASS
+
+IN, OUT, BATCH = 40, 24, 6
+
+
+def _block() -> nn.Module:
+    return nn.Sequential(nn.Linear(IN, OUT), nn.ReLU(), nn.Linear(OUT, OUT))
+
+
+def _weights(version: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(100 + version)
+    return {n: p.detach().clone() for n, p in _block().named_parameters()}
+
+
+def _x() -> torch.Tensor:
+    return torch.randn(BATCH, IN, generator=torch.Generator().manual_seed(7))
+
+
+def _pass(backend: PcmBackend, step: int, kind: int, version: int) -> torch.Tensor:
+    """Layer 0's forward in pass (step, kind) with the weights of ``version``."""
+    backend.begin_pass(step, kind)
+    torch.manual_seed(hash((5, 1, step, kind)) & 0x7FFF_FFFF_FFFF)
+    return backend.forward(0, _block(), _weights(version), _x())
+
+
+def _weight_stationary(**overrides) -> PcmBackend:
+    return PcmBackend.Config(mode="weight-stationary", **overrides).build()
+
+
+def test_a_rerun_pass_reads_what_its_first_attempt_read():
+    backend = _weight_stationary()
+    _pass(backend, 0, TRAIN_PASS, version=0)
+    first = _pass(backend, 1, TRAIN_PASS, version=1)
+    # The attempt failed elsewhere; the step runs again on arrays that already hold version 1.
+    again = _pass(backend, 1, TRAIN_PASS, version=1)
+    assert torch.equal(again, first)
+    # Without going back, the re-run reads the resident arrays later and with other noise.
+    undisturbed = _weight_stationary()
+    _pass(undisturbed, 0, TRAIN_PASS, version=0)
+    _pass(undisturbed, 1, TRAIN_PASS, version=1)
+    undisturbed.begin_pass = lambda step, kind: None  # the behaviour before begin_pass existed
+    assert not torch.equal(_pass(undisturbed, 1, TRAIN_PASS, version=1), first)
+
+
+def test_a_replacement_node_reads_what_the_lost_node_would_have():
+    lost = _weight_stationary()
+    outputs = [_pass(lost, step, TRAIN_PASS, version=step) for step in range(3)]
+    # Replaced before step 1: it starts with empty arrays and a clock at 0.
+    replacement = _weight_stationary()
+    assert torch.equal(_pass(replacement, 1, TRAIN_PASS, version=1), outputs[1])
+    assert torch.equal(_pass(replacement, 2, TRAIN_PASS, version=2), outputs[2])
+
+
+def test_arrays_left_by_an_evaluation_are_read_at_the_same_age_after_a_replacement():
+    # An evaluation at version 2 programs the arrays that step 2 then reads, resident: their
+    # age is a difference of clock readings, which must not depend on when the clock began.
+    lost = _weight_stationary()
+    lost.advance_clock(86400.0)  # its arrays had been busy for a day: a later clock
+    for step in range(2):
+        _pass(lost, step, TRAIN_PASS, version=step)
+    _pass(lost, 2, EVAL_PASS, version=2)
+    want = _pass(lost, 2, TRAIN_PASS, version=2)
+    replacement = _weight_stationary()
+    _pass(replacement, 1, TRAIN_PASS, version=1)
+    _pass(replacement, 2, EVAL_PASS, version=2)
+    assert torch.equal(_pass(replacement, 2, TRAIN_PASS, version=2), want)
+    assert replacement.stats()["pcm.programmings"] == 2 * 2  # step 2 programmed nothing
+    # Exactly the same age, not merely the same within float32 rounding of the reads.
+    assert lost._programmed.keys() == replacement._programmed.keys()
+    for key in lost._programmed:
+        assert lost._age_s(key) == replacement._age_s(key) > 0
+
+
+def test_a_rewind_to_an_earlier_pass_starts_from_empty_arrays():
+    backend = _weight_stationary()
+    outputs = [_pass(backend, step, TRAIN_PASS, version=step) for step in range(3)]
+    # MemoryX came back at step 1: the arrays of step 2 must not stand in for step 1's.
+    assert torch.equal(_pass(backend, 1, TRAIN_PASS, version=1), outputs[1])
+    assert torch.equal(_pass(backend, 2, TRAIN_PASS, version=2), outputs[2])
+
+
+@pytest.mark.parametrize("mode", ["streaming", "weight-stationary"])
+def test_wear_and_counters_keep_the_aborted_attempt(mode):
+    backend = PcmBackend.Config(mode=mode).build()
+    _pass(backend, 0, TRAIN_PASS, version=0)
+    once = backend.stats()["pcm.programmings"]
+    _pass(backend, 0, TRAIN_PASS, version=0)
+    # The devices were written by the first attempt and are written again by the re-run.
+    assert backend.stats()["pcm.programmings"] == 2 * once
