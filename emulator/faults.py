@@ -11,9 +11,10 @@ A compute node or SwarmX node that is lost is replaced by a new actor started
 with the original constructor arguments (same rank, data shard, seed and backend
 config), and the tree is rewired around it. A node's state is a function of the
 config, the seed, its rank and the weights MemoryX streams it, so the re-run of
-the interrupted step is bit-identical. A lost MemoryX is restarted from the
-newest periodic checkpoint (``checkpoint: {every_steps, dir, keep}``), or from
-the run's start, and the steps since are run again (``Rewind``).
+the interrupted step is bit-identical. A lost MemoryX server is restarted, with
+every other server (``memoryx.num_servers``), from the newest periodic checkpoint
+(``checkpoint: {every_steps, dir, keep}``), or from the run's start, and the
+steps since are run again (``Rewind``).
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ import ray
 
 from core.atomic import write_json_atomic
 from emulator.config import CheckpointConfig, RuntimeConfig
-from emulator.launch import MEMORYX, Cluster
+from emulator.launch import Cluster, memoryx_name
+from emulator.shards import MemoryXServers
 from memoryx.checkpoint import MANIFEST_NAME
 from proto.clients import HEALTH_TIMED_OUT as SLOW
-from proto.clients import Deadlines, HealthClient, MemoryXClient, RpcError
+from proto.clients import Deadlines, HealthClient, RpcError
 
 
 def deadlines(runtime: RuntimeConfig) -> Deadlines:
@@ -270,18 +272,8 @@ class Supervisor:
             action = "replaced"
             try:
                 if self.cluster.is_memoryx(name):
-                    if not self.cluster.memoryx_recoverable:
-                        raise RunFailed(
-                            f"{name} was lost during step {step} ({cause}). MemoryX recovery "
-                            "needs memoryx.num_servers = 1 and no memoryx.spill_dir (this run "
-                            f"has {len(self.cluster.memoryx_servers)} servers or a disk tier), "
-                            "so the run ends here; rerun from the newest checkpoint with "
-                            "--resume.",
-                            component=name,
-                            step=step,
-                            cause=cause,
-                        )
-                    rewind_to = self._restart_memoryx()
+                    if rewind_to is None:  # one restart brings every server back
+                        rewind_to = self._restart_memoryx(lost=name)
                 elif self._can_shrink(name):
                     self.cluster.drop_node(name)
                     action = "shrunk"
@@ -312,18 +304,38 @@ class Supervisor:
             and self.batch_size % survivors == 0
         )
 
-    def _restart_memoryx(self) -> int:
-        """A new MemoryX from the newest checkpoint (or the run's start); its step."""
+    def _restart_memoryx(self, lost: str) -> int:
+        """Every MemoryX server anew from the newest checkpoint (or the run's start); their step.
+
+        The servers that survived are at a later version than any checkpoint, so with
+        several servers all of them restart, each taking its layers from the newest
+        checkpoint (a directory covering every shard, whole once its manifest is written;
+        a disk tier's too). The survivors are stopped first, which removes their spill files.
+        """
         changes = {"resume": self.latest_checkpoint} if self.latest_checkpoint else {}
-        address = self.cluster.restart(MEMORYX, **changes)
-        client = MemoryXClient(address, self.cluster.security, deadlines(self.runtime))
+        names = [memoryx_name(k) for k in range(len(self.cluster.memoryx_servers))]
+        survivors = [self.cluster.handle(n) for n in names if n != lost]
+        if survivors:
+            ray.wait(
+                [h.stop.remote() for h in survivors],
+                num_returns=len(survivors),
+                timeout=self.runtime.health_timeout_s,
+            )
+        for name in names:
+            self.cluster.restart(name, **changes)
+        servers = MemoryXServers(
+            self.cluster.memoryx_addresses,
+            self.cluster.memoryx_layers,
+            self.cluster.security,
+            deadlines(self.runtime),
+        )
         try:
-            return client.layout().step
+            return servers.layout().step
         except RpcError:  # an empty MemoryX answers FAILED_PRECONDITION
             if self.reload_weights is None:
                 raise
         self.reload_weights()
-        return client.layout().step
+        return servers.layout().step
 
     def step_done(self, step: int) -> None:
         """Stamp the restarts that interrupted ``step`` with the time the step finished."""

@@ -178,12 +178,6 @@ class Cluster:
         return name in {memoryx_name(k) for k in range(len(self.memoryx_servers))}
 
     @property
-    def memoryx_recoverable(self) -> bool:
-        """A lost MemoryX can be restarted from a checkpoint: one server, no disk tier."""
-        config = self.specs[MEMORYX][1].get("memoryx") if MEMORYX in self.specs else None
-        return len(self.memoryx_servers) == 1 and not (config is not None and config.tiered)
-
-    @property
     def memoryx_by_layer(self) -> dict[int, str]:
         """The root's upstream: each MemoryX server's address by the first layer it holds."""
         return {

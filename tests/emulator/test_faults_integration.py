@@ -220,15 +220,35 @@ def test_sharded_memoryx_root_swarmx_is_replaced_bit_identically(clean_run):
     assert [f["component"] for f in report.faults] == ["swarmx-0-0"]
 
 
-def test_lost_sharded_memoryx_server_ends_the_run_in_one_paragraph(ray_session):
-    chaos = Chaos("memoryx-1", (1, 0, "backward"), "SIGKILL")
-    with pytest.raises(RunFailed) as failed:
-        _run(chaos, **{"memoryx.num_servers": 2})
-    message = str(failed.value)
-    assert "memoryx-1" in message and "step 1" in message
-    assert "num_servers = 1" in message and "spill_dir" in message
-    assert "\n" not in message
-    assert failed.value.partial["completed"] is False
+@pytest.mark.parametrize(
+    ("memoryx", "target", "when", "how"),
+    [
+        # Two servers: the survivor is at a later version too, so both come back from the
+        # newest directory checkpoint (step 2; killed in step 3's update of layer 1).
+        ({"memoryx.num_servers": 2}, "memoryx-1", (3, 1, "backward"), "SIGKILL"),
+        # A disk tier: the state on disk is at a later version as well.
+        ({"memoryx.ram_budget_bytes": 10**8}, "memoryx", (3, 0, "forward"), "ray.kill"),
+    ],
+    ids=["two-servers", "disk-tier"],
+)
+def test_lost_sharded_or_tiered_memoryx_restarts_every_server_bit_identically(
+    clean_run, tmp_path, memoryx, target, when, how
+):
+    if "memoryx.ram_budget_bytes" in memoryx:
+        memoryx = {**memoryx, "memoryx.spill_dir": str(tmp_path / "spill")}
+    periodic = {"checkpoint.every_steps": 2, "checkpoint.dir": str(tmp_path / "ckpt")}
+    report = _run(Chaos(target, when, how), **memoryx, **periodic)
+    _assert_identical(report, clean_run)
+    assert [f["component"] for f in report.faults] == [target]
+    # Steps 2 and 3 ran again after the restart; the report keeps one record of each.
+    assert [s.step for s in report.steps] == list(range(NUM_STEPS))
+    assert report.steps[3].num_attempts == 1
+
+
+def test_sharded_memoryx_lost_before_any_checkpoint_restarts_from_the_first_step(clean_run):
+    report = _run(Chaos("memoryx-1", (1, 0, "backward"), "SIGKILL"), **{"memoryx.num_servers": 2})
+    _assert_identical(report, clean_run)
+    assert [f["component"] for f in report.faults] == ["memoryx-1"]
 
 
 def test_resume_auto_continues_a_sharded_run_from_its_directory_checkpoints(clean_run, tmp_path):
