@@ -12,8 +12,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from emulator.address import check_address
 from emulator.config import ClusterConfig
-from emulator.runtime import check_address, check_bind_host
+from emulator.runtime import check_bind_host
 from memoryx.checkpoint import load_checkpoint
 
 

@@ -3,7 +3,10 @@ no traceback, and no actor started. ``main()`` runs in-process with launching ma
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -152,4 +155,29 @@ def test_unreachable_address_fails_without_contacting_ray(capsys, no_cluster):
         port = probe.getsockname()[1]
     message = _bad_input(capsys, "--address", f"127.0.0.1:{port}")
     assert f"runtime.address = '127.0.0.1:{port}': nothing answers at 127.0.0.1:{port}" in message
+    assert "ray start --head" in message
+
+
+def test_console_script_refuses_an_unreachable_address_before_loading_torch(tmp_path):
+    # A torch that cannot be imported: the answer must come before anything loads it.
+    poisoned = tmp_path / "poisoned"
+    (poisoned / "torch").mkdir(parents=True)
+    (poisoned / "torch" / "__init__.py").write_text("raise ImportError('torch was imported')\n")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(poisoned), str(repo)])}
+    wafer = Path(sys.executable).parent / "wafer"  # the installed console script
+    done = subprocess.run(
+        [sys.executable, str(wafer), "train", "--steps", "2", "--address", f"127.0.0.1:{port}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    message = done.stderr.strip()
+    assert "Traceback" not in message and "\n" not in message, message
+    assert message.startswith(f"wafer train: error: runtime.address = '127.0.0.1:{port}'")
     assert "ray start --head" in message
