@@ -45,7 +45,7 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
         self.name = name
         self.chunk_bytes = chunk_bytes
         self._parent: sgrpc.SwarmXStub | None = None
-        # One layer at a time, as on the wafer.
+        # One layer computed at a time, as on the wafer (streams are read outside it).
         self._lock = threading.Lock()
         self._reset_counters()
 
@@ -72,21 +72,23 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
             raise WireError(f"unknown phase {header.phase}")
         if header.step < 0:
             raise WireError(f"step {header.step} must not be negative")
-        with self._lock:
-            assembler = LayerAssembler(
-                Expected(
-                    header.layer,
-                    header.step,
-                    header.phase,
-                    self._layout(header),
-                    self.worker.backend.wire_dtype,
-                    sparse=True,  # masked weights may come as values + index
-                )
+        # The stream is read and checked before the lock: a client that stalls mid-stream
+        # (until the stream's idle deadline) holds only its own thread, not the node.
+        assembler = LayerAssembler(
+            Expected(
+                header.layer,
+                header.step,
+                header.phase,
+                self._layout(header),
+                self.worker.backend.wire_dtype,
+                sparse=True,  # masked weights may come as values + index
             )
-            assembler.add(header)
-            for item in items:
-                assembler.add(item)
-            params = assembler.finish()
+        )
+        assembler.add(header)
+        for item in items:
+            assembler.add(item)
+        params = assembler.finish()
+        with self._lock:
             self.weight_bytes_received += assembler.payload_bytes
             ack = LayerAck(
                 layer=header.layer,

@@ -19,11 +19,14 @@ import torch
 from benchmarks.fuzz_services import Services, build_services, fuzz, targets
 from proto import memoryx_pb2 as mpb
 from proto import memoryx_pb2_grpc as mgrpc
+from proto import node_pb2_grpc as ngrpc
 from proto import swarmx_pb2 as spb
+from proto import swarmx_pb2_grpc as sgrpc
 from proto import tensor_pb2 as pb
 from proto.rpc import MAX_MESSAGE_BYTES, TOKEN_METADATA_KEY, Security, channel
 from proto.serde import encode_layer
 from proto.tls import generate_run_tls
+from swarmx.tree import node_name
 
 TIMEOUT_S = 30
 
@@ -239,6 +242,33 @@ def test_forty_stalled_streams_starve_neither_stats_nor_training():
             assert _code(call.result) == grpc.StatusCode.UNAUTHENTICATED
     finally:
         stall.release.set()
+        cluster.stop()
+
+
+def test_a_stalled_layer_stream_to_a_node_blocks_neither_its_stats_nor_training():
+    # A client with the token sends a node a valid header and stalls: the node reads streams
+    # before taking its compute lock, so its next layers (and Stats) go on meanwhile.
+    cluster = build_services(Security.generate(stream_idle_s=60))
+    release = threading.Event()
+    node = node_name(0)
+
+    def stalled_stream() -> Iterator[pb.LayerMessage]:
+        step = cluster.version()
+        weights = cluster.memoryx.store.weights(0, step)
+        yield next(iter(encode_layer(0, step, pb.FORWARD, weights, sender=cluster.root_name)))
+        release.wait()
+
+    try:
+        cluster.train_step(0)
+        ch = channel(cluster.addresses[node], cluster.security)
+        stalled = sgrpc.LayerSinkStub(ch).Deliver.future(stalled_stream(), timeout=120)
+        # No wall-time assertion: deadlines that a node held by the stall (60 s) would miss.
+        ngrpc.ComputeNodeStub(ch).Stats(pb.Empty(), timeout=5)
+        cluster.train_step(1)  # every layer of step 1 is delivered to this node
+        assert cluster.version() == 2
+        assert not stalled.done()  # still open, still stalled
+    finally:
+        release.set()
         cluster.stop()
 
 
