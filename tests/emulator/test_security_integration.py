@@ -5,6 +5,7 @@ The outside client here reads the run directory the way the README shows.
 
 from __future__ import annotations
 
+import datetime
 import json
 import stat
 
@@ -20,6 +21,7 @@ from proto import node_pb2_grpc as ngrpc
 from proto import swarmx_pb2_grpc as sgrpc
 from proto import tensor_pb2 as pb
 from proto.rpc import Security, channel
+from proto.tls import generate_run_tls
 
 TIMEOUT_S = 30
 
@@ -111,3 +113,106 @@ def test_an_off_host_bind_gets_tls_unless_insecure_is_explicit(capsys):
 def test_security_settings_are_validated(runtime, message):
     with pytest.raises(ValueError, match=message):
         load_config(overrides={f"runtime.{k}": v for k, v in runtime.items()})
+
+
+def _write_user_tls(directory, server_name: str) -> dict[str, str]:
+    """A CA of the user's and a server certificate it signed for ``server_name``, as PEM files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    day = datetime.timedelta(days=1)
+
+    def name(common: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("test site CA"))
+        .issuer_name(name("test site CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - day)
+        .not_valid_after(now + day)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name(server_name))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - day)
+        .not_valid_after(now + day)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(server_name)]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    files = {
+        "ca": ca.public_bytes(serialization.Encoding.PEM),
+        "cert": cert.public_bytes(serialization.Encoding.PEM),
+        "key": key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    }
+    for field, pem in files.items():
+        (directory / f"{field}.pem").write_bytes(pem)
+    return {field: str(directory / f"{field}.pem") for field in files}
+
+
+@pytest.mark.integration
+def test_a_run_with_the_users_tls_files_serves_over_them_and_refuses_other_cas(
+    ray_session, tmp_path
+):
+    server_name = "services.site.test"
+    files = _write_user_tls(tmp_path, server_name)
+    run_dir = tmp_path / "run"
+    seen: dict = {}
+
+    def outside_clients(step: int, layer: int, name: str) -> None:
+        if seen or step != 1:
+            return
+        described = json.loads((run_dir / "cluster.json").read_text())
+        seen["described"] = described
+        security = client_security(run_dir)  # the user's CA, published in the run directory
+        seen["answered"] = [
+            call()(pb.Empty(), timeout=TIMEOUT_S) for call in _stats_calls(described, security)
+        ]
+        # The same token, but a client that trusts another CA, or none: no connection at all.
+        codes = []
+        for stranger in (
+            Security(token=security.token, tls=generate_run_tls()),
+            Security(token=security.token, tls=None),
+        ):
+            for call in _stats_calls(described, stranger):
+                try:
+                    call()(pb.Empty(), timeout=5)
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as exc:
+                    codes.append(exc.code())
+        seen["stranger_codes"] = codes
+
+    config = load_config(
+        overrides={
+            "model.name": "mlp-digits",
+            "num_nodes": 2,
+            "batch_size": 32,
+            "num_steps": 2,
+            "runtime.run_dir": str(run_dir),
+            **{f"runtime.tls.{field}": path for field, path in files.items()},
+            "runtime.tls.server_name": server_name,
+        }
+    )
+    report = train(config, progress=False, fault=outside_clients)
+    assert len(report.steps) == 2  # every hop (MemoryX, SwarmX, nodes) over the user's TLS
+    described = seen["described"]
+    assert described["tls"] is True and described["tls_server_name"] == server_name
+    assert (run_dir / "ca.pem").read_bytes() == (tmp_path / "ca.pem").read_bytes()
+    assert len(seen["answered"]) == 1 + len(described["swarmx"]) + 2
+    assert seen["stranger_codes"] == [grpc.StatusCode.UNAVAILABLE] * (2 * len(seen["answered"]))
