@@ -19,7 +19,7 @@ Reported:
 
     python benchmarks/bench_faults.py                 # K = 50
     python benchmarks/bench_faults.py --faults 6 --json out.json
-    python benchmarks/bench_faults.py --faults 2 --steps 5 --overhead-repeats 0   # CI's run
+    python benchmarks/bench_faults.py --faults 2 --steps 4 --overhead-repeats 0   # CI's run
 
 CI runs the last one (tests/emulator/test_bench_faults.py) and checks that every
 fault was recovered bit-identically; ``--overhead-repeats 0`` skips the liveness runs.

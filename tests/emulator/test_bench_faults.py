@@ -11,7 +11,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_random_faults_are_all_recovered_bit_identically(ray_session, capsys):
-    result = main(["--faults", "2", "--steps", "5", "--overhead-repeats", "0"])
+    result = main(["--faults", "2", "--steps", "4", "--overhead-repeats", "0"])
     assert result["faults_injected"] == 2
     assert result["faults_recovered"] == 2
     assert result["bit_identical"] is True

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -211,3 +213,17 @@ def test_defaults_are_the_realistic_preset_and_twin_has_no_errors():
     assert config.device == load_preset()
     twin = config.twin().device
     assert twin.phase_error is None and twin.insertion_loss is None and twin.mesh_size == 64
+
+
+def test_a_replacement_node_has_the_lost_nodes_fabrication_errors():
+    # A lost node is replaced by a backend built from the same config: its hidden errors come
+    # from backend.seed alone, not from the process or what the node ran before.
+    config = _noise_free_physical(training="ffm")
+    block, params, x = _mesh_block(config)
+    lost = config.build()
+    lost.forward(0, block, params, x)
+    want = lost.forward(0, block, params, x)
+    assert (want - _linear_block()(x)).abs().max() > 1e-2  # the errors are there
+    assert torch.equal(config.build().forward(0, block, params, x), want)
+    other_chip = dataclasses.replace(config, seed=config.seed + 1).build()
+    assert not torch.equal(other_chip.forward(0, block, params, x), want)
