@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import Tensor
 
 from memoryx.optim import Optimizer
@@ -54,6 +55,30 @@ def param_names(metadata: Mapping[str, str] | None) -> list[str]:
     if not metadata or "params" not in metadata:
         raise ValueError("layer file has no 'params' metadata: it was not written by MemoryX.")
     return json.loads(metadata["params"])
+
+
+def describe_file(path: Path) -> tuple[list[tuple[str, tuple[int, ...]]], int, int, int]:
+    """(layout, weights + masks bytes, optimizer state bytes, unpruned entries) of a layer file.
+
+    Reads only its masks (to count what they prune); the rest from the header.
+    """
+    weights_bytes = state_bytes = pruned = 0
+    with safe_open(str(path), framework="pt") as file:
+        keys = list(file.keys())  # noqa: SIM118 (safe_open is not a mapping)
+        shapes = {k: tuple(file.get_slice(k).get_shape()) for k in keys}
+        names = param_names(file.metadata())
+        for key, shape in shapes.items():
+            numel = int(torch.Size(shape).numel())
+            if key.startswith("p/"):
+                weights_bytes += 4 * numel
+            elif key.startswith("m/"):
+                weights_bytes += numel
+                pruned += int(file.get_tensor(key).sum())
+            else:
+                state_bytes += 4 * numel
+    layout = [(name, shapes[f"p/{name}"]) for name in names]
+    num_params = sum(int(torch.Size(s).numel()) for _, s in layout)
+    return layout, weights_bytes, state_bytes, num_params - pruned
 
 
 def link_or_copy(source: Path, target: Path) -> None:
@@ -97,27 +122,6 @@ def unflatten(
         name, _, part = key[2:].rpartition("/")
         optimizer_state[name][part] = tensor
     return _Version(params, optimizer_state, num_updates, masks)
-
-
-def check_grads(
-    layer: int, layout: list[tuple[str, tuple[int, ...]]], grads: Mapping[str, Tensor]
-) -> None:
-    """ValueError unless ``grads`` are float32 tensors of exactly ``layout``."""
-    names = [name for name, _ in layout]
-    missing = [name for name in names if name not in grads]
-    unknown = [name for name in grads if name not in names]
-    if missing or unknown:
-        raise ValueError(
-            f"gradients of layer {layer} must cover exactly {names}; "
-            f"missing {missing}, unknown {unknown}."
-        )
-    for name, shape in layout:
-        grad = grads[name]
-        if tuple(grad.shape) != shape or grad.dtype != torch.float32:
-            raise ValueError(
-                f"gradient of layer {layer} param {name!r} must be float32 of shape "
-                f"{shape}, got {grad.dtype} of shape {tuple(grad.shape)}."
-            )
 
 
 class BackgroundSync:
@@ -188,8 +192,8 @@ def fsync_path(path: Path) -> None:
 
 __all__ = [
     "BackgroundSync",
+    "describe_file",
     "fsync_path",
-    "check_grads",
     "file_metadata",
     "flatten",
     "layer_state_bytes",

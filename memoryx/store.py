@@ -216,7 +216,7 @@ class ParameterStore:
         every layer and raises ``NonFiniteUpdate``.
         """
         slot = self._layer(layer)
-        self._check_grads(layer, slot.current.params, grads)
+        check_grads(layer, self.layout(layer), grads)
         with slot.lock:
             if slot.version == step + 1:
                 return False
@@ -229,6 +229,10 @@ class ParameterStore:
         if problem is None:
             return True
         # Outside the layer's lock: both take every layer's lock, in layer order.
+        return self._end_nonfinite_step(layer, step, problem)
+
+    def _end_nonfinite_step(self, layer: int, step: int, problem: str) -> bool:
+        """End step ``step`` as ``optimizer.nonfinite`` says (no layer lock held)."""
         if self.optimizer.config.nonfinite == "skip":
             self.skip_step(step)
             return False
@@ -237,13 +241,26 @@ class ParameterStore:
             self.rollback(step)
         raise NonFiniteUpdate(layer, step, problem)
 
+    def _finite_step(
+        self, layer: int, step: int, new: _Version, grads: Mapping[str, Tensor]
+    ) -> str | None:
+        """``_step_version``; then None, or why ``new`` must not be published."""
+        self._step_version(layer, step, new, grads)
+        bad = _nonfinite(new.params)
+        if bad:
+            return (
+                f"the update of {', '.join(map(repr, bad))} gives NaN or Inf weights "
+                "from a finite gradient"
+            )
+        return None
+
     def _update(
         self, layer: int, step: int, slot: _Layer, grads: Mapping[str, Tensor]
     ) -> str | None:
-        """Publish version ``step + 1`` of ``slot``; or, if it is not finite, say why and keep it unpublished."""
-        bad = _nonfinite(grads)
-        if bad:
-            return f"the gradient of {', '.join(map(repr, bad))} holds NaN or Inf values"
+        """Publish version ``step + 1`` of ``slot``; or say why not (non-finite)."""
+        problem = nonfinite_gradient(grads)
+        if problem is not None:
+            return problem
         old = slot.current
         new = _Version(
             params={name: p.clone() for name, p in old.params.items()},
@@ -254,13 +271,9 @@ class ParameterStore:
             num_updates=old.num_updates + 1,
             masks=dict(old.masks),
         )
-        self._step_version(layer, step, new, grads)
-        bad = _nonfinite(new.params)
-        if bad:
-            return (
-                f"the update of {', '.join(map(repr, bad))} gives NaN or Inf weights "
-                "from a finite gradient"
-            )
+        problem = self._finite_step(layer, step, new, grads)
+        if problem is not None:
+            return problem
         slot.snapshots[step] = old
         slot.current = new
         slot.version = step + 1
@@ -427,8 +440,8 @@ class ParameterStore:
     ) -> ParameterStore:
         """Rebuild a store from ``state_dict()``; ``optimizer`` must keep the same state tensors.
 
-        Saved masks are restored as they were (a dynamic mask is not re-initialised);
-        ``sparsity`` (None: no masks) must select exactly the saved masked parameters.
+        Saved masks are restored as they were; ``sparsity`` (None: no masks) must
+        select exactly the saved masked parameters.
         """
         if state.get("format_version") != STATE_FORMAT_VERSION:
             raise ValueError(
@@ -499,23 +512,6 @@ class ParameterStore:
                 stack.enter_context(slot.lock)
             yield
 
-    @staticmethod
-    def _check_grads(layer: int, params: Mapping[str, Tensor], grads: Mapping[str, Tensor]) -> None:
-        missing = [name for name in params if name not in grads]
-        unknown = [name for name in grads if name not in params]
-        if missing or unknown:
-            raise ValueError(
-                f"gradients of layer {layer} must cover exactly {list(params)}; "
-                f"missing {missing}, unknown {unknown}."
-            )
-        for name, param in params.items():
-            grad = grads[name]
-            if grad.shape != param.shape or grad.dtype != torch.float32:
-                raise ValueError(
-                    f"gradient of layer {layer} param {name!r} must be float32 of shape "
-                    f"{tuple(param.shape)}, got {grad.dtype} of shape {tuple(grad.shape)}."
-                )
-
 
 def _version_bytes(version: _Version) -> int:
     """Tensor bytes of one version: weights, optimizer state and masks."""
@@ -531,9 +527,45 @@ def _nonfinite(tensors: Mapping[str, Tensor]) -> list[str]:
     return [name for name, t in tensors.items() if not bool(torch.isfinite(t).all())]
 
 
+def check_grads(
+    layer: int, layout: list[tuple[str, tuple[int, ...]]], grads: Mapping[str, Tensor]
+) -> None:
+    """ValueError unless ``grads`` are float32 tensors of exactly ``layout``."""
+    names = [name for name, _ in layout]
+    missing = [name for name in names if name not in grads]
+    unknown = [name for name in grads if name not in names]
+    if missing or unknown:
+        raise ValueError(
+            f"gradients of layer {layer} must cover exactly {names}; "
+            f"missing {missing}, unknown {unknown}."
+        )
+    for name, shape in layout:
+        grad = grads[name]
+        if tuple(grad.shape) != shape or grad.dtype != torch.float32:
+            raise ValueError(
+                f"gradient of layer {layer} param {name!r} must be float32 of shape "
+                f"{shape}, got {grad.dtype} of shape {tuple(grad.shape)}."
+            )
+
+
+def nonfinite_gradient(grads: Mapping[str, Tensor]) -> str | None:
+    """None, or why a gradient must not be applied: some tensor holds NaN or Inf."""
+    bad = _nonfinite(grads)
+    if bad:
+        return f"the gradient of {', '.join(map(repr, bad))} holds NaN or Inf values"
+    return None
+
+
 def _to_master(tensor: Tensor) -> Tensor:
     """A private contiguous fp32 copy, detached from any autograd graph."""
     return tensor.detach().to(dtype=torch.float32, copy=True).contiguous()
 
 
-__all__ = ["STATE_FORMAT_VERSION", "NonFiniteUpdate", "ParameterStore", "StepError"]
+__all__ = [
+    "STATE_FORMAT_VERSION",
+    "NonFiniteUpdate",
+    "ParameterStore",
+    "StepError",
+    "check_grads",
+    "nonfinite_gradient",
+]

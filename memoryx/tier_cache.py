@@ -1,4 +1,5 @@
-"""The tiered store's RAM side: a ledger of live tensor bytes and a bounded cache."""
+"""The tiered store's RAM side: a ledger of live tensor bytes, a bounded cache, and the
+streaming order that decides what to prefetch and what to evict."""
 
 from __future__ import annotations
 
@@ -90,4 +91,101 @@ class Cache:
             self._reserved -= num_bytes
 
 
-__all__ = ["Cache", "CacheKey", "Ledger"]
+WEIGHTS = "weights"  # cache part: params and masks, what a stream needs
+STATE = "state"  # cache part: optimizer state, what an update needs
+
+
+class StreamOrder:
+    """Where streaming is: forward 0..L-1, then backward L-1..0, over ``num_layers`` layers.
+
+    A pass needs the ``WEIGHTS`` of each layer; the backward pass also needs its
+    ``STATE`` (the update). Plain policy, no I/O: the store moves the cursor as
+    layers are streamed and asks what comes next.
+    """
+
+    def __init__(self, num_layers: int = 0) -> None:
+        self.num_layers = num_layers
+        self.cursor = (0, 1)  # (layer last streamed, direction +1 forward / -1 backward)
+
+    def advance(self, layer: int) -> None:
+        """``layer`` (store index) was just streamed."""
+        last, direction = self.cursor
+        if layer > last:
+            direction = 1
+        elif layer < last:
+            direction = -1
+        elif layer == self.num_layers - 1:
+            direction = -1  # the forward pass ended: the backward pass starts here
+        elif layer == 0:
+            direction = 1
+        self.cursor = (layer, direction)
+
+    def distance(self, layer: int, part: str) -> int:
+        """Passes until the stream next needs ``part`` of ``layer`` (0: now)."""
+        num = 2 * self.num_layers
+        current, direction = self.cursor
+        here = current if direction > 0 else num - 1 - current
+        uses = [num - 1 - layer] if part == STATE else [layer, num - 1 - layer]
+        return min((use - here) % num for use in uses)
+
+    def upcoming(self) -> list[tuple[int, str]]:
+        """(layer, part) in the order streaming will need them, after the cursor."""
+        num_layers = self.num_layers
+        layer, direction = self.cursor
+        order = []
+        for _ in range(2 * num_layers):
+            if direction > 0:
+                if layer == num_layers - 1:
+                    direction = -1
+                else:
+                    layer += 1
+            elif layer == 0:
+                direction = 1
+            else:
+                layer -= 1
+            if direction < 0:
+                order.append((layer, STATE))
+            order.append((layer, WEIGHTS))
+        return order
+
+
+class Prefetcher:
+    """A thread that loads ``order.upcoming()`` with ``load(layer, part)`` whenever woken.
+
+    ``load`` returns False when there is no room: the prefetcher then stops
+    rather than skip ahead, so what it holds is always what streaming needs next.
+    """
+
+    def __init__(self, order: StreamOrder, load: Callable[[int, str], bool]) -> None:
+        self._order = order
+        self._load = load
+        self._wanted = threading.Event()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wanted.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self._wanted.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            if self._closed:
+                return
+            for layer, part in self._order.upcoming():
+                if self._wanted.is_set() or self._closed:
+                    break  # the stream moved on: plan again from the new cursor
+                if not self._load(layer, part):
+                    break  # no room: keep streaming order, do not skip ahead
+
+
+__all__ = ["STATE", "WEIGHTS", "Cache", "CacheKey", "Ledger", "Prefetcher", "StreamOrder"]

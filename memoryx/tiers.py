@@ -17,7 +17,6 @@ the tensor is freed, so a stream that still holds an evicted layer counts.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -31,12 +30,11 @@ from torch import Tensor
 from core.atomic import write_json_atomic
 from memoryx.layer_files import (
     BackgroundSync,
-    check_grads,
+    describe_file,
     file_metadata,
     flatten,
     fsync_path,
     link_or_copy,
-    param_names,
     unflatten,
     version_file_name,
 )
@@ -44,17 +42,13 @@ from memoryx.optim import Optimizer
 from memoryx.sparsity import Sparsity, apply_masks
 from memoryx.store import (
     STATE_FORMAT_VERSION,
-    NonFiniteUpdate,
     ParameterStore,
     StepError,
-    _nonfinite,
     _Version,
+    check_grads,
+    nonfinite_gradient,
 )
-from memoryx.tier_cache import Cache, Ledger
-
-WEIGHTS = "weights"  # cache part: params and masks, what a stream needs
-STATE = "state"  # cache part: optimizer state, what an update needs
-
+from memoryx.tier_cache import STATE, WEIGHTS, Cache, Ledger, Prefetcher, StreamOrder
 
 #: ``_apply``'s answer for a re-run whose gradients this layer already took.
 _ALREADY_APPLIED = "already applied"
@@ -117,11 +111,9 @@ class TieredStore(ParameterStore):
         self._read_bytes = 0
         self._written_bytes = 0
         self._syncer = BackgroundSync()
-        self._cursor = (0, 1)  # (layer last streamed, direction +1 forward / -1 backward)
-        self._prefetch_wanted = threading.Event()
-        self._closed = False
+        self._order = StreamOrder()
         # Without prefetch (tests that count bytes) every load happens on the caller's thread.
-        self._prefetcher = threading.Thread(target=self._prefetch_loop, daemon=True)
+        self._prefetcher = Prefetcher(self._order, self._prefetch_one)
         if prefetch:
             self._prefetcher.start()
 
@@ -155,6 +147,7 @@ class TieredStore(ParameterStore):
                 state_bytes=state_bytes,
             )
         )
+        self._order.num_layers = len(self._layers)
 
     def finish(self, sparsity: Sparsity | None = None, *, init_masks: bool = True) -> TieredStore:
         """Make the layers durable; with ``sparsity``, mask them as of the first step.
@@ -221,7 +214,8 @@ class TieredStore(ParameterStore):
 
     def weights(self, layer: int, step: int) -> dict[str, Tensor]:
         params, _ = self._weights_and_masks(layer, step, "weights")
-        self._advance_cursor(layer - self.layer_offset)
+        self._order.advance(layer - self.layer_offset)
+        self._prefetcher.wake()
         return params
 
     def masks(self, layer: int, step: int) -> dict[str, Tensor]:
@@ -280,15 +274,19 @@ class TieredStore(ParameterStore):
         if problem == _ALREADY_APPLIED:
             return False
         # Outside the layer's lock: rollback takes every layer's lock, in layer order.
-        with contextlib.suppress(StepError):
-            self.rollback(step)
-        raise NonFiniteUpdate(layer, step, problem)
+        return self._end_nonfinite_step(layer, step, problem)
+
+    def skip_step(self, step: int) -> None:
+        raise StepError(
+            "optimizer.nonfinite = 'skip' is not supported with a MemoryX disk tier; "
+            "use 'error' (the config refuses it before training)."
+        )
 
     def _apply(self, index: int, layer: int, step: int, slot, grads) -> str | None:
         """Write version ``step + 1`` of the layer; None, or why it was not written."""
-        bad = _nonfinite(grads)
-        if bad:
-            return f"the gradient of {', '.join(map(repr, bad))} holds NaN or Inf values"
+        problem = nonfinite_gradient(grads)
+        if problem is not None:
+            return problem
         with slot.lock:
             if slot.version == step + 1:
                 return _ALREADY_APPLIED
@@ -315,13 +313,9 @@ class TieredStore(ParameterStore):
                     self._cache.release(need)
             new = unflatten(slot.layout, fresh, state, old.num_updates + 1)
             del streamed, fresh, state
-            self._step_version(layer, step, new, grads)
-            bad = _nonfinite(new.params)
-            if bad:
-                return (
-                    f"the update of {', '.join(map(repr, bad))} gives NaN or Inf weights "
-                    "from a finite gradient"
-                )
+            problem = self._finite_step(layer, step, new, grads)
+            if problem is not None:
+                return problem
             path = self._write(index, step + 1, new)
             # Cached as they are: eviction drops them when room is needed (the next
             # forward pass wants these weights soon, the state only in the next backward).
@@ -440,32 +434,21 @@ class TieredStore(ParameterStore):
         index = len(self._layers)
         path = self.spill_dir / version_file_name(index, version)
         link_or_copy(source, path)
-        layout, weights_bytes, state_bytes = [], 0, 0
-        with safe_open(str(path), framework="pt") as file:
-            keys = list(file.keys())  # noqa: SIM118 (safe_open is not a mapping)
-            shapes = {k: tuple(file.get_slice(k).get_shape()) for k in keys}
-            names = param_names(file.metadata())
-        masks = self._read(path, ("m/",))
-        pruned = sum(int(m.sum()) for m in masks.values())
-        for key, shape in shapes.items():
-            numel = int(torch.Size(shape).numel())
-            if key.startswith("p/"):
-                weights_bytes += 4 * numel
-            elif key.startswith("m/"):
-                weights_bytes += numel
-            else:
-                state_bytes += 4 * numel
-        layout = [(name, shapes[f"p/{name}"]) for name in names]
-        num_params = sum(int(torch.Size(s).numel()) for _, s in layout)
+        layout, weights_bytes, state_bytes, num_kept = describe_file(path)
+        with self._io_lock:  # its masks were read to count what they prune
+            self._read_bytes += weights_bytes - 4 * sum(
+                int(torch.Size(shape).numel()) for _, shape in layout
+            )
         self._layers.append(
             _DiskLayer(
                 version=version,
-                current=_DiskVersion(path, num_updates, num_params - pruned),
+                current=_DiskVersion(path, num_updates, num_kept),
                 layout=layout,
                 weights_bytes=weights_bytes,
                 state_bytes=state_bytes,
             )
         )
+        self._order.num_layers = len(self._layers)
 
     def _check_committed(self) -> None:
         pending = {i: sorted(s.snapshots) for i, s in enumerate(self._layers) if s.snapshots}
@@ -478,10 +461,7 @@ class TieredStore(ParameterStore):
 
     def close(self) -> None:
         """Stop prefetching and drop the cache (the files stay)."""
-        self._closed = True
-        self._prefetch_wanted.set()
-        if self._prefetcher.is_alive():
-            self._prefetcher.join(timeout=10)
+        self._prefetcher.close()
         self._syncer.close()
         self._cache.drop(lambda key: False)
 
@@ -540,64 +520,11 @@ class TieredStore(ParameterStore):
         slot = self._layers[layer]
         return version == slot.version or version in slot.snapshots
 
-    def _stream_distance(self, layer: int, part: str) -> int:
-        """Passes until the stream next needs ``part`` of ``layer`` (0: now)."""
-        num = 2 * len(self._layers)
-        current, direction = self._cursor
-        here = current if direction > 0 else num - 1 - current
-        uses = [num - 1 - layer] if part == STATE else [layer, num - 1 - layer]
-        return min((use - here) % num for use in uses)
-
     def _eviction_rank(self, key: tuple[int, int, str]) -> tuple[int, int]:
         layer, version, part = key
         # Old versions only serve re-runs: evict them first; then what streaming needs last.
         stale = int(version != self._layers[layer].version)
-        return stale, self._stream_distance(layer, part)
-
-    def _advance_cursor(self, layer: int) -> None:
-        last, direction = self._cursor
-        if layer > last:
-            direction = 1
-        elif layer < last:
-            direction = -1
-        elif layer == len(self._layers) - 1:
-            direction = -1  # the forward pass ended: the backward pass starts here
-        elif layer == 0:
-            direction = 1
-        self._cursor = (layer, direction)
-        self._prefetch_wanted.set()
-
-    def _upcoming(self) -> list[tuple[int, str]]:
-        """(layer, part) in the order streaming will need them, after the cursor."""
-        num_layers = len(self._layers)
-        layer, direction = self._cursor
-        order = []
-        for _ in range(2 * num_layers):
-            if direction > 0:
-                if layer == num_layers - 1:
-                    direction = -1
-                else:
-                    layer += 1
-            elif layer == 0:
-                direction = 1
-            else:
-                layer -= 1
-            if direction < 0:
-                order.append((layer, STATE))
-            order.append((layer, WEIGHTS))
-        return order
-
-    def _prefetch_loop(self) -> None:
-        while True:
-            self._prefetch_wanted.wait()
-            self._prefetch_wanted.clear()
-            if self._closed:
-                return
-            for layer, part in self._upcoming():
-                if self._prefetch_wanted.is_set() or self._closed:
-                    break  # the stream moved on: plan again from the new cursor
-                if not self._prefetch_one(layer, part):
-                    break  # no room: keep streaming order, do not skip ahead
+        return stale, self._order.distance(layer, part)
 
     def _prefetch_one(self, layer: int, part: str) -> bool:
         slot = self._layers[layer]

@@ -21,6 +21,7 @@ from memoryx.layer_files import layer_state_bytes, min_budget_bytes
 from memoryx.optim import Optimizer
 from memoryx.sparsity import Sparsity, UpdateSchedule
 from memoryx.store import NonFiniteUpdate, ParameterStore, StepError
+from memoryx.tier_cache import STATE, WEIGHTS, StreamOrder
 from memoryx.tiers import TieredStore
 
 NUM_LAYERS = 8
@@ -375,3 +376,25 @@ def test_a_nonfinite_gradient_is_never_written_and_rolls_the_step_back(tmp_path,
         assert store.apply_gradients(layer, 1, _grads(store, layer, 1))
     store.commit(1)
     assert all(torch.isfinite(t).all() for t in store.state_dict()["layers"][0]["params"].values())
+
+
+def test_stream_order_runs_forward_then_backward_with_updates():
+    order = StreamOrder(3)
+    order.advance(0)
+    assert order.upcoming() == [
+        (1, WEIGHTS),
+        (2, WEIGHTS),
+        (2, STATE),
+        (2, WEIGHTS),
+        (1, STATE),
+        (1, WEIGHTS),
+        (0, STATE),
+        (0, WEIGHTS),
+        (0, WEIGHTS),
+    ]
+    assert order.distance(1, WEIGHTS) == 1  # next in the forward pass
+    assert order.distance(2, STATE) == 3  # first update of the backward pass
+    order.advance(2)
+    order.advance(2)  # the last layer again: the backward pass starts
+    assert order.cursor == (2, -1)
+    assert order.distance(1, STATE) == 1
