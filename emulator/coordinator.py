@@ -122,7 +122,10 @@ class Coordinator:
         """Clients of MemoryX and the root at their current addresses (they change on restart)."""
         security = self.cluster.security
         self.memoryx = MemoryXServers(
-            self.cluster.memoryx_addresses, self.cluster.memoryx_layers, security, self.deadlines
+            self.cluster.memoryx_addresses,
+            self.cluster.memoryx_shards or self.cluster.memoryx_layers,
+            security,
+            self.deadlines,
         )
         self.root = SwarmXClient(self.cluster.root_address, security, self.deadlines)
         # Layer deadlines scale with the node count, which shrinks with on_node_loss: shrink.
@@ -357,6 +360,7 @@ class Coordinator:
         self.steps = [s for s in self.steps if s.step < step]
 
     def traffic(self) -> dict:
+        per_server = self.memoryx.stats_per_server()
         stats = self.memoryx.stats()
         links = []
         for address in self.cluster.swarmx_addresses.values():
@@ -371,6 +375,7 @@ class Coordinator:
             "num_duplicate_gradients": stats.num_duplicate_gradients,
             # Summed over the MemoryX servers (each server's own peak).
             "memoryx_state_bytes": stats.state_bytes,
+            "memoryx_state_bytes_per_server": [s.state_bytes for s in per_server],
             "memoryx_peak_resident_bytes": stats.peak_resident_bytes,
             "memoryx_disk_read_bytes": stats.disk_read_bytes,
             "memoryx_disk_written_bytes": stats.disk_written_bytes,

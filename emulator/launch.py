@@ -40,7 +40,7 @@ from emulator.runtime import (
 )
 from memoryx.actor import MemoryXActor
 from memoryx.checkpoint import confined_path, copy_checkpoint_dir
-from memoryx.config import partition
+from memoryx.shard_plan import Shard
 from nodes.actor import NodeActor
 from nodes.worker import strip_parameters
 from proto.rpc import TOKEN_METADATA_KEY, Security
@@ -119,6 +119,8 @@ class Cluster:
     memoryx_servers: list[ray.actor.ActorHandle] = field(default_factory=list)
     memoryx_addresses: list[str] = field(default_factory=list)
     memoryx_layers: list[range] = field(default_factory=list)
+    #: What each server holds: its layers, and pieces of those split over servers.
+    memoryx_shards: list[Shard] = field(default_factory=list)
     specs: dict[str, tuple[type, dict]] = field(default_factory=dict, repr=False)
     #: Names of ``nodes``, in rank order (a cluster that shrank has gaps).
     node_names: list[str] = field(default_factory=list)
@@ -179,11 +181,25 @@ class Cluster:
 
     @property
     def memoryx_by_layer(self) -> dict[int, str]:
-        """The root's upstream: each MemoryX server's address by the first layer it holds."""
-        return {
-            held.start: a
-            for held, a in zip(self.memoryx_layers, self.memoryx_addresses, strict=True)
-        }
+        """The root's upstream: each MemoryX server's address by the first whole layer it holds."""
+        shards = self.memoryx_shards or [Shard(r) for r in self.memoryx_layers]
+        firsts = {}
+        for shard, address in zip(shards, self.memoryx_addresses, strict=True):
+            whole = [i for i in shard.layers if i not in shard.pieces]
+            if whole:
+                firsts[whole[0]] = address
+        return firsts
+
+    @property
+    def memoryx_split(self) -> dict[int, list[tuple[str, list[tuple]]]]:
+        """The root's upstream for layers split over servers: owners' addresses and pieces."""
+        split: dict[int, list[tuple[str, list[tuple]]]] = {}
+        for shard, address in zip(self.memoryx_shards, self.memoryx_addresses, strict=True):
+            for layer, pieces in shard.pieces.items():
+                split.setdefault(layer, []).append(
+                    (address, [(p.key, p.name, p.shape, p.start, p.stop) for p in pieces])
+                )
+        return split
 
     def handle(self, name: str) -> ray.actor.ActorHandle:
         if self.is_memoryx(name):
@@ -257,6 +273,7 @@ class Cluster:
                 children={c: by_name[c] for c in entry.children},
                 parent=self.swarmx_addresses[entry.parent] if entry.parent else None,
                 memoryx=None if entry.parent else self.memoryx_by_layer,
+                **({"memoryx_split": self.memoryx_split} if self.memoryx_split else {}),
                 **(
                     {"child_dtypes": {c: dtypes[c] for c in entry.children}, "dtype": dtypes[name]}
                     if dtypes
@@ -384,11 +401,13 @@ def launch(
     if data_config.from_user:
         data = ray.put(dataset if dataset is not None else data_config.build(seed=config.seed))
 
-    # Layers partitioned over the MemoryX servers: contiguous, balanced by parameter bytes.
-    ranges = partition(
-        [sum(p.numel() for p in layer.parameters()) for layer in layers],
-        config.memoryx.num_servers,
+    # Layers partitioned over the MemoryX servers: contiguous, balanced by parameter bytes,
+    # a layer split where whole layers would leave the servers unbalanced.
+    shards = config.memoryx.plan(
+        [{n: tuple(p.shape) for n, p in layer.named_parameters()} for layer in layers],
+        sparse=config.sparsity is not None,
     )
+    ranges = [shard.layers for shard in shards]
     tree = config.swarmx.build(config.num_nodes)
     # Each node runs its group's backend; a mixed tree rounds weights per child.
     backends = [group.backend for group in config.groups for _ in range(group.num_nodes)]
@@ -407,10 +426,13 @@ def launch(
                     "sparsity": config.sparsity,
                     "memoryx": config.memoryx,
                     "server": index,
-                    "layers": held,
+                    "layers": shard.layers,
+                    **(
+                        {"pieces": {i: shard.keys(i) for i in shard.pieces}} if shard.pieces else {}
+                    ),
                 },
             )
-            for index, held in enumerate(ranges)
+            for index, shard in enumerate(shards)
         },
         **{
             t.name: (SwarmXActor, {"name": t.name, "host": host, "security": security})
@@ -465,6 +487,7 @@ def launch(
         memoryx_servers=servers,
         memoryx_addresses=[addresses[memoryx_name(k)] for k in range(len(ranges))],
         memoryx_layers=ranges,
+        memoryx_shards=shards,
         swarmx={t.name: started[t.name] for t in tree},
         swarmx_addresses={t.name: addresses[t.name] for t in tree},
         tree=tree,

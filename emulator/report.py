@@ -110,6 +110,7 @@ class TrainReport:
             "num_servers": memoryx.num_servers,
             "ram_budget_bytes": memoryx.ram_budget_bytes,
             "state_bytes": self.traffic["memoryx_state_bytes"],
+            "state_bytes_per_server": self.traffic.get("memoryx_state_bytes_per_server"),
             # Tensor bytes held in RAM at each server's peak, summed over the servers.
             "peak_resident_bytes": self.traffic["memoryx_peak_resident_bytes"],
             "disk_read_bytes_per_step": last.memoryx_disk_read_bytes,

@@ -55,7 +55,6 @@ from emulator.report import TrainReport, sparsity_report
 from emulator.stopping import ERROR_EXIT_STATUS, RunStopped, StopSignals
 from emulator.zoo import check_blocks, model_blocks, model_positions
 from memoryx.checkpoint import MANIFEST_NAME, checkpoint_dir_name, checkpoint_name
-from memoryx.config import partition
 from nodes.backend import Backend
 from proto.clients import RpcError
 
@@ -113,9 +112,6 @@ def check_memoryx(config: ClusterConfig, layers: list[nn.Module]) -> None:
             f"{config.memoryx.ram_budget_bytes}; resume it without the memoryx settings, "
             "and save a directory checkpoint from that run to resume with them."
         )
-    partition(
-        [sum(p.numel() for p in layer.parameters()) for layer in layers], config.memoryx.num_servers
-    )
     masked = (
         ()
         if config.sparsity is None

@@ -27,6 +27,7 @@ class MemoryXActor:
         memoryx: MemoryXConfig | None = None,
         server: int = 0,
         layers: range | None = None,
+        pieces: dict[int, list[str]] | None = None,
     ):
         self.servicer = MemoryXServicer(
             optimizer.build(),
@@ -37,6 +38,7 @@ class MemoryXActor:
             memoryx=memoryx,
             server=server,
             layers=layers,
+            pieces=pieces,
         )
         self.server, self.address = start_server(
             lambda server: register(server, self.servicer), resolve_host(host), security=security

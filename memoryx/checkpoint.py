@@ -18,19 +18,28 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import Tensor
 
 from core.atomic import write_json_atomic
 from core.config import to_dict
-from memoryx.layer_files import file_metadata, link_or_copy, param_names, version_file_name
+from memoryx.layer_files import (
+    checkpoint_file_name,
+    file_metadata,
+    link_or_copy,
+    param_names,
+    unflatten,
+)
 from memoryx.optim import Optimizer
+from memoryx.shard_plan import join_pieces, parse_piece_key
 from memoryx.sparsity import Sparsity
-from memoryx.store import STATE_FORMAT_VERSION, ParameterStore
+from memoryx.store import STATE_FORMAT_VERSION, ParameterStore, _Version
 from memoryx.tiers import TieredStore
 
 CHECKPOINT_KIND = "memoryx-checkpoint"
@@ -211,7 +220,7 @@ def save_checkpoint_part(store: ParameterStore, directory: str | Path) -> tuple[
         entries = []
         state = store.state_dict()
         for layer, entry in zip(store.layer_ids, state["layers"], strict=True):
-            name = version_file_name(layer, entry["version"])
+            name = checkpoint_file_name(layer, entry["version"], entry["params"])
             flat = {f"p/{n}": t for n, t in entry["params"].items()}
             flat.update({f"m/{n}": t for n, t in entry["masks"].items()})
             for n, tensors in entry["optimizer_state"].items():
@@ -245,12 +254,14 @@ def write_manifest(
     entries = []
     for part in parts:
         entries += json.loads(Path(part).read_text())["layers"]
-    entries.sort(key=lambda e: e["layer"])
+    # By layer; the files of a split layer's pieces in element order (their names say).
+    entries.sort(key=lambda e: (e["layer"], e["file"]))
     layers = [e["layer"] for e in entries]
-    if layers != list(range(len(entries))):
+    whole_twice = [n for n in set(layers) if layers.count(n) > 1 and not _all_pieces(entries, n)]
+    if sorted(set(layers)) != list(range(len(set(layers)))) or whole_twice:
         raise ValueError(
             f"checkpoint parts in {directory} cover layers {layers}; they must cover "
-            f"0..{len(entries) - 1} once each."
+            f"0..{max(layers, default=0)} once each (or in pieces of a split layer)."
         )
     manifest = directory / MANIFEST_NAME
     write_json_atomic(
@@ -317,11 +328,16 @@ def load_checkpoint_dir(
     layers: range | None = None,
     spill_dir: Path | None = None,
     ram_budget_bytes: int | None = None,
+    pieces: Mapping[int, Sequence[str]] | None = None,
 ) -> ParameterStore:
     """The store of ``layers`` (default: all) of a checkpoint directory.
 
-    With ``spill_dir`` and ``ram_budget_bytes`` it is a tiered store that links
-    the files (nothing is read whole); otherwise the layers are read into RAM.
+    ``pieces`` names, for layers this store holds only part of, the pieces it holds
+    (``memoryx.shard_plan``); every other layer is whole. A layer saved as exactly
+    these pieces (or whole) is taken as its file; otherwise it is joined from its
+    saved pieces and cut as asked, in RAM. With ``spill_dir`` and ``ram_budget_bytes``
+    it is a tiered store that links the files (nothing is read whole); otherwise the
+    layers are read into RAM.
     """
     directory = Path(directory)
     payload = read_manifest(directory)
@@ -331,50 +347,51 @@ def load_checkpoint_dir(
             f"checkpoint {directory} holds state of optimizer {saved_name!r}, "
             f"but the optimizer given is {optimizer.config.name!r}."
         )
-    entries = payload["layers"]
-    layers = range(len(entries)) if layers is None else layers
-    if layers.stop > len(entries) or not layers:
+    by_layer: dict[int, list[dict]] = {}
+    for entry in payload["layers"]:
+        by_layer.setdefault(entry["layer"], []).append(entry)
+    num_layers = len(by_layer)
+    layers = range(num_layers) if layers is None else layers
+    if layers.stop > num_layers or not layers:
         raise ValueError(
-            f"checkpoint {directory} holds layers 0..{len(entries) - 1}, "
+            f"checkpoint {directory} holds layers 0..{num_layers - 1}, "
             f"not the layers {layers.start}..{layers.stop - 1} asked for."
         )
-    chosen = [entries[i] for i in layers]
-    named_shapes = {}
-    for entry in chosen:
-        with safe_open(str(directory / entry["file"]), framework="pt") as file:
-            for name in param_names(file.metadata()):
-                shape = tuple(file.get_slice(f"p/{name}").get_shape())
-                named_shapes[f"{entry['layer']}.{name}"] = shape
+    pieces = pieces or {}
+    chosen = [_layer_source(directory, by_layer[i], pieces.get(i)) for i in layers]
+    named_shapes = {
+        f"{layer}.{name}": shape
+        for layer, (_, _, layout) in zip(layers, chosen, strict=True)
+        for name, shape in layout
+    }
     built = None if sparsity is None else sparsity.build(named_shapes)
+    first = by_layer[layers.start][0]
     if spill_dir is not None and ram_budget_bytes is not None:
         store = TieredStore(
             optimizer,
             spill_dir=spill_dir,
             ram_budget_bytes=ram_budget_bytes,
-            step=chosen[0]["version"],
+            step=first["version"],
             layer_offset=layers.start,
         )
-        for entry in chosen:
-            store.adopt_file(directory / entry["file"], entry["version"], entry["num_updates"])
+        for entry, flat, layout in chosen:
+            if flat is None:
+                store.adopt_file(directory / entry["file"], entry["version"], entry["num_updates"])
+            else:
+                store.add_version(_version(flat, layout, entry), entry["version"])
         return store.finish(built, init_masks=False)
     state_layers = []
-    for entry in chosen:
-        with safe_open(str(directory / entry["file"]), framework="pt") as file:
-            flat = {key: file.get_tensor(key).clone() for key in file.keys()}  # noqa: SIM118
-            names = param_names(file.metadata())
-        params = {name: flat[f"p/{name}"] for name in names}
-        state: dict[str, dict] = {name: {} for name in params}
-        for key, tensor in flat.items():
-            if key.startswith("s/"):
-                name, _, part = key[2:].rpartition("/")
-                state[name][part] = tensor
+    for entry, flat, layout in chosen:
+        if flat is None:
+            flat = _read_flat(directory / entry["file"])
+        version = _version(flat, layout, entry)
         state_layers.append(
             {
                 "version": entry["version"],
                 "num_updates": entry["num_updates"],
-                "params": params,
-                "masks": {n: flat[f"m/{n}"] for n in names if f"m/{n}" in flat},
-                "optimizer_state": state,
+                "params": version.params,
+                "masks": version.masks,
+                "optimizer_state": version.optimizer_state,
             }
         )
     return ParameterStore.from_state_dict(
@@ -382,6 +399,70 @@ def load_checkpoint_dir(
         optimizer,
         sparsity=built,
         layer_offset=layers.start,
+    )
+
+
+def _all_pieces(entries: list[dict], layer: int) -> bool:
+    return all("-at" in e["file"] for e in entries if e["layer"] == layer)
+
+
+def _layer_source(directory: Path, group: list[dict], wanted: Sequence[str] | None):
+    """(entry, None, layout) to take a saved file as it is, or (entry, flat tensors,
+    layout) joined from the saved pieces and cut into ``wanted`` (None: whole)."""
+    layouts = []
+    for entry in group:
+        with safe_open(str(confined_path(directory, entry["file"])), framework="pt") as file:
+            names = param_names(file.metadata())
+            layouts.append([(n, tuple(file.get_slice(f"p/{n}").get_shape())) for n in names])
+    for entry, layout in zip(group, layouts, strict=True):
+        names = [n for n, _ in layout]
+        as_saved = (
+            names == list(wanted)
+            if wanted is not None
+            else not any(parse_piece_key(n) for n in names)
+        )
+        if as_saved:
+            return entry, None, layout
+    if len({(e["version"], e["num_updates"]) for e in group}) != 1:
+        raise ValueError(
+            f"checkpoint {directory} holds pieces of layer {group[0]['layer']} at different "
+            f"versions {[e['version'] for e in group]}: it is corrupt."
+        )
+    saved: dict[str, dict[str, Tensor]] = {}  # by tensor kind: p, m, or s/KEY
+    for entry in group:
+        for key, tensor in _read_flat(directory / entry["file"]).items():
+            kind, _, rest = key.partition("/")
+            if kind == "s":
+                name, _, part = rest.rpartition("/")
+                saved.setdefault(f"s/{part}", {})[name] = tensor
+            else:
+                saved.setdefault(kind, {})[rest] = tensor
+    joined = {kind: join_pieces(tensors) for kind, tensors in saved.items()}
+    layout = list((n, tuple(t.shape)) for n, t in joined["p"].items())
+    cut = [parse_piece_key(k) for k in wanted] if wanted is not None else [None] * len(layout)
+    wanted_names = list(wanted) if wanted is not None else [n for n, _ in layout]
+    flat: dict[str, Tensor] = {}
+    for key, piece in zip(wanted_names, cut, strict=True):
+        name = key if piece is None else piece.name
+        for kind, tensors in joined.items():
+            if name in tensors:
+                value = tensors[name] if piece is None else piece.take(tensors[name])
+                flat[f"{kind}/{key}" if kind[0] != "s" else f"s/{key}/{kind[2:]}"] = value
+    shapes = {n: tuple(flat[f"p/{n}"].shape) for n in wanted_names}
+    return group[0], flat, [(n, shapes[n]) for n in wanted_names]
+
+
+def _read_flat(path: Path) -> dict[str, Tensor]:
+    with safe_open(str(path), framework="pt") as file:
+        return {key: file.get_tensor(key).clone() for key in file.keys()}  # noqa: SIM118
+
+
+def _version(flat: Mapping[str, Tensor], layout, entry: dict) -> _Version:
+    return unflatten(
+        layout,
+        {k: t for k, t in flat.items() if not k.startswith("s/")},
+        {k: t for k, t in flat.items() if k.startswith("s/")},
+        entry["num_updates"],
     )
 
 

@@ -14,6 +14,8 @@ from torch import Tensor
 from core.config import doc
 from memoryx.layer_files import layer_state_bytes, min_budget_bytes
 from memoryx.optim import Optimizer
+from memoryx.shard_plan import Shard, plan_shards
+from memoryx.shard_plan import whole_layer_ranges as partition
 from memoryx.sparsity import Sparsity
 from memoryx.store import ParameterStore
 from memoryx.tiers import TieredStore
@@ -22,7 +24,9 @@ from memoryx.tiers import TieredStore
 @dataclass(kw_only=True)
 class MemoryXConfig:
     num_servers: int = doc(
-        "MemoryX servers the layers are partitioned over (contiguous, balanced by bytes), servers",
+        "MemoryX servers the layers are partitioned over (contiguous, balanced by bytes; a "
+        "layer is split over servers when whole layers leave one 10% off its share, except "
+        "with sparsity), servers",
         default=1,
     )
     ram_budget_bytes: int | None = doc(
@@ -56,6 +60,13 @@ class MemoryXConfig:
         """Checkpoints as a directory of layer files and a manifest (else one torch file)."""
         return self.tiered or self.num_servers > 1
 
+    def plan(
+        self, layers: Sequence[Mapping[str, tuple[int, ...]]], *, sparse: bool = False
+    ) -> list[Shard]:
+        """What each server holds of a model of ``layers`` (param shapes); no pieces when
+        ``sparse`` (masks and their updates work on whole tensors)."""
+        return plan_shards(layers, self.num_servers, split=not sparse)
+
     def check(
         self,
         layers: Sequence[Mapping[str, tuple[int, ...]]],
@@ -69,25 +80,34 @@ class MemoryXConfig:
         server's budget holds the layer in flight and that the spill directory
         is writable with room for the state plus one step's snapshots.
         """
+        masked = set(masked)
+        shards = self.plan(layers, sparse=bool(masked))
         if not self.tiered:
             return
         built = optimizer.build()
-        masked = set(masked)
+        # What each server holds of each layer: one entry per (server, layer).
+        held = [
+            (i, {p.key: p.stored_shape for p in s.pieces[i]} if i in s.pieces else layers[i])
+            for s in shards
+            for i in s.layers
+        ]
         sizes = [
             layer_state_bytes(shapes, built, [n for n in shapes if f"{i}.{n}" in masked])
-            for i, shapes in enumerate(layers)
+            for i, shapes in held
         ]
         need = max(min_budget_bytes(w, s) for w, s in sizes)
-        biggest = max(range(len(sizes)), key=lambda i: min_budget_bytes(*sizes[i]))
+        biggest_entry = max(range(len(sizes)), key=lambda i: min_budget_bytes(*sizes[i]))
+        biggest = held[biggest_entry][0]
         assert self.ram_budget_bytes is not None and self.spill_dir is not None
         if self.ram_budget_bytes < need:
-            weights, state = sizes[biggest]
+            weights, state = sizes[biggest_entry]
             raise ValueError(
                 f"memoryx.ram_budget_bytes = {self.ram_budget_bytes} is smaller than the layers "
                 f"that must be in RAM at once: updating layer {biggest} needs its streamed "
                 f"weights ({weights} bytes), their updated copy ({weights} bytes) and its "
                 f"{optimizer.name} state ({state} bytes), {need} bytes in all. Raise "
-                f"ram_budget_bytes to at least {need}, or split that layer."
+                f"ram_budget_bytes to at least {need}, or raise num_servers: a layer "
+                "larger than a server's share is split over servers."
             )
         spill = Path(self.spill_dir)
         try:
@@ -110,33 +130,6 @@ class MemoryXConfig:
                 f"snapshots of one step in flight (as much again). Free space there or choose "
                 "another spill_dir."
             )
-
-
-def partition(layer_bytes: Sequence[int], num_servers: int) -> list[range]:
-    """Contiguous layer ranges, one per server, each about 1/num_servers of the bytes.
-
-    Every server gets at least one layer (at most as many servers as layers).
-    """
-    num_layers = len(layer_bytes)
-    if not 1 <= num_servers <= num_layers:
-        raise ValueError(
-            f"memoryx.num_servers = {num_servers} must be between 1 and the model's "
-            f"{num_layers} streamed layers: each server holds at least one layer."
-        )
-    total = sum(layer_bytes)
-    bounds = [0]
-    running = 0
-    for index, size in enumerate(layer_bytes):
-        running += size
-        remaining_servers = num_servers - len(bounds)
-        remaining_layers = num_layers - index - 1
-        if remaining_servers == 0:
-            break
-        # Cut after this layer once this server has its share, or when the rest must go one each.
-        if running >= total * len(bounds) / num_servers or remaining_layers == remaining_servers:
-            bounds.append(index + 1)
-    bounds.append(num_layers)
-    return [range(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
 class StoreBuilder:

@@ -20,11 +20,22 @@ from safetensors import safe_open
 from torch import Tensor
 
 from memoryx.optim import Optimizer
+from memoryx.shard_plan import parse_piece_key
 from memoryx.store import _Version
 
 
 def version_file_name(layer: int, version: int) -> str:
     return f"layer-{layer:05d}-v{version:08d}.safetensors"
+
+
+def checkpoint_file_name(layer: int, version: int, names: Iterable[str]) -> str:
+    """A layer file's name in a checkpoint: a layer split over servers has one file per
+    server, named after the first element it holds."""
+    for name in names:
+        piece = parse_piece_key(name)
+        if piece is not None:
+            return f"layer-{layer:05d}-v{version:08d}-at{piece.start:012d}.safetensors"
+    return version_file_name(layer, version)
 
 
 def layer_state_bytes(
@@ -192,6 +203,7 @@ def fsync_path(path: Path) -> None:
 
 __all__ = [
     "BackgroundSync",
+    "checkpoint_file_name",
     "describe_file",
     "fsync_path",
     "file_metadata",

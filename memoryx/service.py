@@ -90,6 +90,7 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
         memoryx: MemoryXConfig | None = None,
         server: int = 0,
         layers: range | None = None,
+        pieces: dict[int, list[str]] | None = None,
     ):
         """``checkpoint_dir``: where SaveCheckpoint writes and ``resume`` (a file name in it) is read."""
         self.optimizer = optimizer
@@ -119,6 +120,7 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
                     layers=layers,
                     spill_dir=self._new_spill_dir(),
                     ram_budget_bytes=self.memoryx.ram_budget_bytes,
+                    pieces=pieces,  # of the layers this server holds only part of
                 )
             else:
                 self.store, self.checkpoint_extra = load_confined_checkpoint(

@@ -30,6 +30,7 @@ from torch import Tensor
 from core.atomic import write_json_atomic
 from memoryx.layer_files import (
     BackgroundSync,
+    checkpoint_file_name,
     describe_file,
     file_metadata,
     flatten,
@@ -417,7 +418,7 @@ class TieredStore(ParameterStore):
             self._check_committed()
             entries = []
             for layer, slot in zip(self.layer_ids, self._layers, strict=True):
-                name = version_file_name(layer, slot.version)
+                name = checkpoint_file_name(layer, slot.version, [n for n, _ in slot.layout])
                 link_or_copy(slot.current.path, directory / name)
                 entries.append(
                     {

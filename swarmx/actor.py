@@ -30,6 +30,7 @@ class SwarmXActor:
         memoryx: str | dict[int, str] | None,
         child_dtypes: dict[str, str] | None = None,
         dtype: str | None = None,
+        memoryx_split: dict[int, list[tuple[str, list[tuple]]]] | None = None,
     ) -> None:
         self.servicer.connect(
             children=children,
@@ -37,6 +38,7 @@ class SwarmXActor:
             memoryx=memoryx,
             child_dtypes=child_dtypes,
             dtype=dtype,
+            memoryx_split=memoryx_split,
         )
 
     def stop(self) -> None:

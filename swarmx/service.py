@@ -38,9 +38,10 @@ from proto.serde import (
     recast_header,
     to_wire,
 )
+from swarmx.pieces import END, SplitLayer, SplitPush, joined_weights
 from swarmx.reduce import ChunkReduction
 
-_END = object()
+_END = END  # ends a queued stream; shared with the split-layer push
 _PHASES = tuple(Phase)
 # Chunks buffered per child before the sender waits: bounds memory, keeps cut-through.
 _QUEUE_DEPTH = 16
@@ -112,6 +113,10 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
         self._parent: sgrpc.SwarmXStub | None = None
         # At the root: the MemoryX servers by the first layer each holds (sorted).
         self._memoryx: list[tuple[int, mgrpc.MemoryXStub]] = []
+        # At the root: layers split over several MemoryX servers, and those servers' stubs.
+        self._split: dict[int, SplitLayer] = {}
+        self._split_stubs: list[mgrpc.MemoryXStub] = []
+        self._is_root = False
         self._reducing: dict[tuple[int, int], _Reducing] = {}
         self._lock = threading.Lock()
         self._down: dict[str, _LinkCounter] = {}
@@ -129,11 +134,14 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
         memoryx: str | dict[int, str] | None,
         child_dtypes: dict[str, str] | None = None,
         dtype: str | None = None,
+        memoryx_split: dict[int, list[tuple[str, list[tuple]]]] | None = None,
     ) -> None:
         """Wire this node into the tree: children by name -> address, and one upstream.
 
         ``memoryx`` (root only) is one server's address, or the servers of a sharded
-        MemoryX by the first layer each holds: each layer goes to the server that owns it.
+        MemoryX by the first whole layer each holds: each layer goes to the server that owns
+        it. ``memoryx_split`` gives the layers split over several servers: per layer, each
+        owner's address and pieces ``(key, name, shape, start, stop)``, in element order.
         A heterogeneous cluster gives ``dtype``, the weights' dtype arriving here, and
         ``child_dtypes``, what each child takes: weights are rounded per child on the way.
         Called again when a neighbour was replaced: sums still open from the
@@ -155,6 +163,13 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
             (first, mgrpc.MemoryXStub(channel(a, self.security)))
             for first, a in sorted(servers.items())
         ]
+        self._is_root = memoryx is not None
+        addresses = sorted({a for owners in (memoryx_split or {}).values() for a, _ in owners})
+        self._split_stubs = [mgrpc.MemoryXStub(channel(a, self.security)) for a in addresses]
+        self._split = {
+            layer: SplitLayer.from_plain([(addresses.index(a), pieces) for a, pieces in owners])
+            for layer, owners in (memoryx_split or {}).items()
+        }
         self._down = {c: _LinkCounter() for c in self.children}
         self._dtype = dtype
         self._recast = [
@@ -258,7 +273,7 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
 
     @rpc_errors
     def RunLayer(self, request, context):
-        if not self._memoryx:
+        if not self._is_root:
             raise WireError(f"{self.name} is not the root of the tree; send RunLayer to the root")
         request = layer_request_from_wire(request)
         if request.phase not in _PHASES:
@@ -271,13 +286,22 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
                 layer=request.layer, step=request.step, phase=request.phase, sender=self.name
             )
             return ack_to_wire(self._broadcast([to_wire(header)], context))
-        source = self._memoryx_of(request.layer).StreamWeights(
-            weights_request_to_wire(request), timeout=time_left_s(context)
+        split = self._split.get(request.layer)
+        stubs = (
+            [self._memoryx_of(request.layer)]
+            if split is None
+            else [self._split_stubs[owner] for owner, _ in split.owners]
         )
+        sources = [
+            stub.StreamWeights(weights_request_to_wire(request), timeout=time_left_s(context))
+            for stub in stubs
+        ]
         try:
-            return ack_to_wire(self._broadcast(source, context))
+            stream = sources[0] if split is None else joined_weights(split, sources)
+            return ack_to_wire(self._broadcast(stream, context))
         finally:
-            source.cancel()  # a no-op unless the broadcast stopped early
+            for source in sources:
+                source.cancel()  # a no-op unless the broadcast stopped early
 
     @rpc_errors
     def Deliver(self, request_iterator, context):
@@ -302,13 +326,17 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
                 reduction = ChunkReduction(self.children, emit)
                 # The sum goes up under the deadline of the child stream that opened it.
                 timeout_s = time_left_s(context)
-                upstream = (
-                    self._parent.Reduce.future(_drain(outbox), timeout=timeout_s)
-                    if self._parent is not None
-                    else self._memoryx_of(header.layer).PushGradients.future(
+                split = self._split.get(header.layer) if self._parent is None else None
+                if self._parent is not None:
+                    upstream = self._parent.Reduce.future(_drain(outbox), timeout=timeout_s)
+                elif split is not None:
+                    upstream = SplitPush(
+                        split, lambda o: self._split_stubs[o].PushGradients, outbox, timeout_s
+                    )
+                else:
+                    upstream = self._memoryx_of(header.layer).PushGradients.future(
                         _drain(outbox), timeout=timeout_s
                     )
-                )
                 entry = _Reducing(reduction, upstream, outbox, num_open=len(self.children))
                 self._reducing[key] = entry
             return entry

@@ -102,3 +102,45 @@ def test_checkpoint_of_tiered_shards_resumes_bitwise(in_ram, tmp_path):
     assert [s.loss for s in resumed.steps] == [s.loss for s in in_ram.steps[half:]]
     for a, b in zip(_flat(resumed.final_weights), _flat(in_ram.final_weights), strict=True):
         assert torch.equal(a, b)
+
+
+def _dominant(**extra):
+    """gpt-tiny of one block: three streamed layers, the block 80% of the parameters."""
+    return _config(**{"model.num_layers": 1, **extra})
+
+
+@pytest.fixture(scope="module")
+def dominant_in_ram(ray_session):
+    return train(_dominant(), progress=False)
+
+
+def test_a_dominant_layer_split_over_two_servers_trains_bitwise_and_balanced(dominant_in_ram):
+    sharded = train(_dominant(**{"memoryx.num_servers": 2}), progress=False)
+    _assert_same_run(sharded, dominant_in_ram)
+    block = sharded.to_json()["memoryx"]
+    per_server = block["state_bytes_per_server"]
+    assert sum(per_server) == block["state_bytes"]
+    assert block["state_bytes"] == dominant_in_ram.to_json()["memoryx"]["state_bytes"]
+    # Whole layers would leave 80% on one server; split, each holds its half within 1%.
+    assert max(per_server) <= 1.01 * block["state_bytes"] / 2
+
+
+def test_checkpoint_of_a_split_layer_resumes_bitwise(dominant_in_ram, tmp_path):
+    shards = {
+        "memoryx.num_servers": 2,
+        "memoryx.ram_budget_bytes": 10**8,
+        "memoryx.spill_dir": str(tmp_path / "spill"),
+    }
+    path = tmp_path / "ckpt"
+    half = NUM_STEPS // 2
+    train(_dominant(num_steps=half, save_checkpoint=str(path), **shards), progress=False)
+    # Three layers, the block in two pieces: one file per piece, the manifest last.
+    assert (path / "manifest.json").is_file()
+    assert len(list(path.glob("layer-*.safetensors"))) == 4
+    resumed = train(_dominant(num_steps=half, resume=str(path), **shards), progress=False)
+    assert [s.step for s in resumed.steps] == list(range(half, NUM_STEPS))
+    assert [s.loss for s in resumed.steps] == [s.loss for s in dominant_in_ram.steps[half:]]
+    for a, b in zip(
+        _flat(resumed.final_weights), _flat(dominant_in_ram.final_weights), strict=True
+    ):
+        assert torch.equal(a, b)
