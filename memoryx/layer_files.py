@@ -12,7 +12,7 @@ import os
 import shutil
 import threading
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -192,6 +192,84 @@ class BackgroundSync:
                     self._cond.notify_all()
 
 
+class BackgroundWriter:
+    """Writes layer files on a thread, in the order given: the step goes on meanwhile.
+
+    ``write(path, tensors, metadata)`` does the writing. Until a file is written its
+    tensors stay referenced here (so they count as resident); ``wait(path)`` before
+    reading a file, ``wait()`` before a commit. A failed write is raised by the next
+    ``wait``; nothing queued after it is written.
+    """
+
+    def __init__(self, write: Callable[[Path, dict[str, Tensor], dict[str, str]], None]) -> None:
+        self._write = write
+        self._cond = threading.Condition()
+        self._queue: deque[tuple[Path, dict[str, Tensor], dict[str, str]]] = deque()
+        self._pending: list[Path] = []  # queued or being written, in order
+        self._num_done = 0
+        self._error: BaseException | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def put(self, path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+        with self._cond:
+            self._raise()
+            self._queue.append((path, tensors, metadata))
+            self._pending.append(path)
+            self._cond.notify_all()
+
+    def wait(self, path: Path | None = None) -> None:
+        """Return once ``path`` (None: everything queued so far) is written."""
+        with self._cond:
+            while (path in self._pending if path is not None else self._pending) and not (
+                self._error
+            ):
+                self._cond.wait()
+            self._raise()
+
+    def wait_one(self) -> bool:
+        """Wait until one more queued file is written (its tensors freed); False if none is."""
+        with self._cond:
+            if not self._pending or self._error:
+                return False
+            done = self._num_done
+            while self._num_done == done and not self._error:
+                self._cond.wait()
+            return True
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=60)
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise OSError(f"a MemoryX layer file could not be written: {self._error}")
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                path, tensors, metadata = self._queue.popleft()
+            try:
+                self._write(path, tensors, metadata)
+            except BaseException as exc:  # noqa: BLE001 (raised to the store by wait)
+                with self._cond:
+                    self._error = exc
+                    self._cond.notify_all()
+                return
+            del tensors  # freed now, unless the cache still holds them
+            with self._cond:
+                self._pending.remove(path)
+                self._num_done += 1
+                self._cond.notify_all()
+
+
 def fsync_path(path: Path) -> None:
     """fsync a file, or a directory (so that its new entries are durable)."""
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
@@ -203,6 +281,7 @@ def fsync_path(path: Path) -> None:
 
 __all__ = [
     "BackgroundSync",
+    "BackgroundWriter",
     "checkpoint_file_name",
     "describe_file",
     "fsync_path",

@@ -35,11 +35,17 @@ class Cache:
     """At most ``budget_bytes`` of tensors by (layer, version, part); evicts by ``rank``."""
 
     def __init__(
-        self, budget_bytes: int, ledger: Ledger, rank: Callable[[CacheKey], object]
+        self,
+        budget_bytes: int,
+        ledger: Ledger,
+        rank: Callable[[CacheKey], object],
+        drain: Callable[[], bool] = lambda: False,
     ) -> None:
         self.budget_bytes = budget_bytes
         self.ledger = ledger
         self._rank = rank  # key -> eviction rank; higher is evicted first
+        # Frees tensors held elsewhere (files still being written); False when it cannot.
+        self._drain = drain
         self.lock = threading.Condition()
         self._entries: dict[tuple[int, int, str], dict[str, Tensor]] = {}
         self._reserved = 0
@@ -77,10 +83,10 @@ class Cache:
         with self.lock:
             if evict:
                 while self.ledger.live_bytes + self._reserved + num_bytes > self.budget_bytes:
-                    if not self._entries:
+                    if self._entries:
+                        del self._entries[max(self._entries, key=self._rank)]
+                    elif not self._drain():
                         break
-                    victim = max(self._entries, key=self._rank)
-                    del self._entries[victim]
             elif self.ledger.live_bytes + self._reserved + num_bytes > self.budget_bytes:
                 return False
             self._reserved += num_bytes

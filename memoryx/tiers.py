@@ -30,6 +30,7 @@ from torch import Tensor
 from core.atomic import write_json_atomic
 from memoryx.layer_files import (
     BackgroundSync,
+    BackgroundWriter,
     checkpoint_file_name,
     describe_file,
     file_metadata,
@@ -105,13 +106,17 @@ class TieredStore(ParameterStore):
         self._first_step = step
         self._layers: list[_DiskLayer] = []  # type: ignore[assignment]
         self._ledger = Ledger()
-        self._cache = Cache(ram_budget_bytes, self._ledger, self._eviction_rank)
+        self._syncer = BackgroundSync()
+        # Updated layers are written back off the step's path; a commit waits for them.
+        self._writer = BackgroundWriter(self._write_file)
+        self._cache = Cache(
+            ram_budget_bytes, self._ledger, self._eviction_rank, drain=self._writer.wait_one
+        )
         self._io_lock = threading.Lock()
         # Held while bringing tensors from disk into RAM (after slot locks, never before).
         self._load_lock = threading.Lock()
         self._read_bytes = 0
         self._written_bytes = 0
-        self._syncer = BackgroundSync()
         self._order = StreamOrder()
         # Without prefetch (tests that count bytes) every load happens on the caller's thread.
         self._prefetcher = Prefetcher(self._order, self._prefetch_one)
@@ -317,7 +322,7 @@ class TieredStore(ParameterStore):
             problem = self._finite_step(layer, step, new, grads)
             if problem is not None:
                 return problem
-            path = self._write(index, step + 1, new)
+            path = self._write(index, step + 1, new, background=True)
             # Cached as they are: eviction drops them when room is needed (the next
             # forward pass wants these weights soon, the state only in the next backward).
             flat = flatten(new)
@@ -373,6 +378,7 @@ class TieredStore(ParameterStore):
                     slot.current = slot.snapshots.pop(step)
                     slot.version = step
                     # Now, not later: the re-run writes a file of the same name.
+                    self._writer.wait(undone.path)
                     undone.path.unlink(missing_ok=True)
                     rolled_back.append(index)
             self._cache.drop(self._is_live_key)
@@ -463,21 +469,31 @@ class TieredStore(ParameterStore):
     def close(self) -> None:
         """Stop prefetching and drop the cache (the files stay)."""
         self._prefetcher.close()
+        self._writer.close()
         self._syncer.close()
         self._cache.drop(lambda key: False)
 
     # -- disk ----------------------------------------------------------------
-    def _write(self, layer: int, version: int, data: _Version) -> Path:
+    def _write(self, layer: int, version: int, data: _Version, *, background=False) -> Path:
+        """The file of ``data`` as ``version`` of ``layer``: written now, or queued."""
         path = self.spill_dir / version_file_name(layer, version)
         flat = flatten(data)
-        save_file(flat, str(path), metadata=file_metadata(data.num_updates, list(data.params)))
+        metadata = file_metadata(data.num_updates, list(data.params))
         with self._io_lock:
             self._written_bytes += sum(t.nbytes for t in flat.values())
-        self._syncer.fsync(path)  # durable by the time the step commits
+        if background:
+            self._writer.put(path, flat, metadata)
+        else:
+            self._write_file(path, flat, metadata)
         return path
+
+    def _write_file(self, path: Path, flat: dict[str, Tensor], metadata: dict[str, str]) -> None:
+        save_file(flat, str(path), metadata=metadata)
+        self._syncer.fsync(path)  # durable by the time the step commits
 
     def _read(self, path: Path, prefixes: tuple[str, ...]) -> dict[str, Tensor]:
         """Private RAM copies of the tensors of ``path`` whose names start with ``prefixes``."""
+        self._writer.wait(path)
         out = {}
         with safe_open(str(path), framework="pt") as file:
             for key in file.keys():  # noqa: SIM118 (safe_open is not a mapping)
@@ -500,6 +516,7 @@ class TieredStore(ParameterStore):
 
     def _sync(self) -> None:
         """Every file written so far, and the directory entries, durable."""
+        self._writer.wait()
         self._syncer.wait()
         fsync_path(self.spill_dir)
 

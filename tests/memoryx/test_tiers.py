@@ -398,3 +398,58 @@ def test_stream_order_runs_forward_then_backward_with_updates():
     order.advance(2)  # the last layer again: the backward pass starts
     assert order.cursor == (2, -1)
     assert order.distance(1, STATE) == 1
+
+
+def test_updated_layers_are_written_off_the_step_and_durable_at_commit(tmp_path, monkeypatch):
+    import threading
+
+    import memoryx.tiers as tiers
+
+    tiered = _tiered(tmp_path, 10**7)
+    ram = ParameterStore(_layers(), CONFIG.build())
+    _stream_step(ram, 0)
+    release = threading.Event()
+    real_save = tiers.save_file
+
+    def held_save(tensors, path, metadata=None):
+        assert release.wait(10), "the test never released the writer"
+        real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(tiers, "save_file", held_save)
+    last = NUM_LAYERS - 1
+    # The update returns while its file is still unwritten: the write is not on the step's path.
+    assert tiered.apply_gradients(last, 0, _grads(tiered, last, 0))
+    written = tmp_path / "spill" / tiers.version_file_name(last, 1)
+    assert not written.exists()
+    assert torch.equal(tiered.weights(last, 1)["weight"], ram.weights(last, 1)["weight"])
+    for layer in reversed(range(last)):
+        tiered.apply_gradients(layer, 0, _grads(tiered, layer, 0))
+    committed = threading.Thread(target=tiered.commit, args=(0,))
+    committed.start()
+    committed.join(0.3)
+    assert committed.is_alive()  # the commit waits for the step's writes
+    release.set()
+    committed.join(10)
+    assert not committed.is_alive() and written.exists()
+    _stream_step(ram, 1)
+    _stream_step(tiered, 1)
+    _assert_same_state(ram, tiered)
+    tiered.close()
+
+
+def test_a_failed_background_write_fails_the_commit(tmp_path, monkeypatch):
+    import memoryx.tiers as tiers
+
+    tiered = _tiered(tmp_path, 10**7)
+
+    def full_disk(tensors, path, metadata=None):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tiers, "save_file", full_disk)
+    for layer in reversed(range(NUM_LAYERS)):
+        try:
+            tiered.apply_gradients(layer, 0, _grads(tiered, layer, 0))
+        except OSError:
+            break  # a later update saw the failure already: also fine
+    with pytest.raises(OSError, match="could not be written: .*No space left"):
+        tiered.commit(0)
