@@ -161,7 +161,10 @@ def plan_shards(
     total = sum(sizes)
     share = total / num_servers
     if not split or num_servers <= len(layers):
-        whole = whole_layer_ranges(sizes, num_servers)
+        try:
+            whole = whole_layer_ranges(sizes, num_servers)
+        except ValueError as exc:
+            raise ValueError(f"{exc} Layers are not split over servers with sparsity.") from None
         held = [sum(sizes[i] for i in r) for r in whole]
         if not split or all(abs(h - share) <= BALANCE_TOLERANCE * share for h in held):
             return [Shard(r) for r in whole]

@@ -100,7 +100,11 @@ def test_sparsity_filter_matching_nothing_is_an_error(tmp_path):
             "{ram_budget_bytes: 100000000, spill_dir: A_FILE/spill}",
             ["memoryx.spill_dir", "is not a writable directory"],
         ),
-        ("{num_servers: 4}", ["memoryx.num_servers = 4", "3 streamed layers"]),
+        # More servers than layers needs split layers, which sparsity rules out.
+        (
+            "{num_servers: 4}\nsparsity: {sparsity: 0.5}",
+            ["memoryx.num_servers = 4", "3 streamed layers", "not split", "sparsity"],
+        ),
     ],
 )
 def test_memoryx_that_cannot_hold_the_model_is_refused_before_training(tmp_path, memoryx, needles):

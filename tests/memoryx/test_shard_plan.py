@@ -70,6 +70,8 @@ def test_balanced_whole_layers_stay_whole_and_sparsity_never_splits():
     whole = plan_shards(SHAPES, 2, split=False)
     assert not any(s.pieces for s in whole)
     assert BALANCE_TOLERANCE == 0.1
+    with pytest.raises(ValueError, match="3 streamed layers.*not split over servers with sparsity"):
+        plan_shards(SHAPES, 4, split=False)
 
 
 def test_piece_keys_carry_the_tensor_and_its_shape():
