@@ -379,6 +379,13 @@ class ClusterConfig:
                 "(memoryx.spill_dir is set): its versions are files that a skipped step would "
                 "have to duplicate. Use optimizer.nonfinite: error, or drop memoryx.spill_dir."
             )
+        if self.memoryx.num_servers > 1 and self.optimizer.nonfinite == "skip":
+            raise ValueError(
+                f"optimizer.nonfinite = 'skip' is not supported with memoryx.num_servers = "
+                f"{self.memoryx.num_servers}: a server that meets a non-finite update skips the "
+                "step in its own layers only, while the others apply it. Use "
+                "optimizer.nonfinite: error, or memoryx.num_servers: 1."
+            )
 
     def _resolve_groups(self) -> None:
         """Fill num_nodes and backend from node_groups (or their defaults), checking both agree."""
