@@ -194,6 +194,8 @@ class Cluster:
     def memoryx_split(self) -> dict[int, list[tuple[str, list[tuple]]]]:
         """The root's upstream for layers split over servers: owners' addresses and pieces."""
         split: dict[int, list[tuple[str, list[tuple]]]] = {}
+        if not self.memoryx_shards:  # whole layers only
+            return split
         for shard, address in zip(self.memoryx_shards, self.memoryx_addresses, strict=True):
             for layer, pieces in shard.pieces.items():
                 split.setdefault(layer, []).append(
