@@ -146,42 +146,75 @@ def store_only_ratio(overrides: dict, budget: int, num_steps: int = 6) -> dict:
     tensors = [{n: p.detach() for n, p in layer.named_parameters()} for layer in layers]
     optimizer = config.optimizer.build()
     ram = ParameterStore(tensors, optimizer)
-    tiered = TieredStore(
-        optimizer,
-        spill_dir=tempfile.mkdtemp(dir=overrides["memoryx.spill_dir"]),
-        ram_budget_bytes=budget,
-    )
-    for layer in tensors:
-        tiered.add_layer(layer)
-    tiered.finish()
+
+    def tiered_store(background_writes: bool) -> TieredStore:
+        store = TieredStore(
+            optimizer,
+            spill_dir=tempfile.mkdtemp(dir=overrides["memoryx.spill_dir"]),
+            ram_budget_bytes=budget,
+            background_writes=background_writes,
+        )
+        for layer in tensors:
+            store.add_layer(layer)
+        return store.finish()
+
+    tiered = tiered_store(True)
+    # The same, writing updated layers on the updating thread (as before issue 15's writer).
+    tiered_sync = tiered_store(False)
     gen = torch.Generator().manual_seed(0)
     grads = [
         {n: torch.randn(s, generator=gen) for n, s in ram.layout(i)} for i in range(len(tensors))
     ]
 
+    # CPU seconds of the updating thread in apply_gradients: the step's critical path,
+    # and much less disturbed by other jobs on the host than wall time.
+    apply_cpu: dict[int, list[float]] = {}
+
     def step(store, k: int) -> float:
         started = time.perf_counter()
         for i in range(len(tensors)):
             store.weights(i, k)
+        cpu = 0.0
         for i in reversed(range(len(tensors))):
             store.weights(i, k)
+            before = time.thread_time()
             store.apply_gradients(i, k, grads[i])
+            cpu += time.thread_time() - before
         store.commit(k)
+        apply_cpu.setdefault(id(store), []).append(cpu)
         return time.perf_counter() - started
 
-    times = {"in_ram": [], "tiered": []}
+    times = {"in_ram": [], "tiered": [], "tiered_sync": []}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a MemoryX actor; 2 threads on a loaded host is 100x slower
     try:
         for k in range(num_steps):  # interleaved step by step
             times["in_ram"].append(step(ram, k))
             times["tiered"].append(step(tiered, k))
+            times["tiered_sync"].append(step(tiered_sync, k))
     finally:
         torch.set_num_threads(threads)
         tiered.close()
+        tiered_sync.close()
     ram_s = statistics.median(times["in_ram"][1:])
     tiered_s = statistics.median(times["tiered"][1:])
-    return {"in_ram_ms": 1e3 * ram_s, "tiered_ms": 1e3 * tiered_s, "ratio": tiered_s / ram_s}
+    sync_s = statistics.median(times["tiered_sync"][1:])
+
+    def cpu_ms(store) -> float:
+        return 1e3 * statistics.median(apply_cpu[id(store)][1:])
+
+    return {
+        "in_ram_ms": 1e3 * ram_s,
+        "tiered_ms": 1e3 * tiered_s,
+        "ratio": tiered_s / ram_s,
+        "tiered_sync_writes_ms": 1e3 * sync_s,
+        "sync_writes_ratio": sync_s / ram_s,
+        "apply_cpu_ms": {
+            "in_ram": cpu_ms(ram),
+            "tiered": cpu_ms(tiered),
+            "tiered_sync_writes": cpu_ms(tiered_sync),
+        },
+    }
 
 
 def big_gpt_shape(target_params: float, *, seq_len: int, vocab_size: int) -> dict:
@@ -319,7 +352,15 @@ def print_result(result: dict) -> None:
         store = result["store_only"]
         print(
             f"MemoryX alone (in process, no gRPC): in RAM {store['in_ram_ms']:.1f} ms/step, "
-            f"tiered {store['tiered_ms']:.1f} ms/step, ratio {store['ratio']:.2f}"
+            f"tiered {store['tiered_ms']:.1f} ms/step, ratio {store['ratio']:.2f}; with "
+            f"write-back on the updating thread {store['tiered_sync_writes_ms']:.1f} ms/step, "
+            f"ratio {store['sync_writes_ratio']:.2f}"
+        )
+        cpu = store["apply_cpu_ms"]
+        print(
+            f"  updating thread's CPU in apply_gradients per step: in RAM {cpu['in_ram']:.1f} "
+            f"ms, tiered {cpu['tiered']:.1f} ms, write-back on that thread "
+            f"{cpu['tiered_sync_writes']:.1f} ms"
         )
         print(
             f"tiered: peak resident {result['tiered_peak_resident_bytes'] / 1e6:.1f} MB, disk "

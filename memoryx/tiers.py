@@ -94,6 +94,7 @@ class TieredStore(ParameterStore):
         step: int = 0,
         layer_offset: int = 0,
         prefetch: bool = True,
+        background_writes: bool = True,
     ) -> None:
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}.")
@@ -109,6 +110,7 @@ class TieredStore(ParameterStore):
         self._syncer = BackgroundSync()
         # Updated layers are written back off the step's path; a commit waits for them.
         self._writer = BackgroundWriter(self._write_file)
+        self._background_writes = background_writes  # False: on the updating thread
         self._cache = Cache(
             ram_budget_bytes, self._ledger, self._eviction_rank, drain=self._writer.wait_one
         )
@@ -322,7 +324,7 @@ class TieredStore(ParameterStore):
             problem = self._finite_step(layer, step, new, grads)
             if problem is not None:
                 return problem
-            path = self._write(index, step + 1, new, background=True)
+            path = self._write(index, step + 1, new, background=self._background_writes)
             # Cached as they are: eviction drops them when room is needed (the next
             # forward pass wants these weights soon, the state only in the next backward).
             flat = flatten(new)
