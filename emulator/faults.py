@@ -325,7 +325,7 @@ class Supervisor:
             self.cluster.restart(name, **changes)
         servers = MemoryXServers(
             self.cluster.memoryx_addresses,
-            self.cluster.memoryx_layers,
+            self.cluster.memoryx_shards or self.cluster.memoryx_layers,
             self.cluster.security,
             deadlines(self.runtime),
         )
