@@ -60,8 +60,8 @@ from proto.serde import (
     iter_decode_layers,
     layer_items,
     sends_sparse,
-    to_wire,
 )
+from proto.wire import register as register_fast
 
 _PHASES = tuple(Phase)
 
@@ -235,7 +235,8 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
         ):
             if isinstance(item, Chunk):
                 sent += len(item.data)
-            yield to_wire(item)
+            # Chunks view the store's tensors; gRPC encodes each (proto.wire) before the next.
+            yield item
         with self.traffic.lock:
             self.traffic.egress_bytes += sent
             self.traffic.num_weight_streams += 1
@@ -380,4 +381,4 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
 
 
 def register(server: grpc.Server, servicer: MemoryXServicer) -> None:
-    mgrpc.add_MemoryXServicer_to_server(servicer, server)
+    register_fast(mgrpc.add_MemoryXServicer_to_server, servicer, server)

@@ -27,8 +27,9 @@ from proto.serde import (
     from_wire_stream,
     layer_items,
     payload_bytes,
-    to_wire,
 )
+from proto.wire import encode, fast_channel
+from proto.wire import register as register_fast
 
 
 class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
@@ -56,7 +57,7 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
         self.compute_seconds = 0.0
 
     def connect(self, parent: str) -> None:
-        self._parent = sgrpc.SwarmXStub(channel(parent, self.security))
+        self._parent = sgrpc.SwarmXStub(fast_channel(channel(parent, self.security)))
 
     @rpc_errors
     def Deliver(self, request_iterator, context):
@@ -131,8 +132,8 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
                     )
                 )
                 sent = payload_bytes(gradient)
-                # Encoded (copied) now: the chunks are views of the worker's gradient tensors.
-                messages = [to_wire(item) for item in gradient]
+                # Encoded (copied once) now: the chunks are views of the worker's gradients.
+                messages = [encode(item) for item in gradient]
                 call = self._parent.Reduce.future(iter(messages), timeout=time_left_s(context))
                 # If the layer is abandoned (a sibling failed, so SwarmX cancels this Deliver),
                 # stop waiting for a sum that will never complete.
@@ -179,4 +180,4 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
 
 def register(server: grpc.Server, servicer: ComputeNodeServicer) -> None:
     ngrpc.add_ComputeNodeServicer_to_server(servicer, server)
-    sgrpc.add_LayerSinkServicer_to_server(servicer, server)
+    register_fast(sgrpc.add_LayerSinkServicer_to_server, servicer, server)

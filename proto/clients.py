@@ -47,7 +47,8 @@ from proto.messages import (
     weights_request_to_wire,
 )
 from proto.rpc import Security, channel
-from proto.serde import DEFAULT_CHUNK_BYTES, WIRE_DTYPES, Expected, LayerAssembler, encode_layer
+from proto.serde import DEFAULT_CHUNK_BYTES, WIRE_DTYPES, Expected, LayerAssembler, layer_items
+from proto.wire import fast_channel
 
 #: What a failed call raises (a gRPC status: code() and details()).
 RpcError = grpc.RpcError
@@ -120,7 +121,7 @@ class MemoryXClient:
     def __init__(self, address: str, security: Security, deadlines: Deadlines = DEFAULT_DEADLINES):
         self.address = address
         self.deadlines = deadlines
-        self._stub = mgrpc.MemoryXStub(channel(address, security))
+        self._stub = mgrpc.MemoryXStub(fast_channel(channel(address, security)))
 
     def load_weights(
         self,
@@ -141,7 +142,7 @@ class MemoryXClient:
 
         def messages():
             for index, tensors in enumerate(layers, start=first_layer):
-                yield from encode_layer(
+                yield from layer_items(
                     index,
                     step,
                     Phase.FORWARD,

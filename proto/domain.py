@@ -49,6 +49,10 @@ class Chunk:
     data: bytes | memoryview
     encoding: str = ""  # "" dense; "bitmap" / "indices" / "masked_values" (proto.sparse)
     index_bytes: int = 0  # bytes of the index at the end of the payload
+    #: The encoded message this chunk arrived in (``proto.wire.decode``), so that a relay
+    #: forwards it without encoding it again. Not an init field: ``dataclasses.replace``
+    #: (a changed chunk) drops it.
+    wire: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
 
 #: One element of a layer stream: a ``Header``, then the ``Chunk`` s of every tensor.

@@ -172,8 +172,12 @@ def to_wire(item: StreamItem) -> pb.LayerMessage:
     )
 
 
-def from_wire(message: pb.LayerMessage) -> StreamItem:
-    """The ``Header`` or ``Chunk`` a ``LayerMessage`` carries; WireError if it carries neither."""
+def from_wire(message: pb.LayerMessage | StreamItem) -> StreamItem:
+    """The ``Header`` or ``Chunk`` a ``LayerMessage`` carries; WireError if it carries neither.
+
+    An item decoded already (``proto.wire.decode`` gives them) is returned as it is."""
+    if isinstance(message, Chunk | Header):
+        return message
     kind = message.WhichOneof("kind")
     if kind == "chunk":
         c = message.chunk

@@ -99,10 +99,16 @@ class ChunkReduction:
             if len(slot) < len(self.children):
                 return
             del self._pending[index]
-            total = np.array(chunk_values(slot[self.children[0]]), dtype=np.float32)
-            for name in self.children[1:]:
-                total += chunk_values(slot[name])
-            up = dataclasses.replace(chunk, data=total.tobytes())
+            if len(self.children) == 1:
+                # A sum of one: the chunk goes up as it came (as the bytes it arrived in).
+                up = slot[self.children[0]]
+            else:
+                # In child order, into one new buffer: the same fp32 sums as ever.
+                values = [chunk_values(slot[name]) for name in self.children]
+                total = np.add(values[0], values[1])
+                for more in values[2:]:
+                    np.add(total, more, out=total)
+                up = dataclasses.replace(chunk, data=memoryview(total).cast("B"))
             self.emitted_bytes += len(up.data)
             self._num_emitted += 1
             self._emit(up)

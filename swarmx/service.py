@@ -36,8 +36,9 @@ from proto.serde import (
     from_wire_stream,
     recast_chunk,
     recast_header,
-    to_wire,
 )
+from proto.wire import fast_channel
+from proto.wire import register as register_fast
 from swarmx.pieces import END, SplitLayer, SplitPush, joined_weights
 from swarmx.reduce import ChunkReduction
 
@@ -49,7 +50,7 @@ _QUEUE_DEPTH = 16
 _POLL_S = 0.05
 
 
-def _drain(q: queue.Queue) -> Iterator[pb.LayerMessage]:
+def _drain(q: queue.Queue) -> Iterator[StreamItem]:
     while (item := q.get()) is not _END:
         yield item
 
@@ -155,17 +156,21 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
             self._fail(entry, "the tree was rewired")
         self.children = tuple(children)
         self._child_stubs = [
-            sgrpc.LayerSinkStub(channel(a, self.security)) for a in children.values()
+            sgrpc.LayerSinkStub(fast_channel(channel(a, self.security))) for a in children.values()
         ]
-        self._parent = sgrpc.SwarmXStub(channel(parent, self.security)) if parent else None
+        self._parent = (
+            sgrpc.SwarmXStub(fast_channel(channel(parent, self.security))) if parent else None
+        )
         servers = {0: memoryx} if isinstance(memoryx, str) else dict(memoryx or {})
         self._memoryx = [
-            (first, mgrpc.MemoryXStub(channel(a, self.security)))
+            (first, mgrpc.MemoryXStub(fast_channel(channel(a, self.security))))
             for first, a in sorted(servers.items())
         ]
         self._is_root = memoryx is not None
         addresses = sorted({a for owners in (memoryx_split or {}).values() for a, _ in owners})
-        self._split_stubs = [mgrpc.MemoryXStub(channel(a, self.security)) for a in addresses]
+        self._split_stubs = [
+            mgrpc.MemoryXStub(fast_channel(channel(a, self.security))) for a in addresses
+        ]
         self._split = {
             layer: SplitLayer.from_plain([(addresses.index(a), pieces) for a, pieces in owners])
             for layer, owners in (memoryx_split or {}).items()
@@ -179,15 +184,15 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
             for c in self.children
         ]
 
-    def _per_child(self, message: pb.LayerMessage, item: StreamItem) -> list[pb.LayerMessage]:
-        """``message`` as each child takes it: as it came, or its weights rounded."""
+    def _per_child(self, item: StreamItem) -> list[StreamItem]:
+        """``item`` as each child takes it: as it came, or its weights rounded."""
         if not any(self._recast):
-            return [message] * len(self._recast)
-        converted: dict[str, pb.LayerMessage] = {}
+            return [item] * len(self._recast)
+        converted: dict[str, StreamItem] = {}
         out = []
         for target in self._recast:
             if target is None:
-                out.append(message)
+                out.append(item)
                 continue
             if target not in converted:
                 if isinstance(item, Header):
@@ -200,13 +205,13 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
                     recast = recast_chunk(item, target)
                 else:
                     recast = item
-                converted[target] = to_wire(recast)
+                converted[target] = recast
             out.append(converted[target])
         return out
 
     # -- broadcast ---------------------------------------------------------
     def _broadcast(
-        self, messages: Iterable[pb.LayerMessage], context: grpc.ServicerContext
+        self, messages: Iterable[StreamItem | pb.LayerMessage], context: grpc.ServicerContext
     ) -> LayerAck:
         """Forward every message to every child as it comes; the sum of the children's answers."""
         queues = [queue.Queue(maxsize=_QUEUE_DEPTH) for _ in self._child_stubs]
@@ -227,18 +232,16 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
         culprit: grpc.Future | None = None  # a child whose call ended mid-stream
         try:
             for message in messages:
-                # Children get the message as it came; it is decoded only to be counted.
+                # Children get a chunk as the bytes it came in (``Chunk.wire``), unless rounded.
                 item = from_wire(message)
                 if header is None:
                     if not isinstance(item, Header):
                         raise WireError("a layer stream must start with a header")
                     header = item
-                outgoing = self._per_child(message, item)
+                outgoing = self._per_child(item)
                 if isinstance(item, Chunk):
                     for counter, out in zip(self._down.values(), outgoing, strict=True):
-                        counter.payload_bytes += (
-                            len(item.data) if out is message else len(out.chunk.data)
-                        )
+                        counter.payload_bytes += len(out.data)
                         counter.num_chunks += 1
                 culprit = next(
                     (
@@ -285,7 +288,7 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
             header = Header(
                 layer=request.layer, step=request.step, phase=request.phase, sender=self.name
             )
-            return ack_to_wire(self._broadcast([to_wire(header)], context))
+            return ack_to_wire(self._broadcast([header], context))
         split = self._split.get(request.layer)
         stubs = (
             [self._memoryx_of(request.layer)]
@@ -321,7 +324,7 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
                     if isinstance(item, Chunk):
                         self._up.payload_bytes += len(item.data)
                         self._up.num_chunks += 1
-                    outbox.put(to_wire(item))
+                    outbox.put(item)
 
                 reduction = ChunkReduction(self.children, emit)
                 # The sum goes up under the deadline of the child stream that opened it.
@@ -437,5 +440,5 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
 
 
 def register(server: grpc.Server, servicer: SwarmXServicer) -> None:
-    sgrpc.add_SwarmXServicer_to_server(servicer, server)
-    sgrpc.add_LayerSinkServicer_to_server(servicer, server)
+    register_fast(sgrpc.add_SwarmXServicer_to_server, servicer, server)
+    register_fast(sgrpc.add_LayerSinkServicer_to_server, servicer, server)

@@ -1,0 +1,233 @@
+"""Layer streams on gRPC without a protobuf object per chunk: one copy to send, none to receive.
+
+The bytes on the wire are exactly ``LayerMessage`` protobuf (any protobuf
+client reads and writes them); only the Python side differs from the
+generated stubs' ``SerializeToString`` / ``FromString``:
+
+- ``encode`` turns a ``Chunk`` into its message with one copy of its values
+  (the small fields through protobuf, then the raw bytes appended), where the
+  generated path copies them three times (into ``bytes``, into the message,
+  into the serialized string). A chunk that arrived from the wire is
+  forwarded as the very bytes it came in (``Chunk.wire``): a SwarmX relay
+  copies nothing.
+- ``decode`` finds the ``data`` field of a chunk message and returns a
+  ``Chunk`` whose ``data`` is a ``memoryview`` into the received bytes; only
+  the small fields go through protobuf. Anything else (a header, an empty or
+  unusual message) goes through protobuf whole.
+
+``register`` serves a generated servicer with these codecs on its layer-stream
+methods, behind the same interceptors (the auth guard parses requests with the
+handler's deserializer). ``fast_channel`` makes generated stubs use them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from proto import tensor_pb2 as pb
+from proto.domain import Chunk, Header
+from proto.serde import WireError, from_wire, to_wire
+
+_CHUNK_KEY = 0x12  # LayerMessage field 2 (chunk), length-delimited
+_DATA_FIELD = 8  # TensorChunk.data
+_DATA_KEY = b"\x42"  # field 8, length-delimited
+
+
+class _Unusual(Exception):
+    """A message the fast path does not read (protobuf reads it instead)."""
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _read_varint(raw: bytes, pos: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise _Unusual
+        byte = raw[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def encode(item: Any) -> bytes:
+    """The serialized ``LayerMessage`` of a ``Chunk``, ``Header``, protobuf message or bytes."""
+    if isinstance(item, Chunk):
+        if item.wire is not None:
+            return item.wire
+        fields = pb.TensorChunk(
+            layer=item.layer,
+            step=item.step,
+            name=item.name,
+            dtype=item.dtype,
+            shape=item.shape,
+            offset=item.offset,
+            tensor_bytes=item.tensor_bytes,
+            encoding=item.encoding,
+            index_bytes=item.index_bytes,
+        ).SerializeToString()
+        data = item.data
+        size = data.nbytes if isinstance(data, memoryview) else len(data)
+        size_varint = _varint(size)
+        inner = len(fields) + 1 + len(size_varint) + size
+        # The one copy of the values: into the message gRPC sends.
+        return b"".join((b"\x12", _varint(inner), fields, _DATA_KEY, size_varint, data))
+    if isinstance(item, Header):
+        return to_wire(item).SerializeToString()
+    if isinstance(item, bytes):
+        return item
+    return item.SerializeToString()
+
+
+def decode(raw: bytes) -> Chunk | Header | pb.LayerMessage:
+    """A received ``LayerMessage``: a ``Chunk`` viewing ``raw``, a ``Header``, or the message
+    itself when it carries neither (the servicer names that error, as for any message)."""
+    if raw[:1] == b"\x12":
+        try:
+            size, start = _read_varint(raw, 1, len(raw))
+            if start + size == len(raw):
+                return _chunk(raw, start)
+        except _Unusual:
+            pass
+    message = pb.LayerMessage.FromString(raw)
+    try:
+        return from_wire(message)
+    except WireError:
+        return message
+
+
+def _chunk(raw: bytes, start: int) -> Chunk:
+    """The chunk message ``raw[start:]``: its data viewed in place, the rest parsed by protobuf."""
+    end = len(raw)
+    pos = start
+    kept: list[bytes] = []  # the message without its data field(s)
+    kept_from = start
+    data = (0, 0)
+    while pos < end:
+        field_start = pos
+        key, pos = _read_varint(raw, pos, end)
+        kind = key & 7
+        if kind == 0:
+            _, pos = _read_varint(raw, pos, end)
+        elif kind == 2:
+            size, pos = _read_varint(raw, pos, end)
+            if key >> 3 == _DATA_FIELD:
+                # A repeated scalar field: the last one counts, as in protobuf.
+                data = (pos, pos + size)
+                kept.append(raw[kept_from:field_start])
+                kept_from = pos + size
+            pos += size
+        elif kind == 1:
+            pos += 8
+        elif kind == 5:
+            pos += 4
+        else:
+            raise _Unusual
+        if pos > end:
+            raise _Unusual
+    kept.append(raw[kept_from:end])
+    c = pb.TensorChunk.FromString(b"".join(kept))
+    chunk = Chunk(
+        layer=c.layer,
+        step=c.step,
+        name=c.name,
+        dtype=c.dtype,
+        shape=tuple(c.shape),
+        offset=c.offset,
+        tensor_bytes=c.tensor_bytes,
+        data=memoryview(raw)[data[0] : data[1]],
+        encoding=c.encoding,
+        index_bytes=c.index_bytes,
+    )
+    object.__setattr__(chunk, "wire", raw)
+    return chunk
+
+
+_PROTOBUF_SERIALIZE = pb.LayerMessage.SerializeToString
+_PROTOBUF_PARSE = pb.LayerMessage.FromString
+
+
+def _codecs(serializer: Callable | None, deserializer: Callable | None) -> tuple:
+    return (
+        encode if serializer == _PROTOBUF_SERIALIZE else serializer,
+        decode if deserializer == _PROTOBUF_PARSE else deserializer,
+    )
+
+
+class _Capture:
+    """Stands in for a server while a generated ``add_*_to_server`` registers its handlers."""
+
+    def __init__(self) -> None:
+        self.service = ""
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.service, self.handlers = service, handlers
+
+
+def register(add_to_server: Callable[[Any, Any], None], servicer: Any, server: grpc.Server) -> None:
+    """``add_to_server(servicer, server)`` (a generated function) with these codecs on
+    every method that sends or takes ``LayerMessage`` s."""
+    capture = _Capture()
+    add_to_server(servicer, capture)
+    handlers = {}
+    for name, handler in capture.handlers.items():
+        serializer, deserializer = _codecs(
+            handler.response_serializer, handler.request_deserializer
+        )
+        handlers[name] = handler._replace(
+            response_serializer=serializer, request_deserializer=deserializer
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(capture.service, handlers),)
+    )
+    server.add_registered_method_handlers(capture.service, handlers)
+
+
+class _FastChannel:
+    """A channel whose layer-stream methods use ``encode`` / ``decode``; the rest as given."""
+
+    def __init__(self, inner: Any):
+        self._inner = inner
+
+    def _method(
+        self, kind: str, method: str, request_serializer=None, response_deserializer=None, **kw
+    ):
+        # The generated stubs name a request's serializer and a response's deserializer.
+        serializer = encode if request_serializer == _PROTOBUF_SERIALIZE else request_serializer
+        deserializer = decode if response_deserializer == _PROTOBUF_PARSE else response_deserializer
+        return getattr(self._inner, kind)(
+            method, request_serializer=serializer, response_deserializer=deserializer, **kw
+        )
+
+    def unary_unary(self, method, **kw):
+        return self._method("unary_unary", method, **kw)
+
+    def unary_stream(self, method, **kw):
+        return self._method("unary_stream", method, **kw)
+
+    def stream_unary(self, method, **kw):
+        return self._method("stream_unary", method, **kw)
+
+    def stream_stream(self, method, **kw):
+        return self._method("stream_stream", method, **kw)
+
+
+def fast_channel(channel: Any) -> _FastChannel:
+    """``channel`` for a generated stub whose layer streams go through ``encode`` / ``decode``."""
+    return _FastChannel(channel)
