@@ -14,8 +14,11 @@ Before the re-run, lost components are replaced (emulator.faults).
 
 from __future__ import annotations
 
+import itertools
+import secrets
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +32,7 @@ from emulator.shards import MemoryXServers
 from memoryx.checkpoint import confined_path, write_manifest
 from proto.clients import (
     NodeClient,
+    PendingLayer,
     RpcError,
     SwarmXClient,
     wire_bytes,
@@ -58,6 +62,10 @@ def group_layers(blocks: list[nn.Module]) -> list[nn.Module]:
         raise ValueError("the model has no parameters to train; at least one block needs weights.")
     groups[-1].extend(pending)
     return [g[0] if len(g) == 1 else nn.Sequential(*g) for g in groups]
+
+
+#: Layers of a pass in flight at once: the one the nodes compute and the next one streaming.
+PASS_WINDOW = 2
 
 
 @dataclass
@@ -104,6 +112,8 @@ class Coordinator:
 
     def __post_init__(self) -> None:
         self.deadlines = deadlines(self.config.runtime)
+        # Ids of pipelined passes: unique per attempt, and not those of an earlier driver.
+        self._pass_ids = itertools.count(secrets.randbits(48) + 1)
         self._connect_clients()
         # A backend whose backward needs no weights (DFA) gets a header-only backward stream.
         self.backward_weights = self.config.backend.needs_weights_in_backward
@@ -166,28 +176,50 @@ class Coordinator:
             ]
         return self._layer_timeouts_s[layer]
 
-    def _run_layer(self, layer: int, step: int, phase: Phase, name: str) -> LayerAck:
-        if self.fault is not None:
-            self.fault(step, layer, name)
-        without_weights = phase == Phase.BACKWARD and not self.backward_weights
-        return self._watched(
-            LayerRequest(
-                layer=layer,
-                step=step,
-                phase=phase,
-                dtype=self.wire_dtype,
-                without_weights=without_weights,
-            )
-        )
+    def _run_pass(self, layers: Iterable[int], step: int, phase: Phase) -> list[LayerAck]:
+        """The layer phases of one pass, in order, with up to ``PASS_WINDOW`` in flight.
 
-    def _watched(self, request: LayerRequest) -> LayerAck:
-        """Run a layer pass; while it is under way, probe every component's health.
+        The root fetches and broadcasts layer l+1 while the nodes compute layer l; each
+        node computes them in pass order (``LayerHeader.pass_id``), and each layer keeps
+        its own answer, version and (backward) update. A failure cancels the layers still
+        in flight; the step is then run again, as a pass with a new id.
+        """
+        pass_id = next(self._pass_ids)
+        name = _PASS_NAMES.get(phase, "eval")
+        without_weights = phase == Phase.BACKWARD and not self.backward_weights
+        in_flight: deque[PendingLayer] = deque()
+        acks = []
+        try:
+            for layer in layers:
+                if len(in_flight) == PASS_WINDOW:
+                    acks.append(self._watched(in_flight.popleft()))
+                if self.fault is not None and phase in _PASS_NAMES:  # training passes only
+                    self.fault(step, layer, name)
+                request = LayerRequest(
+                    layer=layer,
+                    step=step,
+                    phase=phase,
+                    dtype=self.wire_dtype,
+                    without_weights=without_weights,
+                    pass_id=pass_id,
+                )
+                in_flight.append(
+                    self.root.start_layer(request, timeout_s=self._layer_timeout_s(layer))
+                )
+            while in_flight:
+                acks.append(self._watched(in_flight.popleft()))
+        finally:
+            for pending in in_flight:  # after a failure: nothing is left running
+                pending.cancel()
+        return acks
+
+    def _watched(self, pending: PendingLayer) -> LayerAck:
+        """Wait for a layer pass; while it is under way, probe every component's health.
 
         A pass that takes longer than ``runtime.health_interval_s`` triggers a probe;
         a component that does not answer within ``runtime.health_timeout_s`` ends the
         pass (``ComponentLost``), so a hung node costs seconds, not the layer deadline.
         """
-        pending = self.root.start_layer(request, timeout_s=self._layer_timeout_s(request.layer))
         while True:
             try:
                 return pending.result(timeout_s=self.config.runtime.health_interval_s)
@@ -198,13 +230,9 @@ class Coordinator:
                     raise ComponentLost(problems) from None
 
     def _attempt(self, step: int) -> tuple[LayerAck, list[LayerAck]]:
-        acks = [
-            self._run_layer(layer, step, Phase.FORWARD, "forward")
-            for layer in range(self.num_layers)
-        ]
+        acks = self._run_pass(range(self.num_layers), step, Phase.FORWARD)
         last = acks[-1]
-        for layer in reversed(range(self.num_layers)):
-            acks.append(self._run_layer(layer, step, Phase.BACKWARD, "backward"))
+        acks += self._run_pass(reversed(range(self.num_layers)), step, Phase.BACKWARD)
         self.memoryx.commit_step(step)
         return last, acks
 
@@ -282,11 +310,7 @@ class Coordinator:
 
     def evaluate(self, step: int) -> EvalRecord:
         def passes() -> LayerAck:
-            for layer in range(self.num_layers):
-                ack = self._watched(
-                    LayerRequest(layer=layer, step=step, phase=Phase.EVAL, dtype=self.wire_dtype)
-                )
-            return ack
+            return self._run_pass(range(self.num_layers), step, Phase.EVAL)[-1]
 
         ack, _ = self._recovering(step, passes)
         return EvalRecord(

@@ -31,6 +31,9 @@ from proto.serde import (
 from proto.wire import encode, fast_channel
 from proto.wire import register as register_fast
 
+# How often a layer waiting for its turn checks whether its call was cancelled, s.
+_POLL_S = 0.05
+
 
 class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
     def __init__(
@@ -46,8 +49,11 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
         self.name = name
         self.chunk_bytes = chunk_bytes
         self._parent: sgrpc.SwarmXStub | None = None
-        # One layer computed at a time, as on the wafer (streams are read outside it).
+        # One layer computed at a time, as on the wafer.
         self._lock = threading.Lock()
+        # (pass id, layer) computed last: the layers of a pipelined pass compute in order.
+        self._turn = threading.Condition()
+        self._computed: tuple[int, int] | None = None
         self._reset_counters()
 
     def _reset_counters(self) -> None:
@@ -73,8 +79,10 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
             raise WireError(f"unknown phase {header.phase}")
         if header.step < 0:
             raise WireError(f"step {header.step} must not be negative")
-        # The stream is read and checked before the lock: a client that stalls mid-stream
-        # (until the stream's idle deadline) holds only its own thread, not the node.
+        # Read and checked before the node's turn and lock: in a pipelined pass this layer
+        # streams in while the node still computes the one before it (the root keeps at most
+        # two in flight), and a client that stalls mid-stream (until the stream's idle
+        # deadline) holds only its own thread, not the node.
         assembler = LayerAssembler(
             Expected(
                 header.layer,
@@ -89,67 +97,104 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
         for item in items:
             assembler.add(item)
         params = assembler.finish()
+        self._wait_turn(header, context)
         with self._lock:
-            self.weight_bytes_received += assembler.payload_bytes
-            ack = LayerAck(
-                layer=header.layer,
-                step=header.step,
-                phase=header.phase,
-                num_nodes=1,
-                bytes_to_nodes=assembler.payload_bytes,
-                update_applied=True,
-            )
-            try:
-                if header.phase == Phase.BACKWARD:
-                    grads, result = self.worker.backward(header.layer, header.step, params)
-                elif header.phase == Phase.FORWARD:
-                    result = self.worker.forward(header.layer, header.step, params)
-                else:
-                    result = self.worker.evaluate(header.layer, header.step, params)
-            except NodeStateError as exc:
-                raise StepConflict(str(exc)) from None
-            del params  # the wafer drops a layer's weights as soon as it has used them
-            self.flops += result.flops
-            self.compute_seconds += result.compute_seconds
-            ack.loss_sum = result.loss_sum
-            ack.num_targets = result.num_targets
-            ack.num_correct = result.num_correct
-            ack.flops = result.flops
-            ack.compute_seconds = result.compute_seconds
-            if header.phase == Phase.BACKWARD:
-                gradient = list(
-                    layer_items(
-                        header.layer,
-                        header.step,
-                        Phase.BACKWARD,
-                        grads,
-                        dtype="float32",
-                        chunk_bytes=self.chunk_bytes,
-                        sender=self.name,
-                        # Gradients of pruned weights are not sent, except when MemoryX
-                        # asks for them (RigL regrows where the dense gradient is large).
-                        masked_values=None if header.dense_gradients else assembler.masks,
-                    )
-                )
-                sent = payload_bytes(gradient)
-                # Encoded (copied once) now: the chunks are views of the worker's gradients.
-                messages = [encode(item) for item in gradient]
-                call = self._parent.Reduce.future(iter(messages), timeout=time_left_s(context))
-                # If the layer is abandoned (a sibling failed, so SwarmX cancels this Deliver),
-                # stop waiting for a sum that will never complete.
-                if not context.add_callback(call.cancel):
-                    call.cancel()  # this Deliver was cancelled already
-                try:
-                    upstream = ack_from_wire(call.result())
-                except grpc.FutureCancelledError:
-                    raise StepConflict(
-                        f"{self.name}: gradient of layer {header.layer} step {header.step} "
-                        "was abandoned"
-                    ) from None
-                self.gradient_bytes_sent += sent
-                ack.gradient_bytes = sent
-                ack.update_applied = upstream.update_applied
+            ack, call, sent = self._compute(header, params, assembler, context)
+        if call is None:
             return ack_to_wire(ack)
+        # Waited for outside the lock: the next layer of the pass computes meanwhile.
+        try:
+            upstream = ack_from_wire(call.result())
+        except grpc.FutureCancelledError:
+            raise StepConflict(
+                f"{self.name}: gradient of layer {header.layer} step {header.step} was abandoned"
+            ) from None
+        with self._lock:
+            self.gradient_bytes_sent += sent
+        ack.gradient_bytes = sent
+        ack.update_applied = upstream.update_applied
+        return ack_to_wire(ack)
+
+    def _ready(self, header: Header) -> bool:
+        """Whether the layer before ``header``'s in its pipelined pass is computed (or none is)."""
+        if not header.pass_id:
+            return True  # not pipelined: computed at once (the worker checks the order)
+        if header.phase == Phase.BACKWARD:
+            first, before = self.worker.num_layers - 1, header.layer + 1
+        else:
+            first, before = 0, header.layer - 1
+        return header.layer == first or self._computed == (header.pass_id, before)
+
+    def _wait_turn(self, header: Header, context: grpc.ServicerContext) -> None:
+        with self._turn:
+            while not self._ready(header):
+                if not context.is_active():
+                    raise StepConflict(
+                        f"{self.name}: layer {header.layer} of pass {header.pass_id} was "
+                        "cancelled while it waited for the layer before it"
+                    )
+                self._turn.wait(timeout=_POLL_S)
+
+    def _compute(self, header: Header, params: dict, assembler: LayerAssembler, context):
+        """Run the layer (under the lock); for a backward pass, start sending its gradients.
+
+        Returns the ack so far, the upstream gradient call (None unless backward) and the
+        gradient payload bytes it carries.
+        """
+        self.weight_bytes_received += assembler.payload_bytes
+        ack = LayerAck(
+            layer=header.layer,
+            step=header.step,
+            phase=header.phase,
+            num_nodes=1,
+            bytes_to_nodes=assembler.payload_bytes,
+            update_applied=True,
+        )
+        try:
+            if header.phase == Phase.BACKWARD:
+                grads, result = self.worker.backward(header.layer, header.step, params)
+            elif header.phase == Phase.FORWARD:
+                result = self.worker.forward(header.layer, header.step, params)
+            else:
+                result = self.worker.evaluate(header.layer, header.step, params)
+        except NodeStateError as exc:
+            raise StepConflict(str(exc)) from None
+        del params  # the wafer drops a layer's weights as soon as it has used them
+        self.flops += result.flops
+        self.compute_seconds += result.compute_seconds
+        ack.loss_sum = result.loss_sum
+        ack.num_targets = result.num_targets
+        ack.num_correct = result.num_correct
+        ack.flops = result.flops
+        ack.compute_seconds = result.compute_seconds
+        call, sent = None, 0
+        if header.phase == Phase.BACKWARD:
+            gradient = list(
+                layer_items(
+                    header.layer,
+                    header.step,
+                    Phase.BACKWARD,
+                    grads,
+                    dtype="float32",
+                    chunk_bytes=self.chunk_bytes,
+                    sender=self.name,
+                    # Gradients of pruned weights are not sent, except when MemoryX
+                    # asks for them (RigL regrows where the dense gradient is large).
+                    masked_values=None if header.dense_gradients else assembler.masks,
+                )
+            )
+            sent = payload_bytes(gradient)
+            # Encoded (copied once) now: the chunks are views of the worker's gradients.
+            messages = [encode(item) for item in gradient]
+            call = self._parent.Reduce.future(iter(messages), timeout=time_left_s(context))
+            # If the layer is abandoned (a sibling failed, so SwarmX cancels this Deliver),
+            # stop waiting for a sum that will never complete.
+            if not context.add_callback(call.cancel):
+                call.cancel()  # this Deliver was cancelled already
+        with self._turn:
+            self._computed = (header.pass_id, header.layer)
+            self._turn.notify_all()
+        return ack, call, sent
 
     def _layout(self, header: Header) -> list:
         """Tensors the stream must carry: none for a backward pass that needs no weights (DFA)."""

@@ -33,6 +33,7 @@ class Header:
     total_bytes: int = 0  # payload bytes that follow, all tensors together
     sender: str = ""  # who sent it (node rank, SwarmX id), for errors
     dense_gradients: bool = False  # BACKWARD weight streams: send dense gradients this step
+    pass_id: int = 0  # nonzero: of this pipelined pass; computed after the layer before it
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,8 @@ class LayerRequest:
     dtype: str  # weight dtype on the wire
     #: A pass whose backend needs no weights (DFA backward): header-only stream.
     without_weights: bool = False
+    #: Nonzero: one of up to two layers of this pass in flight at once (LayerHeader.pass_id).
+    pass_id: int = 0
 
 
 @dataclass(frozen=True)

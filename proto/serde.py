@@ -168,6 +168,7 @@ def to_wire(item: StreamItem) -> pb.LayerMessage:
             total_bytes=item.total_bytes,
             sender=item.sender,
             dense_gradients=item.dense_gradients,
+            pass_id=item.pass_id,
         )
     )
 
@@ -203,6 +204,7 @@ def from_wire(message: pb.LayerMessage | StreamItem) -> StreamItem:
             total_bytes=h.total_bytes,
             sender=h.sender,
             dense_gradients=h.dense_gradients,
+            pass_id=h.pass_id,
         )
     raise WireError("empty layer message (neither header nor chunk)")
 

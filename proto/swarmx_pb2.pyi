@@ -8,18 +8,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class LayerRequest(_message.Message):
-    __slots__ = ("layer", "step", "phase", "dtype", "without_weights")
+    __slots__ = ("layer", "step", "phase", "dtype", "without_weights", "pass_id")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     WITHOUT_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    PASS_ID_FIELD_NUMBER: _ClassVar[int]
     layer: int
     step: int
     phase: _tensor_pb2.Phase
     dtype: str
     without_weights: bool
-    def __init__(self, layer: _Optional[int] = ..., step: _Optional[int] = ..., phase: _Optional[_Union[_tensor_pb2.Phase, str]] = ..., dtype: _Optional[str] = ..., without_weights: _Optional[bool] = ...) -> None: ...
+    pass_id: int
+    def __init__(self, layer: _Optional[int] = ..., step: _Optional[int] = ..., phase: _Optional[_Union[_tensor_pb2.Phase, str]] = ..., dtype: _Optional[str] = ..., without_weights: _Optional[bool] = ..., pass_id: _Optional[int] = ...) -> None: ...
 
 class LinkStats(_message.Message):
     __slots__ = ("link", "payload_bytes", "num_chunks")

@@ -9,6 +9,7 @@ and each sum goes to the parent, or to MemoryX at the root, at once.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import queue
 import threading
 from collections.abc import Iterable, Iterator
@@ -64,6 +65,13 @@ def _put(q: queue.Queue, call: grpc.Future, item: object) -> bool:
         except queue.Full:
             if call.done():
                 return False
+
+
+def _marked(stream: Iterable[StreamItem | pb.LayerMessage], pass_id: int) -> Iterator[StreamItem]:
+    """``stream`` with its header marked as of pass ``pass_id`` (the nodes order its layers)."""
+    for item in stream:
+        item = from_wire(item)
+        yield dataclasses.replace(item, pass_id=pass_id) if isinstance(item, Header) else item
 
 
 def _results(calls: list[grpc.Future]) -> list[LayerAck]:
@@ -286,7 +294,11 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
         if request.without_weights:
             # The pass needs no weights (DFA backward): a header-only stream, nothing from MemoryX.
             header = Header(
-                layer=request.layer, step=request.step, phase=request.phase, sender=self.name
+                layer=request.layer,
+                step=request.step,
+                phase=request.phase,
+                sender=self.name,
+                pass_id=request.pass_id,
             )
             return ack_to_wire(self._broadcast([header], context))
         split = self._split.get(request.layer)
@@ -301,6 +313,8 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
         ]
         try:
             stream = sources[0] if split is None else joined_weights(split, sources)
+            if request.pass_id:
+                stream = _marked(stream, request.pass_id)
             return ack_to_wire(self._broadcast(stream, context))
         finally:
             for source in sources:

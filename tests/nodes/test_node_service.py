@@ -482,3 +482,60 @@ def test_out_of_order_passes_are_failed_precondition(node):
     with pytest.raises(grpc.RpcError) as info:
         node.sink.Deliver(iter(_stream(0, phase=pb.BACKWARD)), timeout=TIMEOUT_S)
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+# -- pipelined passes ---------------------------------------------------------
+
+
+def test_pipelined_layer_waits_for_the_layer_before_it_in_its_pass(node, dataset):
+    # Layer 1 of pass 7 arrives first (the root sends it while the node computes layer 0).
+    early = node.sink.Deliver.future(iter(edited(_stream(1), 0, pass_id=7)), timeout=TIMEOUT_S)
+    with pytest.raises(grpc.FutureTimeoutError):
+        early.result(timeout=0.5)  # it waits: computing it now would be out of order
+    first = node.sink.Deliver(iter(edited(_stream(0), 0, pass_id=7)), timeout=TIMEOUT_S)
+    assert first.num_targets == 0
+    ack = early.result(timeout=TIMEOUT_S)
+    assert ack.num_targets == 16
+    assert ack.loss_sum == pytest.approx(_reference_loss_sum(dataset), rel=1e-6)
+
+
+def test_pipelined_layer_of_another_pass_does_not_count(node):
+    node.sink.Deliver(iter(edited(_stream(0), 0, pass_id=7)), timeout=TIMEOUT_S)
+    # Pass 8 (a re-run of the step) has computed no layer 0: its layer 1 waits until its
+    # deadline, and changes nothing.
+    before = node.stub.Stats(pb.Empty(), timeout=TIMEOUT_S)
+    with pytest.raises(grpc.RpcError) as info:
+        node.sink.Deliver(iter(edited(_stream(1), 0, pass_id=8)), timeout=1.0)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert node.stub.Stats(pb.Empty(), timeout=TIMEOUT_S).flops == before.flops
+
+
+def test_pipelined_passes_train_the_same_bits_as_one_layer_at_a_time(dataset):
+    """Two layers of each pass in flight at once (as the coordinator runs a step) give the
+    same weights, bit for bit, as one layer after the other."""
+    weights = []
+    for pipelined in (False, True):
+        cluster = build_cluster(_layers(_model()), dataset, num_nodes=3, batch_size=36, fanout=2)
+        try:
+            root = SwarmXClient(cluster.root_address, SECURITY)
+            for step in range(2):
+                for pass_id, (phase, layers) in enumerate(
+                    [(Phase.FORWARD, (0, 1)), (Phase.BACKWARD, (1, 0))], start=10 * step + 1
+                ):
+                    requests = [
+                        LayerRequest(layer, step, phase, "float32", pass_id=pass_id * pipelined)
+                        for layer in layers
+                    ]
+                    if pipelined:
+                        pending = [root.start_layer(r, timeout_s=TIMEOUT_S) for r in requests]
+                        acks = [p.result() for p in pending]
+                    else:
+                        acks = [root.run_layer(r, timeout_s=TIMEOUT_S) for r in requests]
+                    assert [a.layer for a in acks] == list(layers)
+                    assert all(a.num_nodes == 3 and a.update_applied for a in acks)
+                MemoryXClient(cluster.memoryx_address, SECURITY).commit_step(step)
+            weights.append(_memoryx_weights(cluster, 2))
+        finally:
+            cluster.stop()
+    for one, two in zip(*weights, strict=True):
+        assert all(torch.equal(one[name], two[name]) for name in one)
