@@ -176,25 +176,25 @@ class Coordinator:
             ]
         return self._layer_timeouts_s[layer]
 
-    def _run_pass(self, layers: Iterable[int], step: int, phase: Phase) -> list[LayerAck]:
-        """The layer phases of one pass, in order, with up to ``PASS_WINDOW`` in flight.
+    def _run_pass(self, order: Iterable[tuple[int, Phase]], step: int) -> list[LayerAck]:
+        """The layer phases of one pass, in ``order``, with up to ``PASS_WINDOW`` in flight.
 
-        The root fetches and broadcasts layer l+1 while the nodes compute layer l; each
-        node computes them in pass order (``LayerHeader.pass_id``), and each layer keeps
-        its own answer, version and (backward) update. A failure cancels the layers still
-        in flight; the step is then run again, as a pass with a new id.
+        The root fetches and broadcasts the next layer while the nodes compute this one
+        (across the turn from forward to backward too); each node computes them in pass
+        order (``LayerHeader.pass_id``), and each layer keeps its own answer, version and
+        (backward) update. A failure cancels the layers still in flight; the step is then
+        run again, as a pass with a new id.
         """
         pass_id = next(self._pass_ids)
-        name = _PASS_NAMES.get(phase, "eval")
-        without_weights = phase == Phase.BACKWARD and not self.backward_weights
         in_flight: deque[PendingLayer] = deque()
         acks = []
         try:
-            for layer in layers:
+            for layer, phase in order:
                 if len(in_flight) == PASS_WINDOW:
                     acks.append(self._watched(in_flight.popleft()))
+                without_weights = phase == Phase.BACKWARD and not self.backward_weights
                 if self.fault is not None and phase in _PASS_NAMES:  # training passes only
-                    self.fault(step, layer, name)
+                    self.fault(step, layer, _PASS_NAMES[phase])
                 request = LayerRequest(
                     layer=layer,
                     step=step,
@@ -230,11 +230,12 @@ class Coordinator:
                     raise ComponentLost(problems) from None
 
     def _attempt(self, step: int) -> tuple[LayerAck, list[LayerAck]]:
-        acks = self._run_pass(range(self.num_layers), step, Phase.FORWARD)
-        last = acks[-1]
-        acks += self._run_pass(reversed(range(self.num_layers)), step, Phase.BACKWARD)
+        layers = range(self.num_layers)
+        order = [(layer, Phase.FORWARD) for layer in layers]
+        order += [(layer, Phase.BACKWARD) for layer in reversed(layers)]
+        acks = self._run_pass(order, step)
         self.memoryx.commit_step(step)
-        return last, acks
+        return acks[self.num_layers - 1], acks
 
     def _recovering(self, step: int, run: Callable[[], object]) -> tuple[object, int]:
         """``run()`` until it succeeds, replacing lost components in between.
@@ -310,7 +311,9 @@ class Coordinator:
 
     def evaluate(self, step: int) -> EvalRecord:
         def passes() -> LayerAck:
-            return self._run_pass(range(self.num_layers), step, Phase.EVAL)[-1]
+            return self._run_pass([(layer, Phase.EVAL) for layer in range(self.num_layers)], step)[
+                -1
+            ]
 
         ack, _ = self._recovering(step, passes)
         return EvalRecord(

@@ -51,9 +51,9 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
         self._parent: sgrpc.SwarmXStub | None = None
         # One layer computed at a time, as on the wafer.
         self._lock = threading.Lock()
-        # (pass id, layer) computed last: the layers of a pipelined pass compute in order.
+        # (pass id, phase, layer) computed last: a pipelined pass computes in order.
         self._turn = threading.Condition()
-        self._computed: tuple[int, int] | None = None
+        self._computed: tuple[int, int, int] | None = None
         self._reset_counters()
 
     def _reset_counters(self) -> None:
@@ -116,14 +116,25 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
         return ack_to_wire(ack)
 
     def _ready(self, header: Header) -> bool:
-        """Whether the layer before ``header``'s in its pipelined pass is computed (or none is)."""
+        """Whether the layer before ``header``'s in its pipelined pass is computed (or none is).
+
+        A pass runs forward (or eval) layers 0..L-1, and a training pass goes on with the
+        backward layers L-1..0: the backward of layer L-1 comes after its forward.
+        """
         if not header.pass_id:
             return True  # not pipelined: computed at once (the worker checks the order)
+        last = self.worker.num_layers - 1
         if header.phase == Phase.BACKWARD:
-            first, before = self.worker.num_layers - 1, header.layer + 1
+            before = (
+                (Phase.FORWARD, last)
+                if header.layer == last
+                else (Phase.BACKWARD, header.layer + 1)
+            )
+        elif header.layer == 0:
+            return True
         else:
-            first, before = 0, header.layer - 1
-        return header.layer == first or self._computed == (header.pass_id, before)
+            before = (header.phase, header.layer - 1)
+        return self._computed == (header.pass_id, *before)
 
     def _wait_turn(self, header: Header, context: grpc.ServicerContext) -> None:
         with self._turn:
@@ -192,7 +203,7 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
             if not context.add_callback(call.cancel):
                 call.cancel()  # this Deliver was cancelled already
         with self._turn:
-            self._computed = (header.pass_id, header.layer)
+            self._computed = (header.pass_id, header.phase, header.layer)
             self._turn.notify_all()
         return ack, call, sent
 

@@ -7,6 +7,7 @@ Layer streams themselves are in ``proto.serde``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, fields
 
 from proto import memoryx_pb2 as mpb
@@ -29,15 +30,25 @@ from proto.domain import (
 EMPTY = pb.Empty()
 
 
+@functools.cache
+def _names(cls) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls))
+
+
 def _fields(message, cls) -> dict:
-    return {f.name: getattr(message, f.name) for f in fields(cls)}
+    return {name: getattr(message, name) for name in _names(cls)}
+
+
+def _flat(item) -> dict:
+    """``asdict`` of a dataclass of scalars, without its deep copies (a call per layer pass)."""
+    return _fields(item, type(item))
 
 
 # -- acks ---------------------------------------------------------------------
 
 
 def ack_to_wire(ack: LayerAck) -> pb.LayerAck:
-    return pb.LayerAck(**asdict(ack))
+    return pb.LayerAck(**_flat(ack))
 
 
 def ack_from_wire(message: pb.LayerAck) -> LayerAck:
@@ -48,7 +59,7 @@ def ack_from_wire(message: pb.LayerAck) -> LayerAck:
 
 
 def layer_request_to_wire(request: LayerRequest) -> spb.LayerRequest:
-    return spb.LayerRequest(**asdict(request))
+    return spb.LayerRequest(**_flat(request))
 
 
 def layer_request_from_wire(message: spb.LayerRequest) -> LayerRequest:

@@ -511,28 +511,31 @@ def test_pipelined_layer_of_another_pass_does_not_count(node):
 
 
 def test_pipelined_passes_train_the_same_bits_as_one_layer_at_a_time(dataset):
-    """Two layers of each pass in flight at once (as the coordinator runs a step) give the
-    same weights, bit for bit, as one layer after the other."""
+    """Two layers of a step in flight at once, across the turn from forward to backward
+    (as the coordinator runs a step), give the same weights, bit for bit, as one layer
+    after the other."""
+    order = [(0, Phase.FORWARD), (1, Phase.FORWARD), (1, Phase.BACKWARD), (0, Phase.BACKWARD)]
     weights = []
     for pipelined in (False, True):
         cluster = build_cluster(_layers(_model()), dataset, num_nodes=3, batch_size=36, fanout=2)
         try:
             root = SwarmXClient(cluster.root_address, SECURITY)
             for step in range(2):
-                for pass_id, (phase, layers) in enumerate(
-                    [(Phase.FORWARD, (0, 1)), (Phase.BACKWARD, (1, 0))], start=10 * step + 1
-                ):
-                    requests = [
-                        LayerRequest(layer, step, phase, "float32", pass_id=pass_id * pipelined)
-                        for layer in layers
-                    ]
-                    if pipelined:
-                        pending = [root.start_layer(r, timeout_s=TIMEOUT_S) for r in requests]
-                        acks = [p.result() for p in pending]
-                    else:
-                        acks = [root.run_layer(r, timeout_s=TIMEOUT_S) for r in requests]
-                    assert [a.layer for a in acks] == list(layers)
-                    assert all(a.num_nodes == 3 and a.update_applied for a in acks)
+                requests = [
+                    LayerRequest(layer, step, phase, "float32", pass_id=(step + 1) * pipelined)
+                    for layer, phase in order
+                ]
+                if pipelined:
+                    acks, pending = [], []
+                    for request in requests:
+                        if len(pending) == 2:
+                            acks.append(pending.pop(0).result())
+                        pending.append(root.start_layer(request, timeout_s=TIMEOUT_S))
+                    acks += [p.result() for p in pending]
+                else:
+                    acks = [root.run_layer(r, timeout_s=TIMEOUT_S) for r in requests]
+                assert [(a.layer, a.phase) for a in acks] == order
+                assert all(a.num_nodes == 3 and a.update_applied for a in acks)
                 MemoryXClient(cluster.memoryx_address, SECURITY).commit_step(step)
             weights.append(_memoryx_weights(cluster, 2))
         finally:
