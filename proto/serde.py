@@ -226,11 +226,16 @@ def payload_bytes(items: Iterable[StreamItem]) -> int:
     return sum(len(item.data) for item in items if isinstance(item, Chunk))
 
 
+def _count(mask: torch.Tensor) -> int:
+    """True entries of a bool mask (numpy's count is many times torch's bool sum)."""
+    return int(np.count_nonzero(mask.detach().reshape(-1).numpy()))
+
+
 def sends_sparse(mask: torch.Tensor, dtype: str) -> bool:
     """True when ``encode_layer`` sends a weight with ``mask`` as values + index."""
     from proto.sparse import beats_dense  # proto.sparse imports this module
 
-    return beats_dense(mask.numel(), mask.numel() - int(mask.sum()), dtype)
+    return beats_dense(mask.numel(), mask.numel() - _count(mask), dtype)
 
 
 def _payload(
@@ -364,7 +369,7 @@ class LayerAssembler:
         masks = expected.masks or {}
         self._sizes = [
             (
-                (masks[name].numel() - int(masks[name].sum())) * self._itemsize
+                (masks[name].numel() - _count(masks[name])) * self._itemsize
                 if name in masks
                 else int(np.prod(shape, dtype=np.int64)) * self._itemsize
             )
