@@ -41,6 +41,7 @@ from proto.domain import (
     TensorSpec,
     TrafficStats,
 )
+from proto.loading import iter_decode_layers
 from proto.messages import (
     EMPTY,
     ack_to_wire,
@@ -57,7 +58,6 @@ from proto.serde import (
     LayerAssembler,
     WireError,
     from_wire_stream,
-    iter_decode_layers,
     layer_items,
     sends_sparse,
 )

@@ -7,6 +7,7 @@ import torch
 
 from proto import tensor_pb2 as pb
 from proto.domain import Chunk, Header, Phase
+from proto.loading import decode_layers
 from proto.serde import (
     WIRE_DTYPES,
     Expected,
@@ -14,7 +15,6 @@ from proto.serde import (
     WireError,
     chunk_values,
     decode_layer,
-    decode_layers,
     dtype_name,
     encode_layer,
     from_wire,
