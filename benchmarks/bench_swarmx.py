@@ -18,7 +18,10 @@ transfers are timed, interleaved, in every round:
 
 delivered bytes/s of swarmx-N = N x layer bytes / time of RunLayer.
 Headline: aggregate delivered / p2p-memoryx, and per link (= aggregate / N) / p2p-memoryx,
-from the median round of each transfer (and, printed too, from the fastest).
+from the median round of each transfer (and, printed too, from the fastest). Issue 14's
+targets are printed too: MemoryX StreamWeights / p2p-raw, and swarmx-N aggregate / p2p-raw.
+The client and the sinks read the streams as the project's receivers do (``proto.wire``:
+chunk values viewed in the received bytes, no protobuf object per chunk).
 
     python benchmarks/bench_swarmx.py            # 64 MiB layer, 4 sinks, ~35 s
     python benchmarks/bench_swarmx.py --quick    # 16 MiB layer, ~10 s
