@@ -117,13 +117,15 @@ def _raw_stream_handler(chunks: list[bytes]) -> grpc.GenericRpcHandler:
 
 def _build_server(kind: str, options: dict) -> tuple[grpc.Server, str]:
     """Start one component's gRPC server on HOST; returns it and its address."""
+    # A spawned process imports this module afresh: the driver's credentials come along.
+    security = options["security"]
     if kind == "memoryx":
         # One layer, loaded by the driver; SGD without momentum keeps no optimizer state.
         servicer = MemoryXServicer(
             Optimizer.Config(name="sgd", lr=1e-3, momentum=0.0).build(),
             chunk_bytes=options["chunk_bytes"],
         )
-        return start_server(lambda s: register_memoryx(s, servicer), HOST, security=SECURITY)
+        return start_server(lambda s: register_memoryx(s, servicer), HOST, security=security)
     if kind == "raw":
         # The same bytes as the layer, pre-cut into chunk_bytes messages.
         raw = memoryview(_layer_weight(options["num_params"], options["seed"]).numpy()).cast("B")
@@ -132,18 +134,18 @@ def _build_server(kind: str, options: dict) -> tuple[grpc.Server, str]:
         return start_server(
             lambda s: s.add_generic_rpc_handlers((_raw_stream_handler(chunks),)),
             HOST,
-            security=SECURITY,
+            security=security,
         )
     if kind == "sink":
         sink = CountingSink()
         return start_server(
             lambda s: register_fast(sgrpc.add_LayerSinkServicer_to_server, sink, s),
             HOST,
-            security=SECURITY,
+            security=security,
         )
     if kind == "swarmx":
-        root = SwarmXServicer(options["name"], security=SECURITY)
-        server, address = start_server(lambda s: register_swarmx(s, root), HOST, security=SECURITY)
+        root = SwarmXServicer(options["name"], security=security)
+        server, address = start_server(lambda s: register_swarmx(s, root), HOST, security=security)
         root.connect(children=options["children"], parent=None, memoryx=options["memoryx"])
         return server, address
     raise ValueError(f"unknown component {kind!r}")
@@ -174,7 +176,12 @@ class Setup:
         self.processes = processes
         self._servers: list[grpc.Server] = []
         self._children: list[tuple[multiprocessing.Process, object]] = []
-        base = {"chunk_bytes": chunk_bytes, "num_params": num_params, "seed": seed}
+        base = {
+            "chunk_bytes": chunk_bytes,
+            "num_params": num_params,
+            "seed": seed,
+            "security": SECURITY,
+        }
         try:
             # Components that need no address of another start together, then the roots.
             first = [("memoryx", base), ("raw", base)]
@@ -187,6 +194,7 @@ class Setup:
                     "name": f"swarmx-root-fanout{n}",
                     "children": {f"node-{i}": a for i, a in enumerate(mine)},
                     "memoryx": self.memoryx_address,
+                    "security": SECURITY,
                 }
                 roots.append(("swarmx", options))
             root_addresses = dict(zip(children, self._start_all(roots), strict=True))
