@@ -22,8 +22,7 @@ import grpc
 import numpy as np
 import torch
 
-from proto import tensor_pb2 as pb
-from proto.domain import Chunk, Header, LayerAck, Phase
+from proto.domain import Chunk, Header, LayerAck, Phase, StreamItem
 from proto.messages import ack_from_wire, ack_to_wire
 from proto.serde import WIRE_DTYPES, WireError, from_wire, to_wire
 
@@ -78,8 +77,8 @@ def _itemsize(dtype: str) -> int:
 
 
 def joined_weights(
-    split: SplitLayer, sources: Sequence[Iterator[pb.LayerMessage]]
-) -> Iterator[pb.LayerMessage]:
+    split: SplitLayer, sources: Sequence[Iterator[StreamItem]]
+) -> Iterator[StreamItem]:
     """The whole layer's weight stream from the owners' streams (``sources``, owner order)."""
     headers = []
     for source in sources:
@@ -204,7 +203,7 @@ class SplitPush:
             call.cancel()
         return True
 
-    def result(self) -> pb.LayerAck:
+    def result(self):  # the wire LayerAck, as a PushGradients future's result
         try:
             acks = [ack_from_wire(call.result()) for call in self._calls]
         except BaseException:
@@ -217,7 +216,7 @@ class SplitPush:
         )
 
 
-def _drain(q: queue.Queue) -> Iterable[pb.LayerMessage]:
+def _drain(q: queue.Queue) -> Iterable[StreamItem]:
     while (item := q.get()) is not END:
         yield item
 
