@@ -186,11 +186,14 @@ class Coordinator:
         run again, as a pass with a new id.
         """
         pass_id = next(self._pass_ids)
+        # A disk-tiered MemoryX budgets RAM for one layer's update at a time (memoryx.tiers):
+        # its layers go one by one.
+        window = 1 if self.config.memoryx.ram_budget_bytes is not None else PASS_WINDOW
         in_flight: deque[PendingLayer] = deque()
         acks = []
         try:
             for layer, phase in order:
-                if len(in_flight) == PASS_WINDOW:
+                if len(in_flight) == window:
                     acks.append(self._watched(in_flight.popleft()))
                 without_weights = phase == Phase.BACKWARD and not self.backward_weights
                 if self.fault is not None and phase in _PASS_NAMES:  # training passes only
