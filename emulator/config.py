@@ -68,6 +68,17 @@ class RuntimeConfig:
         "times a failed step is run again before giving up, count", default=2
     )
     num_threads_per_node: int = doc("torch threads per compute-node process, threads", default=1)
+    nodes_per_process: int | Literal["auto"] = doc(
+        "emulated compute or SwarmX nodes one actor process hosts, each with its own gRPC "
+        "server; 'auto': one each while the machine's memory and cores have room, shared "
+        "when not",
+        default="auto",
+    )
+    placement: Literal["pack", "spread"] | None = doc(
+        "how Ray places MemoryX and the host processes on the cluster's machines through a "
+        "placement group: 'pack' (as few as possible), 'spread' (over all); None: Ray's own",
+        default=None,
+    )
     verbose: bool = doc(
         "show Ray's warnings in the driver's output (the CLI's --verbose also shows gRPC's "
         "C-core logs); off, only errors",
@@ -139,6 +150,12 @@ class RuntimeConfig:
             )
         if self.max_step_retries < 0:
             raise ValueError(f"max_step_retries = {self.max_step_retries} must be 0 or more.")
+        if self.nodes_per_process != "auto" and (
+            isinstance(self.nodes_per_process, bool) or self.nodes_per_process < 1
+        ):
+            raise ValueError(
+                f"nodes_per_process = {self.nodes_per_process!r} must be 'auto' or at least 1."
+            )
         if self.num_threads_per_node < 1:
             raise ValueError(
                 f"num_threads_per_node = {self.num_threads_per_node} must be at least 1."

@@ -93,6 +93,8 @@ class Restart:
     step_done_at_s: float | None = None
     #: "replaced", or "shrunk" (runtime.on_node_loss: shrink; the survivors took its shard).
     action: str = "replaced"
+    #: The other components of its process, replaced (or dropped) with it.
+    same_process: list[str] = field(default_factory=list)
 
 
 def _checkpoint_name(step: int) -> str:
@@ -256,7 +258,14 @@ class Supervisor:
         """
         problems = error.problems if isinstance(error, ComponentLost) else self.probe()
         rewind_to: int | None = None
+        # The process is the fault unit: replacing (or dropping) one lost component's
+        # process handles every component it ran, so those are not handled again.
+        handled: set[str] = set()
         for name, cause in problems.items():
+            if name in handled:
+                continue
+            same_process = [m for m in self.cluster.members(name) if m != name]
+            handled.update([name, *same_process])
             if len(self.restarts) >= self.runtime.max_restarts:
                 raise RunFailed(
                     f"{name} was lost during step {step} ({cause}), and the run has already "
@@ -288,7 +297,15 @@ class Supervisor:
                     cause=cause,
                 ) from None
             self.restarts.append(
-                Restart(name, step, cause, detected, time.perf_counter() - started, action=action)
+                Restart(
+                    name,
+                    step,
+                    cause,
+                    detected,
+                    time.perf_counter() - started,
+                    action=action,
+                    same_process=same_process,
+                )
             )
         if rewind_to is not None and rewind_to != step:
             raise Rewind(rewind_to)
@@ -296,7 +313,9 @@ class Supervisor:
 
     def _can_shrink(self, name: str) -> bool:
         """``on_node_loss: shrink``, a compute node, and the global batch divides across the rest."""
-        survivors = len(self.cluster.nodes) - 1
+        survivors = len(self.cluster.node_names) - sum(
+            m in self.cluster.node_names for m in self.cluster.members(name)
+        )
         return (
             self.runtime.on_node_loss == "shrink"
             and name in self.cluster.node_names

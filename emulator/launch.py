@@ -1,15 +1,9 @@
-"""Launch a cluster's components as Ray actors and wire them together.
+"""Launch a cluster's components in Ray actor processes and wire them together.
 
-Every component is a Ray actor that serves gRPC on its host's address;
-after launch the driver talks to them only over gRPC. A local Ray instance
-is started unless ``runtime.address`` names an existing cluster. If Ray is
-already initialised in this process (tests, notebooks), it is reused.
-
-Each launch is one run with its own credentials: a random token (and, when
-a service binds an address other machines reach, TLS material) handed to the
-actors as a constructor argument through Ray, never on a command line or in
-a log. The run directory (0700) holds the token file (0600), the CA
-certificate, the services' addresses and the checkpoints.
+Every component serves gRPC on its host's address from a ``ComponentHost`` process
+(emulator.host), alone or with others (``runtime.nodes_per_process``); after launch
+the driver talks to the components only over gRPC. Ray, the run's credentials and its
+directory come from emulator.runtime.
 """
 
 from __future__ import annotations
@@ -19,31 +13,34 @@ import dataclasses
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
+from ray.util.placement_group import PlacementGroup, remove_placement_group
 from torch import nn
 
-from core.atomic import write_bytes_atomic, write_json_atomic
 from core.data import DataConfig, Dataset
 from emulator.config import ClusterConfig
+from emulator.host import ComponentHost, nodes_per_process, plan_hosts
+from emulator.memory import available_memory_bytes, rss_bytes
 from emulator.runtime import (
-    ADDRESSES_FILE,
-    CA_FILE,
     CHECKPOINT_DIR,
     TOKEN_FILE,
     _make_run_dir,
     _stage_resume,
     ensure_ray,
+    placement_options,
     run_security,
+    write_client_files,
 )
 from memoryx.actor import MemoryXActor
 from memoryx.checkpoint import confined_path, copy_checkpoint_dir
 from memoryx.shard_plan import Shard
 from nodes.actor import NodeActor
 from nodes.worker import strip_parameters
-from proto.rpc import TOKEN_METADATA_KEY, Security
+from proto.rpc import Security
 from proto.serde import wider_dtype
 from swarmx.actor import SwarmXActor
 from swarmx.tree import TreeNode, node_name
@@ -57,85 +54,48 @@ _ACTOR_OPTIONS = {"num_cpus": 0, "max_concurrency": 4}
 START_TIMEOUT_S = 120.0
 
 
-class ComponentHost:
-    """A warm spare process that becomes a replacement component on demand.
-
-    Starting a Ray actor costs a new process and the import of torch and the
-    emulator (seconds on a loaded machine); a spare has paid that already, so a
-    replacement only runs the component's constructor. Its methods are those the
-    cluster calls on any component.
-    """
-
-    def __init__(self) -> None:
-        self.component = None
-
-    def start(self, cls: type, **kwargs) -> str:
-        """Become ``cls(**kwargs)`` (a MemoryX, SwarmX or node actor); its address.
-
-        Keyword arguments, so that Ray resolves object references among them (the
-        nodes' layer skeleton) as it does for an actor's constructor.
-        """
-        self.component = cls(**kwargs)
-        return self.component.get_address()
-
-    def get_address(self) -> str:
-        return self.component.get_address()
-
-    def pid(self) -> int:
-        return os.getpid()
-
-    def connect(self, *args, **kwargs) -> None:
-        self.component.connect(*args, **kwargs)
-
-    def reshard(self, rank: int, num_nodes: int) -> None:
-        self.component.reshard(rank, num_nodes)
-
-    def stop(self) -> None:
-        if self.component is not None:
-            self.component.stop()
-
-
 @dataclass
 class Cluster:
-    """Handles and gRPC addresses of a launched cluster's actors, and the run's credentials.
+    """Host processes and gRPC addresses of a launched cluster's components, and the run's
+    credentials.
 
     Components are named ``memoryx`` (MemoryX server 0; server k >= 1 is ``memoryx-<k>``),
-    ``swarmx-<level>-<i>`` and ``node-<rank>``.
-    ``specs`` keeps each one's actor class and constructor arguments, so that
-    ``restart`` starts a replacement exactly as the original was started.
+    ``swarmx-<level>-<i>`` and ``node-<rank>``. Each runs in a ``ComponentHost`` process,
+    alone or with others (``runtime.nodes_per_process``); the process is the fault unit.
+    ``specs`` keeps each one's class and constructor arguments, so that ``restart``
+    starts a replacement exactly as the original was started.
     """
 
-    memoryx: ray.actor.ActorHandle  # the first MemoryX server
-    memoryx_address: str
-    swarmx: dict[str, ray.actor.ActorHandle]
-    swarmx_addresses: dict[str, str]
     tree: list[TreeNode]
-    nodes: list[ray.actor.ActorHandle]
-    node_addresses: list[str]
     security: Security = field(repr=False)
     run_dir: Path
-    _temporary_run_dir: bool = field(default=False)
-    #: Every MemoryX server, its gRPC address and the layers it holds (one server: all).
-    memoryx_servers: list[ray.actor.ActorHandle] = field(default_factory=list)
-    memoryx_addresses: list[str] = field(default_factory=list)
+    #: Every component's gRPC address by name: MemoryX servers, SwarmX nodes (tree
+    #: order), compute nodes (rank order).
+    component_addresses: dict[str, str]
+    #: The process each component runs in (components of one process share the handle).
+    host_of: dict[str, ray.actor.ActorHandle] = field(repr=False)
+    #: The layers each MemoryX server holds (one server: all).
     memoryx_layers: list[range] = field(default_factory=list)
     #: What each server holds: its layers, and pieces of those split over servers.
     memoryx_shards: list[Shard] = field(default_factory=list)
     specs: dict[str, tuple[type, dict]] = field(default_factory=dict, repr=False)
-    #: Names of ``nodes``, in rank order (a cluster that shrank has gaps).
+    #: Names of the compute nodes, in rank order (a cluster that shrank has gaps).
     node_names: list[str] = field(default_factory=list)
     #: Weights' dtype into each SwarmX and compute node of a mixed-precision tree ({}: one).
     wire_dtypes: dict[str, str] = field(default_factory=dict)
     #: A warm ``ComponentHost`` that the next replacement starts in (None: none kept).
     spare: ray.actor.ActorHandle | None = None
+    #: Ray options of each component's process (its placement-group bundle), by name.
+    host_options: dict[str, dict] = field(default_factory=dict, repr=False)
+    #: Emulated compute or SwarmX nodes per process (``runtime.nodes_per_process``).
+    nodes_per_process: int = 1
+    #: Seconds from the call of ``launch`` until every component served and was wired.
+    launch_time_s: float = 0.0
+    #: ``runtime.placement``: 'pack', 'spread' or None (Ray's own scheduling).
+    placement_strategy: str | None = None
+    placement_group: PlacementGroup | None = field(default=None, repr=False)
+    _temporary_run_dir: bool = field(default=False)
     _stopped: bool = field(default=False)
-
-    def __post_init__(self) -> None:
-        if not self.memoryx_servers:
-            self.memoryx_servers = [self.memoryx]
-            self.memoryx_addresses = [self.memoryx_address]
-        if not self.node_names:
-            self.node_names = [node_name(r) for r in range(len(self.nodes))]
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -163,21 +123,66 @@ class Cluster:
             raise
 
     @property
+    def memoryx_names(self) -> list[str]:
+        return [n for n in self.component_addresses if self.is_memoryx(n)]
+
+    @property
+    def memoryx_servers(self) -> list[ray.actor.ActorHandle]:
+        return [self.host_of[n] for n in self.memoryx_names]
+
+    @property
+    def memoryx_addresses(self) -> list[str]:
+        return [self.component_addresses[n] for n in self.memoryx_names]
+
+    @property
+    def memoryx(self) -> ray.actor.ActorHandle:  # the first MemoryX server
+        return self.host_of[MEMORYX]
+
+    @property
+    def memoryx_address(self) -> str:
+        return self.component_addresses[MEMORYX]
+
+    @property
+    def swarmx(self) -> dict[str, ray.actor.ActorHandle]:
+        return {t.name: self.host_of[t.name] for t in self.tree}
+
+    @property
+    def swarmx_addresses(self) -> dict[str, str]:
+        return {t.name: self.component_addresses[t.name] for t in self.tree}
+
+    @property
+    def nodes(self) -> list[ray.actor.ActorHandle]:
+        return [self.host_of[n] for n in self.node_names]
+
+    @property
+    def node_addresses(self) -> list[str]:
+        return [self.component_addresses[n] for n in self.node_names]
+
+    @property
     def root_address(self) -> str:
-        return self.swarmx_addresses[self.tree[-1].name]
+        return self.component_addresses[self.tree[-1].name]
 
     @property
     def addresses(self) -> dict[str, str]:
         """Every component's gRPC address, by name."""
-        return {
-            **{memoryx_name(k): a for k, a in enumerate(self.memoryx_addresses)},
-            **self.swarmx_addresses,
-            **dict(zip(self.node_names, self.node_addresses, strict=True)),
-        }
+        return dict(self.component_addresses)
+
+    @property
+    def processes(self) -> list[ray.actor.ActorHandle]:
+        """Every host process once (MemoryX's first), without the spare."""
+        unique = {id(h): h for h in self.host_of.values()}
+        return list(unique.values())
+
+    def members(self, name: str) -> list[str]:
+        """The components that share ``name``'s process (``name`` included)."""
+        host = self.handle(name)
+        return [n for n, h in self.host_of.items() if h is host]
 
     def is_memoryx(self, name: str) -> bool:
         """True if ``name`` is one of the MemoryX servers."""
-        return name in {memoryx_name(k) for k in range(len(self.memoryx_servers))}
+        return name == MEMORYX or (
+            name.startswith(f"{MEMORYX}-") and name.removeprefix(f"{MEMORYX}-").isdigit()
+        )
 
     @property
     def memoryx_by_layer(self) -> dict[int, str]:
@@ -204,60 +209,59 @@ class Cluster:
         return split
 
     def handle(self, name: str) -> ray.actor.ActorHandle:
-        if self.is_memoryx(name):
-            return self.memoryx_servers[self._memoryx_index(name)]
-        if name in self.swarmx:
-            return self.swarmx[name]
-        return self.nodes[self._index(name)]
-
-    def _memoryx_index(self, name: str) -> int:
-        return 0 if name == MEMORYX else int(name.removeprefix(f"{MEMORYX}-"))
-
-    def _index(self, name: str) -> int:
-        if name not in self.node_names:
+        """The process (a ``ComponentHost`` actor) that runs component ``name``."""
+        if name not in self.host_of:
             raise KeyError(f"no component named {name!r}")
-        return self.node_names.index(name)
+        return self.host_of[name]
+
+    def call(self, name: str, method: str, *args, **kwargs) -> ray.ObjectRef:
+        """``method(*args, **kwargs)`` of component ``name``, in its process."""
+        return self.handle(name).call.remote(name, method, *args, **kwargs)
 
     def restart(self, name: str, **changes) -> str:
-        """Replace component ``name`` by a new actor started with its original arguments
-        (``changes`` overrides some, e.g. MemoryX's ``checkpoint``), and rewire the tree
-        around it. The old actor is killed first (it may be hung, not dead). Returns the
-        new address.
+        """Replace ``name``'s process: a new one runs every component the old one ran,
+        started with its original arguments (``changes`` overrides some of ``name``'s,
+        e.g. MemoryX's ``checkpoint``), and each of them and their neighbours is rewired.
+        The old process is killed first (it may be hung, not dead). Returns ``name``'s new
+        address.
         """
+        members = self.members(name)
         ray.kill(self.handle(name), no_restart=True)
-        cls, kwargs = self.specs[name]
-        kwargs = {**kwargs, **changes}
-        handle, address = None, None
-        if self.spare is not None:
+        starts = [
+            (m, self.specs[m][0], {**self.specs[m][1], **(changes if m == name else {})})
+            for m in members
+        ]
+        options = self.host_options.get(name, {})
+        handle, addresses = None, None
+        # The spare sits where Ray put it: a placed process is replaced in its own bundle.
+        if self.spare is not None and not options:
             handle, self.spare = self.spare, _remote(ComponentHost).remote()
             try:
-                address = ray.get(handle.start.remote(cls, **kwargs), timeout=START_TIMEOUT_S)
+                addresses = _start_members(handle, starts)
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                 ray.kill(handle, no_restart=True)
-                handle = None  # the spare itself was lost: start the component afresh
+                handle = None  # the spare itself was lost: start the process afresh
         if handle is None:
-            handle = _remote(cls).remote(**kwargs)
+            handle = _remote(ComponentHost).options(**options).remote()
             try:
-                address = ray.get(handle.get_address.remote(), timeout=START_TIMEOUT_S)
+                addresses = _start_members(handle, starts)
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
                 ray.kill(handle, no_restart=True)
                 raise RuntimeError(f"the replacement of {name} failed to start: {exc}") from exc
-        if self.is_memoryx(name):
-            index = self._memoryx_index(name)
-            self.memoryx_servers[index], self.memoryx_addresses[index] = handle, address
-            if index == 0:
-                self.memoryx, self.memoryx_address = handle, address
-            rewire = [self.tree[-1].name]
-        elif name in self.swarmx:
-            self.swarmx[name], self.swarmx_addresses[name] = handle, address
-            entry = self._entry(name)
-            rewire = [name, *([entry.parent] if entry.parent else []), *entry.children]
-        else:
-            index = self._index(name)
-            self.nodes[index], self.node_addresses[index] = handle, address
-            rewire = [name, self._parent_of(name)]
+        rewire: dict[str, None] = {}  # ordered, once each
+        for m in members:
+            self.host_of[m], self.component_addresses[m] = handle, addresses[m]
+            if self.is_memoryx(m):
+                rewire[self.tree[-1].name] = None
+            elif m in self.node_names:
+                rewire.update(dict.fromkeys([m, self._parent_of(m)]))
+            else:
+                entry = self._entry(m)
+                rewire.update(
+                    dict.fromkeys([m, *([entry.parent] if entry.parent else []), *entry.children])
+                )
         ray.get([self._connect(n) for n in rewire], timeout=START_TIMEOUT_S)
-        return address
+        return addresses[name]
 
     def _entry(self, name: str) -> TreeNode:
         return next(t for t in self.tree if t.name == name)
@@ -267,36 +271,38 @@ class Cluster:
 
     def _connect(self, name: str) -> ray.ObjectRef:
         """(Re)wire component ``name`` to its current neighbours' addresses."""
-        if name in self.swarmx:
-            entry = self._entry(name)
-            by_name = self.addresses
-            dtypes = self.wire_dtypes
-            return self.swarmx[name].connect.remote(
-                children={c: by_name[c] for c in entry.children},
-                parent=self.swarmx_addresses[entry.parent] if entry.parent else None,
-                memoryx=None if entry.parent else self.memoryx_by_layer,
-                **({"memoryx_split": self.memoryx_split} if self.memoryx_split else {}),
-                **(
-                    {"child_dtypes": {c: dtypes[c] for c in entry.children}, "dtype": dtypes[name]}
-                    if dtypes
-                    else {}
-                ),
-            )
-        return self.nodes[self._index(name)].connect.remote(
-            self.swarmx_addresses[self._parent_of(name)]
+        if name in self.node_names:
+            return self.call(name, "connect", self.component_addresses[self._parent_of(name)])
+        entry = self._entry(name)
+        by_name = self.component_addresses
+        dtypes = self.wire_dtypes
+        return self.call(
+            name,
+            "connect",
+            children={c: by_name[c] for c in entry.children},
+            parent=by_name[entry.parent] if entry.parent else None,
+            memoryx=None if entry.parent else self.memoryx_by_layer,
+            **({"memoryx_split": self.memoryx_split} if self.memoryx_split else {}),
+            **(
+                {"child_dtypes": {c: dtypes[c] for c in entry.children}, "dtype": dtypes[name]}
+                if dtypes
+                else {}
+            ),
         )
 
     def drop_node(self, name: str) -> None:
-        """Shrink the cluster: kill compute node ``name``, prune it (and SwarmX nodes left
-        without children) from the tree, and give the survivors the shards of a cluster
-        of their size, in rank order. The global batch is unchanged.
+        """Shrink the cluster: drop compute node ``name`` with every compute node of its
+        process (the fault unit), prune them (and SwarmX nodes left without children)
+        from the tree, and give the survivors the shards of a cluster of their size, in
+        rank order. The global batch is unchanged.
         """
-        if len(self.nodes) < 2:
-            raise RuntimeError(f"cannot drop {name}: it is the last compute node")
-        index = self._index(name)
-        ray.kill(self.nodes[index], no_restart=True)
-        del self.nodes[index], self.node_addresses[index], self.node_names[index]
-        gone = {name}
+        dropped = [m for m in self.members(name) if m in self.node_names]
+        if len(self.node_names) <= len(dropped):
+            raise RuntimeError(f"cannot drop {name}: no compute node would be left")
+        for node in dropped:
+            self._forget(node)
+            self.node_names.remove(node)
+        gone = set(dropped)
         while gone:
             self.tree = [
                 dataclasses.replace(t, children=tuple(c for c in t.children if c not in gone))
@@ -305,31 +311,75 @@ class Cluster:
             ]
             gone = {t.name for t in self.tree if t.parent is not None and not t.children}
             for empty in gone:
-                ray.kill(self.swarmx.pop(empty), no_restart=True)
-                del self.swarmx_addresses[empty]
+                self._forget(empty)
         refs = [self._connect(t.name) for t in self.tree]
         refs += [
-            handle.reshard.remote(rank, len(self.nodes)) for rank, handle in enumerate(self.nodes)
+            self.call(node, "reshard", rank, len(self.node_names))
+            for rank, node in enumerate(self.node_names)
         ]
         ray.get(refs, timeout=START_TIMEOUT_S)
+
+    def _forget(self, name: str) -> None:
+        """Take component ``name`` out of the cluster; its process goes with its last member."""
+        handle = self.host_of.pop(name)
+        del self.component_addresses[name]
+        if any(h is handle for h in self.host_of.values()):
+            ray.get(handle.remove.remote(name), timeout=START_TIMEOUT_S)
+        else:
+            ray.kill(handle, no_restart=True)
+
+    def pids(self) -> dict[str, list[int]]:
+        """Process ids (on their own machines) of the MemoryX servers and the other hosts."""
+        processes = self.processes
+        pids = ray.get([h.pid.remote() for h in processes], timeout=START_TIMEOUT_S)
+        servers = {id(h) for h in self.memoryx_servers}
+        return {
+            "memoryx": [p for h, p in zip(processes, pids, strict=True) if id(h) in servers],
+            "hosts": [p for h, p in zip(processes, pids, strict=True) if id(h) not in servers],
+        }
+
+    def placement(self) -> dict:
+        """Per component (MemoryX servers, SwarmX nodes, compute nodes): its Ray node and host."""
+        processes = self.processes
+        places = ray.get([h.where.remote() for h in processes], timeout=START_TIMEOUT_S)
+        of = {id(h): place for h, place in zip(processes, places, strict=True)}
+        return {
+            "memoryx": of[id(self.memoryx)],
+            "memoryx_servers": [of[id(h)] for h in self.memoryx_servers],
+            "swarmx": {name: of[id(h)] for name, h in self.swarmx.items()},
+            "nodes": [
+                {"rank": rank, **of[id(self.host_of[n])]} for rank, n in enumerate(self.node_names)
+            ],
+        }
 
     def stop(self) -> None:
         if self._stopped:
             return
         self._stopped = True
-        handles = [*(self.memoryx_servers or [self.memoryx]), *self.swarmx.values(), *self.nodes]
+        handles = self.processes
         if self.spare is not None:
             handles.append(self.spare)
-        # A dead or hung component must not keep the others running: each gets its own
+        # A dead or hung process must not keep the others running: each gets its own
         # bounded stop, and every actor is killed whatever the stops did.
         refs = [h.stop.remote() for h in handles]
         ray.wait(refs, num_returns=len(refs), timeout=10)
         for handle in handles:
             ray.kill(handle)
+        if self.placement_group is not None:
+            remove_placement_group(self.placement_group)
         # The token is worthless now; a temporary run directory goes with it.
         (self.run_dir / TOKEN_FILE).unlink(missing_ok=True)
         if self._temporary_run_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def _start_members(
+    handle: ray.actor.ActorHandle, starts: list[tuple[str, type, dict]]
+) -> dict[str, str]:
+    """Start each ``(name, cls, kwargs)`` in host ``handle``; their addresses by name."""
+    refs = [handle.start.remote(name, cls, **kwargs) for name, cls, kwargs in starts]
+    found = ray.get(refs, timeout=START_TIMEOUT_S)
+    return {name: address for (name, _, _), address in zip(starts, found, strict=True)}
 
 
 #: The name of MemoryX server 0; server k >= 1 is ``memoryx-<k>`` (``memoryx_name``).
@@ -366,6 +416,25 @@ def subtree_dtypes(tree: list[TreeNode], node_dtypes: list[str]) -> dict[str, st
     return dtypes
 
 
+def _nodes_per_process(config: ClusterConfig, num_components: int) -> int:
+    """``runtime.nodes_per_process`` resolved: ``auto`` from this machine's memory and
+    cores (locally) or the Ray cluster's resources (``runtime.address``)."""
+    if config.runtime.address is None:
+        available, cores = available_memory_bytes(), os.cpu_count()
+    else:
+        resources = ray.available_resources()
+        available, cores = resources.get("memory"), int(resources.get("CPU", 0)) or None
+    return nodes_per_process(
+        config.runtime.nodes_per_process,
+        num_components,
+        available_bytes=available,
+        # The driver imports what a host process does (torch, Ray, gRPC): its RSS is the
+        # measured cost of one more process.
+        process_bytes=rss_bytes(os.getpid()) or None,
+        num_cores=cores,
+    )
+
+
 def launch(
     config: ClusterConfig,
     layers: list[nn.Module],
@@ -383,6 +452,7 @@ def launch(
     Each node runs its group's backend (``config.groups``, in rank order). ``spans``
     are the nodes' shares of the global batch (start, stop); None: equal shards.
     """
+    launch_started = time.perf_counter()
     ensure_ray(config.runtime.address, verbose=config.runtime.verbose)
     host = config.runtime.host
     security = run_security(config.runtime)
@@ -462,49 +532,63 @@ def launch(
             for rank in range(config.num_nodes)
         },
     }
-    started = {
-        name: (
-            # SPREAD: on a cluster of several hosts the MemoryX servers go to different ones.
-            _remote(cls).options(scheduling_strategy="SPREAD")
-            if cls is MemoryXActor
-            else _remote(cls)
-        ).remote(**kwargs)
+    # Every compute and SwarmX node in a host process, ``per_process`` each; MemoryX alone.
+    per_process = _nodes_per_process(config, config.num_nodes + len(tree))
+    node_names = [node_name(rank) for rank in range(config.num_nodes)]
+    groups = [(memoryx_name(k),) for k in range(len(ranges))]
+    groups += plan_hosts(node_names, [t.name for t in tree], per_process)
+    try:
+        options, group = placement_options(config.runtime.placement, len(groups))
+    except BaseException:
+        if temporary:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    # SPREAD: on a cluster of several hosts the MemoryX servers go to different ones
+    # (unless runtime.placement places every process).
+    options[: len(ranges)] = [
+        o or {"scheduling_strategy": "SPREAD"} for o in options[: len(ranges)]
+    ]
+    host_options = {name: o for members, o in zip(groups, options, strict=True) for name in members}
+    # Every process is created before any is waited on: Ray starts them concurrently.
+    hosts = [_remote(ComponentHost).options(**o).remote() for o in options]
+    host_of = {name: h for members, h in zip(groups, hosts, strict=True) for name in members}
+    refs = {
+        name: host_of[name].start.remote(name, cls, **kwargs)
         for name, (cls, kwargs) in specs.items()
     }
-    handles = list(started.values())
     try:
-        addresses = dict(
-            zip(started, ray.get([h.get_address.remote() for h in handles]), strict=True)
-        )
+        addresses = dict(zip(refs, ray.get(list(refs.values())), strict=True))
     except ray.exceptions.RayActorError as exc:
-        for handle in handles:
+        for handle in hosts:
             ray.kill(handle)
+        if group is not None:
+            remove_placement_group(group)
         if temporary:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise RuntimeError(f"a cluster component failed to start: {exc}") from exc
-    servers = [started[memoryx_name(k)] for k in range(len(ranges))]
     cluster = Cluster(
-        memoryx=servers[0],
-        memoryx_address=addresses[MEMORYX],
-        memoryx_servers=servers,
-        memoryx_addresses=[addresses[memoryx_name(k)] for k in range(len(ranges))],
+        tree=tree,
+        security=security,
+        run_dir=run_dir,
+        component_addresses=addresses,
+        host_of=host_of,
         memoryx_layers=ranges,
         memoryx_shards=shards,
-        swarmx={t.name: started[t.name] for t in tree},
-        swarmx_addresses={t.name: addresses[t.name] for t in tree},
-        tree=tree,
-        nodes=[started[node_name(r)] for r in range(config.num_nodes)],
-        node_addresses=[addresses[node_name(r)] for r in range(config.num_nodes)],
         specs=specs,
+        node_names=node_names,
         wire_dtypes=subtree_dtypes(tree, [b.wire_dtype for b in backends]),
         # Started now, warm by the time a component is lost.
         spare=_remote(ComponentHost).remote() if config.runtime.spare_actor else None,
-        security=security,
-        run_dir=run_dir,
+        # A replacement goes to its process's bundle (no placement: wherever Ray puts it).
+        host_options=host_options if group is not None else {},
+        nodes_per_process=per_process,
+        placement_strategy=config.runtime.placement,
+        placement_group=group,
         _temporary_run_dir=temporary,
     )
     ray.get([cluster._connect(n) for n in specs if not cluster.is_memoryx(n)])
-    _write_client_files(
+    cluster.launch_time_s = time.perf_counter() - launch_started
+    write_client_files(
         run_dir,
         security,
         cluster.memoryx_address,
@@ -512,28 +596,3 @@ def launch(
         cluster.node_addresses,
     )
     return cluster
-
-
-def _write_client_files(
-    run_dir: Path,
-    security: Security,
-    memoryx_address: str,
-    swarmx_addresses: dict[str, str],
-    node_addresses: list[str],
-) -> None:
-    """What an outside client of this run needs: the token (0600), the CA and the addresses."""
-    # write_bytes_atomic creates through mkstemp, so the token file is 0600 from the start.
-    write_bytes_atomic(run_dir / TOKEN_FILE, security.token.encode())
-    if security.tls is not None:
-        write_bytes_atomic(run_dir / CA_FILE, security.tls.ca_pem)
-    write_json_atomic(
-        run_dir / ADDRESSES_FILE,
-        {
-            "memoryx": memoryx_address,
-            "swarmx": swarmx_addresses,
-            "nodes": node_addresses,
-            "tls": security.tls is not None,
-            "tls_server_name": security.tls.server_name if security.tls else None,
-            "token_metadata_key": TOKEN_METADATA_KEY,
-        },
-    )

@@ -21,10 +21,13 @@ import tempfile
 from pathlib import Path
 
 import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from core.atomic import write_bytes_atomic, write_json_atomic
 from emulator.config import RuntimeConfig
 from memoryx.checkpoint import copy_checkpoint_dir
-from proto.rpc import Security, TlsMaterial, is_loopback
+from proto.rpc import TOKEN_METADATA_KEY, Security, TlsMaterial, is_loopback
 from proto.tls import generate_run_tls, read_tls
 
 
@@ -81,6 +84,42 @@ def ensure_ray(address: str | None, *, verbose: bool = False) -> None:
             "Start one with `ray start --head` and pass its address (e.g. 'auto' or 'HOST:6379'), "
             "or leave the address unset to start a local Ray instance."
         ) from None
+
+
+#: CPU of one placement-group bundle (one host process): Ray needs a non-zero resource
+#: to place a bundle, and this little lets thousands of them share a core.
+_BUNDLE_CPU = 0.001
+#: Seconds to wait for a placement group's bundles to be reserved.
+_PLACEMENT_TIMEOUT_S = 120
+
+
+def placement_options(
+    strategy: str | None, num_processes: int
+) -> tuple[list[dict], PlacementGroup | None]:
+    """Ray options that put process i into bundle i of a PACK or SPREAD placement group
+    (``runtime.placement``); None: no options, Ray's own scheduling."""
+    if strategy is None:
+        return [{} for _ in range(num_processes)], None
+    group = placement_group([{"CPU": _BUNDLE_CPU}] * num_processes, strategy=strategy.upper())
+    try:
+        ray.get(group.ready(), timeout=_PLACEMENT_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(group)
+        raise RuntimeError(
+            f"runtime.placement = {strategy!r}: Ray could not reserve {num_processes} bundles "
+            f"of {_BUNDLE_CPU} CPU in {_PLACEMENT_TIMEOUT_S} s; the cluster's nodes need "
+            "CPU resources (ray start --num-cpus)."
+        ) from None
+    options = [
+        {
+            "num_cpus": _BUNDLE_CPU,
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                placement_group=group, placement_group_bundle_index=i
+            ),
+        }
+        for i in range(num_processes)
+    ]
+    return options, group
 
 
 #: Files of the run directory an outside client reads.
@@ -160,3 +199,28 @@ def _stage_resume(resume: str, checkpoint_dir: Path) -> str:
     except OSError:  # another file system
         shutil.copyfile(source, target)
     return name
+
+
+def write_client_files(
+    run_dir: Path,
+    security: Security,
+    memoryx_address: str,
+    swarmx_addresses: dict[str, str],
+    node_addresses: list[str],
+) -> None:
+    """What an outside client of this run needs: the token (0600), the CA and the addresses."""
+    # write_bytes_atomic creates through mkstemp, so the token file is 0600 from the start.
+    write_bytes_atomic(run_dir / TOKEN_FILE, security.token.encode())
+    if security.tls is not None:
+        write_bytes_atomic(run_dir / CA_FILE, security.tls.ca_pem)
+    write_json_atomic(
+        run_dir / ADDRESSES_FILE,
+        {
+            "memoryx": memoryx_address,
+            "swarmx": swarmx_addresses,
+            "nodes": node_addresses,
+            "tls": security.tls is not None,
+            "tls_server_name": security.tls.server_name if security.tls else None,
+            "token_metadata_key": TOKEN_METADATA_KEY,
+        },
+    )

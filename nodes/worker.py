@@ -10,6 +10,7 @@ every global batch.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 
@@ -22,6 +23,12 @@ from nodes.backend import Backend
 
 #: ``Backend.begin_pass`` kinds, in the order they run at one version: evaluation, then training.
 EVAL_PASS, TRAIN_PASS = 0, 1
+
+#: Held while a node seeds torch's process-wide RNG and computes, and while it counts FLOPs
+#: (a process-wide dispatch mode): nodes that share a process (emulator.host) must not
+#: interleave there, or a node would draw another's random numbers. Uncontended when a
+#: process runs one node.
+_PROCESS_LOCK = threading.Lock()
 
 
 class NodeStateError(Exception):
@@ -145,11 +152,12 @@ class NodeWorker:
         self, layer: int, step: int, params: dict[str, Tensor], x: Tensor
     ) -> tuple[Tensor, LayerResult]:
         block = self.layers[layer]
-        started = time.perf_counter()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self._rng_seed(step, layer))
-            y = self.backend.forward(layer, block, params, x)
-        flops, _ = self._layer_flops(layer, x)
+        with _PROCESS_LOCK:
+            started = time.perf_counter()
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self._rng_seed(step, layer))
+                y = self.backend.forward(layer, block, params, x)
+            flops, _ = self._layer_flops(layer, x)
         return y, LayerResult(flops=flops, compute_seconds=time.perf_counter() - started)
 
     def forward(self, layer: int, step: int, params: dict[str, Tensor]) -> LayerResult:
@@ -203,10 +211,11 @@ class NodeWorker:
             )
         x = self._inputs.pop(layer)
         block = self.layers[layer]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self._rng_seed(step, layer))
-            grad_x, grads = self.backend.backward(layer, block, params, x, self._grad)
-        _, flops = self._layer_flops(layer, x)
+        with _PROCESS_LOCK:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self._rng_seed(step, layer))
+                grad_x, grads = self.backend.backward(layer, block, params, x, self._grad)
+            _, flops = self._layer_flops(layer, x)
         self._grad = grad_x
         if layer == 0:
             self._reset(step)

@@ -1,0 +1,117 @@
+"""Host processes: one Ray actor that runs one or several emulated components by name.
+
+Every hosted component is the object a process of its own would hold (``MemoryXActor``,
+``SwarmXActor``, ``NodeActor``): its own gRPC server on its own port, rank, data shard,
+backend instance and counters. Only the process is shared, so the wire traffic the
+emulator exercises is unchanged while the fixed cost of a process (torch, Ray, gRPC:
+a few hundred MB and seconds of imports) is paid once per host, not once per node.
+
+The process is the fault unit: SIGKILL or SIGSTOP takes every member with it, so the
+cluster (``emulator.launch.Cluster.restart``) re-creates a lost host with the same
+members from their constructor arguments and rewires each of them and their neighbours.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Literal
+
+#: Resident memory of one idle actor process (torch, Ray, gRPC) when the driver's own
+#: cannot be read; the planner prefers the driver's RSS, which imports the same.
+DEFAULT_PROCESS_BYTES = 300 * 1024**2
+#: Share of the machine's available memory that ``nodes_per_process: auto`` lets the
+#: emulator's processes take (the rest: the nodes' own data and the driver).
+AUTO_MEMORY_FRACTION = 0.5
+#: ``auto`` also keeps the process count near the cores: a process start costs seconds of
+#: imports on one core, and more processes than cores only contend for them.
+AUTO_PROCESSES_PER_CORE = 4
+
+
+class ComponentHost:
+    """A process holding emulated components by name (a warm spare holds none yet)."""
+
+    def __init__(self) -> None:
+        self.components: dict[str, object] = {}
+
+    def start(self, name: str, cls: type, **kwargs) -> str:
+        """Run ``cls(**kwargs)`` as component ``name``; its gRPC address.
+
+        Keyword arguments, so that Ray resolves object references among them (the
+        nodes' layer skeleton, a user's data) as it does for an actor's constructor.
+        """
+        if name in self.components:
+            raise ValueError(f"{name} already runs in this host")
+        self.components[name] = cls(**kwargs)
+        return self.components[name].get_address()
+
+    def call(self, name: str, method: str, *args, **kwargs):
+        """``method(*args, **kwargs)`` of component ``name``."""
+        return getattr(self.components[name], method)(*args, **kwargs)
+
+    def addresses(self) -> dict[str, str]:
+        return {name: c.get_address() for name, c in self.components.items()}
+
+    def pid(self) -> int:
+        """This process's id (fault-injection tests signal it)."""
+        return os.getpid()
+
+    def where(self) -> dict[str, str]:
+        """The Ray node and host address of this process (its placement)."""
+        import ray
+
+        return {
+            "ray_node_id": ray.get_runtime_context().get_node_id(),
+            "host": ray.util.get_node_ip_address(),
+        }
+
+    def remove(self, name: str) -> None:
+        """Stop component ``name`` and forget it (the cluster shrank); the others keep running."""
+        component = self.components.pop(name, None)
+        if component is not None:
+            component.stop()
+
+    def stop(self) -> None:
+        for component in self.components.values():
+            component.stop()
+
+
+def nodes_per_process(
+    setting: int | Literal["auto"],
+    num_components: int,
+    *,
+    available_bytes: int | None,
+    process_bytes: int | None,
+    num_cores: int | None,
+) -> int:
+    """How many emulated compute or SwarmX nodes share one process.
+
+    ``auto``: one each while that many processes fit both in ``AUTO_MEMORY_FRACTION`` of
+    the available memory (at ``process_bytes`` each, measured) and in
+    ``AUTO_PROCESSES_PER_CORE`` per core; otherwise as few per process as fit.
+    """
+    if setting != "auto":
+        return setting
+    limits = []
+    if available_bytes is not None:
+        per_process = process_bytes or DEFAULT_PROCESS_BYTES
+        limits.append(int(AUTO_MEMORY_FRACTION * available_bytes // per_process))
+    if num_cores is not None:
+        limits.append(AUTO_PROCESSES_PER_CORE * num_cores)
+    if not limits:
+        return 1
+    max_processes = max(1, min(limits))
+    return max(1, math.ceil(num_components / max_processes))
+
+
+def plan_hosts(
+    node_names: list[str], swarmx_names: list[str], per_process: int
+) -> list[tuple[str, ...]]:
+    """Members of each host: SwarmX nodes in tree order, then compute nodes by consecutive
+    rank, ``per_process`` each. A host runs one kind, so a lost host of compute nodes can
+    be dropped whole when the cluster shrinks instead of being replaced."""
+    return [
+        tuple(names[i : i + per_process])
+        for names in (swarmx_names, node_names)
+        for i in range(0, len(names), per_process)
+    ]
