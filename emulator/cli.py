@@ -29,6 +29,7 @@ from core.data import SHIPPED_DATA
 from core.units import format_energy, format_seconds
 from emulator.cli_compare import add_compare_parser, add_eval_parser
 from emulator.cli_cost import add_simulate_parser, add_validate_parser
+from emulator.cli_scale import add_scale_parser, runtime_rows
 from emulator.config import CLI_FIELDS, load_config
 from emulator.table import format_table, human_bytes
 from emulator.zoo import ZOO
@@ -312,6 +313,7 @@ def summary(result: dict) -> str:
                 else ""
             ),
         ),
+        *runtime_rows(result.get("runtime")),
         *(_emulated_rows(result["emulated"]) if result["emulated"] is not None else []),
         *_sparsity_rows(result.get("sparsity")),
     ]
@@ -328,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_validate_parser(subparsers)
     add_eval_parser(subparsers)
     add_compare_parser(subparsers)
+    add_scale_parser(subparsers)
     return parser
 
 

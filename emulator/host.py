@@ -34,20 +34,20 @@ class ComponentHost:
     def __init__(self) -> None:
         self.components: dict[str, object] = {}
 
-    def start(self, name: str, cls: type, **kwargs) -> str:
-        """Run ``cls(**kwargs)`` as component ``name``; its gRPC address.
+    def start(self, component: str, component_class: type, **kwargs) -> str:
+        """Run ``component_class(**kwargs)`` as ``component``; its gRPC address.
 
         Keyword arguments, so that Ray resolves object references among them (the
         nodes' layer skeleton, a user's data) as it does for an actor's constructor.
         """
-        if name in self.components:
-            raise ValueError(f"{name} already runs in this host")
-        self.components[name] = cls(**kwargs)
-        return self.components[name].get_address()
+        if component in self.components:
+            raise ValueError(f"{component} already runs in this host")
+        self.components[component] = component_class(**kwargs)
+        return self.components[component].get_address()
 
-    def call(self, name: str, method: str, *args, **kwargs):
-        """``method(*args, **kwargs)`` of component ``name``."""
-        return getattr(self.components[name], method)(*args, **kwargs)
+    def call(self, component: str, method: str, *args, **kwargs):
+        """``method(*args, **kwargs)`` of ``component``."""
+        return getattr(self.components[component], method)(*args, **kwargs)
 
     def addresses(self) -> dict[str, str]:
         return {name: c.get_address() for name, c in self.components.items()}

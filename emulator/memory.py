@@ -1,4 +1,5 @@
-"""Resident memory of the driver and the cluster's actor processes, sampled over a run.
+"""Resident memory of the driver and the cluster's actor processes, sampled over a run,
+and the run's JSON ``runtime`` block (``RuntimeWatch``).
 
 Read from ``/proc`` (Linux), so only processes on the driver's machine are seen;
 a process that cannot be read (another host, already gone) counts as 0.
@@ -8,6 +9,11 @@ from __future__ import annotations
 
 import os
 import threading
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from emulator.launch import Cluster
 
 _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -80,3 +86,60 @@ class MemorySampler:
         self._stop.set()
         self._thread.join()
         self.sample()
+
+
+class RuntimeWatch:
+    """The JSON ``runtime`` block of a run: launch cost, processes, placement and the
+    emulator's peak memory, sampled from launch to the end of the steps.
+
+    Memory is resident (RSS) bytes read on the driver's machine, summed over the driver,
+    MemoryX and the host processes (a process on another machine counts 0); per emulated
+    node is the hosts' peak over the compute and SwarmX nodes they run. A process that
+    replaced a lost one is not sampled.
+    """
+
+    def __init__(self, cluster: Cluster, started_s: float):
+        self.cluster = cluster
+        self.started_s = started_s
+        self.sampler = MemorySampler({"driver": [os.getpid()], **cluster.pids()})
+        self.sampler.__enter__()
+        self.placement = cluster.placement()
+        self._steps_started_s: float | None = None
+        self._steps_started_age_s: float | None = None
+
+    def steps_started(self) -> None:
+        self._steps_started_s, self._steps_started_age_s = time.perf_counter(), process_age_s()
+
+    def stop(self) -> None:
+        if self.sampler._thread.is_alive():
+            self.sampler.__exit__(None, None, None)
+
+    def report(self, first_step_wall_s: float | None) -> dict:
+        """The block, given the first step's own wall time (None: no step ran)."""
+        cluster = self.cluster
+        num_emulated = len(cluster.node_names) + len(cluster.tree)
+        peak = self.sampler.peak_by_group
+        first_s = first_age_s = None
+        if first_step_wall_s is not None and self._steps_started_s is not None:
+            first_s = self._steps_started_s - self.started_s + first_step_wall_s
+            if self._steps_started_age_s is not None:
+                first_age_s = self._steps_started_age_s + first_step_wall_s
+        return {
+            "launch_time_s": cluster.launch_time_s,
+            # From train's call (first) and from the start of the command's process (second,
+            # Ray start and imports included) to the end of the first step.
+            "time_to_first_step_s": first_s,
+            "first_step_since_process_start_s": first_age_s,
+            "nodes_per_process": cluster.nodes_per_process,
+            "num_processes": len(cluster.processes),
+            "num_emulated_nodes": num_emulated,
+            "memory": {
+                "peak_bytes": self.sampler.peak_bytes,
+                "peak_driver_bytes": peak["driver"],
+                "peak_memoryx_bytes": peak["memoryx"],
+                "peak_hosts_bytes": peak["hosts"],
+                "per_emulated_node_bytes": peak["hosts"] / num_emulated,
+            },
+            "placement_strategy": cluster.placement_strategy,
+            "placement": self.placement,
+        }

@@ -46,6 +46,8 @@ class TrainReport:
     faults: list[dict] = field(default_factory=list)
     #: Failures that needed no replacement (the step or pass was run again): step, error.
     retries: list[dict] = field(default_factory=list)
+    #: Launch cost, processes, placement and the emulator's peak memory (RuntimeWatch).
+    runtime: dict = field(default_factory=dict)
 
     @property
     def final_loss(self) -> float | None:
@@ -95,6 +97,7 @@ class TrainReport:
             },
             "emulated": self._emulated_json() if self.emulated is not None else None,
             "memoryx": self.memoryx_json() if self.traffic is not None and self.steps else None,
+            "runtime": self.runtime,
             "sparsity": self.sparsity,
             "steps": [asdict(s) for s in self.steps],
             "evals": [asdict(e) for e in self.evals],

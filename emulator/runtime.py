@@ -76,14 +76,44 @@ def ensure_ray(address: str | None, *, verbose: bool = False) -> None:
             logging_level=level,
         )
         return
+    target = _host_port(address)
+    loopback = target is not None and is_loopback(target[0]) and not address.startswith("ray://")
     try:
-        ray.init(address=address, log_to_driver=False, logging_level=level)
+        if loopback:
+            _join_loopback_cluster(address, level)
+        else:
+            ray.init(address=address, log_to_driver=False, logging_level=level)
     except (ConnectionError, ray.exceptions.AuthenticationError) as exc:
         raise ValueError(
             f"runtime.address = {address!r}: could not join a Ray cluster there ({exc}). "
             "Start one with `ray start --head` and pass its address (e.g. 'auto' or 'HOST:6379'), "
             "or leave the address unset to start a local Ray instance."
         ) from None
+
+
+def _join_loopback_cluster(address: str, level: int) -> None:
+    """Join a cluster whose raylets all run on 127.0.0.1 (``ray start --node-ip-address
+    127.0.0.1``), e.g. ``runtime.address = '127.0.0.1:6379'``.
+
+    Ray's driver rewrites a loopback address (the cluster's and its own) to the machine's
+    routable one before it connects, unless it believes it runs on a single machine
+    (``ray_constants.ENABLE_RAY_CLUSTER``, read at each rewrite); there it would seek the
+    GCS at an address nothing serves and hang. So the rewrite is off while this driver
+    joins; afterwards its node's address answers Ray's questions.
+    """
+    from ray._private import ray_constants
+
+    enabled = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(
+            address=address,
+            _node_ip_address="127.0.0.1",
+            log_to_driver=False,
+            logging_level=level,
+        )
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = enabled
 
 
 #: CPU of one placement-group bundle (one host process): Ray needs a non-zero resource

@@ -49,6 +49,7 @@ from emulator.groups import (
     stream_dtype,
 )
 from emulator.launch import Cluster, launch
+from emulator.memory import RuntimeWatch
 from emulator.preflight import check_batch, check_before_launch
 from emulator.progress import StepProgress
 from emulator.report import TrainReport, sparsity_report
@@ -277,7 +278,9 @@ def train(
     weights = traffic = densities = None
     coordinator: Coordinator | None = None
     halt: _Halt | None = None
+    watch: RuntimeWatch | None = None
     try:
+        watch = RuntimeWatch(cluster, started)
         if on_launch is not None:
             on_launch(cluster)
         coordinator = Coordinator(
@@ -295,6 +298,7 @@ def train(
             # MemoryX holds the weights now; a model beyond RAM must not stay here as well.
             del layers
             first = coordinator.start_step
+            watch.steps_started()
             coordinator.checkpoints.write_run_info(first + config.num_steps, config.seed)
             halt, weights = _run_steps(config, coordinator, first, evals, progress, stop)
             if halt is None:
@@ -320,6 +324,8 @@ def train(
     finally:
         if stop is not None:
             stop.finishing()  # from here a signal must not cut the report short
+        if watch is not None:
+            watch.stop()
         # A Ctrl-C here: Cluster.stop kills every actor on its way out; the report still follows.
         with contextlib.suppress(KeyboardInterrupt):
             cluster.stop()
@@ -376,6 +382,7 @@ def train(
         grouped=grouped,
         faults=coordinator.supervisor.report() if coordinator is not None else [],
         retries=coordinator.supervisor.retried if coordinator is not None else [],
+        runtime=watch.report(steps[0].wall_time_s if steps else None) if watch else {},
     )
     if halt is None:
         return report

@@ -1,0 +1,115 @@
+"""Host processes: how many emulated nodes share one, and a host's members (no Ray)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from emulator.config import load_config
+from emulator.host import ComponentHost, nodes_per_process, plan_hosts
+from emulator.memory import MemorySampler, available_memory_bytes, process_age_s, rss_bytes
+
+GB = 1024**3
+MB = 1024**2
+
+
+def test_auto_gives_each_node_a_process_while_memory_and_cores_have_room():
+    assert (
+        nodes_per_process("auto", 6, available_bytes=16 * GB, process_bytes=GB // 4, num_cores=2)
+        == 1
+    )
+
+
+def test_auto_shares_processes_when_memory_is_short():
+    # 192 nodes + 85 SwarmX nodes; half of 16 GB holds 27 processes of 300 MB.
+    per = nodes_per_process(
+        "auto", 277, available_bytes=16 * GB, process_bytes=300 * MB, num_cores=64
+    )
+    assert per == 11
+    names = [f"node-{r}" for r in range(192)]
+    assert len(plan_hosts(names, [f"s{i}" for i in range(85)], per)) <= 27
+
+
+def test_auto_keeps_the_process_count_near_the_cores():
+    # Plenty of memory, 2 cores: at most 8 processes, so 277 components share them.
+    per = nodes_per_process(
+        "auto", 277, available_bytes=1000 * GB, process_bytes=300 * MB, num_cores=2
+    )
+    assert per == 35
+
+
+def test_a_count_is_taken_as_given():
+    assert nodes_per_process(3, 100, available_bytes=None, process_bytes=None, num_cores=1) == 3
+    assert (
+        nodes_per_process("auto", 100, available_bytes=None, process_bytes=None, num_cores=None)
+        == 1
+    )
+
+
+def test_plan_keeps_every_component_once_and_one_kind_per_host():
+    nodes = [f"node-{r}" for r in range(5)]
+    assert plan_hosts(nodes, ["a", "b", "c"], 2) == [
+        ("a", "b"),
+        ("c",),
+        ("node-0", "node-1"),
+        ("node-2", "node-3"),
+        ("node-4",),
+    ]
+
+
+class _Component:
+    def __init__(self, *, name: str, log: list):
+        self.name, self.log = name, log
+
+    def get_address(self) -> str:
+        return f"127.0.0.1:{len(self.name)}"
+
+    def connect(self, parent: str) -> None:
+        self.log.append((self.name, "connect", parent))
+
+    def stop(self) -> None:
+        self.log.append((self.name, "stop"))
+
+
+def test_a_host_runs_components_by_name_and_stops_each():
+    log: list = []
+    host = ComponentHost()
+    # A component's own ``name`` argument does not collide with the host's.
+    assert host.start("swarmx-0-0", _Component, name="swarmx-0-0", log=log) == "127.0.0.1:10"
+    host.start("node-1", _Component, name="node-1", log=log)
+    with pytest.raises(ValueError, match="node-1 already runs"):
+        host.start("node-1", _Component, name="node-1", log=log)
+    host.call("node-1", "connect", "127.0.0.1:7")
+    assert host.addresses() == {"swarmx-0-0": "127.0.0.1:10", "node-1": "127.0.0.1:6"}
+    host.remove("swarmx-0-0")
+    host.stop()
+    assert log == [
+        ("node-1", "connect", "127.0.0.1:7"),
+        ("swarmx-0-0", "stop"),
+        ("node-1", "stop"),
+    ]
+    assert host.pid() == os.getpid()
+
+
+@pytest.mark.parametrize("value", [0, -1, "many", True])
+def test_nodes_per_process_must_be_auto_or_positive(value):
+    with pytest.raises(ValueError, match="nodes_per_process"):
+        load_config(overrides={"runtime.nodes_per_process": value})
+
+
+def test_placement_names_its_choices():
+    with pytest.raises(ValueError, match="'pack', 'spread'"):
+        load_config(overrides={"runtime.placement": "scatter"})
+
+
+def test_memory_of_this_process_is_read_and_its_peak_kept():
+    assert rss_bytes(os.getpid()) > 0
+    assert rss_bytes(-1) == 0
+    assert available_memory_bytes() > 0
+    assert process_age_s() > 0
+    with MemorySampler({"me": [os.getpid()]}, interval_s=0.01) as sampler:
+        ballast = bytearray(64 * MB)
+        ballast[::4096] = b"x" * len(ballast[::4096])
+    assert sampler.peak_by_group["me"] >= 64 * MB
+    assert sampler.peak_bytes == sampler.peak_by_group["me"]
