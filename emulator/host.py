@@ -15,7 +15,13 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Literal
+import time
+from typing import TYPE_CHECKING, Literal
+
+from emulator.memory import available_memory_bytes, rss_bytes
+
+if TYPE_CHECKING:  # a host process needs none of the config system
+    from emulator.config import RuntimeConfig
 
 #: Resident memory of one idle actor process (torch, Ray, gRPC) when the driver's own
 #: cannot be read; the planner prefers the driver's RSS, which imports the same.
@@ -33,6 +39,10 @@ class ComponentHost:
 
     def __init__(self) -> None:
         self.components: dict[str, object] = {}
+        #: When this process could first run Python of the emulator (Ray and this module
+        #: imported), wall-clock s; and each component's constructor time, s.
+        self.up_at_s = time.time()
+        self.start_s: dict[str, float] = {}
 
     def start(self, component: str, component_class: type, **kwargs) -> str:
         """Run ``component_class(**kwargs)`` as ``component``; its gRPC address.
@@ -42,8 +52,14 @@ class ComponentHost:
         """
         if component in self.components:
             raise ValueError(f"{component} already runs in this host")
+        started = time.perf_counter()
         self.components[component] = component_class(**kwargs)
+        self.start_s[component] = time.perf_counter() - started
         return self.components[component].get_address()
+
+    def timings(self) -> dict:
+        """``up_at_s`` and the constructors' seconds (``start_s``): where launch time goes."""
+        return {"up_at_s": self.up_at_s, "start_s": dict(self.start_s)}
 
     def call(self, component: str, method: str, *args, **kwargs):
         """``method(*args, **kwargs)`` of ``component``."""
@@ -115,3 +131,41 @@ def plan_hosts(
         for names in (swarmx_names, node_names)
         for i in range(0, len(names), per_process)
     ]
+
+
+def resolve_nodes_per_process(runtime: RuntimeConfig, num_components: int) -> int:
+    """``runtime.nodes_per_process`` resolved: ``auto`` from this machine's memory and
+    cores (locally) or the Ray cluster's resources (``runtime.address``)."""
+    import ray
+
+    if runtime.address is None:
+        available, cores = available_memory_bytes(), os.cpu_count()
+    else:
+        resources = ray.available_resources()
+        available, cores = resources.get("memory"), int(resources.get("CPU", 0)) or None
+    return nodes_per_process(
+        runtime.nodes_per_process,
+        num_components,
+        available_bytes=available,
+        # The driver imports what a host process does (torch, Ray, gRPC): its RSS is the
+        # measured cost of one more process.
+        process_bytes=rss_bytes(os.getpid()) or None,
+        num_cores=cores,
+    )
+
+
+def launch_phases(
+    timings: list[dict], *, started_at_s: float, ray_s: float, components_s: float, launch_s: float
+) -> dict[str, float]:
+    """Where launch time went, s: Ray's start, the host processes' start (to the last one
+    that could run the emulator's code), every component serving (the processes' start
+    included), the constructors (median, slowest), and the wiring."""
+    constructors = sorted(t for host in timings for t in host["start_s"].values())
+    return {
+        "ray_s": ray_s,
+        "processes_up_s": max(h["up_at_s"] for h in timings) - started_at_s - ray_s,
+        "components_s": components_s,
+        "constructor_median_s": constructors[len(constructors) // 2],
+        "constructor_max_s": constructors[-1],
+        "wiring_s": launch_s - ray_s - components_s,
+    }

@@ -23,8 +23,7 @@ from torch import nn
 
 from core.data import DataConfig, Dataset
 from emulator.config import ClusterConfig
-from emulator.host import ComponentHost, nodes_per_process, plan_hosts
-from emulator.memory import available_memory_bytes, rss_bytes
+from emulator.host import ComponentHost, launch_phases, plan_hosts, resolve_nodes_per_process
 from emulator.runtime import (
     CHECKPOINT_DIR,
     TOKEN_FILE,
@@ -91,6 +90,8 @@ class Cluster:
     nodes_per_process: int = 1
     #: Seconds from the call of ``launch`` until every component served and was wired.
     launch_time_s: float = 0.0
+    #: Where launch time went: Ray's start, processes up, components serving, wiring, s.
+    launch_phases: dict[str, float] = field(default_factory=dict)
     #: ``runtime.placement``: 'pack', 'spread' or None (Ray's own scheduling).
     placement_strategy: str | None = None
     placement_group: PlacementGroup | None = field(default=None, repr=False)
@@ -416,25 +417,6 @@ def subtree_dtypes(tree: list[TreeNode], node_dtypes: list[str]) -> dict[str, st
     return dtypes
 
 
-def _nodes_per_process(config: ClusterConfig, num_components: int) -> int:
-    """``runtime.nodes_per_process`` resolved: ``auto`` from this machine's memory and
-    cores (locally) or the Ray cluster's resources (``runtime.address``)."""
-    if config.runtime.address is None:
-        available, cores = available_memory_bytes(), os.cpu_count()
-    else:
-        resources = ray.available_resources()
-        available, cores = resources.get("memory"), int(resources.get("CPU", 0)) or None
-    return nodes_per_process(
-        config.runtime.nodes_per_process,
-        num_components,
-        available_bytes=available,
-        # The driver imports what a host process does (torch, Ray, gRPC): its RSS is the
-        # measured cost of one more process.
-        process_bytes=rss_bytes(os.getpid()) or None,
-        num_cores=cores,
-    )
-
-
 def launch(
     config: ClusterConfig,
     layers: list[nn.Module],
@@ -452,8 +434,9 @@ def launch(
     Each node runs its group's backend (``config.groups``, in rank order). ``spans``
     are the nodes' shares of the global batch (start, stop); None: equal shards.
     """
-    launch_started = time.perf_counter()
+    launch_started, launch_started_at_s = time.perf_counter(), time.time()
     ensure_ray(config.runtime.address, verbose=config.runtime.verbose)
+    ray_started = time.perf_counter()
     host = config.runtime.host
     security = run_security(config.runtime)
     run_dir, temporary = _make_run_dir(config.runtime)
@@ -533,7 +516,7 @@ def launch(
         },
     }
     # Every compute and SwarmX node in a host process, ``per_process`` each; MemoryX alone.
-    per_process = _nodes_per_process(config, config.num_nodes + len(tree))
+    per_process = resolve_nodes_per_process(config.runtime, config.num_nodes + len(tree))
     node_names = [node_name(rank) for rank in range(config.num_nodes)]
     groups = [(memoryx_name(k),) for k in range(len(ranges))]
     groups += plan_hosts(node_names, [t.name for t in tree], per_process)
@@ -566,6 +549,7 @@ def launch(
         if temporary:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise RuntimeError(f"a cluster component failed to start: {exc}") from exc
+    components_started = time.perf_counter()
     cluster = Cluster(
         tree=tree,
         security=security,
@@ -588,6 +572,13 @@ def launch(
     )
     ray.get([cluster._connect(n) for n in specs if not cluster.is_memoryx(n)])
     cluster.launch_time_s = time.perf_counter() - launch_started
+    cluster.launch_phases = launch_phases(
+        ray.get([h.timings.remote() for h in hosts], timeout=START_TIMEOUT_S),
+        started_at_s=launch_started_at_s,
+        ray_s=ray_started - launch_started,
+        components_s=components_started - ray_started,
+        launch_s=cluster.launch_time_s,
+    )
     write_client_files(
         run_dir,
         security,

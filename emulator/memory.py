@@ -126,6 +126,7 @@ class RuntimeWatch:
                 first_age_s = self._steps_started_age_s + first_step_wall_s
         return {
             "launch_time_s": cluster.launch_time_s,
+            "launch_phases": cluster.launch_phases,
             # From train's call (first) and from the start of the command's process (second,
             # Ray start and imports included) to the end of the first step.
             "time_to_first_step_s": first_s,
