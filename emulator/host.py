@@ -19,6 +19,7 @@ import time
 from typing import TYPE_CHECKING, Literal
 
 from emulator.memory import available_memory_bytes, rss_bytes
+from proto.rpc import ray_node_ip
 
 if TYPE_CHECKING:  # a host process needs none of the config system
     from emulator.config import RuntimeConfig
@@ -76,10 +77,7 @@ class ComponentHost:
         """The Ray node and host address of this process (its placement)."""
         import ray
 
-        return {
-            "ray_node_id": ray.get_runtime_context().get_node_id(),
-            "host": ray.util.get_node_ip_address(),
-        }
+        return {"ray_node_id": ray.get_runtime_context().get_node_id(), "host": ray_node_ip()}
 
     def remove(self, name: str) -> None:
         """Stop component ``name`` and forget it (the cluster shrank); the others keep running."""

@@ -11,6 +11,7 @@ reads to call the services of a running cluster.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ import shutil
 import socket
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import ray
@@ -66,21 +68,28 @@ def ensure_ray(address: str | None, *, verbose: bool = False) -> None:
     if address is None:
         # Ray starts its processes with SIGINT blocked: a terminal's Ctrl-C (sent to the whole
         # process group) reaches only this driver, which stops the run and then the actors.
-        ray.init(
-            address="local",
-            # Ray advertises loopback; its processes still listen on every interface
-            # (Ray has no switch for that), guarded by Ray's token auth (on by default).
-            _node_ip_address="127.0.0.1",
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level=level,
-        )
+        with ray_keeps_loopback():
+            ray.init(
+                address="local",
+                # Ray advertises loopback; its processes still listen on every interface
+                # (Ray has no switch for that), guarded by Ray's token auth (on by default).
+                _node_ip_address="127.0.0.1",
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level=level,
+            )
         return
     target = _host_port(address)
     loopback = target is not None and is_loopback(target[0]) and not address.startswith("ray://")
     try:
         if loopback:
-            _join_loopback_cluster(address, level)
+            with ray_keeps_loopback():
+                ray.init(
+                    address=address,
+                    _node_ip_address="127.0.0.1",
+                    log_to_driver=False,
+                    logging_level=level,
+                )
         else:
             ray.init(address=address, log_to_driver=False, logging_level=level)
     except (ConnectionError, ray.exceptions.AuthenticationError) as exc:
@@ -91,27 +100,23 @@ def ensure_ray(address: str | None, *, verbose: bool = False) -> None:
         ) from None
 
 
-def _join_loopback_cluster(address: str, level: int) -> None:
-    """Join a cluster whose raylets all run on 127.0.0.1 (``ray start --node-ip-address
-    127.0.0.1``), e.g. ``runtime.address = '127.0.0.1:6379'``.
+@contextlib.contextmanager
+def ray_keeps_loopback() -> Iterator[None]:
+    """While Ray starts or joins on 127.0.0.1, keep it there.
 
-    Ray's driver rewrites a loopback address (the cluster's and its own) to the machine's
-    routable one before it connects, unless it believes it runs on a single machine
-    (``ray_constants.ENABLE_RAY_CLUSTER``, read at each rewrite); there it would seek the
-    GCS at an address nothing serves and hang. So the rewrite is off while this driver
-    joins; afterwards its node's address answers Ray's questions.
+    Ray rewrites a loopback address (a cluster's, or ``_node_ip_address``) to the
+    machine's routable one before it starts or connects, unless it believes it runs on a
+    single machine (``ray_constants.ENABLE_RAY_CLUSTER``, read at each rewrite). Joining a
+    loopback-only cluster (``ray start --node-ip-address 127.0.0.1``) it would then seek
+    the GCS where nothing serves and hang, and a local instance would advertise the
+    routable address. Afterwards the driver's node answers Ray's address questions.
     """
     from ray._private import ray_constants
 
     enabled = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        ray.init(
-            address=address,
-            _node_ip_address="127.0.0.1",
-            log_to_driver=False,
-            logging_level=level,
-        )
+        yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = enabled
 

@@ -464,6 +464,18 @@ def resolve_host(host: str) -> str:
     """``"node-ip"`` means the address of the Ray node this process runs on."""
     if host != NODE_IP:
         return host
+    return ray_node_ip()
+
+
+@functools.cache
+def ray_node_ip() -> str:
+    """The address the Ray node of this (actor) process advertises (``ray start
+    --node-ip-address``), which ``ray.util.get_node_ip_address`` is not in a worker:
+    there it is the machine's routable address, even on a loopback-only cluster."""
     import ray
 
+    node_id = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node["NodeID"] == node_id:
+            return node["NodeManagerAddress"]
     return ray.util.get_node_ip_address()

@@ -16,13 +16,16 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(
-            address="local",  # a fresh instance, never someone else's cluster
-            _node_ip_address="127.0.0.1",  # Ray advertises loopback, as emulator.launch does
-            num_cpus=2,
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level=logging.WARNING,
-        )
+        from emulator.runtime import ray_keeps_loopback
+
+        with ray_keeps_loopback():
+            ray.init(
+                address="local",  # a fresh instance, never someone else's cluster
+                _node_ip_address="127.0.0.1",  # Ray advertises loopback, as emulator.launch does
+                num_cpus=2,
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level=logging.WARNING,
+            )
     yield ray
     ray.shutdown()

@@ -22,6 +22,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from emulator.config import load_config
+from emulator.runtime import ray_keeps_loopback
 from emulator.train import train
 
 RUN = {
@@ -57,11 +58,15 @@ def _cli_run(address: str, tmp: Path) -> dict:
 
 def main() -> None:
     # Every raylet on loopback, so the test's traffic never leaves the machine.
+    # (as `ray start --node-ip-address 127.0.0.1` on each would, which Ray otherwise
+    # rewrites to the machine's routable address here, in process).
     args = {"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False}
-    cluster = Cluster(initialize_head=True, head_node_args=args)
+    with ray_keeps_loopback():
+        cluster = Cluster(initialize_head=True, head_node_args=args)
     try:
-        for _ in range(2):
-            cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+        with ray_keeps_loopback():
+            for _ in range(2):
+                cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
         cluster.wait_for_nodes()
         with tempfile.TemporaryDirectory() as tmp:
             spread = _cli_run(cluster.address, Path(tmp))
