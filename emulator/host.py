@@ -30,9 +30,10 @@ DEFAULT_PROCESS_BYTES = 300 * 1024**2
 #: Share of the machine's available memory that ``nodes_per_process: auto`` lets the
 #: emulator's processes take (the rest: the nodes' own data and the driver).
 AUTO_MEMORY_FRACTION = 0.5
-#: ``auto`` also keeps the process count near the cores: a process start costs seconds of
-#: imports on one core, and more processes than cores only contend for them.
-AUTO_PROCESSES_PER_CORE = 4
+#: ``auto`` also keeps the process count near the cores: a process costs seconds of one
+#: core to start (Ray, torch, gRPC, torch's first FLOP count), while a node in a shared
+#: process costs milliseconds; past a couple of processes per core they only contend.
+AUTO_PROCESSES_PER_CORE = 2
 
 
 class ComponentHost:
