@@ -5,7 +5,7 @@ For each N, ``wafer train --model mlp-digits --nodes N`` runs as its own command
 global batch for all sizes, and its JSON ``runtime`` block is read back:
 
 - time from the command's start to the end of its first step (Ray start included),
-- the launch time (Ray start, actor processes, wiring),
+- the launch time (Ray start, actor processes, wiring) and its phases,
 - processes and emulated nodes per process (``runtime.nodes_per_process``),
 - peak resident memory of the driver, MemoryX and the host processes, and that
   peak per emulated node (compute and SwarmX nodes),
@@ -78,6 +78,7 @@ def run(nodes: int, args: argparse.Namespace) -> dict:
         "nodes_per_process": runtime["nodes_per_process"],
         "first_step_since_command_s": runtime["first_step_since_process_start_s"],
         "launch_time_s": runtime["launch_time_s"],
+        "launch_phases": runtime["launch_phases"],
         "peak_memory_bytes": runtime["memory"]["peak_bytes"],
         "memory_per_emulated_node_bytes": runtime["memory"]["per_emulated_node_bytes"],
         "wall_step_time_s": report["step_wall_time_s"],
@@ -119,6 +120,14 @@ def main() -> None:
         if args.json:
             Path(args.json).write_text(json.dumps({"load": os.getloadavg(), "rows": rows}))
     print(f"load average {os.getloadavg()[0]:.1f}")
+    print("launch phases, s (Ray start, processes up, components serving, wiring):")
+    for row in rows:
+        if "error" not in row:
+            phases = row["launch_phases"]
+            print(
+                f"{row['nodes']:>4} ray {phases['ray_s']:.1f}  processes {phases['processes_up_s']:.1f}"
+                f"  components {phases['components_s']:.1f}  wiring {phases['wiring_s']:.2f}"
+            )
 
 
 if __name__ == "__main__":
