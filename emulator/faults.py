@@ -229,10 +229,15 @@ class Supervisor:
         }
         problems = {name: p.problem() for name, p in pending.items()}
         lost = {}
+        # Components of one process share Ray's verdict: asked once per process.
+        verdicts: dict[int, str | None] = {}
         for name, why in problems.items():
             if why is None:
                 continue
-            verdict = self._ray_verdict(name)
+            process = id(self.cluster.handle(name))
+            if process not in verdicts:
+                verdicts[process] = self._ray_verdict(name)
+            verdict = verdicts[process]
             if verdict is None and why.startswith(SLOW):
                 continue
             lost[name] = why if verdict is None else f"{why}; {verdict}"
