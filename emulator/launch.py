@@ -300,8 +300,8 @@ class Cluster:
         dropped = [m for m in self.members(name) if m in self.node_names]
         if len(self.node_names) <= len(dropped):
             raise RuntimeError(f"cannot drop {name}: no compute node would be left")
+        self._forget(dropped)
         for node in dropped:
-            self._forget(node)
             self.node_names.remove(node)
         gone = set(dropped)
         while gone:
@@ -311,8 +311,7 @@ class Cluster:
                 if t.name not in gone
             ]
             gone = {t.name for t in self.tree if t.parent is not None and not t.children}
-            for empty in gone:
-                self._forget(empty)
+            self._forget(sorted(gone))
         refs = [self._connect(t.name) for t in self.tree]
         refs += [
             self.call(node, "reshard", rank, len(self.node_names))
@@ -320,14 +319,19 @@ class Cluster:
         ]
         ray.get(refs, timeout=START_TIMEOUT_S)
 
-    def _forget(self, name: str) -> None:
-        """Take component ``name`` out of the cluster; its process goes with its last member."""
-        handle = self.host_of.pop(name)
-        del self.component_addresses[name]
-        if any(h is handle for h in self.host_of.values()):
-            ray.get(handle.remove.remote(name), timeout=START_TIMEOUT_S)
-        else:
-            ray.kill(handle, no_restart=True)
+    def _forget(self, names: list[str]) -> None:
+        """Take components ``names`` out of the cluster; a process goes with its last member
+        (killed: it may be dead or hung), one that keeps members stops just these."""
+        by_process: dict[int, tuple[ray.actor.ActorHandle, list[str]]] = {}
+        for name in names:
+            handle = self.host_of.pop(name)
+            del self.component_addresses[name]
+            by_process.setdefault(id(handle), (handle, []))[1].append(name)
+        for handle, gone in by_process.values():
+            if any(h is handle for h in self.host_of.values()):
+                ray.get([handle.remove.remote(n) for n in gone], timeout=START_TIMEOUT_S)
+            else:
+                ray.kill(handle, no_restart=True)
 
     def pids(self) -> dict[str, list[int]]:
         """Process ids (on their own machines) of the MemoryX servers and the other hosts."""

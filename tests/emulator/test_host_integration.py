@@ -13,9 +13,10 @@ from tests.emulator.test_faults_integration import Chaos, _assert_identical
 pytestmark = pytest.mark.integration
 
 
-def _config(nodes_per_process: int):
+def _config(nodes_per_process: int, **extra):
     return load_config(
         overrides={
+            **extra,
             "model.name": "mlp-digits",
             "num_nodes": 4,
             "batch_size": 32,
@@ -70,3 +71,22 @@ def test_killed_process_of_two_nodes_is_replaced_bit_identically(separate):
         ["node-0"] if report.faults[0]["component"] == "node-1" else ["node-1"]
     )
     assert report.steps[1].num_attempts == 2
+
+
+def test_shrink_drops_every_node_of_the_lost_process(separate):
+    # node-0 and node-1 share a process: both go, their SwarmX parent (now childless)
+    # leaves its shared process, and node-2 and node-3 take the global batch as ranks 0, 1.
+    chaos = Chaos("node-1", (1, 1, "forward"), "SIGKILL")
+    report = train(
+        _config(2, **{"runtime.on_node_loss": "shrink"}),
+        progress=False,
+        fault=chaos,
+        on_launch=chaos.bind,
+    )
+    assert chaos.hit
+    lost = [(f["component"], f["action"], f["same_process"]) for f in report.faults]
+    assert lost in ([("node-1", "shrunk", ["node-0"])], [("node-0", "shrunk", ["node-1"])])
+    assert [s.step for s in report.steps] == [s.step for s in separate.steps]
+    assert report.steps[0].loss == separate.steps[0].loss
+    assert [s.loss for s in report.steps] == pytest.approx([s.loss for s in separate.steps])
+    assert [n["rank"] for n in report.traffic["nodes"]] == [0, 1]
