@@ -27,6 +27,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from core.atomic import write_bytes_atomic, write_json_atomic
+from emulator.address import _host_port
 from emulator.config import RuntimeConfig
 from memoryx.checkpoint import copy_checkpoint_dir
 from proto.rpc import TOKEN_METADATA_KEY, Security, TlsMaterial, is_loopback
