@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,12 +28,12 @@ from emulator.runtime import (
     _make_run_dir,
     _stage_resume,
     ensure_ray,
+    export_checkpoint,
     placement_options,
     run_security,
     write_client_files,
 )
 from memoryx.actor import MemoryXActor
-from memoryx.checkpoint import confined_path, copy_checkpoint_dir
 from memoryx.shard_plan import Shard
 from nodes.actor import NodeActor
 from nodes.worker import strip_parameters
@@ -104,24 +102,7 @@ class Cluster:
 
     def export_checkpoint(self, name: str, destination: str | Path) -> None:
         """Copy checkpoint ``name`` that MemoryX wrote in the run directory to ``destination``."""
-        source = confined_path(self.checkpoint_dir, name)
-        destination = Path(destination)
-        if source.is_dir():
-            copy_checkpoint_dir(source, destination)
-            return
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(
-            dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp"
-        )
-        try:
-            with open(source, "rb") as src, os.fdopen(fd, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-                dst.flush()
-                os.fsync(dst.fileno())
-            os.replace(temp, destination)
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
+        export_checkpoint(self.checkpoint_dir, name, destination)
 
     @property
     def memoryx_names(self) -> list[str]:

@@ -29,7 +29,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from core.atomic import write_bytes_atomic, write_json_atomic
 from emulator.address import _host_port
 from emulator.config import RuntimeConfig
-from memoryx.checkpoint import copy_checkpoint_dir
+from memoryx.checkpoint import confined_path, copy_checkpoint_dir
 from proto.rpc import TOKEN_METADATA_KEY, Security, TlsMaterial, is_loopback
 from proto.tls import generate_run_tls, read_tls
 
@@ -260,3 +260,25 @@ def write_client_files(
             "token_metadata_key": TOKEN_METADATA_KEY,
         },
     )
+
+
+def export_checkpoint(checkpoint_dir: Path, name: str, destination: str | Path) -> None:
+    """Copy checkpoint ``name`` that MemoryX wrote in ``checkpoint_dir`` to ``destination``."""
+    source = confined_path(checkpoint_dir, name)
+    destination = Path(destination)
+    if source.is_dir():
+        copy_checkpoint_dir(source, destination)
+        return
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(
+        dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp"
+    )
+    try:
+        with open(source, "rb") as src, os.fdopen(fd, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.replace(temp, destination)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
