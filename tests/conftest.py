@@ -29,3 +29,16 @@ def ray_session():
             )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_grpc_channels():
+    """Each test gets new channels: proto.rpc.channel keeps one per address for the life
+    of the process, and a later test's server may get a port an earlier test's server had.
+    A channel still backing off from that server's shutdown then fails at once
+    (UNAVAILABLE, connection refused) although the new server is up.
+    """
+    yield
+    from proto.rpc import channel
+
+    channel.cache_clear()
