@@ -144,14 +144,12 @@ def main(argv: list[str] | None = None) -> dict:
         clean = train(_config(args, **periodic), progress=False)
 
         # Liveness overhead: watched vs effectively unwatched, interleaved.
+        # The order alternates: a run right after another one starts on a warmer machine.
         watched, unwatched = [], []
-        for _ in range(args.overhead_repeats):
-            watched.append(_step_median(train(_config(args), progress=False)))
-            unwatched.append(
-                _step_median(
-                    train(_config(args, **{"runtime.health_interval_s": 1e6}), progress=False)
-                )
-            )
+        for repeat in range(args.overhead_repeats):
+            kinds = [(watched, {}), (unwatched, {"runtime.health_interval_s": 1e6})]
+            for times, overrides in kinds[:: 1 if repeat % 2 == 0 else -1]:
+                times.append(_step_median(train(_config(args, **overrides), progress=False)))
 
         injector = Injector(_plan(args, clean.num_layers))
         periodic["checkpoint.dir"] = os.path.join(scratch, "ck-faulted")
