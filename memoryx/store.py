@@ -218,13 +218,8 @@ class ParameterStore:
         slot = self._layer(layer)
         check_grads(layer, self.layout(layer), grads)
         with slot.lock:
-            if slot.version == step + 1:
+            if already_applied(layer, slot.version, step):
                 return False
-            if slot.version != step:
-                raise StepError(
-                    f"layer {layer} cannot take gradients of step {step}: it is at version "
-                    f"{slot.version}, so it expects step {slot.version}."
-                )
             problem = self._update(layer, step, slot, grads)
         if problem is None:
             return True
@@ -525,6 +520,19 @@ def _version_bytes(version: _Version) -> int:
 def _nonfinite(tensors: Mapping[str, Tensor]) -> list[str]:
     """Names of the tensors holding a NaN or Inf."""
     return [name for name, t in tensors.items() if not bool(torch.isfinite(t).all())]
+
+
+def already_applied(layer: int, version: int, step: int) -> bool:
+    """True if step ``step``'s gradients were applied to a layer at ``version`` (a re-run);
+    StepError if the layer is at neither that step nor the next."""
+    if version == step + 1:
+        return True
+    if version != step:
+        raise StepError(
+            f"layer {layer} cannot take gradients of step {step}: it is at version "
+            f"{version}, so it expects step {version}."
+        )
+    return False
 
 
 def check_grads(

@@ -47,6 +47,7 @@ from memoryx.store import (
     ParameterStore,
     StepError,
     _Version,
+    already_applied,
     check_grads,
     nonfinite_gradient,
 )
@@ -296,13 +297,8 @@ class TieredStore(ParameterStore):
         if problem is not None:
             return problem
         with slot.lock:
-            if slot.version == step + 1:
+            if already_applied(layer, slot.version, step):
                 return _ALREADY_APPLIED
-            if slot.version != step:
-                raise StepError(
-                    f"layer {layer} cannot take gradients of step {step}: it is at version "
-                    f"{slot.version}, so it expects step {slot.version}."
-                )
             old = slot.current
             with self._load_lock:
                 streamed = self._cache.get((index, step, WEIGHTS))

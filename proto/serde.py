@@ -141,24 +141,27 @@ def layer_header(
     )
 
 
+def chunk_fields(item: Chunk, data: bytes = b"") -> pb.TensorChunk:
+    """A chunk's protobuf message; ``data`` empty for an encoder that appends the values itself."""
+    return pb.TensorChunk(
+        layer=item.layer,
+        step=item.step,
+        name=item.name,
+        dtype=item.dtype,
+        shape=item.shape,
+        offset=item.offset,
+        tensor_bytes=item.tensor_bytes,
+        data=data,
+        encoding=item.encoding,
+        index_bytes=item.index_bytes,
+    )
+
+
 def to_wire(item: StreamItem) -> pb.LayerMessage:
     """One element of a layer stream as the protobuf message that carries it."""
     if isinstance(item, Chunk):
-        return pb.LayerMessage(
-            chunk=pb.TensorChunk(
-                layer=item.layer,
-                step=item.step,
-                name=item.name,
-                dtype=item.dtype,
-                shape=item.shape,
-                offset=item.offset,
-                tensor_bytes=item.tensor_bytes,
-                # protobuf takes bytes, not a memoryview; bytes(bytes) is no copy.
-                data=bytes(item.data),
-                encoding=item.encoding,
-                index_bytes=item.index_bytes,
-            )
-        )
+        # protobuf takes bytes, not a memoryview; bytes(bytes) is no copy.
+        return pb.LayerMessage(chunk=chunk_fields(item, bytes(item.data)))
     return pb.LayerMessage(
         header=pb.LayerHeader(
             layer=item.layer,

@@ -29,7 +29,7 @@ import grpc
 
 from proto import tensor_pb2 as pb
 from proto.domain import Chunk, Header
-from proto.serde import WireError, from_wire, to_wire
+from proto.serde import WireError, chunk_fields, from_wire, to_wire
 
 _CHUNK_KEY = 0x12  # LayerMessage field 2 (chunk), length-delimited
 _DATA_FIELD = 8  # TensorChunk.data
@@ -67,17 +67,7 @@ def encode(item: Any) -> bytes:
     if isinstance(item, Chunk):
         if item.wire is not None:
             return item.wire
-        fields = pb.TensorChunk(
-            layer=item.layer,
-            step=item.step,
-            name=item.name,
-            dtype=item.dtype,
-            shape=item.shape,
-            offset=item.offset,
-            tensor_bytes=item.tensor_bytes,
-            encoding=item.encoding,
-            index_bytes=item.index_bytes,
-        ).SerializeToString()
+        fields = chunk_fields(item).SerializeToString()
         data = item.data
         size = data.nbytes if isinstance(data, memoryview) else len(data)
         size_varint = _varint(size)
