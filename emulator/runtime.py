@@ -69,16 +69,7 @@ def ensure_ray(address: str | None, *, verbose: bool = False) -> None:
     if address is None:
         # Ray starts its processes with SIGINT blocked: a terminal's Ctrl-C (sent to the whole
         # process group) reaches only this driver, which stops the run and then the actors.
-        with ray_keeps_loopback():
-            ray.init(
-                address="local",
-                # Ray advertises loopback; its processes still listen on every interface
-                # (Ray has no switch for that), guarded by Ray's token auth (on by default).
-                _node_ip_address="127.0.0.1",
-                include_dashboard=False,
-                log_to_driver=False,
-                logging_level=level,
-            )
+        start_local_ray(logging_level=level)
         return
     target = _host_port(address)
     loopback = target is not None and is_loopback(target[0]) and not address.startswith("ray://")
@@ -99,6 +90,25 @@ def ensure_ray(address: str | None, *, verbose: bool = False) -> None:
             "Start one with `ray start --head` and pass its address (e.g. 'auto' or 'HOST:6379'), "
             "or leave the address unset to start a local Ray instance."
         ) from None
+
+
+def start_local_ray(*, logging_level: int, num_cpus: int | None = None) -> None:
+    """A fresh local Ray instance whose processes all listen on 127.0.0.1 only.
+
+    With ``_node_ip_address`` on loopback, and kept there (``ray_keeps_loopback``), Ray
+    2.60 binds its GCS, raylet, agents and every worker to 127.0.0.1 (measured with
+    ``ss -ltnp``; tests/emulator/test_runtime_integration.py checks it). Ray's token
+    authentication (on by default for a new local instance) stays on.
+    """
+    with ray_keeps_loopback():
+        ray.init(
+            address="local",  # a fresh instance, never someone else's cluster
+            _node_ip_address="127.0.0.1",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging_level,
+        )
 
 
 @contextlib.contextmanager

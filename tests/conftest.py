@@ -16,17 +16,10 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        from emulator.runtime import ray_keeps_loopback
+        from emulator.runtime import start_local_ray
 
-        with ray_keeps_loopback():
-            ray.init(
-                address="local",  # a fresh instance, never someone else's cluster
-                _node_ip_address="127.0.0.1",  # Ray advertises loopback, as emulator.launch does
-                num_cpus=2,
-                include_dashboard=False,
-                log_to_driver=False,
-                logging_level=logging.WARNING,
-            )
+        # As `wafer train` starts it: every Ray process on loopback.
+        start_local_ray(logging_level=logging.WARNING, num_cpus=2)
     yield ray
     ray.shutdown()
 
