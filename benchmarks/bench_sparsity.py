@@ -7,7 +7,12 @@ dense, the default ``param_filter``). It prints each run's median step wall
 time (first step left out), the bytes MemoryX streamed per step, the
 emulated step times, and the ratio sparse / dense of the wall time.
 
-    python benchmarks/bench_sparsity.py [--model gpt-tiny] [--steps 10] [--nodes 2]
+With ``--repeats R`` the pair runs R times, in alternating order (dense
+first, then sparse first, ...), so that a machine whose load drifts weighs on
+both alike; each repeat gives its own ratio, and the summary is their median
+and range.
+
+    python benchmarks/bench_sparsity.py [--model gpt-tiny] [--steps 10] [--nodes 2] [--repeats 5]
 
 A measurement script, not a test: it asserts nothing about time.
 """
@@ -18,10 +23,13 @@ import argparse
 import logging
 import os
 import statistics
+from pathlib import Path
 
 import ray
 
+from core.atomic import write_json_atomic
 from emulator.config import load_config
+from emulator.runtime import start_local_ray
 from emulator.train import train
 
 
@@ -40,21 +48,7 @@ def _run(model: str, steps: int, nodes: int, sparsity: float | None) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="gpt-tiny", help="gpt-tiny | gpt-text | gpt-10m")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--nodes", type=int, default=2)
-    args = parser.parse_args()
-    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    ray.init(
-        address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING
-    )
-    runs = {
-        "dense": _run(args.model, args.steps, args.nodes, None),
-        "sparsity 0.9": _run(args.model, args.steps, args.nodes, 0.9),
-    }
-    print(f"{args.model}, {args.nodes} nodes, batch 32, {args.steps} steps")
+def _table(runs: dict[str, dict]) -> None:
     print(
         f"{'run':<14} {'wall/step':>10} {'egress/step':>12} {'ingress/step':>13} {'emulated':>10}"
     )
@@ -63,8 +57,50 @@ def main() -> None:
             f"{name:<14} {r['step_s'] * 1e3:>8.1f}ms {r['egress'] / 1e3:>10.1f}KB "
             f"{r['ingress'] / 1e3:>11.1f}KB {r['emulated_s'] * 1e6:>8.2f}us"
         )
-    ratio = runs["sparsity 0.9"]["step_s"] / runs["dense"]["step_s"]
-    print(f"wall time per step, sparse / dense: {ratio:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="gpt-tiny", help="gpt-tiny | gpt-text | gpt-10m")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1, help="dense/sparse pairs, alternating")
+    parser.add_argument("--json", type=Path, help="write the runs and ratios here")
+    args = parser.parse_args()
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    start_local_ray(logging_level=logging.WARNING)
+    sparsities = {"dense": None, "sparsity 0.9": 0.9}
+    ratios, pairs = [], []
+    print(f"{args.model}, {args.nodes} nodes, batch 32, {args.steps} steps, {args.repeats} pair(s)")
+    for repeat in range(args.repeats):
+        order = list(sparsities) if repeat % 2 == 0 else list(reversed(sparsities))
+        runs = {name: _run(args.model, args.steps, args.nodes, sparsities[name]) for name in order}
+        runs = {name: runs[name] for name in sparsities}
+        if runs["dense"]["loss"] == runs["sparsity 0.9"]["loss"]:
+            print("warning: the sparse run's loss equals the dense one's; is sparsity applied?")
+        _table(runs)
+        ratio = runs["sparsity 0.9"]["step_s"] / runs["dense"]["step_s"]
+        print(f"wall time per step, sparse / dense: {ratio:.2f} (order: {' then '.join(order)})")
+        ratios.append(ratio)
+        pairs.append(runs)
+    if args.repeats > 1:
+        print(
+            f"sparse / dense over {args.repeats} pairs: median {statistics.median(ratios):.2f}, "
+            f"range {min(ratios):.2f}-{max(ratios):.2f}, "
+            f"{sum(r <= 1.0 for r in ratios)} of {args.repeats} at or below 1"
+        )
+    if args.json:
+        write_json_atomic(
+            args.json,
+            {
+                "model": args.model,
+                "nodes": args.nodes,
+                "steps": args.steps,
+                "pairs": pairs,
+                "ratios": ratios,
+                "median_ratio": statistics.median(ratios),
+            },
+        )
     ray.shutdown()
 
 
