@@ -34,6 +34,7 @@ from emulator.cost.stats import predict
 from emulator.cost.timeline import Event
 from emulator.emulated import EmulatedStep, emulate
 from proto.serde import WIRE_DTYPES, wider_dtype
+from swarmx.tree import TreeNode, node_name
 
 
 def check_mixable(config: ClusterConfig, layers: list[nn.Module]) -> list[list[nn.Module]]:
@@ -309,6 +310,27 @@ def emulate_groups(
     return GroupedStep(groups=tuple(steps))
 
 
+def subtree_dtypes(tree: list[TreeNode], node_dtypes: list[str]) -> dict[str, str]:
+    """Weights' dtype into every SwarmX node and compute node, when the nodes differ; else {}.
+
+    A SwarmX node takes the wider dtype of its subtree (fp32 where it mixes) and rounds it
+    per child on the way down, so each node gets what MemoryX would have sent it alone.
+    """
+    if len(set(node_dtypes)) <= 1:
+        return {}
+    dtypes = {node_name(rank): dtype for rank, dtype in enumerate(node_dtypes)}
+    children = {t.name: t.children for t in tree}
+
+    def of(name: str) -> str:
+        if name not in dtypes:
+            dtypes[name] = wider_dtype([of(c) for c in children[name]])
+        return dtypes[name]
+
+    for t in tree:
+        of(t.name)
+    return dtypes
+
+
 __all__ = [
     "GroupStep",
     "GroupedStep",
@@ -318,4 +340,5 @@ __all__ = [
     "group_times",
     "node_spans",
     "split_batch",
+    "subtree_dtypes",
 ]

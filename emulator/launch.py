@@ -21,6 +21,7 @@ from torch import nn
 
 from core.data import DataConfig, Dataset
 from emulator.config import ClusterConfig
+from emulator.groups import subtree_dtypes
 from emulator.host import ComponentHost, launch_phases, plan_hosts, resolve_nodes_per_process
 from emulator.runtime import (
     CHECKPOINT_DIR,
@@ -38,7 +39,6 @@ from memoryx.shard_plan import Shard
 from nodes.actor import NodeActor
 from nodes.worker import strip_parameters
 from proto.rpc import Security
-from proto.serde import wider_dtype
 from swarmx.actor import SwarmXActor
 from swarmx.tree import TreeNode, node_name
 
@@ -84,6 +84,8 @@ class Cluster:
     spare: ray.actor.ActorHandle | None = None
     #: Ray options of each component's process (its placement-group bundle), by name.
     host_options: dict[str, dict] = field(default_factory=dict, repr=False)
+    #: The process id (on its own machine) of each component's process, by name.
+    process_ids: dict[str, int] = field(default_factory=dict)
     #: Emulated compute or SwarmX nodes per process (``runtime.nodes_per_process``).
     nodes_per_process: int = 1
     #: Seconds from the call of ``launch`` until every component served and was wired.
@@ -230,9 +232,11 @@ class Cluster:
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
                 ray.kill(handle, no_restart=True)
                 raise RuntimeError(f"the replacement of {name} failed to start: {exc}") from exc
+        pid = ray.get(handle.pid.remote(), timeout=START_TIMEOUT_S)
         rewire: dict[str, None] = {}  # ordered, once each
         for m in members:
             self.host_of[m], self.component_addresses[m] = handle, addresses[m]
+            self.process_ids[m] = pid
             if self.is_memoryx(m):
                 rewire[self.tree[-1].name] = None
             elif m in self.node_names:
@@ -307,6 +311,7 @@ class Cluster:
         for name in names:
             handle = self.host_of.pop(name)
             del self.component_addresses[name]
+            self.process_ids.pop(name, None)
             by_process.setdefault(id(handle), (handle, []))[1].append(name)
         for handle, gone in by_process.values():
             if any(h is handle for h in self.host_of.values()):
@@ -315,13 +320,13 @@ class Cluster:
                 ray.kill(handle, no_restart=True)
 
     def pids(self) -> dict[str, list[int]]:
-        """Process ids (on their own machines) of the MemoryX servers and the other hosts."""
-        processes = self.processes
-        pids = ray.get([h.pid.remote() for h in processes], timeout=START_TIMEOUT_S)
-        servers = {id(h) for h in self.memoryx_servers}
+        """Process ids (on their own machines) of the MemoryX servers and the other hosts,
+        each once; replacements included (no RPC: ``process_ids`` is kept up to date)."""
+        process_ids = self.process_ids.copy()  # atomic: restart may update it meanwhile
+        memoryx = {pid for name, pid in process_ids.items() if self.is_memoryx(name)}
         return {
-            "memoryx": [p for h, p in zip(processes, pids, strict=True) if id(h) in servers],
-            "hosts": [p for h, p in zip(processes, pids, strict=True) if id(h) not in servers],
+            "memoryx": sorted(memoryx),
+            "hosts": sorted(set(process_ids.values()) - memoryx),
         }
 
     def placement(self) -> dict:
@@ -379,27 +384,6 @@ def memoryx_name(server: int) -> str:
 
 def _remote(cls: type):
     return ray.remote(**_ACTOR_OPTIONS)(cls)
-
-
-def subtree_dtypes(tree: list[TreeNode], node_dtypes: list[str]) -> dict[str, str]:
-    """Weights' dtype into every SwarmX node and compute node, when the nodes differ; else {}.
-
-    A SwarmX node takes the wider dtype of its subtree (fp32 where it mixes) and rounds it
-    per child on the way down, so each node gets what MemoryX would have sent it alone.
-    """
-    if len(set(node_dtypes)) <= 1:
-        return {}
-    dtypes = {node_name(rank): dtype for rank, dtype in enumerate(node_dtypes)}
-    children = {t.name: t.children for t in tree}
-
-    def of(name: str) -> str:
-        if name not in dtypes:
-            dtypes[name] = wider_dtype([of(c) for c in children[name]])
-        return dtypes[name]
-
-    for t in tree:
-        of(t.name)
-    return dtypes
 
 
 def launch(
@@ -555,6 +539,9 @@ def launch(
         placement_group=group,
         _temporary_run_dir=temporary,
     )
+    pids = ray.get([h.pid.remote() for h in hosts], timeout=START_TIMEOUT_S)
+    pid_of = {id(h): pid for h, pid in zip(hosts, pids, strict=True)}
+    cluster.process_ids = {name: pid_of[id(h)] for name, h in host_of.items()}
     ray.get([cluster._connect(n) for n in specs if not cluster.is_memoryx(n)])
     cluster.launch_time_s = time.perf_counter() - launch_started
     cluster.launch_phases = launch_phases(

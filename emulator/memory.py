@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -53,25 +54,32 @@ def process_age_s() -> float | None:
 
 
 class MemorySampler:
-    """Samples the summed RSS of ``pids`` every ``interval_s`` in a thread; keeps the peak.
+    """Samples the summed RSS of groups of pids every ``interval_s`` in a thread; keeps the peak.
 
-    ``groups`` names subsets of the pids (e.g. ``{"driver": [..], "actors": [..]}``);
-    each group's peak of its own sum is kept too.
+    ``groups`` names subsets of the pids (e.g. ``{"driver": [..], "actors": [..]}``), or is
+    a function that returns them, asked at every sample: a process that replaced a lost one
+    is then sampled from its start (the lost one reads 0 once gone). Each group's peak of
+    its own sum is kept too.
     """
 
-    def __init__(self, groups: dict[str, list[int]], *, interval_s: float = 0.25):
-        self.groups = groups
+    def __init__(
+        self,
+        groups: dict[str, list[int]] | Callable[[], dict[str, list[int]]],
+        *,
+        interval_s: float = 0.25,
+    ):
+        self.groups = groups if callable(groups) else (lambda: groups)
         self.interval_s = interval_s
         self.peak_bytes = 0
-        self.peak_by_group = dict.fromkeys(groups, 0)
+        self.peak_by_group = dict.fromkeys(self.groups(), 0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="memory-sampler", daemon=True)
 
     def sample(self) -> None:
-        by_group = {name: sum(rss_bytes(p) for p in pids) for name, pids in self.groups.items()}
+        by_group = {name: sum(rss_bytes(p) for p in pids) for name, pids in self.groups().items()}
         self.peak_bytes = max(self.peak_bytes, sum(by_group.values()))
         for name, value in by_group.items():
-            self.peak_by_group[name] = max(self.peak_by_group[name], value)
+            self.peak_by_group[name] = max(self.peak_by_group.get(name, 0), value)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -95,13 +103,14 @@ class RuntimeWatch:
     Memory is resident (RSS) bytes read on the driver's machine, summed over the driver,
     MemoryX and the host processes (a process on another machine counts 0); per emulated
     node is the hosts' peak over the compute and SwarmX nodes they run. A process that
-    replaced a lost one is not sampled.
+    replaced a lost one is sampled from then on (``Cluster.pids`` follows replacements).
     """
 
     def __init__(self, cluster: Cluster, started_s: float):
         self.cluster = cluster
         self.started_s = started_s
-        self.sampler = MemorySampler({"driver": [os.getpid()], **cluster.pids()})
+        driver = [os.getpid()]
+        self.sampler = MemorySampler(lambda: {"driver": driver, **cluster.pids()})
         self.sampler.__enter__()
         self.placement = cluster.placement()
         self._steps_started_s: float | None = None

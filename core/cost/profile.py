@@ -1,7 +1,9 @@
 """Layer profiles of torch blocks: FLOPs counted by torch, nothing computed.
 
 This is how the zoo's small models and a functional run's model get a
-``Workload``: each block of the chain is one streamed layer.
+``Workload``: each block of the chain is one streamed layer. A block of standard
+layers is counted from its shapes (``core.cost.flops``, the same figures without
+torch's slow first meta computation); any other block by ``FlopCounterMode``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from core.cost.flops import analytic_block
 from core.cost.workload import LayerProfile, Matmul, OpticalPass, Workload
 from core.precision import Precision, precision_format
 
@@ -35,7 +38,21 @@ def block_flops(
     not a recomputed forward. This is the one FLOP convention of the project:
     compute nodes count their layers with it too, so a functional run and
     ``wafer simulate`` see the same workload by construction.
+
+    A block of standard layers is counted from shapes (``core.cost.flops``);
+    ``counted_flops`` is the ``FlopCounterMode`` count, which is the reference.
     """
+    known = analytic_block(block, tuple(x.shape), x.dtype, differentiate_input=differentiate_input)
+    if known is not None:
+        y = torch.empty(known.output_shape, dtype=known.output_dtype, device="meta")
+        return float(known.forward_flops), float(known.backward_flops), y
+    return counted_flops(block, x, differentiate_input=differentiate_input)
+
+
+def counted_flops(
+    block: torch.nn.Module, x: torch.Tensor, *, differentiate_input: bool
+) -> tuple[float, float, torch.Tensor]:
+    """``block_flops`` as ``FlopCounterMode`` counts it on meta tensors (for any block)."""
     state = _meta_state(block)
     params = [t for t in state.values() if t.requires_grad]
     x_in = x.detach().to("meta").requires_grad_(differentiate_input and x.is_floating_point())
@@ -76,6 +93,14 @@ def block_matmuls(block: torch.nn.Module, x: torch.Tensor) -> tuple[Matmul, ...]
     The vectors through a matrix are its input's elements over the matrix
     width (tokens for a Linear on a sequence, output pixels for a conv).
     """
+    known = analytic_block(block, tuple(x.shape), x.dtype, differentiate_input=False)
+    if known is not None:
+        return known.matmuls(x.shape[0])
+    return hooked_matmuls(block, x)
+
+
+def hooked_matmuls(block: torch.nn.Module, x: torch.Tensor) -> tuple[Matmul, ...]:
+    """``block_matmuls`` found by forward hooks on a meta forward pass (for any block)."""
     found: list[Matmul] = []
     num_samples = x.shape[0]
 
@@ -158,4 +183,11 @@ def profile_modules(
     )
 
 
-__all__ = ["block_flops", "block_matmuls", "block_optical_passes", "profile_modules"]
+__all__ = [
+    "block_flops",
+    "block_matmuls",
+    "block_optical_passes",
+    "counted_flops",
+    "hooked_matmuls",
+    "profile_modules",
+]

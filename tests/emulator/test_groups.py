@@ -18,8 +18,8 @@ from emulator.groups import (
     node_spans,
     split_batch,
     stream_dtype,
+    subtree_dtypes,
 )
-from emulator.launch import subtree_dtypes
 from emulator.zoo import model_blocks
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -118,3 +120,30 @@ def test_memory_of_this_process_is_read_and_its_peak_kept():
         ballast[::4096] = b"x" * len(ballast[::4096])
     assert sampler.peak_by_group["me"] >= 64 * MB
     assert sampler.peak_bytes == sampler.peak_by_group["me"]
+
+
+def test_sampler_follows_a_process_that_replaced_a_lost_one():
+    # The cluster's pid list changes when a lost process is replaced (Cluster.pids); the
+    # sampler asks for it at every sample, so the replacement's memory is counted.
+    code = (
+        "import sys, time; ballast = bytearray(int(sys.argv[1])); "
+        "ballast[::4096] = b'x' * len(ballast[::4096]); print(flush=True); time.sleep(60)"
+    )
+    small = subprocess.Popen([sys.executable, "-c", code, "0"], stdout=subprocess.PIPE)
+    large = subprocess.Popen([sys.executable, "-c", code, str(96 * MB)], stdout=subprocess.PIPE)
+    try:
+        for process in (small, large):
+            process.stdout.readline()  # its ballast is resident
+        current = {"hosts": [small.pid]}
+        sampler = MemorySampler(lambda: dict(current), interval_s=60)
+        sampler.sample()
+        assert 0 < sampler.peak_by_group["hosts"] < 96 * MB
+        small.kill()
+        small.wait()
+        current["hosts"] = [large.pid]  # the replacement
+        sampler.sample()
+        assert sampler.peak_by_group["hosts"] >= 96 * MB
+    finally:
+        for process in (small, large):
+            process.kill()
+            process.wait()

@@ -63,9 +63,20 @@ def test_killed_process_of_two_nodes_is_replaced_bit_identically(separate):
     # SIGKILL of node-1's process mid-forward takes node-0 with it; both come back in one
     # new process, are rewired to their SwarmX parent, and the step runs again.
     chaos = Chaos("node-1", (1, 1, "forward"), "SIGKILL")
-    report = train(_config(2), progress=False, fault=chaos, on_launch=chaos.bind)
+    launched = {}
+
+    def on_launch(cluster):
+        launched["pids"] = dict(cluster.process_ids)
+        chaos.bind(cluster)
+
+    report = train(_config(2), progress=False, fault=chaos, on_launch=on_launch)
     assert chaos.hit
     _assert_identical(report, separate)
+    # The replacement's pid is what the memory sampler reads from then on (Cluster.pids).
+    now = chaos.cluster.process_ids
+    assert now["node-0"] == now["node-1"] != launched["pids"]["node-1"]
+    assert now["node-1"] in chaos.cluster.pids()["hosts"]
+    assert launched["pids"]["node-1"] not in chaos.cluster.pids()["hosts"]
     assert [f["component"] for f in report.faults] in (["node-1"], ["node-0"])
     assert report.faults[0]["same_process"] == (
         ["node-0"] if report.faults[0]["component"] == "node-1" else ["node-1"]
