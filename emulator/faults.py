@@ -223,9 +223,16 @@ class Supervisor:
         still reaches the process means an overloaded machine, not a lost component.
         """
         timeout_s = self.runtime.health_timeout_s
+        # One component per process: the process is the fault unit (a lost member is a
+        # lost process), so a probe costs RPCs per process, not per emulated node; with
+        # many nodes to a process and passes that take longer the more nodes there are,
+        # probing them all would make the probes of a step grow as N squared.
+        probed: dict[int, tuple[str, str]] = {}
+        for name, address in self.cluster.addresses.items():
+            probed.setdefault(id(self.cluster.handle(name)), (name, address))
         pending = {
             name: HealthClient(address, self.cluster.security).start_check(timeout_s)
-            for name, address in self.cluster.addresses.items()
+            for name, address in probed.values()
         }
         problems = {name: p.problem() for name, p in pending.items()}
         lost = {}

@@ -53,6 +53,49 @@ def process_age_s() -> float | None:
     return uptime_s - start_ticks / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of process ``pid`` so far, s (0 if it cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # Fields 14 and 15 (after the parenthesised command name): utime, stime in ticks.
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (children, theirs, ...) on this machine."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return []
+    for entry in entries:
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
+def cpu_split() -> dict[str, float]:
+    """CPU seconds so far of this process (the driver: its imports included) and of the
+    processes below it (a local Ray: its own services and the actor processes)."""
+    times = os.times()
+    return {
+        "driver_s": times.user + times.system,
+        "ray_and_actors_s": sum(cpu_seconds(p) for p in descendants(os.getpid())),
+    }
+
+
 class MemorySampler:
     """Samples the summed RSS of groups of pids every ``interval_s`` in a thread; keeps the peak.
 
@@ -115,9 +158,28 @@ class RuntimeWatch:
         self.placement = cluster.placement()
         self._steps_started_s: float | None = None
         self._steps_started_age_s: float | None = None
+        self._first_step_cpu_s: dict[str, float] | None = None
+        self._last_step_cpu_s: dict[str, float] = {}
+        self._num_later_steps = 0
 
     def steps_started(self) -> None:
         self._steps_started_s, self._steps_started_age_s = time.perf_counter(), process_age_s()
+
+    def step_done(self) -> None:
+        """Note the CPU time spent so far, after each training step: to the first step, and
+        per step after it. CPU seconds are what a busy machine inflates least."""
+        now = cpu_split()
+        if self._first_step_cpu_s is None:
+            self._first_step_cpu_s = now
+        else:
+            self._num_later_steps += 1
+            self._last_step_cpu_s = now
+
+    def _cpu_per_later_step(self) -> dict[str, float] | None:
+        if not self._num_later_steps:
+            return None
+        first, last = self._first_step_cpu_s, self._last_step_cpu_s
+        return {k: (last[k] - first[k]) / self._num_later_steps for k in first}
 
     def stop(self) -> None:
         if self.sampler._thread.is_alive():
@@ -140,6 +202,12 @@ class RuntimeWatch:
             # Ray start and imports included) to the end of the first step.
             "time_to_first_step_s": first_s,
             "first_step_since_process_start_s": first_age_s,
+            # CPU seconds to the end of the first step: the driver's (from its start) and
+            # those of the processes it started (a local Ray's services and the actors).
+            "first_step_cpu_s": self._first_step_cpu_s,
+            # ... and per training step after the first (a process replaced meanwhile
+            # takes its predecessor's CPU time with it: then this undercounts).
+            "cpu_per_step_s": self._cpu_per_later_step(),
             "nodes_per_process": cluster.nodes_per_process,
             "num_processes": len(cluster.processes),
             "num_emulated_nodes": num_emulated,

@@ -300,7 +300,9 @@ def train(
             first = coordinator.start_step
             watch.steps_started()
             coordinator.checkpoints.write_run_info(first + config.num_steps, config.seed)
-            halt, weights = _run_steps(config, coordinator, first, evals, progress, stop)
+            halt, weights = _run_steps(
+                config, coordinator, first, evals, progress, stop, watch.step_done
+            )
             if halt is None:
                 if config.save_checkpoint:
                     coordinator.save_checkpoint(os.path.abspath(config.save_checkpoint))
@@ -420,8 +422,10 @@ def _run_steps(
     evals: list[EvalRecord],
     progress: bool,
     stop: StopSignals | None,
+    after_step: Callable[[], None] | None = None,
 ) -> tuple[_Halt | None, list | None]:
     """The training steps, the final eval and weights; or a ``_Halt`` at a step boundary.
+    ``after_step`` is called after each training step.
 
     A MemoryX that came back from a checkpoint (``Rewind``) runs the steps since again.
     """
@@ -446,6 +450,8 @@ def _run_steps(
                             reason="nonfinite", message=str(exc), exit_status=ERROR_EXIT_STATUS
                         )
                         return halt, None
+                    if after_step is not None:
+                        after_step()
                     coordinator.periodic_checkpoint(step, first)
                     if (
                         config.eval_every

@@ -6,8 +6,15 @@ import json
 
 import pytest
 
+from emulator import faults
 from emulator.config import load_config
-from emulator.faults import CheckpointDir, checkpoint_step, deadlines, newest_checkpoint
+from emulator.faults import (
+    CheckpointDir,
+    Supervisor,
+    checkpoint_step,
+    deadlines,
+    newest_checkpoint,
+)
 from emulator.train import resolve_resume
 
 
@@ -117,3 +124,41 @@ def test_cli_prints_one_paragraph_keeps_the_report_and_exits_1(tmp_path, monkeyp
     assert err.count("\n") == 1 and "Traceback" not in err
     assert "node-1" in err and "step 2" in err and "step-00000002.pt" in err
     assert json.loads(report.read_text())["steps"] == [{"step": 0}, {"step": 1}]
+
+
+def test_a_probe_asks_one_component_per_process(monkeypatch):
+    # The process is the fault unit: with many nodes to a process, a probe costs an RPC per
+    # process, not per node (else the probes of a step would grow as N squared).
+    asked = []
+
+    class Health:
+        def __init__(self, address, security):
+            self.address = address
+
+        def start_check(self, timeout_s):
+            asked.append(self.address)
+            return self
+
+        def problem(self):
+            return "health check failed: UNAVAILABLE" if self.address == "n:1" else None
+
+    class Cluster:
+        security = None
+        processes = {"memoryx": object(), "node-0": object()}
+        processes["node-1"] = processes["node-2"] = processes["node-0"]
+        processes["swarmx-0-0"] = processes["swarmx-0-1"] = object()
+        addresses = {name: f"{name[0]}:{i}" for i, name in enumerate(processes)}
+
+        def handle(self, name):
+            return self.processes[name]
+
+    monkeypatch.setattr(faults, "HealthClient", Health)
+    monkeypatch.setattr(Supervisor, "_ray_verdict", lambda self, name: "Ray reports it dead")
+    config = load_config()
+    supervisor = Supervisor(
+        cluster=Cluster(), runtime=config.runtime, checkpoints=CheckpointDir(config.checkpoint)
+    )
+    problems = supervisor.probe()
+    assert asked == ["m:0", "n:1", "s:4"]
+    # The member asked names the lost process (recover replaces every member with it).
+    assert problems == {"node-0": "health check failed: UNAVAILABLE; Ray reports it dead"}
