@@ -96,13 +96,16 @@ def run(nodes: int, args: argparse.Namespace) -> dict:
     }
 
 
-def growth(rows: list[dict]) -> dict:
-    """How wall time per step grows with N, against linear growth (exponent 1)."""
-    base = rows[0]
-    points = [(r["nodes"], r["wall_step_time_s"]) for r in rows]
-    over_linear = [
-        (wall / base["wall_step_time_s"]) / (nodes / base["nodes"]) for nodes, wall in points
-    ]
+def cpu_per_step_s(row: dict) -> float:
+    """CPU seconds per step after the first, of the driver, MemoryX and the hosts together."""
+    return sum(row["cpu_per_step_s"].values())
+
+
+def growth(rows: list[dict], value=lambda row: row["wall_step_time_s"]) -> dict:
+    """How ``value`` (wall time per step) grows with N, against linear growth (exponent 1)."""
+    points = [(r["nodes"], value(r)) for r in rows]
+    n0, w0 = points[0]
+    over_linear = [(wall / w0) / (nodes / n0) for nodes, wall in points]
     local = [
         math.log(w2 / w1) / math.log(n2 / n1)
         for (n1, w1), (n2, w2) in zip(points, points[1:], strict=False)
@@ -142,7 +145,8 @@ def main() -> None:
     rows = []
     header = (
         f"{'N':>4} {'SwarmX':>6} {'procs':>5} {'per':>4} {'1st step':>9} {'launch':>7} "
-        f"{'peak RSS':>9} {'RSS/node':>9} {'wall/step':>10} {'vs linear':>9} {'slope':>6}"
+        f"{'peak RSS':>9} {'RSS/node':>9} {'wall/step':>10} {'vs linear':>9} {'slope':>6} "
+        f"{'CPU/step':>9} {'vs linear':>9}"
     )
     started_load = os.getloadavg()
     print(
@@ -159,25 +163,34 @@ def main() -> None:
             break
         grown = growth(rows)
         slope = grown["local_slopes"][-1]
+        cpu_grown = growth(rows, cpu_per_step_s)
         print(
             f"{nodes:>4} {row['num_swarmx_nodes']:>6} {row['num_processes']:>5} "
             f"{row['nodes_per_process']:>4} {row['first_step_since_command_s']:>8.1f}s "
             f"{row['launch_time_s']:>6.1f}s {row['peak_memory_bytes'] / 1024**3:>8.2f}G "
             f"{row['memory_per_emulated_node_bytes'] / 1024**2:>8.1f}M "
             f"{1000 * row['wall_step_time_s']:>8.0f}ms {grown['over_linear'][-1]:>9.2f} "
-            f"{'-' if slope is None else f'{slope:.2f}':>6}",
+            f"{'-' if slope is None else f'{slope:.2f}':>6} "
+            f"{1000 * cpu_per_step_s(row):>7.0f}ms {cpu_grown['over_linear'][-1]:>9.2f}",
             flush=True,
         )
         if args.json:
             Path(args.json).write_text(
-                json.dumps({"load": os.getloadavg(), "rows": rows, "growth": grown})
+                json.dumps(
+                    {
+                        "load": os.getloadavg(),
+                        "rows": rows,
+                        "growth": grown,
+                        "cpu_growth": cpu_grown,
+                    }
+                )
             )
     done = [r for r in rows if "error" not in r]
     load = os.getloadavg()
     print(f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} at the end")
     print(
         "launch phases, s (Ray start, processes up, components serving, wiring); CPU s to the "
-        "first step (driver, Ray + actors) and per later step (driver, Ray + actors):"
+        "first step (driver, Ray + actors) and per later step (driver, MemoryX + hosts):"
     )
     for row in done:
         phases = row["launch_phases"]
@@ -186,19 +199,23 @@ def main() -> None:
             f"{row['nodes']:>4} ray {phases['ray_s']:.1f}  processes {phases['processes_up_s']:.1f}"
             f"  components {phases['components_s']:.1f}  wiring {phases['wiring_s']:.2f}"
             f"  | cpu to 1st step {_cpu(first, 'driver_s')} + {_cpu(first, 'ray_and_actors_s')}"
-            f"  | cpu/step {_cpu(per_step, 'driver_s')} + {_cpu(per_step, 'ray_and_actors_s')}"
+            f"  | cpu/step {_cpu(per_step, 'driver_s')} + {_cpu(per_step, 'actors_s')}"
         )
     if len(done) > 1:
-        grown = growth(done)
-        worst = max(range(len(done)), key=lambda i: grown["over_linear"][i])
-        at_most_linear = grown["over_linear"][worst] <= 1.0
-        print(
-            f"wall time per step from N={done[0]['nodes']} to N={done[-1]['nodes']}: "
-            f"least-squares log-log slope {grown['slope']:.2f} (1 = linear); largest "
-            f"(wall(N)/wall(N0))/(N/N0) = {grown['over_linear'][worst]:.2f} at "
-            f"N={done[worst]['nodes']}: growth is "
-            + ("at most linear." if at_most_linear else "FASTER than linear there.")
-        )
+        for what, value in (
+            ("wall time per step", lambda row: row["wall_step_time_s"]),
+            ("CPU time per step", cpu_per_step_s),
+        ):
+            grown = growth(done, value)
+            worst = max(range(len(done)), key=lambda i: grown["over_linear"][i])
+            at_most_linear = grown["over_linear"][worst] <= 1.0
+            print(
+                f"{what} from N={done[0]['nodes']} to N={done[-1]['nodes']}: "
+                f"least-squares log-log slope {grown['slope']:.2f} (1 = linear); largest "
+                f"({what[:4]}(N)/{what[:4]}(N0))/(N/N0) = {grown['over_linear'][worst]:.2f} at "
+                f"N={done[worst]['nodes']}: growth is "
+                + ("at most linear." if at_most_linear else "FASTER than linear there.")
+            )
 
 
 if __name__ == "__main__":

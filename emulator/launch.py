@@ -80,8 +80,11 @@ class Cluster:
     node_names: list[str] = field(default_factory=list)
     #: Weights' dtype into each SwarmX and compute node of a mixed-precision tree ({}: one).
     wire_dtypes: dict[str, str] = field(default_factory=dict)
-    #: A warm ``ComponentHost`` that the next replacement starts in (None: none kept).
+    #: A warm ``ComponentHost`` that the next replacement starts in (None: none kept, or
+    #: not started yet: ``start_spare``).
     spare: ray.actor.ActorHandle | None = None
+    #: ``runtime.spare_actor``: keep a spare once ``start_spare`` is called.
+    spare_wanted: bool = False
     #: Ray options of each component's process (its placement-group bundle), by name.
     host_options: dict[str, dict] = field(default_factory=dict, repr=False)
     #: The process id (on its own machine) of each component's process, by name.
@@ -191,6 +194,13 @@ class Cluster:
                     (address, [(p.key, p.name, p.shape, p.start, p.stop) for p in pieces])
                 )
         return split
+
+    def start_spare(self) -> None:
+        """Start the warm spare, if the run keeps one and it is not up yet. Called after the
+        first step: a process's start costs seconds of CPU, which the launch and the first
+        step would otherwise share with it."""
+        if self.spare_wanted and self.spare is None and not self._stopped:
+            self.spare = _remote(ComponentHost).remote()
 
     def handle(self, name: str) -> ray.actor.ActorHandle:
         """The process (a ``ComponentHost`` actor) that runs component ``name``."""
@@ -530,8 +540,8 @@ def launch(
         specs=specs,
         node_names=node_names,
         wire_dtypes=subtree_dtypes(tree, [b.wire_dtype for b in backends]),
-        # Started now, warm by the time a component is lost.
-        spare=_remote(ComponentHost).remote() if config.runtime.spare_actor else None,
+        # The spare starts after the first step (train), warm by the time a component is lost.
+        spare_wanted=config.runtime.spare_actor,
         # A replacement goes to its process's bundle (no placement: wherever Ray puts it).
         host_options=host_options if group is not None else {},
         nodes_per_process=per_process,

@@ -159,6 +159,7 @@ class RuntimeWatch:
         self._steps_started_s: float | None = None
         self._steps_started_age_s: float | None = None
         self._first_step_cpu_s: dict[str, float] | None = None
+        self._step_cpu_s: dict[str, float] | None = None
         self._last_step_cpu_s: dict[str, float] = {}
         self._num_later_steps = 0
 
@@ -168,9 +169,16 @@ class RuntimeWatch:
     def step_done(self) -> None:
         """Note the CPU time spent so far, after each training step: to the first step, and
         per step after it. CPU seconds are what a busy machine inflates least."""
-        now = cpu_split()
         if self._first_step_cpu_s is None:
-            self._first_step_cpu_s = now
+            self._first_step_cpu_s = cpu_split()
+        # Per step: the driver, MemoryX and the hosts (not Ray's services or the spare).
+        pids = self.cluster.pids()
+        now = {
+            "driver_s": cpu_seconds(os.getpid()),
+            "actors_s": sum(cpu_seconds(p) for p in pids["memoryx"] + pids["hosts"]),
+        }
+        if self._step_cpu_s is None:
+            self._step_cpu_s = now
         else:
             self._num_later_steps += 1
             self._last_step_cpu_s = now
@@ -178,7 +186,7 @@ class RuntimeWatch:
     def _cpu_per_later_step(self) -> dict[str, float] | None:
         if not self._num_later_steps:
             return None
-        first, last = self._first_step_cpu_s, self._last_step_cpu_s
+        first, last = self._step_cpu_s, self._last_step_cpu_s
         return {k: (last[k] - first[k]) / self._num_later_steps for k in first}
 
     def stop(self) -> None:
@@ -205,8 +213,8 @@ class RuntimeWatch:
             # CPU seconds to the end of the first step: the driver's (from its start) and
             # those of the processes it started (a local Ray's services and the actors).
             "first_step_cpu_s": self._first_step_cpu_s,
-            # ... and per training step after the first (a process replaced meanwhile
-            # takes its predecessor's CPU time with it: then this undercounts).
+            # ... and per training step after the first, of the driver and of MemoryX and the
+            # hosts (a process replaced meanwhile takes its CPU time with it: then this is off).
             "cpu_per_step_s": self._cpu_per_later_step(),
             "nodes_per_process": cluster.nodes_per_process,
             "num_processes": len(cluster.processes),

@@ -11,7 +11,6 @@ reads to call the services of a running cluster.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -19,7 +18,6 @@ import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import ray
@@ -27,8 +25,10 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from core.atomic import write_bytes_atomic, write_json_atomic
+from emulator import early_ray
 from emulator.address import _host_port
 from emulator.config import RuntimeConfig
+from emulator.early_ray import ray_keeps_loopback, start_local_ray
 from memoryx.checkpoint import confined_path, copy_checkpoint_dir
 from proto.rpc import TOKEN_METADATA_KEY, Security, TlsMaterial, is_loopback
 from proto.tls import generate_run_tls, read_tls
@@ -59,12 +59,17 @@ def check_bind_host(runtime: RuntimeConfig) -> None:
 
 
 def ensure_ray(address: str | None, *, verbose: bool = False) -> None:
-    """Start (or join) Ray; its warnings reach the user's output only when ``verbose``."""
+    """Start (or join) Ray; its warnings reach the user's output only when ``verbose``.
+
+    A local Ray that the console script started early (``emulator.early_ray``) is kept.
+    """
     if ray.is_initialized():
-        return
+        if not (early_ray.started() and address is not None):
+            return
+        ray.shutdown()  # started for a local run, but the config names a cluster
+    elif address is None and early_ray.failure() is not None:
+        raise early_ray.failure()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    # Ray's start-up warnings (token authentication, /dev/shm size, ...) are about the
-    # machine, not the run; the actors' own output goes to Ray's log files.
     level = logging.WARNING if verbose else logging.ERROR
     if address is None:
         # Ray starts its processes with SIGINT blocked: a terminal's Ctrl-C (sent to the whole
@@ -90,46 +95,6 @@ def ensure_ray(address: str | None, *, verbose: bool = False) -> None:
             "Start one with `ray start --head` and pass its address (e.g. 'auto' or 'HOST:6379'), "
             "or leave the address unset to start a local Ray instance."
         ) from None
-
-
-def start_local_ray(*, logging_level: int, num_cpus: int | None = None) -> None:
-    """A fresh local Ray instance whose processes all listen on 127.0.0.1 only.
-
-    With ``_node_ip_address`` on loopback, and kept there (``ray_keeps_loopback``), Ray
-    2.60 binds its GCS, raylet, agents and every worker to 127.0.0.1 (measured with
-    ``ss -ltnp``; tests/emulator/test_runtime_integration.py checks it). Ray's token
-    authentication (on by default for a new local instance) stays on.
-    """
-    with ray_keeps_loopback():
-        ray.init(
-            address="local",  # a fresh instance, never someone else's cluster
-            _node_ip_address="127.0.0.1",
-            num_cpus=num_cpus,
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level=logging_level,
-        )
-
-
-@contextlib.contextmanager
-def ray_keeps_loopback() -> Iterator[None]:
-    """While Ray starts or joins on 127.0.0.1, keep it there.
-
-    Ray rewrites a loopback address (a cluster's, or ``_node_ip_address``) to the
-    machine's routable one before it starts or connects, unless it believes it runs on a
-    single machine (``ray_constants.ENABLE_RAY_CLUSTER``, read at each rewrite). Joining a
-    loopback-only cluster (``ray start --node-ip-address 127.0.0.1``) it would then seek
-    the GCS where nothing serves and hang, and a local instance would advertise the
-    routable address. Afterwards the driver's node answers Ray's address questions.
-    """
-    from ray._private import ray_constants
-
-    enabled = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = enabled
 
 
 #: CPU of one placement-group bundle (one host process): Ray needs a non-zero resource

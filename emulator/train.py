@@ -300,8 +300,13 @@ def train(
             first = coordinator.start_step
             watch.steps_started()
             coordinator.checkpoints.write_run_info(first + config.num_steps, config.seed)
+
+            def after_step() -> None:
+                watch.step_done()
+                cluster.start_spare()  # not before: its start would slow the first step
+
             halt, weights = _run_steps(
-                config, coordinator, first, evals, progress, stop, watch.step_done
+                config, coordinator, first, evals, progress, stop, after_step
             )
             if halt is None:
                 if config.save_checkpoint:

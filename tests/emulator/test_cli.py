@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "GRPC_VERBOSITY": "ERROR", "PYTHONPATH": str(REPO)}
+# WAFER_EARLY_RAY=0: most of these commands are refused, and would start Ray only to exit.
+ENV = {**os.environ, "GRPC_VERBOSITY": "ERROR", "PYTHONPATH": str(REPO), "WAFER_EARLY_RAY": "0"}
 
 
 def wafer(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
