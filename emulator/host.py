@@ -31,7 +31,7 @@ DEFAULT_PROCESS_BYTES = 300 * 1024**2
 #: emulator's processes take (the rest: the nodes' own data and the driver).
 AUTO_MEMORY_FRACTION = 0.5
 #: ``auto`` also keeps the process count near the cores: a process costs seconds of one
-#: core to start (Ray, torch, gRPC, torch's first FLOP count), while a node in a shared
+#: core to start (Ray, torch, gRPC), while a node in a shared
 #: process costs milliseconds; past a couple of processes per core they only contend.
 AUTO_PROCESSES_PER_CORE = 2
 
