@@ -416,7 +416,8 @@ class Coordinator:
                     "rank": n.rank,
                     "weight_bytes_received": n.weight_bytes_received,
                     "gradient_bytes_sent": n.gradient_bytes_sent,
-                    "peak_activation_bytes": n.peak_activation_bytes,
+                    # The modelled node's (each layer's input): the emulated memory fit's.
+                    "peak_activation_bytes": n.peak_layer_input_bytes,
                     "weight_bytes_held": n.weight_bytes_held,
                     "backend": dict(n.backend_stats),
                 }

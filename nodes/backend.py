@@ -14,6 +14,7 @@ branches on the backend's name.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -116,6 +117,26 @@ class Backend(ABC):
     ) -> tuple[Tensor | None, dict[str, Tensor]]:
         """Gradient w.r.t. the layer input (None for integer inputs) and w.r.t. each parameter."""
 
+    #: Whether the node keeps a training forward's autograd graph (without its weights) for the
+    #: backward pass instead of recomputing the forward there. Only a backend whose backward
+    #: differentiates exactly the forward it ran may keep it: not one whose backward re-reads
+    #: noisy arrays (PCM), runs other numerics than its forward or needs no weights (photonic).
+    keeps_forward_graph: ClassVar[bool] = False
+
+    def differentiable_run(self, layer: int) -> Callable[[nn.Module, dict, Tensor], Tensor]:
+        """``run(block, params, x)``: the layer's training numerics under autograd, for a
+        backend that ``keeps_forward_graph``."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no forward graph")
+
+    def train_forward(
+        self, layer: int, block: nn.Module, params: dict[str, Tensor], x: Tensor
+    ) -> tuple[Tensor, HeldForBackward]:
+        """A training forward: the layer output (no autograd history) and what the node keeps
+        of the layer for its backward (the forward's graph, or the input to recompute from)."""
+        if self.keeps_forward_graph:
+            return keep_forward_graph(self.differentiable_run(layer), block, params, x)
+        return self.forward(layer, block, params, x), KeptInput(x)
+
     def begin_pass(self, step: int, kind: int) -> None:
         """A pass over the layers starts: ``kind`` 0 is an evaluation at version ``step``, 1 the
         forward of training step ``step`` (an evaluation at version k runs before step k).
@@ -146,6 +167,147 @@ class Backend(ABC):
     def check_layers(self, layers: list[nn.Module]) -> None:
         """ValueError (naming the numbers) if this backend cannot hold the model at all."""
         return None  # a digital node holds one streamed layer at a time: any model fits
+
+
+class HeldForBackward(ABC):
+    """What a node keeps of one layer between its training forward and its backward."""
+
+    #: Bytes of the layer's input: what the modelled node keeps for the layer (its activation
+    #: memory, which the emulated memory fit counts), whatever the emulator itself holds.
+    input_bytes: int
+    #: The layer input as a meta tensor (its shape and dtype, for FLOP counting).
+    input_meta: Tensor
+
+    @abstractmethod
+    def tensors(self) -> list[Tensor]:
+        """The activations really held for this layer in the emulator's memory."""
+
+    def weight_bytes(self) -> int:
+        """Bytes of weights held for this layer between passes (0: none)."""
+        return 0
+
+    @abstractmethod
+    def backward(
+        self,
+        backend: Backend,
+        layer: int,
+        block: nn.Module,
+        params: dict[str, Tensor],
+        grad_y: Tensor,
+    ) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """``Backend.backward``'s result, from what was kept and the re-streamed ``params``."""
+
+
+class KeptInput(HeldForBackward):
+    """The layer's input only: the backward recomputes the layer (``Backend.backward``)."""
+
+    def __init__(self, x: Tensor):
+        self.x = x
+        self.input_bytes = x.numel() * x.element_size()
+        self.input_meta = torch.empty_like(x, device="meta")
+
+    def tensors(self) -> list[Tensor]:
+        return [self.x]
+
+    def backward(self, backend, layer, block, params, grad_y):
+        return backend.backward(layer, block, params, self.x, grad_y)
+
+
+@dataclass(frozen=True)
+class _WeightView:
+    """A saved tensor that is (a view of) a weight, kept as where it lies in that weight."""
+
+    name: str
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int  # elements from the weight's own storage offset
+
+
+class KeptGraph(HeldForBackward):
+    """The forward's autograd graph of one layer, holding its activations but no weights.
+
+    Every tensor autograd saves for the backward goes through ``saved_tensors_hooks``: one
+    that lies in a weight's memory is kept as a ``_WeightView`` (name, shape, strides) and
+    read back from the weights streamed in again for the backward; the rest (activations,
+    dropout masks) are held, as a wafer holds them in SRAM. The graph's leaves keep no data
+    between the passes. Same weights, same saved activations: the backward computes exactly
+    what a recomputed forward's autograd would, without recomputing the forward.
+    """
+
+    def __init__(self, x: Tensor, run: Callable, block: nn.Module, params: dict[str, Tensor]):
+        self.input_bytes = x.numel() * x.element_size()
+        self.input_meta = torch.empty_like(x, device="meta")
+        self._x_in = x.detach().requires_grad_(x.is_floating_point())
+        self._leaves = {name: p.detach().float().requires_grad_() for name, p in params.items()}
+        self._shapes = {name: leaf.shape for name, leaf in self._leaves.items()}
+        self._held: list[Tensor] = []
+        spans = [
+            (name, leaf.untyped_storage().data_ptr(), leaf.storage_offset(), leaf.numel())
+            for name, leaf in self._leaves.items()
+            if leaf.numel()
+        ]
+
+        def pack(t: Tensor) -> Tensor | _WeightView:
+            ptr = t.untyped_storage().data_ptr()
+            for name, leaf_ptr, start, numel in spans:
+                if ptr == leaf_ptr and start <= t.storage_offset() < start + numel:
+                    return _WeightView(name, tuple(t.shape), t.stride(), t.storage_offset() - start)
+            t = t.detach()  # no grad_fn: no reference cycle through the graph
+            self._held.append(t)
+            return t
+
+        def unpack(saved: Tensor | _WeightView) -> Tensor:
+            if not isinstance(saved, _WeightView):
+                return saved
+            leaf = self._leaves[saved.name].detach()
+            return leaf.as_strided(saved.size, saved.stride, leaf.storage_offset() + saved.offset)
+
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            self._y = run(block, self._leaves, self._x_in)
+        for leaf in self._leaves.values():
+            leaf.data = torch.empty(0, dtype=leaf.dtype)  # the weights are dropped
+
+    @property
+    def output(self) -> Tensor:
+        return self._y.detach()
+
+    def tensors(self) -> list[Tensor]:
+        return self._held
+
+    def weight_bytes(self) -> int:
+        return sum(leaf.numel() * leaf.element_size() for leaf in self._leaves.values())
+
+    def backward(self, backend, layer, block, params, grad_y):
+        for name, leaf in self._leaves.items():
+            weight = params[name].detach().float()
+            if weight.shape != self._shapes[name]:
+                raise ValueError(
+                    f"layer {layer}: {name} streamed for the backward has shape "
+                    f"{tuple(weight.shape)}, the forward's {tuple(self._shapes[name])}"
+                )
+            leaf.data = weight
+        inputs = ([self._x_in] if self._x_in.requires_grad else []) + list(self._leaves.values())
+        with torch.enable_grad():
+            grads = torch.autograd.grad(self._y, inputs, grad_y, allow_unused=True)
+        grad_x = grads[0] if self._x_in.requires_grad else None
+        weight_grads = grads[len(inputs) - len(self._leaves) :]
+        result = {
+            name: torch.zeros_like(leaf) if g is None else g.contiguous()
+            for (name, leaf), g in zip(self._leaves.items(), weight_grads, strict=True)
+        }
+        self._y = None  # the graph and its activations go
+        self._held = []
+        for leaf in self._leaves.values():
+            leaf.data = torch.empty(0, dtype=leaf.dtype)
+        return grad_x, result
+
+
+def keep_forward_graph(
+    run: Callable, block: nn.Module, params: dict[str, Tensor], x: Tensor
+) -> tuple[Tensor, KeptGraph]:
+    """The layer's output and its forward graph kept for the backward (``KeptGraph``)."""
+    kept = KeptGraph(x, run, block, params)
+    return kept.output, kept
 
 
 def call_block(block: nn.Module, params: dict[str, Tensor], x: Tensor) -> Tensor:

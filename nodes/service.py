@@ -224,6 +224,8 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
             flops=self.flops,
             compute_seconds=self.compute_seconds,
             backend_stats=self.worker.backend.stats(),
+            layer_input_bytes_held=self.worker.layer_input_bytes,
+            peak_layer_input_bytes=self.worker.peak_layer_input_bytes,
         )
 
     def Stats(self, request, context):

@@ -2,8 +2,10 @@
 
 A node holds the model's structure but none of its weights: each layer's
 weights arrive in a stream, are used once and are dropped. Between the
-forward and backward passes the node keeps each layer's input activation;
-the backward pass recomputes the layer from it. Training data never crosses
+forward and backward passes the node keeps what each layer's backward needs
+(``Backend.train_forward``): the forward's autograd graph without its weights
+(``nodes.backend.KeptGraph``), or, for a backend whose backward must recompute
+the layer (PCM, photonic), the layer's input activation. Training data never crosses
 the fabric: the node builds the data set itself and reads its own shard of
 every global batch.
 """
@@ -19,7 +21,7 @@ from torch import Tensor, nn
 
 from core.cost.profile import block_flops
 from core.data import BatchSampler, Dataset, loss_sum, num_correct, num_targets
-from nodes.backend import Backend
+from nodes.backend import Backend, HeldForBackward
 
 #: ``Backend.begin_pass`` kinds, in the order they run at one version: evaluation, then training.
 EVAL_PASS, TRAIN_PASS = 0, 1
@@ -88,6 +90,7 @@ class NodeWorker:
         self._flops: dict[tuple, float] = {}
         self._reset(step=-1)
         self.peak_activation_bytes = 0
+        self.peak_layer_input_bytes = 0
 
     def reshard(self, rank: int, num_nodes: int) -> None:
         """Train and evaluate shard ``rank`` of ``num_nodes`` from now on (a cluster that shrank).
@@ -109,7 +112,8 @@ class NodeWorker:
 
     def _reset(self, step: int) -> None:
         self._step = step
-        self._inputs: dict[int, Tensor] = {}
+        #: Per layer of the current step's forward: what its backward needs.
+        self._held: dict[int, HeldForBackward] = {}
         self._next_input: Tensor | None = None
         self._targets: Tensor | None = None
         self._logits: Tensor | None = None
@@ -122,17 +126,30 @@ class NodeWorker:
             for layer in self.layers
             for p in layer.parameters()
             if p.device.type != "meta"
-        )
+        ) + sum(held.weight_bytes() for held in self._held.values())
+
+    def _passed_on(self) -> list[Tensor]:
+        return [t for t in (self._next_input, self._logits, self._grad) if t is not None]
 
     @property
     def activation_bytes(self) -> int:
-        kept = list(self._inputs.values()) + [
-            t for t in (self._next_input, self._logits, self._grad) if t is not None
-        ]
-        return sum(t.numel() * t.element_size() for t in kept)
+        """Activation bytes this process holds for the step now: every tensor kept for a
+        backward (saved by a kept graph, or a kept input) and the one passed on, each
+        memory block counted once."""
+        tensors = [t for held in self._held.values() for t in held.tensors()] + self._passed_on()
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+        return sum(storages.values())
+
+    @property
+    def layer_input_bytes(self) -> int:
+        """Activation bytes the modelled node holds now: each layer's input kept for its
+        backward and the one passed on (what the emulated memory fit counts)."""
+        return sum(held.input_bytes for held in self._held.values()) + sum(
+            t.numel() * t.element_size() for t in self._passed_on()
+        )
 
     def _rng_seed(self, step: int, layer: int) -> int:
-        # Dropout masks must be the same in the forward pass and in the backward recompute.
+        # Dropout masks must be the same in the forward pass and in a backward recompute.
         return hash((self.seed, self.rank, step, layer)) & 0x7FFF_FFFF_FFFF
 
     def _layer_flops(self, layer: int, x: Tensor) -> tuple[float, float]:
@@ -149,16 +166,20 @@ class NodeWorker:
         return self._flops[key]
 
     def _timed_forward(
-        self, layer: int, step: int, params: dict[str, Tensor], x: Tensor
-    ) -> tuple[Tensor, LayerResult]:
+        self, layer: int, step: int, params: dict[str, Tensor], x: Tensor, *, train: bool
+    ) -> tuple[Tensor, HeldForBackward | None, LayerResult]:
         block = self.layers[layer]
+        held = None
         with _PROCESS_LOCK:
             started = time.perf_counter()
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self._rng_seed(step, layer))
-                y = self.backend.forward(layer, block, params, x)
+                if train:
+                    y, held = self.backend.train_forward(layer, block, params, x)
+                else:
+                    y = self.backend.forward(layer, block, params, x)
             flops, _ = self._layer_flops(layer, x)
-        return y, LayerResult(flops=flops, compute_seconds=time.perf_counter() - started)
+        return y, held, LayerResult(flops=flops, compute_seconds=time.perf_counter() - started)
 
     def forward(self, layer: int, step: int, params: dict[str, Tensor]) -> LayerResult:
         if layer == 0:
@@ -171,15 +192,14 @@ class NodeWorker:
             x = self.dataset.train_inputs[index]
             self._targets = self.dataset.train_targets[index]
         else:
-            if self._step != step or self._next_input is None or layer - 1 not in self._inputs:
+            if self._step != step or self._next_input is None or layer - 1 not in self._held:
                 raise NodeStateError(
                     f"node {self.rank} has no output of layer {layer - 1} for step {step}; "
                     "run the forward pass from layer 0"
                 )
             x = self._next_input
         self.layers[layer].train()
-        y, result = self._timed_forward(layer, step, params, x)
-        self._inputs[layer] = x
+        y, self._held[layer], result = self._timed_forward(layer, step, params, x, train=True)
         if layer == self.num_layers - 1:
             self._next_input = None
             self._logits = y
@@ -192,12 +212,13 @@ class NodeWorker:
         else:
             self._next_input = y
         self.peak_activation_bytes = max(self.peak_activation_bytes, self.activation_bytes)
+        self.peak_layer_input_bytes = max(self.peak_layer_input_bytes, self.layer_input_bytes)
         return result
 
     def backward(
         self, layer: int, step: int, params: dict[str, Tensor]
     ) -> tuple[dict[str, Tensor], LayerResult]:
-        if self._step != step or layer not in self._inputs:
+        if self._step != step or layer not in self._held:
             raise NodeStateError(
                 f"node {self.rank} holds no activation of layer {layer} for step {step}; "
                 "the forward pass must run first"
@@ -209,13 +230,13 @@ class NodeWorker:
             raise NodeStateError(
                 f"node {self.rank}: backward of layer {layer} before layer {layer + 1}"
             )
-        x = self._inputs.pop(layer)
+        held = self._held.pop(layer)
         block = self.layers[layer]
         with _PROCESS_LOCK:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self._rng_seed(step, layer))
-                grad_x, grads = self.backend.backward(layer, block, params, x, self._grad)
-            _, flops = self._layer_flops(layer, x)
+                grad_x, grads = held.backward(self.backend, layer, block, params, self._grad)
+            _, flops = self._layer_flops(layer, held.input_meta)
         self._grad = grad_x
         if layer == 0:
             self._reset(step)
@@ -249,7 +270,7 @@ class NodeWorker:
         block = self.layers[layer]
         block.eval()
         try:
-            y, result = self._timed_forward(layer, step, params, self._eval_x)
+            y, _, result = self._timed_forward(layer, step, params, self._eval_x, train=False)
         finally:
             block.train()
         if layer == self.num_layers - 1:

@@ -180,10 +180,15 @@ class NodeStats:
     rank: int
     weight_bytes_received: int = 0
     gradient_bytes_sent: int = 0
-    activation_bytes_held: int = 0  # activations kept right now
+    activation_bytes_held: int = 0  # activations the node's process holds right now
     peak_activation_bytes: int = 0
     weight_bytes_held: int = 0  # weights kept between layers (0: dropped)
     flops: float = 0.0
     compute_seconds: float = 0.0
     #: The backend's own counters (``Backend.stats()``); dotted names ending in their unit.
     backend_stats: dict[str, float] = field(default_factory=dict)
+    #: Activations the modelled node holds (each layer's input kept for its backward and the
+    #: one passed on), now and at the peak: what the emulated memory fit counts. The process
+    #: may hold more (a kept forward graph saves more than a layer's input) or the same.
+    layer_input_bytes_held: int = 0
+    peak_layer_input_bytes: int = 0

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from proto import tensor_pb2 as proto_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10proto/node.proto\x12\x08wafer.v1\x1a\x12proto/tensor.proto\"\xc9\x02\n\tNodeStats\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x1d\n\x15weight_bytes_received\x18\x02 \x01(\x03\x12\x1b\n\x13gradient_bytes_sent\x18\x03 \x01(\x03\x12\x1d\n\x15\x61\x63tivation_bytes_held\x18\x04 \x01(\x03\x12\x1d\n\x15peak_activation_bytes\x18\x05 \x01(\x03\x12\x19\n\x11weight_bytes_held\x18\x06 \x01(\x03\x12\r\n\x05\x66lops\x18\x07 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x08 \x01(\x01\x12<\n\rbackend_stats\x18\t \x03(\x0b\x32%.wafer.v1.NodeStats.BackendStatsEntry\x1a\x33\n\x11\x42\x61\x63kendStatsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32l\n\x0b\x43omputeNode\x12-\n\x05Stats\x12\x0f.wafer.v1.Empty\x1a\x13.wafer.v1.NodeStats\x12.\n\nResetStats\x12\x0f.wafer.v1.Empty\x1a\x0f.wafer.v1.Emptyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10proto/node.proto\x12\x08wafer.v1\x1a\x12proto/tensor.proto\"\x89\x03\n\tNodeStats\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x1d\n\x15weight_bytes_received\x18\x02 \x01(\x03\x12\x1b\n\x13gradient_bytes_sent\x18\x03 \x01(\x03\x12\x1d\n\x15\x61\x63tivation_bytes_held\x18\x04 \x01(\x03\x12\x1d\n\x15peak_activation_bytes\x18\x05 \x01(\x03\x12\x19\n\x11weight_bytes_held\x18\x06 \x01(\x03\x12\r\n\x05\x66lops\x18\x07 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x08 \x01(\x01\x12<\n\rbackend_stats\x18\t \x03(\x0b\x32%.wafer.v1.NodeStats.BackendStatsEntry\x12\x1e\n\x16layer_input_bytes_held\x18\n \x01(\x03\x12\x1e\n\x16peak_layer_input_bytes\x18\x0b \x01(\x03\x1a\x33\n\x11\x42\x61\x63kendStatsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32l\n\x0b\x43omputeNode\x12-\n\x05Stats\x12\x0f.wafer.v1.Empty\x1a\x13.wafer.v1.NodeStats\x12.\n\nResetStats\x12\x0f.wafer.v1.Empty\x1a\x0f.wafer.v1.Emptyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,9 +35,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NODESTATS_BACKENDSTATSENTRY']._loaded_options = None
   _globals['_NODESTATS_BACKENDSTATSENTRY']._serialized_options = b'8\001'
   _globals['_NODESTATS']._serialized_start=51
-  _globals['_NODESTATS']._serialized_end=380
-  _globals['_NODESTATS_BACKENDSTATSENTRY']._serialized_start=329
-  _globals['_NODESTATS_BACKENDSTATSENTRY']._serialized_end=380
-  _globals['_COMPUTENODE']._serialized_start=382
-  _globals['_COMPUTENODE']._serialized_end=490
+  _globals['_NODESTATS']._serialized_end=444
+  _globals['_NODESTATS_BACKENDSTATSENTRY']._serialized_start=393
+  _globals['_NODESTATS_BACKENDSTATSENTRY']._serialized_end=444
+  _globals['_COMPUTENODE']._serialized_start=446
+  _globals['_COMPUTENODE']._serialized_end=554
 # @@protoc_insertion_point(module_scope)

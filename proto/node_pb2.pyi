@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class NodeStats(_message.Message):
-    __slots__ = ("rank", "weight_bytes_received", "gradient_bytes_sent", "activation_bytes_held", "peak_activation_bytes", "weight_bytes_held", "flops", "compute_seconds", "backend_stats")
+    __slots__ = ("rank", "weight_bytes_received", "gradient_bytes_sent", "activation_bytes_held", "peak_activation_bytes", "weight_bytes_held", "flops", "compute_seconds", "backend_stats", "layer_input_bytes_held", "peak_layer_input_bytes")
     class BackendStatsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,8 @@ class NodeStats(_message.Message):
     FLOPS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     BACKEND_STATS_FIELD_NUMBER: _ClassVar[int]
+    LAYER_INPUT_BYTES_HELD_FIELD_NUMBER: _ClassVar[int]
+    PEAK_LAYER_INPUT_BYTES_FIELD_NUMBER: _ClassVar[int]
     rank: int
     weight_bytes_received: int
     gradient_bytes_sent: int
@@ -34,4 +36,6 @@ class NodeStats(_message.Message):
     flops: float
     compute_seconds: float
     backend_stats: _containers.ScalarMap[str, float]
-    def __init__(self, rank: _Optional[int] = ..., weight_bytes_received: _Optional[int] = ..., gradient_bytes_sent: _Optional[int] = ..., activation_bytes_held: _Optional[int] = ..., peak_activation_bytes: _Optional[int] = ..., weight_bytes_held: _Optional[int] = ..., flops: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., backend_stats: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    layer_input_bytes_held: int
+    peak_layer_input_bytes: int
+    def __init__(self, rank: _Optional[int] = ..., weight_bytes_received: _Optional[int] = ..., gradient_bytes_sent: _Optional[int] = ..., activation_bytes_held: _Optional[int] = ..., peak_activation_bytes: _Optional[int] = ..., weight_bytes_held: _Optional[int] = ..., flops: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., backend_stats: _Optional[_Mapping[str, float]] = ..., layer_input_bytes_held: _Optional[int] = ..., peak_layer_input_bytes: _Optional[int] = ...) -> None: ...

@@ -54,6 +54,12 @@ class Cs2Backend(Backend):
     def _run(self, block: nn.Module, params: dict[str, Tensor], x: Tensor) -> Tensor:
         return call_block(block, {k: v.float() for k, v in params.items()}, self._round(x))
 
+    #: Digital and deterministic: the backward differentiates exactly the forward that ran.
+    keeps_forward_graph = True
+
+    def differentiable_run(self, layer: int):
+        return self._run
+
     def forward(self, layer: int, block: nn.Module, params: dict[str, Tensor], x: Tensor) -> Tensor:
         with torch.no_grad():
             return self._run(block, params, x)
