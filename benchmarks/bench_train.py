@@ -39,7 +39,9 @@ from pathlib import Path
 import ray
 import torch
 
+from benchmarks.cpu_time import CpuSampler
 from emulator.config import ClusterConfig, load_config
+from emulator.coordinator import Coordinator
 from emulator.reference import reference_train
 from emulator.train import prepare_layers, train
 
@@ -93,11 +95,60 @@ def run_reference(config: ClusterConfig, threads: int) -> dict:
         )
     finally:
         torch.set_num_threads(previous)
-    return {"step_times_s": result.step_times_s, "losses": result.losses}
+    return {
+        "step_times_s": result.step_times_s,
+        "step_cpu_times_s": result.step_cpu_times_s,
+        "losses": result.losses,
+    }
+
+
+def _process_group(name: str, components: list[str]) -> str:
+    """A process's share of the emulator: by the kinds of component it hosts (``memoryx``,
+    ``swarmx``, ``node``, joined by ``+`` where they share it), the driver (coordinator),
+    and Ray's own processes together."""
+    if components:
+        return "+".join(sorted({c.split("-")[0] for c in components}))
+    return "driver" if name == "driver" else "ray"
+
+
+def _host_pids(cluster) -> dict[int, list[str]]:
+    """pid -> the components each host process of ``cluster`` runs."""
+    by_handle: dict = {}
+    for name, handle in cluster.host_of.items():
+        by_handle.setdefault(handle, []).append(name)
+    pids = ray.get([handle.pid.remote() for handle in by_handle])
+    return dict(zip(pids, by_handle.values(), strict=True))
 
 
 def run_emulator(config: ClusterConfig) -> dict:
-    report = train(config, progress=False)
+    """One ``train`` run, with the CPU seconds of every process in each step."""
+    windows: list[tuple[float, float]] = []
+    hosts: dict[int, list[str]] = {}
+    train_step = Coordinator.train_step
+
+    def timed_step(self, step):
+        if not hosts:
+            hosts.update(_host_pids(self.cluster))
+        started = time.perf_counter()
+        try:
+            return train_step(self, step)
+        finally:
+            windows.append((started, time.perf_counter()))
+
+    sampler = CpuSampler().start()
+    Coordinator.train_step = timed_step
+    try:
+        report = train(config, progress=False)
+    finally:
+        Coordinator.train_step = train_step
+        sampler.stop()
+    step_cpu = []
+    for start, end in windows:
+        groups: dict[str, float] = {}
+        for pid, (name, cpu_s) in sampler.window(start, end).items():
+            group = _process_group(name, hosts.get(pid, []))
+            groups[group] = groups.get(group, 0.0) + cpu_s
+        step_cpu.append(groups)
     step_times = [s.wall_time_s for s in report.steps]
     return {
         "num_params": report.num_params,
@@ -109,6 +160,7 @@ def run_emulator(config: ClusterConfig) -> dict:
         "bytes_to_nodes_per_step": report.steps[-1].bytes_to_nodes,
         "losses": [s.loss for s in report.steps],
         "num_attempts": [s.num_attempts for s in report.steps],
+        "step_cpu_s": step_cpu,
     }
 
 
@@ -130,6 +182,13 @@ def measure_model(plan: ModelPlan, *, seed: int, threads: int) -> list[dict]:
         emu_s = _median_after_warmup([emu["step_times_s"]])
         torch_min_s = _min_after_warmup([r["step_times_s"] for r in neighbours])
         emu_min_s = _min_after_warmup([emu["step_times_s"]])
+        torch_cpu_s = _median_after_warmup([r["step_cpu_times_s"] for r in neighbours])
+        groups = sorted({g for step in emu["step_cpu_s"] for g in step})
+        cpu_by_group_ms = {
+            g: statistics.median(step.get(g, 0.0) for step in emu["step_cpu_s"][1:]) * 1e3
+            for g in groups
+        }
+        emu_cpu_s = statistics.median(sum(step.values()) for step in emu["step_cpu_s"][1:])
         loss_gap = max(
             abs(a - b) for a, b in zip(emu["losses"], references[0]["losses"], strict=True)
         )
@@ -148,6 +207,11 @@ def measure_model(plan: ModelPlan, *, seed: int, threads: int) -> list[dict]:
                 "emulator_min_ms": emu_min_s * 1e3,
                 "torch_min_ms": torch_min_s * 1e3,
                 "ratio_of_min": emu_min_s / torch_min_s,
+                # CPU seconds per step: the emulator's over all its processes.
+                "emulator_cpu_ms": emu_cpu_s * 1e3,
+                "emulator_cpu_ms_by_process": cpu_by_group_ms,
+                "torch_cpu_ms": torch_cpu_s * 1e3,
+                "cpu_ratio": emu_cpu_s / torch_cpu_s,
                 "emulator_warmup_step_ms": emu["step_times_s"][0] * 1e3,
                 "launch_overhead_s": emu["launch_overhead_s"],
                 "emulator_wall_time_s": emu["wall_time_s"],
@@ -223,6 +287,13 @@ def print_table(result: dict) -> None:
             f"{row['ratio_of_min']:>9.1f} "
             f"{row['launch_overhead_s']:>9.1f} {row['node_compute_ms_per_step']:>16.1f} "
             f"{row['max_abs_loss_diff']:>8.1e}"
+        )
+    print("\nCPU ms/step (medians, warm-up step left out), emulator summed over its processes:")
+    for row in result["rows"]:
+        parts = ", ".join(f"{g} {ms:.0f}" for g, ms in row["emulator_cpu_ms_by_process"].items())
+        print(
+            f"{row['model']:<11} {row['nodes']:>2} node(s): emulator {row['emulator_cpu_ms']:.0f} "
+            f"({parts}); torch {row['torch_cpu_ms']:.0f}; cpu ratio {row['cpu_ratio']:.2f}"
         )
     print(
         "\nratio = emulator ms/step / torch ms/step (medians, warm-up step left out); "

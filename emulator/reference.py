@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -62,6 +62,9 @@ class ReferenceResult:
     ]  # per block: parameter name -> final value (detached clone)
     losses: list[float]  # mean loss over the global batch at each step, nats, before the update
     step_times_s: list[float]  # wall time of each step (batch gather, forward, backward, update), s
+    #: CPU time of this process in each step (all its threads), s: less sensitive than the wall
+    #: time to other jobs on a shared machine.
+    step_cpu_times_s: list[float] = field(default_factory=list)
 
 
 def _forward(blocks: list[nn.Module], x: Tensor) -> Tensor:
@@ -93,10 +96,11 @@ def reference_train(
     optimizer = torch_optimizer(optimizer_config, model.parameters())
     losses: list[float] = []
     step_times_s: list[float] = []
+    step_cpu_times_s: list[float] = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for step in range(num_steps):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             indices = sampler.global_batch(step)
             inputs, targets = dataset.train_inputs[indices], dataset.train_targets[indices]
             logits = _forward(trained, inputs)
@@ -105,12 +109,17 @@ def reference_train(
             loss.backward()
             optimizer.step()
             step_times_s.append(time.perf_counter() - start)
+            step_cpu_times_s.append(time.process_time() - start_cpu)
             losses.append(loss.item())
     block_weights = [
         {name: p.detach().clone() for name, p in block.named_parameters()} for block in trained
     ]
     return ReferenceResult(
-        blocks=trained, block_weights=block_weights, losses=losses, step_times_s=step_times_s
+        blocks=trained,
+        block_weights=block_weights,
+        losses=losses,
+        step_times_s=step_times_s,
+        step_cpu_times_s=step_cpu_times_s,
     )
 
 

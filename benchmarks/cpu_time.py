@@ -1,0 +1,112 @@
+"""CPU seconds of this process and every process below it, by process, sampled over time.
+
+On a shared machine wall times swing with other people's jobs, CPU seconds do not:
+``CpuSampler`` reads ``/proc/<pid>/stat`` (user + system time) of this process and all its
+descendants (the private Ray instance a benchmark starts: raylet, GCS, the actors) every
+``interval_s``, so a benchmark can say how many CPU seconds a window of time (one training
+step) cost, and which processes spent them (grouped by the name Ray gives a worker process,
+e.g. ``ray::ComputeNodeActor``). Linux only; an empty reading elsewhere.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import os
+import threading
+import time
+from pathlib import Path
+
+_TICKS_PER_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _read_stat(pid: str) -> tuple[int, float] | None:
+    """(parent pid, user + system CPU seconds) of ``pid``, None if it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()
+    # Fields after the name: state ppid ... utime(14th of the line) stime(15th).
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICKS_PER_S
+
+
+def _name(pid: str) -> str:
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    first = args[0].decode(errors="replace").strip() if args else "?"
+    if first.startswith("ray::"):
+        # Ray names a worker by its actor class and current method: keep the class.
+        return first.split()[0].split(".")[0]
+    return Path(first).name or "?"
+
+
+def _children(pid: int) -> list[int]:
+    """Child pids of ``pid``, from each of its threads' ``children`` file."""
+    found = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in tasks:
+        with contextlib.suppress(OSError):
+            found += [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+    return found
+
+
+def descendants_cpu(root: int) -> dict[int, tuple[str, float]]:
+    """pid -> (name, CPU seconds) of ``root`` and every process below it, now."""
+    found, todo = {}, [root]
+    while todo:
+        pid = todo.pop()
+        if (stat := _read_stat(str(pid))) is not None:
+            found[pid] = (_name(str(pid)), stat[1])
+            todo += _children(pid)
+    return found
+
+
+class CpuSampler:
+    """Samples ``descendants_cpu`` of this process in a thread between ``start`` and ``stop``."""
+
+    def __init__(self, interval_s: float = 0.1):
+        self.interval_s = interval_s
+        self.times: list[float] = []  # time.perf_counter() of each sample
+        self.samples: list[dict[int, tuple[str, float]]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> CpuSampler:
+        self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        root = os.getpid()
+        while not self._stop.is_set():
+            sample = descendants_cpu(root)
+            if root in sample:  # this process, less what the sampler itself spent
+                name, cpu_s = sample[root]
+                sample[root] = ("driver", cpu_s - time.thread_time())
+            self.samples.append(sample)
+            self.times.append(time.perf_counter())
+            self._stop.wait(self.interval_s)
+
+    def _at(self, t: float) -> dict[int, tuple[str, float]]:
+        index = min(max(bisect.bisect_left(self.times, t), 0), len(self.times) - 1)
+        return self.samples[index]
+
+    def window(self, start: float, end: float) -> dict[int, tuple[str, float]]:
+        """pid -> (name, CPU seconds spent between two ``time.perf_counter()`` times), for
+        the processes alive at the window's end (the samples nearest to each end)."""
+        before, after = self._at(start), self._at(end)
+        return {
+            pid: (name, cpu_s - before.get(pid, (name, 0.0))[1])
+            for pid, (name, cpu_s) in after.items()
+        }
