@@ -257,6 +257,8 @@ def test_training_steps_match_plain_torch_sgd(dataset, num_nodes, fanout):
             assert stats.gradient_bytes_sent == 2 * MODEL_BYTES
             assert stats.weight_bytes_held == 0 and stats.activation_bytes_held == 0
             assert stats.peak_activation_bytes > 0
+            assert stats.layer_input_bytes_held == 0
+            assert 0 < stats.peak_layer_input_bytes <= stats.peak_activation_bytes
     finally:
         cluster.stop()
 
@@ -455,6 +457,10 @@ def test_forward_acks_and_stats(node, dataset):
     stats = node.stub.Stats(pb.Empty(), timeout=TIMEOUT_S)
     assert stats.rank == 0 and stats.weight_bytes_received == MODEL_BYTES
     assert stats.weight_bytes_held == 0 and stats.activation_bytes_held > 0
+    # The modelled node keeps each layer's input: the data batch and layer 1's input, and
+    # the logits it passes on (16 samples; what the process holds is at least as much).
+    assert stats.layer_input_bytes_held > 0
+    assert stats.activation_bytes_held >= stats.layer_input_bytes_held
     assert stats.gradient_bytes_sent == 0
     node.stub.ResetStats(pb.Empty(), timeout=TIMEOUT_S)
     assert node.stub.Stats(pb.Empty(), timeout=TIMEOUT_S).weight_bytes_received == 0
