@@ -27,6 +27,7 @@ This is a measurement script, not a test: it asserts nothing about time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -116,7 +117,7 @@ def _host_pids(cluster) -> dict[int, list[str]]:
     by_handle: dict = {}
     for name, handle in cluster.host_of.items():
         by_handle.setdefault(handle, []).append(name)
-    pids = ray.get([handle.pid.remote() for handle in by_handle])
+    pids = ray.get([handle.pid.remote() for handle in by_handle], timeout=30)
     return dict(zip(pids, by_handle.values(), strict=True))
 
 
@@ -134,6 +135,9 @@ def run_emulator(config: ClusterConfig) -> dict:
             return train_step(self, step)
         finally:
             windows.append((started, time.perf_counter()))
+            # A step that recovered from a fault may run on a replacement process.
+            with contextlib.suppress(Exception):
+                hosts.update(_host_pids(self.cluster))
 
     sampler = CpuSampler().start()
     Coordinator.train_step = timed_step
