@@ -320,9 +320,9 @@ def autograd_backward(
 ) -> tuple[Tensor | None, dict[str, Tensor]]:
     """Recompute the layer from its kept input with autograd and pull ``grad_y`` through it.
 
-    The node dropped the layer's weights after the forward pass, so the
-    autograd graph cannot be kept across passes; recomputing from the saved
-    input reproduces it exactly (the caller restores the forward's RNG state).
+    The backward of a backend that does not keep its forward graph (``KeptGraph``): the
+    node kept only the layer's input, and recomputing from it reproduces the forward
+    exactly (the caller restores the forward's RNG state), then autograd runs on it.
     """
     x_in = x.detach().requires_grad_(x.is_floating_point())
     leaves = {name: p.detach().float().requires_grad_() for name, p in params.items()}
