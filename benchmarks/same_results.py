@@ -110,6 +110,8 @@ def _measured(key: str) -> bool:
     runs of one tree differ in MemoryX's process peak RSS by a few MB, too)."""
     return (
         "wall" in key
+        # The report's launch timings, memory (RSS) and Ray node ids of this run's processes.
+        or key == "runtime"
         or key in ("node_compute_seconds", "process_peak_rss_bytes")
         or (key.endswith("_process_peak_rss_bytes"))
     )
