@@ -276,13 +276,15 @@ class Setup:
         return ack.bytes_to_nodes
 
 
-def _timed(run: Callable[[], int], expected_bytes: int) -> float:
-    started = time.perf_counter()
+def _timed(run: Callable[[], int], expected_bytes: int) -> tuple[float, float]:
+    """Wall seconds of a transfer and this process's CPU seconds in it (all its threads:
+    with the servers as threads, every server's work; with ``--processes`` the client's)."""
+    started, started_cpu = time.perf_counter(), time.process_time()
     got = run()
-    elapsed = time.perf_counter() - started
+    elapsed, cpu_s = time.perf_counter() - started, time.process_time() - started_cpu
     if got != expected_bytes:
         raise RuntimeError(f"transfer delivered {got} bytes, expected {expected_bytes}")
-    return elapsed
+    return elapsed, cpu_s
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -302,12 +304,15 @@ def measure(args: argparse.Namespace) -> dict:
         **{f"swarmx-{n}": (lambda n=n: setup.swarmx(n), n * layer_bytes) for n in children},
     }
     times: dict[str, list[float]] = {k: [] for k in kinds}
+    cpu: dict[str, list[float]] = {k: [] for k in kinds}
     try:
         for run, expected in kinds.values():  # warm-up: connections, allocator
             _timed(run, expected)
         for _ in range(args.repeats):
             for kind, (run, expected) in kinds.items():
-                times[kind].append(_timed(run, expected))
+                wall_s, cpu_s = _timed(run, expected)
+                times[kind].append(wall_s)
+                cpu[kind].append(cpu_s)
     finally:
         setup.stop()
 
@@ -323,6 +328,9 @@ def measure(args: argparse.Namespace) -> dict:
             "times_s": times[kind],
             "delivered_MBps": delivered / median_s / MB,
             "per_link_MBps": delivered / links / median_s / MB,
+            # CPU seconds per delivered GB (1e9 bytes), median round: steadier than wall
+            # time on a shared machine; meaningful for the whole transfer in threads mode.
+            "cpu_s_per_GB": statistics.median(cpu[kind]) / delivered * 1e9,
         }
     base = rows["p2p-memoryx"]
     for row in rows.values():
@@ -336,6 +344,8 @@ def measure(args: argparse.Namespace) -> dict:
         row["aggregate_vs_p2p_paired_median"] = statistics.median(paired)
         row["per_link_vs_p2p"] = row["per_link_MBps"] / base["per_link_MBps"]
         row["aggregate_vs_raw"] = row["delivered_MBps"] / rows["p2p-raw"]["delivered_MBps"]
+        # What the bytes/s ratio would be if CPU were the only limit.
+        row["raw_cpu_per_byte_vs_this"] = rows["p2p-raw"]["cpu_s_per_GB"] / row["cpu_s_per_GB"]
         # Best round over best round: other jobs only ever add time.
         row["aggregate_vs_p2p_best"] = (row["delivered_bytes"] / row["min_s"]) / (
             layer_bytes / base["min_s"]
@@ -388,7 +398,8 @@ def print_table(result: dict) -> None:
     )
     header = (
         f"{'transfer':<12} {'links':>5} {'median s':>9} {'delivered MB/s':>15} "
-        f"{'per-link MB/s':>14} {'aggr/p2p':>9} {'link/p2p':>9} {'best aggr/p2p':>14}"
+        f"{'per-link MB/s':>14} {'aggr/p2p':>9} {'link/p2p':>9} {'best aggr/p2p':>14} "
+        f"{'CPU s/GB':>9} {'raw CPU/B / this':>17}"
     )
     print(header)
     print("-" * len(header))
@@ -396,7 +407,8 @@ def print_table(result: dict) -> None:
         print(
             f"{kind:<12} {row['links']:>5} {row['median_s']:>9.3f} {row['delivered_MBps']:>15.1f} "
             f"{row['per_link_MBps']:>14.1f} {row['aggregate_vs_p2p']:>9.2f} "
-            f"{row['per_link_vs_p2p']:>9.2f} {row['aggregate_vs_p2p_best']:>14.2f}"
+            f"{row['per_link_vs_p2p']:>9.2f} {row['aggregate_vs_p2p_best']:>14.2f} "
+            f"{row['cpu_s_per_GB']:>9.3f} {row['raw_cpu_per_byte_vs_this']:>17.2f}"
         )
     h = result["headline"]
     print(
