@@ -44,6 +44,7 @@ from benchmarks.cpu_time import CpuSampler
 from emulator.config import ClusterConfig, load_config
 from emulator.coordinator import Coordinator
 from emulator.reference import reference_train
+from emulator.runtime import start_local_ray
 from emulator.train import prepare_layers, train
 
 
@@ -233,18 +234,14 @@ def measure_model(plan: ModelPlan, *, seed: int, threads: int) -> list[dict]:
 def start_private_ray() -> float:
     """Start a Ray instance of our own; ``train`` reuses it. Returns the seconds it took.
 
-    ``address="local"``: a bare ``ray.init()`` would join whatever cluster
-    ``RAY_ADDRESS`` or /tmp/ray/ray_current_cluster names (another user's
-    ``ray start``, possibly dead), and its load would pollute the timings.
+    A fresh local instance on loopback, as ``wafer train`` starts it: a bare
+    ``ray.init()`` would join whatever cluster ``RAY_ADDRESS`` or
+    /tmp/ray/ray_current_cluster names (another user's ``ray start``, possibly
+    dead), and its load would pollute the timings.
     """
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     started = time.perf_counter()
-    ray.init(
-        address="local",
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level=logging.WARNING,
-    )
+    start_local_ray(logging_level=logging.WARNING)
     return time.perf_counter() - started
 
 
