@@ -26,7 +26,14 @@ from torch import nn
 
 from emulator.config import ClusterConfig
 from emulator.emulated import PassMeasurement
-from emulator.faults import CheckpointDir, ComponentLost, RunFailed, Supervisor, deadlines
+from emulator.faults import (
+    CheckpointDir,
+    ComponentLost,
+    RunFailed,
+    StateUnread,
+    Supervisor,
+    deadlines,
+)
 from emulator.launch import Cluster
 from emulator.shards import MemoryXServers
 from memoryx.checkpoint import confined_path, write_manifest
@@ -126,6 +133,7 @@ class Coordinator:
             checkpoints=self.checkpoints,
             reload_weights=self._reload_weights,
             batch_size=self.config.batch_size,
+            spill_root=self.config.memoryx.spill_dir,
         )
 
     def _connect_clients(self) -> None:
@@ -237,7 +245,11 @@ class Coordinator:
         order = [(layer, Phase.FORWARD) for layer in layers]
         order += [(layer, Phase.BACKWARD) for layer in reversed(layers)]
         acks = self._run_pass(order, step)
+        states = self.supervisor.collect_pass_states()
         self.memoryx.commit_step(step)
+        # Only a committed step moves the nodes' kept state: a step run again after a
+        # failed commit starts where this attempt started.
+        self.supervisor.pass_states.update(states)
         return acks[self.num_layers - 1], acks
 
     def _recovering(self, step: int, run: Callable[[], object]) -> tuple[object, int]:
@@ -254,7 +266,7 @@ class Coordinator:
             attempt += 1
             try:
                 return run(), attempt
-            except (RpcError, StepFault, ComponentLost) as exc:
+            except (RpcError, StepFault, ComponentLost, StateUnread) as exc:
                 if isinstance(exc, RpcError) and exc.code() == NONFINITE_STATUS:
                     raise NonFiniteError(exc.details()) from None  # a re-run computes the same
                 self.last_error = exc
@@ -314,9 +326,9 @@ class Coordinator:
 
     def evaluate(self, step: int) -> EvalRecord:
         def passes() -> LayerAck:
-            return self._run_pass([(layer, Phase.EVAL) for layer in range(self.num_layers)], step)[
-                -1
-            ]
+            acks = self._run_pass([(layer, Phase.EVAL) for layer in range(self.num_layers)], step)
+            self.supervisor.pass_states.update(self.supervisor.collect_pass_states())
+            return acks[-1]
 
         ack, _ = self._recovering(step, passes)
         return EvalRecord(

@@ -55,6 +55,11 @@ class ComponentLost(Exception):
         super().__init__("; ".join(f"{n}: {why}" for n, why in problems.items()))
 
 
+class StateUnread(Exception):
+    """The nodes' kept state could not be read after a pass, yet every component answers:
+    the pass runs again (a transient failure, within ``runtime.max_step_retries``)."""
+
+
 class Rewind(Exception):
     """MemoryX was restarted from an earlier state: the run continues from ``step``."""
 
@@ -168,6 +173,22 @@ class CheckpointDir:
         return sorted(p for p in self.dir.iterdir() if _CHECKPOINT_RE.match(p.name))
 
 
+def remove_spill_dir(path: str | Path, root: str | Path) -> bool:
+    """Remove a lost MemoryX server's spill directory ``path``; True if it was removed.
+
+    Only a real directory (not a symlink) directly inside the spill root ``root``, named as
+    MemoryX names them (``memoryx-<server>-...``), is removed; ``shutil.rmtree`` unlinks
+    symlinks inside it without following them. Anything else is left alone.
+    """
+    path, root = Path(path), Path(root).resolve()
+    if path.is_symlink() or not path.is_dir() or not path.name.startswith("memoryx-"):
+        return False
+    if path.resolve().parent != root or path.parent.resolve() != root:
+        return False
+    shutil.rmtree(path, ignore_errors=True)
+    return not path.exists()
+
+
 def newest_checkpoint(directory: str | Path) -> tuple[str, int | None]:
     """The newest ``step-<k>.pt`` (or directory ``step-<k>``) in ``directory`` and the run's final step (``run.json``)."""
     directory = Path(directory)
@@ -213,6 +234,15 @@ class Supervisor:
     latest_checkpoint: str | None = None
     #: Path of the newest periodic checkpoint's copy in ``checkpoint.dir``.
     latest_export: str | None = None
+    #: Per compute node whose backend keeps state between passes (PCM weight-stationary
+    #: arrays): its ``pass_state()`` after the last pass that finished (a training step once
+    #: MemoryX committed it). A replacement starts from it, so it reads what the lost node
+    #: would have.
+    pass_states: dict[str, object] = field(default_factory=dict)
+    #: The spill directory of each MemoryX server's disk tier (``memoryx.spill_dir``), by name.
+    spill_dirs: dict[str, str] = field(default_factory=dict)
+    #: ``memoryx.spill_dir``: the only directory whose entries a lost server's are removed from.
+    spill_root: str | None = None
 
     def probe(self) -> dict[str, str]:
         """Components that are dead or hung: name -> cause.
@@ -299,7 +329,12 @@ class Supervisor:
                     self.cluster.drop_node(name)
                     action = "shrunk"
                 else:
-                    self.cluster.restart(name)
+                    states = {
+                        m: {"pass_state": self.pass_states[m]}
+                        for m in [name, *same_process]
+                        if m in self.pass_states
+                    }
+                    self.cluster.restart(name, member_changes=states)
             except (RuntimeError, ValueError, ray.exceptions.RayError) as exc:
                 raise RunFailed(
                     f"{name} was lost during step {step} ({cause}), and its replacement failed: "
@@ -361,12 +396,66 @@ class Supervisor:
             deadlines(self.runtime),
         )
         try:
-            return servers.layout().step
+            return self._replaced_spill_dirs(lost, servers.layout().step)
         except RpcError:  # an empty MemoryX answers FAILED_PRECONDITION
             if self.reload_weights is None:
                 raise
         self.reload_weights()
-        return servers.layout().step
+        return self._replaced_spill_dirs(lost, servers.layout().step)
+
+    def _replaced_spill_dirs(self, lost: str, step: int) -> int:
+        """Once the new servers serve: the lost server's spill directory is removed (the
+        survivors removed their own when stopped), and the new ones noted. Returns ``step``."""
+        gone = self.spill_dirs.pop(lost, None)
+        if gone is not None and self.spill_root is not None:
+            remove_spill_dir(gone, self.spill_root)
+        self.note_spill_dirs()
+        return step
+
+    def note_spill_dirs(self) -> None:
+        """Ask every MemoryX server where its disk tier is (nothing to ask when not tiered)."""
+        if self.spill_root is None:
+            return
+        names = [memoryx_name(k) for k in range(len(self.cluster.memoryx_servers))]
+        found = ray.get(
+            [self.cluster.call(n, "spill_dir") for n in names], timeout=self.runtime.rpc_timeout_s
+        )
+        self.spill_dirs = {n: d for n, d in zip(names, found, strict=True) if d is not None}
+
+    def collect_pass_states(self) -> dict[str, object]:
+        """Every stateful compute node's ``pass_state()``, asked once a pass has finished.
+
+        Read through Ray, while probing health as a layer pass does: a node lost now takes
+        its state with it, so it ends the pass (``ComponentLost``) and the pass runs again
+        on its replacement, from the state kept after the pass before.
+        """
+        names = [
+            n
+            for n in self.cluster.node_names
+            if self.cluster.specs[n][1]["backend"].keeps_state_between_passes
+        ]
+        if not names:
+            return {}
+        refs = [self.cluster.call(n, "pass_state") for n in names]
+        deadline = time.monotonic() + self.runtime.rpc_timeout_s
+        while True:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.runtime.health_interval_s)
+            if len(ready) == len(refs):
+                try:
+                    return dict(zip(names, ray.get(refs), strict=True))
+                except ray.exceptions.RayError as exc:
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                    problems = self.probe()
+                    if problems:
+                        raise ComponentLost(problems) from None
+                    raise StateUnread(f"a node's state could not be read ({first})") from None
+            problems = self.probe()
+            if problems:
+                raise ComponentLost(problems)
+            if time.monotonic() > deadline:
+                raise StateUnread(
+                    f"no node state within runtime.rpc_timeout_s = {self.runtime.rpc_timeout_s} s"
+                )
 
     def step_done(self, step: int) -> None:
         """Stamp the restarts that interrupted ``step`` with the time the step finished."""
@@ -385,8 +474,10 @@ __all__ = [
     "Restart",
     "Rewind",
     "RunFailed",
+    "StateUnread",
     "Supervisor",
     "checkpoint_step",
     "deadlines",
     "newest_checkpoint",
+    "remove_spill_dir",
 ]

@@ -212,18 +212,22 @@ class Cluster:
         """``method(*args, **kwargs)`` of component ``name``, in its process."""
         return self.handle(name).call.remote(name, method, *args, **kwargs)
 
-    def restart(self, name: str, **changes) -> str:
+    def restart(self, name: str, member_changes: dict[str, dict] | None = None, **changes) -> str:
         """Replace ``name``'s process: a new one runs every component the old one ran,
         started with its original arguments (``changes`` overrides some of ``name``'s,
-        e.g. MemoryX's ``checkpoint``), and each of them and their neighbours is rewired.
+        e.g. MemoryX's ``checkpoint``; ``member_changes`` those of any member, e.g. a
+        node's ``pass_state``), and each of them and their neighbours is rewired.
         The old process is killed first (it may be hung, not dead). Returns ``name``'s new
         address.
         """
         members = self.members(name)
         ray.kill(self.handle(name), no_restart=True)
+        by_member = {
+            **(member_changes or {}),
+            name: {**(member_changes or {}).get(name, {}), **changes},
+        }
         starts = [
-            (m, self.specs[m][0], {**self.specs[m][1], **(changes if m == name else {})})
-            for m in members
+            (m, self.specs[m][0], {**self.specs[m][1], **by_member.get(m, {})}) for m in members
         ]
         options = self.host_options.get(name, {})
         handle, addresses = None, None

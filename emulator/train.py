@@ -298,6 +298,7 @@ def train(
             # MemoryX holds the weights now; a model beyond RAM must not stay here as well.
             del layers
             first = coordinator.start_step
+            coordinator.supervisor.note_spill_dirs()  # removed when their server is lost
             watch.steps_started()
             coordinator.checkpoints.write_run_info(first + config.num_steps, config.seed)
 

@@ -51,6 +51,11 @@ class MemoryXActor:
         """This actor's process id (fault-injection tests signal it)."""
         return os.getpid()
 
+    def spill_dir(self) -> str | None:
+        """The directory of this server's disk tier (absolute), or None when not tiered."""
+        store = self.servicer.store
+        return str(store.spill_dir.resolve()) if isinstance(store, TieredStore) else None
+
     def stop(self) -> None:
         self.server.stop(grace=None)
         store = self.servicer.store

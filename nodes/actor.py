@@ -31,7 +31,9 @@ class NodeActor:
         num_threads: int,
         security: Security,
         share: tuple[int, int] | None = None,
+        pass_state: object | None = None,
     ):
+        """``pass_state``: the backend state of the node this one replaces (``pass_state()``)."""
         # A shipped data set is rebuilt here; a user's data arrives loaded (never as a path).
         dataset = data if isinstance(data, Dataset) else data.build(seed=seed)
         # Several nodes share a host's cores; one thread each keeps them from thrashing.
@@ -47,6 +49,8 @@ class NodeActor:
             max_eval_samples=max_eval_samples,
             share=share,
         )
+        if pass_state is not None:
+            worker.backend.adopt_pass_state(pass_state)
         self.servicer = ComputeNodeServicer(
             worker, name=f"node-{rank}", security=security, chunk_bytes=chunk_bytes
         )
@@ -60,6 +64,10 @@ class NodeActor:
     def pid(self) -> int:
         """This actor's process id (fault-injection tests signal it)."""
         return os.getpid()
+
+    def pass_state(self) -> object | None:
+        """The backend's state between passes, for a replacement (``Backend.pass_state``)."""
+        return self.servicer.worker.backend.pass_state()
 
     def reshard(self, rank: int, num_nodes: int) -> None:
         """Take shard ``rank`` of ``num_nodes`` (the cluster shrank after losing a node)."""

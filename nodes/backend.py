@@ -71,6 +71,12 @@ class Backend(ABC):
             """False for training methods (such as DFA) whose backward needs no weights."""
             return True
 
+        @property
+        def keeps_state_between_passes(self) -> bool:
+            """True if a node's numerics depend on what earlier passes left in it (PCM
+            weight-stationary arrays): its replacement then needs ``Backend.pass_state``."""
+            return False
+
         def drift_eval_config(self, compensated: bool) -> Backend.Config:
             """This backend as ``wafer eval`` runs it: programmed once, read later, with or
             without drift compensation. ValueError for a backend whose arrays do not drift."""
@@ -147,6 +153,21 @@ class Backend(ABC):
         re-run is bit-identical. Stateless backends ignore it.
         """
         return None
+
+    def pass_state(self) -> object | None:
+        """What a replacement of this node needs to compute as it would have, taken between
+        passes (picklable, small); None for a backend whose state is a function of its config
+        and seeds alone. The driver keeps it and gives it to the replacement."""
+        return None
+
+    def adopt_pass_state(self, state: object) -> None:
+        """Continue from ``state``, another node's ``pass_state()`` (this node replaces it)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no state between passes")
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of weight state the backend keeps between layers (0: it keeps none)."""
+        return 0
 
     def stats(self) -> dict[str, float]:
         """Named backend counters since the node started (e.g. programming energy), for reports.

@@ -121,7 +121,9 @@ class NodeWorker:
 
     @property
     def weight_bytes_held(self) -> int:
-        return sum(
+        """Weight state kept between layers: parameters (none: they are dropped) and what the
+        backend keeps (PCM weight-stationary arrays and their pass-start records)."""
+        return self.backend.held_bytes + sum(
             p.numel() * p.element_size()
             for layer in self.layers
             for p in layer.parameters()

@@ -47,6 +47,7 @@ returned by ``stats()``. Counters are cumulative over the node's life (wear is).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -120,6 +121,10 @@ class PcmBackend(Backend):
         )
 
         @property
+        def keeps_state_between_passes(self) -> bool:
+            return self.operating_mode.arrays_outlive_a_pass
+
+        @property
         def operating_mode(self) -> OperatingMode:
             """``mode`` as its strategy object (``nodes.pcm.modes``)."""
             return OPERATING_MODES[self.mode]
@@ -174,8 +179,17 @@ class PcmBackend(Backend):
         #: of these, exact whatever the clock's magnitude, so a replacement node whose clock
         #: started later reads arrays of the same age bit-identically.
         self._clock_fs = 0
+        #: What each matrix's arrays physically hold: its last programming (wear is counted
+        #: against it).
         self._programmed: dict[tuple[int, str], ProgrammedMatrix] = {}
-        self._programmed_at_fs: dict[tuple[int, str], int] = {}
+        #: How each of those was programmed (``Provenance``): its age, and enough to program
+        #: it again identically.
+        self._provenance: dict[tuple[int, str], Provenance] = {}
+        #: Matrices the numerics say the arrays hold, but that are not materialised here: a
+        #: replacement's inherited arrays, or the pass-start content of arrays an aborted
+        #: attempt reprogrammed. Programmed again from their provenance when first read with
+        #: the same weights; ``_ABSENT``: the arrays held nothing at the pass start.
+        self._pending: dict[tuple[int, str], Provenance] = {}
         self._wear: dict[tuple[int, str], WriteCycleCounter] = {}
         #: Per matrix: (t_inference of the last reference read, its compensation factor).
         self._compensation: dict[tuple[int, str], tuple[float, Tensor]] = {}
@@ -211,6 +225,11 @@ class PcmBackend(Backend):
         counters keep the aborted attempt's writes and reads, which the devices did take. An
         older pass (a rewind to a checkpoint) starts from empty arrays: every matrix is
         programmed afresh, as it was then unless an earlier pass had left it resident.
+
+        The snapshot is copy-on-write and small: it keeps each matrix's ``Provenance`` (a
+        generator state and a digest), never a second copy of the conductances. A matrix
+        the aborted attempt reprogrammed goes back as pending: the re-run streams the same
+        weights, which differ from the pass-start ones, so it is reprogrammed anyway.
         """
         if not self.operating_mode.arrays_outlive_a_pass:
             return
@@ -226,23 +245,80 @@ class PcmBackend(Backend):
 
     def _array_state(self) -> _ArrayState:
         return _ArrayState(
-            programmed=dict(self._programmed),
-            programmed_at_fs=dict(self._programmed_at_fs),
+            held={**self._provenance, **self._pending},
             compensation=dict(self._compensation),
             clock_s=self.clock_s,
             clock_fs=self._clock_fs,
         )
 
     def _restore(self, state: _ArrayState) -> None:
-        self._programmed = dict(state.programmed)
-        self._programmed_at_fs = dict(state.programmed_at_fs)
+        # Arrays still holding the programming the state names keep it; any other matrix
+        # (reprogrammed, or first programmed, since) is pending: what the state says, or
+        # absent.
+        self._pending = {
+            key: held
+            for key in {*self._programmed, *self._pending, *state.held}
+            if (held := state.held.get(key, _ABSENT)) is not self._provenance.get(key)
+        }
         self._compensation = dict(state.compensation)
         self.clock_s, self._clock_fs = state.clock_s, state.clock_fs
+
+    def pass_state(self) -> PcmPassState | None:
+        """What a replacement of this node needs to read its arrays bit-identically.
+
+        Taken between passes (the driver asks once a pass has finished everywhere): the
+        last pass begun, the clock, and each resident matrix's provenance and drift
+        compensation. Small: no conductances (see ``Provenance``). None when the arrays do
+        not outlive a pass or no pass has begun.
+        """
+        if not self.operating_mode.arrays_outlive_a_pass or self._pass_start is None:
+            return None
+        state = self._array_state()
+        return PcmPassState(
+            after=self._pass_start[0],
+            held={k: p for k, p in state.held.items() if p is not _ABSENT},
+            compensation=state.compensation,
+            clock_s=state.clock_s,
+            clock_fs=state.clock_fs,
+        )
+
+    def adopt_pass_state(self, state: PcmPassState) -> None:
+        """Continue as the node whose ``pass_state()`` this is: a replacement's arrays.
+
+        Every matrix is pending until first read: programmed then from its provenance if
+        the weights streamed are those it held (as the lost node would have read it,
+        resident), else afresh. A pass after ``state.after`` starts from this state; the
+        same pass or an earlier one is a rewind, from empty arrays.
+        """
+        self._programmed, self._provenance = {}, {}
+        self._pending = dict(state.held)
+        self._compensation = dict(state.compensation)
+        self.clock_s, self._clock_fs = state.clock_s, state.clock_fs
+        self._pass_start = (
+            state.after,
+            _ArrayState(clock_s=state.clock_s, clock_fs=state.clock_fs),
+        )
+
+    @property
+    def held_bytes(self) -> int:
+        return self.array_bytes
+
+    @property
+    def array_bytes(self) -> int:
+        """Bytes of the emulated arrays' state this node holds (conductances, drift
+        exponents, scales) plus the pass-start snapshot's provenance records."""
+        matrices = sum(_tensor_bytes(p) for p in self._programmed.values())
+        records = {*self._provenance.values(), *self._pending.values()}
+        if self._pass_start is not None:
+            records.update(self._pass_start[1].held.values())
+        compensation = sum(s.numel() * s.element_size() for _, s in self._compensation.values())
+        return matrices + compensation + sum(r.nbytes for r in records if r is not _ABSENT)
 
     def stats(self) -> dict[str, float]:
         stats = dict(self._counters)
         stats["pcm.clock_s"] = self.clock_s
         stats["pcm.arrays_in_use"] = float(self.arrays_in_use)
+        stats["pcm.array_state_bytes"] = float(self.array_bytes)
         if self._wear:
             reports = {
                 key: counter.endurance(
@@ -278,7 +354,7 @@ class PcmBackend(Backend):
 
     def _age_s(self, key: tuple[int, str]) -> float:
         """Emulated seconds since matrix ``key`` was programmed (exact: a difference of ints)."""
-        return (self._clock_fs - self._programmed_at_fs[key]) / _FS_PER_S
+        return (self._clock_fs - self._provenance[key].programmed_at_fs) / _FS_PER_S
 
     # ---- Internals ---------------------------------------------------------------------
 
@@ -306,24 +382,90 @@ class PcmBackend(Backend):
         key = (layer, name)
         mode = self.operating_mode
         previous = self._programmed.get(key)
-        resident = mode.resident(previous, w_OI, self.tile, self.device)
+        pending = self._pending.pop(key, None)
+        if pending is not None:
+            if pending is not _ABSENT and pending.digest == _target_digest(
+                *self.tile.map_weights(w_OI, self.device.g_max)
+            ):
+                return self._program_again(key, w_OI, pending, previous)
+            resident = None  # the arrays, as the numerics see them, held other weights
+        else:
+            resident = mode.resident(previous, w_OI, self.tile, self.device)
         if resident is not None:
             return resident
         mode.admit(
             self.placement,
-            [_matrix_shape(p) for p in self._programmed.values()],
+            [_matrix_shape(p) for k, p in self._programmed.items() if k != key],
             tuple(w_OI.shape),
             first_time=previous is None,
         )
+        # Taken only where arrays outlive a pass: a replacement may have to program it again.
+        state_before = gen.get_state() if mode.arrays_outlive_a_pass else None
         programmed = program_layer(
             w_OI, None, self.tile, self.device, self.periphery, gen, programmed_at_s=self.clock_s
         )
+        self._count_programming(key, programmed, previous)
+        if self.config.device.drift_compensation.kind != "none":
+            # program_layer read the compensation baseline with one-hot inputs.
+            self._count_reads(programmed, programmed.num_inputs, "pcm.calibration")
+        programmed = replace(programmed, programmed_at_s=self.clock_s)
+        self._programmed[key] = programmed
+        self._provenance[key] = Provenance(
+            generator_state=state_before,
+            digest=(
+                _target_digest(programmed.g_target_SRCIO, programmed.weight_scale_RC)
+                if state_before is not None
+                else b""
+            ),
+            programmed_at_s=self.clock_s,
+            programmed_at_fs=self._clock_fs,
+        )
+        # The baseline was read right now, so the factor is 1 until the arrays drift.
+        self._compensation[key] = (0.0, torch.ones(()))
+        return programmed
+
+    def _program_again(
+        self,
+        key: tuple[int, str],
+        w_OI: Tensor,
+        provenance: Provenance,
+        previous: ProgrammedMatrix | None,
+    ) -> ProgrammedMatrix:
+        """The matrix ``provenance`` describes, programmed again from the same generator state:
+        bitwise what the arrays held then, with its age and compensation (already restored).
+
+        The devices are written now (wear, ``pcm.restored_programmings``: a replacement's new
+        chip), but the emulated clock does not move: the arrays they stand for were programmed
+        back then, and their reads must see that age.
+        """
+        gen = torch.Generator()
+        gen.set_state(provenance.generator_state)
+        programmed = program_layer(w_OI, None, self.tile, self.device, self.periphery, gen)
+        programmed = replace(programmed, programmed_at_s=provenance.programmed_at_s)
+        self._wear_of(key, programmed).record(
+            self.operating_mode.overwritten(previous), programmed.g_target_SRCIO
+        )
+        self._count("pcm.restored_programmings", 1)
+        self._programmed[key] = programmed
+        self._provenance[key] = provenance
+        return programmed
+
+    def _wear_of(self, key: tuple[int, str], programmed: ProgrammedMatrix) -> WriteCycleCounter:
         counter = self._wear.get(key)
         if counter is None:
             counter = self._wear[key] = WriteCycleCounter(
                 programmed.g_target_SRCIO.shape, self.config.cost.program_verify_iterations
             )
-        written_SRCIO = counter.record(mode.overwritten(previous), programmed.g_target_SRCIO)
+        return counter
+
+    def _count_programming(
+        self, key: tuple[int, str], programmed: ProgrammedMatrix, previous: ProgrammedMatrix | None
+    ) -> None:
+        """Wear, time and energy of writing ``programmed`` over ``previous``; the clock moves."""
+        layer = key[0]
+        written_SRCIO = self._wear_of(key, programmed).record(
+            self.operating_mode.overwritten(previous), programmed.g_target_SRCIO
+        )
         cost = self.cost.program(
             written_SRCIO.sum(dim=(0, 3, 4)), self.mvm_mode, self.placement.num_arrays
         )
@@ -334,15 +476,6 @@ class PcmBackend(Backend):
         self._count(f"pcm.layer.{layer}.program_time_s", cost.time_s)
         self._count(f"pcm.layer.{layer}.program_energy_j", cost.energy_j)
         self._tick(cost.time_s)
-        if self.config.device.drift_compensation.kind != "none":
-            # program_layer read the compensation baseline with one-hot inputs.
-            self._count_reads(programmed, programmed.num_inputs, "pcm.calibration")
-        programmed = replace(programmed, programmed_at_s=self.clock_s)
-        self._programmed[key] = programmed
-        self._programmed_at_fs[key] = self._clock_fs
-        # The baseline was read right now, so the factor is 1 until the arrays drift.
-        self._compensation[key] = (0.0, torch.ones(()))
-        return programmed
 
     def _count_reads(
         self,
@@ -437,15 +570,74 @@ class PcmBackend(Backend):
 _FS_PER_S = 10**15
 
 
+@dataclass(frozen=True, eq=False)
+class Provenance:
+    """How one matrix's arrays were programmed: enough to program them again bitwise.
+
+    Programming noise, drift exponents and the compensation baseline are drawn from the
+    layer's generator in ``program_layer``, so its state then, with the same weights,
+    reproduces the arrays; ``digest`` identifies those weights (their conductance targets
+    and tile scales, what ``WeightStationaryMode.resident`` compares). A few KB, against the
+    conductances' 3 x 2 x 4 bytes per weight.
+    """
+
+    generator_state: Tensor | None
+    digest: bytes
+    #: The emulated clock when the programming finished, s and exact fs (ages are differences).
+    programmed_at_s: float
+    programmed_at_fs: int
+
+    @property
+    def nbytes(self) -> int:
+        state = self.generator_state
+        return len(self.digest) + (0 if state is None else state.numel() * state.element_size())
+
+
+#: A pending entry for arrays that held nothing at the pass start: programmed afresh.
+_ABSENT = Provenance(generator_state=None, digest=b"", programmed_at_s=0.0, programmed_at_fs=0)
+
+
 @dataclass
 class _ArrayState:
-    """What weight-stationary arrays hold between passes (shared, never mutated, tensors)."""
+    """What weight-stationary arrays held when a pass began (shared, never mutated, records)."""
 
-    programmed: dict = field(default_factory=dict)
-    programmed_at_fs: dict = field(default_factory=dict)
+    held: dict = field(default_factory=dict)
     compensation: dict = field(default_factory=dict)
     clock_s: float = 0.0
     clock_fs: int = 0
+
+
+@dataclass
+class PcmPassState:
+    """A weight-stationary node's arrays between passes, as its replacement adopts them
+    (``PcmBackend.pass_state``): small, picklable, no conductances."""
+
+    #: The last pass (step, kind) the node began: its replacement continues after it.
+    after: tuple[int, int]
+    held: dict[tuple[int, str], Provenance]
+    compensation: dict[tuple[int, str], tuple[float, Tensor]]
+    clock_s: float
+    clock_fs: int
+
+
+def _target_digest(g_target_SRCIO: Tensor, scale_RC: Tensor) -> bytes:
+    digest = hashlib.sha256()
+    for tensor in (g_target_SRCIO, scale_RC):
+        digest.update(str((tuple(tensor.shape), tensor.dtype)).encode())
+        digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.digest()
+
+
+def _tensor_bytes(programmed: ProgrammedMatrix) -> int:
+    tensors = (
+        programmed.g_target_SRCIO,
+        programmed.g_programmed_SRCIO,
+        programmed.drift_exponent_SRCIO,
+        programmed.weight_scale_RC,
+        programmed.bias_O,
+        programmed.drift_baseline,
+    )
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def _matrix_shape(programmed: ProgrammedMatrix) -> tuple[int, int]:
@@ -465,4 +657,4 @@ def matrix_shapes(layers: list[nn.Module]) -> list[tuple[int, int]]:
     return shapes
 
 
-__all__ = ["PcmBackend", "matrix_shapes"]
+__all__ = ["PcmBackend", "PcmPassState", "Provenance", "matrix_shapes"]

@@ -14,6 +14,7 @@ from emulator.faults import (
     checkpoint_step,
     deadlines,
     newest_checkpoint,
+    remove_spill_dir,
 )
 from emulator.train import resolve_resume
 
@@ -162,3 +163,26 @@ def test_a_probe_asks_one_component_per_process(monkeypatch):
     assert asked == ["m:0", "n:1", "s:4"]
     # The member asked names the lost process (recover replaces every member with it).
     assert problems == {"node-0": "health check failed: UNAVAILABLE; Ray reports it dead"}
+
+
+def test_a_lost_servers_spill_directory_is_removed_only_inside_the_spill_root(tmp_path):
+    root, elsewhere = tmp_path / "spill", tmp_path / "elsewhere"
+    lost = root / "memoryx-1-4242-abcd"
+    (lost / "layers").mkdir(parents=True)
+    (lost / "layers" / "0.safetensors").write_bytes(b"x")
+    elsewhere.mkdir()
+    (elsewhere / "keep").write_bytes(b"x")
+    (lost / "link").symlink_to(elsewhere)  # a symlink inside is unlinked, never followed
+    assert remove_spill_dir(lost, root)
+    assert not lost.exists() and (elsewhere / "keep").exists()
+    # A symlink named like a spill directory, a directory outside the root, and one the
+    # server did not name: all left alone.
+    outside = tmp_path / "memoryx-0-1-x"
+    outside.mkdir()
+    (root / "memoryx-0-2-y").symlink_to(outside)
+    (root / "user-data").mkdir()
+    assert not remove_spill_dir(root / "memoryx-0-2-y", root)
+    assert not remove_spill_dir(outside, root)
+    assert not remove_spill_dir(root / "user-data", root)
+    assert not remove_spill_dir(root / "memoryx-9-missing", root)
+    assert outside.is_dir() and (root / "user-data").is_dir()

@@ -105,27 +105,44 @@ def test_lost_node_or_swarmx_is_replaced_bit_identically(clean_run, target, when
 
 
 # PCM weight-stationary arrays keep each matrix, its programming noise and its drift between
-# passes: the lost node's neighbours go back to what they held when the step began, the
-# replacement programs the same noise from the same seeds, and an evaluation's arrays are read
-# at the same exact age. (A photonic node's fabrication errors come from backend.seed alone:
-# tests/nodes/photonic/test_photonic_backend.py.)
+# passes: the lost node's neighbours go back to what they held when the step began, and the
+# replacement starts from the lost node's state as the driver kept it after the last pass
+# (each matrix's generator state at programming and its exact age), so the matrices it finds
+# resident are programmed with the same noise and read at the same age. (A photonic node's
+# fabrication errors come from backend.seed alone: tests/nodes/photonic/test_photonic_backend.py.)
 PCM_WEIGHT_STATIONARY = {
     "backend.kind": "pcm",
     "backend.mode": "weight-stationary",
     "backend.weight_stationary.num_chips": 4,
-    # Step 2 reads the arrays the evaluation at version 2 programmed after the loss.
-    "eval_every": 2,
+    "num_steps": 3,
+}
+PCM_CASES = {
+    # Lost in step 2, right after the evaluation at version 2 programmed the arrays it reads.
+    "after-eval": ({"eval_every": 2}, ("node-1", (2, 0, "forward"), "SIGKILL")),
+    # Weights that do not change (the update rounds away): the arrays date from step 0.
+    "unchanged-weights": ({"optimizer.lr": 1e-30}, ("node-0", (2, 1, "forward"), "ray.kill")),
 }
 
 
-def test_pcm_weight_stationary_node_is_replaced_bit_identically(ray_session):
-    extra = PCM_WEIGHT_STATIONARY
+@pytest.mark.parametrize("case", PCM_CASES)
+def test_pcm_weight_stationary_node_is_replaced_bit_identically(ray_session, case):
+    extra, (target, when, how) = PCM_CASES[case]
+    extra = {**PCM_WEIGHT_STATIONARY, **extra}
     clean = train(_config(**extra), progress=False)
-    report = _run(Chaos("node-1", (1, 1, "forward"), "SIGKILL"), **extra)
+    report = _run(Chaos(target, when, how), **extra)
     _assert_identical(report, clean)
     assert [e.step for e in report.evals] == [e.step for e in clean.evals]
     assert [e.loss for e in report.evals] == [e.loss for e in clean.evals]
-    assert [f["component"] for f in report.faults] == ["node-1"]
+    assert [f["component"] for f in report.faults] == [target]
+
+    # The replacement programmed the matrices it found resident again, from the kept state.
+    def node_stats(run, name):
+        return next(n for n in run.traffic["nodes"] if f"node-{n['rank']}" == name)["backend"]
+
+    restored = node_stats(report, target)["pcm.restored_programmings"]
+    assert restored > 0
+    if case == "unchanged-weights":  # every matrix, each programmed once, at step 0
+        assert restored == node_stats(clean, target)["pcm.programmings"]
 
 
 def test_memoryx_restarts_from_the_newest_checkpoint(clean_run, tmp_path):
@@ -229,11 +246,28 @@ def test_lost_memoryx_server_of_two_with_a_disk_tier_restarts_both_bit_identical
         "checkpoint.every_steps": 2,
         "checkpoint.dir": str(tmp_path / "ckpt"),
     }
-    report = _run(Chaos("memoryx-1", (3, 1, "backward"), "SIGKILL"), **extra)
+    spill = tmp_path / "spill"
+    seen: list[set[str]] = []
+
+    class WatchSpill(Chaos):
+        """Lists the spill root when it kills, and when the first step after the restart runs."""
+
+        def __call__(self, step: int, layer: int, phase: str) -> None:
+            if len(seen) == int(self.hit):
+                seen.append({p.name for p in spill.iterdir()})
+            super().__call__(step, layer, phase)
+
+    chaos = WatchSpill("memoryx-1", (3, 1, "backward"), "SIGKILL")
+    report = _run(chaos, **extra)
     _assert_identical(report, clean_run)
     assert [f["component"] for f in report.faults] == ["memoryx-1"]
     # Steps 2 and 3 ran again after the restart; the report keeps one record of each.
     assert [s.step for s in report.steps] == list(range(NUM_STEPS))
+    # Once the new servers serve, only their two directories are left: the survivor removed
+    # its own when stopped, and the lost server's was removed for it.
+    before, after = seen[0], seen[-1]
+    assert len(before) == len(after) == 2 and not before & after
+    assert list(spill.iterdir()) == []  # and the run removed the rest when it ended
 
 
 def test_sharded_memoryx_lost_before_any_checkpoint_restarts_from_the_first_step(clean_run):

@@ -7,11 +7,13 @@ tests do the same, so each pass draws the same noise wherever it runs.
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 from torch import nn
 
-from nodes.pcm.backend import PcmBackend
+from nodes.pcm.backend import PcmBackend, _tensor_bytes
 from nodes.worker import EVAL_PASS, TRAIN_PASS
 
 IN, OUT, BATCH = 40, 24, 6
@@ -101,3 +103,80 @@ def test_wear_and_counters_keep_the_aborted_attempt(mode):
     _pass(backend, 0, TRAIN_PASS, version=0)
     # The devices were written by the first attempt and are written again by the re-run.
     assert backend.stats()["pcm.programmings"] == 2 * once
+
+
+def _replacement_of(lost: PcmBackend) -> PcmBackend:
+    """A new node given the lost node's state as the driver kept it (pickled, as Ray ships it)."""
+    replacement = _weight_stationary()
+    replacement.adopt_pass_state(pickle.loads(pickle.dumps(lost.pass_state())))
+    return replacement
+
+
+def test_a_replacement_after_an_evaluation_reads_the_arrays_the_evaluation_programmed():
+    # Lost right after the evaluation at version 2: step 2 reads, resident, what that pass
+    # programmed, at the age it has then. The replacement's arrays are empty and its clock
+    # new; with the state the driver kept, it programs the same noise and reads the same age.
+    lost = _weight_stationary()
+    lost.advance_clock(3600.0)
+    for step in range(2):
+        _pass(lost, step, TRAIN_PASS, version=step)
+    _pass(lost, 2, EVAL_PASS, version=2)
+    kept = lost.pass_state()
+    want = _pass(lost, 2, TRAIN_PASS, version=2)
+    replacement = _weight_stationary()
+    replacement.adopt_pass_state(pickle.loads(pickle.dumps(kept)))
+    assert torch.equal(_pass(replacement, 2, TRAIN_PASS, version=2), want)
+    assert replacement.stats()["pcm.restored_programmings"] == 2
+    assert "pcm.programmings" not in replacement.stats()  # resident: nothing programmed
+    for key in lost._programmed:
+        assert replacement._age_s(key) == lost._age_s(key) > 0
+    # Without the state it programs afresh, with other noise, read at age 0 (the old gap).
+    fresh = _weight_stationary()
+    assert not torch.equal(_pass(fresh, 2, TRAIN_PASS, version=2), want)
+
+
+def test_a_replacement_reads_arrays_whose_weights_did_not_change_since_an_earlier_step():
+    lost = _weight_stationary()
+    outputs = [_pass(lost, step, TRAIN_PASS, version=0) for step in range(2)]
+    replacement = _replacement_of(lost)  # lost in step 2: the arrays date from step 0
+    outputs.append(_pass(lost, 2, TRAIN_PASS, version=0))
+    assert not torch.equal(outputs[2], outputs[0])  # the arrays drifted meanwhile
+    assert torch.equal(_pass(replacement, 2, TRAIN_PASS, version=0), outputs[2])
+    # Later steps with new weights, and a retry of one, go on identically.
+    assert torch.equal(_pass(replacement, 3, TRAIN_PASS, version=3), _pass(lost, 3, TRAIN_PASS, 3))
+    assert torch.equal(_pass(replacement, 3, TRAIN_PASS, version=3), _pass(lost, 3, TRAIN_PASS, 3))
+
+
+def test_a_replacement_whose_weights_changed_programs_them_afresh():
+    lost = _weight_stationary()
+    _pass(lost, 0, TRAIN_PASS, version=0)
+    replacement = _replacement_of(lost)
+    assert torch.equal(_pass(replacement, 1, TRAIN_PASS, 1), _pass(lost, 1, TRAIN_PASS, 1))
+    assert replacement.stats()["pcm.programmings"] == 2
+    assert "pcm.restored_programmings" not in replacement.stats()
+
+
+def test_a_replacement_rewound_to_the_pass_it_inherited_starts_from_empty_arrays():
+    lost = _weight_stationary()
+    outputs = [_pass(lost, step, TRAIN_PASS, version=step) for step in range(2)]
+    replacement = _replacement_of(lost)
+    assert torch.equal(_pass(replacement, 1, TRAIN_PASS, version=1), outputs[1])
+
+
+def test_the_pass_start_snapshot_keeps_no_second_copy_of_the_arrays():
+    # Every train step reprograms every matrix (new weights): a snapshot holding the old
+    # conductances would double the node's arrays by the end of the pass.
+    backend = _weight_stationary(tile=PcmBackend.Config().tile.__class__(rows=16, cols=16))
+    for step in range(3):
+        _pass(backend, step, TRAIN_PASS, version=step)
+    arrays = sum(_tensor_bytes(p) for p in backend._programmed.values())
+    snapshot = backend._pass_start[1]
+    assert all(not hasattr(p, "g_programmed_SRCIO") for p in snapshot.held.values())
+    records = sum(p.nbytes for p in snapshot.held.values())
+    assert records < 3 * 5100  # two matrices: a generator state and a digest each
+    assert backend.stats()["pcm.array_state_bytes"] <= arrays + 2 * records + 64
+    state = pickle.dumps(backend.pass_state())
+    assert len(state) < 20_000 < arrays
+    # Copy-on-write: a re-run still reads what the first attempt read.
+    first = _pass(backend, 3, TRAIN_PASS, version=3)
+    assert torch.equal(_pass(backend, 3, TRAIN_PASS, version=3), first)
