@@ -9,6 +9,7 @@ whose last write fails.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -61,6 +62,31 @@ def check_writable(field: str, path: str) -> None:
         ) from None
 
 
+def check_room(field: str, path: str, need_bytes: int, what: str) -> None:
+    """ValueError if the file system of ``path`` (a directory, or a file's) has less than
+    ``need_bytes`` free: a full disk is found now, not when the first checkpoint fails."""
+    target = Path(path).absolute()
+    directory = target if target.is_dir() else target.parent
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return  # not a directory we can measure: the write checks report it
+    if free < need_bytes:
+        raise ValueError(
+            f"{field} = {path!r}: the disk has {free} bytes free, but {what} needs at least "
+            f"{need_bytes} bytes (the weights and optimizer state); free space there or "
+            "choose another directory."
+        )
+
+
+def check_checkpoint_room(config: ClusterConfig, state_bytes: int) -> None:
+    """Room for MemoryX's state (``state_bytes``) where the run writes checkpoints."""
+    if config.checkpoint.dir is not None:
+        check_room("checkpoint.dir", config.checkpoint.dir, state_bytes, "one checkpoint")
+    if config.save_checkpoint is not None:
+        check_room("save_checkpoint", config.save_checkpoint, state_bytes, "the checkpoint")
+
+
 def check_batch(config: ClusterConfig, num_train: int) -> None:
     """A global batch fits in the training set (every step draws it without repeats)."""
     if config.batch_size <= num_train:
@@ -80,4 +106,11 @@ def check_batch(config: ClusterConfig, num_train: int) -> None:
     )
 
 
-__all__ = ["check_batch", "check_before_launch", "check_resume", "check_writable"]
+__all__ = [
+    "check_batch",
+    "check_before_launch",
+    "check_checkpoint_room",
+    "check_resume",
+    "check_room",
+    "check_writable",
+]

@@ -50,12 +50,13 @@ from emulator.groups import (
 )
 from emulator.launch import Cluster, launch
 from emulator.memory import RuntimeWatch
-from emulator.preflight import check_batch, check_before_launch
+from emulator.preflight import check_batch, check_before_launch, check_checkpoint_room
 from emulator.progress import StepProgress
 from emulator.report import TrainReport, sparsity_report
 from emulator.stopping import ERROR_EXIT_STATUS, RunStopped, StopSignals
 from emulator.zoo import check_blocks, model_blocks, model_positions
 from memoryx.checkpoint import MANIFEST_NAME, checkpoint_dir_name, checkpoint_name
+from memoryx.layer_files import layer_state_bytes
 from nodes.backend import Backend
 from proto.clients import RpcError
 
@@ -103,7 +104,8 @@ def check_sparsity(config: ClusterConfig, layers: list[nn.Module]) -> None:
 
 
 def check_memoryx(config: ClusterConfig, layers: list[nn.Module]) -> None:
-    """ValueError before the cluster starts if MemoryX cannot hold this model as configured."""
+    """ValueError before the cluster starts if MemoryX cannot hold this model as configured,
+    or if its state would not fit where the run writes checkpoints (a full disk)."""
     resume_file = config.resume is not None and Path(config.resume).is_file()
     if resume_file and config.memoryx.directory_checkpoints:
         raise ValueError(
@@ -118,11 +120,14 @@ def check_memoryx(config: ClusterConfig, layers: list[nn.Module]) -> None:
         if config.sparsity is None
         else config.sparsity.build(sparsity_named_shapes(layers)).params
     )
-    config.memoryx.check(
-        [{n: tuple(p.shape) for n, p in layer.named_parameters()} for layer in layers],
-        config.optimizer,
-        masked,
+    shapes = [{n: tuple(p.shape) for n, p in layer.named_parameters()} for layer in layers]
+    config.memoryx.check(shapes, config.optimizer, masked)
+    optimizer = config.optimizer.build()
+    state_bytes = sum(
+        sum(layer_state_bytes(s, optimizer, [n for n in s if f"{i}.{n}" in masked]))
+        for i, s in enumerate(shapes)
     )
+    check_checkpoint_room(config, state_bytes)
 
 
 def layer_shapes(layers: list[nn.Module], example: torch.Tensor) -> list[LayerShape]:

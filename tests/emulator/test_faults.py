@@ -186,3 +186,33 @@ def test_a_lost_servers_spill_directory_is_removed_only_inside_the_spill_root(tm
     assert not remove_spill_dir(root / "user-data", root)
     assert not remove_spill_dir(root / "memoryx-9-missing", root)
     assert outside.is_dir() and (root / "user-data").is_dir()
+
+
+def test_a_full_checkpoint_disk_is_refused_before_the_run_starts(tmp_path, monkeypatch):
+    import shutil
+
+    from emulator import preflight
+    from emulator.train import check_memoryx, prepare_layers
+
+    config = load_config(
+        overrides={
+            "model.name": "mlp-digits",
+            "checkpoint.every_steps": 1,
+            "checkpoint.dir": str(tmp_path / "ckpt"),
+            "save_checkpoint": str(tmp_path / "final.pt"),
+        }
+    )
+    layers, _ = prepare_layers(config)
+    check_memoryx(config, layers)  # this disk has room
+    (tmp_path / "ckpt").mkdir()
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    with pytest.raises(
+        ValueError, match=r"checkpoint\.dir = .* 1000 bytes free, but one checkpoint"
+    ):
+        check_memoryx(config, layers)
+    config = load_config(
+        overrides={"model.name": "mlp-digits", "save_checkpoint": str(tmp_path / "final.pt")}
+    )
+    with pytest.raises(ValueError, match=r"save_checkpoint = .* 1000 bytes free"):
+        check_memoryx(config, layers)
