@@ -291,6 +291,7 @@ class Coordinator:
 
     def train_step(self, step: int) -> StepRecord:
         started = time.perf_counter()
+        self.supervisor.keep_states_at(step)
 
         def one_attempt() -> tuple[object, LayerAck, list[LayerAck]]:
             # MemoryX traffic of the attempt that succeeded (a new MemoryX counts from 0).
@@ -398,8 +399,10 @@ class Coordinator:
         return path
 
     def rewind(self, step: int) -> None:
-        """MemoryX came back at ``step``: forget the records of the steps it lost."""
+        """MemoryX came back at ``step``: forget the records of the steps it lost; the
+        nodes' device state goes back to what it was then."""
         self.steps = [s for s in self.steps if s.step < step]
+        self.supervisor.rewind_nodes(step)
 
     def traffic(self) -> dict:
         per_server = self.memoryx.stats_per_server()

@@ -19,6 +19,7 @@ steps since are run again (``Rewind``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -239,6 +240,9 @@ class Supervisor:
     #: MemoryX committed it). A replacement starts from it, so it reads what the lost node
     #: would have.
     pass_states: dict[str, object] = field(default_factory=dict)
+    #: ``pass_states`` as they were before a training step that MemoryX may come back at
+    #: (the run's first, the newest checkpoint's), by step.
+    states_at: dict[int, dict[str, object]] = field(default_factory=dict)
     #: The spill directory of each MemoryX server's disk tier (``memoryx.spill_dir``), by name.
     spill_dirs: dict[str, str] = field(default_factory=dict)
     #: ``memoryx.spill_dir``: the only directory whose entries a lost server's are removed from.
@@ -429,11 +433,7 @@ class Supervisor:
         its state with it, so it ends the pass (``ComponentLost``) and the pass runs again
         on its replacement, from the state kept after the pass before.
         """
-        names = [
-            n
-            for n in self.cluster.node_names
-            if self.cluster.specs[n][1]["backend"].keeps_state_between_passes
-        ]
+        names = self._stateful_nodes()
         if not names:
             return {}
         refs = [self.cluster.call(n, "pass_state") for n in names]
@@ -456,6 +456,33 @@ class Supervisor:
                 raise StateUnread(
                     f"no node state within runtime.rpc_timeout_s = {self.runtime.rpc_timeout_s} s"
                 )
+
+    def _stateful_nodes(self) -> list[str]:
+        return [
+            n
+            for n in self.cluster.node_names
+            if self.cluster.specs[n][1]["backend"].keeps_state_between_passes
+        ]
+
+    def keep_states_at(self, step: int) -> None:
+        """Before training step ``step``: keep the nodes' states, should MemoryX come back at
+        it; only the run's first step and the newest checkpoint's are kept."""
+        self.states_at[step] = dict(self.pass_states)
+        newest = None if self.latest_checkpoint is None else checkpoint_step(self.latest_checkpoint)
+        keep = {min(self.states_at), newest, step}
+        self.states_at = {k: v for k, v in self.states_at.items() if k in keep}
+
+    def rewind_nodes(self, step: int) -> None:
+        """MemoryX came back at ``step``: every stateful node goes back to its state then.
+
+        A node that does not answer is found lost by the next pass and replaced from the
+        same state."""
+        states = self.states_at.get(step, {})
+        names = self._stateful_nodes()
+        self.pass_states = {n: states[n] for n in names if n in states}
+        refs = [self.cluster.call(n, "adopt_pass_state", states.get(n)) for n in names]
+        with contextlib.suppress(ray.exceptions.RayError, TimeoutError):
+            ray.get(refs, timeout=self.runtime.rpc_timeout_s)
 
     def step_done(self, step: int) -> None:
         """Stamp the restarts that interrupted ``step`` with the time the step finished."""

@@ -69,6 +69,10 @@ class NodeActor:
         """The backend's state between passes, for a replacement (``Backend.pass_state``)."""
         return self.servicer.worker.backend.pass_state()
 
+    def adopt_pass_state(self, state: object | None) -> None:
+        """Continue from a kept ``pass_state()`` (MemoryX came back at an earlier step)."""
+        self.servicer.worker.backend.adopt_pass_state(state)
+
     def reshard(self, rank: int, num_nodes: int) -> None:
         """Take shard ``rank`` of ``num_nodes`` (the cluster shrank after losing a node)."""
         self.servicer.worker.reshard(rank, num_nodes)

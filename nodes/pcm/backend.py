@@ -282,8 +282,9 @@ class PcmBackend(Backend):
             clock_fs=state.clock_fs,
         )
 
-    def adopt_pass_state(self, state: PcmPassState) -> None:
-        """Continue as the node whose ``pass_state()`` this is: a replacement's arrays.
+    def adopt_pass_state(self, state: PcmPassState | None) -> None:
+        """Continue as the node whose ``pass_state()`` this is: a replacement's arrays, or
+        any node's when MemoryX came back at an earlier step (None: empty arrays).
 
         Every matrix is pending until first read: programmed then from its provenance if
         the weights streamed are those it held (as the lost node would have read it,
@@ -291,6 +292,9 @@ class PcmBackend(Backend):
         same pass or an earlier one is a rewind, from empty arrays.
         """
         self._programmed, self._provenance = {}, {}
+        if state is None:
+            self._pending, self._compensation, self._pass_start = {}, {}, None
+            return
         self._pending = dict(state.held)
         self._compensation = dict(state.compensation)
         self.clock_s, self._clock_fs = state.clock_s, state.clock_fs

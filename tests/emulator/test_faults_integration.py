@@ -117,23 +117,53 @@ PCM_WEIGHT_STATIONARY = {
     "num_steps": 3,
 }
 PCM_CASES = {
-    # Lost in step 2, right after the evaluation at version 2 programmed the arrays it reads.
-    "after-eval": ({"eval_every": 2}, ("node-1", (2, 0, "forward"), "SIGKILL")),
+    # node-1 is lost in step 2, right after the evaluation at version 2 programmed the arrays
+    # it reads; then MemoryX, in step 3: it comes back from the checkpoint at version 2, and
+    # every node goes back to its arrays as they were before step 2, not to empty arrays.
+    "after-eval": (
+        {"eval_every": 2, "checkpoint.every_steps": 2, "num_steps": 4},
+        [("node-1", (2, 0, "forward"), "SIGKILL"), ("memoryx", (3, 0, "backward"), "ray.kill")],
+    ),
     # Weights that do not change (the update rounds away): the arrays date from step 0.
-    "unchanged-weights": ({"optimizer.lr": 1e-30}, ("node-0", (2, 1, "forward"), "ray.kill")),
+    "unchanged-weights": ({"optimizer.lr": 1e-30}, [("node-0", (2, 1, "forward"), "ray.kill")]),
 }
 
 
+class ChaosSeries:
+    """Several ``Chaos`` hooks, each hitting its target once."""
+
+    def __init__(self, hooks: list[Chaos]):
+        self.hooks = hooks
+
+    @property
+    def hit(self) -> bool:
+        return all(h.hit for h in self.hooks)
+
+    def bind(self, cluster) -> None:
+        for hook in self.hooks:
+            hook.bind(cluster)
+
+    def __call__(self, step: int, layer: int, phase: str) -> None:
+        for hook in self.hooks:
+            hook(step, layer, phase)
+
+
 @pytest.mark.parametrize("case", PCM_CASES)
-def test_pcm_weight_stationary_node_is_replaced_bit_identically(ray_session, case):
-    extra, (target, when, how) = PCM_CASES[case]
+def test_pcm_weight_stationary_node_is_replaced_bit_identically(ray_session, tmp_path, case):
+    extra, faults = PCM_CASES[case]
     extra = {**PCM_WEIGHT_STATIONARY, **extra}
-    clean = train(_config(**extra), progress=False)
-    report = _run(Chaos(target, when, how), **extra)
+    own_dir = (
+        {"checkpoint.dir": str(tmp_path / "clean")} if "checkpoint.every_steps" in extra else {}
+    )
+    clean = train(_config(**extra, **own_dir), progress=False)
+    if own_dir:
+        extra["checkpoint.dir"] = str(tmp_path / "ckpt")
+    report = _run(ChaosSeries([Chaos(*fault) for fault in faults]), **extra)
     _assert_identical(report, clean)
     assert [e.step for e in report.evals] == [e.step for e in clean.evals]
     assert [e.loss for e in report.evals] == [e.loss for e in clean.evals]
-    assert [f["component"] for f in report.faults] == [target]
+    assert [f["component"] for f in report.faults] == [target for target, _, _ in faults]
+    target = faults[0][0]  # a compute node
 
     # The replacement programmed the matrices it found resident again, from the kept state.
     def node_stats(run, name):

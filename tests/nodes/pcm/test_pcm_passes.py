@@ -180,3 +180,19 @@ def test_the_pass_start_snapshot_keeps_no_second_copy_of_the_arrays():
     # Copy-on-write: a re-run still reads what the first attempt read.
     first = _pass(backend, 3, TRAIN_PASS, version=3)
     assert torch.equal(_pass(backend, 3, TRAIN_PASS, version=3), first)
+
+
+def test_a_node_rewound_to_a_kept_state_reads_what_it_read_then():
+    # MemoryX came back at step 2 (its checkpoint): the node's arrays go back to the state
+    # the driver kept before step 2, not to empty arrays.
+    node = _weight_stationary()
+    _pass(node, 0, TRAIN_PASS, version=0)
+    _pass(node, 1, TRAIN_PASS, version=1)
+    _pass(node, 2, EVAL_PASS, version=2)
+    kept = pickle.loads(pickle.dumps(node.pass_state()))
+    want = _pass(node, 2, TRAIN_PASS, version=2)
+    _pass(node, 3, TRAIN_PASS, version=3)
+    node.adopt_pass_state(kept)
+    assert torch.equal(_pass(node, 2, TRAIN_PASS, version=2), want)
+    node.adopt_pass_state(None)  # back at the run's first step: empty arrays
+    assert node.arrays_in_use == 0 and node.pass_state() is None
