@@ -18,6 +18,8 @@ import os
 import time
 from typing import TYPE_CHECKING, Literal
 
+import ray
+
 from emulator.memory import available_memory_bytes, rss_bytes
 from proto.rpc import ray_node_ip
 
@@ -34,6 +36,10 @@ AUTO_MEMORY_FRACTION = 0.5
 #: core to start (Ray, torch, gRPC), while a node in a shared
 #: process costs milliseconds; past a couple of processes per core they only contend.
 AUTO_PROCESSES_PER_CORE = 2
+
+
+#: Seconds a component, or a wait for any one more of many, may take to start, s.
+START_TIMEOUT_S = 120.0
 
 
 class ComponentHost:
@@ -76,8 +82,6 @@ class ComponentHost:
 
     def where(self) -> dict[str, str]:
         """The Ray node and host address of this process (its placement)."""
-        import ray
-
         return {"ray_node_id": ray.get_runtime_context().get_node_id(), "host": ray_node_ip()}
 
     def remove(self, name: str) -> None:
@@ -135,8 +139,6 @@ def plan_hosts(
 def resolve_nodes_per_process(runtime: RuntimeConfig, num_components: int) -> int:
     """``runtime.nodes_per_process`` resolved: ``auto`` from this machine's memory and
     cores (locally) or the Ray cluster's resources (``runtime.address``)."""
-    import ray
-
     if runtime.address is None:
         available, cores = available_memory_bytes(), os.cpu_count()
     else:
@@ -168,3 +170,30 @@ def launch_phases(
         "constructor_max_s": constructors[-1],
         "wiring_s": launch_s - ray_s - components_s,
     }
+
+
+def start_members(
+    handle: ray.actor.ActorHandle, starts: list[tuple[str, type, dict]]
+) -> dict[str, str]:
+    """Start each ``(name, cls, kwargs)`` in host ``handle``; their addresses by name."""
+    refs = [handle.start.remote(name, cls, **kwargs) for name, cls, kwargs in starts]
+    found = ray.get(refs, timeout=START_TIMEOUT_S)
+    return {name: address for (name, _, _), address in zip(starts, found, strict=True)}
+
+
+def wait_started(refs: dict[str, ray.ObjectRef]) -> dict[str, str]:
+    """Each component's address once it serves. However long a large cluster takes, a wait
+    in which none more starts for START_TIMEOUT_S (a process stopped or hung) ends it:
+    TimeoutError naming the components still starting."""
+    pending = dict(refs)
+    while pending:
+        ready, _ = ray.wait(
+            list(pending.values()), num_returns=len(pending), timeout=START_TIMEOUT_S
+        )
+        if not ready:
+            raise TimeoutError(
+                f"{', '.join(pending)} did not start within {START_TIMEOUT_S:.0f} s "
+                "(its process is stopped, hung or starved)"
+            )
+        pending = {name: ref for name, ref in pending.items() if ref not in set(ready)}
+    return dict(zip(refs, ray.get(list(refs.values())), strict=True))

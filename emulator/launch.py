@@ -22,7 +22,15 @@ from torch import nn
 from core.data import DataConfig, Dataset
 from emulator.config import ClusterConfig
 from emulator.groups import subtree_dtypes
-from emulator.host import ComponentHost, launch_phases, plan_hosts, resolve_nodes_per_process
+from emulator.host import (
+    START_TIMEOUT_S,
+    ComponentHost,
+    launch_phases,
+    plan_hosts,
+    resolve_nodes_per_process,
+    start_members,
+    wait_started,
+)
 from emulator.runtime import (
     CHECKPOINT_DIR,
     TOKEN_FILE,
@@ -48,7 +56,6 @@ _ACTOR_OPTIONS = {"num_cpus": 0, "max_concurrency": 4}
 
 
 #: How long a (re)started actor may take to come up and answer, s.
-START_TIMEOUT_S = 120.0
 
 
 @dataclass
@@ -235,14 +242,14 @@ class Cluster:
         if self.spare is not None and not options:
             handle, self.spare = self.spare, _remote(ComponentHost).remote()
             try:
-                addresses = _start_members(handle, starts)
+                addresses = start_members(handle, starts)
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                 ray.kill(handle, no_restart=True)
                 handle = None  # the spare itself was lost: start the process afresh
         if handle is None:
             handle = _remote(ComponentHost).options(**options).remote()
             try:
-                addresses = _start_members(handle, starts)
+                addresses = start_members(handle, starts)
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
                 ray.kill(handle, no_restart=True)
                 raise RuntimeError(f"the replacement of {name} failed to start: {exc}") from exc
@@ -376,15 +383,6 @@ class Cluster:
         (self.run_dir / TOKEN_FILE).unlink(missing_ok=True)
         if self._temporary_run_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
-
-
-def _start_members(
-    handle: ray.actor.ActorHandle, starts: list[tuple[str, type, dict]]
-) -> dict[str, str]:
-    """Start each ``(name, cls, kwargs)`` in host ``handle``; their addresses by name."""
-    refs = [handle.start.remote(name, cls, **kwargs) for name, cls, kwargs in starts]
-    found = ray.get(refs, timeout=START_TIMEOUT_S)
-    return {name: address for (name, _, _), address in zip(starts, found, strict=True)}
 
 
 #: The name of MemoryX server 0; server k >= 1 is ``memoryx-<k>`` (``memoryx_name``).
@@ -523,8 +521,8 @@ def launch(
         for name, (cls, kwargs) in specs.items()
     }
     try:
-        addresses = dict(zip(refs, ray.get(list(refs.values())), strict=True))
-    except ray.exceptions.RayActorError as exc:
+        addresses = wait_started(refs)
+    except (ray.exceptions.RayActorError, TimeoutError) as exc:
         for handle in hosts:
             ray.kill(handle)
         if group is not None:
@@ -553,10 +551,17 @@ def launch(
         placement_group=group,
         _temporary_run_dir=temporary,
     )
-    pids = ray.get([h.pid.remote() for h in hosts], timeout=START_TIMEOUT_S)
-    pid_of = {id(h): pid for h, pid in zip(hosts, pids, strict=True)}
-    cluster.process_ids = {name: pid_of[id(h)] for name, h in host_of.items()}
-    ray.get([cluster._connect(n) for n in specs if not cluster.is_memoryx(n)])
+    try:
+        pids = ray.get([h.pid.remote() for h in hosts], timeout=START_TIMEOUT_S)
+        pid_of = {id(h): pid for h, pid in zip(hosts, pids, strict=True)}
+        cluster.process_ids = {name: pid_of[id(h)] for name, h in host_of.items()}
+        ray.get(
+            [cluster._connect(n) for n in specs if not cluster.is_memoryx(n)],
+            timeout=START_TIMEOUT_S,
+        )
+    except (ray.exceptions.RayActorError, TimeoutError) as exc:
+        cluster.stop()
+        raise RuntimeError(f"the cluster could not be wired: {exc}") from exc
     cluster.launch_time_s = time.perf_counter() - launch_started
     cluster.launch_phases = launch_phases(
         ray.get([h.timings.remote() for h in hosts], timeout=START_TIMEOUT_S),

@@ -272,7 +272,12 @@ def train(
     check_memoryx(config, layers)
     num_layers = len(layers)
     shares, spans = batch_shares(config, layers, dataset, **workload_args)
-    cluster = launch(config, layers, dataset, spans=spans)
+    try:
+        cluster = launch(config, layers, dataset, spans=spans)
+    except RuntimeError as exc:  # a component did not start, or the tree could not be wired
+        raise RunFailed(
+            f"the cluster did not start: {exc}.", component="cluster", step=0, cause=str(exc)
+        ) from None
     if progress and sys.stderr.isatty():
         # Where an outside client finds the token (0600), the CA and the addresses. Off a
         # terminal stderr holds only progress lines: set runtime.run_dir to know the place.

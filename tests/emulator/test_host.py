@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from emulator import host
 from emulator.config import load_config
 from emulator.host import ComponentHost, nodes_per_process, plan_hosts
 from emulator.memory import MemorySampler, available_memory_bytes, process_age_s, rss_bytes
@@ -147,3 +148,13 @@ def test_sampler_follows_a_process_that_replaced_a_lost_one():
         for process in (small, large):
             process.kill()
             process.wait()
+
+
+def test_a_launch_in_which_no_component_starts_any_more_ends_naming_those_left(monkeypatch):
+    # node-1's process was stopped while the cluster started: memoryx and node-0 come up,
+    # then nothing more within the timeout; the launch must not wait forever.
+    waits = iter([["memoryx-ref"], ["node-0-ref"], []])
+    monkeypatch.setattr(host.ray, "wait", lambda refs, num_returns, timeout: (next(waits), []))
+    refs = {"memoryx": "memoryx-ref", "node-0": "node-0-ref", "node-1": "node-1-ref"}
+    with pytest.raises(TimeoutError, match=r"^node-1 did not start within 120 s"):
+        host.wait_started(refs)
