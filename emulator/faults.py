@@ -421,10 +421,11 @@ class Supervisor:
         if self.spill_root is None:
             return
         names = [memoryx_name(k) for k in range(len(self.cluster.memoryx_servers))]
-        found = ray.get(
-            [self.cluster.call(n, "spill_dir") for n in names], timeout=self.runtime.rpc_timeout_s
-        )
-        self.spill_dirs = {n: d for n, d in zip(names, found, strict=True) if d is not None}
+        refs = [self.cluster.call(n, "spill_dir") for n in names]
+        # A server lost meanwhile is found by the next pass; its directory is then unknown.
+        with contextlib.suppress(ray.exceptions.RayError, TimeoutError):
+            found = ray.get(refs, timeout=self.runtime.rpc_timeout_s)
+            self.spill_dirs = {n: d for n, d in zip(names, found, strict=True) if d is not None}
 
     def collect_pass_states(self) -> dict[str, object]:
         """Every stateful compute node's ``pass_state()``, asked once a pass has finished.
