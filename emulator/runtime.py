@@ -74,7 +74,15 @@ def ensure_ray(address: str | None, *, verbose: bool = False) -> None:
     if address is None:
         # Ray starts its processes with SIGINT blocked: a terminal's Ctrl-C (sent to the whole
         # process group) reaches only this driver, which stops the run and then the actors.
-        start_local_ray(logging_level=level)
+        try:
+            start_local_ray(logging_level=level)
+        except Exception as exc:  # Ray raises a bare Exception when its processes time out
+            ray.shutdown()
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RuntimeError(
+                f"Ray could not start on this machine ({first}); on a busy machine, run the "
+                "command again"
+            ) from None
         return
     target = _host_port(address)
     loopback = target is not None and is_loopback(target[0]) and not address.startswith("ray://")

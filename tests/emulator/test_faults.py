@@ -216,3 +216,27 @@ def test_a_full_checkpoint_disk_is_refused_before_the_run_starts(tmp_path, monke
     )
     with pytest.raises(ValueError, match=r"save_checkpoint = .* 1000 bytes free"):
         check_memoryx(config, layers)
+
+
+def test_ray_that_cannot_start_ends_the_run_in_one_paragraph(monkeypatch, capsys):
+    from emulator import cli, runtime, train
+
+    monkeypatch.setattr(runtime.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(runtime.ray, "shutdown", lambda: None)
+
+    def overloaded(**kwargs):
+        raise Exception("The current node timed out during startup. This could happen ...")
+
+    monkeypatch.setattr(runtime.ray, "init", overloaded)
+    with pytest.raises(RuntimeError, match=r"Ray could not start on this machine \(The current"):
+        runtime.ensure_ray(None)
+
+    def no_cluster(*args, **kwargs):
+        runtime.ensure_ray(None)
+
+    monkeypatch.setattr(train, "launch", no_cluster)
+    status = cli.main(["train", "--model", "mlp-digits", "--steps", "1", "--nodes", "2", "--quiet"])
+    out, err = capsys.readouterr()
+    assert status == 1, out + err
+    assert "Traceback" not in out + err and len(err.strip().splitlines()) == 1
+    assert err.startswith("wafer train: error: the cluster did not start: Ray could not start")
