@@ -411,7 +411,7 @@ def train(
         "checkpoint": halt.checkpoint,
     }
     raise RunStopped(
-        f"{halt.reason}: {halt.message}; {len(steps)} of {config.num_steps} steps done.",
+        f"{halt.reason}: {halt.message.rstrip('.')}; {len(steps)} of {config.num_steps} steps done.",
         report=report,
         exit_status=halt.exit_status,
         checkpoint=halt.checkpoint,
