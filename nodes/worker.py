@@ -123,12 +123,16 @@ class NodeWorker:
     def weight_bytes_held(self) -> int:
         """Weight state kept between layers: parameters (none: they are dropped) and what the
         backend keeps (PCM weight-stationary arrays and their pass-start records)."""
-        return self.backend.held_bytes + sum(
-            p.numel() * p.element_size()
-            for layer in self.layers
-            for p in layer.parameters()
-            if p.device.type != "meta"
-        ) + sum(held.weight_bytes() for held in self._held.values())
+        return (
+            self.backend.held_bytes
+            + sum(
+                p.numel() * p.element_size()
+                for layer in self.layers
+                for p in layer.parameters()
+                if p.device.type != "meta"
+            )
+            + sum(held.weight_bytes() for held in self._held.values())
+        )
 
     def _passed_on(self) -> list[Tensor]:
         return [t for t in (self._next_input, self._logits, self._grad) if t is not None]

@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from nodes.pcm.backend import PcmBackend, _tensor_bytes
+from nodes.pcm.backend import PcmBackend
+from nodes.pcm.state import _tensor_bytes
 from nodes.worker import EVAL_PASS, TRAIN_PASS
 
 IN, OUT, BATCH = 40, 24, 6
