@@ -8,6 +8,7 @@ path and says what would be valid, so the CLI can print it as one paragraph.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -107,6 +108,33 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     return value
 
 
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that reads floats as YAML 1.2 does.
+
+    PyYAML follows YAML 1.1, where ``1e6`` and ``1.0e6`` (no dot, or no sign in the
+    exponent) are strings; a user who writes ``lr: 1.0e6`` means a number.
+    """
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def yaml_text(text: str) -> Any:
+    """``text`` read as YAML with ``YamlLoader`` (floats as YAML 1.2 reads them)."""
+    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - YamlLoader is a SafeLoader
+
+
 def load_yaml(path: str | Path, what: str = "config file") -> Any:
     """The YAML document at ``path``, or a one-paragraph ``ValueError`` naming the file.
 
@@ -133,7 +161,7 @@ def load_yaml(path: str | Path, what: str = "config file") -> Any:
             f"{what} {name} is not UTF-8 text (byte {data[exc.start]:#04x} at line {line}, "
             f"column {column}); save it as UTF-8."
         ) from None
-    loader = yaml.SafeLoader(text)
+    loader = YamlLoader(text)
     try:
         node = loader.get_single_node()
         if node is None:

@@ -12,13 +12,10 @@ paragraph and turns into exit status 2.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 
-import yaml
-
 from core.atomic import write_json_atomic
-from core.config import to_dict
+from core.config import to_dict, yaml_text
 from core.cost.workload import Workload
 from core.precision import PRECISIONS
 from core.presets import list_presets, load_hardware
@@ -210,12 +207,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, object]:
                 f"--set {pair!r} is not valid; write a dotted preset field and a value, "
                 "e.g. --set wafer.compute_efficiency=0.4."
             )
-        value = yaml.safe_load(text)
-        if isinstance(value, str):
-            # PyYAML reads 1e-5 (no dot, unsigned exponent) as a string.
-            with contextlib.suppress(ValueError):
-                value = float(value)
-        overrides[key.strip()] = value
+        overrides[key.strip()] = yaml_text(text)  # 1e-5 is a float (YAML 1.2's reading)
     return overrides
 
 

@@ -387,11 +387,14 @@ class Coordinator:
         """After step ``step_done``: a checkpoint in ``checkpoint.dir`` if one is due."""
         if not self.checkpoints.due(step_done, first_step):
             return None
-        (path, name), _ = self._recovering(
-            step_done + 1,
-            lambda: self.checkpoints.save(
-                lambda: self._save_in_run_dir()[0].name, self.cluster.export_checkpoint
-            ),
+        path, _ = self._recovering(step_done + 1, self.checkpoint_to_dir)
+        return path
+
+    def checkpoint_to_dir(self) -> str:
+        """MemoryX's committed state as a checkpoint in ``checkpoint.dir``, beside the
+        periodic ones (``--resume DIR|auto`` finds it); returns its path."""
+        path, name = self.checkpoints.save(
+            lambda: self._save_in_run_dir()[0].name, self.cluster.export_checkpoint
         )
         # What a new MemoryX loads: its own file, in the run directory.
         self.supervisor.latest_checkpoint = name

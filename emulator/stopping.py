@@ -111,20 +111,33 @@ class RunStopped(Exception):
 
 
 def resume_command(argv: list[str], checkpoint: str, steps_left: int) -> str:
-    """``wafer`` + ``argv`` with ``--steps`` and ``--resume`` set to continue from ``checkpoint``."""
-    replaced = {"--steps", "--resume"}
+    """``wafer`` + ``argv`` with ``--steps`` and ``--resume`` set to continue from ``checkpoint``.
+
+    A ``--json PATH`` becomes ``--json PATH-resumed`` (``run.json`` -> ``run-resumed.json``):
+    the stopped run's partial report stays where it is.
+    """
+    replaced = {"--steps", "--resume", "--json"}
     kept: list[str] = []
-    skip_value = False
+    json_path: str | None = None
+    value_of: str | None = None
     for arg in argv:
-        if skip_value:
-            skip_value = False
+        if value_of is not None:
+            if value_of == "--json":
+                json_path = arg
+            value_of = None
             continue
         if arg in replaced:
-            skip_value = True
+            value_of = arg
             continue
-        if arg.split("=", 1)[0] in replaced:
+        flag, _, value = arg.partition("=")
+        if flag in replaced:
+            if flag == "--json":
+                json_path = value
             continue
         kept.append(arg)
+    if json_path:
+        stem, suffix = os.path.splitext(json_path)
+        kept += ["--json", f"{stem}-resumed{suffix}"]
     return shlex.join(
         ["wafer", *kept, "--steps", str(steps_left), "--resume", os.path.abspath(checkpoint)]
     )

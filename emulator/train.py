@@ -224,7 +224,8 @@ def train(
     It ends early on a NaN/Inf update with ``optimizer.nonfinite = error``, on
     KeyboardInterrupt, and when ``stop`` (the CLI's signal handlers) asks: at
     the next step boundary, after which MemoryX's state is saved as a
-    checkpoint (``save_checkpoint``, else ``wafer-step<N>.ckpt`` here). A run
+    checkpoint (``save_checkpoint``, else in ``checkpoint.dir``, else ``wafer-step<N>.ckpt``
+    here). A run
     that loses components past ``runtime.max_restarts`` raises ``RunFailed``
     with the partial report and a checkpoint.
 
@@ -491,10 +492,16 @@ def _run_steps(
 
 
 def _save_on_stop(config: ClusterConfig, coordinator: Coordinator, first: int) -> str | None:
-    """MemoryX's committed state after the last step done, or None if it cannot be written."""
+    """MemoryX's committed state after the last step done, or None if it cannot be written.
+
+    It goes to ``save_checkpoint`` if set, else into ``checkpoint.dir`` beside the periodic
+    checkpoints (where ``--resume auto`` looks), else to ``wafer-step<N>.ckpt`` here.
+    """
     step = first + len(coordinator.steps)
-    path = os.path.abspath(config.save_checkpoint or f"wafer-step{step}.ckpt")
     try:
+        if config.save_checkpoint is None and config.checkpoint.dir is not None:
+            return coordinator.checkpoint_to_dir()
+        path = os.path.abspath(config.save_checkpoint or f"wafer-step{step}.ckpt")
         coordinator.save_checkpoint(path)
     except (RpcError, OSError):  # MemoryX could not save, or the copy out of the run failed
         return None

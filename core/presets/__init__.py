@@ -11,9 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from core.config import from_dict
+from core.config import from_dict, yaml_text
 from core.cost.hardware import Hardware
 
 PRESET_DIR = Path(__file__).resolve().parent
@@ -21,7 +19,7 @@ PRESET_DIR = Path(__file__).resolve().parent
 
 def _is_cluster_preset(path: Path) -> bool:
     # The folder also holds presets of other components (e.g. PCM nodes).
-    data = yaml.safe_load(path.read_text())
+    data = yaml_text(path.read_text())
     return isinstance(data, dict) and {"wafer", "memoryx", "swarmx"} <= data.keys()
 
 
@@ -62,7 +60,7 @@ def load_hardware(
 ) -> Hardware.Config:
     """Read a preset by name or path, apply dotted overrides, validate."""
     path = _preset_path(name_or_path)
-    data = yaml.safe_load(path.read_text())
+    data = yaml_text(path.read_text())
     if not isinstance(data, dict):
         raise ValueError(f"Hardware preset {str(path)!r} must be a YAML mapping of sections.")
     for dotted, value in (overrides or {}).items():

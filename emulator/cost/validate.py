@@ -13,9 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import yaml
-
-from core.config import doc, from_dict
+from core.config import doc, from_dict, yaml_text
 from core.presets import load_hardware
 from emulator.cost.gpt import gpt_workload
 from emulator.cost.stats import sweep
@@ -111,7 +109,7 @@ class Check:
 
 
 def load_references(path: str | Path = REFERENCES_PATH) -> list[Reference]:
-    data = yaml.safe_load(Path(path).read_text())
+    data = yaml_text(Path(path).read_text())
     if not isinstance(data, dict) or not isinstance(data.get("references"), list):
         raise ValueError(f"{path} must hold a mapping with a 'references' list.")
     return [

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import yaml
-
-from core.config import doc, from_dict
+from core.config import doc, from_dict, yaml_text
 from core.cost.engine import DigitalUnit
 from core.presets import PRESET_DIR  # noqa: E402 (bundled presets live in one folder)
 from nodes.pcm.analog import WeightStationary
@@ -48,7 +46,7 @@ def load_preset(name: str = "pcm_ibm64") -> PcmConfig:
         raise ValueError(
             f"PCM preset {name!r} not found in {PRESET_DIR}; available: {', '.join(available)}."
         )
-    return from_dict(PcmConfig, yaml.safe_load(path.read_text()) or {})
+    return from_dict(PcmConfig, yaml_text(path.read_text()) or {})
 
 
 __all__ = ["PRESET_DIR", "PcmConfig", "load_preset"]

@@ -8,9 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from core.config import doc, field_docs, from_dict
+from core.config import doc, field_docs, from_dict, yaml_text
 from core.presets import PRESET_DIR  # noqa: E402 (bundled presets live in one folder)
 from nodes.photonic.calibration import PhaseCalibration
 from nodes.photonic.cost import PhotonicCost
@@ -39,7 +37,7 @@ def load_preset(name_or_path: str | Path = DEFAULT_PRESET) -> PhotonicCore.Confi
         raise ValueError(
             f"Unknown photonic preset {str(name_or_path)!r}; choose one of {known} or give a YAML path."
         )
-    data = yaml.safe_load(path.read_text())
+    data = yaml_text(path.read_text())
     if not isinstance(data, dict) or set(data) != {"device"}:
         raise ValueError(
             f"Photonic preset {str(path)!r} must be a mapping with one section, 'device'."

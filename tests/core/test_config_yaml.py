@@ -70,3 +70,17 @@ def test_duplicate_keys_are_refused_with_their_dotted_name(tmp_path, text, dotte
 def test_nan_is_refused_for_any_float_field():
     with pytest.raises(ValueError, match=r"optimizer.lr = nan is not valid"):
         from_dict(Optimizer.Config, {"lr": math.nan}, "optimizer")
+
+
+def test_numbers_in_exponent_notation_are_floats_as_in_yaml_1_2(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "optimizer: {lr: 1.0e6}\na: 1e-3\nb: -2.5E+3\nc: .5\nd: 7\ne: .inf\nf: v1.0e6\ng: 1.2.3\n"
+    )
+    data = load_yaml(path)
+    # PyYAML (YAML 1.1) reads 1.0e6 and 1e-3 as strings; a user means numbers.
+    assert data["optimizer"]["lr"] == 1.0e6 and isinstance(data["optimizer"]["lr"], float)
+    assert data["a"] == 1e-3 and data["b"] == -2500.0 and data["c"] == 0.5
+    assert data["d"] == 7 and isinstance(data["d"], int)
+    assert data["e"] == float("inf")
+    assert data["f"] == "v1.0e6" and data["g"] == "1.2.3"

@@ -72,13 +72,19 @@ def _signal_after_first_step(
 
 # Ctrl-C in a terminal signals the whole process group (Ray's own processes block SIGINT);
 # SIGTERM goes to the driver (`kill PID`): to the group, it would end Ray's processes too.
+# With checkpoint.dir set, the stop's checkpoint goes there, beside the periodic ones.
 @pytest.mark.parametrize(
-    ("signum", "status", "group"), [(signal.SIGINT, 130, True), (signal.SIGTERM, 143, False)]
+    ("signum", "status", "group", "checkpoint_dir"),
+    [(signal.SIGINT, 130, True, False), (signal.SIGTERM, 143, False, True)],
 )
 def test_signal_stops_at_the_step_boundary_with_checkpoint_and_report(
-    tmp_path, signum, status, group
+    tmp_path, signum, status, group, checkpoint_dir
 ):
-    process = _start(tmp_path, "--seed", "5")
+    extra = ["--seed", "5"]
+    if checkpoint_dir:
+        (tmp_path / "run.yaml").write_text(f"checkpoint: {{dir: {tmp_path / 'ck'}}}\n")
+        extra += ["--config", str(tmp_path / "run.yaml")]
+    process = _start(tmp_path, *extra)
     out, err = _signal_after_first_step(process, signum, group=group)
     assert process.returncode == status, out + err
     assert "Traceback" not in out + err
@@ -87,14 +93,19 @@ def test_signal_stops_at_the_step_boundary_with_checkpoint_and_report(
     assert report["stopped"]["reason"] == signal.Signals(signum).name
     assert done == len(report["steps"]) >= 1 and report["final_loss"] is not None
     checkpoint = report["stopped"]["checkpoint"]
-    assert checkpoint == str(tmp_path / f"wafer-step{done}.ckpt")
+    if checkpoint_dir:
+        assert checkpoint == str(tmp_path / "ck" / f"step-{done:08d}.pt")
+    else:
+        assert checkpoint == str(tmp_path / f"wafer-step{done}.ckpt")
     payload = torch.load(checkpoint, weights_only=True)
     assert [layer["version"] for layer in payload["store"]["layers"]] == [done] * 3
-    # The printed command continues the same run for the steps that are left.
+    # The printed command continues the same run for the steps that are left, and writes
+    # its report beside this one's.
     command = shlex.split(out.split("resume with:")[1].strip().splitlines()[0])
     assert command[:2] == ["wafer", "train"] and "--seed" in command
     assert command[command.index("--steps") + 1] == str(NUM_STEPS - done)
     assert command[command.index("--resume") + 1] == checkpoint
+    assert command[command.index("--json") + 1] == str(tmp_path / "report-resumed.json")
 
 
 def test_second_ctrl_c_stops_at_once_without_traceback(tmp_path):
