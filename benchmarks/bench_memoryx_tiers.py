@@ -54,7 +54,6 @@ import torch
 
 from benchmarks.host_watch import Watchdog, fixed_mmap_threshold
 from emulator.config import ClusterConfig, load_config
-from emulator.stopping import RunStopped
 from emulator.train import train
 
 STATE_BYTES_PER_PARAM = 12  # fp32 weight + AdamW's two fp32 moments
@@ -274,7 +273,7 @@ def measure_big(args) -> dict:
                 on_launch=watchdog.on_launch,
                 final_weights=False,
             )
-    except (KeyboardInterrupt, RunStopped) as exc:
+    except (KeyboardInterrupt, Exception) as exc:  # RunStopped, or RunFailed once killed
         if watchdog.tripped is None:
             raise
         raise SystemExit(

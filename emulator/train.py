@@ -90,8 +90,8 @@ def prepare_streamed_layers(
 ) -> tuple[list[nn.Module], object, LayerWeights]:
     """``prepare_layers`` for a run: the layers, the data set and their initial weights.
 
-    A zoo model that a backend trains as it is (every group's backend keeps the layers)
-    is built on the meta device: the layers hold shapes only, and ``LayerWeights`` makes
+    A zoo model that the backend trains as it is (one node group, whose backend keeps
+    the layers: ``nodes.backend.keeps_layers``) is built on the meta device: the layers hold shapes only, and ``LayerWeights`` makes
     each layer's weights when it streams to MemoryX, bitwise those of ``config.model.build``
     (emulator.zoo.deferred). So the driver never holds the whole model. Any other model
     (a user's, one a backend re-parameterizes) is built whole, as ``prepare_layers`` does.
@@ -265,8 +265,9 @@ def train(
     with the partial report and a checkpoint.
 
     ``final_weights``: read the final fp32 weights back from MemoryX into
-    ``report.final_weights`` (all of them, in this process's RAM); False for a model
-    that must not be whole here (``wafer train`` needs them not: MemoryX saves checkpoints).
+    ``report.final_weights`` (all of them, in this process's RAM). False leaves them in
+    MemoryX (None in the report): for a model that must not be whole here, and for
+    callers that don't use them (``wafer train``: MemoryX writes the checkpoints).
 
     ``fault`` and ``on_launch`` are test seams: ``fault(step, layer, phase)`` runs
     before each layer pass, ``on_launch(cluster)`` once the actors are up (chaos
