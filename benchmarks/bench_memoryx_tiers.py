@@ -54,6 +54,7 @@ import torch
 
 from benchmarks.host_watch import Watchdog, fixed_mmap_threshold
 from emulator.config import ClusterConfig, load_config
+from emulator.runtime import start_local_ray
 from emulator.train import train
 
 STATE_BYTES_PER_PARAM = 12  # fp32 weight + AdamW's two fp32 moments
@@ -341,9 +342,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.big:
         fixed_mmap_threshold()
     started = time.perf_counter()
-    ray.init(
-        address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING
-    )
+    start_local_ray(logging_level=logging.WARNING)  # a fresh instance, on loopback only
     try:
         body = measure_big(args) if args.big else measure_ratio(args)
     finally:
