@@ -97,7 +97,9 @@ class _Recorder(TorchDispatchMode):
         recipe.ops.append((func, args[1:], kwargs, state))
         if state is not None:  # draw what the real build draws, on a scratch tensor
             func(
-                torch.empty_strided(target.shape, target.stride(), dtype=target.dtype),
+                torch.empty_strided(
+                    target.shape, target.stride(), dtype=target.dtype, device="cpu"
+                ),
                 *args[1:],
                 **kwargs,
             )
