@@ -20,9 +20,17 @@ machine has that much RAM, to run the same case scaled down.
     python benchmarks/bench_memoryx_tiers.py --big                  # state >= 1.5x this RAM
     python benchmarks/bench_memoryx_tiers.py --big --ram-bytes 1e9  # the same, scaled down
 
-At full size ``--big`` needs the driver to hold the model (4 bytes per
-parameter) and the final weights it reads back (4 more): 2/3 of the MemoryX
-state, so more than the RAM of a machine whose RAM is 2/3 of the state.
+The driver builds the GPT on the meta device and makes each layer's weights
+as it streams them (bitwise those of the whole build); the copy kept for a
+MemoryX restart goes to the run directory on disk, and the final weights are
+not read back (``train(final_weights=False)``). So every process holds at most
+a few layers. Reported besides: every process's peak RSS (``VmHWM``: driver,
+MemoryX, the SwarmX and node hosts), the least MemAvailable seen, and the peak
+disk bytes under ``--spill-dir`` (the spill files and the run directory with
+its initial copy). Safety on a shared machine: a watchdog stops the run (the
+cluster killed, Ray shut down, the spill directory removed, a message) if
+MemAvailable falls below ``--min-available-gb`` (2.5) or the spill disk's free
+space below ``--min-free-disk-gb`` (3).
 
 This is a measurement script, not a test: it asserts nothing about time.
 """
@@ -44,7 +52,9 @@ from pathlib import Path
 import ray
 import torch
 
+from benchmarks.host_watch import Watchdog, fixed_mmap_threshold
 from emulator.config import ClusterConfig, load_config
+from emulator.runtime import start_local_ray
 from emulator.train import train
 
 STATE_BYTES_PER_PARAM = 12  # fp32 weight + AdamW's two fp32 moments
@@ -61,8 +71,8 @@ def _median_after_warmup(runs: list[list[float]]) -> float:
     return statistics.median(t for run in runs for t in run[1:])
 
 
-def run(config: ClusterConfig) -> dict:
-    report = train(config, progress=False)
+def run(config: ClusterConfig, **kwargs) -> dict:
+    report = train(config, progress=False, **kwargs)
     block = report.to_json()["memoryx"]
     return {
         "step_times_s": [s.wall_time_s for s in report.steps],
@@ -251,10 +261,29 @@ def measure_big(args) -> dict:
         "max_eval_samples": 1,
         "memoryx.ram_budget_bytes": budget,
         "memoryx.spill_dir": spill,
+        # The run directory (and the initial copy kept there) lies under the spill root.
+        "runtime.run_dir": os.path.join(spill, "run"),
     }
     print(f"big GPT: {json.dumps(overrides)}", flush=True)
-    result = run(load_config(overrides=overrides))
+    watchdog = Watchdog(spill, args.min_available_gb * 1e9, args.min_free_disk_gb * 1e9)
+    try:
+        with watchdog:
+            # The final weights are not read back: MemoryX holds them, the driver need not.
+            result = run(
+                load_config(overrides=overrides),
+                on_launch=watchdog.on_launch,
+                final_weights=False,
+            )
+    except (KeyboardInterrupt, Exception) as exc:  # RunStopped, or RunFailed once killed
+        if watchdog.tripped is None:
+            raise
+        raise SystemExit(
+            f"bench_memoryx_tiers --big stopped: {watchdog.tripped}. The cluster was stopped "
+            f"and {spill} is removed. Run it when the machine has more memory free, or scale "
+            "it down with --ram-bytes."
+        ) from exc
     block = result["memoryx"]
+    peaks = watchdog.peak_rss()
     return {
         "ram_bytes": ram,
         "pretended_ram": bool(args.ram_bytes),
@@ -266,6 +295,10 @@ def measure_big(args) -> dict:
         "peak_resident_bytes": block["peak_resident_bytes"],
         "memoryx_peak_rss_bytes": block["process_peak_rss_bytes"],
         "memoryx_peak_rss_over_ram": block["process_peak_rss_bytes"] / ram,
+        "peak_rss_bytes": peaks,
+        "least_mem_available_bytes": watchdog.least_available_bytes,
+        "peak_disk_bytes": watchdog.peak_disk_bytes,
+        "least_free_disk_bytes": watchdog.least_free_disk_bytes,
         "disk_read_bytes_per_step": block["disk_read_bytes_per_step"],
         "disk_written_bytes_per_step": block["disk_written_bytes_per_step"],
         "step_times_s": result["step_times_s"],
@@ -293,6 +326,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ram-bytes", type=float, default=None, help="--big: pretend RAM")
     parser.add_argument("--state-over-ram", type=float, default=1.5, help="--big: state / RAM")
     parser.add_argument("--spill-dir", default=None, help="disk tier root (default: temp dir)")
+    parser.add_argument(
+        "--min-available-gb", type=float, default=2.5, help="--big: stop below this MemAvailable"
+    )
+    parser.add_argument(
+        "--min-free-disk-gb", type=float, default=3.0, help="--big: stop below this free disk"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
@@ -300,10 +339,10 @@ def main(argv: list[str] | None = None) -> dict:
         args.budget_fraction = 0.2 if args.big else 0.25
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if args.big:
+        fixed_mmap_threshold()
     started = time.perf_counter()
-    ray.init(
-        address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING
-    )
+    start_local_ray(logging_level=logging.WARNING)  # a fresh instance, on loopback only
     try:
         body = measure_big(args) if args.big else measure_ratio(args)
     finally:
@@ -378,6 +417,14 @@ def print_result(result: dict) -> None:
         f"MemoryX peak RSS {result['memoryx_peak_rss_bytes'] / 1e9:.2f} GB = "
         f"{100 * result['memoryx_peak_rss_over_ram']:.0f}% of RAM (target <= 50%); peak tensor "
         f"bytes {result['peak_resident_bytes'] / 1e9:.2f} GB"
+    )
+    peaks = result["peak_rss_bytes"]
+    print(
+        f"peak RSS (VmHWM): driver {peaks['driver'] / 1e9:.2f} GB, MemoryX "
+        f"{peaks['memoryx'] / 1e9:.2f} GB, SwarmX/node hosts "
+        f"{', '.join(f'{b / 1e9:.2f}' for b in peaks['hosts'])} GB; least MemAvailable "
+        f"{result['least_mem_available_bytes'] / 1e9:.2f} GB; peak disk under the spill root "
+        f"{result['peak_disk_bytes'] / 1e9:.2f} GB"
     )
     print(
         f"steps {', '.join(f'{t:.1f}' for t in result['step_times_s'])} s; disk read "

@@ -151,7 +151,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     _check_seq_len_flag(args, config)
     with StopSignals() as stop:
         try:
-            report = train(config, progress=not args.quiet, stop=stop)
+            # The report file holds no weights: they are not read back into this process.
+            report = train(config, progress=not args.quiet, stop=stop, final_weights=False)
         except RunStopped as stopped:
             # The steps done are reported as a finished run's would be.
             _write_report(args, stopped.report)

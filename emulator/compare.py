@@ -252,7 +252,7 @@ def compare_backends(
         configs.append((f"mixed {node_groups}", load_config(config_path, mixed)))
     rows = []
     for spec, config in configs:
-        report = train(config, progress=progress)
+        report = train(config, progress=progress, final_weights=False)
         accuracy = report.evals[-1].accuracy if report.evals else None
         row = (
             _row(config, report, accuracy)

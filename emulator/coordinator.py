@@ -36,6 +36,7 @@ from emulator.faults import (
 )
 from emulator.launch import Cluster
 from emulator.shards import MemoryXServers
+from emulator.weights import INITIAL_DIR, InitialCopy, LayerWeights
 from memoryx.checkpoint import confined_path, write_manifest
 from proto.clients import (
     NodeClient,
@@ -125,7 +126,7 @@ class Coordinator:
         # A backend whose backward needs no weights (DFA) gets a header-only backward stream.
         self.backward_weights = self.config.backend.needs_weights_in_backward
         self._layer_timeouts_s: list[float] | None = None
-        self._initial: tuple[list[dict[str, torch.Tensor]], int] | None = None
+        self._initial: tuple[InitialCopy, int] | None = None
         self.checkpoints = CheckpointDir(self.config.checkpoint)
         self.supervisor = Supervisor(
             cluster=self.cluster,
@@ -149,19 +150,27 @@ class Coordinator:
         # Layer deadlines scale with the node count, which shrinks with on_node_loss: shrink.
         self._layer_timeouts_s = None
 
-    def load_weights(self, layers: list[nn.Module], step: int = 0) -> None:
-        tensors = [
-            {n: p.detach().float().clone() for n, p in layer.named_parameters()} for layer in layers
-        ]
-        # Kept: a MemoryX lost before the first checkpoint restarts from these.
-        self._initial = (tensors, step)
-        self._send_weights()
+    def load_weights(self, weights: LayerWeights, step: int = 0) -> None:
+        """Stream the initial weights to MemoryX one layer at a time, keeping them on disk.
+
+        A MemoryX lost before the first checkpoint restarts from the copy in the run
+        directory (``InitialCopy``); the driver keeps none of it in RAM.
+        """
+        self._initial = (InitialCopy(self.cluster.run_dir / INITIAL_DIR, weights), step)
+        try:
+            self._send_weights()
+        finally:
+            self._initial[0].release()
 
     def _send_weights(self) -> None:
         assert self._initial is not None
-        tensors, step = self._initial
+        copy, step = self._initial
         self.memoryx.load_weights(
-            tensors, step=step, chunk_bytes=self.config.swarmx.chunk_bytes, sender="driver"
+            copy,
+            layer_bytes=[copy.layer_bytes(i) for i in range(len(copy))],
+            step=step,
+            chunk_bytes=self.config.swarmx.chunk_bytes,
+            sender="driver",
         )
 
     def _reload_weights(self) -> None:
@@ -169,6 +178,12 @@ class Coordinator:
         if self._initial is None:
             raise RuntimeError("the new MemoryX has no weights and the run has none to give it")
         self._send_weights()
+
+    def remove_initial_copy(self) -> None:
+        """The run ended (or a checkpoint now covers restarts): its initial copy goes."""
+        if self._initial is not None:
+            self._initial[0].remove()
+            self._initial = None
 
     @property
     def start_step(self) -> int:
@@ -399,6 +414,7 @@ class Coordinator:
         # What a new MemoryX loads: its own file, in the run directory.
         self.supervisor.latest_checkpoint = name
         self.supervisor.latest_export = path
+        self.remove_initial_copy()  # restarts take the checkpoint from now on
         return path
 
     def rewind(self, step: int) -> None:

@@ -86,7 +86,7 @@ def predicted_workload(config: ClusterConfig) -> Workload | None:
 def run_point(config: ClusterConfig, workload: Workload | None, *, progress: bool) -> ScalePoint:
     from emulator.train import train
 
-    report = train(config, progress=progress)
+    report = train(config, progress=progress, final_weights=False)
     result = report.to_json()
     runtime = result["runtime"]
     predicted = None

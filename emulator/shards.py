@@ -49,12 +49,26 @@ class MemoryXServers:
     def owner(self, layer: int) -> MemoryXClient:
         return self.owners(layer)[0][0]
 
-    def load_weights(self, layers: Sequence[Mapping[str, torch.Tensor]], **kwargs) -> None:
-        """Each server gets its own range of ``layers`` (model indices kept), pieces cut out."""
+    def load_weights(
+        self,
+        layers: Sequence[Mapping[str, torch.Tensor]],
+        *,
+        layer_bytes: Sequence[int] | None = None,
+        **kwargs,
+    ) -> None:
+        """Each server gets its own range of ``layers`` (model indices kept), pieces cut out.
+
+        ``layers[i]`` is read as layer ``i`` streams, in layer order (a layer split over
+        servers twice in a row); ``layer_bytes`` (fp32 bytes per layer) sets the deadlines
+        without reading ahead.
+        """
         for client, shard in zip(self.clients, self.shards, strict=True):
             held = shard.layers
             client.load_weights(
-                [shard.take(i, layers[i]) for i in held], first_layer=held.start, **kwargs
+                (shard.take(i, layers[i]) for i in held),
+                first_layer=held.start,
+                num_bytes=None if layer_bytes is None else sum(layer_bytes[i] for i in held),
+                **kwargs,
             )
 
     def layout(self, *, timeout_s: float | None = None) -> ModelLayout:

@@ -54,10 +54,11 @@ from emulator.preflight import check_batch, check_before_launch, check_checkpoin
 from emulator.progress import StepProgress
 from emulator.report import TrainReport, sparsity_report
 from emulator.stopping import ERROR_EXIT_STATUS, RunStopped, StopSignals
+from emulator.weights import LayerWeights
 from emulator.zoo import check_blocks, model_blocks, model_positions
 from memoryx.checkpoint import MANIFEST_NAME, checkpoint_dir_name, checkpoint_name
 from memoryx.layer_files import layer_state_bytes
-from nodes.backend import Backend
+from nodes.backend import Backend, keeps_layers
 from proto.clients import RpcError
 
 
@@ -82,6 +83,38 @@ def prepare_layers(
         return check_mixable(config, group_layers(blocks))[0], dataset
     # A backend may re-parameterize the layers (photonic: Linear weights -> mesh phases).
     return backend.prepare_layers(group_layers(blocks)), dataset
+
+
+def prepare_streamed_layers(
+    config: ClusterConfig, model: nn.Module | None = None, backend: Backend | None = None
+) -> tuple[list[nn.Module], object, LayerWeights]:
+    """``prepare_layers`` for a run: the layers, the data set and their initial weights.
+
+    A zoo model that the backend trains as it is (one node group, whose backend keeps
+    the layers: ``nodes.backend.keeps_layers``) is built on the meta device: the layers hold shapes only, and ``LayerWeights`` makes
+    each layer's weights when it streams to MemoryX, bitwise those of ``config.model.build``
+    (emulator.zoo.deferred). So the driver never holds the whole model. Any other model
+    (a user's, one a backend re-parameterizes) is built whole, as ``prepare_layers`` does.
+    """
+    backend = backend if backend is not None else config.backend.build()
+    deferred = None
+    if model is None and len(config.groups) == 1 and keeps_layers(backend):
+        deferred = config.model.build_deferred(seed=config.seed)
+    if deferred is None:
+        layers, dataset = prepare_layers(config, model, backend)
+        return layers, dataset, LayerWeights(layers)
+    module, init = deferred
+    dataset = config.data_config.build(seed=config.seed)
+    blocks = model_blocks(module)
+    dataset.check_positions(model_positions(module))
+    # On meta tensors: shapes are checked, nothing is computed.
+    output = check_blocks(blocks, dataset.input_example().to("meta"))
+    dataset.check_outputs(tuple(output.shape))
+    check_batch(config, dataset.num_train)
+    layers = group_layers(blocks)
+    for layer in layers:  # nodes get the structure with its (small) buffers, no weights
+        init.materialize_buffers(layer)
+    return layers, dataset, LayerWeights(layers, init)
 
 
 def sparsity_named_shapes(layers: list[nn.Module]) -> dict[str, tuple[int, ...]]:
@@ -134,7 +167,9 @@ def layer_shapes(layers: list[nn.Module], example: torch.Tensor) -> list[LayerSh
     """Parameters and kept input size of each layer, from a forward pass on ``example``."""
     num_examples = example.shape[0]
     shapes = []
-    x = example
+    # Layers built on the meta device (prepare_streamed_layers) run on a meta example.
+    on_meta = any(p.device.type == "meta" for layer in layers for p in layer.parameters())
+    x = example.to("meta") if on_meta else example
     for layer in layers:
         shapes.append(
             LayerShape(
@@ -218,6 +253,7 @@ def train(
     fault: Callable[[int, int, str], None] | None = None,
     stop: StopSignals | None = None,
     on_launch: Callable[[Cluster], None] | None = None,
+    final_weights: bool = True,
 ) -> TrainReport:
     """Run ``config``; raises ``RunStopped`` with the partial report if the run ends early.
 
@@ -229,6 +265,11 @@ def train(
     that loses components past ``runtime.max_restarts`` raises ``RunFailed``
     with the partial report and a checkpoint.
 
+    ``final_weights``: read the final fp32 weights back from MemoryX into
+    ``report.final_weights`` (all of them, in this process's RAM). False leaves them in
+    MemoryX (None in the report): for a model that must not be whole here, and for
+    callers that don't use them (``wafer train``: MemoryX writes the checkpoints).
+
     ``fault`` and ``on_launch`` are test seams: ``fault(step, layer, phase)`` runs
     before each layer pass, ``on_launch(cluster)`` once the actors are up (chaos
     tests take the actors' handles from it).
@@ -239,7 +280,7 @@ def train(
     CheckpointDir(config.checkpoint).check_writable()
     # Built once: the driver's copy prepares and checks the layers; facts come from its config.
     backend = config.backend.build()
-    layers, dataset = prepare_layers(config, model, backend)
+    layers, dataset, initial_weights = prepare_streamed_layers(config, model, backend)
     check_sparsity(config, layers)
     num_params = sum(p.numel() for layer in layers for p in layer.parameters())
     tokens_per_sample = (
@@ -305,9 +346,9 @@ def train(
         )
         try:
             if config.resume is None:
-                coordinator.load_weights(layers)
+                coordinator.load_weights(initial_weights)
             # MemoryX holds the weights now; a model beyond RAM must not stay here as well.
-            del layers
+            del layers, initial_weights
             first = coordinator.start_step
             coordinator.supervisor.note_spill_dirs()  # removed when their server is lost
             watch.steps_started()
@@ -318,7 +359,14 @@ def train(
                 cluster.start_spare()  # not before: its start would slow the first step
 
             halt, weights = _run_steps(
-                config, coordinator, first, evals, progress, stop, after_step
+                config,
+                coordinator,
+                first,
+                evals,
+                progress,
+                stop,
+                after_step,
+                final_weights=final_weights,
             )
             if halt is None:
                 if config.save_checkpoint:
@@ -343,6 +391,8 @@ def train(
     finally:
         if stop is not None:
             stop.finishing()  # from here a signal must not cut the report short
+        if coordinator is not None:
+            coordinator.remove_initial_copy()
         if watch is not None:
             watch.stop()
         # A Ctrl-C here: Cluster.stop kills every actor on its way out; the report still follows.
@@ -440,9 +490,11 @@ def _run_steps(
     progress: bool,
     stop: StopSignals | None,
     after_step: Callable[[], None] | None = None,
+    *,
+    final_weights: bool = True,
 ) -> tuple[_Halt | None, list | None]:
-    """The training steps, the final eval and weights; or a ``_Halt`` at a step boundary.
-    ``after_step`` is called after each training step.
+    """The training steps, the final eval and (``final_weights``) the final weights; or a
+    ``_Halt`` at a step boundary. ``after_step`` is called after each training step.
 
     A MemoryX that came back from a checkpoint (``Rewind``) runs the steps since again.
     """
@@ -480,7 +532,7 @@ def _run_steps(
                     bar.set_loss(record.loss)
                     step += 1
                 evals.append(coordinator.evaluate(final_step))
-                return None, coordinator.fetch_weights(final_step)
+                return None, coordinator.fetch_weights(final_step) if final_weights else None
             except Rewind as rewind:
                 # MemoryX came back from a checkpoint: the steps since are run again.
                 coordinator.rewind(rewind.step)

@@ -331,6 +331,15 @@ def keep_forward_graph(
     return kept.output, kept
 
 
+def keeps_layers(backend: Backend) -> bool:
+    """True if ``backend`` trains the layers as they are (its ``prepare_layers`` is the default).
+
+    The driver may then build the model on the meta device and make each layer's weights
+    as it streams them (emulator.train.prepare_streamed_layers).
+    """
+    return type(backend).prepare_layers is Backend.prepare_layers
+
+
 def call_block(block: nn.Module, params: dict[str, Tensor], x: Tensor) -> Tensor:
     """Run ``block`` with streamed ``params`` in place of its own (dropped) parameters."""
     return functional_call(block, params, (x,), strict=True)

@@ -13,7 +13,7 @@ each client takes the run's ``Security`` (token, TLS) for it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -125,20 +125,25 @@ class MemoryXClient:
 
     def load_weights(
         self,
-        layers: Sequence[Mapping[str, torch.Tensor]],
+        layers: Iterable[Mapping[str, torch.Tensor]],
         *,
         step: int = 0,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         sender: str = "driver",
         timeout_s: float | None = None,
         first_layer: int = 0,
+        num_bytes: int | None = None,
     ) -> None:
         """Load the initial weights, layer ``first_layer + i`` = ``layers[i]`` (sent as fp32),
-        valid at ``step``; ``first_layer`` > 0 for a server that holds a later slice."""
+        valid at ``step``; ``first_layer`` > 0 for a server that holds a later slice.
+
+        ``layers`` is read one layer at a time as the stream goes; with ``num_bytes`` (their
+        fp32 bytes, for the deadline) it may be a generator that makes each layer then."""
         if timeout_s is None:
-            timeout_s = self.deadlines.for_bytes(
-                sum(t.numel() * 4 for layer in layers for t in layer.values())
-            )
+            if num_bytes is None:
+                layers = list(layers)
+                num_bytes = sum(t.numel() * 4 for layer in layers for t in layer.values())
+            timeout_s = self.deadlines.for_bytes(num_bytes)
 
         def messages():
             for index, tensors in enumerate(layers, start=first_layer):

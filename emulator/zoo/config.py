@@ -14,6 +14,7 @@ from core.data import DataConfig
 from core.data.sources import TEXT_VOCAB_SIZE
 from core.zoo import GPTShape
 from emulator.zoo.blocks import model_blocks
+from emulator.zoo.deferred import DeferredInit, build_deferred
 from emulator.zoo.registry import ZOO
 
 GPT_OVERRIDES = ("num_layers", "d_model", "num_heads", "d_ff", "seq_len", "vocab_size", "dropout")
@@ -73,20 +74,36 @@ class ModelConfig:
             return None
         return dataclasses.replace(entry.gpt_shape, **self._overrides())
 
+    def _zoo_model(self) -> nn.Module:
+        entry = ZOO[self.name]
+        shape = self.gpt_shape
+        return entry.factory(shape) if shape is not None else entry.factory()
+
     def build(self, *, seed: int) -> nn.Sequential:
         """The model, initialized from ``seed`` (the global random state is left untouched)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             if self.name in ZOO:
-                entry = ZOO[self.name]
-                shape = self.gpt_shape
-                return entry.factory(shape) if shape is not None else entry.factory()
+                return self._zoo_model()
             module = _import_factory(self.name)()
         if not isinstance(module, nn.Module):
             raise ValueError(
                 f"model.name = {self.name!r}: the factory returned a {type(module).__name__}, not an nn.Module."
             )
         return module if isinstance(module, nn.Sequential) else nn.Sequential(*model_blocks(module))
+
+    def build_deferred(self, *, seed: int) -> tuple[nn.Sequential, DeferredInit] | None:
+        """A zoo model on the meta device and its recorded initialization from ``seed``.
+
+        ``init.materialize(layer)`` gives a layer's weights bitwise as ``build(seed=seed)``
+        does, one layer at a time (emulator.zoo.deferred). None for a user's factory (it
+        may do anything) and for a model whose initialization cannot be replayable.
+        """
+        if self.name not in ZOO:
+            return None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return build_deferred(self._zoo_model)
 
 
 def _is_factory_path(name: str) -> bool:
