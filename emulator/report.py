@@ -12,10 +12,11 @@ from core.config import to_dict
 from core.cost.workload import Workload
 from core.precision import precision_format, wire_precision
 from emulator.config import ClusterConfig
-from emulator.coordinator import EvalRecord, StepRecord
+from emulator.coordinator import Coordinator, EvalRecord, StepRecord
 from emulator.cost.stats import predict
 from emulator.cost.trace import write_trace
 from emulator.emulated import EmulatedStep
+from emulator.faults import RunFailed
 from emulator.groups import GroupedStep, stream_dtype
 
 
@@ -187,4 +188,25 @@ def sparsity_report(
         "emulated_step_time_s": sparse_time,
         "dense_emulated_step_time_s": dense_time,
         "emulated_speedup": dense_time / sparse_time,
+    }
+
+
+def partial_report(
+    config: ClusterConfig, coordinator: Coordinator, evals: list[EvalRecord], failed: RunFailed
+) -> dict:
+    """The JSON report of a run that could not finish: the steps done so far and why it stopped."""
+    return {
+        "config": to_dict(config),
+        "completed": False,
+        "error": {
+            "message": str(failed),
+            "component": failed.component,
+            "step": failed.step,
+            "cause": failed.cause,
+        },
+        "final_loss": coordinator.steps[-1].loss if coordinator.steps else None,
+        "steps": [asdict(s) for s in coordinator.steps],
+        "evals": [asdict(e) for e in evals],
+        "faults": coordinator.supervisor.report(),
+        "retries": coordinator.supervisor.retried,
     }

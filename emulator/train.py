@@ -18,13 +18,12 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from core.config import to_dict
 from core.cost.profile import block_matmuls, block_optical_passes, profile_modules
 from core.precision import wire_precision
 from emulator.config import ClusterConfig
@@ -52,7 +51,7 @@ from emulator.launch import Cluster, launch
 from emulator.memory import RuntimeWatch
 from emulator.preflight import check_batch, check_before_launch, check_checkpoint_room
 from emulator.progress import StepProgress
-from emulator.report import TrainReport, sparsity_report
+from emulator.report import TrainReport, partial_report, sparsity_report
 from emulator.stopping import ERROR_EXIT_STATUS, RunStopped, StopSignals
 from emulator.weights import LayerWeights
 from emulator.zoo import check_blocks, model_blocks, model_positions
@@ -385,7 +384,7 @@ def train(
                 checkpoint=halt.checkpoint if halt is not None else None,
             )
         except RunFailed as failed:
-            failed.partial = _partial_report(config, coordinator, evals, failed)
+            failed.partial = partial_report(config, coordinator, evals, failed)
             failed.checkpoint = _last_checkpoint(config, coordinator)
             raise
     finally:
@@ -558,27 +557,6 @@ def _save_on_stop(config: ClusterConfig, coordinator: Coordinator, first: int) -
     except (RpcError, OSError):  # MemoryX could not save, or the copy out of the run failed
         return None
     return path
-
-
-def _partial_report(
-    config: ClusterConfig, coordinator: Coordinator, evals: list[EvalRecord], failed: RunFailed
-) -> dict:
-    """The JSON report of a run that could not finish: the steps done so far and why it stopped."""
-    return {
-        "config": to_dict(config),
-        "completed": False,
-        "error": {
-            "message": str(failed),
-            "component": failed.component,
-            "step": failed.step,
-            "cause": failed.cause,
-        },
-        "final_loss": coordinator.steps[-1].loss if coordinator.steps else None,
-        "steps": [asdict(s) for s in coordinator.steps],
-        "evals": [asdict(e) for e in evals],
-        "faults": coordinator.supervisor.report(),
-        "retries": coordinator.supervisor.retried,
-    }
 
 
 def _last_checkpoint(config: ClusterConfig, coordinator: Coordinator) -> str | None:
