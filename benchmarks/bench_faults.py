@@ -43,6 +43,7 @@ import ray
 import torch
 
 from emulator.config import load_config
+from emulator.runtime import start_local_ray
 from emulator.train import train
 
 KINDS = ("SIGKILL", "ray.kill", "SIGSTOP")
@@ -133,12 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     started_ray = not ray.is_initialized()  # a test session's Ray is reused, and kept
     if started_ray:
-        ray.init(
-            address="local",
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level=logging.WARNING,
-        )
+        start_local_ray(logging_level=logging.WARNING)  # as `wafer train` does: loopback only
     with tempfile.TemporaryDirectory() as scratch:
         periodic = {"checkpoint.every_steps": 2, "checkpoint.dir": os.path.join(scratch, "ck")}
         clean = train(_config(args, **periodic), progress=False)
