@@ -105,7 +105,7 @@ def test_cli_prints_one_paragraph_keeps_the_report_and_exits_1(tmp_path, monkeyp
     from emulator.cli import main
     from emulator.faults import RunFailed
 
-    def fails(config, progress, stop=None):
+    def fails(config, progress, stop=None, final_weights=True):
         failed = RunFailed(
             "node-1 was lost during step 2 (refused), and the run has already replaced 0 "
             "components, runtime.max_restarts = 0; raise runtime.max_restarts.",
