@@ -152,7 +152,7 @@ class Services:
         for servicer in self.nodes:
             worker = servicer.worker
             parts[servicer.name] = (
-                f"step {worker._step} inputs {sorted(worker._inputs)} "
+                f"step {worker._step} inputs {sorted(worker._held)} "
                 f"activations {worker.activation_bytes} B weights {worker.weight_bytes_held} B"
             )
         return parts
