@@ -36,7 +36,7 @@ def start_local_ray(*, logging_level: int, num_cpus: int | None = None) -> None:
     """
     import ray
 
-    with ray_keeps_loopback():
+    with ray_keeps_loopback(), _without_idle_helpers():
         ray.init(
             address="local",  # a fresh instance, never someone else's cluster
             _node_ip_address="127.0.0.1",
@@ -66,6 +66,32 @@ def ray_keeps_loopback() -> Iterator[None]:
         yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = enabled
+
+
+@contextlib.contextmanager
+def _without_idle_helpers() -> Iterator[None]:
+    """While a local Ray starts, leave out two of its helper processes that a run never uses:
+    the autoscaler's monitor (a local instance has a fixed size) and the log monitor
+    (which only forwards the workers' output to a driver, and ours start with
+    ``log_to_driver=False``). Each is a Python process importing Ray, about 0.8 s of CPU
+    at every start, on a machine where the run's own processes are starting at the same
+    time. ``ray.init`` has no argument for either; its ``RayParams`` does
+    (``no_monitor``, ``include_log_monitor``), so they are set as its defaults here.
+    """
+    from ray._private import parameter
+
+    original = parameter.RayParams.__init__
+
+    def init(self, *args, **kwargs) -> None:
+        kwargs.setdefault("no_monitor", True)
+        kwargs.setdefault("include_log_monitor", False)
+        original(self, *args, **kwargs)
+
+    parameter.RayParams.__init__ = init
+    try:
+        yield
+    finally:
+        parameter.RayParams.__init__ = original
 
 
 def local_run(argv: list[str]) -> tuple[bool, bool]:

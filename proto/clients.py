@@ -46,7 +46,7 @@ from proto.messages import (
     traffic_from_wire,
     weights_request_to_wire,
 )
-from proto.rpc import Security, channel
+from proto.rpc import LAYER_TIMEOUT_S, Security, channel, time_left_s
 from proto.serde import DEFAULT_CHUNK_BYTES, WIRE_DTYPES, Expected, LayerAssembler, layer_items
 from proto.wire import fast_channel
 
@@ -58,13 +58,8 @@ CALL_TIMEOUT_S = 60.0
 #: The slowest transfer a healthy call still makes; loopback on a loaded 2-core machine
 #: moves well over 100 MB/s, so only a hung peer falls below this, bytes/s.
 MIN_RATE_BYTES_PER_S = 1 << 20
-#: The fixed part of a layer pass through the tree, which also waits for the nodes'
-#: compute (forward, backward, optimizer update), s.
-LAYER_TIMEOUT_S = 600.0
 #: A checkpoint holds the weights and up to this many fp32 copies more (optimizer state, masks).
 CHECKPOINT_COPIES = 4
-#: A caller's time left beyond this means it set no deadline, s.
-_NO_DEADLINE_S = 1e9
 
 
 def timeout_for(
@@ -103,16 +98,6 @@ def wire_bytes(spec: Sequence[tuple[str, Sequence[int]]], dtype: str = "float32"
     """Dense payload bytes of tensors of these ``(name, shape)`` in ``dtype`` on the wire."""
     itemsize = WIRE_DTYPES[dtype].itemsize
     return sum(int(torch.Size(shape).numel()) * itemsize for _, shape in spec)
-
-
-def time_left_s(context: grpc.ServicerContext) -> float:
-    """Deadline for a call a servicer makes on behalf of ``context``'s call: what it has left.
-
-    A caller that set no deadline gets ``LAYER_TIMEOUT_S``: every call still has one.
-    """
-    left = context.time_remaining()
-    # Without a deadline gRPC reports None or the distance to the end of time (~292 years).
-    return LAYER_TIMEOUT_S if left is None or left > _NO_DEADLINE_S else left
 
 
 class MemoryXClient:

@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 
-from proto.serde import WireError
+from proto.frames import WireError
 
 # Chunks are ~1 MB; leave room for the message envelope. A larger message is
 # refused with RESOURCE_EXHAUSTED before any servicer sees it.
@@ -87,6 +87,23 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+#: The fixed part of a layer pass through the tree, which also waits for the nodes'
+#: compute (forward, backward, optimizer update), s.
+LAYER_TIMEOUT_S = 600.0
+#: A caller's time left beyond this means it set no deadline, s.
+_NO_DEADLINE_S = 1e9
+
+
+def time_left_s(context: grpc.ServicerContext) -> float:
+    """Deadline for a call a servicer makes on behalf of ``context``'s call: what it has left.
+
+    A caller that set no deadline gets ``LAYER_TIMEOUT_S``: every call still has one.
+    """
+    left = context.time_remaining()
+    # Without a deadline gRPC reports None or the distance to the end of time (~292 years).
+    return LAYER_TIMEOUT_S if left is None or left > _NO_DEADLINE_S else left
 
 
 # -- server ------------------------------------------------------------------

@@ -20,7 +20,6 @@ receiver holds the mask). ``tensor_bytes`` is then the payload size.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,30 +29,38 @@ import torch
 
 from core.precision import PRECISIONS
 from proto import tensor_pb2 as pb
-from proto.domain import Chunk, Header, Phase, StreamItem
+from proto.domain import Chunk, Header, StreamItem
+
+# The torch-free part of the boundary (stream items <-> messages), re-exported here.
+from proto.frames import (  # noqa: F401
+    DEFAULT_CHUNK_BYTES,
+    DENSE,
+    MASKED_VALUES,
+    PHASE_NAMES,
+    PHASES,
+    SPARSE_WEIGHTS,
+    WIRE_ITEMSIZES,
+    WireError,
+    chunk_fields,
+    chunk_values,
+    from_wire,
+    from_wire_stream,
+    layer_header,
+    payload_bytes,
+    recast_chunk,
+    recast_header,
+    to_wire,
+    to_wire_stream,
+    wider_dtype,
+)
 
 assert sys.byteorder == "little", "raw tensor bytes on the wire are little-endian"
-
-DEFAULT_CHUNK_BYTES = 1 << 20
 
 #: The dtypes tensors travel in, by wire name: the precisions of ``core.precision`` that
 #: torch has (one vocabulary; cbfloat16 exists only in the cost model).
 WIRE_DTYPES: dict[str, torch.dtype] = {
     fmt.wire_name: fmt.torch_dtype for fmt in PRECISIONS.values() if fmt.wire_name is not None
 }
-
-DENSE = ("", "dense")  # encodings of a plain tensor (proto3 default "")
-SPARSE_WEIGHTS = ("bitmap", "indices")
-MASKED_VALUES = "masked_values"
-
-assert all(pb.Phase.Value(p.name) == p for p in Phase), "proto.domain.Phase matches tensor.proto"
-PHASES = {"forward": Phase.FORWARD, "backward": Phase.BACKWARD, "eval": Phase.EVAL}
-PHASE_NAMES = {v: k for k, v in PHASES.items()}
-
-
-class WireError(ValueError):
-    """A message that does not match what the receiver expects."""
-
 
 Layout = Sequence[tuple[str, tuple[int, ...]]]
 
@@ -84,149 +91,9 @@ def _from_raw(data: bytes | memoryview, dtype: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=wire)
 
 
-def wider_dtype(dtypes: Sequence[str]) -> str:
-    """The one wire dtype from which every dtype in ``dtypes`` is one rounding away."""
-    unique = set(dtypes)
-    return unique.pop() if len(unique) == 1 else "float32"
-
-
-def recast_header(header: Header, source: str, target: str) -> Header:
-    """``header`` of a dense stream in ``source`` dtype, for the same stream in ``target``."""
-    ratio_num, ratio_den = WIRE_DTYPES[target].itemsize, WIRE_DTYPES[source].itemsize
-    return dataclasses.replace(header, total_bytes=header.total_bytes * ratio_num // ratio_den)
-
-
-def recast_chunk(chunk: Chunk, target: str) -> Chunk:
-    """A dense chunk's values rounded to ``target`` (a heterogeneous cluster's narrower node).
-
-    Rounding fp32 once to ``target`` is what MemoryX would have sent that node itself, so
-    the node sees the same bytes as in a cluster of its own kind.
-    """
-    if chunk.dtype == target:
-        return chunk
-    if chunk.encoding not in DENSE:
-        raise WireError(
-            f"a {chunk.encoding} chunk of {chunk.name!r} cannot be recast to {target}; "
-            "sparse streams travel in one dtype"
-        )
-    source_size, target_size = WIRE_DTYPES[chunk.dtype].itemsize, WIRE_DTYPES[target].itemsize
-    values = _from_raw(chunk.data, chunk.dtype).to(WIRE_DTYPES[target])
-    return dataclasses.replace(
-        chunk,
-        dtype=target,
-        offset=chunk.offset * target_size // source_size,
-        tensor_bytes=chunk.tensor_bytes * target_size // source_size,
-        data=bytes(_raw_bytes(values)),
-    )
-
-
-def layer_header(
-    layer: int,
-    step: int,
-    phase: int,
-    *,
-    num_tensors: int,
-    total_bytes: int,
-    sender: str,
-    dense_gradients: bool = False,
-) -> Header:
-    return Header(
-        layer=layer,
-        step=step,
-        phase=phase,
-        num_tensors=num_tensors,
-        total_bytes=total_bytes,
-        sender=sender,
-        dense_gradients=dense_gradients,
-    )
-
-
-def chunk_fields(item: Chunk, data: bytes = b"") -> pb.TensorChunk:
-    """A chunk's protobuf message; ``data`` empty for an encoder that appends the values itself."""
-    return pb.TensorChunk(
-        layer=item.layer,
-        step=item.step,
-        name=item.name,
-        dtype=item.dtype,
-        shape=item.shape,
-        offset=item.offset,
-        tensor_bytes=item.tensor_bytes,
-        data=data,
-        encoding=item.encoding,
-        index_bytes=item.index_bytes,
-    )
-
-
-def to_wire(item: StreamItem) -> pb.LayerMessage:
-    """One element of a layer stream as the protobuf message that carries it."""
-    if isinstance(item, Chunk):
-        # protobuf takes bytes, not a memoryview; bytes(bytes) is no copy.
-        return pb.LayerMessage(chunk=chunk_fields(item, bytes(item.data)))
-    return pb.LayerMessage(
-        header=pb.LayerHeader(
-            layer=item.layer,
-            step=item.step,
-            phase=item.phase,
-            num_tensors=item.num_tensors,
-            total_bytes=item.total_bytes,
-            sender=item.sender,
-            dense_gradients=item.dense_gradients,
-            pass_id=item.pass_id,
-        )
-    )
-
-
-def from_wire(message: pb.LayerMessage | StreamItem) -> StreamItem:
-    """The ``Header`` or ``Chunk`` a ``LayerMessage`` carries; WireError if it carries neither.
-
-    An item decoded already (``proto.wire.decode`` gives them) is returned as it is."""
-    if isinstance(message, Chunk | Header):
-        return message
-    kind = message.WhichOneof("kind")
-    if kind == "chunk":
-        c = message.chunk
-        return Chunk(
-            layer=c.layer,
-            step=c.step,
-            name=c.name,
-            dtype=c.dtype,
-            shape=tuple(c.shape),
-            offset=c.offset,
-            tensor_bytes=c.tensor_bytes,
-            data=c.data,
-            encoding=c.encoding,
-            index_bytes=c.index_bytes,
-        )
-    if kind == "header":
-        h = message.header
-        return Header(
-            layer=h.layer,
-            step=h.step,
-            phase=h.phase,
-            num_tensors=h.num_tensors,
-            total_bytes=h.total_bytes,
-            sender=h.sender,
-            dense_gradients=h.dense_gradients,
-            pass_id=h.pass_id,
-        )
-    raise WireError("empty layer message (neither header nor chunk)")
-
-
-def from_wire_stream(messages: Iterable[pb.LayerMessage]) -> Iterator[StreamItem]:
-    """``from_wire`` over a stream, lazily (the stream may still be arriving)."""
-    for message in messages:
-        yield from_wire(message)
-
-
-def to_wire_stream(items: Iterable[StreamItem]) -> Iterator[pb.LayerMessage]:
-    """``to_wire`` over a stream, lazily: chunks are built as the transport asks for them."""
-    for item in items:
-        yield to_wire(item)
-
-
-def payload_bytes(items: Iterable[StreamItem]) -> int:
-    """Payload bytes of the chunks among ``items``."""
-    return sum(len(item.data) for item in items if isinstance(item, Chunk))
+def recast_bytes(data: bytes | memoryview, source: str, target: str) -> bytes:
+    """Raw ``source``-dtype values rounded to ``target`` (``proto.frames.recast_chunk``)."""
+    return bytes(_raw_bytes(_from_raw(data, source).to(WIRE_DTYPES[target])))
 
 
 def _count(mask: torch.Tensor) -> int:
@@ -557,17 +424,3 @@ def decode_layer(
     for message in messages:
         assembler.add(message)
     return assembler.finish()
-
-
-def chunk_values(chunk: Chunk) -> np.ndarray:
-    """A float32 view of a float32 chunk's data (for summing in SwarmX)."""
-    if chunk.dtype != "float32":
-        raise WireError(
-            f"gradient chunk for {chunk.name!r} is {chunk.dtype}; gradients travel as float32"
-        )
-    if len(chunk.data) % 4:
-        raise WireError(
-            f"gradient chunk for {chunk.name!r} holds {len(chunk.data)} bytes, "
-            "not a whole number of float32 values"
-        )
-    return np.frombuffer(chunk.data, dtype=np.float32)

@@ -29,7 +29,7 @@ import grpc
 
 from proto import tensor_pb2 as pb
 from proto.domain import Chunk, Header
-from proto.serde import WireError, chunk_fields, from_wire, to_wire
+from proto.frames import WireError, chunk_fields, from_wire, to_wire
 
 _CHUNK_KEY = 0x12  # LayerMessage field 2 (chunk), length-delimited
 _DATA_FIELD = 8  # TensorChunk.data

@@ -20,11 +20,10 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
-import torch
 
 from proto.domain import Chunk, Header, LayerAck, Phase, StreamItem
+from proto.frames import WIRE_ITEMSIZES, WireError, from_wire, to_wire
 from proto.messages import ack_from_wire, ack_to_wire
-from proto.serde import WIRE_DTYPES, WireError, from_wire, to_wire
 
 #: Ends a queued stream (the SwarmX node's outboxes use the same).
 END = object()
@@ -71,9 +70,9 @@ class SplitLayer:
 
 
 def _itemsize(dtype: str) -> int:
-    if dtype not in WIRE_DTYPES:
-        raise WireError(f"chunk dtype {dtype!r} is not one of {', '.join(WIRE_DTYPES)}")
-    return torch.empty((), dtype=WIRE_DTYPES[dtype]).element_size()
+    if dtype not in WIRE_ITEMSIZES:
+        raise WireError(f"chunk dtype {dtype!r} is not one of {', '.join(WIRE_ITEMSIZES)}")
+    return WIRE_ITEMSIZES[dtype]
 
 
 def joined_weights(

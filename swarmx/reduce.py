@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 
 from proto.domain import Chunk, Header, StreamItem
-from proto.serde import WireError, chunk_values
+from proto.frames import WireError, chunk_values
 
 
 class ChunkReduction:

@@ -20,8 +20,14 @@ import grpc
 from proto import memoryx_pb2_grpc as mgrpc
 from proto import swarmx_pb2_grpc as sgrpc
 from proto import tensor_pb2 as pb
-from proto.clients import time_left_s
 from proto.domain import Chunk, Header, LayerAck, LinkStats, Phase, StreamItem, SwarmXStats
+from proto.frames import (
+    WireError,
+    from_wire,
+    from_wire_stream,
+    recast_chunk,
+    recast_header,
+)
 from proto.messages import (
     EMPTY,
     ack_from_wire,
@@ -30,14 +36,7 @@ from proto.messages import (
     swarmx_stats_to_wire,
     weights_request_to_wire,
 )
-from proto.rpc import Security, StepConflict, channel, rpc_errors
-from proto.serde import (
-    WireError,
-    from_wire,
-    from_wire_stream,
-    recast_chunk,
-    recast_header,
-)
+from proto.rpc import Security, StepConflict, channel, rpc_errors, time_left_s
 from proto.wire import fast_channel
 from proto.wire import register as register_fast
 from swarmx.pieces import END, SplitLayer, SplitPush, joined_weights

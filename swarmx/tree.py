@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 
 from core.config import doc
-from proto.serde import DEFAULT_CHUNK_BYTES
+from proto.frames import DEFAULT_CHUNK_BYTES
 
 
 class SwarmXTree:

@@ -1,0 +1,200 @@
+"""Layer-stream items on the wire without torch: ``Header`` / ``Chunk`` <-> ``LayerMessage``.
+
+What a SwarmX node does to a stream (route, split, sum float32 gradients with numpy,
+frame and parse messages) needs neither torch nor tensors, so this part of the serde
+boundary (``proto.serde``, which re-exports all of it) imports neither: a process that
+hosts only SwarmX nodes then never imports torch, which costs seconds of CPU at its
+start and a hundred MB of memory. ``tests/proto/test_frames.py`` checks that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from core.precision import PRECISIONS
+from proto import tensor_pb2 as pb
+from proto.domain import Chunk, Header, Phase, StreamItem
+
+DEFAULT_CHUNK_BYTES = 1 << 20
+
+#: Bytes per element of each dtype tensors travel in, by wire name (``proto.serde``'s
+#: ``WIRE_DTYPES`` has their torch dtypes).
+WIRE_ITEMSIZES: dict[str, int] = {
+    fmt.wire_name: fmt.bytes_per_element for fmt in PRECISIONS.values() if fmt.wire_name is not None
+}
+
+DENSE = ("", "dense")  # encodings of a plain tensor (proto3 default "")
+SPARSE_WEIGHTS = ("bitmap", "indices")
+MASKED_VALUES = "masked_values"
+
+assert all(pb.Phase.Value(p.name) == p for p in Phase), "proto.domain.Phase matches tensor.proto"
+PHASES = {"forward": Phase.FORWARD, "backward": Phase.BACKWARD, "eval": Phase.EVAL}
+PHASE_NAMES = {v: k for k, v in PHASES.items()}
+
+
+class WireError(ValueError):
+    """A message that does not match what the receiver expects."""
+
+
+def wider_dtype(dtypes: Sequence[str]) -> str:
+    """The one wire dtype from which every dtype in ``dtypes`` is one rounding away."""
+    unique = set(dtypes)
+    return unique.pop() if len(unique) == 1 else "float32"
+
+
+def recast_header(header: Header, source: str, target: str) -> Header:
+    """``header`` of a dense stream in ``source`` dtype, for the same stream in ``target``."""
+    ratio_num, ratio_den = WIRE_ITEMSIZES[target], WIRE_ITEMSIZES[source]
+    return dataclasses.replace(header, total_bytes=header.total_bytes * ratio_num // ratio_den)
+
+
+def recast_chunk(chunk: Chunk, target: str) -> Chunk:
+    """A dense chunk's values rounded to ``target`` (a heterogeneous cluster's narrower node).
+
+    Rounding fp32 once to ``target`` is what MemoryX would have sent that node itself, so
+    the node sees the same bytes as in a cluster of its own kind.
+    """
+    if chunk.dtype == target:
+        return chunk
+    if chunk.encoding not in DENSE:
+        raise WireError(
+            f"a {chunk.encoding} chunk of {chunk.name!r} cannot be recast to {target}; "
+            "sparse streams travel in one dtype"
+        )
+    source_size, target_size = WIRE_ITEMSIZES[chunk.dtype], WIRE_ITEMSIZES[target]
+    # torch rounds (bfloat16 as well): imported only where a mixed tree recasts.
+    from proto.serde import recast_bytes
+
+    return dataclasses.replace(
+        chunk,
+        dtype=target,
+        offset=chunk.offset * target_size // source_size,
+        tensor_bytes=chunk.tensor_bytes * target_size // source_size,
+        data=recast_bytes(chunk.data, chunk.dtype, target),
+    )
+
+
+def layer_header(
+    layer: int,
+    step: int,
+    phase: int,
+    *,
+    num_tensors: int,
+    total_bytes: int,
+    sender: str,
+    dense_gradients: bool = False,
+) -> Header:
+    return Header(
+        layer=layer,
+        step=step,
+        phase=phase,
+        num_tensors=num_tensors,
+        total_bytes=total_bytes,
+        sender=sender,
+        dense_gradients=dense_gradients,
+    )
+
+
+def chunk_fields(item: Chunk, data: bytes = b"") -> pb.TensorChunk:
+    """A chunk's protobuf message; ``data`` empty for an encoder that appends the values itself."""
+    return pb.TensorChunk(
+        layer=item.layer,
+        step=item.step,
+        name=item.name,
+        dtype=item.dtype,
+        shape=item.shape,
+        offset=item.offset,
+        tensor_bytes=item.tensor_bytes,
+        data=data,
+        encoding=item.encoding,
+        index_bytes=item.index_bytes,
+    )
+
+
+def to_wire(item: StreamItem) -> pb.LayerMessage:
+    """One element of a layer stream as the protobuf message that carries it."""
+    if isinstance(item, Chunk):
+        # protobuf takes bytes, not a memoryview; bytes(bytes) is no copy.
+        return pb.LayerMessage(chunk=chunk_fields(item, bytes(item.data)))
+    return pb.LayerMessage(
+        header=pb.LayerHeader(
+            layer=item.layer,
+            step=item.step,
+            phase=item.phase,
+            num_tensors=item.num_tensors,
+            total_bytes=item.total_bytes,
+            sender=item.sender,
+            dense_gradients=item.dense_gradients,
+            pass_id=item.pass_id,
+        )
+    )
+
+
+def from_wire(message: pb.LayerMessage | StreamItem) -> StreamItem:
+    """The ``Header`` or ``Chunk`` a ``LayerMessage`` carries; WireError if it carries neither.
+
+    An item decoded already (``proto.wire.decode`` gives them) is returned as it is."""
+    if isinstance(message, Chunk | Header):
+        return message
+    kind = message.WhichOneof("kind")
+    if kind == "chunk":
+        c = message.chunk
+        return Chunk(
+            layer=c.layer,
+            step=c.step,
+            name=c.name,
+            dtype=c.dtype,
+            shape=tuple(c.shape),
+            offset=c.offset,
+            tensor_bytes=c.tensor_bytes,
+            data=c.data,
+            encoding=c.encoding,
+            index_bytes=c.index_bytes,
+        )
+    if kind == "header":
+        h = message.header
+        return Header(
+            layer=h.layer,
+            step=h.step,
+            phase=h.phase,
+            num_tensors=h.num_tensors,
+            total_bytes=h.total_bytes,
+            sender=h.sender,
+            dense_gradients=h.dense_gradients,
+            pass_id=h.pass_id,
+        )
+    raise WireError("empty layer message (neither header nor chunk)")
+
+
+def from_wire_stream(messages: Iterable[pb.LayerMessage]) -> Iterator[StreamItem]:
+    """``from_wire`` over a stream, lazily (the stream may still be arriving)."""
+    for message in messages:
+        yield from_wire(message)
+
+
+def to_wire_stream(items: Iterable[StreamItem]) -> Iterator[pb.LayerMessage]:
+    """``to_wire`` over a stream, lazily: chunks are built as the transport asks for them."""
+    for item in items:
+        yield to_wire(item)
+
+
+def payload_bytes(items: Iterable[StreamItem]) -> int:
+    """Payload bytes of the chunks among ``items``."""
+    return sum(len(item.data) for item in items if isinstance(item, Chunk))
+
+
+def chunk_values(chunk: Chunk) -> np.ndarray:
+    """A float32 view of a float32 chunk's data (for summing in SwarmX)."""
+    if chunk.dtype != "float32":
+        raise WireError(
+            f"gradient chunk for {chunk.name!r} is {chunk.dtype}; gradients travel as float32"
+        )
+    if len(chunk.data) % 4:
+        raise WireError(
+            f"gradient chunk for {chunk.name!r} holds {len(chunk.data)} bytes, "
+            "not a whole number of float32 values"
+        )
+    return np.frombuffer(chunk.data, dtype=np.float32)

@@ -1,0 +1,47 @@
+"""A process that hosts only SwarmX nodes never imports torch (``proto.frames``)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_a_swarmx_host_imports_no_torch():
+    # What Ray imports in a SwarmX host process: the host, the SwarmX actor and its servicer.
+    code = (
+        "import sys, emulator.host, swarmx.actor, swarmx.service, swarmx.tree\n"
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"
+
+
+def test_recast_chunk_rounds_as_torch_does():
+    import torch
+
+    from proto.domain import Chunk
+    from proto.frames import recast_chunk
+
+    values = torch.tensor([1.0, 1 / 3, -2.5e-3, 65504.0, 3.0e38], dtype=torch.float32)
+    data = bytes(values.numpy().tobytes())
+    chunk = Chunk(
+        layer=0,
+        step=1,
+        name="w",
+        dtype="float32",
+        shape=(5,),
+        offset=0,
+        tensor_bytes=len(data),
+        data=data,
+    )
+    for target in ("bfloat16", "float16"):
+        recast = recast_chunk(chunk, target)
+        expected = values.to(getattr(torch, target))
+        got = torch.frombuffer(bytearray(recast.data), dtype=getattr(torch, target))
+        assert torch.equal(got.view(torch.int16), expected.view(torch.int16))
+        assert (recast.dtype, recast.tensor_bytes) == (target, 10)
