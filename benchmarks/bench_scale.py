@@ -91,6 +91,7 @@ def run(nodes: int, args: argparse.Namespace) -> dict:
         "wall_step_time_s": report["step_wall_time_s"],
         "first_step_cpu_s": runtime["first_step_cpu_s"],
         "cpu_per_step_s": runtime["cpu_per_step_s"],
+        "cpu_per_step_by_kind_s": runtime.get("cpu_per_step_by_kind_s"),
         "command_s": command_s,
         "final_loss": report["final_loss"],
     }
@@ -200,6 +201,12 @@ def main() -> None:
             f"  components {phases['components_s']:.1f}  wiring {phases['wiring_s']:.2f}"
             f"  | cpu to 1st step {_cpu(first, 'driver_s')} + {_cpu(first, 'ray_and_actors_s')}"
             f"  | cpu/step {_cpu(per_step, 'driver_s')} + {_cpu(per_step, 'actors_s')}"
+            + (
+                f" (MemoryX {_cpu(kinds, 'memoryx_s')}, SwarmX {_cpu(kinds, 'swarmx_s')},"
+                f" nodes {_cpu(kinds, 'nodes_s')})"
+                if (kinds := row.get("cpu_per_step_by_kind_s"))
+                else ""
+            )
         )
     if len(done) > 1:
         for what, value in (

@@ -173,9 +173,13 @@ class RuntimeWatch:
             self._first_step_cpu_s = cpu_split()
         # Per step: the driver, MemoryX and the hosts (not Ray's services or the spare).
         pids = self.cluster.pids()
+        by_kind = self._pids_by_kind()
+        cpu = {pid: cpu_seconds(pid) for pid in pids["memoryx"] + pids["hosts"]}
         now = {
             "driver_s": cpu_seconds(os.getpid()),
-            "actors_s": sum(cpu_seconds(p) for p in pids["memoryx"] + pids["hosts"]),
+            "actors_s": sum(cpu.values()),
+            # Split by what the processes host: which kind's CPU grows with the cluster.
+            **{f"{kind}_s": sum(cpu.get(p, 0.0) for p in found) for kind, found in by_kind.items()},
         }
         if self._step_cpu_s is None:
             self._step_cpu_s = now
@@ -183,11 +187,28 @@ class RuntimeWatch:
             self._num_later_steps += 1
             self._last_step_cpu_s = now
 
-    def _cpu_per_later_step(self) -> dict[str, float] | None:
+    def _pids_by_kind(self) -> dict[str, set[int]]:
+        """Process ids of the MemoryX servers, the SwarmX hosts and the compute-node hosts."""
+        process_ids = self.cluster.process_ids.copy()  # atomic, as in Cluster.pids
+        swarmx = {t.name for t in self.cluster.tree}
+        kinds: dict[str, set[int]] = {"memoryx": set(), "swarmx": set(), "nodes": set()}
+        for name, pid in process_ids.items():
+            kind = (
+                "memoryx"
+                if self.cluster.is_memoryx(name)
+                else ("swarmx" if name in swarmx else "nodes")
+            )
+            kinds[kind].add(pid)
+        return kinds
+
+    def _per_later_step(self, keys: tuple[str, ...]) -> dict[str, float] | None:
         if not self._num_later_steps:
             return None
         first, last = self._step_cpu_s, self._last_step_cpu_s
-        return {k: (last[k] - first[k]) / self._num_later_steps for k in first}
+        return {k: (last[k] - first[k]) / self._num_later_steps for k in keys}
+
+    def _cpu_per_later_step(self) -> dict[str, float] | None:
+        return self._per_later_step(("driver_s", "actors_s"))
 
     def stop(self) -> None:
         if self.sampler._thread.is_alive():
@@ -216,6 +237,8 @@ class RuntimeWatch:
             # ... and per training step after the first, of the driver and of MemoryX and the
             # hosts (a process replaced meanwhile takes its CPU time with it: then this is off).
             "cpu_per_step_s": self._cpu_per_later_step(),
+            # ... the actors' share split by kind of process (they sum to actors_s).
+            "cpu_per_step_by_kind_s": self._per_later_step(("memoryx_s", "swarmx_s", "nodes_s")),
             "nodes_per_process": cluster.nodes_per_process,
             "num_processes": len(cluster.processes),
             "num_emulated_nodes": num_emulated,

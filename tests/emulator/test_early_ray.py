@@ -48,3 +48,17 @@ def test_a_config_file_that_names_a_cluster_keeps_ray_for_later(tmp_path, yaml_t
 def test_it_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("WAFER_EARLY_RAY", "0")
     assert local_run(["train"]) == (False, False)
+
+
+def test_a_local_ray_starts_without_the_monitors_a_run_never_uses():
+    from ray._private.parameter import RayParams
+
+    from emulator.early_ray import _without_idle_helpers
+
+    with _without_idle_helpers():
+        inside = RayParams()
+        told = RayParams(no_monitor=False, include_log_monitor=True)
+    outside = RayParams()
+    assert (inside.no_monitor, inside.include_log_monitor) == (True, False)
+    assert (told.no_monitor, told.include_log_monitor) == (False, True)  # a caller's choice
+    assert (outside.no_monitor, outside.include_log_monitor) == (False, None)  # put back
