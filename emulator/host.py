@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from typing import TYPE_CHECKING, Literal
 
@@ -38,6 +39,12 @@ AUTO_MEMORY_FRACTION = 0.5
 AUTO_PROCESSES_PER_CORE = 2
 
 
+#: The host processes' ``sys.setswitchinterval``, s (Python's default: 0.005). A host of many
+#: nodes runs hundreds of gRPC threads; every one waiting for the GIL wakes each interval to
+#: ask its holder to drop it, so with the default a process of 21 SwarmX nodes spent a third
+#: more CPU per step (64-node mlp-digits, benchmarks/bench_scale.py). Threads still hand the
+#: GIL over at once whenever they block on I/O or run a torch or numpy kernel.
+HOST_SWITCH_INTERVAL_S = 0.05
 #: Seconds a component, or a wait for any one more of many, may take to start, s.
 START_TIMEOUT_S = 120.0
 
@@ -46,6 +53,9 @@ class ComponentHost:
     """A process holding emulated components by name (a warm spare holds none yet)."""
 
     def __init__(self) -> None:
+        # Fewer forced GIL hand-offs among the many gRPC threads of a process that hosts
+        # dozens of nodes (HOST_SWITCH_INTERVAL_S).
+        sys.setswitchinterval(HOST_SWITCH_INTERVAL_S)
         self.components: dict[str, object] = {}
         #: When this process could first run Python of the emulator (Ray and this module
         #: imported), wall-clock s; and each component's constructor time, s.
@@ -124,35 +134,68 @@ def nodes_per_process(
 
 
 def plan_hosts(
-    node_names: list[str], swarmx_names: list[str], per_process: int
+    node_names: list[str],
+    swarmx_names: list[str],
+    per_process: int,
+    swarmx_per_process: int | None = None,
 ) -> list[tuple[str, ...]]:
-    """Members of each host: SwarmX nodes in tree order, then compute nodes by consecutive
-    rank, ``per_process`` each. A host runs one kind, so a lost host of compute nodes can
-    be dropped whole when the cluster shrinks instead of being replaced."""
+    """Members of each host: SwarmX nodes in tree order, ``swarmx_per_process`` each (None:
+    ``per_process``), then compute nodes by consecutive rank, ``per_process`` each. A host
+    runs one kind, so a lost host of compute nodes can be dropped whole when the cluster
+    shrinks instead of being replaced."""
+    swarmx_per = swarmx_per_process or per_process
     return [
-        tuple(names[i : i + per_process])
-        for names in (swarmx_names, node_names)
-        for i in range(0, len(names), per_process)
+        tuple(names[i : i + per])
+        for names, per in ((swarmx_names, swarmx_per), (node_names, per_process))
+        for i in range(0, len(names), per)
     ]
 
 
-def resolve_nodes_per_process(runtime: RuntimeConfig, num_components: int) -> int:
-    """``runtime.nodes_per_process`` resolved: ``auto`` from this machine's memory and
-    cores (locally) or the Ray cluster's resources (``runtime.address``)."""
+def swarmx_share(per_process: int, fanout: int) -> int:
+    """SwarmX nodes per process when compute nodes share processes ``per_process`` each.
+
+    A SwarmX node relays every layer to ``fanout`` children and sums their gradients: about
+    the stream work of ``fanout`` compute nodes (measured: 0.23 s against 0.05 s of CPU per
+    step, 64-node mlp-digits). Packed as many per process as compute nodes, the SwarmX tree's
+    one process was the cluster's bottleneck, so it gets ``1 / fanout`` as many.
+    """
+    return max(1, per_process // fanout)
+
+
+def resolve_nodes_per_process(
+    runtime: RuntimeConfig, num_nodes: int, num_swarmx: int, fanout: int
+) -> tuple[int, int]:
+    """``runtime.nodes_per_process`` resolved, for compute nodes and for SwarmX nodes:
+    ``auto`` from this machine's memory and cores (locally) or the Ray cluster's resources
+    (``runtime.address``). When ``auto`` makes nodes share processes, a SwarmX node counts
+    as ``fanout`` compute nodes (``swarmx_share``); a count is taken for both kinds."""
     if runtime.address is None:
         available, cores = available_memory_bytes(), os.cpu_count()
     else:
         resources = ray.available_resources()
         available, cores = resources.get("memory"), int(resources.get("CPU", 0)) or None
-    return nodes_per_process(
-        runtime.nodes_per_process,
-        num_components,
-        available_bytes=available,
-        # The driver imports what a host process does (torch, Ray, gRPC): its RSS is the
-        # measured cost of one more process.
-        process_bytes=rss_bytes(os.getpid()) or None,
-        num_cores=cores,
-    )
+
+    def per(num_components: int) -> int:
+        return nodes_per_process(
+            runtime.nodes_per_process,
+            num_components,
+            available_bytes=available,
+            # The driver imports what a host process does (torch, Ray, gRPC): its RSS is the
+            # measured cost of one more process.
+            process_bytes=rss_bytes(os.getpid()) or None,
+            num_cores=cores,
+        )
+
+    shared = per(num_nodes + num_swarmx)
+    if runtime.nodes_per_process != "auto" or shared == 1:
+        return shared, shared
+    weighted = per(num_nodes + fanout * num_swarmx)
+    return _even(num_nodes, weighted), _even(num_swarmx, swarmx_share(weighted, fanout))
+
+
+def _even(count: int, per_process: int) -> int:
+    """Per process, for as many processes as ``per_process`` needs, filled evenly."""
+    return math.ceil(count / math.ceil(count / per_process)) if count else per_process
 
 
 def launch_phases(

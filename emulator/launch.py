@@ -96,8 +96,9 @@ class Cluster:
     host_options: dict[str, dict] = field(default_factory=dict, repr=False)
     #: The process id (on its own machine) of each component's process, by name.
     process_ids: dict[str, int] = field(default_factory=dict)
-    #: Emulated compute or SwarmX nodes per process (``runtime.nodes_per_process``).
+    #: Emulated compute nodes per process (``runtime.nodes_per_process``), and SwarmX nodes.
     nodes_per_process: int = 1
+    swarmx_nodes_per_process: int = 1
     #: Seconds from the call of ``launch`` until every component served and was wired.
     launch_time_s: float = 0.0
     #: Where launch time went: Ray's start, processes up, components serving, wiring, s.
@@ -497,10 +498,12 @@ def launch(
         },
     }
     # Every compute and SwarmX node in a host process, ``per_process`` each; MemoryX alone.
-    per_process = resolve_nodes_per_process(config.runtime, config.num_nodes + len(tree))
+    per_process, swarmx_per_process = resolve_nodes_per_process(
+        config.runtime, config.num_nodes, len(tree), config.swarmx.fanout
+    )
     node_names = [node_name(rank) for rank in range(config.num_nodes)]
     groups = [(memoryx_name(k),) for k in range(len(ranges))]
-    groups += plan_hosts(node_names, [t.name for t in tree], per_process)
+    groups += plan_hosts(node_names, [t.name for t in tree], per_process, swarmx_per_process)
     try:
         options, group = placement_options(config.runtime.placement, len(groups))
     except BaseException:
@@ -547,6 +550,7 @@ def launch(
         # A replacement goes to its process's bundle (no placement: wherever Ray puts it).
         host_options=host_options if group is not None else {},
         nodes_per_process=per_process,
+        swarmx_nodes_per_process=swarmx_per_process,
         placement_strategy=config.runtime.placement,
         placement_group=group,
         _temporary_run_dir=temporary,

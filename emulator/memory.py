@@ -240,6 +240,7 @@ class RuntimeWatch:
             # ... the actors' share split by kind of process (they sum to actors_s).
             "cpu_per_step_by_kind_s": self._per_later_step(("memoryx_s", "swarmx_s", "nodes_s")),
             "nodes_per_process": cluster.nodes_per_process,
+            "swarmx_nodes_per_process": cluster.swarmx_nodes_per_process,
             "num_processes": len(cluster.processes),
             "num_emulated_nodes": num_emulated,
             "memory": {

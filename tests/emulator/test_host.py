@@ -10,11 +10,19 @@ import pytest
 
 from emulator import host
 from emulator.config import load_config
-from emulator.host import ComponentHost, nodes_per_process, plan_hosts
+from emulator.host import HOST_SWITCH_INTERVAL_S, ComponentHost, nodes_per_process, plan_hosts
 from emulator.memory import MemorySampler, available_memory_bytes, process_age_s, rss_bytes
 
 GB = 1024**3
 MB = 1024**2
+
+
+@pytest.fixture(autouse=True)
+def _switch_interval_restored():
+    """A ComponentHost sets its process's GIL switch interval; this process keeps its own."""
+    before = sys.getswitchinterval()
+    yield
+    sys.setswitchinterval(before)
 
 
 def test_auto_gives_each_node_a_process_while_memory_and_cores_have_room():
@@ -158,3 +166,34 @@ def test_a_launch_in_which_no_component_starts_any_more_ends_naming_those_left(m
     refs = {"memoryx": "memoryx-ref", "node-0": "node-0-ref", "node-1": "node-1-ref"}
     with pytest.raises(TimeoutError, match=r"^node-1 did not start within 120 s"):
         host.wait_started(refs)
+
+
+def _resolve(monkeypatch, setting, num_nodes, num_swarmx, *, cores):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(host, "available_memory_bytes", lambda: 1000 * GB)
+    monkeypatch.setattr(host, "rss_bytes", lambda pid: 300 * MB)
+    monkeypatch.setattr(host.os, "cpu_count", lambda: cores)
+    runtime = SimpleNamespace(address=None, nodes_per_process=setting)
+    return host.resolve_nodes_per_process(runtime, num_nodes, num_swarmx, 4)
+
+
+def test_auto_gives_swarmx_nodes_a_share_by_their_fanout_when_nodes_share(monkeypatch):
+    # 64 nodes + 21 SwarmX nodes on 2 cores: a SwarmX node relays to 4 children, so it
+    # weighs 4 compute nodes: 2 hosts of 32 compute nodes, 3 of 7 SwarmX nodes.
+    assert _resolve(monkeypatch, "auto", 64, 21, cores=2) == (32, 7)
+    names = [f"node-{r}" for r in range(64)]
+    sizes = [len(h) for h in plan_hosts(names, [f"s{i}" for i in range(21)], 32, 7)]
+    assert sizes == [7, 7, 7, 32, 32]
+    # 4 nodes + 1 SwarmX node: the SwarmX node alone, 2 compute nodes per process.
+    assert _resolve(monkeypatch, "auto", 4, 1, cores=2) == (2, 1)
+
+
+def test_auto_keeps_a_process_each_while_there_is_room_and_a_count_is_for_both(monkeypatch):
+    assert _resolve(monkeypatch, "auto", 2, 1, cores=2) == (1, 1)
+    assert _resolve(monkeypatch, 5, 64, 21, cores=2) == (5, 5)
+
+
+def test_a_host_process_hands_the_gil_over_less_often():
+    ComponentHost()
+    assert sys.getswitchinterval() == pytest.approx(HOST_SWITCH_INTERVAL_S)
