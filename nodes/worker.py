@@ -61,12 +61,8 @@ def strip_parameters(layer: nn.Module) -> nn.Module:
     for module in layer.modules():
         for name, param in module._parameters.items():
             if param is not None:
-                # torch.empty, not empty_like: empty_like of a tensor already on the meta
-                # device (the driver's model) goes through torch._refs, whose first call
-                # imports sympy (half a second of CPU, in the driver's launch).
                 module._parameters[name] = nn.Parameter(
-                    torch.empty(param.shape, dtype=param.dtype, device="meta"),
-                    requires_grad=param.requires_grad,
+                    torch.empty_like(param, device="meta"), requires_grad=param.requires_grad
                 )
     return layer
 

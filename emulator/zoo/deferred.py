@@ -62,13 +62,6 @@ class _Recorder(TorchDispatchMode):
         super().__init__()
         self.recipes: dict[int, _Recipe] = {}
 
-    @classmethod
-    def _should_skip_dynamo(cls) -> bool:
-        # torch's opt-out (see TorchDispatchMode._should_skip_dynamo): otherwise torch wraps
-        # __torch_dispatch__ in torch._dynamo.disable, whose first call imports torch._dynamo
-        # (and sympy), about 1.5 s of the driver's CPU before launch. Nothing compiles here.
-        return False
-
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         random = torch.Tag.nondeterministic_seeded in func.tags

@@ -84,25 +84,3 @@ def test_random_factories_and_buffers_replay_and_the_rng_advances_as_in_the_real
         assert torch.equal(tensor, dict(whole.named_parameters())[name].detach())
     init.materialize_buffers(meta)
     assert torch.equal(meta.mask, whole.mask)
-
-
-def test_the_deferred_build_imports_no_torch_dynamo():
-    # torch._dynamo (and sympy) cost the driver about 1.5 s of CPU before launch.
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    code = (
-        "import sys\n"
-        "from emulator.zoo.deferred import build_deferred\n"
-        "from emulator.zoo.vision import mlp_digits\n"
-        "from nodes.worker import strip_parameters\n"
-        "module, init = build_deferred(mlp_digits)\n"
-        "strip_parameters(module)\n"
-        "print(sorted(m for m in ('torch._dynamo', 'sympy') if m in sys.modules))\n"
-    )
-    root = Path(__file__).resolve().parents[2]
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
-    )
-    assert out.stdout.strip() == "[]"
