@@ -39,7 +39,7 @@ AUTO_MEMORY_FRACTION = 0.5
 AUTO_PROCESSES_PER_CORE = 2
 
 
-#: The host processes' ``sys.setswitchinterval``, s (Python's default: 0.005). A host of many
+#: ``sys.setswitchinterval`` of a host of several nodes, s (Python's default: 0.005). A host of many
 #: nodes runs hundreds of gRPC threads; every one waiting for the GIL wakes each interval to
 #: ask its holder to drop it, so with the default a process of 21 SwarmX nodes spent a third
 #: more CPU per step (64-node mlp-digits, benchmarks/bench_scale.py). Threads still hand the
@@ -53,9 +53,6 @@ class ComponentHost:
     """A process holding emulated components by name (a warm spare holds none yet)."""
 
     def __init__(self) -> None:
-        # Fewer forced GIL hand-offs among the many gRPC threads of a process that hosts
-        # dozens of nodes (HOST_SWITCH_INTERVAL_S).
-        sys.setswitchinterval(HOST_SWITCH_INTERVAL_S)
         self.components: dict[str, object] = {}
         #: When this process could first run Python of the emulator (Ray and this module
         #: imported), wall-clock s; and each component's constructor time, s.
@@ -73,6 +70,10 @@ class ComponentHost:
         started = time.perf_counter()
         self.components[component] = component_class(**kwargs)
         self.start_s[component] = time.perf_counter() - started
+        if len(self.components) == 2:
+            # Fewer forced GIL hand-offs among the many gRPC threads of a process that hosts
+            # several nodes (HOST_SWITCH_INTERVAL_S); a process of one keeps Python's default.
+            sys.setswitchinterval(HOST_SWITCH_INTERVAL_S)
         return self.components[component].get_address()
 
     def timings(self) -> dict:

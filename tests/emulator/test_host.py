@@ -194,6 +194,11 @@ def test_auto_keeps_a_process_each_while_there_is_room_and_a_count_is_for_both(m
     assert _resolve(monkeypatch, 5, 64, 21, cores=2) == (5, 5)
 
 
-def test_a_host_process_hands_the_gil_over_less_often():
-    ComponentHost()
+def test_a_host_of_several_nodes_hands_the_gil_over_less_often():
+    log: list = []
+    default = sys.getswitchinterval()
+    host = ComponentHost()
+    host.start("node-0", _Component, name="node-0", log=log)
+    assert sys.getswitchinterval() == default  # one node: Python's default
+    host.start("node-1", _Component, name="node-1", log=log)
     assert sys.getswitchinterval() == pytest.approx(HOST_SWITCH_INTERVAL_S)
