@@ -22,6 +22,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+try:  # what torch.autograd.grad calls once it has checked its arguments (vector_jacobian)
+    from torch.autograd.graph import _engine_run_backward
+except ImportError:  # pragma: no cover - another torch
+    _engine_run_backward = None
+
 if TYPE_CHECKING:
     from memoryx.sparsity import Sparsity
 
@@ -309,7 +314,7 @@ class KeptGraph(HeldForBackward):
             leaf.data = weight
         inputs = ([self._x_in] if self._x_in.requires_grad else []) + list(self._leaves.values())
         with torch.enable_grad():
-            grads = torch.autograd.grad(self._y, inputs, grad_y, allow_unused=True)
+            grads = vector_jacobian(self._y, inputs, grad_y)
         grad_x = grads[0] if self._x_in.requires_grad else None
         weight_grads = grads[len(inputs) - len(self._leaves) :]
         result = {
@@ -359,8 +364,30 @@ def autograd_backward(
     with torch.enable_grad():
         y = run(block, leaves, x_in)
         inputs = ([x_in] if x_in.requires_grad else []) + list(leaves.values())
-        torch.autograd.backward(y, grad_y, inputs=inputs)
-    grad_x = x_in.grad if x_in.requires_grad else None
+        grads = vector_jacobian(y, inputs, grad_y)
+    grad_x = grads[0] if x_in.requires_grad else None
+    weight_grads = grads[len(inputs) - len(leaves) :]
     return grad_x, {
-        name: (p.grad if p.grad is not None else torch.zeros_like(p)) for name, p in leaves.items()
+        name: torch.zeros_like(p) if g is None else g
+        for (name, p), g in zip(leaves.items(), weight_grads, strict=True)
     }
+
+
+def vector_jacobian(y: Tensor, inputs: list[Tensor], grad_y: Tensor) -> tuple[Tensor | None, ...]:
+    """``torch.autograd.grad(y, inputs, grad_y, allow_unused=True)``, the same engine call.
+
+    torch's own shape check of ``grad_y`` imports ``torch.fx.experimental.symbolic_shapes``
+    (and sympy) on a process's first backward: about 0.5 CPU s in every node process, on
+    the way to the first step. The check is made here instead, and the engine is called
+    as ``torch.autograd.grad`` calls it (falling back to that where torch lacks the hook).
+    """
+    if grad_y.shape != y.shape:
+        raise ValueError(
+            f"the gradient streamed for the backward has shape {tuple(grad_y.shape)}, "
+            f"the layer's output {tuple(y.shape)}"
+        )
+    if _engine_run_backward is None or grad_y.dtype.is_complex != y.dtype.is_complex:
+        return torch.autograd.grad(y, inputs, grad_y, allow_unused=True)
+    return _engine_run_backward(
+        (y,), (grad_y,), False, False, tuple(inputs), True, accumulate_grad=False
+    )

@@ -9,6 +9,8 @@ backend does), dropout included, and the graph must hold no weights between the 
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -18,7 +20,7 @@ from core.zoo import GPTShape
 from emulator.config import load_config
 from emulator.train import prepare_layers
 from emulator.zoo.gpt import build_gpt
-from nodes.backend import KeptGraph, KeptInput
+from nodes.backend import KeptGraph, KeptInput, vector_jacobian
 from nodes.cs2.backend import Cs2Backend
 from nodes.registry import BACKEND_CONFIGS
 from nodes.worker import NodeWorker
@@ -169,3 +171,43 @@ def test_node_step_with_kept_graphs_is_bitwise_the_recompute(model):
         assert mid_step["process"] > mid_step_ref["process"]
     assert mid_step["weights"] == mid_step_ref["weights"] == 0
     assert after == after_ref == (0, 0, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vector_jacobian_is_bitwise_torch_autograd_grad(dtype):
+    torch.manual_seed(3)
+    block = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4)).to(dtype)
+    unused = torch.randn(3, requires_grad=True, dtype=dtype)  # allow_unused: None comes back
+    x = torch.randn(7, 6, dtype=dtype, requires_grad=True)
+    inputs = [x, *block.parameters(), unused]
+    y = block(x)
+    grad_y = torch.randn_like(y)
+    expected = torch.autograd.grad(y, inputs, grad_y, allow_unused=True, retain_graph=True)
+    got = vector_jacobian(y, inputs, grad_y)
+    assert got[-1] is None and expected[-1] is None
+    for g, e in zip(got[:-1], expected[:-1], strict=True):
+        assert g.dtype == e.dtype and torch.equal(g, e)
+    with pytest.raises(ValueError, match=r"has shape \(7, 5\), the layer's output \(7, 4\)"):
+        vector_jacobian(block(x), inputs, torch.ones(7, 5, dtype=dtype))
+
+
+def test_a_node_backward_imports_no_symbolic_shapes():
+    """torch.autograd.grad's own check imports sympy (~0.5 CPU s per node process)."""
+    code = (
+        "import sys, torch\n"
+        "from torch import nn\n"
+        "from nodes.backend import autograd_backward, call_block\n"
+        "from nodes.cs2.backend import Cs2Backend\n"
+        "backend = Cs2Backend.Config().build()\n"
+        "block = nn.Linear(4, 3)\n"
+        "params = {n: p.detach().clone() for n, p in block.named_parameters()}\n"
+        "y, kept = backend.train_forward(0, block, params, torch.randn(2, 4))\n"
+        "kept.backward(backend, 0, block, params, torch.ones_like(y))\n"
+        "autograd_backward(call_block, block, params, torch.randn(2, 4), torch.ones(2, 3))\n"
+        "print(sorted(m for m in ('sympy', 'torch.fx.experimental.symbolic_shapes')"
+        " if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
