@@ -238,6 +238,16 @@ def _weights_stream(services: Services, layer: int, step: int, phase: int, sende
     return list(encode_layer(layer, step, phase, tensors, chunk_bytes=CHUNK_BYTES, sender=sender))
 
 
+def _pass_stream(services: Services, step: int, sender: str) -> list:
+    """An evaluation pass of layers 0 and 1 on one ``DeliverPass`` stream (pass id 1)."""
+    messages = []
+    for layer in (0, 1):
+        stream = _weights_stream(services, layer, step, pb.EVAL, sender)
+        stream[0].header.pass_id = 1
+        messages += stream
+    return messages
+
+
 def _gradient_stream(services: Services, sender: str) -> list:
     """A gradient of the last step, already applied: valid, acknowledged, never applied again."""
     layer = len(services.layers) - 1
@@ -304,6 +314,13 @@ def targets(services: Services) -> list[Target]:
             True,
             False,
             lambda s: _weights_stream(s, 0, version(), pb.EVAL, root),
+        ),
+        Target(
+            node,
+            "/wafer.v1.LayerSink/DeliverPass",
+            True,
+            True,
+            lambda s: _pass_stream(s, version(), root),
         ),
         Target(node, "/wafer.v1.ComputeNode/Stats", False, False, lambda s: [pb.Empty()]),
     ]
