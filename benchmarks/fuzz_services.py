@@ -239,13 +239,14 @@ def _weights_stream(services: Services, layer: int, step: int, phase: int, sende
 
 
 def _pass_stream(services: Services, step: int, sender: str) -> list:
-    """An evaluation pass of layers 0 and 1 on one ``DeliverPass`` stream (pass id 1)."""
-    messages = []
-    for layer in (0, 1):
-        stream = _weights_stream(services, layer, step, pb.EVAL, sender)
-        stream[0].header.pass_id = 1
-        messages += stream
-    return messages
+    """An evaluation pass of layer 0 on a ``DeliverPass`` stream (pass id 1).
+
+    One layer: a stream of several is a sequence of requests, each checked whole before
+    it computes, so a bad second layer is refused after the first one computed.
+    """
+    stream = _weights_stream(services, 0, step, pb.EVAL, sender)
+    stream[0].header.pass_id = 1
+    return stream
 
 
 def _gradient_stream(services: Services, sender: str) -> list:

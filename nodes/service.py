@@ -41,6 +41,49 @@ _POLL_S = 0.05
 PASS_LAYERS_AHEAD = 2
 
 
+class _PassContext:
+    """A pass stream's call context for its layers, which the stream can abandon: its
+    layers waiting for their turn then give up, and their gradient calls are cancelled."""
+
+    def __init__(self, context: grpc.ServicerContext):
+        self._context = context
+        self._lock = threading.Lock()
+        self._abandoned = False
+        self._callbacks: list[Callable[[], None]] = []
+
+    def is_active(self) -> bool:
+        return not self._abandoned and self._context.is_active()
+
+    def time_remaining(self) -> float | None:
+        return self._context.time_remaining()
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        with self._lock:
+            if self._abandoned:
+                return False
+            self._callbacks.append(callback)
+        return self._context.add_callback(callback)
+
+    def start(self, thread: threading.Thread, threads: list[threading.Thread]) -> bool:
+        """Start a layer's ``thread`` and keep it in ``threads``, unless the pass is abandoned."""
+        with self._lock:
+            if self._abandoned:
+                return False
+            threads.append(thread)
+            thread.start()
+            return True
+
+    def abandon(self, threads: list[threading.Thread]) -> list[threading.Thread]:
+        """No more layers start; the ones started (returned) are told to give up."""
+        with self._lock:
+            self._abandoned = True
+            callbacks, self._callbacks = self._callbacks, []
+            started = list(threads)
+        for callback in callbacks:
+            callback()
+        return started
+
+
 @dataclass(frozen=True)
 class _ReadDone:
     """A pass stream's reader is done: it read ``num_layers`` layers."""
@@ -102,10 +145,12 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
         items = from_wire_stream(request_iterator)
         answers: queue.Queue = queue.Queue()
         room = threading.Semaphore(PASS_LAYERS_AHEAD)
+        passing = _PassContext(context)
+        layer_threads: list[threading.Thread] = []
 
         def run(header: Header, assembler: LayerAssembler, params: dict) -> None:
             try:
-                answers.put(self._run_layer(header, params, assembler, context, room.release))
+                answers.put(self._run_layer(header, params, assembler, passing, room.release))
             except BaseException as exc:  # answered as the pass's error
                 answers.put(exc)
 
@@ -115,7 +160,7 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
                 pass_id = None
                 while True:
                     while not room.acquire(timeout=_POLL_S):
-                        if not context.is_active():
+                        if not passing.is_active():
                             return
                     header = next(items, None)
                     if header is None:
@@ -130,10 +175,12 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
                         )
                     pass_id = header.pass_id
                     assembler, params = self._read_layer(header, items, until_complete=True)
-                    num_read += 1
-                    threading.Thread(
+                    thread = threading.Thread(
                         target=run, args=(header, assembler, params), daemon=True
-                    ).start()
+                    )
+                    if not passing.start(thread, layer_threads):
+                        return
+                    num_read += 1
             except BaseException as exc:
                 answers.put(exc)
             finally:
@@ -142,15 +189,20 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
         threading.Thread(target=read, name=f"{self.name}-pass", daemon=True).start()
         num_answered = 0
         num_read = None
-        while num_read is None or num_answered < num_read:
-            answer = answers.get()
-            if isinstance(answer, _ReadDone):
-                num_read = answer.num_layers
-            elif isinstance(answer, BaseException):
-                raise answer
-            else:
-                num_answered += 1
-                yield ack_to_wire(answer)
+        try:
+            while num_read is None or num_answered < num_read:
+                answer = answers.get()
+                if isinstance(answer, _ReadDone):
+                    num_read = answer.num_layers
+                elif isinstance(answer, BaseException):
+                    raise answer
+                else:
+                    num_answered += 1
+                    yield ack_to_wire(answer)
+        finally:
+            # The call ends only once its layers have: none changes the node afterwards.
+            for thread in passing.abandon(layer_threads):
+                thread.join()
 
     def _read_layer(self, header, items, *, until_complete: bool) -> tuple[LayerAssembler, dict]:
         """One layer's stream, checked against its layout: its assembler and weights.
