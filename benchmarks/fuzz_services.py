@@ -238,6 +238,17 @@ def _weights_stream(services: Services, layer: int, step: int, phase: int, sende
     return list(encode_layer(layer, step, phase, tensors, chunk_bytes=CHUNK_BYTES, sender=sender))
 
 
+def _pass_stream(services: Services, step: int, sender: str) -> list:
+    """An evaluation pass of layer 0 on a ``DeliverPass`` stream (pass id 1).
+
+    One layer: a stream of several is a sequence of requests, each checked whole before
+    it computes, so a bad second layer is refused after the first one computed.
+    """
+    stream = _weights_stream(services, 0, step, pb.EVAL, sender)
+    stream[0].header.pass_id = 1
+    return stream
+
+
 def _gradient_stream(services: Services, sender: str) -> list:
     """A gradient of the last step, already applied: valid, acknowledged, never applied again."""
     layer = len(services.layers) - 1
@@ -304,6 +315,13 @@ def targets(services: Services) -> list[Target]:
             True,
             False,
             lambda s: _weights_stream(s, 0, version(), pb.EVAL, root),
+        ),
+        Target(
+            node,
+            "/wafer.v1.LayerSink/DeliverPass",
+            True,
+            True,
+            lambda s: _pass_stream(s, version(), root),
         ),
         Target(node, "/wafer.v1.ComputeNode/Stats", False, False, lambda s: [pb.Empty()]),
     ]

@@ -74,6 +74,10 @@ def group_layers(blocks: list[nn.Module]) -> list[nn.Module]:
 
 #: Layers of a pass in flight at once: the one the nodes compute and the next one streaming.
 PASS_WINDOW = 2
+#: The root sends each pass's layers to its compute-node children on one ``DeliverPass``
+#: stream per child, not one ``Deliver`` call per layer (the per-call cost dominates small
+#: layers).
+PASS_STREAMS = True
 
 
 @dataclass
@@ -209,13 +213,14 @@ class Coordinator:
         run again, as a pass with a new id.
         """
         pass_id = next(self._pass_ids)
+        order = list(order)
         # A disk-tiered MemoryX budgets RAM for one layer's update at a time (memoryx.tiers):
         # its layers go one by one.
         window = 1 if self.config.memoryx.ram_budget_bytes is not None else PASS_WINDOW
         in_flight: deque[PendingLayer] = deque()
         acks = []
         try:
-            for layer, phase in order:
+            for position, (layer, phase) in enumerate(order, start=1):
                 if len(in_flight) == window:
                     acks.append(self._watched(in_flight.popleft()))
                 without_weights = phase == Phase.BACKWARD and not self.backward_weights
@@ -228,6 +233,9 @@ class Coordinator:
                     dtype=self.wire_dtype,
                     without_weights=without_weights,
                     pass_id=pass_id,
+                    # The root sends a pass's layers to its compute nodes on one stream each.
+                    pass_position=position if PASS_STREAMS else 0,
+                    pass_length=len(order) if PASS_STREAMS else 0,
                 )
                 in_flight.append(
                     self.root.start_layer(request, timeout_s=self._layer_timeout_s(layer))

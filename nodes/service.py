@@ -8,7 +8,10 @@ MemoryX, so the root's answer means "this layer's update is applied".
 
 from __future__ import annotations
 
+import queue
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import grpc
 
@@ -18,7 +21,7 @@ from proto import swarmx_pb2_grpc as sgrpc
 from proto.clients import time_left_s
 from proto.domain import Header, LayerAck, NodeStats, Phase
 from proto.messages import EMPTY, ack_from_wire, ack_to_wire, node_stats_to_wire
-from proto.rpc import Security, StepConflict, channel, rpc_errors
+from proto.rpc import Security, StepConflict, channel, rpc_errors, rpc_stream_errors
 from proto.serde import (
     DEFAULT_CHUNK_BYTES,
     Expected,
@@ -33,6 +36,59 @@ from proto.wire import register as register_fast
 
 # How often a layer waiting for its turn checks whether its call was cancelled, s.
 _POLL_S = 0.05
+#: Layers of a pass stream read and not yet computed, at most: the one computing and the
+#: next one streaming in (as the root keeps two in flight).
+PASS_LAYERS_AHEAD = 2
+
+
+class _PassContext:
+    """A pass stream's call context for its layers, which the stream can abandon: its
+    layers waiting for their turn then give up, and their gradient calls are cancelled."""
+
+    def __init__(self, context: grpc.ServicerContext):
+        self._context = context
+        self._lock = threading.Lock()
+        self._abandoned = False
+        self._callbacks: list[Callable[[], None]] = []
+
+    def is_active(self) -> bool:
+        return not self._abandoned and self._context.is_active()
+
+    def time_remaining(self) -> float | None:
+        return self._context.time_remaining()
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        with self._lock:
+            if self._abandoned:
+                return False
+            self._callbacks.append(callback)
+        return self._context.add_callback(callback)
+
+    def start(self, thread: threading.Thread, threads: list[threading.Thread]) -> bool:
+        """Start a layer's ``thread`` and keep it in ``threads``, unless the pass is abandoned."""
+        with self._lock:
+            if self._abandoned:
+                return False
+            threads.append(thread)
+            thread.start()
+            return True
+
+    def abandon(self, threads: list[threading.Thread]) -> list[threading.Thread]:
+        """No more layers start; the ones started (returned) are told to give up."""
+        with self._lock:
+            self._abandoned = True
+            callbacks, self._callbacks = self._callbacks, []
+            started = list(threads)
+        for callback in callbacks:
+            callback()
+        return started
+
+
+@dataclass(frozen=True)
+class _ReadDone:
+    """A pass stream's reader is done: it read ``num_layers`` layers."""
+
+    num_layers: int
 
 
 class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
@@ -69,6 +125,91 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
     def Deliver(self, request_iterator, context):
         items = from_wire_stream(request_iterator)
         header = next(items, None)
+        # Read and checked before the node's turn and lock: in a pipelined pass this layer
+        # streams in while the node still computes the one before it (the root keeps at most
+        # two in flight), and a client that stalls mid-stream (until the stream's idle
+        # deadline) holds only its own thread, not the node.
+        assembler, params = self._read_layer(header, items, until_complete=False)
+        return ack_to_wire(self._run_layer(assembler.header, params, assembler, context))
+
+    @rpc_stream_errors
+    def DeliverPass(self, request_iterator, context):
+        """The layers of one pipelined pass on one stream (``LayerSink.DeliverPass``).
+
+        A thread reads and checks each layer as it comes, as ``Deliver`` does, while the
+        layer before it computes; each layer then runs as ``Deliver`` runs it, in pass
+        order, on a thread of its own (a backward layer waits for its reduced gradient
+        there). At most ``PASS_LAYERS_AHEAD`` layers are read and not yet computed. One ack
+        per layer is answered as it completes.
+        """
+        items = from_wire_stream(request_iterator)
+        answers: queue.Queue = queue.Queue()
+        room = threading.Semaphore(PASS_LAYERS_AHEAD)
+        passing = _PassContext(context)
+        layer_threads: list[threading.Thread] = []
+
+        def run(header: Header, assembler: LayerAssembler, params: dict) -> None:
+            try:
+                answers.put(self._run_layer(header, params, assembler, passing, room.release))
+            except BaseException as exc:  # answered as the pass's error
+                answers.put(exc)
+
+        def read() -> None:
+            num_read = 0
+            try:
+                pass_id = None
+                while True:
+                    while not room.acquire(timeout=_POLL_S):
+                        if not passing.is_active():
+                            return
+                    header = next(items, None)
+                    if header is None:
+                        return
+                    if not isinstance(header, Header) or not header.pass_id:
+                        raise WireError(
+                            "each layer of a pass stream starts with a header of its pass"
+                        )
+                    if pass_id is not None and header.pass_id != pass_id:
+                        raise WireError(
+                            f"a pass stream carries pass {pass_id}, not {header.pass_id}"
+                        )
+                    pass_id = header.pass_id
+                    assembler, params = self._read_layer(header, items, until_complete=True)
+                    thread = threading.Thread(
+                        target=run, args=(header, assembler, params), daemon=True
+                    )
+                    if not passing.start(thread, layer_threads):
+                        return
+                    num_read += 1
+            except BaseException as exc:
+                answers.put(exc)
+            finally:
+                answers.put(_ReadDone(num_read))
+
+        threading.Thread(target=read, name=f"{self.name}-pass", daemon=True).start()
+        num_answered = 0
+        num_read = None
+        try:
+            while num_read is None or num_answered < num_read:
+                answer = answers.get()
+                if isinstance(answer, _ReadDone):
+                    num_read = answer.num_layers
+                elif isinstance(answer, BaseException):
+                    raise answer
+                else:
+                    num_answered += 1
+                    yield ack_to_wire(answer)
+        finally:
+            # The call ends only once its layers have: none changes the node afterwards.
+            for thread in passing.abandon(layer_threads):
+                thread.join()
+
+    def _read_layer(self, header, items, *, until_complete: bool) -> tuple[LayerAssembler, dict]:
+        """One layer's stream, checked against its layout: its assembler and weights.
+
+        ``until_complete``: the stream goes on after the layer (a pass stream), so reading
+        stops once the layer is whole; else it reads to the end of the stream.
+        """
         if not isinstance(header, Header):
             raise WireError("a layer stream must start with a header")
         if not 0 <= header.layer < self.worker.num_layers:
@@ -79,10 +220,6 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
             raise WireError(f"unknown phase {header.phase}")
         if header.step < 0:
             raise WireError(f"step {header.step} must not be negative")
-        # Read and checked before the node's turn and lock: in a pipelined pass this layer
-        # streams in while the node still computes the one before it (the root keeps at most
-        # two in flight), and a client that stalls mid-stream (until the stream's idle
-        # deadline) holds only its own thread, not the node.
         assembler = LayerAssembler(
             Expected(
                 header.layer,
@@ -94,14 +231,33 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
             )
         )
         assembler.add(header)
-        for item in items:
+        while not (until_complete and assembler.complete):
+            item = next(items, None)
+            if item is None:
+                break
             assembler.add(item)
-        params = assembler.finish()
-        self._wait_turn(header, context)
-        with self._lock:
-            ack, call, sent = self._compute(header, params, assembler, context)
+        return assembler, assembler.finish()
+
+    def _run_layer(
+        self,
+        header: Header,
+        params: dict,
+        assembler: LayerAssembler,
+        context,
+        computed: Callable[[], None] | None = None,
+    ) -> LayerAck:
+        """Compute a read layer in its turn; a backward one's ack waits for its reduced
+        gradient. ``computed`` is called once the layer is computed (or failed to)."""
+        try:
+            self._wait_turn(header, context)
+            with self._lock:
+                ack, call, sent = self._compute(header, params, assembler, context)
+        finally:
+            del params
+            if computed is not None:
+                computed()
         if call is None:
-            return ack_to_wire(ack)
+            return ack
         # Waited for outside the lock: the next layer of the pass computes meanwhile.
         try:
             upstream = ack_from_wire(call.result())
@@ -113,7 +269,7 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
             self.gradient_bytes_sent += sent
         ack.gradient_bytes = sent
         ack.update_applied = upstream.update_applied
-        return ack_to_wire(ack)
+        return ack
 
     def _ready(self, header: Header) -> bool:
         """Whether the layer before ``header``'s in its pipelined pass is computed (or none is).

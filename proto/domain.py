@@ -106,6 +106,10 @@ class LayerRequest:
     without_weights: bool = False
     #: Nonzero: one of up to two layers of this pass in flight at once (LayerHeader.pass_id).
     pass_id: int = 0
+    #: Nonzero: this is layer number ``pass_position`` (1-based) of the ``pass_length``
+    #: layers of pass ``pass_id``, sent to compute nodes on one stream per pass.
+    pass_position: int = 0
+    pass_length: int = 0
 
 
 @dataclass(frozen=True)

@@ -470,6 +470,12 @@ def rpc_stream_errors(method: Callable[..., Any]) -> Callable[..., Any]:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except StepConflict as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except NonFiniteValues as exc:
+            context.abort(NONFINITE_STATUS, str(exc))
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+            details = exc.details() if hasattr(exc, "details") else str(exc)
+            context.abort(code, details)
 
     return wrapper
 

@@ -399,6 +399,12 @@ class LayerAssembler:
         self._index += 1
         self._received = 0
 
+    @property
+    def complete(self) -> bool:
+        """The header and every tensor of the layout have arrived (a stream of several layers
+        goes on with the next layer's header)."""
+        return self.header is not None and self._index >= len(self.expected.layout)
+
     def finish(self) -> dict[str, torch.Tensor]:
         """The complete tensors; raises WireError if the stream ended early."""
         if self.header is None:

@@ -8,20 +8,24 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class LayerRequest(_message.Message):
-    __slots__ = ("layer", "step", "phase", "dtype", "without_weights", "pass_id")
+    __slots__ = ("layer", "step", "phase", "dtype", "without_weights", "pass_id", "pass_position", "pass_length")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     WITHOUT_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     PASS_ID_FIELD_NUMBER: _ClassVar[int]
+    PASS_POSITION_FIELD_NUMBER: _ClassVar[int]
+    PASS_LENGTH_FIELD_NUMBER: _ClassVar[int]
     layer: int
     step: int
     phase: _tensor_pb2.Phase
     dtype: str
     without_weights: bool
     pass_id: int
-    def __init__(self, layer: _Optional[int] = ..., step: _Optional[int] = ..., phase: _Optional[_Union[_tensor_pb2.Phase, str]] = ..., dtype: _Optional[str] = ..., without_weights: _Optional[bool] = ..., pass_id: _Optional[int] = ...) -> None: ...
+    pass_position: int
+    pass_length: int
+    def __init__(self, layer: _Optional[int] = ..., step: _Optional[int] = ..., phase: _Optional[_Union[_tensor_pb2.Phase, str]] = ..., dtype: _Optional[str] = ..., without_weights: _Optional[bool] = ..., pass_id: _Optional[int] = ..., pass_position: _Optional[int] = ..., pass_length: _Optional[int] = ...) -> None: ...
 
 class LinkStats(_message.Message):
     __slots__ = ("link", "payload_bytes", "num_chunks")

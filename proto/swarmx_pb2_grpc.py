@@ -246,6 +246,11 @@ class LayerSinkStub:
                 request_serializer=proto_dot_tensor__pb2.LayerMessage.SerializeToString,
                 response_deserializer=proto_dot_tensor__pb2.LayerAck.FromString,
                 _registered_method=True)
+        self.DeliverPass = channel.stream_stream(
+                '/wafer.v1.LayerSink/DeliverPass',
+                request_serializer=proto_dot_tensor__pb2.LayerMessage.SerializeToString,
+                response_deserializer=proto_dot_tensor__pb2.LayerAck.FromString,
+                _registered_method=True)
 
 
 class LayerSinkServicer:
@@ -259,11 +264,25 @@ class LayerSinkServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeliverPass(self, request_iterator, context):
+        """The layers of one pipelined pass on one stream, in pass order (each a header
+        and its chunks, as Deliver takes one); one LayerAck per layer, as Deliver
+        answers it, in the order the layers complete.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LayerSinkServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Deliver': grpc.stream_unary_rpc_method_handler(
                     servicer.Deliver,
+                    request_deserializer=proto_dot_tensor__pb2.LayerMessage.FromString,
+                    response_serializer=proto_dot_tensor__pb2.LayerAck.SerializeToString,
+            ),
+            'DeliverPass': grpc.stream_stream_rpc_method_handler(
+                    servicer.DeliverPass,
                     request_deserializer=proto_dot_tensor__pb2.LayerMessage.FromString,
                     response_serializer=proto_dot_tensor__pb2.LayerAck.SerializeToString,
             ),
@@ -295,6 +314,33 @@ class LayerSink:
             request_iterator,
             target,
             '/wafer.v1.LayerSink/Deliver',
+            proto_dot_tensor__pb2.LayerMessage.SerializeToString,
+            proto_dot_tensor__pb2.LayerAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeliverPass(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/wafer.v1.LayerSink/DeliverPass',
             proto_dot_tensor__pb2.LayerMessage.SerializeToString,
             proto_dot_tensor__pb2.LayerAck.FromString,
             options,

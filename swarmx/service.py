@@ -20,7 +20,16 @@ import grpc
 from proto import memoryx_pb2_grpc as mgrpc
 from proto import swarmx_pb2_grpc as sgrpc
 from proto import tensor_pb2 as pb
-from proto.domain import Chunk, Header, LayerAck, LinkStats, Phase, StreamItem, SwarmXStats
+from proto.domain import (
+    Chunk,
+    Header,
+    LayerAck,
+    LayerRequest,
+    LinkStats,
+    Phase,
+    StreamItem,
+    SwarmXStats,
+)
 from proto.frames import (
     WireError,
     from_wire,
@@ -41,6 +50,7 @@ from proto.wire import fast_channel
 from proto.wire import register as register_fast
 from swarmx.pieces import END, SplitLayer, SplitPush, joined_weights
 from swarmx.reduce import ChunkReduction
+from swarmx.tree import node_name
 
 _END = END  # ends a queued stream; shared with the split-layer push
 _PHASES = tuple(Phase)
@@ -48,6 +58,9 @@ _PHASES = tuple(Phase)
 _QUEUE_DEPTH = 16
 # How often a sender blocked on a full child queue checks whether that child is gone.
 _POLL_S = 0.05
+# Children whose names start so are compute nodes (swarmx.tree.node_name): they take a
+# pipelined pass on one DeliverPass stream.
+_NODE_PREFIX = node_name(0)[: -len("0")]
 
 
 def _drain(q: queue.Queue) -> Iterator[StreamItem]:
@@ -92,6 +105,119 @@ def _results(calls: list[grpc.Future]) -> list[LayerAck]:
         changed.wait()
 
 
+class _PassLink:
+    """One ``DeliverPass`` stream to a compute-node child, carrying every layer of one pass.
+
+    Layers go on ``queue`` whole and in pass order; a reader thread hands each answer
+    to the layer's ``_Slot``. A failed or cancelled stream fails every layer waiting on it.
+    """
+
+    def __init__(self, stub: sgrpc.LayerSinkStub, timeout_s: float):
+        self.queue: queue.Queue = queue.Queue(maxsize=_QUEUE_DEPTH)
+        self.call = stub.DeliverPass(_drain(self.queue), timeout=timeout_s)
+        self._lock = threading.Lock()
+        self._waiting: dict[tuple[int, int], _Slot] = {}
+        self._error: BaseException | None = None
+        threading.Thread(target=self._read, name="swarmx-pass-acks", daemon=True).start()
+
+    def slot(self, layer: int, phase: int) -> _Slot:
+        """Where the answer for (``layer``, ``phase``) will come; register before sending it."""
+        slot = _Slot(self)
+        with self._lock:
+            error = self._error
+            if error is None:
+                self._waiting[(layer, phase)] = slot
+        if error is not None:
+            slot.settle(error=error)
+        return slot
+
+    def _read(self) -> None:
+        error: BaseException | None = None
+        try:
+            for message in self.call:
+                with self._lock:
+                    slot = self._waiting.pop((message.layer, message.phase), None)
+                if slot is None:
+                    raise WireError(
+                        f"a pass stream answered layer {message.layer} phase {message.phase}, "
+                        "which was not sent on it"
+                    )
+                slot.settle(result=message)
+        except BaseException as exc:
+            error = exc
+        with self._lock:
+            if error is None:
+                error = WireError("a compute node ended its pass stream before answering")
+            self._error = error
+            waiting = list(self._waiting.values())
+            self._waiting.clear()
+        for slot in waiting:
+            slot.settle(error=error)
+
+    def close(self) -> None:
+        """No more layers in this pass: end the request stream (the answers still come)."""
+        _put(self.queue, self.call, _END)
+
+    def cancel(self) -> None:
+        self.call.cancel()
+
+
+class _Slot:
+    """One layer's answer on a ``_PassLink``: the parts of a ``grpc.Future`` that
+    ``_broadcast``, ``_put`` and ``_results`` use."""
+
+    def __init__(self, link: _PassLink):
+        self._link = link
+        self._settled = threading.Event()
+        self._result = None
+        self._error: BaseException | None = None
+        self._callbacks: list = []
+        self._lock = threading.Lock()
+
+    def settle(self, *, result=None, error: BaseException | None = None) -> None:
+        with self._lock:
+            if self._settled.is_set():
+                return
+            self._result, self._error = result, error
+            self._settled.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback(self)
+
+    def add_done_callback(self, callback) -> None:
+        with self._lock:
+            if not self._settled.is_set():
+                self._callbacks.append(callback)
+                return
+        callback(self)
+
+    def done(self) -> bool:
+        # A link that ended can take no more of this layer's stream either.
+        return self._settled.is_set() or self._link.call.done()
+
+    def cancelled(self) -> bool:
+        error = self._error
+        return isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.CANCELLED
+
+    def code(self) -> grpc.StatusCode:
+        if not self._settled.is_set():
+            return grpc.StatusCode.OK if not self._link.call.done() else self._link.call.code()
+        if self._error is None:
+            return grpc.StatusCode.OK
+        if isinstance(self._error, grpc.RpcError):
+            return self._error.code()
+        return grpc.StatusCode.UNKNOWN
+
+    def cancel(self) -> None:
+        self._link.cancel()  # the pass cannot go on without this layer
+
+    def result(self):
+        self._settled.wait()
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
 @dataclass
 class _LinkCounter:
     payload_bytes: int = 0
@@ -133,6 +259,11 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
         #: Wire dtype of each child's subtree where it differs from what arrives (mixed groups).
         self._recast: list[str | None] = []
         self._dtype: str | None = None
+        # The pass whose layers go to the compute-node children on DeliverPass streams, and
+        # the last (pass id, position) fully put on them.
+        self._links: tuple[int, dict[int, _PassLink]] | None = None
+        self._pass_turn = threading.Condition()
+        self._pass_done: tuple[int, int] | None = None
 
     def connect(
         self,
@@ -161,6 +292,10 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
             self._reducing.clear()
         for entry in lingering:
             self._fail(entry, "the tree was rewired")
+        with self._lock:
+            links, self._links = self._links, None
+        for link in (links[1] if links else {}).values():
+            link.cancel()  # a pass interrupted by the rewiring is run again
         self.children = tuple(children)
         self._child_stubs = [
             sgrpc.LayerSinkStub(fast_channel(channel(a, self.security))) for a in children.values()
@@ -218,17 +353,38 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
 
     # -- broadcast ---------------------------------------------------------
     def _broadcast(
-        self, messages: Iterable[StreamItem | pb.LayerMessage], context: grpc.ServicerContext
+        self,
+        messages: Iterable[StreamItem | pb.LayerMessage],
+        context: grpc.ServicerContext,
+        passing: LayerRequest | None = None,
     ) -> LayerAck:
-        """Forward every message to every child as it comes; the sum of the children's answers."""
-        queues = [queue.Queue(maxsize=_QUEUE_DEPTH) for _ in self._child_stubs]
+        """Forward every message to every child as it comes; the sum of the children's answers.
+
+        ``passing``: the layer is one of a pipelined pass sent per pass
+        (``LayerRequest.pass_position``): it goes to compute-node children on the pass's
+        ``DeliverPass`` streams, after the layer before it in the pass.
+        """
         timeout_s = time_left_s(context)
-        calls = [
-            stub.Deliver.future(_drain(q), timeout=timeout_s)
-            for stub, q in zip(self._child_stubs, queues, strict=True)
-        ]
+        links: dict[int, _PassLink] = {}
+        if passing is not None:
+            self._await_pass_turn(passing, context)
+            links = self._pass_links(passing, timeout_s)
+        queues: list[queue.Queue] = []
+        calls: list = []
+        for index, stub in enumerate(self._child_stubs):
+            link = links.get(index)
+            if link is None:
+                q: queue.Queue = queue.Queue(maxsize=_QUEUE_DEPTH)
+                queues.append(q)
+                calls.append(stub.Deliver.future(_drain(q), timeout=timeout_s))
+            else:
+                queues.append(link.queue)
+                calls.append(link.slot(passing.layer, passing.phase))
+        finished = False
 
         def cancel_all() -> None:
+            if finished:
+                return  # the layer is done; the pass's streams go on
             for call in calls:
                 call.cancel()
 
@@ -236,7 +392,8 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
         if not context.add_callback(cancel_all):
             cancel_all()  # our caller is gone already
         header: Header | None = None
-        culprit: grpc.Future | None = None  # a child whose call ended mid-stream
+        culprit = None  # a child whose call ended mid-stream
+        sent = False
         try:
             for message in messages:
                 # Children get a chunk as the bytes it came in (``Chunk.wire``), unless rounded.
@@ -260,21 +417,84 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
                 )
                 if culprit is not None:
                     break
+            sent = culprit is None
         except BaseException:
             cancel_all()
             raise
         finally:
             if culprit is not None:
                 cancel_all()
-            for q, call in zip(queues, calls, strict=True):
-                _put(q, call, _END)
+            for index, (q, call) in enumerate(zip(queues, calls, strict=True)):
+                if index not in links:
+                    _put(q, call, _END)
+            if passing is not None:
+                self._pass_sent(passing, ok=sent)
         if culprit is not None:
             culprit.result()  # raises the child's error
             raise WireError("a child answered before it had received the whole layer stream")
         acks = _results(calls)
+        finished = True
         if header is None:
             raise WireError("empty layer stream")
         return LayerAck.total(acks, layer=header.layer, step=header.step, phase=header.phase)
+
+    def _await_pass_turn(self, request: LayerRequest, context: grpc.ServicerContext) -> None:
+        """Wait until the layer before ``request``'s in its pass is on the pass's streams."""
+        with self._pass_turn:
+            while request.pass_position > 1 and self._pass_done != (
+                request.pass_id,
+                request.pass_position - 1,
+            ):
+                if not context.is_active():
+                    raise StepConflict(
+                        f"{self.name}: layer {request.layer} of pass {request.pass_id} was "
+                        "cancelled while it waited for the layer before it"
+                    )
+                self._pass_turn.wait(timeout=_POLL_S)
+
+    def _pass_links(self, request: LayerRequest, timeout_s: float) -> dict[int, _PassLink]:
+        """The pass's stream to each compute-node child (by child index), opened by its
+        first layer; the streams of an earlier pass that did not finish are cancelled."""
+        stale: dict[int, _PassLink] = {}
+        with self._lock:
+            if self._links is None or self._links[0] != request.pass_id:
+                if self._links is not None:
+                    stale = self._links[1]
+                # The streams live as long as the pass: a layer's deadline per layer.
+                pass_timeout_s = timeout_s * max(1, request.pass_length)
+                self._links = (
+                    request.pass_id,
+                    {
+                        index: _PassLink(stub, pass_timeout_s)
+                        for index, (child, stub) in enumerate(
+                            zip(self.children, self._child_stubs, strict=True)
+                        )
+                        if child.startswith(_NODE_PREFIX)
+                    },
+                )
+            links = self._links[1]
+        for link in stale.values():
+            link.cancel()
+        return links
+
+    def _pass_sent(self, request: LayerRequest, *, ok: bool) -> None:
+        """A layer of the pass is on its streams (``ok``), or failed: the pass is over."""
+        ended: dict[int, _PassLink] = {}
+        with self._pass_turn:
+            with self._lock:
+                last = request.pass_position == request.pass_length
+                ours = self._links is not None and self._links[0] == request.pass_id
+                if ours and (not ok or last):
+                    ended = self._links[1]
+                    self._links = None
+            if ok:
+                self._pass_done = (request.pass_id, request.pass_position)
+            self._pass_turn.notify_all()
+        for link in ended.values():
+            if ok:
+                link.close()  # its answers still come
+            else:
+                link.cancel()
 
     def _memoryx_of(self, layer: int) -> mgrpc.MemoryXStub:
         """The MemoryX server that holds ``layer``."""
@@ -290,6 +510,14 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
             raise WireError(f"phase {request.phase} is not FORWARD, BACKWARD or EVAL")
         if request.layer < 0 or request.step < 0:
             raise WireError(f"layer {request.layer} and step {request.step} must not be negative")
+        passing = request if request.pass_position else None
+        if passing is not None and not (
+            request.pass_id and 1 <= request.pass_position <= request.pass_length
+        ):
+            raise WireError(
+                f"pass_position {request.pass_position} of pass_length {request.pass_length} "
+                "needs a pass_id and 1 <= pass_position <= pass_length"
+            )
         if request.without_weights:
             # The pass needs no weights (DFA backward): a header-only stream, nothing from MemoryX.
             header = Header(
@@ -299,7 +527,7 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
                 sender=self.name,
                 pass_id=request.pass_id,
             )
-            return ack_to_wire(self._broadcast([header], context))
+            return ack_to_wire(self._broadcast([header], context, passing))
         split = self._split.get(request.layer)
         stubs = (
             [self._memoryx_of(request.layer)]
@@ -314,7 +542,7 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
             stream = sources[0] if split is None else joined_weights(split, sources)
             if request.pass_id:
                 stream = _marked(stream, request.pass_id)
-            return ack_to_wire(self._broadcast(stream, context))
+            return ack_to_wire(self._broadcast(stream, context, passing))
         finally:
             for source in sources:
                 source.cancel()  # a no-op unless the broadcast stopped early

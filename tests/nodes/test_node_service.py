@@ -516,22 +516,36 @@ def test_pipelined_layer_of_another_pass_does_not_count(node):
     assert node.stub.Stats(pb.Empty(), timeout=TIMEOUT_S).flops == before.flops
 
 
-def test_pipelined_passes_train_the_same_bits_as_one_layer_at_a_time(dataset):
+@pytest.mark.parametrize("fanout", [2, 4])
+def test_pipelined_passes_train_the_same_bits_as_one_layer_at_a_time(dataset, fanout):
     """Two layers of a step in flight at once, across the turn from forward to backward
     (as the coordinator runs a step), give the same weights, bit for bit, as one layer
-    after the other."""
+    after the other; so do passes whose layers go to the compute nodes on one
+    ``DeliverPass`` stream per node (fanout 2: the root feeds a relay and a node)."""
     order = [(0, Phase.FORWARD), (1, Phase.FORWARD), (1, Phase.BACKWARD), (0, Phase.BACKWARD)]
     weights = []
-    for pipelined in (False, True):
-        cluster = build_cluster(_layers(_model()), dataset, num_nodes=3, batch_size=36, fanout=2)
+    for mode in ("one at a time", "pipelined", "pass streams"):
+        cluster = build_cluster(
+            _layers(_model()), dataset, num_nodes=3, batch_size=36, fanout=fanout
+        )
         try:
             root = SwarmXClient(cluster.root_address, SECURITY)
             for step in range(2):
+                pass_id = 0 if mode == "one at a time" else step + 1
+                streams = mode == "pass streams"
                 requests = [
-                    LayerRequest(layer, step, phase, "float32", pass_id=(step + 1) * pipelined)
-                    for layer, phase in order
+                    LayerRequest(
+                        layer,
+                        step,
+                        phase,
+                        "float32",
+                        pass_id=pass_id,
+                        pass_position=position if streams else 0,
+                        pass_length=len(order) if streams else 0,
+                    )
+                    for position, (layer, phase) in enumerate(order, start=1)
                 ]
-                if pipelined:
+                if pass_id:
                     acks, pending = [], []
                     for request in requests:
                         if len(pending) == 2:
@@ -542,9 +556,60 @@ def test_pipelined_passes_train_the_same_bits_as_one_layer_at_a_time(dataset):
                     acks = [root.run_layer(r, timeout_s=TIMEOUT_S) for r in requests]
                 assert [(a.layer, a.phase) for a in acks] == order
                 assert all(a.num_nodes == 3 and a.update_applied for a in acks)
+                assert sum(a.bytes_to_nodes for a in acks) == 2 * 3 * MODEL_BYTES
+                assert sum(a.gradient_bytes for a in acks) == 3 * MODEL_BYTES
                 MemoryXClient(cluster.memoryx_address, SECURITY).commit_step(step)
             weights.append(_memoryx_weights(cluster, 2))
         finally:
             cluster.stop()
-    for one, two in zip(*weights, strict=True):
-        assert all(torch.equal(one[name], two[name]) for name in one)
+    for other in weights[1:]:
+        for one, two in zip(weights[0], other, strict=True):
+            assert all(torch.equal(one[name], two[name]) for name in one)
+
+
+def _pass_stream(pass_id: int, layers: list[int]) -> list[pb.LayerMessage]:
+    return [m for layer in layers for m in edited(_stream(layer), 0, pass_id=pass_id)]
+
+
+def test_a_pass_stream_answers_each_layer_as_deliver_does(node, dataset):
+    acks = list(node.sink.DeliverPass(iter(_pass_stream(7, [0, 1])), timeout=TIMEOUT_S))
+    assert [(a.layer, a.phase) for a in acks] == [(0, pb.FORWARD), (1, pb.FORWARD)]
+    assert acks[1].num_targets == 16
+    assert acks[1].loss_sum == pytest.approx(_reference_loss_sum(dataset), rel=1e-6)
+    stats = node.stub.Stats(pb.Empty(), timeout=TIMEOUT_S)
+    assert stats.weight_bytes_received == MODEL_BYTES
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["no pass id", "two passes", "bad layer", "ends early"],
+)
+def test_bad_pass_stream_is_rejected(node, case):
+    good = _pass_stream(7, [0, 1])
+    messages = {
+        "no pass id": _pass_stream(0, [0]),
+        "two passes": [*edited(_stream(0), 0, pass_id=7), *edited(_stream(1), 0, pass_id=8)],
+        "bad layer": [
+            *edited(_stream(0), 0, pass_id=7),
+            *edited(_stream(1, header_layer=2), 0, pass_id=7),
+        ],
+        "ends early": good[:-1],
+    }[case]
+    with pytest.raises(grpc.RpcError) as info:
+        list(node.sink.DeliverPass(iter(messages), timeout=TIMEOUT_S))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, case
+
+
+def test_a_pass_position_without_a_pass_is_rejected_by_the_root(dataset):
+    cluster = build_cluster(_layers(_model()), dataset, num_nodes=2, batch_size=24)
+    try:
+        root = SwarmXClient(cluster.root_address, SECURITY)
+        for request in (
+            LayerRequest(0, 0, Phase.FORWARD, "float32", pass_position=1, pass_length=4),
+            LayerRequest(0, 0, Phase.FORWARD, "float32", pass_id=3, pass_position=5, pass_length=4),
+        ):
+            with pytest.raises(grpc.RpcError) as info:
+                root.run_layer(request, timeout_s=TIMEOUT_S)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        cluster.stop()
