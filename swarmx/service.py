@@ -48,35 +48,15 @@ from proto.messages import (
 from proto.rpc import Security, StepConflict, channel, rpc_errors, time_left_s
 from proto.wire import fast_channel
 from proto.wire import register as register_fast
+from swarmx.pass_link import POLL_S, QUEUE_DEPTH, PassLink, drain, put
 from swarmx.pieces import END, SplitLayer, SplitPush, joined_weights
 from swarmx.reduce import ChunkReduction
 from swarmx.tree import node_name
 
-_END = END  # ends a queued stream; shared with the split-layer push
 _PHASES = tuple(Phase)
-# Chunks buffered per child before the sender waits: bounds memory, keeps cut-through.
-_QUEUE_DEPTH = 16
-# How often a sender blocked on a full child queue checks whether that child is gone.
-_POLL_S = 0.05
 # Children whose names start so are compute nodes (swarmx.tree.node_name): they take a
 # pipelined pass on one DeliverPass stream.
 _NODE_PREFIX = node_name(0)[: -len("0")]
-
-
-def _drain(q: queue.Queue) -> Iterator[StreamItem]:
-    while (item := q.get()) is not _END:
-        yield item
-
-
-def _put(q: queue.Queue, call: grpc.Future, item: object) -> bool:
-    """Queue ``item`` for a child; False if the child's call ended and will never take it."""
-    while True:
-        try:
-            q.put(item, timeout=_POLL_S)
-            return True
-        except queue.Full:
-            if call.done():
-                return False
 
 
 def _marked(stream: Iterable[StreamItem | pb.LayerMessage], pass_id: int) -> Iterator[StreamItem]:
@@ -103,119 +83,6 @@ def _results(calls: list[grpc.Future]) -> list[LayerAck]:
         if all(c.done() for c in calls):
             return [ack_from_wire(c.result()) for c in calls]
         changed.wait()
-
-
-class _PassLink:
-    """One ``DeliverPass`` stream to a compute-node child, carrying every layer of one pass.
-
-    Layers go on ``queue`` whole and in pass order; a reader thread hands each answer
-    to the layer's ``_Slot``. A failed or cancelled stream fails every layer waiting on it.
-    """
-
-    def __init__(self, stub: sgrpc.LayerSinkStub, timeout_s: float):
-        self.queue: queue.Queue = queue.Queue(maxsize=_QUEUE_DEPTH)
-        self.call = stub.DeliverPass(_drain(self.queue), timeout=timeout_s)
-        self._lock = threading.Lock()
-        self._waiting: dict[tuple[int, int], _Slot] = {}
-        self._error: BaseException | None = None
-        threading.Thread(target=self._read, name="swarmx-pass-acks", daemon=True).start()
-
-    def slot(self, layer: int, phase: int) -> _Slot:
-        """Where the answer for (``layer``, ``phase``) will come; register before sending it."""
-        slot = _Slot(self)
-        with self._lock:
-            error = self._error
-            if error is None:
-                self._waiting[(layer, phase)] = slot
-        if error is not None:
-            slot.settle(error=error)
-        return slot
-
-    def _read(self) -> None:
-        error: BaseException | None = None
-        try:
-            for message in self.call:
-                with self._lock:
-                    slot = self._waiting.pop((message.layer, message.phase), None)
-                if slot is None:
-                    raise WireError(
-                        f"a pass stream answered layer {message.layer} phase {message.phase}, "
-                        "which was not sent on it"
-                    )
-                slot.settle(result=message)
-        except BaseException as exc:
-            error = exc
-        with self._lock:
-            if error is None:
-                error = WireError("a compute node ended its pass stream before answering")
-            self._error = error
-            waiting = list(self._waiting.values())
-            self._waiting.clear()
-        for slot in waiting:
-            slot.settle(error=error)
-
-    def close(self) -> None:
-        """No more layers in this pass: end the request stream (the answers still come)."""
-        _put(self.queue, self.call, _END)
-
-    def cancel(self) -> None:
-        self.call.cancel()
-
-
-class _Slot:
-    """One layer's answer on a ``_PassLink``: the parts of a ``grpc.Future`` that
-    ``_broadcast``, ``_put`` and ``_results`` use."""
-
-    def __init__(self, link: _PassLink):
-        self._link = link
-        self._settled = threading.Event()
-        self._result = None
-        self._error: BaseException | None = None
-        self._callbacks: list = []
-        self._lock = threading.Lock()
-
-    def settle(self, *, result=None, error: BaseException | None = None) -> None:
-        with self._lock:
-            if self._settled.is_set():
-                return
-            self._result, self._error = result, error
-            self._settled.set()
-            callbacks, self._callbacks = self._callbacks, []
-        for callback in callbacks:
-            callback(self)
-
-    def add_done_callback(self, callback) -> None:
-        with self._lock:
-            if not self._settled.is_set():
-                self._callbacks.append(callback)
-                return
-        callback(self)
-
-    def done(self) -> bool:
-        # A link that ended can take no more of this layer's stream either.
-        return self._settled.is_set() or self._link.call.done()
-
-    def cancelled(self) -> bool:
-        error = self._error
-        return isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.CANCELLED
-
-    def code(self) -> grpc.StatusCode:
-        if not self._settled.is_set():
-            return grpc.StatusCode.OK if not self._link.call.done() else self._link.call.code()
-        if self._error is None:
-            return grpc.StatusCode.OK
-        if isinstance(self._error, grpc.RpcError):
-            return self._error.code()
-        return grpc.StatusCode.UNKNOWN
-
-    def cancel(self) -> None:
-        self._link.cancel()  # the pass cannot go on without this layer
-
-    def result(self):
-        self._settled.wait()
-        if self._error is not None:
-            raise self._error
-        return self._result
 
 
 @dataclass
@@ -261,7 +128,7 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
         self._dtype: str | None = None
         # The pass whose layers go to the compute-node children on DeliverPass streams, and
         # the last (pass id, position) fully put on them.
-        self._links: tuple[int, dict[int, _PassLink]] | None = None
+        self._links: tuple[int, dict[int, PassLink]] | None = None
         self._pass_turn = threading.Condition()
         self._pass_done: tuple[int, int] | None = None
 
@@ -365,7 +232,7 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
         ``DeliverPass`` streams, after the layer before it in the pass.
         """
         timeout_s = time_left_s(context)
-        links: dict[int, _PassLink] = {}
+        links: dict[int, PassLink] = {}
         if passing is not None:
             self._await_pass_turn(passing, context)
             links = self._pass_links(passing, timeout_s)
@@ -374,9 +241,9 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
         for index, stub in enumerate(self._child_stubs):
             link = links.get(index)
             if link is None:
-                q: queue.Queue = queue.Queue(maxsize=_QUEUE_DEPTH)
+                q: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
                 queues.append(q)
-                calls.append(stub.Deliver.future(_drain(q), timeout=timeout_s))
+                calls.append(stub.Deliver.future(drain(q), timeout=timeout_s))
             else:
                 queues.append(link.queue)
                 calls.append(link.slot(passing.layer, passing.phase))
@@ -411,7 +278,7 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
                     (
                         call
                         for q, call, out in zip(queues, calls, outgoing, strict=True)
-                        if not _put(q, call, out)
+                        if not put(q, call, out)
                     ),
                     None,
                 )
@@ -426,7 +293,7 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
                 cancel_all()
             for index, (q, call) in enumerate(zip(queues, calls, strict=True)):
                 if index not in links:
-                    _put(q, call, _END)
+                    put(q, call, END)
             if passing is not None:
                 self._pass_sent(passing, ok=sent)
         if culprit is not None:
@@ -450,12 +317,12 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
                         f"{self.name}: layer {request.layer} of pass {request.pass_id} was "
                         "cancelled while it waited for the layer before it"
                     )
-                self._pass_turn.wait(timeout=_POLL_S)
+                self._pass_turn.wait(timeout=POLL_S)
 
-    def _pass_links(self, request: LayerRequest, timeout_s: float) -> dict[int, _PassLink]:
+    def _pass_links(self, request: LayerRequest, timeout_s: float) -> dict[int, PassLink]:
         """The pass's stream to each compute-node child (by child index), opened by its
         first layer; the streams of an earlier pass that did not finish are cancelled."""
-        stale: dict[int, _PassLink] = {}
+        stale: dict[int, PassLink] = {}
         with self._lock:
             if self._links is None or self._links[0] != request.pass_id:
                 if self._links is not None:
@@ -465,7 +332,7 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
                 self._links = (
                     request.pass_id,
                     {
-                        index: _PassLink(stub, pass_timeout_s)
+                        index: PassLink(stub, pass_timeout_s)
                         for index, (child, stub) in enumerate(
                             zip(self.children, self._child_stubs, strict=True)
                         )
@@ -479,7 +346,7 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
 
     def _pass_sent(self, request: LayerRequest, *, ok: bool) -> None:
         """A layer of the pass is on its streams (``ok``), or failed: the pass is over."""
-        ended: dict[int, _PassLink] = {}
+        ended: dict[int, PassLink] = {}
         with self._pass_turn:
             with self._lock:
                 last = request.pass_position == request.pass_length
@@ -572,14 +439,14 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
                 timeout_s = time_left_s(context)
                 split = self._split.get(header.layer) if self._parent is None else None
                 if self._parent is not None:
-                    upstream = self._parent.Reduce.future(_drain(outbox), timeout=timeout_s)
+                    upstream = self._parent.Reduce.future(drain(outbox), timeout=timeout_s)
                 elif split is not None:
                     upstream = SplitPush(
                         split, lambda o: self._split_stubs[o].PushGradients, outbox, timeout_s
                     )
                 else:
                     upstream = self._memoryx_of(header.layer).PushGradients.future(
-                        _drain(outbox), timeout=timeout_s
+                        drain(outbox), timeout=timeout_s
                     )
                 entry = _Reducing(reduction, upstream, outbox, num_open=len(self.children))
                 self._reducing[key] = entry
@@ -639,14 +506,14 @@ class SwarmXServicer(sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
         with self._lock:
             entry.failed.append(reason)
             # End the upstream stream now so that it is not left waiting.
-            entry.outbox.put(_END)
+            entry.outbox.put(END)
         entry.upstream.cancel()
 
     def _close(self, header: Header, entry: _Reducing) -> None:
         with self._lock:
             entry.num_open -= 1
             if entry.num_open == 0:
-                entry.outbox.put(_END)
+                entry.outbox.put(END)
                 if self._reducing.get((header.layer, header.step)) is entry:
                     del self._reducing[(header.layer, header.step)]
 

@@ -1,0 +1,156 @@
+"""A root SwarmX's streams to its compute-node children: one ``DeliverPass`` per pass.
+
+A pipelined pass sends its layers to each compute node on one stream instead of one
+``Deliver`` call per layer (a call's set-up costs several times a message's). Each
+layer's answer still comes back on its own, matched by (layer, phase).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+
+import grpc
+
+from proto.domain import StreamItem
+from proto.frames import WireError
+from swarmx.pieces import END  # ends a queued stream; shared with the split-layer push
+
+# Chunks buffered per child before the sender waits: bounds memory, keeps cut-through.
+QUEUE_DEPTH = 16
+# How often a sender blocked on a full child queue checks whether that child is gone.
+POLL_S = 0.05
+
+
+def drain(q: queue.Queue) -> Iterator[StreamItem]:
+    while (item := q.get()) is not END:
+        yield item
+
+
+def put(q: queue.Queue, call: grpc.Future, item: object) -> bool:
+    """Queue ``item`` for a child; False if the child's call ended and will never take it."""
+    while True:
+        try:
+            q.put(item, timeout=POLL_S)
+            return True
+        except queue.Full:
+            if call.done():
+                return False
+
+
+class PassLink:
+    """One ``DeliverPass`` stream to a compute-node child, carrying every layer of one pass.
+
+    Layers go on ``queue`` whole and in pass order; a reader thread hands each answer
+    to the layer's ``Slot``. A failed or cancelled stream fails every layer waiting on it.
+    """
+
+    def __init__(self, stub, timeout_s: float):
+        # stub: the child's LayerSinkStub (protobuf types stay in the servicer's module).
+        self.queue: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
+        self.call = stub.DeliverPass(drain(self.queue), timeout=timeout_s)
+        self._lock = threading.Lock()
+        self._waiting: dict[tuple[int, int], Slot] = {}
+        self._error: BaseException | None = None
+        threading.Thread(target=self._read, name="swarmx-pass-acks", daemon=True).start()
+
+    def slot(self, layer: int, phase: int) -> Slot:
+        """Where the answer for (``layer``, ``phase``) will come; register before sending it."""
+        slot = Slot(self)
+        with self._lock:
+            error = self._error
+            if error is None:
+                self._waiting[(layer, phase)] = slot
+        if error is not None:
+            slot.settle(error=error)
+        return slot
+
+    def _read(self) -> None:
+        error: BaseException | None = None
+        try:
+            for message in self.call:
+                with self._lock:
+                    slot = self._waiting.pop((message.layer, message.phase), None)
+                if slot is None:
+                    raise WireError(
+                        f"a pass stream answered layer {message.layer} phase {message.phase}, "
+                        "which was not sent on it"
+                    )
+                slot.settle(result=message)
+        except BaseException as exc:
+            error = exc
+        with self._lock:
+            if error is None:
+                error = WireError("a compute node ended its pass stream before answering")
+            self._error = error
+            waiting = list(self._waiting.values())
+            self._waiting.clear()
+        for slot in waiting:
+            slot.settle(error=error)
+
+    def close(self) -> None:
+        """No more layers in this pass: end the request stream (the answers still come)."""
+        put(self.queue, self.call, END)
+
+    def cancel(self) -> None:
+        self.call.cancel()
+
+
+class Slot:
+    """One layer's answer on a ``PassLink``: the parts of a ``grpc.Future`` that
+    ``_broadcast``, ``_put`` and ``_results`` use."""
+
+    def __init__(self, link: PassLink):
+        self._link = link
+        self._settled = threading.Event()
+        self._result = None
+        self._error: BaseException | None = None
+        self._callbacks: list = []
+        self._lock = threading.Lock()
+
+    def settle(self, *, result=None, error: BaseException | None = None) -> None:
+        with self._lock:
+            if self._settled.is_set():
+                return
+            self._result, self._error = result, error
+            self._settled.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback(self)
+
+    def add_done_callback(self, callback) -> None:
+        with self._lock:
+            if not self._settled.is_set():
+                self._callbacks.append(callback)
+                return
+        callback(self)
+
+    def done(self) -> bool:
+        # A link that ended can take no more of this layer's stream either.
+        return self._settled.is_set() or self._link.call.done()
+
+    def cancelled(self) -> bool:
+        error = self._error
+        return isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.CANCELLED
+
+    def code(self) -> grpc.StatusCode:
+        if not self._settled.is_set():
+            return grpc.StatusCode.OK if not self._link.call.done() else self._link.call.code()
+        if self._error is None:
+            return grpc.StatusCode.OK
+        if isinstance(self._error, grpc.RpcError):
+            return self._error.code()
+        return grpc.StatusCode.UNKNOWN
+
+    def cancel(self) -> None:
+        self._link.cancel()  # the pass cannot go on without this layer
+
+    def result(self):
+        self._settled.wait()
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+__all__ = ["POLL_S", "QUEUE_DEPTH", "PassLink", "Slot", "drain", "put"]
