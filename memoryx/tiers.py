@@ -340,6 +340,7 @@ class TieredStore(ParameterStore):
             slot.snapshots[step] = old
             slot.current = _DiskVersion(path, new.num_updates, _num_kept(new))
             slot.version = step + 1
+            self._writer.wait(old.path)  # written in full before it is trimmed
             with self._load_lock:  # a prefetch of the old state is either done or skipped
                 old.weights_only = True
                 keep_weights_only(old.path)
