@@ -21,13 +21,13 @@ machine has that much RAM, to run the same case scaled down.
     python benchmarks/bench_memoryx_tiers.py --big --ram-bytes 1e9  # the same, scaled down
 
 The driver builds the GPT on the meta device and makes each layer's weights
-as it streams them (bitwise those of the whole build); the copy kept for a
-MemoryX restart goes to the run directory on disk, and the final weights are
-not read back (``train(final_weights=False)``). So every process holds at most
+as it streams them (bitwise those of the whole build); a MemoryX restart gets
+them made again (no copy on disk), and the final weights are not read back
+(``train(final_weights=False)``). So every process holds at most
 a few layers. Reported besides: every process's peak RSS (``VmHWM``: driver,
 MemoryX, the SwarmX and node hosts), the least MemAvailable seen, and the peak
-disk bytes under ``--spill-dir`` (the spill files and the run directory with
-its initial copy). Safety on a shared machine: a watchdog stops the run (the
+disk bytes under ``--spill-dir`` (the spill files, with one step's snapshots:
+the weights of version ``k``, and the run directory). Safety on a shared machine: a watchdog stops the run (the
 cluster killed, Ray shut down, the spill directory removed, a message) if
 MemAvailable falls below ``--min-available-gb`` (2.5) or the spill disk's free
 space below ``--min-free-disk-gb`` (3).
@@ -261,7 +261,7 @@ def measure_big(args) -> dict:
         "max_eval_samples": 1,
         "memoryx.ram_budget_bytes": budget,
         "memoryx.spill_dir": spill,
-        # The run directory (and the initial copy kept there) lies under the spill root.
+        # The run directory lies under the spill root: the peak disk counts it too.
         "runtime.run_dir": os.path.join(spill, "run"),
     }
     print(f"big GPT: {json.dumps(overrides)}", flush=True)

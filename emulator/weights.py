@@ -3,9 +3,10 @@
 A model beyond the driver's RAM is never whole in the driver: ``LayerWeights``
 makes one layer's fp32 tensors at a time (from a model built on the meta device
 and its recorded initialization, or from layers that hold their weights), and
-``InitialCopy`` keeps them on disk in the run directory, one safetensors file
-per layer, so that a MemoryX lost before the first checkpoint restarts from
-them without the driver keeping a copy in RAM.
+``InitialCopy`` gives them again to a MemoryX lost before the first checkpoint,
+without the driver keeping a copy in RAM: layers made from their recorded
+initialization are made again (bitwise the same, in any order), others are kept
+on disk in the run directory, one safetensors file per layer.
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ class LayerWeights:
     def __len__(self) -> int:
         return len(self.layers)
 
+    @property
+    def remakeable(self) -> bool:
+        """Every layer can be made again, bitwise, at any time (no copy needed)."""
+        return self.init is not None
+
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         layer = self.layers[index]
         if self.init is not None:
@@ -63,22 +69,27 @@ def _file_name(layer: int) -> str:
 
 
 class InitialCopy:
-    """The initial weights on disk, one safetensors file per layer; ``copy[i]`` is layer ``i``.
+    """The initial weights for a load and for restarts; ``copy[i]`` is layer ``i``.
 
     Reading in layer order the first time makes each layer (``LayerWeights``), writes
     it atomically and hands it on; only the last one made stays in RAM (a layer split
     over MemoryX servers is asked for twice in a row). Any other read, e.g. a restart's,
-    comes from disk.
+    comes from disk; or, for ``remakeable`` weights, which are never written (a third
+    of the state less on disk), the layer is made again.
     """
 
     def __init__(self, directory: Path, weights: LayerWeights) -> None:
         self.directory = directory
         self._layer_bytes = [weights.layer_bytes(i) for i in range(len(weights))]
+        self._remake = weights if weights.remakeable else None
         self._writer: Iterator[dict[str, Tensor]] | None = self._write(weights)
         self._written = -1  # the last layer written
         self._last: dict[str, Tensor] | None = None
 
     def _write(self, weights: LayerWeights) -> Iterator[dict[str, Tensor]]:
+        if self._remake is not None:
+            yield from weights
+            return
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         for index in range(len(weights)):
             tensors = weights[index]
@@ -101,6 +112,8 @@ class InitialCopy:
             self._written += 1
         if index == self._written and self._last is not None:
             return self._last
+        if self._remake is not None:
+            return self._remake[index]
         with safe_open(str(self.path(index)), framework="pt") as file:
             names = json.loads(file.metadata()["params"])
             return {name: file.get_tensor(name) for name in names}

@@ -78,7 +78,7 @@ class MemoryXConfig:
         ``layers`` are the param shapes of each model layer, ``masked`` the params
         (``"{layer}.{name}"``) with a sparsity mask. Checks that every
         server's budget holds the layer in flight and that the spill directory
-        is writable with room for the state plus one step's snapshots.
+        is writable with room for the state plus one step's snapshots (weights).
         """
         masked = set(masked)
         shards = self.plan(layers, sparse=bool(masked))
@@ -120,15 +120,17 @@ class MemoryXConfig:
                 "point it at a directory this user can create files in."
             ) from None
         state_bytes = sum(w + s for w, s in sizes)
-        # Current versions plus the snapshots of one uncommitted step.
-        disk_need = 2 * state_bytes
+        # Current versions plus the snapshots of one uncommitted step: their weights and
+        # masks only (a re-run reads no optimizer state; memoryx.layer_files.keep_weights_only).
+        snapshot_bytes = sum(w for w, _ in sizes)
+        disk_need = state_bytes + snapshot_bytes
         free = shutil.disk_usage(spill).free
         if free < disk_need:
             raise ValueError(
                 f"memoryx.spill_dir = {self.spill_dir!r} has {free} bytes free, but the disk "
                 f"tier needs {disk_need} bytes: the state ({state_bytes} bytes) and the "
-                f"snapshots of one step in flight (as much again). Free space there or choose "
-                "another spill_dir."
+                f"weights of one step in flight ({snapshot_bytes} bytes, kept for a re-run). "
+                "Free space there or choose another spill_dir."
             )
 
 

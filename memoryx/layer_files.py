@@ -7,9 +7,12 @@ order (safetensors stores tensors sorted by name).
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import shutil
+import struct
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -17,6 +20,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
 from memoryx.optim import Optimizer
@@ -270,6 +274,74 @@ class BackgroundWriter:
                 self._cond.notify_all()
 
 
+def state_byte_ranges(path: Path) -> list[tuple[int, int]]:
+    """[start, stop) file offsets of the optimizer state (``s/``) of layer file ``path``,
+    adjacent tensors merged (safetensors stores them by name, so they are one range)."""
+    with open(path, "rb") as file:
+        (header_len,) = struct.unpack("<Q", file.read(8))
+        header = json.loads(file.read(header_len))
+    base = 8 + header_len
+    spans = sorted(
+        (base + entry["data_offsets"][0], base + entry["data_offsets"][1])
+        for key, entry in header.items()
+        if key.startswith("s/")
+    )
+    merged: list[tuple[int, int]] = []
+    for start, stop in spans:
+        if merged and merged[-1][1] == start:
+            merged[-1] = (merged[-1][0], stop)
+        elif stop > start:
+            merged.append((start, stop))
+    return merged
+
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+def punch_hole(fd: int, start: int, length: int) -> None:
+    """Free ``length`` bytes of the open file ``fd`` from ``start`` (they read as zeros
+    after; size and other offsets unchanged). OSError where the system cannot."""
+    fallocate = getattr(ctypes.CDLL(None, use_errno=True), "fallocate", None)
+    if fallocate is None:
+        raise OSError(errno.EOPNOTSUPP, "fallocate is not available on this system")
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    mode = _FALLOC_FL_KEEP_SIZE | _FALLOC_FL_PUNCH_HOLE
+    if fallocate(fd, mode, start, length) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def keep_weights_only(path: Path) -> None:
+    """Free the optimizer state of layer file ``path`` on disk; its weights and masks stay.
+
+    A snapshot of version ``k`` serves re-runs of step ``k``, which read its weights
+    only (the layer ignores the repeated gradient), so its optimizer state, two thirds
+    of a layer under AdamW, need not stay on disk until the commit. The state's bytes
+    are punched out in place (nothing written; the weights keep their offsets); where
+    the file system cannot, the file is replaced by a weights-only copy. A file with
+    other links (a checkpoint's) is left whole: the checkpoint holds its blocks anyway,
+    and punching would change the checkpoint.
+    """
+    if os.stat(path).st_nlink > 1:
+        return
+    ranges = state_byte_ranges(path)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for start, stop in ranges:
+            punch_hole(fd, start, stop - start)
+        return
+    except OSError:
+        pass  # no hole punching here: rewrite below
+    finally:
+        os.close(fd)
+    temp = path.with_name(f".{path.name}.weights")
+    with safe_open(str(path), framework="pt") as file:
+        kept = {k: file.get_tensor(k) for k in file.keys() if not k.startswith("s/")}  # noqa: SIM118
+        save_file(kept, str(temp), metadata=file.metadata())
+    os.replace(temp, path)
+
+
 def fsync_path(path: Path) -> None:
     """fsync a file, or a directory (so that its new entries are durable)."""
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
@@ -285,12 +357,15 @@ __all__ = [
     "checkpoint_file_name",
     "describe_file",
     "fsync_path",
+    "keep_weights_only",
     "file_metadata",
     "flatten",
     "layer_state_bytes",
     "link_or_copy",
     "min_budget_bytes",
     "param_names",
+    "punch_hole",
+    "state_byte_ranges",
     "unflatten",
     "version_file_name",
 ]

@@ -3,10 +3,11 @@
 Every version of every layer is one immutable safetensors file in the spill
 directory (weights ``p/NAME``, masks ``m/NAME``, optimizer state
 ``s/NAME/KEY``). Applying step ``k`` to a layer writes the file of version
-``k + 1`` and keeps the file of version ``k`` as the snapshot that makes a
-re-run or a rollback of step ``k`` safe; ``commit(k)`` makes the new files
-durable (fsync) and deletes the snapshots. A checkpoint hard-links the files,
-so it never pulls the state through RAM.
+``k + 1`` and keeps version ``k``'s weights as the snapshot a re-run of step
+``k`` reads (its optimizer state is freed at once: a re-run ignores gradients
+already taken, so the disk holds the state plus its weights, not twice the
+state). ``commit(k)`` makes the new files durable and deletes the snapshots.
+A checkpoint hard-links the files, never pulling the state through RAM.
 
 The RAM cache holds at most ``ram_budget_bytes`` of tensors: the weights (and
 masks) streamed to the nodes and the optimizer state an update needs. It
@@ -36,6 +37,7 @@ from memoryx.layer_files import (
     file_metadata,
     flatten,
     fsync_path,
+    keep_weights_only,
     link_or_copy,
     unflatten,
     version_file_name,
@@ -52,6 +54,7 @@ from memoryx.store import (
     nonfinite_gradient,
 )
 from memoryx.tier_cache import STATE, WEIGHTS, Cache, Ledger, Prefetcher, StreamOrder
+from memoryx.tier_errors import NonFiniteNotUndone, commit_refused, rollback_refused
 
 #: ``_apply``'s answer for a re-run whose gradients this layer already took.
 _ALREADY_APPLIED = "already applied"
@@ -62,6 +65,7 @@ class _DiskVersion:
     path: Path
     num_updates: int
     num_kept: int
+    weights_only: bool = False  # a snapshot: its optimizer state is freed (keep_weights_only)
 
 
 @dataclass
@@ -106,6 +110,7 @@ class TieredStore(ParameterStore):
         self.ram_budget_bytes = ram_budget_bytes
         self.layer_offset = layer_offset  # global index of local layer 0 (sparsity names)
         self._first_step = step
+        self._failed_steps: set[int] = set()  # non-finite part-way: never committed
         self._layers: list[_DiskLayer] = []  # type: ignore[assignment]
         self._ledger = Ledger()
         self._syncer = BackgroundSync()
@@ -335,10 +340,16 @@ class TieredStore(ParameterStore):
             slot.snapshots[step] = old
             slot.current = _DiskVersion(path, new.num_updates, _num_kept(new))
             slot.version = step + 1
+            self._writer.wait(old.path)  # written in full before it is trimmed
+            with self._load_lock:  # a prefetch of the old state is either done or skipped
+                old.weights_only = True
+                keep_weights_only(old.path)
             return None
 
     def commit(self, step: int) -> None:
         with self._all_locks():
+            if step in self._failed_steps:
+                raise commit_refused(step)
             lagging = [i for i, slot in enumerate(self._layers) if slot.version < step + 1]
             if lagging:
                 raise StepError(
@@ -354,33 +365,28 @@ class TieredStore(ParameterStore):
                     self._syncer.unlink(slot.snapshots.pop(version).path)
             self._cache.drop(self._is_live_key)
 
-    def rollback(self, step: int) -> list[int]:
+    def _end_nonfinite_step(self, layer: int, step: int, problem: str) -> bool:
+        """The ``error`` policy without a rollback: the layers the step updated keep only
+        their previous weights, so the step can neither be undone nor committed."""
         with self._all_locks():
-            stuck = [
-                i
-                for i, slot in enumerate(self._layers)
-                if not (
-                    slot.version == step or (slot.version == step + 1 and step in slot.snapshots)
-                )
+            updated = [
+                self.layer_offset + i for i, s in enumerate(self._layers) if step in s.snapshots
             ]
-            if stuck:
-                raise StepError(
-                    f"cannot roll back step {step}: layers {stuck} are at versions "
-                    f"{[self._layers[i].available_versions() for i in stuck]} "
-                    f"instead of an uncommitted {step + 1} or {step}."
-                )
-            rolled_back = []
-            for index, slot in enumerate(self._layers):
-                if slot.version == step + 1:
-                    undone = slot.current
-                    slot.current = slot.snapshots.pop(step)
-                    slot.version = step
-                    # Now, not later: the re-run writes a file of the same name.
-                    self._writer.wait(undone.path)
-                    undone.path.unlink(missing_ok=True)
-                    rolled_back.append(index)
-            self._cache.drop(self._is_live_key)
-            return rolled_back
+            self._failed_steps.update([step] if updated else [])
+        if not updated:
+            return super()._end_nonfinite_step(layer, step, problem)  # nothing to undo
+        raise NonFiniteNotUndone(layer, step, problem, updated)
+
+    def rollback(self, step: int) -> list[int]:
+        """StepError once a layer took step ``step``: it kept only its weights (keep_weights_only)."""
+        with self._all_locks():
+            self._check_mid_step(step, "roll back")
+            updated = [
+                self.layer_offset + i for i, s in enumerate(self._layers) if s.version > step
+            ]
+            if updated:
+                raise rollback_refused(step, updated)
+            return []
 
     def state_dict(self) -> dict:
         """Committed state as tensors, read layer by layer from disk (all of it in RAM).
@@ -554,6 +560,8 @@ class TieredStore(ParameterStore):
         with self._load_lock:
             if self._cache.get(key) is not None:
                 return True
+            if part == STATE and disk.weights_only:
+                return True  # a snapshot's state is freed: a re-run never reads it
             if not self._cache.reserve(num_bytes, evict=False):
                 return False
             try:

@@ -55,3 +55,28 @@ def test_a_load_cut_short_goes_on_making_the_layers_not_yet_written(tmp_path):
     got = [copy[i] for i in range(3)]
     assert weights.made == [0, 1, 2]
     assert torch.equal(got[2]["weight"], weights.layers[2].weight.detach())
+
+
+def test_weights_made_from_a_recorded_initialization_are_remade_not_written(tmp_path):
+    from emulator.zoo.deferred import build_deferred
+
+    def factory():
+        return nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2))
+
+    torch.manual_seed(0)
+    whole = factory()
+    torch.manual_seed(0)
+    module, init = build_deferred(factory)
+    weights = LayerWeights(list(module), init)
+    assert weights.remakeable and not LayerWeights(list(whole)).remakeable
+    copy = InitialCopy(tmp_path / "initial", weights)
+    first = [copy[i] for i in range(3)]
+    copy.release()
+    assert not (tmp_path / "initial").exists()  # nothing on disk: a third of the state less
+    # A restart's reads, in any order: made again, bitwise the whole build's.
+    for index in (2, 0, 1):
+        again = copy[index]
+        for name, tensor in whole[index].named_parameters():
+            assert torch.equal(again[name], tensor.detach())
+            assert torch.equal(first[index][name], tensor.detach())
+    copy.remove()

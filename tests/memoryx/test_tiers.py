@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from memoryx.checkpoint import (
     MANIFEST_NAME,
@@ -159,16 +160,79 @@ def test_rerun_after_a_failed_half_step_serves_disk_snapshots(tmp_path: Path) ->
     assert files == [f"layer-{i:05d}-v00000002.safetensors" for i in range(NUM_LAYERS)]
 
 
-def test_rollback_restores_the_previous_files(tmp_path: Path) -> None:
+def test_rollback_is_refused_once_a_layer_kept_only_its_weights(tmp_path: Path) -> None:
     ram = ParameterStore(_layers(), CONFIG.build())
     tiered = _tiered(tmp_path, 10**8)
     for store in (ram, tiered):
         _stream_step(store, 0)
-        _stream_step(store, 1, stop_after=4)
-        assert store.rollback(1) == [4, 5, 6, 7]
-        _stream_step(store, 1)
+    assert tiered.rollback(1) == []  # no layer took step 1: nothing to undo
+    _stream_step(tiered, 1, stop_after=4)
+    with pytest.raises(
+        StepError, match=r"layers \[4, 5, 6, 7\] took its update.*version-1 weights"
+    ):
+        tiered.rollback(1)
+    # The re-run still serves version 1 and ends bitwise as a run without the failure.
+    _stream_step(tiered, 1)
+    _stream_step(ram, 1)
     _assert_same_state(ram, tiered)
     tiered.close()
+
+
+def _allocated_bytes(directory: Path) -> int:
+    return sum(p.stat().st_blocks * 512 for p in directory.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("punch", [True, False])
+def test_a_step_in_flight_holds_the_state_and_its_weights_on_disk_not_twice_the_state(
+    tmp_path: Path, monkeypatch, punch: bool
+) -> None:
+    import errno
+
+    if not punch:  # a file system without hole punching: snapshots rewritten weights-only
+
+        def no_punch(fd, start, length):
+            raise OSError(errno.EOPNOTSUPP, "not here")
+
+        monkeypatch.setattr("memoryx.layer_files.punch_hole", no_punch)
+    width = 256  # layers of 0.8 MB: file headers and block rounding are small beside them
+    gen = torch.Generator().manual_seed(0)
+    layers = [
+        {
+            "weight": torch.randn(width, width, generator=gen),
+            "bias": torch.randn(width, generator=gen),
+        }
+        for _ in range(6)
+    ]
+    ram = ParameterStore(layers, CONFIG.build())
+    tiered = TieredStore(
+        CONFIG.build(),
+        spill_dir=tmp_path / "spill",
+        ram_budget_bytes=10**8,
+        background_writes=False,
+    )
+    for layer in layers:
+        tiered.add_layer(layer)
+    tiered.finish()
+    weights_bytes = 4 * sum(t.numel() for layer in layers for t in layer.values())
+    assert tiered.state_bytes == 3 * weights_bytes  # AdamW: weights and two moments
+    for store in (ram, tiered):
+        _stream_step(store, 0)
+    # Step 1 taken by every layer, not committed: the peak of a step.
+    for layer in reversed(tiered.layer_ids):
+        tiered.weights(layer, 1)
+        assert tiered.apply_gradients(layer, 1, _grads(tiered, layer, 1))
+    held = _allocated_bytes(tmp_path / "spill")
+    expected = tiered.state_bytes + weights_bytes
+    assert expected <= held <= expected + 6 * 2 * 16384  # headers and partial blocks
+    assert held < 1.4 * tiered.state_bytes  # before: twice the state
+    # A re-run of step 1 from the snapshots' weights is bitwise the uninterrupted step.
+    for layer in tiered.layer_ids:
+        assert torch.equal(tiered.weights(layer, 1)["weight"], ram.weights(layer, 1)["weight"])
+    _stream_step(ram, 1)
+    _stream_step(tiered, 1)
+    _assert_same_state(ram, tiered)
+    tiered.close()
+    assert _allocated_bytes(tmp_path / "spill") <= tiered.state_bytes + 6 * 16384
 
 
 def test_commit_leaves_a_manifest_of_current_files(tmp_path: Path) -> None:
@@ -316,7 +380,13 @@ def test_disk_too_small_for_the_state_is_refused(tmp_path: Path, monkeypatch) ->
     with pytest.raises(ValueError) as info:
         config.check(_shapes(), CONFIG)
     assert "has 1000 bytes free" in str(info.value)
-    assert f"needs {2 * total} bytes: the state ({total} bytes)" in str(info.value)
+    # The state and the weights of one step in flight: a third more under AdamW, not twice.
+    snapshots = NUM_LAYERS * weights
+    assert 3 * snapshots == total
+    assert (
+        f"needs {total + snapshots} bytes: the state ({total} bytes) and the weights of one "
+        in (str(info.value))
+    )
 
 
 @pytest.mark.parametrize(
@@ -360,12 +430,11 @@ def test_a_nonfinite_gradient_is_never_written_and_rolls_the_step_back(tmp_path,
         store.apply_gradients(layer, 0, _grads(store, layer, 0))
     store.commit(0)
     before = store.state_dict()
-    last = ids[-1]
-    store.apply_gradients(last, 1, _grads(store, last, 1))  # the last layer takes step 1 first
-    grads = _grads(store, ids[0], 1)
+    grads = _grads(store, ids[-1], 1)
     grads["weight"][0, 0] = bad
-    with pytest.raises(NonFiniteUpdate, match=rf"step 1, layer {ids[0]}: the gradient of 'weight'"):
-        store.apply_gradients(ids[0], 1, grads)
+    # The first layer of the step: nothing taken yet, so nothing to undo.
+    with pytest.raises(NonFiniteUpdate, match="rolled the step back in every layer"):
+        store.apply_gradients(ids[-1], 1, grads)
     after = store.state_dict()
     for old, new in zip(before["layers"], after["layers"], strict=True):
         assert new["version"] == 1
@@ -376,6 +445,36 @@ def test_a_nonfinite_gradient_is_never_written_and_rolls_the_step_back(tmp_path,
         assert store.apply_gradients(layer, 1, _grads(store, layer, 1))
     store.commit(1)
     assert all(torch.isfinite(t).all() for t in store.state_dict()["layers"][0]["params"].values())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_nonfinite_gradient_after_other_layers_took_the_step_is_never_committed(tmp_path, bad):
+    store = _tiered(tmp_path, budget=10**9)
+    ids = list(store.layer_ids)
+    for layer in reversed(ids):
+        store.apply_gradients(layer, 0, _grads(store, layer, 0))
+    store.commit(0)
+    first = store.weights(ids[0], 1)
+    last = ids[-1]
+    store.apply_gradients(last, 1, _grads(store, last, 1))  # the last layer takes step 1 first
+    grads = _grads(store, ids[0], 1)
+    grads["weight"][0, 0] = bad
+    with pytest.raises(
+        NonFiniteUpdate, match=rf"layer {ids[0]}: the gradient of 'weight'.*layers \[{last}\] had"
+    ):
+        store.apply_gradients(ids[0], 1, grads)
+    assert store.version(ids[0]) == 1 and all(
+        torch.equal(a, b)
+        for a, b in zip(first.values(), store.weights(ids[0], 1).values(), strict=True)
+    )
+    with pytest.raises(StepError, match="cannot commit step 1: a non-finite update"):
+        store.commit(1)
+    with pytest.raises(ValueError, match="cannot save uncommitted state"):
+        store.state_dict()
+    store.close()
+    for path in (tmp_path / "spill").glob("layer-*"):  # nothing non-finite was ever written
+        loaded = load_file(path)
+        assert all(torch.isfinite(t).all() for k, t in loaded.items() if not k.startswith("m/"))
 
 
 def test_stream_order_runs_forward_then_backward_with_updates():
