@@ -43,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,13 +161,30 @@ class Runner:
     def __init__(self, save: Path | None = None, source: Path | None = None, verbose=True):
         self.save, self.source, self.verbose = save, source, verbose
         self._done: dict[str, Output] = {}
+        self._failed: dict[str, CommandFailed] = {}
 
     @staticmethod
     def key(argv: tuple[str, ...]) -> str:
         return hashlib.sha256("\0".join(argv).encode()).hexdigest()[:16]
 
+    def prefetch(self, commands, jobs: int) -> None:
+        """Runs the distinct ``commands`` ``jobs`` at a time; ``output`` then returns each
+        one's output (or raises its failure) without running it again."""
+        unique = {self.key(command.argv): command for command in commands}
+
+        def fetch(command) -> None:
+            try:
+                self.output(command)
+            except CommandFailed as exc:
+                self._failed[self.key(command.argv)] = exc
+
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            list(pool.map(fetch, unique.values()))
+
     def output(self, command) -> Output:
         key = self.key(command.argv)
+        if key in self._failed:
+            raise self._failed[key]
         if key not in self._done:
             self._done[key] = self._load(command, key) if self.source else self._run(command, key)
         return self._done[key]
@@ -239,8 +257,10 @@ def run(
     source: Path | None = None,
     figures: dict[str, Figure] = FIGURES,
     out=sys.stdout,
+    jobs: int = 1,
 ) -> int:
-    """``mode`` is ``check`` or ``write``; returns the exit status."""
+    """``mode`` is ``check`` or ``write``; returns the exit status. ``jobs`` commands run at
+    a time (their outputs are seeded figures, not timings, so they may share the machine)."""
     text = readme.read_text()
     parsed = parse_blocks(text)
     check_markers(parsed, figures)
@@ -250,7 +270,10 @@ def run(
     rendered: dict[str, str] = {}
     differ: list[str] = []
     failed: list[str] = []
-    for figure in select(figures, only, fast):
+    selected = select(figures, only, fast)
+    if jobs > 1 and source is None:
+        runner.prefetch([command for figure in selected for command in figure.commands], jobs)
+    for figure in selected:
         print(f"figure {figure.name} ({'fast' if figure.fast else 'slow'})", file=sys.stderr)
         try:
             rendered[figure.name] = render(figure, runner)
@@ -312,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--readme", type=Path, default=README, help="README to check or rewrite")
     parser.add_argument("--save", type=Path, metavar="DIR", help="keep each command's output")
     parser.add_argument(
+        "--jobs", type=int, default=1, metavar="N", help="run N commands at a time (default 1)"
+    )
+    parser.add_argument(
         "--from", dest="source", type=Path, metavar="DIR", help="render saved outputs, run nothing"
     )
     args = parser.parse_args(argv)
@@ -326,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
             readme=args.readme,
             save=args.save,
             source=args.source,
+            jobs=args.jobs,
         )
     except MarkerError as exc:
         print(f"readme_figures: error: {exc}", file=sys.stderr)

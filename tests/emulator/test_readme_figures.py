@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import os
 import sys
 from pathlib import Path
 
@@ -53,7 +54,8 @@ def test_every_readme_figure_is_registered_and_every_command_is_shown():
 
 def test_fast_readme_figures_reproduce_exactly():
     out = io.StringIO()
-    status = figures.run("check", fast=True, out=out)
+    # The fast figures' commands are independent processes: one per core at a time.
+    status = figures.run("check", fast=True, out=out, jobs=max(2, os.cpu_count() or 2))
     assert status == 0, out.getvalue()
     assert " 0 differ." in out.getvalue()
 
@@ -121,7 +123,8 @@ def test_a_registry_entry_without_a_block_is_an_error(tmp_path):
         figures.run("check", readme=readme, figures={"echo": _echo_figure("echo", "x")})
 
 
-def test_a_failing_command_or_renderer_is_reported_and_the_other_figures_still_run(tmp_path):
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_failing_command_or_renderer_is_reported_and_the_other_figures_still_run(tmp_path, jobs):
     failing = registry.Command(("python", "-c", "raise SystemExit(3)"), json=False)
     registered = {
         "a": _echo_figure("a", "42 bytes"),
@@ -142,7 +145,7 @@ def test_a_failing_command_or_renderer_is_reported_and_the_other_figures_still_r
         ),
     )
     out = io.StringIO()
-    assert figures.run("write", readme=readme, figures=registered, out=out) == 1
+    assert figures.run("write", readme=readme, figures=registered, out=out, jobs=jobs) == 1
     assert "figure b: `python -c raise SystemExit(3)` exited 3" in out.getvalue()
     assert "figure c: its renderer" in out.getvalue() and "KeyError" in out.getvalue()
     blocks = {
