@@ -7,17 +7,13 @@ stops at once. Never a traceback.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import pty
 import re
 import shlex
 import signal
-import struct
 import subprocess
 import sys
-import termios
 import threading
 import time
 
@@ -29,50 +25,22 @@ from tests.emulator.test_cli import ENV
 pytestmark = pytest.mark.integration
 
 NUM_STEPS = 5000  # far more than a test waits for: the run only ends by the signal
-# tqdm's progress line once at least one step is done, e.g. "train:   0%|  | 1/5000": stderr is
-# a terminal, as where a user presses Ctrl-C (off a terminal the first plain progress line
-# comes only after a tenth of the run or a 10 s heartbeat).
+# tqdm's progress line once at least one step is done, e.g. "train:   0%|  | 1/5000".
 STEP_DONE = re.compile(rb"\b[1-9]\d*/" + str(NUM_STEPS).encode())
 
 
-# As a user runs it: the console script starts the local Ray early (emulator.early_ray).
-RUN_ENV = {k: v for k, v in ENV.items() if k != "WAFER_EARLY_RAY"}
-
-
-def _start(tmp_path, *extra: str, terminal: bool = True) -> subprocess.Popen:
-    """The run, its stderr a terminal (``process.terminal``, the reading end) or a pipe."""
+def _start(tmp_path, *extra: str) -> subprocess.Popen:
     args = ["train", "--nodes", "1", "--batch-size", "16", "--steps", str(NUM_STEPS)]
     args += ["--json", str(tmp_path / "report.json"), *extra]
-    if not terminal:
-        # A session of its own, so that a signal to its process group reaches nothing else.
-        process = subprocess.Popen(
-            [sys.executable, "-m", "emulator.cli", *args],
-            cwd=tmp_path,
-            env=ENV,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
-        process.terminal = None
-        return process
-    reading, stderr = pty.openpty()
-    # A terminal has a size: tqdm draws no bar on one 0 columns wide.
-    fcntl.ioctl(stderr, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
-    # A session of its own, so that a signal to its process group reaches nothing else (and
-    # the terminal is its stderr, not its controlling terminal).
-    try:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "emulator.cli", *args],
-            cwd=tmp_path,
-            env=RUN_ENV,
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            start_new_session=True,
-        )
-    finally:
-        os.close(stderr)
-    process.terminal = reading
-    return process
+    # A session of its own, so that a signal to its process group reaches nothing else.
+    return subprocess.Popen(
+        [sys.executable, "-m", "emulator.cli", *args],
+        cwd=tmp_path,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
 
 
 def _signal_after_first_step(
@@ -81,25 +49,15 @@ def _signal_after_first_step(
     stderr = bytearray()
     stepped = threading.Event()
 
-    fd = process.terminal if process.terminal is not None else process.stderr.fileno()
-
     def read() -> None:
-        while True:
-            try:
-                chunk = os.read(fd, 4096)
-            except OSError:  # EIO: every process that had the terminal closed it
-                break
-            if not chunk:
-                break
+        while chunk := os.read(process.stderr.fileno(), 4096):
             stderr.extend(chunk)
             if STEP_DONE.search(stderr):
                 stepped.set()
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    if not stepped.wait(timeout=240):
-        os.killpg(process.pid, signal.SIGKILL)
-        pytest.fail(f"no step done in 240 s: {stderr.decode(errors='replace')}")
+    assert stepped.wait(timeout=240), stderr.decode(errors="replace")
     for signum in signums:
         if group:
             os.killpg(process.pid, signum)
@@ -109,8 +67,6 @@ def _signal_after_first_step(
     stdout = process.stdout.read()
     process.wait(timeout=120)
     reader.join(timeout=10)
-    if process.terminal is not None:
-        os.close(process.terminal)
     return stdout.decode(), stderr.decode(errors="replace")
 
 
@@ -153,8 +109,7 @@ def test_signal_stops_at_the_step_boundary_with_checkpoint_and_report(
 
 
 def test_second_ctrl_c_stops_at_once_without_traceback(tmp_path):
-    # Off a terminal, mid-run: the two signals come 50 ms apart while steps are flowing.
-    process = _start(tmp_path, terminal=False)
+    process = _start(tmp_path)
     out, err = _signal_after_first_step(process, signal.SIGINT, signal.SIGINT)
     assert process.returncode == 130, out + err
     assert "Traceback" not in out + err
