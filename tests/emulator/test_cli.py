@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -13,8 +12,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -33,57 +30,6 @@ def wafer(*args: str, timeout: float = 300, env: dict | None = None) -> subproce
         text=True,
         timeout=timeout,
     )
-
-
-class WaferRuns:
-    """``wafer`` commands run side by side, each once, and their results kept.
-
-    Each command is a Python process that spends seconds of CPU importing torch before it
-    refuses its input or prints its table, and starts no Ray; the commands are independent,
-    so they run as many at a time as there are cores instead of one after another. Every
-    test still runs its own command and asserts on its own result.
-    """
-
-    def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2))
-        self._runs: dict[tuple[str, ...], Future] = {}
-
-    def start(self, argv: tuple[str, ...]) -> None:
-        if argv not in self._runs:
-            self._runs[argv] = self._pool.submit(wafer, *argv)
-
-    def result(self, *argv: str) -> subprocess.CompletedProcess:
-        self.start(argv)
-        return self._runs[argv].result()
-
-    def close(self) -> None:
-        self._pool.shutdown(cancel_futures=True)
-
-
-def wafer_command(command: Callable[..., tuple[str, ...]]):
-    """Marks a test whose ``wafer`` command (``command(directory, **its parameters)``) the
-    module's ``wafer_runs`` starts ahead, beside the other selected tests' commands."""
-
-    def mark(test):
-        test.wafer_command = command
-        return test
-
-    return mark
-
-
-@pytest.fixture(scope="module")
-def wafer_runs(request, tmp_path_factory):
-    """This module's selected tests' ``wafer`` commands, started together on first use;
-    ``wafer_runs.directory`` holds the files they read."""
-    runs = WaferRuns()
-    runs.directory = tmp_path_factory.mktemp("wafer-runs")
-    for item in request.session.items:
-        command = getattr(getattr(item, "function", None), "wafer_command", None)
-        if command is not None and item.module is request.module:
-            params = item.callspec.params if hasattr(item, "callspec") else {}
-            runs.start(command(runs.directory, **params))
-    yield runs
-    runs.close()
 
 
 def test_unreachable_ray_address_is_a_clear_error(monkeypatch):
@@ -128,45 +74,20 @@ def _one_paragraph_error(result: subprocess.CompletedProcess, *needles: str) -> 
         (["--sparsity", "0.9", "--sparsity-algorithm", "set"], ["update", "freq"]),
     ],
 )
-@wafer_command(lambda directory, args, needles: ("train", *args))
-def test_bad_input_is_one_paragraph_naming_the_field(wafer_runs, args, needles):
-    _one_paragraph_error(wafer_runs.result("train", *args), *needles)
+def test_bad_input_is_one_paragraph_naming_the_field(args, needles):
+    _one_paragraph_error(wafer("train", *args), *needles)
 
 
-def _unknown_key(directory: Path, **params) -> tuple[str, ...]:
-    path = directory / "unknown-key.yaml"
+def test_unknown_config_key_in_yaml(tmp_path):
+    path = tmp_path / "cluster.yaml"
     path.write_text("num_nodes: 2\noptimizer:\n  name: adamw\n  learning_rate: 0.1\n")
-    return ("train", "--config", str(path))
+    _one_paragraph_error(wafer("train", "--config", str(path)), "optimizer.learning_rate", "lr")
 
 
-@wafer_command(_unknown_key)
-def test_unknown_config_key_in_yaml(wafer_runs):
-    result = wafer_runs.result(*_unknown_key(wafer_runs.directory))
-    _one_paragraph_error(result, "optimizer.learning_rate", "lr")
-
-
-def _filter_matching_nothing(directory: Path, **params) -> tuple[str, ...]:
-    path = directory / "filter-matching-nothing.yaml"
+def test_sparsity_filter_matching_nothing_is_an_error(tmp_path):
+    path = tmp_path / "cluster.yaml"
     path.write_text("sparsity:\n  sparsity: 0.9\n  param_filter: ['*.conv*']\n")
-    return ("train", "--config", str(path))
-
-
-@wafer_command(_filter_matching_nothing)
-def test_sparsity_filter_matching_nothing_is_an_error(wafer_runs):
-    result = wafer_runs.result(*_filter_matching_nothing(wafer_runs.directory))
-    _one_paragraph_error(result, "conv", "0.0.weight")
-
-
-def _memoryx_config(directory: Path, memoryx: str, **params) -> tuple[str, ...]:
-    # A directory of its own per case: the cases run side by side.
-    directory = directory / f"memoryx-{hashlib.sha256(memoryx.encode()).hexdigest()[:12]}"
-    directory.mkdir(exist_ok=True)
-    (directory / "a-file").write_text("")
-    memoryx = memoryx.replace("SPILL", str(directory / "spill"))
-    memoryx = memoryx.replace("A_FILE", str(directory / "a-file"))
-    path = directory / "cluster.yaml"
-    path.write_text(f"memoryx: {memoryx}\n")
-    return ("train", "--config", str(path))
+    _one_paragraph_error(wafer("train", "--config", str(path)), "conv", "0.0.weight")
 
 
 @pytest.mark.parametrize(
@@ -187,20 +108,17 @@ def _memoryx_config(directory: Path, memoryx: str, **params) -> tuple[str, ...]:
         ),
     ],
 )
-@wafer_command(_memoryx_config)
-def test_memoryx_that_cannot_hold_the_model_is_refused_before_training(
-    wafer_runs, memoryx, needles
-):
-    result = wafer_runs.result(*_memoryx_config(wafer_runs.directory, memoryx))
-    _one_paragraph_error(result, *needles)
+def test_memoryx_that_cannot_hold_the_model_is_refused_before_training(tmp_path, memoryx, needles):
+    (tmp_path / "a-file").write_text("")
+    memoryx = memoryx.replace("SPILL", str(tmp_path / "spill"))
+    memoryx = memoryx.replace("A_FILE", str(tmp_path / "a-file"))
+    path = tmp_path / "cluster.yaml"
+    path.write_text(f"memoryx: {memoryx}\n")
+    _one_paragraph_error(wafer("train", "--config", str(path)), *needles)
 
 
-SIMULATE_SPARSITY = ("simulate", "--model", "gpt3-1.3b", "--sparsity", "0,0.5,0.75,0.9")
-
-
-@wafer_command(lambda directory: SIMULATE_SPARSITY)
-def test_simulate_prints_the_sparsity_speedup_curve(wafer_runs):
-    result = wafer_runs.result(*SIMULATE_SPARSITY)
+def test_simulate_prints_the_sparsity_speedup_curve():
+    result = wafer("simulate", "--model", "gpt3-1.3b", "--sparsity", "0,0.5,0.75,0.9")
     assert result.returncode == 0, result.stderr
     rows = [line.split() for line in result.stdout.splitlines() if line[:1].isdigit()]
     assert [row[0] for row in rows] == ["0", "0.5", "0.75", "0.9"]

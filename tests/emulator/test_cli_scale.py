@@ -6,28 +6,16 @@ import json
 
 import pytest
 
-from tests.emulator.test_cli import (  # noqa: F401 (wafer_runs: a fixture)
-    _one_paragraph_error,
-    wafer,
-    wafer_command,
-    wafer_runs,
-)
-
-BATCH_THAT_DOES_NOT_SPLIT = ("scale", "--model", "mlp-digits", "--nodes", "1,2,3")
-BATCH_THAT_DOES_NOT_SPLIT += ("--batch-size", "64")
-BAD_NODES_PER_PROCESS = ("scale", "--model", "mlp-digits", "--nodes", "1")
-BAD_NODES_PER_PROCESS += ("--nodes-per-process", "x")
+from tests.emulator.test_cli import _one_paragraph_error, wafer
 
 
-@wafer_command(lambda directory: BATCH_THAT_DOES_NOT_SPLIT)
-def test_batch_that_does_not_split_names_the_fix(wafer_runs):  # noqa: F811
-    result = wafer_runs.result(*BATCH_THAT_DOES_NOT_SPLIT)
+def test_batch_that_does_not_split_names_the_fix():
+    result = wafer("scale", "--model", "mlp-digits", "--nodes", "1,2,3", "--batch-size", "64")
     _one_paragraph_error(result, "--batch-size 64", "[3]", "multiple of 6")
 
 
-@wafer_command(lambda directory: BAD_NODES_PER_PROCESS)
-def test_nodes_per_process_must_be_auto_or_a_count(wafer_runs):  # noqa: F811
-    result = wafer_runs.result(*BAD_NODES_PER_PROCESS)
+def test_nodes_per_process_must_be_auto_or_a_count():
+    result = wafer("scale", "--model", "mlp-digits", "--nodes", "1", "--nodes-per-process", "x")
     _one_paragraph_error(result, "--nodes-per-process 'x'", "auto")
 
 
