@@ -38,6 +38,30 @@ def _bad_input(capsys, *args: str) -> str:
     return message
 
 
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["--nodes", "0"], ["num_nodes = 0"]),
+        (
+            ["--nodes", "8", "--batch-size", "100"],
+            ["batch_size = 100", "num_nodes = 8", "96", "104"],
+        ),
+        (["--model", "resnet-9000"], ["resnet-9000", "mlp-digits"]),
+        (["--optimizer", "rmsprop"], ["optimizer.name", "'adamw'"]),
+        (["--precision", "fp8"], ["backend.precision", "'bf16'"]),
+        (["--model", "tests.emulator.user_models:broken_chain"], ["block", "chain"]),
+        (["--sparsity", "1.0"], ["sparsity = 1.0", "[0, 1)"]),
+        (["--sparsity", "-0.1"], ["sparsity = -0.1", "[0, 1)"]),
+        (["--sparsity", "0.9", "--sparsity-algorithm", "prune"], ["algorithm", "'rigl'"]),
+        (["--sparsity", "0.9", "--sparsity-algorithm", "set"], ["update", "freq"]),
+    ],
+)
+def test_bad_flag_is_one_paragraph_naming_the_field(capsys, no_cluster, args, needles):
+    message = _bad_input(capsys, *args)
+    for needle in needles:
+        assert needle in message, message
+
+
 def test_batch_larger_than_the_training_set(capsys, no_cluster):
     message = _bad_input(capsys, "--batch-size", "2048", "--nodes", "2")
     assert "batch_size = 2048 is larger than the training set" in message
