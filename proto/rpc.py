@@ -433,6 +433,20 @@ class NonFiniteValues(Exception):
     """NaN/Inf values that must not be applied (NONFINITE_STATUS); retrying cannot help."""
 
 
+def _abort_for(exc: Exception, context: grpc.ServicerContext) -> None:
+    """End the call with the status that names ``exc`` (a wire, step, NaN/Inf or downstream error)."""
+    if isinstance(exc, WireError):
+        code, details = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    elif isinstance(exc, StepConflict):
+        code, details = grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+    elif isinstance(exc, NonFiniteValues):
+        code, details = NONFINITE_STATUS, str(exc)
+    else:
+        code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+    context.abort(code, details)
+
+
 def rpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
     """Map our exceptions to gRPC status codes so servicers stay thin.
 
@@ -445,16 +459,8 @@ def rpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return method(self, request, context)
-        except WireError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except StepConflict as exc:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        except NonFiniteValues as exc:
-            context.abort(NONFINITE_STATUS, str(exc))
-        except grpc.RpcError as exc:
-            code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-            details = exc.details() if hasattr(exc, "details") else str(exc)
-            context.abort(code, details)
+        except (WireError, StepConflict, NonFiniteValues, grpc.RpcError) as exc:
+            _abort_for(exc, context)
 
     return wrapper
 
@@ -466,16 +472,8 @@ def rpc_stream_errors(method: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             yield from method(self, request, context)
-        except WireError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except StepConflict as exc:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        except NonFiniteValues as exc:
-            context.abort(NONFINITE_STATUS, str(exc))
-        except grpc.RpcError as exc:
-            code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-            details = exc.details() if hasattr(exc, "details") else str(exc)
-            context.abort(code, details)
+        except (WireError, StepConflict, NonFiniteValues, grpc.RpcError) as exc:
+            _abort_for(exc, context)
 
     return wrapper
 
