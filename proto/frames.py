@@ -133,6 +133,22 @@ def to_wire(item: StreamItem) -> pb.LayerMessage:
     )
 
 
+def chunk_from_pb(c: pb.TensorChunk, data: bytes | memoryview) -> Chunk:
+    """The ``Chunk`` of a ``TensorChunk``, its payload ``data`` (the wire codec passes a view)."""
+    return Chunk(
+        layer=c.layer,
+        step=c.step,
+        name=c.name,
+        dtype=c.dtype,
+        shape=tuple(c.shape),
+        offset=c.offset,
+        tensor_bytes=c.tensor_bytes,
+        data=data,
+        encoding=c.encoding,
+        index_bytes=c.index_bytes,
+    )
+
+
 def from_wire(message: pb.LayerMessage | StreamItem) -> StreamItem:
     """The ``Header`` or ``Chunk`` a ``LayerMessage`` carries; WireError if it carries neither.
 
@@ -141,19 +157,7 @@ def from_wire(message: pb.LayerMessage | StreamItem) -> StreamItem:
         return message
     kind = message.WhichOneof("kind")
     if kind == "chunk":
-        c = message.chunk
-        return Chunk(
-            layer=c.layer,
-            step=c.step,
-            name=c.name,
-            dtype=c.dtype,
-            shape=tuple(c.shape),
-            offset=c.offset,
-            tensor_bytes=c.tensor_bytes,
-            data=c.data,
-            encoding=c.encoding,
-            index_bytes=c.index_bytes,
-        )
+        return chunk_from_pb(message.chunk, message.chunk.data)
     if kind == "header":
         h = message.header
         return Header(

@@ -29,7 +29,7 @@ import grpc
 
 from proto import tensor_pb2 as pb
 from proto.domain import Chunk, Header
-from proto.frames import WireError, chunk_fields, from_wire, to_wire
+from proto.frames import WireError, chunk_fields, chunk_from_pb, from_wire, to_wire
 
 _CHUNK_KEY = 0x12  # LayerMessage field 2 (chunk), length-delimited
 _DATA_FIELD = 8  # TensorChunk.data
@@ -129,18 +129,7 @@ def _chunk(raw: bytes, start: int) -> Chunk:
             raise _Unusual
     kept.append(raw[kept_from:end])
     c = pb.TensorChunk.FromString(b"".join(kept))
-    chunk = Chunk(
-        layer=c.layer,
-        step=c.step,
-        name=c.name,
-        dtype=c.dtype,
-        shape=tuple(c.shape),
-        offset=c.offset,
-        tensor_bytes=c.tensor_bytes,
-        data=memoryview(raw)[data[0] : data[1]],
-        encoding=c.encoding,
-        index_bytes=c.index_bytes,
-    )
+    chunk = chunk_from_pb(c, memoryview(raw)[data[0] : data[1]])
     object.__setattr__(chunk, "wire", raw)
     return chunk
 
