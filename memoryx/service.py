@@ -243,9 +243,34 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
 
     @rpc_errors
     def PushGradients(self, request_iterator, context):
-        store = self._require_store()
         items = from_wire_stream(request_iterator)
-        header = next(items, None)
+        return ack_to_wire(self._push_layer(next(items, None), items, until_complete=False))
+
+    @rpc_stream_errors
+    def PushPass(self, request_iterator, context):
+        """The reduced gradient layers of one pipelined pass on one stream (``PushPass``):
+        each applied as ``PushGradients`` applies it, and answered as soon as it is."""
+        items = from_wire_stream(request_iterator)
+        pass_id = None
+        while (header := next(items, None)) is not None:
+            if not isinstance(header, Header) or not header.pass_id:
+                raise WireError(
+                    "each layer of a gradient pass stream starts with a header of its pass"
+                )
+            if pass_id not in (None, header.pass_id):
+                raise WireError(
+                    f"a gradient pass stream carries pass {pass_id}, not {header.pass_id}"
+                )
+            pass_id = header.pass_id
+            yield ack_to_wire(self._push_layer(header, items, until_complete=True))
+
+    def _push_layer(self, header, items, *, until_complete: bool) -> LayerAck:
+        """Check and apply one layer's gradient stream (``header``, then ``items``).
+
+        ``until_complete``: the stream goes on after the layer (a pass stream), so reading
+        stops once the layer is whole; else it reads to the end of the stream.
+        """
+        store = self._require_store()
         if not isinstance(header, Header):
             raise WireError("a gradient stream must start with a header")
         self._check_layer(header.layer)
@@ -268,7 +293,10 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
             )
         )
         assembler.add(header)
-        for item in items:
+        while not (until_complete and assembler.complete):
+            item = next(items, None)
+            if item is None:
+                break
             assembler.add(item)
         grads = assembler.finish()
         started = time.perf_counter()
@@ -287,13 +315,11 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
             self.traffic.num_updates += int(applied)
             self.traffic.num_duplicate_gradients += int(not applied)
             self.traffic.update_seconds += elapsed
-        return ack_to_wire(
-            LayerAck(
-                layer=header.layer,
-                step=header.step,
-                phase=Phase.BACKWARD,
-                update_applied=applied,
-            )
+        return LayerAck(
+            layer=header.layer,
+            step=header.step,
+            phase=Phase.BACKWARD,
+            update_applied=applied,
         )
 
     @rpc_errors

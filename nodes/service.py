@@ -8,6 +8,7 @@ MemoryX, so the root's answer means "this layer's update is applied".
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from proto.serde import (
 )
 from proto.wire import encode, fast_channel
 from proto.wire import register as register_fast
+from swarmx.gradient_link import GradientLink
 
 # How often a layer waiting for its turn checks whether its call was cancelled, s.
 _POLL_S = 0.05
@@ -110,6 +112,8 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
         # (pass id, phase, layer) computed last: a pipelined pass computes in order.
         self._turn = threading.Condition()
         self._computed: tuple[int, int, int] | None = None
+        # The gradient stream of the pipelined pass computing now (under ``_lock``).
+        self._gradient_link: GradientLink | None = None
         self._reset_counters()
 
     def _reset_counters(self) -> None:
@@ -351,9 +355,11 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
                 )
             )
             sent = payload_bytes(gradient)
+            if header.pass_id:  # SwarmX sends the sum up on the pass's streams
+                gradient[0] = dataclasses.replace(gradient[0], pass_id=header.pass_id)
             # Encoded (copied once) now: the chunks are views of the worker's gradients.
             messages = [encode(item) for item in gradient]
-            call = self._parent.Reduce.future(iter(messages), timeout=time_left_s(context))
+            call = self._send_gradient(header, messages, context)
             # If the layer is abandoned (a sibling failed, so SwarmX cancels this Deliver),
             # stop waiting for a sum that will never complete.
             if not context.add_callback(call.cancel):
@@ -362,6 +368,28 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
             self._computed = (header.pass_id, header.phase, header.layer)
             self._turn.notify_all()
         return ack, call, sent
+
+    def _send_gradient(self, header: Header, messages: list[bytes], context):
+        """Start sending a layer's gradient to the parent: on its own ``Reduce`` call, or
+        (a pipelined pass) on the pass's one ``ReducePass`` stream; its answer's future."""
+        if not header.pass_id:
+            return self._parent.Reduce.future(iter(messages), timeout=time_left_s(context))
+        link = self._gradient_link
+        if link is None or link.pass_id != header.pass_id:
+            if link is not None:
+                link.cancel()  # of an earlier pass that did not finish: it is run again
+            # The stream lives as long as the pass's gradients: on a pass stream, under its
+            # deadline (its layers' summed); else a layer's deadline per backward layer left.
+            timeout_s = time_left_s(context)
+            if not isinstance(context, _PassContext):
+                timeout_s *= header.layer + 1
+            link = GradientLink(self._parent.ReducePass, header.pass_id, timeout_s)
+            self._gradient_link = link
+        call = link.send(header.layer, header.step, iter(messages))
+        if header.layer == 0:  # a pass's last backward layer: its answers still come
+            link.close()
+            self._gradient_link = None
+        return call
 
     def _layout(self, header: Header) -> list:
         """Tensors the stream must carry: none for a backward pass that needs no weights (DFA)."""

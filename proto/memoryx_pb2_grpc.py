@@ -50,6 +50,11 @@ class MemoryXStub:
                 request_serializer=proto_dot_tensor__pb2.LayerMessage.SerializeToString,
                 response_deserializer=proto_dot_tensor__pb2.LayerAck.FromString,
                 _registered_method=True)
+        self.PushPass = channel.stream_stream(
+                '/wafer.v1.MemoryX/PushPass',
+                request_serializer=proto_dot_tensor__pb2.LayerMessage.SerializeToString,
+                response_deserializer=proto_dot_tensor__pb2.LayerAck.FromString,
+                _registered_method=True)
         self.CommitStep = channel.unary_unary(
                 '/wafer.v1.MemoryX/CommitStep',
                 request_serializer=proto_dot_memoryx__pb2.StepRequest.SerializeToString,
@@ -100,6 +105,15 @@ class MemoryXServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushPass(self, request_iterator, context):
+        """The reduced gradient layers of one pipelined pass on one stream (each a header with
+        the pass's pass_id, and its chunks, as PushGradients takes one); one LayerAck per
+        layer, as PushGradients answers it, once that layer's update is applied.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CommitStep(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -145,6 +159,11 @@ def add_MemoryXServicer_to_server(servicer, server):
             ),
             'PushGradients': grpc.stream_unary_rpc_method_handler(
                     servicer.PushGradients,
+                    request_deserializer=proto_dot_tensor__pb2.LayerMessage.FromString,
+                    response_serializer=proto_dot_tensor__pb2.LayerAck.SerializeToString,
+            ),
+            'PushPass': grpc.stream_stream_rpc_method_handler(
+                    servicer.PushPass,
                     request_deserializer=proto_dot_tensor__pb2.LayerMessage.FromString,
                     response_serializer=proto_dot_tensor__pb2.LayerAck.SerializeToString,
             ),
@@ -253,6 +272,33 @@ class MemoryX:
             request_iterator,
             target,
             '/wafer.v1.MemoryX/PushGradients',
+            proto_dot_tensor__pb2.LayerMessage.SerializeToString,
+            proto_dot_tensor__pb2.LayerAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushPass(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/wafer.v1.MemoryX/PushPass',
             proto_dot_tensor__pb2.LayerMessage.SerializeToString,
             proto_dot_tensor__pb2.LayerAck.FromString,
             options,

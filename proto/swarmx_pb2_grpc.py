@@ -45,6 +45,11 @@ class SwarmXStub:
                 request_serializer=proto_dot_tensor__pb2.LayerMessage.SerializeToString,
                 response_deserializer=proto_dot_tensor__pb2.LayerAck.FromString,
                 _registered_method=True)
+        self.ReducePass = channel.stream_stream(
+                '/wafer.v1.SwarmX/ReducePass',
+                request_serializer=proto_dot_tensor__pb2.LayerMessage.SerializeToString,
+                response_deserializer=proto_dot_tensor__pb2.LayerAck.FromString,
+                _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/wafer.v1.SwarmX/Stats',
                 request_serializer=proto_dot_tensor__pb2.Empty.SerializeToString,
@@ -75,6 +80,16 @@ class SwarmXServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReducePass(self, request_iterator, context):
+        """From a child: the gradient layers of one pipelined pass on one stream, in the order
+        it computes them (each a header with the pass's pass_id, and its chunks, as Reduce
+        takes one); one LayerAck per layer, as Reduce answers it, as each layer's reduced
+        stream is accepted upstream (while later layers still stream).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Stats(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -97,6 +112,11 @@ def add_SwarmXServicer_to_server(servicer, server):
             ),
             'Reduce': grpc.stream_unary_rpc_method_handler(
                     servicer.Reduce,
+                    request_deserializer=proto_dot_tensor__pb2.LayerMessage.FromString,
+                    response_serializer=proto_dot_tensor__pb2.LayerAck.SerializeToString,
+            ),
+            'ReducePass': grpc.stream_stream_rpc_method_handler(
+                    servicer.ReducePass,
                     request_deserializer=proto_dot_tensor__pb2.LayerMessage.FromString,
                     response_serializer=proto_dot_tensor__pb2.LayerAck.SerializeToString,
             ),
@@ -163,6 +183,33 @@ class SwarmX:
             request_iterator,
             target,
             '/wafer.v1.SwarmX/Reduce',
+            proto_dot_tensor__pb2.LayerMessage.SerializeToString,
+            proto_dot_tensor__pb2.LayerAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReducePass(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/wafer.v1.SwarmX/ReducePass',
             proto_dot_tensor__pb2.LayerMessage.SerializeToString,
             proto_dot_tensor__pb2.LayerAck.FromString,
             options,

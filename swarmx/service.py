@@ -47,6 +47,7 @@ from proto.messages import (
 from proto.rpc import Security, StepConflict, channel, rpc_errors, time_left_s
 from proto.wire import fast_channel
 from proto.wire import register as register_fast
+from swarmx.gradient_link import GradientLink
 from swarmx.pass_link import POLL_S, QUEUE_DEPTH, PassLink, drain, put
 from swarmx.pieces import END, SplitLayer, joined_weights
 from swarmx.reducing import ReduceSide, Reducing
@@ -103,7 +104,11 @@ class SwarmXServicer(ReduceSide, sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
         self._split: dict[int, SplitLayer] = {}
         self._split_stubs: list[mgrpc.MemoryXStub] = []
         self._is_root = False
-        self._reducing: dict[tuple[int, int], Reducing] = {}
+        # Open sums by (layer, step, pass id), and the gradient streams of the pass last
+        # reduced here, by receiver (swarmx.reducing).
+        self._reducing: dict[tuple[int, int, int], Reducing] = {}
+        self._gradient_links: tuple[int, dict[int, GradientLink]] | None = None
+        self._links_lock = threading.Lock()
         self._lock = threading.Lock()
         self._down: dict[str, _LinkCounter] = {}
         self._up = _LinkCounter()
@@ -139,11 +144,7 @@ class SwarmXServicer(ReduceSide, sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
         interrupted pass can never complete, so they are ended first.
         """
         assert (parent is None) != (memoryx is None), "exactly one upstream: a parent or MemoryX"
-        with self._lock:
-            lingering = list(self._reducing.values())
-            self._reducing.clear()
-        for entry in lingering:
-            self._fail(entry, "the tree was rewired")
+        self._end_reductions("the tree was rewired")
         with self._lock:
             links, self._links = self._links, None
         for link in (links[1] if links else {}).values():
@@ -156,15 +157,15 @@ class SwarmXServicer(ReduceSide, sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
             sgrpc.SwarmXStub(fast_channel(channel(parent, self.security))) if parent else None
         )
         servers = {0: memoryx} if isinstance(memoryx, str) else dict(memoryx or {})
-        self._memoryx = [
-            (first, mgrpc.MemoryXStub(fast_channel(channel(a, self.security))))
-            for first, a in sorted(servers.items())
-        ]
-        self._is_root = memoryx is not None
         addresses = sorted({a for owners in (memoryx_split or {}).values() for a, _ in owners})
-        self._split_stubs = [
-            mgrpc.MemoryXStub(fast_channel(channel(a, self.security))) for a in addresses
-        ]
+        # One stub per server: a pass's gradients go to each server on one stream.
+        stubs = {
+            a: mgrpc.MemoryXStub(fast_channel(channel(a, self.security)))
+            for a in {*servers.values(), *addresses}
+        }
+        self._memoryx = [(first, stubs[a]) for first, a in sorted(servers.items())]
+        self._is_root = memoryx is not None
+        self._split_stubs = [stubs[a] for a in addresses]
         self._split = {
             layer: SplitLayer.from_plain([(addresses.index(a), pieces) for a, pieces in owners])
             for layer, owners in (memoryx_split or {}).items()

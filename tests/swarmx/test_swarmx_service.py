@@ -531,7 +531,7 @@ def _start_and_wait_until_received(tree, children, layer=1) -> dict[str, grpc.Fu
     expected = len(children) * _nbytes(_model()[layer])
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
-        entry = tree.root._reducing.get((layer, 0))
+        entry = tree.root._reducing.get((layer, 0, 0))  # (layer, step, pass id)
         if entry is not None and entry.reduction.received_bytes == expected:
             break
         time.sleep(0.01)
