@@ -259,6 +259,13 @@ def _gradient_stream(services: Services, sender: str) -> list:
     )
 
 
+def _gradient_pass_stream(services: Services, sender: str) -> list:
+    """``_gradient_stream`` as the one layer of a gradient pass stream (pass id 1)."""
+    stream = _gradient_stream(services, sender)
+    stream[0].header.pass_id = 1
+    return stream
+
+
 def targets(services: Services) -> list[Target]:
     root, node = services.root_name, node_name(0)
     version = services.version
@@ -276,6 +283,13 @@ def targets(services: Services) -> list[Target]:
             True,
             False,
             lambda s: _gradient_stream(s, root),
+        ),
+        Target(
+            "memoryx",
+            "/wafer.v1.MemoryX/PushPass",
+            True,
+            True,
+            lambda s: _gradient_pass_stream(s, root),
         ),
         Target(
             "memoryx",
@@ -308,6 +322,13 @@ def targets(services: Services) -> list[Target]:
             lambda s: _weights_stream(s, 1, version(), pb.EVAL, "memoryx"),
         ),
         Target(root, "/wafer.v1.SwarmX/Reduce", True, False, lambda s: _gradient_stream(s, node)),
+        Target(
+            root,
+            "/wafer.v1.SwarmX/ReducePass",
+            True,
+            True,
+            lambda s: _gradient_pass_stream(s, node),
+        ),
         Target(root, "/wafer.v1.SwarmX/Stats", False, False, lambda s: [pb.Empty()]),
         Target(
             node,

@@ -375,7 +375,7 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
         if not header.pass_id:
             return self._parent.Reduce.future(iter(messages), timeout=time_left_s(context))
         link = self._gradient_link
-        if link is None or link.pass_id != header.pass_id:
+        if link is None or link.pass_id != header.pass_id or link.ended:
             if link is not None:
                 link.cancel()  # of an earlier pass that did not finish: it is run again
             # The stream lives as long as the pass's gradients: on a pass stream, under its

@@ -59,6 +59,11 @@ class GradientLink:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def ended(self) -> bool:
+        """Closed, or its call over: it takes no more layers."""
+        return self._closed or self.call.done()
+
     def close(self) -> None:
         """No more layers in this pass: end the request stream (the answers still come)."""
         with self._lock:

@@ -123,7 +123,7 @@ class ReduceSide:
             with self._links_lock:
                 links = self._gradient_links[1] if self._gradient_links else {}
                 link = links.get(id(per_pass))
-                if link is None:
+                if link is None or link.ended:  # (a stream cancelled or refused is no use)
                     # It lives as long as the pass's gradients: under the deadline of the child
                     # stream that opened it (a pass stream's deadline is its layers' summed).
                     link = GradientLink(per_pass, header.pass_id, timeout_s)
@@ -236,6 +236,7 @@ class ReduceSide:
         lock = threading.Lock()
         unanswered: list[Reducing] = []
         gone: list[bool] = []
+        failure: list[BaseException] = []  # why the reader stopped early
 
         def abandoned() -> None:
             # The child went away (or sent a bad stream): its open sums can never complete.
@@ -271,7 +272,9 @@ class ReduceSide:
                     answers.put((header, entry))
                     num_read += 1
             except BaseException as exc:
+                failure.append(exc)
                 answers.put(exc)
+                abandoned()  # its sums read so far fail now, not at their deadline
             finally:
                 answers.put(_ReadDone(num_read))
 
@@ -289,7 +292,12 @@ class ReduceSide:
                 raise answer
             else:
                 header, entry = answer
-                ack = self._answer(header, entry)
+                try:
+                    ack = self._answer(header, entry)
+                except Exception:
+                    if failure:  # the child's stream failed it: that is the error to answer
+                        raise failure[0] from None
+                    raise
                 with lock:
                     unanswered.remove(entry)
                 num_answered += 1

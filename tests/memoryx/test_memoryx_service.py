@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Iterator
 
 import grpc
@@ -268,6 +269,71 @@ def test_two_steps_in_a_row(loaded):
         loaded.stub.CommitStep(mpb.StepRequest(step=step), timeout=TIMEOUT_S)
     for layer in range(2):
         _assert_weights_equal(loaded.weights(layer, 2), weights[layer])
+
+
+def _pass_stream(layers, pass_id: int = 5, step: int = 0) -> list[pb.LayerMessage]:
+    """The gradients of ``layers``, in order, as one PushPass stream of pass ``pass_id``."""
+    return [
+        m for layer in layers for m in edited(_gradient_stream(layer, step), 0, pass_id=pass_id)
+    ]
+
+
+def test_a_pass_stream_applies_each_layer_as_it_completes(loaded):
+    before = [loaded.weights(layer, 0) for layer in range(2)]
+    release = threading.Event()
+
+    def messages() -> Iterator[pb.LayerMessage]:
+        yield from _pass_stream([1])
+        release.wait(TIMEOUT_S)  # layer 0 waits until layer 1's answer is in
+        yield from _pass_stream([0])
+
+    try:
+        acks = loaded.stub.PushPass(messages(), timeout=TIMEOUT_S)
+        first = next(acks)
+        assert (first.layer, first.step, first.phase, first.update_applied) == (
+            1,
+            0,
+            pb.BACKWARD,
+            True,
+        )
+        assert loaded.servicer.store.version(1) == 1 and loaded.servicer.store.version(0) == 0
+    finally:
+        release.set()
+    assert [(a.layer, a.update_applied) for a in acks] == [(0, True)]
+    for layer in range(2):
+        _assert_weights_equal(loaded.weights(layer, 1), _sgd(before[layer], _grads(layer)))
+    stats = loaded.stats()
+    assert stats.ingress_bytes == MODEL_BYTES
+    assert stats.num_gradient_streams == 2 and stats.num_updates == 2
+
+
+def _bad_pass_streams() -> dict[str, list[pb.LayerMessage]]:
+    """PushPass streams whose second layer (layer 0) MemoryX must refuse."""
+    first = _pass_stream([1])
+    return {
+        "no pass id": first + _pass_stream([0], pass_id=0),
+        "two passes": first + _pass_stream([0], pass_id=6),
+        "ends in a layer": first + _pass_stream([0])[:-1],
+        "bad total_bytes": first + edited(_pass_stream([0]), 0, total_bytes=MODEL_BYTES),
+        "chunk first": first + _pass_stream([0])[1:],
+        "step ahead": first + _pass_stream([0], step=1),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_pass_streams()))
+def test_bad_pass_stream_is_refused_after_the_layers_before(loaded, case):
+    """Each layer is checked whole before it is applied: a bad one changes nothing, and
+    ends the stream; the layers before it stay applied (answered already)."""
+    before = loaded.weights(0, 0)
+    acks = []
+    with pytest.raises(grpc.RpcError) as info:
+        for ack in loaded.stub.PushPass(iter(_bad_pass_streams()[case]), timeout=TIMEOUT_S):
+            acks.append(ack)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, case
+    assert [(a.layer, a.update_applied) for a in acks] == [(1, True)]
+    assert loaded.servicer.store.version(0) == 0
+    _assert_weights_equal(loaded.weights(0, 0), before)
+    assert loaded.stats().num_updates == 1
 
 
 def _bad_streams() -> dict[str, list[pb.LayerMessage]]:

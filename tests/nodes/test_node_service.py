@@ -516,15 +516,42 @@ def test_pipelined_layer_of_another_pass_does_not_count(node):
     assert node.stub.Stats(pb.Empty(), timeout=TIMEOUT_S).flops == before.flops
 
 
+@pytest.fixture
+def gradient_calls(monkeypatch) -> dict[str, int]:
+    """Gradient calls the SwarmX nodes and MemoryX answer, by method (servicers registered
+    after this fixture count them)."""
+    counts = {"Reduce": 0, "ReducePass": 0, "PushGradients": 0, "PushPass": 0}
+    for cls, names in (
+        (SwarmXServicer, ("Reduce", "ReducePass")),
+        (MemoryXServicer, ("PushGradients", "PushPass")),
+    ):
+        for name in names:
+            method = getattr(cls, name)
+
+            def counted(self, request, context, method=method, name=name):
+                counts[name] += 1
+                return method(self, request, context)
+
+            monkeypatch.setattr(cls, name, counted)
+    return counts
+
+
 @pytest.mark.parametrize("fanout", [2, 4])
-def test_pipelined_passes_train_the_same_bits_as_one_layer_at_a_time(dataset, fanout):
+def test_pipelined_passes_train_the_same_bits_as_one_layer_at_a_time(
+    gradient_calls, dataset, fanout
+):
     """Two layers of a step in flight at once, across the turn from forward to backward
     (as the coordinator runs a step), give the same weights, bit for bit, as one layer
     after the other; so do passes whose layers go to the compute nodes on one
-    ``DeliverPass`` stream per node (fanout 2: the root feeds a relay and a node)."""
+    ``DeliverPass`` stream per node (fanout 2: the root feeds a relay and a node).
+    A pipelined pass's gradients go up on one stream per link (``ReducePass``, and
+    ``PushPass`` to MemoryX); one layer at a time, one call per layer and link."""
     order = [(0, Phase.FORWARD), (1, Phase.FORWARD), (1, Phase.BACKWARD), (0, Phase.BACKWARD)]
+    num_links = len(build_tree(3, fanout)) - 1 + 3  # every tree node's link up, but the root's
     weights = []
     for mode in ("one at a time", "pipelined", "pass streams"):
+        for name in gradient_calls:
+            gradient_calls[name] = 0
         cluster = build_cluster(
             _layers(_model()), dataset, num_nodes=3, batch_size=36, fanout=fanout
         )
@@ -562,6 +589,11 @@ def test_pipelined_passes_train_the_same_bits_as_one_layer_at_a_time(dataset, fa
             weights.append(_memoryx_weights(cluster, 2))
         finally:
             cluster.stop()
+        if mode == "one at a time":  # 2 steps of 2 backward layers
+            want = {"Reduce": 4 * num_links, "ReducePass": 0, "PushGradients": 4, "PushPass": 0}
+        else:
+            want = {"Reduce": 0, "ReducePass": 2 * num_links, "PushGradients": 0, "PushPass": 2}
+        assert gradient_calls == want, mode
     for other in weights[1:]:
         for one, two in zip(weights[0], other, strict=True):
             assert all(torch.equal(one[name], two[name]) for name in one)
