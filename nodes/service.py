@@ -3,7 +3,9 @@
 A layer stream is validated against the layer's layout before the node
 computes anything. In the backward pass the node sends its gradients to its
 SwarmX parent and answers only when the reduced gradient has reached
-MemoryX, so the root's answer means "this layer's update is applied".
+MemoryX, so the root's answer means "this layer's update is applied". The
+gradients of a pipelined pass (``LayerHeader.pass_id``) go on one
+``SwarmX.ReducePass`` stream per pass, each layer still answered on its own.
 """
 
 from __future__ import annotations

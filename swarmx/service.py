@@ -3,7 +3,8 @@
 Down: each weight chunk is put on every child's outgoing stream as soon as
 it arrives (cut-through); the node never holds a whole layer. Up: gradient
 chunks from the children are summed chunk by chunk (see ``ChunkReduction``)
-and each sum goes to the parent, or to MemoryX at the root, at once.
+and each sum goes to the parent, or to MemoryX at the root, at once
+(swarmx/reducing.py; a pipelined pass's sums on one stream per receiver).
 """
 
 from __future__ import annotations
