@@ -253,7 +253,7 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
         items = from_wire_stream(request_iterator)
         pass_id = None
         while (header := next(items, None)) is not None:
-            if not isinstance(header, Header) or not header.pass_id:
+            if not isinstance(header, Header) or header.pass_id <= 0:
                 raise WireError(
                     "each layer of a gradient pass stream starts with a header of its pass"
                 )

@@ -255,7 +255,7 @@ class ReduceSide:
                 pass_id = None
                 while (header := next(items, None)) is not None:
                     child = self._check_gradient_header(header, child)
-                    if not header.pass_id or pass_id not in (None, header.pass_id):
+                    if header.pass_id <= 0 or pass_id not in (None, header.pass_id):
                         raise WireError(
                             f"each layer of a gradient pass stream has the pass id of its first "
                             f"({pass_id}), not {header.pass_id}"

@@ -191,6 +191,7 @@ def _bad_streams() -> dict[str, list]:
     forward[0].header.phase = pb.FORWARD
     return {
         "no pass id": _pass_stream(0, [1, 0], pass_id=0),
+        "negative pass id": _pass_stream(0, [1, 0], pass_id=-7),
         "two passes": _pass_stream(0, [1]) + _pass_stream(0, [0], pass_id=8),
         "another child's layer": _pass_stream(0, [1]) + _pass_stream(1, [0]),
         "not a child": _pass_stream(0, [1], sender="node-9"),
