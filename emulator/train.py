@@ -24,7 +24,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from core.cost.profile import block_matmuls, block_optical_passes, profile_modules
+from core.cost.profile import (
+    block_matmuls,
+    block_optical_passes,
+    profile_modules,
+    shape_forward,
+)
 from core.precision import wire_precision
 from emulator.config import ClusterConfig
 from emulator.coordinator import (
@@ -178,8 +183,8 @@ def layer_shapes(layers: list[nn.Module], example: torch.Tensor) -> list[LayerSh
                 optical_passes=block_optical_passes(layer),
             )
         )
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            x = layer(x)
+        with torch.random.fork_rng(devices=[]):
+            x = shape_forward(layer, x)
     return shapes
 
 

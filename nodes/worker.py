@@ -57,13 +57,20 @@ class LayerResult:
 
 
 def strip_parameters(layer: nn.Module) -> nn.Module:
-    """Replace a layer's parameters by shape-only meta tensors: the node keeps no weights."""
+    """Replace a layer's parameters by shape-only meta tensors: the node keeps no weights.
+
+    ``empty_strided``, not ``empty_like``: on a tensor that is already on the meta device
+    (the driver strips the layers it ships) ``empty_like`` runs torch's Python meta
+    kernel, whose first call imports ``torch._dynamo`` and sympy, about 1 s of CPU in
+    every host process before its first node serves.
+    """
     for module in layer.modules():
         for name, param in module._parameters.items():
             if param is not None:
-                module._parameters[name] = nn.Parameter(
-                    torch.empty_like(param, device="meta"), requires_grad=param.requires_grad
+                meta = torch.empty_strided(
+                    param.shape, param.stride(), dtype=param.dtype, device="meta"
                 )
+                module._parameters[name] = nn.Parameter(meta, requires_grad=param.requires_grad)
     return layer
 
 

@@ -105,6 +105,12 @@ def _window_out(size: int, kernel: int, stride: int, padding: int, dilation: int
     return out
 
 
+def _in_range(dim: int | None, ndim: int) -> bool:
+    """Whether ``dim`` (None: none given) names a dimension of an ``ndim``-dimensional input;
+    torch raises for one that does not, so such a block is left to torch."""
+    return dim is None or (ndim > 0 and -ndim <= dim < ndim)
+
+
 def _trainable(module: nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters(recurse=False))
 
@@ -116,8 +122,8 @@ def _leaf(
     kind = type(module)
     floating = dtype.is_floating_point
     if kind in _SHAPE_KEEPING:
-        if not floating:
-            raise _NotAnalytic
+        if not floating or not _in_range(getattr(module, "dim", None), len(shape)):
+            raise _NotAnalytic  # (a softmax over a dimension the input lacks: torch raises)
         return shape, dtype, grad_in
     if kind in _NORMS:
         if not floating:
@@ -168,13 +174,15 @@ def _leaf(
         return (*shape[:-n], *spatial), dtype, grad_in
     if kind is nn.Flatten:
         ndim = len(shape)
+        if not (_in_range(module.start_dim, ndim) and _in_range(module.end_dim, ndim)):
+            raise _NotAnalytic
         start, end = module.start_dim % ndim, module.end_dim % ndim
         if start > end:
             raise _NotAnalytic
         merged = math.prod(shape[start : end + 1])
         return (*shape[:start], merged, *shape[end + 1 :]), dtype, grad_in
     if kind is nn.Unflatten:
-        if not isinstance(module.dim, int):
+        if not isinstance(module.dim, int) or not _in_range(module.dim, len(shape)):
             raise _NotAnalytic
         dim = module.dim % len(shape)
         sizes = list(module.unflattened_size)

@@ -49,6 +49,24 @@ def block_flops(
     return counted_flops(block, x, differentiate_input=differentiate_input)
 
 
+def shape_forward(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``block(x)`` for a meta ``x``, without gradients: a meta output of the right shape
+    and dtype.
+
+    A block of standard layers answers from shapes (``core.cost.flops``, the same output as
+    torch's); any other block, or an input that does not fit it, runs on the meta tensors,
+    so that a misfit raises torch's own error. A meta matmul goes through torch's Python
+    meta kernels, whose first call imports ``torch._dynamo`` and sympy (about 1.5 s of
+    CPU): the driver's shape checks of a zoo model need neither.
+    """
+    if x.device.type == "meta":
+        known = analytic_block(block, tuple(x.shape), x.dtype, differentiate_input=False)
+        if known is not None:
+            return torch.empty(known.output_shape, dtype=known.output_dtype, device="meta")
+    with torch.no_grad():
+        return block(x)
+
+
 def counted_flops(
     block: torch.nn.Module, x: torch.Tensor, *, differentiate_input: bool
 ) -> tuple[float, float, torch.Tensor]:
@@ -190,4 +208,5 @@ __all__ = [
     "counted_flops",
     "hooked_matmuls",
     "profile_modules",
+    "shape_forward",
 ]

@@ -6,6 +6,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from core.cost.profile import shape_forward
+
 ACCEPTED_MODELS = (
     "The emulator trains a model as an ordered chain of blocks: block i's output is "
     "block i+1's input, the first block takes the data set's inputs and the last one "
@@ -79,8 +81,9 @@ def _check_no_shared_parameters(blocks: list[nn.Module]) -> None:
 def check_blocks(blocks: list[nn.Module], example_input: Tensor) -> Tensor:
     """Reject BatchNorm, tied weights, and blocks that cannot take the previous block's output.
 
-    Runs ``example_input`` through the blocks on CPU without gradients and
-    returns the last block's output. The global random state is left untouched
+    Runs ``example_input`` through the blocks without gradients (on CPU, or on the meta
+    device: shapes only, ``core.cost.profile.shape_forward``) and returns the last
+    block's output. The global random state is left untouched
     (dropout draws from a forked one).
     """
     if not blocks:
@@ -92,7 +95,7 @@ def check_blocks(blocks: list[nn.Module], example_input: Tensor) -> Tensor:
         for index, block in enumerate(blocks):
             given = "the data set's example input" if index == 0 else f"block {index - 1}'s output"
             try:
-                y = block(x)
+                y = shape_forward(block, x)
             except Exception as exc:
                 raise ValueError(
                     f"Blocks don't chain: block {index} ({_summary(block)}) fails on {given}, "

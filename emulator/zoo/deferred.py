@@ -62,6 +62,14 @@ class _Recorder(TorchDispatchMode):
         super().__init__()
         self.recipes: dict[int, _Recipe] = {}
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        """False: leave ``__torch_dispatch__`` as written. Torch otherwise wraps it in
+        ``torch._disable_dynamo``, whose first call imports ``torch._dynamo`` (and sympy),
+        about 1.5 s of CPU in the driver before its first step, to keep a ``torch.compile``
+        from tracing into the mode; nothing is compiled while a model is built here."""
+        return False
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         random = torch.Tag.nondeterministic_seeded in func.tags

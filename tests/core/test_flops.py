@@ -7,7 +7,13 @@ import torch
 from torch import nn
 
 from core.cost.flops import analytic_block
-from core.cost.profile import block_flops, block_matmuls, counted_flops, hooked_matmuls
+from core.cost.profile import (
+    block_flops,
+    block_matmuls,
+    counted_flops,
+    hooked_matmuls,
+    shape_forward,
+)
 
 
 def _frozen(module: nn.Module) -> nn.Module:
@@ -114,3 +120,28 @@ def test_a_hook_or_a_mismatched_input_falls_back():
         assert analytic_block(block, (3, 4), torch.float32, differentiate_input=False) is None
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize(
+    "block",
+    [nn.Softmax(dim=2), nn.LogSoftmax(dim=-3), nn.Flatten(start_dim=2), nn.Unflatten(3, (2, 2))],
+    ids=["softmax", "log-softmax", "flatten", "unflatten"],
+)
+def test_a_dimension_the_input_lacks_is_left_to_torch(block):
+    """Torch raises for these on a 2-D input; a count from shapes must not answer instead."""
+    assert analytic_block(block, (3, 4), torch.float32, differentiate_input=False) is None
+    with pytest.raises((IndexError, RuntimeError)):
+        block(torch.zeros(3, 4))
+
+
+def test_shape_forward_answers_from_shapes_or_runs_torch():
+    block = nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.ReLU())
+    x = torch.empty(2, 3, 4, device="meta")
+    y = shape_forward(block, x)
+    assert (y.device.type, tuple(y.shape), y.dtype) == ("meta", (2, 5), torch.float32)
+    # Not a standard block: it runs on the meta tensors, as before.
+    y = shape_forward(_Custom().to("meta"), torch.empty(3, 4, device="meta"))
+    assert (y.device.type, tuple(y.shape)) == ("meta", tuple(_Custom()(torch.zeros(3, 4)).shape))
+    # A misfit raises torch's own error, from the meta forward.
+    with pytest.raises(RuntimeError, match="cannot be multiplied|must have same reduction dim"):
+        shape_forward(nn.Linear(5, 2, device="meta"), torch.empty(3, 4, device="meta"))

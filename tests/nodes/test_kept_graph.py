@@ -211,3 +211,28 @@ def test_a_node_backward_imports_no_symbolic_shapes():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_a_node_built_from_the_drivers_skeleton_imports_no_symbolic_shapes():
+    """The skeleton a node gets is already on the meta device; stripping it again with
+    ``empty_like`` ran torch's Python meta kernel (sympy: ~1 s of CPU per host process)."""
+    code = (
+        "import copy, sys, torch\n"
+        "from torch import nn\n"
+        "from core.data import DataConfig\n"
+        "from nodes.cs2.backend import Cs2Backend\n"
+        "from nodes.worker import NodeWorker, strip_parameters\n"
+        "layer = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 10))\n"
+        "skeleton = [strip_parameters(copy.deepcopy(layer))]\n"
+        "worker = NodeWorker(rank=0, num_nodes=2, layers=skeleton,\n"
+        "    dataset=DataConfig().build(seed=0), batch_size=8, seed=0,\n"
+        "    backend=Cs2Backend.Config().build())\n"
+        "assert all(p.device.type == 'meta' for p in worker.layers[0].parameters())\n"
+        "assert worker.layouts == [[(n, tuple(p.shape)) for n, p in layer.named_parameters()]]\n"
+        "print(sorted(m for m in ('sympy', 'torch._dynamo', 'torch.fx.experimental.symbolic_shapes')"
+        " if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
