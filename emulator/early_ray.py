@@ -78,9 +78,10 @@ def _without_idle_helpers() -> Iterator[None]:
     time. ``ray.init`` has no argument for either; its ``RayParams`` does
     (``no_monitor``, ``include_log_monitor``), so they are set as its defaults here.
     """
-    from ray._private import parameter
+    from ray._private import node, parameter
 
     original = parameter.RayParams.__init__
+    original_api_server = node.Node.start_api_server
 
     def init(self, *args, **kwargs) -> None:
         kwargs.setdefault("no_monitor", True)
@@ -88,10 +89,20 @@ def _without_idle_helpers() -> Iterator[None]:
         original(self, *args, **kwargs)
 
     parameter.RayParams.__init__ = init
+    node.Node.start_api_server = _no_api_server
     try:
         yield
     finally:
         parameter.RayParams.__init__ = original
+        node.Node.start_api_server = original_api_server
+
+
+def _no_api_server(self, *, include_dashboard: bool | None, raise_on_failure: bool) -> None:
+    """Ray's API server (the dashboard process, minimal without ``include_dashboard``: job
+    submission and the state API) is left out, as where Ray's dashboard cannot start: the
+    node then has no web UI address (``webui_url`` None)."""
+    if include_dashboard:
+        raise ValueError("a local Ray of a run starts without its dashboard")
 
 
 def local_run(argv: list[str]) -> tuple[bool, bool]:
@@ -144,13 +155,18 @@ def start(argv: list[str]) -> None:
         with contextlib.suppress(BaseException):  # the main thread imports them again
             import emulator.train  # noqa: F401
 
-    threading.Thread(target=preload, name="preload-imports", daemon=True).start()
+    importer = threading.Thread(target=preload, name="preload-imports", daemon=True)
+    importer.start()
     # As ensure_ray would (Ray's start-up warnings reach the output only when verbose).
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     try:
         start_local_ray(logging_level=logging.WARNING if verbose else logging.ERROR)
     except Exception as exc:  # ensure_ray raises it, where a later start would have
         _error = exc
+    # The caller imports the same modules next. Two threads importing one cycle of modules
+    # (emulator.cost and its stats) can each meet the other's half-done module: Python
+    # then raises ImportError ("partially initialized module"). Ray is up; wait for them.
+    importer.join()
 
 
 def started() -> bool:

@@ -51,13 +51,17 @@ def test_it_can_be_turned_off(monkeypatch):
 
 
 def test_a_local_ray_starts_without_the_monitors_a_run_never_uses():
+    from ray._private.node import Node
     from ray._private.parameter import RayParams
 
-    from emulator.early_ray import _without_idle_helpers
+    from emulator.early_ray import _no_api_server, _without_idle_helpers
 
+    api_server = Node.start_api_server
     with _without_idle_helpers():
         inside = RayParams()
         told = RayParams(no_monitor=False, include_log_monitor=True)
+        assert Node.start_api_server is _no_api_server  # nor the dashboard's API server
+    assert Node.start_api_server is api_server  # put back
     outside = RayParams()
     assert (inside.no_monitor, inside.include_log_monitor) == (True, False)
     assert (told.no_monitor, told.include_log_monitor) == (False, True)  # a caller's choice

@@ -105,6 +105,24 @@ def test_every_ray_process_of_a_local_run_listens_on_loopback_only(ray_session):
         ray.kill(probe)
 
 
+def test_a_local_ray_runs_none_of_the_helpers_a_run_never_uses(ray_session):
+    """No autoscaler monitor, log monitor or dashboard API server: each is a Python
+    process importing Ray (about 0.8 s of CPU) at every start (emulator.early_ray)."""
+    import ray
+    from ray._private import ray_constants
+
+    started = ray._private.worker._global_node.all_processes
+    for helper in (
+        ray_constants.PROCESS_TYPE_MONITOR,
+        ray_constants.PROCESS_TYPE_LOG_MONITOR,
+        ray_constants.PROCESS_TYPE_DASHBOARD,
+    ):
+        assert helper not in started, sorted(started)
+    assert {ray_constants.PROCESS_TYPE_GCS_SERVER, ray_constants.PROCESS_TYPE_RAYLET} <= set(
+        started
+    )
+
+
 def test_the_address_decoder_reads_proc_net_tcp_notation():
     assert str(_address("0100007F")) == "127.0.0.1"
     assert str(_address("00000000")) == "0.0.0.0"
