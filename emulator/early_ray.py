@@ -70,13 +70,16 @@ def ray_keeps_loopback() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _without_idle_helpers() -> Iterator[None]:
-    """While a local Ray starts, leave out two of its helper processes that a run never uses:
-    the autoscaler's monitor (a local instance has a fixed size) and the log monitor
+    """While a local Ray starts, leave out three of its helper processes that a run never
+    uses: the autoscaler's monitor (a local instance has a fixed size), the log monitor
     (which only forwards the workers' output to a driver, and ours start with
-    ``log_to_driver=False``). Each is a Python process importing Ray, about 0.8 s of CPU
-    at every start, on a machine where the run's own processes are starting at the same
-    time. ``ray.init`` has no argument for either; its ``RayParams`` does
-    (``no_monitor``, ``include_log_monitor``), so they are set as its defaults here.
+    ``log_to_driver=False``) and the dashboard's API server (``_no_api_server``). Each is a
+    Python process importing Ray, about 0.8 s of CPU at every start, on a machine where the
+    run's own processes are starting at the same time. ``ray.init`` has no argument for
+    the monitors; its ``RayParams`` does (``no_monitor``, ``include_log_monitor``), so they
+    are set as its defaults here. The API server starts even with
+    ``include_dashboard=False`` (then without the dashboard's pages), so ``Node``'s method
+    that starts it is replaced while Ray starts.
     """
     from ray._private import node, parameter
 
