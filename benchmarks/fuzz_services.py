@@ -249,6 +249,23 @@ def _pass_stream(services: Services, step: int, sender: str) -> list:
     return stream
 
 
+def _eval_pass(services: Services) -> list:
+    """``SwarmX.RunPass`` requests of an evaluation pass over every layer (pass id 2)."""
+    num_layers = len(services.layers)
+    return [
+        spb.LayerRequest(
+            layer=layer,
+            step=services.version(),
+            phase=pb.EVAL,
+            dtype="float32",
+            pass_id=2,
+            pass_position=layer + 1,
+            pass_length=num_layers,
+        )
+        for layer in range(num_layers)
+    ]
+
+
 def _gradient_stream(services: Services, sender: str) -> list:
     """A gradient of the last step, already applied: valid, acknowledged, never applied again."""
     layer = len(services.layers) - 1
@@ -305,6 +322,16 @@ def targets(services: Services) -> list[Target]:
             False,
             lambda s: _weights_stream(s, 0, version(), pb.FORWARD, "driver"),
         ),
+        Target(
+            "memoryx",
+            "/wafer.v1.MemoryX/StreamPass",
+            True,
+            True,
+            lambda s: [
+                mpb.WeightsRequest(layer=layer, step=version(), phase=pb.EVAL, dtype="float32")
+                for layer in range(len(s.layers))
+            ],
+        ),
         Target("memoryx", "/wafer.v1.MemoryX/Layout", False, False, lambda s: [pb.Empty()]),
         Target("memoryx", "/wafer.v1.MemoryX/Stats", False, False, lambda s: [pb.Empty()]),
         Target(
@@ -314,6 +341,7 @@ def targets(services: Services) -> list[Target]:
             False,
             lambda s: [spb.LayerRequest(layer=1, step=version(), phase=pb.EVAL, dtype="float32")],
         ),
+        Target(root, "/wafer.v1.SwarmX/RunPass", True, True, _eval_pass),
         Target(
             root,
             "/wafer.v1.LayerSink/Deliver",

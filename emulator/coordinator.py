@@ -17,7 +17,6 @@ from __future__ import annotations
 import itertools
 import secrets
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -40,13 +39,14 @@ from emulator.weights import INITIAL_DIR, InitialCopy, LayerWeights
 from memoryx.checkpoint import confined_path, write_manifest
 from proto.clients import (
     NodeClient,
-    PendingLayer,
+    PendingPass,
     RpcError,
     SwarmXClient,
     wire_bytes,
 )
 from proto.domain import CheckpointInfo, LayerAck, LayerRequest, Phase
 from proto.rpc import NONFINITE_STATUS
+from swarmx.pass_run import MAX_IN_FLIGHT
 
 
 def group_layers(blocks: list[nn.Module]) -> list[nn.Module]:
@@ -73,11 +73,10 @@ def group_layers(blocks: list[nn.Module]) -> list[nn.Module]:
 
 
 #: Layers of a pass in flight at once: the one the nodes compute and the next one streaming.
-PASS_WINDOW = 2
-#: The root sends each pass's layers to its compute-node children on one ``DeliverPass``
-#: stream per child, not one ``Deliver`` call per layer (the per-call cost dominates small
-#: layers).
-PASS_STREAMS = True
+#: A pass is one ``RunPass`` call to the root, which sends its layers to each compute node
+#: on one ``DeliverPass`` stream and takes them from MemoryX on one ``StreamPass`` call per
+#: server (the per-call cost dominates small layers).
+PASS_WINDOW = MAX_IN_FLIGHT
 
 
 @dataclass
@@ -206,57 +205,65 @@ class Coordinator:
     def _run_pass(self, order: Iterable[tuple[int, Phase]], step: int) -> list[LayerAck]:
         """The layer phases of one pass, in ``order``, with up to ``PASS_WINDOW`` in flight.
 
-        The root fetches and broadcasts the next layer while the nodes compute this one
+        One ``RunPass`` call to the root carries the pass: a layer's request goes on it
+        once the window has room, and each layer's answer comes back on it in order. The
+        root fetches and broadcasts the next layer while the nodes compute this one
         (across the turn from forward to backward too); each node computes them in pass
         order (``LayerHeader.pass_id``), and each layer keeps its own answer, version and
-        (backward) update. A failure cancels the layers still in flight; the step is then
-        run again, as a pass with a new id.
+        (backward) update. A failure cancels the call and with it the layers still in
+        flight; the step is then run again, as a pass with a new id.
         """
         pass_id = next(self._pass_ids)
         order = list(order)
         # A disk-tiered MemoryX budgets RAM for one layer's update at a time (memoryx.tiers):
         # its layers go one by one.
         window = 1 if self.config.memoryx.ram_budget_bytes is not None else PASS_WINDOW
-        in_flight: deque[PendingLayer] = deque()
-        acks = []
+        # The root runs at most PASS_WINDOW layers at a time and reads the next request (and
+        # asks MemoryX for its weights) meanwhile, so requests go at once, without a round
+        # trip through the driver per layer; unless a layer must wait for the one before it
+        # (window 1), or the fault seam is to run before each layer phase as it starts.
+        ahead = window if window < PASS_WINDOW or self.fault is not None else len(order)
+        # The pass's deadline: its layers' deadlines, one after the other.
+        timeout_s = sum(self._layer_timeout_s(layer) for layer, _ in order)
+        pending = self.root.start_pass(timeout_s=timeout_s)
+        acks: list[LayerAck] = []
         try:
             for position, (layer, phase) in enumerate(order, start=1):
-                if len(in_flight) == window:
-                    acks.append(self._watched(in_flight.popleft()))
+                if position - 1 - len(acks) == ahead:
+                    acks.append(self._watched(pending))
                 without_weights = phase == Phase.BACKWARD and not self.backward_weights
                 if self.fault is not None and phase in _PASS_NAMES:  # training passes only
                     self.fault(step, layer, _PASS_NAMES[phase])
-                request = LayerRequest(
-                    layer=layer,
-                    step=step,
-                    phase=phase,
-                    dtype=self.wire_dtype,
-                    without_weights=without_weights,
-                    pass_id=pass_id,
-                    # The root sends a pass's layers to its compute nodes on one stream each.
-                    pass_position=position if PASS_STREAMS else 0,
-                    pass_length=len(order) if PASS_STREAMS else 0,
+                pending.send(
+                    LayerRequest(
+                        layer=layer,
+                        step=step,
+                        phase=phase,
+                        dtype=self.wire_dtype,
+                        without_weights=without_weights,
+                        pass_id=pass_id,
+                        pass_position=position,
+                        pass_length=len(order),
+                    )
                 )
-                in_flight.append(
-                    self.root.start_layer(request, timeout_s=self._layer_timeout_s(layer))
-                )
-            while in_flight:
-                acks.append(self._watched(in_flight.popleft()))
-        finally:
-            for pending in in_flight:  # after a failure: nothing is left running
-                pending.cancel()
+            pending.close()
+            while len(acks) < len(order):
+                acks.append(self._watched(pending))
+        except BaseException:
+            pending.cancel()  # after a failure: nothing is left running
+            raise
         return acks
 
-    def _watched(self, pending: PendingLayer) -> LayerAck:
-        """Wait for a layer pass; while it is under way, probe every component's health.
+    def _watched(self, pending: PendingPass) -> LayerAck:
+        """Wait for a pass's next answer; while it is under way, probe every component's health.
 
-        A pass that takes longer than ``runtime.health_interval_s`` triggers a probe;
+        A layer that takes longer than ``runtime.health_interval_s`` triggers a probe;
         a component that does not answer within ``runtime.health_timeout_s`` ends the
-        pass (``ComponentLost``), so a hung node costs seconds, not the layer deadline.
+        pass (``ComponentLost``), so a hung node costs seconds, not the pass's deadline.
         """
         while True:
             try:
-                return pending.result(timeout_s=self.config.runtime.health_interval_s)
+                return pending.next_ack(timeout_s=self.config.runtime.health_interval_s)
             except TimeoutError:
                 problems = self.supervisor.probe()
                 if problems:

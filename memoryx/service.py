@@ -11,6 +11,7 @@ from __future__ import annotations
 import resource
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,8 +37,10 @@ from proto.domain import (
     Header,
     LayerAck,
     LayerLayout,
+    LayerRequest,
     ModelLayout,
     Phase,
+    StreamItem,
     TensorSpec,
     TrafficStats,
 )
@@ -199,7 +202,18 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
 
     @rpc_stream_errors
     def StreamWeights(self, request, context):
-        request = weights_request_from_wire(request)
+        yield from self._weights(weights_request_from_wire(request))
+
+    @rpc_stream_errors
+    def StreamPass(self, request_iterator, context):
+        """The layers of one pass on one stream: each request answered as StreamWeights
+        answers it, in order; the next request is read once a layer is sent (a backward
+        layer is served when the root asks for it, as a StreamWeights call would be)."""
+        for message in request_iterator:
+            yield from self._weights(weights_request_from_wire(message))
+
+    def _weights(self, request: LayerRequest) -> Iterator[StreamItem]:
+        """One layer's weight stream (header, chunks) of version ``request.step``."""
         self._check_layer(request.layer)
         if request.phase not in _PHASES:
             raise WireError(f"phase {request.phase} is not FORWARD, BACKWARD or EVAL")
@@ -221,8 +235,7 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
                 self._gradient_masks[(request.layer, request.step)] = (
                     {} if dense_gradients else sparse
                 )
-        sent = 0
-        for item in layer_items(
+        items = layer_items(
             request.layer,
             request.step,
             request.phase,
@@ -232,14 +245,21 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
             sender="memoryx",
             masks=masks,
             dense_gradients=dense_gradients and request.phase == Phase.BACKWARD,
-        ):
-            if isinstance(item, Chunk):
-                sent += len(item.data)
+        )
+        # Counted before the last item goes: a pass's reader (StreamPass) stops at a layer's
+        # last chunk, and the driver may read Stats as soon as the step is answered.
+        last = next(items)
+        sent = 0
+        for item in items:
             # Chunks view the store's tensors; gRPC encodes each (proto.wire) before the next.
-            yield item
+            yield last
+            sent += len(last.data) if isinstance(last, Chunk) else 0
+            last = item
+        sent += len(last.data) if isinstance(last, Chunk) else 0
         with self.traffic.lock:
             self.traffic.egress_bytes += sent
             self.traffic.num_weight_streams += 1
+        yield last
 
     @rpc_errors
     def PushGradients(self, request_iterator, context):

@@ -13,6 +13,8 @@ each client takes the run's ``Security`` (token, TLS) for it.
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -212,6 +214,11 @@ class SwarmXClient:
             self._stub.RunLayer.future(layer_request_to_wire(request), timeout=timeout_s)
         )
 
+    def start_pass(self, *, timeout_s: float) -> PendingPass:
+        """One ``RunPass`` call: send a pass's layer requests on it as they are due and take
+        each layer's answer in order (``PendingPass``); ``timeout_s`` is the whole pass's."""
+        return PendingPass(self._stub.RunPass, timeout_s)
+
     def stats(self, *, timeout_s: float | None = None) -> SwarmXStats:
         return swarmx_stats_from_wire(
             self._stub.Stats(EMPTY, timeout=_or(timeout_s, self.deadlines))
@@ -237,6 +244,54 @@ class PendingLayer:
 
     def cancel(self) -> None:
         self._future.cancel()
+
+
+#: Ends a pass's request stream (``PendingPass``).
+_END = object()
+
+
+class PendingPass:
+    """A pass under way on one ``RunPass`` call: ``send`` each layer's request when it is
+    due, ``next_ack`` waits for the next answer (they come in request order)."""
+
+    def __init__(self, run_pass, timeout_s: float):
+        self._requests: queue.Queue = queue.Queue()
+        self._call = run_pass(iter(self._requests.get, _END), timeout=timeout_s)
+        self._answers: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, name="pass-acks", daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            for message in self._call:
+                self._answers.put(ack_from_wire(message))
+        except grpc.RpcError as exc:
+            self._answers.put(exc)
+        self._answers.put(_END)
+
+    def send(self, request: LayerRequest) -> None:
+        self._requests.put(layer_request_to_wire(request))
+
+    def close(self) -> None:
+        """Every request is sent (the root expects no more)."""
+        self._requests.put(_END)
+
+    def next_ack(self, timeout_s: float | None = None) -> LayerAck:
+        """The next layer's answer; ``TimeoutError`` if it has not come within ``timeout_s``
+        (the pass goes on), ``RpcError`` if the call failed."""
+        try:
+            answer = self._answers.get(timeout=timeout_s)
+        except queue.Empty:
+            raise TimeoutError from None
+        if isinstance(answer, LayerAck):
+            return answer
+        self._answers.put(answer)  # every later wait ends the same way
+        if answer is _END:
+            raise RuntimeError("the root ended the pass before answering every layer")
+        raise answer
+
+    def cancel(self) -> None:
+        self._call.cancel()
+        self._requests.put(_END)  # frees the thread that sends the requests
 
 
 def _or(timeout_s: float | None, deadlines: Deadlines) -> float:
@@ -306,6 +361,7 @@ __all__ = [
     "MemoryXClient",
     "NodeClient",
     "PendingLayer",
+    "PendingPass",
     "RpcError",
     "SwarmXClient",
     "time_left_s",

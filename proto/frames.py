@@ -179,6 +179,30 @@ def from_wire_stream(messages: Iterable[pb.LayerMessage]) -> Iterator[StreamItem
         yield from_wire(message)
 
 
+def next_layer(items: Iterator[StreamItem]) -> Iterator[StreamItem]:
+    """The next layer of a stream of several (``MemoryX.StreamPass``): its header and chunks.
+
+    Stops right after the chunk that completes the header's ``num_tensors``-th tensor
+    (a tensor is complete when a chunk reaches its ``tensor_bytes``; a zero-size one
+    sends one empty chunk), without reading on: the next layer may not be sent yet.
+    """
+    header = next(items, None)
+    if not isinstance(header, Header):
+        raise WireError("each layer of a pass stream starts with a header")
+    yield header
+    remaining = header.num_tensors
+    while remaining > 0:
+        chunk = next(items, None)
+        if not isinstance(chunk, Chunk):
+            raise WireError(
+                f"layer {header.layer} of a pass stream ended with {remaining} of "
+                f"{header.num_tensors} tensors still to come"
+            )
+        yield chunk
+        if chunk.offset + len(chunk.data) >= chunk.tensor_bytes:
+            remaining -= 1
+
+
 def to_wire_stream(items: Iterable[StreamItem]) -> Iterator[pb.LayerMessage]:
     """``to_wire`` over a stream, lazily: chunks are built as the transport asks for them."""
     for item in items:

@@ -45,6 +45,11 @@ class MemoryXStub:
                 request_serializer=proto_dot_memoryx__pb2.WeightsRequest.SerializeToString,
                 response_deserializer=proto_dot_tensor__pb2.LayerMessage.FromString,
                 _registered_method=True)
+        self.StreamPass = channel.stream_stream(
+                '/wafer.v1.MemoryX/StreamPass',
+                request_serializer=proto_dot_memoryx__pb2.WeightsRequest.SerializeToString,
+                response_deserializer=proto_dot_tensor__pb2.LayerMessage.FromString,
+                _registered_method=True)
         self.PushGradients = channel.stream_unary(
                 '/wafer.v1.MemoryX/PushGradients',
                 request_serializer=proto_dot_tensor__pb2.LayerMessage.SerializeToString,
@@ -94,6 +99,15 @@ class MemoryXServicer:
 
     def StreamWeights(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamPass(self, request_iterator, context):
+        """The layers of one pass on one call: each request is answered as StreamWeights
+        answers it (a header, then the layer's chunks), in request order, on one stream.
+        A layer ends with the chunk that completes its header's num_tensors-th tensor.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -154,6 +168,11 @@ def add_MemoryXServicer_to_server(servicer, server):
             ),
             'StreamWeights': grpc.unary_stream_rpc_method_handler(
                     servicer.StreamWeights,
+                    request_deserializer=proto_dot_memoryx__pb2.WeightsRequest.FromString,
+                    response_serializer=proto_dot_tensor__pb2.LayerMessage.SerializeToString,
+            ),
+            'StreamPass': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamPass,
                     request_deserializer=proto_dot_memoryx__pb2.WeightsRequest.FromString,
                     response_serializer=proto_dot_tensor__pb2.LayerMessage.SerializeToString,
             ),
@@ -245,6 +264,33 @@ class MemoryX:
             request,
             target,
             '/wafer.v1.MemoryX/StreamWeights',
+            proto_dot_memoryx__pb2.WeightsRequest.SerializeToString,
+            proto_dot_tensor__pb2.LayerMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamPass(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/wafer.v1.MemoryX/StreamPass',
             proto_dot_memoryx__pb2.WeightsRequest.SerializeToString,
             proto_dot_tensor__pb2.LayerMessage.FromString,
             options,

@@ -40,6 +40,11 @@ class SwarmXStub:
                 request_serializer=proto_dot_swarmx__pb2.LayerRequest.SerializeToString,
                 response_deserializer=proto_dot_tensor__pb2.LayerAck.FromString,
                 _registered_method=True)
+        self.RunPass = channel.stream_stream(
+                '/wafer.v1.SwarmX/RunPass',
+                request_serializer=proto_dot_swarmx__pb2.LayerRequest.SerializeToString,
+                response_deserializer=proto_dot_tensor__pb2.LayerAck.FromString,
+                _registered_method=True)
         self.Reduce = channel.stream_unary(
                 '/wafer.v1.SwarmX/Reduce',
                 request_serializer=proto_dot_tensor__pb2.LayerMessage.SerializeToString,
@@ -67,6 +72,17 @@ class SwarmXServicer:
 
     def RunLayer(self, request, context):
         """Root only: fetch one layer from MemoryX and broadcast it to the subtree.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RunPass(self, request_iterator, context):
+        """Root only: every layer phase of one pipelined pass on one call. Each request names
+        the pass (pass_id) and its place in it (pass_position 1.., pass_length), in pass
+        order, and is run as RunLayer runs it; one LayerAck per request, in request order.
+        The root reads at most two requests ahead of their answers (the layer the nodes
+        compute and the next one streaming); the pass ends after pass_length requests.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -107,6 +123,11 @@ def add_SwarmXServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'RunLayer': grpc.unary_unary_rpc_method_handler(
                     servicer.RunLayer,
+                    request_deserializer=proto_dot_swarmx__pb2.LayerRequest.FromString,
+                    response_serializer=proto_dot_tensor__pb2.LayerAck.SerializeToString,
+            ),
+            'RunPass': grpc.stream_stream_rpc_method_handler(
+                    servicer.RunPass,
                     request_deserializer=proto_dot_swarmx__pb2.LayerRequest.FromString,
                     response_serializer=proto_dot_tensor__pb2.LayerAck.SerializeToString,
             ),
@@ -156,6 +177,33 @@ class SwarmX:
             request,
             target,
             '/wafer.v1.SwarmX/RunLayer',
+            proto_dot_swarmx__pb2.LayerRequest.SerializeToString,
+            proto_dot_tensor__pb2.LayerAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunPass(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/wafer.v1.SwarmX/RunPass',
             proto_dot_swarmx__pb2.LayerRequest.SerializeToString,
             proto_dot_tensor__pb2.LayerAck.FromString,
             options,

@@ -45,11 +45,19 @@ from proto.messages import (
     swarmx_stats_to_wire,
     weights_request_to_wire,
 )
-from proto.rpc import Security, StepConflict, channel, rpc_errors, time_left_s
+from proto.rpc import (
+    Security,
+    StepConflict,
+    channel,
+    rpc_errors,
+    rpc_stream_errors,
+    time_left_s,
+)
 from proto.wire import fast_channel
 from proto.wire import register as register_fast
 from swarmx.gradient_link import GradientLink
 from swarmx.pass_link import POLL_S, QUEUE_DEPTH, PassLink, drain, put
+from swarmx.pass_run import PassRun
 from swarmx.pieces import END, SplitLayer, joined_weights
 from swarmx.reducing import ReduceSide, Reducing
 from swarmx.tree import node_name
@@ -211,6 +219,7 @@ class SwarmXServicer(ReduceSide, sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
         messages: Iterable[StreamItem | pb.LayerMessage],
         context: grpc.ServicerContext,
         passing: LayerRequest | None = None,
+        pass_timeout_s: float | None = None,
     ) -> LayerAck:
         """Forward every message to every child as it comes; the sum of the children's answers.
 
@@ -222,7 +231,7 @@ class SwarmXServicer(ReduceSide, sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
         links: dict[int, PassLink] = {}
         if passing is not None:
             self._await_pass_turn(passing, context)
-            links = self._pass_links(passing, timeout_s)
+            links = self._pass_links(passing, pass_timeout_s or timeout_s * passing.pass_length)
         queues: list[queue.Queue] = []
         calls: list = []
         for index, stub in enumerate(self._child_stubs):
@@ -306,7 +315,7 @@ class SwarmXServicer(ReduceSide, sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
                     )
                 self._pass_turn.wait(timeout=POLL_S)
 
-    def _pass_links(self, request: LayerRequest, timeout_s: float) -> dict[int, PassLink]:
+    def _pass_links(self, request: LayerRequest, pass_timeout_s: float) -> dict[int, PassLink]:
         """The pass's stream to each compute-node child (by child index), opened by its
         first layer; the streams of an earlier pass that did not finish are cancelled."""
         stale: dict[int, PassLink] = {}
@@ -314,8 +323,7 @@ class SwarmXServicer(ReduceSide, sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
             if self._links is None or self._links[0] != request.pass_id:
                 if self._links is not None:
                     stale = self._links[1]
-                # The streams live as long as the pass: a layer's deadline per layer.
-                pass_timeout_s = timeout_s * max(1, request.pass_length)
+                # The streams live as long as the pass.
                 self._links = (
                     request.pass_id,
                     {
@@ -355,51 +363,80 @@ class SwarmXServicer(ReduceSide, sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
         index = bisect.bisect_right([first for first, _ in self._memoryx], layer) - 1
         return self._memoryx[max(index, 0)][1]
 
-    @rpc_errors
-    def RunLayer(self, request, context):
+    def weight_sources(self, layer: int) -> tuple[SplitLayer | None, list[mgrpc.MemoryXStub]]:
+        """Where ``layer``'s weights come from: its split over several MemoryX servers (or
+        None) and the servers to ask, in the split's owner order."""
+        split = self._split.get(layer)
+        if split is None:
+            return None, [self._memoryx_of(layer)]
+        return split, [self._split_stubs[owner] for owner, _ in split.owners]
+
+    def checked_request(self, message) -> LayerRequest:
+        """A ``LayerRequest`` message, checked for a layer phase at this root."""
         if not self._is_root:
-            raise WireError(f"{self.name} is not the root of the tree; send RunLayer to the root")
-        request = layer_request_from_wire(request)
+            raise WireError(f"{self.name} is not the root of the tree; send layers to the root")
+        request = layer_request_from_wire(message)
         if request.phase not in _PHASES:
             raise WireError(f"phase {request.phase} is not FORWARD, BACKWARD or EVAL")
         if request.layer < 0 or request.step < 0:
             raise WireError(f"layer {request.layer} and step {request.step} must not be negative")
-        passing = request if request.pass_position else None
-        if passing is not None and not (
+        if request.pass_position and not (
             request.pass_id and 1 <= request.pass_position <= request.pass_length
         ):
             raise WireError(
                 f"pass_position {request.pass_position} of pass_length {request.pass_length} "
                 "needs a pass_id and 1 <= pass_position <= pass_length"
             )
+        return request
+
+    def run_layer(
+        self,
+        request: LayerRequest,
+        weights: Iterable[StreamItem | pb.LayerMessage] | None,
+        context: grpc.ServicerContext,
+        *,
+        pass_timeout_s: float | None = None,
+    ) -> LayerAck:
+        """Broadcast ``request``'s layer: ``weights`` from MemoryX, or (None: a pass that needs
+        no weights, DFA backward) a header-only stream. ``pass_timeout_s``: the deadline of
+        the pass's streams to the compute nodes (default: the layer's deadline per layer)."""
+        passing = request if request.pass_position else None
+        if weights is None:
+            weights = [
+                Header(
+                    layer=request.layer,
+                    step=request.step,
+                    phase=request.phase,
+                    sender=self.name,
+                    pass_id=request.pass_id,
+                )
+            ]
+        elif request.pass_id:
+            weights = _marked(weights, request.pass_id)
+        return self._broadcast(weights, context, passing, pass_timeout_s)
+
+    @rpc_errors
+    def RunLayer(self, request, context):
+        request = self.checked_request(request)
         if request.without_weights:
-            # The pass needs no weights (DFA backward): a header-only stream, nothing from MemoryX.
-            header = Header(
-                layer=request.layer,
-                step=request.step,
-                phase=request.phase,
-                sender=self.name,
-                pass_id=request.pass_id,
-            )
-            return ack_to_wire(self._broadcast([header], context, passing))
-        split = self._split.get(request.layer)
-        stubs = (
-            [self._memoryx_of(request.layer)]
-            if split is None
-            else [self._split_stubs[owner] for owner, _ in split.owners]
-        )
+            # The pass needs no weights (DFA backward): nothing from MemoryX.
+            return ack_to_wire(self.run_layer(request, None, context))
+        split, stubs = self.weight_sources(request.layer)
         sources = [
             stub.StreamWeights(weights_request_to_wire(request), timeout=time_left_s(context))
             for stub in stubs
         ]
         try:
             stream = sources[0] if split is None else joined_weights(split, sources)
-            if request.pass_id:
-                stream = _marked(stream, request.pass_id)
-            return ack_to_wire(self._broadcast(stream, context, passing))
+            return ack_to_wire(self.run_layer(request, stream, context))
         finally:
             for source in sources:
                 source.cancel()  # a no-op unless the broadcast stopped early
+
+    @rpc_stream_errors
+    def RunPass(self, request_iterator, context):
+        for ack in PassRun(self, context).acks(request_iterator):
+            yield ack_to_wire(ack)
 
     @rpc_errors
     def Deliver(self, request_iterator, context):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import queue
 import threading
 from collections.abc import Iterator
 
@@ -528,3 +529,58 @@ def test_client_drives_memoryx_with_domain_types(memoryx, tmp_path):
     client.reset_stats()
     gauges = {g: 0 for g in GAUGES}
     assert dataclasses.replace(client.stats(), **gauges) == TrafficStats()
+
+
+# -- passes -------------------------------------------------------------------
+
+
+def _weights_request(layer: int, phase: int = pb.FORWARD, **kw) -> mpb.WeightsRequest:
+    return mpb.WeightsRequest(**(dict(layer=layer, step=0, phase=phase, dtype="float32") | kw))
+
+
+def test_stream_pass_answers_each_request_as_stream_weights_does(loaded):
+    order = [(0, pb.FORWARD), (1, pb.FORWARD), (1, pb.BACKWARD), (0, pb.BACKWARD)]
+    one_by_one = [
+        m
+        for layer, phase in order
+        for m in loaded.stub.StreamWeights(_weights_request(layer, phase), timeout=TIMEOUT_S)
+    ]
+    requests = [_weights_request(layer, phase) for layer, phase in order]
+    on_one_call = list(loaded.stub.StreamPass(iter(requests), timeout=TIMEOUT_S))
+    assert on_one_call == one_by_one
+    stats = loaded.stats()
+    assert stats.num_weight_streams == 2 * len(order)
+    assert stats.egress_bytes == 2 * 2 * MODEL_BYTES
+
+
+def test_stream_pass_sends_a_layer_only_once_it_is_asked_for(loaded):
+    # The root asks for a layer when the driver sends it: the next request may come later.
+    requests: queue.Queue = queue.Queue()
+    call = loaded.stub.StreamPass(iter(requests.get, None), timeout=TIMEOUT_S)
+    requests.put(_weights_request(1))
+    layer_1 = [next(call) for _ in range(3)]  # header, weight, bias (one chunk each)
+    assert layer_1[0].header.layer == 1 and layer_1[-1].chunk.name == "bias"
+    requests.put(_weights_request(0))
+    requests.put(None)
+    rest = list(call)
+    assert rest[0].header.layer == 0
+    assert decode_layer(rest, Expected(0, 0, pb.FORWARD, layout_of(_model()[0]), "float32"))
+
+
+@pytest.mark.parametrize(
+    "bad", [dict(layer=2), dict(step=1), dict(phase=77), dict(dtype="float64"), dict(step=-1)]
+)
+def test_stream_pass_refuses_a_bad_request_after_the_good_ones(loaded, bad):
+    requests = [
+        _weights_request(0),
+        mpb.WeightsRequest(**(dict(layer=1, step=0, phase=pb.FORWARD, dtype="float32") | bad)),
+    ]
+    received = []
+
+    def read():
+        for message in loaded.stub.StreamPass(iter(requests), timeout=TIMEOUT_S):
+            received.append(message)
+
+    assert _code(read) == grpc.StatusCode.INVALID_ARGUMENT
+    assert received and all(m.WhichOneof("kind") for m in received)
+    assert {m.header.layer for m in received if m.WhichOneof("kind") == "header"} == {0}

@@ -45,3 +45,35 @@ def test_recast_chunk_rounds_as_torch_does():
         got = torch.frombuffer(bytearray(recast.data), dtype=getattr(torch, target))
         assert torch.equal(got.view(torch.int16), expected.view(torch.int16))
         assert (recast.dtype, recast.tensor_bytes) == (target, 10)
+
+
+def test_next_layer_reads_one_layer_of_a_pass_stream_and_no_further():
+    import pytest
+    import torch
+
+    from proto.frames import WireError, next_layer
+    from proto.serde import layer_items
+
+    layers = [
+        {"w": torch.randn(10, 30), "empty": torch.zeros(0), "b": torch.randn(3)},
+        {"w": torch.randn(2, 2)},
+    ]
+    streams = [list(layer_items(i, 0, 1, t, chunk_bytes=64)) for i, t in enumerate(layers)]
+    read = []
+
+    def source():
+        for stream in streams:
+            for item in stream:
+                read.append(item)
+                yield item
+
+    items = source()
+    assert list(next_layer(items)) == streams[0]
+    assert read == streams[0]  # the second layer's header is not read yet
+    assert list(next_layer(items)) == streams[1]
+    with pytest.raises(WireError, match="starts with a header"):
+        list(next_layer(items))  # the stream is over
+    with pytest.raises(WireError, match="1 of 3 tensors still to come"):
+        list(next_layer(iter(streams[0][:-1])))
+    with pytest.raises(WireError, match="tensors still to come"):
+        list(next_layer(iter(streams[0][:3] + streams[1])))  # a header inside a layer

@@ -1,0 +1,245 @@
+"""The root's side of ``SwarmX.RunPass``: every layer phase of one pass on one call.
+
+The driver sends the pass's layer requests on one stream (all at once, or each when
+it is due); the root runs each as ``RunLayer`` runs it (fetch from MemoryX, broadcast,
+the children's answers summed), at most two at a time, the next one streaming while
+the nodes compute this one, and answers each in request order. The weights come from MemoryX on one
+``StreamPass`` call per server and pass (``PassWeights``), not one ``StreamWeights``
+call per layer: a call's set-up costs several times a small layer's messages.
+
+A layer that fails ends the pass: the call ends with its error, which cancels the
+layers still in flight (their broadcasts watch the call), the pass's streams to the
+nodes and its MemoryX streams. The driver runs the step again as a new pass.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import grpc
+
+from proto.domain import LayerAck, LayerRequest, StreamItem
+from proto.frames import WireError, from_wire_stream, next_layer
+from proto.messages import weights_request_to_wire
+from proto.rpc import StepConflict, time_left_s
+from swarmx.pass_link import POLL_S, drain
+from swarmx.pieces import END, joined_weights
+
+#: Layer requests of a pass the root reads ahead of their answers: the layer the nodes
+#: compute and the next one streaming (the driver's window; a disk-tiered MemoryX uses 1).
+MAX_IN_FLIGHT = 2
+#: How long a pass whose first failure is a cancelled stream waits for the failure that
+#: cancelled it (another layer's), to answer with that one, s.
+ERROR_GRACE_S = 1.0
+
+
+class PassWeights:
+    """The weights of one pass's layers from MemoryX: one ``StreamPass`` call per server.
+
+    A server's call opens with the first layer of the pass it holds. ``ask`` sends a
+    layer's request as soon as the driver's arrives (MemoryX streams it while the layer
+    before it is still being broadcast); ``layer`` reads it, in pass order, once that
+    layer's turn has come. A split layer asks each of its owners and joins their streams.
+    """
+
+    def __init__(self, servicer: Any, timeout_s: float):
+        self._servicer = servicer
+        self._timeout_s = timeout_s
+        # Per server (its stub): the request queue and the items of its answer stream.
+        self._calls: dict[Any, tuple[queue.Queue, grpc.Future, Iterator[StreamItem]]] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        # Positions of the layers asked for, in order: a layer is read once it is first.
+        self._reads: list[int] = []
+        self._turn = threading.Condition()
+        self._cancelled = False
+
+    def _call(self, stub) -> tuple[queue.Queue, grpc.Future, Iterator[StreamItem]]:
+        with self._lock:
+            entry = self._calls.get(stub)
+            if entry is None:
+                if self._closed:
+                    raise WireError("the pass is over; its MemoryX streams are closed")
+                requests: queue.Queue = queue.Queue()
+                call = stub.StreamPass(drain(requests), timeout=self._timeout_s)
+                entry = (requests, call, from_wire_stream(call))
+                self._calls[stub] = entry
+            return entry
+
+    def ask(self, request: LayerRequest) -> None:
+        _, stubs = self._servicer.weight_sources(request.layer)
+        message = weights_request_to_wire(request)
+        with self._turn:
+            self._reads.append(request.pass_position)
+        for stub in stubs:
+            self._call(stub)[0].put(message)
+
+    def layer(self, request: LayerRequest) -> Iterator[StreamItem]:
+        """The layer's weight stream, read once the layers asked before it are (the
+        servers' streams carry them in that order)."""
+        with self._turn:
+            while not self._cancelled and self._reads[0] != request.pass_position:
+                self._turn.wait()
+            if self._cancelled:
+                raise StepConflict("the pass ended before this layer's weights were read")
+        try:
+            split, stubs = self._servicer.weight_sources(request.layer)
+            sources = [next_layer(self._call(stub)[2]) for stub in stubs]
+            yield from sources[0] if split is None else joined_weights(split, sources)
+        finally:
+            with self._turn:
+                self._reads.remove(request.pass_position)
+                self._turn.notify_all()
+
+    def close(self, *, cancel: bool) -> None:
+        """End the requests (the pass asked for all its layers); ``cancel``: the calls too."""
+        with self._lock:
+            self._closed = True
+            calls = list(self._calls.values())
+        if cancel:
+            with self._turn:
+                self._cancelled = True
+                self._turn.notify_all()
+        for requests, call, _ in calls:
+            requests.put(END)
+            if cancel:
+                call.cancel()
+
+
+class PassRun:
+    """One ``RunPass`` call at the root: reads the requests, runs each layer on a thread
+    of its own, and gives the answers in request order (``acks``)."""
+
+    def __init__(self, servicer: Any, context: grpc.ServicerContext):
+        self._servicer = servicer
+        self._context = context
+        self._timeout_s = time_left_s(context)
+        self._weights = PassWeights(servicer, self._timeout_s)
+        self._room = threading.Semaphore(MAX_IN_FLIGHT)
+        self._changed = threading.Condition()
+        self._answers: dict[int, LayerAck] = {}  # by pass position
+        self._error: BaseException | None = None
+        self._num_read: int | None = None  # set once every request is read
+        self._finished = False  # every layer answered
+
+    def acks(self, requests: Iterable[Any]) -> Iterator[LayerAck]:
+        # However the call ends (the driver cancels, the deadline passes), the pass ends.
+        if not self._context.add_callback(self._ended):
+            return
+        threading.Thread(target=self._read, args=(requests,), daemon=True).start()
+        position = 1
+        failed = True
+        try:
+            while True:
+                with self._changed:
+                    while (
+                        self._error is None
+                        and position not in self._answers
+                        and (self._num_read is None or position <= self._num_read)
+                    ):
+                        self._changed.wait()
+                    if self._error is not None and _cancelled(self._error):
+                        # Most likely another layer's failure cancelled the pass's streams:
+                        # that one's error explains more, and is about to come.
+                        self._changed.wait_for(lambda: not _cancelled(self._error), ERROR_GRACE_S)
+                    if self._error is not None:
+                        raise self._error
+                    if position not in self._answers:
+                        break  # every request answered
+                    ack = self._answers.pop(position)
+                yield ack
+                position += 1
+            failed = False
+            self._finished = True
+        finally:
+            # A failure ends the call: its broadcasts still in flight see it and stop.
+            self._weights.close(cancel=failed)
+            if failed:
+                self._fail(StepConflict("the pass ended"))  # the reader stops reading
+
+    def _ended(self) -> None:
+        """The call ended: a pass that did not finish stops reading, and its streams end."""
+        self._fail(StepConflict("the pass ended"))
+        if not self._finished:
+            self._weights.close(cancel=True)
+
+    def _fail(self, error: BaseException) -> None:
+        with self._changed:
+            if self._error is None or (_cancelled(self._error) and not _cancelled(error)):
+                self._error = error
+            self._changed.notify_all()
+
+    def _read(self, requests: Iterable[Any]) -> None:
+        """Check and start each request in turn, at most ``MAX_IN_FLIGHT`` unanswered; the
+        request after those is read and its weights asked for while they run."""
+        num_read = 0
+        first: LayerRequest | None = None
+        try:
+            iterator = iter(requests)
+            while first is None or num_read < first.pass_length:
+                message = next(iterator, None)
+                if message is None:
+                    if first is None:
+                        return  # an empty pass: nothing to answer
+                    raise WireError(
+                        f"the pass ended after {num_read} of its {first.pass_length} layers"
+                    )
+                request = self._servicer.checked_request(message)
+                expected = (first.pass_id, first.pass_length) if first else None
+                if (
+                    not request.pass_id
+                    or request.pass_position != num_read + 1
+                    or (expected and (request.pass_id, request.pass_length) != expected)
+                ):
+                    raise WireError(
+                        f"request {num_read + 1} of a pass has pass_id {request.pass_id}, "
+                        f"pass_position {request.pass_position} and pass_length "
+                        f"{request.pass_length}: a pass's requests share a nonzero pass_id "
+                        "and pass_length and count pass_position 1, 2, ... in order"
+                    )
+                first = first or request
+                if not request.without_weights:
+                    # MemoryX streams it while the layers in flight finish (flow control
+                    # bounds how far): the layer's turn finds its weights on the way.
+                    self._weights.ask(request)
+                while not self._room.acquire(timeout=POLL_S):
+                    if self._error is not None or not self._context.is_active():
+                        return
+                num_read += 1
+                threading.Thread(
+                    target=self._run, args=(request,), name="swarmx-pass-layer", daemon=True
+                ).start()
+            self._weights.close(cancel=False)
+            if next(iterator, None) is not None:
+                raise WireError(f"a pass of pass_length {first.pass_length} has more requests")
+        except BaseException as exc:
+            self._fail(exc)
+        finally:
+            with self._changed:
+                self._num_read = num_read
+                self._changed.notify_all()
+
+    def _run(self, request: LayerRequest) -> None:
+        try:
+            weights = None if request.without_weights else self._weights.layer(request)
+            ack = self._servicer.run_layer(
+                request, weights, self._context, pass_timeout_s=time_left_s(self._context)
+            )
+        except BaseException as exc:
+            self._fail(exc)
+            return
+        finally:
+            self._room.release()
+        with self._changed:
+            self._answers[request.pass_position] = ack
+            self._changed.notify_all()
+
+
+def _cancelled(error: BaseException) -> bool:
+    return isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.CANCELLED
+
+
+__all__ = ["MAX_IN_FLIGHT", "PassRun", "PassWeights"]

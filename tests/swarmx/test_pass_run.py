@@ -1,0 +1,305 @@
+"""``SwarmX.RunPass`` and ``MemoryX.StreamPass``: one call per pass, over real gRPC on loopback.
+
+An in-process cluster (MemoryX, the SwarmX tree, real compute nodes; no Ray) runs
+training passes as the coordinator does: one ``RunPass`` call to the root per pass,
+at most two layers unanswered, the root taking the weights from MemoryX on one
+``StreamPass`` call. The calls are counted by wrapping the servicers' methods.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import grpc
+import pytest
+import torch
+
+from benchmarks.fuzz_services import SETTLE_S, Services, build_services
+from memoryx.service import MemoryXServicer
+from proto import memoryx_pb2 as mpb
+from proto import swarmx_pb2 as spb
+from proto import swarmx_pb2_grpc as sgrpc
+from proto import tensor_pb2 as pb
+from proto.clients import SwarmXClient
+from proto.domain import LayerAck, LayerRequest, Phase
+from proto.rpc import Security, channel
+from swarmx.service import SwarmXServicer
+
+TIMEOUT_S = 30
+WINDOW = 2
+
+
+@pytest.fixture
+def calls(monkeypatch) -> Counter:
+    """Calls per method of MemoryX and SwarmX servicers built after this fixture."""
+    counted: Counter = Counter()
+    for cls, names in (
+        (MemoryXServicer, ("StreamWeights", "StreamPass")),
+        (SwarmXServicer, ("RunLayer", "RunPass")),
+    ):
+        for name in names:
+            method = getattr(cls, name)
+
+            def wrapper(self, request, context, method=method, name=name):
+                counted[name] += 1
+                return method(self, request, context)
+
+            monkeypatch.setattr(cls, name, wrapper)
+    return counted
+
+
+def _cluster(num_nodes: int = 2, fanout: int = 2) -> Services:
+    return build_services(Security.generate(), num_nodes=num_nodes, fanout=fanout)
+
+
+@pytest.fixture
+def cluster(calls) -> Iterator[Services]:
+    services = _cluster()
+    yield services
+    services.stop()
+
+
+def _requests(services: Services, step: int, pass_id: int, phases) -> list[LayerRequest]:
+    num_layers = len(services.layers)
+    order = [(layer, phase) for phase in phases for layer in range(num_layers)]
+    if Phase.BACKWARD in phases:  # backward runs from the last layer down
+        order = [(layer, phase) for layer, phase in order if phase != Phase.BACKWARD]
+        order += [(layer, Phase.BACKWARD) for layer in reversed(range(num_layers))]
+    return [
+        LayerRequest(layer, step, phase, "float32", False, pass_id, position, len(order))
+        for position, (layer, phase) in enumerate(order, start=1)
+    ]
+
+
+def _run_pass(
+    services: Services, requests: list[LayerRequest], ahead: int = WINDOW
+) -> list[LayerAck]:
+    """As ``Coordinator._run_pass``: one call, at most ``ahead`` requests unanswered (the
+    root runs at most two layers at a time whatever the driver sends)."""
+    root = SwarmXClient(services.addresses[services.root_name], services.security)
+    pending = root.start_pass(timeout_s=TIMEOUT_S)
+    acks: list[LayerAck] = []
+    try:
+        for sent, request in enumerate(requests):
+            if sent - len(acks) == ahead:
+                acks.append(pending.next_ack(timeout_s=TIMEOUT_S))
+            pending.send(request)
+        pending.close()
+        while len(acks) < len(requests):
+            acks.append(pending.next_ack(timeout_s=TIMEOUT_S))
+    except BaseException:
+        pending.cancel()
+        raise
+    return acks
+
+
+def _train_step(services: Services, step: int, pass_id: int, ahead=WINDOW) -> list[LayerAck]:
+    requests = _requests(services, step, pass_id, (Phase.FORWARD, Phase.BACKWARD))
+    acks = _run_pass(services, requests, ahead)
+    services.memoryx_stub.CommitStep(mpb.StepRequest(step=step), timeout=TIMEOUT_S)
+    return acks
+
+
+def _state(services: Services) -> dict[str, torch.Tensor]:
+    return services.memoryx.store.state_dict()
+
+
+def _assert_bitwise_equal(one, two) -> None:
+    assert type(one) is type(two)
+    if isinstance(one, torch.Tensor):
+        assert torch.equal(one, two)
+    elif isinstance(one, dict):
+        assert one.keys() == two.keys()
+        for key in one:
+            _assert_bitwise_equal(one[key], two[key])
+    elif isinstance(one, list | tuple):
+        assert len(one) == len(two)
+        for a, b in zip(one, two, strict=True):
+            _assert_bitwise_equal(a, b)
+    else:
+        assert one == two
+
+
+def test_a_training_pass_is_one_call_to_the_root_and_one_to_memoryx(cluster, calls):
+    num_layers = len(cluster.layers)
+    for step in range(2):
+        acks = _train_step(cluster, step, pass_id=10 + step)
+        order = [(a.layer, a.phase) for a in acks]
+        assert order == [(layer, Phase.FORWARD) for layer in range(num_layers)] + [
+            (layer, Phase.BACKWARD) for layer in reversed(range(num_layers))
+        ]
+        assert all(a.num_nodes == 2 for a in acks)
+        assert all(a.update_applied for a in acks if a.phase == Phase.BACKWARD)
+        assert acks[num_layers - 1].num_targets > 0 and acks[num_layers - 1].loss_sum > 0
+        assert sum(a.flops for a in acks) > 0
+    assert cluster.version() == 2
+    # Per step: one call from the driver to the root and one from the root to MemoryX.
+    assert calls["RunPass"] == 2 and calls["RunLayer"] == 0
+    assert calls["StreamPass"] == 2 and calls["StreamWeights"] == 0
+    stats = cluster.memoryx_stub.Stats(pb.Empty(), timeout=TIMEOUT_S)
+    assert stats.num_weight_streams == 2 * 2 * num_layers  # one per layer phase, as before
+
+
+@pytest.mark.parametrize(
+    "num_nodes, fanout, ahead", [(2, 2, WINDOW), (4, 2, WINDOW), (2, 2, 100), (4, 2, 100)]
+)
+def test_run_pass_trains_the_same_bits_as_one_run_layer_call_per_layer(
+    calls, num_nodes, fanout, ahead
+):
+    """Fanout 2 with 4 nodes: the root feeds SwarmX children (``Deliver`` per layer).
+    Ahead 100: the driver sends every request at once, and the root keeps the window."""
+    per_layer, per_pass = _cluster(num_nodes, fanout), _cluster(num_nodes, fanout)
+    try:
+        for step in range(2):
+            last = per_layer.train_step(step)  # RunLayer, one layer after the other
+            acks = _train_step(per_pass, step, pass_id=step + 1, ahead=ahead)
+            ours = acks[len(per_pass.layers) - 1]
+            assert (ours.loss_sum, ours.num_targets, ours.num_correct) == (
+                last.loss_sum,
+                last.num_targets,
+                last.num_correct,
+            )
+        _assert_bitwise_equal(_state(per_layer), _state(per_pass))
+        evaluated = _run_pass(per_pass, _requests(per_pass, 2, 99, (Phase.EVAL,)))
+        assert [a.phase for a in evaluated] == [Phase.EVAL] * len(per_pass.layers)
+    finally:
+        per_layer.stop()
+        per_pass.stop()
+    assert calls["RunPass"] == 2 + 1 and calls["RunLayer"] == 2 * 2 * len(per_pass.layers)
+
+
+def _raw_pass(services: Services, messages: list[spb.LayerRequest], address=None):
+    stub = sgrpc.SwarmXStub(
+        channel(address or services.addresses[services.root_name], services.security)
+    )
+    return list(stub.RunPass(iter(messages), timeout=TIMEOUT_S))
+
+
+def _eval(step: int, layer: int, position: int, length: int = 2, pass_id: int = 5, **kw):
+    return spb.LayerRequest(
+        layer=layer,
+        step=step,
+        phase=kw.pop("phase", pb.EVAL),
+        dtype="float32",
+        pass_id=pass_id,
+        pass_position=position,
+        pass_length=length,
+        **kw,
+    )
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "no pass id",
+        "starts at 2",
+        "skips a position",
+        "two pass ids",
+        "two lengths",
+        "position past the length",
+        "ends early",
+        "bad phase",
+        "negative layer",
+    ],
+)
+def test_bad_pass_requests_are_refused_and_change_nothing(cluster, case):
+    step = cluster.version()
+    before = cluster.fingerprint()
+    messages = {
+        "no pass id": [_eval(step, 0, 1, pass_id=0), _eval(step, 1, 2, pass_id=0)],
+        "starts at 2": [_eval(step, 0, 2), _eval(step, 1, 3)],
+        "skips a position": [_eval(step, 0, 1, length=3), _eval(step, 1, 3, length=3)],
+        "two pass ids": [_eval(step, 0, 1), _eval(step, 1, 2, pass_id=6)],
+        "two lengths": [_eval(step, 0, 1), _eval(step, 1, 2, length=3)],
+        "position past the length": [_eval(step, 0, 1, length=1), _eval(step, 1, 2, length=1)],
+        "ends early": [_eval(step, 0, 1, length=3), _eval(step, 1, 2, length=3)],
+        "bad phase": [_eval(step, 0, 1, phase=77), _eval(step, 1, 2)],
+        "negative layer": [_eval(step, -1, 1), _eval(step, 1, 2)],
+    }[case]
+    with pytest.raises(grpc.RpcError) as info:
+        _raw_pass(cluster, messages)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, case
+    # A layer already on its way when the pass was refused ends once the nodes see it.
+    settle_until = time.monotonic() + SETTLE_S
+    while cluster.fingerprint() != before and time.monotonic() < settle_until:
+        time.sleep(0.02)
+    assert cluster.fingerprint() == before
+    # The root and the nodes are free for the next pass.
+    assert len(_raw_pass(cluster, [_eval(step, 0, 1, pass_id=7), _eval(step, 1, 2, pass_id=7)]))
+
+
+def test_a_layer_memoryx_refuses_fails_the_pass_with_its_code(cluster):
+    step = cluster.version()
+    for bad in (_eval(step, 5, 2), _eval(step + 3, 1, 2)):  # no such layer; a future step
+        with pytest.raises(grpc.RpcError) as info:
+            _raw_pass(cluster, [_eval(step, 0, 1), bad])
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_run_pass_on_a_non_root_is_refused(calls):
+    services = _cluster(num_nodes=4, fanout=2)
+    try:
+        inner = next(name for name in services.swarmx if name != services.root_name)
+        with pytest.raises(grpc.RpcError) as info:
+            _raw_pass(services, [_eval(0, 0, 1), _eval(0, 1, 2)], services.addresses[inner])
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not the root" in info.value.details()
+    finally:
+        services.stop()
+
+
+def test_a_pass_cancelled_mid_way_is_run_again_bit_identically(calls):
+    interrupted, reference = _cluster(), _cluster()
+    try:
+        _train_step(reference, 0, pass_id=1)
+        requests = _requests(interrupted, 0, 1, (Phase.FORWARD, Phase.BACKWARD))
+        root = SwarmXClient(interrupted.addresses[interrupted.root_name], interrupted.security)
+        pending = root.start_pass(timeout_s=TIMEOUT_S)
+        for request in requests[:WINDOW]:
+            pending.send(request)
+        assert pending.next_ack(timeout_s=TIMEOUT_S).layer == 0
+        pending.send(requests[WINDOW])  # the first backward layer: its update may not apply
+        pending.cancel()
+        with pytest.raises(grpc.RpcError) as info:
+            while True:
+                pending.next_ack(timeout_s=TIMEOUT_S)
+        assert info.value.code() == grpc.StatusCode.CANCELLED
+        # The cancelled call's layers end; the step runs again as a new pass.
+        _train_step(interrupted, 0, pass_id=2)
+        _assert_bitwise_equal(_state(reference), _state(interrupted))
+        interrupted.stats_all()
+    finally:
+        interrupted.stop()
+        reference.stop()
+
+
+def test_a_stalled_memoryx_stream_is_cancelled_with_the_pass(cluster, monkeypatch):
+    """The driver gives up on a pass whose weights do not come: the root's MemoryX
+    stream ends with it, and the next pass runs."""
+    release = threading.Event()
+    held = threading.Event()
+    original = MemoryXServicer._weights
+
+    def stalled(self, request):
+        if request.layer == 1:
+            held.set()
+            release.wait(TIMEOUT_S)
+        yield from original(self, request)
+
+    monkeypatch.setattr(MemoryXServicer, "_weights", stalled)
+    step = cluster.version()
+    root = SwarmXClient(cluster.addresses[cluster.root_name], cluster.security)
+    pending = root.start_pass(timeout_s=TIMEOUT_S)
+    for request in _requests(cluster, step, 3, (Phase.EVAL,)):
+        pending.send(request)
+    pending.close()
+    assert pending.next_ack(timeout_s=TIMEOUT_S).layer == 0
+    assert held.wait(TIMEOUT_S)
+    pending.cancel()
+    release.set()
+    monkeypatch.setattr(MemoryXServicer, "_weights", original)
+    acks = _run_pass(cluster, _requests(cluster, step, 4, (Phase.EVAL,)))
+    assert [a.layer for a in acks] == list(range(len(cluster.layers)))
