@@ -17,7 +17,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Outside proto/, only these modules may touch protobuf messages: decode, call, encode.
-SERVICERS = {"memoryx/service.py", "swarmx/service.py", "nodes/service.py"}
+#: ``swarmx/reducing.py`` is the reduce half of the SwarmX servicer (a mixin of it).
+SERVICERS = {"memoryx/service.py", "swarmx/service.py", "swarmx/reducing.py", "nodes/service.py"}
 _PROTOBUF_MODULE = re.compile(r"(^|\.)\w+_pb2(_grpc)?$|^google\.protobuf(\.|$)")
 
 
