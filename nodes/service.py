@@ -111,6 +111,10 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
         self._parent: sgrpc.SwarmXStub | None = None
         # One layer computed at a time, as on the wafer.
         self._lock = threading.Lock()
+        # Guards the counters a layer updates after its compute: a backward layer's answer
+        # must not wait on the next layer's compute (``_lock``), or the root starts streaming
+        # the layer after that only once the node is idle again.
+        self._counters_lock = threading.Lock()
         # (pass id, phase, layer) computed last: a pipelined pass computes in order.
         self._turn = threading.Condition()
         self._computed: tuple[int, int, int] | None = None
@@ -271,7 +275,7 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
             raise StepConflict(
                 f"{self.name}: gradient of layer {header.layer} step {header.step} was abandoned"
             ) from None
-        with self._lock:
+        with self._counters_lock:
             self.gradient_bytes_sent += sent
         ack.gradient_bytes = sent
         ack.update_applied = upstream.update_applied

@@ -8,6 +8,7 @@ servicer on its own loopback server, wired with ``.connect`` as
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -597,6 +598,48 @@ def test_pipelined_passes_train_the_same_bits_as_one_layer_at_a_time(
     for other in weights[1:]:
         for one, two in zip(weights[0], other, strict=True):
             assert all(torch.equal(one[name], two[name]) for name in one)
+
+
+def test_a_backward_layer_answers_while_the_next_one_computes(dataset):
+    """A backward layer's answer (its gradient applied) does not wait for the node to finish
+    the layer after it: the root starts streaming the next layer on that answer, so a node
+    that held it back would sit idle between its backward layers."""
+    cluster = build_cluster(_layers(_model()), dataset, num_nodes=1, batch_size=16)
+    worker = cluster.nodes[0].worker
+    computing, release = threading.Event(), threading.Event()
+    backward = worker.backward
+
+    def held_backward(layer, step, params):
+        if layer == 0:
+            computing.set()
+            assert release.wait(TIMEOUT_S)
+        return backward(layer, step, params)
+
+    worker.backward = held_backward
+    try:
+        root = SwarmXClient(cluster.root_address, SECURITY)
+        order = [(0, Phase.FORWARD), (1, Phase.FORWARD), (1, Phase.BACKWARD), (0, Phase.BACKWARD)]
+        pending = [
+            root.start_layer(
+                LayerRequest(layer, 0, phase, "float32", pass_id=5), timeout_s=TIMEOUT_S
+            )
+            for layer, phase in order
+        ]
+        assert computing.wait(TIMEOUT_S)
+        try:
+            last_layer = pending[2].result(timeout_s=TIMEOUT_S / 3)  # layer 0 still computing
+        finally:
+            release.set()
+        assert (last_layer.layer, last_layer.phase, last_layer.update_applied) == (
+            1,
+            Phase.BACKWARD,
+            True,
+        )
+        assert [p.result(timeout_s=TIMEOUT_S).layer for p in pending] == [0, 1, 1, 0]
+        assert cluster.node_stats()[0].gradient_bytes_sent == MODEL_BYTES
+    finally:
+        release.set()
+        cluster.stop()
 
 
 def _pass_stream(pass_id: int, layers: list[int]) -> list[pb.LayerMessage]:
