@@ -10,7 +10,7 @@ import torch
 
 from memoryx.optim import Optimizer
 from memoryx.service import MemoryXServicer, register
-from memoryx.store import NonFiniteUpdate, ParameterStore
+from memoryx.store import NonFiniteUpdate, ParameterStore, all_finite
 from proto import memoryx_pb2_grpc as mgrpc
 from proto import tensor_pb2 as pb
 from proto.rpc import NONFINITE_STATUS, Security, channel, start_server
@@ -68,6 +68,27 @@ def test_error_policy_names_layer_and_step_and_rolls_the_step_back(bad):
             assert torch.equal(tensor, new["params"][name])
             for key, state in old["optimizer_state"][name].items():
                 assert torch.equal(state, new["optimizer_state"][name][key])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_all_finite_agrees_with_isfinite(dtype):
+    """The check by sum finds every NaN and infinity, also among values whose sum overflows
+    (which alone proves nothing) or cancels out (inf - inf)."""
+    big = torch.finfo(dtype).max
+    cases = [
+        torch.randn(1000, dtype=torch.float64),
+        [],
+        [big] * 10,  # finite values whose sum overflows
+        [big, -big, big, -big],
+        [1.0, math.nan, 2.0],
+        [math.inf, -math.inf],  # the sum is NaN
+        [big, big, math.nan],
+        [-math.inf, 3.0],
+    ]
+    for values in cases:
+        tensor = torch.as_tensor(values, dtype=torch.float64).to(dtype)
+        assert all_finite(tensor) == bool(torch.isfinite(tensor).all()), tensor
+    assert all_finite(torch.arange(5))  # integers are always finite
 
 
 def test_error_policy_refuses_an_update_that_overflows_finite_weights():
