@@ -612,7 +612,7 @@ def test_a_backward_layer_answers_while_the_next_one_computes(dataset):
     def held_backward(layer, step, params):
         if layer == 0:
             computing.set()
-            assert release.wait(TIMEOUT_S)
+            assert release.wait(2 * TIMEOUT_S)
         return backward(layer, step, params)
 
     worker.backward = held_backward
@@ -627,7 +627,7 @@ def test_a_backward_layer_answers_while_the_next_one_computes(dataset):
         ]
         assert computing.wait(TIMEOUT_S)
         try:
-            last_layer = pending[2].result(timeout_s=TIMEOUT_S / 3)  # layer 0 still computing
+            last_layer = pending[2].result(timeout_s=TIMEOUT_S)  # layer 0 still computing
         finally:
             release.set()
         assert (last_layer.layer, last_layer.phase, last_layer.update_applied) == (
