@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from memoryx.gradient_checks import all_finite, check_grads, nonfinite_gradient, nonfinite_names
 from memoryx.optim import Optimizer
 from memoryx.sparsity import Sparsity, apply_masks
 
@@ -241,7 +242,7 @@ class ParameterStore:
     ) -> str | None:
         """``_step_version``; then None, or why ``new`` must not be published."""
         self._step_version(layer, step, new, grads)
-        bad = _nonfinite(new.params)
+        bad = nonfinite_names(new.params)
         if bad:
             return (
                 f"the update of {', '.join(map(repr, bad))} gives NaN or Inf weights "
@@ -517,25 +518,6 @@ def _version_bytes(version: _Version) -> int:
     )
 
 
-def _nonfinite(tensors: Mapping[str, Tensor]) -> list[str]:
-    """Names of the tensors holding a NaN or Inf."""
-    return [name for name, t in tensors.items() if not all_finite(t)]
-
-
-def all_finite(tensor: Tensor) -> bool:
-    """True if no value of ``tensor`` is NaN or infinite.
-
-    A NaN or an infinity makes the sum NaN or infinite, so a finite sum means every value
-    is finite; only a sum that is not finite (finite values may also overflow it) needs the
-    value-by-value check. The sum reads the tensor once; ``torch.isfinite(t).all()`` writes
-    and reads a bool tensor and is some 50x slower here, on every weight and gradient of
-    every step.
-    """
-    if not tensor.is_floating_point() or bool(torch.isfinite(tensor.sum())):
-        return True
-    return bool(torch.isfinite(tensor).all())
-
-
 def already_applied(layer: int, version: int, step: int) -> bool:
     """True if step ``step``'s gradients were applied to a layer at ``version`` (a re-run);
     StepError if the layer is at neither that step nor the next."""
@@ -549,35 +531,6 @@ def already_applied(layer: int, version: int, step: int) -> bool:
     return False
 
 
-def check_grads(
-    layer: int, layout: list[tuple[str, tuple[int, ...]]], grads: Mapping[str, Tensor]
-) -> None:
-    """ValueError unless ``grads`` are float32 tensors of exactly ``layout``."""
-    names = [name for name, _ in layout]
-    missing = [name for name in names if name not in grads]
-    unknown = [name for name in grads if name not in names]
-    if missing or unknown:
-        raise ValueError(
-            f"gradients of layer {layer} must cover exactly {names}; "
-            f"missing {missing}, unknown {unknown}."
-        )
-    for name, shape in layout:
-        grad = grads[name]
-        if tuple(grad.shape) != shape or grad.dtype != torch.float32:
-            raise ValueError(
-                f"gradient of layer {layer} param {name!r} must be float32 of shape "
-                f"{shape}, got {grad.dtype} of shape {tuple(grad.shape)}."
-            )
-
-
-def nonfinite_gradient(grads: Mapping[str, Tensor]) -> str | None:
-    """None, or why a gradient must not be applied: some tensor holds NaN or Inf."""
-    bad = _nonfinite(grads)
-    if bad:
-        return f"the gradient of {', '.join(map(repr, bad))} holds NaN or Inf values"
-    return None
-
-
 def _to_master(tensor: Tensor) -> Tensor:
     """A private contiguous fp32 copy, detached from any autograd graph."""
     return tensor.detach().to(dtype=torch.float32, copy=True).contiguous()
@@ -588,6 +541,4 @@ __all__ = [
     "NonFiniteUpdate",
     "ParameterStore",
     "StepError",
-    "check_grads",
-    "nonfinite_gradient",
 ]

@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from core.atomic import write_json_atomic
+from memoryx.gradient_checks import check_grads, nonfinite_gradient
 from memoryx.layer_files import (
     BackgroundSync,
     BackgroundWriter,
@@ -50,8 +51,6 @@ from memoryx.store import (
     StepError,
     _Version,
     already_applied,
-    check_grads,
-    nonfinite_gradient,
 )
 from memoryx.tier_cache import STATE, WEIGHTS, Cache, Ledger, Prefetcher, StreamOrder
 from memoryx.tier_errors import NonFiniteNotUndone, commit_refused, rollback_refused

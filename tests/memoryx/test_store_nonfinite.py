@@ -8,9 +8,10 @@ import grpc
 import pytest
 import torch
 
+from memoryx.gradient_checks import all_finite
 from memoryx.optim import Optimizer
 from memoryx.service import MemoryXServicer, register
-from memoryx.store import NonFiniteUpdate, ParameterStore, all_finite
+from memoryx.store import NonFiniteUpdate, ParameterStore
 from proto import memoryx_pb2_grpc as mgrpc
 from proto import tensor_pb2 as pb
 from proto.rpc import NONFINITE_STATUS, Security, channel, start_server
