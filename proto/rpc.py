@@ -109,6 +109,16 @@ def time_left_s(context: grpc.ServicerContext) -> float:
 # -- server ------------------------------------------------------------------
 
 
+def is_cancelled(error: BaseException | None) -> bool:
+    """Whether ``error`` is a cancelled call: a client call's error with CANCELLED, or the
+    bare ``grpc.RpcError`` (no status code) that a server's request iterator raises when its
+    client cancels."""
+    if not isinstance(error, grpc.RpcError):
+        return False
+    code = getattr(error, "code", None)
+    return code is None or code() == grpc.StatusCode.CANCELLED
+
+
 def start_server(
     register: Callable[[grpc.Server], None], host: str, *, security: Security
 ) -> tuple[grpc.Server, str]:

@@ -15,6 +15,7 @@ import grpc
 
 from proto.domain import StreamItem
 from proto.frames import WireError
+from proto.rpc import is_cancelled
 from swarmx.pieces import END  # ends a queued stream; shared with the split-layer push
 
 # Chunks buffered per child before the sender waits: bounds memory, keeps cut-through.
@@ -132,7 +133,7 @@ class Slot:
 
     def cancelled(self) -> bool:
         error = self._error
-        return isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.CANCELLED
+        return is_cancelled(error)
 
     def code(self) -> grpc.StatusCode:
         if not self._settled.is_set():

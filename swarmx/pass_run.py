@@ -24,7 +24,7 @@ import grpc
 from proto.domain import LayerAck, LayerRequest, StreamItem
 from proto.frames import WireError, from_wire_stream, next_layer
 from proto.messages import weights_request_to_wire
-from proto.rpc import StepConflict, time_left_s
+from proto.rpc import StepConflict, is_cancelled, time_left_s
 from swarmx.pass_link import POLL_S, drain
 from swarmx.pieces import END, joined_weights
 
@@ -141,10 +141,10 @@ class PassRun:
                         and (self._num_read is None or position <= self._num_read)
                     ):
                         self._changed.wait()
-                    if self._error is not None and _cancelled(self._error):
+                    if self._error is not None and is_cancelled(self._error):
                         # Most likely another layer's failure cancelled the pass's streams:
                         # that one's error explains more, and is about to come.
-                        self._changed.wait_for(lambda: not _cancelled(self._error), ERROR_GRACE_S)
+                        self._changed.wait_for(lambda: not is_cancelled(self._error), ERROR_GRACE_S)
                     if self._error is not None:
                         raise self._error
                     if position not in self._answers:
@@ -168,7 +168,7 @@ class PassRun:
 
     def _fail(self, error: BaseException) -> None:
         with self._changed:
-            if self._error is None or (_cancelled(self._error) and not _cancelled(error)):
+            if self._error is None or (is_cancelled(self._error) and not is_cancelled(error)):
                 self._error = error
             self._changed.notify_all()
 
@@ -236,10 +236,6 @@ class PassRun:
         with self._changed:
             self._answers[request.pass_position] = ack
             self._changed.notify_all()
-
-
-def _cancelled(error: BaseException) -> bool:
-    return isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.CANCELLED
 
 
 __all__ = ["MAX_IN_FLIGHT", "PassRun", "PassWeights"]

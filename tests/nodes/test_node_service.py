@@ -7,10 +7,9 @@ servicer on its own loopback server, wired with ``.connect`` as
 
 from __future__ import annotations
 
-import copy
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 import pytest
@@ -19,36 +18,31 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.data import BatchSampler, DataConfig, Dataset
-from memoryx.optim import Optimizer
 from memoryx.service import MemoryXServicer
-from memoryx.service import register as register_memoryx
 from nodes.cs2 import Cs2Backend
 from nodes.service import ComputeNodeServicer
 from nodes.service import register as register_node
 from nodes.worker import NodeWorker
-from proto import memoryx_pb2 as mpb
-from proto import memoryx_pb2_grpc as mgrpc
-from proto import node_pb2 as npb
 from proto import node_pb2_grpc as ngrpc
-from proto import swarmx_pb2 as spb
 from proto import swarmx_pb2_grpc as sgrpc
 from proto import tensor_pb2 as pb
 from proto.clients import MemoryXClient, NodeClient, SwarmXClient
 from proto.domain import LayerAck, LayerRequest, NodeStats, Phase
-from proto.rpc import Security, channel, start_server
+from proto.rpc import channel, start_server
 from proto.serde import encode_layer
 from swarmx.service import SwarmXServicer
-from swarmx.service import register as register_swarmx
-from swarmx.tree import build_tree, node_name
+from swarmx.tree import build_tree
+from tests.nodes.in_process_cluster import (
+    CHUNK_BYTES,
+    LR,
+    SECURITY,
+    SEED,
+    TIMEOUT_S,
+    InProcessCluster,
+    build_cluster,
+    layer_weights,
+)
 from tests.proto.edits import edited
-
-# This module's run credentials (token only: loopback).
-SECURITY = Security.generate()
-
-LR = 0.1
-SEED = 3
-CHUNK_BYTES = 1024  # the first layer's weight is several chunks
-TIMEOUT_S = 30
 
 
 def _model() -> nn.Sequential:
@@ -61,142 +55,16 @@ def _layers(model: nn.Sequential) -> list[nn.Module]:
     return [nn.Sequential(model[0], model[1]), model[2]]
 
 
-def _weights(layer: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in layer.named_parameters()}
-
-
 def _nbytes(tensors, itemsize: int = 4) -> int:
     return sum(t.numel() * itemsize for t in tensors.values())
 
 
-MODEL_BYTES = sum(_nbytes(_weights(layer)) for layer in _layers(_model()))
+MODEL_BYTES = sum(_nbytes(layer_weights(layer)) for layer in _layers(_model()))
 
 
 @pytest.fixture(scope="module")
 def dataset() -> Dataset:
     return DataConfig(name="digits").build(seed=SEED)
-
-
-# -- the in-process cluster ---------------------------------------------------
-
-
-@dataclass
-class InProcessCluster:
-    memoryx: MemoryXServicer
-    memoryx_stub: mgrpc.MemoryXStub
-    swarmx: dict[str, SwarmXServicer]
-    root: sgrpc.SwarmXStub
-    nodes: list[ComputeNodeServicer]
-    node_stubs: list[ngrpc.ComputeNodeStub]
-    node_addresses: list[str]
-    servers: list[grpc.Server] = field(default_factory=list)
-    memoryx_address: str = ""
-    root_address: str = ""
-
-    def run_layer(self, layer: int, step: int, phase: int, dtype: str = "float32") -> pb.LayerAck:
-        return self.root.RunLayer(
-            spb.LayerRequest(layer=layer, step=step, phase=phase, dtype=dtype), timeout=TIMEOUT_S
-        )
-
-    def train_step(self, step: int, num_layers: int = 2) -> tuple[pb.LayerAck, list[pb.LayerAck]]:
-        forward = [self.run_layer(layer, step, pb.FORWARD) for layer in range(num_layers)]
-        backward = [
-            self.run_layer(layer, step, pb.BACKWARD) for layer in reversed(range(num_layers))
-        ]
-        self.memoryx_stub.CommitStep(mpb.StepRequest(step=step), timeout=TIMEOUT_S)
-        return forward[-1], forward + backward
-
-    def stats(self) -> mpb.TrafficStats:
-        return self.memoryx_stub.Stats(pb.Empty(), timeout=TIMEOUT_S)
-
-    def node_stats(self) -> list[npb.NodeStats]:
-        return [stub.Stats(pb.Empty(), timeout=TIMEOUT_S) for stub in self.node_stubs]
-
-    def stop(self) -> None:
-        for server in self.servers:
-            server.stop(grace=None)
-
-
-def build_cluster(
-    layers: list[nn.Module],
-    dataset: Dataset,
-    *,
-    num_nodes: int,
-    batch_size: int,
-    fanout: int = 4,
-    precision: str = "fp32",
-) -> InProcessCluster:
-    """MemoryX, the SwarmX tree and ``num_nodes`` compute nodes, loaded with ``layers``."""
-    servers: list[grpc.Server] = []
-
-    def serve(register) -> str:
-        server, address = start_server(register, "127.0.0.1", security=SECURITY)
-        servers.append(server)
-        return address
-
-    memoryx = MemoryXServicer(
-        Optimizer.Config(name="sgd", lr=LR, momentum=0.0).build(), chunk_bytes=CHUNK_BYTES
-    )
-    memoryx_address = serve(lambda s: register_memoryx(s, memoryx))
-    tree = build_tree(num_nodes, fanout)
-    swarmx = {t.name: SwarmXServicer(t.name, security=SECURITY) for t in tree}
-    swarmx_addresses = {
-        name: serve(lambda s, servicer=servicer: register_swarmx(s, servicer))
-        for name, servicer in swarmx.items()
-    }
-    nodes = []
-    for rank in range(num_nodes):
-        worker = NodeWorker(
-            rank=rank,
-            num_nodes=num_nodes,
-            layers=copy.deepcopy(layers),  # the worker strips its copy of the weights
-            dataset=dataset,
-            batch_size=batch_size,
-            seed=SEED,
-            backend=Cs2Backend.Config(precision=precision).build(),
-        )
-        nodes.append(
-            ComputeNodeServicer(
-                worker, name=node_name(rank), security=SECURITY, chunk_bytes=CHUNK_BYTES
-            )
-        )
-    node_addresses = [serve(lambda s, n=n: register_node(s, n)) for n in nodes]
-    # Wiring, as emulator/launch.py does it.
-    by_name = {**swarmx_addresses, **{node_name(r): a for r, a in enumerate(node_addresses)}}
-    for t in tree:
-        swarmx[t.name].connect(
-            children={c: by_name[c] for c in t.children},
-            parent=swarmx_addresses[t.parent] if t.parent else None,
-            memoryx=None if t.parent else memoryx_address,
-        )
-    parent_of = {c: t.name for t in tree for c in t.children}
-    for rank, node in enumerate(nodes):
-        node.connect(swarmx_addresses[parent_of[node_name(rank)]])
-    cluster = InProcessCluster(
-        memoryx=memoryx,
-        memoryx_stub=mgrpc.MemoryXStub(channel(memoryx_address, SECURITY)),
-        swarmx=swarmx,
-        root=sgrpc.SwarmXStub(channel(swarmx_addresses[tree[-1].name], SECURITY)),
-        nodes=nodes,
-        node_stubs=[ngrpc.ComputeNodeStub(channel(a, SECURITY)) for a in node_addresses],
-        node_addresses=node_addresses,
-        servers=servers,
-        memoryx_address=memoryx_address,
-        root_address=swarmx_addresses[tree[-1].name],
-    )
-
-    def messages() -> Iterator[pb.LayerMessage]:
-        for index, layer in enumerate(layers):
-            yield from encode_layer(
-                index, 0, pb.FORWARD, _weights(layer), chunk_bytes=CHUNK_BYTES, sender="driver"
-            )
-
-    try:
-        cluster.memoryx_stub.LoadWeights(messages(), timeout=TIMEOUT_S)
-    except BaseException:
-        cluster.stop()
-        raise
-    return cluster
 
 
 def _reference_steps(dataset: Dataset, batch_size: int, num_steps: int):
@@ -212,7 +80,7 @@ def _reference_steps(dataset: Dataset, batch_size: int, num_steps: int):
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    return [_weights(layer) for layer in _layers(model)], losses
+    return [layer_weights(layer) for layer in _layers(model)], losses
 
 
 def _memoryx_weights(cluster: InProcessCluster, step: int) -> list[dict[str, torch.Tensor]]:
@@ -332,7 +200,7 @@ def test_failed_backward_is_rerun_from_the_forward_pass(dataset):
         for layer in range(2):
             cluster.run_layer(layer, 0, pb.FORWARD)
         # node-1 loses its activations: it runs layer 0's forward again, on its own.
-        stream = encode_layer(0, 0, pb.FORWARD, _weights(_layers(_model())[0]))
+        stream = encode_layer(0, 0, pb.FORWARD, layer_weights(_layers(_model())[0]))
         node1 = sgrpc.LayerSinkStub(channel(cluster.node_addresses[1], SECURITY))
         node1.Deliver(stream, timeout=TIMEOUT_S)
         with pytest.raises(grpc.RpcError) as info:
@@ -387,7 +255,7 @@ def node(dataset) -> Iterator[SingleNode]:
 
 
 def _stream(layer: int, step: int = 0, phase: int = pb.FORWARD, **kw) -> list[pb.LayerMessage]:
-    tensors = kw.get("tensors", _weights(_layers(_model())[layer]))
+    tensors = kw.get("tensors", layer_weights(_layers(_model())[layer]))
     return list(
         encode_layer(
             kw.get("header_layer", layer),
@@ -409,7 +277,7 @@ def _reference_loss_sum(dataset: Dataset) -> float:
 
 def _bad_layer1_streams() -> dict[str, list[pb.LayerMessage]]:
     good = _stream(1)
-    w = _weights(_layers(_model())[1])
+    w = layer_weights(_layers(_model())[1])
     return {
         "layer out of range": _stream(1, header_layer=2),
         "negative layer": _stream(1, header_layer=-1),
@@ -433,7 +301,9 @@ def _bad_layer1_streams() -> dict[str, list[pb.LayerMessage]]:
 @pytest.mark.parametrize("case", list(_bad_layer1_streams()))
 def test_bad_delivery_is_rejected_and_changes_nothing(node, dataset, case):
     first = node.sink.Deliver(iter(_stream(0)), timeout=TIMEOUT_S)
-    assert first.num_nodes == 1 and first.bytes_to_nodes == _nbytes(_weights(_layers(_model())[0]))
+    assert first.num_nodes == 1 and first.bytes_to_nodes == _nbytes(
+        layer_weights(_layers(_model())[0])
+    )
     before = node.stub.Stats(pb.Empty(), timeout=TIMEOUT_S)
     with pytest.raises(grpc.RpcError) as info:
         node.sink.Deliver(iter(_bad_layer1_streams()[case]), timeout=TIMEOUT_S)
@@ -446,7 +316,7 @@ def test_bad_delivery_is_rejected_and_changes_nothing(node, dataset, case):
     assert ack.loss_sum == pytest.approx(_reference_loss_sum(dataset), rel=1e-6)
     stats = node.stub.Stats(pb.Empty(), timeout=TIMEOUT_S)
     assert stats.weight_bytes_received == before.weight_bytes_received + MODEL_BYTES - _nbytes(
-        _weights(_layers(_model())[0])
+        layer_weights(_layers(_model())[0])
     )
 
 

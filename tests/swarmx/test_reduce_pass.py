@@ -7,6 +7,7 @@ children's gradient streams are sent by the test.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -168,6 +169,10 @@ def test_a_child_that_cancels_mid_pass_fails_the_sum_for_all_without_hanging(tre
         siblings = [tree.stub.ReducePass(waiting(r), timeout=TIMEOUT_S) for r in (0, 1)]
         leaving = tree.stub.ReducePass(halfway(), timeout=TIMEOUT_S)
         assert half_sent.wait(WAIT_S)
+        # The root has summed node-2's first chunk with its siblings': it leaves mid-layer. (A child
+        # that goes away before its header arrives is, as with Reduce, found by the driver's
+        # health probes, which cancel the pass from above.)
+        assert _until(lambda: _num_summed_chunks(tree.root, layer=1) >= 1)
         leaving.cancel()
         for sibling in siblings:
             with pytest.raises(grpc.RpcError) as info:
@@ -184,6 +189,25 @@ def test_a_child_that_cancels_mid_pass_fails_the_sum_for_all_without_hanging(tre
     assert all(isinstance(acks, list) and len(acks) == 2 for acks in results.values()), results
     for layer in (0, 1):
         assert _all_equal(_weights(tree.memoryx, layer, 1), _expected(layer))
+
+
+def _num_summed_chunks(root, *, layer: int, step: int = 0) -> int:
+    """Chunks of ``layer`` that ``root``'s open sum has summed over every child and sent up."""
+    with root._lock:
+        entry = root._reducing.get((layer, step, PASS_ID))
+    if entry is None:
+        return 0
+    with entry.reduction._lock:
+        return entry.reduction._num_emitted
+
+
+def _until(predicate, timeout_s: float = WAIT_S) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def _bad_streams() -> dict[str, list]:
