@@ -43,6 +43,7 @@ from tests.nodes.in_process_cluster import (
     layer_weights,
 )
 from tests.proto.edits import edited
+from tests.servicer_calls import count_servicer_calls
 
 
 def _model() -> nn.Sequential:
@@ -391,20 +392,13 @@ def test_pipelined_layer_of_another_pass_does_not_count(node):
 def gradient_calls(monkeypatch) -> dict[str, int]:
     """Gradient calls the SwarmX nodes and MemoryX answer, by method (servicers registered
     after this fixture count them)."""
-    counts = {"Reduce": 0, "ReducePass": 0, "PushGradients": 0, "PushPass": 0}
-    for cls, names in (
-        (SwarmXServicer, ("Reduce", "ReducePass")),
-        (MemoryXServicer, ("PushGradients", "PushPass")),
-    ):
-        for name in names:
-            method = getattr(cls, name)
-
-            def counted(self, request, context, method=method, name=name):
-                counts[name] += 1
-                return method(self, request, context)
-
-            monkeypatch.setattr(cls, name, counted)
-    return counts
+    return count_servicer_calls(
+        monkeypatch,
+        {
+            SwarmXServicer: ("Reduce", "ReducePass"),
+            MemoryXServicer: ("PushGradients", "PushPass"),
+        },
+    )
 
 
 @pytest.mark.parametrize("fanout", [2, 4])

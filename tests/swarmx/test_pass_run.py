@@ -27,6 +27,7 @@ from proto.clients import SwarmXClient
 from proto.domain import LayerAck, LayerRequest, Phase
 from proto.rpc import Security, channel
 from swarmx.service import SwarmXServicer
+from tests.servicer_calls import count_servicer_calls
 
 TIMEOUT_S = 30
 WINDOW = 2
@@ -35,20 +36,13 @@ WINDOW = 2
 @pytest.fixture
 def calls(monkeypatch) -> Counter:
     """Calls per method of MemoryX and SwarmX servicers built after this fixture."""
-    counted: Counter = Counter()
-    for cls, names in (
-        (MemoryXServicer, ("StreamWeights", "StreamPass")),
-        (SwarmXServicer, ("RunLayer", "RunPass")),
-    ):
-        for name in names:
-            method = getattr(cls, name)
-
-            def wrapper(self, request, context, method=method, name=name):
-                counted[name] += 1
-                return method(self, request, context)
-
-            monkeypatch.setattr(cls, name, wrapper)
-    return counted
+    return count_servicer_calls(
+        monkeypatch,
+        {
+            MemoryXServicer: ("StreamWeights", "StreamPass"),
+            SwarmXServicer: ("RunLayer", "RunPass"),
+        },
+    )
 
 
 def _cluster(num_nodes: int = 2, fanout: int = 2) -> Services:

@@ -18,6 +18,7 @@ from memoryx.service import MemoryXServicer
 from proto import swarmx_pb2_grpc as sgrpc
 from proto import tensor_pb2 as pb
 from proto.rpc import channel
+from tests.servicer_calls import count_servicer_calls
 from tests.swarmx.test_swarmx_service import (
     LR,
     SECURITY,
@@ -37,16 +38,7 @@ PASS_ID = 7
 @pytest.fixture
 def calls(monkeypatch) -> dict[str, int]:
     """Calls MemoryX answers, by method (the servicers registered after this count them)."""
-    counts = {"PushGradients": 0, "PushPass": 0}
-    for name in counts:
-        method = getattr(MemoryXServicer, name)
-
-        def counted(self, request, context, method=method, name=name):
-            counts[name] += 1
-            return method(self, request, context)
-
-        monkeypatch.setattr(MemoryXServicer, name, counted)
-    return counts
+    return count_servicer_calls(monkeypatch, {MemoryXServicer: ("PushGradients", "PushPass")})
 
 
 @pytest.fixture
