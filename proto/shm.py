@@ -1,0 +1,320 @@
+"""Co-located fast path: chunk payloads through shared memory instead of gRPC bytes.
+
+When every component of a run shares one host (``runtime.shared_memory``), each
+process that writes layer streams (MemoryX serving weights, compute nodes sending
+gradients, SwarmX sending sums) owns a ring of fixed-size slots in POSIX shared
+memory (``multiprocessing.shared_memory``, mode 0600, named ``<run prefix><random
+token>``). ``proto.wire.encode`` copies a chunk's payload into the next slot (the one
+copy a gRPC send makes into its message) and sends a ``SharedSlot`` reference instead
+of the bytes; a relay forwards the reference untouched; the reader views the slot
+and copies it once into its preallocated tensor (``proto.serde.LayerAssembler``).
+The traffic counters and the emulated clock count the payload as having crossed the
+fabric, since ``len(chunk.data)`` is the same either way.
+
+Slot reuse is a seqlock: the writer makes a slot's generation odd before it writes
+and even (one more) after; the reference carries the even value. A reader checks the
+generation before it views the slot and again after its copy (``verify``); a slot the
+writer reused meanwhile raises ``WireError``, as a corrupt stream does, so the step is
+run again: never silently wrong bytes. Rings hold a few layers (``ring_bytes``), so
+this does not happen in a normal run; a chunk larger than a slot goes inline.
+
+No path comes from the wire: a segment name must match this run's prefix and a
+strict pattern before this process attaches it, and slot and length are checked
+against the segment's header and size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import secrets
+import struct
+import threading
+from dataclasses import dataclass
+from multiprocessing import resource_tracker
+from multiprocessing.shared_memory import SharedMemory
+from pathlib import Path
+
+import numpy as np
+
+from proto.domain import Chunk, SharedSlot
+from proto.frames import WireError
+
+#: Magic, slot size and slot count at the start of every ring.
+_HEADER = struct.Struct("<8sQQ")
+_MAGIC = b"wafershm"
+_ALIGN = 64
+#: A run's prefix: "wafer-" and 12 hex digits of its own; a ring adds 16 more.
+_PREFIX_PATTERN = re.compile(r"wafer-[0-9a-f]{12}-")
+_TOKEN_HEX = 16
+#: Where Linux keeps POSIX shared memory (the driver removes a run's leftovers there).
+SHM_DIR = Path("/dev/shm")
+#: The least ring of a process, per server it hosts, bytes.
+MIN_RING_BYTES = 32 << 20
+#: Layers a ring holds: two in flight (the pipelined pass) and a margin.
+LAYERS_PER_RING = 4
+
+
+@dataclass(frozen=True)
+class SharedMemoryPlan:
+    """What the processes of one single-host run share about shared memory."""
+
+    prefix: str  # every segment name of the run starts with it
+    slot_bytes: int  # payload bytes of one slot (the chunk size), bytes
+    ring_bytes: int  # a ring's payload bytes per server its process hosts, bytes
+
+    def __post_init__(self) -> None:
+        if not _PREFIX_PATTERN.fullmatch(self.prefix):
+            raise ValueError(f"SharedMemoryPlan.prefix = {self.prefix!r} is not a run prefix")
+        if self.slot_bytes < 1 or self.ring_bytes < self.slot_bytes:
+            raise ValueError(
+                f"SharedMemoryPlan: slot_bytes = {self.slot_bytes} must be positive and at "
+                f"most ring_bytes = {self.ring_bytes}"
+            )
+
+    @classmethod
+    def generate(cls, *, slot_bytes: int, largest_layer_bytes: int) -> SharedMemoryPlan:
+        """A fresh run prefix; rings of ``LAYERS_PER_RING`` of the largest layer (at least
+        ``MIN_RING_BYTES``)."""
+        ring = max(MIN_RING_BYTES, LAYERS_PER_RING * largest_layer_bytes, slot_bytes)
+        return cls(prefix=f"wafer-{secrets.token_hex(6)}-", slot_bytes=slot_bytes, ring_bytes=ring)
+
+    def name_pattern(self) -> re.Pattern:
+        return re.compile(re.escape(self.prefix) + f"[0-9a-f]{{{_TOKEN_HEX}}}")
+
+
+class _Segment:
+    """A ring's mapping: its generations and its slots."""
+
+    def __init__(self, memory: SharedMemory, *, create: tuple[int, int] | None = None):
+        self.memory = memory
+        if create is not None:
+            _HEADER.pack_into(memory.buf, 0, _MAGIC, *create)
+        magic, self.slot_bytes, self.num_slots = _HEADER.unpack_from(memory.buf, 0)
+        self.data_start = _data_start(self.num_slots)
+        if (
+            magic != _MAGIC
+            or self.slot_bytes < 1
+            or self.num_slots < 1
+            or self.data_start + self.slot_bytes * self.num_slots > memory.size
+        ):
+            raise WireError(f"shared-memory segment {memory.name!r} is not a ring of this run")
+        self.generations = np.ndarray(
+            (self.num_slots,), dtype="<u8", buffer=memory.buf, offset=_HEADER.size
+        )
+
+    def start(self, slot: int) -> int:
+        return self.data_start + slot * self.slot_bytes
+
+
+def _data_start(num_slots: int) -> int:
+    end = _HEADER.size + 8 * num_slots
+    return -(-end // _ALIGN) * _ALIGN
+
+
+class Ring:
+    """This process's ring: payloads written round-robin into fixed-size slots."""
+
+    def __init__(self, name: str, *, slot_bytes: int, num_slots: int):
+        size = _data_start(num_slots) + slot_bytes * num_slots
+        # Mode 0600 (the default): only this user's processes can map it.
+        memory = SharedMemory(name=name, create=True, size=size)
+        self.segment = _Segment(memory, create=(slot_bytes, num_slots))
+        self.name = name
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def write(self, data: bytes | memoryview) -> SharedSlot | None:
+        """Copy ``data`` into the next slot; its reference, or None when it does not fit."""
+        length = data.nbytes if isinstance(data, memoryview) else len(data)
+        seg = self.segment
+        if length > seg.slot_bytes:
+            return None
+        with self._lock:
+            slot = self._next
+            self._next = (slot + 1) % seg.num_slots
+            generation = int(seg.generations[slot]) + 1
+            seg.generations[slot] = generation  # odd: being written
+            start = seg.start(slot)
+            seg.memory.buf[start : start + length] = data
+            seg.generations[slot] = generation + 1
+        return SharedSlot(self.name, slot, length, generation + 1)
+
+    def close(self) -> None:
+        _close(self.segment.memory)
+        with contextlib.suppress(FileNotFoundError):  # the driver removed it already
+            self.segment.memory.unlink()
+
+
+def _close(memory: SharedMemory) -> None:
+    try:
+        memory.close()
+    except BufferError:
+        # A chunk still views it: the mapping lives until the last view goes (and
+        # SharedMemory's own finalizer must not try again and complain).
+        memory._mmap = None  # type: ignore[attr-defined]
+
+
+@dataclass
+class Counters:
+    """Chunks this process moved through shared memory since it started, count."""
+
+    written: int = 0  # payloads written into this process's ring
+    read: int = 0  # payloads copied out of a ring and verified unchanged
+    inline: int = 0  # payloads too large for a slot, sent as gRPC bytes
+
+
+class _Process:
+    """This process's shared-memory state: its plan, its ring, the rings it attached."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.plan: SharedMemoryPlan | None = None
+        self.pattern: re.Pattern | None = None
+        self.servers = 0
+        self.ring: Ring | None = None
+        self.attached: dict[str, _Segment] = {}
+        self.counters = Counters()
+
+
+_state = _Process()
+
+
+def activate(plan: SharedMemoryPlan | None) -> None:
+    """A server of this process starts with ``plan`` (None: shared memory is off)."""
+    if plan is None:
+        return
+    with _state.lock:
+        if _state.plan is not None and _state.plan != plan:
+            raise ValueError("a process serves one run's shared memory only")
+        _state.plan = plan
+        _state.pattern = plan.name_pattern()
+        _state.servers += 1
+
+
+def active() -> bool:
+    return _state.plan is not None
+
+
+def counters() -> Counters:
+    return _state.counters
+
+
+def _ring() -> Ring | None:
+    plan = _state.plan
+    if plan is None:
+        return None
+    if _state.ring is None:
+        with _state.lock:
+            if _state.ring is None:
+                # Made at the first write, when every server of this process has started:
+                # a host of several nodes gets a ring for each.
+                num_slots = max(2, plan.ring_bytes * max(1, _state.servers) // plan.slot_bytes)
+                name = plan.prefix + secrets.token_hex(_TOKEN_HEX // 2)
+                _state.ring = Ring(name, slot_bytes=plan.slot_bytes, num_slots=num_slots)
+    return _state.ring
+
+
+def write(data: bytes | memoryview) -> SharedSlot | None:
+    """``data`` in this process's ring; None when shared memory is off or it does not fit."""
+    ring = _ring()
+    if ring is None:
+        return None
+    ref = ring.write(data)
+    if ref is None:
+        _state.counters.inline += 1
+    else:
+        _state.counters.written += 1
+    return ref
+
+
+def _segment(name: str) -> _Segment:
+    pattern = _state.pattern
+    if pattern is None:
+        raise WireError("a chunk in shared memory, but this run moves chunks as bytes")
+    if not pattern.fullmatch(name):
+        raise WireError(f"shared-memory segment {name!r} is not a segment of this run")
+    ring = _state.ring
+    if ring is not None and ring.name == name:
+        return ring.segment
+    segment = _state.attached.get(name)
+    if segment is None:
+        with _state.lock:
+            segment = _state.attached.get(name)
+            if segment is None:
+                segment = _attach(name)
+                _state.attached[name] = segment
+    return segment
+
+
+def _attach(name: str) -> _Segment:
+    try:
+        memory = SharedMemory(name=name)
+    except (FileNotFoundError, PermissionError, OSError) as exc:
+        raise WireError(f"shared-memory segment {name!r} cannot be attached: {exc}") from None
+    # Python < 3.13 registers an attached segment with the resource tracker, which would
+    # unlink the writer's ring when this reader exits (and warn): it is not ours.
+    resource_tracker.unregister(memory._name, "shared_memory")  # type: ignore[attr-defined]
+    try:
+        return _Segment(memory)
+    except WireError:
+        _close(memory)
+        raise
+
+
+def view(ref: SharedSlot) -> memoryview:
+    """The payload ``ref`` names, viewed in place (no copy); ``verify`` after copying it."""
+    segment = _segment(ref.segment)
+    if not 0 <= ref.slot < segment.num_slots or not 0 <= ref.length <= segment.slot_bytes:
+        raise WireError(
+            f"shared-memory slot {ref.slot} ({ref.length} bytes) is outside segment "
+            f"{ref.segment!r} ({segment.num_slots} slots of {segment.slot_bytes} bytes)"
+        )
+    if ref.generation % 2 or int(segment.generations[ref.slot]) != ref.generation:
+        raise _overwritten(ref)
+    start = segment.start(ref.slot)
+    return segment.memory.buf[start : start + ref.length]
+
+
+def verify(ref: SharedSlot) -> None:
+    """WireError if the slot ``ref`` names was reused since it was written."""
+    segment = _segment(ref.segment)
+    if int(segment.generations[ref.slot]) != ref.generation:
+        raise _overwritten(ref)
+    _state.counters.read += 1
+
+
+def verify_chunk(chunk: Chunk) -> None:
+    """``verify`` a chunk whose payload viewed shared memory (a no-op for inline bytes)."""
+    if chunk.shared is not None:
+        verify(chunk.shared)
+
+
+def _overwritten(ref: SharedSlot) -> WireError:
+    return WireError(
+        f"shared-memory slot {ref.slot} of {ref.segment!r} was reused before it was read "
+        "(the writer ran more than a ring ahead); the step runs again"
+    )
+
+
+def close() -> None:
+    """Unlink this process's ring and drop the rings it attached (a stopping process)."""
+    with _state.lock:
+        if _state.ring is not None:
+            _state.ring.close()
+            _state.ring = None
+        for segment in _state.attached.values():
+            _close(segment.memory)
+        _state.attached.clear()
+
+
+def remove_run_segments(plan: SharedMemoryPlan, directory: Path = SHM_DIR) -> list[str]:
+    """Unlink every ring of ``plan``'s run left in ``directory`` (processes killed by a fault
+    never unlink theirs); the names removed."""
+    pattern = plan.name_pattern()
+    removed = []
+    for path in directory.glob(plan.prefix + "*"):
+        if pattern.fullmatch(path.name) and not path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
