@@ -31,6 +31,7 @@ from emulator.config import RuntimeConfig
 from emulator.early_ray import ray_keeps_loopback, start_local_ray
 from memoryx.checkpoint import confined_path, copy_checkpoint_dir
 from proto.rpc import TOKEN_METADATA_KEY, Security, TlsMaterial, is_loopback
+from proto.shm import SharedMemoryPlan
 from proto.tls import generate_run_tls, read_tls
 
 
@@ -163,8 +164,30 @@ def client_security(run_dir: str | Path) -> Security:
     return Security(token=(run_dir / TOKEN_FILE).read_text().strip(), tls=tls)
 
 
-def run_security(runtime: RuntimeConfig) -> Security:
-    """A fresh token, and TLS wherever a service binds an address other machines reach."""
+def _single_host() -> bool:
+    """Every process of the run lands on one machine: the Ray cluster has one live node."""
+    return sum(1 for node in ray.nodes() if node.get("Alive")) == 1
+
+
+#: ``runtime.shared_memory``: whether a run moves chunk payloads through shared memory.
+SHARED_MEMORY_WHEN = {"auto": _single_host, "off": lambda: False}
+
+
+def shared_memory_plan(
+    runtime: RuntimeConfig, *, slot_bytes: int, largest_layer_bytes: int
+) -> SharedMemoryPlan | None:
+    """The run's shared-memory plan (its segment prefix, slot and ring sizes), or None when
+    chunks travel as gRPC bytes (``runtime.shared_memory``; Ray must be up)."""
+    if not SHARED_MEMORY_WHEN[runtime.shared_memory]():
+        return None
+    return SharedMemoryPlan.generate(slot_bytes=slot_bytes, largest_layer_bytes=largest_layer_bytes)
+
+
+def run_security(
+    runtime: RuntimeConfig, *, shared_memory: SharedMemoryPlan | None = None
+) -> Security:
+    """A fresh token, and TLS wherever a service binds an address other machines reach;
+    ``shared_memory``: the run's plan for co-located chunk payloads (``proto.shm``)."""
     off_host = not is_loopback(runtime.host)
     if runtime.tls.user_provided:
         tls = read_tls(runtime.tls.ca, runtime.tls.cert, runtime.tls.key, runtime.tls.server_name)
@@ -182,6 +205,7 @@ def run_security(runtime: RuntimeConfig) -> Security:
         tls=tls,
         stream_idle_s=runtime.stream_idle_s,
         max_streams=runtime.max_streams_per_service,
+        shared_memory=shared_memory,
     )
 
 

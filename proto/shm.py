@@ -172,6 +172,7 @@ class _Process:
         self.plan: SharedMemoryPlan | None = None
         self.pattern: re.Pattern | None = None
         self.servers = 0
+        self.writes = False
         self.ring: Ring | None = None
         self.attached: dict[str, _Segment] = {}
         self.counters = Counters()
@@ -180,20 +181,28 @@ class _Process:
 _state = _Process()
 
 
-def activate(plan: SharedMemoryPlan | None) -> None:
-    """A server of this process starts with ``plan`` (None: shared memory is off)."""
+def activate(plan: SharedMemoryPlan | None, *, writes: bool = True) -> None:
+    """A server of this process starts with ``plan`` (None: shared memory is off); with
+    ``writes`` False (the driver), this process only reads the run's rings.
+
+    A process serves one run; one that starts several in turn (a driver, a test) moves on
+    to the newest run's plan and drops the rings of the one before."""
     if plan is None:
         return
+    if _state.plan is not None and _state.plan != plan:
+        close()
     with _state.lock:
-        if _state.plan is not None and _state.plan != plan:
-            raise ValueError("a process serves one run's shared memory only")
-        _state.plan = plan
-        _state.pattern = plan.name_pattern()
-        _state.servers += 1
+        if _state.plan != plan:
+            _state.plan, _state.pattern, _state.servers = plan, plan.name_pattern(), 0
+            _state.writes = False
+        if writes:
+            _state.servers += 1
+            _state.writes = True
 
 
 def active() -> bool:
-    return _state.plan is not None
+    """True when this process writes its chunks into its ring."""
+    return _state.writes
 
 
 def counters() -> Counters:
@@ -202,7 +211,7 @@ def counters() -> Counters:
 
 def _ring() -> Ring | None:
     plan = _state.plan
-    if plan is None:
+    if plan is None or not _state.writes:
         return None
     if _state.ring is None:
         with _state.lock:
