@@ -383,7 +383,7 @@ class Cluster:
         if self.placement_group is not None:
             remove_placement_group(self.placement_group)
         if self.security.shared_memory is not None:
-            shm.close()  # the driver's views of the rings
+            shm.reset()  # the driver's views of the rings
             # Rings of processes a fault killed (the others unlinked theirs when stopped).
             shm.remove_run_segments(self.security.shared_memory)
         # The token is worthless now; a temporary run directory goes with it.

@@ -317,6 +317,15 @@ def close() -> None:
         _state.attached.clear()
 
 
+def reset() -> None:
+    """``close``, and forget the run: this process moves chunks as bytes again (a driver
+    after its run, a test)."""
+    close()
+    with _state.lock:
+        _state.plan = _state.pattern = None
+        _state.servers, _state.writes = 0, False
+
+
 def remove_run_segments(plan: SharedMemoryPlan, directory: Path = SHM_DIR) -> list[str]:
     """Unlink every ring of ``plan``'s run left in ``directory`` (processes killed by a fault
     never unlink theirs); the names removed."""
