@@ -49,7 +49,7 @@ _PREFIX_PATTERN = re.compile(r"wafer-[0-9a-f]{12}-")
 _TOKEN_HEX = 16
 #: Where Linux keeps POSIX shared memory (the driver removes a run's leftovers there).
 SHM_DIR = Path("/dev/shm")
-#: The least ring of a process, per server it hosts, bytes.
+#: The least ring of a process, bytes (a host of many small nodes needs no more).
 MIN_RING_BYTES = 32 << 20
 #: Layers a ring holds: two in flight (the pipelined pass) and a margin.
 LAYERS_PER_RING = 4
@@ -61,7 +61,9 @@ class SharedMemoryPlan:
 
     prefix: str  # every segment name of the run starts with it
     slot_bytes: int  # payload bytes of one slot (the chunk size), bytes
-    ring_bytes: int  # a ring's payload bytes per server its process hosts, bytes
+    #: A ring's payload bytes per server its process hosts (a process's ring has at least
+    #: MIN_RING_BYTES), bytes.
+    ring_bytes: int
 
     def __post_init__(self) -> None:
         if not _PREFIX_PATTERN.fullmatch(self.prefix):
@@ -74,9 +76,8 @@ class SharedMemoryPlan:
 
     @classmethod
     def generate(cls, *, slot_bytes: int, largest_layer_bytes: int) -> SharedMemoryPlan:
-        """A fresh run prefix; rings of ``LAYERS_PER_RING`` of the largest layer (at least
-        ``MIN_RING_BYTES``)."""
-        ring = max(MIN_RING_BYTES, LAYERS_PER_RING * largest_layer_bytes, slot_bytes)
+        """A fresh run prefix; rings of ``LAYERS_PER_RING`` of the largest layer per server."""
+        ring = max(LAYERS_PER_RING * largest_layer_bytes, 2 * slot_bytes)
         return cls(prefix=f"wafer-{secrets.token_hex(6)}-", slot_bytes=slot_bytes, ring_bytes=ring)
 
     def name_pattern(self) -> re.Pattern:
@@ -218,7 +219,8 @@ def _ring() -> Ring | None:
             if _state.ring is None:
                 # Made at the first write, when every server of this process has started:
                 # a host of several nodes gets a ring for each.
-                num_slots = max(2, plan.ring_bytes * max(1, _state.servers) // plan.slot_bytes)
+                ring_bytes = max(MIN_RING_BYTES, plan.ring_bytes * max(1, _state.servers))
+                num_slots = ring_bytes // plan.slot_bytes
                 name = plan.prefix + secrets.token_hex(_TOKEN_HEX // 2)
                 _state.ring = Ring(name, slot_bytes=plan.slot_bytes, num_slots=num_slots)
     return _state.ring

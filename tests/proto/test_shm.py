@@ -23,6 +23,7 @@ from proto.wire import decode, encode
 def plan(monkeypatch) -> shm.SharedMemoryPlan:
     """A fresh process state with shared memory on (small slots); its ring unlinked after."""
     monkeypatch.setattr(shm, "_state", shm._Process())
+    monkeypatch.setattr(shm, "MIN_RING_BYTES", 0)  # 8 slots: a test can lap the ring
     plan = shm.SharedMemoryPlan.generate(slot_bytes=1024, largest_layer_bytes=0)
     plan = shm.SharedMemoryPlan(prefix=plan.prefix, slot_bytes=1024, ring_bytes=8 * 1024)
     shm.activate(plan)
@@ -213,7 +214,7 @@ def test_plan_sizes_rings_for_a_few_layers():
     plan = shm.SharedMemoryPlan.generate(slot_bytes=1 << 20, largest_layer_bytes=100 << 20)
     assert plan.ring_bytes == shm.LAYERS_PER_RING * (100 << 20)
     small = shm.SharedMemoryPlan.generate(slot_bytes=1 << 20, largest_layer_bytes=1)
-    assert small.ring_bytes == shm.MIN_RING_BYTES
+    assert small.ring_bytes == 2 << 20  # two slots; the process's ring is MIN_RING_BYTES
     with pytest.raises(ValueError, match="prefix"):
         shm.SharedMemoryPlan(prefix="../x", slot_bytes=1, ring_bytes=1)
 
