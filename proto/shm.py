@@ -121,6 +121,12 @@ class Ring:
         # Mode 0600 (the default): only this user's processes can map it.
         memory = SharedMemory(name=name, create=True, size=size)
         self.segment = _Segment(memory, create=(slot_bytes, num_slots))
+        # Touch every page now: a ring is written through within a step or two anyway, and
+        # a first lap through fresh tmpfs pages costs a page fault per 4 KiB mid-stream.
+        zeros = bytes(slot_bytes)
+        for slot in range(num_slots):
+            start = self.segment.start(slot)
+            memory.buf[start : start + slot_bytes] = zeros
         self.name = name
         self._next = 0
         self._lock = threading.Lock()
