@@ -497,7 +497,7 @@ def main(argv: list[str] | None = None) -> dict:
     plan = None
     if args.shared_memory:
         plan = SharedMemoryPlan.generate(
-            slot_bytes=args.chunk_bytes, largest_layer_bytes=args.layer_mb << 20
+            slot_bytes=args.chunk_bytes, ring_bytes=4 * (args.layer_mb << 20)
         )
         SECURITY = dataclasses.replace(SECURITY, shared_memory=plan)
         shm.activate(plan, writes=False)  # this process reads what MemoryX sends it

@@ -607,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the report here")
     args = parser.parse_args(argv)
     # Shared memory on, as in a local run: references in chunks are checked, not just refused.
-    plan = SharedMemoryPlan.generate(slot_bytes=CHUNK_BYTES, largest_layer_bytes=0)
+    plan = SharedMemoryPlan.generate(slot_bytes=CHUNK_BYTES, ring_bytes=0)
     services = build_services(Security.generate(shared_memory=plan))
     try:
         services.train_step(0)

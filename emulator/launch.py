@@ -431,9 +431,9 @@ def launch(
         shared_memory=shared_memory_plan(
             config.runtime,
             slot_bytes=config.swarmx.chunk_bytes,
-            largest_layer_bytes=max(
-                (sum(p.numel() for p in layer.parameters()) * 4 for layer in layers), default=0
-            ),
+            layer_bytes=[sum(p.numel() for p in layer.parameters()) * 4 for layer in layers],
+            # At most: the MemoryX servers, the compute nodes and as many SwarmX nodes.
+            num_servers=config.memoryx.num_servers + config.num_nodes * 2,
         ),
     )
     # The driver reads chunks too (final weights, checkpoints); it writes them as bytes.

@@ -248,6 +248,8 @@ class _Guard(grpc.ServerInterceptor):
         def parsed(raw: bytes, context: grpc.ServicerContext) -> Any:
             try:
                 return parse(raw)
+            except WireError as exc:  # valid protobuf naming a chunk that cannot be read
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             except Exception:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the request is not valid protobuf")
 
@@ -283,6 +285,8 @@ class _Guard(grpc.ServerInterceptor):
                     watch.waiting_since = None
                 try:
                     item = parse(raw)
+                except WireError:
+                    raise  # valid protobuf naming a chunk that cannot be read (proto.shm)
                 except Exception:
                     # The servicer's rpc_errors answers INVALID_ARGUMENT.
                     raise WireError(

@@ -51,8 +51,17 @@ _TOKEN_HEX = 16
 SHM_DIR = Path("/dev/shm")
 #: The least ring of a process, bytes (a host of many small nodes needs no more).
 MIN_RING_BYTES = 32 << 20
-#: Layers a ring holds: two in flight (the pipelined pass) and a margin.
-LAYERS_PER_RING = 4
+
+
+def ring_bytes_for(layer_bytes: list[int]) -> int:
+    """Ring bytes per server that no reader of a training run falls behind, bytes.
+
+    A message naming a slot is ~100 bytes, so gRPC's flow control no longer holds a writer
+    back: a node may send a whole backward pass of gradients before MemoryX has read the
+    first. A step ends only when every update is applied, so no writer runs further ahead
+    than one step's bytes (the model, once) and the two layers in flight of the next.
+    """
+    return sum(layer_bytes) + 2 * max(layer_bytes, default=0)
 
 
 @dataclass(frozen=True)
@@ -75,9 +84,9 @@ class SharedMemoryPlan:
             )
 
     @classmethod
-    def generate(cls, *, slot_bytes: int, largest_layer_bytes: int) -> SharedMemoryPlan:
-        """A fresh run prefix; rings of ``LAYERS_PER_RING`` of the largest layer per server."""
-        ring = max(LAYERS_PER_RING * largest_layer_bytes, 2 * slot_bytes)
+    def generate(cls, *, slot_bytes: int, ring_bytes: int) -> SharedMemoryPlan:
+        """A fresh run prefix, with rings of ``ring_bytes`` per server (at least two slots)."""
+        ring = max(ring_bytes, 2 * slot_bytes)
         return cls(prefix=f"wafer-{secrets.token_hex(6)}-", slot_bytes=slot_bytes, ring_bytes=ring)
 
     def name_pattern(self) -> re.Pattern:

@@ -314,7 +314,7 @@ def test_the_ninth_stream_over_a_cap_of_eight_is_resource_exhausted():
 def test_fuzzed_messages_change_no_state_and_kill_no_service(shared_memory):
     # With shared memory on, a mutated chunk may name a segment, slot or generation: each is
     # checked (name of this run, bounds, seqlock) before anything is read.
-    plan = SharedMemoryPlan.generate(slot_bytes=1024, largest_layer_bytes=0)
+    plan = SharedMemoryPlan.generate(slot_bytes=1024, ring_bytes=0)
     cluster = build_services(Security.generate(shared_memory=plan if shared_memory else None))
     try:
         cluster.train_step(0)

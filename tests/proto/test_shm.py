@@ -24,7 +24,7 @@ def plan(monkeypatch) -> shm.SharedMemoryPlan:
     """A fresh process state with shared memory on (small slots); its ring unlinked after."""
     monkeypatch.setattr(shm, "_state", shm._Process())
     monkeypatch.setattr(shm, "MIN_RING_BYTES", 0)  # 8 slots: a test can lap the ring
-    plan = shm.SharedMemoryPlan.generate(slot_bytes=1024, largest_layer_bytes=0)
+    plan = shm.SharedMemoryPlan.generate(slot_bytes=1024, ring_bytes=0)
     plan = shm.SharedMemoryPlan(prefix=plan.prefix, slot_bytes=1024, ring_bytes=8 * 1024)
     shm.activate(plan)
     yield plan
@@ -210,18 +210,17 @@ def test_a_reader_leaves_the_writer_s_ring_when_it_exits(plan):
     assert bytes(shm.view(ref)) == bytes(sent.data)  # still the writer's ring
 
 
-def test_plan_sizes_rings_for_a_few_layers():
-    plan = shm.SharedMemoryPlan.generate(slot_bytes=1 << 20, largest_layer_bytes=100 << 20)
-    assert plan.ring_bytes == shm.LAYERS_PER_RING * (100 << 20)
-    small = shm.SharedMemoryPlan.generate(slot_bytes=1 << 20, largest_layer_bytes=1)
-    assert small.ring_bytes == 2 << 20  # two slots; the process's ring is MIN_RING_BYTES
+def test_rings_hold_a_step_of_writes_and_two_layers_more():
+    assert shm.ring_bytes_for([10, 30, 20]) == 60 + 2 * 30
+    plan = shm.SharedMemoryPlan.generate(slot_bytes=1 << 20, ring_bytes=1)
+    assert plan.ring_bytes == 2 << 20  # two slots; a process's ring is MIN_RING_BYTES
     with pytest.raises(ValueError, match="prefix"):
         shm.SharedMemoryPlan(prefix="../x", slot_bytes=1, ring_bytes=1)
 
 
 def test_generations_are_a_seqlock():
     """Odd while a slot is written, even after; the reference carries the even value."""
-    plan = shm.SharedMemoryPlan.generate(slot_bytes=16, largest_layer_bytes=0)
+    plan = shm.SharedMemoryPlan.generate(slot_bytes=16, ring_bytes=0)
     ring = shm.Ring(plan.prefix + "cd" * 8, slot_bytes=16, num_slots=2)
     try:
         refs = [ring.write(np.arange(4, dtype=np.float32).tobytes()) for _ in range(3)]
