@@ -41,9 +41,10 @@ class SharedSlot:
     """Where a chunk's payload lies in its writer's shared-memory ring (``proto.shm``)."""
 
     segment: str  # the ring's shared-memory name (a name of this run, never a path)
-    slot: int  # slot index in the ring
+    slot: int  # entry of the ring whose generation guards the payload
     length: int  # payload bytes in the slot
     generation: int  # the slot's generation when written (even: complete)
+    offset: int = 0  # where the payload starts in the ring's data bytes
 
 
 @dataclass(frozen=True)

@@ -155,7 +155,9 @@ def chunk_from_pb(c: pb.TensorChunk, data: bytes | memoryview) -> Chunk:
             raise WireError(f"chunk of {c.name!r} carries both bytes and a shared-memory slot")
         from proto import shm  # imports this module
 
-        shared = SharedSlot(c.shared.segment, c.shared.slot, c.shared.length, c.shared.generation)
+        shared = SharedSlot(
+            c.shared.segment, c.shared.slot, c.shared.length, c.shared.generation, c.shared.offset
+        )
         data = shm.view(shared)
     chunk = Chunk(
         layer=c.layer,

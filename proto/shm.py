@@ -25,7 +25,9 @@ against the segment's header and size.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import os
 import re
 import secrets
 import struct
@@ -40,17 +42,21 @@ import numpy as np
 from proto.domain import Chunk, SharedSlot
 from proto.frames import WireError
 
-#: Magic, slot size and slot count at the start of every ring.
+#: Magic, entry count and data bytes at the start of every ring.
 _HEADER = struct.Struct("<8sQQ")
 _MAGIC = b"wafershm"
 _ALIGN = 64
+#: Entries (payloads a ring can hold at once) per data byte, and at least.
+_BYTES_PER_ENTRY = 4096
+_MIN_ENTRIES = 4096
 #: A run's prefix: "wafer-" and 12 hex digits of its own; a ring adds 16 more.
 _PREFIX_PATTERN = re.compile(r"wafer-[0-9a-f]{12}-")
 _TOKEN_HEX = 16
 #: Where Linux keeps POSIX shared memory (the driver removes a run's leftovers there).
 SHM_DIR = Path("/dev/shm")
-#: The least ring of a process, bytes (a host of many small nodes needs no more).
-MIN_RING_BYTES = 32 << 20
+#: The least ring of a process, bytes: a few chunks' room for a tiny model. A ring is
+#: resident from its start (its pages are touched at creation), so no more than needed.
+MIN_RING_BYTES = 4 << 20
 
 
 def ring_bytes_for(layer_bytes: list[int]) -> int:
@@ -69,7 +75,7 @@ class SharedMemoryPlan:
     """What the processes of one single-host run share about shared memory."""
 
     prefix: str  # every segment name of the run starts with it
-    slot_bytes: int  # payload bytes of one slot (the chunk size), bytes
+    slot_bytes: int  # the largest payload a ring takes (the chunk size), bytes
     #: A ring's payload bytes per server its process hosts (a process's ring has at least
     #: MIN_RING_BYTES), bytes.
     ring_bytes: int
@@ -94,67 +100,92 @@ class SharedMemoryPlan:
 
 
 class _Segment:
-    """A ring's mapping: its generations and its slots."""
+    """A ring's mapping: the generation of each entry, and the data bytes."""
 
     def __init__(self, memory: SharedMemory, *, create: tuple[int, int] | None = None):
         self.memory = memory
         if create is not None:
             _HEADER.pack_into(memory.buf, 0, _MAGIC, *create)
-        magic, self.slot_bytes, self.num_slots = _HEADER.unpack_from(memory.buf, 0)
-        self.data_start = _data_start(self.num_slots)
+        magic, self.num_entries, self.data_bytes = _HEADER.unpack_from(memory.buf, 0)
+        self.data_start = _data_start(self.num_entries)
         if (
             magic != _MAGIC
-            or self.slot_bytes < 1
-            or self.num_slots < 1
-            or self.data_start + self.slot_bytes * self.num_slots > memory.size
+            or self.num_entries < 1
+            or self.data_bytes < 1
+            or self.data_start + self.data_bytes > memory.size
         ):
             raise WireError(f"shared-memory segment {memory.name!r} is not a ring of this run")
         self.generations = np.ndarray(
-            (self.num_slots,), dtype="<u8", buffer=memory.buf, offset=_HEADER.size
+            (self.num_entries,), dtype="<u8", buffer=memory.buf, offset=_HEADER.size
         )
 
-    def start(self, slot: int) -> int:
-        return self.data_start + slot * self.slot_bytes
 
-
-def _data_start(num_slots: int) -> int:
-    end = _HEADER.size + 8 * num_slots
+def _data_start(num_entries: int) -> int:
+    end = _HEADER.size + 8 * num_entries
     return -(-end // _ALIGN) * _ALIGN
 
 
 class Ring:
-    """This process's ring: payloads written round-robin into fixed-size slots."""
+    """This process's ring: each payload takes its own bytes (64-byte aligned) and an entry.
 
-    def __init__(self, name: str, *, slot_bytes: int, num_slots: int):
-        size = _data_start(num_slots) + slot_bytes * num_slots
+    Bytes are handed out in order and wrap at the end; entries round-robin. A write that
+    takes bytes or an entry an older payload still holds first makes that payload's
+    generation odd, so its readers see it was reused.
+    """
+
+    def __init__(self, name: str, *, data_bytes: int, max_chunk_bytes: int):
+        num_entries = max(_MIN_ENTRIES, data_bytes // _BYTES_PER_ENTRY)
+        size = _data_start(num_entries) + data_bytes
         # Mode 0600 (the default): only this user's processes can map it.
         memory = SharedMemory(name=name, create=True, size=size)
-        self.segment = _Segment(memory, create=(slot_bytes, num_slots))
+        self.segment = seg = _Segment(memory, create=(num_entries, data_bytes))
         # Touch every page now: a ring is written through within a step or two anyway, and
         # a first lap through fresh tmpfs pages costs a page fault per 4 KiB mid-stream.
-        zeros = bytes(slot_bytes)
-        for slot in range(num_slots):
-            start = self.segment.start(slot)
-            memory.buf[start : start + slot_bytes] = zeros
+        zeros = bytes(1 << 20)
+        for at in range(seg.data_start, size, len(zeros)):
+            memory.buf[at : min(at + len(zeros), size)] = zeros[: min(len(zeros), size - at)]
         self.name = name
-        self._next = 0
+        self.max_chunk_bytes = min(max_chunk_bytes, data_bytes)
+        self._head = 0  # next free data byte
+        self._next_entry = 0
+        self._live: collections.deque[tuple[int, int, int]] = collections.deque()  # entry, [a, b)
         self._lock = threading.Lock()
 
+    def _retire_oldest(self) -> None:
+        entry, _, _ = self._live.popleft()
+        generations = self.segment.generations
+        generations[entry] = int(generations[entry]) | 1  # odd: not what a reference names
+
     def write(self, data: bytes | memoryview) -> SharedSlot | None:
-        """Copy ``data`` into the next slot; its reference, or None when it does not fit."""
+        """Copy ``data`` into the ring; its reference, or None when it is too large."""
         length = data.nbytes if isinstance(data, memoryview) else len(data)
-        seg = self.segment
-        if length > seg.slot_bytes:
+        if length > self.max_chunk_bytes:
             return None
+        seg = self.segment
+        size = max(_ALIGN, -(-length // _ALIGN) * _ALIGN)
         with self._lock:
-            slot = self._next
-            self._next = (slot + 1) % seg.num_slots
-            generation = int(seg.generations[slot]) + 1
-            seg.generations[slot] = generation  # odd: being written
-            start = seg.start(slot)
-            seg.memory.buf[start : start + length] = data
-            seg.generations[slot] = generation + 1
-        return SharedSlot(self.name, slot, length, generation + 1)
+            live = self._live
+            if self._head + size > seg.data_bytes:
+                # Wrap: the payloads left in the tail are the oldest; they go first.
+                while live and live[0][1] >= self._head:
+                    self._retire_oldest()
+                self._head = 0
+            start, stop = self._head, self._head + size
+            while live and live[0][1] < stop and live[0][2] > start:
+                self._retire_oldest()
+            entry = self._next_entry
+            self._next_entry = (entry + 1) % seg.num_entries
+            if len(live) == seg.num_entries:
+                self._retire_oldest()  # the entry this write takes
+            generation = int(seg.generations[entry])
+            generation += 1 if generation % 2 == 0 else 2  # odd: being written
+            seg.generations[entry] = generation
+            at = seg.data_start + start
+            seg.memory.buf[at : at + length] = data
+            seg.generations[entry] = generation + 1
+            live.append((entry, start, stop))
+            self._head = stop
+        return SharedSlot(self.name, entry, length, generation + 1, start)
 
     def close(self) -> None:
         _close(self.segment.memory)
@@ -235,9 +266,8 @@ def _ring() -> Ring | None:
                 # Made at the first write, when every server of this process has started:
                 # a host of several nodes gets a ring for each.
                 ring_bytes = max(MIN_RING_BYTES, plan.ring_bytes * max(1, _state.servers))
-                num_slots = ring_bytes // plan.slot_bytes
                 name = plan.prefix + secrets.token_hex(_TOKEN_HEX // 2)
-                _state.ring = Ring(name, slot_bytes=plan.slot_bytes, num_slots=num_slots)
+                _state.ring = Ring(name, data_bytes=ring_bytes, max_chunk_bytes=plan.slot_bytes)
     return _state.ring
 
 
@@ -282,6 +312,10 @@ def _attach(name: str) -> _Segment:
     # unlink the writer's ring when this reader exits (and warn): it is not ours.
     resource_tracker.unregister(memory._name, "shared_memory")  # type: ignore[attr-defined]
     try:
+        # /dev/shm is every user's: a segment of this name that another user made (the
+        # prefix leaked) is not one of this run's rings.
+        if os.fstat(memory._fd).st_uid != os.getuid():  # type: ignore[attr-defined]
+            raise WireError(f"shared-memory segment {name!r} belongs to another user")
         return _Segment(memory)
     except WireError:
         _close(memory)
@@ -291,14 +325,19 @@ def _attach(name: str) -> _Segment:
 def view(ref: SharedSlot) -> memoryview:
     """The payload ``ref`` names, viewed in place (no copy); ``verify`` after copying it."""
     segment = _segment(ref.segment)
-    if not 0 <= ref.slot < segment.num_slots or not 0 <= ref.length <= segment.slot_bytes:
+    if (
+        not 0 <= ref.slot < segment.num_entries
+        or ref.offset < 0
+        or ref.length < 0
+        or ref.offset + ref.length > segment.data_bytes
+    ):
         raise WireError(
-            f"shared-memory slot {ref.slot} ({ref.length} bytes) is outside segment "
-            f"{ref.segment!r} ({segment.num_slots} slots of {segment.slot_bytes} bytes)"
+            f"shared-memory entry {ref.slot} ({ref.length} bytes at {ref.offset}) is outside "
+            f"segment {ref.segment!r} ({segment.num_entries} entries, {segment.data_bytes} bytes)"
         )
     if ref.generation % 2 or int(segment.generations[ref.slot]) != ref.generation:
         raise _overwritten(ref)
-    start = segment.start(ref.slot)
+    start = segment.data_start + ref.offset
     return segment.memory.buf[start : start + ref.length]
 
 
@@ -318,7 +357,7 @@ def verify_chunk(chunk: Chunk) -> None:
 
 def _overwritten(ref: SharedSlot) -> WireError:
     return WireError(
-        f"shared-memory slot {ref.slot} of {ref.segment!r} was reused before it was read "
+        f"shared-memory entry {ref.slot} of {ref.segment!r} was reused before it was read "
         "(the writer ran more than a ring ahead); the step runs again"
     )
 

@@ -65,16 +65,18 @@ class TensorChunk(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., step: _Optional[int] = ..., name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., tensor_bytes: _Optional[int] = ..., data: _Optional[bytes] = ..., encoding: _Optional[str] = ..., index_bytes: _Optional[int] = ..., shared: _Optional[_Union[SharedSlot, _Mapping]] = ...) -> None: ...
 
 class SharedSlot(_message.Message):
-    __slots__ = ("segment", "slot", "length", "generation")
+    __slots__ = ("segment", "slot", "length", "generation", "offset")
     SEGMENT_FIELD_NUMBER: _ClassVar[int]
     SLOT_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
     segment: str
     slot: int
     length: int
     generation: int
-    def __init__(self, segment: _Optional[str] = ..., slot: _Optional[int] = ..., length: _Optional[int] = ..., generation: _Optional[int] = ...) -> None: ...
+    offset: int
+    def __init__(self, segment: _Optional[str] = ..., slot: _Optional[int] = ..., length: _Optional[int] = ..., generation: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class LayerMessage(_message.Message):
     __slots__ = ("header", "chunk")

@@ -81,6 +81,7 @@ def encode(item: Any) -> bytes:
                 fields.shared.slot = ref.slot
                 fields.shared.length = ref.length
                 fields.shared.generation = ref.generation
+                fields.shared.offset = ref.offset
                 return b"\x12" + _varint(fields.ByteSize()) + fields.SerializeToString()
         fields = chunk_fields(item).SerializeToString()
         size = data.nbytes if isinstance(data, memoryview) else len(data)

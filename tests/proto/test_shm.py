@@ -7,13 +7,12 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from proto import shm
 from proto import tensor_pb2 as pb
-from proto.domain import Chunk, SharedSlot
+from proto.domain import Chunk
 from proto.frames import WireError, to_wire
 from proto.serde import Expected, LayerAssembler, layer_items
 from proto.wire import decode, encode
@@ -114,16 +113,29 @@ def test_segment_names_of_other_runs_or_paths_are_refused(plan, segment):
         decode(_reference(segment))
 
 
-def test_slot_and_length_are_checked_against_the_segment(plan):
+def _reference_at(segment: str, **fields) -> bytes:
+    message = pb.LayerMessage.FromString(_reference(segment))
+    for name, value in fields.items():
+        setattr(message.chunk.shared, name, value)
+    return message.SerializeToString()
+
+
+def test_entry_offset_and_length_are_checked_against_the_segment(plan):
     ring_name = decode(encode(_items()[1])).shared.segment
-    with pytest.raises(WireError, match="outside segment"):
-        decode(_reference(ring_name, slot=8))
-    with pytest.raises(WireError, match="outside segment"):
-        decode(_reference(ring_name, slot=-1))
-    with pytest.raises(WireError, match="outside segment"):
-        decode(_reference(ring_name, length=1025))
+    segment = shm._state.ring.segment
+    for fields in [
+        {"slot": segment.num_entries},
+        {"slot": -1},
+        {"offset": -64},
+        {"offset": segment.data_bytes - 4, "length": 8},
+        {"length": -1},
+    ]:
+        with pytest.raises(WireError, match="outside segment"):
+            decode(_reference_at(ring_name, **fields))
     with pytest.raises(WireError, match="reused"):
-        decode(_reference(ring_name, slot=0, generation=3))  # odd: never complete
+        decode(_reference_at(ring_name, generation=3))  # odd: never complete
+    with pytest.raises(WireError, match="reused"):
+        decode(_reference_at(ring_name, slot=1))  # an entry not written yet
 
 
 def test_a_name_of_this_run_that_does_not_exist_is_a_wire_error(plan):
@@ -218,14 +230,43 @@ def test_rings_hold_a_step_of_writes_and_two_layers_more():
         shm.SharedMemoryPlan(prefix="../x", slot_bytes=1, ring_bytes=1)
 
 
-def test_generations_are_a_seqlock():
-    """Odd while a slot is written, even after; the reference carries the even value."""
+def _ring(data_bytes: int, **kw) -> shm.Ring:
     plan = shm.SharedMemoryPlan.generate(slot_bytes=16, ring_bytes=0)
-    ring = shm.Ring(plan.prefix + "cd" * 8, slot_bytes=16, num_slots=2)
+    return shm.Ring(plan.prefix + "cd" * 8, data_bytes=data_bytes, max_chunk_bytes=256, **kw)
+
+
+def _current(ring: shm.Ring, ref) -> bool:
+    return int(ring.segment.generations[ref.slot]) == ref.generation
+
+
+def test_a_write_retires_the_payloads_whose_bytes_it_takes():
+    """Generations are a seqlock: odd while written or retired, even (one more) after."""
+    ring = _ring(256)
     try:
-        refs = [ring.write(np.arange(4, dtype=np.float32).tobytes()) for _ in range(3)]
-        assert [r.generation for r in refs] == [2, 2, 4]
-        assert [r.slot for r in refs] == [0, 1, 0]
-        assert isinstance(refs[0], SharedSlot) and ring.write(b"\0" * 17) is None
+        a, b, c = (ring.write(bytes(64)) for _ in range(3))
+        assert [r.offset for r in (a, b, c)] == [0, 64, 128]
+        assert [r.generation for r in (a, b, c)] == [2, 2, 2]
+        d = ring.write(bytes(100))  # 128 bytes from 192 do not fit: wraps to 0, takes a, b
+        assert d.offset == 0 and not _current(ring, a) and not _current(ring, b)
+        assert _current(ring, c) and _current(ring, d)
+        e = ring.write(bytes(64))  # 128..192: c's bytes
+        assert e.offset == 128 and not _current(ring, c) and _current(ring, d)
+        f = ring.write(bytes(10))  # the tail 192..256 is free
+        assert f.offset == 192 and _current(ring, d) and _current(ring, e)
+        assert ring.write(bytes(257)) is None  # larger than max_chunk_bytes: inline
+        again = ring.write(bytes(64))  # wraps: d's bytes; a's entry taken anew
+        assert again.slot == 6 and not _current(ring, d) and again.generation == 2
+    finally:
+        ring.close()
+
+
+def test_a_reused_entry_retires_its_payload(monkeypatch):
+    monkeypatch.setattr(shm, "_MIN_ENTRIES", 2)
+    ring = _ring(1 << 20)  # 256 entries
+    try:
+        refs = [ring.write(bytes(8)) for _ in range(ring.segment.num_entries + 1)]
+        # 2 when first written, 3 retired, 5 while written again, 6 after.
+        assert refs[-1].slot == refs[0].slot and refs[-1].generation == 6
+        assert not _current(ring, refs[0]) and _current(ring, refs[1])
     finally:
         ring.close()
