@@ -91,8 +91,9 @@ class SharedMemoryPlan:
 
     @classmethod
     def generate(cls, *, slot_bytes: int, ring_bytes: int) -> SharedMemoryPlan:
-        """A fresh run prefix, with rings of ``ring_bytes`` per server (at least two slots)."""
-        ring = max(ring_bytes, 2 * slot_bytes)
+        """A fresh run prefix, with rings of ``ring_bytes`` per server, and room for the
+        bytes a wrap leaves unused (up to a chunk) and payloads' 64-byte alignment."""
+        ring = ring_bytes + 2 * slot_bytes
         return cls(prefix=f"wafer-{secrets.token_hex(6)}-", slot_bytes=slot_bytes, ring_bytes=ring)
 
     def name_pattern(self) -> re.Pattern:
