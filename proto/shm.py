@@ -2,25 +2,27 @@
 
 When every component of a run shares one host (``runtime.shared_memory``), each
 process that writes layer streams (MemoryX serving weights, compute nodes sending
-gradients, SwarmX sending sums) owns a ring of fixed-size slots in POSIX shared
-memory (``multiprocessing.shared_memory``, mode 0600, named ``<run prefix><random
-token>``). ``proto.wire.encode`` copies a chunk's payload into the next slot (the one
-copy a gRPC send makes into its message) and sends a ``SharedSlot`` reference instead
-of the bytes; a relay forwards the reference untouched; the reader views the slot
-and copies it once into its preallocated tensor (``proto.serde.LayerAssembler``).
-The traffic counters and the emulated clock count the payload as having crossed the
-fabric, since ``len(chunk.data)`` is the same either way.
+gradients, SwarmX sending sums) owns a ring in POSIX shared memory
+(``multiprocessing.shared_memory``, mode 0600, named ``<run prefix><random token>``).
+``proto.wire.encode`` copies a chunk's payload into the ring's next free bytes (the one
+copy a gRPC send makes into its message) and sends a ``SharedSlot`` reference (entry,
+offset, length, generation) instead of the bytes; a relay forwards the reference
+untouched; the reader views the bytes and copies them once into its preallocated tensor
+(``proto.serde.LayerAssembler``). The traffic counters and the emulated clock count the
+payload as having crossed the fabric, since ``len(chunk.data)`` is the same either way.
 
-Slot reuse is a seqlock: the writer makes a slot's generation odd before it writes
-and even (one more) after; the reference carries the even value. A reader checks the
-generation before it views the slot and again after its copy (``verify``); a slot the
-writer reused meanwhile raises ``WireError``, as a corrupt stream does, so the step is
-run again: never silently wrong bytes. Rings hold a few layers (``ring_bytes``), so
-this does not happen in a normal run; a chunk larger than a slot goes inline.
+Reuse is a seqlock per entry: the writer makes an entry's generation odd before it
+writes and even (one more) after; the reference carries the even value; a later write
+that takes the payload's bytes or its entry makes it odd again. A reader checks the
+generation before it views the payload and again after its copy (``verify``); a payload
+reused meanwhile raises ``WireError``, as a corrupt stream does, so the step runs
+again: never silently wrong bytes. A ring holds what its process writes in a step and
+two layers more (``ring_bytes_for``), so this does not happen in a normal run; a chunk
+larger than the chunk size goes inline.
 
-No path comes from the wire: a segment name must match this run's prefix and a
-strict pattern before this process attaches it, and slot and length are checked
-against the segment's header and size.
+No path comes from the wire: a segment name must match this run's prefix and a strict
+pattern, and belong to this user, before this process attaches it; entry, offset and
+length are checked against the segment's header and size.
 """
 
 from __future__ import annotations
