@@ -26,6 +26,7 @@ chunk values viewed in the received bytes, no protobuf object per chunk).
     python benchmarks/bench_swarmx.py            # 64 MiB layer, 4 sinks, ~35 s
     python benchmarks/bench_swarmx.py --quick    # 16 MiB layer, ~10 s
     python benchmarks/bench_swarmx.py --processes --json out.json   # ~1.5 min
+    python benchmarks/bench_swarmx.py --quick --shared-memory        # co-located fast path
 
 This is a measurement script, not a test: it asserts nothing about time.
 """
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -52,12 +54,15 @@ from memoryx.service import MemoryXServicer
 from memoryx.service import register as register_memoryx
 from proto import memoryx_pb2 as mpb
 from proto import memoryx_pb2_grpc as mgrpc
+from proto import shm
 from proto import swarmx_pb2 as spb
 from proto import swarmx_pb2_grpc as sgrpc
 from proto import tensor_pb2 as pb
 from proto.domain import Chunk, Header
+from proto.frames import verify_shared
 from proto.rpc import Security, channel, start_server
 from proto.serde import DEFAULT_CHUNK_BYTES, encode_layer
+from proto.shm import SharedMemoryPlan
 from proto.wire import fast_channel
 from proto.wire import register as register_fast
 from swarmx.service import SwarmXServicer
@@ -87,6 +92,7 @@ class CountingSink(sgrpc.LayerSinkServicer):
                 header = item
             elif isinstance(item, Chunk):
                 received += len(item.data)
+                _read_out(item)
         with self._lock:
             self.payload_bytes += received
         return pb.LayerAck(
@@ -97,6 +103,24 @@ class CountingSink(sgrpc.LayerSinkServicer):
             bytes_to_nodes=received,
             update_applied=True,
         )
+
+
+def _read_out(chunk: Chunk) -> None:
+    """A chunk in shared memory is copied out and checked, as a node's assembler does (over
+    gRPC the receiver's copy is the transport's, already made)."""
+    if chunk.shared is not None:
+        _scratch(len(chunk.data))[: len(chunk.data)] = chunk.data
+        verify_shared(chunk)
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(size: int) -> bytearray:
+    buffer = getattr(_SCRATCH, "buffer", None)
+    if buffer is None or len(buffer) < size:
+        buffer = _SCRATCH.buffer = bytearray(size)
+    return buffer
 
 
 def _layer_weight(num_params: int, seed: int) -> torch.Tensor:
@@ -262,7 +286,12 @@ class Setup:
         stream = self.memoryx_stub.StreamWeights(
             mpb.WeightsRequest(layer=0, step=0, phase=pb.FORWARD, dtype="float32")
         )
-        return sum(len(m.data) for m in stream if isinstance(m, Chunk))
+        received = 0
+        for item in stream:
+            if isinstance(item, Chunk):
+                received += len(item.data)
+                _read_out(item)
+        return received
 
     def p2p_raw(self) -> int:
         return sum(len(chunk) for chunk in self.raw_pull(b""))
@@ -359,6 +388,9 @@ def measure(args: argparse.Namespace) -> dict:
         "nodes": args.nodes,
         "repeats": args.repeats,
         "mode": "processes" if args.processes else "threads",
+        # Chunk payloads through shared memory (MemoryX and SwarmX write rings; the raw
+        # stream, the baseline of issue 14's ratios, stays gRPC bytes).
+        "shared_memory": args.shared_memory,
         "baseline": "p2p-memoryx",
         "rows": rows,
         "headline": {
@@ -393,7 +425,9 @@ def print_table(result: dict) -> None:
     print(
         f"\nlayer {result['layer_bytes'] / (1 << 20):g} MiB ({result['layer_params']:,} fp32 params), "
         f"{result['chunk_bytes'] / (1 << 20):g} MiB chunks, median of {result['repeats']} rounds, "
-        f"servers as {result['mode']}, {result['machine']['cpus']} CPUs, "
+        f"servers as {result['mode']}"
+        f"{' (chunks through shared memory)' if result['shared_memory'] else ''}, "
+        f"{result['machine']['cpus']} CPUs, "
         f"load {result['machine']['load_avg_1m']:.2f}"
     )
     header = (
@@ -445,6 +479,12 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="run every server in its own process (as the Ray actors do) instead of threads",
     )
+    parser.add_argument(
+        "--shared-memory",
+        action="store_true",
+        help="MemoryX and SwarmX send chunk payloads through shared memory (runtime."
+        "shared_memory: auto on one host); the raw stream stays gRPC bytes",
+    )
     parser.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -453,7 +493,20 @@ def main(argv: list[str] | None = None) -> dict:
         args.layer_mb = 16 if args.quick else 64
     if args.repeats is None:
         args.repeats = 5 if args.quick else 20
-    result = measure(args)
+    global SECURITY
+    plan = None
+    if args.shared_memory:
+        plan = SharedMemoryPlan.generate(
+            slot_bytes=args.chunk_bytes, ring_bytes=4 * (args.layer_mb << 20)
+        )
+        SECURITY = dataclasses.replace(SECURITY, shared_memory=plan)
+        shm.activate(plan, writes=False)  # this process reads what MemoryX sends it
+    try:
+        result = measure(args)
+    finally:
+        if plan is not None:
+            shm.reset()
+            shm.remove_run_segments(plan)
     print_table(result)
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2))

@@ -51,11 +51,13 @@ from nodes.worker import NodeWorker
 from proto import memoryx_pb2 as mpb
 from proto import memoryx_pb2_grpc as mgrpc
 from proto import node_pb2_grpc as ngrpc
+from proto import shm
 from proto import swarmx_pb2 as spb
 from proto import swarmx_pb2_grpc as sgrpc
 from proto import tensor_pb2 as pb
 from proto.rpc import Security, channel, start_server
 from proto.serde import encode_layer
+from proto.shm import SharedMemoryPlan
 from swarmx.service import SwarmXServicer
 from swarmx.service import register as register_swarmx
 from swarmx.tree import build_tree, node_name
@@ -431,6 +433,9 @@ def _mutate_fields(rng: random.Random, message) -> str:
         kind = message.WhichOneof("kind") or "chunk"
         target = getattr(message, kind)
     descriptor = rng.choice(target.DESCRIPTOR.fields)
+    if descriptor.message_type is not None and not descriptor.is_repeated:
+        # A nested message (TensorChunk.shared): one of its fields, which also sets it.
+        return f"{descriptor.name}.{_mutate_fields(rng, getattr(target, descriptor.name))}"
     if descriptor.is_repeated:
         values = getattr(target, descriptor.name)
         op = rng.randrange(3)
@@ -601,12 +606,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the report here")
     args = parser.parse_args(argv)
-    services = build_services(Security.generate())
+    # Shared memory on, as in a local run: references in chunks are checked, not just refused.
+    plan = SharedMemoryPlan.generate(slot_bytes=CHUNK_BYTES, ring_bytes=0)
+    services = build_services(Security.generate(shared_memory=plan))
     try:
         services.train_step(0)
         report = fuzz(services, num_calls=args.messages, seed=args.seed)
     finally:
         services.stop()
+        shm.reset()
+        shm.remove_run_segments(plan)
     result = report.to_json()
     for key, value in result.items():
         print(f"{key:24s} {value}")

@@ -135,6 +135,12 @@ class RuntimeConfig:
         "numerics; a batch that does not divide across the survivors falls back to replace)",
         default="replace",
     )
+    shared_memory: Literal["auto", "off"] = doc(
+        "move chunk payloads between co-located components through shared memory instead of "
+        "gRPC bytes (still counted as fabric traffic); 'auto': when every component runs on "
+        "one machine (a local Ray, or a Ray cluster of one node), 'off': always gRPC bytes",
+        default="auto",
+    )
 
     def __post_init__(self) -> None:
         if self.insecure and (self.tls.force or self.tls.user_provided):

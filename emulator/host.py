@@ -13,6 +13,7 @@ members from their constructor arguments and rewires each of them and their neig
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Literal
 import ray
 
 from emulator.memory import available_memory_bytes, rss_bytes
+from proto import shm
 from proto.rpc import ray_node_ip
 
 if TYPE_CHECKING:  # a host process needs none of the config system
@@ -101,9 +103,14 @@ class ComponentHost:
         if component is not None:
             component.stop()
 
+    def shared_memory_counters(self) -> dict[str, int]:
+        """Chunks this process moved through shared memory (``proto.shm``), by kind."""
+        return dataclasses.asdict(shm.counters())
+
     def stop(self) -> None:
         for component in self.components.values():
             component.stop()
+        shm.close()  # unlink this process's ring
 
 
 def nodes_per_process(

@@ -40,12 +40,14 @@ from emulator.runtime import (
     export_checkpoint,
     placement_options,
     run_security,
+    shared_memory_plan,
     write_client_files,
 )
 from memoryx.actor import MemoryXActor
 from memoryx.shard_plan import Shard
 from nodes.actor import NodeActor
 from nodes.worker import strip_parameters
+from proto import shm
 from proto.rpc import Security
 from swarmx.actor import SwarmXActor
 from swarmx.tree import TreeNode, node_name
@@ -380,6 +382,10 @@ class Cluster:
             ray.kill(handle)
         if self.placement_group is not None:
             remove_placement_group(self.placement_group)
+        if self.security.shared_memory is not None:
+            shm.reset()  # the driver's views of the rings
+            # Rings of processes a fault killed (the others unlinked theirs when stopped).
+            shm.remove_run_segments(self.security.shared_memory)
         # The token is worthless now; a temporary run directory goes with it.
         (self.run_dir / TOKEN_FILE).unlink(missing_ok=True)
         if self._temporary_run_dir:
@@ -420,7 +426,18 @@ def launch(
     ensure_ray(config.runtime.address, verbose=config.runtime.verbose)
     ray_started = time.perf_counter()
     host = config.runtime.host
-    security = run_security(config.runtime)
+    security = run_security(
+        config.runtime,
+        shared_memory=shared_memory_plan(
+            config.runtime,
+            slot_bytes=config.swarmx.chunk_bytes,
+            layer_bytes=[sum(p.numel() for p in layer.parameters()) * 4 for layer in layers],
+            # At most: the MemoryX servers, the compute nodes and as many SwarmX nodes.
+            num_servers=config.memoryx.num_servers + config.num_nodes * 2,
+        ),
+    )
+    # The driver reads chunks too (final weights, checkpoints); it writes them as bytes.
+    shm.activate(security.shared_memory, writes=False)
     run_dir, temporary = _make_run_dir(config.runtime)
     checkpoint_dir = run_dir / CHECKPOINT_DIR
     try:

@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import ray
+
 if TYPE_CHECKING:
     from emulator.launch import Cluster
 
@@ -162,6 +164,7 @@ class RuntimeWatch:
         self._step_cpu_s: dict[str, float] | None = None
         self._last_step_cpu_s: dict[str, float] = {}
         self._num_later_steps = 0
+        self.shared_memory: dict | None = None  # read at stop, while the processes live
 
     def steps_started(self) -> None:
         self._steps_started_s, self._steps_started_age_s = time.perf_counter(), process_age_s()
@@ -213,6 +216,41 @@ class RuntimeWatch:
     def stop(self) -> None:
         if self.sampler._thread.is_alive():
             self.sampler.__exit__(None, None, None)
+        self.shared_memory = self._shared_memory()
+
+    def _shared_memory(self) -> dict:
+        """Chunks moved through shared memory by the live processes (``proto.shm``), in all
+        and by kind of process: by reference ``written`` and ``read`` (verified), and
+        ``inline`` (too large for a slot)."""
+        cluster = self.cluster
+        plan = cluster.security.shared_memory
+        out: dict = {"enabled": plan is not None}
+        if plan is None:
+            return out
+        swarmx = {t.name for t in cluster.tree}
+        kinds: dict = {}
+        for name, handle in cluster.host_of.items():
+            kind = (
+                "memoryx" if cluster.is_memoryx(name) else "swarmx" if name in swarmx else "nodes"
+            )
+            # A process of SwarmX and compute nodes counts with the compute nodes.
+            if kinds.get(id(handle), (None, ""))[1] != "nodes":
+                kinds[id(handle)] = (handle, kind)
+        handles = list(kinds.values())
+        refs = [h.shared_memory_counters.remote() for h, _ in handles]
+        ray.wait(refs, num_returns=len(refs), timeout=10)
+        zero = {"written": 0, "read": 0, "inline": 0}
+        out.update(zero)
+        out["by_kind"] = {k: dict(zero) for k in ("memoryx", "swarmx", "nodes")}
+        for (_, kind), ref in zip(handles, refs, strict=True):
+            try:
+                counts = ray.get(ref, timeout=0)
+            except (ray.exceptions.RayError, TimeoutError):  # a process lost to a fault
+                continue
+            for key, value in counts.items():
+                out[key] += value
+                out["by_kind"][kind][key] += value
+        return out
 
     def report(self, first_step_wall_s: float | None) -> dict:
         """The block, given the first step's own wall time (None: no step ran)."""
@@ -252,4 +290,7 @@ class RuntimeWatch:
             },
             "placement_strategy": cluster.placement_strategy,
             "placement": self.placement,
+            # runtime.shared_memory: whether chunk payloads went through shared memory, and
+            # how many (the traffic figures count them as fabric bytes all the same).
+            "shared_memory": self.shared_memory,
         }

@@ -29,8 +29,10 @@ from emulator import early_ray
 from emulator.address import _host_port
 from emulator.config import RuntimeConfig
 from emulator.early_ray import ray_keeps_loopback, start_local_ray
+from emulator.memory import available_memory_bytes
 from memoryx.checkpoint import confined_path, copy_checkpoint_dir
 from proto.rpc import TOKEN_METADATA_KEY, Security, TlsMaterial, is_loopback
+from proto.shm import MIN_RING_BYTES, SharedMemoryPlan, ring_bytes_for
 from proto.tls import generate_run_tls, read_tls
 
 
@@ -163,8 +165,40 @@ def client_security(run_dir: str | Path) -> Security:
     return Security(token=(run_dir / TOKEN_FILE).read_text().strip(), tls=tls)
 
 
-def run_security(runtime: RuntimeConfig) -> Security:
-    """A fresh token, and TLS wherever a service binds an address other machines reach."""
+def _single_host() -> bool:
+    """Every process of the run lands on one machine: the Ray cluster has one live node."""
+    return sum(1 for node in ray.nodes() if node.get("Alive")) == 1
+
+
+#: Share of the available memory the rings of a run may take (``shared_memory_plan``).
+SHARED_MEMORY_FRACTION = 0.25
+#: ``runtime.shared_memory``: whether a run moves chunk payloads through shared memory.
+SHARED_MEMORY_WHEN = {"auto": _single_host, "off": lambda: False}
+
+
+def shared_memory_plan(
+    runtime: RuntimeConfig, *, slot_bytes: int, layer_bytes: list[int], num_servers: int
+) -> SharedMemoryPlan | None:
+    """The run's shared-memory plan (its segment prefix, slot and ring sizes), or None when
+    chunks travel as gRPC bytes (``runtime.shared_memory``; Ray must be up).
+
+    ``auto`` also keeps gRPC bytes when the rings of ``num_servers`` servers would take more
+    than ``SHARED_MEMORY_FRACTION`` of the available memory (a model beyond RAM)."""
+    if not SHARED_MEMORY_WHEN[runtime.shared_memory]():
+        return None
+    ring_bytes = ring_bytes_for(layer_bytes)
+    if num_servers * max(ring_bytes, MIN_RING_BYTES) > SHARED_MEMORY_FRACTION * (
+        available_memory_bytes() or 0
+    ):
+        return None
+    return SharedMemoryPlan.generate(slot_bytes=slot_bytes, ring_bytes=ring_bytes)
+
+
+def run_security(
+    runtime: RuntimeConfig, *, shared_memory: SharedMemoryPlan | None = None
+) -> Security:
+    """A fresh token, and TLS wherever a service binds an address other machines reach;
+    ``shared_memory``: the run's plan for co-located chunk payloads (``proto.shm``)."""
     off_host = not is_loopback(runtime.host)
     if runtime.tls.user_provided:
         tls = read_tls(runtime.tls.ca, runtime.tls.cert, runtime.tls.key, runtime.tls.server_name)
@@ -182,6 +216,7 @@ def run_security(runtime: RuntimeConfig) -> Security:
         tls=tls,
         stream_idle_s=runtime.stream_idle_s,
         max_streams=runtime.max_streams_per_service,
+        shared_memory=shared_memory,
     )
 
 

@@ -37,6 +37,17 @@ class Header:
 
 
 @dataclass(frozen=True)
+class SharedSlot:
+    """Where a chunk's payload lies in its writer's shared-memory ring (``proto.shm``)."""
+
+    segment: str  # the ring's shared-memory name (a name of this run, never a path)
+    slot: int  # entry of the ring whose generation guards the payload
+    length: int  # payload bytes in the slot
+    generation: int  # the slot's generation when written (even: complete)
+    offset: int = 0  # where the payload starts in the ring's data bytes
+
+
+@dataclass(frozen=True)
 class Chunk:
     """One slice of one tensor of a layer: raw little-endian bytes at ``offset``."""
 
@@ -54,6 +65,9 @@ class Chunk:
     #: forwards it without encoding it again. Not an init field: ``dataclasses.replace``
     #: (a changed chunk) drops it.
     wire: bytes | None = field(default=None, init=False, repr=False, compare=False)
+    #: The shared-memory slot ``data`` views (``proto.shm``), which its writer may reuse:
+    #: a reader checks it is unchanged after copying ``data`` (``proto.shm.verify``).
+    shared: SharedSlot | None = field(default=None, init=False, repr=False, compare=False)
 
 
 #: One element of a layer stream: a ``Header``, then the ``Chunk`` s of every tensor.

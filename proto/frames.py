@@ -16,7 +16,7 @@ import numpy as np
 
 from core.precision import PRECISIONS
 from proto import tensor_pb2 as pb
-from proto.domain import Chunk, Header, Phase, StreamItem
+from proto.domain import Chunk, Header, Phase, SharedSlot, StreamItem
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 
@@ -68,13 +68,23 @@ def recast_chunk(chunk: Chunk, target: str) -> Chunk:
     # torch rounds (bfloat16 as well): imported only where a mixed tree recasts.
     from proto.serde import recast_bytes
 
+    data = recast_bytes(chunk.data, chunk.dtype, target)
+    verify_shared(chunk)
     return dataclasses.replace(
         chunk,
         dtype=target,
         offset=chunk.offset * target_size // source_size,
         tensor_bytes=chunk.tensor_bytes * target_size // source_size,
-        data=recast_bytes(chunk.data, chunk.dtype, target),
+        data=data,
     )
+
+
+def verify_shared(chunk: Chunk) -> None:
+    """After a copy of a chunk's data: WireError if it viewed a reused shared-memory slot."""
+    if chunk.shared is not None:
+        from proto import shm  # imports this module
+
+        shm.verify(chunk.shared)
 
 
 def layer_header(
@@ -118,7 +128,9 @@ def to_wire(item: StreamItem) -> pb.LayerMessage:
     """One element of a layer stream as the protobuf message that carries it."""
     if isinstance(item, Chunk):
         # protobuf takes bytes, not a memoryview; bytes(bytes) is no copy.
-        return pb.LayerMessage(chunk=chunk_fields(item, bytes(item.data)))
+        message = pb.LayerMessage(chunk=chunk_fields(item, bytes(item.data)))
+        verify_shared(item)
+        return message
     return pb.LayerMessage(
         header=pb.LayerHeader(
             layer=item.layer,
@@ -134,8 +146,20 @@ def to_wire(item: StreamItem) -> pb.LayerMessage:
 
 
 def chunk_from_pb(c: pb.TensorChunk, data: bytes | memoryview) -> Chunk:
-    """The ``Chunk`` of a ``TensorChunk``, its payload ``data`` (the wire codec passes a view)."""
-    return Chunk(
+    """The ``Chunk`` of a ``TensorChunk``, its payload ``data`` (the wire codec passes a view).
+
+    A chunk whose payload lies in shared memory (``proto.shm``) views its slot instead."""
+    shared = None
+    if c.HasField("shared"):
+        if len(data):
+            raise WireError(f"chunk of {c.name!r} carries both bytes and a shared-memory slot")
+        from proto import shm  # imports this module
+
+        shared = SharedSlot(
+            c.shared.segment, c.shared.slot, c.shared.length, c.shared.generation, c.shared.offset
+        )
+        data = shm.view(shared)
+    chunk = Chunk(
         layer=c.layer,
         step=c.step,
         name=c.name,
@@ -147,6 +171,9 @@ def chunk_from_pb(c: pb.TensorChunk, data: bytes | memoryview) -> Chunk:
         encoding=c.encoding,
         index_bytes=c.index_bytes,
     )
+    if shared is not None:
+        object.__setattr__(chunk, "shared", shared)
+    return chunk
 
 
 def from_wire(message: pb.LayerMessage | StreamItem) -> StreamItem:

@@ -24,7 +24,9 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 
+from proto import shm
 from proto.frames import WireError
+from proto.shm import SharedMemoryPlan
 
 # Chunks are ~1 MB; leave room for the message envelope. A larger message is
 # refused with RESOURCE_EXHAUSTED before any servicer sees it.
@@ -64,6 +66,8 @@ class Security:
     tls: TlsMaterial | None = None
     stream_idle_s: float = 60.0  # a stream waiting this long on its client is cancelled, s
     max_streams: int = 64  # concurrent streaming calls per service, count
+    #: Chunk payloads through shared memory (every component on one host); None: as bytes.
+    shared_memory: SharedMemoryPlan | None = None
 
     def __post_init__(self) -> None:
         if len(self.token) < 16:
@@ -129,6 +133,8 @@ def start_server(
     guard), which the driver polls to tell a dead or hung component from a slow one.
     """
     guard = _Guard(security)
+    # The process's layer streams go through its shared-memory ring from now on (proto.shm).
+    shm.activate(security.shared_memory)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=security.max_streams + _UNARY_WORKERS),
         interceptors=[guard],
@@ -242,6 +248,8 @@ class _Guard(grpc.ServerInterceptor):
         def parsed(raw: bytes, context: grpc.ServicerContext) -> Any:
             try:
                 return parse(raw)
+            except WireError as exc:  # valid protobuf naming a chunk that cannot be read
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             except Exception:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the request is not valid protobuf")
 
@@ -277,6 +285,8 @@ class _Guard(grpc.ServerInterceptor):
                     watch.waiting_since = None
                 try:
                     item = parse(raw)
+                except WireError:
+                    raise  # valid protobuf naming a chunk that cannot be read (proto.shm)
                 except Exception:
                     # The servicer's rpc_errors answers INVALID_ARGUMENT.
                     raise WireError(

@@ -51,6 +51,7 @@ from proto.frames import (  # noqa: F401
     recast_header,
     to_wire,
     to_wire_stream,
+    verify_shared,
     wider_dtype,
 )
 
@@ -317,6 +318,7 @@ class LayerAssembler:
             )
         if self._buffer is not None:
             self._buffer += chunk.data
+            verify_shared(chunk)
             self._received += len(chunk.data)
             self.payload_bytes += len(chunk.data)
             if self._received == size:
@@ -331,6 +333,8 @@ class LayerAssembler:
         np_bytes[self._received : self._received + len(chunk.data)] = np.frombuffer(
             chunk.data, dtype=np.uint8
         )
+        # The slot may have been reused during the copy (proto.shm): then the step re-runs.
+        verify_shared(chunk)
         self._received += len(chunk.data)
         self.payload_bytes += len(chunk.data)
         if self._received == size:

@@ -39,7 +39,7 @@ class LayerHeader(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., step: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., num_tensors: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sender: _Optional[str] = ..., dense_gradients: _Optional[bool] = ..., pass_id: _Optional[int] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
-    __slots__ = ("layer", "step", "name", "dtype", "shape", "offset", "tensor_bytes", "data", "encoding", "index_bytes")
+    __slots__ = ("layer", "step", "name", "dtype", "shape", "offset", "tensor_bytes", "data", "encoding", "index_bytes", "shared")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +50,7 @@ class TensorChunk(_message.Message):
     DATA_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     INDEX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHARED_FIELD_NUMBER: _ClassVar[int]
     layer: int
     step: int
     name: str
@@ -60,7 +61,22 @@ class TensorChunk(_message.Message):
     data: bytes
     encoding: str
     index_bytes: int
-    def __init__(self, layer: _Optional[int] = ..., step: _Optional[int] = ..., name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., tensor_bytes: _Optional[int] = ..., data: _Optional[bytes] = ..., encoding: _Optional[str] = ..., index_bytes: _Optional[int] = ...) -> None: ...
+    shared: SharedSlot
+    def __init__(self, layer: _Optional[int] = ..., step: _Optional[int] = ..., name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., tensor_bytes: _Optional[int] = ..., data: _Optional[bytes] = ..., encoding: _Optional[str] = ..., index_bytes: _Optional[int] = ..., shared: _Optional[_Union[SharedSlot, _Mapping]] = ...) -> None: ...
+
+class SharedSlot(_message.Message):
+    __slots__ = ("segment", "slot", "length", "generation", "offset")
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    segment: str
+    slot: int
+    length: int
+    generation: int
+    offset: int
+    def __init__(self, segment: _Optional[str] = ..., slot: _Optional[int] = ..., length: _Optional[int] = ..., generation: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class LayerMessage(_message.Message):
     __slots__ = ("header", "chunk")

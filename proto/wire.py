@@ -10,6 +10,9 @@ generated stubs' ``SerializeToString`` / ``FromString``:
   into the serialized string). A chunk that arrived from the wire is
   forwarded as the very bytes it came in (``Chunk.wire``): a SwarmX relay
   copies nothing.
+- Co-located (``proto.shm`` active in this process), ``encode`` copies the values
+  into this process's shared-memory ring instead and sends a ``SharedSlot``
+  reference; ``decode`` gives a ``Chunk`` viewing that slot.
 - ``decode`` finds the ``data`` field of a chunk message and returns a
   ``Chunk`` whose ``data`` is a ``memoryview`` into the received bytes; only
   the small fields go through protobuf. Anything else (a header, an empty or
@@ -27,6 +30,7 @@ from typing import Any
 
 import grpc
 
+from proto import shm
 from proto import tensor_pb2 as pb
 from proto.domain import Chunk, Header
 from proto.frames import WireError, chunk_fields, chunk_from_pb, from_wire, to_wire
@@ -67,8 +71,19 @@ def encode(item: Any) -> bytes:
     if isinstance(item, Chunk):
         if item.wire is not None:
             return item.wire
-        fields = chunk_fields(item).SerializeToString()
         data = item.data
+        if shm.active():
+            # Co-located: the one copy goes into this process's ring, the message names it.
+            ref = shm.write(data)
+            if ref is not None:
+                fields = chunk_fields(item)
+                fields.shared.segment = ref.segment
+                fields.shared.slot = ref.slot
+                fields.shared.length = ref.length
+                fields.shared.generation = ref.generation
+                fields.shared.offset = ref.offset
+                return b"\x12" + _varint(fields.ByteSize()) + fields.SerializeToString()
+        fields = chunk_fields(item).SerializeToString()
         size = data.nbytes if isinstance(data, memoryview) else len(data)
         size_varint = _varint(size)
         inner = len(fields) + 1 + len(size_varint) + size

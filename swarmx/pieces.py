@@ -22,7 +22,7 @@ import grpc
 import numpy as np
 
 from proto.domain import Chunk, Header, LayerAck, Phase, StreamItem
-from proto.frames import WIRE_ITEMSIZES, WireError, from_wire, to_wire
+from proto.frames import WIRE_ITEMSIZES, WireError, from_wire, to_wire, verify_shared
 from proto.messages import ack_from_wire, ack_to_wire
 
 #: Ends a queued stream (the SwarmX node's outboxes use the same).
@@ -193,6 +193,8 @@ class SplitPush:
                     )
                 )
             )
+        # to_wire copied the pieces; the slot they came from must not have been reused.
+        verify_shared(chunk)
 
     def done(self) -> bool:
         return any(call.done() for call in self._calls)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 
 from proto.domain import Chunk, Header, StreamItem
-from proto.frames import WireError, chunk_values
+from proto.frames import WireError, chunk_values, verify_shared
 
 
 class ChunkReduction:
@@ -108,6 +108,9 @@ class ChunkReduction:
                 total = np.add(values[0], values[1])
                 for more in values[2:]:
                     np.add(total, more, out=total)
+                # Summed from shared-memory slots (proto.shm): none may have been reused.
+                for name in self.children:
+                    verify_shared(slot[name])
                 up = dataclasses.replace(chunk, data=memoryview(total).cast("B"))
             self.emitted_bytes += len(up.data)
             self._num_emitted += 1

@@ -20,11 +20,13 @@ from benchmarks.fuzz_services import Services, build_services, fuzz, targets
 from proto import memoryx_pb2 as mpb
 from proto import memoryx_pb2_grpc as mgrpc
 from proto import node_pb2_grpc as ngrpc
+from proto import shm
 from proto import swarmx_pb2 as spb
 from proto import swarmx_pb2_grpc as sgrpc
 from proto import tensor_pb2 as pb
 from proto.rpc import MAX_MESSAGE_BYTES, TOKEN_METADATA_KEY, Security, channel
 from proto.serde import encode_layer
+from proto.shm import SharedMemoryPlan
 from proto.tls import generate_run_tls
 from swarmx.tree import node_name
 
@@ -308,13 +310,19 @@ def test_the_ninth_stream_over_a_cap_of_eight_is_resource_exhausted():
 # -- fuzz ------------------------------------------------------------------------
 
 
-def test_fuzzed_messages_change_no_state_and_kill_no_service():
-    cluster = build_services(Security.generate())
+@pytest.mark.parametrize("shared_memory", [False, True], ids=["bytes", "shared-memory"])
+def test_fuzzed_messages_change_no_state_and_kill_no_service(shared_memory):
+    # With shared memory on, a mutated chunk may name a segment, slot or generation: each is
+    # checked (name of this run, bounds, seqlock) before anything is read.
+    plan = SharedMemoryPlan.generate(slot_bytes=1024, ring_bytes=0)
+    cluster = build_services(Security.generate(shared_memory=plan if shared_memory else None))
     try:
         cluster.train_step(0)
         report = fuzz(cluster, num_calls=600, seed=12)
     finally:
         cluster.stop()
+        shm.reset()
+        shm.remove_run_segments(plan)
     summary = report.to_json()
     assert report.num_calls == 600
     assert report.refused_state_changes == 0, report.violations
