@@ -31,8 +31,9 @@ from pathlib import Path
 import ray
 
 from core.atomic import write_json_atomic
+from emulator.component_specs import memoryx_name
 from emulator.config import CheckpointConfig, RuntimeConfig
-from emulator.launch import Cluster, memoryx_name
+from emulator.launch import Cluster
 from emulator.shards import MemoryXServers
 from memoryx.checkpoint import MANIFEST_NAME
 from proto.clients import HEALTH_TIMED_OUT as SLOW

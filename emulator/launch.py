@@ -20,6 +20,7 @@ from ray.util.placement_group import PlacementGroup, remove_placement_group
 from torch import nn
 
 from core.data import DataConfig, Dataset
+from emulator.component_specs import MEMORYX, component_specs, memoryx_name
 from emulator.config import ClusterConfig
 from emulator.groups import subtree_dtypes
 from emulator.host import (
@@ -43,13 +44,10 @@ from emulator.runtime import (
     shared_memory_plan,
     write_client_files,
 )
-from memoryx.actor import MemoryXActor
 from memoryx.shard_plan import Shard
-from nodes.actor import NodeActor
 from nodes.worker import strip_parameters
 from proto import shm
 from proto.rpc import Security
-from swarmx.actor import SwarmXActor
 from swarmx.tree import TreeNode, node_name
 
 # Actors mostly wait on the network; the cores are shared as the real
@@ -393,14 +391,6 @@ class Cluster:
 
 
 #: The name of MemoryX server 0; server k >= 1 is ``memoryx-<k>`` (``memoryx_name``).
-MEMORYX = "memoryx"
-
-
-def memoryx_name(server: int) -> str:
-    """The component name of MemoryX server ``server``."""
-    return MEMORYX if server == 0 else f"{MEMORYX}-{server}"
-
-
 def _remote(cls: type):
     return ray.remote(**_ACTOR_OPTIONS)(cls)
 
@@ -425,7 +415,6 @@ def launch(
     launch_started, launch_started_at_s = time.perf_counter(), time.time()
     ensure_ray(config.runtime.address, verbose=config.runtime.verbose)
     ray_started = time.perf_counter()
-    host = config.runtime.host
     security = run_security(
         config.runtime,
         shared_memory=shared_memory_plan(
@@ -447,7 +436,6 @@ def launch(
         if temporary:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    chunk_bytes = config.swarmx.chunk_bytes
     skeleton = [strip_parameters(copy.deepcopy(layer)) for layer in layers]
     skeleton_ref = ray.put(skeleton)
     data_config = config.data_config
@@ -466,54 +454,18 @@ def launch(
     # Each node runs its group's backend; a mixed tree rounds weights per child.
     backends = [group.backend for group in config.groups for _ in range(group.num_nodes)]
     # Each component's class and constructor arguments, kept for restarts.
-    specs: dict[str, tuple[type, dict]] = {
-        **{
-            memoryx_name(index): (
-                MemoryXActor,
-                {
-                    "optimizer": config.optimizer,
-                    "host": host,
-                    "chunk_bytes": chunk_bytes,
-                    "security": security,
-                    "checkpoint_dir": str(checkpoint_dir.resolve()),
-                    "resume": resume,
-                    "sparsity": config.sparsity,
-                    "memoryx": config.memoryx,
-                    "server": index,
-                    "layers": shard.layers,
-                    **(
-                        {"pieces": {i: shard.keys(i) for i in shard.pieces}} if shard.pieces else {}
-                    ),
-                },
-            )
-            for index, shard in enumerate(shards)
-        },
-        **{
-            t.name: (SwarmXActor, {"name": t.name, "host": host, "security": security})
-            for t in tree
-        },
-        **{
-            node_name(rank): (
-                NodeActor,
-                {
-                    "rank": rank,
-                    "num_nodes": config.num_nodes,
-                    "layers": skeleton_ref,
-                    "data": data,
-                    "batch_size": config.batch_size,
-                    "seed": config.seed,
-                    "backend": backends[rank],
-                    "share": None if spans is None else spans[rank],
-                    "max_eval_samples": config.max_eval_samples,
-                    "chunk_bytes": chunk_bytes,
-                    "host": host,
-                    "num_threads": config.runtime.num_threads_per_node,
-                    "security": security,
-                },
-            )
-            for rank in range(config.num_nodes)
-        },
-    }
+    specs = component_specs(
+        config,
+        shards=shards,
+        tree=tree,
+        backends=backends,
+        security=security,
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+        skeleton=skeleton_ref,
+        data=data,
+        spans=spans,
+    )
     # Every compute and SwarmX node in a host process, ``per_process`` each; MemoryX alone.
     per_process, swarmx_per_process = resolve_nodes_per_process(
         config.runtime, config.num_nodes, len(tree), config.swarmx.fanout
