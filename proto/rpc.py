@@ -112,6 +112,24 @@ def time_left_s(context: grpc.ServicerContext) -> float:
 
 # -- server ------------------------------------------------------------------
 
+#: How often a thread that waits for a peer (a layer for its turn, a pass for room)
+#: also checks by itself whether its call is still active, s. Its call's end wakes it at
+#: once (a call-context callback, e.g. ``notifier``); this is only the fallback. Not shorter: every waiting thread
+#: of a host of many nodes wakes and takes the GIL each period, so with 0.05 s a step's
+#: polls grew as the number of nodes times the step's length (192-node mlp-digits).
+CANCEL_CHECK_S = 1.0
+
+
+def notifier(condition: threading.Condition) -> Callable[[], None]:
+    """A callback that wakes every thread waiting on ``condition`` (give it to a call
+    context's ``add_callback``: the call's end then wakes those waiting for their turn)."""
+
+    def notify() -> None:
+        with condition:
+            condition.notify_all()
+
+    return notify
+
 
 def is_cancelled(error: BaseException | None) -> bool:
     """Whether ``error`` is a cancelled call: a client call's error with CANCELLED, or the
