@@ -24,7 +24,15 @@ from proto import swarmx_pb2_grpc as sgrpc
 from proto.clients import time_left_s
 from proto.domain import Header, LayerAck, NodeStats, Phase
 from proto.messages import EMPTY, ack_from_wire, ack_to_wire, node_stats_to_wire
-from proto.rpc import Security, StepConflict, channel, rpc_errors, rpc_stream_errors
+from proto.rpc import (
+    CANCEL_CHECK_S,
+    Security,
+    StepConflict,
+    channel,
+    notifier,
+    rpc_errors,
+    rpc_stream_errors,
+)
 from proto.serde import (
     DEFAULT_CHUNK_BYTES,
     Expected,
@@ -38,8 +46,6 @@ from proto.wire import encode, fast_channel
 from proto.wire import register as register_fast
 from swarmx.gradient_link import GradientLink
 
-# How often a layer waiting for its turn checks whether its call was cancelled, s.
-_POLL_S = 0.05
 #: Layers of a pass stream read and not yet computed, at most: the one computing and the
 #: next one streaming in (as the root keeps two in flight).
 PASS_LAYERS_AHEAD = 2
@@ -166,12 +172,16 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
 
         def read() -> None:
             num_read = 0
+            # The pass's end wakes a reader waiting for room (CANCEL_CHECK_S).
+            passing.add_callback(room.release)
             try:
                 pass_id = None
                 while True:
-                    while not room.acquire(timeout=_POLL_S):
+                    while not room.acquire(timeout=CANCEL_CHECK_S):
                         if not passing.is_active():
                             return
+                    if not passing.is_active():
+                        return
                     header = next(items, None)
                     if header is None:
                         return
@@ -304,13 +314,18 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
 
     def _wait_turn(self, header: Header, context: grpc.ServicerContext) -> None:
         with self._turn:
+            if self._ready(header):
+                return
+        # The call's end wakes the wait at once; the layer before it computing wakes it too.
+        context.add_callback(notifier(self._turn))
+        with self._turn:
             while not self._ready(header):
                 if not context.is_active():
                     raise StepConflict(
                         f"{self.name}: layer {header.layer} of pass {header.pass_id} was "
                         "cancelled while it waited for the layer before it"
                     )
-                self._turn.wait(timeout=_POLL_S)
+                self._turn.wait(timeout=CANCEL_CHECK_S)
 
     def _compute(self, header: Header, params: dict, assembler: LayerAssembler, context):
         """Run the layer (under the lock); for a backward pass, start sending its gradients.

@@ -16,6 +16,7 @@ import ipaddress
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -111,6 +112,24 @@ def time_left_s(context: grpc.ServicerContext) -> float:
 
 
 # -- server ------------------------------------------------------------------
+
+#: How often a thread that waits for a peer (a layer for its turn, a pass for room)
+#: also checks by itself whether its call is still active, s. Its call's end wakes it at
+#: once (a call-context callback, e.g. ``notifier``); this is only the fallback. Not shorter: every waiting thread
+#: of a host of many nodes wakes and takes the GIL each period, so with 0.05 s a step's
+#: polls grew as the number of nodes times the step's length (192-node mlp-digits).
+CANCEL_CHECK_S = 1.0
+
+
+def notifier(condition: threading.Condition) -> Callable[[], None]:
+    """A callback that wakes every thread waiting on ``condition`` (give it to a call
+    context's ``add_callback``: the call's end then wakes those waiting for their turn)."""
+
+    def notify() -> None:
+        with condition:
+            condition.notify_all()
+
+    return notify
 
 
 def is_cancelled(error: BaseException | None) -> bool:
@@ -208,7 +227,6 @@ class _Guard(grpc.ServerInterceptor):
         self._max_streams = security.max_streams
         self._watches: set[_Watch] = set()
         self._lock = threading.Lock()
-        self._watchdog: threading.Thread | None = None
         # Per method: (the servicer's handler, its guarded and its refusing wrapper). A
         # service's handlers never change, so each wrapper is built once, not per call.
         self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
@@ -334,23 +352,62 @@ class _Guard(grpc.ServerInterceptor):
         )
 
     def start_watchdog(self) -> None:
-        self._watchdog = threading.Thread(target=self._watch_idle, name="grpc-idle", daemon=True)
-        self._watchdog.start()
+        _IDLE_WATCHDOG.watch(self)
 
-    def _watch_idle(self) -> None:
-        period_s = min(1.0, self._idle_s / 4)
+    @property
+    def check_period_s(self) -> float:
+        """How often this server's streams are checked for idleness, s."""
+        return min(1.0, self._idle_s / 4)
+
+    def cancel_idle(self, now: float) -> None:
+        """Cancel the streams that have waited on their client longer than ``stream_idle_s``."""
+        with self._lock:
+            idle = [
+                w
+                for w in self._watches
+                if w.waiting_since is not None and now - w.waiting_since > self._idle_s
+            ]
+        for watch in idle:
+            # The handler's blocked read or write fails and its thread and slot come back.
+            watch.context.cancel()
+
+
+class _IdleWatchdog:
+    """One thread per process that ends the idle streams of every guarded server in it.
+
+    Not one per server: a process hosting many emulated nodes runs a server per node, and
+    a thread each woke every second (more often while it waited for the GIL), so the
+    wake-ups of a step grew as the number of nodes times the step's length.
+    """
+
+    def __init__(self) -> None:
+        self._guards: weakref.WeakSet[_Guard] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._changed = threading.Event()
+
+    def watch(self, guard: _Guard) -> None:
+        with self._lock:
+            self._guards.add(guard)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="grpc-idle", daemon=True)
+                self._thread.start()
+        self._changed.set()  # a shorter period than the one slept on takes effect now
+
+    def _run(self) -> None:
         while True:
-            time.sleep(period_s)
-            now = time.monotonic()
             with self._lock:
-                idle = [
-                    w
-                    for w in self._watches
-                    if w.waiting_since is not None and now - w.waiting_since > self._idle_s
-                ]
-            for watch in idle:
-                # The handler's blocked read or write fails and its thread and slot come back.
-                watch.context.cancel()
+                guards = list(self._guards)
+            period_s = min((g.check_period_s for g in guards), default=1.0)
+            if self._changed.wait(period_s):
+                self._changed.clear()
+                continue
+            now = time.monotonic()
+            for guard in guards:
+                guard.cancel_idle(now)
+
+
+_IDLE_WATCHDOG = _IdleWatchdog()
 
 
 # -- client ------------------------------------------------------------------

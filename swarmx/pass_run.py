@@ -24,8 +24,8 @@ import grpc
 from proto.domain import LayerAck, LayerRequest, StreamItem
 from proto.frames import WireError, from_wire_stream, next_layer
 from proto.messages import weights_request_to_wire
-from proto.rpc import StepConflict, is_cancelled, time_left_s
-from swarmx.pass_link import POLL_S, drain
+from proto.rpc import CANCEL_CHECK_S, StepConflict, is_cancelled, time_left_s
+from swarmx.pass_link import drain
 from swarmx.pieces import END, joined_weights
 
 #: Layer requests of a pass the root reads ahead of their answers: the layer the nodes
@@ -171,6 +171,7 @@ class PassRun:
             if self._error is None or (is_cancelled(self._error) and not is_cancelled(error)):
                 self._error = error
             self._changed.notify_all()
+        self._room.release()  # a reader waiting for room sees the failure at once
 
     def _read(self, requests: Iterable[Any]) -> None:
         """Check and start each request in turn, at most ``MAX_IN_FLIGHT`` unanswered; the
@@ -205,9 +206,12 @@ class PassRun:
                     # MemoryX streams it while the layers in flight finish (flow control
                     # bounds how far): the layer's turn finds its weights on the way.
                     self._weights.ask(request)
-                while not self._room.acquire(timeout=POLL_S):
+                # A failure or the call's end releases room (``_fail``): no poll waits.
+                while not self._room.acquire(timeout=CANCEL_CHECK_S):
                     if self._error is not None or not self._context.is_active():
                         return
+                if self._error is not None or not self._context.is_active():
+                    return
                 num_read += 1
                 threading.Thread(
                     target=self._run, args=(request,), name="swarmx-pass-layer", daemon=True

@@ -46,9 +46,11 @@ from proto.messages import (
     weights_request_to_wire,
 )
 from proto.rpc import (
+    CANCEL_CHECK_S,
     Security,
     StepConflict,
     channel,
+    notifier,
     rpc_errors,
     rpc_stream_errors,
     time_left_s,
@@ -56,7 +58,7 @@ from proto.rpc import (
 from proto.wire import fast_channel
 from proto.wire import register as register_fast
 from swarmx.gradient_link import GradientLink
-from swarmx.pass_link import POLL_S, QUEUE_DEPTH, PassLink, drain, put
+from swarmx.pass_link import QUEUE_DEPTH, PassLink, drain, put
 from swarmx.pass_run import PassRun
 from swarmx.pieces import END, SplitLayer, joined_weights
 from swarmx.reducing import ReduceSide, Reducing
@@ -303,17 +305,26 @@ class SwarmXServicer(ReduceSide, sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
 
     def _await_pass_turn(self, request: LayerRequest, context: grpc.ServicerContext) -> None:
         """Wait until the layer before ``request``'s in its pass is on the pass's streams."""
-        with self._pass_turn:
-            while request.pass_position > 1 and self._pass_done != (
+
+        def waiting() -> bool:
+            return request.pass_position > 1 and self._pass_done != (
                 request.pass_id,
                 request.pass_position - 1,
-            ):
+            )
+
+        with self._pass_turn:
+            if not waiting():
+                return
+        # The call's end wakes the wait at once; the layer before it sent wakes it too.
+        context.add_callback(notifier(self._pass_turn))
+        with self._pass_turn:
+            while waiting():
                 if not context.is_active():
                     raise StepConflict(
                         f"{self.name}: layer {request.layer} of pass {request.pass_id} was "
                         "cancelled while it waited for the layer before it"
                     )
-                self._pass_turn.wait(timeout=POLL_S)
+                self._pass_turn.wait(timeout=CANCEL_CHECK_S)
 
     def _pass_links(self, request: LayerRequest, pass_timeout_s: float) -> dict[int, PassLink]:
         """The pass's stream to each compute-node child (by child index), opened by its
