@@ -54,6 +54,7 @@ class ModelPlan:
     nodes: tuple[int, ...]
     num_steps: int
     batch_size: int
+    shared_memory: str = "auto"  # runtime.shared_memory of the emulator runs
 
 
 def _median_after_warmup(runs: list[list[float]]) -> float:
@@ -78,6 +79,7 @@ def _config(plan: ModelPlan, nodes: int, seed: int) -> ClusterConfig:
             "seed": seed,
             # The final evaluation is part of the launch overhead; keep it small.
             "max_eval_samples": nodes,
+            "runtime.shared_memory": plan.shared_memory,
         }
     )
 
@@ -334,6 +336,12 @@ def main(argv: list[str] | None = None) -> dict:
         default=1,
         help="times a model is run again if its cluster dies (e.g. someone's `ray stop`)",
     )
+    parser.add_argument(
+        "--shared-memory",
+        choices=["auto", "off"],
+        default="auto",
+        help="runtime.shared_memory of the emulator runs (off: chunk payloads as gRPC bytes)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
     if args.models is None:
@@ -344,8 +352,12 @@ def main(argv: list[str] | None = None) -> dict:
         args.mlp_steps = 10 if args.quick else 30
 
     plans = {
-        "mlp-digits": ModelPlan("mlp-digits", tuple(args.nodes), args.mlp_steps, args.mlp_batch),
-        "gpt-10m": ModelPlan("gpt-10m", tuple(args.gpt_nodes), args.gpt_steps, args.gpt_batch),
+        "mlp-digits": ModelPlan(
+            "mlp-digits", tuple(args.nodes), args.mlp_steps, args.mlp_batch, args.shared_memory
+        ),
+        "gpt-10m": ModelPlan(
+            "gpt-10m", tuple(args.gpt_nodes), args.gpt_steps, args.gpt_batch, args.shared_memory
+        ),
     }
     unknown = [m for m in args.models if m not in plans]
     if unknown:
@@ -365,6 +377,7 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "train",
         "machine": _machine(),
         "torch_threads": args.torch_threads,
+        "shared_memory": args.shared_memory,
         "ray_init_s": ray_init_s,
         "total_s": time.perf_counter() - started,
         "rows": rows,
