@@ -32,7 +32,7 @@ from emulator.early_ray import ray_keeps_loopback, start_local_ray
 from emulator.memory import available_memory_bytes
 from memoryx.checkpoint import confined_path, copy_checkpoint_dir
 from proto.rpc import TOKEN_METADATA_KEY, Security, TlsMaterial, is_loopback
-from proto.shm import MIN_RING_BYTES, SharedMemoryPlan, ring_bytes_for
+from proto.shm import MIN_RING_BYTES, SHM_DIR, SharedMemoryPlan, ring_bytes_for
 from proto.tls import generate_run_tls, read_tls
 
 
@@ -176,6 +176,14 @@ SHARED_MEMORY_FRACTION = 0.25
 SHARED_MEMORY_WHEN = {"auto": _single_host, "off": lambda: False}
 
 
+def shared_memory_free_bytes() -> int:
+    """Free bytes of the file system POSIX shared memory lives in (0 where there is none)."""
+    try:
+        return shutil.disk_usage(SHM_DIR).free
+    except OSError:
+        return 0
+
+
 def shared_memory_plan(
     runtime: RuntimeConfig, *, slot_bytes: int, layer_bytes: list[int], num_servers: int
 ) -> SharedMemoryPlan | None:
@@ -183,13 +191,14 @@ def shared_memory_plan(
     chunks travel as gRPC bytes (``runtime.shared_memory``; Ray must be up).
 
     ``auto`` also keeps gRPC bytes when the rings of ``num_servers`` servers would take more
-    than ``SHARED_MEMORY_FRACTION`` of the available memory (a model beyond RAM)."""
+    than ``SHARED_MEMORY_FRACTION`` of the available memory (a model beyond RAM) or of the
+    free space of the shared-memory file system (a container's is often 64 MiB, and a ring
+    that outgrows it kills its process with SIGBUS when its pages are touched)."""
     if not SHARED_MEMORY_WHEN[runtime.shared_memory]():
         return None
     ring_bytes = ring_bytes_for(layer_bytes)
-    if num_servers * max(ring_bytes, MIN_RING_BYTES) > SHARED_MEMORY_FRACTION * (
-        available_memory_bytes() or 0
-    ):
+    room_bytes = min(available_memory_bytes() or 0, shared_memory_free_bytes())
+    if num_servers * max(ring_bytes, MIN_RING_BYTES) > SHARED_MEMORY_FRACTION * room_bytes:
         return None
     return SharedMemoryPlan.generate(slot_bytes=slot_bytes, ring_bytes=ring_bytes)
 

@@ -38,6 +38,23 @@ def test_auto_keeps_grpc_bytes_when_rings_would_not_fit_in_memory(single_host, m
     assert runtime.shared_memory_plan(RuntimeConfig(), layer_bytes=[64 << 20], **args) is None
 
 
+def test_auto_keeps_grpc_bytes_when_rings_would_not_fit_in_dev_shm(single_host, monkeypatch):
+    # A container's /dev/shm is often 64 MiB however much memory the machine has.
+    monkeypatch.setattr(runtime, "available_memory_bytes", lambda: 64 << 30)
+    args = {"slot_bytes": 1 << 20, "layer_bytes": [1 << 20], "num_servers": 8}
+    monkeypatch.setattr(runtime, "shared_memory_free_bytes", lambda: 64 << 20)
+    assert runtime.shared_memory_plan(RuntimeConfig(), **args) is None
+    monkeypatch.setattr(runtime, "shared_memory_free_bytes", lambda: 1 << 30)
+    assert runtime.shared_memory_plan(RuntimeConfig(), **args) is not None
+
+
+def test_shared_memory_free_bytes_is_zero_without_dev_shm(monkeypatch, tmp_path):
+    monkeypatch.setattr(runtime, "SHM_DIR", tmp_path / "absent")
+    assert runtime.shared_memory_free_bytes() == 0
+    monkeypatch.setattr(runtime, "SHM_DIR", tmp_path)
+    assert runtime.shared_memory_free_bytes() > 0
+
+
 def test_a_bad_setting_names_the_field():
     with pytest.raises(ValueError, match=r"runtime\.shared_memory = 'on'.*'auto', 'off'"):
         load_config(overrides={"runtime.shared_memory": "on"})
