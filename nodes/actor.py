@@ -7,6 +7,7 @@ import os
 import torch
 from torch import nn
 
+from core.allocator import keep_freed_memory
 from core.data import DataConfig, Dataset
 from nodes.backend import Backend
 from nodes.service import ComputeNodeServicer, register
@@ -38,6 +39,8 @@ class NodeActor:
         dataset = data if isinstance(data, Dataset) else data.build(seed=seed)
         # Several nodes share a host's cores; one thread each keeps them from thrashing.
         torch.set_num_threads(num_threads)
+        # Each layer's weights, activations and gradients are allocated afresh every step.
+        keep_freed_memory()
         worker = NodeWorker(
             rank=rank,
             num_nodes=num_nodes,
