@@ -9,12 +9,17 @@ couple of times whatever the wait's length.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
+
+from proto.rpc import StepConflict
 
 #: How long the tests keep a thread waiting, s: ten polls at the old 0.05 s interval.
 WAIT_S = 0.5
 #: ``is_active`` checks a woken wait may make: before and after it is woken (and slack).
 MAX_CHECKS = 3
+#: How long a woken thread may take to end, s.
+TIMEOUT_S = 30
 
 
 class CountingContext:
@@ -63,3 +68,16 @@ def run_in_thread(target: Callable[[], object]) -> tuple[threading.Thread, list]
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread, outcome
+
+
+def assert_woken_when_the_call_ends(wait: Callable[[CountingContext], object]) -> None:
+    """``wait(context)`` still waits after WAIT_S, then ends with ``StepConflict`` soon after
+    its call ends, having checked its context at most MAX_CHECKS times."""
+    context = CountingContext()
+    thread, outcome = run_in_thread(lambda: wait(context))
+    time.sleep(WAIT_S)
+    assert not outcome
+    context.end()
+    thread.join(TIMEOUT_S)
+    assert len(outcome) == 1 and isinstance(outcome[0], StepConflict)
+    assert context.checks <= MAX_CHECKS

@@ -18,8 +18,14 @@ from nodes.cs2 import Cs2Backend
 from nodes.service import ComputeNodeServicer
 from nodes.worker import NodeWorker
 from proto.domain import Phase
-from proto.rpc import Security, StepConflict
-from tests.waiting_context import MAX_CHECKS, WAIT_S, CountingContext, run_in_thread
+from proto.rpc import Security
+from tests.waiting_context import (
+    MAX_CHECKS,
+    WAIT_S,
+    CountingContext,
+    assert_woken_when_the_call_ends,
+    run_in_thread,
+)
 
 TIMEOUT_S = 30
 
@@ -58,11 +64,4 @@ def test_a_waiting_layer_is_woken_when_the_layer_before_it_is_computed(servicer)
 
 
 def test_a_waiting_layer_is_woken_when_its_call_ends(servicer):
-    context = CountingContext()
-    thread, outcome = run_in_thread(lambda: servicer._wait_turn(_second_layer(8), context))
-    time.sleep(WAIT_S)
-    assert not outcome
-    context.end()
-    thread.join(TIMEOUT_S)
-    assert len(outcome) == 1 and isinstance(outcome[0], StepConflict)
-    assert context.checks <= MAX_CHECKS
+    assert_woken_when_the_call_ends(lambda context: servicer._wait_turn(_second_layer(8), context))

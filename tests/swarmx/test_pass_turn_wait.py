@@ -9,9 +9,15 @@ from __future__ import annotations
 import time
 
 from proto.domain import LayerRequest, Phase
-from proto.rpc import Security, StepConflict
+from proto.rpc import Security
 from swarmx.service import SwarmXServicer
-from tests.waiting_context import MAX_CHECKS, WAIT_S, CountingContext, run_in_thread
+from tests.waiting_context import (
+    MAX_CHECKS,
+    WAIT_S,
+    CountingContext,
+    assert_woken_when_the_call_ends,
+    run_in_thread,
+)
 
 TIMEOUT_S = 30
 
@@ -36,11 +42,4 @@ def test_a_waiting_layer_is_woken_when_the_layer_before_it_is_sent():
 
 def test_a_waiting_layer_is_woken_when_its_call_ends():
     servicer = SwarmXServicer("swarmx-0", security=Security.generate())
-    context = CountingContext()
-    thread, outcome = run_in_thread(lambda: servicer._await_pass_turn(_second(8), context))
-    time.sleep(WAIT_S)
-    assert not outcome
-    context.end()
-    thread.join(TIMEOUT_S)
-    assert len(outcome) == 1 and isinstance(outcome[0], StepConflict)
-    assert context.checks <= MAX_CHECKS
+    assert_woken_when_the_call_ends(lambda context: servicer._await_pass_turn(_second(8), context))
