@@ -98,13 +98,18 @@ def encode(item: Any) -> bytes:
 
 def decode(raw: bytes) -> Chunk | Header | pb.LayerMessage:
     """A received ``LayerMessage``: a ``Chunk`` viewing ``raw``, a ``Header``, or the message
-    itself when it carries neither (the servicer names that error, as for any message)."""
+    itself when it is not a valid item (``from_wire`` then raises its ``WireError`` where
+    the servicer or caller reads it, and names the problem).
+
+    Never raises a ``WireError`` itself: gRPC would report one raised here only as
+    "Exception deserializing request/response", without its text.
+    """
     if raw[:1] == b"\x12":
         try:
             size, start = _read_varint(raw, 1, len(raw))
             if start + size == len(raw):
                 return _chunk(raw, start)
-        except _Unusual:
+        except (_Unusual, WireError):  # a bad shared-memory reference: said by from_wire
             pass
     message = pb.LayerMessage.FromString(raw)
     try:

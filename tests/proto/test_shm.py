@@ -13,7 +13,7 @@ import torch
 from proto import shm
 from proto import tensor_pb2 as pb
 from proto.domain import Chunk
-from proto.frames import WireError, to_wire
+from proto.frames import WireError, from_wire, to_wire
 from proto.serde import Expected, LayerAssembler, layer_items
 from proto.wire import decode, encode
 
@@ -92,6 +92,18 @@ def test_the_assembler_refuses_a_slot_reused_before_its_copy_ended(plan):
         assembler.add(chunk)
 
 
+def _read(raw: bytes):
+    """``raw`` as a servicer or caller reads it: decoded by gRPC's deserializer (which must
+    not raise: gRPC would report only "Exception deserializing ...", without the text),
+    then ``from_wire``, which names what is wrong."""
+    try:
+        message = decode(raw)
+    except WireError as exc:
+        pytest.fail(f"decode raised {exc!r}; gRPC would hide its text")
+    assert isinstance(message, pb.LayerMessage)
+    return from_wire(message)
+
+
 def _reference(segment: str, slot: int = 0, length: int = 8, generation: int = 2) -> bytes:
     fields = pb.TensorChunk(layer=0, step=0, name="w", dtype="float32", shape=[2])
     fields.shared.segment, fields.shared.slot = segment, slot
@@ -110,7 +122,7 @@ def _reference(segment: str, slot: int = 0, length: int = 8, generation: int = 2
 )
 def test_segment_names_of_other_runs_or_paths_are_refused(plan, segment):
     with pytest.raises(WireError, match="not a segment of this run"):
-        decode(_reference(segment))
+        _read(_reference(segment))
 
 
 def _reference_at(segment: str, **fields) -> bytes:
@@ -131,16 +143,16 @@ def test_entry_offset_and_length_are_checked_against_the_segment(plan):
         {"length": -1},
     ]:
         with pytest.raises(WireError, match="outside segment"):
-            decode(_reference_at(ring_name, **fields))
+            _read(_reference_at(ring_name, **fields))
     with pytest.raises(WireError, match="reused"):
-        decode(_reference_at(ring_name, generation=3))  # odd: never complete
+        _read(_reference_at(ring_name, generation=3))  # odd: never complete
     with pytest.raises(WireError, match="reused"):
-        decode(_reference_at(ring_name, slot=1))  # an entry not written yet
+        _read(_reference_at(ring_name, slot=1))  # an entry not written yet
 
 
 def test_a_name_of_this_run_that_does_not_exist_is_a_wire_error(plan):
     with pytest.raises(WireError, match="cannot be attached"):
-        decode(_reference(plan.prefix + "0" * 16))
+        _read(_reference(plan.prefix + "0" * 16))
 
 
 def test_bytes_and_a_slot_together_are_refused(plan):
@@ -148,13 +160,13 @@ def test_bytes_and_a_slot_together_are_refused(plan):
     message = pb.LayerMessage.FromString(_reference(ring_name))
     message.chunk.data = b"\0" * 8
     with pytest.raises(WireError, match="both"):
-        decode(message.SerializeToString())
+        _read(message.SerializeToString())
 
 
 def test_with_shared_memory_off_a_reference_is_refused(monkeypatch):
     monkeypatch.setattr(shm, "_state", shm._Process())
     with pytest.raises(WireError, match="as bytes"):
-        decode(_reference("wafer-000000000000-0000000000000000"))
+        _read(_reference("wafer-000000000000-0000000000000000"))
     chunk = _items()[1]
     assert pb.LayerMessage.FromString(encode(chunk)).chunk.data == bytes(chunk.data)
 
@@ -270,3 +282,42 @@ def test_a_reused_entry_retires_its_payload(monkeypatch):
         assert not _current(ring, refs[0]) and _current(ring, refs[1])
     finally:
         ring.close()
+
+
+def test_a_caller_reads_what_is_wrong_with_a_reference_not_a_deserializing_error(plan):
+    """Over real gRPC (loopback): a response stream carrying a reference of another run
+    reaches the caller as the WireError naming it, where gRPC's deserializer used to fail
+    the call with "Exception deserializing response"."""
+    from concurrent import futures
+
+    import grpc
+
+    from proto.frames import from_wire_stream
+    from proto.wire import fast_channel
+
+    bad = _reference("wafer-000000000000-0000000000000000")
+
+    def respond(request, context):
+        yield encode(_items()[0])  # a valid header first
+        yield bad
+
+    handler = grpc.method_handlers_generic_handler(
+        "test.Refs", {"Send": grpc.unary_stream_rpc_method_handler(respond)}
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = fast_channel(channel).unary_stream(
+                "/test.Refs/Send",
+                request_serializer=None,
+                response_deserializer=pb.LayerMessage.FromString,
+            )(b"", timeout=10)
+            items = from_wire_stream(call)
+            assert next(items).layer == 3  # the header
+            with pytest.raises(WireError, match="not a segment of this run"):
+                next(items)
+    finally:
+        server.stop(None)
