@@ -16,7 +16,9 @@ global batch for all sizes, and its JSON ``runtime`` block is read back:
   linear growth: (wall(N) / wall(N0)) / (N / N0) for the smallest N0, the log-log slope
   between neighbouring sizes and the least-squares slope over all (1 = linear).
 
-RSS sums count shared library pages once per process, so they overstate what
+Memory is the peak of the processes' summed PSS (each shared page, a library's code or a
+shared-memory ring, divided among the processes that map it), with the summed RSS beside
+it in the JSON: a sum of RSS counts shared pages once per process, so it overstates what
 the processes take from the machine together.
 
     python benchmarks/bench_scale.py                        # N = 1 2 4 8 16 32
@@ -86,7 +88,8 @@ def run(nodes: int, args: argparse.Namespace) -> dict:
         "first_step_since_command_s": runtime["first_step_since_process_start_s"],
         "launch_time_s": runtime["launch_time_s"],
         "launch_phases": runtime["launch_phases"],
-        "peak_memory_bytes": runtime["memory"]["peak_bytes"],
+        "peak_memory_bytes": runtime["memory"]["peak_bytes"],  # PSS
+        "peak_rss_bytes": runtime["memory"]["peak_rss_bytes"],
         "memory_per_emulated_node_bytes": runtime["memory"]["per_emulated_node_bytes"],
         "wall_step_time_s": report["step_wall_time_s"],
         "first_step_cpu_s": runtime["first_step_cpu_s"],
@@ -146,7 +149,7 @@ def main() -> None:
     rows = []
     header = (
         f"{'N':>4} {'SwarmX':>6} {'procs':>5} {'per':>4} {'1st step':>9} {'launch':>7} "
-        f"{'peak RSS':>9} {'RSS/node':>9} {'wall/step':>10} {'vs linear':>9} {'slope':>6} "
+        f"{'peak PSS':>9} {'PSS/node':>9} {'wall/step':>10} {'vs linear':>9} {'slope':>6} "
         f"{'CPU/step':>9} {'vs linear':>9}"
     )
     started_load = os.getloadavg()

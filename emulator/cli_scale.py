@@ -140,7 +140,8 @@ def runtime_rows(runtime: dict | None) -> list[tuple[str, str]]:
         ),
         (
             "emulator peak memory",
-            f"{human_bytes(memory['peak_bytes'])} RSS (driver, MemoryX, hosts); "
+            f"{human_bytes(memory['peak_bytes'])} PSS (driver, MemoryX, hosts; "
+            f"{human_bytes(memory['peak_rss_bytes'])} summed RSS); "
             f"{human_bytes(memory['per_emulated_node_bytes'])} per emulated node",
         ),
     ]

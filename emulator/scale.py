@@ -227,7 +227,7 @@ def plot_scale(points: list[ScalePoint], path: str, *, title: str = "") -> None:
     ax_wall.set_title("the emulator itself")
     ax_mem = ax_wall.twinx()
     ax_mem.plot(
-        nodes, [p.peak_memory_bytes / 1024**3 for p in points], "^:", color="C3", label="peak RSS"
+        nodes, [p.peak_memory_bytes / 1024**3 for p in points], "^:", color="C3", label="peak PSS"
     )
     ax_mem.set_ylabel("peak memory (GiB)")
     plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")

@@ -11,7 +11,13 @@ import pytest
 from emulator import host
 from emulator.config import load_config
 from emulator.host import HOST_SWITCH_INTERVAL_S, ComponentHost, nodes_per_process, plan_hosts
-from emulator.memory import MemorySampler, available_memory_bytes, process_age_s, rss_bytes
+from emulator.memory import (
+    MemorySampler,
+    available_memory_bytes,
+    process_age_s,
+    pss_bytes,
+    rss_bytes,
+)
 
 GB = 1024**3
 MB = 1024**2
@@ -202,3 +208,42 @@ def test_a_host_of_several_nodes_hands_the_gil_over_less_often():
     assert sys.getswitchinterval() == default  # one node: Python's default
     host.start("node-1", _Component, name="node-1", log=log)
     assert sys.getswitchinterval() == pytest.approx(HOST_SWITCH_INTERVAL_S)
+
+
+def test_pss_counts_a_shared_page_once_where_summed_rss_counts_it_per_process():
+    # Two processes map the same 64 MB of shared memory and touch all of it: their RSS
+    # each hold all 64 MB, their PSS half each, so the sum of PSS counts it once.
+    from multiprocessing.shared_memory import SharedMemory
+
+    ring = SharedMemory(create=True, size=64 * MB)
+    code = (
+        "import sys, time; from multiprocessing import resource_tracker; "
+        "from multiprocessing.shared_memory import SharedMemory; "
+        "m = SharedMemory(name=sys.argv[1]); "
+        "resource_tracker.unregister(m._name, 'shared_memory'); "  # the test's to unlink
+        "m.buf[::4096] = b'x' * len(m.buf[::4096]); print(flush=True); time.sleep(60)"
+    )
+    readers = [
+        subprocess.Popen([sys.executable, "-c", code, ring.name], stdout=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    try:
+        for reader in readers:
+            reader.stdout.readline()  # the segment is resident in it
+        pids = [r.pid for r in readers]
+        with MemorySampler({"readers": pids}, interval_s=60) as sampler:
+            pass
+        # RSS counts the segment twice (and the interpreter's shared pages), PSS once.
+        assert sampler.peak_rss_bytes >= 128 * MB
+        assert sampler.peak_rss_bytes - sampler.peak_bytes >= 60 * MB
+        assert sampler.peak_bytes >= 64 * MB
+        assert sampler.peak_rss_by_group["readers"] == sampler.peak_rss_bytes
+        assert sampler.peak_by_group["readers"] == sampler.peak_bytes
+        assert all(0 < pss_bytes(p) < rss_bytes(p) for p in pids)
+        assert pss_bytes(-1) == 0
+    finally:
+        for reader in readers:
+            reader.kill()
+            reader.wait()
+        ring.close()
+        ring.unlink()

@@ -51,6 +51,10 @@ def test_shared_processes_match_one_process_per_node(separate):
     assert shared.traffic["nodes"] == separate.traffic["nodes"]
     memory = shared.runtime["memory"]
     assert memory["peak_bytes"] >= memory["peak_hosts_bytes"] > 0
+    # PSS shares the processes' common pages (torch's code, at least) out: below summed RSS.
+    assert memory["measure"] == "pss"
+    assert memory["peak_rss_bytes"] > memory["peak_bytes"]
+    assert memory["peak_hosts_rss_bytes"] > memory["peak_hosts_bytes"]
     assert shared.runtime["time_to_first_step_s"] > shared.runtime["launch_time_s"] > 0
     placement = shared.runtime["placement"]
     assert len(placement["nodes"]) == 4 and len(placement["swarmx"]) == 3
