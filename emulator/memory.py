@@ -137,9 +137,12 @@ class MemorySampler:
     its own sum is kept too.
 
     Two measures: RSS every ``interval_s`` (cheap: ``peak_rss_bytes``, ``peak_rss_by_group``)
-    and PSS every ``pss_interval_s`` and at the start and end (``peak_bytes``,
-    ``peak_by_group``): a sum of RSS counts each shared page once per process that maps
-    it, so it overstates what processes that share libraries and shared-memory rings use.
+    and PSS (``peak_bytes``, ``peak_by_group``) at the start and the end, and whenever the
+    summed RSS has grown past its level at the last PSS reading, at most every
+    ``pss_interval_s``: a sum of RSS counts each shared page once per process that maps
+    it, so it overstates what processes that share libraries and shared-memory rings use,
+    but reading PSS makes the kernel walk every page (about 20 ms per GB), so a run whose
+    memory has stopped growing stops paying for it.
     """
 
     def __init__(
@@ -158,21 +161,25 @@ class MemorySampler:
         self.peak_by_group = dict.fromkeys(names, 0)
         self.peak_rss_by_group = dict.fromkeys(names, 0)
         self._last_pss_s = -float("inf")
+        self._rss_at_last_pss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="memory-sampler", daemon=True)
 
-    def sample(self, *, pss: bool = True) -> None:
+    def sample(self, *, always_pss: bool = True) -> None:
+        """Read RSS, and PSS too: always, or (``always_pss=False``) when it is due."""
         groups = self.groups()
-        total = _keep_peaks(self.peak_rss_by_group, groups, rss_bytes)
-        self.peak_rss_bytes = max(self.peak_rss_bytes, total)
-        if pss:
-            self._last_pss_s = time.monotonic()
+        rss = _keep_peaks(self.peak_rss_by_group, groups, rss_bytes)
+        self.peak_rss_bytes = max(self.peak_rss_bytes, rss)
+        now = time.monotonic()
+        due = rss > self._rss_at_last_pss and now - self._last_pss_s >= self.pss_interval_s
+        if always_pss or due:
+            self._last_pss_s, self._rss_at_last_pss = now, rss
             total = _keep_peaks(self.peak_by_group, groups, pss_bytes)
             self.peak_bytes = max(self.peak_bytes, total)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self.sample(pss=time.monotonic() - self._last_pss_s >= self.pss_interval_s)
+            self.sample(always_pss=False)
 
     def __enter__(self) -> MemorySampler:
         self.sample()
@@ -326,8 +333,8 @@ class RuntimeWatch:
             "swarmx_nodes_per_process": cluster.swarmx_nodes_per_process,
             "num_processes": len(cluster.processes),
             "num_emulated_nodes": num_emulated,
-            # PSS (shared pages divided among the processes sharing them), sampled every
-            # 2 s; the sum of RSS, sampled every 0.25 s, counts them once per process.
+            # PSS (shared pages divided among the processes sharing them), read while the
+            # memory grows; the sum of RSS, sampled every 0.25 s, counts them per process.
             "memory": {
                 "measure": "pss",
                 "peak_bytes": self.sampler.peak_bytes,

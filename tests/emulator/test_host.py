@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from emulator import host
+from emulator import host, memory
 from emulator.config import load_config
 from emulator.host import HOST_SWITCH_INTERVAL_S, ComponentHost, nodes_per_process, plan_hosts
 from emulator.memory import (
@@ -247,3 +247,25 @@ def test_pss_counts_a_shared_page_once_where_summed_rss_counts_it_per_process():
             reader.wait()
         ring.close()
         ring.unlink()
+
+
+def test_pss_is_read_again_only_when_memory_grew(monkeypatch):
+    rss = {"now": 100 * MB}
+    reads = []
+    monkeypatch.setattr(memory, "rss_bytes", lambda pid: rss["now"])
+    monkeypatch.setattr(memory, "pss_bytes", lambda pid: reads.append(pid) or rss["now"] // 2)
+    sampler = MemorySampler({"me": [1]}, interval_s=60, pss_interval_s=0)
+    sampler.sample()  # the first reading: always
+    sampler.sample(always_pss=False)  # no growth: RSS only
+    assert len(reads) == 1
+    rss["now"] = 300 * MB
+    sampler.sample(always_pss=False)  # grew past the last reading: PSS again
+    assert len(reads) == 2 and sampler.peak_bytes == 150 * MB
+    rss["now"] = 200 * MB
+    sampler.sample(always_pss=False)  # shrank: nothing new to find
+    assert len(reads) == 2 and sampler.peak_rss_bytes == 300 * MB
+    slow = MemorySampler({"me": [1]}, interval_s=60, pss_interval_s=3600)
+    slow.sample()
+    rss["now"] = 400 * MB
+    slow.sample(always_pss=False)  # grew, but read too recently
+    assert len(reads) == 3 and slow.peak_bytes == 100 * MB
