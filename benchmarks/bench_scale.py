@@ -7,14 +7,17 @@ global batch for all sizes, and its JSON ``runtime`` block is read back:
 - time from the command's start to the end of its first step (Ray start included),
 - the launch time (Ray start, actor processes, wiring) and its phases,
 - processes and emulated nodes per process (``runtime.nodes_per_process``),
-- peak resident memory of the driver, MemoryX and the host processes, and that
+- peak memory (PSS, below) of the driver, MemoryX and the host processes, and that
   peak per emulated node (compute and SwarmX nodes),
 - CPU seconds to the end of the first step (the driver's, imports included; and those
   of the local Ray's services and actor processes), and CPU seconds per later step:
   what a busy machine inflates least,
 - wall time per step (median after the first) and how it grows with N against
-  linear growth: (wall(N) / wall(N0)) / (N / N0) for the smallest N0, the log-log slope
-  between neighbouring sizes and the least-squares slope over all (1 = linear).
+  linear growth: (wall(N) / wall(N0)) / (N / N0) for the smallest N0 and the
+  least-squares log-log slope over all (1 = linear). A run of a few steps swings by
+  +-20% on a shared 2-core machine, the smallest N's most (its steps are the shortest),
+  so ``--repeats R`` runs every N R times in alternating order and judges growth on each
+  N's median, and prints the same ratio within each repeat beside it.
 
 Memory is the peak of the processes' summed PSS (each shared page, a library's code or a
 shared-memory ring, divided among the processes that map it), with the summed RSS beside
@@ -25,6 +28,7 @@ the processes take from the machine together.
     python benchmarks/bench_scale.py --full                 # and 64 96 128 192
     python benchmarks/bench_scale.py --nodes 4 --batch-size 192   # time to first step
     python benchmarks/bench_scale.py --nodes 1 4 16 --json out.json
+    python benchmarks/bench_scale.py --nodes 32 192 --steps 6 --repeats 3   # growth, robustly
     python benchmarks/bench_scale.py --nodes-per-process 1  # one process per node (the old way)
 
 This is a measurement script, not a test: it asserts nothing about time. A size
@@ -129,6 +133,34 @@ def _cpu(block: dict | None, key: str) -> str:
     return "-" if not block else f"{block[key]:.2f}"
 
 
+def medians(rows: list[dict]) -> list[dict]:
+    """One row per N (in the order of first appearance): the run with the median wall time
+    per step among that N's repeats (the upper one of an even count), its CPU per step
+    replaced by the median of the repeats' CPU per step."""
+    by_size: dict[int, list[dict]] = {}
+    for row in rows:
+        by_size.setdefault(row["nodes"], []).append(row)
+    out = []
+    for runs in by_size.values():
+        ordered = sorted(runs, key=lambda r: r["wall_step_time_s"])
+        middle = dict(ordered[len(ordered) // 2])
+        cpu = sorted(cpu_per_step_s(r) for r in runs)[len(runs) // 2]
+        middle["cpu_per_step_s"] = {"median_s": cpu}
+        middle["repeats"] = len(runs)
+        out.append(middle)
+    return out
+
+
+def _over_linear_now(rows: list[dict], row: dict, value) -> str:
+    """``row`` against linear growth from the smallest N's median so far ("-" if none)."""
+    smallest = min(r["nodes"] for r in rows)
+    base = [value(r) for r in rows if r["nodes"] == smallest]
+    if row["nodes"] == smallest or not base:
+        return "1.00" if row["nodes"] == smallest else "-"
+    base_value = sorted(base)[len(base) // 2]
+    return f"{(value(row) / base_value) / (row['nodes'] / smallest):.2f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--nodes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
@@ -138,6 +170,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=384, help="divisible by every N")
     parser.add_argument("--nodes-per-process", default="auto")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run every N this many times, in alternating order (ascending, then descending, "
+        "...); growth is judged on each N's median",
+    )
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()
     sizes = args.nodes + (
@@ -146,50 +185,69 @@ def main() -> None:
     bad = [n for n in sizes if args.batch_size % n]
     if bad:
         parser.error(f"--batch-size {args.batch_size} does not split over {bad} nodes")
-    rows = []
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    sizes = sorted(set(sizes))
+    rows: list[dict] = []
     header = (
         f"{'N':>4} {'SwarmX':>6} {'procs':>5} {'per':>4} {'1st step':>9} {'launch':>7} "
-        f"{'peak PSS':>9} {'PSS/node':>9} {'wall/step':>10} {'vs linear':>9} {'slope':>6} "
+        f"{'peak PSS':>9} {'PSS/node':>9} {'wall/step':>10} {'vs linear':>9} "
         f"{'CPU/step':>9} {'vs linear':>9}"
     )
     started_load = os.getloadavg()
     print(
         f"load average {started_load[0]:.1f} {started_load[1]:.1f} {started_load[2]:.1f} "
-        f"on {os.cpu_count()} cores, batch {args.batch_size}, {args.steps} steps"
+        f"on {os.cpu_count()} cores, batch {args.batch_size}, {args.steps} steps, "
+        f"{args.repeats} run(s) per N"
     )
     print(header)
-    for nodes in sizes:
-        row = run(nodes, args)
-        row["load_average"] = os.getloadavg()[0]
-        rows.append(row)
-        if "error" in row:
-            print(f"{nodes:>4} failed: {row['error'][-300:]}")
-            break
-        grown = growth(rows)
-        slope = grown["local_slopes"][-1]
-        cpu_grown = growth(rows, cpu_per_step_s)
-        print(
-            f"{nodes:>4} {row['num_swarmx_nodes']:>6} {row['num_processes']:>5} "
-            f"{row['nodes_per_process']:>4} {row['first_step_since_command_s']:>8.1f}s "
-            f"{row['launch_time_s']:>6.1f}s {row['peak_memory_bytes'] / 1024**3:>8.2f}G "
-            f"{row['memory_per_emulated_node_bytes'] / 1024**2:>8.1f}M "
-            f"{1000 * row['wall_step_time_s']:>8.0f}ms {grown['over_linear'][-1]:>9.2f} "
-            f"{'-' if slope is None else f'{slope:.2f}':>6} "
-            f"{1000 * cpu_per_step_s(row):>7.0f}ms {cpu_grown['over_linear'][-1]:>9.2f}",
-            flush=True,
-        )
-        if args.json:
-            Path(args.json).write_text(
-                json.dumps(
-                    {
-                        "load": os.getloadavg(),
-                        "rows": rows,
-                        "growth": grown,
-                        "cpu_growth": cpu_grown,
-                    }
-                )
+    failed = False
+    for repeat in range(args.repeats):
+        # Alternate the order, so that a drift of the machine's speed meets every N alike.
+        for nodes in sizes if repeat % 2 == 0 else sizes[::-1]:
+            row = run(nodes, args)
+            row["load_average"] = os.getloadavg()[0]
+            row["repeat"] = repeat
+            rows.append(row)
+            if "error" in row:
+                print(f"{nodes:>4} failed: {row['error'][-300:]}")
+                failed = True
+                break
+            done = [r for r in rows if "error" not in r]
+            print(
+                f"{nodes:>4} {row['num_swarmx_nodes']:>6} {row['num_processes']:>5} "
+                f"{row['nodes_per_process']:>4} {row['first_step_since_command_s']:>8.1f}s "
+                f"{row['launch_time_s']:>6.1f}s {row['peak_memory_bytes'] / 1024**3:>8.2f}G "
+                f"{row['memory_per_emulated_node_bytes'] / 1024**2:>8.1f}M "
+                f"{1000 * row['wall_step_time_s']:>8.0f}ms "
+                f"{_over_linear_now(done, row, lambda r: r['wall_step_time_s']):>9} "
+                f"{1000 * cpu_per_step_s(row):>7.0f}ms "
+                f"{_over_linear_now(done, row, cpu_per_step_s):>9}",
+                flush=True,
             )
+            _write_json(args.json, rows)
+        if failed:
+            break
+    _summary([r for r in rows if "error" not in r], args.repeats)
+    _write_json(args.json, rows)
+
+
+def _write_json(path: str | None, rows: list[dict]) -> None:
+    """The runs so far and the growth of their per-N medians (rewritten after every run)."""
+    if not path:
+        return
     done = [r for r in rows if "error" not in r]
+    middle = medians(done)
+    result = {"load": os.getloadavg(), "rows": rows, "medians": middle}
+    if middle:
+        result["growth"] = growth(middle)
+        result["cpu_growth"] = growth(middle, cpu_per_step_s)
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    tmp.replace(path)  # atomic: a failure late in a sweep keeps the runs before it
+
+
+def _summary(done: list[dict], repeats: int) -> None:
     load = os.getloadavg()
     print(f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} at the end")
     print(
@@ -211,20 +269,35 @@ def main() -> None:
                 else ""
             )
         )
-    if len(done) > 1:
-        for what, value in (
-            ("wall time per step", lambda row: row["wall_step_time_s"]),
-            ("CPU time per step", cpu_per_step_s),
-        ):
-            grown = growth(done, value)
-            worst = max(range(len(done)), key=lambda i: grown["over_linear"][i])
-            at_most_linear = grown["over_linear"][worst] <= 1.0
+    middle = medians(done)
+    if len(middle) < 2:
+        return
+    median_of = f" (medians of {repeats} runs per N)" if repeats > 1 else ""
+    for what, value in (
+        ("wall time per step", lambda row: row["wall_step_time_s"]),
+        ("CPU time per step", cpu_per_step_s),
+    ):
+        grown = growth(middle, value)
+        worst = max(range(len(middle)), key=lambda i: grown["over_linear"][i])
+        at_most_linear = grown["over_linear"][worst] <= 1.0
+        print(
+            f"{what} from N={middle[0]['nodes']} to N={middle[-1]['nodes']}{median_of}: "
+            f"least-squares log-log slope {grown['slope']:.2f} (1 = linear); largest "
+            f"({what[:4]}(N)/{what[:4]}(N0))/(N/N0) = {grown['over_linear'][worst]:.2f} at "
+            f"N={middle[worst]['nodes']}: growth is "
+            + ("at most linear." if at_most_linear else "FASTER than linear there.")
+        )
+        if repeats > 1:
+            # The same ratio within each repeat (its own runs of the smallest and largest N).
+            smallest, largest = middle[0]["nodes"], middle[-1]["nodes"]
+            ratios = []
+            for repeat in range(repeats):
+                pair = {r["nodes"]: value(r) for r in done if r["repeat"] == repeat}
+                if smallest in pair and largest in pair:
+                    ratios.append((pair[largest] / pair[smallest]) / (largest / smallest))
             print(
-                f"{what} from N={done[0]['nodes']} to N={done[-1]['nodes']}: "
-                f"least-squares log-log slope {grown['slope']:.2f} (1 = linear); largest "
-                f"({what[:4]}(N)/{what[:4]}(N0))/(N/N0) = {grown['over_linear'][worst]:.2f} at "
-                f"N={done[worst]['nodes']}: growth is "
-                + ("at most linear." if at_most_linear else "FASTER than linear there.")
+                f"  within each repeat, N={largest} against linear from N={smallest}: "
+                + ", ".join(f"{r:.2f}" for r in ratios)
             )
 
 
