@@ -47,6 +47,14 @@ def add_scale_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--address", metavar="ADDR", help="existing Ray cluster; default: start a local one"
     )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        metavar="R",
+        help="run every size R times, in alternating order; wall time per step is their "
+        "median, the table shows their range (default 1)",
+    )
     p.add_argument("--json", metavar="PATH", help="write points[] as JSON (after every size)")
     p.add_argument("--plot", metavar="PNG", help="plot emulated vs predicted step time")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -66,9 +74,10 @@ def _nodes_per_process(text: str | None) -> int | str | None:
 
 
 def run_scale_command(args: argparse.Namespace) -> int:
-    from emulator.scale import plot_scale, run_scale, scale_table
+    from emulator.scale import check_repeats, plot_scale, run_scale, scale_table
 
     node_counts = parse_node_counts(args.nodes)
+    check_repeats(args.repeats)
     overrides = {
         "model.name": args.model,
         "num_nodes": node_counts[0],
@@ -101,7 +110,9 @@ def run_scale_command(args: argparse.Namespace) -> int:
                 flush=True,
             )
 
-    points, failed = run_scale(config, node_counts, json_path=args.json, on_point=report)
+    points, failed = run_scale(
+        config, node_counts, repeats=args.repeats, json_path=args.json, on_point=report
+    )
     if points:
         print(scale_table(config, points))
     if args.json:
@@ -114,7 +125,8 @@ def run_scale_command(args: argparse.Namespace) -> int:
         )
         print(f"wrote {args.plot}")
     if failed is not None:
-        print(f"wafer scale: {failed['nodes']} nodes did not run: {failed['error']}")
+        again = f" (repeat {failed['repeat'] + 1})" if args.repeats > 1 else ""
+        print(f"wafer scale: {failed['nodes']} nodes did not run{again}: {failed['error']}")
         return 1
     return 0
 

@@ -6,6 +6,12 @@ the emulated clock measured, the analytic prediction of ``wafer simulate`` for
 the same config, the emulator's own wall time per step, its launch cost and its
 peak memory. Points are written as they finish, so a late failure (a size that
 does not fit this machine) keeps the sizes that ran.
+
+The emulator's wall time swings by tens of percent between runs on a shared machine,
+the emulated clock not at all: with ``repeats`` every size runs that many times, in
+ascending order, then descending, and so on (a drift of the machine's speed then meets
+every size alike), and each point is the run with the median wall time per step, with
+every run's wall time beside it.
 """
 
 from __future__ import annotations
@@ -39,6 +45,9 @@ class ScalePoint:
     nodes_per_process: int
     num_emulated_nodes: int
     final_loss: float
+    #: Wall time per step of every run of this size, in the order they ran (one unless
+    #: ``repeats``); ``wall_step_time_s`` is their median.
+    wall_step_time_s_runs: tuple[float, ...] = ()
 
     def to_json(self) -> dict:
         return {
@@ -50,6 +59,7 @@ class ScalePoint:
             },
             "predicted": {"step_time_s": self.predicted_step_time_s},
             "wall_step_time_s": self.wall_step_time_s,
+            "wall_step_time_s_runs": list(self.wall_step_time_s_runs),
             "time_to_first_step_s": self.time_to_first_step_s,
             "launch_time_s": self.launch_time_s,
             "peak_memory_bytes": self.peak_memory_bytes,
@@ -108,10 +118,21 @@ def run_point(config: ClusterConfig, workload: Workload | None, *, progress: boo
         nodes_per_process=runtime["nodes_per_process"],
         num_emulated_nodes=runtime["num_emulated_nodes"],
         final_loss=report.final_loss,
+        wall_step_time_s_runs=(result["step_wall_time_s"],),
     )
 
 
-def scale_json(config: ClusterConfig, points: list[ScalePoint], failed: dict | None) -> dict:
+def median_point(runs: list[ScalePoint]) -> ScalePoint:
+    """The run with the median wall time per step (the upper one of an even count), with
+    every run's wall time in ``wall_step_time_s_runs``."""
+    middle = sorted(runs, key=lambda p: p.wall_step_time_s)[len(runs) // 2]
+    walls = tuple(w for run in runs for w in run.wall_step_time_s_runs)
+    return dataclasses.replace(middle, wall_step_time_s_runs=walls)
+
+
+def scale_json(
+    config: ClusterConfig, points: list[ScalePoint], failed: dict | None, *, repeats: int = 1
+) -> dict:
     return {
         "model": config.model.name,
         "backend": to_dict(config.backend),
@@ -119,6 +140,7 @@ def scale_json(config: ClusterConfig, points: list[ScalePoint], failed: dict | N
         "batch_size": config.batch_size,
         "num_steps": config.num_steps,
         "nodes_per_process": config.runtime.nodes_per_process,
+        "repeats": repeats,
         "points": [p.to_json() for p in points],
         # A size that could not run (e.g. out of memory here): the sizes before it stand.
         "failed": failed,
@@ -129,35 +151,64 @@ def run_scale(
     config: ClusterConfig,
     node_counts: list[int],
     *,
+    repeats: int = 1,
     json_path: str | None = None,
     progress: bool = False,
     on_point: Callable[[ScalePoint], None] | None = None,
 ) -> tuple[list[ScalePoint], dict | None]:
-    """Train ``config`` at each node count; returns the points and the failure, if any."""
+    """Train ``config`` at each node count, ``repeats`` times in alternating order; returns
+    one point per size that ran (its median run) and the failure, if any."""
     check_batch(config, node_counts)
+    check_repeats(repeats)
     workload = predicted_workload(config)
-    points: list[ScalePoint] = []
+    runs: dict[int, list[ScalePoint]] = {}
+
+    def points() -> list[ScalePoint]:
+        return [median_point(runs[n]) for n in node_counts if n in runs]
+
     failed = None
-    for n in node_counts:
-        try:
-            point = run_point(dataclasses.replace(config, num_nodes=n), workload, progress=progress)
-        except (RuntimeError, OSError, MemoryError) as exc:
-            failed = {"nodes": n, "error": f"{type(exc).__name__}: {exc}"}
+    for repeat in range(repeats):
+        for n in node_counts if repeat % 2 == 0 else node_counts[::-1]:
+            try:
+                config_n = dataclasses.replace(config, num_nodes=n)
+                point = run_point(config_n, workload, progress=progress)
+            except (RuntimeError, OSError, MemoryError) as exc:
+                failed = {"nodes": n, "repeat": repeat, "error": f"{type(exc).__name__}: {exc}"}
+                break
+            runs.setdefault(n, []).append(point)
+            if on_point is not None:
+                on_point(point)
+            if json_path:
+                write_json_atomic(json_path, scale_json(config, points(), None, repeats=repeats))
+        if failed is not None:
             break
-        points.append(point)
-        if on_point is not None:
-            on_point(point)
-        if json_path:
-            write_json_atomic(json_path, scale_json(config, points, None))
     if json_path:
-        write_json_atomic(json_path, scale_json(config, points, failed))
-    return points, failed
+        write_json_atomic(json_path, scale_json(config, points(), failed, repeats=repeats))
+    return points(), failed
+
+
+def check_repeats(repeats: int) -> None:
+    """ValueError unless ``repeats`` is a positive count."""
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(
+            f"--repeats {repeats!r} is not valid; give 1 or more (every size then runs that "
+            "many times, in alternating order, and its wall time per step is their median)."
+        )
 
 
 def _seconds(value: float | None) -> str:
     from core.units import format_seconds
 
     return "-" if value is None else format_seconds(value)
+
+
+def _wall(point: ScalePoint) -> str:
+    """Wall time per step, with the range over the runs when the size ran more than once."""
+    text = f"{1000 * point.wall_step_time_s:.0f} ms"
+    runs = point.wall_step_time_s_runs
+    if len(runs) > 1:
+        text += f" ({1000 * min(runs):.0f}-{1000 * max(runs):.0f})"
+    return text
 
 
 def scale_table(config: ClusterConfig, points: list[ScalePoint]) -> str:
@@ -169,7 +220,7 @@ def scale_table(config: ClusterConfig, points: list[ScalePoint]) -> str:
             "-"
             if p.predicted_step_time_s is None
             else f"{p.emulated_step_time_s / p.predicted_step_time_s:.3f}",
-            f"{1000 * p.wall_step_time_s:.0f} ms",
+            _wall(p),
             f"{p.time_to_first_step_s:.1f} s",
             f"{p.num_processes} ({p.nodes_per_process}/proc)",
             human_bytes(p.peak_memory_bytes),
@@ -221,7 +272,14 @@ def plot_scale(points: list[ScalePoint], path: str, *, title: str = "") -> None:
     ax_step.set_xlabel("compute nodes")
     ax_step.set_ylabel("emulated step time (us)")
     ax_step.set_title("emulated hardware")
-    ax_wall.plot(nodes, [p.wall_step_time_s for p in points], "o-", color="C2", label="wall / step")
+    walls = [p.wall_step_time_s for p in points]
+    spread = [  # below and above the median: the range over the runs of each size
+        [w - min(p.wall_step_time_s_runs or (w,)) for w, p in zip(walls, points, strict=True)],
+        [max(p.wall_step_time_s_runs or (w,)) - w for w, p in zip(walls, points, strict=True)],
+    ]
+    wall_line = ax_wall.errorbar(
+        nodes, walls, yerr=spread, fmt="o-", color="C2", capsize=3, label="wall / step"
+    )
     ax_wall.set_xlabel("compute nodes")
     ax_wall.set_ylabel("emulator wall time per step (s)")
     ax_wall.set_title("the emulator itself")
@@ -237,8 +295,8 @@ def plot_scale(points: list[ScalePoint], path: str, *, title: str = "") -> None:
             ax.xaxis.set_major_formatter(plain)
         ax.grid(alpha=0.3)
     ax_step.legend(fontsize=8)
-    lines = ax_wall.get_lines() + ax_mem.get_lines()
-    ax_wall.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="upper left")
+    handles = [wall_line, *ax_mem.get_lines()]
+    ax_wall.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="upper left")
     fig.suptitle(title)
     fig.tight_layout()
     _save(fig, plt, path)
