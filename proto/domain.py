@@ -34,6 +34,10 @@ class Header:
     sender: str = ""  # who sent it (node rank, SwarmX id), for errors
     dense_gradients: bool = False  # BACKWARD weight streams: send dense gradients this step
     pass_id: int = 0  # nonzero: of this pipelined pass; computed after the layer before it
+    #: With ``pass_id``: layer number ``pass_position`` (1-based) of the pass's
+    #: ``pass_length`` (SwarmX nodes below the root stream it on the pass's streams).
+    pass_position: int = 0
+    pass_length: int = 0
 
 
 @dataclass(frozen=True)

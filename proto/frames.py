@@ -141,6 +141,8 @@ def to_wire(item: StreamItem) -> pb.LayerMessage:
             sender=item.sender,
             dense_gradients=item.dense_gradients,
             pass_id=item.pass_id,
+            pass_position=item.pass_position,
+            pass_length=item.pass_length,
         )
     )
 
@@ -196,6 +198,8 @@ def from_wire(message: pb.LayerMessage | StreamItem) -> StreamItem:
             sender=h.sender,
             dense_gradients=h.dense_gradients,
             pass_id=h.pass_id,
+            pass_position=h.pass_position,
+            pass_length=h.pass_length,
         )
     raise WireError("empty layer message (neither header nor chunk)")
 

@@ -19,7 +19,7 @@ BACKWARD: Phase
 EVAL: Phase
 
 class LayerHeader(_message.Message):
-    __slots__ = ("layer", "step", "phase", "num_tensors", "total_bytes", "sender", "dense_gradients", "pass_id")
+    __slots__ = ("layer", "step", "phase", "num_tensors", "total_bytes", "sender", "dense_gradients", "pass_id", "pass_position", "pass_length")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,8 @@ class LayerHeader(_message.Message):
     SENDER_FIELD_NUMBER: _ClassVar[int]
     DENSE_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     PASS_ID_FIELD_NUMBER: _ClassVar[int]
+    PASS_POSITION_FIELD_NUMBER: _ClassVar[int]
+    PASS_LENGTH_FIELD_NUMBER: _ClassVar[int]
     layer: int
     step: int
     phase: Phase
@@ -36,7 +38,9 @@ class LayerHeader(_message.Message):
     sender: str
     dense_gradients: bool
     pass_id: int
-    def __init__(self, layer: _Optional[int] = ..., step: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., num_tensors: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sender: _Optional[str] = ..., dense_gradients: _Optional[bool] = ..., pass_id: _Optional[int] = ...) -> None: ...
+    pass_position: int
+    pass_length: int
+    def __init__(self, layer: _Optional[int] = ..., step: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., num_tensors: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sender: _Optional[str] = ..., dense_gradients: _Optional[bool] = ..., pass_id: _Optional[int] = ..., pass_position: _Optional[int] = ..., pass_length: _Optional[int] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("layer", "step", "name", "dtype", "shape", "offset", "tensor_bytes", "data", "encoding", "index_bytes", "shared")

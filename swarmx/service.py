@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import itertools
 import queue
 import threading
 from collections.abc import Iterable, Iterator
@@ -34,6 +35,7 @@ from proto.domain import (
 from proto.frames import (
     WireError,
     from_wire,
+    from_wire_stream,
     recast_chunk,
     recast_header,
 )
@@ -70,11 +72,22 @@ _PHASES = tuple(Phase)
 _NODE_PREFIX = node_name(0)[: -len("0")]
 
 
-def _marked(stream: Iterable[StreamItem | pb.LayerMessage], pass_id: int) -> Iterator[StreamItem]:
-    """``stream`` with its header marked as of pass ``pass_id`` (the nodes order its layers)."""
+def _marked(
+    stream: Iterable[StreamItem | pb.LayerMessage], request: LayerRequest
+) -> Iterator[StreamItem]:
+    """``stream`` with its header marked as of ``request``'s pass: its id (the nodes order
+    its layers by it), and its place in the pass (SwarmX nodes below the root send it on
+    the pass's streams to their compute nodes)."""
     for item in stream:
         item = from_wire(item)
-        yield dataclasses.replace(item, pass_id=pass_id) if isinstance(item, Header) else item
+        if isinstance(item, Header):
+            item = dataclasses.replace(
+                item,
+                pass_id=request.pass_id,
+                pass_position=request.pass_position,
+                pass_length=request.pass_length,
+            )
+        yield item
 
 
 def _results(calls: list[grpc.Future]) -> list[LayerAck]:
@@ -420,10 +433,12 @@ class SwarmXServicer(ReduceSide, sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
                     phase=request.phase,
                     sender=self.name,
                     pass_id=request.pass_id,
+                    pass_position=request.pass_position,
+                    pass_length=request.pass_length,
                 )
             ]
         elif request.pass_id:
-            weights = _marked(weights, request.pass_id)
+            weights = _marked(weights, request)
         return self._broadcast(weights, context, passing, pass_timeout_s)
 
     @rpc_errors
@@ -451,7 +466,32 @@ class SwarmXServicer(ReduceSide, sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
 
     @rpc_errors
     def Deliver(self, request_iterator, context):
-        return ack_to_wire(self._broadcast(request_iterator, context))
+        """One layer from the parent. A layer of a pass (its header says which) goes to the
+        compute-node children on the pass's streams, as at the root: one ``DeliverPass``
+        call per child and pass instead of one ``Deliver`` call per child and layer."""
+        items = from_wire_stream(request_iterator)
+        first = next(items, None)
+        stream = items if first is None else itertools.chain((first,), items)
+        return ack_to_wire(self._broadcast(stream, context, self._passing(first)))
+
+    def _passing(self, first: StreamItem | None) -> LayerRequest | None:
+        """The pass a layer from the parent belongs to, from its header (None: none)."""
+        if not isinstance(first, Header) or not (first.pass_position or first.pass_length):
+            return None
+        if not (first.pass_id and 1 <= first.pass_position <= first.pass_length):
+            raise WireError(
+                f"pass_position {first.pass_position} of pass_length {first.pass_length} "
+                "needs a pass_id and 1 <= pass_position <= pass_length"
+            )
+        return LayerRequest(
+            layer=first.layer,
+            step=first.step,
+            phase=first.phase,
+            dtype=self._dtype or "",
+            pass_id=first.pass_id,
+            pass_position=first.pass_position,
+            pass_length=first.pass_length,
+        )
 
     # -- stats -------------------------------------------------------------
     def stats(self) -> SwarmXStats:

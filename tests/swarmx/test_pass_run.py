@@ -19,6 +19,7 @@ import torch
 
 from benchmarks.fuzz_services import SETTLE_S, Services, build_services
 from memoryx.service import MemoryXServicer
+from nodes.service import ComputeNodeServicer
 from proto import memoryx_pb2 as mpb
 from proto import swarmx_pb2 as spb
 from proto import swarmx_pb2_grpc as sgrpc
@@ -165,6 +166,28 @@ def test_run_pass_trains_the_same_bits_as_one_run_layer_call_per_layer(
     assert calls["RunPass"] == 2 + 1 and calls["RunLayer"] == 2 * 2 * len(per_pass.layers)
 
 
+def test_swarmx_nodes_below_the_root_send_a_pass_on_one_stream_per_compute_node(monkeypatch, calls):
+    # 4 nodes, fanout 2: the root feeds 2 SwarmX nodes (one Deliver call per layer each),
+    # and each of those its 2 compute nodes on one DeliverPass call per pass, as the root
+    # does its own: the header tells them the layer's place in the pass.
+    node_calls = count_servicer_calls(
+        monkeypatch, {ComputeNodeServicer: ("Deliver", "DeliverPass")}
+    )
+    swarmx_calls = count_servicer_calls(monkeypatch, {SwarmXServicer: ("Deliver",)})
+    services = _cluster(num_nodes=4, fanout=2)
+    try:
+        for step in range(2):
+            acks = _train_step(services, step, pass_id=20 + step)
+            assert all(a.num_nodes == 4 for a in acks)
+        evaluated = _run_pass(services, _requests(services, 2, 99, (Phase.EVAL,)))
+        assert all(a.num_nodes == 4 for a in evaluated)
+    finally:
+        services.stop()
+    layer_phases = 2 * len(services.layers)
+    assert node_calls["DeliverPass"] == 4 * 3 and node_calls["Deliver"] == 0
+    assert swarmx_calls["Deliver"] == 2 * (2 * layer_phases + len(services.layers))
+
+
 def _raw_pass(services: Services, messages: list[spb.LayerRequest], address=None):
     stub = sgrpc.SwarmXStub(
         channel(address or services.addresses[services.root_name], services.security)
@@ -241,6 +264,32 @@ def test_run_pass_on_a_non_root_is_refused(calls):
             _raw_pass(services, [_eval(0, 0, 1), _eval(0, 1, 2)], services.addresses[inner])
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "not the root" in info.value.details()
+    finally:
+        services.stop()
+
+
+@pytest.mark.parametrize(
+    "position, length, pass_id", [(3, 2, 5), (0, 2, 5), (1, 2, 0), (-1, 2, 5), (1, -2, 5)]
+)
+def test_a_layer_with_a_bad_place_in_its_pass_is_refused_below_the_root(
+    calls, position, length, pass_id
+):
+    services = _cluster(num_nodes=4, fanout=2)
+    try:
+        inner = next(name for name in services.swarmx if name != services.root_name)
+        header = pb.LayerHeader(
+            layer=0,
+            step=0,
+            phase=pb.EVAL,
+            pass_id=pass_id,
+            pass_position=position,
+            pass_length=length,
+        )
+        stub = sgrpc.LayerSinkStub(channel(services.addresses[inner], services.security))
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Deliver(iter([pb.LayerMessage(header=header)]), timeout=TIMEOUT_S)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "pass_position" in info.value.details()
     finally:
         services.stop()
 
