@@ -1,7 +1,8 @@
-"""A root SwarmX's streams to its compute-node children: one ``DeliverPass`` per pass.
+"""A SwarmX node's streams to its children: one ``DeliverPass`` per pass and child.
 
-A pipelined pass sends its layers to each compute node on one stream instead of one
-``Deliver`` call per layer (a call's set-up costs several times a message's). Each
+A pipelined pass sends its layers to each child (a compute node, or a SwarmX node that
+relays them: ``swarmx.pass_relay``) on one stream instead of one ``Deliver`` call per
+layer (a call's set-up costs several times a message's). Each
 layer's answer still comes back on its own, matched by (layer, phase).
 """
 
@@ -41,7 +42,7 @@ def put(q: queue.Queue, call: grpc.Future, item: object) -> bool:
 
 
 class PassLink:
-    """One ``DeliverPass`` stream to a compute-node child, carrying every layer of one pass.
+    """One ``DeliverPass`` stream to a child, carrying every layer of one pass.
 
     Layers go on ``queue`` whole and in pass order; a reader thread hands each answer
     to the layer's ``Slot``. A failed or cancelled stream fails every layer waiting on it.
@@ -83,7 +84,7 @@ class PassLink:
             error = exc
         with self._lock:
             if error is None:
-                error = WireError("a compute node ended its pass stream before answering")
+                error = WireError("a child ended its pass stream before answering")
             self._error = error
             waiting = list(self._waiting.values())
             self._waiting.clear()

@@ -61,15 +61,12 @@ from proto.wire import fast_channel
 from proto.wire import register as register_fast
 from swarmx.gradient_link import GradientLink
 from swarmx.pass_link import QUEUE_DEPTH, PassLink, drain, put
+from swarmx.pass_relay import relay_pass
 from swarmx.pass_run import PassRun
 from swarmx.pieces import END, SplitLayer, joined_weights
 from swarmx.reducing import ReduceSide, Reducing
-from swarmx.tree import node_name
 
 _PHASES = tuple(Phase)
-# Children whose names start so are compute nodes (swarmx.tree.node_name): they take a
-# pipelined pass on one DeliverPass stream.
-_NODE_PREFIX = node_name(0)[: -len("0")]
 
 
 def _marked(
@@ -239,7 +236,7 @@ class SwarmXServicer(ReduceSide, sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
         """Forward every message to every child as it comes; the sum of the children's answers.
 
         ``passing``: the layer is one of a pipelined pass sent per pass
-        (``LayerRequest.pass_position``): it goes to compute-node children on the pass's
+        (``LayerRequest.pass_position``): it goes to the children on the pass's
         ``DeliverPass`` streams, after the layer before it in the pass.
         """
         timeout_s = time_left_s(context)
@@ -340,8 +337,9 @@ class SwarmXServicer(ReduceSide, sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
                 self._pass_turn.wait(timeout=CANCEL_CHECK_S)
 
     def _pass_links(self, request: LayerRequest, pass_timeout_s: float) -> dict[int, PassLink]:
-        """The pass's stream to each compute-node child (by child index), opened by its
-        first layer; the streams of an earlier pass that did not finish are cancelled."""
+        """The pass's stream to each child (by child index; a SwarmX child relays it,
+        ``swarmx.pass_relay``), opened by its first layer; the streams of an earlier pass
+        that did not finish are cancelled."""
         stale: dict[int, PassLink] = {}
         with self._lock:
             if self._links is None or self._links[0] != request.pass_id:
@@ -352,10 +350,7 @@ class SwarmXServicer(ReduceSide, sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
                     request.pass_id,
                     {
                         index: PassLink(stub, pass_timeout_s)
-                        for index, (child, stub) in enumerate(
-                            zip(self.children, self._child_stubs, strict=True)
-                        )
-                        if child.startswith(_NODE_PREFIX)
+                        for index, stub in enumerate(self._child_stubs)
                     },
                 )
             links = self._links[1]
@@ -472,9 +467,25 @@ class SwarmXServicer(ReduceSide, sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
         items = from_wire_stream(request_iterator)
         first = next(items, None)
         stream = items if first is None else itertools.chain((first,), items)
-        return ack_to_wire(self._broadcast(stream, context, self._passing(first)))
+        return ack_to_wire(self._broadcast(stream, context, self.passing_of(first)))
 
-    def _passing(self, first: StreamItem | None) -> LayerRequest | None:
+    @rpc_stream_errors
+    def DeliverPass(self, request_iterator, context):
+        """A pass from the parent on one stream (``swarmx.pass_relay``): each layer goes on
+        as ``Deliver`` sends one, one answer per layer as it completes."""
+        for ack in relay_pass(self, request_iterator, context):
+            yield ack_to_wire(ack)
+
+    def broadcast(
+        self,
+        messages: Iterable[StreamItem | pb.LayerMessage],
+        context: grpc.ServicerContext,
+        passing: LayerRequest | None,
+    ) -> LayerAck:
+        """One layer to every child (``_broadcast``): for ``swarmx.pass_relay``."""
+        return self._broadcast(messages, context, passing)
+
+    def passing_of(self, first: StreamItem | None) -> LayerRequest | None:
         """The pass a layer from the parent belongs to, from its header (None: none)."""
         if not isinstance(first, Header) or not (first.pass_position or first.pass_length):
             return None

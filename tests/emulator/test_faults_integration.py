@@ -104,6 +104,23 @@ def test_lost_node_or_swarmx_is_replaced_bit_identically(clean_run, target, when
     assert report.steps[when[0]].num_attempts == 2
 
 
+# 4 nodes at fan-out 2: the root feeds 2 SwarmX nodes, which relay each pass to their
+# compute nodes on one stream per pass and child (swarmx/pass_relay.py).
+DEEP_TREE = {"num_nodes": 4, "swarmx.fanout": 2}
+
+
+@pytest.fixture(scope="module")
+def clean_deep_run(ray_session):
+    return train(_config(**DEEP_TREE), progress=False)
+
+
+def test_a_lost_swarmx_node_below_the_root_is_replaced_bit_identically(clean_deep_run):
+    report = _run(Chaos("swarmx-0-0", (1, 1, "forward"), "SIGKILL"), **DEEP_TREE)
+    _assert_identical(report, clean_deep_run)
+    assert [f["component"] for f in report.faults] == ["swarmx-0-0"]
+    assert report.steps[1].num_attempts == 2
+
+
 # PCM weight-stationary arrays keep each matrix, its programming noise and its drift between
 # passes: the lost node's neighbours go back to what they held when the step began, and the
 # replacement starts from the lost node's state as the driver kept it after the last pass

@@ -166,14 +166,14 @@ def test_run_pass_trains_the_same_bits_as_one_run_layer_call_per_layer(
     assert calls["RunPass"] == 2 + 1 and calls["RunLayer"] == 2 * 2 * len(per_pass.layers)
 
 
-def test_swarmx_nodes_below_the_root_send_a_pass_on_one_stream_per_compute_node(monkeypatch, calls):
-    # 4 nodes, fanout 2: the root feeds 2 SwarmX nodes (one Deliver call per layer each),
-    # and each of those its 2 compute nodes on one DeliverPass call per pass, as the root
-    # does its own: the header tells them the layer's place in the pass.
+def test_every_link_of_a_deeper_tree_carries_a_pass_on_one_stream(monkeypatch, calls):
+    # 4 nodes, fanout 2: the root feeds 2 SwarmX nodes, each of those 2 compute nodes,
+    # every one on one DeliverPass call per pass (the SwarmX nodes relay theirs), none on
+    # a Deliver call per layer.
     node_calls = count_servicer_calls(
         monkeypatch, {ComputeNodeServicer: ("Deliver", "DeliverPass")}
     )
-    swarmx_calls = count_servicer_calls(monkeypatch, {SwarmXServicer: ("Deliver",)})
+    swarmx_calls = count_servicer_calls(monkeypatch, {SwarmXServicer: ("Deliver", "DeliverPass")})
     services = _cluster(num_nodes=4, fanout=2)
     try:
         for step in range(2):
@@ -183,9 +183,8 @@ def test_swarmx_nodes_below_the_root_send_a_pass_on_one_stream_per_compute_node(
         assert all(a.num_nodes == 4 for a in evaluated)
     finally:
         services.stop()
-    layer_phases = 2 * len(services.layers)
     assert node_calls["DeliverPass"] == 4 * 3 and node_calls["Deliver"] == 0
-    assert swarmx_calls["Deliver"] == 2 * (2 * layer_phases + len(services.layers))
+    assert swarmx_calls["DeliverPass"] == 2 * 3 and swarmx_calls["Deliver"] == 0
 
 
 def _raw_pass(services: Services, messages: list[spb.LayerRequest], address=None):
@@ -290,6 +289,30 @@ def test_a_layer_with_a_bad_place_in_its_pass_is_refused_below_the_root(
             stub.Deliver(iter([pb.LayerMessage(header=header)]), timeout=TIMEOUT_S)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "pass_position" in info.value.details()
+    finally:
+        services.stop()
+
+
+@pytest.mark.parametrize(
+    "headers, error",
+    [
+        ([{"pass_id": 5}], "place in the pass"),
+        ([{"pass_id": 5, "pass_position": 3, "pass_length": 2}], "pass_position"),
+    ],
+)
+def test_a_bad_pass_stream_is_refused_below_the_root(calls, headers, error):
+    services = _cluster(num_nodes=4, fanout=2)
+    try:
+        inner = next(name for name in services.swarmx if name != services.root_name)
+        messages = [
+            pb.LayerMessage(header=pb.LayerHeader(layer=0, step=0, phase=pb.EVAL, **fields))
+            for fields in headers
+        ]
+        stub = sgrpc.LayerSinkStub(channel(services.addresses[inner], services.security))
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.DeliverPass(iter(messages), timeout=TIMEOUT_S))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error in info.value.details()
     finally:
         services.stop()
 

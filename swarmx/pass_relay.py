@@ -1,0 +1,138 @@
+"""A SwarmX node's ``LayerSink.DeliverPass``: a pass from its parent on one stream.
+
+A parent sends every layer of a pipelined pass to each child on one ``DeliverPass``
+stream (``swarmx.pass_link.PassLink``), a SwarmX child as a compute node: a call's
+set-up costs several times a small layer's messages. Here a thread reads the stream;
+each layer is broadcast as ``Deliver`` broadcasts one (``SwarmXServicer._broadcast``,
+on this node's own pass streams to its children), on a thread of its own, so that the
+next layer streams on while the children still answer this one; its chunks go on as
+they come (cut-through). One answer per layer, as each completes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+
+from proto.domain import Header, LayerAck, StreamItem
+from proto.frames import WireError, from_wire_stream, next_layer
+from proto.rpc import CANCEL_CHECK_S, StepConflict
+from swarmx.pass_link import POLL_S, QUEUE_DEPTH
+from swarmx.pieces import END
+
+#: Layers of a pass read and not yet answered (a parent keeps two in flight; this bounds
+#: the threads a caller can make this node start).
+LAYERS_AHEAD = 4
+
+
+def _layer_stream(items: queue.Queue) -> Iterator[StreamItem]:
+    """One layer's items as the reader hands them over; an error ends it as a failure."""
+    while (item := items.get()) is not END:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def _hand_over(items: queue.Queue, item: object, worker: threading.Thread) -> bool:
+    """Queue ``item`` for a layer's thread; False if that thread ended (it failed)."""
+    while True:
+        try:
+            items.put(item, timeout=POLL_S)
+            return True
+        except queue.Full:
+            if not worker.is_alive():
+                return False
+
+
+def relay_pass(
+    servicer: Any, request_iterator, context: grpc.ServicerContext
+) -> Iterator[LayerAck]:
+    """The answers to one ``DeliverPass`` stream at SwarmX node ``servicer``, as each
+    layer completes; the first failure (a bad stream, a child's error) ends the stream."""
+    answers: queue.Queue = queue.Queue()
+    room = threading.Semaphore(LAYERS_AHEAD)
+    workers: list[threading.Thread] = []
+    context.add_callback(lambda: answers.put(StepConflict("the pass stream ended")))
+    context.add_callback(room.release)  # wakes a reader waiting for room
+
+    def broadcast(layer: queue.Queue, header: Header) -> None:
+        try:
+            passing = servicer.passing_of(header)
+            answers.put(servicer.broadcast(_layer_stream(layer), context, passing))
+        except BaseException as exc:  # answered as the pass's error
+            answers.put(exc)
+        finally:
+            room.release()
+
+    def read() -> None:
+        num_read, pass_id = 0, None
+        layer: queue.Queue | None = None
+        worker: threading.Thread | None = None
+        try:
+            items = from_wire_stream(request_iterator)
+            while True:
+                while not room.acquire(timeout=CANCEL_CHECK_S):
+                    if not context.is_active():
+                        return
+                if not context.is_active():
+                    return
+                first = next(items, None)
+                if first is None:
+                    return
+                if not isinstance(first, Header) or not first.pass_position:
+                    raise WireError(
+                        "each layer of a pass stream starts with a header that gives its "
+                        "place in the pass (pass_position, pass_length)"
+                    )
+                if pass_id is not None and first.pass_id != pass_id:
+                    raise WireError(f"a pass stream carries pass {pass_id}, not {first.pass_id}")
+                pass_id = first.pass_id
+                layer = queue.Queue(maxsize=QUEUE_DEPTH)
+                worker = threading.Thread(
+                    target=broadcast, args=(layer, first), name="swarmx-pass-layer", daemon=True
+                )
+                workers.append(worker)
+                worker.start()
+                num_read += 1
+                for item in next_layer(itertools.chain((first,), items)):
+                    if not _hand_over(layer, item, worker):
+                        return  # the layer failed; its thread answered why
+                _hand_over(layer, END, worker)
+                layer = None
+        except BaseException as exc:
+            if layer is not None and worker is not None:
+                _hand_over(layer, exc, worker)  # the layer in progress fails with it
+            answers.put(exc)
+        finally:
+            answers.put(_ReadDone(num_read))
+
+    threading.Thread(target=read, name="swarmx-pass-read", daemon=True).start()
+    num_answered, num_read = 0, None
+    while num_read is None or num_answered < num_read:
+        answer = answers.get()
+        if isinstance(answer, _ReadDone):
+            num_read = answer.num_layers
+        elif isinstance(answer, BaseException):
+            # The call ends with it; that cancels the layers still running (their
+            # broadcasts watch the call), and the pass's streams to the children.
+            raise answer
+        else:
+            num_answered += 1
+            yield answer
+    for worker in list(workers):  # each answered: they are ending
+        worker.join(timeout=CANCEL_CHECK_S)
+
+
+class _ReadDone:
+    """The reader is done: it read ``num_layers`` layers."""
+
+    def __init__(self, num_layers: int):
+        self.num_layers = num_layers
+
+
+__all__ = ["LAYERS_AHEAD", "relay_pass"]
