@@ -14,7 +14,6 @@ import dataclasses
 import queue
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import grpc
 
@@ -24,6 +23,7 @@ from proto import swarmx_pb2_grpc as sgrpc
 from proto.clients import time_left_s
 from proto.domain import Header, LayerAck, NodeStats, Phase
 from proto.messages import EMPTY, ack_from_wire, ack_to_wire, node_stats_to_wire
+from proto.pass_stream import ReadDone, next_pass_header, pass_answers
 from proto.rpc import (
     CANCEL_CHECK_S,
     Security,
@@ -92,13 +92,6 @@ class _PassContext:
         for callback in callbacks:
             callback()
         return started
-
-
-@dataclass(frozen=True)
-class _ReadDone:
-    """A pass stream's reader is done: it read ``num_layers`` layers."""
-
-    num_layers: int
 
 
 class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
@@ -177,22 +170,11 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
             try:
                 pass_id = None
                 while True:
-                    while not room.acquire(timeout=CANCEL_CHECK_S):
-                        if not passing.is_active():
-                            return
-                    if not passing.is_active():
-                        return
-                    header = next(items, None)
+                    header = next_pass_header(
+                        items, room, passing.is_active, pass_id, check_s=CANCEL_CHECK_S
+                    )
                     if header is None:
                         return
-                    if not isinstance(header, Header) or not header.pass_id:
-                        raise WireError(
-                            "each layer of a pass stream starts with a header of its pass"
-                        )
-                    if pass_id is not None and header.pass_id != pass_id:
-                        raise WireError(
-                            f"a pass stream carries pass {pass_id}, not {header.pass_id}"
-                        )
                     pass_id = header.pass_id
                     assembler, params = self._read_layer(header, items, until_complete=True)
                     thread = threading.Thread(
@@ -204,21 +186,12 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
             except BaseException as exc:
                 answers.put(exc)
             finally:
-                answers.put(_ReadDone(num_read))
+                answers.put(ReadDone(num_read))
 
         threading.Thread(target=read, name=f"{self.name}-pass", daemon=True).start()
-        num_answered = 0
-        num_read = None
         try:
-            while num_read is None or num_answered < num_read:
-                answer = answers.get()
-                if isinstance(answer, _ReadDone):
-                    num_read = answer.num_layers
-                elif isinstance(answer, BaseException):
-                    raise answer
-                else:
-                    num_answered += 1
-                    yield ack_to_wire(answer)
+            for answer in pass_answers(answers):
+                yield ack_to_wire(answer)
         finally:
             # The call ends only once its layers have: none changes the node afterwards.
             for thread in passing.abandon(layer_threads):

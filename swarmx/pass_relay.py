@@ -20,7 +20,8 @@ from typing import Any
 import grpc
 
 from proto.domain import Header, LayerAck, StreamItem
-from proto.frames import WireError, from_wire_stream, next_layer
+from proto.frames import from_wire_stream, next_layer
+from proto.pass_stream import ReadDone, next_pass_header, pass_answers
 from proto.rpc import CANCEL_CHECK_S, StepConflict
 from swarmx.pass_link import POLL_S, QUEUE_DEPTH
 from swarmx.pieces import END
@@ -76,21 +77,16 @@ def relay_pass(
         try:
             items = from_wire_stream(request_iterator)
             while True:
-                while not room.acquire(timeout=CANCEL_CHECK_S):
-                    if not context.is_active():
-                        return
-                if not context.is_active():
-                    return
-                first = next(items, None)
+                first = next_pass_header(
+                    items,
+                    room,
+                    context.is_active,
+                    pass_id,
+                    check_s=CANCEL_CHECK_S,
+                    with_place=True,
+                )
                 if first is None:
                     return
-                if not isinstance(first, Header) or not first.pass_position:
-                    raise WireError(
-                        "each layer of a pass stream starts with a header that gives its "
-                        "place in the pass (pass_position, pass_length)"
-                    )
-                if pass_id is not None and first.pass_id != pass_id:
-                    raise WireError(f"a pass stream carries pass {pass_id}, not {first.pass_id}")
                 pass_id = first.pass_id
                 layer = queue.Queue(maxsize=QUEUE_DEPTH)
                 worker = threading.Thread(
@@ -109,30 +105,14 @@ def relay_pass(
                 _hand_over(layer, exc, worker)  # the layer in progress fails with it
             answers.put(exc)
         finally:
-            answers.put(_ReadDone(num_read))
+            answers.put(ReadDone(num_read))
 
     threading.Thread(target=read, name="swarmx-pass-read", daemon=True).start()
-    num_answered, num_read = 0, None
-    while num_read is None or num_answered < num_read:
-        answer = answers.get()
-        if isinstance(answer, _ReadDone):
-            num_read = answer.num_layers
-        elif isinstance(answer, BaseException):
-            # The call ends with it; that cancels the layers still running (their
-            # broadcasts watch the call), and the pass's streams to the children.
-            raise answer
-        else:
-            num_answered += 1
-            yield answer
+    # A failure ends the call with it; that cancels the layers still running (their
+    # broadcasts watch the call), and the pass's streams to the children.
+    yield from pass_answers(answers)
     for worker in list(workers):  # each answered: they are ending
         worker.join(timeout=CANCEL_CHECK_S)
-
-
-class _ReadDone:
-    """The reader is done: it read ``num_layers`` layers."""
-
-    def __init__(self, num_layers: int):
-        self.num_layers = num_layers
 
 
 __all__ = ["LAYERS_AHEAD", "relay_pass"]
