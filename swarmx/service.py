@@ -462,8 +462,9 @@ class SwarmXServicer(ReduceSide, sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
     @rpc_errors
     def Deliver(self, request_iterator, context):
         """One layer from the parent. A layer of a pass (its header says which) goes to the
-        compute-node children on the pass's streams, as at the root: one ``DeliverPass``
-        call per child and pass instead of one ``Deliver`` call per child and layer."""
+        children on the pass's streams, as at the root: one ``DeliverPass`` call per child
+        and pass instead of one ``Deliver`` call per child and layer. (A tree sends its
+        passes on ``DeliverPass``; this serves a caller that sends layer by layer.)"""
         items = from_wire_stream(request_iterator)
         first = next(items, None)
         stream = items if first is None else itertools.chain((first,), items)
