@@ -33,7 +33,6 @@ from memoryx.store import NonFiniteUpdate, ParameterStore, StepError
 from proto import memoryx_pb2_grpc as mgrpc
 from proto.domain import (
     CheckpointInfo,
-    Chunk,
     Header,
     LayerAck,
     LayerLayout,
@@ -44,6 +43,7 @@ from proto.domain import (
     TensorSpec,
     TrafficStats,
 )
+from proto.frames import bundled, payload_bytes
 from proto.loading import iter_decode_layers
 from proto.messages import (
     EMPTY,
@@ -210,10 +210,11 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
         answers it, in order; the next request is read once a layer is sent (a backward
         layer is served when the root asks for it, as a StreamWeights call would be)."""
         for message in request_iterator:
-            yield from self._weights(weights_request_from_wire(message))
+            yield from self._weights(weights_request_from_wire(message), bundle=True)
 
-    def _weights(self, request: LayerRequest) -> Iterator[StreamItem]:
-        """One layer's weight stream (header, chunks) of version ``request.step``."""
+    def _weights(self, request: LayerRequest, *, bundle: bool = False) -> Iterator[StreamItem]:
+        """One layer's weight stream (header, chunks) of version ``request.step``;
+        ``bundle``: a small layer as one ``Bundle`` (a pass stream's readers expand it)."""
         self._check_layer(request.layer)
         if request.phase not in _PHASES:
             raise WireError(f"phase {request.phase} is not FORWARD, BACKWARD or EVAL")
@@ -246,6 +247,8 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
             masks=masks,
             dense_gradients=dense_gradients and request.phase == Phase.BACKWARD,
         )
+        if bundle:  # one message instead of one per item (proto.frames.bundled)
+            items = bundled(items)
         # Counted before the last item goes: a pass's reader (StreamPass) stops at a layer's
         # last chunk, and the driver may read Stats as soon as the step is answered.
         last = next(items)
@@ -253,9 +256,9 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
         for item in items:
             # Chunks view the store's tensors; gRPC encodes each (proto.wire) before the next.
             yield last
-            sent += len(last.data) if isinstance(last, Chunk) else 0
+            sent += payload_bytes((last,))
             last = item
-        sent += len(last.data) if isinstance(last, Chunk) else 0
+        sent += payload_bytes((last,))
         with self.traffic.lock:
             self.traffic.egress_bytes += sent
             self.traffic.num_weight_streams += 1

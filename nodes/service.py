@@ -22,6 +22,7 @@ from proto import node_pb2_grpc as ngrpc
 from proto import swarmx_pb2_grpc as sgrpc
 from proto.clients import time_left_s
 from proto.domain import Header, LayerAck, NodeStats, Phase
+from proto.frames import bundled
 from proto.messages import EMPTY, ack_from_wire, ack_to_wire, node_stats_to_wire
 from proto.pass_stream import ReadDone, next_pass_header, pass_answers
 from proto.rpc import (
@@ -352,7 +353,8 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
             if header.pass_id:  # SwarmX sends the sum up on the pass's streams
                 gradient[0] = dataclasses.replace(gradient[0], pass_id=header.pass_id)
             # Encoded (copied once) now: the chunks are views of the worker's gradients.
-            messages = [encode(item) for item in gradient]
+            # A pass's gradient stream takes a small layer as one message (``bundled``).
+            messages = [encode(i) for i in (bundled(gradient) if header.pass_id else gradient)]
             call = self._send_gradient(header, messages, context)
             # If the layer is abandoned (a sibling failed, so SwarmX cancels this Deliver),
             # stop waiting for a sum that will never complete.

@@ -124,8 +124,74 @@ def chunk_fields(item: Chunk, data: bytes = b"") -> pb.TensorChunk:
     )
 
 
-def to_wire(item: StreamItem) -> pb.LayerMessage:
-    """One element of a layer stream as the protobuf message that carries it."""
+#: A layer of at most this many payload bytes travels as one ``LayerBundle`` message
+#: (``bundled``): a message costs a thread hand-off in every process it crosses, more than
+#: a small layer's bytes; a larger layer streams chunk by chunk (cut-through).
+BUNDLE_MAX_BYTES = DEFAULT_CHUNK_BYTES
+
+
+@dataclasses.dataclass(frozen=True)
+class Bundle:
+    """A small layer whole, its header and then its chunks, sent as one ``LayerBundle``."""
+
+    items: tuple[StreamItem, ...]
+
+
+_ENDED = object()
+
+
+def _completes_tensor(chunk: Chunk) -> bool:
+    # A tensor is complete when a chunk reaches its tensor_bytes (a zero-size one: one
+    # empty chunk), as ``next_layer`` reads it.
+    return chunk.offset + len(chunk.data) >= chunk.tensor_bytes
+
+
+def bundled(items: Iterable, max_bytes: int = BUNDLE_MAX_BYTES) -> Iterator:
+    """``items`` (a layer stream, or a pass's layers one after another) with each layer of
+    at most ``max_bytes`` payload gathered into one ``Bundle``.
+
+    Reads no further than a layer's last chunk, so it may stand between a queue that is
+    still filling and gRPC. A layer that is not whole when something else comes (the
+    stream ends, or its chunks exceed its header's size) goes on item by item, as it came.
+    """
+    source = iter(items)
+    item: object = None  # the item to take next, when read already
+    while True:
+        if item is None and (item := next(source, _ENDED)) is _ENDED:
+            return
+        if not (
+            isinstance(item, Header) and item.num_tensors > 0 and item.total_bytes <= max_bytes
+        ):
+            yield item
+            item = None
+            continue
+        gathered: list[StreamItem] = [item]
+        remaining, size = item.num_tensors, 0
+        following: object = None
+        while remaining:
+            following = next(source, _ENDED)
+            if not isinstance(following, Chunk) or size + len(following.data) > item.total_bytes:
+                break
+            gathered.append(following)
+            size += len(following.data)
+            following = None
+            if _completes_tensor(gathered[-1]):
+                remaining -= 1
+        if not remaining:
+            yield Bundle(tuple(gathered))
+            item = None
+            continue
+        yield from gathered
+        if following is _ENDED:
+            return
+        item = following  # e.g. the next layer's header: it may be bundled itself
+
+
+def to_wire(item: StreamItem | Bundle) -> pb.LayerMessage:
+    """One element of a layer stream (or a ``Bundle`` of them) as the protobuf message
+    that carries it."""
+    if isinstance(item, Bundle):
+        return pb.LayerMessage(bundle=pb.LayerBundle(items=[to_wire(i) for i in item.items]))
     if isinstance(item, Chunk):
         # protobuf takes bytes, not a memoryview; bytes(bytes) is no copy.
         message = pb.LayerMessage(chunk=chunk_fields(item, bytes(item.data)))
@@ -187,6 +253,8 @@ def from_wire(message: pb.LayerMessage | StreamItem) -> StreamItem:
     kind = message.WhichOneof("kind")
     if kind == "chunk":
         return chunk_from_pb(message.chunk, message.chunk.data)
+    if kind == "bundle":
+        raise WireError("a layer bundle carries several items: read it with expand")
     if kind == "header":
         h = message.header
         return Header(
@@ -204,10 +272,33 @@ def from_wire(message: pb.LayerMessage | StreamItem) -> StreamItem:
     raise WireError("empty layer message (neither header nor chunk)")
 
 
+def expand(message: pb.LayerMessage | StreamItem | Bundle) -> tuple[StreamItem, ...]:
+    """The items one received message carries: its one item, or a bundle's (a header and
+    its chunks); WireError if any is not valid."""
+    if isinstance(message, Bundle):
+        parts: Sequence = message.items
+    elif isinstance(message, pb.LayerMessage) and message.WhichOneof("kind") == "bundle":
+        parts = message.bundle.items
+    else:
+        return (from_wire(message),)
+    if any(
+        isinstance(p, Bundle) or (isinstance(p, pb.LayerMessage) and p.HasField("bundle"))
+        for p in parts
+    ):
+        raise WireError("a layer bundle holds another bundle; it holds a header and chunks")
+    items = tuple(from_wire(p) for p in parts)
+    if not items or not isinstance(items[0], Header):
+        raise WireError("a layer bundle must start with its layer's header")
+    if any(not isinstance(i, Chunk) for i in items[1:]):
+        raise WireError("a layer bundle holds one header, then that layer's chunks")
+    return items
+
+
 def from_wire_stream(messages: Iterable[pb.LayerMessage]) -> Iterator[StreamItem]:
-    """``from_wire`` over a stream, lazily (the stream may still be arriving)."""
+    """The items of a stream of messages (``expand``), lazily (the stream may still be
+    arriving)."""
     for message in messages:
-        yield from_wire(message)
+        yield from expand(message)
 
 
 def next_layer(items: Iterator[StreamItem]) -> Iterator[StreamItem]:
@@ -240,9 +331,13 @@ def to_wire_stream(items: Iterable[StreamItem]) -> Iterator[pb.LayerMessage]:
         yield to_wire(item)
 
 
-def payload_bytes(items: Iterable[StreamItem]) -> int:
-    """Payload bytes of the chunks among ``items``."""
-    return sum(len(item.data) for item in items if isinstance(item, Chunk))
+def payload_bytes(items: Iterable[StreamItem | Bundle]) -> int:
+    """Payload bytes of the chunks among ``items`` (and in their bundles)."""
+    return sum(
+        payload_bytes(item.items) if isinstance(item, Bundle) else len(item.data)
+        for item in items
+        if isinstance(item, Chunk | Bundle)
+    )
 
 
 def chunk_values(chunk: Chunk) -> np.ndarray:

@@ -9,7 +9,7 @@ import torch
 
 from proto import tensor_pb2 as pb
 from proto.domain import Header, StreamItem
-from proto.serde import WIRE_DTYPES, Expected, WireError, decode_layer, from_wire
+from proto.serde import WIRE_DTYPES, Expected, WireError, decode_layer, from_wire_stream
 
 
 def decode_layers(
@@ -30,8 +30,7 @@ def iter_decode_layers(
 
     def groups() -> Iterator[list[StreamItem]]:
         group: list[StreamItem] = []
-        for message in messages:
-            item = from_wire(message) if isinstance(message, pb.LayerMessage) else message
+        for item in from_wire_stream(messages):
             if isinstance(item, Header):
                 if group:
                     yield group

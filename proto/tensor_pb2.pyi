@@ -83,12 +83,20 @@ class SharedSlot(_message.Message):
     def __init__(self, segment: _Optional[str] = ..., slot: _Optional[int] = ..., length: _Optional[int] = ..., generation: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class LayerMessage(_message.Message):
-    __slots__ = ("header", "chunk")
+    __slots__ = ("header", "chunk", "bundle")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_FIELD_NUMBER: _ClassVar[int]
     header: LayerHeader
     chunk: TensorChunk
-    def __init__(self, header: _Optional[_Union[LayerHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+    bundle: LayerBundle
+    def __init__(self, header: _Optional[_Union[LayerHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., bundle: _Optional[_Union[LayerBundle, _Mapping]] = ...) -> None: ...
+
+class LayerBundle(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[LayerMessage]
+    def __init__(self, items: _Optional[_Iterable[_Union[LayerMessage, _Mapping]]] = ...) -> None: ...
 
 class LayerAck(_message.Message):
     __slots__ = ("layer", "step", "phase", "num_nodes", "loss_sum", "num_targets", "num_correct", "bytes_to_nodes", "gradient_bytes", "flops", "compute_seconds", "update_applied")

@@ -33,9 +33,11 @@ import grpc
 from proto import shm
 from proto import tensor_pb2 as pb
 from proto.domain import Chunk, Header
-from proto.frames import WireError, chunk_fields, chunk_from_pb, from_wire, to_wire
+from proto.frames import Bundle, WireError, chunk_fields, chunk_from_pb, from_wire, to_wire
 
 _CHUNK_KEY = 0x12  # LayerMessage field 2 (chunk), length-delimited
+_BUNDLE_KEY = b"\x1a"  # LayerMessage field 3 (bundle), length-delimited
+_ITEM_KEY = 0x0A  # LayerBundle field 1 (items), length-delimited
 _DATA_FIELD = 8  # TensorChunk.data
 _DATA_KEY = b"\x42"  # field 8, length-delimited
 
@@ -67,7 +69,14 @@ def _read_varint(raw: bytes, pos: int, end: int) -> tuple[int, int]:
 
 
 def encode(item: Any) -> bytes:
-    """The serialized ``LayerMessage`` of a ``Chunk``, ``Header``, protobuf message or bytes."""
+    """The serialized ``LayerMessage`` of a ``Chunk``, ``Header``, ``Bundle``, protobuf
+    message or bytes."""
+    if isinstance(item, Bundle):
+        # Each item is the very message it would be alone (a relayed chunk's own bytes).
+        inner = b"".join(
+            b"%c%s%s" % (_ITEM_KEY, _varint(len(m)), m) for m in map(encode, item.items)
+        )
+        return b"".join((_BUNDLE_KEY, _varint(len(inner)), inner))
     if isinstance(item, Chunk):
         if item.wire is not None:
             return item.wire
@@ -96,7 +105,7 @@ def encode(item: Any) -> bytes:
     return item.SerializeToString()
 
 
-def decode(raw: bytes) -> Chunk | Header | pb.LayerMessage:
+def decode(raw: bytes) -> Chunk | Header | Bundle | pb.LayerMessage:
     """A received ``LayerMessage``: a ``Chunk`` viewing ``raw``, a ``Header``, or the message
     itself when it is not a valid item (``from_wire`` then raises its ``WireError`` where
     the servicer or caller reads it, and names the problem).
@@ -111,11 +120,38 @@ def decode(raw: bytes) -> Chunk | Header | pb.LayerMessage:
                 return _chunk(raw, start)
         except (_Unusual, WireError):  # a bad shared-memory reference: said by from_wire
             pass
+    elif raw[:1] == _BUNDLE_KEY:
+        try:
+            return _bundle(raw)
+        except _Unusual:
+            pass
     message = pb.LayerMessage.FromString(raw)
     try:
         return from_wire(message)
     except WireError:
         return message
+
+
+def _bundle(raw: bytes) -> Bundle:
+    """A bundle message: each of its items decoded as the message it is (a chunk's data
+    viewed in place); ``frames.expand`` checks what they are."""
+    end = len(raw)
+    size, pos = _read_varint(raw, 1, end)
+    if pos + size != end:
+        raise _Unusual
+    items = []
+    while pos < end:
+        if raw[pos] != _ITEM_KEY:
+            raise _Unusual
+        size, pos = _read_varint(raw, pos + 1, end)
+        if pos + size > end:
+            raise _Unusual
+        item_raw = raw[pos : pos + size]
+        if item_raw[:1] == _BUNDLE_KEY:
+            raise _Unusual  # protobuf reads it, and expand refuses it
+        items.append(decode(item_raw))
+        pos += size
+    return Bundle(tuple(items))
 
 
 def _chunk(raw: bytes, start: int) -> Chunk:

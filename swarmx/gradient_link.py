@@ -13,7 +13,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
 
-from proto.frames import WireError
+from proto.frames import WireError, bundled
 from swarmx.pass_link import Slot
 from swarmx.pieces import END
 
@@ -35,7 +35,7 @@ class GradientLink:
 
     def _messages(self) -> Iterator:
         while (layer := self._layers.get()) is not END:
-            yield from layer
+            yield from bundled(layer)
 
     def send(self, layer: int, step: int, messages: Iterable) -> LayerSlot:
         """Queue one layer's gradient stream (a header and its chunks); where its answer comes.

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import grpc
 
 from proto.domain import StreamItem
-from proto.frames import WireError
+from proto.frames import WireError, bundled
 from proto.rpc import is_cancelled
 from swarmx.pieces import END  # ends a queued stream; shared with the split-layer push
 
@@ -51,7 +51,7 @@ class PassLink:
     def __init__(self, stub, timeout_s: float):
         # stub: the child's LayerSinkStub (protobuf types stay in the servicer's module).
         self.queue: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
-        self.call = stub.DeliverPass(drain(self.queue), timeout=timeout_s)
+        self.call = stub.DeliverPass(bundled(drain(self.queue)), timeout=timeout_s)
         self._lock = threading.Lock()
         self._waiting: dict[tuple[int, int], Slot] = {}
         self._error: BaseException | None = None

@@ -22,7 +22,14 @@ import grpc
 import numpy as np
 
 from proto.domain import Chunk, Header, LayerAck, Phase, StreamItem
-from proto.frames import WIRE_ITEMSIZES, WireError, from_wire, to_wire, verify_shared
+from proto.frames import (
+    WIRE_ITEMSIZES,
+    WireError,
+    from_wire,
+    from_wire_stream,
+    to_wire,
+    verify_shared,
+)
 from proto.messages import ack_from_wire, ack_to_wire
 
 #: Ends a queued stream (the SwarmX node's outboxes use the same).
@@ -80,8 +87,9 @@ def joined_weights(
 ) -> Iterator[StreamItem]:
     """The whole layer's weight stream from the owners' streams (``sources``, owner order)."""
     headers = []
+    sources = [from_wire_stream(source) for source in sources]  # a small piece: one bundle
     for source in sources:
-        header = from_wire(next(source))
+        header = next(source)
         if not isinstance(header, Header):
             raise WireError("a MemoryX weight stream must start with a header")
         headers.append(header)
@@ -96,11 +104,10 @@ def joined_weights(
     )
     for (_, pieces), source in zip(split.owners, sources, strict=True):
         by_key = {p.key: p for p in pieces if not p.whole}
-        for message in source:
-            item = from_wire(message)
+        for item in source:
             piece = by_key.get(item.name) if isinstance(item, Chunk) else None
             if piece is None:
-                yield message
+                yield item
                 continue
             if item.encoding:
                 raise WireError(f"piece {item.name!r} of a split layer must travel dense")

@@ -34,7 +34,6 @@ from proto.domain import (
 )
 from proto.frames import (
     WireError,
-    from_wire,
     from_wire_stream,
     recast_chunk,
     recast_header,
@@ -75,8 +74,7 @@ def _marked(
     """``stream`` with its header marked as of ``request``'s pass: its id (the nodes order
     its layers by it), and its place in the pass (SwarmX nodes below the root send it on
     the pass's streams to their compute nodes)."""
-    for item in stream:
-        item = from_wire(item)
+    for item in from_wire_stream(stream):
         if isinstance(item, Header):
             item = dataclasses.replace(
                 item,
@@ -270,9 +268,8 @@ class SwarmXServicer(ReduceSide, sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
         culprit = None  # a child whose call ended mid-stream
         sent = False
         try:
-            for message in messages:
+            for item in from_wire_stream(messages):
                 # Children get a chunk as the bytes it came in (``Chunk.wire``), unless rounded.
-                item = from_wire(message)
                 if header is None:
                     if not isinstance(item, Header):
                         raise WireError("a layer stream must start with a header")

@@ -538,6 +538,15 @@ def _weights_request(layer: int, phase: int = pb.FORWARD, **kw) -> mpb.WeightsRe
     return mpb.WeightsRequest(**(dict(layer=layer, step=0, phase=phase, dtype="float32") | kw))
 
 
+def _unbundled(messages):
+    """The messages of a stream with each ``LayerBundle`` read as the items it holds."""
+    for message in messages:
+        if message.WhichOneof("kind") == "bundle":
+            yield from message.bundle.items
+        else:
+            yield message
+
+
 def test_stream_pass_answers_each_request_as_stream_weights_does(loaded):
     order = [(0, pb.FORWARD), (1, pb.FORWARD), (1, pb.BACKWARD), (0, pb.BACKWARD)]
     one_by_one = [
@@ -547,7 +556,9 @@ def test_stream_pass_answers_each_request_as_stream_weights_does(loaded):
     ]
     requests = [_weights_request(layer, phase) for layer, phase in order]
     on_one_call = list(loaded.stub.StreamPass(iter(requests), timeout=TIMEOUT_S))
-    assert on_one_call == one_by_one
+    # Each (small) layer comes as one bundle message, holding what StreamWeights sends.
+    assert [m.WhichOneof("kind") for m in on_one_call] == ["bundle"] * len(order)
+    assert list(_unbundled(on_one_call)) == one_by_one
     stats = loaded.stats()
     assert stats.num_weight_streams == 2 * len(order)
     assert stats.egress_bytes == 2 * 2 * MODEL_BYTES
@@ -558,11 +569,11 @@ def test_stream_pass_sends_a_layer_only_once_it_is_asked_for(loaded):
     requests: queue.Queue = queue.Queue()
     call = loaded.stub.StreamPass(iter(requests.get, None), timeout=TIMEOUT_S)
     requests.put(_weights_request(1))
-    layer_1 = [next(call) for _ in range(3)]  # header, weight, bias (one chunk each)
+    layer_1 = list(next(call).bundle.items)  # header, weight, bias (one chunk each)
     assert layer_1[0].header.layer == 1 and layer_1[-1].chunk.name == "bias"
     requests.put(_weights_request(0))
     requests.put(None)
-    rest = list(call)
+    rest = list(_unbundled(call))
     assert rest[0].header.layer == 0
     assert decode_layer(rest, Expected(0, 0, pb.FORWARD, layout_of(_model()[0]), "float32"))
 
@@ -578,7 +589,7 @@ def test_stream_pass_refuses_a_bad_request_after_the_good_ones(loaded, bad):
     received = []
 
     def read():
-        for message in loaded.stub.StreamPass(iter(requests), timeout=TIMEOUT_S):
+        for message in _unbundled(loaded.stub.StreamPass(iter(requests), timeout=TIMEOUT_S)):
             received.append(message)
 
     assert _code(read) == grpc.StatusCode.INVALID_ARGUMENT

@@ -9,7 +9,8 @@ import torch
 
 from proto import tensor_pb2 as pb
 from proto.domain import Chunk, Header
-from proto.serde import from_wire, layer_items, to_wire
+from proto.frames import Bundle, expand
+from proto.serde import WireError, from_wire, from_wire_stream, layer_items, to_wire
 from proto.wire import decode, encode
 
 
@@ -79,3 +80,56 @@ def test_headers_and_empty_messages_go_through_protobuf():
     assert isinstance(empty, pb.LayerMessage)  # the servicer names the error (from_wire)
     with pytest.raises(Exception):  # noqa: B017 - protobuf's DecodeError
         decode(b"\x12\x05ab")
+
+
+# -- bundles: a small layer as one message ---------------------------------------------
+
+
+def test_a_bundle_is_the_protobuf_message_and_decodes_to_views_of_its_own_items():
+    items = _items()
+    bundle = Bundle(tuple(items))
+    raw = encode(bundle)
+    assert pb.LayerMessage.FromString(raw) == to_wire(bundle)
+    got = decode(raw)
+    assert isinstance(got, Bundle) and expand(got) == tuple(items)
+    for part in got.items:
+        if isinstance(part, Chunk):
+            # Each chunk keeps the bytes of the message it is on its own: a relay forwards
+            # it (alone or in a bundle of its own) without encoding it again.
+            assert part.wire == encode(dataclasses.replace(part))  # (a copy has no wire)
+            assert part.data.obj is part.wire
+    # Protobuf's reading of the same bytes gives the same items.
+    assert expand(pb.LayerMessage.FromString(raw)) == tuple(items)
+
+
+def test_a_relayed_bundle_is_the_same_bytes():
+    raw = encode(Bundle(tuple(_items())))
+    assert encode(Bundle(expand(decode(raw)))) == raw
+
+
+def _bundle_of(*messages: pb.LayerMessage) -> bytes:
+    return pb.LayerMessage(bundle=pb.LayerBundle(items=list(messages))).SerializeToString()
+
+
+@pytest.mark.parametrize(
+    "case, error",
+    [
+        ("empty", "must start with its layer's header"),
+        ("chunk first", "must start with its layer's header"),
+        ("two headers", "one header, then that layer's chunks"),
+        ("nested", "holds another bundle"),
+    ],
+)
+def test_a_bad_bundle_is_refused_where_it_is_read_with_its_reason(case, error):
+    header, *chunks = (to_wire(i) for i in _items())
+    raw = {
+        "empty": _bundle_of(),
+        "chunk first": _bundle_of(chunks[0], header),
+        "two headers": _bundle_of(header, chunks[0], header),
+        "nested": _bundle_of(header, pb.LayerMessage(bundle=pb.LayerBundle(items=[header]))),
+    }[case]
+    got = decode(raw)  # never raises: gRPC would hide the reason
+    with pytest.raises(WireError, match=error):
+        list(from_wire_stream([got]))
+    with pytest.raises(WireError, match="read it with expand"):
+        from_wire(pb.LayerMessage.FromString(raw))

@@ -349,11 +349,11 @@ def test_a_stalled_memoryx_stream_is_cancelled_with_the_pass(cluster, monkeypatc
     held = threading.Event()
     original = MemoryXServicer._weights
 
-    def stalled(self, request):
+    def stalled(self, request, **options):
         if request.layer == 1:
             held.set()
             release.wait(TIMEOUT_S)
-        yield from original(self, request)
+        yield from original(self, request, **options)
 
     monkeypatch.setattr(MemoryXServicer, "_weights", stalled)
     step = cluster.version()
