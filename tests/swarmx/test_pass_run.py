@@ -24,8 +24,9 @@ from proto import memoryx_pb2 as mpb
 from proto import swarmx_pb2 as spb
 from proto import swarmx_pb2_grpc as sgrpc
 from proto import tensor_pb2 as pb
+from proto import wire
 from proto.clients import SwarmXClient
-from proto.domain import LayerAck, LayerRequest, Phase
+from proto.domain import Chunk, LayerAck, LayerRequest, Phase
 from proto.rpc import Security, channel
 from swarmx.service import SwarmXServicer
 from tests.servicer_calls import count_servicer_calls
@@ -166,6 +167,26 @@ def test_run_pass_trains_the_same_bits_as_one_run_layer_call_per_layer(
     assert calls["RunPass"] == 2 + 1 and calls["RunLayer"] == 2 * 2 * len(per_pass.layers)
 
 
+def _count_bundles(monkeypatch) -> Counter:
+    """Bundles decoded from now on, and chunks decoded alone or in them."""
+    counts: Counter = Counter()
+    bundle, chunk = wire._bundle, wire._chunk
+
+    def counted_bundle(raw):
+        got = bundle(raw)
+        counts["bundles"] += 1
+        counts["chunks in bundles"] += sum(isinstance(i, Chunk) for i in got.items)
+        return got
+
+    def counted_chunk(raw, start):
+        counts["chunks"] += 1
+        return chunk(raw, start)
+
+    monkeypatch.setattr(wire, "_bundle", counted_bundle)
+    monkeypatch.setattr(wire, "_chunk", counted_chunk)
+    return counts
+
+
 def test_every_link_of_a_deeper_tree_carries_a_pass_on_one_stream(monkeypatch, calls):
     # 4 nodes, fanout 2: the root feeds 2 SwarmX nodes, each of those 2 compute nodes,
     # every one on one DeliverPass call per pass (the SwarmX nodes relay theirs), none on
@@ -175,6 +196,7 @@ def test_every_link_of_a_deeper_tree_carries_a_pass_on_one_stream(monkeypatch, c
     )
     swarmx_calls = count_servicer_calls(monkeypatch, {SwarmXServicer: ("Deliver", "DeliverPass")})
     services = _cluster(num_nodes=4, fanout=2)
+    bundles = _count_bundles(monkeypatch)  # (the model's weights were loaded item by item)
     try:
         for step in range(2):
             acks = _train_step(services, step, pass_id=20 + step)
@@ -185,6 +207,11 @@ def test_every_link_of_a_deeper_tree_carries_a_pass_on_one_stream(monkeypatch, c
         services.stop()
     assert node_calls["DeliverPass"] == 4 * 3 and node_calls["Deliver"] == 0
     assert swarmx_calls["DeliverPass"] == 2 * 3 and swarmx_calls["Deliver"] == 0
+    # Every (small) layer crossed every link as one message: weights on 7 links (MemoryX
+    # to the root, to 2 SwarmX nodes, to 4 compute nodes) in each phase, gradients on 7
+    # on the way back; 2 training passes and one evaluation.
+    assert bundles["chunks"] == bundles["chunks in bundles"] > 0
+    assert bundles["bundles"] == (2 * (7 + 7 + 7) + 7) * len(services.layers)
 
 
 def _raw_pass(services: Services, messages: list[spb.LayerRequest], address=None):
