@@ -47,6 +47,14 @@ def test_recast_chunk_rounds_as_torch_does():
         assert (recast.dtype, recast.tensor_bytes) == (target, 10)
 
 
+def _recorded(streams: list[list], read: list):
+    """The items of ``streams`` one after another, each put on ``read`` as it is taken."""
+    for stream in streams:
+        for item in stream:
+            read.append(item)
+            yield item
+
+
 def test_next_layer_reads_one_layer_of_a_pass_stream_and_no_further():
     import pytest
     import torch
@@ -60,14 +68,7 @@ def test_next_layer_reads_one_layer_of_a_pass_stream_and_no_further():
     ]
     streams = [list(layer_items(i, 0, 1, t, chunk_bytes=64)) for i, t in enumerate(layers)]
     read = []
-
-    def source():
-        for stream in streams:
-            for item in stream:
-                read.append(item)
-                yield item
-
-    items = source()
+    items = _recorded(streams, read)
     assert list(next_layer(items)) == streams[0]
     assert read == streams[0]  # the second layer's header is not read yet
     assert list(next_layer(items)) == streams[1]
@@ -98,14 +99,7 @@ def test_bundled_gathers_each_small_layer_and_reads_no_further_than_its_last_chu
 
     streams = _layer_streams()
     read = []
-
-    def source():
-        for stream in streams:
-            for item in stream:
-                read.append(item)
-                yield item
-
-    out = bundled(source(), max_bytes=2048)
+    out = bundled(_recorded(streams, read), max_bytes=2048)
     first = next(out)
     assert first == Bundle(tuple(streams[0]))  # header and every chunk, in order
     assert read == streams[0]  # the next layer's header is not read yet
