@@ -85,6 +85,15 @@ def _marked(
         yield item
 
 
+def _check_place(pass_id: int, position: int, length: int) -> None:
+    """WireError unless a layer's place in its pass (a request's or a header's) is valid."""
+    if not (pass_id and 1 <= position <= length):
+        raise WireError(
+            f"pass_position {position} of pass_length {length} "
+            "needs a pass_id and 1 <= pass_position <= pass_length"
+        )
+
+
 def _results(calls: list[grpc.Future]) -> list[LayerAck]:
     """Every child's answer; as soon as one child fails, cancel the others and raise its error."""
     changed = threading.Event()
@@ -396,13 +405,8 @@ class SwarmXServicer(ReduceSide, sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
             raise WireError(f"phase {request.phase} is not FORWARD, BACKWARD or EVAL")
         if request.layer < 0 or request.step < 0:
             raise WireError(f"layer {request.layer} and step {request.step} must not be negative")
-        if request.pass_position and not (
-            request.pass_id and 1 <= request.pass_position <= request.pass_length
-        ):
-            raise WireError(
-                f"pass_position {request.pass_position} of pass_length {request.pass_length} "
-                "needs a pass_id and 1 <= pass_position <= pass_length"
-            )
+        if request.pass_position:
+            _check_place(request.pass_id, request.pass_position, request.pass_length)
         return request
 
     def run_layer(
@@ -487,11 +491,7 @@ class SwarmXServicer(ReduceSide, sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
         """The pass a layer from the parent belongs to, from its header (None: none)."""
         if not isinstance(first, Header) or not (first.pass_position or first.pass_length):
             return None
-        if not (first.pass_id and 1 <= first.pass_position <= first.pass_length):
-            raise WireError(
-                f"pass_position {first.pass_position} of pass_length {first.pass_length} "
-                "needs a pass_id and 1 <= pass_position <= pass_length"
-            )
+        _check_place(first.pass_id, first.pass_position, first.pass_length)
         return LayerRequest(
             layer=first.layer,
             step=first.step,
