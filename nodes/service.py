@@ -20,6 +20,7 @@ import grpc
 from nodes.worker import NodeStateError, NodeWorker
 from proto import node_pb2_grpc as ngrpc
 from proto import swarmx_pb2_grpc as sgrpc
+from proto import threads
 from proto.clients import time_left_s
 from proto.domain import Header, LayerAck, NodeStats, Phase
 from proto.frames import bundled
@@ -56,8 +57,9 @@ class _PassContext:
     """A pass stream's call context for its layers, which the stream can abandon: its
     layers waiting for their turn then give up, and their gradient calls are cancelled."""
 
-    def __init__(self, context: grpc.ServicerContext):
+    def __init__(self, context: grpc.ServicerContext, name: str):
         self._context = context
+        self._name = name
         self._lock = threading.Lock()
         self._abandoned = False
         self._callbacks: list[Callable[[], None]] = []
@@ -75,21 +77,21 @@ class _PassContext:
             self._callbacks.append(callback)
         return self._context.add_callback(callback)
 
-    def start(self, thread: threading.Thread, threads: list[threading.Thread]) -> bool:
-        """Start a layer's ``thread`` and keep it in ``threads``, unless the pass is abandoned."""
+    def start(self, run: Callable[..., None], args: tuple, tasks: list[threads.Task]) -> bool:
+        """Start a layer's ``run(*args)`` on a pooled thread and keep its task in ``tasks``,
+        unless the pass is abandoned."""
         with self._lock:
             if self._abandoned:
                 return False
-            threads.append(thread)
-            thread.start()
+            tasks.append(threads.start(run, *args, name=f"{self._name}-layer"))
             return True
 
-    def abandon(self, threads: list[threading.Thread]) -> list[threading.Thread]:
+    def abandon(self, tasks: list[threads.Task]) -> list[threads.Task]:
         """No more layers start; the ones started (returned) are told to give up."""
         with self._lock:
             self._abandoned = True
             callbacks, self._callbacks = self._callbacks, []
-            started = list(threads)
+            started = list(tasks)
         for callback in callbacks:
             callback()
         return started
@@ -155,8 +157,8 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
         items = from_wire_stream(request_iterator)
         answers: queue.Queue = queue.Queue()
         room = threading.Semaphore(PASS_LAYERS_AHEAD)
-        passing = _PassContext(context)
-        layer_threads: list[threading.Thread] = []
+        passing = _PassContext(context, self.name)
+        layer_tasks: list[threads.Task] = []
 
         def run(header: Header, assembler: LayerAssembler, params: dict) -> None:
             try:
@@ -178,10 +180,7 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
                         return
                     pass_id = header.pass_id
                     assembler, params = self._read_layer(header, items, until_complete=True)
-                    thread = threading.Thread(
-                        target=run, args=(header, assembler, params), daemon=True
-                    )
-                    if not passing.start(thread, layer_threads):
+                    if not passing.start(run, (header, assembler, params), layer_tasks):
                         return
                     num_read += 1
             except BaseException as exc:
@@ -189,14 +188,14 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
             finally:
                 answers.put(ReadDone(num_read))
 
-        threading.Thread(target=read, name=f"{self.name}-pass", daemon=True).start()
+        threads.start(read, name=f"{self.name}-pass")
         try:
             for answer in pass_answers(answers):
                 yield ack_to_wire(answer)
         finally:
             # The call ends only once its layers have: none changes the node afterwards.
-            for thread in passing.abandon(layer_threads):
-                thread.join()
+            for task in passing.abandon(layer_tasks):
+                task.join()
 
     def _read_layer(self, header, items, *, until_complete: bool) -> tuple[LayerAssembler, dict]:
         """One layer's stream, checked against its layout: its assembler and weights.

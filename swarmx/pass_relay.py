@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 
+from proto import threads
 from proto.domain import Header, LayerAck, StreamItem
 from proto.frames import from_wire_stream, next_layer
 from proto.pass_stream import ReadDone, next_pass_header, pass_answers
@@ -39,7 +40,7 @@ def _layer_stream(items: queue.Queue) -> Iterator[StreamItem]:
         yield item
 
 
-def _hand_over(items: queue.Queue, item: object, worker: threading.Thread) -> bool:
+def _hand_over(items: queue.Queue, item: object, worker: threads.Task) -> bool:
     """Queue ``item`` for a layer's thread; False if that thread ended (it failed)."""
     while True:
         try:
@@ -57,7 +58,7 @@ def relay_pass(
     layer completes; the first failure (a bad stream, a child's error) ends the stream."""
     answers: queue.Queue = queue.Queue()
     room = threading.Semaphore(LAYERS_AHEAD)
-    workers: list[threading.Thread] = []
+    workers: list[threads.Task] = []
     context.add_callback(lambda: answers.put(StepConflict("the pass stream ended")))
     context.add_callback(room.release)  # wakes a reader waiting for room
 
@@ -73,7 +74,7 @@ def relay_pass(
     def read() -> None:
         num_read, pass_id = 0, None
         layer: queue.Queue | None = None
-        worker: threading.Thread | None = None
+        worker: threads.Task | None = None
         try:
             items = from_wire_stream(request_iterator)
             while True:
@@ -89,11 +90,8 @@ def relay_pass(
                     return
                 pass_id = first.pass_id
                 layer = queue.Queue(maxsize=QUEUE_DEPTH)
-                worker = threading.Thread(
-                    target=broadcast, args=(layer, first), name="swarmx-pass-layer", daemon=True
-                )
+                worker = threads.start(broadcast, layer, first, name="swarmx-pass-layer")
                 workers.append(worker)
-                worker.start()
                 num_read += 1
                 for item in next_layer(itertools.chain((first,), items)):
                     if not _hand_over(layer, item, worker):
@@ -107,7 +105,7 @@ def relay_pass(
         finally:
             answers.put(ReadDone(num_read))
 
-    threading.Thread(target=read, name="swarmx-pass-read", daemon=True).start()
+    threads.start(read, name="swarmx-pass-read")
     # A failure ends the call with it; that cancels the layers still running (their
     # broadcasts watch the call), and the pass's streams to the children.
     yield from pass_answers(answers)

@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc
 
+from proto import threads
 from proto.domain import LayerAck, LayerRequest, StreamItem
 from proto.frames import WireError, from_wire_stream, next_layer
 from proto.messages import weights_request_to_wire
@@ -129,7 +130,7 @@ class PassRun:
         # However the call ends (the driver cancels, the deadline passes), the pass ends.
         if not self._context.add_callback(self._ended):
             return
-        threading.Thread(target=self._read, args=(requests,), daemon=True).start()
+        threads.start(self._read, requests, name="swarmx-pass-read")
         position = 1
         failed = True
         try:
@@ -213,9 +214,7 @@ class PassRun:
                 if self._error is not None or not self._context.is_active():
                     return
                 num_read += 1
-                threading.Thread(
-                    target=self._run, args=(request,), name="swarmx-pass-layer", daemon=True
-                ).start()
+                threads.start(self._run, request, name="swarmx-pass-layer")
             self._weights.close(cancel=False)
             if next(iterator, None) is not None:
                 raise WireError(f"a pass of pass_length {first.pass_length} has more requests")
