@@ -134,13 +134,18 @@ def run_emulator(config: ClusterConfig) -> dict:
         if not hosts:
             hosts.update(_host_pids(self.cluster))
         started = time.perf_counter()
+        record = None
         try:
-            return train_step(self, step)
+            record = train_step(self, step)
+            return record
         finally:
             windows.append((started, time.perf_counter()))
-            # A step that recovered from a fault may run on a replacement process.
-            with contextlib.suppress(Exception):
-                hosts.update(_host_pids(self.cluster))
+            # A step that recovered from a fault may run on a replacement process. Only
+            # then: asking every host through Ray after each step wakes them all between
+            # steps, on the cores the next step runs on.
+            if record is None or record.num_attempts > 1:
+                with contextlib.suppress(Exception):
+                    hosts.update(_host_pids(self.cluster))
 
     sampler = CpuSampler().start()
     Coordinator.train_step = timed_step

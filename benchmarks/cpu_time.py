@@ -11,7 +11,6 @@ e.g. ``ray::ComputeNodeActor``). Linux only; an empty reading elsewhere.
 from __future__ import annotations
 
 import bisect
-import contextlib
 import os
 import threading
 import time
@@ -43,27 +42,30 @@ def _name(pid: str) -> str:
     return Path(first).name or "?"
 
 
-def _children(pid: int) -> list[int]:
-    """Child pids of ``pid``, from each of its threads' ``children`` file."""
-    found = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return found
-    for tid in tasks:
-        with contextlib.suppress(OSError):
-            found += [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
-    return found
+def descendants_cpu(root: int, names: dict[int, str] | None = None) -> dict[int, tuple[str, float]]:
+    """pid -> (name, CPU seconds) of ``root`` and every process below it, now.
 
-
-def descendants_cpu(root: int) -> dict[int, tuple[str, float]]:
-    """pid -> (name, CPU seconds) of ``root`` and every process below it, now."""
+    One read of each process's ``stat`` (its parent and its CPU), then the tree below
+    ``root``: about 70 reads on this machine, where reading each thread's ``children``
+    file cost 600 and 8% of a core at 10 samples a second, on the cores the measured
+    emulator runs on. ``names``: a cache of names by pid, filled as processes appear.
+    """
+    names = {} if names is None else names
+    stats: dict[int, tuple[int, float]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (stat := _read_stat(entry)) is not None:
+            stats[int(entry)] = stat
+    below: dict[int, list[int]] = {}
+    for pid, (parent, _) in stats.items():
+        below.setdefault(parent, []).append(pid)
     found, todo = {}, [root]
     while todo:
         pid = todo.pop()
-        if (stat := _read_stat(str(pid))) is not None:
-            found[pid] = (_name(str(pid)), stat[1])
-            todo += _children(pid)
+        if pid in stats:
+            if pid not in names:
+                names[pid] = _name(str(pid))
+            found[pid] = (names[pid], stats[pid][1])
+            todo += below.get(pid, [])
     return found
 
 
@@ -89,8 +91,9 @@ class CpuSampler:
 
     def _run(self) -> None:
         root = os.getpid()
+        names: dict[int, str] = {}
         while not self._stop.is_set():
-            sample = descendants_cpu(root)
+            sample = descendants_cpu(root, names)
             if root in sample:  # this process, less what the sampler itself spent
                 name, cpu_s = sample[root]
                 sample[root] = ("driver", cpu_s - time.thread_time())
