@@ -14,7 +14,6 @@ each client takes the run's ``Security`` (token, TLS) for it.
 from __future__ import annotations
 
 import queue
-import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from proto import memoryx_pb2_grpc as mgrpc
 from proto import node_pb2_grpc as ngrpc
 from proto import swarmx_pb2_grpc as sgrpc
+from proto import threads
 from proto.domain import (
     CheckpointInfo,
     LayerAck,
@@ -258,7 +258,7 @@ class PendingPass:
         self._requests: queue.Queue = queue.Queue()
         self._call = run_pass(iter(self._requests.get, _END), timeout=timeout_s)
         self._answers: queue.Queue = queue.Queue()
-        threading.Thread(target=self._read, name="pass-acks", daemon=True).start()
+        threads.start(self._read, name="pass-acks")
 
     def _read(self) -> None:
         try:

@@ -13,6 +13,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
 
+from proto import threads
 from proto.frames import WireError, bundled
 from swarmx.pass_link import Slot
 from swarmx.pieces import END
@@ -31,7 +32,7 @@ class GradientLink:
         self._error: BaseException | None = None
         self._closed = False
         self.call = method(self._messages(), timeout=timeout_s)
-        threading.Thread(target=self._read, name="swarmx-gradient-acks", daemon=True).start()
+        threads.start(self._read, name="swarmx-gradient-acks")
 
     def _messages(self) -> Iterator:
         while (layer := self._layers.get()) is not END:
@@ -110,7 +111,7 @@ class LayerSlot(Slot):
     """
 
     def cancel(self) -> bool:
-        if self._settled.is_set():
+        if self._settled:
             return False
         self._link.cancel()
         return True

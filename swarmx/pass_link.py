@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import grpc
 
+from proto import threads
 from proto.domain import StreamItem
 from proto.frames import WireError, bundled
 from proto.rpc import is_cancelled
@@ -55,7 +56,7 @@ class PassLink:
         self._lock = threading.Lock()
         self._waiting: dict[tuple[int, int], Slot] = {}
         self._error: BaseException | None = None
-        threading.Thread(target=self._read, name="swarmx-pass-acks", daemon=True).start()
+        threads.start(self._read, name="swarmx-pass-acks")
 
     def slot(self, layer: int, phase: int) -> Slot:
         """Where the answer for (``layer``, ``phase``) will come; register before sending it."""
@@ -105,39 +106,43 @@ class Slot:
 
     def __init__(self, link: PassLink):
         self._link = link
-        self._settled = threading.Event()
+        # Held until the answer is in: a waiter takes and gives it back. A bare lock, not
+        # an Event (a Condition and two locks): a pass makes one per layer and child.
+        self._unsettled = threading.Lock()
+        self._unsettled.acquire()
+        self._settled = False
         self._result = None
         self._error: BaseException | None = None
         self._callbacks: list = []
-        self._lock = threading.Lock()
 
     def settle(self, *, result=None, error: BaseException | None = None) -> None:
-        with self._lock:
-            if self._settled.is_set():
+        with self._link._lock:
+            if self._settled:
                 return
             self._result, self._error = result, error
-            self._settled.set()
+            self._settled = True
             callbacks, self._callbacks = self._callbacks, []
+        self._unsettled.release()
         for callback in callbacks:
             callback(self)
 
     def add_done_callback(self, callback) -> None:
-        with self._lock:
-            if not self._settled.is_set():
+        with self._link._lock:
+            if not self._settled:
                 self._callbacks.append(callback)
                 return
         callback(self)
 
     def done(self) -> bool:
         # A link that ended can take no more of this layer's stream either.
-        return self._settled.is_set() or self._link.call.done()
+        return self._settled or self._link.call.done()
 
     def cancelled(self) -> bool:
         error = self._error
         return is_cancelled(error)
 
     def code(self) -> grpc.StatusCode:
-        if not self._settled.is_set():
+        if not self._settled:
             return grpc.StatusCode.OK if not self._link.call.done() else self._link.call.code()
         if self._error is None:
             return grpc.StatusCode.OK
@@ -149,7 +154,9 @@ class Slot:
         self._link.cancel()  # the pass cannot go on without this layer
 
     def result(self):
-        self._settled.wait()
+        if not self._settled:
+            with self._unsettled:  # released once settled
+                pass
         if self._error is not None:
             raise self._error
         return self._result

@@ -18,6 +18,7 @@ import grpc
 
 from proto import memoryx_pb2_grpc as mgrpc
 from proto import swarmx_pb2_grpc as sgrpc
+from proto import threads
 from proto.domain import Chunk, Header, Phase, StreamItem
 from proto.frames import WireError, from_wire_stream
 from proto.rpc import StepConflict, rpc_errors, rpc_stream_errors, time_left_s
@@ -280,7 +281,7 @@ class ReduceSide:
 
         if not context.add_callback(abandoned):
             abandoned()
-        threading.Thread(target=read, name=f"{self.name}-reduce-pass", daemon=True).start()
+        threads.start(read, name=f"{self.name}-reduce-pass")
         num_answered = 0
         num_read = None
         while num_read is None or num_answered < num_read:
