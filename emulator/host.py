@@ -41,12 +41,19 @@ AUTO_MEMORY_FRACTION = 0.5
 AUTO_PROCESSES_PER_CORE = 2
 
 
-#: ``sys.setswitchinterval`` of a host of several nodes, s (Python's default: 0.005). A host of many
+#: ``sys.setswitchinterval`` of a host of many nodes, s (Python's default: 0.005). A host of many
 #: nodes runs hundreds of gRPC threads; every one waiting for the GIL wakes each interval to
 #: ask its holder to drop it, so with the default a process of 21 SwarmX nodes spent a third
-#: more CPU per step (64-node mlp-digits, benchmarks/bench_scale.py). Threads still hand the
-#: GIL over at once whenever they block on I/O or run a torch or numpy kernel.
+#: more CPU per step (64-node mlp-digits, benchmarks/bench_scale.py), and 192 nodes in hosts
+#: of 96 took 6.4 and 7.3 s per step against 5.8 and 5.2 s with this (2026-12-02). Threads
+#: still hand the GIL over at once whenever they block on I/O or run a torch or numpy kernel.
 HOST_SWITCH_INTERVAL_S = 0.05
+#: Components a host holds before it takes ``HOST_SWITCH_INTERVAL_S``. A host of a few keeps
+#: Python's default: there a layer's compute, back from a torch kernel that released the GIL,
+#: would wait out the longer interval behind the thread that took it meanwhile (mlp-digits
+#: at 4 nodes, 2 per host, alternating runs: 79, 87 and 89 ms per step with the default
+#: against 90, 99 and 95 ms; 32 nodes, 16 per host: 645 and 552 against 665 and 747 ms).
+HOST_SWITCH_MIN_COMPONENTS = 8
 #: Seconds a component, or a wait for any one more of many, may take to start, s.
 START_TIMEOUT_S = 120.0
 
@@ -72,9 +79,9 @@ class ComponentHost:
         started = time.perf_counter()
         self.components[component] = component_class(**kwargs)
         self.start_s[component] = time.perf_counter() - started
-        if len(self.components) == 2:
+        if len(self.components) == HOST_SWITCH_MIN_COMPONENTS:
             # Fewer forced GIL hand-offs among the many gRPC threads of a process that hosts
-            # several nodes (HOST_SWITCH_INTERVAL_S); a process of one keeps Python's default.
+            # many nodes (HOST_SWITCH_INTERVAL_S); a process of a few keeps Python's default.
             sys.setswitchinterval(HOST_SWITCH_INTERVAL_S)
         return self.components[component].get_address()
 

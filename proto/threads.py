@@ -55,13 +55,15 @@ class _Worker:
         self.inbox: queue.SimpleQueue[Task] = queue.SimpleQueue()
 
     def loop(self, task: Task) -> None:
+        thread = threading.current_thread()
         while True:
+            thread.name = task.name  # what a thread dump (py-spy) shows it doing
             # An exception ends only its task (as it would end a thread of its own), after
             # the usual report; the thread goes on serving.
             try:
                 task.run()
             except BaseException:
-                args = (*sys.exc_info(), threading.current_thread())
+                args = (*sys.exc_info(), thread)
                 threading.excepthook(threading.ExceptHookArgs(args))
             task = self._pool._idle_wait(self)
             if task is None:

@@ -10,7 +10,13 @@ import pytest
 
 from emulator import host, memory
 from emulator.config import load_config
-from emulator.host import HOST_SWITCH_INTERVAL_S, ComponentHost, nodes_per_process, plan_hosts
+from emulator.host import (
+    HOST_SWITCH_INTERVAL_S,
+    HOST_SWITCH_MIN_COMPONENTS,
+    ComponentHost,
+    nodes_per_process,
+    plan_hosts,
+)
 from emulator.memory import (
     MemorySampler,
     available_memory_bytes,
@@ -200,13 +206,15 @@ def test_auto_keeps_a_process_each_while_there_is_room_and_a_count_is_for_both(m
     assert _resolve(monkeypatch, 5, 64, 21, cores=2) == (5, 5)
 
 
-def test_a_host_of_several_nodes_hands_the_gil_over_less_often():
+def test_a_host_of_many_nodes_hands_the_gil_over_less_often():
     log: list = []
     default = sys.getswitchinterval()
     host = ComponentHost()
-    host.start("node-0", _Component, name="node-0", log=log)
-    assert sys.getswitchinterval() == default  # one node: Python's default
-    host.start("node-1", _Component, name="node-1", log=log)
+    for index in range(HOST_SWITCH_MIN_COMPONENTS - 1):
+        host.start(f"node-{index}", _Component, name=f"node-{index}", log=log)
+        assert sys.getswitchinterval() == default  # a few nodes: Python's default
+    last = HOST_SWITCH_MIN_COMPONENTS - 1
+    host.start(f"node-{last}", _Component, name=f"node-{last}", log=log)
     assert sys.getswitchinterval() == pytest.approx(HOST_SWITCH_INTERVAL_S)
 
 

@@ -106,3 +106,12 @@ def test_arguments_are_passed_and_dropped_after_the_run(args):
     task.join(timeout=5)
     assert got == [args]
     assert task._fn is None and task._args is None  # nothing the task held stays referenced
+
+
+def test_a_reused_thread_takes_each_tasks_name():
+    pool = ThreadReuse(idle_s=5.0)
+    names = []
+    for name in ("node-0-layer", "swarmx-pass-read"):
+        pool.start(lambda: names.append(threading.current_thread().name), name=name).join(5)
+        assert _wait_until(lambda: pool.num_idle == 1)
+    assert names == ["node-0-layer", "swarmx-pass-read"]
