@@ -280,13 +280,13 @@ class _Guard(grpc.ServerInterceptor):
             watch = _Watch(context)
             with guard._lock:
                 guard._watches.add(watch)
-            released = threading.Event()
 
             def release() -> None:
+                # Once (the call's end and the handler's end both call it): the watch leaves
+                # the set once, under the guard's lock, and only then is its slot given back.
                 with guard._lock:
-                    if released.is_set():
+                    if watch not in guard._watches:
                         return
-                    released.set()
                     guard._watches.discard(watch)
                 guard._slots.release()
 
