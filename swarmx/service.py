@@ -95,22 +95,37 @@ def _check_place(pass_id: int, position: int, length: int) -> None:
 
 
 def _results(calls: list[grpc.Future]) -> list[LayerAck]:
-    """Every child's answer; as soon as one child fails, cancel the others and raise its error."""
-    changed = threading.Event()
+    """Every child's answer; as soon as one child fails, cancel the others and raise its error.
+
+    The waiting thread is woken once: when the last child answers or the first one fails
+    (not at every answer, which a tree of SwarmX nodes with ``fanout`` children each pays
+    per layer).
+    """
+    over = threading.Lock()
+    over.acquire()  # released when the wait is over
+    state = {"left": len(calls), "over": False}
+    guard = threading.Lock()
+
+    def answered(call: grpc.Future) -> None:
+        with guard:
+            state["left"] -= 1
+            if state["over"] or (state["left"] and call.code() == grpc.StatusCode.OK):
+                return
+            state["over"] = True
+        over.release()
+
     for call in calls:
-        call.add_done_callback(lambda _: changed.set())
-    while True:
-        changed.clear()
-        failed = [c for c in calls if c.done() and c.code() != grpc.StatusCode.OK]
-        if failed:
-            # A child that failed on its own explains more than one that was cancelled.
-            failed.sort(key=lambda c: c.cancelled())
-            for call in calls:
-                call.cancel()
-            failed[0].result()  # raises
-        if all(c.done() for c in calls):
-            return [ack_from_wire(c.result()) for c in calls]
-        changed.wait()
+        call.add_done_callback(answered)
+    if calls:
+        over.acquire()
+    failed = [c for c in calls if c.done() and c.code() != grpc.StatusCode.OK]
+    if failed:
+        # A child that failed on its own explains more than one that was cancelled.
+        failed.sort(key=lambda c: c.cancelled())
+        for call in calls:
+            call.cancel()
+        failed[0].result()  # raises
+    return [ack_from_wire(c.result()) for c in calls]
 
 
 @dataclass
