@@ -8,15 +8,14 @@ import time
 import pytest
 
 from proto.threads import ThreadReuse
+from tests.polling import until
+
+#: How long a test waits for the pool's threads, s.
+WAIT_S = 5.0
 
 
-def _wait_until(predicate, timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
+def _until(predicate) -> bool:
+    return until(predicate, WAIT_S)
 
 
 def test_a_finished_tasks_thread_runs_the_next_one():
@@ -26,7 +25,7 @@ def test_a_finished_tasks_thread_runs_the_next_one():
         task = pool.start(lambda: idents.append(threading.get_ident()))
         task.join(timeout=5)
         assert not task.is_alive()
-        assert _wait_until(lambda: pool.num_idle == 1)
+        assert _until(lambda: pool.num_idle == 1)
     assert len(set(idents)) == 1
     assert pool.num_threads == 1
 
@@ -59,7 +58,7 @@ def test_idle_threads_end():
     tasks = [pool.start(time.sleep, 0.01) for _ in range(4)]
     for task in tasks:
         task.join(timeout=5)
-    assert _wait_until(lambda: pool.num_threads == 0)
+    assert _until(lambda: pool.num_threads == 0)
     assert pool.num_idle == 0
     done = threading.Event()
     pool.start(done.set)  # a new thread again
@@ -76,7 +75,7 @@ def test_work_handed_over_as_a_thread_times_out_still_runs():
         assert not task.is_alive()
         time.sleep(0.001 * (index % 3))
     assert ran == list(range(300))
-    assert _wait_until(lambda: pool.num_threads == 0)
+    assert _until(lambda: pool.num_threads == 0)
 
 
 def test_a_failing_task_is_reported_and_its_thread_goes_on(monkeypatch):
@@ -90,7 +89,7 @@ def test_a_failing_task_is_reported_and_its_thread_goes_on(monkeypatch):
     task = pool.start(fail)
     task.join(timeout=5)
     assert not task.is_alive()
-    assert _wait_until(lambda: pool.num_idle == 1)
+    assert _until(lambda: pool.num_idle == 1)
     assert [str(e) for e in reported] == ["layer failed"]
     done = threading.Event()
     pool.start(done.set).join(timeout=5)
@@ -113,5 +112,5 @@ def test_a_reused_thread_takes_each_tasks_name():
     names = []
     for name in ("node-0-layer", "swarmx-pass-read"):
         pool.start(lambda: names.append(threading.current_thread().name), name=name).join(5)
-        assert _wait_until(lambda: pool.num_idle == 1)
+        assert _until(lambda: pool.num_idle == 1)
     assert names == ["node-0-layer", "swarmx-pass-read"]

@@ -7,7 +7,6 @@ children's gradient streams are sent by the test.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 
 import grpc
@@ -18,6 +17,7 @@ from memoryx.service import MemoryXServicer
 from proto import swarmx_pb2_grpc as sgrpc
 from proto import tensor_pb2 as pb
 from proto.rpc import channel
+from tests.polling import until
 from tests.servicer_calls import count_servicer_calls
 from tests.swarmx.test_swarmx_service import (
     LR,
@@ -164,7 +164,7 @@ def test_a_child_that_cancels_mid_pass_fails_the_sum_for_all_without_hanging(tre
         # The root has summed node-2's first chunk with its siblings': it leaves mid-layer. (A child
         # that goes away before its header arrives is, as with Reduce, found by the driver's
         # health probes, which cancel the pass from above.)
-        assert _until(lambda: _num_summed_chunks(tree.root, layer=1) >= 1)
+        assert until(lambda: _num_summed_chunks(tree.root, layer=1) >= 1, WAIT_S)
         leaving.cancel()
         for sibling in siblings:
             with pytest.raises(grpc.RpcError) as info:
@@ -191,15 +191,6 @@ def _num_summed_chunks(root, *, layer: int, step: int = 0) -> int:
         return 0
     with entry.reduction._lock:
         return entry.reduction._num_emitted
-
-
-def _until(predicate, timeout_s: float = WAIT_S) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def _bad_streams() -> dict[str, list]:
