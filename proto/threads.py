@@ -27,26 +27,34 @@ IDLE_S = 30.0
 class Task:
     """One ``start``ed call: ``join`` and ``is_alive`` as a ``threading.Thread``'s."""
 
-    __slots__ = ("_done", "_fn", "_args", "name")
+    __slots__ = ("_done", "_running", "_fn", "_args", "name")
 
     def __init__(self, fn: Callable[..., Any], args: tuple, name: str):
         self._fn = fn
         self._args = args
         self.name = name
-        self._done = threading.Event()
+        self._done = False
+        # Held until the call has run: a joiner takes and gives it back (a bare lock, not an
+        # Event's condition and two locks, for one task per layer).
+        self._running = threading.Lock()
+        self._running.acquire()
 
     def run(self) -> None:
         try:
             self._fn(*self._args)
         finally:
             self._fn = self._args = None  # what it referred to is freed now
-            self._done.set()
+            self._done = True
+            self._running.release()
 
     def is_alive(self) -> bool:
-        return not self._done.is_set()
+        return not self._done
 
     def join(self, timeout: float | None = None) -> None:
-        self._done.wait(timeout)
+        if self._done:
+            return
+        if self._running.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
+            self._running.release()
 
 
 class _Worker:

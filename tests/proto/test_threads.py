@@ -114,3 +114,20 @@ def test_a_reused_thread_takes_each_tasks_name():
         pool.start(lambda: names.append(threading.current_thread().name), name=name).join(5)
         assert _until(lambda: pool.num_idle == 1)
     assert names == ["node-0-layer", "swarmx-pass-read"]
+
+
+def test_several_joiners_all_return_once_the_task_has_run():
+    pool = ThreadReuse(idle_s=5.0)
+    go = threading.Event()
+    task = pool.start(go.wait)
+    joined = []
+    joiners = [threading.Thread(target=lambda: (task.join(), joined.append(1))) for _ in range(3)]
+    for joiner in joiners:
+        joiner.start()
+    time.sleep(0.05)
+    assert joined == []
+    go.set()
+    for joiner in joiners:
+        joiner.join(timeout=5)
+    assert joined == [1, 1, 1]
+    task.join()  # a finished task joins at once
