@@ -52,7 +52,11 @@ def descendants_cpu(root: int, names: dict[int, str] | None = None) -> dict[int,
     """
     names = {} if names is None else names
     stats: dict[int, tuple[int, float]] = {}
-    for entry in os.listdir("/proc"):
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return {}  # no /proc (not Linux): an empty reading
+    for entry in entries:
         if entry.isdigit() and (stat := _read_stat(entry)) is not None:
             stats[int(entry)] = stat
     below: dict[int, list[int]] = {}

@@ -73,3 +73,11 @@ def test_a_window_counts_only_the_cpu_spent_inside_it():
     assert name == os.path.basename(sys.executable)
     assert 0.25 <= cpu_s <= 0.45
     assert sampler.window(started, ended)[os.getpid()][0] == "driver"
+
+
+def test_without_proc_the_reading_is_empty(monkeypatch):
+    def no_proc(path):
+        raise FileNotFoundError(path)
+
+    monkeypatch.setattr(os, "listdir", no_proc)
+    assert descendants_cpu(os.getpid()) == {}
