@@ -266,6 +266,9 @@ def test_pss_is_read_again_only_when_memory_grew(monkeypatch):
     sampler.sample()  # the first reading: always
     sampler.sample(always_pss=False)  # no growth: RSS only
     assert len(reads) == 1
+    rss["now"] = creep = int(100 * MB * (1 + memory.PSS_REREAD_GROWTH / 2))
+    sampler.sample(always_pss=False)  # grew by less than PSS_REREAD_GROWTH: RSS only
+    assert len(reads) == 1 and sampler.peak_rss_bytes == creep
     rss["now"] = 300 * MB
     sampler.sample(always_pss=False)  # grew past the last reading: PSS again
     assert len(reads) == 2 and sampler.peak_bytes == 150 * MB
