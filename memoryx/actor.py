@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 
+from core.allocator import keep_freed_memory
 from memoryx.config import MemoryXConfig
 from memoryx.optim import Optimizer
 from memoryx.service import MemoryXServicer, register
@@ -29,6 +30,11 @@ class MemoryXActor:
         layers: range | None = None,
         pieces: dict[int, list[str]] | None = None,
     ):
+        if memoryx is None or not memoryx.tiered:
+            # Each step's update allocates a new version of the layer (weights and optimizer
+            # state) and frees the one before: the same sizes every step. Not with a RAM
+            # budget: freed memory kept by the C library would count against it.
+            keep_freed_memory()
         self.servicer = MemoryXServicer(
             optimizer.build(),
             chunk_bytes=chunk_bytes,
