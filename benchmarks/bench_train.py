@@ -40,7 +40,7 @@ from pathlib import Path
 import ray
 import torch
 
-from benchmarks.cpu_time import CpuSampler
+from benchmarks.cpu_time import CpuMarks
 from emulator.config import ClusterConfig, load_config
 from emulator.coordinator import Coordinator
 from emulator.reference import reference_train
@@ -131,6 +131,8 @@ def run_emulator(config: ClusterConfig) -> dict:
     train_step = Coordinator.train_step
 
     spare_up: list[bool] = []
+    # Read at each step's boundaries, between the steps (not by a thread during them).
+    marks = CpuMarks()
 
     def timed_step(self, step):
         if not hosts:
@@ -142,6 +144,7 @@ def run_emulator(config: ClusterConfig) -> dict:
             with contextlib.suppress(Exception):
                 ray.get(self.cluster.spare.pid.remote(), timeout=120)
             spare_up.append(True)
+        marks.mark()
         started = time.perf_counter()
         record = None
         try:
@@ -149,6 +152,7 @@ def run_emulator(config: ClusterConfig) -> dict:
             return record
         finally:
             windows.append((started, time.perf_counter()))
+            marks.mark()
             # A step that recovered from a fault may run on a replacement process. Only
             # then: asking every host through Ray after each step wakes them all between
             # steps, on the cores the next step runs on.
@@ -156,26 +160,23 @@ def run_emulator(config: ClusterConfig) -> dict:
                 with contextlib.suppress(Exception):
                     hosts.update(_host_pids(self.cluster))
 
-    sampler = CpuSampler().start()
     Coordinator.train_step = timed_step
     try:
         report = train(config, progress=False)
     finally:
         Coordinator.train_step = train_step
-        sampler.stop()
     step_cpu = []
     for start, end in windows:
         groups: dict[str, float] = {}
-        for pid, (name, cpu_s) in sampler.window(start, end).items():
+        for pid, (name, cpu_s) in marks.window(start, end).items():
             group = _process_group(name, hosts.get(pid, []))
             groups[group] = groups.get(group, 0.0) + cpu_s
         step_cpu.append(groups)
-    # Per step, over all steps after the warm-up one: a step can be shorter than the
-    # sampler's interval (mlp-digits, ~25 ms), so one step's own window may read 0.
+    # Per step, over all steps after the warm-up one (as the step times).
     steady_cpu: dict[str, float] = {}
     if len(windows) > 1:
         steady_start, steady_end = windows[1][0], windows[-1][1]
-        for pid, (name, cpu_s) in sampler.window(steady_start, steady_end).items():
+        for pid, (name, cpu_s) in marks.window(steady_start, steady_end).items():
             group = _process_group(name, hosts.get(pid, []))
             steady_cpu[group] = steady_cpu.get(group, 0.0) + cpu_s / (len(windows) - 1)
     step_times = [s.wall_time_s for s in report.steps]

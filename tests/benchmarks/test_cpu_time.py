@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from benchmarks.cpu_time import CpuSampler, descendants_cpu
+from benchmarks.cpu_time import CpuMarks, descendants_cpu
 
 pytestmark = pytest.mark.skipif(
     not os.path.isdir("/proc/self/task"), reason="reads Linux's /proc (Linux only)"
@@ -54,25 +54,43 @@ def test_a_window_counts_only_the_cpu_spent_inside_it():
     """A child burns 0.3 s of CPU after an idle start; a window around the burn holds it,
     a window before it holds none."""
     burn = "import time; time.sleep(0.4); e = time.process_time() + 0.3\nwhile time.process_time() < e: pass\ntime.sleep(30)"
-    sampler = CpuSampler(interval_s=0.02).start()
+    marks = CpuMarks()
     child = subprocess.Popen([sys.executable, "-c", burn])
     try:
-        started = time.perf_counter()
+        started = marks.mark()
         time.sleep(0.2)
-        idle_end = time.perf_counter()
+        idle_end = marks.mark()
         time.sleep(1.5)
-        ended = time.perf_counter()
+        ended = marks.mark()
     finally:
-        sampler.stop()
         child.kill()
         child.wait()
-    assert (
-        sampler.window(started, idle_end).get(child.pid, ("", 0.0))[1] <= 0.15
-    )  # its start-up only
-    name, cpu_s = sampler.window(started, ended)[child.pid]
+    assert marks.window(started, idle_end).get(child.pid, ("", 0.0))[1] <= 0.15  # start-up
+    name, cpu_s = marks.window(started, ended)[child.pid]
     assert name == os.path.basename(sys.executable)
     assert 0.25 <= cpu_s <= 0.45
-    assert sampler.window(started, ended)[os.getpid()][0] == "driver"
+    assert marks.window(started, ended)[os.getpid()][0] == "driver"
+    # A window between readings runs from the last one before it to the first one after.
+    inside = marks.window(started + 0.01, idle_end + 0.01)[child.pid][1]
+    assert inside == marks.window(started, ended)[child.pid][1]
+
+
+def test_the_readings_own_cpu_is_not_the_drivers():
+    """200 readings cost this process CPU; the driver's figure leaves it out."""
+    marks = CpuMarks()
+    first = marks.mark()
+    for _ in range(200):
+        marks.mark()
+    last = marks.mark()
+    process_cpu_s = sum(os.times()[:2])
+    driver_s = marks.window(first, last)[os.getpid()][1]
+    assert marks.own_cpu_s > 0.05  # the readings did cost something (about 1-2 ms each)
+    assert driver_s < 0.5 * marks.own_cpu_s
+    assert process_cpu_s > marks.own_cpu_s
+
+
+def test_no_readings_give_an_empty_window():
+    assert CpuMarks().window(0.0, 1.0) == {}
 
 
 def test_without_proc_the_reading_is_empty(monkeypatch):
