@@ -19,6 +19,7 @@ import torch
 from emulator.config import load_config
 from emulator.faults import RunFailed
 from emulator.train import train
+from tests.polling import until
 
 pytestmark = pytest.mark.integration
 
@@ -47,6 +48,15 @@ def clean_run(ray_session):
     return train(_config(), progress=False)
 
 
+def _gone(pid: int) -> bool:
+    """Whether process ``pid`` has ended (exited, or a zombie not yet reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 class Chaos:
     """A ``fault`` hook that hits ``target`` once, when the run reaches ``when``."""
 
@@ -64,7 +74,11 @@ class Chaos:
         self.hit = True
         handle = self.cluster.handle(self.target)
         if self.how == "ray.kill":
+            pid = ray.get(handle.pid.remote())
             ray.kill(handle, no_restart=True)
+            # ray.kill returns before the process ends; a small layer already sent could
+            # still get through, and the loss then falls in the next step. Wait for it.
+            assert until(lambda: _gone(pid), timeout_s=30)
         else:
             os.kill(ray.get(handle.pid.remote()), getattr(signal, self.how))
 
