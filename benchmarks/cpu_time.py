@@ -16,16 +16,16 @@ import os
 import time
 from pathlib import Path
 
+from emulator.memory import stat_fields
+
 _TICKS_PER_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def _read_stat(pid: str) -> tuple[int, float] | None:
     """(parent pid, user + system CPU seconds) of ``pid``, None if it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+    fields = stat_fields(pid)
+    if fields is None:
         return None
-    fields = text[text.rindex(")") + 2 :].split()
     # Fields after the name: state ppid ... utime(14th of the line) stime(15th).
     return int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICKS_PER_S
 

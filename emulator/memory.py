@@ -69,12 +69,27 @@ def available_memory_bytes() -> int | None:
     return None
 
 
+def stat_fields(pid: int | str) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name, the state first (field 3
+    of the line); None if it cannot be read. The name, in parentheses, may hold spaces and
+    parentheses itself: the fields start after its last closing one."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return None
+    end = text.rfind(")")
+    return None if end < 0 else text[end + 2 :].split()
+
+
 def process_age_s() -> float | None:
     """Seconds since this process started (the command, for a CLI run); None off Linux."""
+    fields = stat_fields("self")
+    if fields is None:
+        return None
     try:
-        with open("/proc/self/stat") as f:
-            # Field 22 (after the parenthesised command name): start time in clock ticks.
-            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        # Field 22 of the line: start time in clock ticks.
+        start_ticks = int(fields[19])
         with open("/proc/uptime") as f:
             uptime_s = float(f.read().split()[0])
     except (OSError, ValueError, IndexError):
@@ -84,12 +99,13 @@ def process_age_s() -> float | None:
 
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU time of process ``pid`` so far, s (0 if it cannot be read)."""
+    fields = stat_fields(pid)
+    if fields is None:
+        return 0.0
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            # Fields 14 and 15 (after the parenthesised command name): utime, stime in ticks.
-            fields = f.read().rsplit(")", 1)[1].split()
+        # Fields 14 and 15 of the line: utime, stime in ticks.
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
+    except (ValueError, IndexError):
         return 0.0
 
 
@@ -101,11 +117,10 @@ def descendants(pid: int) -> list[int]:
     except OSError:
         return []
     for entry in entries:
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                parent = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
+        fields = stat_fields(entry)
+        if fields is None or len(fields) < 2 or not fields[1].isdigit():
             continue
+        parent = int(fields[1])
         children.setdefault(parent, []).append(int(entry))
     found, todo = [], [pid]
     while todo:

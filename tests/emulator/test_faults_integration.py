@@ -18,6 +18,7 @@ import torch
 
 from emulator.config import load_config
 from emulator.faults import RunFailed
+from emulator.memory import stat_fields
 from emulator.train import train
 from tests.polling import until
 
@@ -50,11 +51,8 @@ def clean_run(ray_session):
 
 def _gone(pid: int) -> bool:
     """Whether process ``pid`` has ended (exited, or a zombie not yet reaped)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
+    fields = stat_fields(pid)
+    return fields is None or fields[0] == "Z"
 
 
 class Chaos:
