@@ -136,6 +136,35 @@ class Optimizer(ABC):
             for tensor in state.values():
                 tensor.masked_fill_(mask, 0.0)
 
+    def update_kept(
+        self,
+        param: Tensor,
+        grad: Tensor,
+        state: dict[str, Tensor],
+        step: int,
+        kept: Tensor,
+    ) -> None:
+        """``update`` with a mask, reading and writing only the entries the mask keeps.
+
+        ``kept`` holds the kept entries' flat positions (int64, ascending; see
+        ``memoryx.sparsity.KeptPositions``). The pruned entries must already be
+        zero in contiguous ``param`` and in every state tensor, as they are in
+        every version of the parameter store: they are left as they are, which
+        is what ``update(mask=...)`` would set them to. The update rule is the
+        same elementwise one, so the kept entries come out bitwise equal to
+        ``update(mask=...)``'s; a layer at sparsity 0.9 costs a tenth of the
+        arithmetic, plus a gather and a scatter of its kept entries.
+        """
+        if step < 1:
+            raise ValueError(f"step must be >= 1 (1-based update count), got {step}.")
+        flat_param = param.view(-1)
+        kept_param = flat_param.index_select(0, kept)
+        kept_state = {key: t.view(-1).index_select(0, kept) for key, t in state.items()}
+        self._update(kept_param, grad.reshape(-1).index_select(0, kept), kept_state, step)
+        flat_param.index_copy_(0, kept, kept_param)
+        for key, tensor in state.items():
+            tensor.view(-1).index_copy_(0, kept, kept_state[key])
+
 
 class SGD(Optimizer):
     """``torch.optim.SGD``: optional L2 decay, momentum with dampening, Nesterov."""

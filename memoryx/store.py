@@ -25,7 +25,7 @@ from torch import Tensor
 
 from memoryx.gradient_checks import all_finite, check_grads, nonfinite_gradient, nonfinite_names
 from memoryx.optim import Optimizer
-from memoryx.sparsity import Sparsity, apply_masks
+from memoryx.sparsity import KeptPositions, Sparsity, apply_masks
 
 # Bumped when the layout of ``state_dict`` changes (2: per-layer sparsity masks).
 STATE_FORMAT_VERSION = 2
@@ -54,7 +54,8 @@ class _Version:
     params: dict[str, Tensor]
     optimizer_state: dict[str, dict[str, Tensor]]
     num_updates: int  # updates applied to reach this version; drives Adam bias correction
-    # Pruning masks (True = pruned) of the masked params, valid for this version's weights.
+    # Pruning masks (True = pruned) of the masked params, valid for this version's weights:
+    # the entries they prune are zero in ``params`` and in every ``optimizer_state`` tensor.
     masks: dict[str, Tensor] = field(default_factory=dict)
 
 
@@ -106,6 +107,7 @@ class ParameterStore:
         self.optimizer = optimizer
         self.sparsity = sparsity
         self.layer_offset = layer_offset
+        self._kept_positions = KeptPositions()
         self._layers: list[_Layer] = []
         for index, layer in enumerate(layers):
             params = {name: _to_master(t) for name, t in layer.items()}
@@ -310,12 +312,20 @@ class ParameterStore:
         """
         old_masks = dict(new.masks)
         for name, param in new.params.items():
-            self.optimizer.update(
+            mask = old_masks.get(name)
+            if mask is None:
+                self.optimizer.update(
+                    param, grads[name], new.optimizer_state[name], new.num_updates
+                )
+                continue
+            # A version's pruned entries are zero in its weights and state (masked when
+            # made, and by every update since), so only the kept entries need the update.
+            self.optimizer.update_kept(
                 param,
                 grads[name],
                 new.optimizer_state[name],
                 new.num_updates,
-                mask=old_masks.get(name),
+                self._kept_positions(f"{layer}.{name}", mask),
             )
         if self.sparsity is not None and old_masks and self.sparsity.is_update_step(step):
             new.masks = self._update_masks(layer, step, new, grads)
@@ -479,6 +489,9 @@ class ParameterStore:
                         )
                     tensor.copy_(saved[key])
                 slot.current.optimizer_state[name] = expected
+            # A saved version is masked already; masking again keeps that true of any state
+            # handed in (the update touches only the kept entries).
+            apply_masks(slot.current.params, slot.current.optimizer_state, slot.current.masks)
             slot.current.num_updates = entry["num_updates"]
             slot.version = entry["version"]
         store._resident_bytes = store.peak_resident_bytes = store.state_bytes

@@ -172,6 +172,50 @@ def test_mask_keeps_pruned_entries_and_their_state_exactly_zero(case: str) -> No
     assert torch.equal(ours[~mask], ref[~mask])
 
 
+# Sizes around every vector width (scalar tails of 1..15 entries) and a large one.
+KEPT_SIZES = [1, 2, 7, 8, 9, 15, 16, 17, 31, 33, 63, 65, 1000, 4099, 100_003]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("keep", [0.0, 0.1, 0.5, 1.0])
+def test_update_kept_is_bitwise_update_with_mask(case: str, keep: float) -> None:
+    """Only the kept entries are updated, and they come out as the masked update's, bit for bit,
+    whichever of them land in a vectorised loop or its scalar tail."""
+    optimizer = Optimizer.Config(**CASES[case][0]).build()
+    for numel in KEPT_SIZES:
+        gen = torch.Generator().manual_seed(numel)
+        mask = torch.rand((numel,), generator=gen) >= keep
+        param = torch.randn((numel,), generator=gen).masked_fill_(mask, 0.0)
+        state = optimizer.init_state(param)
+        kept = torch.logical_not(mask).nonzero().squeeze(1)
+        compact, compact_state = param.clone(), {k: t.clone() for k, t in state.items()}
+        for step in range(1, 4):
+            # Gradients are dense: the pruned entries' values must not leak in.
+            grad = 1e-3 * torch.randn((numel,), generator=gen)
+            optimizer.update(param, grad, state, step, mask=mask)
+            optimizer.update_kept(compact, grad, compact_state, step, kept)
+            assert torch.equal(compact, param), (numel, step)
+            for key in state:
+                assert torch.equal(compact_state[key], state[key]), (numel, step, key)
+        assert not compact[mask].any()
+
+
+def test_update_kept_takes_any_shape_and_a_noncontiguous_gradient() -> None:
+    optimizer = Optimizer.Config(name="adamw", lr=1e-2, weight_decay=0.1).build()
+    gen = torch.Generator().manual_seed(9)
+    mask = torch.rand(SHAPE, generator=gen) < 0.6
+    param = torch.randn(SHAPE, generator=gen).masked_fill_(mask, 0.0)
+    grad = torch.randn(SHAPE[::-1], generator=gen).t()
+    assert not grad.is_contiguous()
+    state, compact_state = optimizer.init_state(param), optimizer.init_state(param)
+    compact = param.clone()
+    optimizer.update(param, grad, state, 1, mask=mask)
+    optimizer.update_kept(compact, grad, compact_state, 1, (~mask).reshape(-1).nonzero()[:, 0])
+    assert torch.equal(compact, param) and compact.shape == SHAPE
+    with pytest.raises(ValueError, match="step must be >= 1"):
+        optimizer.update_kept(compact, grad, compact_state, 0, torch.zeros(0, dtype=torch.long))
+
+
 def test_mask_state_cannot_revive_pruned_entry_on_zero_gradient() -> None:
     optimizer = Optimizer.Config(name="sgd", lr=0.1, momentum=0.9).build()
     param = torch.ones(4)
