@@ -20,6 +20,7 @@ receiver holds the mask). ``tensor_bytes`` is then the payload size.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -158,7 +159,7 @@ def layer_items(
         }
     total = sum(len(raw) for raw, _, _ in payloads.values())
     # Chunks hold whole values, so that a receiver (SwarmX) can read each one as values.
-    itemsize = torch.empty((), dtype=wire_dtype).element_size()
+    itemsize = WIRE_ITEMSIZES[dtype]
     chunk_bytes = max(itemsize, chunk_bytes - chunk_bytes % itemsize)
     yield layer_header(
         layer,
@@ -236,13 +237,13 @@ class LayerAssembler:
         self.payload_bytes = 0
         #: Masks (True = pruned) of the tensors that arrived as values + index.
         self.masks: dict[str, torch.Tensor] = {}
-        self._itemsize = torch.empty((), dtype=WIRE_DTYPES[expected.dtype]).element_size()
+        self._itemsize = WIRE_ITEMSIZES[expected.dtype]
         masks = expected.masks or {}
         self._sizes = [
             (
                 (masks[name].numel() - _count(masks[name])) * self._itemsize
                 if name in masks
-                else int(np.prod(shape, dtype=np.int64)) * self._itemsize
+                else math.prod(shape) * self._itemsize
             )
             for name, shape in expected.layout
         ]
@@ -357,7 +358,7 @@ class LayerAssembler:
         self._encoding, self._index_bytes = encoding, chunk.index_bytes
         size = self._sizes[self._index]
         if encoding in SPARSE_WEIGHTS:
-            numel = int(np.prod(shape, dtype=np.int64))
+            numel = math.prod(shape)
             value_bytes = chunk.tensor_bytes - chunk.index_bytes
             num_kept, rest = divmod(value_bytes, self._itemsize)
             if chunk.index_bytes < 0 or rest or not 0 <= num_kept <= numel:

@@ -34,7 +34,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from proto.serde import WIRE_DTYPES, WireError
+from proto.serde import WIRE_DTYPES, WIRE_ITEMSIZES, WireError
 
 assert sys.byteorder == "little", "raw tensor bytes on the wire are little-endian"
 
@@ -48,7 +48,7 @@ _NUMPY_STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.i
 
 def itemsize(dtype: str) -> int:
     """Bytes of one value in wire dtype ``dtype``."""
-    return torch.empty((), dtype=WIRE_DTYPES[dtype]).element_size()
+    return WIRE_ITEMSIZES[dtype]
 
 
 def index_nbytes(numel: int, num_kept: int, encoding: IndexEncoding) -> int:

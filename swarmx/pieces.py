@@ -13,13 +13,13 @@ layer.
 from __future__ import annotations
 
 import dataclasses
+import math
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import grpc
-import numpy as np
 
 from proto.domain import Chunk, Header, LayerAck, Phase, StreamItem
 from proto.frames import (
@@ -48,7 +48,7 @@ class HeldPiece:
 
     @property
     def full_numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)
 
     @property
     def whole(self) -> bool:
