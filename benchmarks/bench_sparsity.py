@@ -4,8 +4,10 @@ Both runs train the same GPT-style zoo model (same seed, batch and node
 count) through ``emulator.train.train``; the sparse one keeps 10% of every
 weight matrix (static random masks; embeddings, norms and the LM head stay
 dense, the default ``param_filter``). It prints each run's median step wall
-time (first step left out), the bytes MemoryX streamed per step, the
-emulated step times, and the ratio sparse / dense of the wall time.
+time (first step left out, later steps timed once the warm spare is up), the
+bytes MemoryX streamed per step, the emulated step times, the CPU seconds per
+step of each kind of process (``bench_train.run_emulator``), and the ratio
+sparse / dense of the wall time.
 
 With ``--repeats R`` the pair runs R times, in alternating order (dense
 first, then sparse first, ...), so that a machine whose load drifts weighs on
@@ -27,35 +29,41 @@ from pathlib import Path
 
 import ray
 
+from benchmarks.bench_train import run_emulator
 from core.atomic import write_json_atomic
 from emulator.config import load_config
 from emulator.runtime import start_local_ray
-from emulator.train import train
 
 
 def _run(model: str, steps: int, nodes: int, sparsity: float | None) -> dict:
     overrides = {"model.name": model, "num_steps": steps, "num_nodes": nodes, "batch_size": 32}
     if sparsity is not None:
         overrides["sparsity.sparsity"] = sparsity
-    report = train(load_config(overrides=overrides), progress=False)
-    result = report.to_json()
+    # bench_train's run: CPU of every process read at the steps' boundaries, and the steps
+    # timed once the warm spare is up (its start is launch cost, not a step's).
+    run = run_emulator(load_config(overrides=overrides))
     return {
-        "step_s": statistics.median(s.wall_time_s for s in report.steps[1:]),
-        "egress": result["traffic"]["memoryx_egress_bytes"],
-        "ingress": result["traffic"]["memoryx_ingress_bytes"],
-        "emulated_s": result["emulated"]["step_time_s"],
-        "loss": report.final_loss,
+        "step_s": statistics.median(run["step_times_s"][1:]),
+        "egress": run["memoryx_egress_bytes"],
+        "ingress": run["memoryx_ingress_bytes"],
+        "emulated_s": run["emulated_step_time_s"],
+        "loss": run["final_loss"],
+        "cpu_s_per_step": run["steady_cpu_s_per_step"],
     }
 
 
 def _table(runs: dict[str, dict]) -> None:
     print(
         f"{'run':<14} {'wall/step':>10} {'egress/step':>12} {'ingress/step':>13} {'emulated':>10}"
+        "  CPU ms/step by process (after the first step)"
     )
     for name, r in runs.items():
+        cpu = r["cpu_s_per_step"]
+        by_process = ", ".join(f"{group} {cpu[group] * 1e3:.0f}" for group in sorted(cpu))
         print(
             f"{name:<14} {r['step_s'] * 1e3:>8.1f}ms {r['egress'] / 1e3:>10.1f}KB "
-            f"{r['ingress'] / 1e3:>11.1f}KB {r['emulated_s'] * 1e6:>8.2f}us"
+            f"{r['ingress'] / 1e3:>11.1f}KB {r['emulated_s'] * 1e6:>8.2f}us  "
+            f"{sum(cpu.values()) * 1e3:.0f} ({by_process})"
         )
 
 

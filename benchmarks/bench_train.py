@@ -180,6 +180,7 @@ def run_emulator(config: ClusterConfig) -> dict:
             group = _process_group(name, hosts.get(pid, []))
             steady_cpu[group] = steady_cpu.get(group, 0.0) + cpu_s / (len(windows) - 1)
     step_times = [s.wall_time_s for s in report.steps]
+    summary = report.to_json()
     return {
         "num_params": report.num_params,
         "num_layers": report.num_layers,
@@ -192,6 +193,10 @@ def run_emulator(config: ClusterConfig) -> dict:
         "num_attempts": [s.num_attempts for s in report.steps],
         "step_cpu_s": step_cpu,
         "steady_cpu_s_per_step": steady_cpu,
+        "memoryx_egress_bytes": summary["traffic"]["memoryx_egress_bytes"],
+        "memoryx_ingress_bytes": summary["traffic"]["memoryx_ingress_bytes"],
+        "emulated_step_time_s": summary["emulated"]["step_time_s"],
+        "final_loss": report.final_loss,
     }
 
 
