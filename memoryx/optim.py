@@ -147,7 +147,7 @@ class Optimizer(ABC):
         """``update`` with a mask, reading and writing only the entries the mask keeps.
 
         ``kept`` holds the kept entries' flat positions (int64, ascending; see
-        ``memoryx.sparsity.KeptPositions``). The pruned entries must already be
+        ``core.mask_positions``). The pruned entries must already be
         zero in contiguous ``param`` and in every state tensor, as they are in
         every version of the parameter store: they are left as they are, which
         is what ``update(mask=...)`` would set them to. The update rule is the

@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from core.mask_positions import kept_positions
 from memoryx.gradient_checks import all_finite, check_grads, nonfinite_gradient, nonfinite_names
 from memoryx.optim import Optimizer
-from memoryx.sparsity import KeptPositions, Sparsity, apply_masks
+from memoryx.sparsity import Sparsity, apply_masks
 
 # Bumped when the layout of ``state_dict`` changes (2: per-layer sparsity masks).
 STATE_FORMAT_VERSION = 2
@@ -107,7 +108,6 @@ class ParameterStore:
         self.optimizer = optimizer
         self.sparsity = sparsity
         self.layer_offset = layer_offset
-        self._kept_positions = KeptPositions()
         self._layers: list[_Layer] = []
         for index, layer in enumerate(layers):
             params = {name: _to_master(t) for name, t in layer.items()}
@@ -325,7 +325,7 @@ class ParameterStore:
                 grads[name],
                 new.optimizer_state[name],
                 new.num_updates,
-                self._kept_positions(f"{layer}.{name}", mask),
+                torch.from_numpy(kept_positions(mask)),
             )
         if self.sparsity is not None and old_masks and self.sparsity.is_update_step(step):
             new.masks = self._update_masks(layer, step, new, grads)

@@ -44,7 +44,7 @@ from memoryx.layer_files import (
     version_file_name,
 )
 from memoryx.optim import Optimizer
-from memoryx.sparsity import KeptPositions, Sparsity, apply_masks
+from memoryx.sparsity import Sparsity, apply_masks
 from memoryx.store import (
     STATE_FORMAT_VERSION,
     ParameterStore,
@@ -104,7 +104,6 @@ class TieredStore(ParameterStore):
             raise ValueError(f"step must be >= 0, got {step}.")
         self.optimizer = optimizer
         self.sparsity: Sparsity | None = None
-        self._kept_positions = KeptPositions()
         self.spill_dir = Path(spill_dir)
         self.spill_dir.mkdir(parents=True, exist_ok=True)
         self.ram_budget_bytes = ram_budget_bytes

@@ -98,16 +98,18 @@ def recast_bytes(data: bytes | memoryview, source: str, target: str) -> bytes:
     return bytes(_raw_bytes(_from_raw(data, source).to(WIRE_DTYPES[target])))
 
 
-def _count(mask: torch.Tensor) -> int:
-    """True entries of a bool mask (numpy's count is many times torch's bool sum)."""
-    return int(np.count_nonzero(mask.detach().reshape(-1).numpy()))
+def _num_kept(mask: torch.Tensor) -> int:
+    """Entries a mask (True = pruned) keeps: its positions, found once per mask."""
+    from proto.sparse import kept_positions  # proto.sparse imports this module
+
+    return int(kept_positions(mask).size)
 
 
 def sends_sparse(mask: torch.Tensor, dtype: str) -> bool:
     """True when ``encode_layer`` sends a weight with ``mask`` as values + index."""
     from proto.sparse import beats_dense  # proto.sparse imports this module
 
-    return beats_dense(mask.numel(), mask.numel() - _count(mask), dtype)
+    return beats_dense(mask.numel(), _num_kept(mask), dtype)
 
 
 def _payload(
@@ -241,7 +243,7 @@ class LayerAssembler:
         masks = expected.masks or {}
         self._sizes = [
             (
-                (masks[name].numel() - _count(masks[name])) * self._itemsize
+                _num_kept(masks[name]) * self._itemsize
                 if name in masks
                 else math.prod(shape) * self._itemsize
             )

@@ -28,12 +28,15 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
 
+from core.mask_positions import kept_positions
 from proto.serde import WIRE_DTYPES, WIRE_ITEMSIZES, WireError
 
 assert sys.byteorder == "little", "raw tensor bytes on the wire are little-endian"
@@ -101,13 +104,36 @@ class SparsePayload:
         return self.values + self.index
 
 
-def _kept(mask: torch.Tensor) -> np.ndarray:
-    """The flat numpy bool array of the entries ``mask`` (True = pruned) keeps.
+class _ReceivedMasks:
+    """The masks decoded from recent indexes: the same index bytes give the same mask
+    object (so ``kept_positions`` finds its positions once), up to ``max_bytes`` of masks."""
 
-    numpy, not torch: boolean gathers and scatters in numpy cost a few times less per
-    entry (issue 14: encoding must cost less than the bytes it saves).
-    """
-    return ~mask.detach().reshape(-1).numpy()
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._masks: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> torch.Tensor | None:
+        with self._lock:
+            mask = self._masks.get(key)
+            if mask is not None:
+                self._masks.move_to_end(key)
+            return mask
+
+    def put(self, key: tuple, mask: torch.Tensor) -> None:
+        with self._lock:
+            if key in self._masks:
+                return
+            self._masks[key] = mask
+            self._bytes += mask.numel()
+            while self._bytes > self.max_bytes and len(self._masks) > 1:
+                _, dropped = self._masks.popitem(last=False)
+                self._bytes -= dropped.numel()
+
+
+# A node's masks of a step's layers, decoded once (gpt-10m's fill 10 MB).
+_RECEIVED = _ReceivedMasks(max_bytes=256 * 2**20)
 
 
 def _storage(tensor: torch.Tensor) -> np.ndarray:
@@ -147,15 +173,17 @@ def encode_sparse(
 ) -> SparsePayload:
     """Encode the entries of ``tensor`` that ``mask`` (True = pruned) keeps, cast to ``dtype``."""
     _check_mask(tensor, mask)
-    kept = _kept(mask)
+    positions = kept_positions(mask)
     # Gathered, then rounded: the same values as rounding first, on fewer entries.
-    values = _cast(_storage(tensor)[kept], tensor.dtype, dtype)
-    numel, num_kept = kept.size, int(np.count_nonzero(kept))
+    values = _cast(np.take(_storage(tensor), positions), tensor.dtype, dtype)
+    numel, num_kept = mask.numel(), positions.size
     encoding = choose_encoding(numel, num_kept)
     if encoding == "bitmap":
+        kept = np.zeros(numel, dtype=np.bool_)
+        kept[positions] = True
         index = np.packbits(kept, bitorder="little").tobytes()
     else:
-        index = np.flatnonzero(kept).astype("<i4").tobytes()
+        index = positions.astype("<i4").tobytes()
     return SparsePayload(
         encoding=encoding,
         shape=tuple(tensor.shape),
@@ -168,7 +196,21 @@ def encode_sparse(
 def mask_from_index(
     index: bytes | memoryview, encoding: IndexEncoding, shape: tuple[int, ...]
 ) -> torch.Tensor:
-    """The mask (True = pruned) an index describes; raises WireError if it is malformed."""
+    """The mask (True = pruned) an index describes; raises WireError if it is malformed.
+
+    An index seen lately (the same bytes) gives the same, read-only, mask object."""
+    key = (encoding, tuple(shape), bytes(index))
+    known = _RECEIVED.get(key)
+    if known is not None:
+        return known
+    mask = _mask_from_index(index, encoding, shape)
+    _RECEIVED.put(key, mask)
+    return mask
+
+
+def _mask_from_index(
+    index: bytes | memoryview, encoding: IndexEncoding, shape: tuple[int, ...]
+) -> torch.Tensor:
     numel = math.prod(shape)
     if encoding == "bitmap":
         if len(index) != math.ceil(numel / _BITS_PER_BYTE):
@@ -217,22 +259,22 @@ def encode_masked_values(
 ) -> bytes:
     """The entries ``mask`` keeps, in row-major order, as raw ``dtype`` bytes (no index)."""
     _check_mask(tensor, mask)
-    return _raw(_cast(_storage(tensor)[_kept(mask)], tensor.dtype, dtype))
+    return _raw(_cast(np.take(_storage(tensor), kept_positions(mask)), tensor.dtype, dtype))
 
 
 def decode_masked_values(
     raw: bytes | memoryview, mask: torch.Tensor, *, dtype: str = "float32"
 ) -> torch.Tensor:
     """Dense tensor of ``mask``'s shape: ``raw``'s values where kept, zero where pruned."""
-    kept = _kept(mask)
+    positions = kept_positions(mask)
     size = itemsize(dtype)
-    count = int(np.count_nonzero(kept))
+    count = positions.size
     if len(raw) != count * size:
         raise WireError(
             f"masked tensor: {len(raw)} value bytes, expected {count} x {size} ({dtype})"
         )
-    dense = np.zeros(kept.size, dtype=_NUMPY_STORAGE[dtype])
-    dense[kept] = np.frombuffer(raw, dtype=_NUMPY_STORAGE[dtype])
+    dense = np.zeros(mask.numel(), dtype=_NUMPY_STORAGE[dtype])
+    dense[positions] = np.frombuffer(raw, dtype=_NUMPY_STORAGE[dtype])
     return torch.from_numpy(dense).view(WIRE_DTYPES[dtype]).view(mask.shape)
 
 

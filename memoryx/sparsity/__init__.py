@@ -9,21 +9,13 @@ which parameters are sparse.
 from memoryx.sparsity.algorithms import ALGORITHMS, GMP, SET, RigL, SparsityAlgorithm, Static
 from memoryx.sparsity.config import ParamGroupConfig, Sparsity
 from memoryx.sparsity.filters import ParamSparsity, is_default_sparse, select_parameters
-from memoryx.sparsity.masks import (
-    KeptPositions,
-    apply_mask,
-    apply_masks,
-    density,
-    init_mask,
-    num_to_prune,
-)
+from memoryx.sparsity.masks import apply_mask, apply_masks, density, init_mask, num_to_prune
 from memoryx.sparsity.schedules import SCHEDULES, Schedule, UpdateSchedule
 
 __all__ = [
     "ALGORITHMS",
     "GMP",
     "SCHEDULES",
-    "KeptPositions",
     "SET",
     "ParamGroupConfig",
     "ParamSparsity",

@@ -130,31 +130,6 @@ def apply_masks(
         )
 
 
-class KeptPositions:
-    """The flat positions of the entries each mask keeps, found once per mask.
-
-    Keyed by the caller's name for the tensor (e.g. ``"3.weight"``); a new mask
-    under a key (a mask update, or one read back from disk) is compared with
-    the last one and its positions found again only when it differs. Callers
-    for different keys may run concurrently; one key is one layer's, used
-    under that layer's lock.
-    """
-
-    def __init__(self) -> None:
-        self._by_key: dict[str, tuple[Tensor, Tensor]] = {}
-
-    def __call__(self, key: str, mask: Tensor) -> Tensor:
-        """int64 positions, ascending, of ``mask``'s False (kept) entries in ``mask.view(-1)``."""
-        known = self._by_key.get(key)
-        if known is not None:
-            last, positions = known
-            if last is mask or (last.shape == mask.shape and torch.equal(last, mask)):
-                return positions
-        positions = torch.logical_not(mask).reshape(-1).nonzero().squeeze(1)
-        self._by_key[key] = (mask, positions)
-        return positions
-
-
 def density(mask: Tensor) -> float:
     """Fraction of entries a mask keeps."""
     return 1.0 - int(mask.sum()) / max(mask.numel(), 1)
@@ -163,7 +138,6 @@ def density(mask: Tensor) -> float:
 __all__ = [
     "INIT_METHODS",
     "InitMethod",
-    "KeptPositions",
     "apply_mask",
     "apply_masks",
     "density",

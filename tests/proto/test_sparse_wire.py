@@ -175,3 +175,34 @@ def test_malformed_payloads_are_wire_errors() -> None:
         mask_from_index(outside, "indices", (10,))
     with pytest.raises(WireError, match="unknown index encoding"):
         mask_from_index(b"", "rle", (0,))
+
+
+def test_an_index_seen_again_gives_the_same_mask_object() -> None:
+    from proto.sparse import mask_from_index
+
+    mask = torch.rand(4096, generator=torch.Generator().manual_seed(1)) < 0.9
+    payload = encode_sparse(torch.ones(4096), mask)
+    first = mask_from_index(payload.index, payload.encoding, (4096,))
+    assert torch.equal(first, mask)
+    # The same bytes (a node's next pass), even in another buffer: the same mask, so its
+    # kept positions are found once.
+    assert mask_from_index(bytearray(payload.index), payload.encoding, (4096,)) is first
+    other = encode_sparse(torch.ones(4096), ~mask)
+    assert mask_from_index(other.index, other.encoding, (4096,)) is not first
+    assert mask_from_index(payload.index, payload.encoding, (64, 64)).shape == (64, 64)
+
+
+def test_received_masks_stay_within_their_byte_budget() -> None:
+    from proto.sparse import _ReceivedMasks
+
+    received = _ReceivedMasks(max_bytes=250)
+    masks = [torch.zeros(100, dtype=torch.bool) for _ in range(4)]
+    for key, mask in enumerate(masks):
+        received.put(("bitmap", (100,), bytes([key])), mask)
+    # Least recently used first out: 2 of 100 bytes fit in 250.
+    assert received.get(("bitmap", (100,), bytes([0]))) is None
+    assert received.get(("bitmap", (100,), bytes([3]))) is masks[3]
+    received.get(("bitmap", (100,), bytes([2])))
+    received.put(("bitmap", (100,), b"\x09"), torch.zeros(100, dtype=torch.bool))
+    assert received.get(("bitmap", (100,), bytes([2]))) is masks[2]
+    assert received.get(("bitmap", (100,), bytes([3]))) is None

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from memoryx.sparsity.masks import (
-    KeptPositions,
     apply_mask,
     apply_masks,
     density,
@@ -107,17 +106,3 @@ def test_apply_masks_leaves_unmasked_parameters_alone() -> None:
     assert params["weight"].tolist() == [[0.0, 1.0], [1.0, 1.0]]
     assert state["weight"]["momentum_buffer"].tolist() == [[0.0, 1.0], [1.0, 1.0]]
     assert params["bias"].tolist() == [1.0, 1.0]
-
-
-def test_kept_positions_are_the_kept_flat_indices_found_once_per_mask() -> None:
-    kept = KeptPositions()
-    mask = torch.tensor([[True, False, True], [False, False, True]])
-    positions = kept("0.weight", mask)
-    assert positions.dtype == torch.int64 and positions.tolist() == [1, 3, 4]
-    # The same mask (or an equal one read back from disk) reuses the positions.
-    assert kept("0.weight", mask) is positions
-    assert kept("0.weight", mask.clone()) is positions
-    # A changed mask under the key, or another key, gets its own.
-    assert kept("0.weight", ~mask).tolist() == [0, 2, 5]
-    assert kept("1.weight", mask).tolist() == [1, 3, 4]
-    assert kept("2.weight", torch.ones(4, dtype=torch.bool)).tolist() == []
