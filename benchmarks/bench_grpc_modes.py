@@ -1,0 +1,164 @@
+"""Round trip of one message on a bidirectional gRPC stream: sync gRPC against grpc.aio.
+
+Why this exists: the emulator's services use sync gRPC (a thread pool per server, a
+thread per streaming call), and per-message overhead is what keeps small models such as
+mlp-digits far from torch's speed (issue 14). This script measures the lever an event
+loop per process (``grpc.aio``) would give, on the transport alone: an echo server in
+its own spawned process, a client in this one, every pairing of the two APIs, sending
+a message and waiting for its echo, ``--messages`` times after a warm-up, on
+127.0.0.1 only. It prints microseconds per round trip (wall) and the client process's
+CPU microseconds per round trip.
+
+    python benchmarks/bench_grpc_modes.py [--sizes 1024 262144] [--messages 2000] [--json PATH]
+
+A measurement script, not a test: it asserts nothing about time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import os
+import queue
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+
+from core.atomic import write_json_atomic
+
+_SERVICE, _METHOD = "bench.Echo", "Echo"
+_PATH = f"/{_SERVICE}/{_METHOD}"
+_WARMUP = 50
+MODES = ("sync", "aio")
+
+
+def _cpu_s() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def _sync_server(ports: multiprocessing.Queue) -> None:
+    def echo(requests, context):
+        yield from requests
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    handler = grpc.stream_stream_rpc_method_handler(echo)
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler(_SERVICE, {_METHOD: handler})]
+    )
+    ports.put(server.add_insecure_port("127.0.0.1:0"))
+    server.start()
+    server.wait_for_termination()
+
+
+def _aio_server(ports: multiprocessing.Queue) -> None:
+    async def serve() -> None:
+        async def echo(requests, context):
+            async for message in requests:
+                yield message
+
+        server = grpc.aio.server()
+        handler = grpc.stream_stream_rpc_method_handler(echo)
+        server.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler(_SERVICE, {_METHOD: handler})]
+        )
+        ports.put(server.add_insecure_port("127.0.0.1:0"))
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
+def _sync_client(port: int, size: int, messages: int) -> tuple[float, float]:
+    outbox: queue.Queue[bytes | None] = queue.Queue()
+
+    def requests() -> Iterator[bytes]:
+        while (message := outbox.get()) is not None:
+            yield message
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        answers = channel.stream_stream(_PATH)(requests(), timeout=600)
+        payload = b"x" * size
+        for count in (_WARMUP, messages):
+            started, cpu = time.perf_counter(), _cpu_s()
+            for _ in range(count):
+                outbox.put(payload)
+                next(answers)
+            wall_s, cpu_s = time.perf_counter() - started, _cpu_s() - cpu
+        outbox.put(None)
+    return wall_s, cpu_s
+
+
+def _aio_client(port: int, size: int, messages: int) -> tuple[float, float]:
+    async def run() -> tuple[float, float]:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.stream_stream(_PATH)(timeout=600)
+            payload = b"x" * size
+            for count in (_WARMUP, messages):
+                started, cpu = time.perf_counter(), _cpu_s()
+                for _ in range(count):
+                    await call.write(payload)
+                    await call.read()
+                wall_s, cpu_s = time.perf_counter() - started, _cpu_s() - cpu
+            await call.done_writing()
+            return wall_s, cpu_s
+
+    return asyncio.run(run())
+
+
+_SERVERS = {"sync": _sync_server, "aio": _aio_server}
+_CLIENTS = {"sync": _sync_client, "aio": _aio_client}
+
+
+def measure(server: str, client: str, size: int, messages: int) -> dict:
+    """One pairing: the echo server of API ``server`` in a spawned process, a client of API
+    ``client`` here; microseconds per round trip and the client's CPU per round trip."""
+    spawn = multiprocessing.get_context("spawn")  # no fork of a process that runs gRPC
+    ports = spawn.Queue()
+    process = spawn.Process(target=_SERVERS[server], args=(ports,), daemon=True)
+    process.start()
+    try:
+        port = ports.get(timeout=60)
+        wall_s, cpu_s = _CLIENTS[client](port, size, messages)
+    finally:
+        process.kill()
+        process.join()
+    return {
+        "server": server,
+        "client": client,
+        "message_bytes": size,
+        "round_trip_us": wall_s / messages * 1e6,
+        "client_cpu_us": cpu_s / messages * 1e6,
+    }
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 262144])
+    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--json", type=Path, help="write the rows here")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    rows = []
+    print(f"{'server':<7} {'client':<7} {'bytes':>8} {'us/round trip':>14} {'client CPU us':>14}")
+    for size in args.sizes:
+        for server in MODES:
+            for client in MODES:
+                row = measure(server, client, size, args.messages)
+                rows.append(row)
+                print(
+                    f"{server:<7} {client:<7} {size:>8} {row['round_trip_us']:>14.1f} "
+                    f"{row['client_cpu_us']:>14.1f}",
+                    flush=True,
+                )
+    if args.json:
+        write_json_atomic(args.json, {"messages": args.messages, "rows": rows})
+    return rows
+
+
+if __name__ == "__main__":
+    main()
