@@ -6,7 +6,9 @@ them for every stream. Gathering by positions costs about a twentieth of numpy's
 boolean gather (issue 14: sparse encoding must cost less than the bytes it saves),
 and the positions need finding only once: a mask is never written in place in this
 project (a changed mask is a new tensor), so they are kept as long as the mask object
-lives, and dropped with it.
+lives, and dropped with it. They cost 8 bytes per kept entry while kept: at sparsity 0.9
+about 0.8 bytes per entry of the masked tensor, beside its 4 bytes of weight and 8 of
+Adam state in MemoryX.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from core.mask_positions import kept_positions
 from core.precision import PRECISIONS
 from proto import tensor_pb2 as pb
 from proto.domain import Chunk, Header, StreamItem
@@ -100,8 +101,6 @@ def recast_bytes(data: bytes | memoryview, source: str, target: str) -> bytes:
 
 def _num_kept(mask: torch.Tensor) -> int:
     """Entries a mask (True = pruned) keeps: its positions, found once per mask."""
-    from proto.sparse import kept_positions  # proto.sparse imports this module
-
     return int(kept_positions(mask).size)
 
 
