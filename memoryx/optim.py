@@ -20,6 +20,11 @@ from torch import Tensor
 from core.config import doc
 
 
+def _check_step(step: int) -> None:
+    if step < 1:
+        raise ValueError(f"step must be >= 1 (1-based update count), got {step}.")
+
+
 class Optimizer(ABC):
     """Updates one fp32 parameter tensor in place from its gradient and state."""
 
@@ -123,8 +128,7 @@ class Optimizer(ABC):
         update they are set to exactly zero in ``param`` and in every state
         tensor, so the state cannot revive them on a later step.
         """
-        if step < 1:
-            raise ValueError(f"step must be >= 1 (1-based update count), got {step}.")
+        _check_step(step)
         if mask is not None and (mask.dtype != torch.bool or mask.shape != param.shape):
             raise ValueError(
                 f"mask must be a bool tensor of shape {tuple(param.shape)}, "
@@ -155,8 +159,7 @@ class Optimizer(ABC):
         ``update(mask=...)``'s; a layer at sparsity 0.9 costs a tenth of the
         arithmetic, plus a gather and a scatter of its kept entries.
         """
-        if step < 1:
-            raise ValueError(f"step must be >= 1 (1-based update count), got {step}.")
+        _check_step(step)
         flat_param = param.view(-1)
         kept_param = flat_param.index_select(0, kept)
         kept_state = {key: t.view(-1).index_select(0, kept) for key, t in state.items()}

@@ -179,9 +179,7 @@ def encode_sparse(
     numel, num_kept = mask.numel(), positions.size
     encoding = choose_encoding(numel, num_kept)
     if encoding == "bitmap":
-        kept = np.zeros(numel, dtype=np.bool_)
-        kept[positions] = True
-        index = np.packbits(kept, bitorder="little").tobytes()
+        index = np.packbits(~mask.detach().reshape(-1).numpy(), bitorder="little").tobytes()
     else:
         index = positions.astype("<i4").tobytes()
     return SparsePayload(
@@ -198,7 +196,8 @@ def mask_from_index(
 ) -> torch.Tensor:
     """The mask (True = pruned) an index describes; raises WireError if it is malformed.
 
-    An index seen lately (the same bytes) gives the same, read-only, mask object."""
+    An index seen lately (the same bytes) gives the same mask object: shared, so never
+    written in place (no mask is, ``core.mask_positions``)."""
     key = (encoding, tuple(shape), bytes(index))
     known = _RECEIVED.get(key)
     if known is not None:
