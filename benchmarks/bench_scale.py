@@ -12,8 +12,10 @@ global batch for all sizes, and its JSON ``runtime`` block is read back:
 - CPU seconds to the end of the first step (the driver's, imports included; and those
   of the local Ray's services and actor processes), and CPU seconds per later step:
   what a busy machine inflates least,
-- wall time per step (median after the first) and how it grows with N against
-  linear growth: (wall(N) / wall(N0)) / (N / N0) for the smallest N0 and the
+- wall time and CPU seconds per warm step (the median over the steps after the first
+  ``1 + --warmup-steps``: a run's first steps grow thread pools and open connections,
+  which weighs most on the shortest steps, those of the smallest N) and how they grow
+  with N against linear growth: (wall(N) / wall(N0)) / (N / N0) for the smallest N0 and the
   least-squares log-log slope over all (1 = linear). A run of a few steps swings by
   +-20% on a shared 2-core machine, the smallest N's most (its steps are the shortest),
   so ``--repeats R`` runs every N R times in alternating order and judges growth on each
@@ -28,7 +30,7 @@ the processes take from the machine together.
     python benchmarks/bench_scale.py --full                 # and 64 96 128 192
     python benchmarks/bench_scale.py --nodes 4 --batch-size 192   # time to first step
     python benchmarks/bench_scale.py --nodes 1 4 16 --json out.json
-    python benchmarks/bench_scale.py --nodes 32 192 --steps 6 --repeats 3   # growth, robustly
+    python benchmarks/bench_scale.py --nodes 32 192 --steps 12 --repeats 3  # growth, robustly
     python benchmarks/bench_scale.py --nodes-per-process 1  # one process per node (the old way)
 
 This is a measurement script, not a test: it asserts nothing about time. A size
@@ -84,6 +86,8 @@ def run(nodes: int, args: argparse.Namespace) -> dict:
             return {"nodes": nodes, "error": result.stderr.strip()[-2000:]}
         report = json.loads(out.read_text())
     runtime = report["runtime"]
+    later_wall_s = [step["wall_time_s"] for step in report["steps"][1:]]
+    later_cpu_s = runtime.get("cpu_s_by_later_step") or []
     return {
         "nodes": nodes,
         "num_swarmx_nodes": runtime["num_emulated_nodes"] - nodes,
@@ -95,13 +99,27 @@ def run(nodes: int, args: argparse.Namespace) -> dict:
         "peak_memory_bytes": runtime["memory"]["peak_bytes"],  # PSS
         "peak_rss_bytes": runtime["memory"]["peak_rss_bytes"],
         "memory_per_emulated_node_bytes": runtime["memory"]["per_emulated_node_bytes"],
-        "wall_step_time_s": report["step_wall_time_s"],
+        "wall_step_time_s": warm_median(later_wall_s, args.warmup_steps),
         "first_step_cpu_s": runtime["first_step_cpu_s"],
-        "cpu_per_step_s": runtime["cpu_per_step_s"],
+        "cpu_per_step_s": {"warm_median_s": warm_median(later_cpu_s, args.warmup_steps)},
+        # The emulator's own figures, over every step after the first (warm-up included).
+        "all_later_steps": {
+            "wall_step_time_s": report["step_wall_time_s"],
+            "cpu_per_step_s": runtime["cpu_per_step_s"],
+        },
         "cpu_per_step_by_kind_s": runtime.get("cpu_per_step_by_kind_s"),
         "command_s": command_s,
         "final_loss": report["final_loss"],
     }
+
+
+def warm_median(later_steps: list[float], warmup_steps: int) -> float:
+    """The median of a run's per-step values after the first step, its first
+    ``warmup_steps`` of them left out (all of them if too few remain)."""
+    warm = later_steps[warmup_steps:] or later_steps
+    ordered = sorted(warm)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 def cpu_per_step_s(row: dict) -> float:
@@ -167,7 +185,13 @@ def main() -> None:
     parser.add_argument(
         "--full", action="store_true", help="also N = 64 96 128 192 (after --nodes)"
     )
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=4,
+        help="steps after the first left out of the per-step medians (the run warms up)",
+    )
     parser.add_argument("--batch-size", type=int, default=384, help="divisible by every N")
     parser.add_argument("--nodes-per-process", default="auto")
     parser.add_argument(
@@ -185,6 +209,8 @@ def main() -> None:
     bad = [n for n in sizes if args.batch_size % n]
     if bad:
         parser.error(f"--batch-size {args.batch_size} does not split over {bad} nodes")
+    if args.warmup_steps < 0:
+        parser.error(f"--warmup-steps must be 0 or more, got {args.warmup_steps}")
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
     sizes = sorted(set(sizes))
@@ -197,8 +223,13 @@ def main() -> None:
     started_load = os.getloadavg()
     print(
         f"load average {started_load[0]:.1f} {started_load[1]:.1f} {started_load[2]:.1f} "
-        f"on {os.cpu_count()} cores, batch {args.batch_size}, {args.steps} steps, "
-        f"{args.repeats} run(s) per N"
+        f"on {os.cpu_count()} cores, batch {args.batch_size}, {args.steps} steps "
+        + (
+            f"(per step: the median after the first {1 + args.warmup_steps}), "
+            if args.steps >= args.warmup_steps + 2
+            else "(per step: the median after the first; too few for --warmup-steps), "
+        )
+        + f"{args.repeats} run(s) per N"
     )
     print(header)
     failed = False
@@ -252,11 +283,12 @@ def _summary(done: list[dict], repeats: int) -> None:
     print(f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} at the end")
     print(
         "launch phases, s (Ray start, processes up, components serving, wiring); CPU s to the "
-        "first step (driver, Ray + actors) and per later step (driver, MemoryX + hosts):"
+        "first step (driver, Ray + actors) and per later step, warm-up included (driver, "
+        "MemoryX + hosts):"
     )
     for row in done:
         phases = row["launch_phases"]
-        first, per_step = row["first_step_cpu_s"], row["cpu_per_step_s"]
+        first, per_step = row["first_step_cpu_s"], row["all_later_steps"]["cpu_per_step_s"]
         print(
             f"{row['nodes']:>4} ray {phases['ray_s']:.1f}  processes {phases['processes_up_s']:.1f}"
             f"  components {phases['components_s']:.1f}  wiring {phases['wiring_s']:.2f}"

@@ -34,3 +34,14 @@ def test_each_size_keeps_its_median_run_and_median_cpu():
     grown = growth(middle)
     assert grown["over_linear"] == pytest.approx([1.0, 1.25])
     assert grown["slope"] == pytest.approx(1.3219, abs=1e-4)  # log2(2.5)
+
+
+def test_per_step_figures_leave_out_the_warm_up():
+    from benchmarks.bench_scale import warm_median
+
+    later_steps = [0.9, 0.8, 0.7, 0.2, 0.3, 0.25]  # a slow warm-up, then warm steps
+    assert warm_median(later_steps, 3) == pytest.approx(0.25)
+    assert warm_median(later_steps, 2) == pytest.approx(0.275)  # even count: the mean of two
+    assert warm_median(later_steps, 0) == pytest.approx(0.5)
+    # Too few steps for the warm-up: every later step counts rather than none.
+    assert warm_median(later_steps[:2], 4) == pytest.approx(0.85)

@@ -55,6 +55,13 @@ def test_shared_memory_trains_bitwise_as_grpc_bytes(ray_session, extra):
     # The path was taken: weights down (MemoryX), gradients up (nodes, SwarmX sums), and
     # every chunk read was verified unchanged; none was too large for a slot.
     assert shared["enabled"] is True
+    # The run's own CPU, step by step after the first (what bench_scale judges once warm),
+    # adds up to its per-step mean.
+    runtime = on.to_json()["runtime"]
+    later_cpu_s = runtime["cpu_s_by_later_step"]
+    assert len(later_cpu_s) == len(on.steps) - 1 and all(s > 0 for s in later_cpu_s)
+    mean_s = runtime["cpu_per_step_s"]["driver_s"] + runtime["cpu_per_step_s"]["actors_s"]
+    assert sum(later_cpu_s) / len(later_cpu_s) == pytest.approx(mean_s)
     assert shared["read"] >= shared["written"] > 0 and shared["inline"] == 0
     by_kind = shared["by_kind"]
     # Weights down: MemoryX writes, the nodes read.
