@@ -25,15 +25,13 @@ import os
 import queue
 import time
 from collections.abc import Iterator
-from concurrent import futures
 from pathlib import Path
 
 import grpc
 
+from benchmarks.bench_grpc_modes import ECHO_PATH, sync_echo_server
 from core.atomic import write_json_atomic
 
-_SERVICE, _METHOD = "bench.Echo", "Echo"
-_PATH = f"/{_SERVICE}/{_METHOD}"
 _WARMUP_PASSES = 20
 MODES = ("call_per_pass", "open_call")
 
@@ -48,26 +46,12 @@ def _cpu_s(pid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _server(ports: multiprocessing.Queue) -> None:
-    def echo(requests, context):
-        yield from requests
-
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    handler = grpc.stream_stream_rpc_method_handler(echo)
-    server.add_generic_rpc_handlers(
-        [grpc.method_handlers_generic_handler(_SERVICE, {_METHOD: handler})]
-    )
-    ports.put(server.add_insecure_port("127.0.0.1:0"))
-    server.start()
-    server.wait_for_termination()
-
-
 class _Call:
     """One stream call fed from a queue, as the emulator's pass links are."""
 
     def __init__(self, channel: grpc.Channel):
         self._outbox: queue.Queue[bytes | None] = queue.Queue()
-        self.answers = channel.stream_stream(_PATH)(self._requests(), timeout=600)
+        self.answers = channel.stream_stream(ECHO_PATH)(self._requests(), timeout=600)
 
     def _requests(self) -> Iterator[bytes]:
         while (message := self._outbox.get()) is not None:
@@ -100,7 +84,7 @@ def measure(mode: str, layers: int, passes: int, size: int) -> dict:
     CPU (client, server) per pass."""
     spawn = multiprocessing.get_context("spawn")  # no fork of a process that runs gRPC
     ports = spawn.Queue()
-    process = spawn.Process(target=_server, args=(ports,), daemon=True)
+    process = spawn.Process(target=sync_echo_server, args=(ports,), daemon=True)
     process.start()
     try:
         port = ports.get(timeout=60)

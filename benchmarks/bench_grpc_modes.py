@@ -31,7 +31,8 @@ import grpc
 from core.atomic import write_json_atomic
 
 _SERVICE, _METHOD = "bench.Echo", "Echo"
-_PATH = f"/{_SERVICE}/{_METHOD}"
+#: The echo servers' one method (a bidirectional stream that answers each message with it).
+ECHO_PATH = f"/{_SERVICE}/{_METHOD}"
 _WARMUP = 50
 MODES = ("sync", "aio")
 
@@ -41,7 +42,10 @@ def _cpu_s() -> float:
     return times.user + times.system
 
 
-def _sync_server(ports: multiprocessing.Queue) -> None:
+def sync_echo_server(ports: multiprocessing.Queue) -> None:
+    """A sync gRPC echo server on an OS-chosen port of 127.0.0.1 (put on ``ports``), serving
+    until its process ends."""
+
     def echo(requests, context):
         yield from requests
 
@@ -81,7 +85,7 @@ def _sync_client(port: int, size: int, messages: int) -> tuple[float, float]:
             yield message
 
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        answers = channel.stream_stream(_PATH)(requests(), timeout=600)
+        answers = channel.stream_stream(ECHO_PATH)(requests(), timeout=600)
         payload = b"x" * size
         for count in (_WARMUP, messages):
             started, cpu = time.perf_counter(), _cpu_s()
@@ -96,7 +100,7 @@ def _sync_client(port: int, size: int, messages: int) -> tuple[float, float]:
 def _aio_client(port: int, size: int, messages: int) -> tuple[float, float]:
     async def run() -> tuple[float, float]:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            call = channel.stream_stream(_PATH)(timeout=600)
+            call = channel.stream_stream(ECHO_PATH)(timeout=600)
             payload = b"x" * size
             for count in (_WARMUP, messages):
                 started, cpu = time.perf_counter(), _cpu_s()
@@ -110,7 +114,7 @@ def _aio_client(port: int, size: int, messages: int) -> tuple[float, float]:
     return asyncio.run(run())
 
 
-_SERVERS = {"sync": _sync_server, "aio": _aio_server}
+_SERVERS = {"sync": sync_echo_server, "aio": _aio_server}
 _CLIENTS = {"sync": _sync_client, "aio": _aio_client}
 
 
