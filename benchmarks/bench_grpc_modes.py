@@ -42,34 +42,41 @@ def _cpu_s() -> float:
     return times.user + times.system
 
 
+def _sync_echo(requests, context):
+    yield from requests
+
+
+def sync_echo_handlers() -> list[grpc.GenericRpcHandler]:
+    """The sync echo method (``ECHO_PATH``), for ``grpc.Server.add_generic_rpc_handlers``."""
+    handler = grpc.stream_stream_rpc_method_handler(_sync_echo)
+    return [grpc.method_handlers_generic_handler(_SERVICE, {_METHOD: handler})]
+
+
 def sync_echo_server(ports: multiprocessing.Queue) -> None:
     """A sync gRPC echo server on an OS-chosen port of 127.0.0.1 (put on ``ports``), serving
     until its process ends."""
-
-    def echo(requests, context):
-        yield from requests
-
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    handler = grpc.stream_stream_rpc_method_handler(echo)
-    server.add_generic_rpc_handlers(
-        [grpc.method_handlers_generic_handler(_SERVICE, {_METHOD: handler})]
-    )
+    server.add_generic_rpc_handlers(sync_echo_handlers())
     ports.put(server.add_insecure_port("127.0.0.1:0"))
     server.start()
     server.wait_for_termination()
 
 
+async def _aio_echo(requests, context):
+    async for message in requests:
+        yield message
+
+
+def aio_echo_handlers() -> list[grpc.GenericRpcHandler]:
+    """The grpc.aio echo method (``ECHO_PATH``), for ``grpc.aio.Server.add_generic_rpc_handlers``."""
+    handler = grpc.stream_stream_rpc_method_handler(_aio_echo)
+    return [grpc.method_handlers_generic_handler(_SERVICE, {_METHOD: handler})]
+
+
 def _aio_server(ports: multiprocessing.Queue) -> None:
     async def serve() -> None:
-        async def echo(requests, context):
-            async for message in requests:
-                yield message
-
         server = grpc.aio.server()
-        handler = grpc.stream_stream_rpc_method_handler(echo)
-        server.add_generic_rpc_handlers(
-            [grpc.method_handlers_generic_handler(_SERVICE, {_METHOD: handler})]
-        )
+        server.add_generic_rpc_handlers(aio_echo_handlers())
         ports.put(server.add_insecure_port("127.0.0.1:0"))
         await server.start()
         await server.wait_for_termination()

@@ -1,0 +1,61 @@
+"""bench_servers_per_process: every mode echoes every message over the endpoints it names,
+its JSON holds the rows, and the summary reads the medians."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import bench_servers_per_process as bench
+
+
+def test_every_mode_echoes_over_its_endpoints_and_the_json_holds_the_rows(tmp_path) -> None:
+    out = tmp_path / "servers.json"
+    rows = bench.main(
+        ["--components", "3", "--messages", "6", "--repeats", "1", "--json", str(out)]
+    )
+    assert [row["mode"] for row in rows] == list(bench.MODES)
+    endpoints = {row["mode"]: row["endpoints"] for row in rows}
+    assert endpoints == {
+        "one_endpoint": 1,
+        "server_each": 3,
+        "shared_server": 3,
+        "aio_server": 3,
+    }
+    for row in rows:
+        # Rounds of one message per endpoint: 6 messages over 1 endpoint or over 3.
+        assert row["messages"] == 6
+        assert row["wall_us_per_message"] > 0
+        assert row["server_cpu_us_per_message"] >= 0 <= row["client_cpu_us_per_message"]
+    assert json.loads(out.read_text())["rows"] == rows
+
+
+@pytest.mark.parametrize("mode", ["shared_server", "aio_server"])
+def test_a_shared_server_listens_on_every_endpoint_port(mode: str) -> None:
+    row = bench.measure(mode, components=4, messages=4)
+    # Four streams, one per port, each echoed once: the one server serves all four ports.
+    assert row["endpoints"] == 4 and row["messages"] == 4
+
+
+def test_nothing_to_serve_is_refused(capsys) -> None:
+    with pytest.raises(SystemExit):
+        bench.main(["--components", "0"])
+    assert "--components must be at least 1" in capsys.readouterr().err
+
+
+def test_the_summary_gives_the_medians_and_each_shared_servers_ratio() -> None:
+    def rows_of(one: float, each: float, shared: float, aio: float) -> list[dict]:
+        figures = zip(bench.MODES, (one, each, shared, aio), strict=True)
+        return [{"mode": mode, "server_cpu_us_per_message": us} for mode, us in figures]
+
+    rows = rows_of(80.0, 180.0, 105.0, 50.0) + rows_of(90.0, 160.0, 95.0, 60.0)
+    rows += rows_of(85.0, 170.0, 136.0, 85.0)
+    # Medians 85, 170, 105, 60 (not the means): 105 / 170 = 0.62, 60 / 170 = 0.35.
+    assert bench.summary(rows) == (
+        "server CPU per message (median): one_endpoint 85 us, server_each 170 us, "
+        "shared_server 105 us, aio_server 60 us; over server_each: shared_server 0.62, "
+        "aio_server 0.35"
+    )
+    idle = rows_of(0.0, 0.0, 0.0, 0.0)
+    assert bench.summary(idle).endswith("over server_each: shared_server -, aio_server -")
