@@ -12,9 +12,11 @@ each on its own port of 127.0.0.1, either
 - ``shared_server``: one sync server that listens on every endpoint's port (the same
   number of ports, connections and streams; only the server machinery is shared), or
 - ``aio_server``: one ``grpc.aio`` server on every endpoint's port, whose one event loop
-  serves every stream (a sync server holds a thread per open stream),
+  serves every stream (a sync server holds a thread per open stream), or
+- ``aio_both``: that server, and a ``grpc.aio`` client whose one event loop drives every
+  stream,
 
-and a client here keeps one open echo stream per endpoint and sends rounds of one 1 KiB
+and a client here (sync but in ``aio_both``) keeps one open echo stream per endpoint and sends rounds of one 1 KiB
 message to each, waiting for all the echoes. ``one_endpoint`` is the same with a single
 endpoint, for the per-message cost without crowding. It prints, per message, the wall time
 and the CPU of the server process and of the client; the modes alternate ``--repeats``
@@ -87,16 +89,6 @@ def _serve_aio(ports: multiprocessing.Queue, endpoints: int) -> None:
     asyncio.run(serve())
 
 
-#: Each mode's endpoints (one, or ``--components``) and how its process serves them.
-_LAYOUTS: dict[str, tuple[bool, Callable[[multiprocessing.Queue, int], None]]] = {
-    "one_endpoint": (False, partial(_serve_sync, shared=False)),
-    "server_each": (True, partial(_serve_sync, shared=False)),
-    "shared_server": (True, partial(_serve_sync, shared=True)),
-    "aio_server": (True, _serve_aio),
-}
-MODES = tuple(_LAYOUTS)
-
-
 class _Stream:
     """One open echo stream to an endpoint, fed from a queue."""
 
@@ -128,10 +120,66 @@ def _rounds(streams: list[_Stream], count: int, payload: bytes) -> None:
             next(stream.answers)
 
 
+def _sync_client(ports: list[int], rounds: int, payload: bytes, server_pid: int) -> tuple:
+    """Sync streams, one per port: (streams, wall s, client CPU s, server CPU s)."""
+    streams = [_Stream(port) for port in ports]
+    _rounds(streams, _WARMUP_ROUNDS, payload)
+    started = time.perf_counter()
+    client_cpu, server_cpu = _cpu_s(), _cpu_s(server_pid)
+    _rounds(streams, rounds, payload)
+    wall_s = time.perf_counter() - started
+    client_s, server_s = _cpu_s() - client_cpu, _cpu_s(server_pid) - server_cpu
+    for stream in streams:
+        stream.close()
+    return len(streams), wall_s, client_s, server_s
+
+
+def _aio_client(ports: list[int], rounds: int, payload: bytes, server_pid: int) -> tuple:
+    """``grpc.aio`` streams, one per port, on one event loop: as ``_sync_client``."""
+
+    async def run() -> tuple:
+        channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for port in ports]
+        calls = [channel.stream_stream(ECHO_PATH)(timeout=600) for channel in channels]
+
+        async def round_trip(call) -> None:
+            await call.write(payload)
+            await call.read()
+
+        async def some(count: int) -> None:
+            for _ in range(count):  # a round: every endpoint's message in flight at once
+                await asyncio.gather(*(round_trip(call) for call in calls))
+
+        await some(_WARMUP_ROUNDS)
+        started = time.perf_counter()
+        client_cpu, server_cpu = _cpu_s(), _cpu_s(server_pid)
+        await some(rounds)
+        wall_s = time.perf_counter() - started
+        client_s, server_s = _cpu_s() - client_cpu, _cpu_s(server_pid) - server_cpu
+        for call in calls:
+            await call.done_writing()
+        for channel in channels:
+            await channel.close()
+        return len(calls), wall_s, client_s, server_s
+
+    return asyncio.run(run())
+
+
+#: Each mode: its endpoints (one, or ``--components``), how its process serves them and
+#: how the client here talks to them.
+_LAYOUTS: dict[str, tuple[bool, Callable, Callable]] = {
+    "one_endpoint": (False, partial(_serve_sync, shared=False), _sync_client),
+    "server_each": (True, partial(_serve_sync, shared=False), _sync_client),
+    "shared_server": (True, partial(_serve_sync, shared=True), _sync_client),
+    "aio_server": (True, _serve_aio, _sync_client),
+    "aio_both": (True, _serve_aio, _aio_client),
+}
+MODES = tuple(_LAYOUTS)
+
+
 def measure(mode: str, components: int, messages: int, size: int = 1024) -> dict:
     """About ``messages`` echoed messages of ``size`` bytes, spread over the endpoints of
     ``mode``: wall time and CPU (server process, client) per message, microseconds."""
-    crowded, serve = _LAYOUTS[mode]
+    crowded, serve, client = _LAYOUTS[mode]
     endpoints = components if crowded else 1
     rounds = max(1, messages // endpoints)
     spawn = multiprocessing.get_context("spawn")  # no fork of a process that runs gRPC
@@ -139,23 +187,15 @@ def measure(mode: str, components: int, messages: int, size: int = 1024) -> dict
     process = spawn.Process(target=serve, args=(ports, endpoints), daemon=True)
     process.start()
     try:
-        streams = [_Stream(port) for port in ports.get(timeout=120)]
-        payload = b"x" * size
-        _rounds(streams, _WARMUP_ROUNDS, payload)
-        started = time.perf_counter()
-        client_cpu, server_cpu = _cpu_s(), _cpu_s(process.pid)
-        _rounds(streams, rounds, payload)
-        wall_s = time.perf_counter() - started
-        client_s, server_s = _cpu_s() - client_cpu, _cpu_s(process.pid) - server_cpu
-        for stream in streams:
-            stream.close()
+        bound = ports.get(timeout=120)
+        num_streams, wall_s, client_s, server_s = client(bound, rounds, b"x" * size, process.pid)
     finally:
         process.kill()
         process.join()
-    sent = rounds * len(streams)
+    sent = rounds * num_streams
     return {
         "mode": mode,
-        "endpoints": len(streams),  # the ports the server process listened on
+        "endpoints": num_streams,  # the ports the server process listened on
         "messages": sent,
         "message_bytes": size,
         "wall_us_per_message": wall_s / sent * 1e6,
@@ -165,21 +205,31 @@ def measure(mode: str, components: int, messages: int, size: int = 1024) -> dict
 
 
 def summary(rows: list[dict]) -> str:
-    """Medians per mode of the server CPU per message, and each shared server's over a
-    server each's (below 1: what one server per host process would save)."""
-    cpu = {
-        mode: median(r["server_cpu_us_per_message"] for r in rows if r["mode"] == mode)
-        for mode in MODES
-    }
+    """Medians per mode of the server CPU per message, each shared server's over a server
+    each's (below 1: what one server per host process would save), and the client's CPU
+    per message with sync streams (``server_each``) and on an event loop (``aio_both``)."""
+
+    def median_of(key: str, mode: str) -> float:
+        return median(r[key] for r in rows if r["mode"] == mode)
+
+    cpu = {mode: median_of("server_cpu_us_per_message", mode) for mode in MODES}
 
     def over_server_each(mode: str) -> str:
         return f"{cpu[mode] / cpu['server_each']:.2f}" if cpu["server_each"] > 0 else "-"
 
+    client = {
+        mode: median_of("client_cpu_us_per_message", mode) for mode in ("server_each", "aio_both")
+    }
     return (
         "server CPU per message (median): "
         + ", ".join(f"{mode} {cpu[mode]:.0f} us" for mode in MODES)
         + "; over server_each: "
-        + ", ".join(f"{mode} {over_server_each(mode)}" for mode in ("shared_server", "aio_server"))
+        + ", ".join(
+            f"{mode} {over_server_each(mode)}"
+            for mode in ("shared_server", "aio_server", "aio_both")
+        )
+        + f"; client CPU per message: sync {client['server_each']:.0f} us, "
+        f"aio {client['aio_both']:.0f} us"
     )
 
 
