@@ -36,7 +36,7 @@ _WARMUP_PASSES = 20
 MODES = ("call_per_pass", "open_call")
 
 
-def _cpu_s(pid: int | None = None) -> float:
+def cpu_s(pid: int | None = None) -> float:
     """CPU seconds of this process, or of process ``pid`` (Linux ``/proc``)."""
     if pid is None:
         times = os.times()
@@ -92,10 +92,10 @@ def measure(mode: str, layers: int, passes: int, size: int) -> dict:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             _passes(channel, mode, _WARMUP_PASSES, layers, payload)
             started = time.perf_counter()
-            client_cpu, server_cpu = _cpu_s(), _cpu_s(process.pid)
+            client_cpu, server_cpu = cpu_s(), cpu_s(process.pid)
             _passes(channel, mode, passes, layers, payload)
             wall_s = time.perf_counter() - started
-            client_s, server_s = _cpu_s() - client_cpu, _cpu_s(process.pid) - server_cpu
+            client_s, server_s = cpu_s() - client_cpu, cpu_s(process.pid) - server_cpu
     finally:
         process.kill()
         process.join()

@@ -4,9 +4,10 @@ Why this exists: a host process of the emulator runs every component it holds wi
 own sync gRPC server (``emulator/host.py``): its own completion queue, its poller thread
 and its executor. At 192 nodes a host holds 96 of them, and the CPU per step and
 component was 1.3-1.5x what it is at 32 nodes with 16 per host (issue 13; benchmarks/
-README.md, "What grows from 32 to 192 nodes"). This script measures the servers' share
-of that on the transport alone: a spawned process holds ``--components`` echo endpoints,
-each on its own port of 127.0.0.1, either
+README.md, "What grows from 32 to 192 nodes"). This script measures what the servers,
+and the threads sync gRPC keeps per stream, add per message on the transport alone: a
+spawned process holds ``--components`` echo endpoints, each on its own port of 127.0.0.1,
+either
 
 - ``server_each``: a sync server per endpoint, as the emulator's components have now, or
 - ``shared_server``: one sync server that listens on every endpoint's port (the same
@@ -16,8 +17,8 @@ each on its own port of 127.0.0.1, either
 - ``aio_both``: that server, and a ``grpc.aio`` client whose one event loop drives every
   stream,
 
-and a client here (sync but in ``aio_both``) keeps one open echo stream per endpoint and sends rounds of one 1 KiB
-message to each, waiting for all the echoes. ``one_endpoint`` is the same with a single
+and a client here (sync, but ``grpc.aio`` in ``aio_both``) keeps one open echo stream per
+endpoint and sends rounds of one 1 KiB message to each, waiting for all the echoes. ``one_endpoint`` is the same with a single
 endpoint, for the per-message cost without crowding. It prints, per message, the wall time
 and the CPU of the server process and of the client; the modes alternate ``--repeats``
 times, as the machine is noisy, and the summary gives the medians and each shared server's
@@ -46,7 +47,7 @@ from statistics import median
 
 import grpc
 
-from benchmarks.bench_call_setup import _cpu_s
+from benchmarks.bench_call_setup import cpu_s
 from benchmarks.bench_grpc_modes import ECHO_PATH, aio_echo_handlers, sync_echo_handlers
 from core.atomic import write_json_atomic
 
@@ -125,10 +126,10 @@ def _sync_client(ports: list[int], rounds: int, payload: bytes, server_pid: int)
     streams = [_Stream(port) for port in ports]
     _rounds(streams, _WARMUP_ROUNDS, payload)
     started = time.perf_counter()
-    client_cpu, server_cpu = _cpu_s(), _cpu_s(server_pid)
+    client_cpu, server_cpu = cpu_s(), cpu_s(server_pid)
     _rounds(streams, rounds, payload)
     wall_s = time.perf_counter() - started
-    client_s, server_s = _cpu_s() - client_cpu, _cpu_s(server_pid) - server_cpu
+    client_s, server_s = cpu_s() - client_cpu, cpu_s(server_pid) - server_cpu
     for stream in streams:
         stream.close()
     return len(streams), wall_s, client_s, server_s
@@ -151,10 +152,10 @@ def _aio_client(ports: list[int], rounds: int, payload: bytes, server_pid: int) 
 
         await some(_WARMUP_ROUNDS)
         started = time.perf_counter()
-        client_cpu, server_cpu = _cpu_s(), _cpu_s(server_pid)
+        client_cpu, server_cpu = cpu_s(), cpu_s(server_pid)
         await some(rounds)
         wall_s = time.perf_counter() - started
-        client_s, server_s = _cpu_s() - client_cpu, _cpu_s(server_pid) - server_cpu
+        client_s, server_s = cpu_s() - client_cpu, cpu_s(server_pid) - server_cpu
         for call in calls:
             await call.done_writing()
         for channel in channels:
