@@ -18,14 +18,15 @@ either
   stream,
 
 and a client here (sync, but ``grpc.aio`` in ``aio_both``) keeps one open echo stream per
-endpoint and sends rounds of one 1 KiB message to each, waiting for all the echoes. ``one_endpoint`` is the same with a single
+endpoint and sends rounds of one message (``--bytes``, 1 KiB) to each, waiting for all the
+echoes. ``one_endpoint`` is the same with a single
 endpoint, for the per-message cost without crowding. It prints, per message, the wall time
 and the CPU of the server process and of the client; the modes alternate ``--repeats``
 times, as the machine is noisy, and the summary gives the medians and each shared server's
 CPU per message over a server each's.
 
     python benchmarks/bench_servers_per_process.py [--components 96] [--messages 3840]
-        [--repeats 3] [--json PATH]
+        [--bytes 1024] [--repeats 3] [--json PATH]
 
 A measurement script, not a test: it asserts nothing about time.
 """
@@ -238,16 +239,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--components", type=int, default=96, help="endpoints in the process")
     parser.add_argument("--messages", type=int, default=3840, help="per run, about")
+    parser.add_argument("--bytes", type=int, default=1024, help="bytes per message")
     parser.add_argument("--repeats", type=int, default=3, help="runs of every mode, alternating")
     parser.add_argument("--json", type=Path, help="write the rows here")
     args = parser.parse_args(argv)
-    for name in ("components", "messages", "repeats"):
+    for name in ("components", "messages", "bytes", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     print(
-        f"{args.components} endpoints in one process, about {args.messages} echoed 1 KiB "
-        f"messages a run, {args.repeats} run(s) per mode; per message:"
+        f"{args.components} endpoints in one process, about {args.messages} echoed messages of "
+        f"{args.bytes} bytes a run, {args.repeats} run(s) per mode; per message:"
     )
     print(
         f"{'mode':<14} {'endpoints':>9} {'wall us':>8} {'server CPU us':>14} {'client CPU us':>14}"
@@ -255,7 +257,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for _ in range(args.repeats):
         for mode in MODES:
-            row = measure(mode, args.components, args.messages)
+            row = measure(mode, args.components, args.messages, args.bytes)
             rows.append(row)
             print(
                 f"{mode:<14} {row['endpoints']:>9} {row['wall_us_per_message']:>8.0f} "

@@ -13,7 +13,18 @@ from benchmarks import bench_servers_per_process as bench
 def test_every_mode_echoes_over_its_endpoints_and_the_json_holds_the_rows(tmp_path) -> None:
     out = tmp_path / "servers.json"
     rows = bench.main(
-        ["--components", "3", "--messages", "6", "--repeats", "1", "--json", str(out)]
+        [
+            "--components",
+            "3",
+            "--messages",
+            "6",
+            "--bytes",
+            "16",
+            "--repeats",
+            "1",
+            "--json",
+            str(out),
+        ]
     )
     assert [row["mode"] for row in rows] == list(bench.MODES)
     endpoints = {row["mode"]: row["endpoints"] for row in rows}
@@ -26,7 +37,7 @@ def test_every_mode_echoes_over_its_endpoints_and_the_json_holds_the_rows(tmp_pa
     }
     for row in rows:
         # Rounds of one message per endpoint: 6 messages over 1 endpoint or over 3.
-        assert row["messages"] == 6
+        assert row["messages"] == 6 and row["message_bytes"] == 16
         assert row["wall_us_per_message"] > 0
         assert row["server_cpu_us_per_message"] >= 0 <= row["client_cpu_us_per_message"]
     assert json.loads(out.read_text())["rows"] == rows
