@@ -30,9 +30,10 @@ import grpc
 
 from core.atomic import write_json_atomic
 
-_SERVICE, _METHOD = "bench.Echo", "Echo"
+#: The echo servers' service and method names.
+ECHO_SERVICE, ECHO_METHOD = "bench.Echo", "Echo"
 #: The echo servers' one method (a bidirectional stream that answers each message with it).
-ECHO_PATH = f"/{_SERVICE}/{_METHOD}"
+ECHO_PATH = f"/{ECHO_SERVICE}/{ECHO_METHOD}"
 _WARMUP = 50
 MODES = ("sync", "aio")
 
@@ -49,7 +50,7 @@ def _sync_echo(requests, context):
 def sync_echo_handlers() -> list[grpc.GenericRpcHandler]:
     """The sync echo method (``ECHO_PATH``), for ``grpc.Server.add_generic_rpc_handlers``."""
     handler = grpc.stream_stream_rpc_method_handler(_sync_echo)
-    return [grpc.method_handlers_generic_handler(_SERVICE, {_METHOD: handler})]
+    return [grpc.method_handlers_generic_handler(ECHO_SERVICE, {ECHO_METHOD: handler})]
 
 
 def sync_echo_server(ports: multiprocessing.Queue) -> None:
@@ -70,7 +71,7 @@ async def _aio_echo(requests, context):
 def aio_echo_handlers() -> list[grpc.GenericRpcHandler]:
     """The grpc.aio echo method (``ECHO_PATH``), for ``grpc.aio.Server.add_generic_rpc_handlers``."""
     handler = grpc.stream_stream_rpc_method_handler(_aio_echo)
-    return [grpc.method_handlers_generic_handler(_SERVICE, {_METHOD: handler})]
+    return [grpc.method_handlers_generic_handler(ECHO_SERVICE, {ECHO_METHOD: handler})]
 
 
 def _aio_server(ports: multiprocessing.Queue) -> None:

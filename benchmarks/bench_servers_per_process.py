@@ -15,9 +15,11 @@ either
 - ``aio_server``: one ``grpc.aio`` server on every endpoint's port, whose one event loop
   serves every stream (a sync server holds a thread per open stream), or
 - ``aio_both``: that server, and a ``grpc.aio`` client whose one event loop drives every
-  stream,
+  stream, or
+- ``aio_via_thread``: as ``aio_both``, but the server hands every message to a worker
+  thread and back before it echoes it (the loop's hand-off to compute off the loop),
 
-and a client here (sync, but ``grpc.aio`` in ``aio_both``) keeps one open echo stream per
+and a client here (sync, but ``grpc.aio`` in the last two) keeps one open echo stream per
 endpoint and sends rounds of one message (``--bytes``, 1 KiB) to each, waiting for all the
 echoes. ``one_endpoint`` is the same with a single
 endpoint, for the per-message cost without crowding. It prints, per message, the wall time
@@ -49,7 +51,13 @@ from statistics import median
 import grpc
 
 from benchmarks.bench_call_setup import cpu_s
-from benchmarks.bench_grpc_modes import ECHO_PATH, aio_echo_handlers, sync_echo_handlers
+from benchmarks.bench_grpc_modes import (
+    ECHO_METHOD,
+    ECHO_PATH,
+    ECHO_SERVICE,
+    aio_echo_handlers,
+    sync_echo_handlers,
+)
 from core.atomic import write_json_atomic
 
 _WARMUP_ROUNDS = 20
@@ -166,6 +174,30 @@ def _aio_client(ports: list[int], rounds: int, payload: bytes, server_pid: int) 
     return asyncio.run(run())
 
 
+def _serve_aio_via_thread(ports: multiprocessing.Queue, endpoints: int) -> None:
+    """As ``_serve_aio``, but every message goes through a worker thread and back before
+    its echo, as a layer would go from the loop to its compute off the loop: the price of
+    one hand-off each way per message."""
+    worker = futures.ThreadPoolExecutor(max_workers=1)
+
+    async def echo_via_thread(requests, context):
+        loop = asyncio.get_running_loop()
+        async for message in requests:
+            yield await loop.run_in_executor(worker, bytes, message)
+
+    async def serve() -> None:
+        server = grpc.aio.server()
+        handler = grpc.stream_stream_rpc_method_handler(echo_via_thread)
+        server.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler(ECHO_SERVICE, {ECHO_METHOD: handler})]
+        )
+        ports.put([server.add_insecure_port("127.0.0.1:0") for _ in range(endpoints)])
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
 #: Each mode: its endpoints (one, or ``--components``), how its process serves them and
 #: how the client here talks to them.
 _LAYOUTS: dict[str, tuple[bool, Callable, Callable]] = {
@@ -174,6 +206,7 @@ _LAYOUTS: dict[str, tuple[bool, Callable, Callable]] = {
     "shared_server": (True, partial(_serve_sync, shared=True), _sync_client),
     "aio_server": (True, _serve_aio, _sync_client),
     "aio_both": (True, _serve_aio, _aio_client),
+    "aio_via_thread": (True, _serve_aio_via_thread, _aio_client),
 }
 MODES = tuple(_LAYOUTS)
 
@@ -228,7 +261,7 @@ def summary(rows: list[dict]) -> str:
         + "; over server_each: "
         + ", ".join(
             f"{mode} {over_server_each(mode)}"
-            for mode in ("shared_server", "aio_server", "aio_both")
+            for mode in ("shared_server", "aio_server", "aio_both", "aio_via_thread")
         )
         + f"; client CPU per message: sync {client['server_each']:.0f} us, "
         f"aio {client['aio_both']:.0f} us"

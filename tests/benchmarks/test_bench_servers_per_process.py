@@ -34,6 +34,7 @@ def test_every_mode_echoes_over_its_endpoints_and_the_json_holds_the_rows(tmp_pa
         "shared_server": 3,
         "aio_server": 3,
         "aio_both": 3,
+        "aio_via_thread": 3,
     }
     for row in rows:
         # Rounds of one message per endpoint: 6 messages over 1 endpoint or over 3.
@@ -43,7 +44,7 @@ def test_every_mode_echoes_over_its_endpoints_and_the_json_holds_the_rows(tmp_pa
     assert json.loads(out.read_text())["rows"] == rows
 
 
-@pytest.mark.parametrize("mode", ["shared_server", "aio_server", "aio_both"])
+@pytest.mark.parametrize("mode", ["shared_server", "aio_server", "aio_both", "aio_via_thread"])
 def test_a_shared_server_listens_on_every_endpoint_port(mode: str) -> None:
     row = bench.measure(mode, components=4, messages=4)
     # Four streams, one per port, each echoed once: the one server serves all four ports.
@@ -63,17 +64,20 @@ def test_the_summary_gives_the_medians_and_each_shared_servers_ratio() -> None:
             for mode, server, client in zip(bench.MODES, server_us, client_us, strict=True)
         ]
 
-    clients = (100.0, 160.0, 150.0, 150.0, 70.0)
-    rows = rows_of((80.0, 180.0, 105.0, 50.0, 40.0), clients)
-    rows += rows_of((90.0, 160.0, 95.0, 60.0, 50.0), clients)
-    rows += rows_of((85.0, 170.0, 136.0, 85.0, 34.0), (0.0, 150.0, 0.0, 0.0, 90.0))
-    # Medians 85, 170, 105, 60, 40 (not the means): over 170, 0.62, 0.35 and 0.24; the
-    # clients' medians 160 and 70.
+    clients = (100.0, 160.0, 150.0, 150.0, 70.0, 80.0)
+    rows = rows_of((80.0, 180.0, 105.0, 50.0, 40.0, 85.0), clients)
+    rows += rows_of((90.0, 160.0, 95.0, 60.0, 50.0, 90.0), clients)
+    rows += rows_of((85.0, 170.0, 136.0, 85.0, 34.0, 70.0), (0.0, 150.0, 0.0, 0.0, 90.0, 0.0))
+    # Medians 85, 170, 105, 60, 40, 85 (not the means): over 170, 0.62, 0.35, 0.24 and
+    # 0.50; the clients' medians 160 and 70.
     assert bench.summary(rows) == (
         "server CPU per message (median): one_endpoint 85 us, server_each 170 us, "
-        "shared_server 105 us, aio_server 60 us, aio_both 40 us; over server_each: "
-        "shared_server 0.62, aio_server 0.35, aio_both 0.24; client CPU per message: "
-        "sync 160 us, aio 70 us"
+        "shared_server 105 us, aio_server 60 us, aio_both 40 us, aio_via_thread 85 us; "
+        "over server_each: shared_server 0.62, aio_server 0.35, aio_both 0.24, "
+        "aio_via_thread 0.50; client CPU per message: sync 160 us, aio 70 us"
     )
-    idle = rows_of((0.0,) * 5, (0.0,) * 5)
-    assert "over server_each: shared_server -, aio_server -, aio_both -;" in bench.summary(idle)
+    idle = rows_of((0.0,) * 6, (0.0,) * 6)
+    assert (
+        "over server_each: shared_server -, aio_server -, aio_both -, aio_via_thread -;"
+        in bench.summary(idle)
+    )
