@@ -29,21 +29,11 @@ from pathlib import Path
 
 import grpc
 
-from benchmarks.bench_grpc_modes import ECHO_PATH, sync_echo_server
+from benchmarks.bench_grpc_modes import ECHO_PATH, process_cpu_s, sync_echo_server
 from core.atomic import write_json_atomic
 
 _WARMUP_PASSES = 20
 MODES = ("call_per_pass", "open_call")
-
-
-def cpu_s(pid: int | None = None) -> float:
-    """CPU seconds of this process, or of process ``pid`` (Linux ``/proc``)."""
-    if pid is None:
-        times = os.times()
-        return times.user + times.system
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class _Call:
@@ -92,10 +82,13 @@ def measure(mode: str, layers: int, passes: int, size: int) -> dict:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             _passes(channel, mode, _WARMUP_PASSES, layers, payload)
             started = time.perf_counter()
-            client_cpu, server_cpu = cpu_s(), cpu_s(process.pid)
+            client_cpu, server_cpu = process_cpu_s(), process_cpu_s(process.pid)
             _passes(channel, mode, passes, layers, payload)
             wall_s = time.perf_counter() - started
-            client_s, server_s = cpu_s() - client_cpu, cpu_s(process.pid) - server_cpu
+            client_s, server_s = (
+                process_cpu_s() - client_cpu,
+                process_cpu_s(process.pid) - server_cpu,
+            )
     finally:
         process.kill()
         process.join()

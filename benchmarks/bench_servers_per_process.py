@@ -21,8 +21,8 @@ either
 
 and a client here (sync, but ``grpc.aio`` in the last two) keeps one open echo stream per
 endpoint and sends rounds of one message (``--bytes``, 1 KiB) to each, waiting for all the
-echoes. ``one_endpoint`` is the same with a single
-endpoint, for the per-message cost without crowding. It prints, per message, the wall time
+echoes. ``one_endpoint`` is the same with a single endpoint, for the per-message cost
+without crowding. It prints, per message, the wall time
 and the CPU of the server process and of the client; the modes alternate ``--repeats``
 times, as the machine is noisy, and the summary gives the medians and each shared server's
 CPU per message over a server each's.
@@ -50,12 +50,12 @@ from statistics import median
 
 import grpc
 
-from benchmarks.bench_call_setup import cpu_s
 from benchmarks.bench_grpc_modes import (
     ECHO_METHOD,
     ECHO_PATH,
     ECHO_SERVICE,
     aio_echo_handlers,
+    process_cpu_s,
     sync_echo_handlers,
 )
 from core.atomic import write_json_atomic
@@ -85,18 +85,40 @@ def _serve_sync(ports: multiprocessing.Queue, endpoints: int, *, shared: bool) -
     threading.Event().wait()  # serves until the process is killed
 
 
-def _serve_aio(ports: multiprocessing.Queue, endpoints: int) -> None:
+def _serve_aio(
+    ports: multiprocessing.Queue,
+    endpoints: int,
+    handlers: Callable[[], list[grpc.GenericRpcHandler]] = aio_echo_handlers,
+) -> None:
     """``endpoints`` echo endpoints on one ``grpc.aio`` server: one event loop serves every
     port and stream (no thread per stream)."""
 
     async def serve() -> None:
         server = grpc.aio.server()
-        server.add_generic_rpc_handlers(aio_echo_handlers())
+        server.add_generic_rpc_handlers(handlers())
         ports.put([server.add_insecure_port("127.0.0.1:0") for _ in range(endpoints)])
         await server.start()
         await server.wait_for_termination()
 
     asyncio.run(serve())
+
+
+#: The worker thread of ``aio_via_thread``'s server (one, as a node computes one layer at a time).
+_WORKER = futures.ThreadPoolExecutor(max_workers=1)
+
+
+async def _echo_via_thread(requests, context):
+    loop = asyncio.get_running_loop()
+    async for message in requests:
+        yield await loop.run_in_executor(_WORKER, bytes, message)
+
+
+def _echo_via_thread_handlers() -> list[grpc.GenericRpcHandler]:
+    """An aio echo that sends every message through a worker thread and back before its
+    echo, as a layer would go from the loop to its compute off the loop: the price of one
+    hand-off each way per message."""
+    handler = grpc.stream_stream_rpc_method_handler(_echo_via_thread)
+    return [grpc.method_handlers_generic_handler(ECHO_SERVICE, {ECHO_METHOD: handler})]
 
 
 class _Stream:
@@ -135,10 +157,10 @@ def _sync_client(ports: list[int], rounds: int, payload: bytes, server_pid: int)
     streams = [_Stream(port) for port in ports]
     _rounds(streams, _WARMUP_ROUNDS, payload)
     started = time.perf_counter()
-    client_cpu, server_cpu = cpu_s(), cpu_s(server_pid)
+    client_cpu, server_cpu = process_cpu_s(), process_cpu_s(server_pid)
     _rounds(streams, rounds, payload)
     wall_s = time.perf_counter() - started
-    client_s, server_s = cpu_s() - client_cpu, cpu_s(server_pid) - server_cpu
+    client_s, server_s = process_cpu_s() - client_cpu, process_cpu_s(server_pid) - server_cpu
     for stream in streams:
         stream.close()
     return len(streams), wall_s, client_s, server_s
@@ -161,10 +183,10 @@ def _aio_client(ports: list[int], rounds: int, payload: bytes, server_pid: int) 
 
         await some(_WARMUP_ROUNDS)
         started = time.perf_counter()
-        client_cpu, server_cpu = cpu_s(), cpu_s(server_pid)
+        client_cpu, server_cpu = process_cpu_s(), process_cpu_s(server_pid)
         await some(rounds)
         wall_s = time.perf_counter() - started
-        client_s, server_s = cpu_s() - client_cpu, cpu_s(server_pid) - server_cpu
+        client_s, server_s = process_cpu_s() - client_cpu, process_cpu_s(server_pid) - server_cpu
         for call in calls:
             await call.done_writing()
         for channel in channels:
@@ -172,30 +194,6 @@ def _aio_client(ports: list[int], rounds: int, payload: bytes, server_pid: int) 
         return len(calls), wall_s, client_s, server_s
 
     return asyncio.run(run())
-
-
-def _serve_aio_via_thread(ports: multiprocessing.Queue, endpoints: int) -> None:
-    """As ``_serve_aio``, but every message goes through a worker thread and back before
-    its echo, as a layer would go from the loop to its compute off the loop: the price of
-    one hand-off each way per message."""
-    worker = futures.ThreadPoolExecutor(max_workers=1)
-
-    async def echo_via_thread(requests, context):
-        loop = asyncio.get_running_loop()
-        async for message in requests:
-            yield await loop.run_in_executor(worker, bytes, message)
-
-    async def serve() -> None:
-        server = grpc.aio.server()
-        handler = grpc.stream_stream_rpc_method_handler(echo_via_thread)
-        server.add_generic_rpc_handlers(
-            [grpc.method_handlers_generic_handler(ECHO_SERVICE, {ECHO_METHOD: handler})]
-        )
-        ports.put([server.add_insecure_port("127.0.0.1:0") for _ in range(endpoints)])
-        await server.start()
-        await server.wait_for_termination()
-
-    asyncio.run(serve())
 
 
 #: Each mode: its endpoints (one, or ``--components``), how its process serves them and
@@ -206,7 +204,7 @@ _LAYOUTS: dict[str, tuple[bool, Callable, Callable]] = {
     "shared_server": (True, partial(_serve_sync, shared=True), _sync_client),
     "aio_server": (True, _serve_aio, _sync_client),
     "aio_both": (True, _serve_aio, _aio_client),
-    "aio_via_thread": (True, _serve_aio_via_thread, _aio_client),
+    "aio_via_thread": (True, partial(_serve_aio, handlers=_echo_via_thread_handlers), _aio_client),
 }
 MODES = tuple(_LAYOUTS)
 
