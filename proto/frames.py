@@ -137,13 +137,52 @@ class Bundle:
     items: tuple[StreamItem, ...]
 
 
-_ENDED = object()
-
-
 def _completes_tensor(chunk: Chunk) -> bool:
     # A tensor is complete when a chunk reaches its tensor_bytes (a zero-size one: one
     # empty chunk), as ``next_layer`` reads it.
     return chunk.offset + len(chunk.data) >= chunk.tensor_bytes
+
+
+class Bundler:
+    """``bundled`` for a stream that is pushed item by item (``add``) rather than read.
+
+    ``add`` returns what may go on now: nothing while a small layer is being gathered, its
+    ``Bundle`` once it is whole, and the items as they came when something else interrupts
+    it (that item may start a bundle of its own). ``flush`` gives what is gathered.
+    """
+
+    def __init__(self, max_bytes: int = BUNDLE_MAX_BYTES):
+        self._max_bytes = max_bytes
+        self._gathered: list[StreamItem] = []
+        self._remaining = 0  # tensors of the gathered layer still incomplete
+        self._size = 0
+
+    def add(self, item: object) -> list:
+        gathered = self._gathered
+        if gathered:
+            header = gathered[0]
+            if isinstance(item, Chunk) and self._size + len(item.data) <= header.total_bytes:
+                gathered.append(item)
+                self._size += len(item.data)
+                if _completes_tensor(item):
+                    self._remaining -= 1
+                if self._remaining:
+                    return []
+                self._gathered = []
+                return [Bundle(tuple(gathered))]
+            return self.flush() + self.add(item)
+        if (
+            isinstance(item, Header)
+            and item.num_tensors > 0
+            and item.total_bytes <= self._max_bytes
+        ):
+            self._gathered, self._remaining, self._size = [item], item.num_tensors, 0
+            return []
+        return [item]
+
+    def flush(self) -> list:
+        gathered, self._gathered = self._gathered, []
+        return gathered
 
 
 def bundled(items: Iterable, max_bytes: int = BUNDLE_MAX_BYTES) -> Iterator:
@@ -154,37 +193,10 @@ def bundled(items: Iterable, max_bytes: int = BUNDLE_MAX_BYTES) -> Iterator:
     still filling and gRPC. A layer that is not whole when something else comes (the
     stream ends, or its chunks exceed its header's size) goes on item by item, as it came.
     """
-    source = iter(items)
-    item: object = None  # the item to take next, when read already
-    while True:
-        if item is None and (item := next(source, _ENDED)) is _ENDED:
-            return
-        if not (
-            isinstance(item, Header) and item.num_tensors > 0 and item.total_bytes <= max_bytes
-        ):
-            yield item
-            item = None
-            continue
-        gathered: list[StreamItem] = [item]
-        remaining, size = item.num_tensors, 0
-        following: object = None
-        while remaining:
-            following = next(source, _ENDED)
-            if not isinstance(following, Chunk) or size + len(following.data) > item.total_bytes:
-                break
-            gathered.append(following)
-            size += len(following.data)
-            following = None
-            if _completes_tensor(gathered[-1]):
-                remaining -= 1
-        if not remaining:
-            yield Bundle(tuple(gathered))
-            item = None
-            continue
-        yield from gathered
-        if following is _ENDED:
-            return
-        item = following  # e.g. the next layer's header: it may be bundled itself
+    bundler = Bundler(max_bytes)
+    for item in items:
+        yield from bundler.add(item)
+    yield from bundler.flush()
 
 
 def to_wire(item: StreamItem | Bundle) -> pb.LayerMessage:

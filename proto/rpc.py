@@ -420,11 +420,25 @@ class _WithToken:
     costs more per call than the call itself on loopback.
     """
 
-    __slots__ = ("_call", "_metadatum")
+    __slots__ = ("_call", "_metadatum", "_loop_twin")
 
-    def __init__(self, call: Any, metadatum: tuple[str, str]):
+    def __init__(
+        self, call: Any, metadatum: tuple[str, str], loop_twin: Callable[[], Any] | None = None
+    ):
         self._call = call
         self._metadatum = metadatum
+        # Makes the same method on the process loop's channel (``on_loop``), once.
+        self._loop_twin: Any = loop_twin
+
+    def on_loop(self) -> _WithToken:
+        """This method on a ``grpc.aio`` channel to the same peer, with the same token, TLS
+        and codecs (``proto.loop_streams``). Call on the process's event loop only."""
+        twin = self._loop_twin
+        if not isinstance(twin, _WithToken):
+            if twin is None:
+                raise TypeError("this method has no event-loop twin (not from proto.rpc.channel)")
+            twin = self._loop_twin = _WithToken(twin(), self._metadatum)
+        return twin
 
     def _metadata(self, metadata: Any) -> tuple:
         return (self._metadatum,) if not metadata else (*metadata, self._metadatum)
@@ -444,9 +458,10 @@ class _WithToken:
 class _TokenChannel(grpc.Channel):
     """``channel`` with the run token on every call made through it."""
 
-    def __init__(self, inner: grpc.Channel, token: str):
+    def __init__(self, inner: grpc.Channel, address: str, security: Security):
         self._inner = inner
-        self._metadatum = (TOKEN_METADATA_KEY, _BEARER + token)
+        self._address, self._security = address, security
+        self._metadatum = (TOKEN_METADATA_KEY, _BEARER + security.token)
 
     def unary_unary(self, method, *args, **kwargs):
         return _WithToken(self._inner.unary_unary(method, *args, **kwargs), self._metadatum)
@@ -458,7 +473,14 @@ class _TokenChannel(grpc.Channel):
         return _WithToken(self._inner.stream_unary(method, *args, **kwargs), self._metadatum)
 
     def stream_stream(self, method, *args, **kwargs):
-        return _WithToken(self._inner.stream_stream(method, *args, **kwargs), self._metadatum)
+        def loop_twin() -> Any:
+            return _loop_channel(self._address, self._security).stream_stream(
+                method, *args, **kwargs
+            )
+
+        return _WithToken(
+            self._inner.stream_stream(method, *args, **kwargs), self._metadatum, loop_twin
+        )
 
     def subscribe(self, callback, try_to_connect=False):
         self._inner.subscribe(callback, try_to_connect=try_to_connect)
@@ -484,18 +506,28 @@ def channel(address: str, security: Security) -> grpc.Channel:
     The only place channel credentials are chosen: TLS when the run has TLS
     material, plaintext otherwise; the run token rides on every call.
     """
+    return _TokenChannel(_raw_channel(grpc, address, security), address, security)
+
+
+@functools.cache
+def _loop_channel(address: str, security: Security) -> Any:
+    """``channel``'s twin on the process's event loop (``proto.loop_streams``), one per
+    peer; made, cached and used on that loop's thread only."""
+    return _raw_channel(grpc.aio, address, security)
+
+
+def _raw_channel(kind: Any, address: str, security: Security) -> Any:
+    """A channel of ``kind`` (``grpc`` or ``grpc.aio``) with the run's credentials."""
     if security.tls is not None:
         options = list(_OPTIONS)
         if security.tls.server_name:
             options.append(("grpc.ssl_target_name_override", security.tls.server_name))
-        raw = grpc.secure_channel(
+        return kind.secure_channel(
             address,
             grpc.ssl_channel_credentials(root_certificates=security.tls.ca_pem),
             options=options,
         )
-    else:
-        raw = grpc.insecure_channel(address, options=_OPTIONS)
-    return _TokenChannel(raw, security.token)
+    return kind.insecure_channel(address, options=_OPTIONS)
 
 
 class StepConflict(Exception):

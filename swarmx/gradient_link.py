@@ -9,52 +9,90 @@ stream, matched by (layer, step): the optimizer is applied as each layer complet
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
 
 from proto import threads
 from proto.frames import WireError, bundled
+from proto.loop_streams import ClientStream
 from swarmx.pass_link import Slot
 from swarmx.pieces import END
 
 
 class GradientLink:
     """One pass's gradient stream to one receiver: the layers' streams, each whole, in the
-    order they are sent. A failed or cancelled stream fails every layer waiting on it."""
+    order they are sent. A failed or cancelled stream fails every layer waiting on it.
+
+    The call runs on the process's event loop (``proto.loop_streams``). A layer given as a
+    list goes onto it from the sender's thread; one given as an iterator (a sum whose
+    chunks come as the children's do) is read on a thread of the pool, one layer after
+    the other.
+    """
 
     def __init__(self, method: Callable[..., Iterator], pass_id: int, timeout_s: float):
         # method: the receiver stub's ReducePass or PushPass (protobuf stays in the stubs).
         self.pass_id = pass_id
-        self._layers: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
+        self._order = threading.Lock()  # held while a layer's messages go on the stream
         self._waiting: dict[tuple[int, int], Slot] = {}
         self._error: BaseException | None = None
         self._closed = False
-        self.call = method(self._messages(), timeout=timeout_s)
-        threads.start(self._read, name="swarmx-gradient-acks")
-
-    def _messages(self) -> Iterator:
-        while (layer := self._layers.get()) is not END:
-            yield from bundled(layer)
+        # Layers waiting for the one before them to be read (only while one is being read).
+        self._backlog: queue.SimpleQueue = queue.SimpleQueue()
+        self._feeding = False
+        self.call = ClientStream(method, timeout_s, self._answered, self._ended)
 
     def send(self, layer: int, step: int, messages: Iterable) -> LayerSlot:
         """Queue one layer's gradient stream (a header and its chunks); where its answer comes.
 
-        ``messages`` is read on gRPC's thread once the layers before it are sent: it may
-        block until its chunks exist (cut-through), and must end (e.g. when the sum fails).
+        ``messages`` is read once the layers before it are queued: it may block until its
+        chunks exist (cut-through), and must end (e.g. when the sum fails).
         """
         slot = LayerSlot(self)
-        with self._lock:
-            error = self._error
-            if error is None and self._closed:
-                error = WireError(f"the gradient stream of pass {self.pass_id} is closed")
-            if error is None:
-                self._waiting[(layer, step)] = slot
-                self._layers.put(messages)
-        if error is not None:
-            slot.settle(error=error)
+        listed = isinstance(messages, list | tuple)
+        direct = start_feeder = False
+        # A listed layer goes on from this thread, whole: none other may go on meanwhile.
+        with self._order if listed else contextlib.nullcontext():
+            with self._lock:
+                error = self._error
+                if error is None and self._closed:
+                    error = WireError(f"the gradient stream of pass {self.pass_id} is closed")
+                if error is None:
+                    self._waiting[(layer, step)] = slot
+                    direct = listed and not self._feeding
+                    if not direct:
+                        self._backlog.put(messages)
+                        start_feeder = not self._feeding
+                        self._feeding = True
+            if error is not None:
+                slot.settle(error=error)
+            elif direct:
+                self._put_layer(messages)
+        if start_feeder:
+            threads.start(self._feed, name="swarmx-gradient-send")
         return slot
+
+    def _put_layer(self, messages: Iterable) -> None:
+        for message in bundled(messages):
+            if not self.call.put(message):
+                return  # the call is over: its end fails the layers waiting
+
+    def _feed(self) -> None:
+        """Send the layers in the backlog, in order, until it is empty."""
+        while True:
+            with self._lock:
+                try:
+                    messages = self._backlog.get_nowait()
+                except queue.Empty:
+                    self._feeding = False
+                    return
+            if messages is END:
+                self.call.close()
+            else:
+                with self._order:
+                    self._put_layer(messages)
 
     @property
     def closed(self) -> bool:
@@ -71,31 +109,39 @@ class GradientLink:
             if self._closed:
                 return
             self._closed = True
-        self._layers.put(END)
+            if self._feeding:
+                self._backlog.put(END)  # after the layers still being read
+                return
+        with self._order:  # after a layer still going on from its sender's thread
+            self.call.close()
 
     def cancel(self) -> None:
         self.call.cancel()
-        self.close()  # gRPC's thread stops waiting for more layers
+        self.close()
 
-    def _read(self) -> None:
-        error: BaseException | None = None
-        try:
-            for message in self.call:
-                with self._lock:
-                    slot = self._waiting.pop((message.layer, message.step), None)
-                if slot is None:
-                    raise WireError(
-                        f"a gradient pass stream answered layer {message.layer} step "
-                        f"{message.step}, which was not sent on it"
-                    )
-                slot.settle(result=message)
-        except BaseException as exc:
-            error = exc
-            self.call.cancel()
+    def _answered(self, message) -> None:
+        """On the loop: settle the answered layer's slot."""
         with self._lock:
-            if error is None:
-                error = WireError("the receiver ended a gradient pass stream before answering")
-            self._error = error
+            slot = self._waiting.pop((message.layer, message.step), None)
+        if slot is None:
+            self._fail(
+                WireError(
+                    f"a gradient pass stream answered layer {message.layer} step "
+                    f"{message.step}, which was not sent on it"
+                )
+            )
+            self.call.cancel()
+            return
+        slot.settle(result=message)
+
+    def _ended(self, error: BaseException | None) -> None:
+        self._fail(error or WireError("the receiver ended a gradient pass stream before answering"))
+
+    def _fail(self, error: BaseException) -> None:
+        with self._lock:
+            if self._error is None:
+                self._error = error
+            error = self._error
             waiting = list(self._waiting.values())
             self._waiting.clear()
         for slot in waiting:

@@ -14,9 +14,9 @@ from collections.abc import Iterator
 
 import grpc
 
-from proto import threads
 from proto.domain import StreamItem
-from proto.frames import WireError, bundled
+from proto.frames import Bundler, WireError
+from proto.loop_streams import ClientStream
 from proto.rpc import is_cancelled
 from swarmx.pieces import END  # ends a queued stream; shared with the split-layer push
 
@@ -45,18 +45,19 @@ def put(q: queue.Queue, call: grpc.Future, item: object) -> bool:
 class PassLink:
     """One ``DeliverPass`` stream to a child, carrying every layer of one pass.
 
-    Layers go on ``queue`` whole and in pass order; a reader thread hands each answer
-    to the layer's ``Slot``. A failed or cancelled stream fails every layer waiting on it.
+    Layers go on it whole and in pass order (``put``, as on a ``queue.Queue``: the
+    ``put`` helper above), a small one gathered into one message; the call runs on the
+    process's event loop (``proto.loop_streams``), which hands each answer to the layer's
+    ``Slot``. A failed or cancelled stream fails every layer waiting on it.
     """
 
     def __init__(self, stub, timeout_s: float):
         # stub: the child's LayerSinkStub (protobuf types stay in the servicer's module).
-        self.queue: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
-        self.call = stub.DeliverPass(bundled(drain(self.queue)), timeout=timeout_s)
         self._lock = threading.Lock()
         self._waiting: dict[tuple[int, int], Slot] = {}
         self._error: BaseException | None = None
-        threads.start(self._read, name="swarmx-pass-acks")
+        self._bundler = Bundler()
+        self.call = ClientStream(stub.DeliverPass, timeout_s, self._answered, self._ended)
 
     def slot(self, layer: int, phase: int) -> Slot:
         """Where the answer for (``layer``, ``phase``) will come; register before sending it."""
@@ -69,24 +70,42 @@ class PassLink:
             slot.settle(error=error)
         return slot
 
-    def _read(self) -> None:
-        error: BaseException | None = None
-        try:
-            for message in self.call:
-                with self._lock:
-                    slot = self._waiting.pop((message.layer, message.phase), None)
-                if slot is None:
-                    raise WireError(
-                        f"a pass stream answered layer {message.layer} phase {message.phase}, "
-                        "which was not sent on it"
-                    )
-                slot.settle(result=message)
-        except BaseException as exc:
-            error = exc
+    def put(self, item: object, timeout: float | None = None) -> None:
+        """Send ``item`` (``END``: the pass has no more layers); raises ``queue.Full`` if
+        the call is over, as a full queue whose reader has gone. One layer's items come
+        from one thread at a time (the pass's layers take turns)."""
+        if self.call.done():
+            raise queue.Full
+        ready = self._bundler.flush() if item is END else self._bundler.add(item)
+        for message in ready:
+            if not self.call.put(message):
+                return  # the call is over: its end fails the layers waiting
+        if item is END:
+            self.call.close()
+
+    def _answered(self, message) -> None:
+        """On the loop: settle the answered layer's slot."""
         with self._lock:
-            if error is None:
-                error = WireError("a child ended its pass stream before answering")
-            self._error = error
+            slot = self._waiting.pop((message.layer, message.phase), None)
+        if slot is None:
+            self._fail(
+                WireError(
+                    f"a pass stream answered layer {message.layer} phase {message.phase}, "
+                    "which was not sent on it"
+                )
+            )
+            self.call.cancel()
+            return
+        slot.settle(result=message)
+
+    def _ended(self, error: BaseException | None) -> None:
+        self._fail(error or WireError("a child ended its pass stream before answering"))
+
+    def _fail(self, error: BaseException) -> None:
+        with self._lock:
+            if self._error is None:
+                self._error = error
+            error = self._error
             waiting = list(self._waiting.values())
             self._waiting.clear()
         for slot in waiting:
@@ -94,7 +113,7 @@ class PassLink:
 
     def close(self) -> None:
         """No more layers in this pass: end the request stream (the answers still come)."""
-        put(self.queue, self.call, END)
+        put(self, self.call, END)
 
     def cancel(self) -> None:
         self.call.cancel()

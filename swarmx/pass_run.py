@@ -24,10 +24,10 @@ import grpc
 from proto import threads
 from proto.domain import LayerAck, LayerRequest, StreamItem
 from proto.frames import WireError, from_wire_stream, next_layer
+from proto.loop_streams import ClientStream
 from proto.messages import weights_request_to_wire
 from proto.rpc import CANCEL_CHECK_S, StepConflict, is_cancelled, time_left_s
-from swarmx.pass_link import drain
-from swarmx.pieces import END, joined_weights
+from swarmx.pieces import joined_weights
 
 #: Layer requests of a pass the root reads ahead of their answers: the layer the nodes
 #: compute and the next one streaming (the driver's window; a disk-tiered MemoryX uses 1).
@@ -35,6 +35,24 @@ MAX_IN_FLIGHT = 2
 #: How long a pass whose first failure is a cancelled stream waits for the failure that
 #: cancelled it (another layer's), to answer with that one, s.
 ERROR_GRACE_S = 1.0
+
+
+class _End:
+    """How a MemoryX stream ended: ``error`` None if well."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException | None):
+        self.error = error
+
+
+def _answers(answers: queue.SimpleQueue) -> Iterator:
+    """The messages a ``ClientStream`` put on ``answers``, as a sync call's iterator gives
+    them (its error raised at the end)."""
+    while not isinstance(message := answers.get(), _End):
+        yield message
+    if message.error is not None:
+        raise message.error
 
 
 class PassWeights:
@@ -49,8 +67,9 @@ class PassWeights:
     def __init__(self, servicer: Any, timeout_s: float):
         self._servicer = servicer
         self._timeout_s = timeout_s
-        # Per server (its stub): the request queue and the items of its answer stream.
-        self._calls: dict[Any, tuple[queue.Queue, grpc.Future, Iterator[StreamItem]]] = {}
+        # Per server (its stub): the call (on the process's event loop) and the items of
+        # its answer stream.
+        self._calls: dict[Any, tuple[ClientStream, Iterator[StreamItem]]] = {}
         self._lock = threading.Lock()
         self._closed = False
         # Positions of the layers asked for, in order: a layer is read once it is first.
@@ -58,15 +77,17 @@ class PassWeights:
         self._turn = threading.Condition()
         self._cancelled = False
 
-    def _call(self, stub) -> tuple[queue.Queue, grpc.Future, Iterator[StreamItem]]:
+    def _call(self, stub) -> tuple[ClientStream, Iterator[StreamItem]]:
         with self._lock:
             entry = self._calls.get(stub)
             if entry is None:
                 if self._closed:
                     raise WireError("the pass is over; its MemoryX streams are closed")
-                requests: queue.Queue = queue.Queue()
-                call = stub.StreamPass(drain(requests), timeout=self._timeout_s)
-                entry = (requests, call, from_wire_stream(call))
+                answers: queue.SimpleQueue = queue.SimpleQueue()
+                call = ClientStream(
+                    stub.StreamPass, self._timeout_s, answers.put, lambda e: answers.put(_End(e))
+                )
+                entry = (call, from_wire_stream(_answers(answers)))
                 self._calls[stub] = entry
             return entry
 
@@ -76,7 +97,7 @@ class PassWeights:
         with self._turn:
             self._reads.append(request.pass_position)
         for stub in stubs:
-            self._call(stub)[0].put(message)
+            self._call(stub)[0].put(message)  # (a call that is over fails its reader)
 
     def layer(self, request: LayerRequest) -> Iterator[StreamItem]:
         """The layer's weight stream, read once the layers asked before it are (the
@@ -88,7 +109,7 @@ class PassWeights:
                 raise StepConflict("the pass ended before this layer's weights were read")
         try:
             split, stubs = self._servicer.weight_sources(request.layer)
-            sources = [next_layer(self._call(stub)[2]) for stub in stubs]
+            sources = [next_layer(self._call(stub)[1]) for stub in stubs]
             yield from sources[0] if split is None else joined_weights(split, sources)
         finally:
             with self._turn:
@@ -104,8 +125,8 @@ class PassWeights:
             with self._turn:
                 self._cancelled = True
                 self._turn.notify_all()
-        for requests, call, _ in calls:
-            requests.put(END)
+        for call, _ in calls:
+            call.close()
             if cancel:
                 call.cancel()
 

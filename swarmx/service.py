@@ -266,7 +266,7 @@ class SwarmXServicer(ReduceSide, sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
         if passing is not None:
             self._await_pass_turn(passing, context)
             links = self._pass_links(passing, pass_timeout_s or timeout_s * passing.pass_length)
-        queues: list[queue.Queue] = []
+        queues: list[queue.Queue | PassLink] = []  # what each child's items are put on
         calls: list = []
         for index, stub in enumerate(self._child_stubs):
             link = links.get(index)
@@ -275,7 +275,7 @@ class SwarmXServicer(ReduceSide, sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
                 queues.append(q)
                 calls.append(stub.Deliver.future(drain(q), timeout=timeout_s))
             else:
-                queues.append(link.queue)
+                queues.append(link)
                 calls.append(link.slot(passing.layer, passing.phase))
         finished = False
 

@@ -1,0 +1,207 @@
+"""Client streams on the process's event loop (``proto.loop_streams``), against real
+guarded gRPC servers on loopback."""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import grpc
+import pytest
+
+from proto.loop_streams import ClientStream, StreamCancelled, process_loop
+from proto.rpc import Security, channel, start_server
+
+_SERVICE = "test.Echo"
+_TIMEOUT_S = 10.0
+
+
+def _echo(requests, context):
+    yield from requests
+
+
+class _Silent:
+    """Reads nothing and answers nothing until ``release`` is set."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def __call__(self, requests, context):
+        self.release.wait(_TIMEOUT_S)
+        return iter(())
+
+
+def _server(handler, security: Security):
+    def register(server: grpc.Server) -> None:
+        method = grpc.stream_stream_rpc_method_handler(handler)
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(_SERVICE, {"Run": method}),)
+        )
+
+    return start_server(register, "127.0.0.1", security=security)
+
+
+@pytest.fixture
+def security() -> Security:
+    return Security.generate()
+
+
+def _method(address: str, security: Security):
+    return channel(address, security).stream_stream(f"/{_SERVICE}/Run")
+
+
+class _Record:
+    """What a stream's callbacks saw, in order; ``ended`` once it is over."""
+
+    def __init__(self) -> None:
+        self.messages: list[bytes] = []
+        self.error: BaseException | None = None
+        self.ended = threading.Event()
+        self.loop_threads: set[int] = set()
+
+    def on_message(self, message: bytes) -> None:
+        self.loop_threads.add(threading.get_ident())
+        self.messages.append(message)
+
+    def on_end(self, error: BaseException | None) -> None:
+        self.error = error
+        self.ended.set()
+
+
+def test_messages_go_in_order_and_every_answer_comes_on_the_loop(security):
+    server, address = _server(_echo, security)
+    try:
+        record = _Record()
+        stream = ClientStream(
+            _method(address, security), _TIMEOUT_S, record.on_message, record.on_end
+        )
+        sent = [f"message {i}".encode() * (i + 1) for i in range(50)]
+        for message in sent:
+            assert stream.put(message)
+        stream.close()
+        assert record.ended.wait(_TIMEOUT_S)
+        assert record.error is None and stream.done() and stream.code() == grpc.StatusCode.OK
+        assert record.messages == sent
+        assert len(record.loop_threads) == 1 and threading.get_ident() not in record.loop_threads
+        assert not stream.put(b"late")  # over: never sent
+    finally:
+        server.stop(None)
+
+
+def test_streams_from_many_threads_share_one_loop_thread(security):
+    server, address = _server(_echo, security)
+    try:
+        records = [_Record() for _ in range(8)]
+
+        def one(record: _Record) -> None:
+            stream = ClientStream(
+                _method(address, security), _TIMEOUT_S, record.on_message, record.on_end
+            )
+            for i in range(20):
+                stream.put(bytes([i]))
+            stream.close()
+
+        workers = [threading.Thread(target=one, args=(r,)) for r in records]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        for record in records:
+            assert record.ended.wait(_TIMEOUT_S) and record.error is None
+            assert record.messages == [bytes([i]) for i in range(20)]
+        assert len(set().union(*(r.loop_threads for r in records))) == 1
+        assert process_loop() is process_loop()
+    finally:
+        server.stop(None)
+
+
+def test_a_stream_without_the_runs_token_is_unauthenticated(security):
+    server, address = _server(_echo, security)
+    try:
+        record = _Record()
+        stranger = Security.generate()  # another run's token
+        stream = ClientStream(
+            _method(address, stranger), _TIMEOUT_S, record.on_message, record.on_end
+        )
+        stream.put(b"hello")
+        stream.close()
+        assert record.ended.wait(_TIMEOUT_S)
+        assert record.messages == []
+        assert record.error.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert stream.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        server.stop(None)
+
+
+def test_a_stream_past_its_deadline_fails_with_deadline_exceeded(security):
+    silent = _Silent()
+    server, address = _server(silent, security)
+    try:
+        record = _Record()
+        stream = ClientStream(_method(address, security), 0.3, record.on_message, record.on_end)
+        stream.put(b"hello")
+        assert record.ended.wait(_TIMEOUT_S)
+        assert record.error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert stream.done() and stream.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        silent.release.set()
+        server.stop(None)
+
+
+def test_a_full_stream_holds_its_producer_and_a_cancel_frees_it(security):
+    """Flow control reaches the producer: once the server stops reading, ``put`` waits
+    (``queue.Full`` with a timeout), and cancelling the stream ends the wait with False."""
+    silent = _Silent()
+    server, address = _server(silent, security)
+    try:
+        record = _Record()
+        stream = ClientStream(
+            _method(address, security), _TIMEOUT_S, record.on_message, record.on_end, depth=2
+        )
+        chunk = b"x" * (1 << 20)
+        with pytest.raises(queue.Full):
+            for _ in range(64):  # far more than the transport's windows hold
+                stream.put(chunk, timeout=0.5)
+        outcome: list[bool] = []
+        blocked = threading.Thread(target=lambda: outcome.append(stream.put(chunk)))
+        blocked.start()
+        stream.cancel()
+        blocked.join(_TIMEOUT_S)
+        assert outcome == [False]
+        assert record.ended.wait(_TIMEOUT_S)
+        assert isinstance(record.error, StreamCancelled)
+        assert stream.code() == grpc.StatusCode.CANCELLED
+    finally:
+        silent.release.set()
+        server.stop(None)
+
+
+def test_a_stream_cancelled_before_it_starts_never_calls(security):
+    calls: list[int] = []
+
+    def counted(requests, context):
+        calls.append(1)
+        return _echo(requests, context)
+
+    server, address = _server(counted, security)
+    try:
+        record = _Record()
+        gate = threading.Event()
+        process_loop().call_soon_threadsafe(gate.wait, _TIMEOUT_S)  # holds the loop
+        stream = ClientStream(
+            _method(address, security), _TIMEOUT_S, record.on_message, record.on_end
+        )
+        stream.cancel()
+        gate.set()
+        assert record.ended.wait(_TIMEOUT_S)
+        assert isinstance(record.error, StreamCancelled) and calls == []
+    finally:
+        server.stop(None)
+
+
+def test_a_method_not_from_the_runs_channel_has_no_loop_twin():
+    plain = grpc.insecure_channel("127.0.0.1:1").stream_stream("/x/y")
+    record = _Record()
+    stream = ClientStream(plain, _TIMEOUT_S, record.on_message, record.on_end)
+    assert record.ended.wait(_TIMEOUT_S)
+    assert isinstance(record.error, AttributeError) and stream.done()
