@@ -9,7 +9,7 @@ import threading
 import grpc
 import pytest
 
-from proto.loop_streams import ClientStream, StreamCancelled, process_loop
+from proto.loop_streams import ClientStream, StreamCancelled, _end_streams, process_loop
 from proto.rpc import Security, channel, start_server
 
 _SERVICE = "test.Echo"
@@ -205,3 +205,21 @@ def test_a_method_not_from_the_runs_channel_has_no_loop_twin():
     stream = ClientStream(plain, _TIMEOUT_S, record.on_message, record.on_end)
     assert record.ended.wait(_TIMEOUT_S)
     assert isinstance(record.error, AttributeError) and stream.done()
+
+
+def test_at_exit_the_open_streams_are_cancelled(security):
+    """What the exit hook does: every stream still open ends as cancelled, its peer's
+    call with it, and no task of the loop is left pending."""
+    silent = _Silent()
+    server, address = _server(silent, security)
+    try:
+        record = _Record()
+        stream = ClientStream(_method(address, security), 30.0, record.on_message, record.on_end)
+        stream.put(b"hello")
+        assert not record.ended.wait(0.2)  # open: the server neither reads nor answers
+        _end_streams(process_loop())
+        assert record.ended.is_set() and isinstance(record.error, StreamCancelled)
+        assert stream.done() and not stream.put(b"late")
+    finally:
+        silent.release.set()
+        server.stop(None)
