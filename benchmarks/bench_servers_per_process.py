@@ -17,7 +17,10 @@ either
 - ``aio_both``: that server, and a ``grpc.aio`` client whose one event loop drives every
   stream, or
 - ``aio_via_thread``: as ``aio_both``, but the server hands every message to a worker
-  thread and back before it echoes it (the loop's hand-off to compute off the loop),
+  thread and back before it echoes it (the loop's hand-off to compute off the loop), or
+- ``loop_client``: a sync server per endpoint, and the emulator's client streams since
+  2026-12-03 (``proto.loop_streams.ClientStream``: threads put and take the messages,
+  one event loop drives every call),
 
 and a client here (sync, but ``grpc.aio`` in the last two) keeps one open echo stream per
 endpoint and sends rounds of one message (``--bytes``, 1 KiB) to each, waiting for all the
@@ -59,6 +62,7 @@ from benchmarks.bench_grpc_modes import (
     sync_echo_handlers,
 )
 from core.atomic import write_json_atomic
+from proto.loop_streams import ClientStream
 
 _WARMUP_ROUNDS = 20
 #: Executor threads per server, as many as the streams it serves at once here (a sync
@@ -196,6 +200,48 @@ def _aio_client(ports: list[int], rounds: int, payload: bytes, server_pid: int) 
     return asyncio.run(run())
 
 
+class _LoopTwin:
+    """The echo method for ``proto.loop_streams.ClientStream``: its ``on_loop()`` twin on a
+    plain ``grpc.aio`` channel (the emulator's come from ``proto.rpc.channel``)."""
+
+    def __init__(self, port: int):
+        self._port = port
+        self._method = None
+
+    def on_loop(self):
+        if self._method is None:  # made on the loop, as ClientStream calls it there
+            channel = grpc.aio.insecure_channel(f"127.0.0.1:{self._port}")
+            self._method = channel.stream_stream(ECHO_PATH)
+        return self._method
+
+
+def _loop_client(ports: list[int], rounds: int, payload: bytes, server_pid: int) -> tuple:
+    """The emulator's client streams (``proto.loop_streams``): threads put the messages and
+    take the answers, one event loop per process drives every call; as ``_sync_client``."""
+    answers = [queue.SimpleQueue() for _ in ports]
+    streams = [
+        ClientStream(_LoopTwin(port), 600, box.put, lambda error: None)
+        for port, box in zip(ports, answers, strict=True)
+    ]
+
+    def some(count: int) -> None:
+        for _ in range(count):
+            for stream in streams:
+                stream.put(payload)
+            for box in answers:
+                box.get()
+
+    some(_WARMUP_ROUNDS)
+    started = time.perf_counter()
+    client_cpu, server_cpu = process_cpu_s(), process_cpu_s(server_pid)
+    some(rounds)
+    wall_s = time.perf_counter() - started
+    client_s, server_s = process_cpu_s() - client_cpu, process_cpu_s(server_pid) - server_cpu
+    for stream in streams:
+        stream.close()
+    return len(streams), wall_s, client_s, server_s
+
+
 #: Each mode: its endpoints (one, or ``--components``), how its process serves them and
 #: how the client here talks to them.
 _LAYOUTS: dict[str, tuple[bool, Callable, Callable]] = {
@@ -205,6 +251,7 @@ _LAYOUTS: dict[str, tuple[bool, Callable, Callable]] = {
     "aio_server": (True, _serve_aio, _sync_client),
     "aio_both": (True, _serve_aio, _aio_client),
     "aio_via_thread": (True, partial(_serve_aio, handlers=_echo_via_thread_handlers), _aio_client),
+    "loop_client": (True, partial(_serve_sync, shared=False), _loop_client),
 }
 MODES = tuple(_LAYOUTS)
 
@@ -251,7 +298,8 @@ def summary(rows: list[dict]) -> str:
         return f"{cpu[mode] / cpu['server_each']:.2f}" if cpu["server_each"] > 0 else "-"
 
     client = {
-        mode: median_of("client_cpu_us_per_message", mode) for mode in ("server_each", "aio_both")
+        mode: median_of("client_cpu_us_per_message", mode)
+        for mode in ("server_each", "aio_both", "loop_client")
     }
     return (
         "server CPU per message (median): "
@@ -262,7 +310,7 @@ def summary(rows: list[dict]) -> str:
             for mode in ("shared_server", "aio_server", "aio_both", "aio_via_thread")
         )
         + f"; client CPU per message: sync {client['server_each']:.0f} us, "
-        f"aio {client['aio_both']:.0f} us"
+        f"aio {client['aio_both']:.0f} us, threads on the loop {client['loop_client']:.0f} us"
     )
 
 
