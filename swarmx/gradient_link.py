@@ -17,11 +17,11 @@ from collections.abc import Callable, Iterable, Iterator
 from proto import threads
 from proto.frames import WireError, bundled
 from proto.loop_streams import ClientStream
-from swarmx.pass_link import Slot
+from swarmx.pass_link import AnswerSlots, Slot
 from swarmx.pieces import END
 
 
-class GradientLink:
+class GradientLink(AnswerSlots):
     """One pass's gradient stream to one receiver: the layers' streams, each whole, in the
     order they are sent. A failed or cancelled stream fails every layer waiting on it.
 
@@ -33,11 +33,9 @@ class GradientLink:
 
     def __init__(self, method: Callable[..., Iterator], pass_id: int, timeout_s: float):
         # method: the receiver stub's ReducePass or PushPass (protobuf stays in the stubs).
+        super().__init__("the receiver ended a gradient pass stream before answering")
         self.pass_id = pass_id
-        self._lock = threading.Lock()
         self._order = threading.Lock()  # held while a layer's messages go on the stream
-        self._waiting: dict[tuple[int, int], Slot] = {}
-        self._error: BaseException | None = None
         self._closed = False
         # Layers waiting for the one before them to be read (only while one is being read).
         self._backlog: queue.SimpleQueue = queue.SimpleQueue()
@@ -120,32 +118,8 @@ class GradientLink:
         self.close()
 
     def _answered(self, message) -> None:
-        """On the loop: settle the answered layer's slot."""
-        with self._lock:
-            slot = self._waiting.pop((message.layer, message.step), None)
-        if slot is None:
-            self._fail(
-                WireError(
-                    f"a gradient pass stream answered layer {message.layer} step "
-                    f"{message.step}, which was not sent on it"
-                )
-            )
-            self.call.cancel()
-            return
-        slot.settle(result=message)
-
-    def _ended(self, error: BaseException | None) -> None:
-        self._fail(error or WireError("the receiver ended a gradient pass stream before answering"))
-
-    def _fail(self, error: BaseException) -> None:
-        with self._lock:
-            if self._error is None:
-                self._error = error
-            error = self._error
-            waiting = list(self._waiting.values())
-            self._waiting.clear()
-        for slot in waiting:
-            slot.settle(error=error)
+        key = (message.layer, message.step)
+        self._answer(key, message, f"a gradient pass stream answered layer {key[0]} step {key[1]}")
 
 
 class LayerSlot(Slot):

@@ -42,7 +42,45 @@ def put(q: queue.Queue, call: grpc.Future, item: object) -> bool:
                 return False
 
 
-class PassLink:
+class AnswerSlots:
+    """The layers waiting for their answers on one stream (``self.call``, a
+    ``ClientStream``), by key: each answer settles its layer's slot on the loop, and the
+    stream's end or failure fails every layer still waiting (and any registered later)."""
+
+    call: ClientStream
+
+    def __init__(self, ended_early: str):
+        self._lock = threading.Lock()
+        self._waiting: dict[tuple[int, int], Slot] = {}
+        self._error: BaseException | None = None
+        self._ended_early = ended_early  # the error of a stream that ends with layers waiting
+
+    def _answer(self, key: tuple[int, int], message, what: str) -> None:
+        """On the loop: settle the slot of ``key`` (``what`` names it in the error of an
+        answer that nothing waits for: the stream is then failed)."""
+        with self._lock:
+            slot = self._waiting.pop(key, None)
+        if slot is None:
+            self._fail(WireError(f"{what}, which was not sent on it"))
+            self.call.cancel()
+            return
+        slot.settle(result=message)
+
+    def _ended(self, error: BaseException | None) -> None:
+        self._fail(error or WireError(self._ended_early))
+
+    def _fail(self, error: BaseException) -> None:
+        with self._lock:
+            if self._error is None:
+                self._error = error
+            error = self._error
+            waiting = list(self._waiting.values())
+            self._waiting.clear()
+        for slot in waiting:
+            slot.settle(error=error)
+
+
+class PassLink(AnswerSlots):
     """One ``DeliverPass`` stream to a child, carrying every layer of one pass.
 
     Layers go on it whole and in pass order (``put``, as on a ``queue.Queue``: the
@@ -53,9 +91,7 @@ class PassLink:
 
     def __init__(self, stub, timeout_s: float):
         # stub: the child's LayerSinkStub (protobuf types stay in the servicer's module).
-        self._lock = threading.Lock()
-        self._waiting: dict[tuple[int, int], Slot] = {}
-        self._error: BaseException | None = None
+        super().__init__("a child ended its pass stream before answering")
         self._bundler = Bundler()
         self.call = ClientStream(stub.DeliverPass, timeout_s, self._answered, self._ended)
 
@@ -84,32 +120,8 @@ class PassLink:
             self.call.close()
 
     def _answered(self, message) -> None:
-        """On the loop: settle the answered layer's slot."""
-        with self._lock:
-            slot = self._waiting.pop((message.layer, message.phase), None)
-        if slot is None:
-            self._fail(
-                WireError(
-                    f"a pass stream answered layer {message.layer} phase {message.phase}, "
-                    "which was not sent on it"
-                )
-            )
-            self.call.cancel()
-            return
-        slot.settle(result=message)
-
-    def _ended(self, error: BaseException | None) -> None:
-        self._fail(error or WireError("a child ended its pass stream before answering"))
-
-    def _fail(self, error: BaseException) -> None:
-        with self._lock:
-            if self._error is None:
-                self._error = error
-            error = self._error
-            waiting = list(self._waiting.values())
-            self._waiting.clear()
-        for slot in waiting:
-            slot.settle(error=error)
+        key = (message.layer, message.phase)
+        self._answer(key, message, f"a pass stream answered layer {key[0]} phase {key[1]}")
 
     def close(self) -> None:
         """No more layers in this pass: end the request stream (the answers still come)."""
@@ -181,4 +193,4 @@ class Slot:
         return self._result
 
 
-__all__ = ["POLL_S", "QUEUE_DEPTH", "PassLink", "Slot", "drain", "put"]
+__all__ = ["POLL_S", "QUEUE_DEPTH", "AnswerSlots", "PassLink", "Slot", "drain", "put"]

@@ -46,6 +46,27 @@ def security() -> Security:
     return Security.generate()
 
 
+@pytest.fixture
+def serve(security):
+    """Starts a guarded server with a handler (``_echo``, a ``_Silent``...): its address.
+    Every server stops, and every silent handler is let go, at the test's end."""
+    servers: list = []
+    silents: list[_Silent] = []
+
+    def start(handler) -> str:
+        if isinstance(handler, _Silent):
+            silents.append(handler)
+        server, address = _server(handler, security)
+        servers.append(server)
+        return address
+
+    yield start
+    for silent in silents:
+        silent.release.set()
+    for server in servers:
+        server.stop(None)
+
+
 def _method(address: str, security: Security):
     return channel(address, security).stream_stream(f"/{_SERVICE}/Run")
 
@@ -68,135 +89,107 @@ class _Record:
         self.ended.set()
 
 
-def test_messages_go_in_order_and_every_answer_comes_on_the_loop(security):
-    server, address = _server(_echo, security)
-    try:
-        record = _Record()
+def test_messages_go_in_order_and_every_answer_comes_on_the_loop(security, serve):
+    address = serve(_echo)
+    record = _Record()
+    stream = ClientStream(_method(address, security), _TIMEOUT_S, record.on_message, record.on_end)
+    sent = [f"message {i}".encode() * (i + 1) for i in range(50)]
+    for message in sent:
+        assert stream.put(message)
+    stream.close()
+    assert record.ended.wait(_TIMEOUT_S)
+    assert record.error is None and stream.done() and stream.code() == grpc.StatusCode.OK
+    assert record.messages == sent
+    assert len(record.loop_threads) == 1 and threading.get_ident() not in record.loop_threads
+    assert not stream.put(b"late")  # over: never sent
+
+
+def test_streams_from_many_threads_share_one_loop_thread(security, serve):
+    address = serve(_echo)
+    records = [_Record() for _ in range(8)]
+
+    def one(record: _Record) -> None:
         stream = ClientStream(
             _method(address, security), _TIMEOUT_S, record.on_message, record.on_end
         )
-        sent = [f"message {i}".encode() * (i + 1) for i in range(50)]
-        for message in sent:
-            assert stream.put(message)
+        for i in range(20):
+            stream.put(bytes([i]))
         stream.close()
-        assert record.ended.wait(_TIMEOUT_S)
-        assert record.error is None and stream.done() and stream.code() == grpc.StatusCode.OK
-        assert record.messages == sent
-        assert len(record.loop_threads) == 1 and threading.get_ident() not in record.loop_threads
-        assert not stream.put(b"late")  # over: never sent
-    finally:
-        server.stop(None)
+
+    workers = [threading.Thread(target=one, args=(r,)) for r in records]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    for record in records:
+        assert record.ended.wait(_TIMEOUT_S) and record.error is None
+        assert record.messages == [bytes([i]) for i in range(20)]
+    assert len(set().union(*(r.loop_threads for r in records))) == 1
+    assert process_loop() is process_loop()
 
 
-def test_streams_from_many_threads_share_one_loop_thread(security):
-    server, address = _server(_echo, security)
-    try:
-        records = [_Record() for _ in range(8)]
-
-        def one(record: _Record) -> None:
-            stream = ClientStream(
-                _method(address, security), _TIMEOUT_S, record.on_message, record.on_end
-            )
-            for i in range(20):
-                stream.put(bytes([i]))
-            stream.close()
-
-        workers = [threading.Thread(target=one, args=(r,)) for r in records]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join()
-        for record in records:
-            assert record.ended.wait(_TIMEOUT_S) and record.error is None
-            assert record.messages == [bytes([i]) for i in range(20)]
-        assert len(set().union(*(r.loop_threads for r in records))) == 1
-        assert process_loop() is process_loop()
-    finally:
-        server.stop(None)
+def test_a_stream_without_the_runs_token_is_unauthenticated(security, serve):
+    address = serve(_echo)
+    record = _Record()
+    stranger = Security.generate()  # another run's token
+    stream = ClientStream(_method(address, stranger), _TIMEOUT_S, record.on_message, record.on_end)
+    stream.put(b"hello")
+    stream.close()
+    assert record.ended.wait(_TIMEOUT_S)
+    assert record.messages == []
+    assert record.error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert stream.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-def test_a_stream_without_the_runs_token_is_unauthenticated(security):
-    server, address = _server(_echo, security)
-    try:
-        record = _Record()
-        stranger = Security.generate()  # another run's token
-        stream = ClientStream(
-            _method(address, stranger), _TIMEOUT_S, record.on_message, record.on_end
-        )
-        stream.put(b"hello")
-        stream.close()
-        assert record.ended.wait(_TIMEOUT_S)
-        assert record.messages == []
-        assert record.error.code() == grpc.StatusCode.UNAUTHENTICATED
-        assert stream.code() == grpc.StatusCode.UNAUTHENTICATED
-    finally:
-        server.stop(None)
+def test_a_stream_past_its_deadline_fails_with_deadline_exceeded(security, serve):
+    address = serve(_Silent())
+    record = _Record()
+    stream = ClientStream(_method(address, security), 0.3, record.on_message, record.on_end)
+    stream.put(b"hello")
+    assert record.ended.wait(_TIMEOUT_S)
+    assert record.error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert stream.done() and stream.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
-def test_a_stream_past_its_deadline_fails_with_deadline_exceeded(security):
-    silent = _Silent()
-    server, address = _server(silent, security)
-    try:
-        record = _Record()
-        stream = ClientStream(_method(address, security), 0.3, record.on_message, record.on_end)
-        stream.put(b"hello")
-        assert record.ended.wait(_TIMEOUT_S)
-        assert record.error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert stream.done() and stream.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    finally:
-        silent.release.set()
-        server.stop(None)
-
-
-def test_a_full_stream_holds_its_producer_and_a_cancel_frees_it(security):
+def test_a_full_stream_holds_its_producer_and_a_cancel_frees_it(security, serve):
     """Flow control reaches the producer: once the server stops reading, ``put`` waits
     (``queue.Full`` with a timeout), and cancelling the stream ends the wait with False."""
-    silent = _Silent()
-    server, address = _server(silent, security)
-    try:
-        record = _Record()
-        stream = ClientStream(
-            _method(address, security), _TIMEOUT_S, record.on_message, record.on_end, depth=2
-        )
-        chunk = b"x" * (1 << 20)
-        with pytest.raises(queue.Full):
-            for _ in range(64):  # far more than the transport's windows hold
-                stream.put(chunk, timeout=0.5)
-        outcome: list[bool] = []
-        blocked = threading.Thread(target=lambda: outcome.append(stream.put(chunk)))
-        blocked.start()
-        stream.cancel()
-        blocked.join(_TIMEOUT_S)
-        assert outcome == [False]
-        assert record.ended.wait(_TIMEOUT_S)
-        assert isinstance(record.error, StreamCancelled)
-        assert stream.code() == grpc.StatusCode.CANCELLED
-    finally:
-        silent.release.set()
-        server.stop(None)
+    address = serve(_Silent())
+    record = _Record()
+    stream = ClientStream(
+        _method(address, security), _TIMEOUT_S, record.on_message, record.on_end, depth=2
+    )
+    chunk = b"x" * (1 << 20)
+    with pytest.raises(queue.Full):
+        for _ in range(64):  # far more than the transport's windows hold
+            stream.put(chunk, timeout=0.5)
+    outcome: list[bool] = []
+    blocked = threading.Thread(target=lambda: outcome.append(stream.put(chunk)))
+    blocked.start()
+    stream.cancel()
+    blocked.join(_TIMEOUT_S)
+    assert outcome == [False]
+    assert record.ended.wait(_TIMEOUT_S)
+    assert isinstance(record.error, StreamCancelled)
+    assert stream.code() == grpc.StatusCode.CANCELLED
 
 
-def test_a_stream_cancelled_before_it_starts_never_calls(security):
+def test_a_stream_cancelled_before_it_starts_never_calls(security, serve):
     calls: list[int] = []
 
     def counted(requests, context):
         calls.append(1)
         return _echo(requests, context)
 
-    server, address = _server(counted, security)
-    try:
-        record = _Record()
-        gate = threading.Event()
-        process_loop().call_soon_threadsafe(gate.wait, _TIMEOUT_S)  # holds the loop
-        stream = ClientStream(
-            _method(address, security), _TIMEOUT_S, record.on_message, record.on_end
-        )
-        stream.cancel()
-        gate.set()
-        assert record.ended.wait(_TIMEOUT_S)
-        assert isinstance(record.error, StreamCancelled) and calls == []
-    finally:
-        server.stop(None)
+    address = serve(counted)
+    record = _Record()
+    gate = threading.Event()
+    process_loop().call_soon_threadsafe(gate.wait, _TIMEOUT_S)  # holds the loop
+    stream = ClientStream(_method(address, security), _TIMEOUT_S, record.on_message, record.on_end)
+    stream.cancel()
+    gate.set()
+    assert record.ended.wait(_TIMEOUT_S)
+    assert isinstance(record.error, StreamCancelled) and calls == []
 
 
 def test_a_method_not_from_the_runs_channel_has_no_loop_twin():
@@ -207,19 +200,14 @@ def test_a_method_not_from_the_runs_channel_has_no_loop_twin():
     assert isinstance(record.error, AttributeError) and stream.done()
 
 
-def test_at_exit_the_open_streams_are_cancelled(security):
+def test_at_exit_the_open_streams_are_cancelled(security, serve):
     """What the exit hook does: every stream still open ends as cancelled, its peer's
     call with it, and no task of the loop is left pending."""
-    silent = _Silent()
-    server, address = _server(silent, security)
-    try:
-        record = _Record()
-        stream = ClientStream(_method(address, security), 30.0, record.on_message, record.on_end)
-        stream.put(b"hello")
-        assert not record.ended.wait(0.2)  # open: the server neither reads nor answers
-        _end_streams(process_loop())
-        assert record.ended.is_set() and isinstance(record.error, StreamCancelled)
-        assert stream.done() and not stream.put(b"late")
-    finally:
-        silent.release.set()
-        server.stop(None)
+    address = serve(_Silent())
+    record = _Record()
+    stream = ClientStream(_method(address, security), 30.0, record.on_message, record.on_end)
+    stream.put(b"hello")
+    assert not record.ended.wait(0.2)  # open: the server neither reads nor answers
+    _end_streams(process_loop())
+    assert record.ended.is_set() and isinstance(record.error, StreamCancelled)
+    assert stream.done() and not stream.put(b"late")
