@@ -244,6 +244,11 @@ class ClientStream:
 
     def _finish(self, error: BaseException | None) -> None:
         self._mark_over()
+        for task in self._tasks:
+            # A write or the end of the requests that a cancel cut short may never resolve
+            # (gRPC's): the writer would wait on it for ever.
+            if task is not asyncio.current_task() and not task.done():
+                task.cancel()
         if error is not None:
             code = getattr(error, "code", None)
             self._code = code() if callable(code) else grpc.StatusCode.UNKNOWN

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 import grpc
 import pytest
@@ -211,3 +212,49 @@ def test_at_exit_the_open_streams_are_cancelled(security, serve):
     _end_streams(process_loop())
     assert record.ended.is_set() and isinstance(record.error, StreamCancelled)
     assert stream.done() and not stream.put(b"late")
+
+
+def _ends_at_once(requests, context):
+    return iter(())  # answers nothing and reads nothing: the call is over
+
+
+def test_a_call_the_server_ends_leaves_no_writer_behind(security, serve):
+    """A writer that waits on flow control when the server ends the call is ended too:
+    nothing of the stream stays pending on the loop (a producer's ``put`` says False)."""
+    address = serve(_ends_at_once)
+    record = _Record()
+    stream = ClientStream(
+        _method(address, security), _TIMEOUT_S, record.on_message, record.on_end, depth=2
+    )
+    chunk = b"x" * (1 << 20)
+    while stream.put(chunk):
+        pass
+    assert record.ended.wait(_TIMEOUT_S)  # (how: gRPC's, e.g. INTERNAL for the lost write)
+    deadline = time.monotonic() + _TIMEOUT_S
+    while not all(task.done() for task in stream._tasks) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert all(task.done() for task in stream._tasks)
+
+
+@pytest.mark.parametrize("pause_s", [0.0, 0.1])
+def test_a_cancelled_call_leaves_no_writer_behind(security, serve, pause_s):
+    """However the cancel meets the writer (writing, ending the requests, or waiting for
+    more), once the call is over nothing of the stream stays pending on the loop."""
+    address = serve(_Silent())
+    streams = []
+    for _ in range(20):
+        record = _Record()
+        stream = ClientStream(
+            _method(address, security), _TIMEOUT_S, record.on_message, record.on_end
+        )
+        stream.put(b"hello")
+        stream.close()
+        time.sleep(pause_s)
+        stream.cancel()
+        assert record.ended.wait(_TIMEOUT_S) and isinstance(record.error, StreamCancelled)
+        streams.append(stream)
+    tasks = [task for stream in streams for task in stream._tasks]
+    deadline = time.monotonic() + _TIMEOUT_S
+    while not all(task.done() for task in tasks) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert all(task.done() for task in tasks)
