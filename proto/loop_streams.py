@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+from grpc._cython import cygrpc
 
 #: Messages a stream holds queued before a producer waits (bounds memory; cut-through).
 QUEUE_DEPTH = 16
@@ -113,7 +114,7 @@ class ClientStream:
         on_message: Callable[[Any], None],
         on_end: Callable[[BaseException | None], None],
         *,
-        depth: int = QUEUE_DEPTH,
+        depth: float = QUEUE_DEPTH,
     ):
         self._loop = process_loop()
         self._on_message = on_message
@@ -209,7 +210,7 @@ class ClientStream:
     async def _write(self) -> None:
         try:
             while (message := await self._next_request()) is not _END:
-                await self._call.write(message)
+                await _send(self._call, message)
             await self._call.done_writing()
         except BaseException:  # noqa: BLE001 - the call ended; _read reports how
             self._mark_over()
@@ -268,6 +269,42 @@ class _StatusError(grpc.RpcError):
 
     def details(self) -> str:
         return self._details
+
+
+class _SendFailed(Exception):
+    """A message could not be sent: the call is over (its status says how)."""
+
+
+async def _send(call: Any, message: Any) -> None:
+    """``call.write(message)``, but a send that fails leaves the call's status alone.
+
+    ``grpc.aio``'s ``write`` records a failed send as the call's status (INTERNAL,
+    "Internal error from Core"), over the status the server is sending: a send fails
+    because the server has ended the call, so a refusal (UNAUTHENTICATED), a conflict
+    (FAILED_PRECONDITION) or non-finite values (DATA_LOSS) would reach the caller as
+    INTERNAL whenever a write was in flight. This is ``write`` without that line, on the
+    internals of the pinned grpcio (1.85); another version falls back to ``write``.
+    """
+    cython_call = getattr(call, "_cython_call", None)
+    metadata_sent = getattr(call, "_metadata_sent", None)
+    if cython_call is None or metadata_sent is None or not hasattr(call, "_request_serializer"):
+        await call.write(message)
+        return
+    if call.done():
+        raise _SendFailed
+    if not metadata_sent.is_set():
+        await metadata_sent.wait()
+        if call.done():
+            raise _SendFailed
+    raw = message if call._request_serializer is None else call._request_serializer(message)
+    try:
+        await cython_call.send_serialized_message(raw)
+    except cygrpc.InternalError:
+        raise _SendFailed from None
+    except asyncio.CancelledError:
+        if not call.cancelled():
+            call.cancel()
+        raise
 
 
 def _wake(waiter: asyncio.Future) -> None:

@@ -258,3 +258,26 @@ def test_a_cancelled_call_leaves_no_writer_behind(security, serve, pause_s):
     while not all(task.done() for task in tasks) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert all(task.done() for task in tasks)
+
+
+def _refuses(requests, context):
+    context.abort(grpc.StatusCode.FAILED_PRECONDITION, "step 3 was never begun")
+
+
+def test_the_servers_status_survives_a_write_in_flight(security, serve):
+    """A server that ends the call while the client still writes: the caller gets the
+    server's status and details, not the INTERNAL of the lost write (grpc.aio's ``write``
+    would record that over it)."""
+    address = serve(_refuses)
+    chunk = b"x" * (256 << 10)
+    for _ in range(10):
+        record = _Record()
+        stream = ClientStream(
+            _method(address, security), _TIMEOUT_S, record.on_message, record.on_end
+        )
+        while stream.put(chunk):
+            pass
+        assert record.ended.wait(_TIMEOUT_S)
+        assert record.error.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert record.error.details() == "step 3 was never begun"
+        assert stream.code() == grpc.StatusCode.FAILED_PRECONDITION
