@@ -13,6 +13,7 @@ each client takes the run's ``Security`` (token, TLS) for it.
 
 from __future__ import annotations
 
+import math
 import queue
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from proto import memoryx_pb2_grpc as mgrpc
 from proto import node_pb2_grpc as ngrpc
 from proto import swarmx_pb2_grpc as sgrpc
-from proto import threads
 from proto.domain import (
     CheckpointInfo,
     LayerAck,
@@ -35,6 +35,7 @@ from proto.domain import (
     SwarmXStats,
     TrafficStats,
 )
+from proto.loop_streams import ClientStream
 from proto.messages import (
     EMPTY,
     ack_from_wire,
@@ -246,34 +247,34 @@ class PendingLayer:
         self._future.cancel()
 
 
-#: Ends a pass's request stream (``PendingPass``).
+#: Ends a pass's answers (``PendingPass``).
 _END = object()
 
 
 class PendingPass:
     """A pass under way on one ``RunPass`` call: ``send`` each layer's request when it is
-    due, ``next_ack`` waits for the next answer (they come in request order)."""
+    due, ``next_ack`` waits for the next answer (they come in request order). The call
+    runs on the process's event loop (``proto.loop_streams``), as every pass stream does."""
 
     def __init__(self, run_pass, timeout_s: float):
-        self._requests: queue.Queue = queue.Queue()
-        self._call = run_pass(iter(self._requests.get, _END), timeout=timeout_s)
         self._answers: queue.Queue = queue.Queue()
-        threads.start(self._read, name="pass-acks")
+        # Unbounded, as before: the driver may send a pass's requests before reading answers.
+        self._call = ClientStream(run_pass, timeout_s, self._answered, self._ended, depth=math.inf)
 
-    def _read(self) -> None:
-        try:
-            for message in self._call:
-                self._answers.put(ack_from_wire(message))
-        except grpc.RpcError as exc:
-            self._answers.put(exc)
+    def _answered(self, message) -> None:
+        self._answers.put(ack_from_wire(message))
+
+    def _ended(self, error: BaseException | None) -> None:
+        if error is not None:
+            self._answers.put(error)
         self._answers.put(_END)
 
     def send(self, request: LayerRequest) -> None:
-        self._requests.put(layer_request_to_wire(request))
+        self._call.put(layer_request_to_wire(request))  # (a call that is over: its error comes)
 
     def close(self) -> None:
         """Every request is sent (the root expects no more)."""
-        self._requests.put(_END)
+        self._call.close()
 
     def next_ack(self, timeout_s: float | None = None) -> LayerAck:
         """The next layer's answer; ``TimeoutError`` if it has not come within ``timeout_s``
@@ -291,7 +292,6 @@ class PendingPass:
 
     def cancel(self) -> None:
         self._call.cancel()
-        self._requests.put(_END)  # frees the thread that sends the requests
 
 
 def _or(timeout_s: float | None, deadlines: Deadlines) -> float:
