@@ -21,9 +21,10 @@ from proto import swarmx_pb2_grpc as sgrpc
 from proto import threads
 from proto.domain import Chunk, Header, Phase, StreamItem
 from proto.frames import WireError, from_wire_stream
-from proto.rpc import StepConflict, rpc_errors, rpc_stream_errors, time_left_s
+from proto.rpc import StepConflict, is_cancelled, rpc_errors, rpc_stream_errors, time_left_s
 from swarmx.gradient_link import GradientLink
 from swarmx.pass_link import drain
+from swarmx.pass_run import ERROR_GRACE_S
 from swarmx.pieces import END, SplitLayer, SplitPush
 from swarmx.reduce import ChunkReduction
 
@@ -238,6 +239,7 @@ class ReduceSide:
         unanswered: list[Reducing] = []
         gone: list[bool] = []
         failure: list[BaseException] = []  # why the reader stopped early
+        read_over = threading.Event()
 
         def abandoned() -> None:
             # The child went away (or sent a bad stream): its open sums can never complete.
@@ -277,6 +279,7 @@ class ReduceSide:
                 answers.put(exc)
                 abandoned()  # its sums read so far fail now, not at their deadline
             finally:
+                read_over.set()
                 answers.put(_ReadDone(num_read))
 
         if not context.add_callback(abandoned):
@@ -295,7 +298,11 @@ class ReduceSide:
                 header, entry = answer
                 try:
                     ack = self._answer(header, entry)
-                except Exception:
+                except Exception as exc:
+                    if is_cancelled(exc):
+                        # Most likely the child's bad stream cancelled the pass's stream up
+                        # (a failed sum cancels it): the reader is about to say why.
+                        read_over.wait(ERROR_GRACE_S)
                     if failure:  # the child's stream failed it: that is the error to answer
                         raise failure[0] from None
                     raise

@@ -7,6 +7,7 @@ children's gradient streams are sent by the test.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -17,6 +18,7 @@ from memoryx.service import MemoryXServicer
 from proto import swarmx_pb2_grpc as sgrpc
 from proto import tensor_pb2 as pb
 from proto.rpc import channel
+from swarmx.service import SwarmXServicer
 from tests.polling import until
 from tests.servicer_calls import count_servicer_calls
 from tests.swarmx.test_swarmx_service import (
@@ -222,3 +224,24 @@ def test_bad_pass_stream_is_refused_and_fails_only_its_own_sums(tree, case):
     assert all(isinstance(acks, list) and len(acks) == 2 for acks in results.values()), results
     for layer in (0, 1):
         assert _all_equal(_weights(tree.memoryx, layer, 1), _expected(layer))
+
+
+def test_a_bad_stream_is_answered_as_bad_however_late_its_reader_says_so(tree, monkeypatch):
+    """A child's stream that ends mid-layer fails that layer's sum, which cancels the pass's
+    stream up to MemoryX, and so the answer of the layer before it too. The child is told
+    why (INVALID_ARGUMENT), not that a stream was cancelled, even when its stream's reader
+    records the failure only after the cancel has reached the other layer."""
+    add_layer = SwarmXServicer._add_layer
+
+    def slow_to_say(self, *args, **kwargs):
+        try:
+            return add_layer(self, *args, **kwargs)
+        except Exception:
+            time.sleep(0.3)  # the reader thread is descheduled before it records why
+            raise
+
+    monkeypatch.setattr(SwarmXServicer, "_add_layer", slow_to_say)
+    with pytest.raises(grpc.RpcError) as info:
+        list(tree.stub.ReducePass(iter(_bad_streams()["ends mid-layer"]), timeout=TIMEOUT_S))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert tree.memoryx.traffic.num_updates == 0
