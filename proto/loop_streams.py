@@ -83,19 +83,26 @@ def process_loop() -> asyncio.AbstractEventLoop:
     return _PROCESS_LOOP.get()
 
 
-class StreamCancelled(grpc.RpcError):
+class _StatusError(grpc.RpcError):
+    """A call that ended with a status other than OK, as a sync call's error."""
+
+    def __init__(self, code: grpc.StatusCode, details: str | None):
+        super().__init__(details)
+        self._code, self._details = code, details or ""
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+class StreamCancelled(_StatusError):
     """The stream was cancelled here (``ClientStream.cancel``): CANCELLED, as a cancelled
     sync call's error."""
 
     def __init__(self, details: str = "the stream was cancelled"):
-        super().__init__(details)
-        self._details = details
-
-    def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.CANCELLED
-
-    def details(self) -> str:
-        return self._details
+        super().__init__(grpc.StatusCode.CANCELLED, details)
 
 
 class ClientStream:
@@ -255,20 +262,6 @@ class ClientStream:
             self._code = code() if callable(code) else grpc.StatusCode.UNKNOWN
         self._done = True
         self._on_end(error)
-
-
-class _StatusError(grpc.RpcError):
-    """A call that ended with a status other than OK, as a sync call's error."""
-
-    def __init__(self, code: grpc.StatusCode, details: str | None):
-        super().__init__(details)
-        self._code, self._details = code, details or ""
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
 
 
 class _SendFailed(Exception):
