@@ -45,7 +45,7 @@ import swarmx.service
 from proto.rpc import Security
 from proto.tls import generate_run_tls
 
-_PLAIN_OPTIONS = proto.rpc._OPTIONS
+_PLAIN_OPTIONS = proto.rpc.GRPC_OPTIONS
 
 
 def _plain_start_server(register, host, *, security):

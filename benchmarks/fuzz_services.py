@@ -46,7 +46,7 @@ from memoryx.service import MemoryXServicer
 from memoryx.service import register as register_memoryx
 from nodes.cs2 import Cs2Backend
 from nodes.service import ComputeNodeServicer
-from nodes.service import register as register_node
+from nodes.service import serve as serve_node
 from nodes.worker import NodeWorker
 from proto import memoryx_pb2 as mpb
 from proto import memoryx_pb2_grpc as mgrpc
@@ -209,7 +209,8 @@ def build_services(
             worker, name=node_name(rank), security=security, chunk_bytes=chunk_bytes
         )
         nodes.append(node)
-        addresses[node_name(rank)] = serve(lambda s, node=node: register_node(s, node))
+        server, addresses[node_name(rank)] = serve_node(node, "127.0.0.1", security=security)
+        servers.append(server)
     for t in tree:
         swarmx[t.name].connect(
             children={c: addresses[c] for c in t.children},

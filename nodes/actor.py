@@ -10,9 +10,9 @@ from torch import nn
 from core.allocator import keep_freed_memory
 from core.data import DataConfig, Dataset
 from nodes.backend import Backend
-from nodes.service import ComputeNodeServicer, register
+from nodes.service import ComputeNodeServicer, serve
 from nodes.worker import NodeWorker
-from proto.rpc import Security, resolve_host, start_server
+from proto.rpc import Security, resolve_host
 
 
 class NodeActor:
@@ -57,9 +57,7 @@ class NodeActor:
         self.servicer = ComputeNodeServicer(
             worker, name=f"node-{rank}", security=security, chunk_bytes=chunk_bytes
         )
-        self.server, self.address = start_server(
-            lambda server: register(server, self.servicer), resolve_host(host), security=security
-        )
+        self.server, self.address = serve(self.servicer, resolve_host(host), security=security)
 
     def get_address(self) -> str:
         return self.address

@@ -1,5 +1,8 @@
 """Compute-node gRPC service: LayerSink.Deliver plus stats, over a NodeWorker.
 
+The service runs on the process's event loop (``proto.loop_server``): its streams are read
+and answered there, and each layer computes on a thread of its own.
+
 A layer stream is validated against the layer's layout before the node
 computes anything. In the backward pass the node sends its gradients to its
 SwarmX parent and answers only when the reduced gradient has reached
@@ -10,8 +13,9 @@ gradients of a pipelined pass (``LayerHeader.pass_id``) go on one
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
-import queue
 import threading
 from collections.abc import Callable
 
@@ -23,24 +27,24 @@ from proto import swarmx_pb2_grpc as sgrpc
 from proto import threads
 from proto.clients import time_left_s
 from proto.domain import Header, LayerAck, NodeStats, Phase
-from proto.frames import bundled
-from proto.messages import EMPTY, ack_from_wire, ack_to_wire, node_stats_to_wire
-from proto.pass_stream import ReadDone, next_pass_header, pass_answers
-from proto.rpc import (
-    CANCEL_CHECK_S,
-    Security,
-    StepConflict,
-    channel,
-    notifier,
-    rpc_errors,
-    rpc_stream_errors,
+from proto.frames import bundled, from_wire_stream_async
+from proto.loop_server import (
+    LoopServer,
+    ThreadSideContext,
+    loop_errors,
+    loop_stream_errors,
+    on_thread,
+    settle_soon,
+    start_loop_server,
 )
+from proto.messages import EMPTY, ack_from_wire, ack_to_wire, node_stats_to_wire
+from proto.pass_stream import ReadDone, checked_pass_header
+from proto.rpc import CANCEL_CHECK_S, Security, StepConflict, channel, notifier
 from proto.serde import (
     DEFAULT_CHUNK_BYTES,
     Expected,
     LayerAssembler,
     WireError,
-    from_wire_stream,
     layer_items,
     payload_bytes,
 )
@@ -133,71 +137,99 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
     def connect(self, parent: str) -> None:
         self._parent = sgrpc.SwarmXStub(fast_channel(channel(parent, self.security)))
 
-    @rpc_errors
-    def Deliver(self, request_iterator, context):
-        items = from_wire_stream(request_iterator)
-        header = next(items, None)
-        # Read and checked before the node's turn and lock: in a pipelined pass this layer
-        # streams in while the node still computes the one before it (the root keeps at most
-        # two in flight), and a client that stalls mid-stream (until the stream's idle
-        # deadline) holds only its own thread, not the node.
-        assembler, params = self._read_layer(header, items, until_complete=False)
-        return ack_to_wire(self._run_layer(assembler.header, params, assembler, context))
+    @loop_errors
+    async def Deliver(self, request_iterator, context):
+        items = from_wire_stream_async(request_iterator)
+        header = await anext(items, None)
+        # Read and checked on the loop, before the node's turn and lock: in a pipelined pass
+        # this layer streams in while the node still computes the one before it (the root
+        # keeps at most two in flight), and a client that stalls mid-stream (until the
+        # stream's idle deadline) holds no thread, let alone the node.
+        assembler, params = await self._read_layer(header, items, until_complete=False)
+        call = ThreadSideContext(context)
+        ack = await on_thread(
+            self._run_layer, assembler.header, params, assembler, call, name=f"{self.name}-layer"
+        )
+        return ack_to_wire(ack)
 
-    @rpc_stream_errors
-    def DeliverPass(self, request_iterator, context):
+    @loop_stream_errors
+    async def DeliverPass(self, request_iterator, context):
         """The layers of one pipelined pass on one stream (``LayerSink.DeliverPass``).
 
-        A thread reads and checks each layer as it comes, as ``Deliver`` does, while the
-        layer before it computes; each layer then runs as ``Deliver`` runs it, in pass
-        order, on a thread of its own (a backward layer waits for its reduced gradient
-        there). At most ``PASS_LAYERS_AHEAD`` layers are read and not yet computed. One ack
-        per layer is answered as it completes.
+        The stream is read on the event loop: each layer is checked and assembled as it
+        comes, while the layer before it computes; each layer then runs as ``Deliver`` runs
+        it, in pass order, on a thread of its own (a backward layer waits for its reduced
+        gradient there). At most ``PASS_LAYERS_AHEAD`` layers are read and not yet computed.
+        One ack per layer is answered as it completes.
         """
-        items = from_wire_stream(request_iterator)
-        answers: queue.Queue = queue.Queue()
-        room = threading.Semaphore(PASS_LAYERS_AHEAD)
-        passing = _PassContext(context, self.name)
+        loop = asyncio.get_running_loop()
+        passing = _PassContext(ThreadSideContext(context), self.name)
+        answers: asyncio.Queue = asyncio.Queue()
+        room = asyncio.Semaphore(PASS_LAYERS_AHEAD)
         layer_tasks: list[threads.Task] = []
+        layers_over: list[asyncio.Future] = []
 
-        def run(header: Header, assembler: LayerAssembler, params: dict) -> None:
+        def free_room() -> None:  # from a layer's thread once it has computed
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(room.release)
+
+        def run(header: Header, assembler: LayerAssembler, params: dict, over) -> None:
             try:
-                answers.put(self._run_layer(header, params, assembler, passing, room.release))
+                answer = self._run_layer(header, params, assembler, passing, free_room)
             except BaseException as exc:  # answered as the pass's error
-                answers.put(exc)
+                answer = exc
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the process exits
+                loop.call_soon_threadsafe(answers.put_nowait, answer)
+            settle_soon(loop, over, None)
 
-        def read() -> None:
+        async def read() -> None:
             num_read = 0
-            # The pass's end wakes a reader waiting for room (CANCEL_CHECK_S).
-            passing.add_callback(room.release)
+            # The pass's end wakes a reader waiting for room.
+            passing.add_callback(free_room)
             try:
+                items = from_wire_stream_async(request_iterator)
                 pass_id = None
                 while True:
-                    header = next_pass_header(
-                        items, room, passing.is_active, pass_id, check_s=CANCEL_CHECK_S
-                    )
+                    await room.acquire()
+                    if not passing.is_active():
+                        return
+                    header = await anext(items, None)
                     if header is None:
                         return
+                    header = checked_pass_header(header, pass_id)
                     pass_id = header.pass_id
-                    assembler, params = self._read_layer(header, items, until_complete=True)
-                    if not passing.start(run, (header, assembler, params), layer_tasks):
+                    assembler, params = await self._read_layer(header, items, until_complete=True)
+                    over = loop.create_future()
+                    if not passing.start(run, (header, assembler, params, over), layer_tasks):
                         return
+                    layers_over.append(over)
                     num_read += 1
-            except BaseException as exc:
-                answers.put(exc)
+            except Exception as exc:
+                answers.put_nowait(exc)
             finally:
-                answers.put(ReadDone(num_read))
+                answers.put_nowait(ReadDone(num_read))
 
-        threads.start(read, name=f"{self.name}-pass")
+        reader = asyncio.ensure_future(read())
         try:
-            for answer in pass_answers(answers):
-                yield ack_to_wire(answer)
+            num_answered, num_read = 0, None
+            while num_read is None or num_answered < num_read:
+                answer = await answers.get()
+                if isinstance(answer, ReadDone):
+                    num_read = answer.num_layers
+                elif isinstance(answer, BaseException):
+                    raise answer
+                else:
+                    num_answered += 1
+                    yield ack_to_wire(answer)
         finally:
             # The call ends only once its layers have: none changes the node afterwards.
-            for task in passing.abandon(layer_tasks):
-                task.join()
+            reader.cancel()
+            passing.abandon(layer_tasks)
+            await asyncio.gather(reader, *layers_over, return_exceptions=True)
 
-    def _read_layer(self, header, items, *, until_complete: bool) -> tuple[LayerAssembler, dict]:
+    async def _read_layer(
+        self, header, items, *, until_complete: bool
+    ) -> tuple[LayerAssembler, dict]:
         """One layer's stream, checked against its layout: its assembler and weights.
 
         ``until_complete``: the stream goes on after the layer (a pass stream), so reading
@@ -225,7 +257,7 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
         )
         assembler.add(header)
         while not (until_complete and assembler.complete):
-            item = next(items, None)
+            item = await anext(items, None)
             if item is None:
                 break
             assembler.add(item)
@@ -407,14 +439,22 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
             peak_layer_input_bytes=self.worker.peak_layer_input_bytes,
         )
 
-    def Stats(self, request, context):
+    async def Stats(self, request, context):
         return node_stats_to_wire(self.stats())
 
-    def ResetStats(self, request, context):
+    async def ResetStats(self, request, context):
         self._reset_counters()
         return EMPTY
 
 
-def register(server: grpc.Server, servicer: ComputeNodeServicer) -> None:
+def register(server: grpc.aio.Server, servicer: ComputeNodeServicer) -> None:
     ngrpc.add_ComputeNodeServicer_to_server(servicer, server)
     register_fast(sgrpc.add_LayerSinkServicer_to_server, servicer, server)
+
+
+def serve(
+    servicer: ComputeNodeServicer, host: str, *, security: Security
+) -> tuple[LoopServer, str]:
+    """Serve ``servicer`` on an OS-chosen port of ``host``, on this process's event loop
+    (``proto.loop_server``); the server and its ``host:port``."""
+    return start_loop_server(lambda server: register(server, servicer), host, security=security)

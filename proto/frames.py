@@ -10,7 +10,7 @@ start and a hundred MB of memory. ``tests/proto/test_frames.py`` checks that.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -311,6 +311,15 @@ def from_wire_stream(messages: Iterable[pb.LayerMessage]) -> Iterator[StreamItem
     arriving)."""
     for message in messages:
         yield from expand(message)
+
+
+async def from_wire_stream_async(
+    messages: AsyncIterable[pb.LayerMessage],
+) -> AsyncIterator[StreamItem]:
+    """``from_wire_stream`` for a stream that arrives on an event loop."""
+    async for message in messages:
+        for item in expand(message):
+            yield item
 
 
 def next_layer(items: Iterator[StreamItem]) -> Iterator[StreamItem]:

@@ -48,9 +48,7 @@ class _ProcessLoop:
         with self._lock:
             if self._loop is None or self._pid != os.getpid():
                 loop = asyncio.new_event_loop()
-                threading.Thread(
-                    target=loop.run_forever, name="grpc-client-loop", daemon=True
-                ).start()
+                threading.Thread(target=loop.run_forever, name="grpc-loop", daemon=True).start()
                 self._loop, self._pid = loop, os.getpid()
                 atexit.register(_end_streams, loop)
             return self._loop
@@ -79,7 +77,8 @@ _PROCESS_LOOP = _ProcessLoop()
 
 
 def process_loop() -> asyncio.AbstractEventLoop:
-    """The event loop every client stream of this process runs on."""
+    """The event loop every client stream of this process runs on, and the servers of
+    ``proto.loop_server``."""
     return _PROCESS_LOOP.get()
 
 

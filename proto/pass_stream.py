@@ -48,6 +48,14 @@ def next_pass_header(
     header = next(items, None)
     if header is None:
         return None
+    return checked_pass_header(header, pass_id, with_place=with_place)
+
+
+def checked_pass_header(
+    header: StreamItem, pass_id: int | None, *, with_place: bool = False
+) -> Header:
+    """``header`` if it starts a layer of the pass stream of ``pass_id`` (None: the first
+    layer), else the WireError ``next_pass_header`` describes."""
     if (
         not isinstance(header, Header)
         or not header.pass_id
@@ -81,4 +89,4 @@ def pass_answers(answers: queue.Queue) -> Iterator[Any]:
             yield answer
 
 
-__all__ = ["ReadDone", "next_pass_header", "pass_answers"]
+__all__ = ["ReadDone", "checked_pass_header", "next_pass_header", "pass_answers"]

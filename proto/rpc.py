@@ -11,13 +11,10 @@ set, both ends speak TLS.
 from __future__ import annotations
 
 import functools
-import hmac
 import ipaddress
 import secrets
 import threading
-import time
-import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,20 +24,18 @@ from grpc_health.v1 import health, health_pb2_grpc
 
 from proto import shm
 from proto.frames import WireError
+from proto.guard import BEARER, TOKEN_METADATA_KEY, Guard
 from proto.shm import SharedMemoryPlan
 
 # Chunks are ~1 MB; leave room for the message envelope. A larger message is
 # refused with RESOURCE_EXHAUSTED before any servicer sees it.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-_OPTIONS = [
+GRPC_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
 # Threads kept free for unary calls (Stats, CommitStep, ...) however many streams are open.
 _UNARY_WORKERS = 8
-#: Call-metadata key of the run token (lower case, as gRPC requires).
-TOKEN_METADATA_KEY = "authorization"
-_BEARER = "Bearer "
 
 
 @dataclass(frozen=True)
@@ -151,18 +146,27 @@ def start_server(
     (``grpc.health.v1.Health``, overall status SERVING, behind the same token
     guard), which the driver polls to tell a dead or hung component from a slow one.
     """
-    guard = _Guard(security)
+    guard = Guard(security)
     # The process's layer streams go through its shared-memory ring from now on (proto.shm).
     shm.activate(security.shared_memory)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=security.max_streams + _UNARY_WORKERS),
         interceptors=[guard],
-        options=_OPTIONS,
+        options=GRPC_OPTIONS,
     )
     register(server)
     # Check is a tiny unary call on the server's pool: a live process answers it even
     # while it streams layers; a stopped or dead one does not.
     health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    address = bind_port(server, host, security)
+    server.start()
+    guard.start_watchdog()
+    return server, address
+
+
+def bind_port(server: Any, host: str, security: Security) -> str:
+    """Bind ``server`` (sync or ``grpc.aio``) to an OS-chosen port of ``host``, with TLS if
+    the run has it; its ``host:port``."""
     if security.tls is not None:
         credentials = grpc.ssl_server_credentials(
             [(security.tls.key_pem, security.tls.cert_pem)], root_certificates=None
@@ -174,240 +178,7 @@ def start_server(
         raise ValueError(
             f"could not bind a gRPC port on host {host!r}; set bind_host to an address of this machine"
         )
-    server.start()
-    guard.start_watchdog()
-    return server, f"{host}:{port}"
-
-
-def _handler_kind(handler: grpc.RpcMethodHandler) -> Callable[..., grpc.RpcMethodHandler]:
-    return {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }[(handler.request_streaming, handler.response_streaming)]
-
-
-def _behavior(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
-    return {
-        (False, False): handler.unary_unary,
-        (False, True): handler.unary_stream,
-        (True, False): handler.stream_unary,
-        (True, True): handler.stream_stream,
-    }[(handler.request_streaming, handler.response_streaming)]
-
-
-def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, details: str):
-    """A handler of ``handler``'s kind that ends the call with ``code`` and reads nothing."""
-
-    def refuse(request: Any, context: grpc.ServicerContext) -> Any:
-        context.abort(code, details)
-
-    # No deserializer: a refused request is never parsed.
-    return _handler_kind(handler)(refuse)
-
-
-class _Watch:
-    """One open stream: since when (monotonic) it has been waiting on its client, if it is."""
-
-    __slots__ = ("context", "waiting_since")
-
-    def __init__(self, context: grpc.ServicerContext):
-        self.context = context
-        self.waiting_since: float | None = None
-
-
-class _Guard(grpc.ServerInterceptor):
-    """Token check for every call; a cap and an idle deadline for every stream."""
-
-    def __init__(self, security: Security):
-        self._expected = (_BEARER + security.token).encode()
-        self._idle_s = security.stream_idle_s
-        self._slots = threading.BoundedSemaphore(security.max_streams)
-        self._max_streams = security.max_streams
-        self._watches: set[_Watch] = set()
-        self._lock = threading.Lock()
-        # Per method: (the servicer's handler, its guarded and its refusing wrapper). A
-        # service's handlers never change, so each wrapper is built once, not per call.
-        self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
-
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None  # unknown method: gRPC answers UNIMPLEMENTED
-        wrapped = self._wrapped.get(handler_call_details.method)
-        if wrapped is None or wrapped[0] is not handler:
-            refusal = _refusal(
-                handler,
-                grpc.StatusCode.UNAUTHENTICATED,
-                "missing or wrong run token: send this run's token as call metadata "
-                f"'{TOKEN_METADATA_KEY}: Bearer <token>' (the token file is in the run directory)",
-            )
-            wrapped = (handler, self._guarded(handler), refusal)
-            self._wrapped[handler_call_details.method] = wrapped
-        presented = b""
-        for key, value in handler_call_details.invocation_metadata or ():
-            if key == TOKEN_METADATA_KEY:
-                presented = value.encode() if isinstance(value, str) else value
-        if not hmac.compare_digest(presented, self._expected):
-            return wrapped[2]
-        return wrapped[1]
-
-    def _guarded(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        """``handler`` that parses its own requests, and for a stream takes a slot and a watch.
-
-        Parsing here, not in gRPC, lets a message that is not valid protobuf get
-        INVALID_ARGUMENT (gRPC's own deserializer answers INTERNAL).
-        """
-        behavior = _behavior(handler)
-        parse = handler.request_deserializer or (lambda raw: raw)
-        guard = self
-
-        def parsed(raw: bytes, context: grpc.ServicerContext) -> Any:
-            try:
-                return parse(raw)
-            except WireError as exc:  # valid protobuf naming a chunk that cannot be read
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            except Exception:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the request is not valid protobuf")
-
-        def admit(context: grpc.ServicerContext) -> tuple[_Watch, Callable[[], None]]:
-            if not guard._slots.acquire(blocking=False):
-                context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"this service already serves {guard._max_streams} streams; try again later",
-                )
-            watch = _Watch(context)
-            with guard._lock:
-                guard._watches.add(watch)
-
-            def release() -> None:
-                # Once (the call's end and the handler's end both call it): the watch leaves
-                # the set once, under the guard's lock, and only then is its slot given back.
-                with guard._lock:
-                    if watch not in guard._watches:
-                        return
-                    guard._watches.discard(watch)
-                guard._slots.release()
-
-            return watch, release
-
-        def requests(watch: _Watch, iterator: Iterator[bytes]) -> Iterator[Any]:
-            while True:
-                watch.waiting_since = time.monotonic()
-                try:
-                    raw = next(iterator)
-                except StopIteration:
-                    return
-                finally:
-                    watch.waiting_since = None
-                try:
-                    item = parse(raw)
-                except WireError:
-                    raise  # valid protobuf naming a chunk that cannot be read (proto.shm)
-                except Exception:
-                    # The servicer's rpc_errors answers INVALID_ARGUMENT.
-                    raise WireError(
-                        "a message of the request stream is not valid protobuf"
-                    ) from None
-                yield item
-
-        if not (handler.request_streaming or handler.response_streaming):
-
-            def run(request: Any, context: grpc.ServicerContext) -> Any:
-                return behavior(parsed(request, context), context)
-
-        elif handler.response_streaming:
-
-            def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                watch, release = admit(context)
-                context.add_callback(release)
-                try:
-                    if handler.request_streaming:
-                        request = requests(watch, request)
-                    else:
-                        request = parsed(request, context)
-                    for item in behavior(request, context):
-                        # Until gRPC asks for the next item it is sending this one, which
-                        # waits on the client's flow control.
-                        watch.waiting_since = time.monotonic()
-                        yield item
-                        watch.waiting_since = None
-                finally:
-                    release()
-
-        else:
-
-            def run(request: Any, context: grpc.ServicerContext) -> Any:
-                watch, release = admit(context)
-                try:
-                    return behavior(requests(watch, request), context)
-                finally:
-                    release()
-
-        return _handler_kind(handler)(
-            run,
-            request_deserializer=None,  # raw bytes in: parsed above
-            response_serializer=handler.response_serializer,
-        )
-
-    def start_watchdog(self) -> None:
-        _IDLE_WATCHDOG.watch(self)
-
-    @property
-    def check_period_s(self) -> float:
-        """How often this server's streams are checked for idleness, s."""
-        return min(1.0, self._idle_s / 4)
-
-    def cancel_idle(self, now: float) -> None:
-        """Cancel the streams that have waited on their client longer than ``stream_idle_s``."""
-        with self._lock:
-            idle = [
-                w
-                for w in self._watches
-                if w.waiting_since is not None and now - w.waiting_since > self._idle_s
-            ]
-        for watch in idle:
-            # The handler's blocked read or write fails and its thread and slot come back.
-            watch.context.cancel()
-
-
-class _IdleWatchdog:
-    """One thread per process that ends the idle streams of every guarded server in it.
-
-    Not one per server: a process hosting many emulated nodes runs a server per node, and
-    a thread each woke every second (more often while it waited for the GIL), so the
-    wake-ups of a step grew as the number of nodes times the step's length.
-    """
-
-    def __init__(self) -> None:
-        self._guards: weakref.WeakSet[_Guard] = weakref.WeakSet()
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._changed = threading.Event()
-
-    def watch(self, guard: _Guard) -> None:
-        with self._lock:
-            self._guards.add(guard)
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="grpc-idle", daemon=True)
-                self._thread.start()
-        self._changed.set()  # a shorter period than the one slept on takes effect now
-
-    def _run(self) -> None:
-        while True:
-            with self._lock:
-                guards = list(self._guards)
-            period_s = min((g.check_period_s for g in guards), default=1.0)
-            if self._changed.wait(period_s):
-                self._changed.clear()
-                continue
-            now = time.monotonic()
-            for guard in guards:
-                guard.cancel_idle(now)
-
-
-_IDLE_WATCHDOG = _IdleWatchdog()
+    return f"{host}:{port}"
 
 
 # -- client ------------------------------------------------------------------
@@ -461,7 +232,7 @@ class _TokenChannel(grpc.Channel):
     def __init__(self, inner: grpc.Channel, address: str, security: Security):
         self._inner = inner
         self._address, self._security = address, security
-        self._metadatum = (TOKEN_METADATA_KEY, _BEARER + security.token)
+        self._metadatum = (TOKEN_METADATA_KEY, BEARER + security.token)
 
     def unary_unary(self, method, *args, **kwargs):
         return _WithToken(self._inner.unary_unary(method, *args, **kwargs), self._metadatum)
@@ -519,7 +290,7 @@ def _loop_channel(address: str, security: Security) -> Any:
 def _raw_channel(kind: Any, address: str, security: Security) -> Any:
     """A channel of ``kind`` (``grpc`` or ``grpc.aio``) with the run's credentials."""
     if security.tls is not None:
-        options = list(_OPTIONS)
+        options = list(GRPC_OPTIONS)
         if security.tls.server_name:
             options.append(("grpc.ssl_target_name_override", security.tls.server_name))
         return kind.secure_channel(
@@ -527,7 +298,7 @@ def _raw_channel(kind: Any, address: str, security: Security) -> Any:
             grpc.ssl_channel_credentials(root_certificates=security.tls.ca_pem),
             options=options,
         )
-    return kind.insecure_channel(address, options=_OPTIONS)
+    return kind.insecure_channel(address, options=GRPC_OPTIONS)
 
 
 class StepConflict(Exception):
@@ -542,8 +313,12 @@ class NonFiniteValues(Exception):
     """NaN/Inf values that must not be applied (NONFINITE_STATUS); retrying cannot help."""
 
 
-def _abort_for(exc: Exception, context: grpc.ServicerContext) -> None:
-    """End the call with the status that names ``exc`` (a wire, step, NaN/Inf or downstream error)."""
+#: What ``rpc_errors`` maps to a status; any other exception is the servicer's bug (UNKNOWN).
+MAPPED_ERRORS = (WireError, StepConflict, NonFiniteValues, grpc.RpcError)
+
+
+def status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status that names ``exc`` (a wire, step, NaN/Inf or downstream error)."""
     if isinstance(exc, WireError):
         code, details = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     elif isinstance(exc, StepConflict):
@@ -553,7 +328,12 @@ def _abort_for(exc: Exception, context: grpc.ServicerContext) -> None:
     else:
         code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
         details = exc.details() if hasattr(exc, "details") else str(exc)
-    context.abort(code, details)
+    return code, details
+
+
+def _abort_for(exc: Exception, context: grpc.ServicerContext) -> None:
+    """End the call with the status that names ``exc``."""
+    context.abort(*status_for(exc))
 
 
 def rpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -568,7 +348,7 @@ def rpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return method(self, request, context)
-        except (WireError, StepConflict, NonFiniteValues, grpc.RpcError) as exc:
+        except MAPPED_ERRORS as exc:
             _abort_for(exc, context)
 
     return wrapper
@@ -581,7 +361,7 @@ def rpc_stream_errors(method: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             yield from method(self, request, context)
-        except (WireError, StepConflict, NonFiniteValues, grpc.RpcError) as exc:
+        except MAPPED_ERRORS as exc:
             _abort_for(exc, context)
 
     return wrapper

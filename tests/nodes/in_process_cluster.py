@@ -18,7 +18,7 @@ from memoryx.service import MemoryXServicer
 from memoryx.service import register as register_memoryx
 from nodes.cs2 import Cs2Backend
 from nodes.service import ComputeNodeServicer
-from nodes.service import register as register_node
+from nodes.service import serve as serve_node
 from nodes.worker import NodeWorker
 from proto import memoryx_pb2 as mpb
 from proto import memoryx_pb2_grpc as mgrpc
@@ -126,7 +126,11 @@ def build_cluster(
                 worker, name=node_name(rank), security=SECURITY, chunk_bytes=CHUNK_BYTES
             )
         )
-    node_addresses = [serve(lambda s, n=n: register_node(s, n)) for n in nodes]
+    node_addresses = []
+    for node in nodes:
+        server, address = serve_node(node, "127.0.0.1", security=SECURITY)
+        servers.append(server)
+        node_addresses.append(address)
     # Wiring, as emulator/launch.py does it.
     by_name = {**swarmx_addresses, **{node_name(r): a for r, a in enumerate(node_addresses)}}
     for t in tree:

@@ -299,6 +299,7 @@ def test_node_stats_carry_the_backend_counters():
     from emulator.zoo import ModelConfig
     from nodes.service import ComputeNodeServicer
     from nodes.worker import NodeWorker
+    from proto.messages import node_stats_to_wire
 
     layers = list(ModelConfig(name="mlp-digits").build(seed=0))
     weights = [{n: p.detach().clone() for n, p in layer.named_parameters()} for layer in layers]
@@ -312,8 +313,8 @@ def test_node_stats_carry_the_backend_counters():
         backend=PcmBackend.Config().build(),
     )
     worker.forward(0, 0, weights[0])
-    stats = ComputeNodeServicer(worker, name="node-0", security=Security.generate()).Stats(
-        None, None
+    stats = node_stats_to_wire(
+        ComputeNodeServicer(worker, name="node-0", security=Security.generate()).stats()
     )
     assert stats.backend_stats["pcm.programmings"] == 1
     assert stats.backend_stats["pcm.program_energy_j"] > 0

@@ -21,14 +21,14 @@ from core.data import BatchSampler, DataConfig, Dataset
 from memoryx.service import MemoryXServicer
 from nodes.cs2 import Cs2Backend
 from nodes.service import ComputeNodeServicer
-from nodes.service import register as register_node
+from nodes.service import serve as serve_node
 from nodes.worker import NodeWorker
 from proto import node_pb2_grpc as ngrpc
 from proto import swarmx_pb2_grpc as sgrpc
 from proto import tensor_pb2 as pb
 from proto.clients import MemoryXClient, NodeClient, SwarmXClient
 from proto.domain import LayerAck, LayerRequest, NodeStats, Phase
-from proto.rpc import channel, start_server
+from proto.rpc import channel
 from proto.serde import encode_layer
 from swarmx.service import SwarmXServicer
 from swarmx.tree import build_tree
@@ -243,9 +243,7 @@ def node(dataset) -> Iterator[SingleNode]:
     servicer = ComputeNodeServicer(
         worker, name="node-0", security=SECURITY, chunk_bytes=CHUNK_BYTES
     )
-    server, address = start_server(
-        lambda s: register_node(s, servicer), "127.0.0.1", security=SECURITY
-    )
+    server, address = serve_node(servicer, "127.0.0.1", security=SECURITY)
     yield SingleNode(
         servicer,
         sgrpc.LayerSinkStub(channel(address, SECURITY)),
