@@ -34,7 +34,6 @@ from proto.loop_server import (
     loop_errors,
     loop_stream_errors,
     on_thread,
-    settle_soon,
     start_loop_server,
 )
 from proto.messages import EMPTY, ack_from_wire, ack_to_wire, node_stats_to_wire
@@ -178,9 +177,14 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
                 answer = self._run_layer(header, params, assembler, passing, free_room)
             except BaseException as exc:  # answered as the pass's error
                 answer = exc
+
+            def answered() -> None:  # one wake-up of the loop for both
+                answers.put_nowait(answer)
+                if not over.done():
+                    over.set_result(None)
+
             with contextlib.suppress(RuntimeError):  # the loop is closed: the process exits
-                loop.call_soon_threadsafe(answers.put_nowait, answer)
-            settle_soon(loop, over, None)
+                loop.call_soon_threadsafe(answered)
 
         async def read() -> None:
             num_read = 0

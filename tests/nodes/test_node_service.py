@@ -550,3 +550,34 @@ def test_a_pass_position_without_a_pass_is_rejected_by_the_root(dataset):
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     finally:
         cluster.stop()
+
+
+def test_a_pass_cancelled_while_a_layer_waits_ends_its_layers_and_the_node_serves_on(
+    node, monkeypatch
+):
+    # Pass 8's layer 1 comes without its layer 0: it waits for its turn on a thread. The
+    # client cancels the pass: the waiting layer gives up at once (it never computes),
+    # and the next pass runs on the same node.
+    ended = threading.Event()
+    run_layer = node.servicer._run_layer
+
+    def watched(*args, **kwargs):
+        try:
+            return run_layer(*args, **kwargs)
+        finally:
+            ended.set()
+
+    monkeypatch.setattr(node.servicer, "_run_layer", watched)
+    before = node.stub.Stats(pb.Empty(), timeout=TIMEOUT_S)
+    stalled = node.sink.DeliverPass(iter(_pass_stream(8, [1])), timeout=TIMEOUT_S)
+    assert not ended.wait(0.3)  # waiting for layer 0 of its pass
+    stalled.cancel()
+    with pytest.raises(grpc.RpcError) as info:
+        list(stalled)
+    assert info.value.code() == grpc.StatusCode.CANCELLED
+    # Well before CANCEL_CHECK_S * a few: the call's end woke it.
+    assert ended.wait(TIMEOUT_S / 4)
+    assert node.stub.Stats(pb.Empty(), timeout=TIMEOUT_S).flops == before.flops
+    acks = list(node.sink.DeliverPass(iter(_pass_stream(9, [0, 1])), timeout=TIMEOUT_S))
+    assert [a.layer for a in acks] == [0, 1]
+    assert node.stub.Stats(pb.Empty(), timeout=TIMEOUT_S).flops > before.flops
