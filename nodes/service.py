@@ -159,7 +159,7 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
         comes, while the layer before it computes; each layer then runs as ``Deliver`` runs
         it, in pass order, on a thread of its own (a backward layer waits for its reduced
         gradient there). At most ``PASS_LAYERS_AHEAD`` layers are read and not yet computed.
-        One ack per layer is answered as it completes.
+        One ack per layer is answered as it completes, in pass order.
         """
         loop = asyncio.get_running_loop()
         passing = _PassContext(ThreadSideContext(context), self.name)
@@ -172,9 +172,9 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(room.release)
 
-        def run(header: Header, assembler: LayerAssembler, params: dict, over) -> None:
+        def run(index: int, header: Header, assembler: LayerAssembler, params: dict, over) -> None:
             try:
-                answer = self._run_layer(header, params, assembler, passing, free_room)
+                answer = (index, self._run_layer(header, params, assembler, passing, free_room))
             except BaseException as exc:  # answered as the pass's error
                 answer = exc
 
@@ -204,7 +204,8 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
                     pass_id = header.pass_id
                     assembler, params = await self._read_layer(header, items, until_complete=True)
                     over = loop.create_future()
-                    if not passing.start(run, (header, assembler, params, over), layer_tasks):
+                    layer = (num_read, header, assembler, params, over)
+                    if not passing.start(run, layer, layer_tasks):
                         return
                     layers_over.append(over)
                     num_read += 1
@@ -215,6 +216,9 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
 
         reader = asyncio.ensure_future(read())
         try:
+            # In pass order: a layer whose thread posts its answer late (descheduled after
+            # its compute) is still answered before the next one. An error ends it at once.
+            done: dict[int, LayerAck] = {}
             num_answered, num_read = 0, None
             while num_read is None or num_answered < num_read:
                 answer = await answers.get()
@@ -223,8 +227,10 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
                 elif isinstance(answer, BaseException):
                     raise answer
                 else:
-                    num_answered += 1
-                    yield ack_to_wire(answer)
+                    done.update((answer,))
+                    while num_answered in done:
+                        yield ack_to_wire(done.pop(num_answered))
+                        num_answered += 1
         finally:
             # The call ends only once its layers have: none changes the node afterwards.
             reader.cancel()

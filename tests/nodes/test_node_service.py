@@ -8,6 +8,7 @@ servicer on its own loopback server, wired with ``.connect`` as
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -581,3 +582,21 @@ def test_a_pass_cancelled_while_a_layer_waits_ends_its_layers_and_the_node_serve
     acks = list(node.sink.DeliverPass(iter(_pass_stream(9, [0, 1])), timeout=TIMEOUT_S))
     assert [a.layer for a in acks] == [0, 1]
     assert node.stub.Stats(pb.Empty(), timeout=TIMEOUT_S).flops > before.flops
+
+
+def test_a_pass_stream_answers_its_layers_in_pass_order_however_their_threads_run(
+    node, monkeypatch
+):
+    # Layer 0's thread is held back after its compute, so layer 1 computes and is done
+    # first: the answers still come in the pass's order.
+    run_layer = node.servicer._run_layer
+
+    def late_for_layer_0(header, *args, **kwargs):
+        ack = run_layer(header, *args, **kwargs)
+        if header.layer == 0:
+            time.sleep(0.3)
+        return ack
+
+    monkeypatch.setattr(node.servicer, "_run_layer", late_for_layer_0)
+    acks = list(node.sink.DeliverPass(iter(_pass_stream(7, [0, 1])), timeout=TIMEOUT_S))
+    assert [(a.layer, a.phase) for a in acks] == [(0, pb.FORWARD), (1, pb.FORWARD)]
