@@ -46,6 +46,17 @@ def behavior_of(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
     }[(handler.request_streaming, handler.response_streaming)]
 
 
+def stream_message(parse: Callable[[bytes], Any], raw: bytes) -> Any:
+    """A request stream's message, parsed; a WireError if it is not valid protobuf, which
+    the servicer's error mapping (``rpc_errors``) answers INVALID_ARGUMENT."""
+    try:
+        return parse(raw)
+    except WireError:
+        raise  # valid protobuf naming a chunk that cannot be read (proto.shm)
+    except Exception:
+        raise WireError("a message of the request stream is not valid protobuf") from None
+
+
 WRONG_TOKEN = (
     "missing or wrong run token: send this run's token as call metadata "
     f"'{TOKEN_METADATA_KEY}: Bearer <token>' (the token file is in the run directory)"
@@ -143,16 +154,7 @@ class Guard(grpc.ServerInterceptor):
                     return
                 finally:
                     watch.waiting_since = None
-                try:
-                    item = parse(raw)
-                except WireError:
-                    raise  # valid protobuf naming a chunk that cannot be read (proto.shm)
-                except Exception:
-                    # The servicer's rpc_errors answers INVALID_ARGUMENT.
-                    raise WireError(
-                        "a message of the request stream is not valid protobuf"
-                    ) from None
-                yield item
+                yield stream_message(parse, raw)
 
         if not (handler.request_streaming or handler.response_streaming):
 

@@ -32,7 +32,7 @@ from grpc_health.v1 import health, health_pb2_grpc
 
 from proto import shm, threads
 from proto.frames import WireError
-from proto.guard import Guard, behavior_of, handler_kind
+from proto.guard import Guard, behavior_of, handler_kind, stream_message
 from proto.loop_streams import process_loop
 from proto.rpc import GRPC_OPTIONS, MAPPED_ERRORS, Security, bind_port, status_for
 
@@ -151,16 +151,7 @@ class LoopGuard(Guard, grpc.aio.ServerInterceptor):
                     return
                 finally:
                     watch.waiting_since = None
-                try:
-                    item = parse(raw)
-                except WireError:
-                    raise
-                except Exception:
-                    # The servicer's loop_errors answers INVALID_ARGUMENT.
-                    raise WireError(
-                        "a message of the request stream is not valid protobuf"
-                    ) from None
-                yield item
+                yield stream_message(parse, raw)
 
         async def admit(context: grpc.aio.ServicerContext) -> _LoopWatch:
             watch = _LoopWatch()
