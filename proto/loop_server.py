@@ -108,7 +108,8 @@ class _LoopWatch:
 
 class LoopGuard(Guard, grpc.aio.ServerInterceptor):
     """``Guard`` for a ``grpc.aio`` server: the same checks, on handlers that are coroutines
-    or async generators (a sync handler is refused when the service registers)."""
+    or async generators (a call to a sync handler fails with a TypeError, which gRPC answers
+    as UNKNOWN: a servicer bug, found by the first call)."""
 
     async def intercept_service(self, continuation, handler_call_details):
         return self._select(await continuation(handler_call_details), handler_call_details)
