@@ -56,48 +56,10 @@ from swarmx.gradient_link import GradientLink
 PASS_LAYERS_AHEAD = 2
 
 
-class _PassContext:
-    """A pass stream's call context for its layers, which the stream can abandon: its
-    layers waiting for their turn then give up, and their gradient calls are cancelled."""
-
-    def __init__(self, context: grpc.ServicerContext, name: str):
-        self._context = context
-        self._name = name
-        self._lock = threading.Lock()
-        self._abandoned = False
-        self._callbacks: list[Callable[[], None]] = []
-
-    def is_active(self) -> bool:
-        return not self._abandoned and self._context.is_active()
-
-    def time_remaining(self) -> float | None:
-        return self._context.time_remaining()
-
-    def add_callback(self, callback: Callable[[], None]) -> bool:
-        with self._lock:
-            if self._abandoned:
-                return False
-            self._callbacks.append(callback)
-        return self._context.add_callback(callback)
-
-    def start(self, run: Callable[..., None], args: tuple, tasks: list[threads.Task]) -> bool:
-        """Start a layer's ``run(*args)`` on a pooled thread and keep its task in ``tasks``,
-        unless the pass is abandoned."""
-        with self._lock:
-            if self._abandoned:
-                return False
-            tasks.append(threads.start(run, *args, name=f"{self._name}-layer"))
-            return True
-
-    def abandon(self, tasks: list[threads.Task]) -> list[threads.Task]:
-        """No more layers start; the ones started (returned) are told to give up."""
-        with self._lock:
-            self._abandoned = True
-            callbacks, self._callbacks = self._callbacks, []
-            started = list(tasks)
-        for callback in callbacks:
-            callback()
-        return started
+class _PassCall(ThreadSideContext):
+    """The context a pass stream's layers see: the call's, which the stream also ends
+    (``end``) when it stops, so that layers waiting for their turn give up and their
+    gradient calls are cancelled. A pass's gradient stream lives under the pass's deadline."""
 
 
 class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
@@ -162,10 +124,9 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
         One ack per layer is answered as it completes, in pass order.
         """
         loop = asyncio.get_running_loop()
-        passing = _PassContext(ThreadSideContext(context), self.name)
+        passing = _PassCall(context)
         answers: asyncio.Queue = asyncio.Queue()
         room = asyncio.Semaphore(PASS_LAYERS_AHEAD)
-        layer_tasks: list[threads.Task] = []
         layers_over: list[asyncio.Future] = []
 
         def free_room() -> None:  # from a layer's thread once it has computed
@@ -204,9 +165,10 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
                     pass_id = header.pass_id
                     assembler, params = await self._read_layer(header, items, until_complete=True)
                     over = loop.create_future()
-                    layer = (num_read, header, assembler, params, over)
-                    if not passing.start(run, layer, layer_tasks):
+                    if not passing.is_active():  # ended (on this loop) while it was read
                         return
+                    layer = (num_read, header, assembler, params, over)
+                    threads.start(run, *layer, name=f"{self.name}-layer")
                     layers_over.append(over)
                     num_read += 1
             except Exception as exc:
@@ -234,7 +196,7 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
         finally:
             # The call ends only once its layers have: none changes the node afterwards.
             reader.cancel()
-            passing.abandon(layer_tasks)
+            passing.end()
             await asyncio.gather(reader, *layers_over, return_exceptions=True)
 
     async def _read_layer(
@@ -418,7 +380,7 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
             # The stream lives as long as the pass's gradients: on a pass stream, under its
             # deadline (its layers' summed); else a layer's deadline per backward layer left.
             timeout_s = time_left_s(context)
-            if not isinstance(context, _PassContext):
+            if not isinstance(context, _PassCall):
                 timeout_s *= header.layer + 1
             link = GradientLink(self._parent.ReducePass, header.pass_id, timeout_s)
             self._gradient_link = link
