@@ -66,7 +66,7 @@ from proto.shm import SharedMemoryPlan
 from proto.wire import fast_channel
 from proto.wire import register as register_fast
 from swarmx.service import SwarmXServicer
-from swarmx.service import register as register_swarmx
+from swarmx.service import serve as serve_swarmx
 
 # This module's run credentials (token only: loopback).
 SECURITY = Security.generate()
@@ -169,7 +169,7 @@ def _build_server(kind: str, options: dict) -> tuple[grpc.Server, str]:
         )
     if kind == "swarmx":
         root = SwarmXServicer(options["name"], security=security)
-        server, address = start_server(lambda s: register_swarmx(s, root), HOST, security=security)
+        server, address = serve_swarmx(root, HOST, security=security)
         root.connect(children=options["children"], parent=None, memoryx=options["memoryx"])
         return server, address
     raise ValueError(f"unknown component {kind!r}")

@@ -59,7 +59,7 @@ from proto.rpc import Security, channel, start_server
 from proto.serde import encode_layer
 from proto.shm import SharedMemoryPlan
 from swarmx.service import SwarmXServicer
-from swarmx.service import register as register_swarmx
+from swarmx.service import serve as serve_swarmx
 from swarmx.tree import build_tree, node_name
 
 CHUNK_BYTES = 1024  # the first layer's weight is several chunks
@@ -193,7 +193,8 @@ def build_services(
     tree = build_tree(num_nodes, fanout)
     swarmx = {t.name: SwarmXServicer(t.name, security=security) for t in tree}
     for name, servicer in swarmx.items():
-        addresses[name] = serve(lambda s, servicer=servicer: register_swarmx(s, servicer))
+        server, addresses[name] = serve_swarmx(servicer, "127.0.0.1", security=security)
+        servers.append(server)
     nodes = []
     for rank in range(num_nodes):
         worker = NodeWorker(

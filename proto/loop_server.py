@@ -19,6 +19,7 @@ health service, behind it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import inspect
@@ -303,8 +304,220 @@ async def on_thread(fn: Callable[..., Any], *args: Any, name: str) -> Any:
     return await future
 
 
+# -- sync servicers on a loop server ------------------------------------------------------
+
+
+class _Aborted(Exception):
+    """A sync handler's ``context.abort``: the loop ends the call with this status."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+class _ThreadCall(ThreadSideContext):
+    """The context a sync handler gets on its thread: ``ThreadSideContext`` plus ``abort``."""
+
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise _Aborted(code, details)
+
+
+class _FedRequests:
+    """A sync handler's request iterator, fed on the loop from the call's async one.
+
+    The loop reads ahead at most ``depth`` requests (then waits until the thread takes
+    one). A call known to be cancelled or over before its requests ended ends the iterator
+    with a bare ``grpc.RpcError``, as a sync server's request iterator does when its client
+    cancels; but ``grpc.aio`` may end a cancelled call's requests as if they were complete
+    and only then report the cancellation, so a handler also watches its context
+    (``is_active``, ``add_callback``), as SwarmX's do.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, depth: int):
+        self._loop = loop
+        self._depth = depth
+        self._ready = threading.Condition()
+        self._items: collections.deque = collections.deque()
+        self._over = False
+        self._error: BaseException | None = None
+        self._room: asyncio.Future | None = None
+
+    async def feed(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+        error: BaseException | None = None
+        try:
+            async for item in requests:
+                with self._ready:
+                    self._items.append(item)
+                    self._ready.notify()
+                    room = None
+                    if len(self._items) >= self._depth:
+                        room = self._room = self._loop.create_future()
+                if room is not None:
+                    await room
+            if context.cancelled():  # the requests of a cancelled call end as if complete
+                error = grpc.RpcError("the call was cancelled before its requests ended")
+        except asyncio.CancelledError:
+            error = grpc.RpcError("the call ended before its requests did")
+            raise
+        except BaseException as exc:  # noqa: BLE001 - the handler's thread raises it
+            error = exc
+        finally:
+            with self._ready:
+                self._over, self._error = True, error
+                self._ready.notify()
+
+    def __iter__(self) -> _FedRequests:
+        return self
+
+    def __next__(self) -> Any:
+        with self._ready:
+            while not self._items and not self._over:
+                self._ready.wait()
+            if not self._items:
+                if self._error is not None:
+                    raise self._error
+                raise StopIteration
+            item = self._items.popleft()
+            room, self._room = self._room, None
+        if room is not None:
+            settle_soon(self._loop, room, None)
+        return item
+
+
+def _threaded(handler: grpc.RpcMethodHandler, depth: int) -> grpc.RpcMethodHandler:
+    """``handler`` as a loop server runs it: a sync behavior runs on a pooled thread with a
+    ``_ThreadCall`` context (a request stream fed to it, answers handed back); an async
+    one is left as it is."""
+    behavior = behavior_of(handler)
+    if inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior):
+        return handler
+    name = getattr(behavior, "__name__", "handler")
+
+    def start(request: Any, context: grpc.aio.ServicerContext, deliver: Callable) -> tuple:
+        """Run ``behavior`` on a thread; ``deliver(kind, value)`` on the loop for each of
+        its answers (``_ANSWER``) and once at its end (``_DONE`` or ``_FAILED``)."""
+        loop = asyncio.get_running_loop()
+        call = _ThreadCall(context)
+        feeder = None
+        if handler.request_streaming:
+            fed = _FedRequests(loop, depth)
+            feeder = asyncio.ensure_future(fed.feed(request, context))
+            request = fed
+
+        def to_loop(kind: object, value: Any) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the process exits
+                loop.call_soon_threadsafe(deliver, kind, value)
+
+        def work() -> None:
+            try:
+                result = behavior(request, call)
+                if handler.response_streaming:
+                    for answer in result:
+                        to_loop(_ANSWER, answer)
+                    result = None
+            except BaseException as exc:  # ends the call on the loop
+                to_loop(_FAILED, exc)
+            else:
+                to_loop(_DONE, result)
+
+        threads.start(work, name=name)
+        return call, feeder
+
+    async def finish(error: BaseException, context: grpc.aio.ServicerContext) -> None:
+        if isinstance(error, _Aborted):
+            await context.abort(error.code, error.details)
+        raise error
+
+    def close(call: _ThreadCall, feeder: asyncio.Future | None) -> None:
+        call.end()  # the thread sees its call over (its callbacks run) if it still works
+        if feeder is not None:
+            feeder.cancel()
+
+    if handler.response_streaming:
+
+        async def run(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator:
+            answers: asyncio.Queue = asyncio.Queue()
+            call, feeder = start(request, context, lambda *kv: answers.put_nowait(kv))
+            try:
+                while True:
+                    kind, value = await answers.get()
+                    if kind is _ANSWER:
+                        yield value
+                    elif kind is _DONE:
+                        return
+                    else:
+                        await finish(value, context)
+            finally:
+                close(call, feeder)
+
+    else:
+
+        async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            done = asyncio.get_running_loop().create_future()
+            call, feeder = start(request, context, lambda *kv: done.done() or done.set_result(kv))
+            try:
+                kind, value = await done
+                if kind is _DONE:
+                    return value
+                await finish(value, context)
+            finally:
+                close(call, feeder)
+
+    return handler_kind(handler)(
+        run,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+_ANSWER, _DONE, _FAILED = object(), object(), object()
+
+
+class _GenericThreaded(grpc.GenericRpcHandler):
+    def __init__(self, inner: grpc.GenericRpcHandler, depth: int):
+        self._inner = inner
+        self._depth = depth
+        self._converted: dict[str, tuple[Any, grpc.RpcMethodHandler]] = {}
+
+    def service(self, handler_call_details):
+        handler = self._inner.service(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        known = self._converted.get(method)
+        if known is None or known[0] is not handler:
+            known = self._converted[method] = (handler, _threaded(handler, self._depth))
+        return known[1]
+
+
+class SyncOnLoop:
+    """Stands in for a loop server while a sync servicer registers (``register(SyncOnLoop(
+    server), servicer)``): every sync handler runs on a pooled thread, its requests and
+    answers going through the loop, which reads and writes the call.
+
+    For a servicer that is written for threads (SwarmX's, whose layers block on their
+    children): its calls lose the sync server's per-server poller, executor and
+    completion queue, which in a host of many components cost most of its CPU.
+    """
+
+    def __init__(self, server: grpc.aio.Server, *, depth: int = 16):
+        self._server = server
+        self._depth = depth
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        self._server.add_generic_rpc_handlers(
+            tuple(_GenericThreaded(h, self._depth) for h in handlers)
+        )
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self._server.add_registered_method_handlers(
+            service, {name: _threaded(h, self._depth) for name, h in handlers.items()}
+        )
+
+
 __all__ = [
     "LoopGuard",
+    "SyncOnLoop",
     "LoopServer",
     "ThreadSideContext",
     "loop_errors",

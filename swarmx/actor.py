@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import os
 
-from proto.rpc import Security, resolve_host, start_server
-from swarmx.service import SwarmXServicer, register
+from proto.rpc import Security, resolve_host
+from swarmx.service import SwarmXServicer, serve
 
 
 class SwarmXActor:
     def __init__(self, name: str, *, host: str, security: Security):
         self.servicer = SwarmXServicer(name, security=security)
-        self.server, self.address = start_server(
-            lambda server: register(server, self.servicer), resolve_host(host), security=security
-        )
+        self.server, self.address = serve(self.servicer, resolve_host(host), security=security)
 
     def get_address(self) -> str:
         return self.address

@@ -38,6 +38,7 @@ from proto.frames import (
     recast_chunk,
     recast_header,
 )
+from proto.loop_server import LoopServer, SyncOnLoop, start_loop_server
 from proto.messages import (
     EMPTY,
     ack_from_wire,
@@ -550,3 +551,15 @@ class SwarmXServicer(ReduceSide, sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
 def register(server: grpc.Server, servicer: SwarmXServicer) -> None:
     register_fast(sgrpc.add_SwarmXServicer_to_server, servicer, server)
     register_fast(sgrpc.add_LayerSinkServicer_to_server, servicer, server)
+
+
+def serve(servicer: SwarmXServicer, host: str, *, security: Security) -> tuple[LoopServer, str]:
+    """Serve ``servicer`` on an OS-chosen port of ``host``; the server and its ``host:port``.
+
+    On this process's event loop (``proto.loop_server``), as compute nodes are served: the
+    loop reads and writes every call, and each call's handler runs on a pooled thread, as
+    this servicer is written for (``SyncOnLoop``).
+    """
+    return start_loop_server(
+        lambda server: register(SyncOnLoop(server), servicer), host, security=security
+    )

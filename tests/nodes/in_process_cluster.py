@@ -30,7 +30,7 @@ from proto import tensor_pb2 as pb
 from proto.rpc import Security, channel, start_server
 from proto.serde import encode_layer
 from swarmx.service import SwarmXServicer
-from swarmx.service import register as register_swarmx
+from swarmx.service import serve as serve_swarmx
 from swarmx.tree import build_tree, node_name
 
 # The run credentials of the tests that use this cluster (token only: loopback).
@@ -106,10 +106,10 @@ def build_cluster(
     memoryx_address = serve(lambda s: register_memoryx(s, memoryx))
     tree = build_tree(num_nodes, fanout)
     swarmx = {t.name: SwarmXServicer(t.name, security=SECURITY) for t in tree}
-    swarmx_addresses = {
-        name: serve(lambda s, servicer=servicer: register_swarmx(s, servicer))
-        for name, servicer in swarmx.items()
-    }
+    swarmx_addresses = {}
+    for name, servicer in swarmx.items():
+        server, swarmx_addresses[name] = serve_swarmx(servicer, "127.0.0.1", security=SECURITY)
+        servers.append(server)
     nodes = []
     for rank in range(num_nodes):
         worker = NodeWorker(

@@ -15,12 +15,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from proto import tensor_pb2 as pb
 from proto.loop_server import (
     IDLE_DETAILS,
+    SyncOnLoop,
     ThreadSideContext,
+    _FedRequests,
     loop_errors,
     on_thread,
     start_loop_server,
 )
-from proto.rpc import Security, StepConflict, channel
+from proto.loop_streams import process_loop
+from proto.rpc import Security, StepConflict, channel, is_cancelled, rpc_errors
 
 _SERVICE = "test.Echo"
 _TIMEOUT_S = 10.0
@@ -274,3 +277,116 @@ def test_a_loop_server_stops_from_any_thread():
     unary = _method(channel(address, security), "Unary", "unary_unary")
     assert _code(lambda: unary(pb.Empty(), timeout=2)) == grpc.StatusCode.UNAVAILABLE
     asyncio.run(asyncio.sleep(0))  # an unrelated loop in this thread is unaffected
+
+
+# -- sync servicers on a loop server (SyncOnLoop) ------------------------------------------
+
+
+class _SyncEcho:
+    """A servicer written for threads, as SwarmX's is."""
+
+    def __init__(self) -> None:
+        self.ended = threading.Event()
+        self.stream_error: list[BaseException] = []
+        self.stream_over: list[bool] = []
+        self.thread_names: list[str] = []
+
+    def Stream(self, requests, context):
+        self.thread_names.append(threading.current_thread().name)
+        context.add_callback(self.ended.set)
+        try:
+            yield from requests
+        except grpc.RpcError as exc:
+            self.stream_error.append(exc)
+        finally:
+            self.stream_over.append(True)
+
+    @rpc_errors
+    def Unary(self, request, context):
+        if not context.is_active() or context.time_remaining() is None:
+            raise AssertionError("a live call with a deadline")
+        raise StepConflict("version 3 is gone")
+
+
+def _sync_register(echo: _SyncEcho):
+    def register(server) -> None:
+        codec = {
+            "request_deserializer": pb.Empty.FromString,
+            "response_serializer": pb.Empty.SerializeToString,
+        }
+        handlers = {
+            "Stream": grpc.stream_stream_rpc_method_handler(echo.Stream, **codec),
+            "Unary": grpc.unary_unary_rpc_method_handler(echo.Unary, **codec),
+        }
+        SyncOnLoop(server).add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(_SERVICE, handlers),)
+        )
+
+    return register
+
+
+@pytest.fixture
+def sync_echo():
+    security = Security.generate()
+    echo = _SyncEcho()
+    server, address = start_loop_server(_sync_register(echo), "127.0.0.1", security=security)
+    yield echo, channel(address, security)
+    server.stop(grace=None).wait(_TIMEOUT_S)
+
+
+def test_a_sync_servicer_runs_on_threads_behind_a_loop_server(sync_echo):
+    echo, ch = sync_echo
+    stream = _method(ch, "Stream", "stream_stream")
+    assert len(list(stream(iter([pb.Empty()] * 40), timeout=_TIMEOUT_S))) == 40
+    assert echo.thread_names and "loop" not in echo.thread_names[0]
+    assert echo.ended.wait(_TIMEOUT_S)  # its callbacks ran at the call's end
+    # The sync handler's abort (rpc_errors) keeps its status and details.
+    with pytest.raises(grpc.RpcError) as caught:
+        _method(ch, "Unary", "unary_unary")(pb.Empty(), timeout=_TIMEOUT_S)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert caught.value.details() == "version 3 is gone"
+
+
+def test_a_cancelled_call_ends_a_sync_handlers_requests_and_its_context(sync_echo):
+    echo, ch = sync_echo
+    release = threading.Event()
+    call = _method(ch, "Stream", "stream_stream")(_stalled(release), timeout=_TIMEOUT_S)
+    try:
+        assert next(call) == pb.Empty()
+        started_s = time.monotonic()
+        call.cancel()
+        # The handler's callbacks run and its thread stops reading, long before the
+        # call's deadline: its request iterator ends (or raises a cancelled RpcError).
+        assert echo.ended.wait(_TIMEOUT_S / 2)
+        deadline = time.monotonic() + _TIMEOUT_S / 2
+        while not echo.stream_over and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert echo.stream_over == [True]
+        assert all(is_cancelled(e) for e in echo.stream_error)
+        assert time.monotonic() - started_s < _TIMEOUT_S / 2
+    finally:
+        release.set()
+
+
+def test_requests_are_read_ahead_at_most_depth_for_a_sync_handler():
+    loop = process_loop()
+    pulled = []
+
+    async def source():
+        for i in range(100):
+            pulled.append(i)
+            yield i
+
+    class _Live:
+        def cancelled(self) -> bool:
+            return False
+
+    fed = _FedRequests(loop, depth=4)
+    feeding = asyncio.run_coroutine_threadsafe(fed.feed(source(), _Live()), loop)
+    time.sleep(0.2)
+    assert len(pulled) <= 5  # 4 queued, and the one whose append filled the queue
+    assert next(fed) == 0
+    time.sleep(0.2)
+    assert len(pulled) <= 6
+    assert list(fed) == list(range(1, 100))
+    feeding.result(_TIMEOUT_S)

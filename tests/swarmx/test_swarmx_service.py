@@ -26,7 +26,7 @@ from proto import tensor_pb2 as pb
 from proto.rpc import Security, channel, start_server
 from proto.serde import Expected, decode_layer, encode_layer, layout_of
 from swarmx.service import SwarmXServicer
-from swarmx.service import register as register_swarmx
+from swarmx.service import serve as serve_swarmx
 
 # This module's run credentials (token only: loopback).
 SECURITY = Security.generate()
@@ -125,7 +125,9 @@ class Servers:
 
     def swarmx(self, name: str) -> tuple[SwarmXServicer, str]:
         servicer = SwarmXServicer(name, security=SECURITY)
-        return servicer, self.start(lambda s: register_swarmx(s, servicer))
+        server, address = serve_swarmx(servicer, "127.0.0.1", security=SECURITY)
+        self.servers.append(server)
+        return servicer, address
 
     def stop(self) -> None:
         for server in self.servers:
