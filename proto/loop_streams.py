@@ -130,6 +130,7 @@ class ClientStream:
         self._room = threading.Condition(self._lock)
         self._queued: collections.deque = collections.deque()
         self._writer_waiting: asyncio.Future | None = None
+        self._sender_waiting: asyncio.Future | None = None  # a ``send`` waiting for room
         self._over = False  # the call is over: no more requests are taken
         self._done = False
         self._code = grpc.StatusCode.OK
@@ -157,6 +158,23 @@ class ClientStream:
             waiter, self._writer_waiting = self._writer_waiting, None
         if waiter is not None:
             self._loop.call_soon_threadsafe(_wake, waiter)
+        return True
+
+    async def send(self, message: Any) -> bool:
+        """``put`` for a caller on the loop itself: waits (without blocking the loop) while
+        ``depth`` messages are queued; False if the call is over. One sender at a time."""
+        while True:
+            with self._lock:
+                if self._over:
+                    return False
+                if len(self._queued) < self._depth:
+                    self._queued.append(message)
+                    waiter, self._writer_waiting = self._writer_waiting, None
+                    break
+                room = self._sender_waiting = self._loop.create_future()
+            await room
+        if waiter is not None:
+            _wake(waiter)
         return True
 
     def close(self) -> None:
@@ -206,6 +224,9 @@ class ClientStream:
                 if self._queued:
                     message = self._queued.popleft()
                     self._room.notify()
+                    sender, self._sender_waiting = self._sender_waiting, None
+                    if sender is not None:
+                        _wake(sender)
                     return message
                 if self._over:
                     return _END
@@ -246,8 +267,10 @@ class ClientStream:
             self._queued.clear()
             self._room.notify_all()
             waiter, self._writer_waiting = self._writer_waiting, None
-        if waiter is not None:
-            _wake(waiter)
+            sender, self._sender_waiting = self._sender_waiting, None
+        for future in (waiter, sender):
+            if future is not None:
+                _wake(future)
 
     def _finish(self, error: BaseException | None) -> None:
         self._mark_over()

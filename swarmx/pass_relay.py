@@ -1,116 +1,237 @@
-"""A SwarmX node's ``LayerSink.DeliverPass``: a pass from its parent on one stream.
+"""A SwarmX node's ``LayerSink.DeliverPass``: a pass from its parent on one stream,
+relayed on the process's event loop.
 
 A parent sends every layer of a pipelined pass to each child on one ``DeliverPass``
 stream (``swarmx.pass_link.PassLink``), a SwarmX child as a compute node: a call's
-set-up costs several times a small layer's messages. Here a thread reads the stream;
-each layer is broadcast as ``Deliver`` broadcasts one (``SwarmXServicer._broadcast``,
-on this node's own pass streams to its children), on a thread of its own, so that the
-next layer streams on while the children still answer this one; its chunks go on as
-they come (cut-through). One answer per layer, as each completes.
+set-up costs several times a small layer's messages. Here the loop that reads the
+parent's stream puts each item on the pass's stream to every child as it comes
+(cut-through; a small layer gathered into one message, encoded once for all children),
+counts the children's answers as the loop reads them, and answers the parent once a layer
+has every child's answer. No thread takes part: a relay below the root does nothing that
+blocks, and a thread per layer, with a queue between it and the reader, cost more than the
+relaying itself (about a third of a SwarmX host's CPU at 192 nodes, benchmarks/README.md).
 """
 
 from __future__ import annotations
 
-import itertools
-import queue
-import threading
-from collections.abc import Iterator
+import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
-from proto import threads
-from proto.domain import Header, LayerAck, StreamItem
-from proto.frames import from_wire_stream, next_layer
-from proto.pass_stream import ReadDone, next_pass_header, pass_answers
-from proto.rpc import CANCEL_CHECK_S, StepConflict
-from swarmx.pass_link import POLL_S, QUEUE_DEPTH
-from swarmx.pieces import END
+from proto.domain import Chunk, Header, LayerAck
+from proto.frames import Bundler, WireError, from_wire_stream_async
+from proto.loop_streams import ClientStream
+from proto.messages import ack_from_wire
+from proto.pass_stream import ReadDone, checked_pass_header
+from proto.rpc import time_left_s
+from proto.wire import encode
 
-#: Layers of a pass read and not yet answered (a parent keeps two in flight; this bounds
-#: the threads a caller can make this node start).
+#: Layers of a pass read and not yet answered (a parent keeps two in flight): bounds what
+#: a caller can make this node hold.
 LAYERS_AHEAD = 4
 
 
-def _layer_stream(items: queue.Queue) -> Iterator[StreamItem]:
-    """One layer's items as the reader hands them over; an error ends it as a failure."""
-    while (item := items.get()) is not END:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+class _Layer:
+    """A layer on its way down: the answers its children gave so far."""
+
+    __slots__ = ("header", "acks", "sent")
+
+    def __init__(self, header: Header, num_children: int):
+        self.header = header
+        self.acks: list[LayerAck | None] = [None] * num_children
+        self.sent = False  # every item is on every child's stream
+
+    def answered(self) -> bool:
+        return self.sent and all(ack is not None for ack in self.acks)
 
 
-def _hand_over(items: queue.Queue, item: object, worker: threads.Task) -> bool:
-    """Queue ``item`` for a layer's thread; False if that thread ended (it failed)."""
-    while True:
-        try:
-            items.put(item, timeout=POLL_S)
-            return True
-        except queue.Full:
-            if not worker.is_alive():
-                return False
+class _Relay:
+    """One ``DeliverPass`` call at a SwarmX node: its streams to the children, the layers
+    waiting for their answers, and the answers for the parent (``answers``)."""
 
+    def __init__(self, servicer: Any, context: grpc.aio.ServicerContext):
+        self._servicer = servicer
+        self._stubs = list(servicer._child_stubs)
+        self._recast = list(servicer._recast) if any(servicer._recast) else None
+        self._counters = list(servicer._down.values())
+        self._timeout_s = time_left_s(context)
+        self.answers: asyncio.Queue = asyncio.Queue()
+        self.room = asyncio.Semaphore(LAYERS_AHEAD)
+        self.links: list[ClientStream] = []
+        self._waiting: dict[tuple[int, int], _Layer] = {}
+        self.error: BaseException | None = None
 
-def relay_pass(
-    servicer: Any, request_iterator, context: grpc.ServicerContext
-) -> Iterator[LayerAck]:
-    """The answers to one ``DeliverPass`` stream at SwarmX node ``servicer``, as each
-    layer completes; the first failure (a bad stream, a child's error) ends the stream."""
-    answers: queue.Queue = queue.Queue()
-    room = threading.Semaphore(LAYERS_AHEAD)
-    workers: list[threads.Task] = []
-    context.add_callback(lambda: answers.put(StepConflict("the pass stream ended")))
-    context.add_callback(room.release)  # wakes a reader waiting for room
+    # -- the children's streams (callbacks on the loop) ---------------------------------
+    def open_links(self) -> None:
+        self.links = [
+            ClientStream(
+                stub.DeliverPass,
+                self._timeout_s,
+                lambda message, index=index: self._answered(index, message),
+                lambda error, index=index: self._ended(index, error),
+            )
+            for index, stub in enumerate(self._stubs)
+        ]
+        self._servicer.relays.add(self)
 
-    def broadcast(layer: queue.Queue, header: Header) -> None:
-        try:
-            passing = servicer.passing_of(header)
-            answers.put(servicer.broadcast(_layer_stream(layer), context, passing))
-        except BaseException as exc:  # answered as the pass's error
-            answers.put(exc)
-        finally:
-            room.release()
-
-    def read() -> None:
-        num_read, pass_id = 0, None
-        layer: queue.Queue | None = None
-        worker: threads.Task | None = None
-        try:
-            items = from_wire_stream(request_iterator)
-            while True:
-                first = next_pass_header(
-                    items,
-                    room,
-                    context.is_active,
-                    pass_id,
-                    check_s=CANCEL_CHECK_S,
-                    with_place=True,
+    def _answered(self, index: int, message: Any) -> None:
+        key = (message.layer, message.phase)
+        layer = self._waiting.get(key)
+        if layer is None or layer.acks[index] is not None:
+            self.fail(
+                WireError(
+                    f"{self._servicer.children[index]} answered layer {key[0]} phase {key[1]}, "
+                    "which was not sent on its pass stream"
                 )
-                if first is None:
-                    return
-                pass_id = first.pass_id
-                layer = queue.Queue(maxsize=QUEUE_DEPTH)
-                worker = threads.start(broadcast, layer, first, name="swarmx-pass-layer")
-                workers.append(worker)
-                num_read += 1
-                for item in next_layer(itertools.chain((first,), items)):
-                    if not _hand_over(layer, item, worker):
-                        return  # the layer failed; its thread answered why
-                _hand_over(layer, END, worker)
-                layer = None
-        except BaseException as exc:
-            if layer is not None and worker is not None:
-                _hand_over(layer, exc, worker)  # the layer in progress fails with it
-            answers.put(exc)
-        finally:
-            answers.put(ReadDone(num_read))
+            )
+            return
+        layer.acks[index] = ack_from_wire(message)
+        self._settle(key, layer)
 
-    threads.start(read, name="swarmx-pass-read")
-    # A failure ends the call with it; that cancels the layers still running (their
-    # broadcasts watch the call), and the pass's streams to the children.
-    yield from pass_answers(answers)
-    for worker in list(workers):  # each answered: they are ending
-        worker.join(timeout=CANCEL_CHECK_S)
+    def _ended(self, index: int, error: BaseException | None) -> None:
+        if error is None and any(layer.acks[index] is None for layer in self._waiting.values()):
+            error = WireError("a child ended its pass stream before answering")
+        if error is not None:
+            self.fail(error)
+
+    def _settle(self, key: tuple[int, int], layer: _Layer) -> None:
+        if not layer.answered() or self.error is not None:
+            return
+        del self._waiting[key]
+        self.room.release()
+        header = layer.header
+        self.answers.put_nowait(
+            LayerAck.total(layer.acks, layer=header.layer, step=header.step, phase=header.phase)
+        )
+
+    def fail(self, error: BaseException) -> None:
+        """The pass ends with ``error`` (the first one): every child's stream is cancelled."""
+        if self.error is not None:
+            return
+        self.error = error
+        self.answers.put_nowait(error)
+        self.room.release()  # a reader waiting for room sees it
+        self.cancel()
+
+    def cancel(self) -> None:
+        for link in self.links:
+            link.cancel()
+
+    # -- the parent's stream ----------------------------------------------------------
+    async def read(self, request_iterator: AsyncIterator) -> None:
+        """Put every item of the parent's stream on every child's, layer by layer, at most
+        ``LAYERS_AHEAD`` unanswered; the children's streams end with the parent's."""
+        num_read = 0
+        try:
+            items = from_wire_stream_async(request_iterator)
+            pass_id: int | None = None
+            while True:
+                await self.room.acquire()
+                item = await anext(items, None)
+                if item is None or self.error is not None:
+                    break
+                header = checked_pass_header(item, pass_id, with_place=True)
+                self._servicer.passing_of(header)  # its place in the pass, checked
+                pass_id = header.pass_id
+                key = (header.layer, header.phase)
+                if key in self._waiting:
+                    raise WireError(
+                        f"layer {header.layer} phase {header.phase} came twice in one pass"
+                    )
+                if not self.links:
+                    self.open_links()
+                layer = self._waiting[key] = _Layer(header, len(self.links))
+                num_read += 1
+                if not await self._send_layer(header, items):
+                    return  # a child's stream is over: its end failed the pass
+                layer.sent = True
+                self._settle(key, layer)
+            if self.error is None:
+                for link in self.links:
+                    link.close()  # the answers still come
+        except Exception as exc:
+            self.fail(exc)
+        finally:
+            self.answers.put_nowait(ReadDone(num_read))
+
+    async def _send_layer(self, header: Header, items: AsyncIterator) -> bool:
+        """``header`` and its layer's chunks, read from ``items`` and put on every child's
+        stream as they come; False if a child's stream is over."""
+        remaining = header.num_tensors
+        bundlers = [Bundler() for _ in (self._recast or (None,))]
+        item: Header | Chunk = header
+        while True:
+            if not await self._put(item, bundlers, last=remaining == 0):
+                return False
+            if remaining == 0:
+                return True
+            item = await anext(items, None)
+            if not isinstance(item, Chunk):
+                raise WireError(
+                    f"layer {header.layer} of a pass stream ended with {remaining} of "
+                    f"{header.num_tensors} tensors still to come"
+                )
+            if item.offset + len(item.data) >= item.tensor_bytes:
+                remaining -= 1
+
+    async def _put(self, item: Header | Chunk, bundlers: list[Bundler], *, last: bool) -> bool:
+        """``item`` on every child's stream (the layer's ``last`` one: what its bundler
+        gathered goes too)."""
+        if self._recast is None:
+            outgoing = [item]
+            if isinstance(item, Chunk):
+                for counter in self._counters:
+                    counter.payload_bytes += len(item.data)
+                    counter.num_chunks += 1
+        else:
+            outgoing = self._servicer._per_child(item)  # weights rounded per child
+            if isinstance(item, Chunk):
+                for counter, out in zip(self._counters, outgoing, strict=True):
+                    counter.payload_bytes += len(out.data)
+                    counter.num_chunks += 1
+        for index, (bundler, out) in enumerate(zip(bundlers, outgoing, strict=True)):
+            ready = bundler.add(out)
+            if last:
+                ready += bundler.flush()
+            # Encoded once for every child that takes the same items.
+            messages = [encode(m) for m in ready]
+            targets = self.links if self._recast is None else (self.links[index],)
+            for link in targets:
+                for message in messages:
+                    if not await link.send(message):
+                        return False
+        return True
+
+
+async def relay_pass(
+    servicer: Any, request_iterator: AsyncIterator, context: grpc.aio.ServicerContext
+) -> AsyncIterator[LayerAck]:
+    """The answers to one ``DeliverPass`` stream at SwarmX node ``servicer``, as each
+    layer completes; the first failure (a bad stream, a child's error) ends the stream, and
+    the end of the call (its caller cancelled it) cancels the children's streams."""
+    relay = _Relay(servicer, context)
+    reader = asyncio.ensure_future(relay.read(request_iterator))
+    finished = False
+    try:
+        num_answered, num_read = 0, None
+        while num_read is None or num_answered < num_read:
+            answer = await relay.answers.get()
+            if isinstance(answer, ReadDone):
+                num_read = answer.num_layers
+            elif isinstance(answer, BaseException):
+                raise answer
+            else:
+                num_answered += 1
+                yield answer
+        finished = True
+    finally:
+        reader.cancel()
+        if not finished:
+            relay.cancel()
+        servicer.relays.discard(relay)
+        await asyncio.gather(reader, return_exceptions=True)
 
 
 __all__ = ["LAYERS_AHEAD", "relay_pass"]

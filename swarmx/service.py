@@ -38,7 +38,7 @@ from proto.frames import (
     recast_chunk,
     recast_header,
 )
-from proto.loop_server import LoopServer, SyncOnLoop, start_loop_server
+from proto.loop_server import LoopServer, SyncOnLoop, loop_stream_errors, start_loop_server
 from proto.messages import (
     EMPTY,
     ack_from_wire,
@@ -165,6 +165,9 @@ class SwarmXServicer(ReduceSide, sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
         self._links: tuple[int, dict[int, PassLink]] | None = None
         self._pass_turn = threading.Condition()
         self._pass_done: tuple[int, int] | None = None
+        # The passes relayed here from the parent now (swarmx.pass_relay), each with its
+        # streams to the children.
+        self.relays: set = set()
 
     def connect(
         self,
@@ -193,6 +196,8 @@ class SwarmXServicer(ReduceSide, sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
             links, self._links = self._links, None
         for link in (links[1] if links else {}).values():
             link.cancel()  # a pass interrupted by the rewiring is run again
+        for relay in list(self.relays):
+            relay.cancel()
         self.children = tuple(children)
         self._child_stubs = [
             sgrpc.LayerSinkStub(fast_channel(channel(a, self.security))) for a in children.values()
@@ -487,11 +492,12 @@ class SwarmXServicer(ReduceSide, sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
         stream = items if first is None else itertools.chain((first,), items)
         return ack_to_wire(self._broadcast(stream, context, self.passing_of(first)))
 
-    @rpc_stream_errors
-    def DeliverPass(self, request_iterator, context):
-        """A pass from the parent on one stream (``swarmx.pass_relay``): each layer goes on
-        as ``Deliver`` sends one, one answer per layer as it completes."""
-        for ack in relay_pass(self, request_iterator, context):
+    @loop_stream_errors
+    async def DeliverPass(self, request_iterator, context):
+        """A pass from the parent on one stream, relayed on the event loop
+        (``swarmx.pass_relay``): each layer goes on to the children as it comes, one answer
+        per layer as it completes."""
+        async for ack in relay_pass(self, request_iterator, context):
             yield ack_to_wire(ack)
 
     def broadcast(

@@ -3,6 +3,7 @@ guarded gRPC servers on loopback."""
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 import time
@@ -173,6 +174,54 @@ def test_a_full_stream_holds_its_producer_and_a_cancel_frees_it(security, serve)
     assert record.ended.wait(_TIMEOUT_S)
     assert isinstance(record.error, StreamCancelled)
     assert stream.code() == grpc.StatusCode.CANCELLED
+
+
+def test_send_on_the_loop_waits_for_room_without_blocking_the_loop(security, serve):
+    """``send`` (a caller on the loop itself) waits for room as ``put`` does, while the
+    loop goes on serving other streams; its messages go in order; a cancel ends the wait
+    with False."""
+    loop = process_loop()
+    address = serve(_echo)
+    record = _Record()
+    echoed = ClientStream(_method(address, security), _TIMEOUT_S, record.on_message, record.on_end)
+    sent = [b"%d" % i * 100 for i in range(40)]
+
+    async def send_all():
+        return [await echoed.send(message) for message in sent]
+
+    assert asyncio.run_coroutine_threadsafe(send_all(), loop).result(_TIMEOUT_S) == [True] * 40
+    echoed.close()
+    assert record.ended.wait(_TIMEOUT_S) and record.messages == sent
+
+    silent = _Silent()
+    stalled = ClientStream(
+        _method(serve(silent), security), _TIMEOUT_S, lambda m: None, lambda e: None, depth=2
+    )
+    chunk = b"x" * (1 << 20)
+
+    async def fill():
+        pending = None
+        for _ in range(64):
+            pending = asyncio.ensure_future(stalled.send(chunk))
+            done, _ = await asyncio.wait({pending}, timeout=0.5)
+            if not done:
+                return pending  # waits for room
+        return None
+
+    pending = asyncio.run_coroutine_threadsafe(fill(), loop).result(_TIMEOUT_S)
+    assert pending is not None and not pending.done()
+    # The loop still serves: another stream's message goes and comes back meanwhile.
+    other = _Record()
+    again = ClientStream(_method(address, security), _TIMEOUT_S, other.on_message, other.on_end)
+    again.put(b"still served")
+    again.close()
+    assert other.ended.wait(_TIMEOUT_S) and other.messages == [b"still served"]
+    stalled.cancel()
+    assert asyncio.run_coroutine_threadsafe(_result(pending), loop).result(_TIMEOUT_S) is False
+
+
+async def _result(future):
+    return await future
 
 
 def test_a_stream_cancelled_before_it_starts_never_calls(security, serve):

@@ -1,0 +1,230 @@
+"""A SwarmX node below the root relays a pass (``DeliverPass``) on its event loop, over
+real gRPC on loopback: every child gets every layer, the answers are summed per layer, a
+child's failure or the caller's cancel ends the pass everywhere, and no thread is started.
+
+The children are fake ``LayerSink`` servicers that record what they receive.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import grpc
+import pytest
+import torch
+
+from proto import swarmx_pb2_grpc as sgrpc
+from proto import tensor_pb2 as pb
+from proto import threads
+from proto.rpc import Security, channel, start_server
+from proto.serde import encode_layer
+from swarmx.service import SwarmXServicer
+from swarmx.service import serve as serve_swarmx
+
+SECURITY = Security.generate()
+CHUNK_BYTES = 1024
+TIMEOUT_S = 20
+WAIT_S = 5  # how long a test waits for something that must already have happened
+PASS_ID = 7
+
+
+def _layers() -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    return [
+        # 40 chunks of 1 KiB: streamed chunk by chunk (more than one message's bytes).
+        {"w": torch.randn(40, 256, generator=gen), "b": torch.randn(40, generator=gen)},
+        # Small: gathered into one message.
+        {"w": torch.randn(3, 5, generator=gen), "b": torch.randn(3, generator=gen)},
+    ]
+
+
+def _pass_messages(layers=None) -> list[pb.LayerMessage]:
+    layers = _layers() if layers is None else layers
+    messages = []
+    for position, tensors in enumerate(layers, start=1):
+        layer = list(encode_layer(position - 1, 3, pb.FORWARD, tensors, chunk_bytes=CHUNK_BYTES))
+        header = layer[0].header
+        header.pass_id, header.pass_position, header.pass_length = PASS_ID, position, len(layers)
+        messages += layer
+    return messages
+
+
+class PassSink(sgrpc.LayerSinkServicer):
+    """A child that records a pass's messages and answers each layer once it is whole."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.messages: list[pb.LayerMessage] = []
+        self.fail_at_layer: int | None = None  # abort when this layer is whole
+        self.hold_at_layer: int | None = None  # wait for the call's end when it is whole
+        self.answer_layer: int | None = None  # answer with this layer instead
+        self.end_without_answers = False
+        self.ended = threading.Event()  # the call is over (however)
+
+    def DeliverPass(self, request_iterator, context):
+        context.add_callback(self.ended.set)
+        header, remaining, received = None, 0, 0
+        for message in _items(request_iterator):
+            self.messages.append(message)
+            if message.HasField("header"):
+                header, remaining, received = message.header, message.header.num_tensors, 0
+            else:
+                received += len(message.chunk.data)
+                if message.chunk.offset + len(message.chunk.data) >= message.chunk.tensor_bytes:
+                    remaining -= 1
+            if remaining or self.end_without_answers:
+                continue
+            if header.layer == self.fail_at_layer:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{self.name} failed")
+            if header.layer == self.hold_at_layer:
+                self.ended.wait(TIMEOUT_S)
+                return
+            yield pb.LayerAck(
+                layer=header.layer if self.answer_layer is None else self.answer_layer,
+                step=header.step,
+                phase=header.phase,
+                num_nodes=1,
+                bytes_to_nodes=received,
+            )
+
+
+def _items(messages) -> Iterator[pb.LayerMessage]:
+    """The messages of a stream, a bundle's one by one."""
+    for message in messages:
+        if message.HasField("bundle"):
+            yield from message.bundle.items
+        else:
+            yield message
+
+
+class Relay:
+    """A SwarmX node below the root with fake children (its parent is never called)."""
+
+    def __init__(self, num_children: int = 2, child_dtypes: dict[str, str] | None = None):
+        self.servers: list = []
+        self.sinks = [PassSink(f"node-{i}") for i in range(num_children)]
+        addresses = {}
+        for sink in self.sinks:
+            server, addresses[sink.name] = start_server(
+                lambda s, sink=sink: sgrpc.add_LayerSinkServicer_to_server(sink, s),
+                "127.0.0.1",
+                security=SECURITY,
+            )
+            self.servers.append(server)
+        self.servicer = SwarmXServicer("swarmx-1-0", security=SECURITY)
+        server, address = serve_swarmx(self.servicer, "127.0.0.1", security=SECURITY)
+        self.servers.append(server)
+        self.servicer.connect(
+            children=addresses,
+            parent="127.0.0.1:1",
+            memoryx=None,
+            dtype="float32" if child_dtypes else None,
+            child_dtypes=child_dtypes,
+        )
+        self.stub = sgrpc.LayerSinkStub(channel(address, SECURITY))
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop(grace=None)
+
+
+@pytest.fixture
+def relay() -> Iterator[Relay]:
+    r = Relay()
+    yield r
+    r.stop()
+
+
+def _payload(messages) -> list[tuple[str, bytes]]:
+    return [(m.chunk.name, m.chunk.data) for m in _items(messages) if m.HasField("chunk")]
+
+
+def test_every_child_gets_every_layer_and_each_answer_sums_them(relay, monkeypatch):
+    started = []
+    real_start = threads.start
+    monkeypatch.setattr(
+        threads, "start", lambda *a, **k: started.append(k.get("name")) or real_start(*a, **k)
+    )
+    sent = _pass_messages()
+    acks = list(relay.stub.DeliverPass(iter(sent), timeout=TIMEOUT_S))
+    assert [(a.layer, a.num_nodes) for a in sorted(acks, key=lambda a: a.layer)] == [(0, 2), (1, 2)]
+    payload_bytes = sum(len(data) for _, data in _payload(sent))
+    assert sum(a.bytes_to_nodes for a in acks) == 2 * payload_bytes
+    for sink in relay.sinks:
+        assert _payload(sink.messages) == _payload(sent)
+        headers = [m.header for m in sink.messages if m.HasField("header")]
+        assert [(h.layer, h.pass_id, h.pass_position) for h in headers] == [
+            (0, PASS_ID, 1),
+            (1, PASS_ID, 2),
+        ]
+    stats = relay.servicer.stats()
+    assert [link.payload_bytes for link in stats.down] == [payload_bytes] * 2
+    # The relay runs on the event loop: no thread per layer, nor one to read the stream.
+    assert started == []
+
+
+def test_a_child_that_fails_ends_the_pass_with_its_code_and_cancels_its_sibling(relay):
+    relay.sinks[0].fail_at_layer = 0
+    relay.sinks[1].hold_at_layer = 0
+    with pytest.raises(grpc.RpcError) as info:
+        list(relay.stub.DeliverPass(iter(_pass_messages()), timeout=TIMEOUT_S))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "node-0 failed" in info.value.details()
+    assert relay.sinks[1].ended.wait(WAIT_S)  # its stream was cancelled, not left to time out
+
+
+@pytest.mark.parametrize(
+    "misbehave, error",
+    [
+        ({"answer_layer": 9}, "layer 9 phase 1, which was not sent"),
+        ({"end_without_answers": True}, "ended its pass stream before answering"),
+    ],
+)
+def test_a_child_that_answers_wrong_fails_the_pass(relay, misbehave, error):
+    for name, value in misbehave.items():
+        setattr(relay.sinks[1], name, value)
+    with pytest.raises(grpc.RpcError) as info:
+        list(relay.stub.DeliverPass(iter(_pass_messages()), timeout=TIMEOUT_S))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error in info.value.details()
+
+
+def test_a_layer_cut_short_by_the_end_of_the_stream_is_refused(relay):
+    messages = _pass_messages()[:5]  # layer 0's header and a few of its 41 chunks
+    with pytest.raises(grpc.RpcError) as info:
+        list(relay.stub.DeliverPass(iter(messages), timeout=TIMEOUT_S))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "tensors still to come" in info.value.details()
+
+
+def test_the_callers_cancel_ends_the_childrens_streams(relay):
+    release = threading.Event()
+    messages = _pass_messages()
+    first_layer = messages[: next(i for i, m in enumerate(messages[1:], 1) if m.HasField("header"))]
+
+    def requests():
+        yield from first_layer
+        release.wait(TIMEOUT_S)  # the second layer never comes
+
+    call = relay.stub.DeliverPass(requests(), timeout=TIMEOUT_S)
+    assert next(call).layer == 0
+    call.cancel()
+    for sink in relay.sinks:
+        assert sink.ended.wait(WAIT_S)
+    release.set()
+
+
+def test_mixed_children_each_get_their_own_dtype():
+    relay = Relay(child_dtypes={"node-0": "float32", "node-1": "bfloat16"})
+    try:
+        sent = _pass_messages()
+        acks = list(relay.stub.DeliverPass(iter(sent), timeout=TIMEOUT_S))
+        assert sorted(a.layer for a in acks) == [0, 1]
+        assert _payload(relay.sinks[0].messages) == _payload(sent)
+        rounded = [m.chunk for m in _items(relay.sinks[1].messages) if m.HasField("chunk")]
+        assert {c.dtype for c in rounded} == {"bfloat16"}
+        down = [link.payload_bytes for link in relay.servicer.stats().down]
+        assert down[1] * 2 == down[0]
+    finally:
+        relay.stop()
