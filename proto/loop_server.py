@@ -473,6 +473,13 @@ def _threaded(handler: grpc.RpcMethodHandler, depth: int) -> grpc.RpcMethodHandl
 _ANSWER, _DONE, _FAILED = object(), object(), object()
 
 
+def threaded_stream_handler(behavior: Callable[..., Any], *, depth: int = 16) -> Callable:
+    """The sync stream-stream handler ``behavior`` as an async one: it runs on a pooled
+    thread, its requests fed and its answers handed back by the loop (as ``SyncOnLoop``
+    runs a sync servicer's), for an async handler that leaves some calls to threads."""
+    return _threaded(grpc.stream_stream_rpc_method_handler(behavior), depth).stream_stream
+
+
 class _GenericThreaded(grpc.GenericRpcHandler):
     def __init__(self, inner: grpc.GenericRpcHandler, depth: int):
         self._inner = inner
@@ -524,5 +531,6 @@ __all__ = [
     "loop_stream_errors",
     "on_thread",
     "settle_soon",
+    "threaded_stream_handler",
     "start_loop_server",
 ]

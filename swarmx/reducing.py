@@ -8,9 +8,10 @@ counters) it uses.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,12 +22,15 @@ from proto import swarmx_pb2_grpc as sgrpc
 from proto import threads
 from proto.domain import Chunk, Header, Phase, StreamItem
 from proto.frames import WireError, from_wire_stream
+from proto.loop_server import loop_stream_errors
+from proto.loop_streams import process_loop
 from proto.rpc import StepConflict, is_cancelled, rpc_errors, rpc_stream_errors, time_left_s
 from swarmx.gradient_link import GradientLink
 from swarmx.pass_link import drain
 from swarmx.pass_run import ERROR_GRACE_S
 from swarmx.pieces import END, SplitLayer, SplitPush
 from swarmx.reduce import ChunkReduction
+from swarmx.reducing_loop import LoopReduceSide
 
 
 @dataclass
@@ -59,6 +63,10 @@ class ReduceSide:
     _memoryx_of: Callable[[int], mgrpc.MemoryXStub]  # the MemoryX server that holds a layer
 
     _gradient_links: tuple[int, dict[int, GradientLink]] | None
+    _loop_reduce: LoopReduceSide  # the sums of the pass streams read on the loop
+    _threaded_reduce_pass: Callable[
+        ..., AsyncIterator
+    ]  # _reduce_pass_on_threads, as a loop handler
 
     # -- reduce (over the servicer's state: see SwarmXServicer.__init__) ---------------
     def _open_reduction(self, header: Header, context: grpc.ServicerContext) -> Reducing:
@@ -147,6 +155,8 @@ class ReduceSide:
 
     def _end_reductions(self, reason: str) -> None:
         """End every open sum and pass stream (the tree was rewired: they cannot complete)."""
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the process exits
+            process_loop().call_soon_threadsafe(self._loop_reduce.end_all, reason)
         with self._lock:
             lingering = list(self._reducing.values())
             self._reducing.clear()
@@ -225,9 +235,22 @@ class ReduceSide:
         finally:
             done.set()
 
+    @loop_stream_errors
+    async def ReducePass(self, request_iterator, context):
+        """A child's gradient layers of one pipelined pass on one stream, summed on the
+        event loop (``swarmx.reducing_loop``); at a root whose MemoryX holds layers split
+        over several servers, on threads (``_reduce_pass_on_threads``, whose split pushes
+        are written for them)."""
+        if self._parent is None and self._split:
+            handler = self._threaded_reduce_pass
+        else:
+            handler = self._loop_reduce.reduce_pass
+        async for ack in handler(request_iterator, context):
+            yield ack
+
     @rpc_stream_errors
-    def ReducePass(self, request_iterator, context):
-        """A child's gradient layers of one pipelined pass on one stream (``ReducePass``).
+    def _reduce_pass_on_threads(self, request_iterator, context):
+        """``ReducePass`` on threads.
 
         A thread reads each layer into its sum as it comes (as ``Reduce`` does); each
         layer's answer is sent once its sum is accepted upstream, in the order read, while

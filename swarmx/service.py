@@ -38,7 +38,13 @@ from proto.frames import (
     recast_chunk,
     recast_header,
 )
-from proto.loop_server import LoopServer, SyncOnLoop, loop_stream_errors, start_loop_server
+from proto.loop_server import (
+    LoopServer,
+    SyncOnLoop,
+    loop_stream_errors,
+    start_loop_server,
+    threaded_stream_handler,
+)
 from proto.messages import (
     EMPTY,
     ack_from_wire,
@@ -65,6 +71,7 @@ from swarmx.pass_relay import relay_pass
 from swarmx.pass_run import PassRun
 from swarmx.pieces import END, SplitLayer, joined_weights
 from swarmx.reducing import ReduceSide, Reducing
+from swarmx.reducing_loop import LoopReduceSide
 
 _PHASES = tuple(Phase)
 
@@ -168,6 +175,8 @@ class SwarmXServicer(ReduceSide, sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
         # The passes relayed here from the parent now (swarmx.pass_relay), each with its
         # streams to the children.
         self.relays: set = set()
+        self._loop_reduce = LoopReduceSide(self)
+        self._threaded_reduce_pass = threaded_stream_handler(self._reduce_pass_on_threads)
 
     def connect(
         self,

@@ -6,8 +6,8 @@ children's gradient streams are sent by the test.
 
 from __future__ import annotations
 
+import asyncio
 import threading
-import time
 from collections.abc import Iterator
 
 import grpc
@@ -17,8 +17,9 @@ import torch
 from memoryx.service import MemoryXServicer
 from proto import swarmx_pb2_grpc as sgrpc
 from proto import tensor_pb2 as pb
+from proto import threads as proto_threads
 from proto.rpc import channel
-from swarmx.service import SwarmXServicer
+from swarmx.reducing_loop import LoopReduceSide
 from tests.polling import until
 from tests.servicer_calls import count_servicer_calls
 from tests.swarmx.test_swarmx_service import (
@@ -187,8 +188,8 @@ def test_a_child_that_cancels_mid_pass_fails_the_sum_for_all_without_hanging(tre
 
 def _num_summed_chunks(root, *, layer: int, step: int = 0) -> int:
     """Chunks of ``layer`` that ``root``'s open sum has summed over every child and sent up."""
-    with root._lock:
-        entry = root._reducing.get((layer, step, PASS_ID))
+    # The sums of pass streams live on the event loop (swarmx.reducing_loop).
+    entry = root._loop_reduce.sums.get((layer, step, PASS_ID))
     if entry is None:
         return 0
     with entry.reduction._lock:
@@ -231,17 +232,58 @@ def test_a_bad_stream_is_answered_as_bad_however_late_its_reader_says_so(tree, m
     stream up to MemoryX, and so the answer of the layer before it too. The child is told
     why (INVALID_ARGUMENT), not that a stream was cancelled, even when its stream's reader
     records the failure only after the cancel has reached the other layer."""
-    add_layer = SwarmXServicer._add_layer
+    add_layer = LoopReduceSide.add_layer
 
-    def slow_to_say(self, *args, **kwargs):
+    async def slow_to_say(self, *args, **kwargs):
         try:
-            return add_layer(self, *args, **kwargs)
+            return await add_layer(self, *args, **kwargs)
         except Exception:
-            time.sleep(0.3)  # the reader thread is descheduled before it records why
+            await asyncio.sleep(0.3)  # the reader records why only after the cancel is in
             raise
 
-    monkeypatch.setattr(SwarmXServicer, "_add_layer", slow_to_say)
+    monkeypatch.setattr(LoopReduceSide, "add_layer", slow_to_say)
     with pytest.raises(grpc.RpcError) as info:
         list(tree.stub.ReducePass(iter(_bad_streams()["ends mid-layer"]), timeout=TIMEOUT_S))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert tree.memoryx.traffic.num_updates == 0
+
+
+def test_a_pass_stream_is_summed_on_the_event_loop_without_a_thread(calls, tree, monkeypatch):
+    started = []
+    real_start = proto_threads.start
+    monkeypatch.setattr(
+        proto_threads, "start", lambda *a, **k: started.append(k.get("name")) or real_start(*a, **k)
+    )
+    streams = {f"node-{r}": iter(_pass_stream(r, [1, 0])) for r in range(3)}
+    results = _reduce_passes(tree.stub, streams)
+    assert all(isinstance(acks, list) and len(acks) == 2 for acks in results.values()), results
+    # No reader per child stream, no feeder per layer going up: the loop does it all.
+    assert started == []
+    stats = tree.stub.Stats(pb.Empty(), timeout=TIMEOUT_S)
+    assert stats.up.payload_bytes == sum(_nbytes_of(layer) for layer in (0, 1))
+
+
+def test_a_rewired_node_ends_the_sums_still_open(tree):
+    release = threading.Event()
+
+    def waiting() -> Iterator:
+        yield from _pass_stream(0, [1])
+        release.wait(TIMEOUT_S)
+
+    try:
+        pending = tree.stub.ReducePass(waiting(), timeout=TIMEOUT_S)
+        assert until(lambda: tree.root._loop_reduce.sums, WAIT_S)  # its sum is open
+        # A neighbour was replaced: the root is wired again, and the sum can never complete.
+        tree.root.connect(
+            children={f"node-{r}": "127.0.0.1:1" for r in range(3)},
+            parent=None,
+            memoryx=tree.memoryx_address,
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            next(pending)
+        # At once (a hang would end in DEADLINE_EXCEEDED), saying why.
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "rewired" in info.value.details()
+    finally:
+        release.set()
     assert tree.memoryx.traffic.num_updates == 0
