@@ -55,7 +55,6 @@ class _Relay:
         self._servicer = servicer
         self._stubs = list(servicer._child_stubs)
         self._recast = list(servicer._recast) if any(servicer._recast) else None
-        self._counters = list(servicer._down.values())
         self._timeout_s = time_left_s(context)
         self.answers: asyncio.Queue = asyncio.Queue()
         self.room = asyncio.Semaphore(LAYERS_AHEAD)
@@ -182,13 +181,13 @@ class _Relay:
         if self._recast is None:
             outgoing = [item]
             if isinstance(item, Chunk):
-                for counter in self._counters:
+                for counter in self._servicer._down.values():  # (a stats reset replaces them)
                     counter.payload_bytes += len(item.data)
                     counter.num_chunks += 1
         else:
             outgoing = self._servicer._per_child(item)  # weights rounded per child
             if isinstance(item, Chunk):
-                for counter, out in zip(self._counters, outgoing, strict=True):
+                for counter, out in zip(self._servicer._down.values(), outgoing, strict=True):
                     counter.payload_bytes += len(out.data)
                     counter.num_chunks += 1
         for index, (bundler, out) in enumerate(zip(bundlers, outgoing, strict=True)):

@@ -24,6 +24,7 @@ from proto.domain import Chunk, Header, Phase, StreamItem
 from proto.frames import WireError, from_wire_stream
 from proto.loop_server import loop_stream_errors
 from proto.loop_streams import process_loop
+from proto.pass_stream import ReadDone
 from proto.rpc import StepConflict, is_cancelled, rpc_errors, rpc_stream_errors, time_left_s
 from swarmx.gradient_link import GradientLink
 from swarmx.pass_link import drain
@@ -303,7 +304,7 @@ class ReduceSide:
                 abandoned()  # its sums read so far fail now, not at their deadline
             finally:
                 read_over.set()
-                answers.put(_ReadDone(num_read))
+                answers.put(ReadDone(num_read))
 
         if not context.add_callback(abandoned):
             abandoned()
@@ -312,7 +313,7 @@ class ReduceSide:
         num_read = None
         while num_read is None or num_answered < num_read:
             answer = answers.get()
-            if isinstance(answer, _ReadDone):
+            if isinstance(answer, ReadDone):
                 num_read = answer.num_layers
             elif isinstance(answer, BaseException):
                 abandoned()
@@ -357,13 +358,6 @@ class ReduceSide:
             if links is not None and links[0] == header.pass_id:
                 for link in links[1].values():
                     link.close()
-
-
-@dataclass(frozen=True)
-class _ReadDone:
-    """A pass stream's reader is done: it read ``num_layers`` layers."""
-
-    num_layers: int
 
 
 class _LayerPush:

@@ -26,6 +26,7 @@ import grpc
 from proto.domain import Chunk, Header
 from proto.frames import Bundler, WireError, from_wire_stream_async
 from proto.loop_streams import ClientStream
+from proto.pass_stream import ReadDone
 from proto.rpc import StepConflict, is_cancelled, time_left_s
 from swarmx.pass_run import ERROR_GRACE_S
 from swarmx.reduce import ChunkReduction
@@ -309,7 +310,7 @@ class LoopReduceSide:
                 answers.put_nowait(exc)
                 abandoned()  # its sums read so far fail now, not at their deadline
             finally:
-                answers.put_nowait(_ReadDone(num_read))
+                answers.put_nowait(ReadDone(num_read))
 
         reader = asyncio.ensure_future(read())
         finished = False
@@ -317,7 +318,7 @@ class LoopReduceSide:
             num_answered, num_read = 0, None
             while num_read is None or num_answered < num_read:
                 answer = await answers.get()
-                if isinstance(answer, _ReadDone):
+                if isinstance(answer, ReadDone):
                     num_read = answer.num_layers
                     continue
                 if isinstance(answer, BaseException):
@@ -342,15 +343,6 @@ class LoopReduceSide:
                 abandoned()
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
-
-
-class _ReadDone:
-    """A pass stream's reader is done: it read ``num_layers`` layers."""
-
-    __slots__ = ("num_layers",)
-
-    def __init__(self, num_layers: int):
-        self.num_layers = num_layers
 
 
 __all__ = ["LoopReduceSide"]
