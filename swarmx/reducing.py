@@ -184,6 +184,19 @@ class ReduceSide:
             raise WireError("a gradient header's layer, step, num_tensors and total_bytes are >= 0")
         return child
 
+    def _check_pass_gradient_header(
+        self, header: StreamItem | None, sender: str | None, pass_id: int | None
+    ) -> str:
+        """``_check_gradient_header`` for a layer of a gradient pass stream whose first layer
+        (if any yet) came from ``sender`` with ``pass_id``."""
+        child = self._check_gradient_header(header, sender)
+        if header.pass_id <= 0 or pass_id not in (None, header.pass_id):
+            raise WireError(
+                f"each layer of a gradient pass stream has the pass id of its first "
+                f"({pass_id}), not {header.pass_id}"
+            )
+        return child
+
     def _add_layer(self, child: str, header: Header, entry: Reducing, chunks: Iterator) -> None:
         """One child's stream of one layer into its sum; a bad one fails the sum."""
         received = 0
@@ -281,12 +294,7 @@ class ReduceSide:
             try:
                 pass_id = None
                 while (header := next(items, None)) is not None:
-                    child = self._check_gradient_header(header, child)
-                    if header.pass_id <= 0 or pass_id not in (None, header.pass_id):
-                        raise WireError(
-                            f"each layer of a gradient pass stream has the pass id of its first "
-                            f"({pass_id}), not {header.pass_id}"
-                        )
+                    child = self._check_pass_gradient_header(header, child, pass_id)
                     pass_id = header.pass_id
                     entry = self._open_reduction(header, context)
                     with lock:

@@ -292,12 +292,7 @@ class LoopReduceSide:
             try:
                 pass_id = None
                 while (header := await anext(items, None)) is not None:
-                    child = side._check_gradient_header(header, child)
-                    if header.pass_id <= 0 or pass_id not in (None, header.pass_id):
-                        raise WireError(
-                            f"each layer of a gradient pass stream has the pass id of its first "
-                            f"({pass_id}), not {header.pass_id}"
-                        )
+                    child = side._check_pass_gradient_header(header, child, pass_id)
                     pass_id = header.pass_id
                     entry = self.open(header, context)
                     mine.append(entry)

@@ -64,19 +64,25 @@ def _conflict() -> None:
     raise StepConflict("version 3 is gone")
 
 
-def _register(echo: _Echo):
+def _register(echo, *, methods=("Stream", "Unary", "Held", "Fails"), wrap=lambda server: server):
+    """Registers ``echo``'s ``methods`` (on what ``wrap`` makes of the server: ``SyncOnLoop``
+    for a sync echo)."""
+    kinds = {
+        "Stream": grpc.stream_stream_rpc_method_handler,
+        "Unary": grpc.unary_unary_rpc_method_handler,
+        "Held": grpc.stream_unary_rpc_method_handler,
+        "Fails": grpc.unary_unary_rpc_method_handler,
+    }
+
     def register(server) -> None:
         codec = {
             "request_deserializer": pb.Empty.FromString,
             "response_serializer": pb.Empty.SerializeToString,
         }
-        handlers = {
-            "Stream": grpc.stream_stream_rpc_method_handler(echo.Stream, **codec),
-            "Unary": grpc.unary_unary_rpc_method_handler(echo.Unary, **codec),
-            "Held": grpc.stream_unary_rpc_method_handler(echo.Held, **codec),
-            "Fails": grpc.unary_unary_rpc_method_handler(echo.Fails, **codec),
-        }
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE, handlers),))
+        handlers = {name: kinds[name](getattr(echo, name), **codec) for name in methods}
+        wrap(server).add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(_SERVICE, handlers),)
+        )
 
     return register
 
@@ -308,28 +314,15 @@ class _SyncEcho:
         raise StepConflict("version 3 is gone")
 
 
-def _sync_register(echo: _SyncEcho):
-    def register(server) -> None:
-        codec = {
-            "request_deserializer": pb.Empty.FromString,
-            "response_serializer": pb.Empty.SerializeToString,
-        }
-        handlers = {
-            "Stream": grpc.stream_stream_rpc_method_handler(echo.Stream, **codec),
-            "Unary": grpc.unary_unary_rpc_method_handler(echo.Unary, **codec),
-        }
-        SyncOnLoop(server).add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(_SERVICE, handlers),)
-        )
-
-    return register
-
-
 @pytest.fixture
 def sync_echo():
     security = Security.generate()
     echo = _SyncEcho()
-    server, address = start_loop_server(_sync_register(echo), "127.0.0.1", security=security)
+    server, address = start_loop_server(
+        _register(echo, methods=("Stream", "Unary"), wrap=SyncOnLoop),
+        "127.0.0.1",
+        security=security,
+    )
     yield echo, channel(address, security)
     server.stop(grace=None).wait(_TIMEOUT_S)
 

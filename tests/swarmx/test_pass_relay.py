@@ -17,31 +17,31 @@ import torch
 from proto import swarmx_pb2_grpc as sgrpc
 from proto import tensor_pb2 as pb
 from proto import threads
-from proto.rpc import Security, channel, start_server
+from proto.frames import BUNDLE_MAX_BYTES
+from proto.rpc import channel, start_server
 from proto.serde import encode_layer
 from swarmx.service import SwarmXServicer
 from swarmx.service import serve as serve_swarmx
+from tests.swarmx.test_swarmx_service import SECURITY, TIMEOUT_S, WAIT_S
 
-SECURITY = Security.generate()
-CHUNK_BYTES = 1024
-TIMEOUT_S = 20
-WAIT_S = 5  # how long a test waits for something that must already have happened
+CHUNK_BYTES = 64 * 1024
 PASS_ID = 7
 
 
 def _layers() -> list[dict[str, torch.Tensor]]:
     gen = torch.Generator().manual_seed(0)
+    big = {"w": torch.randn(320, 1024, generator=gen), "b": torch.randn(320, generator=gen)}
+    # Larger than a message's bundle: relayed chunk by chunk (21 chunks), cut-through.
+    assert sum(t.numel() * 4 for t in big.values()) > BUNDLE_MAX_BYTES
     return [
-        # 40 chunks of 1 KiB: streamed chunk by chunk (more than one message's bytes).
-        {"w": torch.randn(40, 256, generator=gen), "b": torch.randn(40, generator=gen)},
+        big,
         # Small: gathered into one message.
         {"w": torch.randn(3, 5, generator=gen), "b": torch.randn(3, generator=gen)},
     ]
 
 
-def _pass_messages(layers=None) -> list[pb.LayerMessage]:
-    layers = _layers() if layers is None else layers
-    messages = []
+def _pass_messages() -> list[pb.LayerMessage]:
+    messages, layers = [], _layers()
     for position, tensors in enumerate(layers, start=1):
         layer = list(encode_layer(position - 1, 3, pb.FORWARD, tensors, chunk_bytes=CHUNK_BYTES))
         header = layer[0].header
@@ -61,11 +61,12 @@ class PassSink(sgrpc.LayerSinkServicer):
         self.answer_layer: int | None = None  # answer with this layer instead
         self.end_without_answers = False
         self.ended = threading.Event()  # the call is over (however)
+        self.kinds: list[str] = []  # what each message on the wire was
 
     def DeliverPass(self, request_iterator, context):
         context.add_callback(self.ended.set)
         header, remaining, received = None, 0, 0
-        for message in _items(request_iterator):
+        for message in _items(request_iterator, self.kinds):
             self.messages.append(message)
             if message.HasField("header"):
                 header, remaining, received = message.header, message.header.num_tensors, 0
@@ -89,9 +90,11 @@ class PassSink(sgrpc.LayerSinkServicer):
             )
 
 
-def _items(messages) -> Iterator[pb.LayerMessage]:
-    """The messages of a stream, a bundle's one by one."""
+def _items(messages, kinds: list[str] | None = None) -> Iterator[pb.LayerMessage]:
+    """The messages of a stream, a bundle's one by one (each message's kind on ``kinds``)."""
     for message in messages:
+        if kinds is not None:
+            kinds.append(message.WhichOneof("kind"))
         if message.HasField("bundle"):
             yield from message.bundle.items
         else:
@@ -153,6 +156,8 @@ def test_every_child_gets_every_layer_and_each_answer_sums_them(relay, monkeypat
     assert sum(a.bytes_to_nodes for a in acks) == 2 * payload_bytes
     for sink in relay.sinks:
         assert _payload(sink.messages) == _payload(sent)
+        # The large layer cut-through, chunk by chunk; the small one as one message.
+        assert sink.kinds == ["header"] + ["chunk"] * 21 + ["bundle"]
         headers = [m.header for m in sink.messages if m.HasField("header")]
         assert [(h.layer, h.pass_id, h.pass_position) for h in headers] == [
             (0, PASS_ID, 1),
@@ -191,7 +196,7 @@ def test_a_child_that_answers_wrong_fails_the_pass(relay, misbehave, error):
 
 
 def test_a_layer_cut_short_by_the_end_of_the_stream_is_refused(relay):
-    messages = _pass_messages()[:5]  # layer 0's header and a few of its 41 chunks
+    messages = _pass_messages()[:5]  # layer 0's header and a few of its 21 chunks
     with pytest.raises(grpc.RpcError) as info:
         list(relay.stub.DeliverPass(iter(messages), timeout=TIMEOUT_S))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
