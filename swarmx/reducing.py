@@ -1,9 +1,11 @@
 """The reduce side of a SwarmX node: gradient streams from its children, summed upward.
 
 Gradient chunks from the children are summed chunk by chunk (``ChunkReduction``) and
-each sum goes to the parent, or to MemoryX at the root, at once. A mixin of
-``swarmx.service.SwarmXServicer``, whose state (children, upstream stubs, lock,
-counters) it uses.
+each sum goes to the parent, or to MemoryX at the root, at once. A pass's gradient
+streams (``ReducePass``) are summed on the event loop (``swarmx.reducing_loop``); this
+module keeps the per-layer ``Reduce`` and the threaded pass path a root with split layers
+uses. A mixin of ``swarmx.service.SwarmXServicer``, whose state (children, upstream
+stubs, lock, counters) it uses.
 """
 
 from __future__ import annotations
@@ -65,9 +67,8 @@ class ReduceSide:
 
     _gradient_links: tuple[int, dict[int, GradientLink]] | None
     _loop_reduce: LoopReduceSide  # the sums of the pass streams read on the loop
-    _threaded_reduce_pass: Callable[
-        ..., AsyncIterator
-    ]  # _reduce_pass_on_threads, as a loop handler
+    # ``_reduce_pass_on_threads`` as a loop handler (a root whose MemoryX splits layers).
+    _threaded_reduce_pass: Callable[..., AsyncIterator]
 
     # -- reduce (over the servicer's state: see SwarmXServicer.__init__) ---------------
     def _open_reduction(self, header: Header, context: grpc.ServicerContext) -> Reducing:
