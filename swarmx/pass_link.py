@@ -193,4 +193,4 @@ class Slot:
         return self._result
 
 
-__all__ = ["POLL_S", "QUEUE_DEPTH", "AnswerSlots", "PassLink", "Slot", "drain", "put"]
+__all__ = ["QUEUE_DEPTH", "AnswerSlots", "PassLink", "Slot", "drain", "put"]

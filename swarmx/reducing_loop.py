@@ -229,7 +229,7 @@ class LoopReduceSide:
         """The layer's answer from upstream, once its sum is accepted there."""
         try:
             return await entry.answer
-        except (asyncio.CancelledError, grpc.RpcError):
+        except grpc.RpcError:  # (a cancel of the waiting task itself goes on as it is)
             if not entry.failed:
                 raise
             raise StepConflict(

@@ -509,15 +509,6 @@ class SwarmXServicer(ReduceSide, sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
         async for ack in relay_pass(self, request_iterator, context):
             yield ack_to_wire(ack)
 
-    def broadcast(
-        self,
-        messages: Iterable[StreamItem | pb.LayerMessage],
-        context: grpc.ServicerContext,
-        passing: LayerRequest | None,
-    ) -> LayerAck:
-        """One layer to every child (``_broadcast``): for ``swarmx.pass_relay``."""
-        return self._broadcast(messages, context, passing)
-
     def passing_of(self, first: StreamItem | None) -> LayerRequest | None:
         """The pass a layer from the parent belongs to, from its header (None: none)."""
         if not isinstance(first, Header) or not (first.pass_position or first.pass_length):
