@@ -55,6 +55,7 @@ class ModelPlan:
     num_steps: int
     batch_size: int
     shared_memory: str = "auto"  # runtime.shared_memory of the emulator runs
+    nodes_per_process: int | str = "auto"  # runtime.nodes_per_process of the emulator runs
 
 
 def _median_after_warmup(runs: list[list[float]]) -> float:
@@ -80,6 +81,7 @@ def _config(plan: ModelPlan, nodes: int, seed: int) -> ClusterConfig:
             # The final evaluation is part of the launch overhead; keep it small.
             "max_eval_samples": nodes,
             "runtime.shared_memory": plan.shared_memory,
+            "runtime.nodes_per_process": plan.nodes_per_process,
         }
     )
 
@@ -372,6 +374,12 @@ def main(argv: list[str] | None = None) -> dict:
         default="auto",
         help="runtime.shared_memory of the emulator runs (off: chunk payloads as gRPC bytes)",
     )
+    parser.add_argument(
+        "--nodes-per-process",
+        type=lambda text: text if text == "auto" else int(text),
+        default="auto",
+        help="runtime.nodes_per_process of the emulator runs (auto, or a count)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
     if args.models is None:
@@ -383,10 +391,20 @@ def main(argv: list[str] | None = None) -> dict:
 
     plans = {
         "mlp-digits": ModelPlan(
-            "mlp-digits", tuple(args.nodes), args.mlp_steps, args.mlp_batch, args.shared_memory
+            "mlp-digits",
+            tuple(args.nodes),
+            args.mlp_steps,
+            args.mlp_batch,
+            args.shared_memory,
+            args.nodes_per_process,
         ),
         "gpt-10m": ModelPlan(
-            "gpt-10m", tuple(args.gpt_nodes), args.gpt_steps, args.gpt_batch, args.shared_memory
+            "gpt-10m",
+            tuple(args.gpt_nodes),
+            args.gpt_steps,
+            args.gpt_batch,
+            args.shared_memory,
+            args.nodes_per_process,
         ),
     }
     unknown = [m for m in args.models if m not in plans]
@@ -408,6 +426,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": _machine(),
         "torch_threads": args.torch_threads,
         "shared_memory": args.shared_memory,
+        "nodes_per_process": args.nodes_per_process,
         "ray_init_s": ray_init_s,
         "total_s": time.perf_counter() - started,
         "rows": rows,
