@@ -1,7 +1,8 @@
 """Compute-node gRPC service: LayerSink.Deliver plus stats, over a NodeWorker.
 
 The service runs on the process's event loop (``proto.loop_server``): its streams are read
-and answered there, and each layer computes on a thread of its own.
+and answered there, and each layer computes on a thread of its own, or, if it is short
+(``INLINE_COMPUTE_MAX_S``), on the loop.
 
 A layer stream is validated against the layer's layout before the node
 computes anything. In the backward pass the node sends its gradients to its
@@ -16,12 +17,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import threading
 from collections.abc import Callable
 
 import grpc
 
-from nodes.worker import NodeStateError, NodeWorker
+from nodes.worker import NodeStateError, NodeWorker, process_computing
 from proto import node_pb2_grpc as ngrpc
 from proto import swarmx_pb2_grpc as sgrpc
 from proto import threads
@@ -54,6 +56,11 @@ from swarmx.gradient_link import GradientLink
 #: Layers of a pass stream read and not yet computed, at most: the one computing and the
 #: next one streaming in (as the root keeps two in flight).
 PASS_LAYERS_AHEAD = 2
+#: A pass layer whose last compute here took less than this runs on the event loop that
+#: read it, s: handing it to a thread and its answer back costs more than such a compute
+#: (thread wake-ups and GIL hand-offs: mlp-digits layers compute in 0.1-1 ms). Longer ones
+#: keep a thread, so that the next layer streams in while they compute.
+INLINE_COMPUTE_MAX_S = 0.002
 
 
 class _PassCall(ThreadSideContext):
@@ -87,6 +94,8 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
         self._computed: tuple[int, int, int] | None = None
         # The gradient stream of the pipelined pass computing now (under ``_lock``).
         self._gradient_link: GradientLink | None = None
+        # How long each (phase, layer) took to compute last, s (``INLINE_COMPUTE_MAX_S``).
+        self._compute_s: dict[tuple[int, int], float] = {}
         self._reset_counters()
 
     def _reset_counters(self) -> None:
@@ -120,7 +129,8 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
         The stream is read on the event loop: each layer is checked and assembled as it
         comes, while the layer before it computes; each layer then runs as ``Deliver`` runs
         it, in pass order, on a thread of its own (a backward layer waits for its reduced
-        gradient there). At most ``PASS_LAYERS_AHEAD`` layers are read and not yet computed.
+        gradient there), or, if it computed in less than ``INLINE_COMPUTE_MAX_S`` last
+        time and can start at once, on the loop (its answer sent once its sum is in). At most ``PASS_LAYERS_AHEAD`` layers are read and not yet computed.
         One ack per layer is answered as it completes, in pass order.
         """
         loop = asyncio.get_running_loop()
@@ -132,6 +142,44 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
         def free_room() -> None:  # from a layer's thread once it has computed
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(room.release)
+
+        def answer_with(index: int, over: asyncio.Future, done: Callable[[], LayerAck]) -> None:
+            """(On the loop.) Answer layer ``index`` with ``done()``, or its error."""
+            try:
+                answers.put_nowait((index, done()))
+            except BaseException as exc:  # answered as the pass's error
+                answers.put_nowait(exc)
+            if not over.done():
+                over.set_result(None)
+
+        def run_here(index: int, header: Header, assembler, params: dict, over) -> bool:
+            """Compute the layer on the loop if it is short and can start at once (False:
+            it cannot; a thread runs it). A backward layer is answered once its sum is in."""
+            try:
+                computed = self._compute_now(header, params, assembler, passing)
+            except BaseException as exc:
+                answer_with(index, over, functools.partial(_raise, exc))
+                room.release()
+                return True
+            if computed is None:
+                return False
+            room.release()
+            ack, call, sent = computed
+            if call is None:
+                answer_with(index, over, lambda: ack)
+                return True
+
+            def upstream_done(_call) -> None:  # on the loop, or a thread that settled it
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(
+                        answer_with,
+                        index,
+                        over,
+                        lambda: self._with_upstream(header, ack, call, sent),
+                    )
+
+            call.add_done_callback(upstream_done)
+            return True
 
         def run(index: int, header: Header, assembler: LayerAssembler, params: dict, over) -> None:
             try:
@@ -168,7 +216,10 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
                     if not passing.is_active():  # ended (on this loop) while it was read
                         return
                     layer = (num_read, header, assembler, params, over)
-                    threads.start(run, *layer, name=f"{self.name}-layer")
+                    del params  # (the layer's thread or compute drops them when done)
+                    if not run_here(*layer):
+                        threads.start(run, *layer, name=f"{self.name}-layer")
+                    del layer
                     layers_over.append(over)
                     num_read += 1
             except Exception as exc:
@@ -256,6 +307,28 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
         if call is None:
             return ack
         # Waited for outside the lock: the next layer of the pass computes meanwhile.
+        return self._with_upstream(header, ack, call, sent)
+
+    def _compute_now(self, header: Header, params: dict, assembler: LayerAssembler, context):
+        """(On the loop.) ``_compute`` for a layer that computed in less than
+        ``INLINE_COMPUTE_MAX_S`` last time, if it can start at once: its turn has come and
+        no layer of this node, or node of this process, computes. None if not."""
+        last_s = self._compute_s.get((header.phase, header.layer))
+        if last_s is None or last_s >= INLINE_COMPUTE_MAX_S or process_computing():
+            return None
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            with self._turn:
+                if not self._ready(header):
+                    return None
+            return self._compute(header, params, assembler, context, on_loop=True)
+        finally:
+            self._lock.release()
+
+    def _with_upstream(self, header: Header, ack: LayerAck, call, sent: int) -> LayerAck:
+        """A backward layer's ack once its gradient's sum is applied upstream (``call`` is
+        done, or this waits for it)."""
         try:
             upstream = ack_from_wire(call.result())
         except grpc.FutureCancelledError:
@@ -304,8 +377,17 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
                     )
                 self._turn.wait(timeout=CANCEL_CHECK_S)
 
-    def _compute(self, header: Header, params: dict, assembler: LayerAssembler, context):
-        """Run the layer (under the lock); for a backward pass, start sending its gradients.
+    def _compute(
+        self,
+        header: Header,
+        params: dict,
+        assembler: LayerAssembler,
+        context,
+        *,
+        on_loop: bool = False,
+    ):
+        """Run the layer (under the lock); for a backward pass, start sending its gradients
+        (``on_loop``: without waiting for room on the stream: the loop writes it).
 
         Returns the ack so far, the upstream gradient call (None unless backward) and the
         gradient payload bytes it carries.
@@ -331,6 +413,7 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
         del params  # the wafer drops a layer's weights as soon as it has used them
         self.flops += result.flops
         self.compute_seconds += result.compute_seconds
+        self._compute_s[(header.phase, header.layer)] = result.compute_seconds
         ack.loss_sum = result.loss_sum
         ack.num_targets = result.num_targets
         ack.num_correct = result.num_correct
@@ -358,7 +441,7 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
             # Encoded (copied once) now: the chunks are views of the worker's gradients.
             # A pass's gradient stream takes a small layer as one message (``bundled``).
             messages = [encode(i) for i in (bundled(gradient) if header.pass_id else gradient)]
-            call = self._send_gradient(header, messages, context)
+            call = self._send_gradient(header, messages, context, on_loop=on_loop)
             # If the layer is abandoned (a sibling failed, so SwarmX cancels this Deliver),
             # stop waiting for a sum that will never complete.
             if not context.add_callback(call.cancel):
@@ -368,9 +451,15 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
             self._turn.notify_all()
         return ack, call, sent
 
-    def _send_gradient(self, header: Header, messages: list[bytes], context):
+    def _send_gradient(
+        self, header: Header, messages: list[bytes], context, *, on_loop: bool = False
+    ):
         """Start sending a layer's gradient to the parent: on its own ``Reduce`` call, or
-        (a pipelined pass) on the pass's one ``ReducePass`` stream; its answer's future."""
+        (a pipelined pass) on the pass's one ``ReducePass`` stream; its answer's future.
+
+        On the pass's stream the messages go on from this thread when the stream has room
+        for them now (``on_loop``), or for any caller but the loop, which must not wait
+        for the room it alone makes; else a pooled thread feeds them."""
         if not header.pass_id:
             return self._parent.Reduce.future(iter(messages), timeout=time_left_s(context))
         link = self._gradient_link
@@ -384,7 +473,8 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
                 timeout_s *= header.layer + 1
             link = GradientLink(self._parent.ReducePass, header.pass_id, timeout_s)
             self._gradient_link = link
-        call = link.send(header.layer, header.step, iter(messages))
+        direct = not on_loop or link.takes_now(len(messages))
+        call = link.send(header.layer, header.step, messages if direct else iter(messages))
         if header.layer == 0:  # a pass's last backward layer: its answers still come
             link.close()
             self._gradient_link = None
@@ -430,3 +520,7 @@ def serve(
     """Serve ``servicer`` on an OS-chosen port of ``host``, on this process's event loop
     (``proto.loop_server``); the server and its ``host:port``."""
     return start_loop_server(lambda server: register(server, servicer), host, security=security)
+
+
+def _raise(error: BaseException):
+    raise error

@@ -33,6 +33,11 @@ EVAL_PASS, TRAIN_PASS = 0, 1
 _PROCESS_LOCK = threading.Lock()
 
 
+def process_computing() -> bool:
+    """Whether a node of this process computes now (a compute started now would wait)."""
+    return _PROCESS_LOCK.locked()
+
+
 def _seed_cpu(seed: int) -> None:
     """Seed the CPU generator, the only one a node draws from (dropout masks).
 

@@ -177,6 +177,12 @@ class ClientStream:
             _wake(waiter)
         return True
 
+    def room(self) -> int:
+        """Messages ``put`` takes now without waiting (any number once the call is over:
+        ``put`` then refuses at once)."""
+        with self._lock:
+            return self._depth if self._over else int(self._depth) - len(self._queued)
+
     def close(self) -> None:
         """No more requests: the call's request side ends once the queued ones are sent."""
         with self._lock:

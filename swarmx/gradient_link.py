@@ -72,6 +72,12 @@ class GradientLink(AnswerSlots):
             threads.start(self._feed, name="swarmx-gradient-send")
         return slot
 
+    def takes_now(self, num_messages: int) -> bool:
+        """Whether a listed layer of ``num_messages`` goes on at once, without waiting for
+        room or for a layer still being read: its sender may be the event loop itself."""
+        with self._lock:
+            return not self._feeding and self.call.room() >= num_messages
+
     def _put_layer(self, messages: Iterable) -> None:
         for message in bundled(messages):
             if not self.call.put(message):

@@ -1,0 +1,98 @@
+"""A short pass layer computes on the compute node's event loop, not on a thread.
+
+Over real gRPC on loopback (an in-process cluster: MemoryX, the SwarmX root, compute
+nodes; no Ray), training passes run as the coordinator runs them. A layer whose compute
+took less than ``nodes.service.INLINE_COMPUTE_MAX_S`` the last time runs on the loop
+that read it; the weights trained are the same bits as with every layer on a thread.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from nodes import service as node_service
+from nodes.worker import _PROCESS_LOCK, process_computing
+from proto import threads
+from proto.domain import Phase
+from proto.rpc import Security
+from tests.swarmx.test_pass_run import (
+    _assert_bitwise_equal,
+    _state,
+    _train_step,
+    build_services,
+)
+
+NUM_STEPS = 3
+
+
+@pytest.fixture
+def layer_threads(monkeypatch) -> list[str]:
+    """Names of the threads compute nodes start for their layers (``node-R-layer``; the
+    SwarmX root's are ``swarmx-pass-layer``)."""
+    started: list[str] = []
+    start = threads.start
+
+    def counted(target, *args, name: str = "", **kwargs):
+        if name.startswith("node-") and name.endswith("-layer"):
+            started.append(name)
+        return start(target, *args, name=name, **kwargs)
+
+    monkeypatch.setattr(node_service.threads, "start", counted)
+    return started
+
+
+def _train(*, inline_max_s: float, monkeypatch, started: list[str]) -> tuple[dict, list[int]]:
+    """The weights after ``NUM_STEPS`` steps on 2 nodes, and the layer threads per step."""
+    monkeypatch.setattr(node_service, "INLINE_COMPUTE_MAX_S", inline_max_s)
+    services = build_services(Security.generate(), num_nodes=2, fanout=2)
+    per_step = []
+    try:
+        for step in range(NUM_STEPS):
+            before = len(started)
+            acks = _train_step(services, step, pass_id=step + 1)
+            assert all(ack.num_nodes == 2 and ack.update_applied for ack in acks)
+            assert sum(ack.gradient_bytes > 0 for ack in acks if ack.phase == Phase.BACKWARD)
+            per_step.append(len(started) - before)
+        return _state(services), per_step
+    finally:
+        services.stop()
+
+
+def test_short_layers_compute_on_the_loop_and_train_the_same_bits(monkeypatch, layer_threads):
+    on_threads, threaded_per_step = _train(
+        inline_max_s=0.0, monkeypatch=monkeypatch, started=layer_threads
+    )
+    # Every layer, forward and backward, of both nodes on a thread of its own.
+    layers_per_step = threaded_per_step[0]
+    assert layers_per_step > 0 and threaded_per_step == [layers_per_step] * NUM_STEPS
+    on_loop, inline_per_step = _train(
+        inline_max_s=60.0, monkeypatch=monkeypatch, started=layer_threads
+    )
+    # The first step measures each layer's compute (on threads); later ones run on the loop.
+    assert inline_per_step[0] == layers_per_step
+    assert inline_per_step[1:] == [0] * (NUM_STEPS - 1)
+    _assert_bitwise_equal(on_loop, on_threads)
+
+
+def test_a_layer_waits_on_a_thread_while_another_node_of_the_process_computes(
+    monkeypatch, layer_threads
+):
+    """The loop never waits for another node's compute (nodes may share a process): a
+    layer whose node, or process, is busy goes to a thread."""
+    assert not process_computing()
+    with _PROCESS_LOCK:
+        assert process_computing()
+    # With the process's compute lock held by a thread whenever a layer would go on the
+    # loop, every layer takes a thread, and training still completes.
+    busy = threading.Event()
+
+    def always_busy() -> bool:
+        busy.set()
+        return True
+
+    monkeypatch.setattr(node_service, "process_computing", always_busy)
+    _, per_step = _train(inline_max_s=60.0, monkeypatch=monkeypatch, started=layer_threads)
+    assert busy.is_set()
+    assert per_step == [per_step[0]] * NUM_STEPS
