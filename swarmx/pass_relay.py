@@ -15,7 +15,7 @@ relaying itself (about a third of a SwarmX host's CPU at 192 nodes, benchmarks/R
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 import grpc
@@ -33,7 +33,7 @@ from proto.wire import encode
 LAYERS_AHEAD = 4
 
 
-class _Layer:
+class RelayedLayer:
     """A layer on its way down: the answers its children gave so far."""
 
     __slots__ = ("header", "acks", "sent")
@@ -47,7 +47,7 @@ class _Layer:
         return self.sent and all(ack is not None for ack in self.acks)
 
 
-class _Relay:
+class Relay:
     """One ``DeliverPass`` call at a SwarmX node: its streams to the children, the layers
     waiting for their answers, and the answers for the parent (``answers``)."""
 
@@ -59,7 +59,7 @@ class _Relay:
         self.answers: asyncio.Queue = asyncio.Queue()
         self.room = asyncio.Semaphore(LAYERS_AHEAD)
         self.links: list[ClientStream] = []
-        self._waiting: dict[tuple[int, int], _Layer] = {}
+        self._waiting: dict[tuple[int, int], RelayedLayer] = {}
         self.error: BaseException | None = None
 
     # -- the children's streams (callbacks on the loop) ---------------------------------
@@ -95,7 +95,7 @@ class _Relay:
         if error is not None:
             self.fail(error)
 
-    def _settle(self, key: tuple[int, int], layer: _Layer) -> None:
+    def _settle(self, key: tuple[int, int], layer: RelayedLayer) -> None:
         if not layer.answered() or self.error is not None:
             return
         del self._waiting[key]
@@ -117,6 +117,10 @@ class _Relay:
     def cancel(self) -> None:
         for link in self.links:
             link.cancel()
+
+    def ended(self, finished: bool) -> None:
+        """The pass's call is over, every layer answered (``finished``) or not: a subclass
+        ends what else it opened."""
 
     # -- the parent's stream ----------------------------------------------------------
     async def read(self, request_iterator: AsyncIterator) -> None:
@@ -141,7 +145,7 @@ class _Relay:
                     )
                 if not self.links:
                     self.open_links()
-                layer = self._waiting[key] = _Layer(header, len(self.links))
+                layer = self._waiting[key] = RelayedLayer(header, len(self.links))
                 num_read += 1
                 if not await self._send_layer(header, items):
                     return  # a child's stream is over: its end failed the pass
@@ -210,8 +214,17 @@ async def relay_pass(
     """The answers to one ``DeliverPass`` stream at SwarmX node ``servicer``, as each
     layer completes; the first failure (a bad stream, a child's error) ends the stream, and
     the end of the call (its caller cancelled it) cancels the children's streams."""
-    relay = _Relay(servicer, context)
-    reader = asyncio.ensure_future(relay.read(request_iterator))
+    relay = Relay(servicer, context)
+    async for ack in answered(relay, relay.read(request_iterator)):
+        yield ack
+
+
+async def answered(relay: Relay, reading: Coroutine) -> AsyncIterator[LayerAck]:
+    """``relay``'s answers, as each layer completes, while ``reading`` (a task) puts the
+    layers on the children's streams; the first failure ends them, and so does the end of
+    the caller's stream (the children's streams are then cancelled)."""
+    servicer = relay._servicer
+    reader = asyncio.ensure_future(reading)
     finished = False
     try:
         num_answered, num_read = 0, None
@@ -229,8 +242,9 @@ async def relay_pass(
         reader.cancel()
         if not finished:
             relay.cancel()
+        relay.ended(finished)
         servicer.relays.discard(relay)
         await asyncio.gather(reader, return_exceptions=True)
 
 
-__all__ = ["LAYERS_AHEAD", "relay_pass"]
+__all__ = ["LAYERS_AHEAD", "Relay", "RelayedLayer", "answered", "relay_pass"]

@@ -37,7 +37,7 @@ MAX_IN_FLIGHT = 2
 ERROR_GRACE_S = 1.0
 
 
-class _End:
+class StreamEnd:
     """How a MemoryX stream ended: ``error`` None if well."""
 
     __slots__ = ("error",)
@@ -49,7 +49,7 @@ class _End:
 def _answers(answers: queue.SimpleQueue) -> Iterator:
     """The messages a ``ClientStream`` put on ``answers``, as a sync call's iterator gives
     them (its error raised at the end)."""
-    while not isinstance(message := answers.get(), _End):
+    while not isinstance(message := answers.get(), StreamEnd):
         yield message
     if message.error is not None:
         raise message.error
@@ -85,7 +85,7 @@ class PassWeights:
                     raise WireError("the pass is over; its MemoryX streams are closed")
                 answers: queue.SimpleQueue = queue.SimpleQueue()
                 call = ClientStream(
-                    stub.StreamPass, self._timeout_s, answers.put, lambda e: answers.put(_End(e))
+                    stub.StreamPass, self._timeout_s, answers.put, lambda e: answers.put(StreamEnd(e))
                 )
                 entry = (call, from_wire_stream(_answers(answers)))
                 self._calls[stub] = entry
@@ -262,4 +262,4 @@ class PassRun:
             self._changed.notify_all()
 
 
-__all__ = ["MAX_IN_FLIGHT", "PassRun", "PassWeights"]
+__all__ = ["MAX_IN_FLIGHT", "PassRun", "PassWeights", "StreamEnd"]

@@ -68,6 +68,7 @@ from proto.wire import register as register_fast
 from swarmx.gradient_link import GradientLink
 from swarmx.pass_link import QUEUE_DEPTH, PassLink, drain, put
 from swarmx.pass_relay import relay_pass
+from swarmx.pass_root import root_pass
 from swarmx.pass_run import PassRun
 from swarmx.pieces import END, SplitLayer, joined_weights
 from swarmx.reducing import ReduceSide, Reducing
@@ -177,6 +178,7 @@ class SwarmXServicer(ReduceSide, sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
         self.relays: set = set()
         self._loop_reduce = LoopReduceSide(self)
         self._threaded_reduce_pass = threaded_stream_handler(self._reduce_pass_on_threads)
+        self._threaded_run_pass = threaded_stream_handler(self._run_pass_on_threads)
 
     def connect(
         self,
@@ -485,8 +487,21 @@ class SwarmXServicer(ReduceSide, sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
             for source in sources:
                 source.cancel()  # a no-op unless the broadcast stopped early
 
+    @loop_stream_errors
+    async def RunPass(self, request_iterator, context):
+        """One pass's layer requests from the driver on one stream, run on the event loop
+        (``swarmx.pass_root``); at a root whose MemoryX splits layers over several
+        servers, on threads (``_run_pass_on_threads``: the split layers' pieces are joined
+        there)."""
+        if self._split:
+            async for ack in self._threaded_run_pass(request_iterator, context):
+                yield ack
+            return
+        async for ack in root_pass(self, request_iterator, context):
+            yield ack_to_wire(ack)
+
     @rpc_stream_errors
-    def RunPass(self, request_iterator, context):
+    def _run_pass_on_threads(self, request_iterator, context):
         for ack in PassRun(self, context).acks(request_iterator):
             yield ack_to_wire(ack)
 

@@ -1,0 +1,208 @@
+"""The root's ``SwarmX.RunPass`` on the process's event loop: a pass's layers from MemoryX
+to the children, without threads.
+
+The driver sends a pass's layer requests on one stream; for each, the root asks MemoryX
+for the layer's weights on the pass's one ``StreamPass`` call per server (as soon as the
+request arrives: MemoryX streams it while the layers before it are still at the nodes),
+and, once fewer than ``MAX_IN_FLIGHT`` layers are unanswered, puts the layer's items on
+every child's pass stream as they come (``swarmx.pass_relay``, which a SwarmX node below
+the root runs for its parent's stream). Each layer is answered to the driver once every
+child has answered it, in pass order. The first failure ends the pass and cancels its
+streams, to the children and to MemoryX.
+
+A root whose MemoryX splits layers over several servers joins their pieces on threads
+(``swarmx.pass_run.PassRun``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from proto.domain import Header, LayerRequest, StreamItem
+from proto.frames import WireError, from_wire_stream_async
+from proto.loop_streams import ClientStream
+from proto.messages import weights_request_to_wire
+from proto.pass_stream import ReadDone
+from proto.rpc import time_left_s
+from swarmx.pass_relay import Relay, RelayedLayer, answered
+from swarmx.pass_run import MAX_IN_FLIGHT, StreamEnd
+
+
+async def _messages(queue: asyncio.Queue) -> AsyncIterator:
+    """The messages a ``ClientStream`` put on ``queue``, its error raised at the end."""
+    while not isinstance(message := await queue.get(), StreamEnd):
+        yield message
+    if message.error is not None:
+        raise message.error
+
+
+class _LoopWeights:
+    """The weights of one pass's layers from MemoryX: one ``StreamPass`` call per server,
+    opened by the first layer of the pass it holds, its answers read on the loop."""
+
+    def __init__(self, servicer: Any, timeout_s: float):
+        self._servicer = servicer
+        self._timeout_s = timeout_s
+        self._calls: dict[Any, tuple[ClientStream, AsyncIterator[StreamItem]]] = {}
+
+    def _call(self, stub) -> tuple[ClientStream, AsyncIterator[StreamItem]]:
+        entry = self._calls.get(stub)
+        if entry is None:
+            answers: asyncio.Queue = asyncio.Queue()
+            call = ClientStream(
+                stub.StreamPass,
+                self._timeout_s,
+                answers.put_nowait,
+                lambda error: answers.put_nowait(StreamEnd(error)),
+            )
+            entry = self._calls[stub] = (call, from_wire_stream_async(_messages(answers)))
+        return entry
+
+    def _stub(self, request: LayerRequest):
+        _, stubs = self._servicer.weight_sources(request.layer)
+        return stubs[0]  # (split layers take the threaded pass)
+
+    async def ask(self, request: LayerRequest) -> None:
+        # A call that is over refuses it: its end fails the layer's read.
+        await self._call(self._stub(request))[0].send(weights_request_to_wire(request))
+
+    async def header(self, request: LayerRequest) -> tuple[Header, AsyncIterator[StreamItem]]:
+        """The header of ``request``'s layer (marked with its place in the pass), and the
+        stream its chunks follow on."""
+        items = self._call(self._stub(request))[1]
+        header = await anext(items, None)
+        if not isinstance(header, Header):
+            raise WireError("each layer of a pass stream starts with a header")
+        if (header.layer, header.step, header.phase) != (
+            request.layer,
+            request.step,
+            request.phase,
+        ):
+            raise WireError(
+                f"MemoryX sent layer {header.layer} step {header.step} phase {header.phase} "
+                f"for a request of layer {request.layer} step {request.step} phase "
+                f"{request.phase}"
+            )
+        return _placed(header, request), items
+
+    def close(self, *, cancel: bool) -> None:
+        """No more requests (``cancel``: the calls end too)."""
+        for call, _ in self._calls.values():
+            call.close()
+            if cancel:
+                call.cancel()
+
+
+def _placed(header: Header, request: LayerRequest) -> Header:
+    """``header`` marked with ``request``'s pass: its id (the nodes order its layers by it)
+    and its place (SwarmX nodes below send it on the pass's streams)."""
+    return dataclasses.replace(
+        header,
+        pass_id=request.pass_id,
+        pass_position=request.pass_position,
+        pass_length=request.pass_length,
+    )
+
+
+class _RootRelay(Relay):
+    """One ``RunPass`` call at the root: the driver's requests read, each layer's weights
+    from MemoryX put on the children's streams."""
+
+    def __init__(self, servicer: Any, context: grpc.aio.ServicerContext):
+        super().__init__(servicer, context)
+        self.room = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self._weights = _LoopWeights(servicer, time_left_s(context))
+
+    def cancel(self) -> None:
+        super().cancel()
+        self._weights.close(cancel=True)
+
+    def ended(self, finished: bool) -> None:
+        self._weights.close(cancel=not finished)
+
+    async def read_requests(self, request_iterator: AsyncIterator) -> None:
+        """Check and start each request in turn, at most ``MAX_IN_FLIGHT`` unanswered; the
+        request after those is read and its weights asked for while they are under way."""
+        servicer = self._servicer
+        num_read = 0
+        first: LayerRequest | None = None
+        try:
+            requests = aiter(request_iterator)
+            while first is None or num_read < first.pass_length:
+                message = await anext(requests, None)
+                if message is None:
+                    if first is None:
+                        return  # an empty pass: nothing to answer
+                    raise WireError(
+                        f"the pass ended after {num_read} of its {first.pass_length} layers"
+                    )
+                request = servicer.checked_request(message)
+                expected = (first.pass_id, first.pass_length) if first else None
+                if (
+                    not request.pass_id
+                    or request.pass_position != num_read + 1
+                    or (expected and (request.pass_id, request.pass_length) != expected)
+                ):
+                    raise WireError(
+                        f"request {num_read + 1} of a pass has pass_id {request.pass_id}, "
+                        f"pass_position {request.pass_position} and pass_length "
+                        f"{request.pass_length}: a pass's requests share a nonzero pass_id "
+                        "and pass_length and count pass_position 1, 2, ... in order"
+                    )
+                first = first or request
+                if not request.without_weights:
+                    await self._weights.ask(request)
+                await self.room.acquire()
+                if self.error is not None:
+                    return
+                num_read += 1
+                if not await self._run(request):
+                    return  # a child's stream is over: its end failed the pass
+            for link in self.links:
+                link.close()  # the answers still come
+            self._weights.close(cancel=False)
+            if await anext(requests, None) is not None:
+                raise WireError(f"a pass of pass_length {first.pass_length} has more requests")
+        except Exception as exc:
+            self.fail(exc)
+        finally:
+            self.answers.put_nowait(ReadDone(num_read))
+
+    async def _run(self, request: LayerRequest) -> bool:
+        """Put ``request``'s layer on every child's stream; False if a child's is over."""
+        if request.without_weights:  # (DFA backward) a header-only stream
+            header = Header(
+                layer=request.layer,
+                step=request.step,
+                phase=request.phase,
+                sender=self._servicer.name,
+            )
+            header, items = _placed(header, request), None
+        else:
+            header, items = await self._weights.header(request)
+        key = (header.layer, header.phase)
+        if key in self._waiting:
+            raise WireError(f"layer {header.layer} phase {header.phase} came twice in one pass")
+        if not self.links:
+            self.open_links()
+        layer = self._waiting[key] = RelayedLayer(header, len(self.links))
+        if not await self._send_layer(header, items):
+            return False
+        layer.sent = True
+        self._settle(key, layer)
+        return True
+
+
+async def root_pass(servicer: Any, request_iterator: AsyncIterator, context) -> AsyncIterator:
+    """The answers to one ``RunPass`` call at root ``servicer``, as each layer completes."""
+    relay = _RootRelay(servicer, context)
+    async for ack in answered(relay, relay.read_requests(request_iterator)):
+        yield ack
+
+
+__all__ = ["root_pass"]

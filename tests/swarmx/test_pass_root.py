@@ -1,0 +1,99 @@
+"""The root's ``RunPass`` on the event loop (``swarmx.pass_root``), over real gRPC on loopback.
+
+An in-process cluster (MemoryX, the SwarmX root, compute nodes; no Ray) runs training
+passes as the coordinator does. What ``tests/swarmx/test_pass_run.py`` checks of a pass
+(one call per pass, same bits, refusals, cancels) holds for this path as it runs there;
+here: that it takes no thread, and that a rewiring ends a pass still under way at once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from proto import threads
+from proto.clients import SwarmXClient
+from proto.domain import Phase
+from proto.rpc import Security
+from tests.swarmx.test_pass_run import (
+    TIMEOUT_S,
+    _requests,
+    _train_step,
+    build_services,
+)
+
+
+@pytest.fixture
+def root_threads(monkeypatch) -> list[str]:
+    """Names of the threads started for the root's passes (``swarmx-pass-*``)."""
+    started: list[str] = []
+    start = threads.start
+
+    def counted(target, *args, name: str = "", **kwargs):
+        if name.startswith("swarmx-pass"):
+            started.append(name)
+        return start(target, *args, name=name, **kwargs)
+
+    monkeypatch.setattr(threads, "start", counted)
+    return started
+
+
+@pytest.fixture
+def services() -> Iterator:
+    cluster = build_services(Security.generate(), num_nodes=2, fanout=2)
+    yield cluster
+    cluster.stop()
+
+
+def test_a_pass_runs_at_the_root_without_a_thread(services, root_threads):
+    for step in range(2):
+        acks = _train_step(services, step, pass_id=step + 1)
+        assert [(a.layer, a.phase) for a in acks][:1] == [(0, Phase.FORWARD)]
+        assert all(a.num_nodes == 2 and a.update_applied for a in acks)
+    assert root_threads == []
+    stats = services.swarmx[services.root_name].stats()
+    assert len(stats.down) == 2 and all(link.payload_bytes > 0 for link in stats.down)
+
+
+def test_a_rewiring_ends_a_pass_under_way_at_once(services):
+    """A neighbour of the root was replaced: the pass under way can never complete (its
+    streams go to the old wiring), so it ends now, not at its deadline."""
+    root = services.swarmx[services.root_name]
+    worker = services.nodes[0].worker
+    computing, release = threading.Event(), threading.Event()
+    forward = worker.forward
+
+    def held_forward(layer, step, params):
+        computing.set()
+        release.wait(TIMEOUT_S)
+        return forward(layer, step, params)
+
+    worker.forward = held_forward
+    requests = _requests(services, services.version(), 9, (Phase.FORWARD, Phase.BACKWARD))
+    client = SwarmXClient(services.addresses[services.root_name], services.security)
+    pending = client.start_pass(timeout_s=TIMEOUT_S)
+    try:
+        for request in requests[:2]:
+            pending.send(request)
+        assert computing.wait(TIMEOUT_S)
+        started = time.monotonic()
+        root.connect(
+            children={c: services.addresses[c] for c in root.children},
+            parent=None,
+            memoryx=services.addresses["memoryx"],
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            pending.next_ack(timeout_s=TIMEOUT_S)
+        assert time.monotonic() - started < TIMEOUT_S / 2
+        assert info.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+    finally:
+        release.set()
+        pending.cancel()
+    worker.forward = forward
+    # The rewired root runs the next pass.
+    acks = _train_step(services, services.version(), pass_id=10)
+    assert all(a.num_nodes == 2 and a.update_applied for a in acks)
