@@ -130,8 +130,9 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
         comes, while the layer before it computes; each layer then runs as ``Deliver`` runs
         it, in pass order, on a thread of its own (a backward layer waits for its reduced
         gradient there), or, if it computed in less than ``INLINE_COMPUTE_MAX_S`` last
-        time and can start at once, on the loop (its answer sent once its sum is in). At most ``PASS_LAYERS_AHEAD`` layers are read and not yet computed.
-        One ack per layer is answered as it completes, in pass order.
+        time and can start at once, on the loop (its answer sent once its sum is in). At
+        most ``PASS_LAYERS_AHEAD`` layers are read and not yet computed. One ack per layer
+        is answered as it completes, in pass order.
         """
         loop = asyncio.get_running_loop()
         passing = _PassCall(context)

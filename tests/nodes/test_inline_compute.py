@@ -12,16 +12,16 @@ import threading
 
 import pytest
 
+from benchmarks.fuzz_services import build_services
 from nodes import service as node_service
 from nodes.worker import _PROCESS_LOCK, process_computing
 from proto import threads
 from proto.domain import Phase
 from proto.rpc import Security
-from tests.swarmx.test_pass_run import (
-    _assert_bitwise_equal,
-    _state,
-    _train_step,
-    build_services,
+from tests.swarmx.passes import (
+    assert_bitwise_equal,
+    memoryx_state,
+    train_step,
 )
 
 NUM_STEPS = 3
@@ -51,11 +51,11 @@ def _train(*, inline_max_s: float, monkeypatch, started: list[str]) -> tuple[dic
     try:
         for step in range(NUM_STEPS):
             before = len(started)
-            acks = _train_step(services, step, pass_id=step + 1)
+            acks = train_step(services, step, pass_id=step + 1)
             assert all(ack.num_nodes == 2 and ack.update_applied for ack in acks)
             assert sum(ack.gradient_bytes > 0 for ack in acks if ack.phase == Phase.BACKWARD)
             per_step.append(len(started) - before)
-        return _state(services), per_step
+        return memoryx_state(services), per_step
     finally:
         services.stop()
 
@@ -73,7 +73,7 @@ def test_short_layers_compute_on_the_loop_and_train_the_same_bits(monkeypatch, l
     # The first step measures each layer's compute (on threads); later ones run on the loop.
     assert inline_per_step[0] == layers_per_step
     assert inline_per_step[1:] == [0] * (NUM_STEPS - 1)
-    _assert_bitwise_equal(on_loop, on_threads)
+    assert_bitwise_equal(on_loop, on_threads)
 
 
 def test_a_layer_waits_on_a_thread_while_another_node_of_the_process_computes(

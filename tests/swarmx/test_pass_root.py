@@ -15,15 +15,15 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
+from benchmarks.fuzz_services import build_services
 from proto import threads
 from proto.clients import SwarmXClient
 from proto.domain import Phase
 from proto.rpc import Security
-from tests.swarmx.test_pass_run import (
+from tests.swarmx.passes import (
     TIMEOUT_S,
-    _requests,
-    _train_step,
-    build_services,
+    pass_requests,
+    train_step,
 )
 
 
@@ -51,7 +51,7 @@ def services() -> Iterator:
 
 def test_a_pass_runs_at_the_root_without_a_thread(services, root_threads):
     for step in range(2):
-        acks = _train_step(services, step, pass_id=step + 1)
+        acks = train_step(services, step, pass_id=step + 1)
         assert [(a.layer, a.phase) for a in acks][:1] == [(0, Phase.FORWARD)]
         assert all(a.num_nodes == 2 and a.update_applied for a in acks)
     assert root_threads == []
@@ -73,7 +73,7 @@ def test_a_rewiring_ends_a_pass_under_way_at_once(services):
         return forward(layer, step, params)
 
     worker.forward = held_forward
-    requests = _requests(services, services.version(), 9, (Phase.FORWARD, Phase.BACKWARD))
+    requests = pass_requests(services, services.version(), 9, (Phase.FORWARD, Phase.BACKWARD))
     client = SwarmXClient(services.addresses[services.root_name], services.security)
     pending = client.start_pass(timeout_s=TIMEOUT_S)
     try:
@@ -95,5 +95,5 @@ def test_a_rewiring_ends_a_pass_under_way_at_once(services):
         pending.cancel()
     worker.forward = forward
     # The rewired root runs the next pass.
-    acks = _train_step(services, services.version(), pass_id=10)
+    acks = train_step(services, services.version(), pass_id=10)
     assert all(a.num_nodes == 2 and a.update_applied for a in acks)

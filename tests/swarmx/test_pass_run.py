@@ -15,24 +15,28 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-import torch
 
 from benchmarks.fuzz_services import SETTLE_S, Services, build_services
 from memoryx.service import MemoryXServicer
 from nodes.service import ComputeNodeServicer
-from proto import memoryx_pb2 as mpb
 from proto import swarmx_pb2 as spb
 from proto import swarmx_pb2_grpc as sgrpc
 from proto import tensor_pb2 as pb
 from proto import wire
 from proto.clients import SwarmXClient
-from proto.domain import Chunk, LayerAck, LayerRequest, Phase
+from proto.domain import Chunk, Phase
 from proto.rpc import Security, channel
 from swarmx.service import SwarmXServicer
 from tests.servicer_calls import count_servicer_calls
-
-TIMEOUT_S = 30
-WINDOW = 2
+from tests.swarmx.passes import (
+    TIMEOUT_S,
+    WINDOW,
+    assert_bitwise_equal,
+    memoryx_state,
+    pass_requests,
+    run_pass,
+    train_step,
+)
 
 
 @pytest.fixture
@@ -58,71 +62,10 @@ def cluster(calls) -> Iterator[Services]:
     services.stop()
 
 
-def _requests(services: Services, step: int, pass_id: int, phases) -> list[LayerRequest]:
-    num_layers = len(services.layers)
-    order = [(layer, phase) for phase in phases for layer in range(num_layers)]
-    if Phase.BACKWARD in phases:  # backward runs from the last layer down
-        order = [(layer, phase) for layer, phase in order if phase != Phase.BACKWARD]
-        order += [(layer, Phase.BACKWARD) for layer in reversed(range(num_layers))]
-    return [
-        LayerRequest(layer, step, phase, "float32", False, pass_id, position, len(order))
-        for position, (layer, phase) in enumerate(order, start=1)
-    ]
-
-
-def _run_pass(
-    services: Services, requests: list[LayerRequest], ahead: int = WINDOW
-) -> list[LayerAck]:
-    """As ``Coordinator._run_pass``: one call, at most ``ahead`` requests unanswered (the
-    root runs at most two layers at a time whatever the driver sends)."""
-    root = SwarmXClient(services.addresses[services.root_name], services.security)
-    pending = root.start_pass(timeout_s=TIMEOUT_S)
-    acks: list[LayerAck] = []
-    try:
-        for sent, request in enumerate(requests):
-            if sent - len(acks) == ahead:
-                acks.append(pending.next_ack(timeout_s=TIMEOUT_S))
-            pending.send(request)
-        pending.close()
-        while len(acks) < len(requests):
-            acks.append(pending.next_ack(timeout_s=TIMEOUT_S))
-    except BaseException:
-        pending.cancel()
-        raise
-    return acks
-
-
-def _train_step(services: Services, step: int, pass_id: int, ahead=WINDOW) -> list[LayerAck]:
-    requests = _requests(services, step, pass_id, (Phase.FORWARD, Phase.BACKWARD))
-    acks = _run_pass(services, requests, ahead)
-    services.memoryx_stub.CommitStep(mpb.StepRequest(step=step), timeout=TIMEOUT_S)
-    return acks
-
-
-def _state(services: Services) -> dict[str, torch.Tensor]:
-    return services.memoryx.store.state_dict()
-
-
-def _assert_bitwise_equal(one, two) -> None:
-    assert type(one) is type(two)
-    if isinstance(one, torch.Tensor):
-        assert torch.equal(one, two)
-    elif isinstance(one, dict):
-        assert one.keys() == two.keys()
-        for key in one:
-            _assert_bitwise_equal(one[key], two[key])
-    elif isinstance(one, list | tuple):
-        assert len(one) == len(two)
-        for a, b in zip(one, two, strict=True):
-            _assert_bitwise_equal(a, b)
-    else:
-        assert one == two
-
-
 def test_a_training_pass_is_one_call_to_the_root_and_one_to_memoryx(cluster, calls):
     num_layers = len(cluster.layers)
     for step in range(2):
-        acks = _train_step(cluster, step, pass_id=10 + step)
+        acks = train_step(cluster, step, pass_id=10 + step)
         order = [(a.layer, a.phase) for a in acks]
         assert order == [(layer, Phase.FORWARD) for layer in range(num_layers)] + [
             (layer, Phase.BACKWARD) for layer in reversed(range(num_layers))
@@ -151,15 +94,15 @@ def test_run_pass_trains_the_same_bits_as_one_run_layer_call_per_layer(
     try:
         for step in range(2):
             last = per_layer.train_step(step)  # RunLayer, one layer after the other
-            acks = _train_step(per_pass, step, pass_id=step + 1, ahead=ahead)
+            acks = train_step(per_pass, step, pass_id=step + 1, ahead=ahead)
             ours = acks[len(per_pass.layers) - 1]
             assert (ours.loss_sum, ours.num_targets, ours.num_correct) == (
                 last.loss_sum,
                 last.num_targets,
                 last.num_correct,
             )
-        _assert_bitwise_equal(_state(per_layer), _state(per_pass))
-        evaluated = _run_pass(per_pass, _requests(per_pass, 2, 99, (Phase.EVAL,)))
+        assert_bitwise_equal(memoryx_state(per_layer), memoryx_state(per_pass))
+        evaluated = run_pass(per_pass, pass_requests(per_pass, 2, 99, (Phase.EVAL,)))
         assert [a.phase for a in evaluated] == [Phase.EVAL] * len(per_pass.layers)
     finally:
         per_layer.stop()
@@ -199,9 +142,9 @@ def test_every_link_of_a_deeper_tree_carries_a_pass_on_one_stream(monkeypatch, c
     bundles = _count_bundles(monkeypatch)  # (the model's weights were loaded item by item)
     try:
         for step in range(2):
-            acks = _train_step(services, step, pass_id=20 + step)
+            acks = train_step(services, step, pass_id=20 + step)
             assert all(a.num_nodes == 4 for a in acks)
-        evaluated = _run_pass(services, _requests(services, 2, 99, (Phase.EVAL,)))
+        evaluated = run_pass(services, pass_requests(services, 2, 99, (Phase.EVAL,)))
         assert all(a.num_nodes == 4 for a in evaluated)
     finally:
         services.stop()
@@ -347,8 +290,8 @@ def test_a_bad_pass_stream_is_refused_below_the_root(calls, headers, error):
 def test_a_pass_cancelled_mid_way_is_run_again_bit_identically(calls):
     interrupted, reference = _cluster(), _cluster()
     try:
-        _train_step(reference, 0, pass_id=1)
-        requests = _requests(interrupted, 0, 1, (Phase.FORWARD, Phase.BACKWARD))
+        train_step(reference, 0, pass_id=1)
+        requests = pass_requests(interrupted, 0, 1, (Phase.FORWARD, Phase.BACKWARD))
         root = SwarmXClient(interrupted.addresses[interrupted.root_name], interrupted.security)
         pending = root.start_pass(timeout_s=TIMEOUT_S)
         for request in requests[:WINDOW]:
@@ -361,8 +304,8 @@ def test_a_pass_cancelled_mid_way_is_run_again_bit_identically(calls):
                 pending.next_ack(timeout_s=TIMEOUT_S)
         assert info.value.code() == grpc.StatusCode.CANCELLED
         # The cancelled call's layers end; the step runs again as a new pass.
-        _train_step(interrupted, 0, pass_id=2)
-        _assert_bitwise_equal(_state(reference), _state(interrupted))
+        train_step(interrupted, 0, pass_id=2)
+        assert_bitwise_equal(memoryx_state(reference), memoryx_state(interrupted))
         interrupted.stats_all()
     finally:
         interrupted.stop()
@@ -386,7 +329,7 @@ def test_a_stalled_memoryx_stream_is_cancelled_with_the_pass(cluster, monkeypatc
     step = cluster.version()
     root = SwarmXClient(cluster.addresses[cluster.root_name], cluster.security)
     pending = root.start_pass(timeout_s=TIMEOUT_S)
-    for request in _requests(cluster, step, 3, (Phase.EVAL,)):
+    for request in pass_requests(cluster, step, 3, (Phase.EVAL,)):
         pending.send(request)
     pending.close()
     assert pending.next_ack(timeout_s=TIMEOUT_S).layer == 0
@@ -394,5 +337,5 @@ def test_a_stalled_memoryx_stream_is_cancelled_with_the_pass(cluster, monkeypatc
     pending.cancel()
     release.set()
     monkeypatch.setattr(MemoryXServicer, "_weights", original)
-    acks = _run_pass(cluster, _requests(cluster, step, 4, (Phase.EVAL,)))
+    acks = run_pass(cluster, pass_requests(cluster, step, 4, (Phase.EVAL,)))
     assert [a.layer for a in acks] == list(range(len(cluster.layers)))
