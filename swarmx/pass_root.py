@@ -30,7 +30,7 @@ from proto.messages import weights_request_to_wire
 from proto.pass_stream import ReadDone
 from proto.rpc import time_left_s
 from swarmx.pass_relay import Relay, RelayedLayer, answered
-from swarmx.pass_run import MAX_IN_FLIGHT, StreamEnd
+from swarmx.pass_run import MAX_IN_FLIGHT, StreamEnd, checked_pass_request
 
 
 async def _messages(queue: asyncio.Queue) -> AsyncIterator:
@@ -49,10 +49,13 @@ class _LoopWeights:
         self._servicer = servicer
         self._timeout_s = timeout_s
         self._calls: dict[Any, tuple[ClientStream, AsyncIterator[StreamItem]]] = {}
+        self._closed = False
 
     def _call(self, stub) -> tuple[ClientStream, AsyncIterator[StreamItem]]:
         entry = self._calls.get(stub)
         if entry is None:
+            if self._closed:  # (a pass cancelled by a rewiring opens no more streams)
+                raise WireError("the pass is over; its MemoryX streams are closed")
             answers: asyncio.Queue = asyncio.Queue()
             call = ClientStream(
                 stub.StreamPass,
@@ -92,6 +95,7 @@ class _LoopWeights:
 
     def close(self, *, cancel: bool) -> None:
         """No more requests (``cancel``: the calls end too)."""
+        self._closed = True
         for call, _ in self._calls.values():
             call.close()
             if cancel:
@@ -128,32 +132,15 @@ class _RootRelay(Relay):
     async def read_requests(self, request_iterator: AsyncIterator) -> None:
         """Check and start each request in turn, at most ``MAX_IN_FLIGHT`` unanswered; the
         request after those is read and its weights asked for while they are under way."""
-        servicer = self._servicer
         num_read = 0
         first: LayerRequest | None = None
         try:
             requests = aiter(request_iterator)
             while first is None or num_read < first.pass_length:
                 message = await anext(requests, None)
-                if message is None:
-                    if first is None:
-                        return  # an empty pass: nothing to answer
-                    raise WireError(
-                        f"the pass ended after {num_read} of its {first.pass_length} layers"
-                    )
-                request = servicer.checked_request(message)
-                expected = (first.pass_id, first.pass_length) if first else None
-                if (
-                    not request.pass_id
-                    or request.pass_position != num_read + 1
-                    or (expected and (request.pass_id, request.pass_length) != expected)
-                ):
-                    raise WireError(
-                        f"request {num_read + 1} of a pass has pass_id {request.pass_id}, "
-                        f"pass_position {request.pass_position} and pass_length "
-                        f"{request.pass_length}: a pass's requests share a nonzero pass_id "
-                        "and pass_length and count pass_position 1, 2, ... in order"
-                    )
+                request = checked_pass_request(self._servicer, message, num_read, first)
+                if request is None:
+                    return  # an empty pass: nothing to answer
                 first = first or request
                 if not request.without_weights:
                     await self._weights.ask(request)

@@ -55,6 +55,32 @@ def _answers(answers: queue.SimpleQueue) -> Iterator:
         raise message.error
 
 
+def checked_pass_request(
+    servicer: Any, message, num_read: int, first: LayerRequest | None
+) -> LayerRequest | None:
+    """Request ``num_read + 1`` of a pass at the root, checked: a layer phase the root can
+    run, in its place in the pass that ``first`` (None: this one) opened. ``message`` None:
+    the driver's stream ended; None for a pass that never began, an error mid-pass."""
+    if message is None:
+        if first is None:
+            return None
+        raise WireError(f"the pass ended after {num_read} of its {first.pass_length} layers")
+    request = servicer.checked_request(message)
+    expected = (first.pass_id, first.pass_length) if first else None
+    if (
+        not request.pass_id
+        or request.pass_position != num_read + 1
+        or (expected and (request.pass_id, request.pass_length) != expected)
+    ):
+        raise WireError(
+            f"request {num_read + 1} of a pass has pass_id {request.pass_id}, "
+            f"pass_position {request.pass_position} and pass_length "
+            f"{request.pass_length}: a pass's requests share a nonzero pass_id "
+            "and pass_length and count pass_position 1, 2, ... in order"
+        )
+    return request
+
+
 class PassWeights:
     """The weights of one pass's layers from MemoryX: one ``StreamPass`` call per server.
 
@@ -85,7 +111,10 @@ class PassWeights:
                     raise WireError("the pass is over; its MemoryX streams are closed")
                 answers: queue.SimpleQueue = queue.SimpleQueue()
                 call = ClientStream(
-                    stub.StreamPass, self._timeout_s, answers.put, lambda e: answers.put(StreamEnd(e))
+                    stub.StreamPass,
+                    self._timeout_s,
+                    answers.put,
+                    lambda e: answers.put(StreamEnd(e)),
                 )
                 entry = (call, from_wire_stream(_answers(answers)))
                 self._calls[stub] = entry
@@ -204,25 +233,9 @@ class PassRun:
             iterator = iter(requests)
             while first is None or num_read < first.pass_length:
                 message = next(iterator, None)
-                if message is None:
-                    if first is None:
-                        return  # an empty pass: nothing to answer
-                    raise WireError(
-                        f"the pass ended after {num_read} of its {first.pass_length} layers"
-                    )
-                request = self._servicer.checked_request(message)
-                expected = (first.pass_id, first.pass_length) if first else None
-                if (
-                    not request.pass_id
-                    or request.pass_position != num_read + 1
-                    or (expected and (request.pass_id, request.pass_length) != expected)
-                ):
-                    raise WireError(
-                        f"request {num_read + 1} of a pass has pass_id {request.pass_id}, "
-                        f"pass_position {request.pass_position} and pass_length "
-                        f"{request.pass_length}: a pass's requests share a nonzero pass_id "
-                        "and pass_length and count pass_position 1, 2, ... in order"
-                    )
+                request = checked_pass_request(self._servicer, message, num_read, first)
+                if request is None:
+                    return  # an empty pass: nothing to answer
                 first = first or request
                 if not request.without_weights:
                     # MemoryX streams it while the layers in flight finish (flow control
@@ -262,4 +275,4 @@ class PassRun:
             self._changed.notify_all()
 
 
-__all__ = ["MAX_IN_FLIGHT", "PassRun", "PassWeights", "StreamEnd"]
+__all__ = ["MAX_IN_FLIGHT", "PassRun", "PassWeights", "StreamEnd", "checked_pass_request"]
