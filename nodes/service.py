@@ -323,7 +323,7 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
             with self._turn:
                 if not self._ready(header):
                     return None
-            return self._compute(header, params, assembler, context, on_loop=True)
+            return self._compute(header, params, assembler, context)
         finally:
             self._lock.release()
 
@@ -378,17 +378,8 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
                     )
                 self._turn.wait(timeout=CANCEL_CHECK_S)
 
-    def _compute(
-        self,
-        header: Header,
-        params: dict,
-        assembler: LayerAssembler,
-        context,
-        *,
-        on_loop: bool = False,
-    ):
-        """Run the layer (under the lock); for a backward pass, start sending its gradients
-        (``on_loop``: without waiting for room on the stream: the loop writes it).
+    def _compute(self, header: Header, params: dict, assembler: LayerAssembler, context):
+        """Run the layer (under the lock); for a backward pass, start sending its gradients.
 
         Returns the ack so far, the upstream gradient call (None unless backward) and the
         gradient payload bytes it carries.
@@ -442,7 +433,7 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
             # Encoded (copied once) now: the chunks are views of the worker's gradients.
             # A pass's gradient stream takes a small layer as one message (``bundled``).
             messages = [encode(i) for i in (bundled(gradient) if header.pass_id else gradient)]
-            call = self._send_gradient(header, messages, context, on_loop=on_loop)
+            call = self._send_gradient(header, messages, context)
             # If the layer is abandoned (a sibling failed, so SwarmX cancels this Deliver),
             # stop waiting for a sum that will never complete.
             if not context.add_callback(call.cancel):
@@ -452,15 +443,13 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
             self._turn.notify_all()
         return ack, call, sent
 
-    def _send_gradient(
-        self, header: Header, messages: list[bytes], context, *, on_loop: bool = False
-    ):
+    def _send_gradient(self, header: Header, messages: list[bytes], context):
         """Start sending a layer's gradient to the parent: on its own ``Reduce`` call, or
         (a pipelined pass) on the pass's one ``ReducePass`` stream; its answer's future.
 
-        On the pass's stream the messages go on from this thread when the stream has room
-        for them now (``on_loop``), or for any caller but the loop, which must not wait
-        for the room it alone makes; else a pooled thread feeds them."""
+        On the pass's stream the messages go on from this thread if the stream has room for
+        them now, else a pooled thread feeds them: the caller never waits (it holds the
+        node's compute lock, and may be the event loop, which alone makes room)."""
         if not header.pass_id:
             return self._parent.Reduce.future(iter(messages), timeout=time_left_s(context))
         link = self._gradient_link
@@ -474,7 +463,7 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
                 timeout_s *= header.layer + 1
             link = GradientLink(self._parent.ReducePass, header.pass_id, timeout_s)
             self._gradient_link = link
-        direct = not on_loop or link.takes_now(len(messages))
+        direct = link.takes_now(len(messages))
         call = link.send(header.layer, header.step, messages if direct else iter(messages))
         if header.layer == 0:  # a pass's last backward layer: its answers still come
             link.close()
