@@ -121,12 +121,18 @@ class _RootRelay(Relay):
         super().__init__(servicer, context)
         self.room = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._weights = _LoopWeights(servicer, time_left_s(context))
+        # The layers being put on the children's streams, each a task that waits for the
+        # one before it: the reader goes on reading requests (and asking MemoryX for their
+        # weights) while a layer streams, as the threaded pass does.
+        self._sending: list[asyncio.Task] = []
 
     def cancel(self) -> None:
         super().cancel()
         self._weights.close(cancel=True)
 
     def ended(self, finished: bool) -> None:
+        for task in self._sending:
+            task.cancel()
         self._weights.close(cancel=not finished)
 
     async def read_requests(self, request_iterator: AsyncIterator) -> None:
@@ -148,8 +154,10 @@ class _RootRelay(Relay):
                 if self.error is not None:
                     return
                 num_read += 1
-                if not await self._run(request):
-                    return  # a child's stream is over: its end failed the pass
+                before = self._sending[-1] if self._sending else None
+                self._sending.append(asyncio.ensure_future(self._run_after(before, request)))
+            if self._sending and not await self._sending[-1]:
+                return  # a layer failed, and with it the pass
             for link in self.links:
                 link.close()  # the answers still come
             self._weights.close(cancel=False)
@@ -159,6 +167,17 @@ class _RootRelay(Relay):
             self.fail(exc)
         finally:
             self.answers.put_nowait(ReadDone(num_read))
+
+    async def _run_after(self, before: asyncio.Task | None, request: LayerRequest) -> bool:
+        """``_run`` once the layer before (``before``) is on the children's streams; False
+        if it or this one failed (the pass has failed)."""
+        try:
+            if before is not None and not await before:
+                return False
+            return await self._run(request)
+        except Exception as exc:
+            self.fail(exc)
+            return False
 
     async def _run(self, request: LayerRequest) -> bool:
         """Put ``request``'s layer on every child's stream; False if a child's is over."""
