@@ -1,8 +1,8 @@
 """Compute-node gRPC service: LayerSink.Deliver plus stats, over a NodeWorker.
 
 The service runs on the process's event loop (``proto.loop_server``): its streams are read
-and answered there, and each layer computes on a thread of its own, or, if it is short
-(``INLINE_COMPUTE_MAX_S``), on the loop.
+and answered there, and each layer computes on a thread of its own, or, if it is short and
+so are all the node's layers (``INLINE_COMPUTE_MAX_S``, ``LONG_LAYER_S``), on the loop.
 
 A layer stream is validated against the layer's layout before the node
 computes anything. In the backward pass the node sends its gradients to its
@@ -58,9 +58,14 @@ from swarmx.gradient_link import GradientLink
 PASS_LAYERS_AHEAD = 2
 #: A pass layer whose last compute here took less than this runs on the event loop that
 #: read it, s: handing it to a thread and its answer back costs more than such a compute
-#: (thread wake-ups and GIL hand-offs: mlp-digits layers compute in 0.1-1 ms). Longer ones
-#: keep a thread, so that the next layer streams in while they compute.
+#: (thread wake-ups and GIL hand-offs: mlp-digits layers compute in 0.1-1 ms).
 INLINE_COMPUTE_MAX_S = 0.002
+#: ... unless a layer of the node (any phase) took this long or longer last time, s: such a
+#: node keeps a thread for each layer, short or not, and its loop free to read the next
+#: layer while one computes. gpt-10m at 1 node (blocks of 0.1-0.5 s; its embedding and head
+#: short) took 1.15x torch's step with its short layers on the loop against 1.10x with
+#: none there (medians of five alternating runs, 2026-12-03; benchmarks/README.md).
+LONG_LAYER_S = 0.05
 
 
 class _PassCall(ThreadSideContext):
@@ -94,8 +99,10 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
         self._computed: tuple[int, int, int] | None = None
         # The gradient stream of the pipelined pass computing now (under ``_lock``).
         self._gradient_link: GradientLink | None = None
-        # How long each (phase, layer) took to compute last, s (``INLINE_COMPUTE_MAX_S``).
+        # How long each (phase, layer) took to compute last, s (``INLINE_COMPUTE_MAX_S``),
+        # and those that took ``LONG_LAYER_S`` or more: while any does, none runs on the loop.
         self._compute_s: dict[tuple[int, int], float] = {}
+        self._long_layers: set[tuple[int, int]] = set()
         self._reset_counters()
 
     def _reset_counters(self) -> None:
@@ -130,7 +137,8 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
         comes, while the layer before it computes; each layer then runs as ``Deliver`` runs
         it, in pass order, on a thread of its own (a backward layer waits for its reduced
         gradient there), or, if it computed in less than ``INLINE_COMPUTE_MAX_S`` last
-        time and can start at once, on the loop (its answer sent once its sum is in). At
+        time, no layer of the node took ``LONG_LAYER_S`` and it can start at once, on
+        the loop (its answer sent once its sum is in). At
         most ``PASS_LAYERS_AHEAD`` layers are read and not yet computed. One ack per layer
         is answered as it completes, in pass order.
         """
@@ -312,10 +320,16 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
 
     def _compute_now(self, header: Header, params: dict, assembler: LayerAssembler, context):
         """(On the loop.) ``_compute`` for a layer that computed in less than
-        ``INLINE_COMPUTE_MAX_S`` last time, if it can start at once: its turn has come and
-        no layer of this node, or node of this process, computes. None if not."""
+        ``INLINE_COMPUTE_MAX_S`` last time, on a node with no layer of ``LONG_LAYER_S``,
+        if it can start at once: its turn has come and no layer of this node, or node of
+        this process, computes. None if not."""
         last_s = self._compute_s.get((header.phase, header.layer))
-        if last_s is None or last_s >= INLINE_COMPUTE_MAX_S or process_computing():
+        if (
+            last_s is None
+            or last_s >= INLINE_COMPUTE_MAX_S
+            or self._long_layers
+            or process_computing()
+        ):
             return None
         if not self._lock.acquire(blocking=False):
             return None
@@ -405,7 +419,12 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
         del params  # the wafer drops a layer's weights as soon as it has used them
         self.flops += result.flops
         self.compute_seconds += result.compute_seconds
-        self._compute_s[(header.phase, header.layer)] = result.compute_seconds
+        key = (header.phase, header.layer)
+        self._compute_s[key] = result.compute_seconds
+        if result.compute_seconds < LONG_LAYER_S:
+            self._long_layers.discard(key)
+        else:
+            self._long_layers.add(key)
         ack.loss_sum = result.loss_sum
         ack.num_targets = result.num_targets
         ack.num_correct = result.num_correct

@@ -3,18 +3,20 @@
 Over real gRPC on loopback (an in-process cluster: MemoryX, the SwarmX root, compute
 nodes; no Ray), training passes run as the coordinator runs them. A layer whose compute
 took less than ``nodes.service.INLINE_COMPUTE_MAX_S`` the last time runs on the loop
-that read it; the weights trained are the same bits as with every layer on a thread.
+that read it; the weights trained are the same bits as with every layer on a thread. A
+node with a layer of ``LONG_LAYER_S`` or more computes each on a thread.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pytest
 
 from benchmarks.fuzz_services import build_services
 from nodes import service as node_service
-from nodes.worker import _PROCESS_LOCK, process_computing
+from nodes.worker import _PROCESS_LOCK, NodeWorker, process_computing
 from proto import threads
 from proto.domain import Phase
 from proto.rpc import Security
@@ -46,6 +48,8 @@ def layer_threads(monkeypatch) -> list[str]:
 def _train(*, inline_max_s: float, monkeypatch, started: list[str]) -> tuple[dict, list[int]]:
     """The weights after ``NUM_STEPS`` steps on 2 nodes, and the layer threads per step."""
     monkeypatch.setattr(node_service, "INLINE_COMPUTE_MAX_S", inline_max_s)
+    # No layer of this test's model is long, however busy the machine.
+    monkeypatch.setattr(node_service, "LONG_LAYER_S", 60.0)
     services = build_services(Security.generate(), num_nodes=2, fanout=2)
     per_step = []
     try:
@@ -95,4 +99,21 @@ def test_a_layer_waits_on_a_thread_while_another_node_of_the_process_computes(
     monkeypatch.setattr(node_service, "process_computing", always_busy)
     _, per_step = _train(inline_max_s=60.0, monkeypatch=monkeypatch, started=layer_threads)
     assert busy.is_set()
+    assert per_step == [per_step[0]] * NUM_STEPS
+
+
+def test_a_node_with_a_long_layer_computes_every_layer_on_a_thread(monkeypatch, layer_threads):
+    """A node whose layers are not all short keeps its loop free to read the next layer's
+    weights while one computes (gpt-10m: its embedding and head are short, its blocks are
+    not): none of its layers runs on the loop, however short."""
+    forward = NodeWorker.forward
+
+    def last_layer_long(self, layer, step, params):
+        result = forward(self, layer, step, params)
+        if layer == self.num_layers - 1:  # as if it had computed for a minute
+            result = dataclasses.replace(result, compute_seconds=60.0)
+        return result
+
+    monkeypatch.setattr(NodeWorker, "forward", last_layer_long)
+    _, per_step = _train(inline_max_s=1.0, monkeypatch=monkeypatch, started=layer_threads)
     assert per_step == [per_step[0]] * NUM_STEPS
