@@ -60,9 +60,9 @@ PASS_LAYERS_AHEAD = 2
 #: read it, s: handing it to a thread and its answer back costs more than such a compute
 #: (thread wake-ups and GIL hand-offs: mlp-digits layers compute in 0.1-1 ms).
 INLINE_COMPUTE_MAX_S = 0.002
-#: ... unless a layer of the node (any phase) took this long or longer last time, s: such a
-#: node keeps a thread for each layer, short or not, and its loop free to read the next
-#: layer while one computes. gpt-10m at 1 node (blocks of 0.1-0.5 s; its embedding and head
+#: ... unless a layer of the node took this long or longer last time in a pass of the same
+#: kind (training, or evaluation), s: such a node keeps a thread for each layer of such a
+#: pass, short or not, and its loop free to read the next layer while one computes. gpt-10m at 1 node (blocks of 0.1-0.5 s; its embedding and head
 #: short) took 1.15x torch's step with its short layers on the loop against 1.10x with
 #: none there (medians of five alternating runs, 2026-12-03; benchmarks/README.md).
 LONG_LAYER_S = 0.05
@@ -100,9 +100,10 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
         # The gradient stream of the pipelined pass computing now (under ``_lock``).
         self._gradient_link: GradientLink | None = None
         # How long each (phase, layer) took to compute last, s (``INLINE_COMPUTE_MAX_S``),
-        # and those that took ``LONG_LAYER_S`` or more: while any does, none runs on the loop.
+        # and, by kind of pass (evaluation or not), those that took ``LONG_LAYER_S`` or more:
+        # while any does, no layer of such a pass runs on the loop.
         self._compute_s: dict[tuple[int, int], float] = {}
-        self._long_layers: set[tuple[int, int]] = set()
+        self._long_layers: dict[bool, set[tuple[int, int]]] = {False: set(), True: set()}
         self._reset_counters()
 
     def _reset_counters(self) -> None:
@@ -137,8 +138,8 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
         comes, while the layer before it computes; each layer then runs as ``Deliver`` runs
         it, in pass order, on a thread of its own (a backward layer waits for its reduced
         gradient there), or, if it computed in less than ``INLINE_COMPUTE_MAX_S`` last
-        time, no layer of the node took ``LONG_LAYER_S`` and it can start at once, on
-        the loop (its answer sent once its sum is in). At
+        time, no layer of the node took ``LONG_LAYER_S`` in such a pass and it can start
+        at once, on the loop (its answer sent once its sum is in). At
         most ``PASS_LAYERS_AHEAD`` layers are read and not yet computed. One ack per layer
         is answered as it completes, in pass order.
         """
@@ -320,14 +321,14 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
 
     def _compute_now(self, header: Header, params: dict, assembler: LayerAssembler, context):
         """(On the loop.) ``_compute`` for a layer that computed in less than
-        ``INLINE_COMPUTE_MAX_S`` last time, on a node with no layer of ``LONG_LAYER_S``,
-        if it can start at once: its turn has come and no layer of this node, or node of
+        ``INLINE_COMPUTE_MAX_S`` last time, on a node with no layer of ``LONG_LAYER_S`` in
+        a pass of its kind, if it can start at once: its turn has come and no layer of this node, or node of
         this process, computes. None if not."""
         last_s = self._compute_s.get((header.phase, header.layer))
         if (
             last_s is None
             or last_s >= INLINE_COMPUTE_MAX_S
-            or self._long_layers
+            or self._long_layers[header.phase == Phase.EVAL]
             or process_computing()
         ):
             return None
@@ -421,10 +422,11 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
         self.compute_seconds += result.compute_seconds
         key = (header.phase, header.layer)
         self._compute_s[key] = result.compute_seconds
+        long_layers = self._long_layers[header.phase == Phase.EVAL]
         if result.compute_seconds < LONG_LAYER_S:
-            self._long_layers.discard(key)
+            long_layers.discard(key)
         else:
-            self._long_layers.add(key)
+            long_layers.add(key)
         ack.loss_sum = result.loss_sum
         ack.num_targets = result.num_targets
         ack.num_correct = result.num_correct

@@ -23,6 +23,8 @@ from proto.rpc import Security
 from tests.swarmx.passes import (
     assert_bitwise_equal,
     memoryx_state,
+    pass_requests,
+    run_pass,
     train_step,
 )
 
@@ -117,3 +119,27 @@ def test_a_node_with_a_long_layer_computes_every_layer_on_a_thread(monkeypatch, 
     monkeypatch.setattr(NodeWorker, "forward", last_layer_long)
     _, per_step = _train(inline_max_s=1.0, monkeypatch=monkeypatch, started=layer_threads)
     assert per_step == [per_step[0]] * NUM_STEPS
+
+
+def test_a_long_evaluation_layer_keeps_training_layers_on_the_loop(monkeypatch, layer_threads):
+    """Whether a node's layers are long is judged per kind of pass: an evaluation over a
+    large batch does not take a model's short training layers off the loop."""
+    evaluate = NodeWorker.evaluate
+
+    def evaluation_long(self, layer, step, params):
+        return dataclasses.replace(evaluate(self, layer, step, params), compute_seconds=60.0)
+
+    monkeypatch.setattr(NodeWorker, "evaluate", evaluation_long)
+    monkeypatch.setattr(node_service, "INLINE_COMPUTE_MAX_S", 1.0)
+    monkeypatch.setattr(node_service, "LONG_LAYER_S", 30.0)
+    services = build_services(Security.generate(), num_nodes=2, fanout=2)
+    try:
+        train_step(services, 0, pass_id=1)
+        evaluated = len(layer_threads)
+        run_pass(services, pass_requests(services, 1, 2, (Phase.EVAL,)))
+        assert len(layer_threads) > evaluated  # evaluation layers computed on threads
+        before = len(layer_threads)
+        train_step(services, 1, pass_id=3)
+        assert len(layer_threads) == before  # ... and training layers still on the loop
+    finally:
+        services.stop()
