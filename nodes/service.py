@@ -2,7 +2,8 @@
 
 The service runs on the process's event loop (``proto.loop_server``): its streams are read
 and answered there, and each layer computes on a thread of its own, or, if it is short and
-so are all the node's layers (``INLINE_COMPUTE_MAX_S``, ``LONG_LAYER_S``), on the loop.
+so are the node's layers in passes of its kind (``INLINE_COMPUTE_MAX_S``,
+``LONG_LAYER_S``), on the loop.
 
 A layer stream is validated against the layer's layout before the node
 computes anything. In the backward pass the node sends its gradients to its
@@ -62,9 +63,10 @@ PASS_LAYERS_AHEAD = 2
 INLINE_COMPUTE_MAX_S = 0.002
 #: ... unless a layer of the node took this long or longer last time in a pass of the same
 #: kind (training, or evaluation), s: such a node keeps a thread for each layer of such a
-#: pass, short or not, and its loop free to read the next layer while one computes. gpt-10m at 1 node (blocks of 0.1-0.5 s; its embedding and head
-#: short) took 1.15x torch's step with its short layers on the loop against 1.10x with
-#: none there (medians of five alternating runs, 2026-12-03; benchmarks/README.md).
+#: pass, short or not, and its loop free to read the next layer while one computes.
+#: gpt-10m at 1 node (blocks of 0.1-0.5 s; its embedding and head short) took 1.15x
+#: torch's step with its short layers on the loop against 1.10x with none there (medians
+#: of five alternating runs, 2026-12-03; benchmarks/README.md).
 LONG_LAYER_S = 0.05
 
 
@@ -322,8 +324,8 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
     def _compute_now(self, header: Header, params: dict, assembler: LayerAssembler, context):
         """(On the loop.) ``_compute`` for a layer that computed in less than
         ``INLINE_COMPUTE_MAX_S`` last time, on a node with no layer of ``LONG_LAYER_S`` in
-        a pass of its kind, if it can start at once: its turn has come and no layer of this node, or node of
-        this process, computes. None if not."""
+        a pass of its kind, if it can start at once: its turn has come and no layer of this
+        node, or node of this process, computes. None if not."""
         last_s = self._compute_s.get((header.phase, header.layer))
         if (
             last_s is None

@@ -4,7 +4,8 @@ Over real gRPC on loopback (an in-process cluster: MemoryX, the SwarmX root, com
 nodes; no Ray), training passes run as the coordinator runs them. A layer whose compute
 took less than ``nodes.service.INLINE_COMPUTE_MAX_S`` the last time runs on the loop
 that read it; the weights trained are the same bits as with every layer on a thread. A
-node with a layer of ``LONG_LAYER_S`` or more computes each on a thread.
+node with a layer of ``LONG_LAYER_S`` or more in a kind of pass (training, evaluation)
+computes each layer of such passes on a thread.
 """
 
 from __future__ import annotations
@@ -135,9 +136,9 @@ def test_a_long_evaluation_layer_keeps_training_layers_on_the_loop(monkeypatch, 
     services = build_services(Security.generate(), num_nodes=2, fanout=2)
     try:
         train_step(services, 0, pass_id=1)
-        evaluated = len(layer_threads)
+        after_training = len(layer_threads)
         run_pass(services, pass_requests(services, 1, 2, (Phase.EVAL,)))
-        assert len(layer_threads) > evaluated  # evaluation layers computed on threads
+        assert len(layer_threads) > after_training  # evaluation layers computed on threads
         before = len(layer_threads)
         train_step(services, 1, pass_id=3)
         assert len(layer_threads) == before  # ... and training layers still on the loop
