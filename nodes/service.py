@@ -10,27 +10,29 @@ computes anything. In the backward pass the node sends its gradients to its
 SwarmX parent and answers only when the reduced gradient has reached
 MemoryX, so the root's answer means "this layer's update is applied". The
 gradients of a pipelined pass (``LayerHeader.pass_id``) go on one
-``SwarmX.ReducePass`` stream per pass, each layer still answered on its own.
+``SwarmX.ReducePass`` stream per pass, each layer still answered on its own;
+on a pass stream whose sender asks for it (``LayerHeader.gradient_in_answer``),
+a gradient that fits one message goes in the layer's answer instead, and the
+parent, which sums it, says when the update is applied.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import threading
 from collections.abc import Callable
 
 import grpc
 
+from nodes.gradient_out import GradientOut
 from nodes.worker import NodeStateError, NodeWorker, process_computing
 from proto import node_pb2_grpc as ngrpc
 from proto import swarmx_pb2_grpc as sgrpc
 from proto import threads
-from proto.clients import time_left_s
 from proto.domain import Header, LayerAck, NodeStats, Phase
-from proto.frames import bundled, from_wire_stream_async
+from proto.frames import from_wire_stream_async
 from proto.loop_server import (
     LoopServer,
     ThreadSideContext,
@@ -47,12 +49,9 @@ from proto.serde import (
     Expected,
     LayerAssembler,
     WireError,
-    layer_items,
-    payload_bytes,
 )
-from proto.wire import encode, fast_channel
+from proto.wire import fast_channel
 from proto.wire import register as register_fast
-from swarmx.gradient_link import GradientLink
 
 #: Layers of a pass stream read and not yet computed, at most: the one computing and the
 #: next one streaming in (as the root keeps two in flight).
@@ -89,7 +88,7 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
         self.security = security  # of the channel to the SwarmX parent
         self.name = name
         self.chunk_bytes = chunk_bytes
-        self._parent: sgrpc.SwarmXStub | None = None
+        self._gradients = GradientOut(name, chunk_bytes)  # (its parent: ``connect``)
         # One layer computed at a time, as on the wafer.
         self._lock = threading.Lock()
         # Guards the counters a layer updates after its compute: a backward layer's answer
@@ -99,8 +98,6 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
         # (pass id, phase, layer) computed last: a pipelined pass computes in order.
         self._turn = threading.Condition()
         self._computed: tuple[int, int, int] | None = None
-        # The gradient stream of the pipelined pass computing now (under ``_lock``).
-        self._gradient_link: GradientLink | None = None
         # How long each (phase, layer) took to compute last, s (``INLINE_COMPUTE_MAX_S``),
         # and, by kind of pass (evaluation or not), those that took ``LONG_LAYER_S`` or more:
         # while any does, no layer of such a pass runs on the loop.
@@ -115,7 +112,7 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
         self.compute_seconds = 0.0
 
     def connect(self, parent: str) -> None:
-        self._parent = sgrpc.SwarmXStub(fast_channel(channel(parent, self.security)))
+        self._gradients.parent = sgrpc.SwarmXStub(fast_channel(channel(parent, self.security)))
 
     @loop_errors
     async def Deliver(self, request_iterator, context):
@@ -436,62 +433,32 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
         ack.compute_seconds = result.compute_seconds
         call, sent = None, 0
         if header.phase == Phase.BACKWARD:
-            gradient = list(
-                layer_items(
-                    header.layer,
-                    header.step,
-                    Phase.BACKWARD,
-                    grads,
-                    dtype="float32",
-                    chunk_bytes=self.chunk_bytes,
-                    sender=self.name,
-                    # Gradients of pruned weights are not sent, except when MemoryX
-                    # asks for them (RigL regrows where the dense gradient is large).
-                    masked_values=None if header.dense_gradients else assembler.masks,
-                )
+            out = self._gradients.send(
+                header,
+                grads,
+                # Gradients of pruned weights are not sent, except when MemoryX asks for
+                # them (RigL regrows where the dense gradient is large).
+                None if header.dense_gradients else assembler.masks,
+                context,
+                on_pass_stream=isinstance(context, _PassCall),
             )
-            sent = payload_bytes(gradient)
-            if header.pass_id:  # SwarmX sends the sum up on the pass's streams
-                gradient[0] = dataclasses.replace(gradient[0], pass_id=header.pass_id)
-            # Encoded (copied once) now: the chunks are views of the worker's gradients.
-            # A pass's gradient stream takes a small layer as one message (``bundled``).
-            messages = [encode(i) for i in (bundled(gradient) if header.pass_id else gradient)]
-            call = self._send_gradient(header, messages, context)
-            # If the layer is abandoned (a sibling failed, so SwarmX cancels this Deliver),
-            # stop waiting for a sum that will never complete.
-            if not context.add_callback(call.cancel):
-                call.cancel()  # this Deliver was cancelled already
+            if out.in_answer is not None:
+                # The parent sums it and says whether the update was applied.
+                ack.gradient = out.in_answer
+                ack.gradient_bytes = out.payload_bytes
+                ack.update_applied = False
+                with self._counters_lock:
+                    self.gradient_bytes_sent += out.payload_bytes
+            else:
+                call, sent = out.call, out.payload_bytes
+                # If the layer is abandoned (a sibling failed, so SwarmX cancels this
+                # Deliver), stop waiting for a sum that will never complete.
+                if not context.add_callback(call.cancel):
+                    call.cancel()  # this Deliver was cancelled already
         with self._turn:
             self._computed = (header.pass_id, header.phase, header.layer)
             self._turn.notify_all()
         return ack, call, sent
-
-    def _send_gradient(self, header: Header, messages: list[bytes], context):
-        """Start sending a layer's gradient to the parent: on its own ``Reduce`` call, or
-        (a pipelined pass) on the pass's one ``ReducePass`` stream; its answer's future.
-
-        On the pass's stream the messages go on from this thread if the stream has room for
-        them now, else a pooled thread feeds them: the caller never waits (it holds the
-        node's compute lock, and may be the event loop, which alone makes room)."""
-        if not header.pass_id:
-            return self._parent.Reduce.future(iter(messages), timeout=time_left_s(context))
-        link = self._gradient_link
-        if link is None or link.pass_id != header.pass_id or link.ended:
-            if link is not None:
-                link.cancel()  # of an earlier pass that did not finish: it is run again
-            # The stream lives as long as the pass's gradients: on a pass stream, under its
-            # deadline (its layers' summed); else a layer's deadline per backward layer left.
-            timeout_s = time_left_s(context)
-            if not isinstance(context, _PassCall):
-                timeout_s *= header.layer + 1
-            link = GradientLink(self._parent.ReducePass, header.pass_id, timeout_s)
-            self._gradient_link = link
-        direct = link.takes_now(len(messages))
-        call = link.send(header.layer, header.step, messages if direct else iter(messages))
-        if header.layer == 0:  # a pass's last backward layer: its answers still come
-            link.close()
-            self._gradient_link = None
-        return call
 
     def _layout(self, header: Header) -> list:
         """Tensors the stream must carry: none for a backward pass that needs no weights (DFA)."""

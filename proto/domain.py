@@ -38,6 +38,9 @@ class Header:
     #: ``pass_length`` (SwarmX nodes below the root stream it on the pass's streams).
     pass_position: int = 0
     pass_length: int = 0
+    #: BACKWARD on a pass stream: a compute node answers with its gradient in the layer's
+    #: answer (``LayerAck.gradient``) if it fits one bundle, not on a ``ReducePass`` stream.
+    gradient_in_answer: bool = False
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,9 @@ class LayerAck:
     flops: float = 0.0  # floating-point operations computed by the nodes
     compute_seconds: float = 0.0  # sum over nodes of wall time spent computing, s
     update_applied: bool = False  # BACKWARD: MemoryX applied this layer's update
+    #: A compute node's gradient of the layer in its answer (``Header.gradient_in_answer``):
+    #: its header and chunks, which the parent sums; () otherwise, and in a total.
+    gradient: tuple = ()
 
     @classmethod
     def total(cls, acks: Iterable[LayerAck], *, layer: int, step: int, phase: int) -> LayerAck:

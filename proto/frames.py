@@ -221,6 +221,7 @@ def to_wire(item: StreamItem | Bundle) -> pb.LayerMessage:
             pass_id=item.pass_id,
             pass_position=item.pass_position,
             pass_length=item.pass_length,
+            gradient_in_answer=item.gradient_in_answer,
         )
     )
 
@@ -280,6 +281,7 @@ def from_wire(message: pb.LayerMessage | StreamItem) -> StreamItem:
             pass_id=h.pass_id,
             pass_position=h.pass_position,
             pass_length=h.pass_length,
+            gradient_in_answer=h.gradient_in_answer,
         )
     raise WireError("empty layer message (neither header nor chunk)")
 

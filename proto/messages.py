@@ -26,6 +26,8 @@ from proto.domain import (
     TensorSpec,
     TrafficStats,
 )
+from proto.frames import Bundle, expand
+from proto.wire import encode
 
 EMPTY = pb.Empty()
 
@@ -47,12 +49,26 @@ def _flat(item) -> dict:
 # -- acks ---------------------------------------------------------------------
 
 
+#: The fields of an answer other than the gradient it may carry (a layer stream's items).
+_ACK_SCALARS = tuple(name for name in _names(LayerAck) if name != "gradient")
+
+
 def ack_to_wire(ack: LayerAck) -> pb.LayerAck:
-    return pb.LayerAck(**_flat(ack))
+    message = pb.LayerAck(**{name: getattr(ack, name) for name in _ACK_SCALARS})
+    if ack.gradient:
+        # As a layer stream sends it: a chunk read from the wire as the bytes it came in,
+        # one in shared memory as its slot's reference.
+        message.gradient.MergeFromString(encode(Bundle(tuple(ack.gradient))))
+    return message
 
 
 def ack_from_wire(message: pb.LayerAck) -> LayerAck:
-    return LayerAck(**_fields(message, LayerAck))
+    """The answer ``message`` carries; WireError if the gradient in it is not one layer's
+    header and chunks."""
+    ack = LayerAck(**{name: getattr(message, name) for name in _ACK_SCALARS})
+    if message.HasField("gradient"):
+        ack.gradient = expand(message.gradient)
+    return ack
 
 
 # -- requests -----------------------------------------------------------------

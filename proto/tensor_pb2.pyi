@@ -19,7 +19,7 @@ BACKWARD: Phase
 EVAL: Phase
 
 class LayerHeader(_message.Message):
-    __slots__ = ("layer", "step", "phase", "num_tensors", "total_bytes", "sender", "dense_gradients", "pass_id", "pass_position", "pass_length")
+    __slots__ = ("layer", "step", "phase", "num_tensors", "total_bytes", "sender", "dense_gradients", "pass_id", "pass_position", "pass_length", "gradient_in_answer")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +30,7 @@ class LayerHeader(_message.Message):
     PASS_ID_FIELD_NUMBER: _ClassVar[int]
     PASS_POSITION_FIELD_NUMBER: _ClassVar[int]
     PASS_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_IN_ANSWER_FIELD_NUMBER: _ClassVar[int]
     layer: int
     step: int
     phase: Phase
@@ -40,7 +41,8 @@ class LayerHeader(_message.Message):
     pass_id: int
     pass_position: int
     pass_length: int
-    def __init__(self, layer: _Optional[int] = ..., step: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., num_tensors: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sender: _Optional[str] = ..., dense_gradients: _Optional[bool] = ..., pass_id: _Optional[int] = ..., pass_position: _Optional[int] = ..., pass_length: _Optional[int] = ...) -> None: ...
+    gradient_in_answer: bool
+    def __init__(self, layer: _Optional[int] = ..., step: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., num_tensors: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sender: _Optional[str] = ..., dense_gradients: _Optional[bool] = ..., pass_id: _Optional[int] = ..., pass_position: _Optional[int] = ..., pass_length: _Optional[int] = ..., gradient_in_answer: _Optional[bool] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("layer", "step", "name", "dtype", "shape", "offset", "tensor_bytes", "data", "encoding", "index_bytes", "shared")
@@ -99,7 +101,7 @@ class LayerBundle(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[LayerMessage, _Mapping]]] = ...) -> None: ...
 
 class LayerAck(_message.Message):
-    __slots__ = ("layer", "step", "phase", "num_nodes", "loss_sum", "num_targets", "num_correct", "bytes_to_nodes", "gradient_bytes", "flops", "compute_seconds", "update_applied")
+    __slots__ = ("layer", "step", "phase", "num_nodes", "loss_sum", "num_targets", "num_correct", "bytes_to_nodes", "gradient_bytes", "flops", "compute_seconds", "update_applied", "gradient")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +114,7 @@ class LayerAck(_message.Message):
     FLOPS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     UPDATE_APPLIED_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_FIELD_NUMBER: _ClassVar[int]
     layer: int
     step: int
     phase: Phase
@@ -124,7 +127,8 @@ class LayerAck(_message.Message):
     flops: float
     compute_seconds: float
     update_applied: bool
-    def __init__(self, layer: _Optional[int] = ..., step: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., num_nodes: _Optional[int] = ..., loss_sum: _Optional[float] = ..., num_targets: _Optional[int] = ..., num_correct: _Optional[int] = ..., bytes_to_nodes: _Optional[int] = ..., gradient_bytes: _Optional[int] = ..., flops: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., update_applied: _Optional[bool] = ...) -> None: ...
+    gradient: LayerMessage
+    def __init__(self, layer: _Optional[int] = ..., step: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., num_nodes: _Optional[int] = ..., loss_sum: _Optional[float] = ..., num_targets: _Optional[int] = ..., num_correct: _Optional[int] = ..., bytes_to_nodes: _Optional[int] = ..., gradient_bytes: _Optional[int] = ..., flops: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., update_applied: _Optional[bool] = ..., gradient: _Optional[_Union[LayerMessage, _Mapping]] = ...) -> None: ...
 
 class Empty(_message.Message):
     __slots__ = ()

@@ -10,17 +10,23 @@ counts the children's answers as the loop reads them, and answers the parent onc
 has every child's answer. No thread takes part: a relay below the root does nothing that
 blocks, and a thread per layer, with a queue between it and the reader, cost more than the
 relaying itself (about a third of a SwarmX host's CPU at 192 nodes, benchmarks/README.md).
+
+A compute-node child answers a backward layer with its gradient when it fits one message
+(``LayerHeader.gradient_in_answer``, set here): the gradient goes into the layer's sum
+(``swarmx.reducing_loop``, with any child's ``ReducePass`` stream), and the layer is
+answered once the sum is accepted upstream, the receiver's ``update_applied`` in it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 import grpc
 
-from proto.domain import Chunk, Header, LayerAck
+from proto.domain import Chunk, Header, LayerAck, Phase
 from proto.frames import Bundler, WireError, from_wire_stream_async
 from proto.loop_streams import ClientStream
 from proto.messages import ack_from_wire
@@ -34,17 +40,26 @@ LAYERS_AHEAD = 4
 
 
 class RelayedLayer:
-    """A layer on its way down: the answers its children gave so far."""
+    """A layer on its way down: the answers its children gave so far, and (backward) the
+    sum of the gradients they answered with."""
 
-    __slots__ = ("header", "acks", "sent")
+    __slots__ = ("header", "acks", "sent", "sum", "summed")
 
     def __init__(self, header: Header, num_children: int):
         self.header = header
         self.acks: list[LayerAck | None] = [None] * num_children
         self.sent = False  # every item is on every child's stream
+        # The sum of the gradients children answered with (``Header.gradient_in_answer``);
+        # the layer is answered once its receiver has accepted it.
+        self.sum: Any = None
+        self.summed: set[int] = set()  # the children whose answers carried their gradient
 
     def answered(self) -> bool:
-        return self.sent and all(ack is not None for ack in self.acks)
+        return (
+            self.sent
+            and all(ack is not None for ack in self.acks)
+            and (self.sum is None or self.sum.answer.done())
+        )
 
 
 class Relay:
@@ -53,6 +68,8 @@ class Relay:
 
     def __init__(self, servicer: Any, context: grpc.aio.ServicerContext):
         self._servicer = servicer
+        self._context = context
+        self._children = servicer.children
         self._stubs = list(servicer._child_stubs)
         self._recast = list(servicer._recast) if any(servicer._recast) else None
         self._timeout_s = time_left_s(context)
@@ -76,6 +93,8 @@ class Relay:
         self._servicer.relays.add(self)
 
     def _answered(self, index: int, message: Any) -> None:
+        if self.error is not None:
+            return  # the pass is over: a gradient that comes late must not open a sum
         key = (message.layer, message.phase)
         layer = self._waiting.get(key)
         if layer is None or layer.acks[index] is not None:
@@ -86,8 +105,42 @@ class Relay:
                 )
             )
             return
-        layer.acks[index] = ack_from_wire(message)
+        try:
+            ack = ack_from_wire(message)
+            if ack.gradient:
+                self._reduce(index, layer, ack)
+        except Exception as exc:  # a bad gradient: the pass fails with it
+            self.fail(exc)
+            return
+        layer.acks[index] = ack
         self._settle(key, layer)
+
+    def _reduce(self, index: int, layer: RelayedLayer, ack: LayerAck) -> None:
+        """Child ``index``'s gradient, carried in its answer to ``layer``, into the layer's
+        sum (``swarmx.reducing_loop``, where the gradients of ``ReducePass`` streams go)."""
+        side = self._servicer
+        header, *chunks = ack.gradient
+        ack.gradient = ()  # (summed: the answer no longer holds it)
+        child = side._check_pass_gradient_header(
+            header, self._children[index], layer.header.pass_id
+        )
+        if (header.layer, header.step) != (layer.header.layer, layer.header.step) or (
+            layer.header.phase != Phase.BACKWARD
+        ):
+            raise WireError(
+                f"{child} answered layer {layer.header.layer} phase {layer.header.phase} "
+                f"with a gradient of layer {header.layer} step {header.step}"
+            )
+        reduce = side._loop_reduce
+        entry = reduce.open(header, self._context)
+        if layer.sum is None:
+            layer.sum = entry
+            key = (layer.header.layer, layer.header.phase)
+            entry.answer.add_done_callback(lambda _: self._settle(key, layer))
+        elif layer.sum is not entry:
+            raise WireError(f"{child}'s gradient of layer {header.layer} opened a second sum")
+        reduce.add_whole(child, header, chunks, entry)
+        layer.summed.add(index)
 
     def _ended(self, index: int, error: BaseException | None) -> None:
         if error is None and any(layer.acks[index] is None for layer in self._waiting.values()):
@@ -96,23 +149,46 @@ class Relay:
             self.fail(error)
 
     def _settle(self, key: tuple[int, int], layer: RelayedLayer) -> None:
-        if not layer.answered() or self.error is not None:
+        # (Called at each thing the layer waits for; its sum's answer comes by a callback
+        # the loop runs later, so the layer may be settled by then.)
+        if not layer.answered() or self.error is not None or self._waiting.get(key) is not layer:
             return
+        header = layer.header
+        total = LayerAck.total(layer.acks, layer=header.layer, step=header.step, phase=header.phase)
+        if layer.sum is not None:
+            # The children that answered with their gradient left it to the sum's receiver
+            # to say whether the update was applied.
+            try:
+                upstream = self._servicer._loop_reduce.result(header, layer.sum)
+            except Exception as exc:
+                self.fail(exc)
+                return
+            total.update_applied = upstream.update_applied and all(
+                ack.update_applied
+                for index, ack in enumerate(layer.acks)
+                if index not in layer.summed
+            )
         del self._waiting[key]
         self.room.release()
-        header = layer.header
-        self.answers.put_nowait(
-            LayerAck.total(layer.acks, layer=header.layer, step=header.step, phase=header.phase)
-        )
+        self.answers.put_nowait(total)
 
     def fail(self, error: BaseException) -> None:
-        """The pass ends with ``error`` (the first one): every child's stream is cancelled."""
+        """The pass ends with ``error`` (the first one): every child's stream is cancelled,
+        and so is every sum of its gradients still open (and with it the stream up)."""
         if self.error is not None:
             return
         self.error = error
         self.answers.put_nowait(error)
         self.room.release()  # a reader waiting for room sees it
         self.cancel()
+        self.abandon_sums(f"{self._servicer.name}: {error}")
+
+    def abandon_sums(self, reason: str) -> None:
+        """(On the loop.) Fail the sums of the gradients answered here that are still open:
+        they can never complete."""
+        for layer in list(self._waiting.values()):
+            if layer.sum is not None and layer.sum.live:
+                self._servicer._loop_reduce.fail(layer.sum, reason)
 
     def cancel(self) -> None:
         for link in self.links:
@@ -163,6 +239,11 @@ class Relay:
         """``header`` and its layer's chunks, read from ``items`` and put on every child's
         stream as they come; False if a child's stream is over."""
         remaining = header.num_tensors
+        if header.phase == Phase.BACKWARD:
+            # A compute-node child answers with its gradient, which is summed here
+            # (``_reduce``): one message up instead of a ``ReducePass`` stream's two and the
+            # layer's answer. (A SwarmX child asks the same of its own children.)
+            header = dataclasses.replace(header, gradient_in_answer=True)
         bundlers = [Bundler() for _ in (self._recast or (None,))]
         item: Header | Chunk = header
         while True:
@@ -242,6 +323,7 @@ async def answered(relay: Relay, reading: Coroutine) -> AsyncIterator[LayerAck]:
         reader.cancel()
         if not finished:
             relay.cancel()
+            relay.abandon_sums(f"{servicer.name}: the pass's stream ended")
         relay.ended(finished)
         servicer.relays.discard(relay)
         await asyncio.gather(reader, return_exceptions=True)

@@ -5,7 +5,9 @@ The loop that reads a child's stream adds each chunk to its layer's sum (``Chunk
 as ``swarmx.reducing`` does on threads), and the sums go up on one stream per pass and
 receiver (the parent's ``ReducePass``, or at the root MemoryX's ``PushPass``), written by
 one task that sends the layers whole and in the order they were opened. Each layer is
-answered to the child once the receiver accepts its sum. No thread takes part: a thread
+answered to the child once the receiver accepts its sum. A compute node's gradient that
+came whole in its answer to the layer (``swarmx.pass_relay``) joins the same sum
+(``add_whole``). No thread takes part: a thread
 per stream, a feeder per layer and the queues between them cost a SwarmX node more than
 its sums (benchmarks/README.md).
 
@@ -150,6 +152,42 @@ class _UpStream:
         return self.closing or self.call.done()
 
 
+class _Part:
+    """One child's part of one layer's sum, as its items come."""
+
+    __slots__ = ("reduce", "child", "header", "entry", "left", "index", "received")
+
+    def __init__(self, reduce: LoopReduceSide, child: str, header: Header, entry: _Sum):
+        self.reduce, self.child, self.header, self.entry = reduce, child, header, entry
+        self.left = header.num_tensors  # tensors not yet complete
+        self.index = self.received = 0
+        try:
+            entry.reduction.add_header(child, header, reduce._side.name)
+        except BaseException as exc:
+            self.failed(exc)
+            raise
+        entry.up.poke()
+
+    def add(self, item: Any) -> None:
+        if not isinstance(item, Chunk):
+            raise WireError(f"child {self.child!r} sent a second header")
+        self.entry.reduction.add_chunk(self.child, self.index, item)
+        self.index += 1
+        self.received += len(item.data)
+        if item.offset + len(item.data) >= item.tensor_bytes:
+            self.left -= 1
+        if self.entry.outbox:
+            self.entry.up.poke()
+
+    def failed(self, error: BaseException) -> None:
+        """A bad part: the sum fails with it."""
+        self.reduce.fail(self.entry, f"{self.child}: {error}")
+        self.reduce.close_part(self.entry)
+
+    def done(self) -> None:
+        self.reduce._side._reduced_in += self.received
+
+
 class LoopReduceSide:
     """The loop's sums and up streams of a ``SwarmXServicer`` (its ``ReduceSide`` state:
     children, upstream stubs, counters); touched on the loop only."""
@@ -230,8 +268,22 @@ class LoopReduceSide:
         try:
             return await entry.answer
         except grpc.RpcError:  # (a cancel of the waiting task itself goes on as it is)
-            if not entry.failed:
-                raise
+            self._explain(header, entry)
+            raise
+
+    def result(self, header: Header, entry: _Sum) -> Any:
+        """``answer`` of a sum whose answer is in (``entry.answer`` is done)."""
+        if entry.answer.cancelled():
+            raise StepConflict(f"the sum of layer {header.layer} step {header.step} was dropped")
+        try:
+            return entry.answer.result()
+        except grpc.RpcError:
+            self._explain(header, entry)
+            raise
+
+    def _explain(self, header: Header, entry: _Sum) -> None:
+        """Raise why a failed sum's stream up failed, if it was failed here (else return)."""
+        if entry.failed:
             raise StepConflict(
                 f"{self._side.name} abandoned the gradient of layer {header.layer} step "
                 f"{header.step}: " + "; ".join(entry.failed)
@@ -240,33 +292,43 @@ class LoopReduceSide:
     # -- one child's stream ---------------------------------------------------------
     async def add_layer(self, child: str, header: Header, entry: _Sum, items: Any) -> None:
         """One child's layer into its sum (a bad one fails the sum)."""
-        side = self._side
-        received = index = 0
-        left = header.num_tensors
+        part = _Part(self, child, header, entry)
         try:
-            entry.reduction.add_header(child, header, side.name)
-            entry.up.poke()
-            while left > 0:
+            while part.left > 0:
                 item = await anext(items, None)
                 if item is None:
                     raise WireError(
-                        f"a gradient pass stream ended in layer {header.layer} ({left} of "
-                        f"{header.num_tensors} tensors to come)"
+                        f"a gradient pass stream ended in layer {header.layer} ({part.left} "
+                        f"of {header.num_tensors} tensors to come)"
                     )
-                if not isinstance(item, Chunk):
-                    raise WireError(f"child {child!r} sent a second header")
-                entry.reduction.add_chunk(child, index, item)
-                index += 1
-                received += len(item.data)
-                if item.offset + len(item.data) >= item.tensor_bytes:
-                    left -= 1
-                if entry.outbox:
-                    entry.up.poke()
+                part.add(item)
         except BaseException as exc:
-            self.fail(entry, f"{child}: {exc}")
-            self.close_part(entry)
+            part.failed(exc)
             raise
-        side._reduced_in += received
+        part.done()
+
+    def add_whole(self, child: str, header: Header, chunks: list, entry: _Sum) -> None:
+        """One child's layer, whole (the child's answer to the layer carried it), into its
+        sum; its part is then all in (a bad one fails the sum)."""
+        part = _Part(self, child, header, entry)
+        try:
+            for item in chunks:
+                if part.left <= 0:
+                    raise WireError(
+                        f"child {child!r} answered layer {header.layer} with more chunks than "
+                        f"its {header.num_tensors} tensors"
+                    )
+                part.add(item)
+            if part.left > 0:
+                raise WireError(
+                    f"child {child!r} answered layer {header.layer} with {part.left} of its "
+                    f"{header.num_tensors} tensors missing"
+                )
+        except BaseException as exc:
+            part.failed(exc)
+            raise
+        part.done()
+        self.close_part(entry)
 
     async def reduce_pass(
         self, request_iterator: AsyncIterator, context: grpc.aio.ServicerContext

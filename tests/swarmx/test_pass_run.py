@@ -12,12 +12,14 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from functools import partial
 
 import grpc
 import pytest
 
 from benchmarks.fuzz_services import SETTLE_S, Services, build_services
 from memoryx.service import MemoryXServicer
+from nodes import gradient_out
 from nodes.service import ComputeNodeServicer
 from proto import swarmx_pb2 as spb
 from proto import swarmx_pb2_grpc as sgrpc
@@ -25,7 +27,9 @@ from proto import tensor_pb2 as pb
 from proto import wire
 from proto.clients import SwarmXClient
 from proto.domain import Chunk, Phase
+from proto.frames import bundled
 from proto.rpc import Security, channel
+from swarmx import pass_relay
 from swarmx.service import SwarmXServicer
 from tests.servicer_calls import count_servicer_calls
 from tests.swarmx.passes import (
@@ -137,9 +141,19 @@ def test_every_link_of_a_deeper_tree_carries_a_pass_on_one_stream(monkeypatch, c
     node_calls = count_servicer_calls(
         monkeypatch, {ComputeNodeServicer: ("Deliver", "DeliverPass")}
     )
-    swarmx_calls = count_servicer_calls(monkeypatch, {SwarmXServicer: ("Deliver", "DeliverPass")})
+    swarmx_calls = count_servicer_calls(
+        monkeypatch, {SwarmXServicer: ("Deliver", "DeliverPass", "ReducePass")}
+    )
     services = _cluster(num_nodes=4, fanout=2)
     bundles = _count_bundles(monkeypatch)  # (the model's weights were loaded item by item)
+    read_answer = pass_relay.ack_from_wire
+
+    def counted_answer(message):
+        ack = read_answer(message)
+        bundles["gradients in answers"] += bool(ack.gradient)
+        return ack
+
+    monkeypatch.setattr(pass_relay, "ack_from_wire", counted_answer)
     try:
         for step in range(2):
             acks = train_step(services, step, pass_id=20 + step)
@@ -150,11 +164,40 @@ def test_every_link_of_a_deeper_tree_carries_a_pass_on_one_stream(monkeypatch, c
         services.stop()
     assert node_calls["DeliverPass"] == 4 * 3 and node_calls["Deliver"] == 0
     assert swarmx_calls["DeliverPass"] == 2 * 3 and swarmx_calls["Deliver"] == 0
+    # Only the SwarmX nodes send gradients on ReducePass streams, one per training pass:
+    # each compute node answers a backward layer with its gradient.
+    assert swarmx_calls["ReducePass"] == 2 * 2
+    assert bundles["gradients in answers"] == 2 * 4 * len(services.layers)
     # Every (small) layer crossed every link as one message: weights on 7 links (MemoryX
-    # to the root, to 2 SwarmX nodes, to 4 compute nodes) in each phase, gradients on 7
-    # on the way back; 2 training passes and one evaluation.
+    # to the root, to 2 SwarmX nodes, to 4 compute nodes) in each phase, gradients on 3
+    # gradient streams on the way back (2 SwarmX nodes to the root, the root to MemoryX)
+    # and in 4 answers, each encoded as one bundle (and read back by the node that wrote
+    # it: the answer carries the items); 2 training passes and one evaluation.
     assert bundles["chunks"] == bundles["chunks in bundles"] > 0
-    assert bundles["bundles"] == (2 * (7 + 7 + 7) + 7) * len(services.layers)
+    assert bundles["bundles"] == (2 * (7 + 7 + 3 + 4) + 7) * len(services.layers)
+
+
+def test_a_gradient_too_big_for_one_answer_goes_up_on_a_gradient_stream(monkeypatch):
+    # A compute node answers a backward layer with its gradient only if it is one message;
+    # a bigger one (here: bundles of at most 64 bytes) streams on ReducePass as before.
+    # Either way the pass trains the same bits.
+    states, streams = [], []
+    for max_bytes in (None, 64):
+        with monkeypatch.context() as patch:
+            calls = count_servicer_calls(patch, {SwarmXServicer: ("ReducePass",)})
+            if max_bytes is not None:
+                patch.setattr(gradient_out, "bundled", partial(bundled, max_bytes=max_bytes))
+            services = _cluster(num_nodes=2, fanout=4)  # the root feeds both nodes
+            try:
+                for step in range(2):
+                    acks = train_step(services, step, pass_id=30 + step)
+                    assert all(a.num_nodes == 2 and a.update_applied for a in acks)
+                states.append(memoryx_state(services))
+            finally:
+                services.stop()
+            streams.append(calls["ReducePass"])
+    assert streams == [0, 2 * 2]
+    assert_bitwise_equal(*states)
 
 
 def _raw_pass(services: Services, messages: list[spb.LayerRequest], address=None):
