@@ -87,7 +87,6 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
         self.worker = worker
         self.security = security  # of the channel to the SwarmX parent
         self.name = name
-        self.chunk_bytes = chunk_bytes
         self._gradients = GradientOut(name, chunk_bytes)  # (its parent: ``connect``)
         # One layer computed at a time, as on the wafer.
         self._lock = threading.Lock()

@@ -100,7 +100,7 @@ class Relay:
         if layer is None or layer.acks[index] is not None:
             self.fail(
                 WireError(
-                    f"{self._servicer.children[index]} answered layer {key[0]} phase {key[1]}, "
+                    f"{self._children[index]} answered layer {key[0]} phase {key[1]}, "
                     "which was not sent on its pass stream"
                 )
             )

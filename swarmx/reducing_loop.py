@@ -155,10 +155,10 @@ class _UpStream:
 class _Part:
     """One child's part of one layer's sum, as its items come."""
 
-    __slots__ = ("reduce", "child", "header", "entry", "left", "index", "received")
+    __slots__ = ("reduce", "child", "entry", "left", "index", "received")
 
     def __init__(self, reduce: LoopReduceSide, child: str, header: Header, entry: _Sum):
-        self.reduce, self.child, self.header, self.entry = reduce, child, header, entry
+        self.reduce, self.child, self.entry = reduce, child, entry
         self.left = header.num_tensors  # tensors not yet complete
         self.index = self.received = 0
         try:
