@@ -34,7 +34,7 @@ from emulator.faults import (
     deadlines,
 )
 from emulator.launch import Cluster
-from emulator.shards import MemoryXServers
+from emulator.shards import MemoryXServers, summed_traffic
 from emulator.weights import INITIAL_DIR, InitialCopy, LayerWeights
 from memoryx.checkpoint import confined_path, write_manifest
 from proto.clients import (
@@ -44,7 +44,7 @@ from proto.clients import (
     SwarmXClient,
     wire_bytes,
 )
-from proto.domain import CheckpointInfo, LayerAck, LayerRequest, Phase
+from proto.domain import CheckpointInfo, LayerAck, LayerRequest, Phase, TrafficStats
 from proto.rpc import NONFINITE_STATUS
 from swarmx.pass_run import MAX_IN_FLIGHT
 
@@ -150,6 +150,7 @@ class Coordinator:
             self.deadlines,
         )
         self.root = SwarmXClient(self.cluster.root_address, security, self.deadlines)
+        self._traffic_at_commit = None  # another MemoryX, or the same one restarted
         # Layer deadlines scale with the node count, which shrinks with on_node_loss: shrink.
         self._layer_timeouts_s = None
 
@@ -166,6 +167,7 @@ class Coordinator:
             self._initial[0].release()
 
     def _send_weights(self) -> None:
+        self._traffic_at_commit = None  # (moves MemoryX's counters)
         assert self._initial is not None
         copy, step = self._initial
         self.memoryx.load_weights(
@@ -270,17 +272,17 @@ class Coordinator:
                     pending.cancel()
                     raise ComponentLost(problems) from None
 
-    def _attempt(self, step: int) -> tuple[LayerAck, list[LayerAck]]:
+    def _attempt(self, step: int) -> tuple[LayerAck, list[LayerAck], TrafficStats]:
         layers = range(self.num_layers)
         order = [(layer, Phase.FORWARD) for layer in layers]
         order += [(layer, Phase.BACKWARD) for layer in reversed(layers)]
         acks = self._run_pass(order, step)
         states = self.supervisor.collect_pass_states()
-        self.memoryx.commit_step(step)
+        committed = self.memoryx.commit_step(step)
         # Only a committed step moves the nodes' kept state: a step run again after a
         # failed commit starts where this attempt started.
         self.supervisor.pass_states.update(states)
-        return acks[self.num_layers - 1], acks
+        return acks[self.num_layers - 1], acks, committed
 
     def _recovering(self, step: int, run: Callable[[], object]) -> tuple[object, int]:
         """``run()`` until it succeeds, replacing lost components in between.
@@ -323,13 +325,16 @@ class Coordinator:
         started = time.perf_counter()
         self.supervisor.keep_states_at(step)
 
-        def one_attempt() -> tuple[object, LayerAck, list[LayerAck]]:
-            # MemoryX traffic of the attempt that succeeded (a new MemoryX counts from 0).
-            before = self.memoryx.stats()
+        def one_attempt() -> tuple[TrafficStats, LayerAck, list[LayerAck], TrafficStats]:
+            # MemoryX traffic of the attempt that succeeded (a new MemoryX counts from 0):
+            # from MemoryX's counters at the last commit, where nothing has used MemoryX
+            # since (a step right after another), else read now.
+            before = self._traffic_at_commit or self.memoryx.stats()
+            self._traffic_at_commit = None  # a second attempt reads them again
             return (before, *self._attempt(step))
 
-        (before, last, acks), attempt = self._recovering(step, one_attempt)
-        after = self.memoryx.stats()
+        (before, last, acks, after), attempt = self._recovering(step, one_attempt)
+        self._traffic_at_commit = after
         self.supervisor.step_done(step)
         record = StepRecord(
             step=step,
@@ -356,6 +361,8 @@ class Coordinator:
         return self.task == "classification"
 
     def evaluate(self, step: int) -> EvalRecord:
+        self._traffic_at_commit = None  # (moves MemoryX's counters)
+
         def passes() -> LayerAck:
             acks = self._run_pass([(layer, Phase.EVAL) for layer in range(self.num_layers)], step)
             self.supervisor.pass_states.update(self.supervisor.collect_pass_states())
@@ -375,6 +382,7 @@ class Coordinator:
         return weights
 
     def _fetch_weights(self, step: int) -> list[dict[str, torch.Tensor]]:
+        self._traffic_at_commit = None  # (moves MemoryX's counters)
         layout = self.memoryx.layout()
         weights = []
         self.fetched_masks: list[dict[str, torch.Tensor]] = []
@@ -401,6 +409,7 @@ class Coordinator:
 
     def _save_in_run_dir(self) -> list[CheckpointInfo]:
         """Every MemoryX server saves its committed state in the run's checkpoint directory."""
+        self._traffic_at_commit = None  # (moves MemoryX's counters)
         saved = self.memoryx.save_checkpoint()
         names = {info.name for info in saved}
         if len(names) != 1:
@@ -440,7 +449,7 @@ class Coordinator:
 
     def traffic(self) -> dict:
         per_server = self.memoryx.stats_per_server()
-        stats = self.memoryx.stats()
+        stats = summed_traffic(per_server)
         links = []
         for address in self.cluster.swarmx_addresses.values():
             s = SwarmXClient(address, self.cluster.security).stats()

@@ -95,22 +95,18 @@ class MemoryXServers:
             masks.update(got_masks)
         return join_pieces(pieces), join_pieces(masks) if masks else {}
 
-    def commit_step(self, step: int, *, timeout_s: float | None = None) -> None:
-        for client in self.clients:
-            client.commit_step(step, timeout_s=timeout_s)
+    def commit_step(self, step: int, *, timeout_s: float | None = None) -> TrafficStats:
+        """Commit ``step`` on every server; their counters once it is committed, summed."""
+        return summed_traffic(
+            [client.commit_step(step, timeout_s=timeout_s) for client in self.clients]
+        )
 
     def save_checkpoint(self, **kwargs) -> list[CheckpointInfo]:
         """Every server saves its layers into the run's checkpoint directory."""
         return [client.save_checkpoint(**kwargs) for client in self.clients]
 
     def stats(self, *, timeout_s: float | None = None) -> TrafficStats:
-        parts = self.stats_per_server(timeout_s=timeout_s)
-        return TrafficStats(
-            **{
-                f.name: sum(getattr(part, f.name) for part in parts)
-                for f in dataclasses.fields(TrafficStats)
-            }
-        )
+        return summed_traffic(self.stats_per_server(timeout_s=timeout_s))
 
     def stats_per_server(self, *, timeout_s: float | None = None) -> list[TrafficStats]:
         return [client.stats(timeout_s=timeout_s) for client in self.clients]
@@ -118,6 +114,16 @@ class MemoryXServers:
     def reset_stats(self, *, timeout_s: float | None = None) -> None:
         for client in self.clients:
             client.reset_stats(timeout_s=timeout_s)
+
+
+def summed_traffic(parts: Sequence[TrafficStats]) -> TrafficStats:
+    """The servers' counters as one MemoryX's (each peak summed: every server's own)."""
+    return TrafficStats(
+        **{
+            f.name: sum(getattr(part, f.name) for part in parts)
+            for f in dataclasses.fields(TrafficStats)
+        }
+    )
 
 
 def _joined_layout(parts: Sequence[LayerLayout]) -> LayerLayout:
@@ -134,4 +140,4 @@ def _joined_layout(parts: Sequence[LayerLayout]) -> LayerLayout:
     )
 
 
-__all__ = ["MemoryXServers"]
+__all__ = ["MemoryXServers", "summed_traffic"]

@@ -359,7 +359,7 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
             self._sample_rss()
         except StepError as exc:
             raise StepConflict(str(exc)) from None
-        return EMPTY
+        return self._traffic()
 
     @rpc_errors
     def SaveCheckpoint(self, request, context):
@@ -402,6 +402,9 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
         )
 
     def Stats(self, request, context):
+        return self._traffic()
+
+    def _traffic(self):
         t = self.traffic
         store = self.store
         disk_read, disk_written = store.io_bytes() if store is not None else (0, 0)

@@ -177,8 +177,10 @@ class MemoryXClient:
             stream.cancel()  # a no-op once the stream is complete
         return assembler.finish(), assembler.masks
 
-    def commit_step(self, step: int, *, timeout_s: float | None = None) -> None:
-        self._stub.CommitStep(step_request_to_wire(step), timeout=self._call(timeout_s))
+    def commit_step(self, step: int, *, timeout_s: float | None = None) -> TrafficStats:
+        """Commit ``step``; the server's counters (as ``stats``) once it is committed."""
+        reply = self._stub.CommitStep(step_request_to_wire(step), timeout=self._call(timeout_s))
+        return traffic_from_wire(reply)
 
     def save_checkpoint(self, *, timeout_s: float | None = None) -> CheckpointInfo:
         """Write a checkpoint into the run's checkpoint directory, under a name MemoryX chooses."""

@@ -63,7 +63,7 @@ class MemoryXStub:
         self.CommitStep = channel.unary_unary(
                 '/wafer.v1.MemoryX/CommitStep',
                 request_serializer=proto_dot_memoryx__pb2.StepRequest.SerializeToString,
-                response_deserializer=proto_dot_tensor__pb2.Empty.FromString,
+                response_deserializer=proto_dot_memoryx__pb2.TrafficStats.FromString,
                 _registered_method=True)
         self.SaveCheckpoint = channel.unary_unary(
                 '/wafer.v1.MemoryX/SaveCheckpoint',
@@ -129,7 +129,9 @@ class MemoryXServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CommitStep(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Answers with this server's counters (as Stats) once the step is committed: the driver
+        counts a step's traffic from the commit before it, without a Stats call per step.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -189,7 +191,7 @@ def add_MemoryXServicer_to_server(servicer, server):
             'CommitStep': grpc.unary_unary_rpc_method_handler(
                     servicer.CommitStep,
                     request_deserializer=proto_dot_memoryx__pb2.StepRequest.FromString,
-                    response_serializer=proto_dot_tensor__pb2.Empty.SerializeToString,
+                    response_serializer=proto_dot_memoryx__pb2.TrafficStats.SerializeToString,
             ),
             'SaveCheckpoint': grpc.unary_unary_rpc_method_handler(
                     servicer.SaveCheckpoint,
@@ -373,7 +375,7 @@ class MemoryX:
             target,
             '/wafer.v1.MemoryX/CommitStep',
             proto_dot_memoryx__pb2.StepRequest.SerializeToString,
-            proto_dot_tensor__pb2.Empty.FromString,
+            proto_dot_memoryx__pb2.TrafficStats.FromString,
             options,
             channel_credentials,
             insecure,

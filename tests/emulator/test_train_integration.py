@@ -76,6 +76,26 @@ def test_weight_streaming_equals_plain_pytorch(ray_session, num_nodes, optimizer
     assert losses == pytest.approx(reference.losses, rel=1e-5)
 
 
+def test_a_step_counts_memoryx_traffic_from_the_commit_before_it(ray_session, monkeypatch):
+    """MemoryX's counters come back with each CommitStep: a step right after another reads
+    no Stats; one after an evaluation (which moves MemoryX's bytes) reads them again, and
+    every step still counts exactly its own bytes."""
+    from proto.clients import MemoryXClient
+
+    stats_calls = []
+    stats = MemoryXClient.stats
+    monkeypatch.setattr(
+        MemoryXClient, "stats", lambda self, **kw: stats_calls.append(1) or stats(self, **kw)
+    )
+    report = train(_config(2, "adamw", num_steps=5, eval_every=3), progress=False).to_json()
+    model_bytes = report["model"]["num_params"] * 4
+    assert [s["memoryx_egress_bytes"] for s in report["steps"]] == [2 * model_bytes] * 5
+    assert [s["memoryx_ingress_bytes"] for s in report["steps"]] == [model_bytes] * 5
+    assert len(report["evals"]) == 2  # after step 3, and at the end
+    # Before step 1, before step 4 (after the evaluation), and the report's totals.
+    assert len(stats_calls) == 3
+
+
 def test_memoryx_traffic_is_independent_of_node_count(ray_session):
     reports = {n: train(_config(n, "adamw", num_steps=3), progress=False).to_json() for n in (1, 8)}
     one, eight = reports[1]["traffic"], reports[8]["traffic"]
