@@ -21,6 +21,7 @@ from typing import Any
 
 from core.units import format_seconds
 from emulator.cli import summary as train_summary
+from emulator.cli_scale import runtime_rows
 from emulator.table import human_bytes
 
 #: Subcommands whose progress bar goes to stderr; the script passes --quiet.
@@ -132,15 +133,19 @@ def backend_label(spec: str) -> str:
 
 
 def render_train_summary(outputs: list[Output]) -> str:
-    """The summary ``wafer train`` prints, with the wall time (a measurement) elided."""
-    result = dict(outputs[0].json, wall_time_s=0.0, step_wall_time_s=0.0)
-    lines = train_summary(result).split("\n")
-    return fenced(
-        "\n".join(
-            line.replace("0.0 s (0.0 ms/step)", "...") if line.startswith("wall time") else line
-            for line in lines
-        )
-    )
+    """The summary ``wafer train`` prints, with the wall time and the rows of the run's own
+    cost (launch, processes, memory: measurements of this machine) elided."""
+    result = dict(outputs[0].json, wall_time_s=0.0, step_wall_time_s=0.0, runtime=None)
+    measured = [label for label, _ in runtime_rows(outputs[0].json.get("runtime"))]
+    lines = []
+    for line in train_summary(result).split("\n"):
+        if not line.startswith("wall time"):
+            lines.append(line)
+            continue
+        line = line.replace("0.0 s (0.0 ms/step)", "...")
+        value_at = line.index("...")
+        lines += [line, *(f"{label:<{value_at}}..." for label in measured)]
+    return fenced("\n".join(lines))
 
 
 def render_zoo(outputs: list[Output]) -> str:
