@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 
+from core.units import format_seconds
 from emulator.cli_cost import parse_node_counts
 from emulator.config import load_config
 from emulator.zoo import ZOO
@@ -104,8 +105,8 @@ def run_scale_command(args: argparse.Namespace) -> int:
     def report(point) -> None:
         if not args.quiet:
             print(
-                f"  {point.nodes} nodes: emulated step {point.emulated_step_time_s:.3g} s, "
-                f"wall {point.wall_step_time_s:.3g} s/step, first step after "
+                f"  {point.nodes} nodes: emulated step {format_seconds(point.emulated_step_time_s)}, "
+                f"wall {format_seconds(point.wall_step_time_s)}/step, first step after "
                 f"{point.time_to_first_step_s:.1f} s",
                 flush=True,
             )
