@@ -46,6 +46,9 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+# gRPC's core logs every GOAWAY of the servers this script stops at INFO; as `wafer` does.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 import grpc
 import torch
 
