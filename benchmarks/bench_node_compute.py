@@ -87,7 +87,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         (loss_sum(dataset.task, out, y) / num_targets(dataset.task, y)).backward()
         return time.perf_counter() - started
 
-    node_step(0), torch_step(0)  # warm-up: allocator, kernels
+    # Warm-up: the allocator's pools and torch's kernels.
+    node_step(0)
+    torch_step(0)
     rows = []
     for round_index in range(args.rounds):
         steps = range(1 + round_index * args.steps, 1 + (round_index + 1) * args.steps)
