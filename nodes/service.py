@@ -32,7 +32,7 @@ from proto import node_pb2_grpc as ngrpc
 from proto import swarmx_pb2_grpc as sgrpc
 from proto import threads
 from proto.domain import Header, LayerAck, NodeStats, Phase
-from proto.frames import from_wire_stream_async
+from proto.frames import BUNDLE_MAX_BYTES, from_wire_stream_async
 from proto.loop_server import (
     LoopServer,
     ThreadSideContext,
@@ -41,7 +41,13 @@ from proto.loop_server import (
     on_thread,
     start_loop_server,
 )
-from proto.messages import EMPTY, ack_from_wire, ack_to_wire, node_stats_to_wire
+from proto.messages import (
+    EMPTY,
+    ack_from_wire,
+    ack_to_wire,
+    acks_in_messages,
+    node_stats_to_wire,
+)
 from proto.pass_stream import ReadDone, checked_pass_header
 from proto.rpc import CANCEL_CHECK_S, Security, StepConflict, channel, notifier
 from proto.serde import (
@@ -139,7 +145,9 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
         time, no layer of the node took ``LONG_LAYER_S`` in such a pass and it can start
         at once, on the loop (its answer sent once its sum is in). At
         most ``PASS_LAYERS_AHEAD`` layers are read and not yet computed. One ack per layer
-        is answered as it completes, in pass order.
+        is answered as it completes, in pass order; the acks ready at the same moment (a
+        run of small layers that came in one message and computed on the loop) go in one
+        message (``LayerAck.following``).
         """
         loop = asyncio.get_running_loop()
         passing = _PassCall(context)
@@ -239,19 +247,30 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
         try:
             # In pass order: a layer whose thread posts its answer late (descheduled after
             # its compute) is still answered before the next one. An error ends it at once.
+            # The answers ready at the same moment (a run of small layers computed on the
+            # loop one after another) go in one message (``LayerAck.following``).
             done: dict[int, LayerAck] = {}
             num_answered, num_read = 0, None
             while num_read is None or num_answered < num_read:
-                answer = await answers.get()
-                if isinstance(answer, ReadDone):
-                    num_read = answer.num_layers
-                elif isinstance(answer, BaseException):
-                    raise answer
-                else:
-                    done.update((answer,))
-                    while num_answered in done:
-                        yield ack_to_wire(done.pop(num_answered))
-                        num_answered += 1
+                ready = [await answers.get()]
+                while not answers.empty():
+                    ready.append(answers.get_nowait())
+                in_order: list[LayerAck] = []
+                failed: BaseException | None = None
+                for answer in ready:
+                    if isinstance(answer, ReadDone):
+                        num_read = answer.num_layers
+                    elif isinstance(answer, BaseException):
+                        failed = failed or answer
+                    else:
+                        done.update((answer,))
+                        while num_answered in done:
+                            in_order.append(done.pop(num_answered))
+                            num_answered += 1
+                for message in acks_in_messages(in_order, BUNDLE_MAX_BYTES):
+                    yield message
+                if failed is not None:
+                    raise failed
         finally:
             # The call ends only once its layers have: none changes the node afterwards.
             reader.cancel()

@@ -35,10 +35,12 @@ from proto.domain import (
     SwarmXStats,
     TrafficStats,
 )
+from proto.frames import WireError
 from proto.loop_streams import ClientStream
 from proto.messages import (
     EMPTY,
     ack_from_wire,
+    acks_from_wire,
     checkpoint_from_wire,
     checkpoint_request_to_wire,
     layer_request_to_wire,
@@ -264,7 +266,15 @@ class PendingPass:
         self._call = ClientStream(run_pass, timeout_s, self._answered, self._ended, depth=math.inf)
 
     def _answered(self, message) -> None:
-        self._answers.put(ack_from_wire(message))
+        # The root answers the layers that completed at once in one message.
+        try:
+            acks = acks_from_wire(message)
+        except WireError as exc:
+            self._answers.put(exc)
+            self._call.cancel()
+            return
+        for ack in acks:
+            self._answers.put(ack)
 
     def _ended(self, error: BaseException | None) -> None:
         if error is not None:

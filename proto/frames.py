@@ -288,7 +288,8 @@ def from_wire(message: pb.LayerMessage | StreamItem) -> StreamItem:
 
 def expand(message: pb.LayerMessage | StreamItem | Bundle) -> tuple[StreamItem, ...]:
     """The items one received message carries: its one item, or a bundle's (a header and
-    its chunks); WireError if any is not valid."""
+    its chunks, or on a pass stream several such layers one after another); WireError if
+    any is not valid."""
     if isinstance(message, Bundle):
         parts: Sequence = message.items
     elif isinstance(message, pb.LayerMessage) and message.WhichOneof("kind") == "bundle":
@@ -303,8 +304,6 @@ def expand(message: pb.LayerMessage | StreamItem | Bundle) -> tuple[StreamItem, 
     items = tuple(from_wire(p) for p in parts)
     if not items or not isinstance(items[0], Header):
         raise WireError("a layer bundle must start with its layer's header")
-    if any(not isinstance(i, Chunk) for i in items[1:]):
-        raise WireError("a layer bundle holds one header, then that layer's chunks")
     return items
 
 

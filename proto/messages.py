@@ -8,6 +8,7 @@ Layer streams themselves are in ``proto.serde``.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import asdict, fields
 
 from proto import memoryx_pb2 as mpb
@@ -16,6 +17,7 @@ from proto import swarmx_pb2 as spb
 from proto import tensor_pb2 as pb
 from proto.domain import (
     CheckpointInfo,
+    Header,
     LayerAck,
     LayerLayout,
     LayerRequest,
@@ -26,7 +28,7 @@ from proto.domain import (
     TensorSpec,
     TrafficStats,
 )
-from proto.frames import Bundle, expand
+from proto.frames import Bundle, WireError, expand
 from proto.wire import encode
 
 EMPTY = pb.Empty()
@@ -68,7 +70,43 @@ def ack_from_wire(message: pb.LayerAck) -> LayerAck:
     ack = LayerAck(**{name: getattr(message, name) for name in _ACK_SCALARS})
     if message.HasField("gradient"):
         ack.gradient = expand(message.gradient)
+        if any(isinstance(item, Header) for item in ack.gradient[1:]):
+            raise WireError("an answer's gradient is one layer's header and chunks, not several")
     return ack
+
+
+def acks_to_wire(acks: Sequence[LayerAck]) -> pb.LayerAck:
+    """Answers to consecutive layers of a pass in one message (``LayerAck.following``):
+    the first, and the others after it."""
+    message = ack_to_wire(acks[0])
+    message.following.extend(ack_to_wire(ack) for ack in acks[1:])
+    return message
+
+
+def acks_in_messages(acks: Sequence[LayerAck], max_gradient_bytes: int) -> list[pb.LayerAck]:
+    """Consecutive answers as few messages (``acks_to_wire``) as keep the gradients in
+    each within ``max_gradient_bytes`` (one answer with a larger one goes alone)."""
+    messages: list[pb.LayerAck] = []
+    group: list[LayerAck] = []
+    size = 0
+    for ack in acks:
+        if group and size + ack.gradient_bytes > max_gradient_bytes:
+            messages.append(acks_to_wire(group))
+            group, size = [], 0
+        group.append(ack)
+        size += ack.gradient_bytes
+    if group:
+        messages.append(acks_to_wire(group))
+    return messages
+
+
+def acks_from_wire(message: pb.LayerAck) -> list[LayerAck]:
+    """Every answer ``message`` carries, in pass order (``acks_to_wire``); WireError if a
+    following answer has answers of its own, or any gradient is not one layer's."""
+    following = message.following
+    if any(len(answer.following) for answer in following):
+        raise WireError("an answer that follows another carries no answers of its own")
+    return [ack_from_wire(message), *map(ack_from_wire, following)]
 
 
 # -- requests -----------------------------------------------------------------

@@ -101,7 +101,7 @@ class LayerBundle(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[LayerMessage, _Mapping]]] = ...) -> None: ...
 
 class LayerAck(_message.Message):
-    __slots__ = ("layer", "step", "phase", "num_nodes", "loss_sum", "num_targets", "num_correct", "bytes_to_nodes", "gradient_bytes", "flops", "compute_seconds", "update_applied", "gradient")
+    __slots__ = ("layer", "step", "phase", "num_nodes", "loss_sum", "num_targets", "num_correct", "bytes_to_nodes", "gradient_bytes", "flops", "compute_seconds", "update_applied", "gradient", "following")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +115,7 @@ class LayerAck(_message.Message):
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     UPDATE_APPLIED_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_FIELD_NUMBER: _ClassVar[int]
+    FOLLOWING_FIELD_NUMBER: _ClassVar[int]
     layer: int
     step: int
     phase: Phase
@@ -128,7 +129,8 @@ class LayerAck(_message.Message):
     compute_seconds: float
     update_applied: bool
     gradient: LayerMessage
-    def __init__(self, layer: _Optional[int] = ..., step: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., num_nodes: _Optional[int] = ..., loss_sum: _Optional[float] = ..., num_targets: _Optional[int] = ..., num_correct: _Optional[int] = ..., bytes_to_nodes: _Optional[int] = ..., gradient_bytes: _Optional[int] = ..., flops: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., update_applied: _Optional[bool] = ..., gradient: _Optional[_Union[LayerMessage, _Mapping]] = ...) -> None: ...
+    following: _containers.RepeatedCompositeFieldContainer[LayerAck]
+    def __init__(self, layer: _Optional[int] = ..., step: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., num_nodes: _Optional[int] = ..., loss_sum: _Optional[float] = ..., num_targets: _Optional[int] = ..., num_correct: _Optional[int] = ..., bytes_to_nodes: _Optional[int] = ..., gradient_bytes: _Optional[int] = ..., flops: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., update_applied: _Optional[bool] = ..., gradient: _Optional[_Union[LayerMessage, _Mapping]] = ..., following: _Optional[_Iterable[_Union[LayerAck, _Mapping]]] = ...) -> None: ...
 
 class Empty(_message.Message):
     __slots__ = ()

@@ -3,7 +3,8 @@
 A pipelined pass sends its layers to each child (a compute node, or a SwarmX node that
 relays them: ``swarmx.pass_relay``) on one stream instead of one ``Deliver`` call per
 layer (a call's set-up costs several times a message's). Each
-layer's answer still comes back on its own, matched by (layer, phase).
+layer's answer still comes back as its own ``LayerAck``, matched by (layer, phase); a child
+sends the answers to a run of layers it computed at once in one message (``following``).
 """
 
 from __future__ import annotations
@@ -120,8 +121,14 @@ class PassLink(AnswerSlots):
             self.call.close()
 
     def _answered(self, message) -> None:
-        key = (message.layer, message.phase)
-        self._answer(key, message, f"a pass stream answered layer {key[0]} phase {key[1]}")
+        # A child answers a run of layers it computed at once in one message.
+        for answer in (message, *message.following):
+            if answer is not message and len(answer.following):
+                self._fail(WireError("an answer that follows another carries none of its own"))
+                self.call.cancel()
+                return
+            key = (answer.layer, answer.phase)
+            self._answer(key, answer, f"a pass stream answered layer {key[0]} phase {key[1]}")
 
     def close(self) -> None:
         """No more layers in this pass: end the request stream (the answers still come)."""

@@ -21,15 +21,22 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import grpc
 
 from proto.domain import Chunk, Header, LayerAck, Phase
-from proto.frames import Bundler, WireError, from_wire_stream_async
+from proto.frames import (
+    BUNDLE_MAX_BYTES,
+    Bundle,
+    Bundler,
+    WireError,
+    from_wire_stream_async,
+    payload_bytes,
+)
 from proto.loop_streams import ClientStream
-from proto.messages import ack_from_wire
+from proto.messages import acks_from_wire
 from proto.pass_stream import ReadDone, checked_pass_header
 from proto.rpc import time_left_s
 from proto.wire import encode
@@ -43,12 +50,15 @@ class RelayedLayer:
     """A layer on its way down: the answers its children gave so far, and (backward) the
     sum of the gradients they answered with."""
 
-    __slots__ = ("header", "acks", "sent", "sum", "summed")
+    __slots__ = ("header", "acks", "sent", "sum", "summed", "holds_room")
 
     def __init__(self, header: Header, num_children: int):
         self.header = header
         self.acks: list[LayerAck | None] = [None] * num_children
         self.sent = False  # every item is on every child's stream
+        # Whether its answer frees a place in the pass's window (``Relay.room``): a run of
+        # small layers sent as one message takes one place, freed by its last layer's.
+        self.holds_room = True
         # The sum of the gradients children answered with (``Header.gradient_in_answer``);
         # the layer is answered once its receiver has accepted it.
         self.sum: Any = None
@@ -78,6 +88,12 @@ class Relay:
         self.links: list[ClientStream] = []
         self._waiting: dict[tuple[int, int], RelayedLayer] = {}
         self.error: BaseException | None = None
+        # Whole small layers (``Bundle`` s) held back to go to the children as one message
+        # with the layers after them (``_send_layer``'s ``hold``), and those layers. A
+        # heterogeneous tree, whose children get different bytes, sends layer by layer.
+        self._gathered: list[Bundle] = []
+        self.gathered_bytes = 0
+        self._gathered_layers: list[RelayedLayer] = []
 
     # -- the children's streams (callbacks on the loop) ---------------------------------
     def open_links(self) -> None:
@@ -93,9 +109,19 @@ class Relay:
         self._servicer.relays.add(self)
 
     def _answered(self, index: int, message: Any) -> None:
+        # A child answers a run of layers it computed at once in one message.
+        try:
+            acks = acks_from_wire(message)
+        except Exception as exc:  # a bad answer or gradient: the pass fails with it
+            self.fail(exc)
+            return
+        for ack in acks:
+            self._answered_layer(index, ack)
+
+    def _answered_layer(self, index: int, ack: LayerAck) -> None:
         if self.error is not None:
             return  # the pass is over: a gradient that comes late must not open a sum
-        key = (message.layer, message.phase)
+        key = (ack.layer, ack.phase)
         layer = self._waiting.get(key)
         if layer is None or layer.acks[index] is not None:
             self.fail(
@@ -106,7 +132,6 @@ class Relay:
             )
             return
         try:
-            ack = ack_from_wire(message)
             if ack.gradient:
                 self._reduce(index, layer, ack)
         except Exception as exc:  # a bad gradient: the pass fails with it
@@ -169,7 +194,8 @@ class Relay:
                 if index not in layer.summed
             )
         del self._waiting[key]
-        self.room.release()
+        if layer.holds_room:
+            self.room.release()
         self.answers.put_nowait(total)
 
     def fail(self, error: BaseException) -> None:
@@ -223,7 +249,7 @@ class Relay:
                     self.open_links()
                 layer = self._waiting[key] = RelayedLayer(header, len(self.links))
                 num_read += 1
-                if not await self._send_layer(header, items):
+                if not await self._send_layer(layer, items):
                     return  # a child's stream is over: its end failed the pass
                 layer.sent = True
                 self._settle(key, layer)
@@ -235,9 +261,17 @@ class Relay:
         finally:
             self.answers.put_nowait(ReadDone(num_read))
 
-    async def _send_layer(self, header: Header, items: AsyncIterator) -> bool:
-        """``header`` and its layer's chunks, read from ``items`` and put on every child's
-        stream as they come; False if a child's stream is over."""
+    async def _send_layer(
+        self, layer: RelayedLayer, items: AsyncIterator, hold: Callable[[], bool] | None = None
+    ) -> bool:
+        """``layer``'s header and chunks, read from ``items`` and put on every child's
+        stream as they come; False if a child's stream is over.
+
+        A small layer (one ``Bundle``) is held back while ``hold()`` says that the next
+        layer of the pass is on its way (its turn is next, and it has a place in the
+        window): the run of small layers then goes as one message (``_gather``), and the
+        children answer it with one. Otherwise what is held goes now."""
+        header = layer.header
         remaining = header.num_tensors
         if header.phase == Phase.BACKWARD:
             # A compute-node child answers with its gradient, which is summed here
@@ -247,10 +281,14 @@ class Relay:
         bundlers = [Bundler() for _ in (self._recast or (None,))]
         item: Header | Chunk = header
         while True:
-            if not await self._put(item, bundlers, last=remaining == 0):
+            if not await self._put(item, bundlers, layer, last=remaining == 0):
                 return False
             if remaining == 0:
-                return True
+                if hold is not None and self._gathered:
+                    await asyncio.sleep(0)  # the reader, given room, starts the next layer
+                    if hold():
+                        return True
+                return await self._flush_gathered()
             item = await anext(items, None)
             if not isinstance(item, Chunk):
                 raise WireError(
@@ -260,7 +298,9 @@ class Relay:
             if item.offset + len(item.data) >= item.tensor_bytes:
                 remaining -= 1
 
-    async def _put(self, item: Header | Chunk, bundlers: list[Bundler], *, last: bool) -> bool:
+    async def _put(
+        self, item: Header | Chunk, bundlers: list[Bundler], layer: RelayedLayer, *, last: bool
+    ) -> bool:
         """``item`` on every child's stream (the layer's ``last`` one: what its bundler
         gathered goes too)."""
         if self._recast is None:
@@ -279,45 +319,98 @@ class Relay:
             ready = bundler.add(out)
             if last:
                 ready += bundler.flush()
+            if self._recast is None:
+                if len(ready) == 1 and isinstance(ready[0], Bundle):
+                    if not await self._gather(ready[0], layer):
+                        return False
+                    continue
+                if ready and not await self._flush_gathered():
+                    return False
             # Encoded once for every child that takes the same items.
             messages = [encode(m) for m in ready]
             targets = self.links if self._recast is None else (self.links[index],)
-            for link in targets:
-                for message in messages:
-                    if not await link.send(message):
-                        return False
+            if not await self._send(targets, messages):
+                return False
+        return True
+
+    async def _gather(self, bundle: Bundle, layer: RelayedLayer) -> bool:
+        """Hold back ``layer``, whole in ``bundle``, to go with the small layers held before
+        it (what is held goes first if the two would pass ``BUNDLE_MAX_BYTES``). The run
+        takes one place in the window: the layer before it gives its place up."""
+        size = payload_bytes(bundle.items)
+        if (
+            self._gathered
+            and self.gathered_bytes + size > BUNDLE_MAX_BYTES
+            and not await self._flush_gathered()
+        ):
+            return False
+        if self._gathered_layers:
+            self._gathered_layers[-1].holds_room = False
+            self.room.release()
+        self._gathered.append(bundle)
+        self.gathered_bytes += size
+        self._gathered_layers.append(layer)
+        return True
+
+    async def _flush_gathered(self) -> bool:
+        """The small layers held back, to every child as one message; False if a child's
+        stream is over."""
+        if not self._gathered:
+            return True
+        gathered = self._gathered
+        self._gathered, self.gathered_bytes, self._gathered_layers = [], 0, []
+        items = tuple(item for bundle in gathered for item in bundle.items)
+        return await self._send(self.links, [encode(Bundle(items))])
+
+    @staticmethod
+    async def _send(targets, messages: list[bytes]) -> bool:
+        for link in targets:
+            for message in messages:
+                if not await link.send(message):
+                    return False
         return True
 
 
 async def relay_pass(
     servicer: Any, request_iterator: AsyncIterator, context: grpc.aio.ServicerContext
-) -> AsyncIterator[LayerAck]:
+) -> AsyncIterator[list[LayerAck]]:
     """The answers to one ``DeliverPass`` stream at SwarmX node ``servicer``, as each
-    layer completes; the first failure (a bad stream, a child's error) ends the stream, and
-    the end of the call (its caller cancelled it) cancels the children's streams."""
+    layer completes (those complete at once together); the first failure (a bad stream, a
+    child's error) ends the stream, and the end of the call (its caller cancelled it)
+    cancels the children's streams."""
     relay = Relay(servicer, context)
-    async for ack in answered(relay, relay.read(request_iterator)):
-        yield ack
+    async for acks in answered(relay, relay.read(request_iterator)):
+        yield acks
 
 
-async def answered(relay: Relay, reading: Coroutine) -> AsyncIterator[LayerAck]:
+async def answered(relay: Relay, reading: Coroutine) -> AsyncIterator[list[LayerAck]]:
     """``relay``'s answers, as each layer completes, while ``reading`` (a task) puts the
-    layers on the children's streams; the first failure ends them, and so does the end of
-    the caller's stream (the children's streams are then cancelled)."""
+    layers on the children's streams: the answers to the layers that completed at once
+    (a child answered a run of small layers in one message) together, in pass order. The
+    first failure ends them, and so does the end of the caller's stream (the children's
+    streams are then cancelled)."""
     servicer = relay._servicer
     reader = asyncio.ensure_future(reading)
     finished = False
     try:
         num_answered, num_read = 0, None
         while num_read is None or num_answered < num_read:
-            answer = await relay.answers.get()
-            if isinstance(answer, ReadDone):
-                num_read = answer.num_layers
-            elif isinstance(answer, BaseException):
-                raise answer
-            else:
-                num_answered += 1
-                yield answer
+            ready = [await relay.answers.get()]
+            while not relay.answers.empty():
+                ready.append(relay.answers.get_nowait())
+            acks = []
+            for answer in ready:
+                if isinstance(answer, ReadDone):
+                    num_read = answer.num_layers
+                elif isinstance(answer, BaseException):
+                    if acks:
+                        yield acks
+                    raise answer
+                else:
+                    acks.append(answer)
+            if acks:
+                num_answered += len(acks)
+                yield acks
         finished = True
     finally:
         reader.cancel()

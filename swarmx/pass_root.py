@@ -10,6 +10,15 @@ the root runs for its parent's stream). Each layer is answered to the driver onc
 child has answered it, in pass order. The first failure ends the pass and cancels its
 streams, to the children and to MemoryX.
 
+A run of small layers goes to each child as one message (``Relay._gather``): a small
+layer is held back while the next layer's request is in, has its place in the window and
+fit, in the last pass that sent it, with the layers held into one ``LayerBundle`` (at most
+``BUNDLE_MAX_BYTES``). The run takes one place in the window, so a pass of a small model
+goes down as one message per child and comes back as one (the nodes answer a run they
+computed at once together, ``LayerAck.following``), and the answers that complete at once
+go to the driver together too. Per-message work is most of a small model's step
+(benchmarks/README.md); each layer keeps its own header, answer, sum and update.
+
 A root whose MemoryX splits layers over several servers joins their pieces on threads
 (``swarmx.pass_run.PassRun``).
 """
@@ -24,7 +33,7 @@ from typing import Any
 import grpc
 
 from proto.domain import Header, LayerRequest, StreamItem
-from proto.frames import WireError, from_wire_stream_async
+from proto.frames import BUNDLE_MAX_BYTES, WireError, from_wire_stream_async
 from proto.loop_streams import ClientStream
 from proto.messages import weights_request_to_wire
 from proto.pass_stream import ReadDone
@@ -123,8 +132,9 @@ class _RootRelay(Relay):
         self._weights = _LoopWeights(servicer, time_left_s(context))
         # The layers being put on the children's streams, each a task that waits for the
         # one before it: the reader goes on reading requests (and asking MemoryX for their
-        # weights) while a layer streams, as the threaded pass does.
+        # weights) while a layer streams, as the threaded pass does. Their requests, alike.
         self._sending: list[asyncio.Task] = []
+        self._requests: list[LayerRequest] = []
 
     def cancel(self) -> None:
         super().cancel()
@@ -155,6 +165,7 @@ class _RootRelay(Relay):
                     return
                 num_read += 1
                 before = self._sending[-1] if self._sending else None
+                self._requests.append(request)
                 self._sending.append(asyncio.ensure_future(self._run_after(before, request)))
             if self._sending and not await self._sending[-1]:
                 return  # a layer failed, and with it the pass
@@ -197,18 +208,36 @@ class _RootRelay(Relay):
         if not self.links:
             self.open_links()
         layer = self._waiting[key] = RelayedLayer(header, len(self.links))
-        if not await self._send_layer(header, items):
+        self._servicer.layer_bytes[key] = header.total_bytes
+        position = request.pass_position
+        if not await self._send_layer(layer, items, hold=lambda: self._next_joins(position)):
             return False
         layer.sent = True
         self._settle(key, layer)
         return True
 
+    def _next_joins(self, position: int) -> bool:
+        """Whether the layer after the one at ``position`` of the pass, small as well, is
+        to go with the small layers held back: its request is read and has a place in the
+        window, it needs weights, and the last pass's layer of its kind fit with them into
+        one message. (Sizes from the last pass: a pass's first layers go one by one.)"""
+        if len(self._requests) <= position:
+            return False
+        after = self._requests[position]  # (positions count from 1)
+        size = self._servicer.layer_bytes.get((after.layer, after.phase))
+        return (
+            not after.without_weights
+            and size is not None
+            and self.gathered_bytes + size <= BUNDLE_MAX_BYTES
+        )
+
 
 async def root_pass(servicer: Any, request_iterator: AsyncIterator, context) -> AsyncIterator:
-    """The answers to one ``RunPass`` call at root ``servicer``, as each layer completes."""
+    """The answers to one ``RunPass`` call at root ``servicer``, as each layer completes
+    (those complete at once together, ``answered``)."""
     relay = _RootRelay(servicer, context)
-    async for ack in answered(relay, relay.read_requests(request_iterator)):
-        yield ack
+    async for acks in answered(relay, relay.read_requests(request_iterator)):
+        yield acks
 
 
 __all__ = ["root_pass"]

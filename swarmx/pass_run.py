@@ -31,6 +31,8 @@ from swarmx.pieces import joined_weights
 
 #: Layer requests of a pass the root reads ahead of their answers: the layer the nodes
 #: compute and the next one streaming (the driver's window; a disk-tiered MemoryX uses 1).
+#: On the event-loop root (``swarmx.pass_root``) a run of small layers sent as one message
+#: (at most ``proto.frames.BUNDLE_MAX_BYTES``) takes one place.
 MAX_IN_FLIGHT = 2
 #: How long a pass whose first failure is a cancelled stream waits for the failure that
 #: cancelled it (another layer's), to answer with that one, s.

@@ -33,6 +33,7 @@ from proto.domain import (
     SwarmXStats,
 )
 from proto.frames import (
+    BUNDLE_MAX_BYTES,
     WireError,
     from_wire_stream,
     recast_chunk,
@@ -49,6 +50,7 @@ from proto.messages import (
     EMPTY,
     ack_from_wire,
     ack_to_wire,
+    acks_in_messages,
     layer_request_from_wire,
     swarmx_stats_to_wire,
     weights_request_to_wire,
@@ -156,6 +158,9 @@ class SwarmXServicer(ReduceSide, sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
         self._split: dict[int, SplitLayer] = {}
         self._split_stubs: list[mgrpc.MemoryXStub] = []
         self._is_root = False
+        # At the root: each (layer, phase)'s payload bytes in the last pass that sent it, so
+        # that a run of small layers can go to the children as one message (pass_root).
+        self.layer_bytes: dict[tuple[int, int], int] = {}
         # Open sums by (layer, step, pass id), and the gradient streams of the pass last
         # reduced here, by receiver (swarmx.reducing).
         self._reducing: dict[tuple[int, int, int], Reducing] = {}
@@ -497,8 +502,9 @@ class SwarmXServicer(ReduceSide, sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
             async for ack in self._threaded_run_pass(request_iterator, context):
                 yield ack
             return
-        async for ack in root_pass(self, request_iterator, context):
-            yield ack_to_wire(ack)
+        async for acks in root_pass(self, request_iterator, context):
+            for message in acks_in_messages(acks, BUNDLE_MAX_BYTES):
+                yield message
 
     @rpc_stream_errors
     def _run_pass_on_threads(self, request_iterator, context):
@@ -521,8 +527,9 @@ class SwarmXServicer(ReduceSide, sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
         """A pass from the parent on one stream, relayed on the event loop
         (``swarmx.pass_relay``): each layer goes on to the children as it comes, one answer
         per layer as it completes."""
-        async for ack in relay_pass(self, request_iterator, context):
-            yield ack_to_wire(ack)
+        async for acks in relay_pass(self, request_iterator, context):
+            for message in acks_in_messages(acks, BUNDLE_MAX_BYTES):
+                yield message
 
     def passing_of(self, first: StreamItem | None) -> LayerRequest | None:
         """The pass a layer from the parent belongs to, from its header (None: none)."""

@@ -13,6 +13,7 @@ import pytest
 import torch.nn.functional as F
 
 from core.data import BatchSampler, Dataset
+from nodes import service as node_service
 from nodes.cs2 import Cs2Backend
 from nodes.service import ComputeNodeServicer
 from nodes.service import serve as serve_node
@@ -207,13 +208,35 @@ def _pass_stream(pass_id: int, layers: list[int]) -> list[pb.LayerMessage]:
     return [m for layer in layers for m in edited(_stream(layer), 0, pass_id=pass_id)]
 
 
+def _answers(messages) -> list[pb.LayerAck]:
+    """Every answer of a pass stream's messages (a node answers the layers it computed at
+    once in one message: ``LayerAck.following``)."""
+    return [answer for message in messages for answer in (message, *message.following)]
+
+
 def test_a_pass_stream_answers_each_layer_as_deliver_does(node, dataset):
-    acks = list(node.sink.DeliverPass(iter(_pass_stream(7, [0, 1])), timeout=TIMEOUT_S))
+    acks = _answers(node.sink.DeliverPass(iter(_pass_stream(7, [0, 1])), timeout=TIMEOUT_S))
     assert [(a.layer, a.phase) for a in acks] == [(0, pb.FORWARD), (1, pb.FORWARD)]
     assert acks[1].num_targets == 16
     assert acks[1].loss_sum == pytest.approx(_reference_loss_sum(dataset), rel=1e-6)
     stats = node.stub.Stats(pb.Empty(), timeout=TIMEOUT_S)
     assert stats.weight_bytes_received == MODEL_BYTES
+
+
+def test_a_run_of_small_layers_in_one_message_is_answered_in_one_message(
+    node, dataset, monkeypatch
+):
+    # As the root sends a pass of small layers: both layers in one bundle. Layers the
+    # node computes on its loop (short ones, here whatever they take) complete at once,
+    # and their answers go in one message (LayerAck.following), in pass order.
+    monkeypatch.setattr(node_service, "INLINE_COMPUTE_MAX_S", float("inf"))
+    one_message = [pb.LayerMessage(bundle=pb.LayerBundle(items=_pass_stream(11, [0, 1])))]
+    _answers(node.sink.DeliverPass(iter(_pass_stream(10, [0, 1])), timeout=TIMEOUT_S))
+    messages = list(node.sink.DeliverPass(iter(one_message), timeout=TIMEOUT_S))
+    assert len(messages) == 1
+    acks = _answers(messages)
+    assert [(a.layer, a.phase) for a in acks] == [(0, pb.FORWARD), (1, pb.FORWARD)]
+    assert acks[1].loss_sum == pytest.approx(_reference_loss_sum(dataset), rel=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -262,7 +285,7 @@ def test_a_pass_cancelled_while_a_layer_waits_ends_its_layers_and_the_node_serve
     # Well before CANCEL_CHECK_S * a few: the call's end woke it.
     assert ended.wait(TIMEOUT_S / 4)
     assert node.stub.Stats(pb.Empty(), timeout=TIMEOUT_S).flops == before.flops
-    acks = list(node.sink.DeliverPass(iter(_pass_stream(9, [0, 1])), timeout=TIMEOUT_S))
+    acks = _answers(node.sink.DeliverPass(iter(_pass_stream(9, [0, 1])), timeout=TIMEOUT_S))
     assert [a.layer for a in acks] == [0, 1]
     assert node.stub.Stats(pb.Empty(), timeout=TIMEOUT_S).flops > before.flops
 
@@ -281,5 +304,5 @@ def test_a_pass_stream_answers_its_layers_in_pass_order_however_their_threads_ru
         return ack
 
     monkeypatch.setattr(node.servicer, "_run_layer", late_for_layer_0)
-    acks = list(node.sink.DeliverPass(iter(_pass_stream(7, [0, 1])), timeout=TIMEOUT_S))
+    acks = _answers(node.sink.DeliverPass(iter(_pass_stream(7, [0, 1])), timeout=TIMEOUT_S))
     assert [(a.layer, a.phase) for a in acks] == [(0, pb.FORWARD), (1, pb.FORWARD)]

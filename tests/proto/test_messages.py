@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Iterator
 
@@ -36,9 +37,13 @@ from proto.domain import (
     TensorSpec,
     TrafficStats,
 )
+from proto.frames import WireError
 from proto.messages import (
     ack_from_wire,
     ack_to_wire,
+    acks_from_wire,
+    acks_in_messages,
+    acks_to_wire,
     checkpoint_from_wire,
     checkpoint_to_wire,
     layer_request_from_wire,
@@ -162,13 +167,46 @@ def test_round_trip(value, to_wire, from_wire):
 
 
 def test_ack_fields_are_the_wire_fields():
-    """A field added to LayerAck in tensor.proto but not in the domain type fails here."""
-    assert set(ack_to_wire(ACK).DESCRIPTOR.fields_by_name) == set(ACK.__dict__)
+    """A field added to LayerAck in tensor.proto but not in the domain type fails here
+    (``following`` packs several answers in one message: ``acks_to_wire``)."""
+    assert set(ack_to_wire(ACK).DESCRIPTOR.fields_by_name) - {"following"} == set(ACK.__dict__)
     assert set(npb.NodeStats.DESCRIPTOR.fields_by_name) == set(NodeStats(rank=0).__dict__)
     assert set(mpb.TrafficStats.DESCRIPTOR.fields_by_name) == set(TrafficStats().__dict__)
     assert set(spb.LayerRequest.DESCRIPTOR.fields_by_name) == set(
         LayerRequest(0, 0, Phase.FORWARD, "float32").__dict__
     )
+
+
+def _acks(count: int, gradient_bytes: int = 0) -> list[LayerAck]:
+    return [
+        dataclasses.replace(ACK, layer=layer, gradient_bytes=gradient_bytes)
+        for layer in range(count)
+    ]
+
+
+def test_answers_in_one_message_come_back_in_order():
+    acks = _acks(3)
+    message = _through_the_wire(acks_to_wire(acks))
+    assert len(message.following) == 2
+    assert acks_from_wire(message) == acks
+    assert acks_from_wire(_through_the_wire(ack_to_wire(ACK))) == [ACK]
+
+
+def test_answers_in_messages_keep_each_message_s_gradients_within_the_limit():
+    # Three answers of 400 gradient bytes each, at most 1000 per message: two, then one.
+    messages = acks_in_messages(_acks(3, gradient_bytes=400), 1000)
+    assert [1 + len(m.following) for m in messages] == [2, 1]
+    assert [a for m in messages for a in acks_from_wire(m)] == _acks(3, gradient_bytes=400)
+    # One answer over the limit still goes, alone.
+    assert [1 + len(m.following) for m in acks_in_messages(_acks(2, 2000), 1000)] == [1, 1]
+    assert acks_in_messages([], 1000) == []
+
+
+def test_a_following_answer_with_answers_of_its_own_is_refused():
+    message = acks_to_wire(_acks(2))
+    message.following[0].following.append(ack_to_wire(ACK))
+    with pytest.raises(WireError, match="carries no answers of its own"):
+        acks_from_wire(message)
 
 
 def test_a_weights_request_cannot_be_without_weights():

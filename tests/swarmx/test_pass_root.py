@@ -16,10 +16,11 @@ import grpc
 import pytest
 
 from benchmarks.fuzz_services import build_services
-from proto import threads
+from proto import threads, wire
 from proto.clients import SwarmXClient
-from proto.domain import Phase
+from proto.domain import Header, Phase
 from proto.rpc import Security
+from swarmx import pass_relay
 from tests.swarmx.passes import (
     TIMEOUT_S,
     pass_requests,
@@ -97,3 +98,36 @@ def test_a_rewiring_ends_a_pass_under_way_at_once(services):
     # The rewired root runs the next pass.
     acks = train_step(services, services.version(), pass_id=10)
     assert all(a.num_nodes == 2 and a.update_applied for a in acks)
+
+
+def test_a_pass_of_small_layers_goes_to_each_node_as_one_message(services, monkeypatch):
+    # Once the root knows the layers' sizes (from the first pass), a run of small layers
+    # whose requests are in goes to each child as one bundle, and each node answers the
+    # run in one message; every layer still has its own answer and update.
+    layers_per_bundle: list[int] = []
+    bundle = wire._bundle
+
+    def counted(raw):
+        got = bundle(raw)
+        layers_per_bundle.append(sum(isinstance(item, Header) for item in got.items))
+        return got
+
+    node_answers: list[int] = []
+    answers_of = pass_relay.acks_from_wire
+
+    def counted_answers(message):
+        acks = answers_of(message)
+        node_answers.append(len(acks))
+        return acks
+
+    train_step(services, 0, pass_id=1)
+    monkeypatch.setattr(wire, "_bundle", counted)
+    monkeypatch.setattr(pass_relay, "acks_from_wire", counted_answers)
+    num_layers = len(services.layers)
+    for step in range(1, 4):
+        acks = train_step(services, step, pass_id=step + 1)
+        assert len(acks) == 2 * num_layers
+        assert all(a.num_nodes == 2 and a.update_applied for a in acks)
+    assert max(layers_per_bundle) > 1
+    assert max(node_answers) > 1
+    assert sum(node_answers) == 3 * 2 * 2 * num_layers  # every layer answered by both nodes
