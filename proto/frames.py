@@ -9,6 +9,7 @@ start and a hundred MB of memory. ``tests/proto/test_frames.py`` checks that.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 
@@ -321,6 +322,27 @@ async def from_wire_stream_async(
     async for message in messages:
         for item in expand(message):
             yield item
+
+
+class PassItems:
+    """``from_wire_stream_async`` that can tell whether the message last received still
+    holds items not read (``buffered``): a relay that got a run of small layers in one
+    message sends them on as one too (``swarmx.pass_relay``)."""
+
+    def __init__(self, messages: AsyncIterable[pb.LayerMessage]):
+        self._messages = aiter(messages)
+        self._items: collections.deque[StreamItem] = collections.deque()
+
+    def __aiter__(self) -> PassItems:
+        return self
+
+    async def __anext__(self) -> StreamItem:
+        while not self._items:
+            self._items.extend(expand(await anext(self._messages)))
+        return self._items.popleft()
+
+    def buffered(self) -> bool:
+        return bool(self._items)
 
 
 def next_layer(items: Iterator[StreamItem]) -> Iterator[StreamItem]:

@@ -31,8 +31,8 @@ from proto.frames import (
     BUNDLE_MAX_BYTES,
     Bundle,
     Bundler,
+    PassItems,
     WireError,
-    from_wire_stream_async,
     payload_bytes,
 )
 from proto.loop_streams import ClientStream
@@ -230,7 +230,7 @@ class Relay:
         ``LAYERS_AHEAD`` unanswered; the children's streams end with the parent's."""
         num_read = 0
         try:
-            items = from_wire_stream_async(request_iterator)
+            items = PassItems(request_iterator)
             pass_id: int | None = None
             while True:
                 await self.room.acquire()
@@ -249,7 +249,8 @@ class Relay:
                     self.open_links()
                 layer = self._waiting[key] = RelayedLayer(header, len(self.links))
                 num_read += 1
-                if not await self._send_layer(layer, items):
+                # A run of small layers that came in one message goes on as one.
+                if not await self._send_layer(layer, items, hold=items.buffered):
                     return  # a child's stream is over: its end failed the pass
                 layer.sent = True
                 self._settle(key, layer)

@@ -233,3 +233,23 @@ def test_mixed_children_each_get_their_own_dtype():
         assert down[1] * 2 == down[0]
     finally:
         relay.stop()
+
+
+def test_a_run_of_small_layers_that_came_in_one_message_goes_on_as_one(relay):
+    # The root sends a pass of small layers as one bundle; a relay sends it on as one
+    # message to each child (not one per layer), and every layer is answered.
+    gen = torch.Generator().manual_seed(1)
+    small = [{"w": torch.randn(3, 5, generator=gen)} for _ in range(3)]
+    items: list[pb.LayerMessage] = []
+    for position, tensors in enumerate(small, start=1):
+        layer = list(encode_layer(position - 1, 3, pb.FORWARD, tensors, chunk_bytes=CHUNK_BYTES))
+        header = layer[0].header
+        header.pass_id, header.pass_position, header.pass_length = PASS_ID, position, len(small)
+        items += layer
+    sent = [pb.LayerMessage(bundle=pb.LayerBundle(items=items))]
+    messages = list(relay.stub.DeliverPass(iter(sent), timeout=TIMEOUT_S))
+    acks = [answer for message in messages for answer in (message, *message.following)]
+    assert [(a.layer, a.num_nodes) for a in acks] == [(0, 2), (1, 2), (2, 2)]
+    for sink in relay.sinks:
+        assert sink.kinds == ["bundle"]
+        assert _payload(sink.messages) == _payload(sent)
