@@ -82,12 +82,39 @@ class Injector:
             return
         name, how = target
         handle = self.cluster.handle(name)
+        pid = ray.get(handle.pid.remote())
         at = time.time()
         if how == "ray.kill":
             ray.kill(handle, no_restart=True)
         else:
-            os.kill(ray.get(handle.pid.remote()), getattr(signal, how))
+            os.kill(pid, getattr(signal, how))
+        # ray.kill (and a signal) take effect a moment later: the layer pass starts only
+        # once the process is gone (or stopped), else a pass that is nearly done could
+        # finish first and the loss be found after the run's last step.
+        _wait_for_state(pid, STOPPED_STATES if how == "SIGSTOP" else GONE_STATES)
         self.injected.append({"component": name, "how": how, "step": step, "at_s": at})
+
+
+#: /proc/<pid>/stat states of a process that is stopped, and of one that is gone.
+STOPPED_STATES = ("T", "t")
+GONE_STATES = ("Z", "X", None)
+#: Longest wait for a fault to take effect, s (then the pass goes on regardless).
+FAULT_EFFECT_WAIT_S = 10.0
+
+
+def _wait_for_state(pid: int, states: tuple) -> None:
+    deadline = time.monotonic() + FAULT_EFFECT_WAIT_S
+    while _state(pid) not in states and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+def _state(pid: int) -> str | None:
+    """The process's state letter (R, S, T, Z ...), None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
 
 
 def _plan(args, num_layers: int) -> dict:
