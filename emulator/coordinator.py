@@ -228,26 +228,30 @@ class Coordinator:
         # The pass's deadline: its layers' deadlines, one after the other.
         timeout_s = sum(self._layer_timeout_s(layer) for layer, _ in order)
         pending = self.root.start_pass(timeout_s=timeout_s)
+        requests = [
+            LayerRequest(
+                layer=layer,
+                step=step,
+                phase=phase,
+                dtype=self.wire_dtype,
+                without_weights=phase == Phase.BACKWARD and not self.backward_weights,
+                pass_id=pass_id,
+                pass_position=position,
+                pass_length=len(order),
+            )
+            for position, (layer, phase) in enumerate(order, start=1)
+        ]
         acks: list[LayerAck] = []
         try:
-            for position, (layer, phase) in enumerate(order, start=1):
-                if position - 1 - len(acks) == ahead:
-                    acks.append(self._watched(pending))
-                without_weights = phase == Phase.BACKWARD and not self.backward_weights
-                if self.fault is not None and phase in _PASS_NAMES:  # training passes only
-                    self.fault(step, layer, _PASS_NAMES[phase])
-                pending.send(
-                    LayerRequest(
-                        layer=layer,
-                        step=step,
-                        phase=phase,
-                        dtype=self.wire_dtype,
-                        without_weights=without_weights,
-                        pass_id=pass_id,
-                        pass_position=position,
-                        pass_length=len(order),
-                    )
-                )
+            if ahead >= len(order):
+                pending.send_all(requests)  # in one message (a message costs more than a request)
+            else:
+                for request in requests:
+                    if request.pass_position - 1 - len(acks) == ahead:
+                        acks.append(self._watched(pending))
+                    if self.fault is not None and request.phase in _PASS_NAMES:  # training only
+                        self.fault(step, request.layer, _PASS_NAMES[request.phase])
+                    pending.send(request)
             pending.close()
             while len(acks) < len(order):
                 acks.append(self._watched(pending))

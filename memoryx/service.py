@@ -43,7 +43,7 @@ from proto.domain import (
     TensorSpec,
     TrafficStats,
 )
-from proto.frames import bundled, payload_bytes
+from proto.frames import BUNDLE_MAX_BYTES, Bundle, bundled, payload_bytes
 from proto.loading import iter_decode_layers
 from proto.messages import (
     EMPTY,
@@ -51,6 +51,7 @@ from proto.messages import (
     checkpoint_to_wire,
     layout_to_wire,
     traffic_to_wire,
+    unfolded,
     weights_request_from_wire,
 )
 from proto.rpc import NonFiniteValues, StepConflict, rpc_errors, rpc_stream_errors
@@ -210,7 +211,37 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
         answers it, in order; the next request is read once a layer is sent (a backward
         layer is served when the root asks for it, as a StreamWeights call would be)."""
         for message in request_iterator:
-            yield from self._weights(weights_request_from_wire(message), bundle=True)
+            requests = [weights_request_from_wire(part) for part in unfolded(message)]
+            if len(requests) == 1:
+                yield from self._weights(requests[0], bundle=True)
+            else:
+                yield from self._weights_of_run(requests)
+
+    def _weights_of_run(self, requests: list[LayerRequest]) -> Iterator[StreamItem | Bundle]:
+        """Consecutive layers asked for in one message, in order: the small ones that come
+        one after another in one ``Bundle`` while they fit ``BUNDLE_MAX_BYTES`` together
+        (one message instead of one per layer), the others as ``_weights`` sends them."""
+        gathered: list[StreamItem] = []
+        size = 0
+        for request in requests:
+            items = self._weights(request, bundle=True)
+            first = next(items)  # (a small layer's only item; counted as it is made)
+            if isinstance(first, Bundle):
+                first_bytes = payload_bytes((first,))
+                if gathered and size + first_bytes > BUNDLE_MAX_BYTES:
+                    yield Bundle(tuple(gathered))
+                    gathered, size = [], 0
+                gathered.extend(first.items)
+                size += first_bytes
+                yield from items  # (nothing)
+                continue
+            if gathered:
+                yield Bundle(tuple(gathered))
+                gathered, size = [], 0
+            yield first
+            yield from items
+        if gathered:
+            yield Bundle(tuple(gathered))
 
     def _weights(self, request: LayerRequest, *, bundle: bool = False) -> Iterator[StreamItem]:
         """One layer's weight stream (header, chunks) of version ``request.step``;

@@ -46,6 +46,7 @@ from proto.messages import (
     layer_request_to_wire,
     layout_from_wire,
     node_stats_from_wire,
+    requests_to_wire,
     step_request_to_wire,
     swarmx_stats_from_wire,
     traffic_from_wire,
@@ -65,6 +66,8 @@ CALL_TIMEOUT_S = 60.0
 MIN_RATE_BYTES_PER_S = 1 << 20
 #: A checkpoint holds the weights and up to this many fp32 copies more (optimizer state, masks).
 CHECKPOINT_COPIES = 4
+#: A pass's requests sent at once go this many to a message (a request is some 30 bytes).
+REQUESTS_PER_MESSAGE = 1024
 
 
 def timeout_for(
@@ -283,6 +286,12 @@ class PendingPass:
 
     def send(self, request: LayerRequest) -> None:
         self._call.put(layer_request_to_wire(request))  # (a call that is over: its error comes)
+
+    def send_all(self, requests: Sequence[LayerRequest]) -> None:
+        """Requests sent at once, without waiting for answers: a few in each message
+        (``LayerRequest.following``), read by the root as if each came alone."""
+        for start in range(0, len(requests), REQUESTS_PER_MESSAGE):
+            self._call.put(requests_to_wire(requests[start : start + REQUESTS_PER_MESSAGE]))
 
     def close(self) -> None:
         """Every request is sent (the root expects no more)."""

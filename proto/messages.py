@@ -120,6 +120,31 @@ def layer_request_from_wire(message: spb.LayerRequest) -> LayerRequest:
     return LayerRequest(**_fields(message, LayerRequest))
 
 
+def requests_to_wire(requests: Sequence[LayerRequest]) -> spb.LayerRequest:
+    """Consecutive requests of a pass in one message (``LayerRequest.following``)."""
+    message = layer_request_to_wire(requests[0])
+    message.following.extend(map(layer_request_to_wire, requests[1:]))
+    return message
+
+
+def weights_requests_to_wire(requests: Sequence[LayerRequest]) -> mpb.WeightsRequest:
+    """Consecutive layers of a pass asked of MemoryX in one message (``following``)."""
+    message = weights_request_to_wire(requests[0])
+    message.following.extend(map(weights_request_to_wire, requests[1:]))
+    return message
+
+
+def unfolded(message) -> list:
+    """The requests one message carries (``requests_to_wire``, ``weights_requests_to_wire``):
+    itself, then its ``following``; WireError if one of those carries requests of its own."""
+    following = message.following
+    if not following:
+        return [message]
+    if any(len(request.following) for request in following):
+        raise WireError("a request that follows another carries no requests of its own")
+    return [message, *following]
+
+
 def weights_request_to_wire(request: LayerRequest) -> mpb.WeightsRequest:
     """MemoryX's StreamWeights takes a ``LayerRequest`` without ``without_weights``."""
     if request.without_weights:

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class LayerRequest(_message.Message):
-    __slots__ = ("layer", "step", "phase", "dtype", "without_weights", "pass_id", "pass_position", "pass_length")
+    __slots__ = ("layer", "step", "phase", "dtype", "without_weights", "pass_id", "pass_position", "pass_length", "following")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,7 @@ class LayerRequest(_message.Message):
     PASS_ID_FIELD_NUMBER: _ClassVar[int]
     PASS_POSITION_FIELD_NUMBER: _ClassVar[int]
     PASS_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    FOLLOWING_FIELD_NUMBER: _ClassVar[int]
     layer: int
     step: int
     phase: _tensor_pb2.Phase
@@ -25,7 +26,8 @@ class LayerRequest(_message.Message):
     pass_id: int
     pass_position: int
     pass_length: int
-    def __init__(self, layer: _Optional[int] = ..., step: _Optional[int] = ..., phase: _Optional[_Union[_tensor_pb2.Phase, str]] = ..., dtype: _Optional[str] = ..., without_weights: _Optional[bool] = ..., pass_id: _Optional[int] = ..., pass_position: _Optional[int] = ..., pass_length: _Optional[int] = ...) -> None: ...
+    following: _containers.RepeatedCompositeFieldContainer[LayerRequest]
+    def __init__(self, layer: _Optional[int] = ..., step: _Optional[int] = ..., phase: _Optional[_Union[_tensor_pb2.Phase, str]] = ..., dtype: _Optional[str] = ..., without_weights: _Optional[bool] = ..., pass_id: _Optional[int] = ..., pass_position: _Optional[int] = ..., pass_length: _Optional[int] = ..., following: _Optional[_Iterable[_Union[LayerRequest, _Mapping]]] = ...) -> None: ...
 
 class LinkStats(_message.Message):
     __slots__ = ("link", "payload_bytes", "num_chunks")

@@ -26,8 +26,9 @@ A root whose MemoryX splits layers over several servers joins their pieces on th
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import grpc
@@ -35,7 +36,7 @@ import grpc
 from proto.domain import Header, LayerRequest, StreamItem
 from proto.frames import BUNDLE_MAX_BYTES, WireError, from_wire_stream_async
 from proto.loop_streams import ClientStream
-from proto.messages import weights_request_to_wire
+from proto.messages import unfolded, weights_requests_to_wire
 from proto.pass_stream import ReadDone
 from proto.rpc import time_left_s
 from swarmx.pass_relay import Relay, RelayedLayer, answered
@@ -79,9 +80,35 @@ class _LoopWeights:
         _, stubs = self._servicer.weight_sources(request.layer)
         return stubs[0]  # (split layers take the threaded pass)
 
-    async def ask(self, request: LayerRequest) -> None:
+    def asked_with(
+        self, request: LayerRequest, ready: Iterable[LayerRequest], layer_bytes: dict
+    ) -> list[LayerRequest]:
+        """``request`` and those ``ready`` after it to ask for in the same message: while
+        each needs weights from the same server and the last pass's layers of their kinds
+        (``layer_bytes``) fit into one ``LayerBundle`` together (MemoryX answers such a
+        run as one message). Sizes from the last pass: a pass's first asks go one by one."""
+        run = [request]
+        total = layer_bytes.get((request.layer, request.phase))
+        if total is None:
+            return run
+        stub = self._stub(request)
+        for after in ready:
+            size = layer_bytes.get((after.layer, after.phase))
+            if (
+                after.without_weights
+                or size is None
+                or total + size > BUNDLE_MAX_BYTES
+                or self._stub(after) is not stub
+            ):
+                break
+            run.append(after)
+            total += size
+        return run
+
+    async def ask(self, requests: list[LayerRequest]) -> None:
+        """Ask for consecutive layers of the pass, all from one server, in one message."""
         # A call that is over refuses it: its end fails the layer's read.
-        await self._call(self._stub(request))[0].send(weights_request_to_wire(request))
+        await self._call(self._stub(requests[0]))[0].send(weights_requests_to_wire(requests))
 
     async def header(self, request: LayerRequest) -> tuple[Header, AsyncIterator[StreamItem]]:
         """The header of ``request``'s layer (marked with its place in the pass), and the
@@ -122,6 +149,36 @@ def _placed(header: Header, request: LayerRequest) -> Header:
     )
 
 
+class _PassRequests:
+    """The driver's requests of one pass, checked, one by one as they come. Those a message
+    brought together (``LayerRequest.following``) and not read yet are ``ready``: the root
+    asks MemoryX for their weights together."""
+
+    def __init__(self, servicer: Any, request_iterator: AsyncIterator):
+        self._servicer = servicer
+        self._messages = aiter(request_iterator)
+        self.ready: collections.deque[LayerRequest] = collections.deque()
+        self._num_checked = 0
+        self._first: LayerRequest | None = None
+
+    async def next(self) -> LayerRequest | None:
+        """The next request (None: the stream ended before a pass began)."""
+        if not self.ready:
+            message = await anext(self._messages, None)
+            if message is None:
+                return checked_pass_request(self._servicer, None, self._num_checked, self._first)
+            for part in unfolded(message):
+                request = checked_pass_request(self._servicer, part, self._num_checked, self._first)
+                self._first = self._first or request
+                self._num_checked += 1
+                self.ready.append(request)
+        return self.ready.popleft()
+
+    async def more(self) -> bool:
+        """Whether anything comes after the requests read (for a pass that is complete)."""
+        return bool(self.ready) or await anext(self._messages, None) is not None
+
+
 class _RootRelay(Relay):
     """One ``RunPass`` call at the root: the driver's requests read, each layer's weights
     from MemoryX put on the children's streams."""
@@ -149,17 +206,21 @@ class _RootRelay(Relay):
         """Check and start each request in turn, at most ``MAX_IN_FLIGHT`` unanswered; the
         request after those is read and its weights asked for while they are under way."""
         num_read = 0
+        asked = 0  # the pass position up to which weights are asked for
         first: LayerRequest | None = None
         try:
-            requests = aiter(request_iterator)
+            requests = _PassRequests(self._servicer, request_iterator)
             while first is None or num_read < first.pass_length:
-                message = await anext(requests, None)
-                request = checked_pass_request(self._servicer, message, num_read, first)
+                request = await requests.next()
                 if request is None:
                     return  # an empty pass: nothing to answer
                 first = first or request
-                if not request.without_weights:
-                    await self._weights.ask(request)
+                if not request.without_weights and request.pass_position > asked:
+                    run = self._weights.asked_with(
+                        request, requests.ready, self._servicer.layer_bytes
+                    )
+                    await self._weights.ask(run)
+                    asked = run[-1].pass_position
                 await self.room.acquire()
                 if self.error is not None:
                     return
@@ -172,7 +233,7 @@ class _RootRelay(Relay):
             for link in self.links:
                 link.close()  # the answers still come
             self._weights.close(cancel=False)
-            if await anext(requests, None) is not None:
+            if await requests.more():
                 raise WireError(f"a pass of pass_length {first.pass_length} has more requests")
         except Exception as exc:
             self.fail(exc)

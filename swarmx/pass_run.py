@@ -25,7 +25,7 @@ from proto import threads
 from proto.domain import LayerAck, LayerRequest, StreamItem
 from proto.frames import WireError, from_wire_stream, next_layer
 from proto.loop_streams import ClientStream
-from proto.messages import weights_request_to_wire
+from proto.messages import unfolded, weights_request_to_wire
 from proto.rpc import CANCEL_CHECK_S, StepConflict, is_cancelled, time_left_s
 from swarmx.pieces import joined_weights
 
@@ -232,7 +232,8 @@ class PassRun:
         num_read = 0
         first: LayerRequest | None = None
         try:
-            iterator = iter(requests)
+            # (Several requests in one message are read as if each came alone.)
+            iterator = (request for message in requests for request in unfolded(message))
             while first is None or num_read < first.pass_length:
                 message = next(iterator, None)
                 request = checked_pass_request(self._servicer, message, num_read, first)

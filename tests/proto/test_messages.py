@@ -52,12 +52,15 @@ from proto.messages import (
     layout_to_wire,
     node_stats_from_wire,
     node_stats_to_wire,
+    requests_to_wire,
     swarmx_stats_from_wire,
     swarmx_stats_to_wire,
     traffic_from_wire,
     traffic_to_wire,
+    unfolded,
     weights_request_from_wire,
     weights_request_to_wire,
+    weights_requests_to_wire,
 )
 from proto.rpc import Security, channel, start_server
 
@@ -172,7 +175,8 @@ def test_ack_fields_are_the_wire_fields():
     assert set(ack_to_wire(ACK).DESCRIPTOR.fields_by_name) - {"following"} == set(ACK.__dict__)
     assert set(npb.NodeStats.DESCRIPTOR.fields_by_name) == set(NodeStats(rank=0).__dict__)
     assert set(mpb.TrafficStats.DESCRIPTOR.fields_by_name) == set(TrafficStats().__dict__)
-    assert set(spb.LayerRequest.DESCRIPTOR.fields_by_name) == set(
+    # (``following`` packs several requests in one message: ``requests_to_wire``.)
+    assert set(spb.LayerRequest.DESCRIPTOR.fields_by_name) - {"following"} == set(
         LayerRequest(0, 0, Phase.FORWARD, "float32").__dict__
     )
 
@@ -207,6 +211,42 @@ def test_a_following_answer_with_answers_of_its_own_is_refused():
     message.following[0].following.append(ack_to_wire(ACK))
     with pytest.raises(WireError, match="carries no answers of its own"):
         acks_from_wire(message)
+
+
+def _requests(count: int) -> list[LayerRequest]:
+    return [
+        LayerRequest(
+            layer,
+            7,
+            Phase.FORWARD,
+            "bfloat16",
+            pass_id=3,
+            pass_position=layer + 1,
+            pass_length=count,
+        )
+        for layer in range(count)
+    ]
+
+
+def test_requests_in_one_message_unfold_in_order():
+    requests = _requests(3)
+    message = _through_the_wire(requests_to_wire(requests))
+    assert len(message.following) == 2
+    assert [layer_request_from_wire(m) for m in unfolded(message)] == requests
+    asked = weights_requests_to_wire(requests)
+    assert [weights_request_from_wire(m) for m in unfolded(asked)] == [
+        LayerRequest(r.layer, r.step, r.phase, r.dtype) for r in requests
+    ]
+    # One request alone is itself.
+    single = layer_request_to_wire(requests[0])
+    assert unfolded(single) == [single]
+
+
+def test_a_following_request_with_requests_of_its_own_is_refused():
+    message = requests_to_wire(_requests(2))
+    message.following[0].following.append(layer_request_to_wire(_requests(1)[0]))
+    with pytest.raises(WireError, match="carries no requests of its own"):
+        unfolded(message)
 
 
 def test_a_weights_request_cannot_be_without_weights():

@@ -29,15 +29,18 @@ def pass_requests(services: Services, step: int, pass_id: int, phases) -> list[L
 
 
 def run_pass(
-    services: Services, requests: list[LayerRequest], ahead: int = WINDOW
+    services: Services, requests: list[LayerRequest], ahead: int | None = WINDOW
 ) -> list[LayerAck]:
     """As ``Coordinator._run_pass``: one call, at most ``ahead`` requests unanswered (the
-    root runs at most two layers at a time whatever the driver sends)."""
+    root runs at most two layers at a time whatever the driver sends); ``ahead`` None:
+    every request at once, in one message (``PendingPass.send_all``)."""
     root = SwarmXClient(services.addresses[services.root_name], services.security)
     pending = root.start_pass(timeout_s=TIMEOUT_S)
     acks: list[LayerAck] = []
     try:
-        for sent, request in enumerate(requests):
+        if ahead is None:
+            pending.send_all(requests)
+        for sent, request in enumerate(requests if ahead is not None else ()):
             if sent - len(acks) == ahead:
                 acks.append(pending.next_ack(timeout_s=TIMEOUT_S))
             pending.send(request)
@@ -50,7 +53,9 @@ def run_pass(
     return acks
 
 
-def train_step(services: Services, step: int, pass_id: int, ahead=WINDOW) -> list[LayerAck]:
+def train_step(
+    services: Services, step: int, pass_id: int, ahead: int | None = WINDOW
+) -> list[LayerAck]:
     requests = pass_requests(services, step, pass_id, (Phase.FORWARD, Phase.BACKWARD))
     acks = run_pass(services, requests, ahead)
     services.memoryx_stub.CommitStep(mpb.StepRequest(step=step), timeout=TIMEOUT_S)

@@ -16,13 +16,17 @@ import grpc
 import pytest
 
 from benchmarks.fuzz_services import build_services
+from memoryx import service as memoryx_service
 from proto import threads, wire
 from proto.clients import SwarmXClient
 from proto.domain import Header, Phase
+from proto.frames import expand
 from proto.rpc import Security
-from swarmx import pass_relay
+from swarmx import pass_relay, pass_root
 from tests.swarmx.passes import (
     TIMEOUT_S,
+    assert_bitwise_equal,
+    memoryx_state,
     pass_requests,
     train_step,
 )
@@ -131,3 +135,47 @@ def test_a_pass_of_small_layers_goes_to_each_node_as_one_message(services, monke
     assert max(layers_per_bundle) > 1
     assert max(node_answers) > 1
     assert sum(node_answers) == 3 * 2 * 2 * num_layers  # every layer answered by both nodes
+
+
+def test_a_pass_sent_at_once_asks_memoryx_for_its_small_layers_in_one_message(monkeypatch):
+    # The driver sends a pass's requests in one message (``PendingPass.send_all``); once
+    # the root knows the layers' sizes, it asks MemoryX for the run of small layers in one
+    # message, and MemoryX answers the run in one bundle. Same bits as layer by layer.
+    asked: list[int] = []
+    unfolded = memoryx_service.unfolded
+
+    def counted_asks(message):
+        requests = unfolded(message)
+        asked.append(len(requests))
+        return requests
+
+    answered: list[int] = []
+    messages_of = pass_root._messages
+
+    async def counted_answers(queue):
+        async for message in messages_of(queue):
+            answered.append(sum(isinstance(item, Header) for item in expand(message)))
+            yield message
+
+    monkeypatch.setattr(memoryx_service, "unfolded", counted_asks)
+    monkeypatch.setattr(pass_root, "_messages", counted_answers)
+    states = []
+    for ahead in (None, 2):
+        cluster = build_services(Security.generate(), num_nodes=2, fanout=2)
+        try:
+            num_layers = len(cluster.layers)
+            for step in range(3):
+                asked.clear()
+                answered.clear()
+                acks = train_step(cluster, step, pass_id=step + 1, ahead=ahead)
+                assert all(a.num_nodes == 2 and a.update_applied for a in acks)
+                assert sum(asked) == sum(answered) == 2 * num_layers
+                if ahead is None and step > 0:  # (the first pass learns the sizes)
+                    assert asked == [2 * num_layers]
+                    assert answered == [2 * num_layers]
+                elif ahead is not None:  # requests one by one: so are the asks
+                    assert set(asked) == {1}
+            states.append(memoryx_state(cluster))
+        finally:
+            cluster.stop()
+    assert_bitwise_equal(states[0], states[1])
