@@ -43,11 +43,12 @@ from proto.domain import (
     TensorSpec,
     TrafficStats,
 )
-from proto.frames import BUNDLE_MAX_BYTES, Bundle, bundled, payload_bytes
+from proto.frames import BUNDLE_MAX_BYTES, Bundle, StreamItems, bundled, payload_bytes
 from proto.loading import iter_decode_layers
 from proto.messages import (
     EMPTY,
     ack_to_wire,
+    acks_to_wire,
     checkpoint_to_wire,
     layout_to_wire,
     traffic_to_wire,
@@ -303,9 +304,11 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
     @rpc_stream_errors
     def PushPass(self, request_iterator, context):
         """The reduced gradient layers of one pipelined pass on one stream (``PushPass``):
-        each applied as ``PushGradients`` applies it, and answered as soon as it is."""
-        items = from_wire_stream(request_iterator)
+        each applied as ``PushGradients`` applies it, and answered as soon as it is; the
+        layers that came in one message are answered in one (``LayerAck.following``)."""
+        items = StreamItems(request_iterator)
         pass_id = None
+        answers: list[LayerAck] = []
         while (header := next(items, None)) is not None:
             if not isinstance(header, Header) or header.pass_id <= 0:
                 raise WireError(
@@ -316,7 +319,10 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
                     f"a gradient pass stream carries pass {pass_id}, not {header.pass_id}"
                 )
             pass_id = header.pass_id
-            yield ack_to_wire(self._push_layer(header, items, until_complete=True))
+            answers.append(self._push_layer(header, items, until_complete=True))
+            if not items.buffered():  # (else the message brought the next layer too)
+                yield acks_to_wire(answers)
+                answers = []
 
     def _push_layer(self, header, items, *, until_complete: bool) -> LayerAck:
         """Check and apply one layer's gradient stream (``header``, then ``items``).

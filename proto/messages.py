@@ -103,10 +103,7 @@ def acks_in_messages(acks: Sequence[LayerAck], max_gradient_bytes: int) -> list[
 def acks_from_wire(message: pb.LayerAck) -> list[LayerAck]:
     """Every answer ``message`` carries, in pass order (``acks_to_wire``); WireError if a
     following answer has answers of its own, or any gradient is not one layer's."""
-    following = message.following
-    if any(len(answer.following) for answer in following):
-        raise WireError("an answer that follows another carries no answers of its own")
-    return [ack_from_wire(message), *map(ack_from_wire, following)]
+    return [ack_from_wire(part) for part in unfolded(message, "answer")]
 
 
 # -- requests -----------------------------------------------------------------
@@ -134,14 +131,15 @@ def weights_requests_to_wire(requests: Sequence[LayerRequest]) -> mpb.WeightsReq
     return message
 
 
-def unfolded(message) -> list:
-    """The requests one message carries (``requests_to_wire``, ``weights_requests_to_wire``):
-    itself, then its ``following``; WireError if one of those carries requests of its own."""
+def unfolded(message, what: str = "request") -> list:
+    """The requests (or answers) one message carries (``requests_to_wire``,
+    ``weights_requests_to_wire``, ``acks_to_wire``): itself, then its ``following``;
+    WireError if one of those carries ``what``s of its own."""
     following = message.following
     if not following:
         return [message]
-    if any(len(request.following) for request in following):
-        raise WireError("a request that follows another carries no requests of its own")
+    if any(len(part.following) for part in following):
+        raise WireError(f"a {what} that follows another carries no {what}s of its own")
     return [message, *following]
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from proto import threads
 from proto.frames import WireError, bundled
 from proto.loop_streams import ClientStream
+from proto.messages import unfolded
 from swarmx.pass_link import AnswerSlots, Slot
 from swarmx.pieces import END
 
@@ -124,8 +125,17 @@ class GradientLink(AnswerSlots):
         self.close()
 
     def _answered(self, message) -> None:
-        key = (message.layer, message.step)
-        self._answer(key, message, f"a gradient pass stream answered layer {key[0]} step {key[1]}")
+        try:
+            answers = unfolded(message, "answer")  # (MemoryX answers layers sent at once so)
+        except WireError as exc:
+            self._fail(exc)
+            self.call.cancel()
+            return
+        for answer in answers:
+            key = (answer.layer, answer.step)
+            self._answer(
+                key, answer, f"a gradient pass stream answered layer {key[0]} step {key[1]}"
+            )
 
 
 class LayerSlot(Slot):

@@ -26,8 +26,16 @@ from typing import Any
 import grpc
 
 from proto.domain import Chunk, Header
-from proto.frames import Bundler, WireError, from_wire_stream_async
+from proto.frames import (
+    BUNDLE_MAX_BYTES,
+    Bundle,
+    Bundler,
+    WireError,
+    from_wire_stream_async,
+    payload_bytes,
+)
 from proto.loop_streams import ClientStream
+from proto.messages import unfolded
 from proto.pass_stream import ReadDone
 from proto.rpc import StepConflict, is_cancelled, time_left_s
 from swarmx.pass_run import ERROR_GRACE_S
@@ -62,6 +70,25 @@ class _Sum:
     def live(self) -> bool:
         """Still able to finish: not failed, and not answered (nor its stream over)."""
         return not self.failed and not self.answer.done()
+
+
+class _Held:
+    """Whole small layers held to go up in one message: their items, and payload bytes."""
+
+    __slots__ = ("items", "size")
+
+    def __init__(self) -> None:
+        self.items: list = []
+        self.size = 0
+
+    def add(self, bundle: Bundle, size: int) -> None:
+        self.items.extend(bundle.items)
+        self.size += size
+
+    def take(self) -> Bundle:
+        bundle = Bundle(tuple(self.items))
+        self.items, self.size = [], 0
+        return bundle
 
 
 class _UpStream:
@@ -100,6 +127,11 @@ class _UpStream:
         await self._wake.wait()
 
     async def _send(self) -> None:
+        # Whole small layers (each a ``Bundle``) are held while the next layer's sum is
+        # complete too, and go up together in one message (within ``BUNDLE_MAX_BYTES``):
+        # the layers a node answered at once complete at once (the receiver answers such
+        # a message in one, ``LayerAck.following``).
+        held = _Held()
         while True:
             while not self._sums:
                 if self.closing:
@@ -111,7 +143,7 @@ class _UpStream:
             while True:
                 while head.outbox and not head.failed:
                     for message in bundler.add(head.outbox.popleft()):
-                        if not await self.call.send(message):
+                        if not await self._put(message, held):
                             return  # the call is over: its end fails the sums waiting
                 if head.failed:
                     return  # the stream is cancelled: no layer after it can complete
@@ -119,23 +151,47 @@ class _UpStream:
                     break
                 await self._idle()
             for message in bundler.flush():
-                if not await self.call.send(message):
+                if not await self._put(message, held):
                     return
             self._sums.popleft()
+            after = self._sums[0] if self._sums else None
+            joins = after is not None and after.closed and not after.failed
+            if held.items and not joins and not await self.call.send(held.take()):
+                return
+
+    async def _put(self, message: Any, held: _Held) -> bool:
+        """Send ``message`` (a whole small layer: hold it); False if the call is over."""
+        if isinstance(message, Bundle):
+            size = payload_bytes(message.items)
+            full = held.items and held.size + size > BUNDLE_MAX_BYTES
+            if full and not await self.call.send(held.take()):
+                return False
+            held.add(message, size)
+            return True
+        if held.items and not await self.call.send(held.take()):
+            return False
+        return await self.call.send(message)
 
     def _answered(self, message: Any) -> None:
-        entry = self._waiting.pop((message.layer, message.step), None)
-        if entry is None:
-            self._ended(
-                WireError(
-                    f"a gradient pass stream answered layer {message.layer} step "
-                    f"{message.step}, which was not sent on it"
-                )
-            )
+        try:
+            answers = unfolded(message, "answer")
+        except WireError as exc:
+            self._ended(exc)
             self.call.cancel()
             return
-        if not entry.answer.done():
-            entry.answer.set_result(message)
+        for answer in answers:
+            entry = self._waiting.pop((answer.layer, answer.step), None)
+            if entry is None:
+                self._ended(
+                    WireError(
+                        f"a gradient pass stream answered layer {answer.layer} step "
+                        f"{answer.step}, which was not sent on it"
+                    )
+                )
+                self.call.cancel()
+                return
+            if not entry.answer.done():
+                entry.answer.set_result(answer)
 
     def _ended(self, error: BaseException | None) -> None:
         if error is None and self._waiting:

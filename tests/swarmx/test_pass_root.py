@@ -17,12 +17,13 @@ import pytest
 
 from benchmarks.fuzz_services import build_services
 from memoryx import service as memoryx_service
+from nodes import service as node_service
 from proto import threads, wire
 from proto.clients import SwarmXClient
 from proto.domain import Header, Phase
 from proto.frames import expand
 from proto.rpc import Security
-from swarmx import pass_relay, pass_root
+from swarmx import pass_relay, pass_root, reducing_loop
 from tests.swarmx.passes import (
     TIMEOUT_S,
     assert_bitwise_equal,
@@ -140,7 +141,8 @@ def test_a_pass_of_small_layers_goes_to_each_node_as_one_message(services, monke
 def test_a_pass_sent_at_once_asks_memoryx_for_its_small_layers_in_one_message(monkeypatch):
     # The driver sends a pass's requests in one message (``PendingPass.send_all``); once
     # the root knows the layers' sizes, it asks MemoryX for the run of small layers in one
-    # message, and MemoryX answers the run in one bundle. Same bits as layer by layer.
+    # message, and MemoryX answers the run in one bundle. The gradient sums that complete
+    # at once go to MemoryX in one message, answered in one. Same bits as layer by layer.
     asked: list[int] = []
     unfolded = memoryx_service.unfolded
 
@@ -157,22 +159,50 @@ def test_a_pass_sent_at_once_asks_memoryx_for_its_small_layers_in_one_message(mo
             answered.append(sum(isinstance(item, Header) for item in expand(message)))
             yield message
 
+    pushed: list[int] = []  # layers per message of the sums pushed to MemoryX
+
+    class CountedItems(memoryx_service.StreamItems):
+        def __init__(self, messages):
+            def counted(messages):
+                for message in messages:
+                    pushed.append(sum(isinstance(item, Header) for item in expand(message)))
+                    yield message
+
+            super().__init__(counted(messages))
+
+    push_answers: list[int] = []
+    answers_of = reducing_loop.unfolded
+
+    def counted_push_answers(message, what):
+        answers = answers_of(message, what)
+        push_answers.append(len(answers))
+        return answers
+
+    # Every layer computes on its node's loop once it has computed once (as mlp-digits'
+    # do, 0.1-1 ms): a node then answers the pass's backward layers in one message, and
+    # their sums complete at once at the root. (The first pass computes on threads.)
+    monkeypatch.setattr(node_service, "INLINE_COMPUTE_MAX_S", 60.0)
     monkeypatch.setattr(memoryx_service, "unfolded", counted_asks)
     monkeypatch.setattr(pass_root, "_messages", counted_answers)
+    monkeypatch.setattr(memoryx_service, "StreamItems", CountedItems)
+    monkeypatch.setattr(reducing_loop, "unfolded", counted_push_answers)
     states = []
     for ahead in (None, 2):
         cluster = build_services(Security.generate(), num_nodes=2, fanout=2)
         try:
             num_layers = len(cluster.layers)
             for step in range(3):
-                asked.clear()
-                answered.clear()
+                for counts in (asked, answered, pushed, push_answers):
+                    counts.clear()
                 acks = train_step(cluster, step, pass_id=step + 1, ahead=ahead)
                 assert all(a.num_nodes == 2 and a.update_applied for a in acks)
                 assert sum(asked) == sum(answered) == 2 * num_layers
+                assert sum(pushed) == sum(push_answers) == num_layers
+                assert len(pushed) == len(push_answers)  # a message of sums: one answer
                 if ahead is None and step > 0:  # (the first pass learns the sizes)
                     assert asked == [2 * num_layers]
                     assert answered == [2 * num_layers]
+                    assert pushed == [num_layers]
                 elif ahead is not None:  # requests one by one: so are the asks
                     assert set(asked) == {1}
             states.append(memoryx_state(cluster))
