@@ -16,6 +16,7 @@ import struct
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,6 +27,32 @@ from torch import Tensor
 from memoryx.optim import Optimizer
 from memoryx.shard_plan import parse_piece_key
 from memoryx.store import _Version
+
+
+@dataclass
+class DiskVersion:
+    """One version of a layer on disk: its file, update count and kept entries."""
+
+    path: Path
+    num_updates: int
+    num_kept: int
+    weights_only: bool = False  # a snapshot: its optimizer state is freed (keep_weights_only)
+
+
+@dataclass
+class DiskLayer:
+    """A layer of the disk tier: its current version, the snapshots a re-run reads, sizes."""
+
+    version: int
+    current: DiskVersion
+    layout: list[tuple[str, tuple[int, ...]]]
+    weights_bytes: int  # params + masks
+    state_bytes: int  # optimizer state
+    snapshots: dict[int, DiskVersion] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def available_versions(self) -> list[int]:
+        return sorted(self.snapshots) + [self.version]
 
 
 def version_file_name(layer: int, version: int) -> str:
@@ -354,6 +381,8 @@ def fsync_path(path: Path) -> None:
 __all__ = [
     "BackgroundSync",
     "BackgroundWriter",
+    "DiskLayer",
+    "DiskVersion",
     "checkpoint_file_name",
     "describe_file",
     "fsync_path",

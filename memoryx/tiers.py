@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,6 +32,8 @@ from memoryx.gradient_checks import check_grads, nonfinite_gradient
 from memoryx.layer_files import (
     BackgroundSync,
     BackgroundWriter,
+    DiskLayer,
+    DiskVersion,
     checkpoint_file_name,
     describe_file,
     file_metadata,
@@ -57,28 +58,6 @@ from memoryx.tier_errors import NonFiniteNotUndone, commit_refused, rollback_ref
 
 #: ``_apply``'s answer for a re-run whose gradients this layer already took.
 _ALREADY_APPLIED = "already applied"
-
-
-@dataclass
-class _DiskVersion:
-    path: Path
-    num_updates: int
-    num_kept: int
-    weights_only: bool = False  # a snapshot: its optimizer state is freed (keep_weights_only)
-
-
-@dataclass
-class _DiskLayer:
-    version: int
-    current: _DiskVersion
-    layout: list[tuple[str, tuple[int, ...]]]
-    weights_bytes: int  # params + masks
-    state_bytes: int  # optimizer state
-    snapshots: dict[int, _DiskVersion] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def available_versions(self) -> list[int]:
-        return sorted(self.snapshots) + [self.version]
 
 
 class TieredStore(ParameterStore):
@@ -110,7 +89,7 @@ class TieredStore(ParameterStore):
         self.layer_offset = layer_offset  # global index of local layer 0 (sparsity names)
         self._first_step = step
         self._failed_steps: set[int] = set()  # non-finite part-way: never committed
-        self._layers: list[_DiskLayer] = []  # type: ignore[assignment]
+        self._layers: list[DiskLayer] = []  # type: ignore[assignment]
         self._ledger = Ledger()
         self._syncer = BackgroundSync()
         # Updated layers are written back off the step's path; a commit waits for them.
@@ -152,9 +131,9 @@ class TieredStore(ParameterStore):
         )
         state_bytes = sum(t.nbytes for s in version.optimizer_state.values() for t in s.values())
         self._layers.append(
-            _DiskLayer(
+            DiskLayer(
                 version=version_number,
-                current=_DiskVersion(path, version.num_updates, _num_kept(version)),
+                current=DiskVersion(path, version.num_updates, _num_kept(version)),
                 layout=layout,
                 weights_bytes=weights_bytes,
                 state_bytes=state_bytes,
@@ -183,7 +162,7 @@ class TieredStore(ParameterStore):
                 apply_masks(version.params, version.optimizer_state, masks)
                 version.masks = masks
                 # Rewritten in place: the first version has no snapshot to keep.
-                slot.current = _DiskVersion(
+                slot.current = DiskVersion(
                     self._write(index, slot.version, version),
                     version.num_updates,
                     _num_kept(version),
@@ -244,7 +223,7 @@ class TieredStore(ParameterStore):
         masks = {name: entry[f"m/{name}"] for name, _ in slot.layout if f"m/{name}" in entry}
         return params, masks
 
-    def _disk_version(self, slot: _DiskLayer, layer: int, step: int, what: str) -> _DiskVersion:
+    def _disk_version(self, slot: DiskLayer, layer: int, step: int, what: str) -> DiskVersion:
         if slot.version == step:
             return slot.current
         if step in slot.snapshots:
@@ -255,7 +234,7 @@ class TieredStore(ParameterStore):
         )
 
     def _cached_part(
-        self, index: int, version: int, part: str, disk: _DiskVersion, num_bytes: int
+        self, index: int, version: int, part: str, disk: DiskVersion, num_bytes: int
     ) -> dict[str, Tensor]:
         key = (index, version, part)
         entry = self._cache.get(key)
@@ -337,7 +316,7 @@ class TieredStore(ParameterStore):
             )
             # Published last: a prefetcher that sees the new version finds it cached.
             slot.snapshots[step] = old
-            slot.current = _DiskVersion(path, new.num_updates, _num_kept(new))
+            slot.current = DiskVersion(path, new.num_updates, _num_kept(new))
             slot.version = step + 1
             self._writer.wait(old.path)  # written in full before it is trimmed
             with self._load_lock:  # a prefetch of the old state is either done or skipped
@@ -450,9 +429,9 @@ class TieredStore(ParameterStore):
                 int(torch.Size(shape).numel()) for _, shape in layout
             )
         self._layers.append(
-            _DiskLayer(
+            DiskLayer(
                 version=version,
-                current=_DiskVersion(path, num_updates, num_kept),
+                current=DiskVersion(path, num_updates, num_kept),
                 layout=layout,
                 weights_bytes=weights_bytes,
                 state_bytes=state_bytes,
@@ -508,7 +487,7 @@ class TieredStore(ParameterStore):
             self._read_bytes += sum(t.nbytes for t in out.values())
         return out
 
-    def _load_version(self, layer: int, disk: _DiskVersion) -> _Version:
+    def _load_version(self, layer: int, disk: DiskVersion) -> _Version:
         flat = self._read(disk.path, ("p/", "m/", "s/"))
         return unflatten(
             self._layers[layer].layout,

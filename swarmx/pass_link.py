@@ -15,9 +15,10 @@ from collections.abc import Iterator
 
 import grpc
 
-from proto.domain import StreamItem
+from proto.domain import LayerAck, StreamItem
 from proto.frames import Bundler, WireError
 from proto.loop_streams import ClientStream
+from proto.messages import ack_from_wire
 from proto.rpc import is_cancelled
 from swarmx.pieces import END  # ends a queued stream; shared with the split-layer push
 
@@ -41,6 +42,40 @@ def put(q: queue.Queue, call: grpc.Future, item: object) -> bool:
         except queue.Full:
             if call.done():
                 return False
+
+
+def child_results(calls: list[grpc.Future]) -> list[LayerAck]:
+    """Every child's answer; as soon as one child fails, cancel the others and raise its error.
+
+    The waiting thread is woken once: when the last child answers or the first one fails
+    (not at every answer, which a tree of SwarmX nodes with ``fanout`` children each pays
+    per layer).
+    """
+    over = threading.Lock()
+    over.acquire()  # released when the wait is over
+    state = {"left": len(calls), "over": False}
+    guard = threading.Lock()
+
+    def answered(call: grpc.Future) -> None:
+        with guard:
+            state["left"] -= 1
+            if state["over"] or (state["left"] and call.code() == grpc.StatusCode.OK):
+                return
+            state["over"] = True
+        over.release()
+
+    for call in calls:
+        call.add_done_callback(answered)
+    if calls:
+        over.acquire()
+    failed = [c for c in calls if c.done() and c.code() != grpc.StatusCode.OK]
+    if failed:
+        # A child that failed on its own explains more than one that was cancelled.
+        failed.sort(key=lambda c: c.cancelled())
+        for call in calls:
+            call.cancel()
+        failed[0].result()  # raises
+    return [ack_from_wire(c.result()) for c in calls]
 
 
 class AnswerSlots:
@@ -140,7 +175,7 @@ class PassLink(AnswerSlots):
 
 class Slot:
     """One layer's answer on a ``PassLink``: the parts of a ``grpc.Future`` that
-    ``_broadcast``, ``_put`` and ``_results`` use."""
+    ``_broadcast``, ``_put`` and ``child_results`` use."""
 
     def __init__(self, link: PassLink):
         self._link = link

@@ -48,7 +48,6 @@ from proto.loop_server import (
 )
 from proto.messages import (
     EMPTY,
-    ack_from_wire,
     ack_to_wire,
     acks_in_messages,
     layer_request_from_wire,
@@ -68,7 +67,7 @@ from proto.rpc import (
 from proto.wire import fast_channel
 from proto.wire import register as register_fast
 from swarmx.gradient_link import GradientLink
-from swarmx.pass_link import QUEUE_DEPTH, PassLink, drain, put
+from swarmx.pass_link import QUEUE_DEPTH, PassLink, child_results, drain, put
 from swarmx.pass_relay import relay_pass
 from swarmx.pass_root import root_pass
 from swarmx.pass_run import PassRun
@@ -103,40 +102,6 @@ def _check_place(pass_id: int, position: int, length: int) -> None:
             f"pass_position {position} of pass_length {length} "
             "needs a pass_id and 1 <= pass_position <= pass_length"
         )
-
-
-def _results(calls: list[grpc.Future]) -> list[LayerAck]:
-    """Every child's answer; as soon as one child fails, cancel the others and raise its error.
-
-    The waiting thread is woken once: when the last child answers or the first one fails
-    (not at every answer, which a tree of SwarmX nodes with ``fanout`` children each pays
-    per layer).
-    """
-    over = threading.Lock()
-    over.acquire()  # released when the wait is over
-    state = {"left": len(calls), "over": False}
-    guard = threading.Lock()
-
-    def answered(call: grpc.Future) -> None:
-        with guard:
-            state["left"] -= 1
-            if state["over"] or (state["left"] and call.code() == grpc.StatusCode.OK):
-                return
-            state["over"] = True
-        over.release()
-
-    for call in calls:
-        call.add_done_callback(answered)
-    if calls:
-        over.acquire()
-    failed = [c for c in calls if c.done() and c.code() != grpc.StatusCode.OK]
-    if failed:
-        # A child that failed on its own explains more than one that was cancelled.
-        failed.sort(key=lambda c: c.cancelled())
-        for call in calls:
-            call.cancel()
-        failed[0].result()  # raises
-    return [ack_from_wire(c.result()) for c in calls]
 
 
 @dataclass
@@ -350,7 +315,7 @@ class SwarmXServicer(ReduceSide, sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
         if culprit is not None:
             culprit.result()  # raises the child's error
             raise WireError("a child answered before it had received the whole layer stream")
-        acks = _results(calls)
+        acks = child_results(calls)
         finished = True
         if header is None:
             raise WireError("empty layer stream")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import queue
-import threading
 from collections.abc import Iterator
 
 import grpc
@@ -272,71 +270,6 @@ def test_two_steps_in_a_row(loaded):
         _assert_weights_equal(loaded.weights(layer, 2), weights[layer])
 
 
-def _pass_stream(layers, pass_id: int = 5, step: int = 0) -> list[pb.LayerMessage]:
-    """The gradients of ``layers``, in order, as one PushPass stream of pass ``pass_id``."""
-    return [
-        m for layer in layers for m in edited(_gradient_stream(layer, step), 0, pass_id=pass_id)
-    ]
-
-
-def test_a_pass_stream_applies_each_layer_as_it_completes(loaded):
-    before = [loaded.weights(layer, 0) for layer in range(2)]
-    release = threading.Event()
-
-    def messages() -> Iterator[pb.LayerMessage]:
-        yield from _pass_stream([1])
-        release.wait(TIMEOUT_S)  # layer 0 waits until layer 1's answer is in
-        yield from _pass_stream([0])
-
-    try:
-        acks = loaded.stub.PushPass(messages(), timeout=TIMEOUT_S)
-        first = next(acks)
-        assert (first.layer, first.step, first.phase, first.update_applied) == (
-            1,
-            0,
-            pb.BACKWARD,
-            True,
-        )
-        assert loaded.servicer.store.version(1) == 1 and loaded.servicer.store.version(0) == 0
-    finally:
-        release.set()
-    assert [(a.layer, a.update_applied) for a in acks] == [(0, True)]
-    for layer in range(2):
-        _assert_weights_equal(loaded.weights(layer, 1), _sgd(before[layer], _grads(layer)))
-    stats = loaded.stats()
-    assert stats.ingress_bytes == MODEL_BYTES
-    assert stats.num_gradient_streams == 2 and stats.num_updates == 2
-
-
-def _bad_pass_streams() -> dict[str, list[pb.LayerMessage]]:
-    """PushPass streams whose second layer (layer 0) MemoryX must refuse."""
-    first = _pass_stream([1])
-    return {
-        "no pass id": first + _pass_stream([0], pass_id=0),
-        "two passes": first + _pass_stream([0], pass_id=6),
-        "ends in a layer": first + _pass_stream([0])[:-1],
-        "bad total_bytes": first + edited(_pass_stream([0]), 0, total_bytes=MODEL_BYTES),
-        "chunk first": first + _pass_stream([0])[1:],
-        "step ahead": first + _pass_stream([0], step=1),
-    }
-
-
-@pytest.mark.parametrize("case", list(_bad_pass_streams()))
-def test_bad_pass_stream_is_refused_after_the_layers_before(loaded, case):
-    """Each layer is checked whole before it is applied: a bad one changes nothing, and
-    ends the stream; the layers before it stay applied (answered already)."""
-    before = loaded.weights(0, 0)
-    acks = []
-    with pytest.raises(grpc.RpcError) as info:
-        for ack in loaded.stub.PushPass(iter(_bad_pass_streams()[case]), timeout=TIMEOUT_S):
-            acks.append(ack)
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, case
-    assert [(a.layer, a.update_applied) for a in acks] == [(1, True)]
-    assert loaded.servicer.store.version(0) == 0
-    _assert_weights_equal(loaded.weights(0, 0), before)
-    assert loaded.stats().num_updates == 1
-
-
 def _bad_streams() -> dict[str, list[pb.LayerMessage]]:
     """Gradient streams for layer 0 at step 0 that MemoryX must refuse."""
     good = _gradient_stream(0, 0)
@@ -532,66 +465,3 @@ def test_client_drives_memoryx_with_domain_types(memoryx, tmp_path):
 
 
 # -- passes -------------------------------------------------------------------
-
-
-def _weights_request(layer: int, phase: int = pb.FORWARD, **kw) -> mpb.WeightsRequest:
-    return mpb.WeightsRequest(**(dict(layer=layer, step=0, phase=phase, dtype="float32") | kw))
-
-
-def _unbundled(messages):
-    """The messages of a stream with each ``LayerBundle`` read as the items it holds."""
-    for message in messages:
-        if message.WhichOneof("kind") == "bundle":
-            yield from message.bundle.items
-        else:
-            yield message
-
-
-def test_stream_pass_answers_each_request_as_stream_weights_does(loaded):
-    order = [(0, pb.FORWARD), (1, pb.FORWARD), (1, pb.BACKWARD), (0, pb.BACKWARD)]
-    one_by_one = [
-        m
-        for layer, phase in order
-        for m in loaded.stub.StreamWeights(_weights_request(layer, phase), timeout=TIMEOUT_S)
-    ]
-    requests = [_weights_request(layer, phase) for layer, phase in order]
-    on_one_call = list(loaded.stub.StreamPass(iter(requests), timeout=TIMEOUT_S))
-    # Each (small) layer comes as one bundle message, holding what StreamWeights sends.
-    assert [m.WhichOneof("kind") for m in on_one_call] == ["bundle"] * len(order)
-    assert list(_unbundled(on_one_call)) == one_by_one
-    stats = loaded.stats()
-    assert stats.num_weight_streams == 2 * len(order)
-    assert stats.egress_bytes == 2 * 2 * MODEL_BYTES
-
-
-def test_stream_pass_sends_a_layer_only_once_it_is_asked_for(loaded):
-    # The root asks for a layer when the driver sends it: the next request may come later.
-    requests: queue.Queue = queue.Queue()
-    call = loaded.stub.StreamPass(iter(requests.get, None), timeout=TIMEOUT_S)
-    requests.put(_weights_request(1))
-    layer_1 = list(next(call).bundle.items)  # header, weight, bias (one chunk each)
-    assert layer_1[0].header.layer == 1 and layer_1[-1].chunk.name == "bias"
-    requests.put(_weights_request(0))
-    requests.put(None)
-    rest = list(_unbundled(call))
-    assert rest[0].header.layer == 0
-    assert decode_layer(rest, Expected(0, 0, pb.FORWARD, layout_of(_model()[0]), "float32"))
-
-
-@pytest.mark.parametrize(
-    "bad", [dict(layer=2), dict(step=1), dict(phase=77), dict(dtype="float64"), dict(step=-1)]
-)
-def test_stream_pass_refuses_a_bad_request_after_the_good_ones(loaded, bad):
-    requests = [
-        _weights_request(0),
-        mpb.WeightsRequest(**(dict(layer=1, step=0, phase=pb.FORWARD, dtype="float32") | bad)),
-    ]
-    received = []
-
-    def read():
-        for message in _unbundled(loaded.stub.StreamPass(iter(requests), timeout=TIMEOUT_S)):
-            received.append(message)
-
-    assert _code(read) == grpc.StatusCode.INVALID_ARGUMENT
-    assert received and all(m.WhichOneof("kind") for m in received)
-    assert {m.header.layer for m in received if m.WhichOneof("kind") == "header"} == {0}
