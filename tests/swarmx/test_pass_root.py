@@ -55,6 +55,24 @@ def services() -> Iterator:
     cluster.stop()
 
 
+def _count_calls(monkeypatch, owner, name: str, measure) -> list[int]:
+    """``owner.name`` wrapped: the list it returns gets ``measure(result)`` of each call."""
+    counts: list[int] = []
+    original = getattr(owner, name)
+
+    def counted(*args):
+        result = original(*args)
+        counts.append(measure(result))
+        return result
+
+    monkeypatch.setattr(owner, name, counted)
+    return counts
+
+
+def _layers_in(items) -> int:
+    return sum(isinstance(item, Header) for item in items)
+
+
 def test_a_pass_runs_at_the_root_without_a_thread(services, root_threads):
     for step in range(2):
         acks = train_step(services, step, pass_id=step + 1)
@@ -109,25 +127,9 @@ def test_a_pass_of_small_layers_goes_to_each_node_as_one_message(services, monke
     # Once the root knows the layers' sizes (from the first pass), a run of small layers
     # whose requests are in goes to each child as one bundle, and each node answers the
     # run in one message; every layer still has its own answer and update.
-    layers_per_bundle: list[int] = []
-    bundle = wire._bundle
-
-    def counted(raw):
-        got = bundle(raw)
-        layers_per_bundle.append(sum(isinstance(item, Header) for item in got.items))
-        return got
-
-    node_answers: list[int] = []
-    answers_of = pass_relay.acks_from_wire
-
-    def counted_answers(message):
-        acks = answers_of(message)
-        node_answers.append(len(acks))
-        return acks
-
     train_step(services, 0, pass_id=1)
-    monkeypatch.setattr(wire, "_bundle", counted)
-    monkeypatch.setattr(pass_relay, "acks_from_wire", counted_answers)
+    layers_per_bundle = _count_calls(monkeypatch, wire, "_bundle", lambda b: _layers_in(b.items))
+    node_answers = _count_calls(monkeypatch, pass_relay, "acks_from_wire", len)
     num_layers = len(services.layers)
     for step in range(1, 4):
         acks = train_step(services, step, pass_id=step + 1)
@@ -143,20 +145,13 @@ def test_a_pass_sent_at_once_asks_memoryx_for_its_small_layers_in_one_message(mo
     # the root knows the layers' sizes, it asks MemoryX for the run of small layers in one
     # message, and MemoryX answers the run in one bundle. The gradient sums that complete
     # at once go to MemoryX in one message, answered in one. Same bits as layer by layer.
-    asked: list[int] = []
-    unfolded = memoryx_service.unfolded
-
-    def counted_asks(message):
-        requests = unfolded(message)
-        asked.append(len(requests))
-        return requests
-
+    asked = _count_calls(monkeypatch, memoryx_service, "unfolded", len)
     answered: list[int] = []
     messages_of = pass_root._messages
 
     async def counted_answers(queue):
         async for message in messages_of(queue):
-            answered.append(sum(isinstance(item, Header) for item in expand(message)))
+            answered.append(_layers_in(expand(message)))
             yield message
 
     pushed: list[int] = []  # layers per message of the sums pushed to MemoryX
@@ -165,27 +160,18 @@ def test_a_pass_sent_at_once_asks_memoryx_for_its_small_layers_in_one_message(mo
         def __init__(self, messages):
             def counted(messages):
                 for message in messages:
-                    pushed.append(sum(isinstance(item, Header) for item in expand(message)))
+                    pushed.append(_layers_in(expand(message)))
                     yield message
 
             super().__init__(counted(messages))
-
-    push_answers: list[int] = []
-    answers_of = reducing_loop.unfolded
-
-    def counted_push_answers(message, what):
-        answers = answers_of(message, what)
-        push_answers.append(len(answers))
-        return answers
 
     # Every layer computes on its node's loop once it has computed once (as mlp-digits'
     # do, 0.1-1 ms): a node then answers the pass's backward layers in one message, and
     # their sums complete at once at the root. (The first pass computes on threads.)
     monkeypatch.setattr(node_service, "INLINE_COMPUTE_MAX_S", 60.0)
-    monkeypatch.setattr(memoryx_service, "unfolded", counted_asks)
     monkeypatch.setattr(pass_root, "_messages", counted_answers)
     monkeypatch.setattr(memoryx_service, "StreamItems", CountedItems)
-    monkeypatch.setattr(reducing_loop, "unfolded", counted_push_answers)
+    push_answers = _count_calls(monkeypatch, reducing_loop, "unfolded", len)
     states = []
     for ahead in (None, 2):
         cluster = build_services(Security.generate(), num_nodes=2, fanout=2)
