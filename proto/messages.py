@@ -103,7 +103,11 @@ def acks_in_messages(acks: Sequence[LayerAck], max_gradient_bytes: int) -> list[
 def acks_from_wire(message: pb.LayerAck) -> list[LayerAck]:
     """Every answer ``message`` carries, in pass order (``acks_to_wire``); WireError if a
     following answer has answers of its own, or any gradient is not one layer's."""
-    return [ack_from_wire(part) for part in unfolded(message, "answer")]
+    following = message.following
+    if any(len(answer.following) for answer in following):
+        raise WireError("an answer that follows another carries no answers of its own")
+    # (``ack_from_wire`` reads no ``following``: the first needs no copy without them.)
+    return [ack_from_wire(message), *map(ack_from_wire, following)]
 
 
 # -- requests -----------------------------------------------------------------
@@ -133,14 +137,20 @@ def weights_requests_to_wire(requests: Sequence[LayerRequest]) -> mpb.WeightsReq
 
 def unfolded(message, what: str = "request") -> list:
     """The requests (or answers) one message carries (``requests_to_wire``,
-    ``weights_requests_to_wire``, ``acks_to_wire``): itself, then its ``following``;
-    WireError if one of those carries ``what``s of its own."""
+    ``weights_requests_to_wire``, ``acks_to_wire``), each as if it came alone: the first
+    without the ones that follow it (a copy), then those; WireError if one of those
+    carries ``what``s of its own."""
     following = message.following
     if not following:
         return [message]
     if any(len(part.following) for part in following):
         raise WireError(f"a {what} that follows another carries no {what}s of its own")
-    return [message, *following]
+    # (An answer may be passed on as it is: a SwarmX node answers a child's layer with the
+    # answer MemoryX gave it, which must not bring the other layers' answers along.)
+    first = type(message)()
+    first.CopyFrom(message)
+    del first.following[:]
+    return [first, *following]
 
 
 def weights_request_to_wire(request: LayerRequest) -> mpb.WeightsRequest:

@@ -242,6 +242,16 @@ def test_requests_in_one_message_unfold_in_order():
     assert unfolded(single) == [single]
 
 
+def test_each_unfolded_answer_is_alone():
+    # A SwarmX node passes MemoryX's answer to a layer on to the child whose sum it was:
+    # it must not carry the answers to the layers that came with it.
+    message = _through_the_wire(acks_to_wire(_acks(3)))
+    parts = unfolded(message, "answer")
+    assert [p.layer for p in parts] == [0, 1, 2]
+    assert all(len(p.following) == 0 for p in parts)
+    assert len(message.following) == 2  # (the message itself is left as it came)
+
+
 def test_a_following_request_with_requests_of_its_own_is_refused():
     message = requests_to_wire(_requests(2))
     message.following[0].following.append(layer_request_to_wire(_requests(1)[0]))

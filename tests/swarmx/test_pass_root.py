@@ -21,7 +21,7 @@ from nodes import service as node_service
 from proto import threads, wire
 from proto.clients import SwarmXClient
 from proto.domain import Header, Phase
-from proto.frames import expand
+from proto.frames import WireError, expand
 from proto.rpc import Security
 from swarmx import pass_relay, pass_root, reducing_loop
 from tests.swarmx.passes import (
@@ -140,11 +140,16 @@ def test_a_pass_of_small_layers_goes_to_each_node_as_one_message(services, monke
     assert sum(node_answers) == 3 * 2 * 2 * num_layers  # every layer answered by both nodes
 
 
-def test_a_pass_sent_at_once_asks_memoryx_for_its_small_layers_in_one_message(monkeypatch):
+@pytest.mark.parametrize("num_nodes", [2, 4], ids=["nodes-below-the-root", "relays-between"])
+def test_a_pass_sent_at_once_asks_memoryx_for_its_small_layers_in_one_message(
+    monkeypatch, num_nodes
+):
     # The driver sends a pass's requests in one message (``PendingPass.send_all``); once
     # the root knows the layers' sizes, it asks MemoryX for the run of small layers in one
     # message, and MemoryX answers the run in one bundle. The gradient sums that complete
     # at once go to MemoryX in one message, answered in one. Same bits as layer by layer.
+    # (With 4 nodes and fan-out 2, two SwarmX relays between: MemoryX's answers to the sums
+    # reach them through the root's ReducePass, each as its own layer's answer.)
     asked = _count_calls(monkeypatch, memoryx_service, "unfolded", len)
     answered: list[int] = []
     messages_of = pass_root._messages
@@ -171,17 +176,29 @@ def test_a_pass_sent_at_once_asks_memoryx_for_its_small_layers_in_one_message(mo
     monkeypatch.setattr(node_service, "INLINE_COMPUTE_MAX_S", 60.0)
     monkeypatch.setattr(pass_root, "_messages", counted_answers)
     monkeypatch.setattr(memoryx_service, "StreamItems", CountedItems)
-    push_answers = _count_calls(monkeypatch, reducing_loop, "unfolded", len)
+    push_answers = _count_calls(  # MemoryX's answers to the sums: layers per message
+        monkeypatch, memoryx_service, "acks_to_wire", lambda message: 1 + len(message.following)
+    )
+    # An answer a gradient stream up did not expect (one that came twice) fails it.
+    unexpected: list[BaseException] = []
+    ended = reducing_loop._UpStream._ended
+
+    def watched_end(stream, error):
+        if isinstance(error, WireError):
+            unexpected.append(error)
+        ended(stream, error)
+
+    monkeypatch.setattr(reducing_loop._UpStream, "_ended", watched_end)
     states = []
     for ahead in (None, 2):
-        cluster = build_services(Security.generate(), num_nodes=2, fanout=2)
+        cluster = build_services(Security.generate(), num_nodes=num_nodes, fanout=2)
         try:
             num_layers = len(cluster.layers)
             for step in range(3):
                 for counts in (asked, answered, pushed, push_answers):
                     counts.clear()
                 acks = train_step(cluster, step, pass_id=step + 1, ahead=ahead)
-                assert all(a.num_nodes == 2 and a.update_applied for a in acks)
+                assert all(a.num_nodes == num_nodes and a.update_applied for a in acks)
                 assert sum(asked) == sum(answered) == 2 * num_layers
                 assert sum(pushed) == sum(push_answers) == num_layers
                 assert len(pushed) == len(push_answers)  # a message of sums: one answer
@@ -191,6 +208,7 @@ def test_a_pass_sent_at_once_asks_memoryx_for_its_small_layers_in_one_message(mo
                     assert pushed == [num_layers]
                 elif ahead is not None:  # requests one by one: so are the asks
                     assert set(asked) == {1}
+            assert unexpected == []
             states.append(memoryx_state(cluster))
         finally:
             cluster.stop()
