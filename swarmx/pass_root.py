@@ -3,7 +3,9 @@ to the children, without threads.
 
 The driver sends a pass's layer requests on one stream; for each, the root asks MemoryX
 for the layer's weights on the pass's one ``StreamPass`` call per server (as soon as the
-request arrives: MemoryX streams it while the layers before it are still at the nodes),
+request arrives: MemoryX streams it while the layers before it are still at the nodes; a
+run of small layers whose requests came together in one message, and MemoryX answers it
+in one),
 and, once fewer than ``MAX_IN_FLIGHT`` layers are unanswered, puts the layer's items on
 every child's pass stream as they come (``swarmx.pass_relay``, which a SwarmX node below
 the root runs for its parent's stream). Each layer is answered to the driver once every
