@@ -43,7 +43,14 @@ from proto.domain import (
     TensorSpec,
     TrafficStats,
 )
-from proto.frames import BUNDLE_MAX_BYTES, Bundle, StreamItems, bundled, payload_bytes
+from proto.frames import (
+    BUNDLE_MAX_BYTES,
+    Bundle,
+    HeldLayers,
+    StreamItems,
+    bundled,
+    payload_bytes,
+)
 from proto.loading import iter_decode_layers
 from proto.messages import (
     EMPTY,
@@ -222,27 +229,23 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
         """Consecutive layers asked for in one message, in order: the small ones that come
         one after another in one ``Bundle`` while they fit ``BUNDLE_MAX_BYTES`` together
         (one message instead of one per layer), the others as ``_weights`` sends them."""
-        gathered: list[StreamItem] = []
-        size = 0
+        held = HeldLayers(BUNDLE_MAX_BYTES)
         for request in requests:
             items = self._weights(request, bundle=True)
             first = next(items)  # (a small layer's only item; counted as it is made)
             if isinstance(first, Bundle):
-                first_bytes = payload_bytes((first,))
-                if gathered and size + first_bytes > BUNDLE_MAX_BYTES:
-                    yield Bundle(tuple(gathered))
-                    gathered, size = [], 0
-                gathered.extend(first.items)
-                size += first_bytes
+                size = payload_bytes((first,))
+                if not held.fits(size):
+                    yield held.take()
+                held.add(first, size)
                 yield from items  # (nothing)
                 continue
-            if gathered:
-                yield Bundle(tuple(gathered))
-                gathered, size = [], 0
+            if held:
+                yield held.take()
             yield first
             yield from items
-        if gathered:
-            yield Bundle(tuple(gathered))
+        if held:
+            yield held.take()
 
     def _weights(self, request: LayerRequest, *, bundle: bool = False) -> Iterator[StreamItem]:
         """One layer's weight stream (header, chunks) of version ``request.step``;

@@ -200,6 +200,36 @@ def bundled(items: Iterable, max_bytes: int = BUNDLE_MAX_BYTES) -> Iterator:
     yield from bundler.flush()
 
 
+class HeldLayers:
+    """Whole small layers (each a ``Bundle``) held back to go on together as one
+    ``Bundle`` of at most ``max_bytes`` payload: the root's run to its children, the sums
+    that go up at once, MemoryX's answer to a run asked for in one message."""
+
+    __slots__ = ("items", "size", "max_bytes")
+
+    def __init__(self, max_bytes: int = BUNDLE_MAX_BYTES):
+        self.items: list[StreamItem] = []
+        self.size = 0  # payload bytes held
+        self.max_bytes = max_bytes
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def fits(self, size: int) -> bool:
+        """Whether a layer of ``size`` payload bytes may join what is held."""
+        return not self.items or self.size + size <= self.max_bytes
+
+    def add(self, bundle: Bundle, size: int) -> None:
+        self.items.extend(bundle.items)
+        self.size += size
+
+    def take(self) -> Bundle:
+        """What is held, as one ``Bundle``; nothing is held after."""
+        bundle = Bundle(tuple(self.items))
+        self.items, self.size = [], 0
+        return bundle
+
+
 def to_wire(item: StreamItem | Bundle) -> pb.LayerMessage:
     """One element of a layer stream (or a ``Bundle`` of them) as the protobuf message
     that carries it."""

@@ -103,11 +103,8 @@ def acks_in_messages(acks: Sequence[LayerAck], max_gradient_bytes: int) -> list[
 def acks_from_wire(message: pb.LayerAck) -> list[LayerAck]:
     """Every answer ``message`` carries, in pass order (``acks_to_wire``); WireError if a
     following answer has answers of its own, or any gradient is not one layer's."""
-    following = message.following
-    if any(len(answer.following) for answer in following):
-        raise WireError("an answer that follows another carries no answers of its own")
     # (``ack_from_wire`` reads no ``following``: the first needs no copy without them.)
-    return [ack_from_wire(message), *map(ack_from_wire, following)]
+    return [ack_from_wire(message), *map(ack_from_wire, _following(message, "answer"))]
 
 
 # -- requests -----------------------------------------------------------------
@@ -140,17 +137,24 @@ def unfolded(message, what: str = "request") -> list:
     ``weights_requests_to_wire``, ``acks_to_wire``), each as if it came alone: the first
     without the ones that follow it (a copy), then those; WireError if one of those
     carries ``what``s of its own."""
-    following = message.following
+    following = _following(message, what)
     if not following:
         return [message]
-    if any(len(part.following) for part in following):
-        raise WireError(f"a {what} that follows another carries no {what}s of its own")
     # (An answer may be passed on as it is: a SwarmX node answers a child's layer with the
     # answer MemoryX gave it, which must not bring the other layers' answers along.)
     first = type(message)()
     first.CopyFrom(message)
     del first.following[:]
     return [first, *following]
+
+
+def _following(message, what: str):
+    """The requests (answers) sent after ``message`` in it; WireError if one of them
+    carries ``what``s of its own."""
+    following = message.following
+    if any(len(part.following) for part in following):
+        raise WireError(f"a {what} that follows another carries no {what}s of its own")
+    return following
 
 
 def weights_request_to_wire(request: LayerRequest) -> mpb.WeightsRequest:

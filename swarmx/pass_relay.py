@@ -28,9 +28,9 @@ import grpc
 
 from proto.domain import Chunk, Header, LayerAck, Phase
 from proto.frames import (
-    BUNDLE_MAX_BYTES,
     Bundle,
     Bundler,
+    HeldLayers,
     PassItems,
     WireError,
     payload_bytes,
@@ -91,8 +91,7 @@ class Relay:
         # Whole small layers (``Bundle`` s) held back to go to the children as one message
         # with the layers after them (``_send_layer``'s ``hold``), and those layers. A
         # heterogeneous tree, whose children get different bytes, sends layer by layer.
-        self._gathered: list[Bundle] = []
-        self.gathered_bytes = 0
+        self.held = HeldLayers()  # a run of small layers held back (``_gather``)
         self._gathered_layers: list[RelayedLayer] = []
 
     # -- the children's streams (callbacks on the loop) ---------------------------------
@@ -285,7 +284,7 @@ class Relay:
             if not await self._put(item, bundlers, layer, last=remaining == 0):
                 return False
             if remaining == 0:
-                if hold is not None and self._gathered:
+                if hold is not None and self.held:
                     await asyncio.sleep(0)  # the reader, given room, starts the next layer
                     if hold():
                         return True
@@ -339,29 +338,22 @@ class Relay:
         it (what is held goes first if the two would pass ``BUNDLE_MAX_BYTES``). The run
         takes one place in the window: the layer before it gives its place up."""
         size = payload_bytes(bundle.items)
-        if (
-            self._gathered
-            and self.gathered_bytes + size > BUNDLE_MAX_BYTES
-            and not await self._flush_gathered()
-        ):
+        if not self.held.fits(size) and not await self._flush_gathered():
             return False
         if self._gathered_layers:
             self._gathered_layers[-1].holds_room = False
             self.room.release()
-        self._gathered.append(bundle)
-        self.gathered_bytes += size
+        self.held.add(bundle, size)
         self._gathered_layers.append(layer)
         return True
 
     async def _flush_gathered(self) -> bool:
         """The small layers held back, to every child as one message; False if a child's
         stream is over."""
-        if not self._gathered:
+        if not self.held:
             return True
-        gathered = self._gathered
-        self._gathered, self.gathered_bytes, self._gathered_layers = [], 0, []
-        items = tuple(item for bundle in gathered for item in bundle.items)
-        return await self._send(self.links, [encode(Bundle(items))])
+        self._gathered_layers = []
+        return await self._send(self.links, [encode(self.held.take())])
 
     @staticmethod
     async def _send(targets, messages: list[bytes]) -> bool:

@@ -288,11 +288,7 @@ class _RootRelay(Relay):
             return False
         after = self._requests[position]  # (positions count from 1)
         size = self._servicer.layer_bytes.get((after.layer, after.phase))
-        return (
-            not after.without_weights
-            and size is not None
-            and self.gathered_bytes + size <= BUNDLE_MAX_BYTES
-        )
+        return not after.without_weights and size is not None and self.held.fits(size)
 
 
 async def root_pass(servicer: Any, request_iterator: AsyncIterator, context) -> AsyncIterator:

@@ -27,9 +27,9 @@ import grpc
 
 from proto.domain import Chunk, Header
 from proto.frames import (
-    BUNDLE_MAX_BYTES,
     Bundle,
     Bundler,
+    HeldLayers,
     WireError,
     from_wire_stream_async,
     payload_bytes,
@@ -72,25 +72,6 @@ class _Sum:
         return not self.failed and not self.answer.done()
 
 
-class _Held:
-    """Whole small layers held to go up in one message: their items, and payload bytes."""
-
-    __slots__ = ("items", "size")
-
-    def __init__(self) -> None:
-        self.items: list = []
-        self.size = 0
-
-    def add(self, bundle: Bundle, size: int) -> None:
-        self.items.extend(bundle.items)
-        self.size += size
-
-    def take(self) -> Bundle:
-        bundle = Bundle(tuple(self.items))
-        self.items, self.size = [], 0
-        return bundle
-
-
 class _UpStream:
     """One pass's summed layers to one receiver, on one stream: each layer whole, in the
     order its sum opened (``add``); each answer settles its layer's ``_Sum``."""
@@ -131,7 +112,7 @@ class _UpStream:
         # complete too, and go up together in one message (within ``BUNDLE_MAX_BYTES``):
         # the layers a node answered at once complete at once (the receiver answers such
         # a message in one, ``LayerAck.following``).
-        held = _Held()
+        held = HeldLayers()
         while True:
             while not self._sums:
                 if self.closing:
@@ -156,19 +137,18 @@ class _UpStream:
             self._sums.popleft()
             after = self._sums[0] if self._sums else None
             joins = after is not None and after.closed and not after.failed
-            if held.items and not joins and not await self.call.send(held.take()):
+            if held and not joins and not await self.call.send(held.take()):
                 return
 
-    async def _put(self, message: Any, held: _Held) -> bool:
+    async def _put(self, message: Any, held: HeldLayers) -> bool:
         """Send ``message`` (a whole small layer: hold it); False if the call is over."""
         if isinstance(message, Bundle):
             size = payload_bytes(message.items)
-            full = held.items and held.size + size > BUNDLE_MAX_BYTES
-            if full and not await self.call.send(held.take()):
+            if not held.fits(size) and not await self.call.send(held.take()):
                 return False
             held.add(message, size)
             return True
-        if held.items and not await self.call.send(held.take()):
+        if held and not await self.call.send(held.take()):
             return False
         return await self.call.send(message)
 
