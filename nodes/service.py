@@ -62,13 +62,14 @@ from proto.wire import register as register_fast
 #: Layers of a pass stream read and not yet computed, at most: the one computing and the
 #: next one streaming in (as the root keeps two in flight).
 PASS_LAYERS_AHEAD = 2
-#: A pass layer whose last compute here took less than this runs on the event loop that
-#: read it, s: handing it to a thread and its answer back costs more than such a compute
-#: (thread wake-ups and GIL hand-offs: mlp-digits layers compute in 0.1-1 ms).
+#: A pass layer whose last compute here took less than this (CPU time of the thread that
+#: computed it, ``LayerResult.cpu_seconds``) runs on the event loop that read it, s:
+#: handing it to a thread and its answer back costs more than such a compute (thread
+#: wake-ups and GIL hand-offs: mlp-digits layers compute in 0.1-1 ms).
 INLINE_COMPUTE_MAX_S = 0.002
-#: ... unless a layer of the node took this long or longer last time in a pass of the same
-#: kind (training, or evaluation), s: such a node keeps a thread for each layer of such a
-#: pass, short or not, and its loop free to read the next layer while one computes.
+#: ... unless a layer of the node took this long (CPU time) or longer last time in a pass
+#: of the same kind (training, or evaluation), s: such a node keeps a thread for each layer
+#: of such a pass, short or not, and its loop free to read the next layer while one computes.
 #: gpt-10m at 1 node (blocks of 0.1-0.5 s; its embedding and head short) took 1.15x
 #: torch's step with its short layers on the loop against 1.10x with none there (medians
 #: of five alternating runs, 2026-12-03; benchmarks/README.md).
@@ -438,9 +439,12 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
         self.flops += result.flops
         self.compute_seconds += result.compute_seconds
         key = (header.phase, header.layer)
-        self._compute_s[key] = result.compute_seconds
+        # CPU time, not wall time: on a loaded machine a short layer descheduled mid-compute
+        # would otherwise count as long and send the node's layers to threads, whose
+        # hand-offs load the machine more (192 nodes on 2 cores: a third of the layers).
+        self._compute_s[key] = result.cpu_seconds
         long_layers = self._long_layers[header.phase == Phase.EVAL]
-        if result.compute_seconds < LONG_LAYER_S:
+        if result.cpu_seconds < LONG_LAYER_S:
             long_layers.discard(key)
         else:
             long_layers.add(key)

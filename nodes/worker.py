@@ -59,6 +59,10 @@ class LayerResult:
     num_correct: int = 0
     flops: float = 0.0
     compute_seconds: float = 0.0
+    #: CPU time of the thread that computed, s: unlike ``compute_seconds`` (wall time) it
+    #: does not grow when a loaded machine deschedules the thread mid-layer, so it tells
+    #: how long the layer holds the thread it runs on (``nodes.service``'s inline rule).
+    cpu_seconds: float = 0.0
 
 
 def strip_parameters(layer: nn.Module) -> nn.Module:
@@ -199,7 +203,7 @@ class NodeWorker:
         block = self.layers[layer]
         held = None
         with _PROCESS_LOCK:
-            started = time.perf_counter()
+            started, started_cpu = time.perf_counter(), time.thread_time()
             with torch.random.fork_rng(devices=[]):
                 _seed_cpu(self._rng_seed(step, layer))
                 if train:
@@ -207,7 +211,11 @@ class NodeWorker:
                 else:
                     y = self.backend.forward(layer, block, params, x)
             flops, _ = self._layer_flops(layer, x)
-        return y, held, LayerResult(flops=flops, compute_seconds=time.perf_counter() - started)
+            cpu_s = time.thread_time() - started_cpu
+        result = LayerResult(
+            flops=flops, compute_seconds=time.perf_counter() - started, cpu_seconds=cpu_s
+        )
+        return y, held, result
 
     def forward(self, layer: int, step: int, params: dict[str, Tensor]) -> LayerResult:
         if layer == 0:
@@ -251,7 +259,7 @@ class NodeWorker:
                 f"node {self.rank} holds no activation of layer {layer} for step {step}; "
                 "the forward pass must run first"
             )
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.thread_time()
         if layer == self.num_layers - 1:
             self._grad = self._loss_gradient()
         elif self._grad is None:
@@ -268,7 +276,12 @@ class NodeWorker:
         self._grad = grad_x
         if layer == 0:
             self._reset(step)
-        return grads, LayerResult(flops=flops, compute_seconds=time.perf_counter() - started)
+        result = LayerResult(
+            flops=flops,
+            compute_seconds=time.perf_counter() - started,
+            cpu_seconds=time.thread_time() - started_cpu,
+        )
+        return grads, result
 
     def _loss_gradient(self) -> Tensor:
         assert self._logits is not None and self._targets is not None

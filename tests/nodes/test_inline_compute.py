@@ -114,12 +114,34 @@ def test_a_node_with_a_long_layer_computes_every_layer_on_a_thread(monkeypatch, 
     def last_layer_long(self, layer, step, params):
         result = forward(self, layer, step, params)
         if layer == self.num_layers - 1:  # as if it had computed for a minute
-            result = dataclasses.replace(result, compute_seconds=60.0)
+            result = dataclasses.replace(result, compute_seconds=60.0, cpu_seconds=60.0)
         return result
 
     monkeypatch.setattr(NodeWorker, "forward", last_layer_long)
     _, per_step = _train(inline_max_s=1.0, monkeypatch=monkeypatch, started=layer_threads)
     assert per_step == [per_step[0]] * NUM_STEPS
+
+
+def test_a_short_layer_descheduled_mid_compute_stays_on_the_loop(monkeypatch, layer_threads):
+    """Whether a layer is short is judged by the CPU time it computed, not the wall time:
+    on a loaded machine (192 nodes on 2 cores) a short layer descheduled mid-compute took
+    milliseconds of wall time, and judged by that, the node's next layers went to threads,
+    whose hand-offs loaded the machine more (a third of the layers on threads, steps twice
+    as long)."""
+    forward, backward = NodeWorker.forward, NodeWorker.backward
+
+    def descheduled(result):  # a minute of wall time, no CPU time more
+        return dataclasses.replace(result, compute_seconds=result.compute_seconds + 60.0)
+
+    def descheduled_backward(*args):
+        grads, result = backward(*args)
+        return grads, descheduled(result)
+
+    monkeypatch.setattr(NodeWorker, "forward", lambda *args: descheduled(forward(*args)))
+    monkeypatch.setattr(NodeWorker, "backward", descheduled_backward)
+    _, per_step = _train(inline_max_s=0.5, monkeypatch=monkeypatch, started=layer_threads)
+    # The first step measures each layer (on threads); later ones run on the loop.
+    assert per_step[0] > 0 and per_step[1:] == [0] * (NUM_STEPS - 1)
 
 
 def test_a_long_evaluation_layer_keeps_training_layers_on_the_loop(monkeypatch, layer_threads):
@@ -128,7 +150,8 @@ def test_a_long_evaluation_layer_keeps_training_layers_on_the_loop(monkeypatch, 
     evaluate = NodeWorker.evaluate
 
     def evaluation_long(self, layer, step, params):
-        return dataclasses.replace(evaluate(self, layer, step, params), compute_seconds=60.0)
+        result = evaluate(self, layer, step, params)
+        return dataclasses.replace(result, compute_seconds=60.0, cpu_seconds=60.0)
 
     monkeypatch.setattr(NodeWorker, "evaluate", evaluation_long)
     monkeypatch.setattr(node_service, "INLINE_COMPUTE_MAX_S", 1.0)
