@@ -104,7 +104,7 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
         # (pass id, phase, layer) computed last: a pipelined pass computes in order.
         self._turn = threading.Condition()
         self._computed: tuple[int, int, int] | None = None
-        # How long each (phase, layer) took to compute last, s (``INLINE_COMPUTE_MAX_S``),
+        # The CPU time each (phase, layer) took to compute last, s (``INLINE_COMPUTE_MAX_S``),
         # and, by kind of pass (evaluation or not), those that took ``LONG_LAYER_S`` or more:
         # while any does, no layer of such a pass runs on the loop.
         self._compute_s: dict[tuple[int, int], float] = {}
