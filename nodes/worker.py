@@ -211,9 +211,10 @@ class NodeWorker:
                 else:
                     y = self.backend.forward(layer, block, params, x)
             flops, _ = self._layer_flops(layer, x)
-            cpu_s = time.thread_time() - started_cpu
         result = LayerResult(
-            flops=flops, compute_seconds=time.perf_counter() - started, cpu_seconds=cpu_s
+            flops=flops,
+            compute_seconds=time.perf_counter() - started,
+            cpu_seconds=time.thread_time() - started_cpu,
         )
         return y, held, result
 
