@@ -267,8 +267,12 @@ class RuntimeWatch:
             self._step_cpu_s = now
         else:
             before = self._last_step_cpu_s or self._step_cpu_s
+            # /proc counts CPU in clock ticks (10 ms): a short step may show none, and the float
+            # sums may differ by a few ulp; rounded to the microsecond, none shows as -1e-15.
             self._later_step_cpu_s.append(
-                now["driver_s"] + now["actors_s"] - before["driver_s"] - before["actors_s"]
+                round(
+                    now["driver_s"] + now["actors_s"] - before["driver_s"] - before["actors_s"], 6
+                )
             )
             self._num_later_steps += 1
             self._last_step_cpu_s = now

@@ -59,9 +59,11 @@ def test_shared_memory_trains_bitwise_as_grpc_bytes(ray_session, extra):
     # adds up to its per-step mean.
     runtime = on.to_json()["runtime"]
     later_cpu_s = runtime["cpu_s_by_later_step"]
-    assert len(later_cpu_s) == len(on.steps) - 1 and all(s > 0 for s in later_cpu_s)
+    # /proc counts CPU in 10 ms ticks: one short step may show none, never less.
+    assert len(later_cpu_s) == len(on.steps) - 1 and all(s >= 0 for s in later_cpu_s)
+    assert sum(later_cpu_s) > 0
     mean_s = runtime["cpu_per_step_s"]["driver_s"] + runtime["cpu_per_step_s"]["actors_s"]
-    assert sum(later_cpu_s) / len(later_cpu_s) == pytest.approx(mean_s)
+    assert sum(later_cpu_s) / len(later_cpu_s) == pytest.approx(mean_s, abs=1e-6)
     assert shared["read"] >= shared["written"] > 0 and shared["inline"] == 0
     by_kind = shared["by_kind"]
     # Weights down: MemoryX writes, the nodes read.
