@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from emulator.early_ray import local_run
@@ -66,3 +68,23 @@ def test_a_local_ray_starts_without_the_monitors_a_run_never_uses():
     assert (inside.no_monitor, inside.include_log_monitor) == (True, False)
     assert (told.no_monitor, told.include_log_monitor) == (False, True)  # a caller's choice
     assert (outside.no_monitor, outside.include_log_monitor) == (False, None)  # put back
+
+
+def test_ray_processes_inherit_one_malloc_arena_and_the_driver_keeps_its_environment(
+    monkeypatch,
+):
+    from emulator.early_ray import _workers_share_one_heap
+
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    with _workers_share_one_heap():
+        assert os.environ["MALLOC_ARENA_MAX"] == "1"  # what Ray's processes inherit
+    assert "MALLOC_ARENA_MAX" not in os.environ  # put back
+
+
+def test_a_users_own_malloc_arena_setting_is_kept(monkeypatch):
+    from emulator.early_ray import _workers_share_one_heap
+
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    with _workers_share_one_heap():
+        assert os.environ["MALLOC_ARENA_MAX"] == "4"
+    assert os.environ["MALLOC_ARENA_MAX"] == "4"

@@ -123,6 +123,25 @@ def test_a_local_ray_runs_none_of_the_helpers_a_run_never_uses(ray_session):
     )
 
 
+def test_a_local_rays_workers_run_with_one_malloc_arena(ray_session):
+    """Every thread of a component's process allocates from glibc's main heap, which keeps
+    what it frees (``emulator.early_ray._workers_share_one_heap``): without it a node's
+    compute threads fault a step's pages in again every step."""
+    import ray
+
+    from emulator.launch import ComponentHost, _remote
+
+    host = _remote(ComponentHost).remote()
+    try:
+        pid = ray.get(host.pid.remote(), timeout=60)
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        # One arena, unless whoever ran this set their own.
+        expected = os.environ.get("MALLOC_ARENA_MAX", "1")
+        assert f"MALLOC_ARENA_MAX={expected}".encode() in environ
+    finally:
+        ray.kill(host)
+
+
 def test_the_address_decoder_reads_proc_net_tcp_notation():
     assert str(_address("0100007F")) == "127.0.0.1"
     assert str(_address("00000000")) == "0.0.0.0"
