@@ -74,6 +74,9 @@ INLINE_COMPUTE_MAX_S = 0.002
 #: torch's step with its short layers on the loop against 1.10x with none there (medians
 #: of five alternating runs, 2026-12-03; benchmarks/README.md).
 LONG_LAYER_S = 0.05
+#: The computed layers of a pass stream whose futures are kept before the done ones go (a
+#: stream carries one pass after another).
+_LAYERS_OVER_KEPT = 64
 
 
 class _PassCall(ThreadSideContext):
@@ -137,7 +140,10 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
 
     @loop_stream_errors
     async def DeliverPass(self, request_iterator, context):
-        """The layers of one pipelined pass on one stream (``LayerSink.DeliverPass``).
+        """The layers of pipelined passes on one stream (``LayerSink.DeliverPass``): the
+        parent keeps its stream to the node from one pass to the next
+        (``swarmx.link_pool``), and a pass begins once the last layer of the one before
+        it (its ``pass_length``-th) is read.
 
         The stream is read on the event loop: each layer is checked and assembled as it
         comes, while the layer before it computes; each layer then runs as ``Deliver`` runs
@@ -226,8 +232,11 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
                     header = await anext(items, None)
                     if header is None:
                         return
+                    # The parent keeps the stream from one pass to the next: a new pass
+                    # begins once the last layer of the one before is read.
                     header = checked_pass_header(header, pass_id)
-                    pass_id = header.pass_id
+                    last = header.pass_length and header.pass_position == header.pass_length
+                    pass_id = None if last else header.pass_id
                     assembler, params = await self._read_layer(header, items, until_complete=True)
                     over = loop.create_future()
                     if not passing.is_active():  # ended (on this loop) while it was read
@@ -237,6 +246,8 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
                     if not run_here(*layer):
                         threads.start(run, *layer, name=f"{self.name}-layer")
                     del layer
+                    if len(layers_over) >= _LAYERS_OVER_KEPT:  # (a stream of many passes)
+                        layers_over[:] = [f for f in layers_over if not f.done()]
                     layers_over.append(over)
                     num_read += 1
             except Exception as exc:

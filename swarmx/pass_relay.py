@@ -40,6 +40,7 @@ from proto.messages import acks_from_wire
 from proto.pass_stream import ReadDone, checked_pass_header
 from proto.rpc import time_left_s
 from proto.wire import encode
+from swarmx.link_pool import ChildLink
 
 #: Layers of a pass read and not yet answered (a parent keeps two in flight): bounds what
 #: a caller can make this node hold.
@@ -86,6 +87,9 @@ class Relay:
         self.answers: asyncio.Queue = asyncio.Queue()
         self.room = asyncio.Semaphore(LAYERS_AHEAD)
         self.links: list[ClientStream] = []
+        self._pooled: list[ChildLink] = []  # the links' entries in the pool
+        self.stream_over = False  # the parent's stream ended (``read``)
+        self.pass_length: int | None = None  # the pass's layers, once the first is read
         self._waiting: dict[tuple[int, int], RelayedLayer] = {}
         self.error: BaseException | None = None
         # Whole small layers (``Bundle`` s) held back to go to the children as one message
@@ -96,15 +100,10 @@ class Relay:
 
     # -- the children's streams (callbacks on the loop) ---------------------------------
     def open_links(self) -> None:
-        self.links = [
-            ClientStream(
-                stub.DeliverPass,
-                self._timeout_s,
-                lambda message, index=index: self._answered(index, message),
-                lambda error, index=index: self._ended(index, error),
-            )
-            for index, stub in enumerate(self._stubs)
-        ]
+        """The pass's stream to every child: kept from the pass before where it can carry
+        this one (``swarmx.link_pool``), else new."""
+        self._pooled = self._servicer.link_pool.take(self, self._stubs, self._timeout_s)
+        self.links = [link.call for link in self._pooled]
         self._servicer.relays.add(self)
 
     def _answered(self, index: int, message: Any) -> None:
@@ -219,26 +218,39 @@ class Relay:
         for link in self.links:
             link.cancel()
 
+    def release_links(self) -> None:
+        """Every layer of the pass is answered: the children's streams go back to the pool
+        for the next pass (a failed pass cancels them instead)."""
+        if self.error is None:
+            self._servicer.link_pool.give_back(self._pooled)
+        self._pooled, self.links = [], []
+
     def ended(self, finished: bool) -> None:
-        """The pass's call is over, every layer answered (``finished``) or not: a subclass
-        ends what else it opened."""
+        """The pass is over, every layer answered (``finished``) or not (its streams were
+        cancelled). A subclass ends what else it opened."""
+        if finished:
+            self.release_links()
 
     # -- the parent's stream ----------------------------------------------------------
-    async def read(self, request_iterator: AsyncIterator) -> None:
-        """Put every item of the parent's stream on every child's, layer by layer, at most
-        ``LAYERS_AHEAD`` unanswered; the children's streams end with the parent's."""
+    async def read(self, items: PassItems) -> None:
+        """Put the items of one pass from the parent's stream on every child's, layer by
+        layer, at most ``LAYERS_AHEAD`` unanswered: up to the pass's last layer (its
+        ``pass_length``), or to the end of the parent's stream (``stream_over``)."""
         num_read = 0
         try:
-            items = PassItems(request_iterator)
             pass_id: int | None = None
             while True:
                 await self.room.acquire()
                 item = await anext(items, None)
-                if item is None or self.error is not None:
+                if item is None:
+                    self.stream_over = True
+                    break
+                if self.error is not None:
                     break
                 header = checked_pass_header(item, pass_id, with_place=True)
                 self._servicer.passing_of(header)  # its place in the pass, checked
                 pass_id = header.pass_id
+                self.pass_length = header.pass_length
                 key = (header.layer, header.phase)
                 if key in self._waiting:
                     raise WireError(
@@ -253,9 +265,8 @@ class Relay:
                     return  # a child's stream is over: its end failed the pass
                 layer.sent = True
                 self._settle(key, layer)
-            if self.error is None:
-                for link in self.links:
-                    link.close()  # the answers still come
+                if header.pass_position == header.pass_length:
+                    break  # the next pass on the stream is the next relay's
         except Exception as exc:
             self.fail(exc)
         finally:
@@ -367,13 +378,18 @@ class Relay:
 async def relay_pass(
     servicer: Any, request_iterator: AsyncIterator, context: grpc.aio.ServicerContext
 ) -> AsyncIterator[list[LayerAck]]:
-    """The answers to one ``DeliverPass`` stream at SwarmX node ``servicer``, as each
-    layer completes (those complete at once together); the first failure (a bad stream, a
-    child's error) ends the stream, and the end of the call (its caller cancelled it)
-    cancels the children's streams."""
-    relay = Relay(servicer, context)
-    async for acks in answered(relay, relay.read(request_iterator)):
-        yield acks
+    """The answers to a ``DeliverPass`` stream at SwarmX node ``servicer``: its passes one
+    after another (a parent keeps its stream to a child from one pass to the next,
+    ``swarmx.link_pool``), each layer's as it completes (those complete at once together);
+    the first failure (a bad stream, a child's error) ends the stream, and the end of the
+    call (its caller cancelled it) cancels the children's streams."""
+    items = PassItems(request_iterator)
+    while True:
+        relay = Relay(servicer, context)
+        async for acks in answered(relay, relay.read(items)):
+            yield acks
+        if relay.stream_over:
+            return
 
 
 async def answered(relay: Relay, reading: Coroutine) -> AsyncIterator[list[LayerAck]]:
@@ -403,6 +419,9 @@ async def answered(relay: Relay, reading: Coroutine) -> AsyncIterator[list[Layer
                     acks.append(answer)
             if acks:
                 num_answered += len(acks)
+                if num_answered == relay.pass_length:
+                    # Before the last answer goes up: the next pass may come at once.
+                    relay.release_links()
                 yield acks
         finished = True
     finally:

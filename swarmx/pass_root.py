@@ -203,6 +203,7 @@ class _RootRelay(Relay):
         for task in self._sending:
             task.cancel()
         self._weights.close(cancel=not finished)
+        super().ended(finished)
 
     async def read_requests(self, request_iterator: AsyncIterator) -> None:
         """Check and start each request in turn, at most ``MAX_IN_FLIGHT`` unanswered; the
@@ -217,6 +218,7 @@ class _RootRelay(Relay):
                 if request is None:
                     return  # an empty pass: nothing to answer
                 first = first or request
+                self.pass_length = first.pass_length
                 if not request.without_weights and request.pass_position > asked:
                     run = self._weights.asked_with(
                         request, requests.ready, self._servicer.layer_bytes
@@ -232,8 +234,6 @@ class _RootRelay(Relay):
                 self._sending.append(asyncio.ensure_future(self._run_after(before, request)))
             if self._sending and not await self._sending[-1]:
                 return  # a layer failed, and with it the pass
-            for link in self.links:
-                link.close()  # the answers still come
             self._weights.close(cancel=False)
             if await requests.more():
                 raise WireError(f"a pass of pass_length {first.pass_length} has more requests")

@@ -8,6 +8,7 @@ The children are fake ``LayerSink`` servicers that record what they receive.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -18,7 +19,7 @@ from proto import swarmx_pb2_grpc as sgrpc
 from proto import tensor_pb2 as pb
 from proto import threads
 from proto.frames import BUNDLE_MAX_BYTES
-from proto.rpc import channel, start_server
+from proto.rpc import Security, channel, start_server
 from proto.serde import encode_layer
 from swarmx.service import SwarmXServicer
 from swarmx.service import serve as serve_swarmx
@@ -40,12 +41,12 @@ def _layers() -> list[dict[str, torch.Tensor]]:
     ]
 
 
-def _pass_messages() -> list[pb.LayerMessage]:
+def _pass_messages(pass_id: int = PASS_ID) -> list[pb.LayerMessage]:
     messages, layers = [], _layers()
     for position, tensors in enumerate(layers, start=1):
         layer = list(encode_layer(position - 1, 3, pb.FORWARD, tensors, chunk_bytes=CHUNK_BYTES))
         header = layer[0].header
-        header.pass_id, header.pass_position, header.pass_length = PASS_ID, position, len(layers)
+        header.pass_id, header.pass_position, header.pass_length = pass_id, position, len(layers)
         messages += layer
     return messages
 
@@ -62,8 +63,10 @@ class PassSink(sgrpc.LayerSinkServicer):
         self.end_without_answers = False
         self.ended = threading.Event()  # the call is over (however)
         self.kinds: list[str] = []  # what each message on the wire was
+        self.calls = 0  # DeliverPass calls made to it
 
     def DeliverPass(self, request_iterator, context):
+        self.calls += 1
         context.add_callback(self.ended.set)
         header, remaining, received = None, 0, 0
         for message in _items(request_iterator, self.kinds):
@@ -74,7 +77,12 @@ class PassSink(sgrpc.LayerSinkServicer):
                 received += len(message.chunk.data)
                 if message.chunk.offset + len(message.chunk.data) >= message.chunk.tensor_bytes:
                     remaining -= 1
-            if remaining or self.end_without_answers:
+            if remaining:
+                continue
+            if self.end_without_answers:
+                # (The parent keeps the stream open after a pass: ended at its last layer.)
+                if header.pass_position == header.pass_length:
+                    return
                 continue
             if header.layer == self.fail_at_layer:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{self.name} failed")
@@ -104,7 +112,12 @@ def _items(messages, kinds: list[str] | None = None) -> Iterator[pb.LayerMessage
 class Relay:
     """A SwarmX node below the root with fake children (its parent is never called)."""
 
-    def __init__(self, num_children: int = 2, child_dtypes: dict[str, str] | None = None):
+    def __init__(
+        self,
+        num_children: int = 2,
+        child_dtypes: dict[str, str] | None = None,
+        security: Security = SECURITY,
+    ):
         self.servers: list = []
         self.sinks = [PassSink(f"node-{i}") for i in range(num_children)]
         addresses = {}
@@ -112,20 +125,25 @@ class Relay:
             server, addresses[sink.name] = start_server(
                 lambda s, sink=sink: sgrpc.add_LayerSinkServicer_to_server(sink, s),
                 "127.0.0.1",
-                security=SECURITY,
+                security=security,
             )
             self.servers.append(server)
-        self.servicer = SwarmXServicer("swarmx-1-0", security=SECURITY)
-        server, address = serve_swarmx(self.servicer, "127.0.0.1", security=SECURITY)
+        self.servicer = SwarmXServicer("swarmx-1-0", security=security)
+        server, address = serve_swarmx(self.servicer, "127.0.0.1", security=security)
         self.servers.append(server)
+        self.addresses = addresses
+        self.child_dtypes = child_dtypes
+        self.connect()
+        self.stub = sgrpc.LayerSinkStub(channel(address, security))
+
+    def connect(self) -> None:
         self.servicer.connect(
-            children=addresses,
+            children=self.addresses,
             parent="127.0.0.1:1",
             memoryx=None,
-            dtype="float32" if child_dtypes else None,
-            child_dtypes=child_dtypes,
+            dtype="float32" if self.child_dtypes else None,
+            child_dtypes=self.child_dtypes,
         )
-        self.stub = sgrpc.LayerSinkStub(channel(address, SECURITY))
 
     def stop(self) -> None:
         for server in self.servers:
@@ -253,3 +271,65 @@ def test_a_run_of_small_layers_that_came_in_one_message_goes_on_as_one(relay):
     for sink in relay.sinks:
         assert sink.kinds == ["bundle"]
         assert _payload(sink.messages) == _payload(sent)
+
+
+def _answered(messages) -> list[tuple[int, int]]:
+    return sorted((a.layer, a.num_nodes) for a in messages)
+
+
+def test_a_stream_from_the_parent_carries_one_pass_after_another(relay):
+    # The parent keeps its stream from pass to pass; so does this relay to its children.
+    sent = _pass_messages(7) + _pass_messages(8) + _pass_messages(9)
+    acks = list(relay.stub.DeliverPass(iter(sent), timeout=TIMEOUT_S))
+    assert _answered(acks) == [(0, 2), (0, 2), (0, 2), (1, 2), (1, 2), (1, 2)]
+    for sink in relay.sinks:
+        assert sink.calls == 1
+        assert _payload(sink.messages) == _payload(sent)
+        headers = [m.header for m in sink.messages if m.HasField("header")]
+        assert [h.pass_id for h in headers] == [7, 7, 8, 8, 9, 9]
+
+
+def test_the_next_pass_goes_on_the_streams_of_the_last(relay):
+    for pass_id in (7, 8, 9):
+        acks = list(relay.stub.DeliverPass(iter(_pass_messages(pass_id)), timeout=TIMEOUT_S))
+        assert _answered(acks) == [(0, 2), (1, 2)]
+    assert [sink.calls for sink in relay.sinks] == [1, 1]
+    assert relay.servicer.link_pool.num_opened == 2
+
+
+def test_a_failed_pass_leaves_no_stream_to_the_next(relay):
+    relay.sinks[0].fail_at_layer = 1
+    with pytest.raises(grpc.RpcError) as info:
+        list(relay.stub.DeliverPass(iter(_pass_messages(7)), timeout=TIMEOUT_S))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert relay.sinks[1].ended.wait(WAIT_S)  # cancelled, not kept for the next pass
+    relay.sinks[0].fail_at_layer = None
+    acks = list(relay.stub.DeliverPass(iter(_pass_messages(8)), timeout=TIMEOUT_S))
+    assert _answered(acks) == [(0, 2), (1, 2)]
+    assert [sink.calls for sink in relay.sinks] == [2, 2]
+
+
+def test_a_rewired_relay_opens_new_streams(relay):
+    list(relay.stub.DeliverPass(iter(_pass_messages(7)), timeout=TIMEOUT_S))
+    relay.connect()  # (the same children: a neighbour was replaced)
+    for sink in relay.sinks:
+        assert sink.ended.wait(WAIT_S)  # the kept streams were ended
+    acks = list(relay.stub.DeliverPass(iter(_pass_messages(8)), timeout=TIMEOUT_S))
+    assert _answered(acks) == [(0, 2), (1, 2)]
+    assert [sink.calls for sink in relay.sinks] == [2, 2]
+
+
+def test_a_stream_idle_for_half_the_idle_limit_is_not_used_again():
+    # A child's idle watchdog ends a stream that waits stream_idle_s for its next pass: a
+    # pass must not begin on a stream that may be ended under it.
+    relay = Relay(security=Security.generate(stream_idle_s=0.4))
+    try:
+        list(relay.stub.DeliverPass(iter(_pass_messages(7)), timeout=TIMEOUT_S))
+        list(relay.stub.DeliverPass(iter(_pass_messages(8)), timeout=TIMEOUT_S))
+        assert [sink.calls for sink in relay.sinks] == [1, 1]
+        time.sleep(0.25)
+        acks = list(relay.stub.DeliverPass(iter(_pass_messages(9)), timeout=TIMEOUT_S))
+        assert _answered(acks) == [(0, 2), (1, 2)]
+        assert [sink.calls for sink in relay.sinks] == [2, 2]
+    finally:
+        relay.stop()
