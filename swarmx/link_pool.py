@@ -1,12 +1,12 @@
 """A SwarmX node's streams to its children, kept from one pass to the next.
 
-A ``DeliverPass`` call costs its client and its server about 0.5 ms of CPU each to set up
-and end on this machine's gRPC (``benchmarks/bench_call_cost.py``): three times what one
-message each way on an open stream costs, and a small model's pass is a few messages per
-child. So a relay (``swarmx.pass_relay``) takes its children's streams from this pool
-when its pass begins and gives them back when every layer is answered; the next pass
-sends its layers on the same calls (a child reads one pass after another on a stream:
-``nodes.service``, ``swarmx.pass_relay.relay_pass``).
+A stream call costs its client and server 0.7-1.4 ms of CPU together to set up and end
+(``benchmarks/bench_call_setup.py``, on 2 cores), the CPU of 3-5 messages each way on an
+open stream, and a small model's pass is one or two messages per child. So a relay
+(``swarmx.pass_relay``) takes its children's streams from this pool when its pass begins
+and gives them back when every layer is answered; the next pass sends its layers on the
+same calls (a child reads one pass after another on a stream: ``nodes.service``,
+``swarmx.pass_relay.relay_pass``).
 
 A stream stays in the pool only while it can carry a whole pass: it is open, its deadline
 (``LINK_LIFETIME_S`` or the pass's, whichever is longer) covers the next pass's, and it has
