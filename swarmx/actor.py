@@ -40,5 +40,5 @@ class SwarmXActor:
         )
 
     def stop(self) -> None:
-        self.servicer.link_pool.clear()  # the streams kept for the next pass
+        self.servicer.stream_pool.clear()  # the streams kept for the next pass
         self.server.stop(grace=None)

@@ -102,7 +102,18 @@ class Relay:
     def open_links(self) -> None:
         """The pass's stream to every child: kept from the pass before where it can carry
         this one (``swarmx.link_pool``), else new."""
-        self._pooled = self._servicer.link_pool.take(self, self._stubs, self._timeout_s)
+        pool = self._servicer.stream_pool
+        self._pooled = []
+        for index, stub in enumerate(self._stubs):
+            link = pool.take(
+                ("child", index),
+                lambda timeout_s, wiring, stub=stub, index=index: ChildLink(
+                    stub, index, timeout_s, wiring
+                ),
+                self._timeout_s,
+            )
+            link.owner = self
+            self._pooled.append(link)
         self.links = [link.call for link in self._pooled]
         self._servicer.relays.add(self)
 
@@ -222,7 +233,9 @@ class Relay:
         """Every layer of the pass is answered: the children's streams go back to the pool
         for the next pass (a failed pass cancels them instead)."""
         if self.error is None:
-            self._servicer.link_pool.give_back(self._pooled)
+            for link in self._pooled:
+                link.owner = None
+                self._servicer.stream_pool.give_back(("child", link.index), link)
         self._pooled, self.links = [], []
 
     def ended(self, finished: bool) -> None:

@@ -2,13 +2,13 @@
 to the children, without threads.
 
 The driver sends a pass's layer requests on one stream; for each, the root asks MemoryX
-for the layer's weights on the pass's one ``StreamPass`` call per server (as soon as the
-request arrives: MemoryX streams it while the layers before it are still at the nodes; a
-run of small layers whose requests came together in one message, and MemoryX answers it
-in one),
-and, once fewer than ``MAX_IN_FLIGHT`` layers are unanswered, puts the layer's items on
-every child's pass stream as they come (``swarmx.pass_relay``, which a SwarmX node below
-the root runs for its parent's stream). Each layer is answered to the driver once every
+for the layer's weights on one ``StreamPass`` call per server, kept from pass to pass
+(``swarmx.link_pool``), as soon as the request arrives: MemoryX streams it while the
+layers before it are still at the nodes (a run of small layers whose requests came
+together in one message, MemoryX answers in one); and, once fewer than
+``MAX_IN_FLIGHT`` layers are unanswered, puts the layer's items on every child's pass
+stream as they come (``swarmx.pass_relay``, which a SwarmX node below the root runs for
+its parent's stream). Each layer is answered to the driver once every
 child has answered it, in pass order. The first failure ends the pass and cancels its
 streams, to the children and to MemoryX.
 
@@ -41,6 +41,7 @@ from proto.loop_streams import ClientStream
 from proto.messages import unfolded, weights_requests_to_wire
 from proto.pass_stream import ReadDone
 from proto.rpc import time_left_s
+from swarmx.link_pool import KeptStream
 from swarmx.pass_relay import Relay, RelayedLayer, answered
 from swarmx.pass_run import MAX_IN_FLIGHT, StreamEnd, checked_pass_request
 
@@ -53,30 +54,44 @@ async def _messages(queue: asyncio.Queue) -> AsyncIterator:
         raise message.error
 
 
+class _WeightStream(KeptStream):
+    """One MemoryX server's ``StreamPass`` call, its answers read on the loop as items; kept
+    for the next pass once a pass has read all it asked for (``swarmx.link_pool``)."""
+
+    def __init__(self, stub: Any, timeout_s: float, wiring: int):
+        answers: asyncio.Queue = asyncio.Queue()
+        call = ClientStream(
+            stub.StreamPass,
+            timeout_s,
+            answers.put_nowait,
+            lambda error: answers.put_nowait(StreamEnd(error)),
+        )
+        super().__init__(call, timeout_s, wiring)
+        self.items: AsyncIterator[StreamItem] = from_wire_stream_async(_messages(answers))
+
+
 class _LoopWeights:
-    """The weights of one pass's layers from MemoryX: one ``StreamPass`` call per server,
-    opened by the first layer of the pass it holds, its answers read on the loop."""
+    """The weights of one pass's layers from MemoryX: one ``StreamPass`` call per server
+    (kept from the pass before where it can be), taken by the first layer of the pass it
+    holds, its answers read on the loop."""
 
     def __init__(self, servicer: Any, timeout_s: float):
         self._servicer = servicer
         self._timeout_s = timeout_s
-        self._calls: dict[Any, tuple[ClientStream, AsyncIterator[StreamItem]]] = {}
+        self._calls: dict[Any, _WeightStream] = {}
         self._closed = False
 
-    def _call(self, stub) -> tuple[ClientStream, AsyncIterator[StreamItem]]:
-        entry = self._calls.get(stub)
-        if entry is None:
+    def _call(self, stub) -> _WeightStream:
+        stream = self._calls.get(stub)
+        if stream is None:
             if self._closed:  # (a pass cancelled by a rewiring opens no more streams)
                 raise WireError("the pass is over; its MemoryX streams are closed")
-            answers: asyncio.Queue = asyncio.Queue()
-            call = ClientStream(
-                stub.StreamPass,
+            stream = self._calls[stub] = self._servicer.stream_pool.take(
+                ("memoryx", id(stub)),
+                lambda timeout_s, wiring: _WeightStream(stub, timeout_s, wiring),
                 self._timeout_s,
-                answers.put_nowait,
-                lambda error: answers.put_nowait(StreamEnd(error)),
             )
-            entry = self._calls[stub] = (call, from_wire_stream_async(_messages(answers)))
-        return entry
+        return stream
 
     def _stub(self, request: LayerRequest):
         _, stubs = self._servicer.weight_sources(request.layer)
@@ -110,12 +125,12 @@ class _LoopWeights:
     async def ask(self, requests: list[LayerRequest]) -> None:
         """Ask for consecutive layers of the pass, all from one server, in one message."""
         # A call that is over refuses it: its end fails the layer's read.
-        await self._call(self._stub(requests[0]))[0].send(weights_requests_to_wire(requests))
+        await self._call(self._stub(requests[0])).call.send(weights_requests_to_wire(requests))
 
     async def header(self, request: LayerRequest) -> tuple[Header, AsyncIterator[StreamItem]]:
         """The header of ``request``'s layer (marked with its place in the pass), and the
         stream its chunks follow on."""
-        items = self._call(self._stub(request))[1]
+        items = self._call(self._stub(request)).items
         header = await anext(items, None)
         if not isinstance(header, Header):
             raise WireError("each layer of a pass stream starts with a header")
@@ -132,12 +147,15 @@ class _LoopWeights:
         return _placed(header, request), items
 
     def close(self, *, cancel: bool) -> None:
-        """No more requests (``cancel``: the calls end too)."""
+        """No more requests: the calls go back to the pool for the next pass, every answer
+        asked for having been read (``cancel``: the calls end instead)."""
         self._closed = True
-        for call, _ in self._calls.values():
-            call.close()
+        calls, self._calls = self._calls, {}
+        for stub, stream in calls.items():
             if cancel:
-                call.cancel()
+                stream.call.cancel()
+            else:
+                self._servicer.stream_pool.give_back(("memoryx", id(stub)), stream)
 
 
 def _placed(header: Header, request: LayerRequest) -> Header:

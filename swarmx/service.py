@@ -67,7 +67,7 @@ from proto.rpc import (
 from proto.wire import fast_channel
 from proto.wire import register as register_fast
 from swarmx.gradient_link import GradientLink
-from swarmx.link_pool import LinkPool
+from swarmx.link_pool import StreamPool
 from swarmx.pass_link import QUEUE_DEPTH, PassLink, child_results, drain, put
 from swarmx.pass_relay import relay_pass
 from swarmx.pass_root import root_pass
@@ -145,9 +145,9 @@ class SwarmXServicer(ReduceSide, sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
         self._pass_turn = threading.Condition()
         self._pass_done: tuple[int, int] | None = None
         # The passes relayed here from the parent now (swarmx.pass_relay), each with its
-        # streams to the children, and those streams between passes (swarmx.link_pool).
+        # streams to the children; the streams kept between passes (swarmx.link_pool).
         self.relays: set = set()
-        self.link_pool = LinkPool(idle_limit_s=security.stream_idle_s / 2)
+        self.stream_pool = StreamPool(idle_limit_s=security.stream_idle_s / 2)
         self._loop_reduce = LoopReduceSide(self)
         self._threaded_reduce_pass = threaded_stream_handler(self._reduce_pass_on_threads)
         self._threaded_run_pass = threaded_stream_handler(self._run_pass_on_threads)
@@ -181,7 +181,7 @@ class SwarmXServicer(ReduceSide, sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
             link.cancel()  # a pass interrupted by the rewiring is run again
         for relay in list(self.relays):
             relay.cancel()
-        self.link_pool.clear()
+        self.stream_pool.clear()
         self.children = tuple(children)
         self._child_stubs = [
             sgrpc.LayerSinkStub(fast_channel(channel(a, self.security))) for a in children.values()

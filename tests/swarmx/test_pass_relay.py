@@ -294,7 +294,7 @@ def test_the_next_pass_goes_on_the_streams_of_the_last(relay):
         acks = list(relay.stub.DeliverPass(iter(_pass_messages(pass_id)), timeout=TIMEOUT_S))
         assert _answered(acks) == [(0, 2), (1, 2)]
     assert [sink.calls for sink in relay.sinks] == [1, 1]
-    assert relay.servicer.link_pool.num_opened == 2
+    assert relay.servicer.stream_pool.num_opened == 2
 
 
 def test_a_failed_pass_leaves_no_stream_to_the_next(relay):

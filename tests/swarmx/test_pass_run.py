@@ -79,9 +79,10 @@ def test_a_training_pass_is_one_call_to_the_root_and_one_to_memoryx(cluster, cal
         assert acks[num_layers - 1].num_targets > 0 and acks[num_layers - 1].loss_sum > 0
         assert sum(a.flops for a in acks) > 0
     assert cluster.version() == 2
-    # Per step: one call from the driver to the root and one from the root to MemoryX.
+    # Per step: one call from the driver to the root; the root's weight stream from MemoryX
+    # is kept from one pass to the next.
     assert calls["RunPass"] == 2 and calls["RunLayer"] == 0
-    assert calls["StreamPass"] == 2 and calls["StreamWeights"] == 0
+    assert calls["StreamPass"] == 1 and calls["StreamWeights"] == 0
     stats = cluster.memoryx_stub.Stats(pb.Empty(), timeout=TIMEOUT_S)
     assert stats.num_weight_streams == 2 * 2 * num_layers  # one per layer phase, as before
 
@@ -263,12 +264,16 @@ def test_bad_pass_requests_are_refused_and_change_nothing(cluster, case):
     assert len(_raw_pass(cluster, [_eval(step, 0, 1, pass_id=7), _eval(step, 1, 2, pass_id=7)]))
 
 
-def test_a_layer_memoryx_refuses_fails_the_pass_with_its_code(cluster):
+def test_a_layer_memoryx_refuses_fails_the_pass_with_its_code(cluster, calls):
     step = cluster.version()
     for bad in (_eval(step, 5, 2), _eval(step + 3, 1, 2)):  # no such layer; a future step
         with pytest.raises(grpc.RpcError) as info:
             _raw_pass(cluster, [_eval(step, 0, 1), bad])
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # MemoryX ended each failed pass's weight stream: the next pass opens its own.
+    assert len(_raw_pass(cluster, [_eval(step, 0, 1, pass_id=7), _eval(step, 1, 2, pass_id=7)]))
+    assert len(_raw_pass(cluster, [_eval(step, 0, 1, pass_id=8), _eval(step, 1, 2, pass_id=8)]))
+    assert calls["StreamPass"] == 3  # (the two good passes on one)
 
 
 def test_run_pass_on_a_non_root_is_refused(calls):
