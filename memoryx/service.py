@@ -306,20 +306,23 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
 
     @rpc_stream_errors
     def PushPass(self, request_iterator, context):
-        """The reduced gradient layers of one pipelined pass on one stream (``PushPass``):
+        """The reduced gradient layers of pipelined passes on one stream (``PushPass``):
         each applied as ``PushGradients`` applies it, and answered as soon as it is; the
-        layers that came in one message are answered in one (``LayerAck.following``)."""
+        layers that came in one message are answered in one (``LayerAck.following``). The
+        root keeps the stream from one pass to the next (``swarmx.link_pool``): a later
+        pass, with a larger id, may follow a pass's layers, never an earlier one."""
         items = StreamItems(request_iterator)
-        pass_id = None
+        pass_id = 0
         answers: list[LayerAck] = []
         while (header := next(items, None)) is not None:
             if not isinstance(header, Header) or header.pass_id <= 0:
                 raise WireError(
                     "each layer of a gradient pass stream starts with a header of its pass"
                 )
-            if pass_id not in (None, header.pass_id):
+            if header.pass_id < pass_id:
                 raise WireError(
-                    f"a gradient pass stream carries pass {pass_id}, not {header.pass_id}"
+                    f"a gradient pass stream carried pass {pass_id}, then pass "
+                    f"{header.pass_id}: a later pass has a larger id"
                 )
             pass_id = header.pass_id
             answers.append(self._push_layer(header, items, until_complete=True))

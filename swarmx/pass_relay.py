@@ -20,6 +20,7 @@ answered once the sum is accepted upstream, the receiver's ``update_applied`` in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
@@ -90,6 +91,8 @@ class Relay:
         self._pooled: list[ChildLink] = []  # the links' entries in the pool
         self.stream_over = False  # the parent's stream ended (``read``)
         self.pass_length: int | None = None  # the pass's layers, once the first is read
+        self._whole = False  # (``read``) the pass's last layer is read
+        self._links_closed = False  # (``read``) the children's streams end with this pass
         self._waiting: dict[tuple[int, int], RelayedLayer] = {}
         self.error: BaseException | None = None
         # Whole small layers (``Bundle`` s) held back to go to the children as one message
@@ -231,8 +234,9 @@ class Relay:
 
     def release_links(self) -> None:
         """Every layer of the pass is answered: the children's streams go back to the pool
-        for the next pass (a failed pass cancels them instead)."""
-        if self.error is None:
+        for the next pass (a failed pass cancels them instead; those of a pass cut short
+        end once they are answered)."""
+        if self.error is None and not self._links_closed:
             for link in self._pooled:
                 link.owner = None
                 self._servicer.stream_pool.give_back(("child", link.index), link)
@@ -257,6 +261,12 @@ class Relay:
                 item = await anext(items, None)
                 if item is None:
                     self.stream_over = True
+                    if self.links and not self._whole:
+                        # The parent ended its stream mid-pass: so do the children's (the
+                        # answers still come), and no next pass takes them.
+                        for link in self.links:
+                            link.close()
+                        self._links_closed = True
                     break
                 if self.error is not None:
                     break
@@ -279,6 +289,7 @@ class Relay:
                 layer.sent = True
                 self._settle(key, layer)
                 if header.pass_position == header.pass_length:
+                    self._whole = True
                     break  # the next pass on the stream is the next relay's
         except Exception as exc:
             self.fail(exc)
@@ -399,8 +410,11 @@ async def relay_pass(
     items = PassItems(request_iterator)
     while True:
         relay = Relay(servicer, context)
-        async for acks in answered(relay, relay.read(items)):
-            yield acks
+        # Closed with this stream (its caller cancelled it), not whenever it is collected:
+        # its end cancels the children's streams.
+        async with contextlib.aclosing(answered(relay, relay.read(items))) as answers:
+            async for acks in answers:
+                yield acks
         if relay.stream_over:
             return
 

@@ -38,6 +38,7 @@ from proto.loop_streams import ClientStream
 from proto.messages import unfolded
 from proto.pass_stream import ReadDone
 from proto.rpc import StepConflict, is_cancelled, time_left_s
+from swarmx.link_pool import KeptStream, StreamPool
 from swarmx.pass_run import ERROR_GRACE_S
 from swarmx.reduce import ChunkReduction
 
@@ -72,18 +73,40 @@ class _Sum:
         return not self.failed and not self.answer.done()
 
 
-class _UpStream:
+class _UpStream(KeptStream):
     """One pass's summed layers to one receiver, on one stream: each layer whole, in the
-    order its sum opened (``add``); each answer settles its layer's ``_Sum``."""
+    order its sum opened (``add``); each answer settles its layer's ``_Sum``.
 
-    def __init__(self, method: Any, pass_id: int, timeout_s: float):
+    ``kept`` (MemoryX's ``PushPass``, which reads one pass after another): the stream
+    carries the next pass too; once its pass's last sum is answered it goes back to the
+    node's stream pool (``swarmx.link_pool``) instead of ending."""
+
+    def __init__(
+        self,
+        method: Any,
+        pass_id: int,
+        timeout_s: float,
+        wiring: int = 0,
+        *,
+        kept: tuple[StreamPool, Any] | None = None,
+    ):
         self.pass_id = pass_id
         self._sums: collections.deque[_Sum] = collections.deque()  # not yet all sent
         self._waiting: dict[tuple[int, int], _Sum] = {}  # by (layer, step): not answered
         self._wake = asyncio.Event()
         self.closing = False
-        self.call = ClientStream(method, timeout_s, self._answered, self._ended)
+        self._kept = kept  # the pool and key to go back to once the pass is answered
+        self.pass_over = False  # (kept) the pass's last layer is opened
+        self.in_pool = False  # (kept) its pass is answered: it waits for the next
+        super().__init__(
+            ClientStream(method, timeout_s, self._answered, self._ended), timeout_s, wiring
+        )
         self._pump = asyncio.ensure_future(self._send())
+
+    def begin(self, pass_id: int) -> None:
+        """(Kept) carry ``pass_id``'s sums from now on."""
+        self.pass_id = pass_id
+        self.pass_over = self.in_pool = False
 
     def add(self, entry: _Sum) -> None:
         self._sums.append(entry)
@@ -95,9 +118,20 @@ class _UpStream:
         self._wake.set()
 
     def close(self) -> None:
-        """The pass's last layer is opened: the stream ends once its sums are sent."""
+        """The pass's last layer is opened: the stream ends once its sums are sent (kept:
+        it goes back to the pool once they are answered)."""
+        if self._kept is not None:
+            self.pass_over = True
+            self._give_back_if_answered()
+            return
         self.closing = True
         self._wake.set()
+
+    def _give_back_if_answered(self) -> None:
+        if self.pass_over and not self._waiting and not self._sums and not self.call.done():
+            pool, key = self._kept
+            self.in_pool = True
+            pool.give_back(key, self)
 
     def cancel(self) -> None:
         self.call.cancel()
@@ -172,6 +206,8 @@ class _UpStream:
                 return
             if not entry.answer.done():
                 entry.answer.set_result(answer)
+        if self._kept is not None:
+            self._give_back_if_answered()
 
     def _ended(self, error: BaseException | None) -> None:
         if error is None and self._waiting:
@@ -185,7 +221,7 @@ class _UpStream:
 
     @property
     def ended(self) -> bool:
-        return self.closing or self.call.done()
+        return self.closing or self.pass_over or self.in_pool or self.call.done()
 
 
 class _Part:
@@ -250,8 +286,22 @@ class LoopReduceSide:
         up = streams.get(id(method))
         if up is None or up.ended:
             # It lives as long as the pass's gradients: under the deadline of the child
-            # stream that opened it (a pass stream's deadline covers its layers).
-            up = streams[id(method)] = _UpStream(method, header.pass_id, time_left_s(context))
+            # stream that opened it (a pass stream's deadline covers its layers). MemoryX
+            # reads one pass after another on its stream: that one is kept.
+            timeout_s = time_left_s(context)
+            if self._side._parent is None:
+                pool, key = self._side.stream_pool, ("up", id(method))
+                up = pool.take(
+                    key,
+                    lambda timeout_s, wiring: _UpStream(
+                        method, header.pass_id, timeout_s, wiring, kept=(pool, key)
+                    ),
+                    timeout_s,
+                )
+                up.begin(header.pass_id)
+            else:
+                up = _UpStream(method, header.pass_id, timeout_s)
+            streams[id(method)] = up
             self._streams = (header.pass_id, streams)
         entry = self.sums[(header.layer, header.step, header.pass_id)] = _Sum(
             self._side, header, up
@@ -268,7 +318,7 @@ class LoopReduceSide:
             streams = self._streams[1]
             self._streams = None
             for up in streams.values():
-                if not up.closing:
+                if not up.closing and not up.in_pool:  # (in the pool: the next pass's)
                     up.cancel()
 
     def fail(self, entry: _Sum, reason: str) -> None:

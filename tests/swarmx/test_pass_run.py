@@ -49,7 +49,7 @@ def calls(monkeypatch) -> Counter:
     return count_servicer_calls(
         monkeypatch,
         {
-            MemoryXServicer: ("StreamWeights", "StreamPass"),
+            MemoryXServicer: ("StreamWeights", "StreamPass", "PushPass", "PushGradients"),
             SwarmXServicer: ("RunLayer", "RunPass"),
         },
     )
@@ -79,10 +79,11 @@ def test_a_training_pass_is_one_call_to_the_root_and_one_to_memoryx(cluster, cal
         assert acks[num_layers - 1].num_targets > 0 and acks[num_layers - 1].loss_sum > 0
         assert sum(a.flops for a in acks) > 0
     assert cluster.version() == 2
-    # Per step: one call from the driver to the root; the root's weight stream from MemoryX
-    # is kept from one pass to the next.
+    # Per step: one call from the driver to the root; the root's weight stream from MemoryX,
+    # and its gradient stream to it, are kept from one pass to the next.
     assert calls["RunPass"] == 2 and calls["RunLayer"] == 0
     assert calls["StreamPass"] == 1 and calls["StreamWeights"] == 0
+    assert calls["PushPass"] == 1 and calls["PushGradients"] == 0
     stats = cluster.memoryx_stub.Stats(pb.Empty(), timeout=TIMEOUT_S)
     assert stats.num_weight_streams == 2 * 2 * num_layers  # one per layer phase, as before
 
