@@ -309,22 +309,15 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
         """The reduced gradient layers of pipelined passes on one stream (``PushPass``):
         each applied as ``PushGradients`` applies it, and answered as soon as it is; the
         layers that came in one message are answered in one (``LayerAck.following``). The
-        root keeps the stream from one pass to the next (``swarmx.link_pool``): a later
-        pass, with a larger id, may follow a pass's layers, never an earlier one."""
+        root keeps the stream from one pass to the next (``swarmx.link_pool``), its passes
+        one after another (their ids are random per driver, so they are not ordered)."""
         items = StreamItems(request_iterator)
-        pass_id = 0
         answers: list[LayerAck] = []
         while (header := next(items, None)) is not None:
             if not isinstance(header, Header) or header.pass_id <= 0:
                 raise WireError(
                     "each layer of a gradient pass stream starts with a header of its pass"
                 )
-            if header.pass_id < pass_id:
-                raise WireError(
-                    f"a gradient pass stream carried pass {pass_id}, then pass "
-                    f"{header.pass_id}: a later pass has a larger id"
-                )
-            pass_id = header.pass_id
             answers.append(self._push_layer(header, items, until_complete=True))
             if not items.buffered():  # (else the message brought the next layer too)
                 yield acks_to_wire(answers)

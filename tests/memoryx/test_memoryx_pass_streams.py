@@ -78,7 +78,6 @@ def _bad_pass_streams() -> dict[str, list[pb.LayerMessage]]:
     first = _pass_stream([1])
     return {
         "no pass id": first + _pass_stream([0], pass_id=0),
-        "an earlier pass": first + _pass_stream([0], pass_id=4),
         "ends in a layer": first + _pass_stream([0])[:-1],
         "bad total_bytes": first + edited(_pass_stream([0]), 0, total_bytes=MODEL_BYTES),
         "chunk first": first + _pass_stream([0])[1:],
@@ -116,8 +115,9 @@ def _unbundled(messages):
 
 
 def test_a_pass_stream_carries_one_pass_after_another(loaded):
-    # The root keeps its PushPass stream from one pass to the next.
-    messages = _pass_stream([1, 0], pass_id=5, step=0) + _pass_stream([1, 0], pass_id=6, step=1)
+    # The root keeps its PushPass stream from one pass to the next (a later driver's pass
+    # ids may be smaller: random per driver).
+    messages = _pass_stream([1, 0], pass_id=5, step=0) + _pass_stream([1, 0], pass_id=3, step=1)
     acks = list(loaded.stub.PushPass(iter(messages), timeout=TIMEOUT_S))
     answered = [(a.layer, a.step, a.update_applied) for m in acks for a in (m, *m.following)]
     assert answered == [(1, 0, True), (0, 0, True), (1, 1, True), (0, 1, True)]
