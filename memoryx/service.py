@@ -309,7 +309,7 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
         """The reduced gradient layers of pipelined passes on one stream (``PushPass``):
         each applied as ``PushGradients`` applies it, and answered as soon as it is; the
         layers that came in one message are answered in one (``LayerAck.following``). The
-        root keeps the stream from one pass to the next (``swarmx.link_pool``), its passes
+        root keeps the stream from one pass to the next (``proto.kept_streams``), its passes
         one after another (their ids are random per driver, so they are not ordered)."""
         items = StreamItems(request_iterator)
         answers: list[LayerAck] = []

@@ -3,7 +3,7 @@ to the children, without threads.
 
 The driver sends a pass's layer requests on one stream; for each, the root asks MemoryX
 for the layer's weights on one ``StreamPass`` call per server, kept from pass to pass
-(``swarmx.link_pool``), as soon as the request arrives: MemoryX streams it while the
+(``proto.kept_streams``), as soon as the request arrives: MemoryX streams it while the
 layers before it are still at the nodes (a run of small layers whose requests came
 together in one message, MemoryX answers in one); and, once fewer than
 ``MAX_IN_FLIGHT`` layers are unanswered, puts the layer's items on every child's pass
@@ -37,11 +37,11 @@ import grpc
 
 from proto.domain import Header, LayerRequest, StreamItem
 from proto.frames import BUNDLE_MAX_BYTES, WireError, from_wire_stream_async
+from proto.kept_streams import KeptStream
 from proto.loop_streams import ClientStream
 from proto.messages import unfolded, weights_requests_to_wire
 from proto.pass_stream import ReadDone
 from proto.rpc import time_left_s
-from swarmx.link_pool import KeptStream
 from swarmx.pass_relay import Relay, RelayedLayer, answered
 from swarmx.pass_run import MAX_IN_FLIGHT, StreamEnd, checked_pass_request
 
@@ -56,7 +56,7 @@ async def _messages(queue: asyncio.Queue) -> AsyncIterator:
 
 class _WeightStream(KeptStream):
     """One MemoryX server's ``StreamPass`` call, its answers read on the loop as items; kept
-    for the next pass once a pass has read all it asked for (``swarmx.link_pool``)."""
+    for the next pass once a pass has read all it asked for (``proto.kept_streams``)."""
 
     def __init__(self, stub: Any, timeout_s: float, wiring: int):
         answers: asyncio.Queue = asyncio.Queue()

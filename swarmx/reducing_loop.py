@@ -34,11 +34,11 @@ from proto.frames import (
     from_wire_stream_async,
     payload_bytes,
 )
+from proto.kept_streams import KeptStream, StreamPool
 from proto.loop_streams import ClientStream
 from proto.messages import unfolded
 from proto.pass_stream import ReadDone
 from proto.rpc import StepConflict, is_cancelled, time_left_s
-from swarmx.link_pool import KeptStream, StreamPool
 from swarmx.pass_run import ERROR_GRACE_S
 from swarmx.reduce import ChunkReduction
 
@@ -79,7 +79,7 @@ class _UpStream(KeptStream):
 
     ``kept`` (MemoryX's ``PushPass``, which reads one pass after another): the stream
     carries the next pass too; once its pass's last sum is answered it goes back to the
-    node's stream pool (``swarmx.link_pool``) instead of ending."""
+    node's stream pool (``proto.kept_streams``) instead of ending."""
 
     def __init__(
         self,

@@ -39,6 +39,7 @@ from proto.frames import (
     recast_chunk,
     recast_header,
 )
+from proto.kept_streams import StreamPool
 from proto.loop_server import (
     LoopServer,
     SyncOnLoop,
@@ -67,7 +68,6 @@ from proto.rpc import (
 from proto.wire import fast_channel
 from proto.wire import register as register_fast
 from swarmx.gradient_link import GradientLink
-from swarmx.link_pool import StreamPool
 from swarmx.pass_link import QUEUE_DEPTH, PassLink, child_results, drain, put
 from swarmx.pass_relay import relay_pass
 from swarmx.pass_root import root_pass
@@ -145,7 +145,7 @@ class SwarmXServicer(ReduceSide, sgrpc.SwarmXServicer, sgrpc.LayerSinkServicer):
         self._pass_turn = threading.Condition()
         self._pass_done: tuple[int, int] | None = None
         # The passes relayed here from the parent now (swarmx.pass_relay), each with its
-        # streams to the children; the streams kept between passes (swarmx.link_pool).
+        # streams to the children; the streams kept between passes (proto.kept_streams).
         self.relays: set = set()
         self.stream_pool = StreamPool(idle_limit_s=security.stream_idle_s / 2)
         self._loop_reduce = LoopReduceSide(self)
