@@ -125,6 +125,7 @@ class Coordinator:
         self.deadlines = deadlines(self.config.runtime)
         # Ids of pipelined passes: unique per attempt, and not those of an earlier driver.
         self._pass_ids = itertools.count(secrets.randbits(48) + 1)
+        self.root: SwarmXClient | None = None
         self._connect_clients()
         # A backend whose backward needs no weights (DFA) gets a header-only backward stream.
         self.backward_weights = self.config.backend.needs_weights_in_backward
@@ -142,6 +143,7 @@ class Coordinator:
 
     def _connect_clients(self) -> None:
         """Clients of MemoryX and the root at their current addresses (they change on restart)."""
+        self.close()
         security = self.cluster.security
         self.memoryx = MemoryXServers(
             self.cluster.memoryx_addresses,
@@ -150,6 +152,9 @@ class Coordinator:
             self.deadlines,
         )
         self.root = SwarmXClient(self.cluster.root_address, security, self.deadlines)
+        # One RunPass stream carries pass after pass (a root that joins layers split over
+        # MemoryX servers, on threads, reads one pass per call).
+        self._keep_pass_stream = not self.cluster.memoryx_split
         self._traffic_at_commit = None  # another MemoryX, or the same one restarted
         # Layer deadlines scale with the node count, which shrinks with on_node_loss: shrink.
         self._layer_timeouts_s = None
@@ -183,6 +188,12 @@ class Coordinator:
         if self._initial is None:
             raise RuntimeError("the new MemoryX has no weights and the run has none to give it")
         self._send_weights()
+
+    def close(self) -> None:
+        """End the root's ``RunPass`` stream kept for the next pass (the run is over, or the
+        root is replaced)."""
+        if self.root is not None:
+            self.root.close()
 
     def remove_initial_copy(self) -> None:
         """The run ended (or a checkpoint now covers restarts): its initial copy goes."""
@@ -227,7 +238,7 @@ class Coordinator:
         ahead = window if window < PASS_WINDOW or self.fault is not None else len(order)
         # The pass's deadline: its layers' deadlines, one after the other.
         timeout_s = sum(self._layer_timeout_s(layer) for layer, _ in order)
-        pending = self.root.start_pass(timeout_s=timeout_s)
+        pending = self.root.start_pass(timeout_s=timeout_s, keep=self._keep_pass_stream)
         requests = [
             LayerRequest(
                 layer=layer,

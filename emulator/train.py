@@ -396,6 +396,7 @@ def train(
         if stop is not None:
             stop.finishing()  # from here a signal must not cut the report short
         if coordinator is not None:
+            coordinator.close()
             coordinator.remove_initial_copy()
         if watch is not None:
             watch.stop()

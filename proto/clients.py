@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import math
 import queue
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import torch
@@ -36,7 +38,8 @@ from proto.domain import (
     TrafficStats,
 )
 from proto.frames import WireError
-from proto.loop_streams import ClientStream
+from proto.kept_streams import STREAM_LIFETIME_S, KeptStream
+from proto.loop_streams import ClientStream, StreamError
 from proto.messages import (
     EMPTY,
     ack_from_wire,
@@ -208,7 +211,9 @@ class SwarmXClient:
     def __init__(self, address: str, security: Security, deadlines: Deadlines = DEFAULT_DEADLINES):
         self.address = address
         self.deadlines = deadlines
+        self.security = security
         self._stub = sgrpc.SwarmXStub(channel(address, security))
+        self._kept: PassStream | None = None  # (``start_pass``'s ``keep``)
 
     def run_layer(self, request: LayerRequest, *, timeout_s: float | None = None) -> LayerAck:
         """Stream one layer from MemoryX through the tree; the sum of the nodes' answers."""
@@ -222,10 +227,38 @@ class SwarmXClient:
             self._stub.RunLayer.future(layer_request_to_wire(request), timeout=timeout_s)
         )
 
-    def start_pass(self, *, timeout_s: float) -> PendingPass:
-        """One ``RunPass`` call: send a pass's layer requests on it as they are due and take
-        each layer's answer in order (``PendingPass``); ``timeout_s`` is the whole pass's."""
-        return PendingPass(self._stub.RunPass, timeout_s)
+    def start_pass(self, *, timeout_s: float, keep: bool = False) -> PendingPass:
+        """A pass on a ``RunPass`` call: send its layer requests as they are due and take
+        each layer's answer in order (``PendingPass``); ``timeout_s`` is the whole pass's.
+
+        ``keep``: on the call the last such pass ran on, if it can carry this one (open,
+        its deadline far enough, waited less than half ``stream_idle_s``:
+        ``proto.kept_streams``), kept for the next once this pass is answered; a call's
+        set-up costs more than a small model's pass of messages on it. A root whose
+        MemoryX splits layers reads one pass per call: not for it."""
+        if not keep:
+            return PendingPass(PassStream(self._stub.RunPass, timeout_s), timeout_s)
+        stream, self._kept = self._kept, None
+        if stream is not None and not stream.usable_for(
+            timeout_s, self.security.stream_idle_s / 2, time.monotonic()
+        ):
+            stream.call.cancel()
+            stream = None
+        if stream is None:
+            stream = PassStream(self._stub.RunPass, max(timeout_s, STREAM_LIFETIME_S))
+        return PendingPass(stream, timeout_s, done=self._keep)
+
+    def _keep(self, stream: PassStream) -> None:
+        stream.idle_since = time.monotonic()
+        old, self._kept = self._kept, stream
+        if old is not None and old is not stream:
+            old.call.cancel()
+
+    def close(self) -> None:
+        """End the kept ``RunPass`` stream, if any."""
+        stream, self._kept = self._kept, None
+        if stream is not None:
+            stream.call.cancel()
 
     def stats(self, *, timeout_s: float | None = None) -> SwarmXStats:
         return swarmx_stats_from_wire(
@@ -258,15 +291,52 @@ class PendingLayer:
 _END = object()
 
 
-class PendingPass:
-    """A pass under way on one ``RunPass`` call: ``send`` each layer's request when it is
-    due, ``next_ack`` waits for the next answer (they come in request order). The call
-    runs on the process's event loop (``proto.loop_streams``), as every pass stream does."""
+class PassStream(KeptStream):
+    """One ``RunPass`` call; kept (``SwarmXClient.start_pass``), it carries pass after
+    pass, and each pass's answers go to the ``PendingPass`` that runs on it."""
 
-    def __init__(self, run_pass, timeout_s: float):
-        self._answers: queue.Queue = queue.Queue()
+    def __init__(self, run_pass: Any, timeout_s: float, wiring: int = 0):
+        self.owner: PendingPass | None = None
         # Unbounded, as before: the driver may send a pass's requests before reading answers.
-        self._call = ClientStream(run_pass, timeout_s, self._answered, self._ended, depth=math.inf)
+        call = ClientStream(run_pass, timeout_s, self._answered, self._ended, depth=math.inf)
+        super().__init__(call, timeout_s, wiring)
+
+    def _answered(self, message: Any) -> None:
+        owner = self.owner
+        if owner is None:  # no pass runs on it: nothing is due, so the stream is broken
+            self.call.cancel()
+            return
+        owner._answered(message)
+
+    def _ended(self, error: BaseException | None) -> None:
+        owner = self.owner
+        if owner is not None:
+            owner._ended(error)
+
+
+class PendingPass:
+    """A pass under way on a ``RunPass`` call: ``send`` each layer's request when it is
+    due, ``next_ack`` waits for the next answer (they come in request order). The call
+    runs on the process's event loop (``proto.loop_streams``), as every pass stream does.
+
+    On a kept stream (``done`` given) the pass ends with its last answer, which gives the
+    stream back for the next pass; ``close`` then leaves it open, and the pass's deadline
+    (``timeout_s``) is kept here: ``next_ack`` fails with DEADLINE_EXCEEDED, and cancels
+    the stream, once it has passed."""
+
+    def __init__(
+        self,
+        stream: PassStream,
+        timeout_s: float,
+        done: Callable[[PassStream], None] | None = None,
+    ):
+        self._answers: queue.Queue = queue.Queue()
+        self._stream = stream
+        self._done = done
+        self._deadline = time.monotonic() + timeout_s
+        self._pass_length: int | None = None
+        self._num_answered = 0
+        stream.owner = self
 
     def _answered(self, message) -> None:
         # The root answers the layers that completed at once in one message.
@@ -274,8 +344,13 @@ class PendingPass:
             acks = acks_from_wire(message)
         except WireError as exc:
             self._answers.put(exc)
-            self._call.cancel()
+            self._stream.call.cancel()
             return
+        self._num_answered += len(acks)
+        if self._done is not None and self._num_answered == self._pass_length:
+            # Before the last answer is read: the next pass finds the stream.
+            self._stream.owner = None
+            self._done(self._stream)
         for ack in acks:
             self._answers.put(ack)
 
@@ -284,25 +359,43 @@ class PendingPass:
             self._answers.put(error)
         self._answers.put(_END)
 
+    def _sending(self, requests: Sequence[LayerRequest]) -> None:
+        if self._pass_length is None and requests:
+            self._pass_length = requests[0].pass_length
+
     def send(self, request: LayerRequest) -> None:
-        self._call.put(layer_request_to_wire(request))  # (a call that is over: its error comes)
+        self._sending((request,))
+        # (A call that is over: its error comes.)
+        self._stream.call.put(layer_request_to_wire(request))
 
     def send_all(self, requests: Sequence[LayerRequest]) -> None:
         """Requests sent at once, without waiting for answers: a few in each message
         (``LayerRequest.following``), read by the root as if each came alone."""
+        self._sending(requests)
         for start in range(0, len(requests), REQUESTS_PER_MESSAGE):
-            self._call.put(requests_to_wire(requests[start : start + REQUESTS_PER_MESSAGE]))
+            self._stream.call.put(requests_to_wire(requests[start : start + REQUESTS_PER_MESSAGE]))
 
     def close(self) -> None:
-        """Every request is sent (the root expects no more)."""
-        self._call.close()
+        """Every request is sent (the root expects no more). A kept stream stays open: the
+        root knows a pass's end from its length."""
+        if self._done is None:
+            self._stream.call.close()
 
     def next_ack(self, timeout_s: float | None = None) -> LayerAck:
         """The next layer's answer; ``TimeoutError`` if it has not come within ``timeout_s``
         (the pass goes on), ``RpcError`` if the call failed."""
+        wait_s = timeout_s
+        if self._done is not None:
+            left_s = self._deadline - time.monotonic()
+            if left_s <= 0 and self._answers.empty():
+                self.cancel()
+                raise StreamError(grpc.StatusCode.DEADLINE_EXCEEDED, "the pass's deadline passed")
+            wait_s = left_s if timeout_s is None else min(timeout_s, max(left_s, 0.0))
         try:
-            answer = self._answers.get(timeout=timeout_s)
+            answer = self._answers.get(timeout=wait_s)
         except queue.Empty:
+            if timeout_s is None or (self._done is not None and wait_s < timeout_s):
+                return self.next_ack(timeout_s)  # (the deadline passed: the check above)
             raise TimeoutError from None
         if isinstance(answer, LayerAck):
             return answer
@@ -312,7 +405,9 @@ class PendingPass:
         raise answer
 
     def cancel(self) -> None:
-        self._call.cancel()
+        """End the pass's call (not a kept one its last answer gave back)."""
+        if self._stream.owner is self:
+            self._stream.call.cancel()
 
 
 def _or(timeout_s: float | None, deadlines: Deadlines) -> float:

@@ -82,7 +82,7 @@ def process_loop() -> asyncio.AbstractEventLoop:
     return _PROCESS_LOOP.get()
 
 
-class _StatusError(grpc.RpcError):
+class StreamError(grpc.RpcError):
     """A call that ended with a status other than OK, as a sync call's error."""
 
     def __init__(self, code: grpc.StatusCode, details: str | None):
@@ -96,7 +96,7 @@ class _StatusError(grpc.RpcError):
         return self._details
 
 
-class StreamCancelled(_StatusError):
+class StreamCancelled(StreamError):
     """The stream was cancelled here (``ClientStream.cancel``): CANCELLED, as a cancelled
     sync call's error."""
 
@@ -263,7 +263,7 @@ class ClientStream:
         if error is None:
             code = await self._call.code()
             if code != grpc.StatusCode.OK:
-                error = _StatusError(code, await self._call.details())
+                error = StreamError(code, await self._call.details())
         self._finish(error)
 
     def _mark_over(self) -> None:
@@ -333,4 +333,4 @@ def _wake(waiter: asyncio.Future) -> None:
         waiter.set_result(None)
 
 
-__all__ = ["QUEUE_DEPTH", "ClientStream", "StreamCancelled", "process_loop"]
+__all__ = ["QUEUE_DEPTH", "ClientStream", "StreamCancelled", "StreamError", "process_loop"]

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
@@ -194,9 +195,10 @@ class _PassRequests:
                 self.ready.append(request)
         return self.ready.popleft()
 
-    async def more(self) -> bool:
-        """Whether anything comes after the requests read (for a pass that is complete)."""
-        return bool(self.ready) or await anext(self._messages, None) is not None
+    def more(self) -> bool:
+        """Whether the message that brought the pass's last requests brought more (the
+        next pass on the stream comes in a message of its own)."""
+        return bool(self.ready)
 
 
 class _RootRelay(Relay):
@@ -234,7 +236,8 @@ class _RootRelay(Relay):
             while first is None or num_read < first.pass_length:
                 request = await requests.next()
                 if request is None:
-                    return  # an empty pass: nothing to answer
+                    self.stream_over = True  # the driver ended its stream between passes
+                    return
                 first = first or request
                 self.pass_length = first.pass_length
                 if not request.without_weights and request.pass_position > asked:
@@ -253,7 +256,7 @@ class _RootRelay(Relay):
             if self._sending and not await self._sending[-1]:
                 return  # a layer failed, and with it the pass
             self._weights.close(cancel=False)
-            if await requests.more():
+            if requests.more():
                 raise WireError(f"a pass of pass_length {first.pass_length} has more requests")
         except Exception as exc:
             self.fail(exc)
@@ -310,11 +313,19 @@ class _RootRelay(Relay):
 
 
 async def root_pass(servicer: Any, request_iterator: AsyncIterator, context) -> AsyncIterator:
-    """The answers to one ``RunPass`` call at root ``servicer``, as each layer completes
-    (those complete at once together, ``answered``)."""
-    relay = _RootRelay(servicer, context)
-    async for acks in answered(relay, relay.read_requests(request_iterator)):
-        yield acks
+    """The answers to a ``RunPass`` call at root ``servicer``, as each layer completes
+    (those complete at once together, ``answered``): its passes one after another (the
+    driver keeps its stream from one pass to the next, ``proto.clients.SwarmXClient``)."""
+    messages = aiter(request_iterator)
+    while True:
+        relay = _RootRelay(servicer, context)
+        # Closed with the call (the driver cancelled it), not whenever it is collected.
+        reading = answered(relay, relay.read_requests(messages))
+        async with contextlib.aclosing(reading) as answers:
+            async for acks in answers:
+                yield acks
+        if relay.stream_over:
+            return
 
 
 __all__ = ["root_pass"]

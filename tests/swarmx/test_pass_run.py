@@ -21,12 +21,13 @@ from benchmarks.fuzz_services import SETTLE_S, Services, build_services
 from memoryx.service import MemoryXServicer
 from nodes import gradient_out
 from nodes.service import ComputeNodeServicer
+from proto import memoryx_pb2 as mpb
 from proto import swarmx_pb2 as spb
 from proto import swarmx_pb2_grpc as sgrpc
 from proto import tensor_pb2 as pb
 from proto import wire
 from proto.clients import SwarmXClient
-from proto.domain import Chunk, Header, Phase
+from proto.domain import Chunk, Header, LayerAck, LayerRequest, Phase
 from proto.frames import bundled
 from proto.rpc import Security, channel
 from swarmx import pass_relay
@@ -391,3 +392,104 @@ def test_a_stalled_memoryx_stream_is_cancelled_with_the_pass(cluster, monkeypatc
     monkeypatch.setattr(MemoryXServicer, "_weights", original)
     acks = run_pass(cluster, pass_requests(cluster, step, 4, (Phase.EVAL,)))
     assert [a.layer for a in acks] == list(range(len(cluster.layers)))
+
+
+def _evals(step: int, pass_id: int, layers=(0, 1)) -> list[LayerRequest]:
+    return [
+        LayerRequest(
+            layer=layer,
+            step=step,
+            phase=Phase.EVAL,
+            dtype="float32",
+            pass_id=pass_id,
+            pass_position=position,
+            pass_length=len(layers),
+        )
+        for position, layer in enumerate(layers, start=1)
+    ]
+
+
+def _kept_pass(root: SwarmXClient, requests, timeout_s: float = TIMEOUT_S) -> list[LayerAck]:
+    """A pass as the coordinator runs it: on the client's kept RunPass stream."""
+    pending = root.start_pass(timeout_s=timeout_s, keep=True)
+    pending.send_all(requests)
+    pending.close()
+    return [pending.next_ack(timeout_s=TIMEOUT_S) for _ in requests]
+
+
+def test_the_driver_sends_pass_after_pass_on_one_run_pass_stream(cluster, calls):
+    root = SwarmXClient(cluster.addresses[cluster.root_name], cluster.security)
+    reference = _cluster()
+    try:
+        for step in range(3):
+            requests = pass_requests(cluster, step, 30 + step, (Phase.FORWARD, Phase.BACKWARD))
+            acks = _kept_pass(root, requests)
+            assert [(a.layer, a.phase) for a in acks] == [(r.layer, r.phase) for r in requests]
+            cluster.memoryx_stub.CommitStep(mpb.StepRequest(step=step), timeout=TIMEOUT_S)
+            train_step(reference, step, pass_id=30 + step)
+        evaluated = _kept_pass(root, pass_requests(cluster, 3, 40, (Phase.EVAL,)))
+        assert [a.layer for a in evaluated] == list(range(len(cluster.layers)))
+        assert calls["RunPass"] == 1 + 3  # this client's one, and the reference's three
+        assert_bitwise_equal(memoryx_state(reference), memoryx_state(cluster))
+    finally:
+        root.close()
+        reference.stop()
+
+
+def test_a_failed_pass_leaves_the_next_a_new_run_pass_stream(cluster, calls):
+    root = SwarmXClient(cluster.addresses[cluster.root_name], cluster.security)
+    step = cluster.version()
+    try:
+        assert len(_kept_pass(root, _evals(step, 7)))
+        with pytest.raises(grpc.RpcError) as info:
+            _kept_pass(root, _evals(step, 8, layers=(0, 5)))  # no layer 5
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert len(_kept_pass(root, _evals(step, 9)))
+        assert calls["RunPass"] == 2
+    finally:
+        root.close()
+
+
+def test_a_kept_run_pass_stream_keeps_each_passs_deadline(cluster, monkeypatch):
+    """On a kept stream the call's deadline is not the pass's: the client ends a pass whose
+    deadline has passed (DEADLINE_EXCEEDED), and the next pass runs on a new stream."""
+    release = threading.Event()
+    original = MemoryXServicer._weights
+
+    def stalled(self, request, **options):
+        if request.layer == 1:
+            release.wait(TIMEOUT_S)
+        yield from original(self, request, **options)
+
+    root = SwarmXClient(cluster.addresses[cluster.root_name], cluster.security)
+    step = cluster.version()
+    try:
+        monkeypatch.setattr(MemoryXServicer, "_weights", stalled)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            _kept_pass(root, pass_requests(cluster, step, 3, (Phase.EVAL,)), timeout_s=0.5)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - started < TIMEOUT_S / 2
+        release.set()
+        monkeypatch.setattr(MemoryXServicer, "_weights", original)
+        acks = _kept_pass(root, pass_requests(cluster, step, 4, (Phase.EVAL,)))
+        assert [a.layer for a in acks] == list(range(len(cluster.layers)))
+    finally:
+        release.set()
+        root.close()
+
+
+def test_a_run_pass_stream_idle_for_half_the_idle_limit_is_not_used_again(calls):
+    services = build_services(Security.generate(stream_idle_s=0.4), num_nodes=2, fanout=2)
+    root = SwarmXClient(services.addresses[services.root_name], services.security)
+    step = services.version()
+    try:
+        for pass_id in (7, 8):
+            assert len(_kept_pass(root, _evals(step, pass_id)))
+        assert calls["RunPass"] == 1
+        time.sleep(0.25)  # past half of stream_idle_s: the root may end it as a pass begins
+        assert len(_kept_pass(root, _evals(step, 9)))
+        assert calls["RunPass"] == 2
+    finally:
+        root.close()
+        services.stop()
