@@ -142,7 +142,7 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
     async def DeliverPass(self, request_iterator, context):
         """The layers of pipelined passes on one stream (``LayerSink.DeliverPass``): the
         parent keeps its stream to the node from one pass to the next
-        (``swarmx.link_pool``), and a pass begins once the last layer of the one before
+        (``proto.kept_streams``), and a pass begins once the last layer of the one before
         it (its ``pass_length``-th) is read.
 
         The stream is read on the event loop: each layer is checked and assembled as it

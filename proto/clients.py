@@ -18,7 +18,6 @@ import queue
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 import torch
@@ -38,8 +37,8 @@ from proto.domain import (
     TrafficStats,
 )
 from proto.frames import WireError
-from proto.kept_streams import STREAM_LIFETIME_S, KeptStream
-from proto.loop_streams import ClientStream, StreamError
+from proto.kept_streams import STREAM_LIFETIME_S, OwnedStream
+from proto.loop_streams import StreamError
 from proto.messages import (
     EMPTY,
     ack_from_wire,
@@ -213,7 +212,7 @@ class SwarmXClient:
         self.deadlines = deadlines
         self.security = security
         self._stub = sgrpc.SwarmXStub(channel(address, security))
-        self._kept: PassStream | None = None  # (``start_pass``'s ``keep``)
+        self._kept: OwnedStream | None = None  # (``start_pass``'s ``keep``)
 
     def run_layer(self, request: LayerRequest, *, timeout_s: float | None = None) -> LayerAck:
         """Stream one layer from MemoryX through the tree; the sum of the nodes' answers."""
@@ -236,8 +235,12 @@ class SwarmXClient:
         ``proto.kept_streams``), kept for the next once this pass is answered; a call's
         set-up costs more than a small model's pass of messages on it. A root whose
         MemoryX splits layers reads one pass per call: not for it."""
+        # Unbounded queues, as before: the driver may send a pass's requests before reading
+        # its answers.
         if not keep:
-            return PendingPass(PassStream(self._stub.RunPass, timeout_s), timeout_s)
+            return PendingPass(
+                OwnedStream(self._stub.RunPass, timeout_s, depth=math.inf), timeout_s
+            )
         stream, self._kept = self._kept, None
         if stream is not None and not stream.usable_for(
             timeout_s, self.security.stream_idle_s / 2, time.monotonic()
@@ -245,10 +248,12 @@ class SwarmXClient:
             stream.call.cancel()
             stream = None
         if stream is None:
-            stream = PassStream(self._stub.RunPass, max(timeout_s, STREAM_LIFETIME_S))
+            stream = OwnedStream(
+                self._stub.RunPass, max(timeout_s, STREAM_LIFETIME_S), depth=math.inf
+            )
         return PendingPass(stream, timeout_s, done=self._keep)
 
-    def _keep(self, stream: PassStream) -> None:
+    def _keep(self, stream: OwnedStream) -> None:
         stream.idle_since = time.monotonic()
         old, self._kept = self._kept, stream
         if old is not None and old is not stream:
@@ -291,29 +296,6 @@ class PendingLayer:
 _END = object()
 
 
-class PassStream(KeptStream):
-    """One ``RunPass`` call; kept (``SwarmXClient.start_pass``), it carries pass after
-    pass, and each pass's answers go to the ``PendingPass`` that runs on it."""
-
-    def __init__(self, run_pass: Any, timeout_s: float, wiring: int = 0):
-        self.owner: PendingPass | None = None
-        # Unbounded, as before: the driver may send a pass's requests before reading answers.
-        call = ClientStream(run_pass, timeout_s, self._answered, self._ended, depth=math.inf)
-        super().__init__(call, timeout_s, wiring)
-
-    def _answered(self, message: Any) -> None:
-        owner = self.owner
-        if owner is None:  # no pass runs on it: nothing is due, so the stream is broken
-            self.call.cancel()
-            return
-        owner._answered(message)
-
-    def _ended(self, error: BaseException | None) -> None:
-        owner = self.owner
-        if owner is not None:
-            owner._ended(error)
-
-
 class PendingPass:
     """A pass under way on a ``RunPass`` call: ``send`` each layer's request when it is
     due, ``next_ack`` waits for the next answer (they come in request order). The call
@@ -326,9 +308,9 @@ class PendingPass:
 
     def __init__(
         self,
-        stream: PassStream,
+        stream: OwnedStream,
         timeout_s: float,
-        done: Callable[[PassStream], None] | None = None,
+        done: Callable[[OwnedStream], None] | None = None,
     ):
         self._answers: queue.Queue = queue.Queue()
         self._stream = stream

@@ -4,9 +4,10 @@ A stream call costs its client and server 0.7-1.4 ms of CPU together to set up a
 (``benchmarks/bench_call_setup.py``, on 2 cores), the CPU of 3-5 messages each way on an
 open stream, and a small model's pass is one or two messages per stream. So a pass takes
 its streams from a pool when it begins and gives them back once it is done with them; the
-next pass sends on the same calls. Kept so: a SwarmX node's streams to its children and,
-at the root, to MemoryX (``swarmx.link_pool``), and the driver's ``RunPass`` stream to the
-root (``proto.clients.SwarmXClient``). The receiving side reads one pass after another.
+next pass sends on the same calls. Kept so: a SwarmX node's streams to its children
+(``swarmx.pass_relay``) and, at the root, to MemoryX (``swarmx.pass_root``,
+``swarmx.reducing_loop``), and the driver's ``RunPass`` stream to the root
+(``proto.clients.SwarmXClient``). The receiving side reads one pass after another.
 
 A stream stays in the pool only while it can carry a whole pass: it is open, its deadline
 (``STREAM_LIFETIME_S`` or the pass's, whichever is longer) covers the next pass's, and it
@@ -20,8 +21,9 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Hashable
+from typing import Any
 
-from proto.loop_streams import ClientStream
+from proto.loop_streams import QUEUE_DEPTH, ClientStream
 
 #: The deadline a kept stream gets when it is opened, s, unless the pass that opens it
 #: needs longer: streams are opened again about this often.
@@ -48,6 +50,38 @@ class KeptStream:
             and self.expires_at - now >= timeout_s - DEADLINE_SLACK_S
             and (self.idle_since is None or now - self.idle_since < idle_limit_s)
         )
+
+
+class OwnedStream(KeptStream):
+    """A kept stream whose answers and end go to the pass that holds it (``owner``, called
+    with ``tag`` first); an answer while no pass holds it means the stream is broken: it
+    is cancelled."""
+
+    def __init__(
+        self,
+        multicallable: Any,
+        timeout_s: float,
+        wiring: int = 0,
+        *,
+        tag: tuple = (),
+        depth: float = QUEUE_DEPTH,
+    ):
+        self.owner: Any = None
+        self._tag = tag
+        call = ClientStream(multicallable, timeout_s, self._answered, self._ended, depth=depth)
+        super().__init__(call, timeout_s, wiring)
+
+    def _answered(self, message: Any) -> None:
+        owner = self.owner
+        if owner is None:
+            self.call.cancel()
+            return
+        owner._answered(*self._tag, message)
+
+    def _ended(self, error: BaseException | None) -> None:
+        owner = self.owner
+        if owner is not None:
+            owner._ended(*self._tag, error)
 
 
 class StreamPool:
@@ -98,4 +132,4 @@ class StreamPool:
             stream.call.cancel()
 
 
-__all__ = ["DEADLINE_SLACK_S", "STREAM_LIFETIME_S", "KeptStream", "StreamPool"]
+__all__ = ["DEADLINE_SLACK_S", "STREAM_LIFETIME_S", "KeptStream", "OwnedStream", "StreamPool"]

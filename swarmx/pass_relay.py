@@ -36,12 +36,12 @@ from proto.frames import (
     WireError,
     payload_bytes,
 )
+from proto.kept_streams import OwnedStream
 from proto.loop_streams import ClientStream
 from proto.messages import acks_from_wire
 from proto.pass_stream import ReadDone, checked_pass_header
 from proto.rpc import time_left_s
 from proto.wire import encode
-from swarmx.link_pool import ChildLink
 
 #: Layers of a pass read and not yet answered (a parent keeps two in flight): bounds what
 #: a caller can make this node hold.
@@ -88,7 +88,7 @@ class Relay:
         self.answers: asyncio.Queue = asyncio.Queue()
         self.room = asyncio.Semaphore(LAYERS_AHEAD)
         self.links: list[ClientStream] = []
-        self._pooled: list[ChildLink] = []  # the links' entries in the pool
+        self._pooled: list[OwnedStream] = []  # the links' entries in the pool, by child
         self.stream_over = False  # the parent's stream ended (``read``)
         self.pass_length: int | None = None  # the pass's layers, once the first is read
         self._whole = False  # (``read``) the pass's last layer is read
@@ -104,14 +104,14 @@ class Relay:
     # -- the children's streams (callbacks on the loop) ---------------------------------
     def open_links(self) -> None:
         """The pass's stream to every child: kept from the pass before where it can carry
-        this one (``swarmx.link_pool``), else new."""
+        this one (``proto.kept_streams``), else new."""
         pool = self._servicer.stream_pool
         self._pooled = []
         for index, stub in enumerate(self._stubs):
             link = pool.take(
                 ("child", index),
-                lambda timeout_s, wiring, stub=stub, index=index: ChildLink(
-                    stub, index, timeout_s, wiring
+                lambda timeout_s, wiring, stub=stub, index=index: OwnedStream(
+                    stub.DeliverPass, timeout_s, wiring, tag=(index,)
                 ),
                 self._timeout_s,
             )
@@ -237,9 +237,9 @@ class Relay:
         for the next pass (a failed pass cancels them instead; those of a pass cut short
         end once they are answered)."""
         if self.error is None and not self._links_closed:
-            for link in self._pooled:
+            for index, link in enumerate(self._pooled):
                 link.owner = None
-                self._servicer.stream_pool.give_back(("child", link.index), link)
+                self._servicer.stream_pool.give_back(("child", index), link)
         self._pooled, self.links = [], []
 
     def ended(self, finished: bool) -> None:
@@ -404,7 +404,7 @@ async def relay_pass(
 ) -> AsyncIterator[list[LayerAck]]:
     """The answers to a ``DeliverPass`` stream at SwarmX node ``servicer``: its passes one
     after another (a parent keeps its stream to a child from one pass to the next,
-    ``swarmx.link_pool``), each layer's as it completes (those complete at once together);
+    ``proto.kept_streams``), each layer's as it completes (those complete at once together);
     the first failure (a bad stream, a child's error) ends the stream, and the end of the
     call (its caller cancelled it) cancels the children's streams."""
     items = PassItems(request_iterator)
