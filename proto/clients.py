@@ -37,7 +37,7 @@ from proto.domain import (
     TrafficStats,
 )
 from proto.frames import WireError
-from proto.kept_streams import STREAM_LIFETIME_S, OwnedStream
+from proto.kept_streams import OwnedStream, StreamPool
 from proto.loop_streams import StreamError
 from proto.messages import (
     EMPTY,
@@ -210,9 +210,9 @@ class SwarmXClient:
     def __init__(self, address: str, security: Security, deadlines: Deadlines = DEFAULT_DEADLINES):
         self.address = address
         self.deadlines = deadlines
-        self.security = security
         self._stub = sgrpc.SwarmXStub(channel(address, security))
-        self._kept: OwnedStream | None = None  # (``start_pass``'s ``keep``)
+        # The RunPass stream kept between passes (``start_pass``'s ``keep``).
+        self._kept = StreamPool(idle_limit_s=security.stream_idle_s / 2)
 
     def run_layer(self, request: LayerRequest, *, timeout_s: float | None = None) -> LayerAck:
         """Stream one layer from MemoryX through the tree; the sum of the nodes' answers."""
@@ -235,35 +235,20 @@ class SwarmXClient:
         ``proto.kept_streams``), kept for the next once this pass is answered; a call's
         set-up costs more than a small model's pass of messages on it. A root whose
         MemoryX splits layers reads one pass per call: not for it."""
+
         # Unbounded queues, as before: the driver may send a pass's requests before reading
         # its answers.
-        if not keep:
-            return PendingPass(
-                OwnedStream(self._stub.RunPass, timeout_s, depth=math.inf), timeout_s
-            )
-        stream, self._kept = self._kept, None
-        if stream is not None and not stream.usable_for(
-            timeout_s, self.security.stream_idle_s / 2, time.monotonic()
-        ):
-            stream.call.cancel()
-            stream = None
-        if stream is None:
-            stream = OwnedStream(
-                self._stub.RunPass, max(timeout_s, STREAM_LIFETIME_S), depth=math.inf
-            )
-        return PendingPass(stream, timeout_s, done=self._keep)
+        def open_stream(timeout_s: float, wiring: int = 0) -> OwnedStream:
+            return OwnedStream(self._stub.RunPass, timeout_s, wiring, depth=math.inf)
 
-    def _keep(self, stream: OwnedStream) -> None:
-        stream.idle_since = time.monotonic()
-        old, self._kept = self._kept, stream
-        if old is not None and old is not stream:
-            old.call.cancel()
+        if not keep:
+            return PendingPass(open_stream(timeout_s), timeout_s)
+        stream = self._kept.take(_RUN_PASS, open_stream, timeout_s)
+        return PendingPass(stream, timeout_s, done=lambda s: self._kept.give_back(_RUN_PASS, s))
 
     def close(self) -> None:
         """End the kept ``RunPass`` stream, if any."""
-        stream, self._kept = self._kept, None
-        if stream is not None:
-            stream.call.cancel()
+        self._kept.clear()
 
     def stats(self, *, timeout_s: float | None = None) -> SwarmXStats:
         return swarmx_stats_from_wire(
@@ -291,6 +276,9 @@ class PendingLayer:
     def cancel(self) -> None:
         self._future.cancel()
 
+
+#: The key of the driver's kept ``RunPass`` stream in its pool (``SwarmXClient``).
+_RUN_PASS = "run-pass"
 
 #: Ends a pass's answers (``PendingPass``).
 _END = object()
@@ -366,19 +354,23 @@ class PendingPass:
     def next_ack(self, timeout_s: float | None = None) -> LayerAck:
         """The next layer's answer; ``TimeoutError`` if it has not come within ``timeout_s``
         (the pass goes on), ``RpcError`` if the call failed."""
-        wait_s = timeout_s
-        if self._done is not None:
-            left_s = self._deadline - time.monotonic()
-            if left_s <= 0 and self._answers.empty():
-                self.cancel()
-                raise StreamError(grpc.StatusCode.DEADLINE_EXCEEDED, "the pass's deadline passed")
-            wait_s = left_s if timeout_s is None else min(timeout_s, max(left_s, 0.0))
-        try:
-            answer = self._answers.get(timeout=wait_s)
-        except queue.Empty:
-            if timeout_s is None or (self._done is not None and wait_s < timeout_s):
-                return self.next_ack(timeout_s)  # (the deadline passed: the check above)
-            raise TimeoutError from None
+        while True:
+            wait_s = timeout_s
+            if self._done is not None:
+                left_s = self._deadline - time.monotonic()
+                if left_s <= 0 and self._answers.empty():
+                    self.cancel()
+                    raise StreamError(
+                        grpc.StatusCode.DEADLINE_EXCEEDED, "the pass's deadline passed"
+                    )
+                wait_s = max(left_s, 0.0) if timeout_s is None else min(timeout_s, max(left_s, 0.0))
+            try:
+                answer = self._answers.get(timeout=wait_s)
+                break
+            except queue.Empty:
+                if wait_s == timeout_s:
+                    raise TimeoutError from None
+                # (The pass's deadline came first: the check above ends it.)
         if isinstance(answer, LayerAck):
             return answer
         self._answers.put(answer)  # every later wait ends the same way

@@ -85,8 +85,8 @@ class OwnedStream(KeptStream):
 
 
 class StreamPool:
-    """The kept streams of a SwarmX node between passes, by key (used on the loop;
-    ``clear`` comes from the thread that rewires the node)."""
+    """Kept streams between passes, by key: a SwarmX node's (used on the loop; ``clear``
+    comes from the thread that rewires the node), or the driver's ``RunPass`` stream."""
 
     def __init__(self, idle_limit_s: float):
         self._idle_limit_s = idle_limit_s
