@@ -103,7 +103,8 @@ class NodeWorker:
     ):
         """``share`` is the span (start, stop) of the global batch this node trains on;
         None: the equal shard ``rank`` of ``num_nodes``."""
-        self.layers = [strip_parameters(layer) for layer in layers]
+        # In training mode from now on (an evaluation sets eval mode for its layer and back).
+        self.layers = [strip_parameters(layer).train() for layer in layers]
         self.layouts = [layer_layout(layer) for layer in self.layers]
         self.dataset = dataset
         self.seed = seed
@@ -235,7 +236,6 @@ class NodeWorker:
                     "run the forward pass from layer 0"
                 )
             x = self._next_input
-        self.layers[layer].train()
         y, self._held[layer], result = self._timed_forward(layer, step, params, x, train=True)
         if layer == self.num_layers - 1:
             self._next_input = None

@@ -1,0 +1,63 @@
+"""A node's layers train in training mode (dropout on), whatever mode they came in, and
+an evaluation runs its layer in eval mode and gives training mode back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from core.data import DataConfig
+from nodes.cs2.backend import Cs2Backend
+from nodes.worker import NodeWorker
+
+
+def _modes(worker: NodeWorker) -> list[bool]:
+    return [module.training for layer in worker.layers for module in layer.modules()]
+
+
+def test_layers_that_came_in_eval_mode_train_in_training_mode():
+    torch.manual_seed(0)
+    layers = [nn.Sequential(nn.Linear(64, 32), nn.Dropout(0.5)).eval(), nn.Linear(32, 10).eval()]
+    weights = [{n: p.detach().clone() for n, p in layer.named_parameters()} for layer in layers]
+    worker = NodeWorker(
+        rank=0,
+        num_nodes=1,
+        layers=layers,
+        dataset=DataConfig(name="digits").build(seed=0),
+        batch_size=16,
+        seed=0,
+        backend=Cs2Backend.Config().build(),
+        max_eval_samples=8,
+    )
+    assert all(_modes(worker))
+    seen: list[bool] = []
+    dropout = worker.layers[0][1]
+
+    def watch(module, args, out):
+        if out.device.type != "meta":  # (not the FLOP count's run)
+            seen.append(module.training)
+
+    dropout.register_forward_hook(watch)
+    for index, params in enumerate(weights):
+        worker.evaluate(index, 0, params)
+    assert seen == [False] and all(_modes(worker))
+    worker.forward(0, 0, weights[0])
+    assert seen == [False, True]
+
+
+def test_an_evaluation_that_fails_gives_training_mode_back():
+    layers = [nn.Linear(64, 10)]
+    worker = NodeWorker(
+        rank=0,
+        num_nodes=1,
+        layers=layers,
+        dataset=DataConfig(name="digits").build(seed=0),
+        batch_size=16,
+        seed=0,
+        backend=Cs2Backend.Config().build(),
+        max_eval_samples=8,
+    )
+    with pytest.raises(RuntimeError):
+        worker.evaluate(0, 0, {"weight": torch.zeros(10, 63), "bias": torch.zeros(10)})
+    assert all(_modes(worker))
