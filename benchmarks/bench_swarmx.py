@@ -54,7 +54,7 @@ import torch
 
 from memoryx.optim import Optimizer
 from memoryx.service import MemoryXServicer
-from memoryx.service import serve as serve_memoryx
+from memoryx.service import register as register_memoryx
 from proto import memoryx_pb2 as mpb
 from proto import memoryx_pb2_grpc as mgrpc
 from proto import shm
@@ -152,7 +152,7 @@ def _build_server(kind: str, options: dict) -> tuple[grpc.Server, str]:
             Optimizer.Config(name="sgd", lr=1e-3, momentum=0.0).build(),
             chunk_bytes=options["chunk_bytes"],
         )
-        return serve_memoryx(servicer, HOST, security=security)
+        return start_server(lambda s: register_memoryx(s, servicer), HOST, security=security)
     if kind == "raw":
         # The same bytes as the layer, pre-cut into chunk_bytes messages.
         raw = memoryview(_layer_weight(options["num_params"], options["seed"]).numpy()).cast("B")

@@ -44,7 +44,7 @@ from benchmarks.fuzz_mutations import mutate
 from core.data import DataConfig
 from memoryx.optim import Optimizer
 from memoryx.service import MemoryXServicer
-from memoryx.service import serve as serve_memoryx
+from memoryx.service import register as register_memoryx
 from nodes.cs2 import Cs2Backend
 from nodes.service import ComputeNodeServicer
 from nodes.service import serve as serve_node
@@ -190,9 +190,7 @@ def build_services(
         chunk_bytes=chunk_bytes,
         checkpoint_dir=checkpoint_dir,
     )
-    memoryx_server, memoryx_address = serve_memoryx(memoryx, "127.0.0.1", security=security)
-    servers.append(memoryx_server)
-    addresses = {"memoryx": memoryx_address}
+    addresses = {"memoryx": serve(lambda s: register_memoryx(s, memoryx))}
     tree = build_tree(num_nodes, fanout)
     swarmx = {t.name: SwarmXServicer(t.name, security=security) for t in tree}
     for name, servicer in swarmx.items():

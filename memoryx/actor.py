@@ -8,10 +8,10 @@ import shutil
 from core.allocator import keep_freed_memory
 from memoryx.config import MemoryXConfig
 from memoryx.optim import Optimizer
-from memoryx.service import MemoryXServicer, serve
+from memoryx.service import MemoryXServicer, register
 from memoryx.sparsity import Sparsity
 from memoryx.tiers import TieredStore
-from proto.rpc import Security, resolve_host
+from proto.rpc import Security, resolve_host, start_server
 
 
 class MemoryXActor:
@@ -46,7 +46,9 @@ class MemoryXActor:
             layers=layers,
             pieces=pieces,
         )
-        self.server, self.address = serve(self.servicer, resolve_host(host), security=security)
+        self.server, self.address = start_server(
+            lambda server: register(server, self.servicer), resolve_host(host), security=security
+        )
 
     def get_address(self) -> str:
         return self.address

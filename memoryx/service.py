@@ -4,19 +4,10 @@ Every incoming gradient stream is validated in full before the store sees
 it, so a bad message (wrong layer, step, phase, shape, dtype or size) is
 rejected with INVALID_ARGUMENT and changes no state. Checkpoints are written
 only into the run's checkpoint directory, under names MemoryX chooses.
-
-Served on the process's event loop (``serve``, ``proto.loop_server``). The calls of
-every step (``StreamPass``, ``PushPass``, ``CommitStep``) are coroutines: a store in RAM
-serves a small layer (views of its tensors), applies its update and commits on the loop
-itself, with no hand-off to a thread and back per message; a bigger layer
-(``INLINE_LAYER_MAX_ELEMENTS``) is encoded and updated on a pooled thread, and a tiered
-store, which reads and writes disk, does all of its work on one. The other calls run on
-pooled threads as they are written (``SyncOnLoop``).
 """
 
 from __future__ import annotations
 
-import math
 import resource
 import threading
 import time
@@ -39,7 +30,6 @@ from memoryx.config import MemoryXConfig, StoreBuilder, new_spill_dir
 from memoryx.optim import Optimizer
 from memoryx.sparsity import Sparsity
 from memoryx.store import NonFiniteUpdate, ParameterStore, StepError
-from memoryx.tiers import TieredStore
 from proto import memoryx_pb2_grpc as mgrpc
 from proto.domain import (
     CheckpointInfo,
@@ -57,19 +47,11 @@ from proto.frames import (
     BUNDLE_MAX_BYTES,
     Bundle,
     HeldLayers,
-    PassItems,
+    StreamItems,
     bundled,
     payload_bytes,
 )
 from proto.loading import iter_decode_layers
-from proto.loop_server import (
-    LoopServer,
-    SyncOnLoop,
-    loop_errors,
-    loop_stream_errors,
-    on_thread,
-    start_loop_server,
-)
 from proto.messages import (
     EMPTY,
     ack_to_wire,
@@ -80,7 +62,7 @@ from proto.messages import (
     unfolded,
     weights_request_from_wire,
 )
-from proto.rpc import NonFiniteValues, Security, StepConflict, rpc_errors, rpc_stream_errors
+from proto.rpc import NonFiniteValues, StepConflict, rpc_errors, rpc_stream_errors
 from proto.serde import (
     DEFAULT_CHUNK_BYTES,
     WIRE_DTYPES,
@@ -91,17 +73,9 @@ from proto.serde import (
     layer_items,
     sends_sparse,
 )
-from proto.wire import encode
 from proto.wire import register as register_fast
 
 _PHASES = tuple(Phase)
-
-#: The largest layer (elements of its tensors) that a store in RAM serves and updates on
-#: the event loop: about 0.4 ms of Adam, or a 0.5 MB copy, on one core, what a message's
-#: hand-offs to a thread and back cost on a loaded host. A bigger one is encoded and
-#: updated on a pooled thread (as a sync server would), so that the loop goes on with the
-#: other stream meanwhile (the backward's next layer served while a sum is applied).
-INLINE_LAYER_MAX_ELEMENTS = 1 << 17
 
 
 @dataclass
@@ -239,42 +213,17 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
     def StreamWeights(self, request, context):
         yield from self._weights(weights_request_from_wire(request))
 
-    @loop_stream_errors
-    async def StreamPass(self, request_iterator, context):
+    @rpc_stream_errors
+    def StreamPass(self, request_iterator, context):
         """The layers of one pass on one stream: each request answered as StreamWeights
         answers it, in order; the next request is read once a layer is sent (a backward
-        layer is served when the root asks for it, as a StreamWeights call would be).
-        On the loop; a tiered store reads a message's layers on a pooled thread."""
-        async for message in request_iterator:
+        layer is served when the root asks for it, as a StreamWeights call would be)."""
+        for message in request_iterator:
             requests = [weights_request_from_wire(part) for part in unfolded(message)]
             if len(requests) == 1:
-                answers = self._weights(requests[0], bundle=True)
+                yield from self._weights(requests[0], bundle=True)
             else:
-                answers = self._weights_of_run(requests)
-            if all(self._on_loop(request.layer) for request in requests):
-                for answer in answers:
-                    yield answer
-                continue
-            messages, error = await on_thread(_encoded, answers, name="memoryx-serve")
-            for message in messages:
-                yield message
-            if error is not None:  # (after the layers asked for before the bad request)
-                raise error
-
-    def _on_disk(self) -> bool:
-        """True if the store reads or writes disk (a tiered store): its work goes to threads."""
-        return isinstance(self.store, TieredStore)
-
-    def _on_loop(self, layer: int) -> bool:
-        """Whether ``layer`` is served and updated on the loop (``INLINE_LAYER_MAX_ELEMENTS``;
-        True for a layer that does not exist: the request is refused on the loop)."""
-        store = self._require_store()
-        if self._on_disk():
-            return False
-        if layer not in store.layer_ids:
-            return True
-        num_elements = sum(math.prod(shape) for _, shape in store.layout(layer))
-        return num_elements <= INLINE_LAYER_MAX_ELEMENTS
+                yield from self._weights_of_run(requests)
 
     def _weights_of_run(self, requests: list[LayerRequest]) -> Iterator[StreamItem | Bundle]:
         """Consecutive layers asked for in one message, in order: the small ones that come
@@ -353,45 +302,33 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
     @rpc_errors
     def PushGradients(self, request_iterator, context):
         items = from_wire_stream(request_iterator)
-        header = next(items, None)
-        assembler = self._gradient_assembler(header)
-        for item in items:
-            assembler.add(item)
-        return ack_to_wire(self._apply_gradient(header, assembler))
+        return ack_to_wire(self._push_layer(next(items, None), items, until_complete=False))
 
-    @loop_stream_errors
-    async def PushPass(self, request_iterator, context):
+    @rpc_stream_errors
+    def PushPass(self, request_iterator, context):
         """The reduced gradient layers of pipelined passes on one stream (``PushPass``):
         each applied as ``PushGradients`` applies it, and answered as soon as it is; the
         layers that came in one message are answered in one (``LayerAck.following``). The
         root keeps the stream from one pass to the next (``proto.kept_streams``), its passes
         one after another (their ids are random per driver, so they are not ordered)."""
-        items = PassItems(request_iterator)
+        items = StreamItems(request_iterator)
         answers: list[LayerAck] = []
-        while (header := await anext(items, None)) is not None:
+        while (header := next(items, None)) is not None:
             if not isinstance(header, Header) or header.pass_id <= 0:
                 raise WireError(
                     "each layer of a gradient pass stream starts with a header of its pass"
                 )
-            assembler = self._gradient_assembler(header)
-            while not assembler.complete:  # (the stream goes on after the layer)
-                item = await anext(items, None)
-                if item is None:
-                    break  # (finish() says what is missing)
-                assembler.add(item)
-            if self._on_loop(header.layer):
-                answers.append(self._apply_gradient(header, assembler))
-            else:
-                answers.append(
-                    await on_thread(self._apply_gradient, header, assembler, name="memoryx-update")
-                )
+            answers.append(self._push_layer(header, items, until_complete=True))
             if not items.buffered():  # (else the message brought the next layer too)
                 yield acks_to_wire(answers)
                 answers = []
 
-    def _gradient_assembler(self, header) -> LayerAssembler:
-        """The assembler of one layer's gradient stream, checked against the store, with its
-        header added (``_apply_gradient`` applies what it assembles)."""
+    def _push_layer(self, header, items, *, until_complete: bool) -> LayerAck:
+        """Check and apply one layer's gradient stream (``header``, then ``items``).
+
+        ``until_complete``: the stream goes on after the layer (a pass stream), so reading
+        stops once the layer is whole; else it reads to the end of the stream.
+        """
         store = self._require_store()
         if not isinstance(header, Header):
             raise WireError("a gradient stream must start with a header")
@@ -415,11 +352,11 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
             )
         )
         assembler.add(header)
-        return assembler
-
-    def _apply_gradient(self, header: Header, assembler: LayerAssembler) -> LayerAck:
-        """Apply the gradient ``assembler`` holds (all of ``header``'s layer; else WireError)."""
-        store = self._require_store()
+        while not (until_complete and assembler.complete):
+            item = next(items, None)
+            if item is None:
+                break
+            assembler.add(item)
         grads = assembler.finish()
         started = time.perf_counter()
         try:
@@ -444,22 +381,17 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
             update_applied=applied,
         )
 
-    @loop_errors
-    async def CommitStep(self, request, context):
-        if self._on_disk():
-            return await on_thread(self._commit, request.step, name="memoryx-commit")
-        return self._commit(request.step)
-
-    def _commit(self, step: int):
+    @rpc_errors
+    def CommitStep(self, request, context):
         store = self._require_store()
         latest = max(store.version(layer) for layer in store.layer_ids)
-        if not 0 <= step < latest:
+        if not 0 <= request.step < latest:
             raise WireError(
-                f"cannot commit step {step}: the layers are at versions up to {latest}, "
+                f"cannot commit step {request.step}: the layers are at versions up to {latest}, "
                 f"so only steps 0..{latest - 1} have run"
             )
         try:
-            store.commit(step)
+            store.commit(request.step)
             self._sample_rss()
         except StepError as exc:
             raise StepConflict(str(exc)) from None
@@ -536,29 +468,5 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
         return EMPTY
 
 
-def _encoded(answers: Iterator[StreamItem | Bundle]) -> tuple[list[bytes], Exception | None]:
-    """The messages of ``answers``, serialized here, on the caller's thread (the copy of a
-    big layer's values into its message or the shared-memory ring); and the error that
-    ended them early, if one did."""
-    messages = []
-    try:
-        for answer in answers:
-            messages.append(encode(answer))
-    except Exception as exc:  # noqa: BLE001 - raised by the handler once the messages are sent
-        return messages, exc
-    return messages, None
-
-
 def register(server: grpc.Server, servicer: MemoryXServicer) -> None:
     register_fast(mgrpc.add_MemoryXServicer_to_server, servicer, server)
-
-
-def serve(servicer: MemoryXServicer, host: str, *, security: Security) -> tuple[LoopServer, str]:
-    """Serve ``servicer`` on an OS-chosen port of ``host``; the server and its ``host:port``.
-
-    On this process's event loop (``proto.loop_server``): the calls of a step are
-    coroutines, the others run on pooled threads as they are written (``SyncOnLoop``).
-    """
-    return start_loop_server(
-        lambda server: register(SyncOnLoop(server), servicer), host, security=security
-    )

@@ -375,6 +375,27 @@ class PassItems:
         return bool(self._items)
 
 
+class StreamItems:
+    """``from_wire_stream`` that can tell whether the message last received still holds
+    items not read (``buffered``), as ``PassItems`` on a loop: MemoryX answers the
+    gradient layers that came in one message in one message too."""
+
+    def __init__(self, messages: Iterable[pb.LayerMessage]):
+        self._messages = iter(messages)
+        self._items: collections.deque[StreamItem] = collections.deque()
+
+    def __iter__(self) -> StreamItems:
+        return self
+
+    def __next__(self) -> StreamItem:
+        while not self._items:
+            self._items.extend(expand(next(self._messages)))
+        return self._items.popleft()
+
+    def buffered(self) -> bool:
+        return bool(self._items)
+
+
 def next_layer(items: Iterator[StreamItem]) -> Iterator[StreamItem]:
     """The next layer of a stream of several (``MemoryX.StreamPass``): its header and chunks.
 

@@ -4,7 +4,6 @@ one call; a run of layers asked for in one message is answered in one) and ``Pus
 
 from __future__ import annotations
 
-import asyncio
 import queue
 import threading
 from collections.abc import Iterator
@@ -12,7 +11,6 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from memoryx import service as memoryx_service
 from proto import memoryx_pb2 as mpb
 from proto import tensor_pb2 as pb
 from proto.frames import BUNDLE_MAX_BYTES
@@ -39,15 +37,6 @@ def loaded(tmp_path) -> Iterator[MemoryX]:
     service.stop()
 
 
-@pytest.fixture(params=["on-the-loop", "on-a-thread"])
-def served(request, loaded, monkeypatch) -> MemoryX:
-    """``loaded``, serving and updating its layers on the loop (small ones, as they are)
-    or on pooled threads (as big ones and a tiered store's are)."""
-    if request.param == "on-a-thread":
-        monkeypatch.setattr(memoryx_service, "INLINE_LAYER_MAX_ELEMENTS", 0)
-    return loaded
-
-
 def _pass_stream(layers, pass_id: int = 5, step: int = 0) -> list[pb.LayerMessage]:
     """The gradients of ``layers``, in order, as one PushPass stream of pass ``pass_id``."""
     return [
@@ -55,8 +44,8 @@ def _pass_stream(layers, pass_id: int = 5, step: int = 0) -> list[pb.LayerMessag
     ]
 
 
-def test_a_pass_stream_applies_each_layer_as_it_completes(served):
-    before = [served.weights(layer, 0) for layer in range(2)]
+def test_a_pass_stream_applies_each_layer_as_it_completes(loaded):
+    before = [loaded.weights(layer, 0) for layer in range(2)]
     release = threading.Event()
 
     def messages() -> Iterator[pb.LayerMessage]:
@@ -65,7 +54,7 @@ def test_a_pass_stream_applies_each_layer_as_it_completes(served):
         yield from _pass_stream([0])
 
     try:
-        acks = served.stub.PushPass(messages(), timeout=TIMEOUT_S)
+        acks = loaded.stub.PushPass(messages(), timeout=TIMEOUT_S)
         first = next(acks)
         assert (first.layer, first.step, first.phase, first.update_applied) == (
             1,
@@ -73,13 +62,13 @@ def test_a_pass_stream_applies_each_layer_as_it_completes(served):
             pb.BACKWARD,
             True,
         )
-        assert served.servicer.store.version(1) == 1 and served.servicer.store.version(0) == 0
+        assert loaded.servicer.store.version(1) == 1 and loaded.servicer.store.version(0) == 0
     finally:
         release.set()
     assert [(a.layer, a.update_applied) for a in acks] == [(0, True)]
     for layer in range(2):
-        _assert_weights_equal(served.weights(layer, 1), _sgd(before[layer], _grads(layer)))
-    stats = served.stats()
+        _assert_weights_equal(loaded.weights(layer, 1), _sgd(before[layer], _grads(layer)))
+    stats = loaded.stats()
     assert stats.ingress_bytes == MODEL_BYTES
     assert stats.num_gradient_streams == 2 and stats.num_updates == 2
 
@@ -135,19 +124,19 @@ def test_a_pass_stream_carries_one_pass_after_another(loaded):
     assert [loaded.servicer.store.version(layer) for layer in (0, 1)] == [2, 2]
 
 
-def test_stream_pass_answers_each_request_as_stream_weights_does(served):
+def test_stream_pass_answers_each_request_as_stream_weights_does(loaded):
     order = [(0, pb.FORWARD), (1, pb.FORWARD), (1, pb.BACKWARD), (0, pb.BACKWARD)]
     one_by_one = [
         m
         for layer, phase in order
-        for m in served.stub.StreamWeights(_weights_request(layer, phase), timeout=TIMEOUT_S)
+        for m in loaded.stub.StreamWeights(_weights_request(layer, phase), timeout=TIMEOUT_S)
     ]
     requests = [_weights_request(layer, phase) for layer, phase in order]
-    on_one_call = list(served.stub.StreamPass(iter(requests), timeout=TIMEOUT_S))
+    on_one_call = list(loaded.stub.StreamPass(iter(requests), timeout=TIMEOUT_S))
     # Each (small) layer comes as one bundle message, holding what StreamWeights sends.
     assert [m.WhichOneof("kind") for m in on_one_call] == ["bundle"] * len(order)
     assert list(_unbundled(on_one_call)) == one_by_one
-    stats = served.stats()
+    stats = loaded.stats()
     assert stats.num_weight_streams == 2 * len(order)
     assert stats.egress_bytes == 2 * 2 * MODEL_BYTES
 
@@ -169,7 +158,7 @@ def test_stream_pass_sends_a_layer_only_once_it_is_asked_for(loaded):
 @pytest.mark.parametrize(
     "bad", [dict(layer=2), dict(step=1), dict(phase=77), dict(dtype="float64"), dict(step=-1)]
 )
-def test_stream_pass_refuses_a_bad_request_after_the_good_ones(served, bad):
+def test_stream_pass_refuses_a_bad_request_after_the_good_ones(loaded, bad):
     requests = [
         _weights_request(0),
         mpb.WeightsRequest(**(dict(layer=1, step=0, phase=pb.FORWARD, dtype="float32") | bad)),
@@ -177,7 +166,7 @@ def test_stream_pass_refuses_a_bad_request_after_the_good_ones(served, bad):
     received = []
 
     def read():
-        for message in _unbundled(served.stub.StreamPass(iter(requests), timeout=TIMEOUT_S)):
+        for message in _unbundled(loaded.stub.StreamPass(iter(requests), timeout=TIMEOUT_S)):
             received.append(message)
 
     assert _code(read) == grpc.StatusCode.INVALID_ARGUMENT
@@ -185,20 +174,20 @@ def test_stream_pass_refuses_a_bad_request_after_the_good_ones(served, bad):
     assert {m.header.layer for m in received if m.WhichOneof("kind") == "header"} == {0}
 
 
-def test_a_run_of_layers_asked_for_in_one_message_is_answered_in_one(served):
+def test_a_run_of_layers_asked_for_in_one_message_is_answered_in_one(loaded):
     order = [(0, pb.FORWARD), (1, pb.FORWARD), (1, pb.BACKWARD), (0, pb.BACKWARD)]
     one_by_one = list(
-        served.stub.StreamPass(
+        loaded.stub.StreamPass(
             iter([_weights_request(layer, phase) for layer, phase in order]), timeout=TIMEOUT_S
         )
     )
     asked = _weights_request(*order[0])
     asked.following.extend(_weights_request(layer, phase) for layer, phase in order[1:])
-    at_once = list(served.stub.StreamPass(iter([asked]), timeout=TIMEOUT_S))
+    at_once = list(loaded.stub.StreamPass(iter([asked]), timeout=TIMEOUT_S))
     assert MODEL_BYTES * 2 <= BUNDLE_MAX_BYTES  # (the run fits one message)
     assert len(at_once) == 1 and at_once[0].WhichOneof("kind") == "bundle"
     assert list(_unbundled(at_once)) == list(_unbundled(one_by_one))
-    assert served.stats().num_weight_streams == 2 * len(order)
+    assert loaded.stats().num_weight_streams == 2 * len(order)
 
 
 def test_a_run_that_does_not_fit_one_message_goes_in_several(loaded, monkeypatch):
@@ -233,31 +222,5 @@ def test_the_layers_one_message_brought_are_answered_in_one(loaded):
         (1, True),
         (0, True),
     ]
-    for layer in range(2):
-        _assert_weights_equal(loaded.weights(layer, 1), _sgd(before[layer], _grads(layer)))
-
-
-def test_a_small_layers_update_runs_on_the_loop_and_a_big_ones_on_a_thread(loaded, monkeypatch):
-    # MemoryX applies a small layer's update where its stream is read (the event loop, no
-    # hand-off), a big one's on a pooled thread, so that the loop goes on serving weights.
-    # Layer 0 has 620 weights, layer 1 105: a limit of 200 sends layer 0 to a thread.
-    monkeypatch.setattr(memoryx_service, "INLINE_LAYER_MAX_ELEMENTS", 200)
-    store = loaded.servicer.store
-    apply = store.apply_gradients
-    on_loop: dict[int, bool] = {}
-
-    def watched(layer, step, grads):
-        try:
-            asyncio.get_running_loop()
-            on_loop[layer] = True
-        except RuntimeError:
-            on_loop[layer] = False
-        return apply(layer, step, grads)
-
-    monkeypatch.setattr(store, "apply_gradients", watched)
-    before = [loaded.weights(layer, 0) for layer in range(2)]
-    acks = list(loaded.stub.PushPass(iter(_pass_stream([1, 0])), timeout=TIMEOUT_S))
-    assert [(a.layer, a.update_applied) for a in acks] == [(1, True), (0, True)]
-    assert on_loop == {1: True, 0: False}
     for layer in range(2):
         _assert_weights_equal(loaded.weights(layer, 1), _sgd(before[layer], _grads(layer)))

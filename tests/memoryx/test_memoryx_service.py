@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from memoryx.optim import Optimizer
-from memoryx.service import MemoryXServicer, serve
+from memoryx.service import MemoryXServicer, register
 from proto import memoryx_pb2 as mpb
 from proto import memoryx_pb2_grpc as mgrpc
 from proto import tensor_pb2 as pb
 from proto.clients import MemoryXClient
 from proto.domain import Phase, TrafficStats
-from proto.rpc import Security, channel
+from proto.rpc import Security, channel, start_server
 from proto.serde import Expected, decode_layer, encode_layer, layout_of
 from tests.proto.edits import edited
 
@@ -56,7 +56,9 @@ class MemoryX:
         self.servicer = MemoryXServicer(
             optimizer, chunk_bytes=CHUNK_BYTES, checkpoint_dir=checkpoint_dir, resume=resume
         )
-        self.server, self.address = serve(self.servicer, "127.0.0.1", security=SECURITY)
+        self.server, self.address = start_server(
+            lambda server: register(server, self.servicer), "127.0.0.1", security=SECURITY
+        )
         self.stub = mgrpc.MemoryXStub(channel(self.address, SECURITY))
 
     def load(self, layers=None, step: int = 0) -> None:

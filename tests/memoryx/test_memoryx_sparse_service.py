@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from memoryx.optim import Optimizer
-from memoryx.service import MemoryXServicer, serve
+from memoryx.service import MemoryXServicer, register
 from memoryx.sparsity import Sparsity, UpdateSchedule
 from proto import memoryx_pb2 as mpb
 from proto import memoryx_pb2_grpc as mgrpc
 from proto import tensor_pb2 as pb
-from proto.rpc import Security, channel
+from proto.rpc import Security, channel, start_server
 from proto.serde import Expected, LayerAssembler, encode_layer, layout_of
 
 # This module's run credentials (token only: loopback).
@@ -30,7 +30,7 @@ def _model() -> list[dict[str, torch.Tensor]]:
 def service(request):
     sparsity = request.param
     servicer = MemoryXServicer(Optimizer.Config(name="sgd", lr=0.1).build(), sparsity=sparsity)
-    server, address = serve(servicer, "127.0.0.1", security=SECURITY)
+    server, address = start_server(lambda s: register(s, servicer), "127.0.0.1", security=SECURITY)
     stub = mgrpc.MemoryXStub(channel(address, SECURITY))
     stub.LoadWeights(encode_layer(0, 0, pb.FORWARD, _model()[0], sender="driver"))
     yield stub

@@ -12,12 +12,12 @@ import torch
 from memoryx.checkpoint import write_manifest
 from memoryx.config import MemoryXConfig
 from memoryx.optim import Optimizer
-from memoryx.service import MemoryXServicer, serve
+from memoryx.service import MemoryXServicer, register
 from memoryx.tiers import TieredStore
 from proto import memoryx_pb2 as mpb
 from proto import memoryx_pb2_grpc as mgrpc
 from proto import tensor_pb2 as pb
-from proto.rpc import Security, channel
+from proto.rpc import Security, channel, start_server
 from proto.serde import Expected, decode_layer, encode_layer, layout_of
 
 CHUNK_BYTES = 1024
@@ -53,7 +53,9 @@ def server(tmp_path: Path):
         memoryx=memoryx,
         server=1,
     )
-    grpc_server, address = serve(servicer, "127.0.0.1", security=SECURITY)
+    grpc_server, address = start_server(
+        lambda s: register(s, servicer), "127.0.0.1", security=SECURITY
+    )
     stub = mgrpc.MemoryXStub(channel(address, SECURITY))
     yield servicer, stub
     grpc_server.stop(grace=None)

@@ -10,11 +10,11 @@ import torch
 
 from memoryx.gradient_checks import all_finite
 from memoryx.optim import Optimizer
-from memoryx.service import MemoryXServicer, serve
+from memoryx.service import MemoryXServicer, register
 from memoryx.store import NonFiniteUpdate, ParameterStore
 from proto import memoryx_pb2_grpc as mgrpc
 from proto import tensor_pb2 as pb
-from proto.rpc import NONFINITE_STATUS, Security, channel
+from proto.rpc import NONFINITE_STATUS, Security, channel, start_server
 from proto.serde import encode_layer
 
 NUM_LAYERS = 3
@@ -150,7 +150,7 @@ def test_service_maps_the_policy_to_status_and_stats(nonfinite):
     optimizer = Optimizer.Config(name="sgd", lr=0.1, momentum=0.0, nonfinite=nonfinite).build()
     servicer = MemoryXServicer(optimizer)
     security = Security.generate()
-    server, address = serve(servicer, "127.0.0.1", security=security)
+    server, address = start_server(lambda s: register(s, servicer), "127.0.0.1", security=security)
     try:
         stub = mgrpc.MemoryXStub(channel(address, security))
         layers = _layers()

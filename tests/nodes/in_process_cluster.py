@@ -15,7 +15,7 @@ from torch import nn
 from core.data import Dataset
 from memoryx.optim import Optimizer
 from memoryx.service import MemoryXServicer
-from memoryx.service import serve as serve_memoryx
+from memoryx.service import register as register_memoryx
 from nodes.cs2 import Cs2Backend
 from nodes.service import ComputeNodeServicer
 from nodes.service import serve as serve_node
@@ -103,8 +103,7 @@ def build_cluster(
     memoryx = MemoryXServicer(
         Optimizer.Config(name="sgd", lr=LR, momentum=0.0).build(), chunk_bytes=CHUNK_BYTES
     )
-    memoryx_server, memoryx_address = serve_memoryx(memoryx, "127.0.0.1", security=SECURITY)
-    servers.append(memoryx_server)
+    memoryx_address = serve(lambda s: register_memoryx(s, memoryx))
     tree = build_tree(num_nodes, fanout)
     swarmx = {t.name: SwarmXServicer(t.name, security=SECURITY) for t in tree}
     swarmx_addresses = {}

@@ -161,10 +161,10 @@ def test_a_pass_sent_at_once_asks_memoryx_for_its_small_layers_in_one_message(
 
     pushed: list[int] = []  # layers per message of the sums pushed to MemoryX
 
-    class CountedItems(memoryx_service.PassItems):
+    class CountedItems(memoryx_service.StreamItems):
         def __init__(self, messages):
-            async def counted(messages):
-                async for message in messages:
+            def counted(messages):
+                for message in messages:
                     pushed.append(_layers_in(expand(message)))
                     yield message
 
@@ -175,7 +175,7 @@ def test_a_pass_sent_at_once_asks_memoryx_for_its_small_layers_in_one_message(
     # their sums complete at once at the root. (The first pass computes on threads.)
     monkeypatch.setattr(node_service, "INLINE_COMPUTE_MAX_S", 60.0)
     monkeypatch.setattr(pass_root, "_messages", counted_answers)
-    monkeypatch.setattr(memoryx_service, "PassItems", CountedItems)
+    monkeypatch.setattr(memoryx_service, "StreamItems", CountedItems)
     push_answers = _count_calls(  # MemoryX's answers to the sums: layers per message
         monkeypatch, memoryx_service, "acks_to_wire", lambda message: 1 + len(message.following)
     )

@@ -379,9 +379,6 @@ def test_a_stalled_memoryx_stream_is_cancelled_with_the_pass(cluster, monkeypatc
         yield from original(self, request, **options)
 
     monkeypatch.setattr(MemoryXServicer, "_weights", stalled)
-    # Served on a thread, as a tiered store serves (from disk): a stall on the loop would
-    # stall every server of this test's process, which share it.
-    monkeypatch.setattr(MemoryXServicer, "_on_disk", lambda self: True)
     step = cluster.version()
     root = SwarmXClient(cluster.addresses[cluster.root_name], cluster.security)
     pending = root.start_pass(timeout_s=TIMEOUT_S)

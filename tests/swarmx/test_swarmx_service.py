@@ -17,7 +17,7 @@ import torch
 
 from memoryx.optim import Optimizer
 from memoryx.service import MemoryXServicer
-from memoryx.service import serve as serve_memoryx
+from memoryx.service import register as register_memoryx
 from proto import memoryx_pb2 as mpb
 from proto import memoryx_pb2_grpc as mgrpc
 from proto import swarmx_pb2 as spb
@@ -110,8 +110,7 @@ class Servers:
         servicer = HoldingMemoryX(
             Optimizer.Config(name="sgd", lr=LR, momentum=0.0).build(), chunk_bytes=CHUNK_BYTES
         )
-        server, address = serve_memoryx(servicer, "127.0.0.1", security=SECURITY)
-        self.servers.append(server)
+        address = self.start(lambda s: register_memoryx(s, servicer))
 
         def messages():
             for index, tensors in enumerate(_model()):
