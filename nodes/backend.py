@@ -354,7 +354,8 @@ def call_block(block: nn.Module, params: dict[str, Tensor], x: Tensor) -> Tensor
     block whose tensors each have one name and no parametrization, and ``params`` naming
     each of them, the tensors are put in the block's tables directly for the call and put
     back after it: ``functional_call`` walks the module tree and checks ties on every call,
-    which costs a small layer (mlp-digits: 30 us of 45) as much as its compute.
+    about 25 us, as much as a small layer's compute (an mlp-digits layer at batch 32: 45 us
+    called directly, 70 through ``functional_call``).
     """
     slots = _tensor_slots(block)
     if slots is None or params.keys() != slots.keys():

@@ -12,15 +12,9 @@ from nodes.cs2.backend import Cs2Backend
 from nodes.worker import NodeWorker
 
 
-def _modes(worker: NodeWorker) -> list[bool]:
-    return [module.training for layer in worker.layers for module in layer.modules()]
-
-
-def test_layers_that_came_in_eval_mode_train_in_training_mode():
-    torch.manual_seed(0)
-    layers = [nn.Sequential(nn.Linear(64, 32), nn.Dropout(0.5)).eval(), nn.Linear(32, 10).eval()]
-    weights = [{n: p.detach().clone() for n, p in layer.named_parameters()} for layer in layers]
-    worker = NodeWorker(
+def _worker(layers: list[nn.Module]) -> NodeWorker:
+    """One cs2 node on the digits, as a cluster of one node would run it."""
+    return NodeWorker(
         rank=0,
         num_nodes=1,
         layers=layers,
@@ -30,6 +24,17 @@ def test_layers_that_came_in_eval_mode_train_in_training_mode():
         backend=Cs2Backend.Config().build(),
         max_eval_samples=8,
     )
+
+
+def _modes(worker: NodeWorker) -> list[bool]:
+    return [module.training for layer in worker.layers for module in layer.modules()]
+
+
+def test_layers_that_came_in_eval_mode_train_in_training_mode():
+    torch.manual_seed(0)
+    layers = [nn.Sequential(nn.Linear(64, 32), nn.Dropout(0.5)).eval(), nn.Linear(32, 10).eval()]
+    weights = [{n: p.detach().clone() for n, p in layer.named_parameters()} for layer in layers]
+    worker = _worker(layers)
     assert all(_modes(worker))
     seen: list[bool] = []
     dropout = worker.layers[0][1]
@@ -47,17 +52,7 @@ def test_layers_that_came_in_eval_mode_train_in_training_mode():
 
 
 def test_an_evaluation_that_fails_gives_training_mode_back():
-    layers = [nn.Linear(64, 10)]
-    worker = NodeWorker(
-        rank=0,
-        num_nodes=1,
-        layers=layers,
-        dataset=DataConfig(name="digits").build(seed=0),
-        batch_size=16,
-        seed=0,
-        backend=Cs2Backend.Config().build(),
-        max_eval_samples=8,
-    )
+    worker = _worker([nn.Linear(64, 10)])
     with pytest.raises(RuntimeError):
         worker.evaluate(0, 0, {"weight": torch.zeros(10, 63), "bias": torch.zeros(10)})
     assert all(_modes(worker))
