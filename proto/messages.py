@@ -28,7 +28,7 @@ from proto.domain import (
     TensorSpec,
     TrafficStats,
 )
-from proto.frames import Bundle, WireError, expand
+from proto.frames import Bundle, WireError, expand, payload_bytes
 from proto.wire import encode
 
 EMPTY = pb.Empty()
@@ -84,17 +84,20 @@ def acks_to_wire(acks: Sequence[LayerAck]) -> pb.LayerAck:
 
 
 def acks_in_messages(acks: Sequence[LayerAck], max_gradient_bytes: int) -> list[pb.LayerAck]:
-    """Consecutive answers as few messages (``acks_to_wire``) as keep the gradients in
-    each within ``max_gradient_bytes`` (one answer with a larger one goes alone)."""
+    """Consecutive answers as few messages (``acks_to_wire``) as keep the gradients they
+    carry (``LayerAck.gradient``) within ``max_gradient_bytes`` each (one answer with a
+    larger one goes alone). An answer's ``gradient_bytes`` is a count, not a payload: a
+    parent's sums carry none, and go in one message however much they count."""
     messages: list[pb.LayerAck] = []
     group: list[LayerAck] = []
     size = 0
     for ack in acks:
-        if group and size + ack.gradient_bytes > max_gradient_bytes:
+        carried = payload_bytes(ack.gradient)
+        if group and size + carried > max_gradient_bytes:
             messages.append(acks_to_wire(group))
             group, size = [], 0
         group.append(ack)
-        size += ack.gradient_bytes
+        size += carried
     if group:
         messages.append(acks_to_wire(group))
     return messages

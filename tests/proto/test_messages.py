@@ -26,6 +26,8 @@ from proto.clients import (
 )
 from proto.domain import (
     CheckpointInfo,
+    Chunk,
+    Header,
     LayerAck,
     LayerLayout,
     LayerRequest,
@@ -182,10 +184,35 @@ def test_ack_fields_are_the_wire_fields():
 
 
 def _acks(count: int, gradient_bytes: int = 0) -> list[LayerAck]:
-    return [
-        dataclasses.replace(ACK, layer=layer, gradient_bytes=gradient_bytes)
-        for layer in range(count)
-    ]
+    """``count`` answers, each carrying a gradient of ``gradient_bytes`` payload bytes (as a
+    compute node's answer does) when that is not 0."""
+    acks = []
+    for layer in range(count):
+        gradient: tuple = ()
+        if gradient_bytes:
+            header = Header(
+                layer=layer,
+                step=ACK.step,
+                phase=Phase.BACKWARD,
+                num_tensors=1,
+                total_bytes=gradient_bytes,
+                sender="node-0",
+            )
+            chunk = Chunk(
+                layer=layer,
+                step=ACK.step,
+                name="w",
+                dtype="float32",
+                shape=(gradient_bytes // 4,),
+                offset=0,
+                tensor_bytes=gradient_bytes,
+                data=bytes(gradient_bytes),
+            )
+            gradient = (header, chunk)
+        acks.append(
+            dataclasses.replace(ACK, layer=layer, gradient_bytes=gradient_bytes, gradient=gradient)
+        )
+    return acks
 
 
 def test_answers_in_one_message_come_back_in_order():
@@ -197,13 +224,20 @@ def test_answers_in_one_message_come_back_in_order():
 
 
 def test_answers_in_messages_keep_each_message_s_gradients_within_the_limit():
-    # Three answers of 400 gradient bytes each, at most 1000 per message: two, then one.
+    # Three answers carrying 400 gradient bytes each, at most 1000 per message: two, then one.
     messages = acks_in_messages(_acks(3, gradient_bytes=400), 1000)
     assert [1 + len(m.following) for m in messages] == [2, 1]
-    assert [a for m in messages for a in acks_from_wire(m)] == _acks(3, gradient_bytes=400)
+    assert [a.layer for m in messages for a in acks_from_wire(m)] == [0, 1, 2]
     # One answer over the limit still goes, alone.
     assert [1 + len(m.following) for m in acks_in_messages(_acks(2, 2000), 1000)] == [1, 1]
     assert acks_in_messages([], 1000) == []
+
+
+def test_sums_that_carry_no_gradient_go_in_one_message_however_much_they_count():
+    # A parent's answers count the bytes its children sent up but carry none of them.
+    sums = [dataclasses.replace(ack, gradient=()) for ack in _acks(3, gradient_bytes=4000)]
+    (message,) = acks_in_messages(sums, 1000)
+    assert [a.gradient_bytes for a in acks_from_wire(message)] == [4000] * 3
 
 
 def test_a_following_answer_with_answers_of_its_own_is_refused():
