@@ -131,6 +131,9 @@ class Coordinator:
         self.backward_weights = self.config.backend.needs_weights_in_backward
         self._layer_timeouts_s: list[float] | None = None
         self._initial: tuple[InitialCopy, int] | None = None
+        # The last step run, when MemoryX is yet to commit it: the next training pass's
+        # requests say so (``commit_before``), anything else commits it first.
+        self._uncommitted: int | None = None
         self.checkpoints = CheckpointDir(self.config.checkpoint)
         self.supervisor = Supervisor(
             cluster=self.cluster,
@@ -155,7 +158,7 @@ class Coordinator:
         # One RunPass stream carries pass after pass (a root that joins layers split over
         # MemoryX servers, on threads, reads one pass per call).
         self._keep_pass_stream = not self.cluster.memoryx_split
-        self._traffic_at_commit = None  # another MemoryX, or the same one restarted
+        self._traffic_at_step_end = None  # another MemoryX, or the same one restarted
         # Layer deadlines scale with the node count, which shrinks with on_node_loss: shrink.
         self._layer_timeouts_s = None
 
@@ -172,7 +175,8 @@ class Coordinator:
             self._initial[0].release()
 
     def _send_weights(self) -> None:
-        self._traffic_at_commit = None  # (moves MemoryX's counters)
+        self._traffic_at_step_end = None  # (moves MemoryX's counters)
+        self._uncommitted = None  # a new MemoryX: nothing of this one's to commit
         assert self._initial is not None
         copy, step = self._initial
         self.memoryx.load_weights(
@@ -215,7 +219,9 @@ class Coordinator:
             ]
         return self._layer_timeouts_s[layer]
 
-    def _run_pass(self, order: Iterable[tuple[int, Phase]], step: int) -> list[LayerAck]:
+    def _run_pass(
+        self, order: Iterable[tuple[int, Phase]], step: int, *, commit_before: int = 0
+    ) -> list[LayerAck]:
         """The layer phases of one pass, in ``order``, with up to ``PASS_WINDOW`` in flight.
 
         One ``RunPass`` call to the root carries the pass: a layer's request goes on it
@@ -249,6 +255,7 @@ class Coordinator:
                 pass_id=pass_id,
                 pass_position=position,
                 pass_length=len(order),
+                commit_before=commit_before,
             )
             for position, (layer, phase) in enumerate(order, start=1)
         ]
@@ -291,13 +298,29 @@ class Coordinator:
         layers = range(self.num_layers)
         order = [(layer, Phase.FORWARD) for layer in layers]
         order += [(layer, Phase.BACKWARD) for layer in reversed(layers)]
-        acks = self._run_pass(order, step)
+        # Every step before this one has ended: MemoryX commits them as the pass asks for
+        # its first layer, instead of in a CommitStep round trip between the steps.
+        acks = self._run_pass(order, step, commit_before=step)
         states = self.supervisor.collect_pass_states()
-        committed = self.memoryx.commit_step(step)
-        # Only a committed step moves the nodes' kept state: a step run again after a
-        # failed commit starts where this attempt started.
+        # MemoryX's counters at the step's end came with the backward answers; a step whose
+        # answers lack a server's (a layer split over servers) commits now, and they come
+        # with that.
+        counters = self.memoryx.counters_in(acks)
+        if counters is None:
+            counters = self.memoryx.commit_step(step)
+        else:
+            self._uncommitted = step
         self.supervisor.pass_states.update(states)
-        return acks[self.num_layers - 1], acks, committed
+        return acks[self.num_layers - 1], acks, counters
+
+    def _commit_ended(self) -> None:
+        """MemoryX commits the last step run, if the next training pass was to say so:
+        before anything else reads or saves its state (an evaluation, weights, a checkpoint,
+        its counters)."""
+        self._traffic_at_step_end = None  # (moves MemoryX's counters)
+        if self._uncommitted is not None:
+            self.memoryx.commit_step(self._uncommitted)
+            self._uncommitted = None
 
     def _recovering(self, step: int, run: Callable[[], object]) -> tuple[object, int]:
         """``run()`` until it succeeds, replacing lost components in between.
@@ -342,14 +365,14 @@ class Coordinator:
 
         def one_attempt() -> tuple[TrafficStats, LayerAck, list[LayerAck], TrafficStats]:
             # MemoryX traffic of the attempt that succeeded (a new MemoryX counts from 0):
-            # from MemoryX's counters at the last commit, where nothing has used MemoryX
-            # since (a step right after another), else read now.
-            before = self._traffic_at_commit or self.memoryx.stats()
-            self._traffic_at_commit = None  # a second attempt reads them again
+            # from MemoryX's counters at the end of the step before, where nothing has used
+            # MemoryX since (a step right after another), else read now.
+            before = self._traffic_at_step_end or self.memoryx.stats()
+            self._traffic_at_step_end = None  # a second attempt reads them again
             return (before, *self._attempt(step))
 
         (before, last, acks, after), attempt = self._recovering(step, one_attempt)
-        self._traffic_at_commit = after
+        self._traffic_at_step_end = after
         self.supervisor.step_done(step)
         record = StepRecord(
             step=step,
@@ -376,9 +399,8 @@ class Coordinator:
         return self.task == "classification"
 
     def evaluate(self, step: int) -> EvalRecord:
-        self._traffic_at_commit = None  # (moves MemoryX's counters)
-
         def passes() -> LayerAck:
+            self._commit_ended()
             acks = self._run_pass([(layer, Phase.EVAL) for layer in range(self.num_layers)], step)
             self.supervisor.pass_states.update(self.supervisor.collect_pass_states())
             return acks[-1]
@@ -397,7 +419,7 @@ class Coordinator:
         return weights
 
     def _fetch_weights(self, step: int) -> list[dict[str, torch.Tensor]]:
-        self._traffic_at_commit = None  # (moves MemoryX's counters)
+        self._commit_ended()
         layout = self.memoryx.layout()
         weights = []
         self.fetched_masks: list[dict[str, torch.Tensor]] = []
@@ -424,7 +446,7 @@ class Coordinator:
 
     def _save_in_run_dir(self) -> list[CheckpointInfo]:
         """Every MemoryX server saves its committed state in the run's checkpoint directory."""
-        self._traffic_at_commit = None  # (moves MemoryX's counters)
+        self._commit_ended()
         saved = self.memoryx.save_checkpoint()
         names = {info.name for info in saved}
         if len(names) != 1:
@@ -460,9 +482,11 @@ class Coordinator:
         """MemoryX came back at ``step``: forget the records of the steps it lost; the
         nodes' device state goes back to what it was then."""
         self.steps = [s for s in self.steps if s.step < step]
+        self._uncommitted = None  # (MemoryX came back with every step it holds committed)
         self.supervisor.rewind_nodes(step)
 
     def traffic(self) -> dict:
+        self._commit_ended()  # (its state and peak memory as the run leaves them)
         per_server = self.memoryx.stats_per_server()
         stats = summed_traffic(per_server)
         links = []

@@ -17,7 +17,14 @@ import torch
 
 from memoryx.shard_plan import Shard, join_pieces
 from proto.clients import DEFAULT_DEADLINES, Deadlines, MemoryXClient
-from proto.domain import CheckpointInfo, LayerLayout, ModelLayout, TensorSpec, TrafficStats
+from proto.domain import (
+    CheckpointInfo,
+    LayerAck,
+    LayerLayout,
+    ModelLayout,
+    TensorSpec,
+    TrafficStats,
+)
 from proto.rpc import Security
 
 
@@ -100,6 +107,26 @@ class MemoryXServers:
         return summed_traffic(
             [client.commit_step(step, timeout_s=timeout_s) for client in self.clients]
         )
+
+    def counters_in(self, acks: Sequence[LayerAck]) -> TrafficStats | None:
+        """The servers' counters, summed, at the end of the step these are the answers of:
+        each backward answer carries its server's once it took the layer's gradient
+        (``LayerAck.memoryx``), so each server's latest is the one after its last. None
+        unless every server answered so for a layer it holds whole."""
+        latest: list[TrafficStats | None] = [None] * len(self.clients)
+        for ack in acks:
+            if ack.memoryx is None:
+                continue
+            owners = self.owners(ack.layer)
+            if len(owners) != 1:
+                return None  # (a split layer's answer joins its servers')
+            server = self.clients.index(owners[0][0])
+            seen = latest[server]
+            if seen is None or ack.memoryx.num_gradient_streams > seen.num_gradient_streams:
+                latest[server] = ack.memoryx
+        if any(counters is None for counters in latest):
+            return None
+        return summed_traffic(latest)
 
     def save_checkpoint(self, **kwargs) -> list[CheckpointInfo]:
         """Every server saves its layers into the run's checkpoint directory."""

@@ -140,6 +140,8 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
                 )
         self.traffic = _Traffic()
         self._peak_rss_bytes = 0
+        # Steps up to this one are committed here (a commit of one of them is a no-op).
+        self._committed_through = -1
         if self.store is not None:
             self._sample_rss()
 
@@ -254,6 +256,8 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
         if request.phase not in _PHASES:
             raise WireError(f"phase {request.phase} is not FORWARD, BACKWARD or EVAL")
         self._check_step(request.layer, request.step)
+        if request.commit_before:
+            self._commit(request.commit_before - 1)
         if request.dtype not in WIRE_DTYPES:
             raise WireError(f"dtype {request.dtype!r} is not one of {', '.join(WIRE_DTYPES)}")
         try:
@@ -379,23 +383,31 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
             step=header.step,
             phase=Phase.BACKWARD,
             update_applied=applied,
+            memoryx=self._traffic_stats(),
         )
 
     @rpc_errors
     def CommitStep(self, request, context):
+        self._commit(request.step)
+        return self._traffic()
+
+    def _commit(self, step: int) -> None:
+        """Commit ``step`` (``CommitStep``, or a pass's ``commit_before``); once is enough."""
         store = self._require_store()
+        if step <= self._committed_through:
+            return
         latest = max(store.version(layer) for layer in store.layer_ids)
-        if not 0 <= request.step < latest:
+        if not 0 <= step < latest:
             raise WireError(
-                f"cannot commit step {request.step}: the layers are at versions up to {latest}, "
+                f"cannot commit step {step}: the layers are at versions up to {latest}, "
                 f"so only steps 0..{latest - 1} have run"
             )
         try:
-            store.commit(request.step)
+            store.commit(step)
             self._sample_rss()
         except StepError as exc:
             raise StepConflict(str(exc)) from None
-        return self._traffic()
+        self._committed_through = step
 
     @rpc_errors
     def SaveCheckpoint(self, request, context):
@@ -441,6 +453,9 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
         return self._traffic()
 
     def _traffic(self):
+        return traffic_to_wire(self._traffic_stats())
+
+    def _traffic_stats(self) -> TrafficStats:
         t = self.traffic
         store = self.store
         disk_read, disk_written = store.io_bytes() if store is not None else (0, 0)
@@ -461,7 +476,7 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
                 update_seconds=t.update_seconds,
                 num_skipped_steps=self.store.num_skipped_steps if self.store is not None else 0,
             )
-        return traffic_to_wire(stats)
+        return stats
 
     def ResetStats(self, request, context):
         self.traffic = _Traffic()

@@ -384,6 +384,7 @@ class ComputeNodeServicer(ngrpc.ComputeNodeServicer, sgrpc.LayerSinkServicer):
             self.gradient_bytes_sent += sent
         ack.gradient_bytes = sent
         ack.update_applied = upstream.update_applied
+        ack.memoryx = upstream.memoryx
         return ack
 
     def _ready(self, header: Header) -> bool:

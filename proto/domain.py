@@ -100,6 +100,9 @@ class LayerAck:
     #: A compute node's gradient of the layer in its answer (``Header.gradient_in_answer``):
     #: its header and chunks, which the parent sums; () otherwise, and in a total.
     gradient: tuple = ()
+    #: BACKWARD: MemoryX's counters once it took this layer's gradient (SwarmX passes
+    #: them on), so that a step's MemoryX figures need no call of their own; None elsewhere.
+    memoryx: TrafficStats | None = None
 
     @classmethod
     def total(cls, acks: Iterable[LayerAck], *, layer: int, step: int, phase: int) -> LayerAck:
@@ -115,6 +118,8 @@ class LayerAck:
             out.flops += ack.flops
             out.compute_seconds += ack.compute_seconds
             out.update_applied = out.update_applied and ack.update_applied
+            # Every child's comes from the one answer of the sum they took part in.
+            out.memoryx = out.memoryx or ack.memoryx
         return out
 
 
@@ -134,6 +139,9 @@ class LayerRequest:
     #: layers of pass ``pass_id``, sent to compute nodes on one stream per pass.
     pass_position: int = 0
     pass_length: int = 0
+    #: Nonzero: every step before this one has ended (the driver has its answers), so
+    #: MemoryX commits them before serving the layer (no ``CommitStep`` round trip).
+    commit_before: int = 0
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,7 @@ class MemoryXStub:
         self.CommitStep = channel.unary_unary(
                 '/wafer.v1.MemoryX/CommitStep',
                 request_serializer=proto_dot_memoryx__pb2.StepRequest.SerializeToString,
-                response_deserializer=proto_dot_memoryx__pb2.TrafficStats.FromString,
+                response_deserializer=proto_dot_tensor__pb2.TrafficStats.FromString,
                 _registered_method=True)
         self.SaveCheckpoint = channel.unary_unary(
                 '/wafer.v1.MemoryX/SaveCheckpoint',
@@ -78,7 +78,7 @@ class MemoryXStub:
         self.Stats = channel.unary_unary(
                 '/wafer.v1.MemoryX/Stats',
                 request_serializer=proto_dot_tensor__pb2.Empty.SerializeToString,
-                response_deserializer=proto_dot_memoryx__pb2.TrafficStats.FromString,
+                response_deserializer=proto_dot_tensor__pb2.TrafficStats.FromString,
                 _registered_method=True)
         self.ResetStats = channel.unary_unary(
                 '/wafer.v1.MemoryX/ResetStats',
@@ -191,7 +191,7 @@ def add_MemoryXServicer_to_server(servicer, server):
             'CommitStep': grpc.unary_unary_rpc_method_handler(
                     servicer.CommitStep,
                     request_deserializer=proto_dot_memoryx__pb2.StepRequest.FromString,
-                    response_serializer=proto_dot_memoryx__pb2.TrafficStats.SerializeToString,
+                    response_serializer=proto_dot_tensor__pb2.TrafficStats.SerializeToString,
             ),
             'SaveCheckpoint': grpc.unary_unary_rpc_method_handler(
                     servicer.SaveCheckpoint,
@@ -206,7 +206,7 @@ def add_MemoryXServicer_to_server(servicer, server):
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
                     request_deserializer=proto_dot_tensor__pb2.Empty.FromString,
-                    response_serializer=proto_dot_memoryx__pb2.TrafficStats.SerializeToString,
+                    response_serializer=proto_dot_tensor__pb2.TrafficStats.SerializeToString,
             ),
             'ResetStats': grpc.unary_unary_rpc_method_handler(
                     servicer.ResetStats,
@@ -375,7 +375,7 @@ class MemoryX:
             target,
             '/wafer.v1.MemoryX/CommitStep',
             proto_dot_memoryx__pb2.StepRequest.SerializeToString,
-            proto_dot_memoryx__pb2.TrafficStats.FromString,
+            proto_dot_tensor__pb2.TrafficStats.FromString,
             options,
             channel_credentials,
             insecure,
@@ -456,7 +456,7 @@ class MemoryX:
             target,
             '/wafer.v1.MemoryX/Stats',
             proto_dot_tensor__pb2.Empty.SerializeToString,
-            proto_dot_memoryx__pb2.TrafficStats.FromString,
+            proto_dot_tensor__pb2.TrafficStats.FromString,
             options,
             channel_credentials,
             insecure,

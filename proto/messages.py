@@ -52,11 +52,13 @@ def _flat(item) -> dict:
 
 
 #: The fields of an answer other than the gradient it may carry (a layer stream's items).
-_ACK_SCALARS = tuple(name for name in _names(LayerAck) if name != "gradient")
+_ACK_SCALARS = tuple(name for name in _names(LayerAck) if name not in ("gradient", "memoryx"))
 
 
 def ack_to_wire(ack: LayerAck) -> pb.LayerAck:
     message = pb.LayerAck(**{name: getattr(ack, name) for name in _ACK_SCALARS})
+    if ack.memoryx is not None:
+        message.memoryx.CopyFrom(traffic_to_wire(ack.memoryx))
     if ack.gradient:
         # As a layer stream sends it: a chunk read from the wire as the bytes it came in,
         # one in shared memory as its slot's reference.
@@ -68,11 +70,18 @@ def ack_from_wire(message: pb.LayerAck) -> LayerAck:
     """The answer ``message`` carries; WireError if the gradient in it is not one layer's
     header and chunks."""
     ack = LayerAck(**{name: getattr(message, name) for name in _ACK_SCALARS})
+    if message.HasField("memoryx"):
+        ack.memoryx = traffic_from_wire(message.memoryx)
     if message.HasField("gradient"):
         ack.gradient = expand(message.gradient)
         if any(isinstance(item, Header) for item in ack.gradient[1:]):
             raise WireError("an answer's gradient is one layer's header and chunks, not several")
     return ack
+
+
+def memoryx_counters(message: pb.LayerAck) -> TrafficStats | None:
+    """The MemoryX counters an answer on the wire carries (``LayerAck.memoryx``), if any."""
+    return traffic_from_wire(message.memoryx) if message.HasField("memoryx") else None
 
 
 def acks_to_wire(acks: Sequence[LayerAck]) -> pb.LayerAck:
@@ -165,13 +174,21 @@ def weights_request_to_wire(request: LayerRequest) -> mpb.WeightsRequest:
     if request.without_weights:
         raise ValueError("a weights request cannot be without weights; do not ask MemoryX")
     return mpb.WeightsRequest(
-        layer=request.layer, step=request.step, phase=request.phase, dtype=request.dtype
+        layer=request.layer,
+        step=request.step,
+        phase=request.phase,
+        dtype=request.dtype,
+        commit_before=request.commit_before,
     )
 
 
 def weights_request_from_wire(message: mpb.WeightsRequest) -> LayerRequest:
     return LayerRequest(
-        layer=message.layer, step=message.step, phase=message.phase, dtype=message.dtype
+        layer=message.layer,
+        step=message.step,
+        phase=message.phase,
+        dtype=message.dtype,
+        commit_before=message.commit_before,
     )
 
 
@@ -221,11 +238,11 @@ def layout_from_wire(message: mpb.LayoutReply) -> ModelLayout:
     )
 
 
-def traffic_to_wire(stats: TrafficStats) -> mpb.TrafficStats:
-    return mpb.TrafficStats(**asdict(stats))
+def traffic_to_wire(stats: TrafficStats) -> pb.TrafficStats:
+    return pb.TrafficStats(**asdict(stats))
 
 
-def traffic_from_wire(message: mpb.TrafficStats) -> TrafficStats:
+def traffic_from_wire(message: pb.TrafficStats) -> TrafficStats:
     return TrafficStats(**_fields(message, TrafficStats))
 
 

@@ -101,7 +101,7 @@ class LayerBundle(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[LayerMessage, _Mapping]]] = ...) -> None: ...
 
 class LayerAck(_message.Message):
-    __slots__ = ("layer", "step", "phase", "num_nodes", "loss_sum", "num_targets", "num_correct", "bytes_to_nodes", "gradient_bytes", "flops", "compute_seconds", "update_applied", "gradient", "following")
+    __slots__ = ("layer", "step", "phase", "num_nodes", "loss_sum", "num_targets", "num_correct", "bytes_to_nodes", "gradient_bytes", "flops", "compute_seconds", "update_applied", "gradient", "following", "memoryx")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +116,7 @@ class LayerAck(_message.Message):
     UPDATE_APPLIED_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_FIELD_NUMBER: _ClassVar[int]
     FOLLOWING_FIELD_NUMBER: _ClassVar[int]
+    MEMORYX_FIELD_NUMBER: _ClassVar[int]
     layer: int
     step: int
     phase: Phase
@@ -130,7 +131,40 @@ class LayerAck(_message.Message):
     update_applied: bool
     gradient: LayerMessage
     following: _containers.RepeatedCompositeFieldContainer[LayerAck]
-    def __init__(self, layer: _Optional[int] = ..., step: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., num_nodes: _Optional[int] = ..., loss_sum: _Optional[float] = ..., num_targets: _Optional[int] = ..., num_correct: _Optional[int] = ..., bytes_to_nodes: _Optional[int] = ..., gradient_bytes: _Optional[int] = ..., flops: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., update_applied: _Optional[bool] = ..., gradient: _Optional[_Union[LayerMessage, _Mapping]] = ..., following: _Optional[_Iterable[_Union[LayerAck, _Mapping]]] = ...) -> None: ...
+    memoryx: TrafficStats
+    def __init__(self, layer: _Optional[int] = ..., step: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., num_nodes: _Optional[int] = ..., loss_sum: _Optional[float] = ..., num_targets: _Optional[int] = ..., num_correct: _Optional[int] = ..., bytes_to_nodes: _Optional[int] = ..., gradient_bytes: _Optional[int] = ..., flops: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., update_applied: _Optional[bool] = ..., gradient: _Optional[_Union[LayerMessage, _Mapping]] = ..., following: _Optional[_Iterable[_Union[LayerAck, _Mapping]]] = ..., memoryx: _Optional[_Union[TrafficStats, _Mapping]] = ...) -> None: ...
+
+class TrafficStats(_message.Message):
+    __slots__ = ("egress_bytes", "ingress_bytes", "num_weight_streams", "num_gradient_streams", "num_updates", "num_duplicate_gradients", "update_seconds", "state_bytes", "resident_bytes", "peak_resident_bytes", "disk_read_bytes", "disk_written_bytes", "process_peak_rss_bytes", "num_skipped_steps")
+    EGRESS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    INGRESS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NUM_WEIGHT_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    NUM_GRADIENT_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    NUM_UPDATES_FIELD_NUMBER: _ClassVar[int]
+    NUM_DUPLICATE_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PEAK_RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DISK_READ_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DISK_WRITTEN_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_PEAK_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NUM_SKIPPED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    egress_bytes: int
+    ingress_bytes: int
+    num_weight_streams: int
+    num_gradient_streams: int
+    num_updates: int
+    num_duplicate_gradients: int
+    update_seconds: float
+    state_bytes: int
+    resident_bytes: int
+    peak_resident_bytes: int
+    disk_read_bytes: int
+    disk_written_bytes: int
+    process_peak_rss_bytes: int
+    num_skipped_steps: int
+    def __init__(self, egress_bytes: _Optional[int] = ..., ingress_bytes: _Optional[int] = ..., num_weight_streams: _Optional[int] = ..., num_gradient_streams: _Optional[int] = ..., num_updates: _Optional[int] = ..., num_duplicate_gradients: _Optional[int] = ..., update_seconds: _Optional[float] = ..., state_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., peak_resident_bytes: _Optional[int] = ..., disk_read_bytes: _Optional[int] = ..., disk_written_bytes: _Optional[int] = ..., process_peak_rss_bytes: _Optional[int] = ..., num_skipped_steps: _Optional[int] = ...) -> None: ...
 
 class Empty(_message.Message):
     __slots__ = ()

@@ -38,7 +38,7 @@ from proto.frames import (
 )
 from proto.kept_streams import OwnedStream
 from proto.loop_streams import ClientStream
-from proto.messages import acks_from_wire
+from proto.messages import acks_from_wire, memoryx_counters
 from proto.pass_stream import ReadDone, checked_pass_header
 from proto.rpc import time_left_s
 from proto.wire import encode
@@ -205,6 +205,7 @@ class Relay:
                 for index, ack in enumerate(layer.acks)
                 if index not in layer.summed
             )
+            total.memoryx = memoryx_counters(upstream) or total.memoryx
         del self._waiting[key]
         if layer.holds_room:
             self.room.release()

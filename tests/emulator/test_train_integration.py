@@ -76,16 +76,24 @@ def test_weight_streaming_equals_plain_pytorch(ray_session, num_nodes, optimizer
     assert losses == pytest.approx(reference.losses, rel=1e-5)
 
 
-def test_a_step_counts_memoryx_traffic_from_the_commit_before_it(ray_session, monkeypatch):
-    """MemoryX's counters come back with each CommitStep: a step right after another reads
-    no Stats; one after an evaluation (which moves MemoryX's bytes) reads them again, and
-    every step still counts exactly its own bytes."""
+def test_a_step_takes_memoryx_traffic_from_its_answers_and_commits_on_the_next_pass(
+    ray_session, monkeypatch
+):
+    """MemoryX's counters come back with each backward answer: a step right after another
+    reads no Stats; one after an evaluation (which moves MemoryX's bytes) reads them again,
+    and every step still counts exactly its own bytes. A step is committed by the next
+    training pass's requests, or by a CommitStep before anything else (the evaluations)."""
     from proto.clients import MemoryXClient
 
-    stats_calls = []
-    stats = MemoryXClient.stats
+    stats_calls, commits = [], []
+    stats, commit_step = MemoryXClient.stats, MemoryXClient.commit_step
     monkeypatch.setattr(
         MemoryXClient, "stats", lambda self, **kw: stats_calls.append(1) or stats(self, **kw)
+    )
+    monkeypatch.setattr(
+        MemoryXClient,
+        "commit_step",
+        lambda self, step, **kw: commits.append(step) or commit_step(self, step, **kw),
     )
     report = train(_config(2, "adamw", num_steps=5, eval_every=3), progress=False).to_json()
     model_bytes = report["model"]["num_params"] * 4
@@ -94,6 +102,8 @@ def test_a_step_counts_memoryx_traffic_from_the_commit_before_it(ray_session, mo
     assert len(report["evals"]) == 2  # after step 3, and at the end
     # Before step 1, before step 4 (after the evaluation), and the report's totals.
     assert len(stats_calls) == 3
+    # Before the evaluation after step 3 (index 2) and the one at the end.
+    assert commits == [2, 4]
 
 
 def test_memoryx_traffic_is_independent_of_node_count(ray_session):

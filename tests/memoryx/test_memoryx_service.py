@@ -72,9 +72,13 @@ class MemoryX:
 
         self.stub.LoadWeights(messages(), timeout=TIMEOUT_S)
 
-    def weights(self, layer: int, step: int, dtype: str = "float32") -> dict[str, torch.Tensor]:
+    def weights(
+        self, layer: int, step: int, dtype: str = "float32", *, commit_before: int = 0
+    ) -> dict[str, torch.Tensor]:
         stream = self.stub.StreamWeights(
-            mpb.WeightsRequest(layer=layer, step=step, phase=pb.FORWARD, dtype=dtype),
+            mpb.WeightsRequest(
+                layer=layer, step=step, phase=pb.FORWARD, dtype=dtype, commit_before=commit_before
+            ),
             timeout=TIMEOUT_S,
         )
         layout = layout_of(_model()[layer])
@@ -83,7 +87,7 @@ class MemoryX:
     def push(self, messages) -> pb.LayerAck:
         return self.stub.PushGradients(iter(messages), timeout=TIMEOUT_S)
 
-    def stats(self) -> mpb.TrafficStats:
+    def stats(self) -> pb.TrafficStats:
         stats = self.stub.Stats(pb.Empty(), timeout=TIMEOUT_S)
         stats.update_seconds = 0.0  # wall time; compared separately
         stats.process_peak_rss_bytes = 0  # the process's, grows with anything it does
@@ -379,6 +383,40 @@ def test_commit_requires_every_layer_and_drops_old_version(loaded):
     assert _code(lambda: commit(1)) == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_a_request_of_a_pass_commits_the_steps_before_it(loaded):
+    """``commit_before``: the driver's next training pass says the step before has ended;
+    MemoryX commits it as it serves the pass's first layer (no CommitStep round trip)."""
+    for layer in (1, 0):
+        assert loaded.push(_gradient_stream(layer, 0)).update_applied
+    _assert_weights_equal(loaded.weights(0, 0), _model()[0])  # step 0 not committed yet
+    updated = _sgd(_model()[0], _grads(0))
+    _assert_weights_equal(loaded.weights(0, 1, commit_before=1), updated)
+    for layer in range(2):  # committed: step 0's weights are gone
+        assert _code(lambda layer=layer: loaded.weights(layer, 0)) == (
+            grpc.StatusCode.FAILED_PRECONDITION
+        )
+    _assert_weights_equal(loaded.weights(1, 1, commit_before=1), _sgd(_model()[1], _grads(1)))
+
+
+def test_a_request_cannot_commit_a_step_that_has_not_ended(loaded):
+    assert loaded.push(_gradient_stream(1, 0)).update_applied  # layer 0 has not taken step 0
+    code = _code(lambda: loaded.weights(1, 1, commit_before=1))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    _assert_weights_equal(loaded.weights(0, 0), _model()[0])  # nothing dropped
+
+
+def test_a_gradient_s_answer_carries_the_counters_once_it_is_taken(loaded):
+    """What a step's MemoryX figures come from, without a call of their own."""
+    first = loaded.push(_gradient_stream(1, 0))
+    second = loaded.push(_gradient_stream(0, 0))
+    assert first.HasField("memoryx") and second.HasField("memoryx")
+    assert (first.memoryx.num_updates, second.memoryx.num_updates) == (1, 2)
+    layer_bytes = [sum(t.numel() * 4 for t in layer.values()) for layer in _model()]
+    assert first.memoryx.ingress_bytes == layer_bytes[1]
+    assert second.memoryx.ingress_bytes == sum(layer_bytes)
+    assert second.memoryx.ingress_bytes == loaded.stats().ingress_bytes
+
+
 def test_save_checkpoint_writes_a_file_that_restores(loaded, tmp_path):
     for layer in (1, 0):
         loaded.push(_gradient_stream(layer, 0))
@@ -426,7 +464,7 @@ def test_reset_stats(loaded):
     assert stats.state_bytes > 0 and stats.peak_resident_bytes >= stats.resident_bytes > 0
     for gauge in GAUGES:
         stats.ClearField(gauge)
-    assert stats == mpb.TrafficStats()
+    assert stats == pb.TrafficStats()
 
 
 # -- the typed client ---------------------------------------------------------

@@ -72,7 +72,7 @@ class InProcessCluster:
         self.memoryx_stub.CommitStep(mpb.StepRequest(step=step), timeout=TIMEOUT_S)
         return forward[-1], forward + backward
 
-    def stats(self) -> mpb.TrafficStats:
+    def stats(self) -> pb.TrafficStats:
         return self.memoryx_stub.Stats(pb.Empty(), timeout=TIMEOUT_S)
 
     def node_stats(self) -> list[npb.NodeStats]:

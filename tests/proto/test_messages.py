@@ -176,7 +176,7 @@ def test_ack_fields_are_the_wire_fields():
     (``following`` packs several answers in one message: ``acks_to_wire``)."""
     assert set(ack_to_wire(ACK).DESCRIPTOR.fields_by_name) - {"following"} == set(ACK.__dict__)
     assert set(npb.NodeStats.DESCRIPTOR.fields_by_name) == set(NodeStats(rank=0).__dict__)
-    assert set(mpb.TrafficStats.DESCRIPTOR.fields_by_name) == set(TrafficStats().__dict__)
+    assert set(pb.TrafficStats.DESCRIPTOR.fields_by_name) == set(TrafficStats().__dict__)
     # (``following`` packs several requests in one message: ``requests_to_wire``.)
     assert set(spb.LayerRequest.DESCRIPTOR.fields_by_name) - {"following"} == set(
         LayerRequest(0, 0, Phase.FORWARD, "float32").__dict__
@@ -324,7 +324,7 @@ class _SlowMemoryX(mgrpc.MemoryXServicer):
 
     def Stats(self, request, context):
         self.release.wait(10)
-        return mpb.TrafficStats()
+        return pb.TrafficStats()
 
     def Layout(self, request, context):
         self.time_left.append(time_left_s(context))
