@@ -383,7 +383,7 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
             step=header.step,
             phase=Phase.BACKWARD,
             update_applied=applied,
-            memoryx=self._traffic_stats(),
+            memoryx=self._traffic_stats(gauges=False),
         )
 
     @rpc_errors
@@ -455,18 +455,25 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
     def _traffic(self):
         return traffic_to_wire(self._traffic_stats())
 
-    def _traffic_stats(self) -> TrafficStats:
+    def _traffic_stats(self, *, gauges: bool = True) -> TrafficStats:
+        """The counters; ``gauges``: the store's sizes too (a sum over its layers' tensors,
+        left out of the counters each backward answer carries)."""
         t = self.traffic
         store = self.store
         disk_read, disk_written = store.io_bytes() if store is not None else (0, 0)
+        sizes = {}
+        if gauges and store is not None:
+            sizes = dict(
+                state_bytes=store.state_bytes,
+                resident_bytes=store.resident_bytes,
+                peak_resident_bytes=store.peak_resident_bytes,
+                process_peak_rss_bytes=self._peak_rss_bytes,
+            )
         with t.lock:
             stats = TrafficStats(
-                state_bytes=store.state_bytes if store is not None else 0,
-                resident_bytes=store.resident_bytes if store is not None else 0,
-                peak_resident_bytes=store.peak_resident_bytes if store is not None else 0,
+                **sizes,
                 disk_read_bytes=disk_read,
                 disk_written_bytes=disk_written,
-                process_peak_rss_bytes=self._peak_rss_bytes,
                 egress_bytes=t.egress_bytes,
                 ingress_bytes=t.ingress_bytes,
                 num_weight_streams=t.num_weight_streams,
@@ -474,7 +481,7 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
                 num_updates=t.num_updates,
                 num_duplicate_gradients=t.num_duplicate_gradients,
                 update_seconds=t.update_seconds,
-                num_skipped_steps=self.store.num_skipped_steps if self.store is not None else 0,
+                num_skipped_steps=store.num_skipped_steps if store is not None else 0,
             )
         return stats
 

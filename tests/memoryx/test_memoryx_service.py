@@ -415,6 +415,8 @@ def test_a_gradient_s_answer_carries_the_counters_once_it_is_taken(loaded):
     assert first.memoryx.ingress_bytes == layer_bytes[1]
     assert second.memoryx.ingress_bytes == sum(layer_bytes)
     assert second.memoryx.ingress_bytes == loaded.stats().ingress_bytes
+    # The store's sizes (a sum over every tensor it holds) stay out of them.
+    assert second.memoryx.state_bytes == 0 and loaded.stats().state_bytes > 0
 
 
 def test_save_checkpoint_writes_a_file_that_restores(loaded, tmp_path):
