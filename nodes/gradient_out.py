@@ -15,19 +15,19 @@ from typing import Any
 
 from proto.clients import time_left_s
 from proto.domain import Header, Phase
-from proto.frames import Bundle, bundled, expand
+from proto.frames import Bundle, bundled
 from proto.serde import layer_items, payload_bytes
-from proto.wire import decode, encode
+from proto.wire import encode
 from swarmx.gradient_link import GradientLink
 
 
 @dataclasses.dataclass
 class Sent:
-    """A layer's gradient on its way: ``in_answer`` (its items, for the layer's answer), or
-    ``call`` (the future of the parent's answer); ``payload_bytes`` either way."""
+    """A layer's gradient on its way: ``in_answer`` (its message, for the layer's answer),
+    or ``call`` (the future of the parent's answer); ``payload_bytes`` either way."""
 
     payload_bytes: int
-    in_answer: tuple | None = None
+    in_answer: bytes | None = None
     call: Any = None
 
 
@@ -74,8 +74,8 @@ class GradientOut:
             self._end_link(header)
             # Encoded now, the one copy of the values (into this process's shared-memory
             # ring when co-located): the chunks view the worker's gradients. The answer
-            # carries the items read back from it, which view that copy.
-            return Sent(sent, in_answer=expand(decode(encode(packed[0]))))
+            # carries that message as it is (not read back into items to be encoded again).
+            return Sent(sent, in_answer=encode(packed[0]))
         # Encoded (copied once) now, for the same reason.
         messages = [encode(i) for i in packed]
         return Sent(sent, call=self._send(header, messages, context, on_pass_stream))

@@ -98,8 +98,9 @@ class LayerAck:
     compute_seconds: float = 0.0  # sum over nodes of wall time spent computing, s
     update_applied: bool = False  # BACKWARD: MemoryX applied this layer's update
     #: A compute node's gradient of the layer in its answer (``Header.gradient_in_answer``):
-    #: its header and chunks, which the parent sums; () otherwise, and in a total.
-    gradient: tuple = ()
+    #: its header and chunks, which the parent sums; () otherwise, and in a total. The node
+    #: that sends it holds it as the encoded ``LayerMessage`` (bytes) it goes up as.
+    gradient: tuple | bytes = ()
     #: BACKWARD: MemoryX's counters once it took this layer's gradient (SwarmX passes
     #: them on), so that a step's MemoryX figures need no call of their own; None elsewhere.
     memoryx: TrafficStats | None = None

@@ -59,7 +59,9 @@ def ack_to_wire(ack: LayerAck) -> pb.LayerAck:
     message = pb.LayerAck(**{name: getattr(ack, name) for name in _ACK_SCALARS})
     if ack.memoryx is not None:
         message.memoryx.CopyFrom(traffic_to_wire(ack.memoryx))
-    if ack.gradient:
+    if isinstance(ack.gradient, bytes):  # (its sender's: encoded once, as it goes)
+        message.gradient.MergeFromString(ack.gradient)
+    elif ack.gradient:
         # As a layer stream sends it: a chunk read from the wire as the bytes it came in,
         # one in shared memory as its slot's reference.
         message.gradient.MergeFromString(encode(Bundle(tuple(ack.gradient))))
@@ -101,7 +103,8 @@ def acks_in_messages(acks: Sequence[LayerAck], max_gradient_bytes: int) -> list[
     group: list[LayerAck] = []
     size = 0
     for ack in acks:
-        carried = payload_bytes(ack.gradient)
+        gradient = ack.gradient
+        carried = len(gradient) if isinstance(gradient, bytes) else payload_bytes(gradient)
         if group and size + carried > max_gradient_bytes:
             messages.append(acks_to_wire(group))
             group, size = [], 0

@@ -174,12 +174,13 @@ def test_every_link_of_a_deeper_tree_carries_its_passes_on_one_stream(monkeypatc
     assert bundles["gradients in answers"] == 2 * 4 * len(services.layers)
     # Every (small) layer crossed every link as one message: weights on 7 links (MemoryX
     # to the root, to 2 SwarmX nodes, to 4 compute nodes) in each phase, gradients on 3
-    # gradient streams on the way back (2 SwarmX nodes to the root, the root to MemoryX)
-    # and in 4 answers, each encoded as one bundle (and read back by the node that wrote
-    # it: the answer carries the items); 2 training passes and one evaluation. (The root
+    # gradient streams on the way back (2 SwarmX nodes to the root, the root to MemoryX);
+    # 2 training passes and one evaluation. The 4 answers' gradients, each encoded as one
+    # bundle, are read where they are summed only (inside the answer's protobuf), not back
+    # by the node that wrote them: its answer carries the message it encoded. (The root
     # may send a run of small layers as one bundle.)
     assert bundles["chunks"] == bundles["chunks in bundles"] > 0
-    assert bundles["layers in bundles"] == (2 * (7 + 7 + 3 + 4) + 7) * len(services.layers)
+    assert bundles["layers in bundles"] == (2 * (7 + 7 + 3) + 7) * len(services.layers)
     assert bundles["bundles"] <= bundles["layers in bundles"]
 
 
