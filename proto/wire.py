@@ -56,6 +56,8 @@ def _varint(value: int) -> bytes:
 
 
 def _read_varint(raw: bytes, pos: int, end: int) -> tuple[int, int]:
+    if pos < end and raw[pos] < 0x80:  # one byte (every key, most values): no loop
+        return raw[pos], pos + 1
     value = shift = 0
     while True:
         if pos >= end or shift > 63:
