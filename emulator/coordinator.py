@@ -308,6 +308,7 @@ class Coordinator:
         counters = self.memoryx.counters_in(acks)
         if counters is None:
             counters = self.memoryx.commit_step(step)
+            self._uncommitted = None  # (every step up to this one is committed now)
         else:
             self._uncommitted = step
         self.supervisor.pass_states.update(states)

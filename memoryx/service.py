@@ -394,7 +394,7 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
     def _commit(self, step: int) -> None:
         """Commit ``step`` (``CommitStep``, or a pass's ``commit_before``); once is enough."""
         store = self._require_store()
-        if step <= self._committed_through:
+        if 0 <= step <= self._committed_through:
             return
         latest = max(store.version(layer) for layer in store.layer_ids)
         if not 0 <= step < latest:
@@ -407,7 +407,7 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
             self._sample_rss()
         except StepError as exc:
             raise StepConflict(str(exc)) from None
-        self._committed_through = step
+        self._committed_through = max(self._committed_through, step)
 
     @rpc_errors
     def SaveCheckpoint(self, request, context):

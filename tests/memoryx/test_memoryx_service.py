@@ -379,8 +379,12 @@ def test_commit_requires_every_layer_and_drops_old_version(loaded):
             grpc.StatusCode.FAILED_PRECONDITION
         )
         _assert_weights_equal(loaded.weights(layer, 1), _sgd(_model()[layer], _grads(layer)))
-    # Step 1 has not run: beyond the current version.
+    # Step 1 has not run: beyond the current version. Nor does a negative step exist.
     assert _code(lambda: commit(1)) == grpc.StatusCode.INVALID_ARGUMENT
+    assert _code(lambda: commit(-1)) == grpc.StatusCode.INVALID_ARGUMENT
+    assert _code(lambda: loaded.weights(0, 1, commit_before=-1)) == (
+        grpc.StatusCode.INVALID_ARGUMENT
+    )
 
 
 def test_a_request_of_a_pass_commits_the_steps_before_it(loaded):
