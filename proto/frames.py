@@ -80,12 +80,24 @@ def recast_chunk(chunk: Chunk, target: str) -> Chunk:
     )
 
 
+def _shm():
+    """``proto.shm``, which imports this module: imported on first use, then kept (an
+    import statement in a function costs a microsecond or two on every chunk)."""
+    global _SHM_MODULE
+    if _SHM_MODULE is None:
+        from proto import shm
+
+        _SHM_MODULE = shm
+    return _SHM_MODULE
+
+
+_SHM_MODULE = None
+
+
 def verify_shared(chunk: Chunk) -> None:
     """After a copy of a chunk's data: WireError if it viewed a reused shared-memory slot."""
     if chunk.shared is not None:
-        from proto import shm  # imports this module
-
-        shm.verify(chunk.shared)
+        _shm().verify(chunk.shared)
 
 
 def layer_header(
@@ -265,12 +277,10 @@ def chunk_from_pb(c: pb.TensorChunk, data: bytes | memoryview) -> Chunk:
     if c.HasField("shared"):
         if len(data):
             raise WireError(f"chunk of {c.name!r} carries both bytes and a shared-memory slot")
-        from proto import shm  # imports this module
-
         shared = SharedSlot(
             c.shared.segment, c.shared.slot, c.shared.length, c.shared.generation, c.shared.offset
         )
-        data = shm.view(shared)
+        data = _shm().view(shared)
     chunk = Chunk(
         layer=c.layer,
         step=c.step,

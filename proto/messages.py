@@ -242,7 +242,8 @@ def layout_from_wire(message: mpb.LayoutReply) -> ModelLayout:
 
 
 def traffic_to_wire(stats: TrafficStats) -> pb.TrafficStats:
-    return pb.TrafficStats(**asdict(stats))
+    # (``_flat``: MemoryX's counters go with every backward answer, through the root.)
+    return pb.TrafficStats(**_flat(stats))
 
 
 def traffic_from_wire(message: pb.TrafficStats) -> TrafficStats:
@@ -253,7 +254,7 @@ def traffic_from_wire(message: pb.TrafficStats) -> TrafficStats:
 
 
 def _link_to_wire(link: LinkStats) -> spb.LinkStats:
-    return spb.LinkStats(**asdict(link))
+    return spb.LinkStats(**_flat(link))
 
 
 def _link_from_wire(message: spb.LinkStats) -> LinkStats:

@@ -15,8 +15,10 @@ generated stubs' ``SerializeToString`` / ``FromString``:
   reference; ``decode`` gives a ``Chunk`` viewing that slot.
 - ``decode`` finds the ``data`` field of a chunk message and returns a
   ``Chunk`` whose ``data`` is a ``memoryview`` into the received bytes; only
-  the small fields go through protobuf. Anything else (a header, an empty or
-  unusual message) goes through protobuf whole.
+  the small fields go through protobuf. A small chunk message (a shared-memory
+  reference, a few values) goes through protobuf whole, which copies at most
+  ``SMALL_CHUNK_BYTES`` and is some 8x faster than finding its fields in Python.
+  Anything else (a header, an empty or unusual message) goes through protobuf whole.
 
 ``register`` serves a generated servicer with these codecs on its layer-stream
 methods, behind the same interceptors (the auth guard parses requests with the
@@ -29,6 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from proto import shm
 from proto import tensor_pb2 as pb
@@ -40,6 +43,9 @@ _BUNDLE_KEY = b"\x1a"  # LayerMessage field 3 (bundle), length-delimited
 _ITEM_KEY = 0x0A  # LayerBundle field 1 (items), length-delimited
 _DATA_FIELD = 8  # TensorChunk.data
 _DATA_KEY = b"\x42"  # field 8, length-delimited
+#: A chunk message up to this size is parsed by protobuf whole (its values copied):
+#: 1.6 us against 14 us for the field scan that spares a large one's copy.
+SMALL_CHUNK_BYTES = 1024
 
 
 class _Unusual(Exception):
@@ -157,8 +163,17 @@ def _bundle(raw: bytes) -> Bundle:
 
 
 def _chunk(raw: bytes, start: int) -> Chunk:
-    """The chunk message ``raw[start:]``: its data viewed in place, the rest parsed by protobuf."""
+    """The chunk message ``raw[start:]``: its data viewed in place, the rest parsed by protobuf
+    (a small one parsed whole)."""
     end = len(raw)
+    if end - start <= SMALL_CHUNK_BYTES:
+        try:
+            c = pb.TensorChunk.FromString(raw[start:])
+        except DecodeError:
+            raise _Unusual from None
+        chunk = chunk_from_pb(c, c.data)
+        object.__setattr__(chunk, "wire", raw)
+        return chunk
     pos = start
     kept: list[bytes] = []  # the message without its data field(s)
     kept_from = start

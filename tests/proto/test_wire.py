@@ -11,7 +11,7 @@ from proto import tensor_pb2 as pb
 from proto.domain import Chunk, Header
 from proto.frames import Bundle, expand
 from proto.serde import WireError, from_wire, from_wire_stream, layer_items, to_wire
-from proto.wire import decode, encode
+from proto.wire import SMALL_CHUNK_BYTES, decode, encode
 
 
 def _items() -> list:
@@ -30,9 +30,21 @@ def test_decode_gives_what_protobuf_gives_and_views_the_received_bytes():
         got = decode(raw)
         assert got == item  # Chunk equality compares data bytes with the original's
         if isinstance(got, Chunk):
-            assert got.data.obj is raw  # not copied
+            if len(raw) > SMALL_CHUNK_BYTES:
+                assert got.data.obj is raw  # not copied
             assert got.wire is raw  # a relay forwards these very bytes
             assert encode(got) is raw
+
+
+def test_small_and_large_chunks_both_decode_and_only_small_ones_are_copied():
+    items = [i for i in _items() if isinstance(i, Chunk)]
+    raws = [to_wire(i).SerializeToString() for i in items]
+    assert any(len(r) <= SMALL_CHUNK_BYTES for r in raws)
+    assert any(len(r) > SMALL_CHUNK_BYTES for r in raws)
+    for item, raw in zip(items, raws, strict=True):
+        got = decode(raw)
+        assert got == item and got.wire is raw
+        assert isinstance(got.data, memoryview) == (len(raw) > SMALL_CHUNK_BYTES)
 
 
 def test_a_changed_chunk_drops_the_bytes_it_came_in():
@@ -62,15 +74,26 @@ def _unusual(chunk: Chunk) -> dict[str, bytes]:
 @pytest.mark.parametrize(
     "case", ["data first", "data twice, the last counts", "unknown field", "no data"]
 )
-def test_unusual_chunk_messages_decode_as_protobuf_decodes_them(case):
-    chunk = Chunk(1, 2, "w", "float32", (4,), 0, 16, bytes(range(16)))
+@pytest.mark.parametrize("num_values", [4, 1024], ids=["small", "large"])
+def test_unusual_chunk_messages_decode_as_protobuf_decodes_them(case, num_values):
+    values = torch.arange(num_values, dtype=torch.float32).numpy().tobytes()
+    chunk = Chunk(1, 2, "w", "float32", (num_values,), 0, len(values), values)
     variants = _unusual(chunk)
     inner = variants[case]
-    raw = b"\x12" + bytes([len(inner)]) + inner
+    raw = b"\x12" + _size(len(inner)) + inner
     want = from_wire(pb.LayerMessage.FromString(raw))
     got = decode(raw)
     assert got == want
     assert bytes(got.data) == bytes(want.data)
+
+
+def _size(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
 
 def test_headers_and_empty_messages_go_through_protobuf():
@@ -97,7 +120,8 @@ def test_a_bundle_is_the_protobuf_message_and_decodes_to_views_of_its_own_items(
             # Each chunk keeps the bytes of the message it is on its own: a relay forwards
             # it (alone or in a bundle of its own) without encoding it again.
             assert part.wire == encode(dataclasses.replace(part))  # (a copy has no wire)
-            assert part.data.obj is part.wire
+            if len(part.wire) > SMALL_CHUNK_BYTES:
+                assert part.data.obj is part.wire
     # Protobuf's reading of the same bytes gives the same items.
     assert expand(pb.LayerMessage.FromString(raw)) == tuple(items)
 
