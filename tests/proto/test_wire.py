@@ -11,7 +11,7 @@ from proto import tensor_pb2 as pb
 from proto.domain import Chunk, Header
 from proto.frames import Bundle, expand
 from proto.serde import WireError, from_wire, from_wire_stream, layer_items, to_wire
-from proto.wire import SMALL_CHUNK_BYTES, decode, encode
+from proto.wire import SMALL_CHUNK_BYTES, _varint, decode, encode
 
 
 def _items() -> list:
@@ -80,20 +80,11 @@ def test_unusual_chunk_messages_decode_as_protobuf_decodes_them(case, num_values
     chunk = Chunk(1, 2, "w", "float32", (num_values,), 0, len(values), values)
     variants = _unusual(chunk)
     inner = variants[case]
-    raw = b"\x12" + _size(len(inner)) + inner
+    raw = b"\x12" + _varint(len(inner)) + inner  # (a varint: a large one's size takes two bytes)
     want = from_wire(pb.LayerMessage.FromString(raw))
     got = decode(raw)
     assert got == want
     assert bytes(got.data) == bytes(want.data)
-
-
-def _size(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 def test_headers_and_empty_messages_go_through_protobuf():
