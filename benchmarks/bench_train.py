@@ -17,9 +17,14 @@ step times: model and data build, actor start-up, weight load, the final
 evaluation, weight fetch and shutdown) is reported on its own, as is the
 one-off Ray start-up.
 
+A pass of several training steps (``runtime.steps_per_pass``) times each step from the
+last answer of the step before to its own last answer, and shares the pass's CPU
+evenly among its steps.
+
     python benchmarks/bench_train.py            # mlp-digits at 1 and 4 nodes, gpt-10m at 4
     python benchmarks/bench_train.py --quick    # mlp-digits at 4 nodes only, ~30-50 s
     python benchmarks/bench_train.py --gpt-nodes 1 4 --json out.json
+    python benchmarks/bench_train.py --quick --steps-per-pass 1   # a round trip per step
 
 This is a measurement script, not a test: it asserts nothing about time.
 """
@@ -56,6 +61,7 @@ class ModelPlan:
     batch_size: int
     shared_memory: str = "auto"  # runtime.shared_memory of the emulator runs
     nodes_per_process: int | str = "auto"  # runtime.nodes_per_process of the emulator runs
+    steps_per_pass: int | str | None = None  # runtime.steps_per_pass (None: its default)
 
 
 def _median_after_warmup(runs: list[list[float]]) -> float:
@@ -82,6 +88,11 @@ def _config(plan: ModelPlan, nodes: int, seed: int) -> ClusterConfig:
             "max_eval_samples": nodes,
             "runtime.shared_memory": plan.shared_memory,
             "runtime.nodes_per_process": plan.nodes_per_process,
+            **(
+                {}
+                if plan.steps_per_pass is None
+                else {"runtime.steps_per_pass": plan.steps_per_pass}
+            ),
         }
     )
 
@@ -128,15 +139,16 @@ def _host_pids(cluster) -> dict[int, list[str]]:
 
 def run_emulator(config: ClusterConfig) -> dict:
     """One ``train`` run, with the CPU seconds of every process in each step."""
-    windows: list[tuple[float, float]] = []
+    # Per pass of training steps (``Coordinator.train_steps``): its start, end and steps.
+    windows: list[tuple[float, float, int]] = []
     hosts: dict[int, list[str]] = {}
-    train_step = Coordinator.train_step
+    train_steps = Coordinator.train_steps
 
     spare_up: list[bool] = []
-    # Read at each step's boundaries, between the steps (not by a thread during them).
+    # Read at each pass's boundaries, between the passes (not by a thread during them).
     marks = CpuMarks()
 
-    def timed_step(self, step):
+    def timed_steps(self, first, count):
         if not hosts:
             hosts.update(_host_pids(self.cluster))
         if not spare_up and self.cluster.spare is not None:
@@ -148,39 +160,40 @@ def run_emulator(config: ClusterConfig) -> dict:
             spare_up.append(True)
         marks.mark()
         started = time.perf_counter()
-        record = None
+        records = None
         try:
-            record = train_step(self, step)
-            return record
+            records = train_steps(self, first, count)
+            return records
         finally:
-            windows.append((started, time.perf_counter()))
+            windows.append((started, time.perf_counter(), count))
             marks.mark()
             # A step that recovered from a fault may run on a replacement process. Only
-            # then: asking every host through Ray after each step wakes them all between
-            # steps, on the cores the next step runs on.
-            if record is None or record.num_attempts > 1:
+            # then: asking every host through Ray after each pass wakes them all between
+            # passes, on the cores the next pass runs on.
+            if records is None or any(r.num_attempts > 1 for r in records):
                 with contextlib.suppress(Exception):
                     hosts.update(_host_pids(self.cluster))
 
-    Coordinator.train_step = timed_step
+    Coordinator.train_steps = timed_steps
     try:
         report = train(config, progress=False)
     finally:
-        Coordinator.train_step = train_step
-    step_cpu = []
-    for start, end in windows:
+        Coordinator.train_steps = train_steps
+    step_cpu = []  # per step: a pass's CPU shared evenly among its steps
+    for start, end, count in windows:
         groups: dict[str, float] = {}
         for pid, (name, cpu_s) in marks.window(start, end).items():
             group = _process_group(name, hosts.get(pid, []))
-            groups[group] = groups.get(group, 0.0) + cpu_s
-        step_cpu.append(groups)
+            groups[group] = groups.get(group, 0.0) + cpu_s / count
+        step_cpu += [groups] * count
     # Per step, over all steps after the warm-up one (as the step times).
     steady_cpu: dict[str, float] = {}
     if len(windows) > 1:
         steady_start, steady_end = windows[1][0], windows[-1][1]
+        num_steady = sum(count for _, _, count in windows[1:])
         for pid, (name, cpu_s) in marks.window(steady_start, steady_end).items():
             group = _process_group(name, hosts.get(pid, []))
-            steady_cpu[group] = steady_cpu.get(group, 0.0) + cpu_s / (len(windows) - 1)
+            steady_cpu[group] = steady_cpu.get(group, 0.0) + cpu_s / num_steady
     step_times = [s.wall_time_s for s in report.steps]
     summary = report.to_json()
     return {
@@ -380,6 +393,12 @@ def main(argv: list[str] | None = None) -> dict:
         default="auto",
         help="runtime.nodes_per_process of the emulator runs (auto, or a count)",
     )
+    parser.add_argument(
+        "--steps-per-pass",
+        type=lambda text: text if text == "auto" else int(text),
+        default=None,
+        help="runtime.steps_per_pass of the emulator runs (auto, or a count; default: auto)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
     if args.models is None:
@@ -397,6 +416,7 @@ def main(argv: list[str] | None = None) -> dict:
             args.mlp_batch,
             args.shared_memory,
             args.nodes_per_process,
+            args.steps_per_pass,
         ),
         "gpt-10m": ModelPlan(
             "gpt-10m",
@@ -405,6 +425,7 @@ def main(argv: list[str] | None = None) -> dict:
             args.gpt_batch,
             args.shared_memory,
             args.nodes_per_process,
+            args.steps_per_pass,
         ),
     }
     unknown = [m for m in args.models if m not in plans]
@@ -427,6 +448,7 @@ def main(argv: list[str] | None = None) -> dict:
         "torch_threads": args.torch_threads,
         "shared_memory": args.shared_memory,
         "nodes_per_process": args.nodes_per_process,
+        "steps_per_pass": args.steps_per_pass or "auto",
         "ray_init_s": ray_init_s,
         "total_s": time.perf_counter() - started,
         "rows": rows,

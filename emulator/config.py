@@ -135,6 +135,16 @@ class RuntimeConfig:
         "numerics; a batch that does not divide across the survivors falls back to replace)",
         default="replace",
     )
+    steps_per_pass: int | Literal["auto"] = doc(
+        "training steps the driver sends as one pass: the next step's first layers stream "
+        "as soon as MemoryX has applied this step's updates to them, with no round trip "
+        "through the driver between the steps; a failure runs the pass's steps again, and "
+        "MemoryX keeps a snapshot of each until the next pass. 'auto': up to 4 while those "
+        "extra snapshots stay under 128 MiB. One per pass with a disk tier, layers split "
+        "over servers or nodes that keep state; an evaluation or checkpoint ends a pass, "
+        "count",
+        default="auto",
+    )
     shared_memory: Literal["auto", "off"] = doc(
         "move chunk payloads between co-located components through shared memory instead of "
         "gRPC bytes (still counted as fabric traffic); 'auto': when every component runs on "
@@ -153,6 +163,12 @@ class RuntimeConfig:
             raise ValueError(
                 f"runtime.max_streams_per_service = {self.max_streams_per_service} must be at "
                 "least 8 (a SwarmX node takes a stream per child at once)."
+            )
+        if self.steps_per_pass != "auto" and (
+            isinstance(self.steps_per_pass, bool) or not 1 <= self.steps_per_pass <= 64
+        ):
+            raise ValueError(
+                f"runtime.steps_per_pass = {self.steps_per_pass!r} must be 'auto' or 1..64 steps."
             )
         if self.max_step_retries < 0:
             raise ValueError(f"max_step_retries = {self.max_step_retries} must be 0 or more.")

@@ -6,10 +6,15 @@ One step k:
   backward  for each layer l = L-1..0: the weights stream in again; every
             node computes its gradients and sends them up; SwarmX sums them;
             MemoryX applies the update for layer l as soon as it arrives.
-  commit    MemoryX drops its snapshots of version k.
-A step that fails part-way is run again from its forward pass: MemoryX
-serves version-k weights and ignores gradients it has already applied.
-Before the re-run, lost components are replaced (emulator.faults).
+  commit    MemoryX drops its snapshots of version k (when the next pass asks
+            for its first layer, or before anything else reads MemoryX).
+Up to ``runtime.steps_per_pass`` steps go as one pass: MemoryX sends step
+k + 1's layer l once it has applied and answered step k's update of it, so no
+round trip through the driver separates the steps.
+A pass that fails part-way is run again from its first step's forward pass:
+MemoryX serves each step's weights from the snapshots it keeps until the commit
+and ignores gradients it has already applied. Before the re-run, lost
+components are replaced (emulator.faults).
 """
 
 from __future__ import annotations
@@ -47,6 +52,11 @@ from proto.clients import (
 from proto.domain import CheckpointInfo, LayerAck, LayerRequest, Phase, TrafficStats
 from proto.rpc import NONFINITE_STATUS
 from swarmx.pass_run import MAX_IN_FLIGHT
+
+#: ``runtime.steps_per_pass = "auto"``: at most this many training steps per pass, while
+#: MemoryX's snapshots of the steps after a pass's first fit this budget.
+AUTO_STEPS_PER_PASS = 4
+AUTO_SNAPSHOT_BUDGET_BYTES = 128 << 20
 
 
 def group_layers(blocks: list[nn.Module]) -> list[nn.Module]:
@@ -130,6 +140,7 @@ class Coordinator:
         # A backend whose backward needs no weights (DFA) gets a header-only backward stream.
         self.backward_weights = self.config.backend.needs_weights_in_backward
         self._layer_timeouts_s: list[float] | None = None
+        self._auto_steps_per_pass: int | None = None
         self._initial: tuple[InitialCopy, int] | None = None
         # The last step run, when MemoryX is yet to commit it: the next training pass's
         # requests say so (``commit_before``), anything else commits it first.
@@ -220,9 +231,15 @@ class Coordinator:
         return self._layer_timeouts_s[layer]
 
     def _run_pass(
-        self, order: Iterable[tuple[int, Phase]], step: int, *, commit_before: int = 0
+        self,
+        order: Iterable[tuple[int, int, Phase]],
+        *,
+        commit_before: int = 0,
+        answered: list[tuple[LayerAck, float]] | None = None,
     ) -> list[LayerAck]:
-        """The layer phases of one pass, in ``order``, with up to ``PASS_WINDOW`` in flight.
+        """The layer phases of one pass, in ``order`` (step, layer, phase), with up to
+        ``PASS_WINDOW`` in flight; ``answered`` gets each answer with the time it came, as
+        it comes (what a pass that fails brought before it failed).
 
         One ``RunPass`` call to the root carries the pass: a layer's request goes on it
         once the window has room, and each layer's answer comes back on it in order. The
@@ -243,7 +260,7 @@ class Coordinator:
         # (window 1), or the fault seam is to run before each layer phase as it starts.
         ahead = window if window < PASS_WINDOW or self.fault is not None else len(order)
         # The pass's deadline: its layers' deadlines, one after the other.
-        timeout_s = sum(self._layer_timeout_s(layer) for layer, _ in order)
+        timeout_s = sum(self._layer_timeout_s(layer) for _, layer, _ in order)
         pending = self.root.start_pass(timeout_s=timeout_s, keep=self._keep_pass_stream)
         requests = [
             LayerRequest(
@@ -256,63 +273,102 @@ class Coordinator:
                 pass_position=position,
                 pass_length=len(order),
                 commit_before=commit_before,
+                # A later step's layers may be asked for before the updates they follow.
+                after_update=step > order[0][0],
             )
-            for position, (layer, phase) in enumerate(order, start=1)
+            for position, (step, layer, phase) in enumerate(order, start=1)
         ]
-        acks: list[LayerAck] = []
+        answered = [] if answered is None else answered
         try:
             if ahead >= len(order):
                 pending.send_all(requests)  # in one message (a message costs more than a request)
             else:
                 for request in requests:
-                    if request.pass_position - 1 - len(acks) == ahead:
-                        acks.append(self._watched(pending))
+                    if request.pass_position - 1 - len(answered) == ahead:
+                        answered.append(self._watched(pending))
                     if self.fault is not None and request.phase in _PASS_NAMES:  # training only
-                        self.fault(step, request.layer, _PASS_NAMES[request.phase])
+                        self.fault(request.step, request.layer, _PASS_NAMES[request.phase])
                     pending.send(request)
             pending.close()
-            while len(acks) < len(order):
-                acks.append(self._watched(pending))
+            while len(answered) < len(order):
+                answered.append(self._watched(pending))
         except BaseException:
             pending.cancel()  # after a failure: nothing is left running
             raise
-        return acks
+        return in_pass_order(requests, [ack for ack, _ in answered])
 
-    def _watched(self, pending: PendingPass) -> LayerAck:
+    def _watched(self, pending: PendingPass) -> tuple[LayerAck, float]:
         """Wait for a pass's next answer; while it is under way, probe every component's health.
 
         A layer that takes longer than ``runtime.health_interval_s`` triggers a probe;
         a component that does not answer within ``runtime.health_timeout_s`` ends the
         pass (``ComponentLost``), so a hung node costs seconds, not the pass's deadline.
+        Returns the answer and the time it came.
         """
         while True:
             try:
-                return pending.next_ack(timeout_s=self.config.runtime.health_interval_s)
+                ack = pending.next_ack(timeout_s=self.config.runtime.health_interval_s)
+                return ack, time.perf_counter()
             except TimeoutError:
                 problems = self.supervisor.probe()
                 if problems:
                     pending.cancel()
                     raise ComponentLost(problems) from None
 
-    def _attempt(self, step: int) -> tuple[LayerAck, list[LayerAck], TrafficStats]:
+    @property
+    def steps_per_pass(self) -> int:
+        """Training steps one pass may carry (``runtime.steps_per_pass``); one where a step's
+        end needs the driver: a disk-tiered MemoryX (its layers go one by one), layers split
+        over MemoryX servers (committed at each step's end), nodes whose state is read
+        after each step (``Supervisor.collect_pass_states``). ``auto``: up to
+        ``AUTO_STEPS_PER_PASS`` while MemoryX's snapshots of the steps beyond the first
+        (weights and optimizer state, counted as three fp32 copies of the weights) fit
+        ``AUTO_SNAPSHOT_BUDGET_BYTES``: a small model, whose steps are short, gains most."""
+        if (
+            self.config.memoryx.ram_budget_bytes is not None
+            or self.cluster.memoryx_split
+            or self.supervisor.keeps_node_states()
+        ):
+            return 1
+        chosen = self.config.runtime.steps_per_pass
+        if chosen != "auto":
+            return chosen
+        if self._auto_steps_per_pass is None:
+            weight_bytes = sum(
+                wire_bytes(spec.spec, "float32") for spec in self.memoryx.layout().layers
+            )
+            extra = AUTO_SNAPSHOT_BUDGET_BYTES // max(1, 3 * weight_bytes)
+            self._auto_steps_per_pass = max(1, min(AUTO_STEPS_PER_PASS, 1 + extra))
+        return self._auto_steps_per_pass
+
+    def _training_order(self, first: int, count: int) -> list[tuple[int, int, Phase]]:
+        """Steps ``first`` .. ``first + count - 1`` as one pass: each step's forward layers,
+        then its backward layers, the next step's right after.
+
+        The root asks MemoryX for the next step's layers at once, and MemoryX sends each
+        once this step's update of it is answered (``MemoryXServicer._await_update``), so no
+        round trip through the driver separates two steps. Each keeps its own answers,
+        versions and updates."""
         layers = range(self.num_layers)
-        order = [(layer, Phase.FORWARD) for layer in layers]
-        order += [(layer, Phase.BACKWARD) for layer in reversed(layers)]
-        # Every step before this one has ended: MemoryX commits them as the pass asks for
-        # its first layer, instead of in a CommitStep round trip between the steps.
-        acks = self._run_pass(order, step, commit_before=step)
-        states = self.supervisor.collect_pass_states()
-        # MemoryX's counters at the step's end came with the backward answers; a step whose
-        # answers lack a server's (a layer split over servers) commits now, and they come
-        # with that.
-        counters = self.memoryx.counters_in(acks)
-        if counters is None:
-            counters = self.memoryx.commit_step(step)
-            self._uncommitted = None  # (every step up to this one is committed now)
-        else:
-            self._uncommitted = step
-        self.supervisor.pass_states.update(states)
-        return acks[self.num_layers - 1], acks, counters
+        order = []
+        for step in range(first, first + count):
+            order += [(step, layer, Phase.FORWARD) for layer in layers]
+            order += [(step, layer, Phase.BACKWARD) for layer in reversed(layers)]
+        return order
+
+    def _completed(
+        self, first: int, answered: list[tuple[LayerAck, float]]
+    ) -> list[tuple[list[LayerAck], float]]:
+        """The steps from ``first`` whose every layer phase ``answered`` holds, in order:
+        each step's answers in pass order and the time its last one came. (A step's forward
+        needs the updates of the step before: the steps complete one after another.)"""
+        by_key = {(a.step, a.layer, a.phase): (a, t) for a, t in answered}
+        done = []
+        for step in itertools.count(first):
+            keys = [(s, layer, phase) for s, layer, phase in self._training_order(step, 1)]
+            if not all(key in by_key for key in keys):
+                return done
+            done.append(([by_key[k][0] for k in keys], max(by_key[k][1] for k in keys)))
 
     def _commit_ended(self) -> None:
         """MemoryX commits the last step run, if the next training pass was to say so:
@@ -323,11 +379,17 @@ class Coordinator:
             self.memoryx.commit_step(self._uncommitted)
             self._uncommitted = None
 
-    def _recovering(self, step: int, run: Callable[[], object]) -> tuple[object, int]:
+    def _recovering(
+        self,
+        step: int,
+        run: Callable[[], object],
+        failed_step: Callable[[], int] | None = None,
+    ) -> tuple[object, int]:
         """``run()`` until it succeeds, replacing lost components in between.
 
         A failure after which every component answers is transient and counts
-        against ``runtime.max_step_retries``; replacements count against
+        against ``runtime.max_step_retries`` (per step: ``failed_step()`` says which one
+        a failure stopped at, where a run does several); replacements count against
         ``runtime.max_restarts`` (``Supervisor.recover``). Returns the result and
         the number of attempts.
         """
@@ -340,6 +402,8 @@ class Coordinator:
             except (RpcError, StepFault, ComponentLost, StateUnread) as exc:
                 if isinstance(exc, RpcError) and exc.code() == NONFINITE_STATUS:
                     raise NonFiniteError(exc.details()) from None  # a re-run computes the same
+                if failed_step is not None and failed_step() != step:
+                    step, retries = failed_step(), 0  # the steps before it are done
                 self.last_error = exc
                 try:
                     replaced = self.supervisor.recover(step, exc)
@@ -361,21 +425,86 @@ class Coordinator:
                     ) from exc
 
     def train_step(self, step: int) -> StepRecord:
-        started = time.perf_counter()
-        self.supervisor.keep_states_at(step)
+        return self.train_steps(step, 1)[0]
 
-        def one_attempt() -> tuple[TrafficStats, LayerAck, list[LayerAck], TrafficStats]:
-            # MemoryX traffic of the attempt that succeeded (a new MemoryX counts from 0):
-            # from MemoryX's counters at the end of the step before, where nothing has used
-            # MemoryX since (a step right after another), else read now.
+    def train_steps(self, first: int, count: int) -> list[StepRecord]:
+        """Training steps ``first`` .. ``first + count - 1`` as one pass (``_training_order``),
+        at most ``steps_per_pass`` of them.
+
+        A pass that fails keeps the steps it completed (their answers all came: recorded,
+        and committed by the next pass), and the steps from the one that failed run again,
+        as a pass of their own; MemoryX ignores the updates it already applied."""
+        if not 1 <= count <= self.steps_per_pass:
+            raise ValueError(f"count = {count} must be 1..{self.steps_per_pass} steps per pass")
+        for step in range(first, first + count):
+            self.supervisor.keep_states_at(step)
+        end = first + count
+        records: list[StepRecord] = []
+        failures = 0  # since the last step completed: its attempts, less one
+        last_end_s = time.perf_counter()
+
+        def record(start: int, answered: list, before: TrafficStats) -> None:
+            """Records of the steps from ``start`` that ``answered`` completes."""
+            nonlocal last_end_s, failures
+            for acks, ended_s in self._completed(start, answered):
+                step = first + len(records)
+                # MemoryX's counters at the step's end came with its backward answers; a
+                # step whose answers lack a server's (a layer split over servers: one step
+                # per pass) commits now, and they come with that.
+                after = self.memoryx.counters_in(acks)
+                if after is None:
+                    after = self.memoryx.commit_step(step)
+                    self._uncommitted = None  # (every step up to this one is committed now)
+                else:
+                    self._uncommitted = step
+                records.append(
+                    self._step_record(step, acks, before, after, ended_s - last_end_s, failures + 1)
+                )
+                self.steps.append(records[-1])
+                self.supervisor.step_done(step)
+                self.measured = [_measurement(a) for a in acks]
+                self._traffic_at_step_end = before = after
+                last_end_s, failures = ended_s, 0
+
+        def one_attempt() -> None:
+            nonlocal failures
+            start = first + len(records)
+            # MemoryX traffic from its counters at the end of the step before, where nothing
+            # has used MemoryX since (a step right after another), else read now.
             before = self._traffic_at_step_end or self.memoryx.stats()
             self._traffic_at_step_end = None  # a second attempt reads them again
-            return (before, *self._attempt(step))
+            answered: list[tuple[LayerAck, float]] = []
+            try:
+                # Every step before ``start`` has ended: MemoryX commits them as the pass
+                # asks for its first layer, instead of in a CommitStep round trip. The
+                # pass's own steps are committed by the next pass.
+                self._run_pass(
+                    self._training_order(start, end - start),
+                    commit_before=start,
+                    answered=answered,
+                )
+            except BaseException:
+                record(start, answered, before)  # the steps it completed are done
+                failures += 1
+                raise
+            states = self.supervisor.collect_pass_states()
+            record(start, answered, before)
+            self.supervisor.pass_states.update(states)
 
-        (before, last, acks, after), attempt = self._recovering(step, one_attempt)
-        self._traffic_at_step_end = after
-        self.supervisor.step_done(step)
-        record = StepRecord(
+        self._recovering(first, one_attempt, failed_step=lambda: first + len(records))
+        return records
+
+    def _step_record(
+        self,
+        step: int,
+        acks: list[LayerAck],
+        before: TrafficStats,
+        after: TrafficStats,
+        wall_time_s: float,
+        attempts: int,
+    ) -> StepRecord:
+        last = acks[self.num_layers - 1]
+        return StepRecord(
             step=step,
             loss=last.loss_sum / last.num_targets,
             accuracy=last.num_correct / last.num_targets if self._is_classifier else None,
@@ -385,15 +514,12 @@ class Coordinator:
             gradient_bytes_from_nodes=sum(a.gradient_bytes for a in acks),
             flops=sum(a.flops for a in acks),
             node_compute_seconds=sum(a.compute_seconds for a in acks),
-            wall_time_s=time.perf_counter() - started,
-            num_attempts=attempt,
+            wall_time_s=wall_time_s,
+            num_attempts=attempts,
             memoryx_disk_read_bytes=after.disk_read_bytes - before.disk_read_bytes,
             memoryx_disk_written_bytes=after.disk_written_bytes - before.disk_written_bytes,
             skipped=after.num_skipped_steps > before.num_skipped_steps,
         )
-        self.steps.append(record)
-        self.measured = [_measurement(a) for a in acks]
-        return record
 
     @property
     def _is_classifier(self) -> bool:
@@ -402,7 +528,7 @@ class Coordinator:
     def evaluate(self, step: int) -> EvalRecord:
         def passes() -> LayerAck:
             self._commit_ended()
-            acks = self._run_pass([(layer, Phase.EVAL) for layer in range(self.num_layers)], step)
+            acks = self._run_pass([(step, layer, Phase.EVAL) for layer in range(self.num_layers)])
             self.supervisor.pass_states.update(self.supervisor.collect_pass_states())
             return acks[-1]
 
@@ -527,6 +653,19 @@ class Coordinator:
 _PASS_NAMES = {Phase.FORWARD: "forward", Phase.BACKWARD: "backward"}
 
 
+def in_pass_order(requests: list[LayerRequest], acks: list[LayerAck]) -> list[LayerAck]:
+    """``acks`` in the order of the ``requests`` they answer. The root answers layers as
+    they complete: in a pass of several steps the next step's first forward layers may
+    complete before this step's last update is answered. StepFault if the answers are not
+    one to each request."""
+    places = {(r.step, r.layer, r.phase): i for i, r in enumerate(requests)}
+    found = sorted(places.get((a.step, a.layer, a.phase), -1) for a in acks)
+    if found != list(range(len(requests))):
+        got = [(a.step, a.layer, a.phase) for a in acks]
+        raise StepFault(f"the root's answers (step, layer, phase) {got} do not answer the pass")
+    return sorted(acks, key=lambda a: places[a.step, a.layer, a.phase])
+
+
 def _measurement(ack: LayerAck) -> PassMeasurement:
     return PassMeasurement(
         layer=ack.layer,
@@ -546,7 +685,8 @@ def _describe(exc: BaseException) -> str:
 
 
 class StepFault(Exception):
-    """Raised by a ``Coordinator.fault`` hook to simulate a failure mid-step."""
+    """A step failed mid-way: raised by a ``Coordinator.fault`` hook to simulate a failure,
+    or by the driver when the root's answers are not those of the pass (run again)."""
 
 
 class NonFiniteError(Exception):

@@ -459,6 +459,10 @@ class Supervisor:
                     f"no node state within runtime.rpc_timeout_s = {self.runtime.rpc_timeout_s} s"
                 )
 
+    def keeps_node_states(self) -> bool:
+        """Whether a compute node's backend keeps state between passes (read after each)."""
+        return bool(self._stateful_nodes())
+
     def _stateful_nodes(self) -> list[str]:
         return [
             n

@@ -518,24 +518,22 @@ def _run_steps(
                             checkpoint_wanted=True,
                         ), None
                     try:
-                        record = coordinator.train_step(step)
+                        count = _steps_in_pass(config, coordinator, step, first, final_step)
+                        records = coordinator.train_steps(step, count)
                     except NonFiniteError as exc:
                         halt = _Halt(
                             reason="nonfinite", message=str(exc), exit_status=ERROR_EXIT_STATUS
                         )
                         return halt, None
-                    if after_step is not None:
-                        after_step()
-                    coordinator.periodic_checkpoint(step, first)
-                    if (
-                        config.eval_every
-                        and (step + 1 - first) % config.eval_every == 0
-                        and step + 1 < final_step
-                    ):
-                        evals.append(coordinator.evaluate(step + 1))
-                    bar.advance(1)
-                    bar.set_loss(record.loss)
-                    step += 1
+                    for record in records:
+                        if after_step is not None:
+                            after_step()
+                        coordinator.periodic_checkpoint(step, first)
+                        if _eval_due(config, step, first) and step + 1 < final_step:
+                            evals.append(coordinator.evaluate(step + 1))
+                        bar.advance(1)
+                        bar.set_loss(record.loss)
+                        step += 1
                 evals.append(coordinator.evaluate(final_step))
                 return None, coordinator.fetch_weights(final_step) if final_weights else None
             except Rewind as rewind:
@@ -546,6 +544,28 @@ def _run_steps(
                 step = rewind.step
     finally:
         bar.close()
+
+
+def _eval_due(config: ClusterConfig, step_done: int, first: int) -> bool:
+    """Whether an evaluation follows training step ``step_done`` (``eval_every``)."""
+    return bool(config.eval_every) and (step_done + 1 - first) % config.eval_every == 0
+
+
+def _steps_in_pass(
+    config: ClusterConfig, coordinator: Coordinator, step: int, first: int, final_step: int
+) -> int:
+    """How many training steps from ``step`` go in one pass: up to the coordinator's
+    ``steps_per_pass``, the run's first step alone (the warm spare starts after it), and
+    none past a step after which the driver has work (an evaluation, a checkpoint)."""
+    if step == first:
+        return 1
+    count = 1
+    while count < coordinator.steps_per_pass and step + count < final_step:
+        done = step + count - 1  # the pass would go on after this step
+        if coordinator.checkpoints.due(done, first) or _eval_due(config, done, first):
+            break
+        count += 1
+    return count
 
 
 def _save_on_stop(config: ClusterConfig, coordinator: Coordinator, first: int) -> str | None:

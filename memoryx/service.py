@@ -62,7 +62,14 @@ from proto.messages import (
     unfolded,
     weights_request_from_wire,
 )
-from proto.rpc import NonFiniteValues, StepConflict, rpc_errors, rpc_stream_errors
+from proto.rpc import (
+    CANCEL_CHECK_S,
+    NonFiniteValues,
+    StepConflict,
+    notifier,
+    rpc_errors,
+    rpc_stream_errors,
+)
 from proto.serde import (
     DEFAULT_CHUNK_BYTES,
     WIRE_DTYPES,
@@ -142,6 +149,12 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
         self._peak_rss_bytes = 0
         # Steps up to this one are committed here (a commit of one of them is a no-op).
         self._committed_through = -1
+        # A pass of several steps asks for a layer's next version before the update that
+        # makes it has come (``_await_update``): per layer, the newest version whose
+        # update was answered (its answer's counters read), and the condition its waiters
+        # wait on.
+        self._answered_version: dict[int, int] = {}
+        self._updates = threading.Condition()
         if self.store is not None:
             self._sample_rss()
 
@@ -219,21 +232,41 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
     def StreamPass(self, request_iterator, context):
         """The layers of one pass on one stream: each request answered as StreamWeights
         answers it, in order; the next request is read once a layer is sent (a backward
-        layer is served when the root asks for it, as a StreamWeights call would be)."""
+        layer is served when the root asks for it, as a StreamWeights call would be). A
+        pass of several training steps asks for a layer's next version before its update
+        has come: that layer waits for it (``_await_update``)."""
         for message in request_iterator:
             requests = [weights_request_from_wire(part) for part in unfolded(message)]
             if len(requests) == 1:
-                yield from self._weights(requests[0], bundle=True)
+                yield from self._weights(requests[0], bundle=True, context=context)
             else:
-                yield from self._weights_of_run(requests)
+                yield from self._weights_of_run(requests, context)
 
-    def _weights_of_run(self, requests: list[LayerRequest]) -> Iterator[StreamItem | Bundle]:
+    def _await_update(self, layer: int, step: int, context) -> None:
+        """Wait until the update that makes ``layer``'s version ``step`` is applied and
+        answered, the pass stream's call (``context``) still on: a pass that carries several
+        training steps asks for the next step's first layers while this step's last
+        gradients are on their way. Answered, not only applied: the counters on that
+        answer (the step's MemoryX figures) must not count the next step's weights."""
+        context.add_callback(notifier(self._updates))  # the call's end wakes the wait
+        with self._updates:
+            while self._answered_version.get(layer, -1) < step:
+                if not context.is_active():
+                    raise StepConflict(
+                        f"layer {layer} of step {step} was cancelled while it waited for "
+                        f"its update of step {step - 1}"
+                    )
+                self._updates.wait(timeout=CANCEL_CHECK_S)
+
+    def _weights_of_run(
+        self, requests: list[LayerRequest], context=None
+    ) -> Iterator[StreamItem | Bundle]:
         """Consecutive layers asked for in one message, in order: the small ones that come
         one after another in one ``Bundle`` while they fit ``BUNDLE_MAX_BYTES`` together
         (one message instead of one per layer), the others as ``_weights`` sends them."""
         held = HeldLayers(BUNDLE_MAX_BYTES)
         for request in requests:
-            items = self._weights(request, bundle=True)
+            items = self._weights(request, bundle=True, context=context)
             first = next(items)  # (a small layer's only item; counted as it is made)
             if isinstance(first, Bundle):
                 size = payload_bytes((first,))
@@ -249,12 +282,24 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
         if held:
             yield held.take()
 
-    def _weights(self, request: LayerRequest, *, bundle: bool = False) -> Iterator[StreamItem]:
+    def _weights(
+        self, request: LayerRequest, *, bundle: bool = False, context=None
+    ) -> Iterator[StreamItem]:
         """One layer's weight stream (header, chunks) of version ``request.step``;
-        ``bundle``: a small layer as one ``Bundle`` (a pass stream's readers expand it)."""
+        ``bundle``: a small layer as one ``Bundle`` (a pass stream's readers expand it).
+        ``context``: a pass stream's call, on which a pass of several steps asks for a
+        layer's next version (``after_update``), one update ahead of it: it is sent once
+        that update is answered."""
         self._check_layer(request.layer)
         if request.phase not in _PHASES:
             raise WireError(f"phase {request.phase} is not FORWARD, BACKWARD or EVAL")
+        store = self._require_store()
+        if (
+            context is not None
+            and request.after_update
+            and request.step == store.version(request.layer) + 1
+        ):
+            self._await_update(request.layer, request.step, context)
         self._check_step(request.layer, request.step)
         if request.commit_before:
             self._commit(request.commit_before - 1)
@@ -338,7 +383,10 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
             raise WireError("a gradient stream must start with a header")
         self._check_layer(header.layer)
         version = store.version(header.layer)
-        if header.step not in (version, version - 1) or header.step < self.first_step:
+        # A re-run's gradient of a step not committed yet is taken (and ignored), also
+        # behind a later step of the same pass (a pass of several steps run again).
+        stale = header.step < version - 1 and not store.holds_snapshot(header.layer, header.step)
+        if header.step > version or stale or header.step < self.first_step:
             raise WireError(
                 f"gradient for layer {header.layer} is for step {header.step}, but that layer "
                 f"expects the gradient of step {version}"
@@ -378,13 +426,18 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
             self.traffic.num_updates += int(applied)
             self.traffic.num_duplicate_gradients += int(not applied)
             self.traffic.update_seconds += elapsed
-        return LayerAck(
+        ack = LayerAck(
             layer=header.layer,
             step=header.step,
             phase=Phase.BACKWARD,
             update_applied=applied,
             memoryx=self._traffic_stats(gauges=False),
         )
+        with self._updates:  # the next step's request for this layer may go on now
+            answered = self._answered_version.get(header.layer, -1)
+            self._answered_version[header.layer] = max(answered, header.step + 1)
+            self._updates.notify_all()
+        return ack
 
     @rpc_errors
     def CommitStep(self, request, context):

@@ -167,6 +167,12 @@ class ParameterStore:
         """Updates applied to ``layer`` so far (counting from the store's first step)."""
         return self._layer(layer).version
 
+    def holds_snapshot(self, layer: int, step: int) -> bool:
+        """Whether ``layer`` keeps its version ``step`` as the snapshot of an uncommitted step."""
+        slot = self._layer(layer)
+        with slot.lock:
+            return step in slot.snapshots
+
     def committed_step(self) -> int:
         """The step the committed state starts (every layer's version before a step in flight)."""
         with self._all_locks():
@@ -221,7 +227,7 @@ class ParameterStore:
         slot = self._layer(layer)
         check_grads(layer, self.layout(layer), grads)
         with slot.lock:
-            if already_applied(layer, slot.version, step):
+            if already_applied(layer, slot.version, step, step in slot.snapshots):
                 return False
             problem = self._update(layer, step, slot, grads)
         if problem is None:
@@ -531,10 +537,11 @@ def _version_bytes(version: _Version) -> int:
     )
 
 
-def already_applied(layer: int, version: int, step: int) -> bool:
+def already_applied(layer: int, version: int, step: int, uncommitted: bool = False) -> bool:
     """True if step ``step``'s gradients were applied to a layer at ``version`` (a re-run);
-    StepError if the layer is at neither that step nor the next."""
-    if version == step + 1:
+    StepError if the layer is not at that step, at the next, or past it with ``step`` still
+    ``uncommitted`` (its snapshot kept: a pass of several steps run again)."""
+    if version == step + 1 or (version > step and uncommitted):
         return True
     if version != step:
         raise StepError(

@@ -280,7 +280,7 @@ class TieredStore(ParameterStore):
         if problem is not None:
             return problem
         with slot.lock:
-            if already_applied(layer, slot.version, step):
+            if already_applied(layer, slot.version, step, step in slot.snapshots):
                 return _ALREADY_APPLIED
             old = slot.current
             with self._load_lock:

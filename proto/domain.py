@@ -143,6 +143,9 @@ class LayerRequest:
     #: Nonzero: every step before this one has ended (the driver has its answers), so
     #: MemoryX commits them before serving the layer (no ``CommitStep`` round trip).
     commit_before: int = 0
+    #: A later step of a pass of several: the layer's update of the step before may still
+    #: be on its way when the root asks for it; MemoryX sends this version once it is in.
+    after_update: bool = False
 
 
 @dataclass(frozen=True)

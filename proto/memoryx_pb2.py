@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from proto import tensor_pb2 as proto_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13proto/memoryx.proto\x12\x08wafer.v1\x1a\x12proto/tensor.proto\"\xa0\x01\n\x0eWeightsRequest\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x1e\n\x05phase\x18\x03 \x01(\x0e\x32\x0f.wafer.v1.Phase\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12+\n\tfollowing\x18\x05 \x03(\x0b\x32\x18.wafer.v1.WeightsRequest\x12\x15\n\rcommit_before\x18\x06 \x01(\x03\"\x1b\n\x0bStepRequest\x12\x0c\n\x04step\x18\x01 \x01(\x03\"\x1f\n\x11\x43heckpointRequestJ\x04\x08\x01\x10\x02R\x04path\"L\n\x0f\x43heckpointReply\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x11\n\tnum_bytes\x18\x03 \x01(\x03\x12\x0c\n\x04name\x18\x04 \x01(\tJ\x04\x08\x01\x10\x02R\x04path\"B\n\x0bLayoutReply\x12%\n\x06layers\x18\x01 \x03(\x0b\x32\x15.wafer.v1.LayerLayout\x12\x0c\n\x04step\x18\x02 \x01(\x03\"F\n\x0bLayerLayout\x12%\n\x07tensors\x18\x01 \x03(\x0b\x32\x14.wafer.v1.TensorSpec\x12\x10\n\x08num_kept\x18\x02 \x01(\x03\")\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x32\xe2\x04\n\x07MemoryX\x12\x38\n\x0bLoadWeights\x12\x16.wafer.v1.LayerMessage\x1a\x0f.wafer.v1.Empty(\x01\x12\x43\n\rStreamWeights\x12\x18.wafer.v1.WeightsRequest\x1a\x16.wafer.v1.LayerMessage0\x01\x12\x42\n\nStreamPass\x12\x18.wafer.v1.WeightsRequest\x1a\x16.wafer.v1.LayerMessage(\x01\x30\x01\x12=\n\rPushGradients\x12\x16.wafer.v1.LayerMessage\x1a\x12.wafer.v1.LayerAck(\x01\x12:\n\x08PushPass\x12\x16.wafer.v1.LayerMessage\x1a\x12.wafer.v1.LayerAck(\x01\x30\x01\x12;\n\nCommitStep\x12\x15.wafer.v1.StepRequest\x1a\x16.wafer.v1.TrafficStats\x12H\n\x0eSaveCheckpoint\x12\x1b.wafer.v1.CheckpointRequest\x1a\x19.wafer.v1.CheckpointReply\x12\x30\n\x06Layout\x12\x0f.wafer.v1.Empty\x1a\x15.wafer.v1.LayoutReply\x12\x30\n\x05Stats\x12\x0f.wafer.v1.Empty\x1a\x16.wafer.v1.TrafficStats\x12.\n\nResetStats\x12\x0f.wafer.v1.Empty\x1a\x0f.wafer.v1.Emptyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13proto/memoryx.proto\x12\x08wafer.v1\x1a\x12proto/tensor.proto\"\xb6\x01\n\x0eWeightsRequest\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x1e\n\x05phase\x18\x03 \x01(\x0e\x32\x0f.wafer.v1.Phase\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12+\n\tfollowing\x18\x05 \x03(\x0b\x32\x18.wafer.v1.WeightsRequest\x12\x15\n\rcommit_before\x18\x06 \x01(\x03\x12\x14\n\x0c\x61\x66ter_update\x18\x07 \x01(\x08\"\x1b\n\x0bStepRequest\x12\x0c\n\x04step\x18\x01 \x01(\x03\"\x1f\n\x11\x43heckpointRequestJ\x04\x08\x01\x10\x02R\x04path\"L\n\x0f\x43heckpointReply\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x11\n\tnum_bytes\x18\x03 \x01(\x03\x12\x0c\n\x04name\x18\x04 \x01(\tJ\x04\x08\x01\x10\x02R\x04path\"B\n\x0bLayoutReply\x12%\n\x06layers\x18\x01 \x03(\x0b\x32\x15.wafer.v1.LayerLayout\x12\x0c\n\x04step\x18\x02 \x01(\x03\"F\n\x0bLayerLayout\x12%\n\x07tensors\x18\x01 \x03(\x0b\x32\x14.wafer.v1.TensorSpec\x12\x10\n\x08num_kept\x18\x02 \x01(\x03\")\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x32\xe2\x04\n\x07MemoryX\x12\x38\n\x0bLoadWeights\x12\x16.wafer.v1.LayerMessage\x1a\x0f.wafer.v1.Empty(\x01\x12\x43\n\rStreamWeights\x12\x18.wafer.v1.WeightsRequest\x1a\x16.wafer.v1.LayerMessage0\x01\x12\x42\n\nStreamPass\x12\x18.wafer.v1.WeightsRequest\x1a\x16.wafer.v1.LayerMessage(\x01\x30\x01\x12=\n\rPushGradients\x12\x16.wafer.v1.LayerMessage\x1a\x12.wafer.v1.LayerAck(\x01\x12:\n\x08PushPass\x12\x16.wafer.v1.LayerMessage\x1a\x12.wafer.v1.LayerAck(\x01\x30\x01\x12;\n\nCommitStep\x12\x15.wafer.v1.StepRequest\x1a\x16.wafer.v1.TrafficStats\x12H\n\x0eSaveCheckpoint\x12\x1b.wafer.v1.CheckpointRequest\x1a\x19.wafer.v1.CheckpointReply\x12\x30\n\x06Layout\x12\x0f.wafer.v1.Empty\x1a\x15.wafer.v1.LayoutReply\x12\x30\n\x05Stats\x12\x0f.wafer.v1.Empty\x1a\x16.wafer.v1.TrafficStats\x12.\n\nResetStats\x12\x0f.wafer.v1.Empty\x1a\x0f.wafer.v1.Emptyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,19 +33,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.memoryx_pb2', _global
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_WEIGHTSREQUEST']._serialized_start=54
-  _globals['_WEIGHTSREQUEST']._serialized_end=214
-  _globals['_STEPREQUEST']._serialized_start=216
-  _globals['_STEPREQUEST']._serialized_end=243
-  _globals['_CHECKPOINTREQUEST']._serialized_start=245
-  _globals['_CHECKPOINTREQUEST']._serialized_end=276
-  _globals['_CHECKPOINTREPLY']._serialized_start=278
-  _globals['_CHECKPOINTREPLY']._serialized_end=354
-  _globals['_LAYOUTREPLY']._serialized_start=356
-  _globals['_LAYOUTREPLY']._serialized_end=422
-  _globals['_LAYERLAYOUT']._serialized_start=424
-  _globals['_LAYERLAYOUT']._serialized_end=494
-  _globals['_TENSORSPEC']._serialized_start=496
-  _globals['_TENSORSPEC']._serialized_end=537
-  _globals['_MEMORYX']._serialized_start=540
-  _globals['_MEMORYX']._serialized_end=1150
+  _globals['_WEIGHTSREQUEST']._serialized_end=236
+  _globals['_STEPREQUEST']._serialized_start=238
+  _globals['_STEPREQUEST']._serialized_end=265
+  _globals['_CHECKPOINTREQUEST']._serialized_start=267
+  _globals['_CHECKPOINTREQUEST']._serialized_end=298
+  _globals['_CHECKPOINTREPLY']._serialized_start=300
+  _globals['_CHECKPOINTREPLY']._serialized_end=376
+  _globals['_LAYOUTREPLY']._serialized_start=378
+  _globals['_LAYOUTREPLY']._serialized_end=444
+  _globals['_LAYERLAYOUT']._serialized_start=446
+  _globals['_LAYERLAYOUT']._serialized_end=516
+  _globals['_TENSORSPEC']._serialized_start=518
+  _globals['_TENSORSPEC']._serialized_end=559
+  _globals['_MEMORYX']._serialized_start=562
+  _globals['_MEMORYX']._serialized_end=1172
 # @@protoc_insertion_point(module_scope)

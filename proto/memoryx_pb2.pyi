@@ -8,20 +8,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class WeightsRequest(_message.Message):
-    __slots__ = ("layer", "step", "phase", "dtype", "following", "commit_before")
+    __slots__ = ("layer", "step", "phase", "dtype", "following", "commit_before", "after_update")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     FOLLOWING_FIELD_NUMBER: _ClassVar[int]
     COMMIT_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    AFTER_UPDATE_FIELD_NUMBER: _ClassVar[int]
     layer: int
     step: int
     phase: _tensor_pb2.Phase
     dtype: str
     following: _containers.RepeatedCompositeFieldContainer[WeightsRequest]
     commit_before: int
-    def __init__(self, layer: _Optional[int] = ..., step: _Optional[int] = ..., phase: _Optional[_Union[_tensor_pb2.Phase, str]] = ..., dtype: _Optional[str] = ..., following: _Optional[_Iterable[_Union[WeightsRequest, _Mapping]]] = ..., commit_before: _Optional[int] = ...) -> None: ...
+    after_update: bool
+    def __init__(self, layer: _Optional[int] = ..., step: _Optional[int] = ..., phase: _Optional[_Union[_tensor_pb2.Phase, str]] = ..., dtype: _Optional[str] = ..., following: _Optional[_Iterable[_Union[WeightsRequest, _Mapping]]] = ..., commit_before: _Optional[int] = ..., after_update: _Optional[bool] = ...) -> None: ...
 
 class StepRequest(_message.Message):
     __slots__ = ("step",)

@@ -182,6 +182,7 @@ def weights_request_to_wire(request: LayerRequest) -> mpb.WeightsRequest:
         phase=request.phase,
         dtype=request.dtype,
         commit_before=request.commit_before,
+        after_update=request.after_update,
     )
 
 
@@ -192,6 +193,7 @@ def weights_request_from_wire(message: mpb.WeightsRequest) -> LayerRequest:
         phase=message.phase,
         dtype=message.dtype,
         commit_before=message.commit_before,
+        after_update=message.after_update,
     )
 
 

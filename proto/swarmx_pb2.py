@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from proto import tensor_pb2 as proto_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12proto/swarmx.proto\x12\x08wafer.v1\x1a\x12proto/tensor.proto\"\xf2\x01\n\x0cLayerRequest\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x1e\n\x05phase\x18\x03 \x01(\x0e\x32\x0f.wafer.v1.Phase\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x17\n\x0fwithout_weights\x18\x05 \x01(\x08\x12\x0f\n\x07pass_id\x18\x06 \x01(\x03\x12\x15\n\rpass_position\x18\x07 \x01(\x05\x12\x13\n\x0bpass_length\x18\x08 \x01(\x05\x12)\n\tfollowing\x18\t \x03(\x0b\x32\x16.wafer.v1.LayerRequest\x12\x15\n\rcommit_before\x18\n \x01(\x03\"D\n\tLinkStats\x12\x0c\n\x04link\x18\x01 \x01(\t\x12\x15\n\rpayload_bytes\x18\x02 \x01(\x03\x12\x12\n\nnum_chunks\x18\x03 \x01(\x03\"y\n\x0bSwarmXStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x04\x64own\x18\x02 \x03(\x0b\x32\x13.wafer.v1.LinkStats\x12\x1f\n\x02up\x18\x03 \x01(\x0b\x32\x13.wafer.v1.LinkStats\x12\x18\n\x10reduced_in_bytes\x18\x04 \x01(\x03\x32\xd2\x02\n\x06SwarmX\x12\x36\n\x08RunLayer\x12\x16.wafer.v1.LayerRequest\x1a\x12.wafer.v1.LayerAck\x12\x39\n\x07RunPass\x12\x16.wafer.v1.LayerRequest\x1a\x12.wafer.v1.LayerAck(\x01\x30\x01\x12\x36\n\x06Reduce\x12\x16.wafer.v1.LayerMessage\x1a\x12.wafer.v1.LayerAck(\x01\x12<\n\nReducePass\x12\x16.wafer.v1.LayerMessage\x1a\x12.wafer.v1.LayerAck(\x01\x30\x01\x12/\n\x05Stats\x12\x0f.wafer.v1.Empty\x1a\x15.wafer.v1.SwarmXStats\x12.\n\nResetStats\x12\x0f.wafer.v1.Empty\x1a\x0f.wafer.v1.Empty2\x83\x01\n\tLayerSink\x12\x37\n\x07\x44\x65liver\x12\x16.wafer.v1.LayerMessage\x1a\x12.wafer.v1.LayerAck(\x01\x12=\n\x0b\x44\x65liverPass\x12\x16.wafer.v1.LayerMessage\x1a\x12.wafer.v1.LayerAck(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12proto/swarmx.proto\x12\x08wafer.v1\x1a\x12proto/tensor.proto\"\x88\x02\n\x0cLayerRequest\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x1e\n\x05phase\x18\x03 \x01(\x0e\x32\x0f.wafer.v1.Phase\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x17\n\x0fwithout_weights\x18\x05 \x01(\x08\x12\x0f\n\x07pass_id\x18\x06 \x01(\x03\x12\x15\n\rpass_position\x18\x07 \x01(\x05\x12\x13\n\x0bpass_length\x18\x08 \x01(\x05\x12)\n\tfollowing\x18\t \x03(\x0b\x32\x16.wafer.v1.LayerRequest\x12\x15\n\rcommit_before\x18\n \x01(\x03\x12\x14\n\x0c\x61\x66ter_update\x18\x0b \x01(\x08\"D\n\tLinkStats\x12\x0c\n\x04link\x18\x01 \x01(\t\x12\x15\n\rpayload_bytes\x18\x02 \x01(\x03\x12\x12\n\nnum_chunks\x18\x03 \x01(\x03\"y\n\x0bSwarmXStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x04\x64own\x18\x02 \x03(\x0b\x32\x13.wafer.v1.LinkStats\x12\x1f\n\x02up\x18\x03 \x01(\x0b\x32\x13.wafer.v1.LinkStats\x12\x18\n\x10reduced_in_bytes\x18\x04 \x01(\x03\x32\xd2\x02\n\x06SwarmX\x12\x36\n\x08RunLayer\x12\x16.wafer.v1.LayerRequest\x1a\x12.wafer.v1.LayerAck\x12\x39\n\x07RunPass\x12\x16.wafer.v1.LayerRequest\x1a\x12.wafer.v1.LayerAck(\x01\x30\x01\x12\x36\n\x06Reduce\x12\x16.wafer.v1.LayerMessage\x1a\x12.wafer.v1.LayerAck(\x01\x12<\n\nReducePass\x12\x16.wafer.v1.LayerMessage\x1a\x12.wafer.v1.LayerAck(\x01\x30\x01\x12/\n\x05Stats\x12\x0f.wafer.v1.Empty\x1a\x15.wafer.v1.SwarmXStats\x12.\n\nResetStats\x12\x0f.wafer.v1.Empty\x1a\x0f.wafer.v1.Empty2\x83\x01\n\tLayerSink\x12\x37\n\x07\x44\x65liver\x12\x16.wafer.v1.LayerMessage\x1a\x12.wafer.v1.LayerAck(\x01\x12=\n\x0b\x44\x65liverPass\x12\x16.wafer.v1.LayerMessage\x1a\x12.wafer.v1.LayerAck(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,13 +33,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.swarmx_pb2', _globals
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_LAYERREQUEST']._serialized_start=53
-  _globals['_LAYERREQUEST']._serialized_end=295
-  _globals['_LINKSTATS']._serialized_start=297
-  _globals['_LINKSTATS']._serialized_end=365
-  _globals['_SWARMXSTATS']._serialized_start=367
-  _globals['_SWARMXSTATS']._serialized_end=488
-  _globals['_SWARMX']._serialized_start=491
-  _globals['_SWARMX']._serialized_end=829
-  _globals['_LAYERSINK']._serialized_start=832
-  _globals['_LAYERSINK']._serialized_end=963
+  _globals['_LAYERREQUEST']._serialized_end=317
+  _globals['_LINKSTATS']._serialized_start=319
+  _globals['_LINKSTATS']._serialized_end=387
+  _globals['_SWARMXSTATS']._serialized_start=389
+  _globals['_SWARMXSTATS']._serialized_end=510
+  _globals['_SWARMX']._serialized_start=513
+  _globals['_SWARMX']._serialized_end=851
+  _globals['_LAYERSINK']._serialized_start=854
+  _globals['_LAYERSINK']._serialized_end=985
 # @@protoc_insertion_point(module_scope)

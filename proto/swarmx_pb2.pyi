@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class LayerRequest(_message.Message):
-    __slots__ = ("layer", "step", "phase", "dtype", "without_weights", "pass_id", "pass_position", "pass_length", "following", "commit_before")
+    __slots__ = ("layer", "step", "phase", "dtype", "without_weights", "pass_id", "pass_position", "pass_length", "following", "commit_before", "after_update")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,7 @@ class LayerRequest(_message.Message):
     PASS_LENGTH_FIELD_NUMBER: _ClassVar[int]
     FOLLOWING_FIELD_NUMBER: _ClassVar[int]
     COMMIT_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    AFTER_UPDATE_FIELD_NUMBER: _ClassVar[int]
     layer: int
     step: int
     phase: _tensor_pb2.Phase
@@ -29,7 +30,8 @@ class LayerRequest(_message.Message):
     pass_length: int
     following: _containers.RepeatedCompositeFieldContainer[LayerRequest]
     commit_before: int
-    def __init__(self, layer: _Optional[int] = ..., step: _Optional[int] = ..., phase: _Optional[_Union[_tensor_pb2.Phase, str]] = ..., dtype: _Optional[str] = ..., without_weights: _Optional[bool] = ..., pass_id: _Optional[int] = ..., pass_position: _Optional[int] = ..., pass_length: _Optional[int] = ..., following: _Optional[_Iterable[_Union[LayerRequest, _Mapping]]] = ..., commit_before: _Optional[int] = ...) -> None: ...
+    after_update: bool
+    def __init__(self, layer: _Optional[int] = ..., step: _Optional[int] = ..., phase: _Optional[_Union[_tensor_pb2.Phase, str]] = ..., dtype: _Optional[str] = ..., without_weights: _Optional[bool] = ..., pass_id: _Optional[int] = ..., pass_position: _Optional[int] = ..., pass_length: _Optional[int] = ..., following: _Optional[_Iterable[_Union[LayerRequest, _Mapping]]] = ..., commit_before: _Optional[int] = ..., after_update: _Optional[bool] = ...) -> None: ...
 
 class LinkStats(_message.Message):
     __slots__ = ("link", "payload_bytes", "num_chunks")

@@ -104,7 +104,9 @@ class _LoopWeights:
         """``request`` and those ``ready`` after it to ask for in the same message: while
         each needs weights from the same server and the last pass's layers of their kinds
         (``layer_bytes``) fit into one ``LayerBundle`` together (MemoryX answers such a
-        run as one message). Sizes from the last pass: a pass's first asks go one by one."""
+        run as one message). Sizes from the last pass: a pass's first asks go one by one.
+        A run stops at a step's end (a pass of several steps): MemoryX sends the next
+        step's layers once this step's updates are in, and those wait for what it holds."""
         run = [request]
         total = layer_bytes.get((request.layer, request.phase))
         if total is None:
@@ -117,6 +119,7 @@ class _LoopWeights:
                 or size is None
                 or total + size > BUNDLE_MAX_BYTES
                 or self._stub(after) is not stub
+                or after.step != request.step
             ):
                 break
             run.append(after)
@@ -304,10 +307,13 @@ class _RootRelay(Relay):
         """Whether the layer after the one at ``position`` of the pass, small as well, is
         to go with the small layers held back: its request is read and has a place in the
         window, it needs weights, and the last pass's layer of its kind fit with them into
-        one message. (Sizes from the last pass: a pass's first layers go one by one.)"""
+        one message. (Sizes from the last pass: a pass's first layers go one by one.) Not
+        across a step's end: the next step's first layer waits for this step's updates."""
         if len(self._requests) <= position:
             return False
         after = self._requests[position]  # (positions count from 1)
+        if after.step != self._requests[position - 1].step:
+            return False
         size = self._servicer.layer_bytes.get((after.layer, after.phase))
         return not after.without_weights and size is not None and self.held.fits(size)
 

@@ -129,22 +129,46 @@ def clean_run(ray_session):
     return train(_config(2, "adamw", num_steps=6), progress=False)
 
 
-def test_failed_step_is_rerun_without_double_updates(ray_session, clean_run):
-    config = _config(2, "adamw", num_steps=6)
+# (fault, steps_per_pass) -> attempts per step. A run's first step goes alone, then up to
+# steps_per_pass steps per pass; a pass that fails keeps the steps it completed, and its
+# steps from the one that failed run again.
+RERUNS = {
+    ((3, 0, "backward"), 1): [1, 1, 1, 2, 1, 1],
+    ((3, 0, "backward"), 2): [1, 1, 1, 2, 1, 1],  # passes [0] [1 2] [3 4] [5]
+    # Steps 1 and 2 of the pass are done, step 3 half: only step 3 runs again.
+    ((3, 0, "backward"), 3): [1, 1, 1, 2, 1, 1],  # passes [0] [1 2 3] [4 5]
+    # Failed in its second step's forward, after the first step's updates.
+    ((4, 1, "forward"), 2): [1, 1, 1, 1, 2, 1],
+}
+
+
+@pytest.mark.parametrize(("fault_at", "steps_per_pass"), list(RERUNS))
+def test_failed_step_is_rerun_without_double_updates(
+    ray_session, clean_run, fault_at, steps_per_pass
+):
+    config = _config(2, "adamw", num_steps=6, **{"runtime.steps_per_pass": steps_per_pass})
     failed = set()
 
     def fault(step: int, layer: int, phase: str) -> None:
-        # Fail step 3 half-way through the backward pass, after the last layer's update.
-        if (step, layer, phase) == (3, 0, "backward") and step not in failed:
+        # Fail half-way through a step's pass, before that layer phase is sent (the last
+        # layer's update of step 3 is applied by then).
+        if (step, layer, phase) == fault_at and step not in failed:
             failed.add(step)
             raise StepFault("injected failure")
 
     rerun = train(config, progress=False, fault=fault)
-    assert failed == {3}
-    assert [s.num_attempts for s in rerun.steps] == [1, 1, 1, 2, 1, 1]
-    assert rerun.traffic["num_duplicate_gradients"] > 0
+    assert failed == {fault_at[0]}
+    assert [s.num_attempts for s in rerun.steps] == RERUNS[fault_at, steps_per_pass]
+    assert [s.step for s in rerun.steps] == list(range(6))
+    if fault_at[2] == "backward":  # (the failed step's updates before it come again)
+        assert rerun.traffic["num_duplicate_gradients"] > 0
     for got, want in zip(_flat(rerun.final_weights), _flat(clean_run.final_weights), strict=True):
         assert torch.equal(got, want)
+    # Every step counts its own MemoryX bytes, passes of several steps as well.
+    for record, clean in zip(rerun.steps, clean_run.steps, strict=True):
+        if record.num_attempts == 1:
+            assert record.memoryx_egress_bytes == clean.memoryx_egress_bytes
+            assert record.loss == clean.loss
 
 
 def test_checkpoint_resume_continues_the_run(ray_session, clean_run, tmp_path):
@@ -165,3 +189,44 @@ def test_reduced_precision_halves_weight_stream(ray_session):
     assert report["traffic"]["memoryx_egress_bytes"] == 2 * 2 * params
     assert report["traffic"]["memoryx_ingress_bytes"] == 4 * params
     assert report["final_loss"] < report["steps"][0]["loss"]
+
+
+BACKENDS = {
+    "cs2": {},
+    "pcm": {"backend.kind": "pcm"},  # weight streaming: no state between passes
+    "photonic-backprop": {"backend.kind": "photonic"},  # weights in the backward too
+    "photonic-dfa": {"backend.kind": "photonic", "backend.training": "dfa"},  # none there
+}
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_passes_of_several_steps_train_the_bits_of_one_step_passes(
+    ray_session, backend, monkeypatch
+):
+    """Every backend and training method whose nodes keep no state between passes: steps
+    sent 4 to a pass (the next step's layers asked for before this step's updates)
+    train bit for bit what one step per pass trains, and count the same bytes."""
+    from emulator.coordinator import Coordinator
+
+    passes: list[int] = []
+    train_steps = Coordinator.train_steps
+    monkeypatch.setattr(
+        Coordinator,
+        "train_steps",
+        lambda self, first, count: passes.append(count) or train_steps(self, first, count),
+    )
+    runs = {
+        n: train(
+            _config(2, "adamw", num_steps=6, **BACKENDS[backend], **{"runtime.steps_per_pass": n}),
+            progress=False,
+        )
+        for n in (1, 4)
+    }
+    one, four = runs[1], runs[4]
+    assert passes == [1] * 6 + [1, 4, 1]  # the run's first step alone, then 4 to a pass
+    assert [s.loss for s in four.steps] == [s.loss for s in one.steps]
+    for got, want in zip(_flat(four.final_weights), _flat(one.final_weights), strict=True):
+        assert torch.equal(got, want)
+    for field in ("memoryx_egress_bytes", "memoryx_ingress_bytes", "bytes_to_nodes"):
+        assert [getattr(s, field) for s in four.steps] == [getattr(s, field) for s in one.steps]
+    assert all(s.num_attempts == 1 for s in four.steps)

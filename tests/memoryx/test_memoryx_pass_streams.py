@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -224,3 +225,76 @@ def test_the_layers_one_message_brought_are_answered_in_one(loaded):
     ]
     for layer in range(2):
         _assert_weights_equal(loaded.weights(layer, 1), _sgd(before[layer], _grads(layer)))
+
+
+# -- a pass of several training steps --------------------------------------------------
+
+
+def test_a_later_step_s_layer_goes_once_the_update_before_it_is_answered(loaded):
+    """A pass of several steps asks for step 1's layer 0 while step 0's gradient of it is
+    on its way (``after_update``): MemoryX sends it once that update is applied and
+    answered, and the update's answer counts none of its bytes."""
+    requests: queue.Queue = queue.Queue()
+    call = loaded.stub.StreamPass(iter(requests.get, None), timeout=TIMEOUT_S)
+    requests.put(_weights_request(0, step=1, after_update=True))
+    received: list = []
+    reader = threading.Thread(target=lambda: received.extend(_unbundled(call)))
+    reader.start()
+    try:
+        assert loaded.push(_gradient_stream(1, 0)).update_applied  # another layer's
+        reader.join(0.5)
+        assert reader.is_alive() and not received  # layer 0 is still at version 0
+        egress = loaded.stats().egress_bytes
+        ack = loaded.push(_gradient_stream(0, 0))
+        assert ack.update_applied and ack.memoryx.egress_bytes == egress
+    finally:
+        requests.put(None)
+        reader.join(TIMEOUT_S)
+    layout = layout_of(_model()[0])
+    got = decode_layer(received, Expected(0, 1, pb.FORWARD, layout, "float32"))
+    _assert_weights_equal(got, _sgd(_model()[0], _grads(0)))
+    assert loaded.stats().egress_bytes == egress + sum(t.numel() * 4 for t in got.values())
+
+
+def test_a_later_version_not_marked_after_update_is_refused_at_once(loaded):
+    # (Only a pass of several steps waits; any other request for a version MemoryX does not
+    # hold yet is a mistake.)
+    code = _code(
+        lambda: list(loaded.stub.StreamPass(iter([_weights_request(0, step=1)]), timeout=TIMEOUT_S))
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    # Two updates ahead is refused too, marked or not.
+    code = _code(
+        lambda: list(
+            loaded.stub.StreamPass(
+                iter([_weights_request(0, step=2, after_update=True)]), timeout=TIMEOUT_S
+            )
+        )
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_waiting_layer_ends_with_its_call(loaded):
+    """A pass cancelled (a failure elsewhere) while a layer waits for its update: the wait
+    ends with the call, and a later pass's request is served as before."""
+    requests: queue.Queue = queue.Queue()
+    call = loaded.stub.StreamPass(iter(requests.get, None), timeout=TIMEOUT_S)
+    requests.put(_weights_request(0, step=1, after_update=True))
+    waiters = loaded.servicer._updates._waiters  # (CPython's Condition: threads waiting)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not waiters and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(waiters) == 1  # the layer waits for its update
+    call.cancel()
+    assert _code(lambda: next(call)) == grpc.StatusCode.CANCELLED
+    while waiters and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not waiters  # and stops waiting with the call, not at its deadline
+    for layer in (1, 0):
+        assert loaded.push(_gradient_stream(layer, 0)).update_applied
+    again = loaded.stub.StreamPass(
+        iter([_weights_request(0, step=1, after_update=True)]), timeout=TIMEOUT_S
+    )
+    layout = layout_of(_model()[0])
+    got = decode_layer(list(_unbundled(again)), Expected(0, 1, pb.FORWARD, layout, "float32"))
+    _assert_weights_equal(got, _sgd(_model()[0], _grads(0)))

@@ -509,3 +509,20 @@ def test_client_drives_memoryx_with_domain_types(memoryx, tmp_path):
 
 
 # -- passes -------------------------------------------------------------------
+
+
+def test_a_pass_run_again_sends_gradients_of_a_step_behind_a_later_one(loaded):
+    """A pass of two steps that failed after both were applied runs again from its first:
+    MemoryX takes (and ignores) step 0's gradients at version 2 while step 0 is not
+    committed; once it is, they are refused."""
+    for step in (0, 1):
+        for layer in (1, 0):
+            assert loaded.push(_gradient_stream(layer, step)).update_applied
+    updated = loaded.weights(1, 2)
+    ack = loaded.push(_gradient_stream(1, 0, _grads(1, seed=7)))
+    assert not ack.update_applied
+    _assert_weights_equal(loaded.weights(1, 2), updated)
+    assert loaded.stats().num_duplicate_gradients == 1
+    loaded.stub.CommitStep(mpb.StepRequest(step=1), timeout=TIMEOUT_S)
+    assert _code(lambda: loaded.push(_gradient_stream(1, 0))) == grpc.StatusCode.INVALID_ARGUMENT
+    assert not loaded.push(_gradient_stream(1, 1)).update_applied  # the step before: as before

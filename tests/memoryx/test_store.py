@@ -202,6 +202,22 @@ def test_gradients_for_wrong_step_raise(step: int, version: int) -> None:
     assert store.version(0) == version
 
 
+def test_a_step_behind_a_later_one_is_already_applied_until_committed() -> None:
+    """A pass of two steps run again: step 0's gradients reach layers at version 2; they
+    are ignored while step 0 keeps its snapshot, and refused once it is committed."""
+    store = ParameterStore(_layers(), _adam())
+    for k in range(2):
+        for layer in range(NUM_LAYERS):
+            assert store.apply_gradients(layer, k, _grads(store, layer, seed=k))
+    before = store.weights(0, 2)
+    assert not store.apply_gradients(0, 0, _grads(store, 0, seed=9))
+    assert all(torch.equal(before[n], t) for n, t in store.weights(0, 2).items())
+    store.commit(0)
+    with pytest.raises(StepError, match="cannot take gradients of step 0: it is at version 2"):
+        store.apply_gradients(0, 0, _grads(store, 0, seed=9))
+    assert not store.apply_gradients(0, 1, _grads(store, 0, seed=9))  # the step before
+
+
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
