@@ -151,8 +151,7 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
         self._committed_through = -1
         # A pass of several steps asks for a layer's next version before the update that
         # makes it has come (``_await_update``): per layer, the newest version whose
-        # update was answered (its answer's counters read), and the condition its waiters
-        # wait on.
+        # update was answered (``_answered``), and the condition its waiters wait on.
         self._answered_version: dict[int, int] = {}
         self._updates = threading.Condition()
         if self.store is not None:
@@ -244,10 +243,12 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
 
     def _await_update(self, layer: int, step: int, context) -> None:
         """Wait until the update that makes ``layer``'s version ``step`` is applied and
-        answered, the pass stream's call (``context``) still on: a pass that carries several
-        training steps asks for the next step's first layers while this step's last
-        gradients are on their way. Answered, not only applied: the counters on that
-        answer (the step's MemoryX figures) must not count the next step's weights."""
+        answered (``_answered``), the pass stream's call (``context``) still on: a pass that
+        carries several training steps asks for the next step's first layers while this
+        step's last gradients are on their way. Answered, not only applied: the counters on
+        that answer (the step's MemoryX figures) must not count the next step's weights,
+        and the root must have the answer, which frees the layer's place in its window, for
+        the next step's layers to go down together as they do at a pass's start."""
         context.add_callback(notifier(self._updates))  # the call's end wakes the wait
         with self._updates:
             while self._answered_version.get(layer, -1) < step:
@@ -351,7 +352,9 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
     @rpc_errors
     def PushGradients(self, request_iterator, context):
         items = from_wire_stream(request_iterator)
-        return ack_to_wire(self._push_layer(next(items, None), items, until_complete=False))
+        ack = self._push_layer(next(items, None), items, until_complete=False)
+        self._answered([ack])
+        return ack_to_wire(ack)
 
     @rpc_stream_errors
     def PushPass(self, request_iterator, context):
@@ -370,6 +373,10 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
             answers.append(self._push_layer(header, items, until_complete=True))
             if not items.buffered():  # (else the message brought the next layer too)
                 yield acks_to_wire(answers)
+                # Sent: the next step's requests for these layers may go now (after the
+                # answer, so that the root has these layers' answers, and their places in
+                # its window, before their next versions come).
+                self._answered(answers)
                 answers = []
 
     def _push_layer(self, header, items, *, until_complete: bool) -> LayerAck:
@@ -426,18 +433,22 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
             self.traffic.num_updates += int(applied)
             self.traffic.num_duplicate_gradients += int(not applied)
             self.traffic.update_seconds += elapsed
-        ack = LayerAck(
+        return LayerAck(
             layer=header.layer,
             step=header.step,
             phase=Phase.BACKWARD,
             update_applied=applied,
             memoryx=self._traffic_stats(gauges=False),
         )
-        with self._updates:  # the next step's request for this layer may go on now
-            answered = self._answered_version.get(header.layer, -1)
-            self._answered_version[header.layer] = max(answered, header.step + 1)
+
+    def _answered(self, acks: list[LayerAck]) -> None:
+        """``acks`` (gradients taken) are answered: requests of a pass of several steps
+        waiting for these layers' next versions (``_await_update``) may be served."""
+        with self._updates:
+            for ack in acks:
+                answered = self._answered_version.get(ack.layer, -1)
+                self._answered_version[ack.layer] = max(answered, ack.step + 1)
             self._updates.notify_all()
-        return ack
 
     @rpc_errors
     def CommitStep(self, request, context):
