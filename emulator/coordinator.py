@@ -365,7 +365,7 @@ class Coordinator:
         by_key = {(a.step, a.layer, a.phase): (a, t) for a, t in answered}
         done = []
         for step in itertools.count(first):
-            keys = [(s, layer, phase) for s, layer, phase in self._training_order(step, 1)]
+            keys = self._training_order(step, 1)
             if not all(key in by_key for key in keys):
                 return done
             done.append(([by_key[k][0] for k in keys], max(by_key[k][1] for k in keys)))
