@@ -289,16 +289,19 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
         """One layer's weight stream (header, chunks) of version ``request.step``;
         ``bundle``: a small layer as one ``Bundle`` (a pass stream's readers expand it).
         ``context``: a pass stream's call, on which a pass of several steps asks for a
-        layer's next version (``after_update``), one update ahead of it: it is sent once
-        that update is answered."""
+        later step's layer (``after_update``), up to one update ahead of it: it is sent
+        once that update is answered."""
         self._check_layer(request.layer)
         if request.phase not in _PHASES:
             raise WireError(f"phase {request.phase} is not FORWARD, BACKWARD or EVAL")
         store = self._require_store()
+        # Also when the update is applied but not answered yet: its answer's counters, and
+        # the root's window, come first. (The update is in the same pass, before this
+        # layer: its answer comes.) Further ahead is refused at once (``_check_step``).
         if (
             context is not None
             and request.after_update
-            and request.step == store.version(request.layer) + 1
+            and request.step <= store.version(request.layer) + 1
         ):
             self._await_update(request.layer, request.step, context)
         self._check_step(request.layer, request.step)

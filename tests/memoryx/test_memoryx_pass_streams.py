@@ -298,3 +298,28 @@ def test_a_waiting_layer_ends_with_its_call(loaded):
     layout = layout_of(_model()[0])
     got = decode_layer(list(_unbundled(again)), Expected(0, 1, pb.FORWARD, layout, "float32"))
     _assert_weights_equal(got, _sgd(_model()[0], _grads(0)))
+
+
+def test_a_later_step_s_layer_waits_for_the_answer_not_only_the_update(loaded):
+    """Applied but not answered yet (MemoryX between applying a gradient and sending its
+    answer): the layer still waits, so that the answer goes first."""
+    from proto.domain import LayerAck
+
+    store = loaded.servicer.store
+    assert store.apply_gradients(0, 0, _grads(0))  # applied; no answer sent yet
+    requests: queue.Queue = queue.Queue()
+    call = loaded.stub.StreamPass(iter(requests.get, None), timeout=TIMEOUT_S)
+    requests.put(_weights_request(0, step=1, after_update=True))
+    received: list = []
+    reader = threading.Thread(target=lambda: received.extend(_unbundled(call)))
+    reader.start()
+    try:
+        reader.join(0.5)
+        assert reader.is_alive() and not received
+        loaded.servicer._answered([LayerAck(layer=0, step=0, phase=pb.BACKWARD)])
+    finally:
+        requests.put(None)
+        reader.join(TIMEOUT_S)
+    layout = layout_of(_model()[0])
+    got = decode_layer(received, Expected(0, 1, pb.FORWARD, layout, "float32"))
+    _assert_weights_equal(got, _sgd(_model()[0], _grads(0)))
