@@ -138,11 +138,11 @@ class RuntimeConfig:
     steps_per_pass: int | Literal["auto"] = doc(
         "training steps the driver sends as one pass: the next step's first layers stream "
         "as soon as MemoryX has applied this step's updates to them, with no round trip "
-        "through the driver between the steps; a failure runs the pass's steps again, and "
-        "MemoryX keeps a snapshot of each until the next pass. 'auto': up to 4 while those "
-        "extra snapshots stay under 128 MiB. One per pass with a disk tier, layers split "
-        "over servers or nodes that keep state; an evaluation or checkpoint ends a pass, "
-        "count",
+        "through the driver between the steps; a pass that fails keeps the steps it "
+        "completed and runs the rest again, and MemoryX keeps a snapshot of each step until "
+        "the next pass. 'auto': up to 4 while those extra snapshots stay under 128 MiB. One "
+        "per pass with a disk tier, layers split over servers or nodes that keep state; an "
+        "evaluation or a checkpoint ends a pass, and a stop signal waits for its end, count",
         default="auto",
     )
     shared_memory: Literal["auto", "off"] = doc(
