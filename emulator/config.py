@@ -140,7 +140,8 @@ class RuntimeConfig:
         "as soon as MemoryX has applied this step's updates to them, with no round trip "
         "through the driver between the steps; a pass that fails keeps the steps it "
         "completed and runs the rest again, and MemoryX keeps a snapshot of each step until "
-        "the next pass. 'auto': up to 4 while those extra snapshots stay under 128 MiB. One "
+        "the next pass. 'auto': on one compute node up to 4 while those extra snapshots stay "
+        "under 128 MiB, else 1 (measured: it pays where a step is a chain, not bound by CPU). One "
         "per pass with a disk tier, layers split over servers or nodes that keep state; an "
         "evaluation or a checkpoint ends a pass, and a stop signal waits for its end, count",
         default="auto",

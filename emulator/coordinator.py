@@ -320,10 +320,13 @@ class Coordinator:
         """Training steps one pass may carry (``runtime.steps_per_pass``); one where a step's
         end needs the driver: a disk-tiered MemoryX (its layers go one by one), layers split
         over MemoryX servers (committed at each step's end), nodes whose state is read
-        after each step (``Supervisor.collect_pass_states``). ``auto``: up to
-        ``AUTO_STEPS_PER_PASS`` while MemoryX's snapshots of the steps beyond the first
-        (weights and optimizer state, counted as three fp32 copies of the weights) fit
-        ``AUTO_SNAPSHOT_BUDGET_BYTES``: a small model, whose steps are short, gains most."""
+        after each step (``Supervisor.collect_pass_states``). ``auto``: on one compute node,
+        up to ``AUTO_STEPS_PER_PASS`` while MemoryX's snapshots of the steps beyond the
+        first (weights and optimizer state, counted as three fp32 copies of the weights) fit
+        ``AUTO_SNAPSHOT_BUDGET_BYTES``; else one. Measured on 2 vCPUs (benchmarks/README.md,
+        "Several training steps in one pass"): a 1-node step is a chain of hops, and the
+        driver's round trip between steps was 5-10% of it; a 4-node step is bound by CPU,
+        which the round trip does not add to, and 4 steps per pass ran 4% slower."""
         if (
             self.config.memoryx.ram_budget_bytes is not None
             or self.cluster.memoryx_split
@@ -333,6 +336,8 @@ class Coordinator:
         chosen = self.config.runtime.steps_per_pass
         if chosen != "auto":
             return chosen
+        if len(self.cluster.node_addresses) > 1:
+            return 1
         if self._auto_steps_per_pass is None:
             weight_bytes = sum(
                 wire_bytes(spec.spec, "float32") for spec in self.memoryx.layout().layers

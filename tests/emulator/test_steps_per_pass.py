@@ -64,3 +64,29 @@ def test_answers_go_to_their_requests_places():
         in_pass_order(requests, [acks[0], acks[1], acks[1]])
     with pytest.raises(StepFault, match="do not answer the pass"):
         in_pass_order(requests, acks[:2])
+
+
+@pytest.mark.parametrize(
+    ("num_nodes", "layer_bytes", "kept_state", "want"),
+    [
+        (1, 1 << 20, False, 4),  # a small model on one node: the most
+        (1, 20 << 20, False, 3),  # 3 x 20 MiB per extra snapshot: two fit 128 MiB
+        (1, 64 << 20, False, 1),  # none fits
+        (1, 1 << 20, True, 1),  # nodes that keep state are read after each step
+        (4, 1 << 20, False, 1),  # several nodes: the step is bound by CPU, not the chain
+    ],
+)
+def test_auto_steps_per_pass(num_nodes, layer_bytes, kept_state, want):
+    from emulator.coordinator import Coordinator
+    from proto.domain import LayerLayout, TensorSpec
+
+    config = load_config(overrides={"num_nodes": num_nodes})
+    spec = LayerLayout(tensors=(TensorSpec("weight", (layer_bytes // 4,)),), num_kept=0)
+    coordinator = SimpleNamespace(
+        config=config,
+        cluster=SimpleNamespace(memoryx_split=False, node_addresses=["n"] * num_nodes),
+        supervisor=SimpleNamespace(keeps_node_states=lambda: kept_state),
+        memoryx=SimpleNamespace(layout=lambda: SimpleNamespace(layers=[spec])),
+        _auto_steps_per_pass=None,
+    )
+    assert Coordinator.steps_per_pass.fget(coordinator) == want
