@@ -4,6 +4,7 @@ one call; a run of layers asked for in one message is answered in one) and ``Pus
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -230,10 +231,10 @@ def test_the_layers_one_message_brought_are_answered_in_one(loaded):
 # -- a pass of several training steps --------------------------------------------------
 
 
-def test_a_later_step_s_layer_goes_once_the_update_before_it_is_answered(loaded):
-    """A pass of several steps asks for step 1's layer 0 while step 0's gradient of it is
-    on its way (``after_update``): MemoryX sends it once that update is applied and
-    answered, and the update's answer counts none of its bytes."""
+@contextlib.contextmanager
+def _asked_ahead(loaded) -> Iterator[tuple[threading.Thread, list]]:
+    """Step 1's layer 0 asked for on a pass stream (``after_update``), read on a thread:
+    the thread and what it has received. The stream ends on leaving."""
     requests: queue.Queue = queue.Queue()
     call = loaded.stub.StreamPass(iter(requests.get, None), timeout=TIMEOUT_S)
     requests.put(_weights_request(0, step=1, after_update=True))
@@ -241,18 +242,32 @@ def test_a_later_step_s_layer_goes_once_the_update_before_it_is_answered(loaded)
     reader = threading.Thread(target=lambda: received.extend(_unbundled(call)))
     reader.start()
     try:
+        yield reader, received
+    finally:
+        requests.put(None)
+        reader.join(TIMEOUT_S)
+
+
+def _layer_0_of_step_1(messages) -> dict:
+    """Layer 0's weights of version 1, decoded from ``messages``; checked against one SGD
+    update of the model's."""
+    got = decode_layer(messages, Expected(0, 1, pb.FORWARD, layout_of(_model()[0]), "float32"))
+    _assert_weights_equal(got, _sgd(_model()[0], _grads(0)))
+    return got
+
+
+def test_a_later_step_s_layer_goes_once_the_update_before_it_is_answered(loaded):
+    """A pass of several steps asks for step 1's layer 0 while step 0's gradient of it is
+    on its way (``after_update``): MemoryX sends it once that update is applied and
+    answered, and the update's answer counts none of its bytes."""
+    with _asked_ahead(loaded) as (reader, received):
         assert loaded.push(_gradient_stream(1, 0)).update_applied  # another layer's
         reader.join(0.5)
         assert reader.is_alive() and not received  # layer 0 is still at version 0
         egress = loaded.stats().egress_bytes
         ack = loaded.push(_gradient_stream(0, 0))
         assert ack.update_applied and ack.memoryx.egress_bytes == egress
-    finally:
-        requests.put(None)
-        reader.join(TIMEOUT_S)
-    layout = layout_of(_model()[0])
-    got = decode_layer(received, Expected(0, 1, pb.FORWARD, layout, "float32"))
-    _assert_weights_equal(got, _sgd(_model()[0], _grads(0)))
+    got = _layer_0_of_step_1(received)
     assert loaded.stats().egress_bytes == egress + sum(t.numel() * 4 for t in got.values())
 
 
@@ -295,9 +310,7 @@ def test_a_waiting_layer_ends_with_its_call(loaded):
     again = loaded.stub.StreamPass(
         iter([_weights_request(0, step=1, after_update=True)]), timeout=TIMEOUT_S
     )
-    layout = layout_of(_model()[0])
-    got = decode_layer(list(_unbundled(again)), Expected(0, 1, pb.FORWARD, layout, "float32"))
-    _assert_weights_equal(got, _sgd(_model()[0], _grads(0)))
+    _layer_0_of_step_1(list(_unbundled(again)))
 
 
 def test_a_later_step_s_layer_waits_for_the_answer_not_only_the_update(loaded):
@@ -307,19 +320,8 @@ def test_a_later_step_s_layer_waits_for_the_answer_not_only_the_update(loaded):
 
     store = loaded.servicer.store
     assert store.apply_gradients(0, 0, _grads(0))  # applied; no answer sent yet
-    requests: queue.Queue = queue.Queue()
-    call = loaded.stub.StreamPass(iter(requests.get, None), timeout=TIMEOUT_S)
-    requests.put(_weights_request(0, step=1, after_update=True))
-    received: list = []
-    reader = threading.Thread(target=lambda: received.extend(_unbundled(call)))
-    reader.start()
-    try:
+    with _asked_ahead(loaded) as (reader, received):
         reader.join(0.5)
         assert reader.is_alive() and not received
         loaded.servicer._answered([LayerAck(layer=0, step=0, phase=pb.BACKWARD)])
-    finally:
-        requests.put(None)
-        reader.join(TIMEOUT_S)
-    layout = layout_of(_model()[0])
-    got = decode_layer(received, Expected(0, 1, pb.FORWARD, layout, "float32"))
-    _assert_weights_equal(got, _sgd(_model()[0], _grads(0)))
+    _layer_0_of_step_1(received)
