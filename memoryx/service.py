@@ -234,6 +234,9 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
         layer is served when the root asks for it, as a StreamWeights call would be). A
         pass of several training steps asks for a layer's next version before its update
         has come: that layer waits for it (``_await_update``)."""
+        # The call's end wakes such a wait (once per call: the root keeps the stream for
+        # pass after pass, and a callback per wait would pile up on it).
+        context.add_callback(notifier(self._updates))
         for message in request_iterator:
             requests = [weights_request_from_wire(part) for part in unfolded(message)]
             if len(requests) == 1:
@@ -249,8 +252,7 @@ class MemoryXServicer(mgrpc.MemoryXServicer):
         that answer (the step's MemoryX figures) must not count the next step's weights,
         and the root must have the answer, which frees the layer's place in its window, for
         the next step's layers to go down together as they do at a pass's start."""
-        context.add_callback(notifier(self._updates))  # the call's end wakes the wait
-        with self._updates:
+        with self._updates:  # (StreamPass has the call's end wake it)
             while self._answered_version.get(layer, -1) < step:
                 if not context.is_active():
                     raise StepConflict(
