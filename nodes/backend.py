@@ -409,7 +409,7 @@ def autograd_backward(
 
     The backward of a backend that does not keep its forward graph (``KeptGraph``): the
     node kept only the layer's input, and recomputing from it reproduces the forward
-    exactly (the caller restores the forward's RNG state), then autograd runs on it.
+    exactly (the node seeds the RNG as it did for the forward), then autograd runs on it.
     """
     x_in = x.detach().requires_grad_(x.is_floating_point())
     leaves = {name: p.detach().float().requires_grad_() for name, p in params.items()}

@@ -34,7 +34,7 @@ What the chip does in that mode, and how it is counted:
   weight-stationary mode its arrays still hold it and nothing is written.
 
 All of it advances the emulated clock. With the same torch random state as the forward (the
-node restores it, as for dropout) a streaming re-run reproduces the forward's values exactly.
+node seeds it again, as for dropout) a streaming re-run reproduces the forward's values exactly.
 
 Interception works inside any block run by ``call_block`` (``functional_call``): a
 ``TorchFunctionMode`` swaps the calls whose weight *is* one of the streamed tensors, so the
@@ -271,7 +271,7 @@ class PcmBackend(PassStateMixin, Backend):
         self._counters[name] = self._counters.get(name, 0.0) + value
 
     def layer_generator(self) -> torch.Generator:
-        # The node seeds torch's random state per (seed, rank, step, layer) and restores it for
+        # The node seeds torch's random state per (seed, rank, step, layer), the same again for
         # the backward recompute, as for dropout; drawing from it gives every node, step and
         # layer its own reproducible noise, and mixing in config.seed picks another chip.
         draw = int(torch.randint(0, 2**62, ()))

@@ -56,3 +56,37 @@ def test_an_evaluation_that_fails_gives_training_mode_back():
     with pytest.raises(RuntimeError):
         worker.evaluate(0, 0, {"weight": torch.zeros(10, 63), "bias": torch.zeros(10)})
     assert all(_modes(worker))
+
+
+def _dropout_step(worker: NodeWorker, weights: list[dict], draw_between: bool) -> list[dict]:
+    for index, params in enumerate(weights):
+        worker.forward(index, 3, params)
+        if draw_between:
+            torch.rand(1000)  # other work of the process, drawing from the global generator
+    grads = []
+    for index in reversed(range(len(weights))):
+        if draw_between:
+            torch.randn(77)
+        layer_grads, _ = worker.backward(index, 3, weights[index])
+        grads.append(layer_grads)
+    return grads
+
+
+def test_dropout_masks_depend_on_the_layer_alone_not_on_draws_between_layers():
+    """A node seeds torch's generator per (seed, rank, step, layer) before each layer and
+    does not restore it afterwards (``nodes.worker._seed_cpu``): what the process drew
+    before or between the layers must not change a step's gradients."""
+    torch.manual_seed(0)
+    layers = [nn.Sequential(nn.Linear(64, 32), nn.Dropout(0.5)), nn.Linear(32, 10)]
+    weights = [{n: p.detach().clone() for n, p in layer.named_parameters()} for layer in layers]
+    quiet = _dropout_step(_worker(layers), weights, draw_between=False)
+    torch.manual_seed(123)
+    busy = _dropout_step(_worker(layers), weights, draw_between=True)
+    for a, b in zip(quiet, busy, strict=True):
+        assert a.keys() == b.keys()
+        for name in a:
+            assert torch.equal(a[name], b[name]), name
+    # The dropout did drop (equal gradients above are not those of a run without masks).
+    worker = _worker(layers)
+    worker.forward(0, 3, weights[0])
+    assert 0.3 < (worker._next_input == 0).float().mean() < 0.7
