@@ -147,7 +147,7 @@ def store_only_ratio(overrides: dict, budget: int, num_steps: int = 6) -> dict:
     the same layers and gradients for both; no gRPC, no nodes, so much less
     noise than the whole step. Median step time, first step left out.
     """
-    from emulator.train import prepare_layers
+    from emulator.prepare import prepare_layers
     from memoryx.store import ParameterStore
     from memoryx.tiers import TieredStore
 

@@ -30,7 +30,7 @@ import torch
 from core.atomic import write_json_atomic
 from core.data import loss_sum, num_targets
 from emulator.config import load_config
-from emulator.train import prepare_layers
+from emulator.prepare import prepare_layers
 from nodes.worker import NodeWorker
 
 

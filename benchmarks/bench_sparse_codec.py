@@ -85,7 +85,7 @@ def codec_rows(numel: int, repeats: int) -> list[dict]:
 def store_rows(steps: int = 5) -> list[dict]:
     """ms per step of ``apply_gradients`` over gpt-10m's layers, dense and sparsity 0.9."""
     from emulator.config import load_config  # the top floor, for the zoo model only
-    from emulator.train import prepare_layers, sparsity_named_shapes
+    from emulator.prepare import prepare_layers, sparsity_named_shapes
     from memoryx.store import ParameterStore
 
     config = load_config(overrides={"model.name": "gpt-10m", "sparsity.sparsity": 0.9})

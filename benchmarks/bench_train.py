@@ -48,9 +48,10 @@ import torch
 from benchmarks.cpu_time import CpuMarks
 from emulator.config import ClusterConfig, load_config
 from emulator.coordinator import Coordinator
+from emulator.prepare import prepare_layers
 from emulator.reference import reference_train
 from emulator.runtime import start_local_ray
-from emulator.train import prepare_layers, train
+from emulator.train import train
 
 
 @dataclass(frozen=True)

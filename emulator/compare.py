@@ -154,7 +154,7 @@ class CompareResult:
 
 
 def _layers_and_data(config: ClusterConfig, backend: Backend) -> tuple[list[nn.Module], object]:
-    from emulator.train import prepare_layers
+    from emulator.prepare import prepare_layers
 
     return prepare_layers(config, backend=backend)
 

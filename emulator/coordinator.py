@@ -26,7 +26,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from emulator.config import ClusterConfig
 from emulator.emulated import PassMeasurement
@@ -39,82 +38,33 @@ from emulator.faults import (
     deadlines,
 )
 from emulator.launch import Cluster
-from emulator.shards import MemoryXServers, summed_traffic
+from emulator.shards import MemoryXServers
+from emulator.steps import (
+    PASS_NAMES,
+    EvalRecord,
+    NonFiniteError,
+    StepFault,
+    StepRecord,
+    auto_steps_per_pass,
+    completed_steps,
+    describe,
+    in_pass_order,
+    measurement,
+    training_order,
+)
+from emulator.traffic import cluster_traffic
 from emulator.weights import INITIAL_DIR, InitialCopy, LayerWeights
 from memoryx.checkpoint import confined_path, write_manifest
-from proto.clients import (
-    NodeClient,
-    PendingPass,
-    RpcError,
-    SwarmXClient,
-    wire_bytes,
-)
+from proto.clients import PendingPass, RpcError, SwarmXClient, wire_bytes
 from proto.domain import CheckpointInfo, LayerAck, LayerRequest, Phase, TrafficStats
 from proto.rpc import NONFINITE_STATUS
 from swarmx.pass_run import MAX_IN_FLIGHT
-
-#: ``runtime.steps_per_pass = "auto"``: at most this many training steps per pass, while
-#: MemoryX's snapshots of the steps after a pass's first fit this budget.
-AUTO_STEPS_PER_PASS = 4
-AUTO_SNAPSHOT_BUDGET_BYTES = 128 << 20
-
-
-def group_layers(blocks: list[nn.Module]) -> list[nn.Module]:
-    """Streamed layers: each block with parameters, with parameterless blocks folded in.
-
-    A block without weights (an activation, a reshape) streams nothing, so
-    it runs as part of the layer before it (or after it, at the start).
-    """
-    groups: list[list[nn.Module]] = []
-    pending: list[nn.Module] = []
-    for block in blocks:
-        has_params = any(True for _ in block.parameters())
-        if has_params:
-            groups.append([*pending, block])
-            pending = []
-        elif groups:
-            groups[-1].append(block)
-        else:
-            pending.append(block)
-    if not groups:
-        raise ValueError("the model has no parameters to train; at least one block needs weights.")
-    groups[-1].extend(pending)
-    return [g[0] if len(g) == 1 else nn.Sequential(*g) for g in groups]
-
 
 #: Layers of a pass in flight at once: the one the nodes compute and the next one streaming.
 #: A pass is one ``RunPass`` call to the root, which sends its layers to each compute node
 #: on one ``DeliverPass`` stream and takes them from MemoryX on one ``StreamPass`` call per
 #: server (the per-call cost dominates small layers).
 PASS_WINDOW = MAX_IN_FLIGHT
-
-
-@dataclass
-class StepRecord:
-    step: int
-    loss: float
-    accuracy: float | None
-    memoryx_egress_bytes: int
-    memoryx_ingress_bytes: int
-    bytes_to_nodes: int
-    gradient_bytes_from_nodes: int
-    flops: float
-    node_compute_seconds: float
-    wall_time_s: float
-    num_attempts: int
-    #: Disk tier traffic of all MemoryX servers in this step (0 when the state is in RAM).
-    memoryx_disk_read_bytes: int = 0
-    memoryx_disk_written_bytes: int = 0
-    #: MemoryX refused a NaN/Inf update and skipped the step (optimizer.nonfinite = skip).
-    skipped: bool = False
-
-
-@dataclass
-class EvalRecord:
-    step: int
-    loss: float
-    accuracy: float | None
-    num_samples: int
 
 
 @dataclass
@@ -286,8 +236,8 @@ class Coordinator:
                 for request in requests:
                     if request.pass_position - 1 - len(answered) == ahead:
                         answered.append(self._watched(pending))
-                    if self.fault is not None and request.phase in _PASS_NAMES:  # training only
-                        self.fault(request.step, request.layer, _PASS_NAMES[request.phase])
+                    if self.fault is not None and request.phase in PASS_NAMES:  # training only
+                        self.fault(request.step, request.layer, PASS_NAMES[request.phase])
                     pending.send(request)
             pending.close()
             while len(answered) < len(order):
@@ -320,13 +270,8 @@ class Coordinator:
         """Training steps one pass may carry (``runtime.steps_per_pass``); one where a step's
         end needs the driver: a disk-tiered MemoryX (its layers go one by one), layers split
         over MemoryX servers (committed at each step's end), nodes whose state is read
-        after each step (``Supervisor.collect_pass_states``). ``auto``: on one compute node,
-        up to ``AUTO_STEPS_PER_PASS`` while MemoryX's snapshots of the steps beyond the
-        first (weights and optimizer state, counted as three fp32 copies of the weights) fit
-        ``AUTO_SNAPSHOT_BUDGET_BYTES``; else one. Measured on 2 vCPUs (benchmarks/README.md,
-        "Several training steps in one pass"): a 1-node step is a chain of hops, and the
-        driver's round trip between steps was 5-10% of it; a 4-node step is bound by CPU,
-        which the round trip does not add to, and 4 steps per pass ran 4% slower."""
+        after each step (``Supervisor.collect_pass_states``). ``auto``:
+        ``emulator.steps.auto_steps_per_pass``."""
         if (
             self.config.memoryx.ram_budget_bytes is not None
             or self.cluster.memoryx_split
@@ -336,44 +281,14 @@ class Coordinator:
         chosen = self.config.runtime.steps_per_pass
         if chosen != "auto":
             return chosen
-        if len(self.cluster.node_addresses) > 1:
-            return 1
         if self._auto_steps_per_pass is None:
             weight_bytes = sum(
                 wire_bytes(spec.spec, "float32") for spec in self.memoryx.layout().layers
             )
-            extra = AUTO_SNAPSHOT_BUDGET_BYTES // max(1, 3 * weight_bytes)
-            self._auto_steps_per_pass = max(1, min(AUTO_STEPS_PER_PASS, 1 + extra))
+            self._auto_steps_per_pass = auto_steps_per_pass(
+                len(self.cluster.node_addresses), weight_bytes
+            )
         return self._auto_steps_per_pass
-
-    def _training_order(self, first: int, count: int) -> list[tuple[int, int, Phase]]:
-        """Steps ``first`` .. ``first + count - 1`` as one pass: each step's forward layers,
-        then its backward layers, the next step's right after.
-
-        The root asks MemoryX for the next step's layers at once, and MemoryX sends each
-        once this step's update of it is answered (``MemoryXServicer._await_update``), so no
-        round trip through the driver separates two steps. Each keeps its own answers,
-        versions and updates."""
-        layers = range(self.num_layers)
-        order = []
-        for step in range(first, first + count):
-            order += [(step, layer, Phase.FORWARD) for layer in layers]
-            order += [(step, layer, Phase.BACKWARD) for layer in reversed(layers)]
-        return order
-
-    def _completed(
-        self, first: int, answered: list[tuple[LayerAck, float]]
-    ) -> list[tuple[list[LayerAck], float]]:
-        """The steps from ``first`` whose every layer phase ``answered`` holds, in order:
-        each step's answers in pass order and the time its last one came. (A step's forward
-        needs the updates of the step before: the steps complete one after another.)"""
-        by_key = {(a.step, a.layer, a.phase): (a, t) for a, t in answered}
-        done = []
-        for step in itertools.count(first):
-            keys = self._training_order(step, 1)
-            if not all(key in by_key for key in keys):
-                return done
-            done.append(([by_key[k][0] for k in keys], max(by_key[k][1] for k in keys)))
 
     def _commit_ended(self) -> None:
         """MemoryX commits the last step run, if the next training pass was to say so:
@@ -417,23 +332,23 @@ class Coordinator:
                     self._connect_clients()
                 if replaced:
                     continue
-                self.supervisor.retried.append({"step": step, "error": _describe(exc)})
+                self.supervisor.retried.append({"step": step, "error": describe(exc)})
                 retries += 1
                 if retries > self.config.runtime.max_step_retries:
                     raise RunFailed(
                         f"step {step} failed {retries} times although every component answers "
-                        f"its health check; the last error: {_describe(exc)}. Raise "
+                        f"its health check; the last error: {describe(exc)}. Raise "
                         "runtime.max_step_retries if the failures are transient.",
                         component="cluster",
                         step=step,
-                        cause=_describe(exc),
+                        cause=describe(exc),
                     ) from exc
 
     def train_step(self, step: int) -> StepRecord:
         return self.train_steps(step, 1)[0]
 
     def train_steps(self, first: int, count: int) -> list[StepRecord]:
-        """Training steps ``first`` .. ``first + count - 1`` as one pass (``_training_order``),
+        """Training steps ``first`` .. ``first + count - 1`` as one pass (``emulator.steps.training_order``),
         at most ``steps_per_pass`` of them.
 
         A pass that fails keeps the steps it completed (their answers all came: recorded,
@@ -451,7 +366,7 @@ class Coordinator:
         def record(start: int, answered: list, before: TrafficStats) -> None:
             """Records of the steps from ``start`` that ``answered`` completes."""
             nonlocal last_end_s, failures
-            for acks, ended_s in self._completed(start, answered):
+            for acks, ended_s in completed_steps(start, self.num_layers, answered):
                 step = first + len(records)
                 # MemoryX's counters at the step's end came with its backward answers; a
                 # step whose answers lack a server's (a layer split over servers: one step
@@ -463,11 +378,19 @@ class Coordinator:
                 else:
                     self._uncommitted = step
                 records.append(
-                    self._step_record(step, acks, before, after, ended_s - last_end_s, failures + 1)
+                    StepRecord.from_answers(
+                        step,
+                        acks,
+                        before,
+                        after,
+                        wall_time_s=ended_s - last_end_s,
+                        attempts=failures + 1,
+                        classifier=self._is_classifier,
+                    )
                 )
                 self.steps.append(records[-1])
                 self.supervisor.step_done(step)
-                self.measured = [_measurement(a) for a in acks]
+                self.measured = [measurement(a) for a in acks]
                 self._traffic_at_step_end = before = after
                 last_end_s, failures = ended_s, 0
 
@@ -484,7 +407,7 @@ class Coordinator:
                 # asks for its first layer, instead of in a CommitStep round trip. The
                 # pass's own steps are committed by the next pass.
                 self._run_pass(
-                    self._training_order(start, end - start),
+                    training_order(start, end - start, self.num_layers),
                     commit_before=start,
                     answered=answered,
                 )
@@ -498,33 +421,6 @@ class Coordinator:
 
         self._recovering(first, one_attempt, failed_step=lambda: first + len(records))
         return records
-
-    def _step_record(
-        self,
-        step: int,
-        acks: list[LayerAck],
-        before: TrafficStats,
-        after: TrafficStats,
-        wall_time_s: float,
-        attempts: int,
-    ) -> StepRecord:
-        last = acks[self.num_layers - 1]
-        return StepRecord(
-            step=step,
-            loss=last.loss_sum / last.num_targets,
-            accuracy=last.num_correct / last.num_targets if self._is_classifier else None,
-            memoryx_egress_bytes=after.egress_bytes - before.egress_bytes,
-            memoryx_ingress_bytes=after.ingress_bytes - before.ingress_bytes,
-            bytes_to_nodes=sum(a.bytes_to_nodes for a in acks),
-            gradient_bytes_from_nodes=sum(a.gradient_bytes for a in acks),
-            flops=sum(a.flops for a in acks),
-            node_compute_seconds=sum(a.compute_seconds for a in acks),
-            wall_time_s=wall_time_s,
-            num_attempts=attempts,
-            memoryx_disk_read_bytes=after.disk_read_bytes - before.disk_read_bytes,
-            memoryx_disk_written_bytes=after.disk_written_bytes - before.disk_written_bytes,
-            skipped=after.num_skipped_steps > before.num_skipped_steps,
-        )
 
     @property
     def _is_classifier(self) -> bool:
@@ -619,80 +515,4 @@ class Coordinator:
 
     def traffic(self) -> dict:
         self._commit_ended()  # (its state and peak memory as the run leaves them)
-        per_server = self.memoryx.stats_per_server()
-        stats = summed_traffic(per_server)
-        links = []
-        for address in self.cluster.swarmx_addresses.values():
-            s = SwarmXClient(address, self.cluster.security).stats()
-            links += [{"link": d.link, "payload_bytes": d.payload_bytes} for d in s.down]
-            links.append({"link": s.up.link, "payload_bytes": s.up.payload_bytes})
-        nodes = [NodeClient(a, self.cluster.security).stats() for a in self.cluster.node_addresses]
-        return {
-            "memoryx_total_egress_bytes": stats.egress_bytes,
-            "memoryx_total_ingress_bytes": stats.ingress_bytes,
-            "num_updates": stats.num_updates,
-            "num_duplicate_gradients": stats.num_duplicate_gradients,
-            # Summed over the MemoryX servers (each server's own peak).
-            "memoryx_state_bytes": stats.state_bytes,
-            "memoryx_state_bytes_per_server": [s.state_bytes for s in per_server],
-            "memoryx_peak_resident_bytes": stats.peak_resident_bytes,
-            "memoryx_disk_read_bytes": stats.disk_read_bytes,
-            "memoryx_disk_written_bytes": stats.disk_written_bytes,
-            "memoryx_process_peak_rss_bytes": stats.process_peak_rss_bytes,
-            "links": links,
-            "nodes": [
-                {
-                    "rank": n.rank,
-                    "weight_bytes_received": n.weight_bytes_received,
-                    "gradient_bytes_sent": n.gradient_bytes_sent,
-                    # The modelled node's (each layer's input): the emulated memory fit's.
-                    "peak_activation_bytes": n.peak_layer_input_bytes,
-                    "weight_bytes_held": n.weight_bytes_held,
-                    "backend": dict(n.backend_stats),
-                }
-                for n in nodes
-            ],
-        }
-
-
-_PASS_NAMES = {Phase.FORWARD: "forward", Phase.BACKWARD: "backward"}
-
-
-def in_pass_order(requests: list[LayerRequest], acks: list[LayerAck]) -> list[LayerAck]:
-    """``acks`` in the order of the ``requests`` they answer. The root answers layers as
-    they complete: in a pass of several steps the next step's first forward layers may
-    complete before this step's last update is answered. StepFault if the answers are not
-    one to each request."""
-    places = {(r.step, r.layer, r.phase): i for i, r in enumerate(requests)}
-    found = sorted(places.get((a.step, a.layer, a.phase), -1) for a in acks)
-    if found != list(range(len(requests))):
-        got = [(a.step, a.layer, a.phase) for a in acks]
-        raise StepFault(f"the root's answers (step, layer, phase) {got} do not answer the pass")
-    return sorted(acks, key=lambda a: places[a.step, a.layer, a.phase])
-
-
-def _measurement(ack: LayerAck) -> PassMeasurement:
-    return PassMeasurement(
-        layer=ack.layer,
-        phase=_PASS_NAMES[ack.phase],
-        num_nodes=ack.num_nodes,
-        bytes_to_nodes=ack.bytes_to_nodes,
-        gradient_bytes=ack.gradient_bytes,
-        flops=ack.flops,
-    )
-
-
-def _describe(exc: BaseException) -> str:
-    """One line: a gRPC status code and its details, or the exception's message."""
-    if isinstance(exc, RpcError) and hasattr(exc, "code"):
-        return f"{exc.code().name}: {exc.details()}"
-    return f"{type(exc).__name__}: {exc}"
-
-
-class StepFault(Exception):
-    """A step failed mid-way: raised by a ``Coordinator.fault`` hook to simulate a failure,
-    or by the driver when the root's answers are not those of the pass (run again)."""
-
-
-class NonFiniteError(Exception):
-    """MemoryX refused a NaN/Inf update (optimizer.nonfinite = error); the message names layer and step."""
+        return cluster_traffic(self.memoryx, self.cluster)

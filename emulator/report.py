@@ -12,12 +12,13 @@ from core.config import to_dict
 from core.cost.workload import Workload
 from core.precision import precision_format, wire_precision
 from emulator.config import ClusterConfig
-from emulator.coordinator import Coordinator, EvalRecord, StepRecord
+from emulator.coordinator import Coordinator
 from emulator.cost.stats import predict
 from emulator.cost.trace import write_trace
 from emulator.emulated import EmulatedStep
 from emulator.faults import RunFailed
 from emulator.groups import GroupedStep, stream_dtype
+from emulator.steps import EvalRecord, StepRecord
 
 
 @dataclass

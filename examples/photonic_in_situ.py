@@ -28,7 +28,8 @@ from torch import nn  # noqa: E402
 from core.atomic import write_json_atomic  # noqa: E402
 from emulator.compare import _worker  # noqa: E402
 from emulator.config import load_config  # noqa: E402
-from emulator.train import prepare_layers, train  # noqa: E402
+from emulator.prepare import prepare_layers  # noqa: E402
+from emulator.train import train  # noqa: E402
 
 
 def mlp(seed: int) -> nn.Sequential:

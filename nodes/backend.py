@@ -342,7 +342,7 @@ def keeps_layers(backend: Backend) -> bool:
     """True if ``backend`` trains the layers as they are (its ``prepare_layers`` is the default).
 
     The driver may then build the model on the meta device and make each layer's weights
-    as it streams them (emulator.train.prepare_streamed_layers).
+    as it streams them (emulator.prepare.prepare_streamed_layers).
     """
     return type(backend).prepare_layers is Backend.prepare_layers
 

@@ -104,8 +104,8 @@ def pcm_drift_retention(model: str, drift_time_s: float, num_steps: int, seed: i
     """
     from emulator.compare import drift_eval
     from emulator.config import load_config
+    from emulator.prepare import prepare_layers
     from emulator.reference import reference_train
-    from emulator.train import prepare_layers
 
     config = load_config(
         overrides={

@@ -2,11 +2,11 @@
 
 Entry point: ``ModelConfig(name=...).build(seed=...)``, an ``nn.Sequential`` of
 blocks. ``model_blocks`` and ``check_blocks`` turn a user's model into blocks
-and check that they chain.
+and check that they chain; ``group_layers`` makes them the streamed layers.
 """
 
 from core.zoo import GPTShape, ZooEntry
-from emulator.zoo.blocks import check_blocks, model_blocks, model_positions
+from emulator.zoo.blocks import check_blocks, group_layers, model_blocks, model_positions
 from emulator.zoo.config import ModelConfig, default_data_config
 from emulator.zoo.registry import ZOO
 
@@ -17,6 +17,7 @@ __all__ = [
     "ZooEntry",
     "check_blocks",
     "default_data_config",
+    "group_layers",
     "model_blocks",
     "model_positions",
 ]

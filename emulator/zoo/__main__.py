@@ -17,7 +17,7 @@ from emulator.zoo.registry import ZOO
 
 
 def zoo_rows() -> list[dict]:
-    from emulator.train import prepare_layers
+    from emulator.prepare import prepare_layers
 
     rows = []
     for name, entry in ZOO.items():

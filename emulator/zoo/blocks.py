@@ -78,6 +78,29 @@ def _check_no_shared_parameters(blocks: list[nn.Module]) -> None:
                 )
 
 
+def group_layers(blocks: list[nn.Module]) -> list[nn.Module]:
+    """Streamed layers: each block with parameters, with parameterless blocks folded in.
+
+    A block without weights (an activation, a reshape) streams nothing, so
+    it runs as part of the layer before it (or after it, at the start).
+    """
+    groups: list[list[nn.Module]] = []
+    pending: list[nn.Module] = []
+    for block in blocks:
+        has_params = any(True for _ in block.parameters())
+        if has_params:
+            groups.append([*pending, block])
+            pending = []
+        elif groups:
+            groups[-1].append(block)
+        else:
+            pending.append(block)
+    if not groups:
+        raise ValueError("the model has no parameters to train; at least one block needs weights.")
+    groups[-1].extend(pending)
+    return [g[0] if len(g) == 1 else nn.Sequential(*g) for g in groups]
+
+
 def check_blocks(blocks: list[nn.Module], example_input: Tensor) -> Tensor:
     """Reject BatchNorm, tied weights, and blocks that cannot take the previous block's output.
 

@@ -9,8 +9,8 @@ import pytest
 from emulator.cli import main
 from emulator.compare import backend_overrides, drift_eval
 from emulator.config import load_config
+from emulator.prepare import prepare_layers
 from emulator.reference import reference_train
-from emulator.train import prepare_layers
 
 
 @pytest.mark.integration

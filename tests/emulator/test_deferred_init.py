@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from emulator.config import load_config
-from emulator.train import prepare_layers, prepare_streamed_layers
+from emulator.prepare import prepare_layers, prepare_streamed_layers
 from emulator.zoo import ModelConfig
 from emulator.zoo.deferred import build_deferred
 

@@ -28,7 +28,7 @@ from emulator.emulated import (
     emulate,
     measured_workload,
 )
-from emulator.train import layer_shapes, prepare_layers
+from emulator.prepare import layer_shapes, prepare_layers
 from nodes.worker import NodeWorker
 
 BATCH = 64

@@ -192,7 +192,7 @@ def test_a_full_checkpoint_disk_is_refused_before_the_run_starts(tmp_path, monke
     import shutil
 
     from emulator import preflight
-    from emulator.train import check_memoryx, prepare_layers
+    from emulator.prepare import check_memoryx, prepare_layers
 
     config = load_config(
         overrides={

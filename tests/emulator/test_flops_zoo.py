@@ -7,7 +7,7 @@ import pytest
 from core.cost.flops import analytic_block
 from core.cost.profile import block_flops, block_matmuls, counted_flops, hooked_matmuls
 from emulator.config import load_config
-from emulator.train import prepare_layers
+from emulator.prepare import prepare_layers
 from emulator.zoo import ZOO
 
 #: Zoo models made only of standard layers: counted from shapes, not by FlopCounterMode.

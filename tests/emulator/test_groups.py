@@ -8,7 +8,6 @@ import torch
 from core.cost.profile import profile_modules
 from core.data import BatchSampler
 from emulator.config import load_config, parse_node_groups
-from emulator.coordinator import group_layers
 from emulator.emulated import emulate
 from emulator.groups import (
     check_mixable,
@@ -20,7 +19,7 @@ from emulator.groups import (
     stream_dtype,
     subtree_dtypes,
 )
-from emulator.zoo import model_blocks
+from emulator.zoo import group_layers, model_blocks
 
 
 def _layers(config):

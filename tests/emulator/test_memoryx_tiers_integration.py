@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from emulator.config import load_config
-from emulator.train import prepare_layers, train
+from emulator.prepare import prepare_layers
+from emulator.train import train
 from memoryx.layer_files import layer_state_bytes, min_budget_bytes
 
 pytestmark = pytest.mark.integration

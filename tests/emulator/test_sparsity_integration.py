@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from emulator.config import load_config
-from emulator.train import prepare_layers, sparsity_named_shapes, train
+from emulator.prepare import prepare_layers, sparsity_named_shapes
+from emulator.train import train
 from memoryx.sparsity import num_to_prune
 
 pytestmark = pytest.mark.integration

@@ -53,7 +53,7 @@ def test_steps_per_pass_is_auto_or_a_count(bad):
 def test_answers_go_to_their_requests_places():
     """The root answers layers as they complete: step 1's first forward layer may be
     answered before step 0's last update."""
-    from emulator.coordinator import StepFault, in_pass_order
+    from emulator.steps import StepFault, in_pass_order
     from proto.domain import LayerAck, LayerRequest, Phase
 
     order = [(0, 0, Phase.FORWARD), (0, 0, Phase.BACKWARD), (1, 0, Phase.FORWARD)]

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from emulator.config import load_config
-from emulator.coordinator import StepFault
+from emulator.prepare import prepare_layers
 from emulator.reference import reference_train
-from emulator.train import prepare_layers, train
+from emulator.steps import StepFault
+from emulator.train import train
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ import pytest
 from torch import nn
 
 from emulator.config import load_config
-from emulator.train import prepare_layers
+from emulator.prepare import prepare_layers
 from emulator.zoo import ModelConfig, model_positions
 
 REPO = Path(__file__).resolve().parents[2]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from emulator.config import load_config
-from emulator.train import prepare_layers
+from emulator.prepare import prepare_layers
 from nodes.photonic.multipath import EmbeddingStage, EncoderStage
 from nodes.worker import NodeWorker
 from proto.serde import dtype_name

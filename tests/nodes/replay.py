@@ -12,7 +12,7 @@ from core.cost.engine import OpCost
 from core.cost.profile import profile_modules
 from emulator.config import ClusterConfig
 from emulator.cost.compile import Cluster, compile_step
-from emulator.train import prepare_layers
+from emulator.prepare import prepare_layers
 from nodes.worker import NodeWorker
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from core.zoo import GPTShape
 from emulator.config import load_config
-from emulator.train import prepare_layers
+from emulator.prepare import prepare_layers
 from emulator.zoo.gpt import build_gpt
 from nodes.backend import KeptGraph, KeptInput, vector_jacobian
 from nodes.cs2.backend import Cs2Backend

@@ -8,7 +8,8 @@ from torch import nn
 
 from emulator.compare import _worker
 from emulator.config import load_config
-from emulator.train import prepare_layers, train
+from emulator.prepare import prepare_layers
+from emulator.train import train
 
 MESH = 16
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from emulator.config import load_config
-from emulator.train import prepare_layers
+from emulator.prepare import prepare_layers
 from nodes.worker import NodeWorker
 
 

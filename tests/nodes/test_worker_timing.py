@@ -12,7 +12,7 @@ import time
 import pytest
 
 from emulator.config import load_config
-from emulator.train import prepare_layers
+from emulator.prepare import prepare_layers
 from nodes.worker import NodeWorker
 
 PAUSE_S = 0.2
