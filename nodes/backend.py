@@ -147,7 +147,10 @@ class Backend(ABC):
         """A training forward: the layer output (no autograd history) and what the node keeps
         of the layer for its backward (the forward's graph, or the input to recompute from)."""
         if self.keeps_forward_graph:
-            return keep_forward_graph(self.differentiable_run(layer), block, params, x)
+            # Layer 0's input is the data: no gradient of it is needed (none is counted).
+            return keep_forward_graph(
+                self.differentiable_run(layer), block, params, x, differentiate_input=layer > 0
+            )
         return self.forward(layer, block, params, x), KeptInput(x)
 
     def begin_pass(self, step: int, kind: int) -> None:
@@ -262,10 +265,19 @@ class KeptGraph(HeldForBackward):
     what a recomputed forward's autograd would, without recomputing the forward.
     """
 
-    def __init__(self, x: Tensor, run: Callable, block: nn.Module, params: dict[str, Tensor]):
+    def __init__(
+        self,
+        x: Tensor,
+        run: Callable,
+        block: nn.Module,
+        params: dict[str, Tensor],
+        differentiate_input: bool = True,
+    ):
         self.input_bytes = x.numel() * x.element_size()
         self.input_meta = torch.empty_like(x, device="meta")
-        self._x_in = x.detach().requires_grad_(x.is_floating_point())
+        # ``differentiate_input`` False (the data): the backward computes no gradient of
+        # the input, and autograd keeps nothing it would need for one.
+        self._x_in = x.detach().requires_grad_(x.is_floating_point() and differentiate_input)
         self._leaves = {name: p.detach().float().requires_grad_() for name, p in params.items()}
         self._shapes = {name: leaf.shape for name, leaf in self._leaves.items()}
         self._held: list[Tensor] = []
@@ -331,10 +343,16 @@ class KeptGraph(HeldForBackward):
 
 
 def keep_forward_graph(
-    run: Callable, block: nn.Module, params: dict[str, Tensor], x: Tensor
+    run: Callable,
+    block: nn.Module,
+    params: dict[str, Tensor],
+    x: Tensor,
+    *,
+    differentiate_input: bool = True,
 ) -> tuple[Tensor, KeptGraph]:
-    """The layer's output and its forward graph kept for the backward (``KeptGraph``)."""
-    kept = KeptGraph(x, run, block, params)
+    """The layer's output and its forward graph kept for the backward (``KeptGraph``);
+    ``differentiate_input`` False: its backward gives no input gradient (None)."""
+    kept = KeptGraph(x, run, block, params, differentiate_input)
     return kept.output, kept
 
 

@@ -46,6 +46,10 @@ BLOCKS = {
 }
 
 
+#: A layer after the first, whose input gradient the backward computes.
+LAYER = 1
+
+
 def _seeded(seed: int, fn):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -55,6 +59,7 @@ def _seeded(seed: int, fn):
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("name", sorted(BLOCKS))
 def test_kept_graph_is_bitwise_the_recompute(name, precision):
+    """A layer after the first (layer 0 takes the data: no input gradient, below)."""
     make_block, make_input = BLOCKS[name]
     torch.manual_seed(1)
     block, x = make_block().train(), make_input()
@@ -63,20 +68,20 @@ def test_kept_graph_is_bitwise_the_recompute(name, precision):
     params = {n: p.detach().to(wire).clone() for n, p in block.named_parameters()}
     streamed_again = {n: p.clone() for n, p in params.items()}
 
-    y_recompute = _seeded(7, lambda: backend.forward(0, block, params, x))
-    y, kept = _seeded(7, lambda: backend.train_forward(0, block, params, x))
+    y_recompute = _seeded(7, lambda: backend.forward(LAYER, block, params, x))
+    y, kept = _seeded(7, lambda: backend.train_forward(LAYER, block, params, x))
     assert isinstance(kept, KeptGraph)
     assert torch.equal(y, y_recompute) and y.grad_fn is None
     grad_y = torch.randn_like(y)
     grad_x_recompute, grads_recompute = _seeded(
-        7, lambda: backend.backward(0, block, params, x, grad_y)
+        7, lambda: backend.backward(LAYER, block, params, x, grad_y)
     )
     # The graph holds no weight: whatever the forward's buffers hold afterwards is not read.
     for p in params.values():
         p.fill_(float("nan"))
     assert kept.weight_bytes() == 0
     assert kept.tensors(), "the graph holds the forward's activations"
-    grad_x, grads = kept.backward(backend, 0, block, streamed_again, grad_y)
+    grad_x, grads = kept.backward(backend, LAYER, block, streamed_again, grad_y)
 
     assert (grad_x is None) == (grad_x_recompute is None)
     if grad_x is not None:
@@ -86,6 +91,27 @@ def test_kept_graph_is_bitwise_the_recompute(name, precision):
         assert torch.equal(g, grads_recompute[n]), n
         assert g.is_contiguous() and g.abs().max() > 0, n
     assert kept.tensors() == [] and kept.weight_bytes() == 0  # all dropped after the backward
+
+
+@pytest.mark.parametrize("name", ["mlp-dropout", "gpt-block"])
+def test_the_data_layer_computes_no_input_gradient_and_the_same_weight_gradients(name):
+    """Layer 0's input is the data: its kept graph gives no input gradient (``wafer
+    simulate``'s count has none either) and bitwise the weight gradients of a layer whose
+    input gradient is computed."""
+    make_block, make_input = BLOCKS[name]
+    torch.manual_seed(1)
+    block, x = make_block().train(), make_input()
+    backend = Cs2Backend.Config().build()
+    params = {n: p.detach().clone() for n, p in block.named_parameters()}
+    _, kept_data = _seeded(7, lambda: backend.train_forward(0, block, params, x))
+    y, kept_hidden = _seeded(7, lambda: backend.train_forward(1, block, params, x))
+    grad_y = torch.randn_like(y)
+    grad_x0, grads0 = kept_data.backward(backend, 0, block, params, grad_y)
+    grad_x1, grads1 = kept_hidden.backward(backend, 1, block, params, grad_y)
+    assert grad_x0 is None and grad_x1 is not None
+    assert grads0.keys() == grads1.keys()
+    for n, g in grads0.items():
+        assert torch.equal(g, grads1[n]), n
 
 
 def test_backward_weights_of_another_shape_are_refused():
