@@ -23,6 +23,20 @@ from memoryx.layer_files import layer_state_bytes
 from nodes.backend import Backend, keeps_layers
 
 
+def _checked_blocks(
+    config: ClusterConfig, module: nn.Module | list[nn.Module], dataset, example: torch.Tensor
+) -> list[nn.Module]:
+    """``module``'s blocks, checked to chain on ``example`` into outputs the data set can
+    score, and the batch against the data set: data that the model cannot score fails
+    here, not inside a node's loss."""
+    blocks = model_blocks(module)
+    dataset.check_positions(model_positions(module))
+    output = check_blocks(blocks, example)
+    dataset.check_outputs(tuple(output.shape))
+    check_batch(config, dataset.num_train)
+    return blocks
+
+
 def prepare_layers(
     config: ClusterConfig, model: nn.Module | None = None, backend: Backend | None = None
 ) -> tuple[list[nn.Module], object]:
@@ -32,12 +46,7 @@ def prepare_layers(
     """
     dataset = config.data_config.build(seed=config.seed)
     module = model if model is not None else config.model.build(seed=config.seed)
-    blocks = model_blocks(module)
-    # Data that the model cannot score fails here, not inside a node's loss.
-    dataset.check_positions(model_positions(module))
-    output = check_blocks(blocks, dataset.input_example())
-    dataset.check_outputs(tuple(output.shape))
-    check_batch(config, dataset.num_train)
+    blocks = _checked_blocks(config, module, dataset, dataset.input_example())
     backend = backend if backend is not None else config.backend.build()
     if len(config.groups) > 1:
         # Node groups must agree on the layers their backends train, or the run stops here.
@@ -66,12 +75,8 @@ def prepare_streamed_layers(
         return layers, dataset, LayerWeights(layers)
     module, init = deferred
     dataset = config.data_config.build(seed=config.seed)
-    blocks = model_blocks(module)
-    dataset.check_positions(model_positions(module))
     # On meta tensors: shapes are checked, nothing is computed.
-    output = check_blocks(blocks, dataset.input_example().to("meta"))
-    dataset.check_outputs(tuple(output.shape))
-    check_batch(config, dataset.num_train)
+    blocks = _checked_blocks(config, module, dataset, dataset.input_example().to("meta"))
     layers = group_layers(blocks)
     for layer in layers:  # nodes get the structure with its (small) buffers, no weights
         init.materialize_buffers(layer)
