@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import statistics
 import sys
 import time
@@ -42,6 +41,7 @@ import benchmarks.fuzz_services as fz
 import nodes.service
 import proto.rpc
 import swarmx.service
+from core.atomic import write_json_atomic
 from proto.rpc import Security
 from proto.tls import generate_run_tls
 
@@ -155,18 +155,15 @@ def main(argv: list[str] | None = None) -> int:
             f"{min(times) / min(samples['plain']):9.3f}"
         )
     if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "hidden": args.hidden,
-                    "params": params,
-                    "median_step_s": median,
-                    "ratio": {m: median[m] / median["plain"] for m in median},
-                    "step_s": samples,
-                },
-                indent=2,
-            )
-            + "\n"
+        write_json_atomic(
+            args.json,
+            {
+                "hidden": args.hidden,
+                "params": params,
+                "median_step_s": median,
+                "ratio": {m: median[m] / median["plain"] for m in median},
+                "step_s": samples,
+            },
         )
     return 0
 

@@ -53,6 +53,7 @@ import ray
 import torch
 
 from benchmarks.host_watch import Watchdog, fixed_mmap_threshold
+from core.atomic import write_json_atomic
 from emulator.config import ClusterConfig, load_config
 from emulator.runtime import start_local_ray
 from emulator.train import train
@@ -363,7 +364,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print_result(result)
     if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=2))
+        write_json_atomic(args.json, result)
         print(f"wrote {args.json}")
     return result
 

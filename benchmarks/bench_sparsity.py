@@ -27,6 +27,9 @@ import os
 import statistics
 from pathlib import Path
 
+# gRPC's core logs every GOAWAY of the clusters this script stops at INFO; as `wafer` does.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 import ray
 
 from benchmarks.bench_train import run_emulator

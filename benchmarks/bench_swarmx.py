@@ -23,10 +23,15 @@ targets are printed too: MemoryX StreamWeights / p2p-raw, and swarmx-N aggregate
 The client and the sinks read the streams as the project's receivers do (``proto.wire``:
 chunk values viewed in the received bytes, no protobuf object per chunk).
 
-    python benchmarks/bench_swarmx.py            # 64 MiB layer, 4 sinks, ~35 s
-    python benchmarks/bench_swarmx.py --quick    # 16 MiB layer, ~10 s
-    python benchmarks/bench_swarmx.py --processes --json out.json   # ~1.5 min
-    python benchmarks/bench_swarmx.py --quick --shared-memory        # co-located fast path
+    python benchmarks/bench_swarmx.py            # 64 MiB layer, 4 sinks, both transports, ~50 s
+    python benchmarks/bench_swarmx.py --quick    # 16 MiB layer, ~15 s
+    python benchmarks/bench_swarmx.py --transport grpc --processes --json out.json   # ~1.5 min
+
+Each run measures both ways a payload crosses between processes, one after the other:
+``shared-memory`` (chunk payloads through the writers' shared-memory rings, what a run
+uses between processes of one host, ``runtime.shared_memory: auto``) and ``grpc`` (the
+payload bytes inside the gRPC messages, what crosses between hosts). The raw stream,
+the baseline of issue 14's ratios, is gRPC bytes in both.
 
 This is a measurement script, not a test: it asserts nothing about time.
 """
@@ -36,7 +41,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import multiprocessing
 import os
 import platform
@@ -52,6 +56,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 import grpc
 import torch
 
+from core.atomic import write_json_atomic
 from memoryx.optim import Optimizer
 from memoryx.service import MemoryXServicer
 from memoryx.service import register as register_memoryx
@@ -73,6 +78,11 @@ from swarmx.service import serve as serve_swarmx
 
 # This module's run credentials (token only: loopback).
 SECURITY = Security.generate()
+#: The ways a chunk's payload crosses between processes, in the order a run measures them.
+TRANSPORTS = ("shared-memory", "grpc")
+#: Issue 14's targets: MemoryX StreamWeights and the SwarmX aggregate to 4 nodes, each
+#: at least this fraction of the raw gRPC stream's bytes/s.
+TARGET_VS_RAW = 0.8
 
 HOST = "127.0.0.1"
 MB = 1_000_000  # rates are reported in MB/s (10^6 bytes)
@@ -197,6 +207,7 @@ class Setup:
         children: list[int],
         chunk_bytes: int,
         seed: int,
+        security: Security,
         processes: bool = False,
     ):
         self.layer_bytes = num_params * 4
@@ -207,7 +218,7 @@ class Setup:
             "chunk_bytes": chunk_bytes,
             "num_params": num_params,
             "seed": seed,
-            "security": SECURITY,
+            "security": security,
         }
         try:
             # Components that need no address of another start together, then the roots.
@@ -221,13 +232,13 @@ class Setup:
                     "name": f"swarmx-root-fanout{n}",
                     "children": {f"node-{i}": a for i, a in enumerate(mine)},
                     "memoryx": self.memoryx_address,
-                    "security": SECURITY,
+                    "security": security,
                 }
                 roots.append(("swarmx", options))
             root_addresses = dict(zip(children, self._start_all(roots), strict=True))
             # Read as the project's clients read (proto.wire), not through protobuf objects.
             self.memoryx_stub = mgrpc.MemoryXStub(
-                fast_channel(channel(self.memoryx_address, SECURITY))
+                fast_channel(channel(self.memoryx_address, security))
             )
             self.memoryx_stub.LoadWeights(
                 encode_layer(
@@ -239,9 +250,9 @@ class Setup:
                     sender="bench",
                 )
             )
-            self.raw_pull = channel(raw_address, SECURITY).unary_stream(_RAW_METHOD)
+            self.raw_pull = channel(raw_address, security).unary_stream(_RAW_METHOD)
             self.roots = {
-                n: sgrpc.SwarmXStub(channel(a, SECURITY)) for n, a in root_addresses.items()
+                n: sgrpc.SwarmXStub(channel(a, security)) for n, a in root_addresses.items()
             }
         except BaseException:
             self.stop()
@@ -319,16 +330,43 @@ def _timed(run: Callable[[], int], expected_bytes: int) -> tuple[float, float]:
     return elapsed, cpu_s
 
 
-def measure(args: argparse.Namespace) -> dict:
+def measure(args: argparse.Namespace, transport: str) -> dict:
+    """Every transfer's rounds with chunk payloads crossing as ``transport`` says."""
     num_params = args.layer_mb * (1 << 20) // 4
     children = sorted({args.nodes, *args.extra_fanouts})
-    setup = Setup(
-        num_params=num_params,
-        children=children,
-        chunk_bytes=args.chunk_bytes,
-        seed=args.seed,
-        processes=args.processes,
+    with _payloads_through(transport, args) as security:
+        setup = Setup(
+            num_params=num_params,
+            children=children,
+            chunk_bytes=args.chunk_bytes,
+            seed=args.seed,
+            security=security,
+            processes=args.processes,
+        )
+        return _timed_rounds(args, transport, setup, num_params, children)
+
+
+@contextlib.contextmanager
+def _payloads_through(transport: str, args: argparse.Namespace) -> Iterator[Security]:
+    """The run's credentials, with a shared-memory plan that this process reads through
+    when ``transport`` is shared memory (its segments removed afterwards)."""
+    if transport == "grpc":
+        yield SECURITY
+        return
+    plan = SharedMemoryPlan.generate(
+        slot_bytes=args.chunk_bytes, ring_bytes=4 * (args.layer_mb << 20)
     )
+    shm.activate(plan, writes=False)  # this process reads what MemoryX sends it
+    try:
+        yield dataclasses.replace(SECURITY, shared_memory=plan)
+    finally:
+        shm.reset()
+        shm.remove_run_segments(plan)
+
+
+def _timed_rounds(
+    args: argparse.Namespace, transport: str, setup: Setup, num_params: int, children: list
+) -> dict:
     layer_bytes = setup.layer_bytes
     kinds: dict[str, tuple[Callable[[], int], int]] = {
         "p2p-memoryx": (setup.p2p_memoryx, layer_bytes),
@@ -391,9 +429,9 @@ def measure(args: argparse.Namespace) -> dict:
         "nodes": args.nodes,
         "repeats": args.repeats,
         "mode": "processes" if args.processes else "threads",
-        # Chunk payloads through shared memory (MemoryX and SwarmX write rings; the raw
-        # stream, the baseline of issue 14's ratios, stays gRPC bytes).
-        "shared_memory": args.shared_memory,
+        # How chunk payloads crossed: MemoryX's and SwarmX's shared-memory rings, or gRPC
+        # bytes (the raw stream, the baseline of issue 14's ratios, is gRPC bytes in both).
+        "transport": transport,
         "baseline": "p2p-memoryx",
         "rows": rows,
         "headline": {
@@ -424,12 +462,18 @@ def _machine() -> dict:
     }
 
 
+_TRANSPORT_WORDS = {
+    "shared-memory": "shared memory (one host's default)",
+    "grpc": "gRPC bytes (between hosts)",
+}
+
+
 def print_table(result: dict) -> None:
     print(
         f"\nlayer {result['layer_bytes'] / (1 << 20):g} MiB ({result['layer_params']:,} fp32 params), "
         f"{result['chunk_bytes'] / (1 << 20):g} MiB chunks, median of {result['repeats']} rounds, "
         f"servers as {result['mode']}"
-        f"{' (chunks through shared memory)' if result['shared_memory'] else ''}, "
+        f", payloads as {_TRANSPORT_WORDS[result['transport']]}, "
         f"{result['machine']['cpus']} CPUs, "
         f"load {result['machine']['load_avg_1m']:.2f}"
     )
@@ -462,9 +506,41 @@ def print_table(result: dict) -> None:
     )
 
 
+def targets(results: dict[str, dict]) -> list[dict]:
+    """Issue 14's two stream targets for each transport measured, from the median rounds."""
+    rows = []
+    for transport, result in results.items():
+        headline = result["headline"]
+        for what, key in (
+            ("MemoryX StreamWeights / raw", "memoryx_vs_raw"),
+            (f"SwarmX aggregate to {result['nodes']} nodes / raw", "aggregate_delivered_vs_raw"),
+        ):
+            rows.append(
+                {
+                    "transport": transport,
+                    "what": what,
+                    "ratio": headline[key],
+                    "best_rounds": headline[f"{key}_best"],
+                    "target": TARGET_VS_RAW,
+                    "met": headline[key] >= TARGET_VS_RAW,
+                }
+            )
+    return rows
+
+
+def print_targets(rows: list[dict]) -> None:
+    print(f"\nIssue 14's targets (at least {TARGET_VS_RAW} of the raw gRPC stream, medians):")
+    for row in rows:
+        print(
+            f"  {_TRANSPORT_WORDS[row['transport']]:<36} {row['what']:<36} "
+            f"{row['ratio']:5.2f} (best rounds {row['best_rounds']:.2f})  "
+            f"{'met' if row['met'] else 'not met'}"
+        )
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="16 MiB layer, 5 rounds (~10 s)")
+    parser.add_argument("--quick", action="store_true", help="16 MiB layer, 5 rounds (~15 s)")
     parser.add_argument("--layer-mb", type=int, default=None, help="layer size, MiB (default 64)")
     parser.add_argument("--nodes", type=int, default=4, help="sink children of the root")
     parser.add_argument(
@@ -483,10 +559,13 @@ def main(argv: list[str] | None = None) -> dict:
         help="run every server in its own process (as the Ray actors do) instead of threads",
     )
     parser.add_argument(
-        "--shared-memory",
-        action="store_true",
-        help="MemoryX and SwarmX send chunk payloads through shared memory (runtime."
-        "shared_memory: auto on one host); the raw stream stays gRPC bytes",
+        "--transport",
+        choices=("both", *TRANSPORTS),
+        default="both",
+        help="how MemoryX and SwarmX send chunk payloads: through shared memory (a run's "
+        "default between processes of one host, runtime.shared_memory: auto), as gRPC "
+        "bytes (between hosts), or both, one after the other (default); the raw stream "
+        "is gRPC bytes in every case",
     )
     parser.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES)
     parser.add_argument("--seed", type=int, default=0)
@@ -496,23 +575,18 @@ def main(argv: list[str] | None = None) -> dict:
         args.layer_mb = 16 if args.quick else 64
     if args.repeats is None:
         args.repeats = 5 if args.quick else 20
-    global SECURITY
-    plan = None
-    if args.shared_memory:
-        plan = SharedMemoryPlan.generate(
-            slot_bytes=args.chunk_bytes, ring_bytes=4 * (args.layer_mb << 20)
-        )
-        SECURITY = dataclasses.replace(SECURITY, shared_memory=plan)
-        shm.activate(plan, writes=False)  # this process reads what MemoryX sends it
-    try:
-        result = measure(args)
-    finally:
-        if plan is not None:
-            shm.reset()
-            shm.remove_run_segments(plan)
-    print_table(result)
+    if args.layer_mb < 1 or args.repeats < 1 or args.nodes < 1:
+        parser.error("--layer-mb, --repeats and --nodes must each be at least 1")
+    transports = TRANSPORTS if args.transport == "both" else (args.transport,)
+    results = {}
+    for transport in transports:
+        results[transport] = measure(args, transport)
+        print_table(results[transport])
+    met = targets(results)
+    print_targets(met)
+    result = {"benchmark": "swarmx", "transports": results, "targets": met}
     if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=2))
+        write_json_atomic(args.json, result)
         print(f"wrote {args.json}")
     return result
 

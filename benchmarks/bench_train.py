@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import platform
@@ -42,10 +41,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+# gRPC's core logs every GOAWAY of the clusters this script stops at INFO; as `wafer` does.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 import ray
 import torch
 
 from benchmarks.cpu_time import CpuMarks
+from core.atomic import write_json_atomic
 from emulator.config import ClusterConfig, load_config
 from emulator.coordinator import Coordinator
 from emulator.prepare import prepare_layers
@@ -456,7 +459,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print_table(result)
     if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=2))
+        write_json_atomic(args.json, result)
         print(f"wrote {args.json}")
     return result
 

@@ -27,7 +27,6 @@ import argparse
 import copy
 import hashlib
 import io
-import json
 import random
 import sys
 import time
@@ -41,6 +40,7 @@ import torch
 from torch import nn
 
 from benchmarks.fuzz_mutations import mutate
+from core.atomic import write_json_atomic
 from core.data import DataConfig
 from memoryx.optim import Optimizer
 from memoryx.service import MemoryXServicer
@@ -538,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in result.items():
         print(f"{key:24s} {value}")
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_json_atomic(args.json, result)
     ok = report.refused_state_changes == 0 and report.services_alive and report.step_after_fuzz_ok
     return 0 if ok else 1
 
