@@ -6,8 +6,9 @@ trained step after step through the root (forward and backward of every
 layer, then CommitStep). Three modes, interleaved round by round so that the
 machine's load drifts alike for all of them:
 
-- **plain**: servers and channels as before issue 12 (no interceptor, no TLS);
-  ``start_server`` and ``channel`` are swapped for plain ones in this process;
+- **plain**: servers and calls as before issue 12 (no guard interceptor, no token,
+  no TLS): ``grpc.server`` and ``grpc.aio.server`` make unguarded servers and calls
+  carry no token, in this process only and only while a plain cluster is built and run;
 - **token**: the run token on every call, checked by the server interceptor
   (with its stream cap and idle watch), plaintext on loopback;
 - **token+tls**: the same over TLS with a per-run CA (``runtime.tls.force``).
@@ -27,57 +28,44 @@ This is a measurement script, not a test: it asserts nothing about time.
 from __future__ import annotations
 
 import argparse
-import functools
 import statistics
 import sys
 import time
-from concurrent import futures
 from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
 
 import benchmarks.fuzz_services as fz
-import nodes.service
 import proto.rpc
-import swarmx.service
 from core.atomic import write_json_atomic
 from proto.rpc import Security
 from proto.tls import generate_run_tls
 
-_PLAIN_OPTIONS = proto.rpc.GRPC_OPTIONS
-
-
-def _plain_start_server(register, host, *, security):
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=security.max_streams + 8), options=_PLAIN_OPTIONS
-    )
-    register(server)
-    port = server.add_insecure_port(f"{host}:0")
-    server.start()
-    return server, f"{host}:{port}"
-
-
-@functools.cache
-def _plain_channel(address, security):
-    return grpc.insecure_channel(address, options=_PLAIN_OPTIONS)
-
 
 @contextmanager
 def _plain():
-    """No interceptor and no TLS anywhere in this process, as before issue 12."""
-    modules = (fz, swarmx.service, nodes.service)
-    saved_channels = {module: module.channel for module in modules}
-    saved_start = fz.start_server
+    """Servers without the guard (no token check, stream cap or idle watch) and calls
+    without the token, everywhere in this process: as before issue 12. (A plain mode's
+    ``Security`` has no TLS.) Every server of the project is made by ``grpc.server`` or
+    ``grpc.aio.server`` with the guard as its interceptor, and every call's token comes
+    from ``proto.rpc``'s per-call metadata: both are swapped here and put back after."""
+    sync_server, aio_server = grpc.server, grpc.aio.server
+    with_token = proto.rpc._WithToken._metadata
+
+    def unguarded(make):
+        def server(*args, interceptors=None, **kwargs):
+            return make(*args, **kwargs)
+
+        return server
+
     try:
-        for module in modules:
-            module.channel = _plain_channel
-        fz.start_server = _plain_start_server
+        grpc.server, grpc.aio.server = unguarded(sync_server), unguarded(aio_server)
+        proto.rpc._WithToken._metadata = lambda self, metadata: metadata or ()
         yield
     finally:
-        for module, original in saved_channels.items():
-            module.channel = original
-        fz.start_server = saved_start
+        grpc.server, grpc.aio.server = sync_server, aio_server
+        proto.rpc._WithToken._metadata = with_token
 
 
 def _time_steps(security: Security, hidden: int, steps: int, plain: bool) -> list[float]:
