@@ -78,7 +78,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="dense/sparse pairs, alternating")
     parser.add_argument("--json", type=Path, help="write the runs and ratios here")
     args = parser.parse_args()
-    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     start_local_ray(logging_level=logging.WARNING)
     sparsities = {"dense": None, "sparsity 0.9": 0.9}
     ratios, pairs = [], []
