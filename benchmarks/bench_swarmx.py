@@ -23,9 +23,9 @@ targets are printed too: MemoryX StreamWeights / p2p-raw, and swarmx-N aggregate
 The client and the sinks read the streams as the project's receivers do (``proto.wire``:
 chunk values viewed in the received bytes, no protobuf object per chunk).
 
-    python benchmarks/bench_swarmx.py            # 64 MiB layer, 4 sinks, both transports, ~50 s
-    python benchmarks/bench_swarmx.py --quick    # 16 MiB layer, ~15 s
-    python benchmarks/bench_swarmx.py --transport grpc --processes --json out.json   # ~1.5 min
+    python benchmarks/bench_swarmx.py            # 64 MiB layer, 4 sinks, both transports, ~25 s
+    python benchmarks/bench_swarmx.py --quick    # 16 MiB layer, 5 rounds
+    python benchmarks/bench_swarmx.py --processes --json out.json   # ~40 s
 
 Each run measures both ways a payload crosses between processes, one after the other:
 ``shared-memory`` (chunk payloads through the writers' shared-memory rings, what a run
@@ -540,7 +540,7 @@ def print_targets(rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="16 MiB layer, 5 rounds (~15 s)")
+    parser.add_argument("--quick", action="store_true", help="16 MiB layer, 5 rounds")
     parser.add_argument("--layer-mb", type=int, default=None, help="layer size, MiB (default 64)")
     parser.add_argument("--nodes", type=int, default=4, help="sink children of the root")
     parser.add_argument(
